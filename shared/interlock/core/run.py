@@ -1,0 +1,557 @@
+"""The Run aggregate: the whole life of one run and its steps, as an event-sourced object.
+
+Commands (imperative methods such as :meth:`Run.dispatch_step`) check that the transition is
+legal and raise :class:`IllegalTransition` otherwise; events (nested past-tense classes such as
+``Run.StepDispatched``) only change state, so replaying a log never fails on a rule that
+changed later. The event *data* types are the contracts in :mod:`interlock.contracts.events`;
+this module adds behaviour, not shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar, Literal
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate
+from interlock.contracts import events as ev
+from interlock.contracts.messages import JobError, PayloadRef
+
+RunStatus = Literal["running", "compensating", "succeeded", "failed", "denied", "cancelled", "timed_out"]
+StepStatus = Literal[
+    "ready",  # dependencies met, waiting for policy
+    "awaiting_approval",  # policy or an approval step waits for a person
+    "released",  # allowed (and approved where needed): may be dispatched
+    "dispatched",  # job published, no heartbeat yet
+    "running",  # a worker heartbeats
+    "retry_wait",  # failed, next attempt scheduled
+    "timed_out",  # the current attempt timed out; a failure or retry follows
+    "expanded",  # a for_each parent whose items run
+    "succeeded",
+    "failed",
+    "skipped",
+    "denied",
+    "cancelled",
+]
+TERMINAL_RUN: frozenset[str] = frozenset({"succeeded", "failed", "denied", "cancelled", "timed_out"})
+TERMINAL_STEP: frozenset[str] = frozenset({"succeeded", "failed", "skipped", "denied", "cancelled"})
+ACTIVE_ATTEMPT: frozenset[str] = frozenset({"dispatched", "running", "timed_out"})
+
+
+class IllegalTransition(Exception):
+    """A command that the run's current state does not allow."""
+
+    def __init__(self, run_id: str, command: str, why: str, step_id: str | None = None) -> None:
+        where = f"run {run_id}" + (f" step {step_id!r}" if step_id else "")
+        super().__init__(f"{command} refused for {where}: {why}")
+        self.run_id = run_id
+        self.command = command
+        self.why = why
+        self.step_id = step_id
+
+
+@dataclass
+class ApprovalState:
+    status: Literal["requested", "granted", "rejected", "expired"]
+    job_hash: str
+    snapshot_id: str
+    approver_role: str
+    expires_at: datetime | None = None
+    approver: str | None = None
+    reason: str = ""
+
+
+@dataclass
+class StepState:
+    step_id: str
+    status: StepStatus
+    step_type: str = "job"
+    topic: str | None = None
+    input: Any = None
+    input_ref: PayloadRef | None = None
+    job_hash: str = ""
+    parent_id: str | None = None
+    compensation_of: str | None = None
+    attempt: int = 0
+    decision: ev.PolicyDecided | None = None
+    approval: ApprovalState | None = None
+    job_id: str | None = None
+    deadline: datetime | None = None
+    dispatched_at: datetime | None = None
+    last_heartbeat_at: datetime | None = None
+    retry_due_at: datetime | None = None
+    output: Any = None
+    output_ref: PayloadRef | None = None
+    error: JobError | None = None
+    item_count: int | None = None
+    updated_at: datetime | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STEP
+
+
+@dataclass
+class CompensationState:
+    failed_step: str
+    steps: list[str]
+    finished: bool = False
+    ok: bool = True
+    failed_steps: list[str] = field(default_factory=list)
+
+
+class Run(Aggregate):
+    """One run of one workflow version, for one tenant."""
+
+    # -- events ------------------------------------------------------------------------------
+    class Event(Aggregate.Event):
+        data: ev.EventData
+
+        def apply(self, aggregate: Run) -> None:  # type: ignore[override]
+            aggregate._when(self.data, self.timestamp)
+
+    class Started(Aggregate.Created):
+        data: ev.RunStarted
+
+    class Succeeded(Event):
+        data: ev.RunSucceeded
+
+    class Failed(Event):
+        data: ev.RunFailed
+
+    class Denied(Event):
+        data: ev.RunDenied
+
+    class Cancelled(Event):
+        data: ev.RunCancelled
+
+    class TimedOut(Event):
+        data: ev.RunTimedOut
+
+    class StepReady(Event):
+        data: ev.StepReady
+
+    class StepExpanded(Event):
+        data: ev.StepExpanded
+
+    class PolicyDecided(Event):
+        data: ev.PolicyDecided
+
+    class ApprovalRequested(Event):
+        data: ev.ApprovalRequested
+
+    class ApprovalGranted(Event):
+        data: ev.ApprovalGranted
+
+    class ApprovalRejected(Event):
+        data: ev.ApprovalRejected
+
+    class ApprovalExpired(Event):
+        data: ev.ApprovalExpired
+
+    class StepDispatched(Event):
+        data: ev.StepDispatched
+
+    class StepHeartbeat(Event):
+        data: ev.StepHeartbeat
+
+    class StepSucceeded(Event):
+        data: ev.StepSucceeded
+
+    class StepFailed(Event):
+        data: ev.StepFailed
+
+    class RetryScheduled(Event):
+        data: ev.RetryScheduled
+
+    class StepTimedOut(Event):
+        data: ev.StepTimedOut
+
+    class StepSkipped(Event):
+        data: ev.StepSkipped
+
+    class LateResultRecorded(Event):
+        data: ev.LateResultRecorded
+
+    class CompensationStarted(Event):
+        data: ev.CompensationStarted
+
+    class CompensationFinished(Event):
+        data: ev.CompensationFinished
+
+    # contract type name -> aggregate event class; filled in below the class
+    EVENT_CLASSES: ClassVar[dict[str, type[Any]]] = {}
+
+    def __init__(self, data: ev.RunStarted) -> None:
+        self.tenant = data.tenant
+        self.workflow_id = data.workflow_id
+        self.workflow_version = data.workflow_version
+        self.definition_hash = data.definition_hash
+        self.input = data.input
+        self.input_ref = data.input_ref
+        self.idempotency_key = data.idempotency_key
+        self.requested_by = data.requested_by
+        self.rerun_of = data.rerun_of
+        self.reused_outputs = dict(data.reused_outputs)
+        self.status: RunStatus = "running"
+        self.steps: dict[str, StepState] = {}
+        self.compensation: CompensationState | None = None
+        self.result: Any = None
+        self.reason: str = ""
+        self.ended_at: datetime | None = None
+        self.data = data
+
+    # -- identity ----------------------------------------------------------------------------
+    @property
+    def run_id(self) -> str:
+        return str(self.id)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_RUN
+
+    # -- commands ----------------------------------------------------------------------------
+    @classmethod
+    def start(cls, run_id: UUID, data: ev.RunStarted, at: datetime | None = None) -> Run:
+        return cls._create(cls.Started, id=run_id, data=data, timestamp=at)
+
+    def _trigger(self, data: ev.EventData) -> None:
+        self.trigger_event(self.EVENT_CLASSES[type(data).__name__], data=data)
+
+    def _refuse(self, command: str, why: str, step_id: str | None = None) -> IllegalTransition:
+        return IllegalTransition(self.run_id, command, why, step_id)
+
+    def _require_running(self, command: str, *, compensating_ok: bool = False) -> None:
+        allowed = ("running", "compensating") if compensating_ok else ("running",)
+        if self.status not in allowed:
+            raise self._refuse(command, f"run is {self.status}")
+
+    def _step(self, command: str, step_id: str, *statuses: str) -> StepState:
+        step = self.steps.get(step_id)
+        if step is None:
+            raise self._refuse(command, "step has not been made ready", step_id)
+        if statuses and step.status not in statuses:
+            raise self._refuse(command, f"step is {step.status}, expected {' or '.join(statuses)}", step_id)
+        return step
+
+    def mark_step_ready(self, data: ev.StepReady) -> None:
+        self._require_running("mark_step_ready", compensating_ok=data.compensation_of is not None)
+        if data.step_id in self.steps:
+            raise self._refuse("mark_step_ready", "step is already ready", data.step_id)
+        if data.parent_id is not None and data.parent_id not in self.steps:
+            raise self._refuse("mark_step_ready", f"parent {data.parent_id!r} was not expanded", data.step_id)
+        self._trigger(data)
+
+    def expand_step(self, data: ev.StepExpanded) -> None:
+        self._require_running("expand_step")
+        if data.step_id in self.steps:
+            raise self._refuse("expand_step", "step already started", data.step_id)
+        self._trigger(data)
+
+    def decide_policy(self, data: ev.PolicyDecided) -> None:
+        self._require_running("decide_policy", compensating_ok=True)
+        step = self._step("decide_policy", data.step_id, "ready")
+        if data.job_hash != step.job_hash:
+            raise self._refuse("decide_policy", "decision is for another job hash", data.step_id)
+        self._trigger(data)
+
+    def request_approval(self, data: ev.ApprovalRequested) -> None:
+        self._require_running("request_approval", compensating_ok=True)
+        step = self._step("request_approval", data.step_id, "awaiting_approval", "released")
+        if step.status == "released" and step.step_type != "approval":
+            raise self._refuse("request_approval", "job is already released", data.step_id)
+        if step.approval is not None and step.approval.status == "requested":
+            raise self._refuse("request_approval", "an approval request is already pending", data.step_id)
+        if data.job_hash != step.job_hash:
+            raise self._refuse("request_approval", "request is for another job hash", data.step_id)
+        self._trigger(data)
+
+    def _pending_approval(self, command: str, step_id: str, job_hash: str) -> StepState:
+        self._require_running(command, compensating_ok=True)
+        step = self._step(command, step_id, "awaiting_approval")
+        if step.approval is None or step.approval.status != "requested":
+            raise self._refuse(command, "no approval request is pending", step_id)
+        if job_hash != step.approval.job_hash:
+            raise self._refuse(
+                command, f"decision names job hash {job_hash[:12]}…, the request is for "
+                f"{step.approval.job_hash[:12]}…", step_id,
+            )
+        return step
+
+    def grant_approval(self, data: ev.ApprovalGranted, now: datetime) -> None:
+        step = self._pending_approval("grant_approval", data.step_id, data.job_hash)
+        assert step.approval is not None
+        if step.approval.expires_at is not None and now >= step.approval.expires_at:
+            raise self._refuse("grant_approval", "the approval request has expired", data.step_id)
+        if data.role != step.approval.approver_role:
+            raise self._refuse(
+                "grant_approval", f"role {data.role!r} may not decide, {step.approval.approver_role!r} may",
+                data.step_id,
+            )
+        self._trigger(data)
+
+    def reject_approval(self, data: ev.ApprovalRejected) -> None:
+        step = self._pending_approval("reject_approval", data.step_id, data.job_hash)
+        assert step.approval is not None
+        if data.role != step.approval.approver_role:
+            raise self._refuse(
+                "reject_approval", f"role {data.role!r} may not decide, {step.approval.approver_role!r} may",
+                data.step_id,
+            )
+        self._trigger(data)
+
+    def expire_approval(self, data: ev.ApprovalExpired) -> None:
+        self._pending_approval("expire_approval", data.step_id, data.job_hash)
+        self._trigger(data)
+
+    def dispatch_step(self, data: ev.StepDispatched) -> None:
+        self._require_running("dispatch_step", compensating_ok=True)
+        step = self._step("dispatch_step", data.step_id, "released", "retry_wait")
+        if data.attempt != step.attempt + 1:
+            raise self._refuse("dispatch_step", f"attempt {data.attempt} is not next ({step.attempt + 1})",
+                               data.step_id)
+        self._trigger(data)
+
+    def record_heartbeat(self, data: ev.StepHeartbeat) -> None:
+        step = self._step("record_heartbeat", data.step_id, "dispatched", "running")
+        if data.attempt != step.attempt:
+            raise self._refuse("record_heartbeat", f"attempt {data.attempt} is not current", data.step_id)
+        self._trigger(data)
+
+    def succeed_step(self, data: ev.StepSucceeded) -> None:
+        self._require_running("succeed_step", compensating_ok=True)
+        step = self._step("succeed_step", data.step_id)
+        if step.step_type == "job" and step.item_count is None:
+            if step.status not in ACTIVE_ATTEMPT or data.attempt != step.attempt:
+                raise self._refuse("succeed_step", f"attempt {data.attempt} is not running", data.step_id)
+        elif step.terminal:
+            raise self._refuse("succeed_step", f"step is {step.status}", data.step_id)
+        self._trigger(data)
+
+    def fail_step(self, data: ev.StepFailed) -> None:
+        self._require_running("fail_step", compensating_ok=True)
+        step = self._step("fail_step", data.step_id)
+        if step.terminal:
+            raise self._refuse("fail_step", f"step is {step.status}", data.step_id)
+        if step.status in ACTIVE_ATTEMPT and data.attempt != step.attempt:
+            raise self._refuse("fail_step", f"attempt {data.attempt} is not current", data.step_id)
+        self._trigger(data)
+
+    def schedule_retry(self, data: ev.RetryScheduled) -> None:
+        self._require_running("schedule_retry", compensating_ok=True)
+        step = self._step("schedule_retry", data.step_id, "dispatched", "running", "timed_out")
+        if data.attempt != step.attempt + 1:
+            raise self._refuse("schedule_retry", f"attempt {data.attempt} is not next", data.step_id)
+        self._trigger(data)
+
+    def time_out_step(self, data: ev.StepTimedOut) -> None:
+        self._require_running("time_out_step", compensating_ok=True)
+        step = self._step("time_out_step", data.step_id, "dispatched", "running")
+        if data.attempt != step.attempt:
+            raise self._refuse("time_out_step", f"attempt {data.attempt} is not current", data.step_id)
+        self._trigger(data)
+
+    def skip_step(self, data: ev.StepSkipped) -> None:
+        self._require_running("skip_step")
+        if data.step_id in self.steps:
+            raise self._refuse("skip_step", f"step is {self.steps[data.step_id].status}", data.step_id)
+        self._trigger(data)
+
+    def record_late_result(self, data: ev.LateResultRecorded) -> None:
+        step = self._step("record_late_result", data.step_id)
+        if data.attempt >= step.attempt and not step.terminal:
+            raise self._refuse("record_late_result", "the attempt is current", data.step_id)
+        self._trigger(data)
+
+    def start_compensation(self, data: ev.CompensationStarted) -> None:
+        self._require_running("start_compensation")
+        self._trigger(data)
+
+    def finish_compensation(self, data: ev.CompensationFinished) -> None:
+        if self.status != "compensating":
+            raise self._refuse("finish_compensation", f"run is {self.status}")
+        self._trigger(data)
+
+    def succeed(self, data: ev.RunSucceeded) -> None:
+        self._require_running("succeed")
+        unfinished = [s.step_id for s in self.steps.values() if not s.terminal]
+        if unfinished:
+            raise self._refuse("succeed", f"steps not finished: {', '.join(sorted(unfinished))}")
+        self._trigger(data)
+
+    def fail(self, data: ev.RunFailed) -> None:
+        self._require_running("fail", compensating_ok=True)
+        self._trigger(data)
+
+    def deny(self, data: ev.RunDenied) -> None:
+        self._require_running("deny", compensating_ok=True)
+        self._trigger(data)
+
+    def cancel(self, data: ev.RunCancelled) -> None:
+        if self.terminal:
+            raise self._refuse("cancel", f"run is already {self.status}")
+        self._trigger(data)
+
+    def time_out(self, data: ev.RunTimedOut) -> None:
+        if self.terminal:
+            raise self._refuse("time_out", f"run is already {self.status}")
+        self._trigger(data)
+
+    # -- state changes (no rules here: replay must never fail) ---------------------------------
+    def _when(self, data: ev.EventData, at: datetime) -> None:
+        handler = getattr(self, "_on_" + type(data).__name__)
+        handler(data, at)
+
+    def _touch(self, step_id: str, at: datetime) -> StepState:
+        step = self.steps[step_id]
+        step.updated_at = at
+        return step
+
+    def _on_RunStarted(self, d: ev.RunStarted, at: datetime) -> None:
+        """State is set by ``__init__`` (eventsourcing calls it for the created event)."""
+
+    def _on_StepReady(self, d: ev.StepReady, at: datetime) -> None:
+        self.steps[d.step_id] = StepState(
+            step_id=d.step_id, status="ready", step_type=d.step_type, topic=d.topic, input=d.input,
+            input_ref=d.input_ref, job_hash=d.job_hash, parent_id=d.parent_id,
+            compensation_of=d.compensation_of, updated_at=at,
+        )
+
+    def _on_StepExpanded(self, d: ev.StepExpanded, at: datetime) -> None:
+        self.steps[d.step_id] = StepState(step_id=d.step_id, status="expanded", item_count=d.count,
+                                          updated_at=at)
+
+    def _on_PolicyDecided(self, d: ev.PolicyDecided, at: datetime) -> None:
+        step = self._touch(d.step_id, at)
+        step.decision = d
+        if d.decision == "deny":
+            step.status = "denied"
+        elif d.decision == "require_approval" or step.step_type == "approval":
+            step.status = "awaiting_approval"
+        else:
+            step.status = "released"
+
+    def _on_ApprovalRequested(self, d: ev.ApprovalRequested, at: datetime) -> None:
+        step = self._touch(d.step_id, at)
+        step.status = "awaiting_approval"
+        step.approval = ApprovalState(status="requested", job_hash=d.job_hash, snapshot_id=d.snapshot_id,
+                                      approver_role=d.approver_role, expires_at=d.expires_at)
+
+    def _on_ApprovalGranted(self, d: ev.ApprovalGranted, at: datetime) -> None:
+        step = self._touch(d.step_id, at)
+        assert step.approval is not None
+        step.approval.status = "granted"
+        step.approval.approver = d.approver
+        step.approval.reason = d.reason
+        # an approval step is done once granted (a StepSucceeded follows); a gated job is released
+        step.status = "released"
+
+    def _on_ApprovalRejected(self, d: ev.ApprovalRejected, at: datetime) -> None:
+        step = self._touch(d.step_id, at)
+        assert step.approval is not None
+        step.approval.status = "rejected"
+        step.approval.approver = d.approver
+        step.approval.reason = d.reason
+
+    def _on_ApprovalExpired(self, d: ev.ApprovalExpired, at: datetime) -> None:
+        step = self._touch(d.step_id, at)
+        assert step.approval is not None
+        step.approval.status = "expired"
+
+    def _on_StepDispatched(self, d: ev.StepDispatched, at: datetime) -> None:
+        step = self._touch(d.step_id, at)
+        step.status = "dispatched"
+        step.attempt = d.attempt
+        step.job_id = d.job_id
+        step.deadline = d.deadline
+        step.dispatched_at = at
+        step.last_heartbeat_at = None
+        step.retry_due_at = None
+
+    def _on_StepHeartbeat(self, d: ev.StepHeartbeat, at: datetime) -> None:
+        step = self._touch(d.step_id, at)
+        step.status = "running"
+        step.last_heartbeat_at = at
+
+    def _on_StepSucceeded(self, d: ev.StepSucceeded, at: datetime) -> None:
+        step = self._touch(d.step_id, at)
+        step.status = "succeeded"
+        step.output = d.output
+        step.output_ref = d.output_ref
+        step.error = None
+
+    def _on_StepFailed(self, d: ev.StepFailed, at: datetime) -> None:
+        step = self._touch(d.step_id, at)
+        step.error = d.error
+        if d.final:
+            step.status = "failed"
+
+    def _on_RetryScheduled(self, d: ev.RetryScheduled, at: datetime) -> None:
+        step = self._touch(d.step_id, at)
+        step.status = "retry_wait"
+        step.retry_due_at = d.due_at
+
+    def _on_StepTimedOut(self, d: ev.StepTimedOut, at: datetime) -> None:
+        self._touch(d.step_id, at).status = "timed_out"
+
+    def _on_StepSkipped(self, d: ev.StepSkipped, at: datetime) -> None:
+        self.steps[d.step_id] = StepState(step_id=d.step_id, status="skipped", updated_at=at)
+
+    def _on_LateResultRecorded(self, d: ev.LateResultRecorded, at: datetime) -> None:
+        """Evidence only: a stale attempt never changes the step."""
+
+    def _on_CompensationStarted(self, d: ev.CompensationStarted, at: datetime) -> None:
+        self.status = "compensating"
+        self.compensation = CompensationState(failed_step=d.failed_step, steps=list(d.steps))
+
+    def _on_CompensationFinished(self, d: ev.CompensationFinished, at: datetime) -> None:
+        assert self.compensation is not None
+        self.compensation.finished = True
+        self.compensation.ok = d.ok
+        self.compensation.failed_steps = list(d.failed_steps)
+
+    def _end(self, status: RunStatus, at: datetime, reason: str = "") -> None:
+        self.status = status
+        self.reason = reason
+        self.ended_at = at
+
+    def _on_RunSucceeded(self, d: ev.RunSucceeded, at: datetime) -> None:
+        self.result = d.output
+        self._end("succeeded", at)
+
+    def _on_RunFailed(self, d: ev.RunFailed, at: datetime) -> None:
+        self._end("failed", at, d.reason)
+
+    def _on_RunDenied(self, d: ev.RunDenied, at: datetime) -> None:
+        self._end("denied", at, d.reason)
+
+    def _on_RunCancelled(self, d: ev.RunCancelled, at: datetime) -> None:
+        self._end("cancelled", at, d.reason)
+        for step in self.steps.values():
+            if not step.terminal:
+                step.status = "cancelled"
+
+    def _on_RunTimedOut(self, d: ev.RunTimedOut, at: datetime) -> None:
+        self._end("timed_out", at, f"run exceeded {d.timeout_ms} ms")
+
+
+def _event_classes() -> dict[str, type[Any]]:
+    """Contract type name -> aggregate event class, checked complete at import."""
+    classes: dict[str, type[Any]] = {}
+    for name in dir(Run):
+        value = getattr(Run, name)
+        if isinstance(value, type) and issubclass(value, (Run.Event, Run.Started)) and value is not Run.Event:
+            # eventsourcing re-creates a created-event class as a subclass: look up the MRO
+            hint = next((c.__annotations__["data"] for c in value.__mro__
+                         if "data" in vars(c).get("__annotations__", {})), "")
+            data_name = str(hint).removeprefix("ev.")
+            if data_name in ev.EVENT_TYPES:
+                classes[data_name] = value
+    missing = set(ev.EVENT_TYPES) - set(classes)
+    if missing:  # a contract without an aggregate event is a programming error
+        raise RuntimeError(f"Run has no event class for {sorted(missing)}")
+    return classes
+
+
+Run.EVENT_CLASSES = _event_classes()

@@ -1,0 +1,241 @@
+"""Cross-field checks on a raw workflow mapping.
+
+They run on the raw data (not the model) so that they can report problems even when some
+other part of the definition fails pydantic validation. Anything with the wrong shape is
+skipped here: pydantic reports it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from jinja2 import TemplateSyntaxError, nodes
+
+from ._problems import Issue, Path
+from ._templates import CONTEXT_VARIABLES, ENV, analyze, expression_source, is_template, parse_expression
+
+STEP_TYPES = ("job", "approval", "notify")
+
+# Fields that only mean something for one step type; elsewhere they would be silently ignored,
+# so they are reported instead.
+_ONLY_FOR: dict[str, tuple[str, ...]] = {
+    "job": ("topic", "require_approval", "heartbeat_timeout_ms", "compensate"),
+    "approval": ("approvers", "prompt", "expires_ms"),
+    "notify": ("channel", "message"),
+}
+
+_MAX_CYCLES = 20
+_CYCLE_SEARCH_BUDGET = 100_000
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def transitive(graph: Mapping[str, Iterable[str]], start: str) -> set[str]:
+    """Every node reachable from ``start`` (excluding ``start`` unless on a cycle)."""
+    seen: set[str] = set()
+    todo = list(graph.get(start, ()))
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(graph.get(node, ()))
+    return seen
+
+
+def semantic_issues(data: Mapping[str, Any]) -> list[Issue]:
+    steps = data.get("steps")
+    if not isinstance(steps, Mapping):
+        return []
+    if not steps:
+        return [Issue(("steps",), "a workflow needs at least one step")]
+    issues: list[Issue] = []
+    ids = [key for key in steps if isinstance(key, str)]
+    deps = {sid: _check_depends_on(sid, steps[sid], ids, issues) for sid in ids}
+    issues.extend(_cycle_issues(ids, deps))
+    upstream = {sid: transitive(deps, sid) for sid in ids}
+    for sid in ids:
+        step = steps[sid]
+        if isinstance(step, Mapping):
+            _check_step(sid, step, issues)
+            _check_step_templates(sid, step, ids, upstream[sid], issues)
+    return issues
+
+
+def _check_depends_on(sid: str, step: Any, ids: list[str], issues: list[Issue]) -> list[str]:
+    """Report bad entries; return the usable dependencies."""
+    if not isinstance(step, Mapping):
+        return []
+    raw = step.get("depends_on")
+    base: Path = ("steps", sid, "depends_on")
+    entries: list[tuple[Path, Any]]
+    if isinstance(raw, str):
+        entries = [(base, raw)]
+    elif isinstance(raw, list):
+        entries = [((*base, i), dep) for i, dep in enumerate(raw)]
+    else:
+        return []
+    good: list[str] = []
+    for path, dep in entries:
+        if not isinstance(dep, str):
+            continue
+        if dep == sid:
+            issues.append(Issue(path, "a step cannot depend on itself"))
+        elif dep not in ids:
+            issues.append(Issue(path, f"unknown step {dep!r}{did_you_mean(dep, ids)}"))
+        elif dep in good:
+            issues.append(Issue(path, f"duplicate dependency {dep!r}"))
+        else:
+            good.append(dep)
+    return good
+
+
+def _check_step(sid: str, step: Mapping[str, Any], issues: list[Issue]) -> None:
+    base: Path = ("steps", sid)
+    step_type = step.get("type", "job")
+    if step_type in STEP_TYPES:
+        for other, fields in _ONLY_FOR.items():
+            if other == step_type:
+                continue
+            for field in fields:
+                if field in step:
+                    issues.append(Issue((*base, field), f"'{field}' only applies to {other} steps"))
+        if step_type == "job" and step.get("topic") is None:
+            issues.append(Issue(base, "job step needs a 'topic'"))
+        if step_type == "notify" and step.get("message") is None:
+            issues.append(Issue(base, "notify step needs a 'message'"))
+    if "max_parallel" in step and step.get("for_each") is None:
+        issues.append(Issue((*base, "max_parallel"), "max_parallel needs for_each"))
+    heartbeat, timeout = step.get("heartbeat_timeout_ms"), step.get("timeout_ms")
+    if _is_int(heartbeat) and _is_int(timeout) and heartbeat > timeout:
+        issues.append(
+            Issue((*base, "heartbeat_timeout_ms"), f"must not exceed timeout_ms ({heartbeat} > {timeout})")
+        )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# --- templates -------------------------------------------------------------------------------
+
+
+def _check_step_templates(
+    sid: str, step: Mapping[str, Any], ids: list[str], upstream: set[str], issues: list[Issue]
+) -> None:
+    base: Path = ("steps", sid)
+    in_loop = step.get("for_each") is not None
+
+    def check(source: Any, path: Path, *, expression: bool, item_ok: bool) -> None:
+        if isinstance(source, str):
+            _check_template(source, path, sid, expression, item_ok, ids, upstream, issues)
+
+    for path, text in _strings(step.get("input"), (*base, "input")):
+        if is_template(text):
+            check(text, path, expression=False, item_ok=in_loop)
+    # `when` and `for_each` are evaluated once per step, before any fan-out: no item/index.
+    check(step.get("when"), (*base, "when"), expression=True, item_ok=False)
+    check(step.get("for_each"), (*base, "for_each"), expression=True, item_ok=False)
+    check(step.get("message"), (*base, "message"), expression=False, item_ok=in_loop)
+    check(step.get("prompt"), (*base, "prompt"), expression=False, item_ok=in_loop)
+
+
+def _strings(value: Any, path: Path) -> Iterable[tuple[Path, str]]:
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _strings(item, (*path, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _strings(item, (*path, i))
+
+
+def _check_template(
+    source: str,
+    path: Path,
+    sid: str,
+    expression: bool,
+    item_ok: bool,
+    ids: list[str],
+    upstream: set[str],
+    issues: list[Issue],
+) -> None:
+    try:
+        tree: nodes.Template = parse_expression(expression_source(source)) if expression else ENV.parse(source)
+    except TemplateSyntaxError as exc:
+        issues.append(Issue(path, f"template syntax error: {exc.message} (in {source!r})"))
+        return
+    refs = analyze(tree)
+    for var in sorted(refs.variables):
+        if var in ("item", "index"):
+            if not item_ok:
+                where = path[-1] if path[-1] in ("when", "for_each") else None
+                message = (
+                    f"'{var}' is not available in '{where}' (it is evaluated once, before the fan-out)"
+                    if where
+                    else f"'{var}' is only defined in for_each steps"
+                )
+                issues.append(Issue(path, message))
+        elif var not in CONTEXT_VARIABLES:
+            hint = did_you_mean(var, CONTEXT_VARIABLES) or f" (available: {', '.join(CONTEXT_VARIABLES)})"
+            issues.append(Issue(path, f"unknown variable {var!r}{hint}"))
+    for ref in refs.steps:
+        if ref == sid:
+            issues.append(Issue(path, f"a step cannot reference its own output (steps.{ref})"))
+        elif ref not in ids:
+            issues.append(Issue(path, f"unknown step {ref!r} in steps.{ref}{did_you_mean(ref, ids)}"))
+        elif ref not in upstream:
+            issues.append(Issue(path, f"step {ref!r} is not upstream of {sid!r}; add it to depends_on"))
+
+
+# --- cycles ----------------------------------------------------------------------------------
+
+
+def _cycle_issues(ids: list[str], deps: Mapping[str, list[str]]) -> list[Issue]:
+    return [
+        Issue(("steps", cycle[0], "depends_on"), "dependency cycle: " + " -> ".join(cycle))
+        for cycle in find_cycles(ids, deps)
+    ]
+
+
+def find_cycles(ids: list[str], deps: Mapping[str, list[str]]) -> list[list[str]]:
+    """Elementary cycles, each once, starting at its earliest-defined step.
+
+    An arrow reads "depends on". Self-dependencies are not included (reported separately).
+    The search is bounded; pathological graphs get the first cycles found.
+    """
+    order = {sid: i for i, sid in enumerate(ids)}
+    reach = {sid: transitive(deps, sid) for sid in ids}
+    cycles: list[list[str]] = []
+    budget = _CYCLE_SEARCH_BUDGET
+    for start in ids:
+        if start not in reach[start]:
+            continue
+        # Only later steps on a cycle through `start`: each cycle is found from its first step.
+        allowed = {n for n in reach[start] if order[n] > order[start] and start in reach[n]}
+        path = [start]
+        on_path = {start}
+        stack = [iter(deps[start])]
+        while stack:
+            budget -= 1
+            if budget <= 0:
+                return cycles
+            for nxt in stack[-1]:
+                if nxt == start:
+                    cycles.append([*path, start])
+                    if len(cycles) >= _MAX_CYCLES:
+                        return cycles
+                elif nxt in allowed and nxt not in on_path:
+                    path.append(nxt)
+                    on_path.add(nxt)
+                    stack.append(iter(deps[nxt]))
+                    break
+            else:
+                stack.pop()
+                on_path.discard(path.pop())
+    return cycles
