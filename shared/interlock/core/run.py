@@ -322,7 +322,8 @@ class Run(Aggregate):
     def succeed_step(self, data: ev.StepSucceeded) -> None:
         self._require_running("succeed_step", compensating_ok=True)
         step = self._step("succeed_step", data.step_id)
-        if step.step_type == "job" and step.item_count is None:
+        reused = step.status == "ready" and data.step_id in self.reused_outputs
+        if step.step_type == "job" and step.item_count is None and not reused:
             if step.status not in ACTIVE_ATTEMPT or data.attempt != step.attempt:
                 raise self._refuse("succeed_step", f"attempt {data.attempt} is not running", data.step_id)
         elif step.terminal:
@@ -360,7 +361,7 @@ class Run(Aggregate):
 
     def record_late_result(self, data: ev.LateResultRecorded) -> None:
         step = self._step("record_late_result", data.step_id)
-        if data.attempt >= step.attempt and not step.terminal:
+        if data.attempt >= step.attempt and step.status in ACTIVE_ATTEMPT:
             raise self._refuse("record_late_result", "the attempt is current", data.step_id)
         self._trigger(data)
 

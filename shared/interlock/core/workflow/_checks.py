@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 from jinja2 import TemplateSyntaxError, nodes
 
@@ -112,12 +112,10 @@ def _check_step(sid: str, step: Mapping[str, Any], issues: list[Issue]) -> None:
         issues.append(Issue((*base, "max_parallel"), "max_parallel needs for_each"))
     heartbeat, timeout = step.get("heartbeat_timeout_ms"), step.get("timeout_ms")
     if _is_int(heartbeat) and _is_int(timeout) and heartbeat > timeout:
-        issues.append(
-            Issue((*base, "heartbeat_timeout_ms"), f"must not exceed timeout_ms ({heartbeat} > {timeout})")
-        )
+        issues.append(Issue((*base, "heartbeat_timeout_ms"), f"must not exceed timeout_ms ({heartbeat} > {timeout})"))
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

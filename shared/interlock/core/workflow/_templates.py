@@ -89,8 +89,7 @@ def analyze(tree: nodes.Template) -> TemplateRefs:
     variables = frozenset(meta.find_undeclared_variables(tree)) - ENV.globals.keys()
     steps: list[str] = []
     for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
-        base = node.node
-        if not (isinstance(base, nodes.Name) and base.name == "steps"):
+        if not (isinstance(node, nodes.Getattr | nodes.Getitem) and _is_steps(node.node)):
             continue
         if isinstance(node, nodes.Getattr):
             steps.append(node.attr)
@@ -98,6 +97,10 @@ def analyze(tree: nodes.Template) -> TemplateRefs:
             steps.append(node.arg.value)
         # steps[some_variable] is dynamic: nothing to check statically.
     return TemplateRefs(variables, tuple(dict.fromkeys(steps)))
+
+
+def _is_steps(node: nodes.Node) -> bool:
+    return isinstance(node, nodes.Name) and node.name == "steps"
 
 
 @lru_cache(maxsize=1024)
@@ -195,7 +198,5 @@ def evaluate_for_each(expr: str, context: Mapping[str, Any], *, location: str = 
     """Evaluate a ``for_each`` expression; it must produce a list."""
     value = _eval_expression(_expression(expr, location), context, location)
     if not isinstance(value, list | tuple):
-        raise TemplateError(
-            location, f"for_each must evaluate to a list, got {type(value).__name__} (in {expr!r})"
-        )
+        raise TemplateError(location, f"for_each must evaluate to a list, got {type(value).__name__} (in {expr!r})")
     return list(value)

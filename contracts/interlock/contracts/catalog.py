@@ -1,0 +1,448 @@
+"""Every channel Interlock uses, declared once: subject pattern, message, direction and transport.
+
+A channel ties a subject pattern (built by a function of :mod:`interlock.contracts.subjects`, with
+named parameters such as ``{tenant}``) to the message type it carries, who publishes and who
+subscribes, and how it travels:
+
+- ``jetstream``: published into a stream (``stream``), consumed by durable consumers;
+- ``core``: plain NATS publish/subscribe, nothing stored;
+- ``request``: NATS request-reply; the responder answers with ``reply`` on the requester's inbox.
+
+The AsyncAPI document and the JSON Schema files (see :mod:`interlock.contracts.generate`) are
+produced from this module and the pydantic models; nothing here is spelled twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal
+
+from interlock.contracts import events as ev
+from interlock.contracts import messages as msg
+from interlock.contracts import subjects as s
+
+CONTRACTS_VERSION = "0.1.0"
+
+Transport = Literal["jetstream", "core", "request"]
+
+# -- who takes part (roles, not processes: one process may play several) ------------------
+ORCHESTRATOR = "orchestrator"
+WORKER = "worker"
+CLIENT = "client"
+AUDITOR = "auditor"
+NATS_SERVER = "nats-server"
+INTEGRATION = "integration"
+OPERATOR = "operator"
+
+SERVICES: Mapping[str, str] = MappingProxyType({
+    ORCHESTRATOR: "Runs workflows: consumes triggers, results, heartbeats and fired timers, appends run "
+                  "events, dispatches jobs, answers commands.",
+    WORKER: "An agent worker (any language): pulls jobs for its topic, heartbeats, reports results.",
+    CLIENT: "CLI, API gateway, webhooks and schedulers: start runs, send commands, ask queries.",
+    AUDITOR: "Reads run event logs and answers queries (runs, status, timeline, approvals).",
+    NATS_SERVER: "The NATS server itself: delivers scheduled messages (JetStream message schedules).",
+    INTEGRATION: "Anything that forwards notifications (chat, e-mail, paging).",
+    OPERATOR: "People and tools that inspect dead letters.",
+})
+
+
+@dataclass(frozen=True)
+class Param:
+    """A named subject token that varies per message, written ``{name}`` in a channel address."""
+
+    name: str
+    description: str
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A subject pattern: a :mod:`subjects` function called with fixed tokens and/or parameters."""
+
+    build: Callable[..., str]
+    args: tuple[str | Param, ...] = ()
+
+    def _sentinel(self, index: int) -> str:
+        return f"__param{index}__"
+
+    @property
+    def address(self) -> str:
+        """The subject with every parameter written as ``{name}``, e.g. ``il.job.{topic}``."""
+        values = [self._sentinel(i) if isinstance(a, Param) else a for i, a in enumerate(self.args)]
+        subject = self.build(*values)
+        for i, arg in enumerate(self.args):
+            if isinstance(arg, Param):
+                sentinel = self._sentinel(i)
+                if subject.count(sentinel) != 1:
+                    raise ValueError(f"{self.build.__name__}: parameter {arg.name!r} not found once in {subject!r}")
+                subject = subject.replace(sentinel, "{" + arg.name + "}")
+        return subject
+
+    @property
+    def parameters(self) -> tuple[Param, ...]:
+        return tuple(a for a in self.args if isinstance(a, Param))
+
+    def subject(self, **values: str) -> str:
+        """The concrete subject for the given parameter values (validated by :mod:`subjects`)."""
+        names = {p.name for p in self.parameters}
+        if set(values) != names:
+            raise TypeError(f"{self.address}: expected parameters {sorted(names)}, got {sorted(values)}")
+        return self.build(*(values[a.name] if isinstance(a, Param) else a for a in self.args))
+
+
+@dataclass(frozen=True)
+class Header:
+    """A NATS header that is part of the contract of a channel."""
+
+    name: str
+    description: str
+    required: bool = True
+    example: str | None = None
+
+
+@dataclass(frozen=True)
+class Channel:
+    id: str
+    title: str
+    pattern: Pattern
+    message: type[msg.Message]
+    description: str
+    transport: Transport
+    publishers: tuple[str, ...]
+    subscribers: tuple[str, ...]
+    stream: str | None = None
+    reply: type[msg.Message] | None = None
+    headers: tuple[Header, ...] = ()
+    filters: tuple[Pattern | str, ...] = ()
+    """Wildcard subjects subscribers (streams, consumers) bind to."""
+    consumer: str | None = None
+    """How subscribers consume (durable consumer names, delivery), where it is part of the contract."""
+    event_data: Mapping[str, type[ev.EventData]] = field(default_factory=dict)
+    """For run events: the type of each event's ``data``, by the envelope's ``type``."""
+
+    @property
+    def address(self) -> str:
+        return self.pattern.address
+
+    @property
+    def parameters(self) -> tuple[Param, ...]:
+        return self.pattern.parameters
+
+    def __post_init__(self) -> None:
+        if (self.transport == "jetstream") != (self.stream is not None):
+            raise ValueError(f"channel {self.id}: a stream is given exactly for jetstream channels")
+        if (self.transport == "request") != (self.reply is not None):
+            raise ValueError(f"channel {self.id}: a reply type is given exactly for request channels")
+
+
+# -- parameters ----------------------------------------------------------------------------
+TENANT = Param("tenant", "Tenant id: one subject token (letters, digits, '_' and '-'); 'default' when unset.")
+RUN_ID = Param("run_id", "Run id: one subject token (a UUID).")
+WORKFLOW_ID = Param("workflow_id", "Workflow id: one subject token.")
+TOPIC = Param(
+    "topic",
+    "Job topic: one or more dot-separated tokens (letters, digits, '_' and '-'), no wildcards, "
+    "e.g. 'llm.summarize'. The address therefore has as many tokens as the topic has.",
+)
+TIMER_KIND = Param("kind", "Timer kind: retry, deadline, lease, approval_expiry or run_timeout.")
+TIMER_KEY = Param("key", "Timer key, unique within the run and kind (one subject token).")
+NOTIFY_CHANNEL = Param("channel", "Notification channel name from the workflow's notify step (one token).")
+SERVICE = Param("service", "Name of the service that gave up on the message (one token).")
+
+# -- headers -------------------------------------------------------------------------------
+EVENT_MSG_ID = Header(
+    "Nats-Msg-Id",
+    "Deduplication id of the commit: '{run_id}@{seq of its first event}:{first 16 hex of its last event hash}'. "
+    "A retried publish of the same commit is dropped by the stream (duplicate window 2 minutes).",
+    example="0b6c7a52-5f0e-4a7e-9a53-2d1f6c1c8e0e@1:3f2a9c0d1e2b4a5c",
+)
+EXPECTED_LAST_SUBJECT_SEQ = Header(
+    "Nats-Expected-Last-Subject-Sequence",
+    "Stream sequence of the run's last commit ('0' for a new run). The stream rejects the append with "
+    "error 10071 when another writer appended first (optimistic concurrency): reload and retry.",
+    example="0",
+)
+RESULT_MSG_ID = Header(
+    "Nats-Msg-Id",
+    "'result:' + job_id, so a result published twice (retry after a lost ack) is stored once.",
+    example="result:0b6c7a52-5f0e-4a7e-9a53-2d1f6c1c8e0e:summarize@1",
+)
+SCHEDULE = Header(
+    "Nats-Schedule",
+    "When the timer fires: '@at ' + RFC 3339 UTC time (JetStream message schedules).",
+    example="@at 2030-01-01T00:00:00Z",
+)
+SCHEDULE_TARGET = Header(
+    "Nats-Schedule-Target",
+    "Subject the server publishes the payload to when due: il.timer.fire.{kind}.",
+    example="il.timer.fire.retry",
+)
+
+# -- channels ------------------------------------------------------------------------------
+TRIGGERS = Channel(
+    id="triggers",
+    title="Triggers",
+    pattern=Pattern(s.trigger, (WORKFLOW_ID,)),
+    message=msg.Trigger,
+    description="Start a run of a workflow. The same (tenant, workflow_id, idempotency_key) never starts two "
+                "runs. Workflows may add further trigger subjects to the stream.",
+    transport="jetstream",
+    stream=s.TRIGGERS_STREAM,
+    publishers=(CLIENT,),
+    subscribers=(ORCHESTRATOR,),
+    filters=(s.TRIGGERS_ALL,),
+)
+
+JOBS = Channel(
+    id="jobs",
+    title="Jobs",
+    pattern=Pattern(s.job, (TOPIC,)),
+    message=msg.Job,
+    description="A unit of work for agent workers of one topic (work-queue stream: a job is delivered to one "
+                "worker and removed when acked). job_id is 'run_id:step_id@attempt'.",
+    transport="jetstream",
+    stream=s.JOBS_STREAM,
+    publishers=(ORCHESTRATOR,),
+    subscribers=(WORKER,),
+    filters=(s.JOBS_ALL,),
+    consumer="Workers of one topic share the durable pull consumer 'worker_' + topic with '.' replaced by '_' "
+             "(subjects.worker_consumer) on stream IL_JOBS, filter subject il.job.{topic}, explicit ack.",
+)
+
+RESULTS = Channel(
+    id="results",
+    title="Job results",
+    pattern=Pattern(s.result, (TENANT, RUN_ID)),
+    message=msg.JobResult,
+    description="What a worker reports for one attempt of a job: output (inline or output_ref) or error.",
+    transport="jetstream",
+    stream=s.RESULTS_STREAM,
+    publishers=(WORKER,),
+    subscribers=(ORCHESTRATOR,),
+    headers=(RESULT_MSG_ID,),
+    filters=(s.RESULTS_ALL,),
+)
+
+HEARTBEATS = Channel(
+    id="heartbeats",
+    title="Heartbeats",
+    pattern=Pattern(s.heartbeat, (TENANT, RUN_ID)),
+    message=msg.Heartbeat,
+    description="Sent by a worker every heartbeat_interval_ms while it works on a job; a job whose heartbeats "
+                "stop is timed out and may be retried.",
+    transport="jetstream",
+    stream=s.RESULTS_STREAM,
+    publishers=(WORKER,),
+    subscribers=(ORCHESTRATOR,),
+    filters=(s.HEARTBEATS_ALL,),
+)
+
+RUN_EVENTS = Channel(
+    id="runEvents",
+    title="Run events",
+    pattern=Pattern(s.run_events, (TENANT, RUN_ID)),
+    message=ev.Commit,
+    description="One run's event log, the source of truth and audit trail (append-only stream). Each message "
+                "is a Commit of one or more hash-chained EventEnvelopes; an envelope's data has the schema "
+                "named by its type.",
+    transport="jetstream",
+    stream=s.EVENTS_STREAM,
+    publishers=(ORCHESTRATOR,),
+    subscribers=(ORCHESTRATOR, AUDITOR),
+    headers=(EVENT_MSG_ID, EXPECTED_LAST_SUBJECT_SEQ),
+    filters=(s.EVENTS_ALL, Pattern(s.tenant_events, (TENANT,))),
+    event_data=MappingProxyType(dict(ev.EVENT_TYPES)),
+)
+
+NOTIFICATIONS = Channel(
+    id="notifications",
+    title="Notifications",
+    pattern=Pattern(s.notify, (TENANT, NOTIFY_CHANNEL)),
+    message=msg.Notification,
+    description="Published by a workflow's notify step.",
+    transport="jetstream",
+    stream=s.NOTIFY_STREAM,
+    publishers=(ORCHESTRATOR,),
+    subscribers=(INTEGRATION,),
+    filters=(s.NOTIFY_ALL,),
+)
+
+CANCEL_NOTICES = Channel(
+    id="cancelNotices",
+    title="Cancel notices",
+    pattern=Pattern(s.control_cancel, (TENANT, RUN_ID)),
+    message=msg.CancelNotice,
+    description="Tells workers that a run was cancelled: stop work on its jobs (a late result is ignored). "
+                "Core NATS, not stored: subscribe while a job of the run is in progress.",
+    transport="core",
+    publishers=(ORCHESTRATOR,),
+    subscribers=(WORKER,),
+    filters=(s.CONTROL_CANCEL_ALL,),
+)
+
+TIMER_SCHEDULES = Channel(
+    id="timerSchedules",
+    title="Timer schedules",
+    pattern=Pattern(s.timer_schedule, (TIMER_KIND, RUN_ID, TIMER_KEY)),
+    message=msg.TimerFired,
+    description="A durable timer: a scheduled message the server publishes to il.timer.fire.{kind} at due_at "
+                "(JetStream message schedules). Internal to Interlock.",
+    transport="jetstream",
+    stream=s.TIMERS_STREAM,
+    publishers=(ORCHESTRATOR,),
+    subscribers=(NATS_SERVER,),
+    headers=(SCHEDULE, SCHEDULE_TARGET),
+    filters=(s.TIMERS_SCHEDULED_ALL,),
+)
+
+TIMERS_FIRED = Channel(
+    id="timersFired",
+    title="Timers fired",
+    pattern=Pattern(s.timer_fired, (TIMER_KIND,)),
+    message=msg.TimerFired,
+    description="A durable timer that came due. Internal to Interlock.",
+    transport="jetstream",
+    stream=s.TIMERS_STREAM,
+    publishers=(NATS_SERVER,),
+    subscribers=(ORCHESTRATOR,),
+    filters=(s.TIMERS_FIRED_ALL,),
+)
+
+DEAD_LETTERS = Channel(
+    id="deadLetters",
+    title="Dead letters",
+    pattern=Pattern(s.dead_letter, (SERVICE,)),
+    message=msg.DeadLetter,
+    description="A message a service could not process, with the reason and its original bytes (base64).",
+    transport="jetstream",
+    stream=s.DLQ_STREAM,
+    publishers=(ORCHESTRATOR, AUDITOR),
+    subscribers=(OPERATOR,),
+    filters=(s.DLQ_ALL,),
+)
+
+
+def _command(name: str, id: str, title: str, request: type[msg.Message], description: str) -> Channel:
+    return Channel(
+        id=id, title=title, pattern=Pattern(s.command, (name,)), message=request, reply=msg.CommandReply,
+        description=description, transport="request", publishers=(CLIENT,), subscribers=(ORCHESTRATOR,),
+    )
+
+
+def _query(name: str, id: str, title: str, request: type[msg.Message], description: str) -> Channel:
+    return Channel(
+        id=id, title=title, pattern=Pattern(s.query, (name,)), message=request, reply=msg.QueryReply,
+        description=description, transport="request", publishers=(CLIENT,), subscribers=(AUDITOR,),
+    )
+
+
+CMD_APPROVE = _command("approve", "cmdApprove", "Approve", msg.ApprovalDecision,
+                       "Grant a pending approval. job_hash must be the one shown in the request.")
+CMD_REJECT = _command("reject", "cmdReject", "Reject", msg.ApprovalDecision,
+                      "Reject a pending approval. job_hash must be the one shown in the request.")
+CMD_CANCEL = _command("cancel", "cmdCancel", "Cancel", msg.CancelRequest, "Cancel a run.")
+CMD_START = _command("start", "cmdStart", "Start", msg.Trigger,
+                     "Start a run and wait for it to be accepted; the reply's detail carries the run id.")
+Q_RUNS = _query("runs", "qRuns", "Runs", msg.RunsQuery,
+                "List runs, newest first, filtered by tenant, status and workflow; result is a list of run summaries.")
+Q_STATUS = _query("status", "qStatus", "Run status", msg.RunQuery,
+                  "One run's status and the status of each step.")
+Q_TIMELINE = _query("timeline", "qTimeline", "Run timeline", msg.RunQuery,
+                    "One run's events in order (a list of EventEnvelope).")
+Q_APPROVALS = _query("approvals", "qApprovals", "Pending approvals", msg.RunsQuery,
+                     "Approvals waiting for a decision, filtered like the runs query.")
+
+CHANNELS: tuple[Channel, ...] = (
+    TRIGGERS,
+    JOBS,
+    RESULTS,
+    HEARTBEATS,
+    RUN_EVENTS,
+    NOTIFICATIONS,
+    CANCEL_NOTICES,
+    TIMER_SCHEDULES,
+    TIMERS_FIRED,
+    DEAD_LETTERS,
+    CMD_APPROVE,
+    CMD_REJECT,
+    CMD_CANCEL,
+    CMD_START,
+    Q_RUNS,
+    Q_STATUS,
+    Q_TIMELINE,
+    Q_APPROVALS,
+)
+
+# -- state kept outside subjects -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyValueEntry:
+    bucket: str
+    key: str
+    value: type[msg.Message]
+    description: str
+    writers: tuple[str, ...]
+    readers: tuple[str, ...]
+
+
+AGENT_REGISTRY = KeyValueEntry(
+    bucket=s.AGENTS_BUCKET,
+    key="{topic}.{worker_id}",
+    value=msg.AgentRegistration,
+    description="Agent registry: a worker puts its registration when it starts and refreshes last_heartbeat "
+                "while it runs (the bucket drops entries not written for a day); it should delete its entry "
+                "on a clean shutdown.",
+    writers=(WORKER,),
+    readers=(ORCHESTRATOR, AUDITOR, CLIENT),
+)
+
+KEY_VALUE: tuple[KeyValueEntry, ...] = (AGENT_REGISTRY,)
+
+
+@dataclass(frozen=True)
+class ObjectStore:
+    name: str
+    key: str
+    reference: type[msg.Message]
+    description: str
+
+
+PAYLOADS = ObjectStore(
+    name=s.PAYLOADS_OBJECT_STORE,
+    key="sha256 hex digest of the content",
+    reference=msg.PayloadRef,
+    description="Large job inputs and outputs. A message carries a PayloadRef (input_ref / output_ref) instead "
+                "of the inline value; the object holds the value's JSON.",
+)
+
+OBJECT_STORES: tuple[ObjectStore, ...] = (PAYLOADS,)
+
+
+# -- every contract type -------------------------------------------------------------------
+def _module_messages() -> dict[str, type[msg.Message]]:
+    found: dict[str, type[msg.Message]] = {}
+    for name, value in sorted(vars(msg).items()):
+        if (isinstance(value, type) and issubclass(value, msg.Message) and value is not msg.Message
+                and value.__module__ == msg.__name__):
+            found[name] = value
+    return found
+
+
+MESSAGE_TYPES: Mapping[str, type[msg.Message]] = MappingProxyType({
+    **_module_messages(),
+    ev.EventEnvelope.__name__: ev.EventEnvelope,
+    ev.Commit.__name__: ev.Commit,
+})
+"""Every message type (including nested ones such as PayloadRef), by name."""
+
+EVENT_DATA_TYPES: Mapping[str, type[ev.EventData]] = MappingProxyType(dict(ev.EVENT_TYPES))
+"""Every run event data type, by event type name."""
+
+
+def channel(id: str) -> Channel:
+    for ch in CHANNELS:
+        if ch.id == id:
+            return ch
+    raise KeyError(id)

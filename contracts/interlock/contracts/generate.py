@@ -1,0 +1,417 @@
+"""Generate the language-neutral contracts: JSON Schema files and one AsyncAPI 3.0 document.
+
+- ``contracts/schemas/<Name>.json``: one JSON Schema (draft 2020-12) per message type and per run
+  event data type, straight from the pydantic models (``model_json_schema(mode="validation")``)
+  with ``$schema``, ``$id`` and ``title`` added.
+- ``contracts/asyncapi.json``: every channel of :mod:`interlock.contracts.catalog` with its
+  messages, operations (who sends, who receives), headers, and the protocol rules in
+  ``info.description``.
+
+Run ``python -m interlock.contracts.generate`` to write them, ``--check`` to only compare (exit 1 and
+list stale, missing or extra files). Output is deterministic: sorted keys, indent 2, final newline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from interlock.contracts import catalog as cat
+from interlock.contracts import events as ev
+from interlock.contracts import subjects as s
+from pydantic import BaseModel
+
+SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+SCHEMA_ID_BASE = "urn:interlock:schema:"
+CONTRACTS_DIR = Path(__file__).resolve().parents[2]
+SCHEMAS_SUBDIR = "schemas"
+ASYNCAPI_FILE = "asyncapi.json"
+ASYNCAPI_VERSION = "3.0.0"
+
+_SUMMARY = "Generate contracts/schemas/*.json and contracts/asyncapi.json from the pydantic contracts."
+_DEFS_REF = "#/$defs/"
+_COMPONENT_SCHEMA_REF = "#/components/schemas/"
+
+JsonObject = dict[str, Any]
+
+
+# -- JSON Schema ---------------------------------------------------------------------------
+def schema_id(name: str) -> str:
+    return SCHEMA_ID_BASE + name
+
+
+def json_schema(model: type[BaseModel]) -> JsonObject:
+    """The standalone JSON Schema of one model: self-contained (nested types under ``$defs``)."""
+    name = model.__name__
+    schema: JsonObject = {
+        "$schema": SCHEMA_DIALECT,
+        "$id": schema_id(name),
+        **model.model_json_schema(mode="validation"),
+    }
+    schema["title"] = name
+    return schema
+
+
+def contract_types() -> dict[str, type[BaseModel]]:
+    """Every type that gets a schema file: message types and event data types, by name."""
+    types: dict[str, type[BaseModel]] = {}
+    for name, model in [*cat.MESSAGE_TYPES.items(), *cat.EVENT_DATA_TYPES.items()]:
+        if name in types and types[name] is not model:
+            raise ValueError(f"two contract types are named {name!r}")
+        types[name] = model
+    return dict(sorted(types.items()))
+
+
+def json_schemas() -> dict[str, JsonObject]:
+    """Name -> standalone JSON Schema, for every message type and event data type."""
+    return {name: json_schema(model) for name, model in contract_types().items()}
+
+
+# -- AsyncAPI ------------------------------------------------------------------------------
+def _rewrite_refs(node: Any) -> Any:
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key == "$ref" and isinstance(value, str) and value.startswith(_DEFS_REF):
+                value = _COMPONENT_SCHEMA_REF + value[len(_DEFS_REF):]
+            out[key] = _rewrite_refs(value)
+        return out
+    if isinstance(node, list):
+        return [_rewrite_refs(item) for item in node]
+    return node
+
+
+def component_schemas(schemas: dict[str, JsonObject]) -> dict[str, JsonObject]:
+    """The standalone schemas as AsyncAPI components: ``$defs`` hoisted, refs pointed at components."""
+    components: dict[str, JsonObject] = {}
+
+    def put(name: str, schema: JsonObject) -> None:
+        schema = _rewrite_refs({k: v for k, v in schema.items() if k not in ("$schema", "$id", "$defs")})
+        if name in components and components[name] != schema:
+            raise ValueError(f"schema {name!r} differs between its own model and where it is nested")
+        components[name] = schema
+
+    for name, schema in schemas.items():
+        put(name, schema)
+    for schema in schemas.values():
+        for def_name, definition in schema.get("$defs", {}).items():
+            put(def_name, definition)
+    return dict(sorted(components.items()))
+
+
+def _ref(*path: str) -> JsonObject:
+    return {"$ref": "#/" + "/".join(p.replace("~", "~0").replace("/", "~1") for p in path)}
+
+
+def _headers_schema(headers: Sequence[cat.Header]) -> JsonObject:
+    properties: JsonObject = {}
+    for header in headers:
+        prop: JsonObject = {"type": "string", "description": header.description}
+        if header.example is not None:
+            prop["examples"] = [header.example]
+        properties[header.name] = prop
+    schema: JsonObject = {"type": "object", "properties": properties}
+    required = [h.name for h in headers if h.required]
+    if required:
+        schema["required"] = required
+    return schema
+
+
+def _message(model: type[BaseModel], schema: JsonObject, channel: cat.Channel | None) -> JsonObject:
+    name = model.__name__
+    message: JsonObject = {
+        "name": name,
+        "title": name,
+        "contentType": "application/json",
+        "payload": _ref("components", "schemas", name),
+    }
+    if "description" in schema:
+        message["summary"] = schema["description"].splitlines()[0]
+        message["description"] = schema["description"]
+    if channel is not None and channel.headers:
+        message["headers"] = _headers_schema(channel.headers)
+    if channel is not None and channel.event_data:
+        message["x-interlock-event-data"] = {
+            type_name: _ref("components", "schemas", data.__name__)
+            for type_name, data in sorted(channel.event_data.items())
+        }
+    return message
+
+
+def _channel_extension(ch: cat.Channel) -> JsonObject:
+    ext: JsonObject = {
+        "transport": ch.transport,
+        "publishers": list(ch.publishers),
+        "subscribers": list(ch.subscribers),
+    }
+    if ch.stream is not None:
+        ext["stream"] = ch.stream
+    if ch.filters:
+        ext["filters"] = [f if isinstance(f, str) else f.address for f in ch.filters]
+    if ch.consumer is not None:
+        ext["consumer"] = ch.consumer
+    return ext
+
+
+def _reply_channel_id(ch: cat.Channel) -> str:
+    return ch.id + "Reply"
+
+
+def _operation_id(ch: cat.Channel, service: str, action: str) -> str:
+    return f"{ch.id}_{service.replace('-', '_')}_{action}"
+
+
+def asyncapi(schemas: dict[str, JsonObject] | None = None) -> JsonObject:
+    """The AsyncAPI 3.0.0 document of every channel in the catalog."""
+    schemas = json_schemas() if schemas is None else schemas
+    components = component_schemas(schemas)
+    messages: dict[str, JsonObject] = {}
+    channels: dict[str, JsonObject] = {}
+    operations: dict[str, JsonObject] = {}
+    uses = Counter(m.__name__ for ch in cat.CHANNELS for m in (ch.message, ch.reply) if m is not None)
+
+    def add_message(model: type[BaseModel], channel: cat.Channel | None) -> str:
+        """The component key of the message: its type name, or '<channel id>.<type name>' where the
+        same type travels with different headers on another channel."""
+        name = model.__name__
+        message = _message(model, components[name], channel)
+        key = name
+        if channel is not None and uses[name] > 1 and (channel.headers or channel.event_data):
+            key = f"{channel.id}.{name}"
+        if key in messages and messages[key] != message:
+            raise ValueError(f"message {key!r} differs between channels")
+        messages[key] = message
+        return key
+
+    for ch in cat.CHANNELS:
+        if ch.id in channels:
+            raise ValueError(f"duplicate channel id {ch.id!r}")
+        name = add_message(ch.message, ch)
+        channel: JsonObject = {
+            "address": ch.address,
+            "title": ch.title,
+            "description": ch.description,
+            "messages": {name: _ref("components", "messages", name)},
+            "x-interlock": _channel_extension(ch),
+        }
+        if ch.parameters:
+            channel["parameters"] = {p.name: {"description": p.description} for p in ch.parameters}
+        channels[ch.id] = channel
+
+        reply: JsonObject | None = None
+        if ch.reply is not None:
+            reply_name = add_message(ch.reply, None)
+            reply_id = _reply_channel_id(ch)
+            channels[reply_id] = {
+                "address": None,
+                "title": f"{ch.title} reply",
+                "description": f"The requester's inbox: the reply subject NATS sets on a request to {ch.address}.",
+                "messages": {reply_name: _ref("components", "messages", reply_name)},
+            }
+            reply = {
+                "channel": _ref("channels", reply_id),
+                "messages": [_ref("channels", reply_id, "messages", reply_name)],
+            }
+
+        for action, services in (("send", ch.publishers), ("receive", ch.subscribers)):
+            for service in services:
+                verb = {"send": "publishes to", "receive": "subscribes to"}[action]
+                if ch.transport == "request":
+                    verb = {"send": "sends requests to", "receive": "answers requests on"}[action]
+                operation: JsonObject = {
+                    "action": action,
+                    "channel": _ref("channels", ch.id),
+                    "messages": [_ref("channels", ch.id, "messages", name)],
+                    "title": f"{service}: {ch.title}",
+                    "summary": f"{service} {verb} {ch.address}",
+                    "tags": [{"name": service}],
+                    "x-interlock-service": service,
+                }
+                if reply is not None:
+                    operation["reply"] = copy.deepcopy(reply)
+                operations[_operation_id(ch, service, action)] = operation
+
+    return {
+        "asyncapi": ASYNCAPI_VERSION,
+        "info": {
+            "title": "Interlock",
+            "version": cat.CONTRACTS_VERSION,
+            "description": info_description(),
+        },
+        "defaultContentType": "application/json",
+        "servers": {
+            "nats": {
+                "host": "localhost:4222",
+                "protocol": "nats",
+                "description": "A NATS server (2.12 or newer) with JetStream, provisioned by Interlock.",
+            },
+        },
+        "channels": channels,
+        "operations": operations,
+        "components": {"schemas": components, "messages": dict(sorted(messages.items()))},
+        "x-interlock-services": dict(cat.SERVICES),
+        "x-interlock-key-value": {
+            entry.bucket: {
+                "key": entry.key,
+                "value": _ref("components", "schemas", entry.value.__name__),
+                "description": entry.description,
+                "writers": list(entry.writers),
+                "readers": list(entry.readers),
+            }
+            for entry in cat.KEY_VALUE
+        },
+        "x-interlock-object-stores": {
+            store.name: {
+                "key": store.key,
+                "reference": _ref("components", "schemas", store.reference.__name__),
+                "description": store.description,
+            }
+            for store in cat.OBJECT_STORES
+        },
+    }
+
+
+def info_description() -> str:
+    """The protocol rules a worker or client in another language needs, as Markdown."""
+    jobs, results, heartbeats = cat.JOBS.address, cat.RESULTS.address, cat.HEARTBEATS.address
+    cancel, events = cat.CANCEL_NOTICES.address, cat.RUN_EVENTS.address
+    return f"""\
+Interlock is a durable, auditable workflow orchestrator for AI agents on NATS JetStream. This document
+lists every subject (channel), the message on it (JSON, schemas under components.schemas, generated
+from the pydantic models), who publishes and who subscribes (operations, tagged with the service), and
+how it travels (`x-interlock.transport`: `jetstream` into `x-interlock.stream`, `core` NATS, or `request`
+for NATS request-reply whose answer arrives on the requester's inbox).
+
+## Identifiers
+
+- Subject tokens (tenant, run id, workflow id, ...) are letters, digits, `_` and `-`; job topics are
+  dot-separated tokens, so `{jobs}` has as many tokens as the topic.
+- Job id: `run_id:step_id@attempt`, e.g. `3f0c...:summarize@2`. Attempts count from 1.
+  `idempotency_key` (`run_id:step_id`) is the same for every attempt: use it for side effects.
+  The item steps of a `for_each` step are named `{{step_id}}-{{index}}`.
+
+## Evolution
+
+Readers ignore unknown fields, and every field added to a message later has a default, so an older
+reader understands a newer message. Send every field a schema lists as required (a required field
+may still allow `null`); the others may be omitted and take their default.
+Times are RFC 3339 strings with an offset (UTC, `Z`).
+
+## Worker protocol
+
+1. Register (optional but recommended): put an `AgentRegistration` into KV bucket `{s.AGENTS_BUCKET}`
+   under key `{{topic}}.{{worker_id}}`; refresh `last_heartbeat` while running.
+2. Pull jobs from the durable pull consumer `worker_<topic with '.' replaced by '_'>` on stream
+   `{s.JOBS_STREAM}` with filter subject `{jobs}` (create it if missing: explicit ack). All copies of
+   a worker for one topic share that consumer, so each job goes to one of them.
+3. Decode the `Job`; if `input_ref` is set, the input is the JSON object named `input_ref.key` in
+   object store `{s.PAYLOADS_OBJECT_STORE}` (check `sha256`). Ack the job message.
+4. While working, publish a `Heartbeat` to `{heartbeats}` every `heartbeat_interval_ms` ms.
+   A job without heartbeats (or past `deadline`) is timed out and may be retried as a new attempt.
+   Optionally subscribe to `{cancel}` (core NATS) and stop when a `CancelNotice` arrives.
+5. Publish one `JobResult` (JetStream publish, wait for the ack) to `{results}` with header
+   `Nats-Msg-Id: result:<job_id>`, echoing job_id, run_id, tenant, step_id and attempt.
+   `ok: true` with `output`, or `ok: false` with `error` (`retryable: false` stops retries).
+   A result for an attempt that is no longer current is recorded and ignored.
+6. Large payloads: put the JSON in object store `{s.PAYLOADS_OBJECT_STORE}` under its sha256 hex digest
+   and send a `PayloadRef` (`object_store`, `key`, `sha256`, `size` in bytes) as `output_ref`
+   instead of `output`.
+
+## Run events and the hash chain
+
+A run's log is `{events}` on stream `{s.EVENTS_STREAM}` (append-only: delete and purge are denied).
+Each message is a `Commit` of one or more `EventEnvelope`s. `seq` counts from 1 without gaps; the
+envelope's `data` has the schema named by its `type` (see `x-interlock-event-data` on the `Commit`
+message). Every envelope is chained to its predecessor:
+
+    hash = sha256_hex(canonical_json(envelope without the "hash" key))
+    prev_hash = hash of the previous event in the run, or 64 zeros ("{ev.GENESIS_HASH[:8]}...") for seq 1
+
+where canonical JSON is UTF-8 JSON with object keys sorted (recursively) and no whitespace, strings
+escaped minimally (no `\\uXXXX` for non-ASCII, no HTML escaping). To verify, hash each envelope as
+received. Appends carry `Nats-Msg-Id` (`{{run_id}}@{{first seq}}:{{first 16 hex of last hash}}`) and
+`Nats-Expected-Last-Subject-Sequence` (stream sequence of the run's last commit, `0` for a new run):
+a concurrent writer gets error 10071 and must reload, never fork the log.
+"""
+
+
+# -- files ---------------------------------------------------------------------------------
+def dumps(document: Any) -> str:
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
+
+
+def render() -> dict[str, str]:
+    """Every generated file, by path relative to the contracts directory (POSIX separators)."""
+    schemas = json_schemas()
+    files = {f"{SCHEMAS_SUBDIR}/{name}.json": dumps(schema) for name, schema in schemas.items()}
+    files[ASYNCAPI_FILE] = dumps(asyncapi(schemas))
+    return dict(sorted(files.items()))
+
+
+def _existing(root: Path) -> set[str]:
+    schema_dir = root / SCHEMAS_SUBDIR
+    found = {f"{SCHEMAS_SUBDIR}/{p.name}" for p in schema_dir.glob("*.json")} if schema_dir.is_dir() else set()
+    if (root / ASYNCAPI_FILE).is_file():
+        found.add(ASYNCAPI_FILE)
+    return found
+
+
+def check(root: Path = CONTRACTS_DIR) -> list[str]:
+    """Problems with the files under ``root``: 'missing: …', 'stale: …' or 'extra: …' (empty if up to date)."""
+    expected = render()
+    existing = _existing(root)
+    problems: list[str] = []
+    for path, text in expected.items():
+        if path not in existing:
+            problems.append(f"missing: {path}")
+        elif (root / path).read_text(encoding="utf-8") != text:
+            problems.append(f"stale: {path}")
+    problems.extend(f"extra: {path}" for path in sorted(existing - expected.keys()))
+    return problems
+
+
+def write(root: Path = CONTRACTS_DIR) -> list[str]:
+    """Write every generated file under ``root`` and delete extra schema files; returns what changed."""
+    expected = render()
+    changed: list[str] = []
+    (root / SCHEMAS_SUBDIR).mkdir(parents=True, exist_ok=True)
+    for path, text in expected.items():
+        target = root / path
+        if not target.is_file() or target.read_text(encoding="utf-8") != text:
+            target.write_text(text, encoding="utf-8", newline="\n")
+            changed.append(f"wrote: {path}")
+    for path in sorted(_existing(root) - expected.keys()):
+        (root / path).unlink()
+        changed.append(f"removed: {path}")
+    return changed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m interlock.contracts.generate", description=_SUMMARY)
+    parser.add_argument("--check", action="store_true", help="compare only; exit 1 if anything is stale")
+    parser.add_argument("--root", type=Path, default=CONTRACTS_DIR, help="contracts directory (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.check:
+        problems = check(args.root)
+        for line in problems:
+            print(line)
+        if problems:
+            print("contracts are out of date: run `python -m interlock.contracts.generate`", file=sys.stderr)
+            return 1
+        print(f"contracts up to date ({len(render())} files)")
+        return 0
+    changes = write(args.root)
+    for line in changes:
+        print(line)
+    print(f"{len(changes)} file(s) changed under {args.root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

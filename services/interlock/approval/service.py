@@ -1,0 +1,117 @@
+"""The approval service: holds jobs that need a person, bound to the job hash and policy snapshot."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from faststream.nats import NatsBroker
+from interlock.contracts import events as ev
+from interlock.contracts import subjects as s
+from interlock.contracts.messages import ApprovalDecision, CommandReply, JobError, TimerFired
+from interlock.core.eventstore import EventStoreError
+from interlock.core.run import IllegalTransition, Run
+from interlock.planner.logic import base_step_id
+from interlock.runtime import timers
+from interlock.runtime.service import Poison, Service
+from nats.aio.msg import Msg
+from pydantic import ValidationError
+
+log = logging.getLogger(__name__)
+
+
+class ApprovalService(Service):
+    name = "approval"
+
+    def register(self, broker: NatsBroker) -> None:
+        self.pull_commits(broker, self.on_commit, wants=frozenset({"PolicyDecided", "ApprovalExpired"}))
+        self.pull(broker, s.timer_fired("approval_expiry"), s.TIMERS_STREAM, self.durable("timers"),
+                  self.on_expiry)
+
+        @broker.subscriber(s.CMD_APPROVE, queue="approval")
+        async def approve(decision: ApprovalDecision) -> CommandReply:
+            return await self.decide(decision, grant=True)
+
+        @broker.subscriber(s.CMD_REJECT, queue="approval")
+        async def reject(decision: ApprovalDecision) -> CommandReply:
+            return await self.decide(decision, grant=False)
+
+    async def on_commit(self, tenant: str, run_id: str, envelopes: list[dict[str, Any]]) -> None:
+        expiries: list[TimerFired] = []
+
+        async def decide(run: Run) -> None:
+            expiries.clear()
+            if run.terminal:
+                return
+            workflow = await self.registry.get(run.workflow_id, run.workflow_version)
+            now = datetime.now(UTC)
+            for state in list(run.steps.values()):
+                if state.status != "awaiting_approval" or state.decision is None:
+                    continue
+                if state.approval is not None and state.approval.status == "requested":
+                    continue
+                spec = workflow.steps[base_step_id(state.step_id)]
+                expires_ms = state.decision.approval_expires_ms or spec.expires_ms
+                expires_at = now + timedelta(milliseconds=expires_ms) if expires_ms else None
+                run.request_approval(ev.ApprovalRequested(
+                    step_id=state.step_id, job_hash=state.job_hash, snapshot_id=state.decision.snapshot_id,
+                    approver_role=state.decision.approver_role or spec.approvers,
+                    prompt=spec.prompt or f"approve {state.step_id} of {run.workflow_id}", expires_at=expires_at,
+                ))
+                if expires_at is not None:
+                    expiries.append(TimerFired(kind="approval_expiry", run_id=run.run_id, tenant=run.tenant,
+                                               step_id=state.step_id, attempt=run.version, due_at=expires_at))
+
+        await self.store.update(tenant, run_id, decide)
+        for timer in expiries:
+            await timers.schedule(self.js, timer)
+
+    async def decide(self, decision: ApprovalDecision, *, grant: bool) -> CommandReply:
+        async def apply(run: Run) -> None:
+            state = run.steps.get(decision.step_id)
+            if grant:
+                run.grant_approval(ev.ApprovalGranted(
+                    step_id=decision.step_id, job_hash=decision.job_hash, approver=decision.approver,
+                    role=decision.role, reason=decision.reason), datetime.now(UTC))
+                if state is not None and state.step_type == "approval":
+                    run.succeed_step(ev.StepSucceeded(step_id=decision.step_id, attempt=0, worker=decision.approver,
+                                                      output={"approved_by": decision.approver,
+                                                              "reason": decision.reason}))
+            else:
+                run.reject_approval(ev.ApprovalRejected(
+                    step_id=decision.step_id, job_hash=decision.job_hash, approver=decision.approver,
+                    role=decision.role, reason=decision.reason))
+                run.fail_step(ev.StepFailed(step_id=decision.step_id, attempt=0, final=True, worker=decision.approver,
+                                            error=JobError(message=f"rejected by {decision.approver}: "
+                                                           f"{decision.reason or 'no reason given'}",
+                                                           retryable=False, kind="approval_rejected")))
+
+        try:
+            await self.store.update(decision.tenant, decision.run_id, apply)
+        except IllegalTransition as e:
+            return CommandReply(ok=False, error=e.why)
+        except EventStoreError as e:
+            return CommandReply(ok=False, error=str(e))
+        verb = "approved" if grant else "rejected"
+        log.info("run %s step %s %s by %s", decision.run_id, decision.step_id, verb, decision.approver)
+        return CommandReply(ok=True, detail={"step_id": decision.step_id, "decision": verb})
+
+    async def on_expiry(self, msg: Msg) -> None:
+        try:
+            timer = TimerFired.model_validate_json(msg.data)
+        except ValidationError as e:
+            raise Poison(f"invalid timer: {e}") from e
+
+        def expire(run: Run) -> None:
+            state = run.steps.get(timer.step_id or "")
+            approval = state.approval if state else None
+            if state is None or approval is None or approval.status != "requested" or run.terminal:
+                return
+            if approval.expires_at is None or approval.expires_at > datetime.now(UTC):
+                return  # a newer request replaced the one this timer was for
+            run.expire_approval(ev.ApprovalExpired(step_id=state.step_id, job_hash=approval.job_hash))
+            run.fail_step(ev.StepFailed(step_id=state.step_id, attempt=0, final=True, error=JobError(
+                message="approval request expired", retryable=False, kind="approval_expired")))
+
+        await self.store.update(timer.tenant, timer.run_id, expire)

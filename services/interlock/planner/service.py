@@ -1,0 +1,121 @@
+"""The planner: starts runs from triggers and, after every outcome, decides what happens next."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from faststream.nats import NatsBroker
+from interlock.contracts import events as ev
+from interlock.contracts import subjects as s
+from interlock.contracts.messages import TimerFired, Trigger
+from interlock.core.eventstore import RunExists
+from interlock.core.ids import run_id_for
+from interlock.core.run import Run
+from interlock.planner.logic import plan
+from interlock.runtime import timers
+from interlock.runtime.registry import WorkflowNotFound
+from interlock.runtime.service import Poison, Service
+from nats.aio.msg import Msg
+from pydantic import ValidationError
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVENTS = frozenset({
+    "RunStarted", "StepSucceeded", "StepFailed", "StepSkipped", "StepExpanded", "CompensationStarted",
+})
+
+
+class PlannerService(Service):
+    name = "planner"
+
+    def register(self, broker: NatsBroker) -> None:
+        self.pull(broker, s.TRIGGERS_ALL, s.TRIGGERS_STREAM, self.durable("triggers"), self.on_trigger)
+        self.pull_commits(broker, self.on_commit, wants=PROGRESS_EVENTS)
+        self.pull(broker, s.timer_fired("run_timeout"), s.TIMERS_STREAM, self.durable("timers"), self.on_timer)
+
+    async def on_trigger(self, msg: Msg) -> None:
+        trigger = await self.parse_trigger(msg)
+        try:
+            workflow = await self.registry.get(trigger.workflow_id, trigger.workflow_version)
+        except WorkflowNotFound as e:
+            raise Poison(str(e)) from e
+        run_id = run_id_for(trigger.tenant, workflow.id, trigger.idempotency_key)
+        run_input, input_ref = await self.payloads.offload(trigger.input)
+        started = ev.RunStarted(
+            workflow_id=workflow.id, workflow_version=workflow.version, definition_hash=workflow.content_hash,
+            input=run_input, input_ref=input_ref, idempotency_key=trigger.idempotency_key, tenant=trigger.tenant,
+            requested_by=trigger.requested_by, rerun_of=trigger.rerun_of, reused_outputs=trigger.reuse_outputs,
+        )
+        try:
+            await self.store.start_run(run_id, started)
+            log.info("run %s started: %s v%s", run_id, workflow.id, workflow.version)
+            if workflow.timeout_ms:
+                await timers.schedule(self.js, TimerFired(
+                    kind="run_timeout", run_id=str(run_id), tenant=trigger.tenant,
+                    due_at=timers.due_in(workflow.timeout_ms)))
+        except RunExists:
+            log.info("trigger for existing run %s (idempotency key %r): nothing to start", run_id,
+                     trigger.idempotency_key)
+        await self.advance(trigger.tenant, str(run_id))
+
+    async def parse_trigger(self, msg: Msg) -> Trigger:
+        """A Trigger on ``il.trigger.*``; on a workflow's own trigger subject, any JSON body is its input."""
+        if msg.subject.startswith(f"{s.PREFIX}.trigger."):
+            try:
+                trigger = Trigger.model_validate_json(msg.data)
+            except ValidationError as e:
+                raise Poison(f"invalid trigger: {e}") from e
+            expected = s.trigger(trigger.workflow_id)
+            if msg.subject != expected:
+                raise Poison(f"trigger for workflow {trigger.workflow_id!r} was sent to {msg.subject}, "
+                             f"expected {expected}")
+            return trigger
+        subjects = await self.registry.trigger_subjects()
+        workflow_id = subjects.get(msg.subject)
+        if workflow_id is None:
+            raise Poison(f"no registered workflow is triggered by {msg.subject}")
+        try:
+            body: Any = Trigger.model_validate_json(msg.data).model_dump()
+        except ValidationError:
+            body = None
+        if body is not None and body.get("workflow_id") == workflow_id:
+            return Trigger.model_validate(body)
+        try:
+            payload = json.loads(msg.data or b"null")
+        except ValueError as e:
+            raise Poison(f"trigger on {msg.subject} is not JSON: {e}") from e
+        key = (msg.headers or {}).get("Nats-Msg-Id") or hashlib.sha256(msg.data).hexdigest()
+        return Trigger(workflow_id=workflow_id, input=payload, idempotency_key=key,
+                       requested_by=f"subject:{msg.subject}")
+
+    async def on_commit(self, tenant: str, run_id: str, envelopes: list[dict[str, Any]]) -> None:
+        await self.advance(tenant, run_id)
+
+    async def on_timer(self, msg: Msg) -> None:
+        try:
+            timer = TimerFired.model_validate_json(msg.data)
+        except ValidationError as e:
+            raise Poison(f"invalid timer: {e}") from e
+
+        async def decide(run: Run) -> None:
+            if not run.terminal:
+                workflow = await self.registry.get(run.workflow_id, run.workflow_version)
+                run.time_out(ev.RunTimedOut(timeout_ms=workflow.timeout_ms or 0))
+
+        await self.store.update(timer.tenant, timer.run_id, decide)
+
+    async def advance(self, tenant: str, run_id: str) -> None:
+        async def decide(run: Run) -> None:
+            if run.terminal:
+                return
+            workflow = await self.registry.get(run.workflow_id, run.workflow_version)
+            outputs = {sid: await self.payloads.resolve(st.output, st.output_ref)
+                       for sid, st in run.steps.items() if st.output_ref is not None}
+            run_input = await self.payloads.resolve(run.input, run.input_ref)
+            plan(run, workflow, outputs, run_input, datetime.now(UTC))
+
+        await self.store.update(tenant, run_id, decide)

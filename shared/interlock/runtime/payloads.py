@@ -1,0 +1,50 @@
+"""Large inputs and outputs: kept in the object store, travelling as a hashed reference."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from interlock.contracts import subjects as s
+from interlock.contracts.messages import PayloadRef
+from interlock.core.codec import canonical_json, sha256_hex
+from nats.js import JetStreamContext
+from nats.js.object_store import ObjectStore
+
+DEFAULT_INLINE_LIMIT = 256 * 1024
+
+
+class PayloadError(ValueError):
+    pass
+
+
+class PayloadStore:
+    def __init__(self, js: JetStreamContext, inline_limit: int = DEFAULT_INLINE_LIMIT) -> None:
+        self.js = js
+        self.inline_limit = inline_limit
+        self._store: ObjectStore | None = None
+
+    async def store(self) -> ObjectStore:
+        if self._store is None:
+            self._store = await self.js.object_store(s.PAYLOADS_OBJECT_STORE)
+        return self._store
+
+    async def offload(self, value: Any) -> tuple[Any, PayloadRef | None]:
+        """(value, None) when small enough to travel inline, else (None, reference)."""
+        data = canonical_json(value)
+        if len(data) <= self.inline_limit:
+            return value, None
+        digest = sha256_hex(data)
+        store = await self.store()
+        await store.put(digest, data)
+        return None, PayloadRef(object_store=s.PAYLOADS_OBJECT_STORE, key=digest, sha256=digest, size=len(data))
+
+    async def resolve(self, value: Any, ref: PayloadRef | None) -> Any:
+        if ref is None:
+            return value
+        store = await self.store()
+        result = await store.get(ref.key)
+        data = result.data or b""
+        if sha256_hex(data) != ref.sha256:
+            raise PayloadError(f"payload {ref.key} does not match its sha256: it was altered")
+        return msgspec.json.decode(data)

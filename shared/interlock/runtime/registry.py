@@ -1,0 +1,112 @@
+"""Registered workflow versions, kept in the ``il_workflows`` KV bucket.
+
+A version is immutable: applying different content under a registered version is refused, so a
+run's recorded (version, definition hash) always names exactly one definition.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+from interlock.contracts import subjects as s
+from interlock.core.topology import add_stream_subjects
+from interlock.core.workflow import Workflow, load_workflow
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+
+
+class WorkflowNotFound(LookupError):
+    pass
+
+
+class VersionConflict(ValueError):
+    pass
+
+
+class WorkflowRegistry:
+    def __init__(self, js: JetStreamContext) -> None:
+        self.js = js
+        self._kv: KeyValue | None = None
+        self._cache: dict[tuple[str, str], Workflow] = {}
+
+    async def kv(self) -> KeyValue:
+        if self._kv is None:
+            self._kv = await self.js.key_value(s.WORKFLOWS_BUCKET)
+        return self._kv
+
+    async def apply(self, source: str, *, filename: str | None = None) -> tuple[Workflow, bool]:
+        """Register a workflow version from YAML text; returns (workflow, newly_registered)."""
+        workflow = load_workflow(source, filename=filename)
+        if workflow.version == "latest":
+            raise VersionConflict("'latest' is reserved and cannot be used as a version")
+        kv = await self.kv()
+        key = f"{workflow.id}.{workflow.version}"
+        created = True
+        try:
+            entry = await kv.get(key)
+            existing = json.loads(entry.value or b"{}")
+            if existing.get("hash") != workflow.content_hash:
+                raise VersionConflict(
+                    f"workflow {workflow.id} version {workflow.version} is already registered with other "
+                    f"content (hash {existing.get('hash', '?')[:12]}…); bump the version"
+                )
+            created = False
+        except KeyNotFoundError:
+            record = {"source": source, "hash": workflow.content_hash,
+                      "applied_at": datetime.now(UTC).isoformat()}
+            await kv.put(key, json.dumps(record).encode())
+        await kv.put(f"{workflow.id}.latest", workflow.version.encode())
+        subjects = [subj for subj in workflow.triggers if not subj.startswith(f"{s.PREFIX}.trigger.")]
+        if subjects:
+            await add_stream_subjects(self.js, s.TRIGGERS_STREAM, subjects)
+        self._cache[(workflow.id, workflow.version)] = workflow
+        return workflow, created
+
+    async def latest_version(self, workflow_id: str) -> str:
+        kv = await self.kv()
+        try:
+            entry = await kv.get(f"{workflow_id}.latest")
+        except KeyNotFoundError:
+            raise WorkflowNotFound(f"workflow {workflow_id!r} is not registered "
+                                   f"(register it with `interlock workflows apply FILE`)") from None
+        return (entry.value or b"").decode()
+
+    async def get(self, workflow_id: str, version: str | None = None) -> Workflow:
+        if version is None:
+            version = await self.latest_version(workflow_id)
+        cached = self._cache.get((workflow_id, version))
+        if cached is not None:
+            return cached
+        kv = await self.kv()
+        try:
+            entry = await kv.get(f"{workflow_id}.{version}")
+        except KeyNotFoundError:
+            raise WorkflowNotFound(f"workflow {workflow_id!r} has no version {version!r}") from None
+        record = json.loads(entry.value or b"{}")
+        workflow = load_workflow(record["source"], filename=f"{workflow_id}@{version}")
+        self._cache[(workflow_id, version)] = workflow
+        return workflow
+
+    async def list(self) -> list[tuple[str, str]]:
+        kv = await self.kv()
+        try:
+            keys = await kv.keys()
+        except Exception:  # nats-py raises NoKeysError on an empty bucket
+            return []
+        out = []
+        for key in keys:
+            wf, _, version = key.partition(".")
+            if version != "latest":
+                out.append((wf, version))
+        return sorted(out)
+
+    async def trigger_subjects(self) -> dict[str, str]:
+        """Subject -> workflow id for every workflow's extra trigger subjects (latest versions)."""
+        result: dict[str, str] = {}
+        for wf_id, _ in await self.list():
+            workflow = await self.get(wf_id)
+            for subj in workflow.triggers:
+                result[subj] = wf_id
+        return result

@@ -1,0 +1,185 @@
+"""What every Interlock service shares: bootstrap, durable consumers, error handling, shutdown.
+
+A service is a FastStream NATS app. Its subscribers are durable pull consumers on the streams
+in :mod:`interlock.core.topology`; many copies of a service share one durable consumer, so
+running more copies scales it out. Handlers ack only after their effects are durable, so a crash
+at any point means redelivery, and every handler decides from the run's state, so redelivery
+repeats nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from faststream.middlewares import AckPolicy
+from faststream.nats import ConsumerConfig, DeliverPolicy, JStream, NatsBroker, NatsMessage, PullSub
+from interlock.contracts import subjects as s
+from interlock.core import codec
+from interlock.core.eventstore import EventStore, EventStoreError, RunNotFound
+from interlock.core.run import IllegalTransition
+from interlock.core.topology import provision
+from interlock.runtime.connect import connect, resolve_url
+from interlock.runtime.deadletter import dead_letter
+from interlock.runtime.payloads import DEFAULT_INLINE_LIMIT, PayloadStore
+from interlock.runtime.registry import WorkflowRegistry
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+log = logging.getLogger(__name__)
+
+MAX_DELIVERIES_BEFORE_DLQ = 8
+
+
+class Poison(Exception):
+    """A message that can never be processed: it goes to the dead-letter stream."""
+
+
+@dataclass
+class ServiceSettings:
+    nats_url: str = field(default_factory=resolve_url)
+    provision: bool = True
+    replicas: int = int(os.environ.get("INTERLOCK_REPLICAS", "1"))
+    inline_limit: int = int(os.environ.get("INTERLOCK_INLINE_LIMIT", str(DEFAULT_INLINE_LIMIT)))
+    instance: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    fetch_batch: int = 128
+
+
+CommitHandler = Callable[[str, str, list[dict[str, Any]]], Awaitable[None]]
+
+
+class Service:
+    """Base of the five services. Subclasses set ``name`` and implement :meth:`register`."""
+
+    name = "service"
+
+    def __init__(self, settings: ServiceSettings | None = None) -> None:
+        self.settings = settings or ServiceSettings()
+        self.nc: NATS
+        self.js: JetStreamContext
+        self.store: EventStore
+        self.registry: WorkflowRegistry
+        self.payloads: PayloadStore
+        self.broker = NatsBroker(self.settings.nats_url, log_level=logging.DEBUG,
+                                 max_reconnect_attempts=-1, reconnect_time_wait=0.25)
+        self._stopped = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.nc = await connect(self.settings.nats_url, name=f"interlock-{self.name}")
+        self.js = self.nc.jetstream()
+        if self.settings.provision:
+            await provision(self.js, self.settings.replicas)
+        self.store = EventStore(self.nc, self.js, service=self.name)
+        self.registry = WorkflowRegistry(self.js)
+        self.payloads = PayloadStore(self.js, self.settings.inline_limit)
+        await self.setup()
+        self.register(self.broker)
+        await self.broker.start()
+        log.info("%s started (%s)", self.name, self.settings.instance)
+
+    async def setup(self) -> None:
+        """Hook for a service's own state before subscribers start."""
+
+    def register(self, broker: NatsBroker) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        await self.broker.stop()
+        await self.teardown()
+        if not self.nc.is_closed:
+            await self.nc.drain()
+        self._stopped.set()
+
+    async def teardown(self) -> None:
+        """Hook for a service's own clean-up."""
+
+    async def run_forever(self) -> None:
+        """Start, then run until SIGINT/SIGTERM."""
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("%s stopping", self.name)
+        await self.stop()
+
+    # -- consumers ---------------------------------------------------------------------------
+    def durable(self, suffix: str = "") -> str:
+        return f"{self.name}{'_' + suffix if suffix else ''}"
+
+    def pull(self, broker: NatsBroker, subject: str, stream: str, durable: str,
+             handler: Callable[[Msg], Awaitable[None]], *, batch: int | None = None,
+             ack_wait: float = 60.0) -> None:
+        """A durable pull consumer, shared by every copy of this service, with guarded handling."""
+
+        async def consume(body: bytes, msg: NatsMessage) -> None:
+            await self.guarded(msg.raw_message, handler)
+
+        consume.__name__ = f"{self.name}_{durable}"
+        broker.subscriber(
+            subject,
+            stream=JStream(name=stream, declare=False),
+            durable=durable,
+            pull_sub=PullSub(batch_size=batch or self.settings.fetch_batch, timeout=1.0),
+            config=ConsumerConfig(ack_wait=ack_wait, max_ack_pending=20_000, deliver_policy=DeliverPolicy.ALL),
+            ack_policy=AckPolicy.MANUAL,
+        )(consume)
+
+    def pull_commits(self, broker: NatsBroker, handler: CommitHandler, *, wants: frozenset[str] | None = None
+                     ) -> None:
+        """Consume every run commit; keep the run cache current; call ``handler`` when relevant."""
+
+        async def on_commit(msg: Msg) -> None:
+            try:
+                tenant, run_id = s.parse_run_events(msg.subject)
+                envelopes = codec.decode_commit_raw(msg.data)["events"]
+            except ValueError as e:
+                raise Poison(str(e)) from e
+            self.store.observe(tenant, run_id, msg.metadata.sequence.stream, msg.data)
+            if wants is None or any(e.get("type") in wants for e in envelopes):
+                await handler(tenant, run_id, envelopes)
+
+        self.pull(broker, s.EVENTS_ALL, s.EVENTS_STREAM, self.durable("events"), on_commit)
+
+    async def guarded(self, msg: Msg, handler: Callable[[Msg], Awaitable[None]]) -> None:
+        """Run a handler; ack on success, redeliver on a passing fault, dead-letter poison."""
+        try:
+            await handler(msg)
+        except (Poison, RunNotFound) as e:
+            await self._dead_letter(msg, f"{type(e).__name__}: {e}")
+        except IllegalTransition as e:
+            # the state moved on (a duplicate or a late message): nothing left to do
+            log.info("%s: %s", self.name, e)
+            await msg.ack()
+        except (EventStoreError, TimeoutError, OSError) as e:
+            log.warning("%s: passing fault on %s, will retry: %r", self.name, msg.subject, e)
+            await self._retry_or_dead_letter(msg, e)
+        except Exception as e:
+            log.exception("%s: handler failed on %s", self.name, msg.subject)
+            await self._retry_or_dead_letter(msg, e)
+        else:
+            await msg.ack()
+
+    async def _retry_or_dead_letter(self, msg: Msg, error: Exception) -> None:
+        deliveries = msg.metadata.num_delivered or 1
+        if deliveries >= MAX_DELIVERIES_BEFORE_DLQ:
+            await self._dead_letter(msg, f"failed {deliveries} times, last: {type(error).__name__}: {error}")
+            return
+        await msg.nak(delay=min(0.2 * 2 ** deliveries, 10.0))
+
+    async def _dead_letter(self, msg: Msg, reason: str) -> None:
+        await dead_letter(self.js, self.name, msg.subject, msg.data, reason, dict(msg.headers or {}))
+        await msg.ack()
+
+
+async def run_service(service: Service) -> None:
+    await service.run_forever()
