@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from interlock.contracts import events as ev
 from interlock.contracts.messages import JobError
 from interlock.core import codec
@@ -83,8 +83,8 @@ def chain(run: Run, envelopes: list[dict[str, Any]] | None = None) -> list[dict[
     """Append the run's pending events to ``envelopes`` as a hash chain (what the store does)."""
     envelopes = [] if envelopes is None else envelopes
     prev = envelopes[-1]["hash"] if envelopes else ev.GENESIS_HASH
-    for event in run.collect_events():
-        envelope = codec.envelope_from_event(event, tenant=TENANT, service="unit", prev_hash=prev)
+    for domain_event in run.collect_events():
+        envelope = codec.envelope_from_event(domain_event, tenant=TENANT, service="unit", prev_hash=prev)
         envelopes.append(envelope)
         prev = envelope["hash"]
     return envelopes
@@ -367,6 +367,33 @@ def test_late_result_only_for_an_older_attempt() -> None:
     assert_replays(run, chain(run, log))
 
 
+def test_late_result_while_a_retry_waits() -> None:
+    run = new_run()
+    running(run, "a")
+    run.time_out_step(ev.StepTimedOut(step_id="a", attempt=1))
+    # a result of the timed-out attempt before the retry was scheduled still counts
+    late = ev.LateResultRecorded(step_id="a", attempt=1, ok=True)
+    refused(lambda: run.record_late_result(late), "the attempt is current")
+    run.schedule_retry(retry("a", 2))
+    # attempt 1 is over once the retry waits: its result is evidence only
+    run.record_late_result(late)
+    assert run.steps["a"].status == "retry_wait" and run.steps["a"].attempt == 1
+    refused(lambda: run.succeed_step(ev.StepSucceeded(step_id="a", attempt=1)), "attempt 1 is not running")
+
+
+def test_reused_output_of_a_rerun() -> None:
+    data = started().model_copy(update={"rerun_of": "r-0", "reused_outputs": {"a": {"n": 1}}})
+    run = Run.start(uuid.uuid4(), data)
+    log = chain(run)
+    run.mark_step_ready(ready("a"))
+    run.mark_step_ready(ready("b"))
+    run.succeed_step(ev.StepSucceeded(step_id="a", attempt=0, output={"n": 1}))  # no job for a reused output
+    refused(lambda: run.succeed_step(ev.StepSucceeded(step_id="b", attempt=0)), "attempt 0 is not running")
+    refused(lambda: run.succeed_step(ev.StepSucceeded(step_id="a", attempt=0)), "attempt 0 is not running")
+    assert run.steps["a"].status == "succeeded" and run.rerun_of == "r-0"
+    assert_replays(run, chain(run, log))
+
+
 def test_skipped() -> None:
     run = new_run()
     run.skip_step(ev.StepSkipped(step_id="b", reason="condition false"))
@@ -425,7 +452,7 @@ def test_cancel_cancels_unfinished_steps() -> None:
     assert run.status == "cancelled" and run.reason == "changed my mind"
     assert {k: s.status for k, s in run.steps.items()} == {"a": "succeeded", "b": "cancelled", "c": "cancelled"}
     refused(lambda: run.cancel(ev.RunCancelled()), "already cancelled")
-    refused(lambda: run.record_heartbeat(ev.StepHeartbeat(step_id="b", attempt=1)), "step")
+    refused(lambda: run.record_heartbeat(ev.StepHeartbeat(step_id="b", attempt=1)), "run is cancelled")
     assert_replays(run, chain(run, log))
 
 
@@ -483,10 +510,13 @@ def test_illegal_transitions_after_the_run_ended(end: str) -> None:
 
 # -- property-based: random valid and invalid command sequences --------------------------------
 STEPS = ("a", "b", "c", "d")
+REUSED = {"d": {"n": 0}}  # the machine's runs re-run a run and may reuse step d's output
 ACTIVE = frozenset({"dispatched", "running", "timed_out"})
+PROGRESS = frozenset({"ready", "ready_comp", "decide", "request", "grant", "dispatch", "heartbeat", "succeed_step",
+                      "retry", "timeout_step"})
 RUN_ENDERS = ("succeed", "fail", "deny", "cancel", "time_out")
-STEP_COMMANDS = ("ready", "ready_comp", "skip", "decide", "request", "grant", "reject", "expire", "dispatch",
-                 "heartbeat", "succeed_step", "fail_step", "retry", "timeout_step", "late", "start_comp",
+STEP_COMMANDS = ("ready", "skip", "decide", "request", "grant", "reject", "expire", "dispatch", "heartbeat",
+                 "succeed_step", "fail_step", "retry", "timeout_step", "late", "ready_comp", "start_comp",
                  "finish_comp")
 
 
@@ -544,7 +574,7 @@ class Model:
         if s is None:
             return False
         if c.name == "late":
-            return c.attempt < s.attempt or s.status in TERMINAL_STEP
+            return c.attempt < s.attempt or s.status not in ACTIVE
         if not live:
             return False
         if c.name == "decide":
@@ -563,6 +593,8 @@ class Model:
         if c.name in ("heartbeat", "timeout_step"):
             return s.status in ("dispatched", "running") and c.attempt == s.attempt
         if c.name == "succeed_step":
+            if s.status == "ready" and c.step in REUSED:  # output reused from the run re-run
+                return True
             return s.status in ACTIVE and c.attempt == s.attempt
         if c.name == "fail_step":
             return s.status not in TERMINAL_STEP and (s.status not in ACTIVE or c.attempt == s.attempt)
@@ -611,18 +643,24 @@ class Model:
             elif c.name == "timeout_step":
                 s.status = "timed_out"
 
-    def candidates(self) -> list[Cmd]:
-        """Legal commands worth trying now (the run enders last, so shrinking keeps runs going)."""
-        out: list[Cmd] = []
+    def step_candidates(self) -> dict[str, list[Cmd]]:
+        """Legal commands on each step, by step."""
+        out: dict[str, list[Cmd]] = {}
         for step in STEPS:
             s = self.steps.get(step)
             attempt = s.attempt if s else 0
-            for name in STEP_COMMANDS:
-                for variant in _variants(name, step, attempt):
-                    if self.legal(variant):
-                        out.append(variant)
-        out.extend(Cmd(name) for name in RUN_ENDERS if self.legal(Cmd(name)))
-        return list(dict.fromkeys(out))
+            skip = "ready_comp" if self.status == "running" else "ready"  # one way to make a step ready
+            names = [n for n in STEP_COMMANDS[:-2] if n != skip]
+            options = [v for name in names for v in _variants(name, step, attempt) if self.legal(v)]
+            # commands that move a step on come twice: deeper runs in the same number of steps
+            options += [c for c in options if c.name in PROGRESS]
+            if options:
+                out[step] = options
+        return out
+
+    def run_candidates(self) -> list[Cmd]:
+        """Legal run-level commands: compensation, then the ones that end the run."""
+        return [Cmd(name) for name in ("start_comp", "finish_comp", *RUN_ENDERS) if self.legal(Cmd(name))]
 
 
 def _variants(name: str, step: str, attempt: int) -> list[Cmd]:
@@ -725,13 +763,12 @@ class RunMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.run = new_run()
+        self.run = Run.start(uuid.uuid4(), started().model_copy(update={"rerun_of": "r-0", "reused_outputs": REUSED}))
         self.model = Model()
         self.log = chain(self.run)
         self.min_events = 1
-        self.refusals = 0
 
-    @initialize(min_events=st.integers(1, 40))
+    @initialize(min_events=st.integers(8, 60))
     def setup(self, min_events: int) -> None:
         self.min_events = min_events
 
@@ -740,25 +777,37 @@ class RunMachine(RuleBasedStateMachine):
         call = build(self.run, c, now)
         version = self.run.version
         call()
+        event(f"applied {c.name}")
         self.model.apply(c, now + timedelta(hours=1))
         assert self.run.version == version + 1
         chain(self.run, self.log)
 
-    @precondition(lambda self: any(c.name not in RUN_ENDERS for c in self.model.candidates()))
+    # no preconditions: a rule with nothing legal to do is a no-op (filtered rules make
+    # hypothesis give up on examples)
     @rule(data=st.data())
     def valid_step_command(self, data: st.DataObject) -> None:
-        options = [c for c in self.model.candidates() if c.name not in RUN_ENDERS]
-        self._do(data.draw(st.sampled_from(options)))
+        for _ in range(data.draw(st.integers(1, 4))):
+            by_step = self.model.step_candidates()
+            if not by_step:
+                return
+            step = data.draw(st.sampled_from(sorted(by_step)))
+            self._do(data.draw(st.sampled_from(by_step[step])))
 
-    @precondition(lambda self: self.run.version >= self.min_events
-                  and any(c.name in RUN_ENDERS for c in self.model.candidates()))
     @rule(data=st.data())
-    def end_run(self, data: st.DataObject) -> None:
-        options = [c for c in self.model.candidates() if c.name in RUN_ENDERS]
-        self._do(data.draw(st.sampled_from(options)))
+    def valid_run_command(self, data: st.DataObject) -> None:
+        options = self.model.run_candidates()
+        if self.run.version < self.min_events:  # let the run grow before it may end
+            options = [c for c in options if c.name not in (*RUN_ENDERS, "start_comp")]
+        if options:
+            self._do(data.draw(st.sampled_from(options)))
 
-    @rule(c=any_command)
-    def random_command(self, c: Cmd) -> None:
+    @rule(data=st.data())
+    def random_command(self, data: st.DataObject) -> None:
+        c = data.draw(any_command)
+        if self.model.steps and data.draw(st.booleans()):  # aim close to legal: a known step, a near attempt
+            step = data.draw(st.sampled_from(sorted(self.model.steps)))
+            near = self.model.steps[step].attempt
+            c = dataclasses.replace(c, step=step, attempt=data.draw(st.sampled_from((near, near + 1, near - 1))))
         try:
             call = build(self.run, c, datetime.now(UTC))
         except ValidationError:
@@ -771,7 +820,29 @@ class RunMachine(RuleBasedStateMachine):
             call()
         assert self.run.version == version
         assert self.run.collect_events() == []
-        self.refusals += 1
+        event(f"refused {c.name}")
+
+    @rule(data=st.data())
+    def sweep_invalid_commands(self, data: st.DataObject) -> None:
+        """Every command name against one step and attempt: each one the rules forbid is refused."""
+        template = data.draw(any_command)
+        if self.model.steps and data.draw(st.booleans()):
+            step = data.draw(st.sampled_from(sorted(self.model.steps)))
+            near = self.model.steps[step].attempt
+            template = dataclasses.replace(template, step=step,
+                                           attempt=data.draw(st.sampled_from((near, near + 1, near - 1))))
+        for name in STEP_COMMANDS + RUN_ENDERS:
+            c = dataclasses.replace(template, name=name)
+            if self.model.legal(c):
+                continue
+            try:
+                call = build(self.run, c, datetime.now(UTC))
+            except ValidationError:
+                continue
+            version = self.run.version
+            with pytest.raises(IllegalTransition):
+                call()
+            assert self.run.version == version and self.run.collect_events() == []
 
     @invariant()
     def matches_model(self) -> None:
@@ -794,6 +865,36 @@ class RunMachine(RuleBasedStateMachine):
 
 TestRunMachine = RunMachine.TestCase
 TestRunMachine.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None,
+    max_examples=100, stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
+
+
+@settings(max_examples=80, deadline=None)
+@given(walk=st.lists(st.integers(0, 10_000), max_size=40), commands=st.lists(any_command, min_size=1, max_size=15))
+def test_random_invalid_commands_are_refused_without_a_trace(walk: list[int], commands: list[Cmd]) -> None:
+    """Walk to a random reachable state by valid commands, then throw random commands at it: each
+    one the rules forbid raises IllegalTransition and leaves version and pending events alone."""
+    run = Run.start(uuid.uuid4(), started().model_copy(update={"reused_outputs": REUSED}))
+    model = Model()
+    run.collect_events()
+    for pick in walk:
+        options = [c for cs in model.step_candidates().values() for c in cs] + model.run_candidates()
+        if not options:
+            break
+        c = options[pick % len(options)]
+        now = datetime.now(UTC)
+        build(run, c, now)()
+        model.apply(c, now + timedelta(hours=1))
+    run.collect_events()
+    for c in commands:
+        if model.legal(c):
+            continue
+        try:
+            call = build(run, c, datetime.now(UTC))
+        except ValidationError:
+            continue
+        version = run.version
+        with pytest.raises(IllegalTransition):
+            call()
+        assert run.version == version and run.collect_events() == []

@@ -28,24 +28,33 @@ CONTRACTS_VERSION = "0.1.0"
 Transport = Literal["jetstream", "core", "request"]
 
 # -- who takes part (roles, not processes: one process may play several) ------------------
-ORCHESTRATOR = "orchestrator"
+# The five services (their names are also the ``service`` of the events they append and the
+# ``{service}`` of their dead letters), then everything around them.
+PLANNER = "planner"
+POLICY = "policy"
+APPROVAL = "approval"
+DISPATCHER = "dispatcher"
+AUDITOR = "auditor"
 WORKER = "worker"
 CLIENT = "client"
-AUDITOR = "auditor"
 NATS_SERVER = "nats-server"
 INTEGRATION = "integration"
 OPERATOR = "operator"
 
 SERVICES: Mapping[str, str] = MappingProxyType({
-    ORCHESTRATOR: "Runs workflows: consumes triggers, results, heartbeats and fired timers, appends run "
-                  "events, dispatches jobs, answers commands.",
-    WORKER: "An agent worker (any language): pulls jobs for its topic, heartbeats, reports results.",
-    CLIENT: "CLI, API gateway, webhooks and schedulers: start runs, send commands, ask queries.",
+    PLANNER: "Starts runs from triggers, advances them as steps finish, cancels and times out runs.",
+    POLICY: "Decides every ready job (allow, deny, require approval) before any side effect.",
+    APPROVAL: "Records approval decisions and expires approvals nobody decided in time.",
+    DISPATCHER: "Publishes released jobs, turns results and heartbeats into outcomes, schedules retries, "
+                "deadlines and leases, publishes notifications and cancel notices.",
     AUDITOR: "Reads run event logs and answers queries (runs, status, timeline, approvals).",
+    WORKER: "An agent worker (any language): pulls jobs for its topic, heartbeats, reports results.",
+    CLIENT: "The interlock CLI, API gateways, webhooks: start runs, send commands, ask queries.",
     NATS_SERVER: "The NATS server itself: delivers scheduled messages (JetStream message schedules).",
     INTEGRATION: "Anything that forwards notifications (chat, e-mail, paging).",
-    OPERATOR: "People and tools that inspect dead letters.",
+    OPERATOR: "People and tools (interlock CLI) that inspect dead letters.",
 })
+SERVICES_APPENDING_EVENTS = (PLANNER, POLICY, APPROVAL, DISPATCHER)
 
 
 @dataclass(frozen=True)
@@ -154,7 +163,7 @@ SERVICE = Param("service", "Name of the service that gave up on the message (one
 EVENT_MSG_ID = Header(
     "Nats-Msg-Id",
     "Deduplication id of the commit: '{run_id}@{seq of its first event}:{first 16 hex of its last event hash}'. "
-    "A retried publish of the same commit is dropped by the stream (duplicate window 2 minutes).",
+    "A retried publish of the same commit is dropped by the stream (within its duplicate window).",
     example="0b6c7a52-5f0e-4a7e-9a53-2d1f6c1c8e0e@1:3f2a9c0d1e2b4a5c",
 )
 EXPECTED_LAST_SUBJECT_SEQ = Header(
@@ -162,6 +171,23 @@ EXPECTED_LAST_SUBJECT_SEQ = Header(
     "Stream sequence of the run's last commit ('0' for a new run). The stream rejects the append with "
     "error 10071 when another writer appended first (optimistic concurrency): reload and retry.",
     example="0",
+)
+TRIGGER_MSG_ID = Header(
+    "Nats-Msg-Id",
+    "Recommended: 'trigger:{tenant}:{workflow_id}:{idempotency_key}', so a re-sent trigger is stored once. "
+    "(The run id is derived from the same three values, so a duplicate never starts a second run anyway.)",
+    required=False,
+    example="trigger:default:summarize:order-42",
+)
+JOB_MSG_ID = Header(
+    "Nats-Msg-Id",
+    "The job id, so a job published again after a crash is stored once.",
+    example="0b6c7a52-5f0e-4a7e-9a53-2d1f6c1c8e0e:summarize@1",
+)
+NOTIFY_MSG_ID = Header(
+    "Nats-Msg-Id",
+    "'notify:{run_id}:{step_id}', so each notify step's notification is stored once.",
+    example="notify:0b6c7a52-5f0e-4a7e-9a53-2d1f6c1c8e0e:tell_ops",
 )
 RESULT_MSG_ID = Header(
     "Nats-Msg-Id",
@@ -185,12 +211,15 @@ TRIGGERS = Channel(
     title="Triggers",
     pattern=Pattern(s.trigger, (WORKFLOW_ID,)),
     message=msg.Trigger,
-    description="Start a run of a workflow. The same (tenant, workflow_id, idempotency_key) never starts two "
-                "runs. Workflows may add further trigger subjects to the stream.",
+    description="Start a run of a workflow: the subject's workflow_id must equal the body's. The same "
+                "(tenant, workflow_id, idempotency_key) never starts two runs. A workflow may also declare "
+                "its own trigger subjects (added to the stream); a message on one of those is any JSON, "
+                "taken as the run's input.",
     transport="jetstream",
     stream=s.TRIGGERS_STREAM,
     publishers=(CLIENT,),
-    subscribers=(ORCHESTRATOR,),
+    subscribers=(PLANNER,),
+    headers=(TRIGGER_MSG_ID,),
     filters=(s.TRIGGERS_ALL,),
 )
 
@@ -203,8 +232,9 @@ JOBS = Channel(
                 "worker and removed when acked). job_id is 'run_id:step_id@attempt'.",
     transport="jetstream",
     stream=s.JOBS_STREAM,
-    publishers=(ORCHESTRATOR,),
+    publishers=(DISPATCHER,),
     subscribers=(WORKER,),
+    headers=(JOB_MSG_ID,),
     filters=(s.JOBS_ALL,),
     consumer="Workers of one topic share the durable pull consumer 'worker_' + topic with '.' replaced by '_' "
              "(subjects.worker_consumer) on stream IL_JOBS, filter subject il.job.{topic}, explicit ack.",
@@ -215,11 +245,12 @@ RESULTS = Channel(
     title="Job results",
     pattern=Pattern(s.result, (TENANT, RUN_ID)),
     message=msg.JobResult,
-    description="What a worker reports for one attempt of a job: output (inline or output_ref) or error.",
+    description="What a worker reports for one attempt of a job: output (inline or output_ref) or error. "
+                "The subject's tenant and run_id must equal the body's, or the result is dead-lettered.",
     transport="jetstream",
     stream=s.RESULTS_STREAM,
     publishers=(WORKER,),
-    subscribers=(ORCHESTRATOR,),
+    subscribers=(DISPATCHER,),
     headers=(RESULT_MSG_ID,),
     filters=(s.RESULTS_ALL,),
 )
@@ -229,12 +260,12 @@ HEARTBEATS = Channel(
     title="Heartbeats",
     pattern=Pattern(s.heartbeat, (TENANT, RUN_ID)),
     message=msg.Heartbeat,
-    description="Sent by a worker every heartbeat_interval_ms while it works on a job; a job whose heartbeats "
-                "stop is timed out and may be retried.",
+    description="Sent by a worker when it starts a job and then every heartbeat_interval_ms until it publishes "
+                "the result; a job whose heartbeats stop (lease) is timed out and may be retried.",
     transport="jetstream",
     stream=s.RESULTS_STREAM,
     publishers=(WORKER,),
-    subscribers=(ORCHESTRATOR,),
+    subscribers=(DISPATCHER,),
     filters=(s.HEARTBEATS_ALL,),
 )
 
@@ -248,8 +279,8 @@ RUN_EVENTS = Channel(
                 "named by its type.",
     transport="jetstream",
     stream=s.EVENTS_STREAM,
-    publishers=(ORCHESTRATOR,),
-    subscribers=(ORCHESTRATOR, AUDITOR),
+    publishers=SERVICES_APPENDING_EVENTS,
+    subscribers=(*SERVICES_APPENDING_EVENTS, AUDITOR),
     headers=(EVENT_MSG_ID, EXPECTED_LAST_SUBJECT_SEQ),
     filters=(s.EVENTS_ALL, Pattern(s.tenant_events, (TENANT,))),
     event_data=MappingProxyType(dict(ev.EVENT_TYPES)),
@@ -263,8 +294,9 @@ NOTIFICATIONS = Channel(
     description="Published by a workflow's notify step.",
     transport="jetstream",
     stream=s.NOTIFY_STREAM,
-    publishers=(ORCHESTRATOR,),
+    publishers=(DISPATCHER,),
     subscribers=(INTEGRATION,),
+    headers=(NOTIFY_MSG_ID,),
     filters=(s.NOTIFY_ALL,),
 )
 
@@ -273,10 +305,11 @@ CANCEL_NOTICES = Channel(
     title="Cancel notices",
     pattern=Pattern(s.control_cancel, (TENANT, RUN_ID)),
     message=msg.CancelNotice,
-    description="Tells workers that a run was cancelled: stop work on its jobs (a late result is ignored). "
-                "Core NATS, not stored: subscribe while a job of the run is in progress.",
+    description="Tells workers that a run ended (cancelled, timed out, failed or denied): stop work on its jobs "
+                "(job ids start with run_id + ':'; a late result is ignored). Core NATS, not stored: workers "
+                "subscribe to il.control.cancel.> for as long as they run.",
     transport="core",
-    publishers=(ORCHESTRATOR,),
+    publishers=(DISPATCHER,),
     subscribers=(WORKER,),
     filters=(s.CONTROL_CANCEL_ALL,),
 )
@@ -290,7 +323,7 @@ TIMER_SCHEDULES = Channel(
                 "(JetStream message schedules). Internal to Interlock.",
     transport="jetstream",
     stream=s.TIMERS_STREAM,
-    publishers=(ORCHESTRATOR,),
+    publishers=(PLANNER, APPROVAL, DISPATCHER),
     subscribers=(NATS_SERVER,),
     headers=(SCHEDULE, SCHEDULE_TARGET),
     filters=(s.TIMERS_SCHEDULED_ALL,),
@@ -301,11 +334,12 @@ TIMERS_FIRED = Channel(
     title="Timers fired",
     pattern=Pattern(s.timer_fired, (TIMER_KIND,)),
     message=msg.TimerFired,
-    description="A durable timer that came due. Internal to Interlock.",
+    description="A durable timer that came due: run_timeout goes to the planner, approval_expiry to the "
+                "approval service, retry, deadline and lease to the dispatcher. Internal to Interlock.",
     transport="jetstream",
     stream=s.TIMERS_STREAM,
     publishers=(NATS_SERVER,),
-    subscribers=(ORCHESTRATOR,),
+    subscribers=(PLANNER, APPROVAL, DISPATCHER),
     filters=(s.TIMERS_FIRED_ALL,),
 )
 
@@ -317,16 +351,17 @@ DEAD_LETTERS = Channel(
     description="A message a service could not process, with the reason and its original bytes (base64).",
     transport="jetstream",
     stream=s.DLQ_STREAM,
-    publishers=(ORCHESTRATOR, AUDITOR),
+    publishers=(PLANNER, POLICY, APPROVAL, DISPATCHER, AUDITOR, WORKER),
     subscribers=(OPERATOR,),
     filters=(s.DLQ_ALL,),
 )
 
 
-def _command(name: str, id: str, title: str, request: type[msg.Message], description: str) -> Channel:
+def _command(name: str, id: str, title: str, request: type[msg.Message], service: str,
+             description: str) -> Channel:
     return Channel(
         id=id, title=title, pattern=Pattern(s.command, (name,)), message=request, reply=msg.CommandReply,
-        description=description, transport="request", publishers=(CLIENT,), subscribers=(ORCHESTRATOR,),
+        description=description, transport="request", publishers=(CLIENT,), subscribers=(service,),
     )
 
 
@@ -337,19 +372,17 @@ def _query(name: str, id: str, title: str, request: type[msg.Message], descripti
     )
 
 
-CMD_APPROVE = _command("approve", "cmdApprove", "Approve", msg.ApprovalDecision,
+CMD_APPROVE = _command("approve", "cmdApprove", "Approve", msg.ApprovalDecision, APPROVAL,
                        "Grant a pending approval. job_hash must be the one shown in the request.")
-CMD_REJECT = _command("reject", "cmdReject", "Reject", msg.ApprovalDecision,
+CMD_REJECT = _command("reject", "cmdReject", "Reject", msg.ApprovalDecision, APPROVAL,
                       "Reject a pending approval. job_hash must be the one shown in the request.")
-CMD_CANCEL = _command("cancel", "cmdCancel", "Cancel", msg.CancelRequest, "Cancel a run.")
-CMD_START = _command("start", "cmdStart", "Start", msg.Trigger,
-                     "Start a run and wait for it to be accepted; the reply's detail carries the run id.")
+CMD_CANCEL = _command("cancel", "cmdCancel", "Cancel", msg.CancelRequest, PLANNER, "Cancel a run.")
 Q_RUNS = _query("runs", "qRuns", "Runs", msg.RunsQuery,
-                "List runs, newest first, filtered by tenant, status and workflow; result is a list of run summaries.")
+                "List runs, filtered by tenant, status and workflow (up to limit); result: a list of run summaries.")
 Q_STATUS = _query("status", "qStatus", "Run status", msg.RunQuery,
                   "One run's status and the status of each step.")
 Q_TIMELINE = _query("timeline", "qTimeline", "Run timeline", msg.RunQuery,
-                    "One run's events in order (a list of EventEnvelope).")
+                    "One run's events in order; result: a list of rows, one per event.")
 Q_APPROVALS = _query("approvals", "qApprovals", "Pending approvals", msg.RunsQuery,
                      "Approvals waiting for a decision, filtered like the runs query.")
 
@@ -367,7 +400,6 @@ CHANNELS: tuple[Channel, ...] = (
     CMD_APPROVE,
     CMD_REJECT,
     CMD_CANCEL,
-    CMD_START,
     Q_RUNS,
     Q_STATUS,
     Q_TIMELINE,
@@ -395,7 +427,7 @@ AGENT_REGISTRY = KeyValueEntry(
                 "while it runs (the bucket drops entries not written for a day); it should delete its entry "
                 "on a clean shutdown.",
     writers=(WORKER,),
-    readers=(ORCHESTRATOR, AUDITOR, CLIENT),
+    readers=(CLIENT,),
 )
 
 KEY_VALUE: tuple[KeyValueEntry, ...] = (AGENT_REGISTRY,)

@@ -280,7 +280,7 @@ def asyncapi(schemas: dict[str, JsonObject] | None = None) -> JsonObject:
 def info_description() -> str:
     """The protocol rules a worker or client in another language needs, as Markdown."""
     jobs, results, heartbeats = cat.JOBS.address, cat.RESULTS.address, cat.HEARTBEATS.address
-    cancel, events = cat.CANCEL_NOTICES.address, cat.RUN_EVENTS.address
+    events = cat.RUN_EVENTS.address
     return f"""\
 Interlock is a durable, auditable workflow orchestrator for AI agents on NATS JetStream. This document
 lists every subject (channel), the message on it (JSON, schemas under components.schemas, generated
@@ -306,18 +306,22 @@ Times are RFC 3339 strings with an offset (UTC, `Z`).
 ## Worker protocol
 
 1. Register (optional but recommended): put an `AgentRegistration` into KV bucket `{s.AGENTS_BUCKET}`
-   under key `{{topic}}.{{worker_id}}`; refresh `last_heartbeat` while running.
+   under key `{{topic}}.{{worker_id}}`, refresh `last_heartbeat` every few seconds while running, and
+   delete the key on a clean shutdown.
 2. Pull jobs from the durable pull consumer `worker_<topic with '.' replaced by '_'>` on stream
    `{s.JOBS_STREAM}` with filter subject `{jobs}` (create it if missing: explicit ack). All copies of
    a worker for one topic share that consumer, so each job goes to one of them.
 3. Decode the `Job`; if `input_ref` is set, the input is the JSON object named `input_ref.key` in
-   object store `{s.PAYLOADS_OBJECT_STORE}` (check `sha256`). Ack the job message.
-4. While working, publish a `Heartbeat` to `{heartbeats}` every `heartbeat_interval_ms` ms.
-   A job without heartbeats (or past `deadline`) is timed out and may be retried as a new attempt.
-   Optionally subscribe to `{cancel}` (core NATS) and stop when a `CancelNotice` arrives.
+   object store `{s.PAYLOADS_OBJECT_STORE}` (check `sha256`). Ack the job message: from then on the
+   heartbeats are the job's lease. (An undecodable job: publish a `DeadLetter` to `{s.dead_letter(cat.WORKER)}`, ack.)
+4. Publish a `Heartbeat` to `{heartbeats}` when you start and then every `heartbeat_interval_ms` ms
+   until the result is out. A job without heartbeats (or past `deadline`) is timed out and may be
+   retried as a new attempt. Subscribe to `{s.CONTROL_CANCEL_ALL}` (core NATS) and stop the jobs of a
+   run when a `CancelNotice` for it arrives (their job ids start with `run_id:`); send no result.
 5. Publish one `JobResult` (JetStream publish, wait for the ack) to `{results}` with header
    `Nats-Msg-Id: result:<job_id>`, echoing job_id, run_id, tenant, step_id and attempt.
-   `ok: true` with `output`, or `ok: false` with `error` (`retryable: false` stops retries).
+   `ok: true` with `output`, or `ok: false` with `error` (`retryable: false` stops retries; `kind`
+   is free text such as `error`, `timeout`, `fatal`).
    A result for an attempt that is no longer current is recorded and ignored.
 6. Large payloads: put the JSON in object store `{s.PAYLOADS_OBJECT_STORE}` under its sha256 hex digest
    and send a `PayloadRef` (`object_store`, `key`, `sha256`, `size` in bytes) as `output_ref`
@@ -335,7 +339,10 @@ message). Every envelope is chained to its predecessor:
 
 where canonical JSON is UTF-8 JSON with object keys sorted (recursively) and no whitespace, strings
 escaped minimally (no `\\uXXXX` for non-ASCII, no HTML escaping). To verify, hash each envelope as
-received. Appends carry `Nats-Msg-Id` (`{{run_id}}@{{first seq}}:{{first 16 hex of last hash}}`) and
+received, keeping every number's literal text (e.g. Go `json.Number`, a lossless parser in JS): the
+writer emits floats such as `1.0` and `1e20`, which most encoders would rewrite.
+
+Appends carry `Nats-Msg-Id` (`{{run_id}}@{{first seq}}:{{first 16 hex of last hash}}`) and
 `Nats-Expected-Last-Subject-Sequence` (stream sequence of the run's last commit, `0` for a new run):
 a concurrent writer gets error 10071 and must reload, never fork the log.
 """

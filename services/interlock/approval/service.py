@@ -12,7 +12,8 @@ from interlock.contracts import subjects as s
 from interlock.contracts.messages import ApprovalDecision, CommandReply, JobError, TimerFired
 from interlock.core.eventstore import EventStoreError
 from interlock.core.run import IllegalTransition, Run
-from interlock.planner.logic import base_step_id
+from interlock.core.workflow import TemplateError, render_text
+from interlock.planner.logic import base_step_id, template_context
 from interlock.runtime import timers
 from interlock.runtime.service import Poison, Service
 from nats.aio.msg import Msg
@@ -57,7 +58,7 @@ class ApprovalService(Service):
                 run.request_approval(ev.ApprovalRequested(
                     step_id=state.step_id, job_hash=state.job_hash, snapshot_id=state.decision.snapshot_id,
                     approver_role=state.decision.approver_role or spec.approvers,
-                    prompt=spec.prompt or f"approve {state.step_id} of {run.workflow_id}", expires_at=expires_at,
+                    prompt=self.prompt(run, spec.prompt, state.step_id), expires_at=expires_at,
                 ))
                 if expires_at is not None:
                     expiries.append(TimerFired(kind="approval_expiry", run_id=run.run_id, tenant=run.tenant,
@@ -66,6 +67,14 @@ class ApprovalService(Service):
         await self.store.update(tenant, run_id, decide)
         for timer in expiries:
             await timers.schedule(self.js, timer)
+
+    def prompt(self, run: Run, template: str | None, step_id: str) -> str:
+        if not template:
+            return f"approve {step_id} of {run.workflow_id}"
+        try:
+            return render_text(template, template_context(run, {}, run.input), location=f"steps.{step_id}.prompt")
+        except TemplateError as e:
+            return f"{template} (could not render: {e})"
 
     async def decide(self, decision: ApprovalDecision, *, grant: bool) -> CommandReply:
         async def apply(run: Run) -> None:

@@ -11,10 +11,10 @@ from typing import Any
 from faststream.nats import NatsBroker
 from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
-from interlock.contracts.messages import TimerFired, Trigger
-from interlock.core.eventstore import RunExists
+from interlock.contracts.messages import CancelRequest, CommandReply, TimerFired, Trigger
+from interlock.core.eventstore import RunExists, RunNotFound
 from interlock.core.ids import run_id_for
-from interlock.core.run import Run
+from interlock.core.run import IllegalTransition, Run
 from interlock.planner.logic import plan
 from interlock.runtime import timers
 from interlock.runtime.registry import WorkflowNotFound
@@ -36,6 +36,10 @@ class PlannerService(Service):
         self.pull(broker, s.TRIGGERS_ALL, s.TRIGGERS_STREAM, self.durable("triggers"), self.on_trigger)
         self.pull_commits(broker, self.on_commit, wants=PROGRESS_EVENTS)
         self.pull(broker, s.timer_fired("run_timeout"), s.TIMERS_STREAM, self.durable("timers"), self.on_timer)
+
+        @broker.subscriber(s.CMD_CANCEL, queue="planner")
+        async def cancel(request: CancelRequest) -> CommandReply:
+            return await self.cancel(request)
 
     async def on_trigger(self, msg: Msg) -> None:
         trigger = await self.parse_trigger(msg)
@@ -107,6 +111,16 @@ class PlannerService(Service):
                 run.time_out(ev.RunTimedOut(timeout_ms=workflow.timeout_ms or 0))
 
         await self.store.update(timer.tenant, timer.run_id, decide)
+
+    async def cancel(self, request: CancelRequest) -> CommandReply:
+        def decide(run: Run) -> None:
+            run.cancel(ev.RunCancelled(by=request.by, reason=request.reason))
+
+        try:
+            await self.store.update(request.tenant, request.run_id, decide)
+        except (IllegalTransition, RunNotFound) as e:
+            return CommandReply(ok=False, error=str(e))
+        return CommandReply(ok=True, detail={"run_id": request.run_id, "status": "cancelled"})
 
     async def advance(self, tenant: str, run_id: str) -> None:
         async def decide(run: Run) -> None:

@@ -314,6 +314,7 @@ class Run(Aggregate):
         self._trigger(data)
 
     def record_heartbeat(self, data: ev.StepHeartbeat) -> None:
+        self._require_running("record_heartbeat", compensating_ok=True)
         step = self._step("record_heartbeat", data.step_id, "dispatched", "running")
         if data.attempt != step.attempt:
             raise self._refuse("record_heartbeat", f"attempt {data.attempt} is not current", data.step_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import nats
 from nats.aio.client import Client as NATS
@@ -13,8 +14,18 @@ log = logging.getLogger(__name__)
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
 
+URL_FILE = Path(".interlock") / "nats.url"  # written by `interlock up` for the other commands
+
+
 def resolve_url(url: str | None = None) -> str:
-    return url or os.environ.get("INTERLOCK_NATS_URL") or DEFAULT_URL
+    """An explicit URL, else INTERLOCK_NATS_URL, else the one `interlock up` wrote, else the default."""
+    if url:
+        return url
+    if os.environ.get("INTERLOCK_NATS_URL"):
+        return os.environ["INTERLOCK_NATS_URL"]
+    if URL_FILE.exists():
+        return URL_FILE.read_text().strip() or DEFAULT_URL
+    return DEFAULT_URL
 
 
 async def connect(url: str | None = None, *, name: str = "interlock", patient: bool = True) -> NATS:

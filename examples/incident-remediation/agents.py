@@ -1,0 +1,67 @@
+"""Example agents for the incident-remediation workflow: deterministic, no external calls.
+
+``apply_patch`` fails on its first attempt to show a retry. Every side effect is recorded once
+per idempotency key in the file named by INTERLOCK_SIDE_EFFECTS (if set), so drills can check
+that nothing happened twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from typing import Any
+
+from interlock.worker import JobContext, RetryableError, Worker
+
+worker = Worker("incident-agents")
+
+
+def record_side_effect(ctx: JobContext, what: str) -> None:
+    path = os.environ.get("INTERLOCK_SIDE_EFFECTS")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"key": ctx.idempotency_key, "job": ctx.job_id, "what": what}) + "\n")
+
+
+@worker.job("incident.detect", version="1", capabilities=["alerts"])
+async def detect(ctx: JobContext) -> dict[str, Any]:
+    alert = ctx.input.get("alert") or {}
+    return {"host": alert.get("host", "web-1"), "service": alert.get("service", "checkout"),
+            "symptom": alert.get("symptom", "5xx spike")}
+
+
+@worker.job("incident.classify", version="1", capabilities=["llm"])
+async def classify(ctx: JobContext) -> dict[str, Any]:
+    await asyncio.sleep(0.05)  # stands in for a model call
+    symptom = ctx.input["signal"]["symptom"]
+    return {"severity": "high" if "5xx" in symptom else "medium", "category": "availability"}
+
+
+@worker.job("incident.enrich", version="1", capabilities=["cmdb"])
+async def enrich(ctx: JobContext) -> dict[str, Any]:
+    await asyncio.sleep(0.05)  # stands in for a CMDB lookup, in parallel with classify
+    host = ctx.input["host"]
+    return {"host": host, "service": "checkout", "owner": "payments-team", "region": "eu-west-1"}
+
+
+@worker.job("incident.plan", version="1", capabilities=["llm"])
+async def plan(ctx: JobContext) -> dict[str, Any]:
+    digest = hashlib.sha256(json.dumps(ctx.input, sort_keys=True).encode()).hexdigest()[:8]
+    return {"patch_id": f"PATCH-{digest}", "action": "rollback-deploy", "host": ctx.input["host"]}
+
+
+@worker.job("incident.apply", version="1", capabilities=["ssh"])
+async def apply(ctx: JobContext) -> dict[str, Any]:
+    await ctx.heartbeat("connecting")
+    if ctx.attempt == 1:
+        raise RetryableError("ssh: connection reset by peer (simulated, first attempt only)")
+    record_side_effect(ctx, f"applied {ctx.input['plan']['patch_id']}")
+    return {"applied": ctx.input["plan"]["patch_id"], "attempt": ctx.attempt}
+
+
+@worker.job("incident.rollback", version="1", capabilities=["ssh"])
+async def rollback(ctx: JobContext) -> dict[str, Any]:
+    record_side_effect(ctx, f"rolled back {ctx.input['step']}")
+    return {"rolled_back": ctx.input["step"]}

@@ -1,0 +1,130 @@
+"""The whole stack on one machine: embedded NATS, the five services and workers as processes.
+
+Used by ``interlock up``, ``interlock demo``, the end-to-end tests and crash drills (every
+process can be SIGKILLed and started again).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats
+
+from interlock.core.natsserver import EmbeddedNats, free_port
+from interlock.core.topology import provision
+from interlock.runtime.connect import URL_FILE
+
+SERVICES = ("planner", "policy", "approval", "dispatcher", "auditor")
+DEFAULT_PORT = 4222
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    log_path: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+
+@dataclass
+class Stack:
+    home: Path = Path(".interlock")
+    nats_url: str | None = None
+    services: tuple[str, ...] = SERVICES
+    workers: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    port: int | None = None
+    procs: dict[str, Proc] = field(default_factory=dict)
+    nats: EmbeddedNats | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.nats_url, "the stack is not started"
+        return self.nats_url
+
+    def start_nats(self) -> str:
+        if self.nats_url:
+            return self.nats_url
+        port = self.port if self.port is not None else (DEFAULT_PORT if _port_free(DEFAULT_PORT) else free_port())
+        self.nats = EmbeddedNats(store_dir=self.home / "nats", port=port, log_file=self.home / "logs" / "nats.log")
+        (self.home / "logs").mkdir(parents=True, exist_ok=True)
+        self.nats_url = self.nats.start()
+        return self.nats_url
+
+    async def provision(self) -> list[str]:
+        nc = await nats.connect(self.url)
+        try:
+            return await provision(nc.jetstream())
+        finally:
+            await nc.close()
+
+    def _spawn(self, name: str, argv: list[str]) -> Proc:
+        logs = self.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        proc = self.procs.get(name) or Proc(name, argv, logs / f"{name}.log")
+        env = {**os.environ, **self.env, "INTERLOCK_NATS_URL": self.url, "PYTHONUNBUFFERED": "1"}
+        with proc.log_path.open("ab") as log:
+            proc.popen = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL)
+        self.procs[name] = proc
+        return proc
+
+    def start(self) -> None:
+        """Start NATS (unless a URL was given) and every service and worker process."""
+        self.start_nats()
+        URL_FILE.parent.mkdir(parents=True, exist_ok=True)
+        URL_FILE.write_text(self.url)
+        for service in self.services:
+            self._spawn(service, [sys.executable, "-m", "interlock.cli", "serve", service])
+        for i, target in enumerate(self.workers):
+            self._spawn(f"worker-{i}", [sys.executable, "-m", "interlock.cli", "worker", target])
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process (crash drills)."""
+        proc = self.procs[name]
+        if proc.popen is not None and proc.popen.poll() is None:
+            proc.popen.kill()
+            proc.popen.wait()
+
+    def restart(self, name: str) -> None:
+        self._spawn(name, self.procs[name].argv)
+
+    def dead(self) -> list[str]:
+        return [name for name, proc in self.procs.items() if not proc.alive()]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for proc in self.procs.values():
+            if proc.alive():
+                assert proc.popen is not None
+                proc.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            if proc.popen is None:
+                continue
+            try:
+                proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                proc.popen.wait()
+        if self.nats is not None:
+            self.nats.stop()
+            with contextlib.suppress(FileNotFoundError):
+                if URL_FILE.read_text().strip() == self.nats_url:
+                    URL_FILE.unlink()

@@ -1,0 +1,277 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+from pydantic import ValidationError
+
+from interlock.contracts import subjects as s
+from interlock.contracts.messages import (
+    AgentRegistration,
+    CancelNotice,
+    Heartbeat,
+    Job,
+    JobError,
+    JobResult,
+)
+from interlock.runtime.connect import connect
+from interlock.runtime.deadletter import dead_letter
+from interlock.runtime.payloads import DEFAULT_INLINE_LIMIT, PayloadStore
+from interlock.worker._errors import FatalError
+
+log = logging.getLogger("interlock.worker")
+
+JobHandler = Callable[["JobContext"], Awaitable[Any]]
+REGISTRY_REFRESH_S = 5.0
+
+
+@dataclass
+class JobContext:
+    """What a handler gets: the job and a way to report progress."""
+
+    job: Job
+    input: Any
+    worker_id: str
+    _beat: Callable[[str | None], Awaitable[None]] = field(repr=False)
+
+    @property
+    def job_id(self) -> str:
+        return self.job.job_id
+
+    @property
+    def attempt(self) -> int:
+        return self.job.attempt
+
+    @property
+    def idempotency_key(self) -> str:
+        """Stable across attempts of one step in one run: use it to make side effects idempotent."""
+        return self.job.idempotency_key
+
+    @property
+    def deadline(self) -> datetime | None:
+        return self.job.deadline
+
+    @property
+    def constraints(self) -> dict[str, Any]:
+        return self.job.constraints
+
+    async def heartbeat(self, progress: str | None = None) -> None:
+        """Report progress now (heartbeats are also sent automatically while the handler runs)."""
+        await self._beat(progress)
+
+
+@dataclass
+class _Registration:
+    topic: str
+    handler: JobHandler
+    version: str
+    capabilities: list[str]
+
+
+def _safe(token: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", token)
+
+
+class Worker:
+    """A process's agent handlers, one durable consumer per job topic, shared with other copies."""
+
+    def __init__(self, name: str = "worker", *, nats_url: str | None = None, concurrency: int = 8,
+                 inline_limit: int = DEFAULT_INLINE_LIMIT) -> None:
+        self.name = name
+        self.nats_url = nats_url
+        self.concurrency = concurrency
+        self.inline_limit = inline_limit
+        self.worker_id = _safe(f"{name}-{socket.gethostname()}-{os.getpid()}")
+        self.handlers: dict[str, _Registration] = {}
+        self._nc: NATS | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._running: dict[str, asyncio.Task[None]] = {}  # job id -> handler task
+        self._slots = asyncio.Semaphore(concurrency)
+        self._stop = asyncio.Event()
+        self.started_at = datetime.now(UTC)
+
+    def job(self, topic: str, *, version: str = "1", capabilities: list[str] | tuple[str, ...] = ()
+            ) -> Callable[[JobHandler], JobHandler]:
+        """Register an async function as the handler of a job topic."""
+        s.topic_tokens(topic)
+
+        def register(handler: JobHandler) -> JobHandler:
+            if topic in self.handlers:
+                raise ValueError(f"topic {topic!r} already has a handler in worker {self.name!r}")
+            self.handlers[topic] = _Registration(topic, handler, version, list(capabilities))
+            return handler
+
+        return register
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        if not self.handlers:
+            raise ValueError(f"worker {self.name!r} has no job handlers")
+        self._stop.clear()
+        self._nc = nc = await connect(self.nats_url, name=f"interlock-worker-{self.name}")
+        js = nc.jetstream()
+        self._payloads = PayloadStore(js, self.inline_limit)
+        await nc.subscribe(s.CONTROL_CANCEL_ALL, cb=self._on_cancel)
+        for registration in self.handlers.values():
+            sub = await js.pull_subscribe(
+                s.job(registration.topic), durable=s.worker_consumer(registration.topic), stream=s.JOBS_STREAM,
+                config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_ack_pending=10_000),
+            )
+            self._spawn(self._fetch_loop(js, sub, registration))
+        self._spawn(self._registry_loop(js))
+        log.info("worker %s serving %s", self.worker_id, ", ".join(sorted(self.handlers)))
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for task in list(self._running.values()):
+            task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                kv = await self._nc.jetstream().key_value(s.AGENTS_BUCKET)
+                for topic in self.handlers:
+                    await kv.delete(f"{topic}.{self.worker_id}")
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+            self._nc = None
+
+    async def run(self) -> None:
+        """Start and serve until :meth:`stop` or cancellation."""
+        await self.start()
+        try:
+            await self._stop.wait()
+        finally:
+            await self.stop()
+
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- consuming ---------------------------------------------------------------------------
+    async def _fetch_loop(self, js: JetStreamContext, sub: JetStreamContext.PullSubscription,
+                          registration: _Registration) -> None:
+        # one fetch loop per subscription (concurrent fetches on one subscription stall)
+        while not self._stop.is_set():
+            free = max(1, self.concurrency - len(self._running))
+            await self._slots.acquire()
+            self._slots.release()
+            try:
+                msgs = await sub.fetch(batch=free, timeout=1.0)
+            except (TimeoutError, asyncio.TimeoutError):
+                continue
+            except Exception as e:  # reconnecting, leader election: keep going
+                log.warning("worker %s: fetch on %s failed: %r", self.worker_id, registration.topic, e)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                await self._slots.acquire()
+                self._spawn(self._handle(js, msg, registration))
+
+    async def _handle(self, js: JetStreamContext, msg: Msg, registration: _Registration) -> None:
+        try:
+            try:
+                job = Job.model_validate_json(msg.data)
+            except ValidationError as e:
+                await dead_letter(js, "worker", msg.subject, msg.data, f"invalid job: {e}")
+                await msg.ack()
+                return
+            # the job leaves the queue now; from here its lease is the heartbeat the dispatcher watches
+            await msg.ack_sync()
+            await self._run_job(js, job, registration)
+        finally:
+            self._slots.release()
+
+    async def _run_job(self, js: JetStreamContext, job: Job, registration: _Registration) -> None:
+        async def beat(progress: str | None = None) -> None:
+            hb = Heartbeat(job_id=job.job_id, run_id=job.run_id, tenant=job.tenant, step_id=job.step_id,
+                           attempt=job.attempt, worker=self.worker_id, progress=progress)
+            with contextlib.suppress(Exception):
+                await js.publish(s.heartbeat(job.tenant, job.run_id), hb.model_dump_json().encode(), timeout=2)
+
+        async def keep_beating() -> None:
+            while True:
+                await asyncio.sleep(job.heartbeat_interval_ms / 1000)
+                await beat(None)
+
+        await beat("started")
+        beating = asyncio.ensure_future(keep_beating())
+        result: JobResult
+        try:
+            job_input = await self._payloads.resolve(job.input, job.input_ref)
+            ctx = JobContext(job=job, input=job_input, worker_id=self.worker_id, _beat=beat)
+            task = asyncio.ensure_future(self._call(registration.handler, ctx, job))
+            self._running[job.job_id] = task
+            output = await task
+            output_value, output_ref = await self._payloads.offload(output)
+            result = self._result(job, ok=True, output=output_value, output_ref=output_ref)
+        except asyncio.CancelledError:
+            if self._stop.is_set():
+                raise  # shutting down: no result; the dispatcher's lease retries the job
+            log.info("job %s cancelled: its run ended", job.job_id)
+            return
+        except FatalError as e:
+            result = self._result(job, ok=False, error=JobError(message=str(e) or type(e).__name__, retryable=False,
+                                                                kind="fatal"))
+        except TimeoutError:
+            result = self._result(job, ok=False, error=JobError(message="the handler ran past the job deadline",
+                                                                retryable=True, kind="timeout"))
+        except Exception as e:
+            log.warning("job %s failed: %r", job.job_id, e)
+            result = self._result(job, ok=False, error=JobError(message=f"{type(e).__name__}: {e}", retryable=True))
+        finally:
+            beating.cancel()
+            self._running.pop(job.job_id, None)
+        await js.publish(s.result(job.tenant, job.run_id), result.model_dump_json().encode(),
+                         headers={"Nats-Msg-Id": f"result:{job.job_id}"})
+
+    async def _call(self, handler: JobHandler, ctx: JobContext, job: Job) -> Any:
+        if job.deadline is None:
+            return await handler(ctx)
+        remaining = (job.deadline - datetime.now(UTC)).total_seconds()
+        async with asyncio.timeout(max(0.0, remaining)):
+            return await handler(ctx)
+
+    def _result(self, job: Job, *, ok: bool, output: Any = None, output_ref: Any = None,
+                error: JobError | None = None) -> JobResult:
+        return JobResult(job_id=job.job_id, run_id=job.run_id, tenant=job.tenant, step_id=job.step_id,
+                         attempt=job.attempt, ok=ok, output=output, output_ref=output_ref, error=error,
+                         worker=self.worker_id)
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        try:
+            notice = CancelNotice.model_validate_json(msg.data)
+        except ValidationError:
+            return
+        for jid, task in list(self._running.items()):
+            if jid.startswith(notice.run_id + ":"):
+                task.cancel()
+
+    # -- agent registry ----------------------------------------------------------------------
+    async def _registry_loop(self, js: JetStreamContext) -> None:
+        kv = await js.key_value(s.AGENTS_BUCKET)
+        while not self._stop.is_set():
+            now = datetime.now(UTC)
+            for reg in self.handlers.values():
+                entry = AgentRegistration(worker_id=self.worker_id, topic=reg.topic, version=reg.version,
+                                          capabilities=reg.capabilities, host=socket.gethostname(), pid=os.getpid(),
+                                          started_at=self.started_at, last_heartbeat=now)
+                with contextlib.suppress(Exception):
+                    await kv.put(f"{reg.topic}.{self.worker_id}", entry.model_dump_json().encode())
+            with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), REGISTRY_REFRESH_S)
