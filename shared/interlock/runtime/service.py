@@ -67,7 +67,10 @@ class Service:
         self.store: EventStore
         self.registry: WorkflowRegistry
         self.payloads: PayloadStore
-        self.broker = NatsBroker(self.settings.nats_url, log_level=logging.DEBUG,
+        # FastStream logs every message at INFO; our handlers log what matters themselves
+        broker_log = logging.getLogger(f"interlock.{self.name}.broker")
+        broker_log.setLevel(logging.WARNING)
+        self.broker = NatsBroker(self.settings.nats_url, logger=broker_log, log_level=logging.DEBUG,
                                  max_reconnect_attempts=-1, reconnect_time_wait=0.25)
         self._stopped = asyncio.Event()
 
@@ -121,7 +124,7 @@ class Service:
              ack_wait: float = 60.0) -> None:
         """A durable pull consumer, shared by every copy of this service, with guarded handling."""
 
-        async def consume(body: bytes, msg: NatsMessage) -> None:
+        async def consume(body: Any, msg: NatsMessage) -> None:
             await self.guarded(msg.raw_message, handler)
 
         consume.__name__ = f"{self.name}_{durable}"

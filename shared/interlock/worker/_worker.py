@@ -11,12 +11,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
-from pydantic import ValidationError
-
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import (
     AgentRegistration,
@@ -30,6 +24,11 @@ from interlock.runtime.connect import connect
 from interlock.runtime.deadletter import dead_letter
 from interlock.runtime.payloads import DEFAULT_INLINE_LIMIT, PayloadStore
 from interlock.worker._errors import FatalError
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+from pydantic import ValidationError
 
 log = logging.getLogger("interlock.worker")
 
@@ -173,7 +172,7 @@ class Worker:
             self._slots.release()
             try:
                 msgs = await sub.fetch(batch=free, timeout=1.0)
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 continue
             except Exception as e:  # reconnecting, leader election: keep going
                 log.warning("worker %s: fetch on %s failed: %r", self.worker_id, registration.topic, e)
