@@ -93,8 +93,7 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     if not rows:
         out("(none)")
         return
-    widths = {c: max(len(c), *(len(str(r.get(c, "")))[:60] for r in rows)) for c in columns}
-    widths = {c: min(w, 60) for c, w in widths.items()}
+    widths = {c: min(60, max(len(c), *(len(str(r.get(c, ""))) for r in rows))) for c in columns}
     out("  ".join(c.upper().ljust(widths[c]) for c in columns))
     for r in rows:
         out("  ".join(str(r.get(c, "") if r.get(c) is not None else "")[:60].ljust(widths[c]) for c in columns))
@@ -428,7 +427,7 @@ async def cmd_rebuild(args: argparse.Namespace, nc: NATS) -> int:
 async def cmd_dlq(args: argparse.Namespace, nc: NATS) -> int:
     js = nc.jetstream()
     sub = await js.subscribe(s.DLQ_ALL, ordered_consumer=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         while len(rows) < args.limit:
             try:

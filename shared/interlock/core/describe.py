@@ -39,7 +39,8 @@ def describe(envelope: dict[str, Any]) -> str:
         case "StepDispatched":
             return f"{step} dispatched, attempt {d.get('attempt')} on {d.get('topic')}"
         case "StepHeartbeat":
-            return f"{step} attempt {d.get('attempt')} alive ({d.get('worker')}){': ' + d['progress'] if d.get('progress') else ''}"
+            progress = f": {d['progress']}" if d.get("progress") else ""
+            return f"{step} attempt {d.get('attempt')} alive ({d.get('worker')}){progress}"
         case "StepSucceeded":
             return f"{step} succeeded (attempt {d.get('attempt')}): {_short(d.get('output'))}"
         case "StepFailed":
@@ -57,7 +58,8 @@ def describe(envelope: dict[str, Any]) -> str:
         case "CompensationStarted":
             return f"compensating after {d.get('failed_step')}: {', '.join(d.get('steps') or [])}"
         case "CompensationFinished":
-            return "compensation finished" + ("" if d.get("ok") else f", failed: {', '.join(d.get('failed_steps') or [])}")
+            failed = ", ".join(d.get("failed_steps") or [])
+            return "compensation finished" + ("" if d.get("ok") else f", failed: {failed}")
         case "RunSucceeded":
             return "run succeeded"
         case "RunFailed":

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -279,7 +279,7 @@ class EventStore:
                     await asyncio.sleep(min(0.05, 0.001 * (attempt + 1)) * (1 + (hash(run_id) % 7) / 7))
             raise TooManyConflicts(f"run {run_id}: gave up after {attempts} conflicting appends")
 
-    async def _append(self, handle: RunHandle, new_events: list[Any]
+    async def _append(self, handle: RunHandle, new_events: Sequence[Any]
                       ) -> tuple[RunHandle, list[dict[str, Any]]]:
         tenant, run_id = handle.tenant, handle.run_id
         subject = s.run_events(tenant, run_id)

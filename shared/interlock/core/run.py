@@ -108,7 +108,7 @@ class Run(Aggregate):
     class Event(Aggregate.Event):
         data: ev.EventData
 
-        def apply(self, aggregate: Run) -> None:  # type: ignore[override]
+        def apply(self, aggregate: Run) -> None:
             aggregate._when(self.data, self.timestamp)
 
     class Started(Aggregate.Created):

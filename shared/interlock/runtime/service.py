@@ -71,7 +71,7 @@ class Service:
         broker_log = logging.getLogger(f"interlock.{self.name}.broker")
         broker_log.setLevel(logging.WARNING)
         self.broker = NatsBroker(self.settings.nats_url, logger=broker_log, log_level=logging.DEBUG,
-                                 max_reconnect_attempts=-1, reconnect_time_wait=0.25)
+                                 max_reconnect_attempts=-1, reconnect_time_wait=1)
         self._stopped = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------
