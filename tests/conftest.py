@@ -14,7 +14,8 @@ from nats.aio.client import Client as NATS
 
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
-    server = EmbeddedNats(store_dir=tmp_path_factory.mktemp("nats-store"), port=0)
+    store = tmp_path_factory.mktemp("nats-store")
+    server = EmbeddedNats(store_dir=store, port=0, log_file=store / "nats.log")
     server.start()
     yield server
     server.stop()

@@ -1,0 +1,203 @@
+"""The auditor service: projects every run event into a query projection and answers queries."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from faststream.nats import NatsBroker
+from interlock.auditor.projection import DEFAULT_PATH, Envelopes, ProgressCallback, Projection, RebuildStats
+from interlock.contracts import subjects as s
+from interlock.contracts.messages import QueryReply, RunQuery, RunsQuery
+from interlock.core import codec
+from interlock.core.eventstore import EventStore
+from interlock.runtime.connect import connect
+from interlock.runtime.service import Poison, Service, ServiceSettings
+from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
+
+log = logging.getLogger(__name__)
+
+DB_ENV = "INTERLOCK_AUDITOR_DB"
+DEFAULT_INSTANCE = "auditor"
+MAX_QUERY_LIMIT = 10_000
+
+_NOT_TOKEN = re.compile(r"[^A-Za-z0-9_\-]+")
+
+
+def instance_id(name: str) -> str:
+    """A durable-consumer-safe id for a copy's stable name (letters, digits, '_' and '-')."""
+    cleaned = _NOT_TOKEN.sub("-", name.strip()).strip("-")
+    if not cleaned:
+        raise ValueError(f"auditor instance name {name!r} has no usable characters")
+    return cleaned
+
+
+def default_db_path(instance: str) -> str:
+    """``.interlock/auditor.sqlite3`` for the default copy, ``.interlock/auditor-{instance}.sqlite3`` else."""
+    if instance == DEFAULT_INSTANCE:
+        return DEFAULT_PATH
+    return str(Path(DEFAULT_PATH).with_name(f"auditor-{instance}.sqlite3"))
+
+
+async def catch_up(projection: Projection, store: EventStore, tenant: str, run_id: str, envelopes: Envelopes,
+                   stream_seq: int | None) -> None:
+    """Project one delivered commit; if events are missing before it, read them from the log first.
+
+    Commits of one run normally arrive in order, but a redelivered (nak'd) commit can arrive
+    after a later one. Instead of recording a false gap, the run's missing commits are read from
+    the store (after the last commit already projected) and applied in order. A gap that is
+    really in the stored log is then recorded, and flags the run's chain.
+    """
+    result = await projection.apply_commit(tenant, run_id, envelopes, stream_seq=stream_seq, hold_gaps=True)
+    if not result.gap:
+        return
+    log.info("auditor: run %s: commit at stream seq %s does not follow seq %s, reading the log", run_id, stream_seq,
+             result.last_seq)
+    stored = await store.read_commits(tenant, run_id, result.last_stream_seq)
+    commits: list[tuple[str, str, Envelopes, int | None]] = [
+        (tenant, run_id, commit.envelopes, commit.stream_seq) for commit in stored]
+    if stream_seq is None or all(commit.stream_seq != stream_seq for commit in stored):
+        commits.append((tenant, run_id, envelopes, stream_seq))  # keep what was delivered, whatever the read says
+    await projection.apply_commits(commits)
+
+
+class AuditorService(Service):
+    """Consumes every run commit into a :class:`Projection` and serves the ``il.q.*`` queries.
+
+    **One projection per copy.** The projection answers queries about *every* run, so each copy
+    must see every commit. Copies therefore do not share a durable consumer (a shared one would
+    split the commits between them, leaving each projection with holes); each copy has its own
+    projection file and its own durable consumer ``auditor_{instance}``, where ``instance`` is
+    derived from the stable ``instance`` name given to the constructor (default ``"auditor"``).
+    Give every copy a different, *stable* name (e.g. the pod or host name, not the pid): the
+    durable consumer remembers how far that copy's projection got, so a restart continues where
+    it stopped instead of replaying the whole stream, and a renamed copy leaves an orphan
+    consumer behind. The query subscribers, on the other hand, share the queue group
+    ``auditor``: any copy may answer a query (copies may lag each other by a few events).
+
+    The projection file is ``db_path`` if given, else ``$INTERLOCK_AUDITOR_DB``, else
+    ``.interlock/auditor.sqlite3`` (``auditor-{instance}.sqlite3`` for other names); ``:memory:``
+    keeps it in memory. Because the consumer position and the projection must agree, start-up
+    compares them: if the consumer has acknowledged more than the projection holds (a new,
+    deleted or restored file; ``:memory:``) the consumer is deleted, so it is created again from
+    the start of the stream and the projection is replayed (idempotently) from scratch.
+    """
+
+    name = "auditor"
+
+    def __init__(self, settings: ServiceSettings | None = None, *, db_path: str | Path | None = None,
+                 instance: str = DEFAULT_INSTANCE) -> None:
+        super().__init__(settings)
+        self.instance = instance_id(instance)
+        self.db_path = str(db_path or os.environ.get(DB_ENV) or default_db_path(self.instance))
+        self.projection = Projection(self.db_path)
+
+    # -- consumers -------------------------------------------------------------------------
+    def durable(self, suffix: str = "") -> str:
+        """This copy's own durable names: ``auditor_{instance}`` (plus a suffix other than "events")."""
+        base = f"{self.name}_{self.instance}"
+        return base if suffix in ("", "events") else f"{base}_{suffix}"
+
+    async def setup(self) -> None:
+        await self.projection.open()
+        await self._align_consumer()
+
+    async def teardown(self) -> None:
+        await self.projection.close()
+
+    async def _align_consumer(self) -> None:
+        durable = self.durable("events")
+        try:
+            info = await self.js.consumer_info(s.EVENTS_STREAM, durable)
+        except NotFoundError:
+            return
+        position = await self.projection.position()
+        acked = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+        if acked > int(position["stream_seq"]):
+            log.warning("auditor %s: consumer %s acknowledged stream seq %s but the projection %s holds up to %s; "
+                        "replaying the stream from the start", self.instance, durable, acked, self.db_path,
+                        position["stream_seq"])
+            await self.js.delete_consumer(s.EVENTS_STREAM, durable)
+
+    def register(self, broker: NatsBroker) -> None:
+        self.pull(broker, s.EVENTS_ALL, s.EVENTS_STREAM, self.durable("events"), self.on_commit,
+                  batch=max(self.settings.fetch_batch, 256))
+
+        @broker.subscriber(s.Q_RUNS, queue="auditor")
+        async def query_runs(query: RunsQuery) -> QueryReply:
+            return await self.answer_runs(query)
+
+        @broker.subscriber(s.Q_STATUS, queue="auditor")
+        async def query_status(query: RunQuery) -> QueryReply:
+            return await self.answer_status(query)
+
+        @broker.subscriber(s.Q_TIMELINE, queue="auditor")
+        async def query_timeline(query: RunQuery) -> QueryReply:
+            return await self.answer_timeline(query)
+
+        @broker.subscriber(s.Q_APPROVALS, queue="auditor")
+        async def query_approvals(query: RunsQuery) -> QueryReply:
+            return await self.answer_approvals(query)
+
+    async def on_commit(self, msg: Msg) -> None:
+        """One commit from ``IL_EVENTS`` (what ``pull_commits`` does, plus the stream sequence)."""
+        stream_seq = int(msg.metadata.sequence.stream)
+        try:
+            tenant, run_id = s.parse_run_events(msg.subject)
+            envelopes = codec.decode_commit_raw(msg.data)["events"]
+        except ValueError as e:
+            await self.projection.note_position(stream_seq)  # handled (dead-lettered): not a lost commit
+            raise Poison(str(e)) from e
+        await catch_up(self.projection, self.store, tenant, run_id, envelopes, stream_seq)
+
+    # -- queries ---------------------------------------------------------------------------
+    @staticmethod
+    def _limit(limit: int) -> int:
+        return max(1, min(limit, MAX_QUERY_LIMIT))
+
+    async def answer_runs(self, query: RunsQuery) -> QueryReply:
+        runs = await self.projection.runs(tenant=query.tenant, status=query.status, workflow_id=query.workflow_id,
+                                          limit=self._limit(query.limit))
+        return QueryReply(ok=True, result=runs)
+
+    async def answer_status(self, query: RunQuery) -> QueryReply:
+        status = await self.projection.status(query.run_id, query.tenant)
+        if status is None:
+            return QueryReply(ok=False, error=f"run {query.run_id} not found")
+        return QueryReply(ok=True, result=status)
+
+    async def answer_timeline(self, query: RunQuery) -> QueryReply:
+        timeline = await self.projection.timeline(query.run_id, query.tenant)
+        if timeline is None:
+            return QueryReply(ok=False, error=f"run {query.run_id} not found")
+        return QueryReply(ok=True, result=timeline)
+
+    async def answer_approvals(self, query: RunsQuery) -> QueryReply:
+        pending = await self.projection.approvals(tenant=query.tenant, limit=self._limit(query.limit))
+        return QueryReply(ok=True, result=pending)
+
+    # -- rebuild ---------------------------------------------------------------------------
+    async def rebuild(self, tenants: Sequence[str] | None = None, *, progress: ProgressCallback | None = None,
+                      every: int = 10_000) -> RebuildStats:
+        """Wipe this copy's projection and replay ``IL_EVENTS`` into it (``interlock audit rebuild``).
+
+        Works on a running service (live consumption waits until the rebuild is done) and on one
+        that was never started (it connects for the rebuild only). Rebuilding a file that another
+        *process* is consuming into at the same time is not supported: stop that copy first.
+        """
+        if getattr(self, "store", None) is not None:
+            return await self.projection.rebuild(self.store, tenants, progress=progress, every=every)
+        nc = await connect(self.settings.nats_url, name=f"interlock-{self.name}-rebuild")
+        try:
+            store = EventStore(nc, nc.jetstream(), service=self.name)
+            return await self.projection.rebuild(store, tenants, progress=progress, every=every)
+        finally:
+            await self.projection.close()
+            await nc.drain()
+
+
+__all__ = ["AuditorService", "catch_up", "default_db_path", "instance_id"]
