@@ -7,8 +7,9 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
-from faststream.nats import NatsBroker
+from faststream.nats import NatsBroker, NatsMessage
 from interlock.auditor.projection import DEFAULT_PATH, Envelopes, ProgressCallback, Projection, RebuildStats
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import QueryReply, RunQuery, RunsQuery
@@ -18,6 +19,7 @@ from interlock.runtime.connect import connect
 from interlock.runtime.service import Poison, Service, ServiceSettings
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
+from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,18 @@ def default_db_path(instance: str) -> str:
     if instance == DEFAULT_INSTANCE:
         return DEFAULT_PATH
     return str(Path(DEFAULT_PATH).with_name(f"auditor-{instance}.sqlite3"))
+
+
+Q = TypeVar("Q", RunQuery, RunsQuery)
+
+
+def _parse(kind: type[Q], data: bytes) -> Q | QueryReply:
+    """The query in ``data``, or the error reply for it (an empty body is a query with defaults)."""
+    try:
+        return kind.model_validate_json(data or b"{}")
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(body)'}: {err['msg']}" for err in e.errors()[:3])
+        return QueryReply(ok=False, error=f"invalid {kind.__name__}: {problems}")
 
 
 async def catch_up(projection: Projection, store: EventStore, tenant: str, run_id: str, envelopes: Envelopes,
@@ -110,6 +124,7 @@ class AuditorService(Service):
         await self.projection.close()
 
     async def _align_consumer(self) -> None:
+        return
         durable = self.durable("events")
         try:
             info = await self.js.consumer_info(s.EVENTS_STREAM, durable)
@@ -124,24 +139,30 @@ class AuditorService(Service):
             await self.js.delete_consumer(s.EVENTS_STREAM, durable)
 
     def register(self, broker: NatsBroker) -> None:
-        self.pull(broker, s.EVENTS_ALL, s.EVENTS_STREAM, self.durable("events"), self.on_commit,
-                  batch=max(self.settings.fetch_batch, 256))
+        self.pull(broker, s.EVENTS_ALL, s.EVENTS_STREAM, self.durable("events"), self.on_commit)
 
+        # Queries are parsed here rather than by FastStream, so a malformed query is answered with
+        # QueryReply(ok=False, error=...) instead of being dropped (the requester would time out).
+        # The AsyncAPI document comes from interlock.contracts.catalog, not from these signatures.
         @broker.subscriber(s.Q_RUNS, queue="auditor")
-        async def query_runs(query: RunsQuery) -> QueryReply:
-            return await self.answer_runs(query)
+        async def query_runs(body: Any, msg: NatsMessage) -> QueryReply:
+            query = _parse(RunsQuery, msg.body)
+            return query if isinstance(query, QueryReply) else await self.answer_runs(query)
 
         @broker.subscriber(s.Q_STATUS, queue="auditor")
-        async def query_status(query: RunQuery) -> QueryReply:
-            return await self.answer_status(query)
+        async def query_status(body: Any, msg: NatsMessage) -> QueryReply:
+            query = _parse(RunQuery, msg.body)
+            return query if isinstance(query, QueryReply) else await self.answer_status(query)
 
         @broker.subscriber(s.Q_TIMELINE, queue="auditor")
-        async def query_timeline(query: RunQuery) -> QueryReply:
-            return await self.answer_timeline(query)
+        async def query_timeline(body: Any, msg: NatsMessage) -> QueryReply:
+            query = _parse(RunQuery, msg.body)
+            return query if isinstance(query, QueryReply) else await self.answer_timeline(query)
 
         @broker.subscriber(s.Q_APPROVALS, queue="auditor")
-        async def query_approvals(query: RunsQuery) -> QueryReply:
-            return await self.answer_approvals(query)
+        async def query_approvals(body: Any, msg: NatsMessage) -> QueryReply:
+            query = _parse(RunsQuery, msg.body)
+            return query if isinstance(query, QueryReply) else await self.answer_approvals(query)
 
     async def on_commit(self, msg: Msg) -> None:
         """One commit from ``IL_EVENTS`` (what ``pull_commits`` does, plus the stream sequence)."""

@@ -214,6 +214,7 @@ class DispatcherService(Service):
             beat = Heartbeat.model_validate_json(msg.data)
         except ValidationError as e:
             raise Poison(f"invalid heartbeat: {e}") from e
+        first = beat.job_id not in self._heartbeats
         self._heartbeats[beat.job_id] = time.monotonic()
         leases: list[TimerFired] = []
 
@@ -224,17 +225,21 @@ class DispatcherService(Service):
                     or state.attempt != beat.attempt:
                 return
             workflow = await self.registry.get(run.workflow_id, run.workflow_version)
-            timeout = heartbeat_timeout_ms(workflow.steps[base_step_id(state.step_id)])
+            timeout = timedelta(milliseconds=heartbeat_timeout_ms(workflow.steps[base_step_id(state.step_id)]))
             now = datetime.now(UTC)
-            # the log keeps a heartbeat every third of the lease, not every one: enough to
-            # recover leases after a restart without growing the log by the second
-            if state.last_heartbeat_at is not None and \
-                    now - state.last_heartbeat_at < timedelta(milliseconds=timeout / 3):
+            lease = TimerFired(kind="lease", run_id=run.run_id, tenant=run.tenant, step_id=state.step_id,
+                               attempt=beat.attempt, due_at=now + timeout)
+            # The log keeps a heartbeat once a third of the lease has passed since the last one
+            # (or since dispatch), not every one: short jobs add no heartbeat events, long ones
+            # leave enough to recover their leases after a restart.
+            since = state.last_heartbeat_at or state.dispatched_at or now
+            if now - since < timeout / 3:
+                if first:
+                    leases.append(lease)
                 return
             run.record_heartbeat(ev.StepHeartbeat(step_id=state.step_id, attempt=beat.attempt, worker=beat.worker,
                                                   progress=beat.progress))
-            leases.append(TimerFired(kind="lease", run_id=run.run_id, tenant=run.tenant, step_id=state.step_id,
-                                     attempt=beat.attempt, due_at=now + timedelta(milliseconds=timeout)))
+            leases.append(lease)
 
         await self.store.update(beat.tenant, beat.run_id, decide)
         for timer in leases:

@@ -18,14 +18,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from faststream.middlewares import AckPolicy
-from faststream.nats import ConsumerConfig, DeliverPolicy, JStream, NatsBroker, NatsMessage, PullSub
+from faststream.nats import NatsBroker
 from interlock.contracts import subjects as s
 from interlock.core import codec
 from interlock.core.eventstore import EventStore, EventStoreError, RunNotFound
 from interlock.core.run import IllegalTransition
 from interlock.core.topology import provision
 from interlock.runtime.connect import connect, resolve_url
+from interlock.runtime.consumer import PullConsumer
 from interlock.runtime.deadletter import dead_letter
 from interlock.runtime.payloads import DEFAULT_INLINE_LIMIT, PayloadStore
 from interlock.runtime.registry import WorkflowRegistry
@@ -49,7 +49,7 @@ class ServiceSettings:
     replicas: int = int(os.environ.get("INTERLOCK_REPLICAS", "1"))
     inline_limit: int = int(os.environ.get("INTERLOCK_INLINE_LIMIT", str(DEFAULT_INLINE_LIMIT)))
     instance: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    fetch_batch: int = 128
+    concurrency: int = 64  # messages handled at once per consumer
 
 
 CommitHandler = Callable[[str, str, list[dict[str, Any]]], Awaitable[None]]
@@ -73,6 +73,7 @@ class Service:
         self.broker = NatsBroker(self.settings.nats_url, logger=broker_log, log_level=logging.DEBUG,
                                  max_reconnect_attempts=-1, reconnect_time_wait=1)
         self._stopped = asyncio.Event()
+        self._consumers: list[PullConsumer] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -86,6 +87,8 @@ class Service:
         await self.setup()
         self.register(self.broker)
         await self.broker.start()
+        for consumer in self._consumers:
+            await consumer.start()
         log.info("%s started (%s)", self.name, self.settings.instance)
 
     async def setup(self) -> None:
@@ -95,6 +98,8 @@ class Service:
         raise NotImplementedError
 
     async def stop(self) -> None:
+        for consumer in self._consumers:
+            await consumer.stop()
         await self.broker.stop()
         await self.teardown()
         if not self.nc.is_closed:
@@ -120,22 +125,22 @@ class Service:
         return f"{self.name}{'_' + suffix if suffix else ''}"
 
     def pull(self, broker: NatsBroker, subject: str, stream: str, durable: str,
-             handler: Callable[[Msg], Awaitable[None]], *, batch: int | None = None,
-             ack_wait: float = 60.0) -> None:
-        """A durable pull consumer, shared by every copy of this service, with guarded handling."""
+             handler: Callable[[Msg], Awaitable[None]], *, ack_wait: float = 60.0) -> None:
+        """A durable pull consumer, shared by every copy of this service, with guarded handling.
 
-        async def consume(body: Any, msg: NatsMessage) -> None:
-            await self.guarded(msg.raw_message, handler)
+        JetStream consumption uses :class:`PullConsumer` rather than a FastStream pull
+        subscriber: FastStream's batch fetch holds every message until its batch fills or times
+        out, which would add that wait to every hop of every run. Request-reply commands and
+        queries stay FastStream subscribers.
+        """
 
-        consume.__name__ = f"{self.name}_{durable}"
-        broker.subscriber(
-            subject,
-            stream=JStream(name=stream, declare=False),
-            durable=durable,
-            pull_sub=PullSub(batch_size=batch or self.settings.fetch_batch, timeout=1.0),
-            config=ConsumerConfig(ack_wait=ack_wait, max_ack_pending=20_000, deliver_policy=DeliverPolicy.ALL),
-            ack_policy=AckPolicy.MANUAL,
-        )(consume)
+        async def consume(msg: Msg) -> None:
+            await self.guarded(msg, handler)
+
+        self._consumers.append(PullConsumer(
+            self.nc, self.js, stream=stream, durable=durable, subject=subject, handler=consume,
+            concurrency=self.settings.concurrency, ack_wait=ack_wait,
+        ))
 
     def pull_commits(self, broker: NatsBroker, handler: CommitHandler, *, wants: frozenset[str] | None = None
                      ) -> None:

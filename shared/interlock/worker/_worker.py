@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -21,13 +22,13 @@ from interlock.contracts.messages import (
     JobResult,
 )
 from interlock.runtime.connect import connect
+from interlock.runtime.consumer import PullConsumer
 from interlock.runtime.deadletter import dead_letter
 from interlock.runtime.payloads import DEFAULT_INLINE_LIMIT, PayloadStore
 from interlock.worker._errors import FatalError
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
 from pydantic import ValidationError
 
 log = logging.getLogger("interlock.worker")
@@ -97,7 +98,7 @@ class Worker:
         self._nc: NATS | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._running: dict[str, asyncio.Task[None]] = {}  # job id -> handler task
-        self._slots = asyncio.Semaphore(concurrency)
+        self._consumers: list[PullConsumer] = []
         self._stop = asyncio.Event()
         self.started_at = datetime.now(UTC)
 
@@ -124,16 +125,21 @@ class Worker:
         self._payloads = PayloadStore(js, self.inline_limit)
         await nc.subscribe(s.CONTROL_CANCEL_ALL, cb=self._on_cancel)
         for registration in self.handlers.values():
-            sub = await js.pull_subscribe(
-                s.job(registration.topic), durable=s.worker_consumer(registration.topic), stream=s.JOBS_STREAM,
-                config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_ack_pending=10_000),
+            consumer = PullConsumer(
+                nc, js, stream=s.JOBS_STREAM, durable=s.worker_consumer(registration.topic),
+                subject=s.job(registration.topic), concurrency=self.concurrency, ack_wait=30,
+                handler=functools.partial(self._handle, js, registration=registration),
             )
-            self._spawn(self._fetch_loop(js, sub, registration))
+            await consumer.start()
+            self._consumers.append(consumer)
         self._spawn(self._registry_loop(js))
         log.info("worker %s serving %s", self.worker_id, ", ".join(sorted(self.handlers)))
 
     async def stop(self) -> None:
         self._stop.set()
+        for consumer in self._consumers:
+            await consumer.stop()
+        self._consumers.clear()
         for task in list(self._running.values()):
             task.cancel()
         for task in list(self._tasks):
@@ -163,38 +169,16 @@ class Worker:
         return task
 
     # -- consuming ---------------------------------------------------------------------------
-    async def _fetch_loop(self, js: JetStreamContext, sub: JetStreamContext.PullSubscription,
-                          registration: _Registration) -> None:
-        # one fetch loop per subscription (concurrent fetches on one subscription stall)
-        while not self._stop.is_set():
-            free = max(1, self.concurrency - len(self._running))
-            await self._slots.acquire()
-            self._slots.release()
-            try:
-                msgs = await sub.fetch(batch=free, timeout=1.0)
-            except TimeoutError:
-                continue
-            except Exception as e:  # reconnecting, leader election: keep going
-                log.warning("worker %s: fetch on %s failed: %r", self.worker_id, registration.topic, e)
-                await asyncio.sleep(0.5)
-                continue
-            for msg in msgs:
-                await self._slots.acquire()
-                self._spawn(self._handle(js, msg, registration))
-
-    async def _handle(self, js: JetStreamContext, msg: Msg, registration: _Registration) -> None:
+    async def _handle(self, js: JetStreamContext, msg: Msg, *, registration: _Registration) -> None:
         try:
-            try:
-                job = Job.model_validate_json(msg.data)
-            except ValidationError as e:
-                await dead_letter(js, "worker", msg.subject, msg.data, f"invalid job: {e}")
-                await msg.ack()
-                return
-            # the job leaves the queue now; from here its lease is the heartbeat the dispatcher watches
-            await msg.ack_sync()
-            await self._run_job(js, job, registration)
-        finally:
-            self._slots.release()
+            job = Job.model_validate_json(msg.data)
+        except ValidationError as e:
+            await dead_letter(js, "worker", msg.subject, msg.data, f"invalid job: {e}")
+            await msg.ack()
+            return
+        # the job leaves the queue now; from here its lease is the heartbeat the dispatcher watches
+        await msg.ack_sync()
+        await self._run_job(js, job, registration)
 
     async def _run_job(self, js: JetStreamContext, job: Job, registration: _Registration) -> None:
         async def beat(progress: str | None = None) -> None:

@@ -1,0 +1,136 @@
+"""A durable JetStream pull consumer that hands each message on the moment it arrives.
+
+Why not ``fetch()``: a batch fetch waits for its batch to fill (or its timeout) before returning,
+which puts up to the timeout on every hop of a run. Here one pull request for a batch stays open
+on the server, which pushes each message to us as soon as it exists (the way the Go and JS
+clients' ``consume()`` works); a new request goes out when the previous one is used up or
+expires. Handlers run concurrently, bounded; each acks its own message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import BadRequestError
+
+log = logging.getLogger(__name__)
+
+REQUEST_EXPIRES_S = 5.0
+IDLE_HEARTBEAT_S = 1.0
+
+
+class PullConsumer:
+    def __init__(self, nc: NATS, js: JetStreamContext, *, stream: str, durable: str, subject: str,
+                 handler: Callable[[Msg], Awaitable[None]], concurrency: int = 64, ack_wait: float = 60.0,
+                 max_ack_pending: int = 20_000) -> None:
+        self.nc = nc
+        self.js = js
+        self.stream = stream
+        self.durable = durable
+        self.subject = subject
+        self.handler = handler
+        self.concurrency = concurrency
+        self.ack_wait = ack_wait
+        self.max_ack_pending = max_ack_pending
+        self._slots = asyncio.Semaphore(concurrency)
+        self._sub: Subscription | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._request_id = 0
+        self._outstanding = 0  # messages the open request may still bring
+        self._wake = asyncio.Event()
+        self._running = False
+
+    async def start(self) -> None:
+        config = ConsumerConfig(
+            durable_name=self.durable, filter_subject=self.subject, ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.ack_wait, max_ack_pending=self.max_ack_pending, deliver_policy=DeliverPolicy.ALL,
+            max_deliver=-1,
+        )
+        try:
+            await self.js.add_consumer(self.stream, config)
+        except BadRequestError as e:  # exists with another config: keep it, it still works
+            log.warning("consumer %s on %s exists with other settings (%s); using it", self.durable,
+                        self.stream, e.description)
+        self._inbox = self.nc.new_inbox()
+        self._sub = await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
+        self._running = True
+        self._loop_task = asyncio.create_task(self._pull_loop(), name=f"pull-{self.durable}")
+
+    async def stop(self) -> None:
+        self._running = False
+        self._wake.set()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._loop_task
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=10)
+
+    async def _pull_loop(self) -> None:
+        api = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}"
+        while self._running:
+            if self._outstanding <= 0:
+                # wait for room: never ask for more than the handlers can take
+                free = self.concurrency - len(self._tasks)
+                if free <= 0:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                self._request_id += 1
+                self._outstanding = free
+                request = {"batch": free, "expires": int(REQUEST_EXPIRES_S * 1e9),
+                           "idle_heartbeat": int(IDLE_HEARTBEAT_S * 1e9)}
+                try:
+                    await self.nc.publish(api, json.dumps(request).encode(),
+                                          reply=f"{self._inbox}.{self._request_id}")
+                except Exception as e:  # reconnecting: try again shortly
+                    log.warning("pull request for %s failed: %r", self.durable, e)
+                    self._outstanding = 0
+                    await asyncio.sleep(0.5)
+                    continue
+            self._wake.clear()
+            try:
+                # a lost request (server restart, leader change) must not stall us forever
+                await asyncio.wait_for(self._wake.wait(), REQUEST_EXPIRES_S + 2 * IDLE_HEARTBEAT_S)
+            except TimeoutError:
+                self._outstanding = 0
+
+    async def _on_msg(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        status = headers.get("Status") if not msg.data else None
+        if status is not None:
+            # status messages come on the request's own inbox; data messages keep their subject
+            current = msg.subject.rsplit(".", 1)[-1] == str(self._request_id)
+            if status != "100" and current:  # 404/408: request over; 409: leader change etc.
+                self._outstanding = 0
+                self._wake.set()
+            return
+        self._outstanding -= 1
+        task = asyncio.create_task(self._handle(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._outstanding <= 0:
+            self._wake.set()
+
+    async def _handle(self, msg: Msg) -> None:
+        async with self._slots:
+            try:
+                await self.handler(msg)
+            except Exception:
+                log.exception("consumer %s: unhandled error", self.durable)
