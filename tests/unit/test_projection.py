@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import sqlite3
 import uuid
@@ -415,3 +416,59 @@ async def test_file_projection_uses_wal_and_survives_reopen(tmp_path: Path) -> N
         assert position["stream_seq"] == 42 and position["commits"] == 1
         await projection.wipe()
         assert await projection.runs() == [] and (await projection.position())["stream_seq"] == 0
+
+
+class _FakeJetStream:
+    """Just enough of a JetStreamContext for :meth:`Projection.bind_stream`."""
+
+    def __init__(self, created: datetime) -> None:
+        self.created = created
+
+    async def stream_info(self, name: str) -> Any:
+        assert name == "IL_EVENTS"
+        return type("Info", (), {"created": self.created})()
+
+
+async def test_a_projection_of_another_stream_is_wiped(proj: Projection) -> None:
+    first = _FakeJetStream(datetime(2030, 1, 1, tzinfo=UTC))
+    assert await proj.bind_stream(first) is False  # type: ignore[arg-type]
+    log = full_run()
+    await log.apply(proj)
+    assert await proj.bind_stream(first) is False  # type: ignore[arg-type]
+    await proj.wipe(tenants=["nobody"])
+    assert await proj.status(log.run_id) is not None
+    assert (await proj.position())["stream_created"] == first.created.isoformat()
+    recreated = _FakeJetStream(datetime(2030, 1, 2, tzinfo=UTC))
+    assert await proj.bind_stream(recreated) is True  # type: ignore[arg-type]
+    assert await proj.status(log.run_id) is None and await proj.runs() == []
+    assert (await proj.position())["stream_created"] == recreated.created.isoformat()
+
+
+async def test_an_unstorable_event_does_not_fail_the_commits_written_with_it(proj: Projection) -> None:
+    good, odd = Log(), Log()
+    good.commit(ready("a"))
+    odd.commit(ready("a"))
+    # a lone surrogate cannot come off the wire (the JSON decoder refuses it) but a caller can pass one
+    bad_step = {"run_id": odd.run_id, "tenant": TENANT, "seq": 3, "type": "StepSkipped",
+                "at": datetime.now(UTC).isoformat(), "service": "x", "step_id": "s\ud800", "attempt": None,
+                "data": {"step_id": "s\ud800", "reason": "lone surrogate"}, "prev_hash": odd.last_hash,
+                "hash": "b" * 64}
+    huge = {"run_id": odd.run_id, "tenant": TENANT, "seq": 4, "type": "StepHeartbeat", "at": "x", "service": "x",
+            "attempt": 2**70, "data": {"step_id": "a", "attempt": 2**70}, "prev_hash": bad_step["hash"], "hash": "h"}
+    # queued together: one group-commit transaction
+    results = await asyncio.gather(
+        proj.apply_commit(good.tenant, good.run_id, good.commits[0]),
+        proj.apply_commit(odd.tenant, odd.run_id, odd.commits[0] + odd.commits[1] + [bad_step, huge]),
+        proj.apply_commit(good.tenant, good.run_id, good.commits[1]),
+    )
+    assert [r.applied for r in results] == [1, 4, 1]
+    assert results[0].chain_ok and results[2].chain_ok and not results[1].chain_ok
+    good_status = await proj.status(good.run_id)
+    assert good_status is not None and good_status["steps"][0]["status"] == "ready"
+    timeline = await proj.timeline(odd.run_id)
+    assert timeline is not None and [e["seq"] for e in timeline] == [1, 2, 3, 4]
+    assert timeline[2]["summary"].startswith("event could not be recorded")
+    assert timeline[3]["attempt"] is None and timeline[3]["problems"]
+    # the run's log goes on after them
+    status = await proj.status(odd.run_id)
+    assert status is not None and status["last_seq"] == 4 and status["head_hash"] == "h"

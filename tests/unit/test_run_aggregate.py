@@ -768,7 +768,7 @@ class RunMachine(RuleBasedStateMachine):
         self.log = chain(self.run)
         self.min_events = 1
 
-    @initialize(min_events=st.integers(8, 60))
+    @initialize(min_events=st.integers(3, 50))
     def setup(self, min_events: int) -> None:
         self.min_events = min_events
 
@@ -792,6 +792,19 @@ class RunMachine(RuleBasedStateMachine):
                 return
             step = data.draw(st.sampled_from(sorted(by_step)))
             self._do(data.draw(st.sampled_from(by_step[step])))
+
+    @rule(step=st.sampled_from(STEPS), decision=st.sampled_from(("allow", "require_approval")),
+          depth=st.integers(1, 4))
+    def drive_new_step(self, step: str, decision: ev.Decision, depth: int) -> None:
+        """A shortcut to deeper states: make a step ready and move it on by up to ``depth`` commands."""
+        ready_cmd = "ready" if self.model.status == "running" else "ready_comp"
+        path = [Cmd(ready_cmd, step), Cmd("decide", step, decision=decision),
+                Cmd("request" if decision == "require_approval" else "dispatch", step, attempt=1),
+                Cmd("grant" if decision == "require_approval" else "heartbeat", step, attempt=1)]
+        for c in path[:depth]:
+            if not self.model.legal(c):
+                return
+            self._do(c)
 
     @rule(data=st.data())
     def valid_run_command(self, data: st.DataObject) -> None:

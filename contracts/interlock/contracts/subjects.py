@@ -37,6 +37,7 @@ DLQ_STREAM = "IL_DLQ"
 # -- key-value buckets and object store ----------------------------------------------------
 WORKFLOWS_BUCKET = "il_workflows"  # key: {workflow_id}.{version} and {workflow_id}.latest
 AGENTS_BUCKET = "il_agents"  # key: {topic}.{worker_id}
+POLICIES_BUCKET = "il_policies"  # key: active (its history is the bundle history)
 PAYLOADS_OBJECT_STORE = "il_payloads"  # large inputs and outputs, by sha256
 
 # -- wildcards a stream or consumer binds to ----------------------------------------------

@@ -14,7 +14,7 @@ from interlock.auditor.projection import DEFAULT_PATH, Envelopes, ProgressCallba
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import QueryReply, RunQuery, RunsQuery
 from interlock.core import codec
-from interlock.core.eventstore import EventStore
+from interlock.core.eventstore import EventStore, EventStoreError
 from interlock.runtime.connect import connect
 from interlock.runtime.service import Poison, Service, ServiceSettings
 from nats.aio.msg import Msg
@@ -24,6 +24,7 @@ from pydantic import ValidationError
 log = logging.getLogger(__name__)
 
 DB_ENV = "INTERLOCK_AUDITOR_DB"
+INSTANCE_ENV = "INTERLOCK_AUDITOR_INSTANCE"
 DEFAULT_INSTANCE = "auditor"
 MAX_QUERY_LIMIT = 10_000
 
@@ -74,8 +75,13 @@ async def catch_up(projection: Projection, store: EventStore, tenant: str, run_i
     stored = await store.read_commits(tenant, run_id, result.last_stream_seq)
     commits: list[tuple[str, str, Envelopes, int | None]] = [
         (tenant, run_id, commit.envelopes, commit.stream_seq) for commit in stored]
-    if stream_seq is None or all(commit.stream_seq != stream_seq for commit in stored):
-        commits.append((tenant, run_id, envelopes, stream_seq))  # keep what was delivered, whatever the read says
+    if stream_seq is None:
+        commits.append((tenant, run_id, envelopes, stream_seq))
+    elif all(commit.stream_seq != stream_seq for commit in stored):
+        # the read came from a replica that is behind the one that delivered: try again later
+        # rather than record a gap that is not in the log
+        raise EventStoreError(f"run {run_id}: the log read after stream seq {result.last_stream_seq} does not hold "
+                              f"the delivered commit at stream seq {stream_seq} yet")
     await projection.apply_commits(commits)
 
 
@@ -86,7 +92,8 @@ class AuditorService(Service):
     must see every commit. Copies therefore do not share a durable consumer (a shared one would
     split the commits between them, leaving each projection with holes); each copy has its own
     projection file and its own durable consumer ``auditor_{instance}``, where ``instance`` is
-    derived from the stable ``instance`` name given to the constructor (default ``"auditor"``).
+    derived from the stable ``instance`` name given to the constructor (else
+    ``$INTERLOCK_AUDITOR_INSTANCE``, else ``"auditor"``).
     Give every copy a different, *stable* name (e.g. the pod or host name, not the pid): the
     durable consumer remembers how far that copy's projection got, so a restart continues where
     it stopped instead of replaying the whole stream, and a renamed copy leaves an orphan
@@ -98,15 +105,17 @@ class AuditorService(Service):
     keeps it in memory. Because the consumer position and the projection must agree, start-up
     compares them: if the consumer has acknowledged more than the projection holds (a new,
     deleted or restored file; ``:memory:``) the consumer is deleted, so it is created again from
-    the start of the stream and the projection is replayed (idempotently) from scratch.
+    the start of the stream and the projection is replayed (idempotently) from scratch. A
+    projection built from another ``IL_EVENTS`` stream (the server's store was reset) is wiped
+    first (see :meth:`Projection.bind_stream`).
     """
 
     name = "auditor"
 
     def __init__(self, settings: ServiceSettings | None = None, *, db_path: str | Path | None = None,
-                 instance: str = DEFAULT_INSTANCE) -> None:
+                 instance: str | None = None) -> None:
         super().__init__(settings)
-        self.instance = instance_id(instance)
+        self.instance = instance_id(instance or os.environ.get(INSTANCE_ENV) or DEFAULT_INSTANCE)
         self.db_path = str(db_path or os.environ.get(DB_ENV) or default_db_path(self.instance))
         self.projection = Projection(self.db_path)
 
@@ -118,13 +127,13 @@ class AuditorService(Service):
 
     async def setup(self) -> None:
         await self.projection.open()
+        await self.projection.bind_stream(self.js)
         await self._align_consumer()
 
     async def teardown(self) -> None:
         await self.projection.close()
 
     async def _align_consumer(self) -> None:
-        return
         durable = self.durable("events")
         try:
             info = await self.js.consumer_info(s.EVENTS_STREAM, durable)

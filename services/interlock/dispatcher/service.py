@@ -185,6 +185,13 @@ class DispatcherService(Service):
                                  kind="output_schema")
             else:
                 error = result.error or JobError(message="the worker reported a failure without a reason")
+                if error.kind == "timeout" and state.status in ("dispatched", "running") \
+                        and state.deadline is not None \
+                        and datetime.now(UTC) >= state.deadline - RETRY_EARLY_TOLERANCE:
+                    # the worker stopped at the deadline before our deadline timer fired: the
+                    # log records the same StepTimedOut whichever side noticed first
+                    run.time_out_step(ev.StepTimedOut(step_id=state.step_id, attempt=state.attempt,
+                                                      reason="deadline"))
             self.fail_attempt(run, state, spec, error, result.worker, retries)
 
         await self.store.update(result.tenant, result.run_id, decide)

@@ -123,38 +123,44 @@ def plan(run: Run, wf: Workflow, outputs: dict[str, Any], run_input: Any, now: d
         return
     context = template_context(run, outputs, run_input)
     for sid in wf.topological_order():
-        spec = wf.steps[sid]
+        _plan_step(run, wf, sid, wf.steps[sid], context)
         state = run.steps.get(sid)
         if state is not None:
-            if state.status == "expanded":
-                _plan_items(run, wf, sid, spec, state, context)
-            continue
-        verdict = _dependency_verdict(run, wf, spec)
-        if verdict in ("wait", "blocked"):
-            continue
-        if verdict == "skip":
-            run.skip_step(ev.StepSkipped(step_id=sid, reason="every dependency was skipped"))
-            context["steps"][sid] = {"output": None, "status": "skipped"}
-            continue
-        try:
-            if spec.when is not None and not evaluate_condition(spec.when, context, location=f"steps.{sid}.when"):
-                run.skip_step(ev.StepSkipped(step_id=sid, reason=f"condition is false: {spec.when}"))
-                context["steps"][sid] = {"output": None, "status": "skipped"}
-                continue
-            if spec.for_each is not None:
-                items = evaluate_for_each(spec.for_each, context, location=f"steps.{sid}.for_each")
-                run.expand_step(ev.StepExpanded(step_id=sid, count=len(items)))
-                _plan_items(run, wf, sid, spec, run.steps[sid], context, items)
-                continue
-            value = render_input(spec.input, context, location=f"steps.{sid}.input")
-        except TemplateError as e:
-            run.mark_step_ready(ev.StepReady(step_id=sid, step_type=spec.type.value, topic=spec.topic,
-                                             input=None, job_hash=""))
-            _fail_now(run, sid, str(e), "template")
-            continue
-        _ready(run, wf, sid, spec, value)
+            # later steps of this same pass read what just happened here (a step skipped, a
+            # reused output, a for_each parent whose last item finished)
+            context["steps"][sid] = {"output": outputs.get(sid, state.output), "status": state.status}
     if run.status == "running" and _first_unhandled_failure(run, wf) is None:
         _maybe_finish(run, wf, outputs)
+
+
+def _plan_step(run: Run, wf: Workflow, sid: str, spec: Step, context: dict[str, Any]) -> None:
+    state = run.steps.get(sid)
+    if state is not None:
+        if state.status == "expanded":
+            _plan_items(run, wf, sid, spec, state, context)
+        return
+    verdict = _dependency_verdict(run, wf, spec)
+    if verdict in ("wait", "blocked"):
+        return
+    if verdict == "skip":
+        run.skip_step(ev.StepSkipped(step_id=sid, reason="every dependency was skipped"))
+        return
+    try:
+        if spec.when is not None and not evaluate_condition(spec.when, context, location=f"steps.{sid}.when"):
+            run.skip_step(ev.StepSkipped(step_id=sid, reason=f"condition is false: {spec.when}"))
+            return
+        if spec.for_each is not None:
+            items = evaluate_for_each(spec.for_each, context, location=f"steps.{sid}.for_each")
+            run.expand_step(ev.StepExpanded(step_id=sid, count=len(items)))
+            _plan_items(run, wf, sid, spec, run.steps[sid], context, items)
+            return
+        value = render_input(spec.input, context, location=f"steps.{sid}.input")
+    except TemplateError as e:
+        run.mark_step_ready(ev.StepReady(step_id=sid, step_type=spec.type.value, topic=spec.topic,
+                                         input=None, job_hash=""))
+        _fail_now(run, sid, str(e), "template")
+        return
+    _ready(run, wf, sid, spec, value)
 
 
 def _plan_items(run: Run, wf: Workflow, sid: str, spec: Step, parent: StepState, context: dict[str, Any],

@@ -33,7 +33,9 @@ class PlannerService(Service):
     name = "planner"
 
     def register(self, broker: NatsBroker) -> None:
-        self.pull(broker, s.TRIGGERS_ALL, s.TRIGGERS_STREAM, self.durable("triggers"), self.on_trigger)
+        # the whole triggers stream: il.trigger.> and the workflows' own trigger subjects, which
+        # the registry adds to the stream when a workflow declares them
+        self.pull(broker, ">", s.TRIGGERS_STREAM, self.durable("triggers"), self.on_trigger)
         self.pull_commits(broker, self.on_commit, wants=PROGRESS_EVENTS)
         self.pull(broker, s.timer_fired("run_timeout"), s.TIMERS_STREAM, self.durable("timers"), self.on_timer)
 

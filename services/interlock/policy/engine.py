@@ -29,6 +29,8 @@ class JobRequest:
     approvers: str
     now: datetime
     kind: Literal["job", "run"] = "job"
+    capabilities: tuple[str, ...] = ()  # offered by the agents registered for the topic
+    agent_version: str = ""
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,9 @@ class EventStore:
         self.failover_patience = failover_patience
         self._cache: OrderedDict[tuple[str, str], RunHandle] = OrderedDict()
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # highest stream sequence of each run's commits this process has seen delivered: a cached
+        # or freshly loaded run behind it is stale (the commit may have arrived mid-load)
+        self._seen: OrderedDict[tuple[str, str], int] = OrderedDict()
         self.stats = {"appends": 0, "conflicts": 0, "loads": 0, "cache_hits": 0}
 
     # -- reading -----------------------------------------------------------------------------
@@ -170,7 +173,7 @@ class EventStore:
         """The run from cache when present (it may lag; appends detect that), else by replay."""
         key = (tenant, run_id)
         handle = self._cache.get(key)
-        if handle is not None and not fresh:
+        if handle is not None and not fresh and handle.stream_seq >= self._seen.get(key, 0):
             self._cache.move_to_end(key)
             self.stats["cache_hits"] += 1
             return handle
@@ -182,6 +185,16 @@ class EventStore:
             handle = self._replay(await self.read_commits(tenant, run_id), tenant, run_id)
         if handle is None:
             raise RunNotFound(tenant, run_id)
+        # a commit delivered while the read was in flight (observe found no cached run to bring
+        # forward) must not be missed: a decision on the older state could find nothing to do
+        for _ in range(50):
+            if handle.stream_seq >= self._seen.get(key, 0):
+                break
+            commits = await self.read_commits(tenant, run_id, handle.stream_seq)
+            if commits:
+                handle = self._replay(commits, tenant, run_id, handle) or handle
+            else:  # a replica serving direct gets may lag a moment
+                await asyncio.sleep(0.01)
         self._remember(handle)
         return handle
 
@@ -209,6 +222,11 @@ class EventStore:
         took the one in between) drops the cached run; the next load replays.
         """
         key = (tenant, run_id)
+        if stream_seq > self._seen.get(key, 0):
+            self._seen[key] = stream_seq
+            self._seen.move_to_end(key)
+            while len(self._seen) > 4 * self.cache_size:
+                self._seen.popitem(last=False)
         handle = self._cache.get(key)
         if handle is None or stream_seq <= handle.stream_seq:
             return
@@ -277,6 +295,10 @@ class EventStore:
                     fresh = True
                     # back off a little, growing, with jitter from the attempt number
                     await asyncio.sleep(min(0.05, 0.001 * (attempt + 1)) * (1 + (hash(run_id) % 7) / 7))
+                except BaseException:
+                    # the cached run holds events that may not be stored: never append after them
+                    self.forget(tenant, run_id)
+                    raise
             raise TooManyConflicts(f"run {run_id}: gave up after {attempts} conflicting appends")
 
     async def _append(self, handle: RunHandle, new_events: Sequence[Any]

@@ -227,6 +227,19 @@ def render_report(report: VerifyReport) -> str:
 
 
 __all__ = [
+    "BROKEN_LINK",
+    "DUPLICATE_START",
+    "EMPTY",
+    "FIELD_MISMATCH",
+    "HASH_MISMATCH",
+    "INVALID_DATA",
+    "MALFORMED",
+    "NOT_STARTED",
+    "RUN_MISMATCH",
+    "SEQ_GAP",
+    "SEQ_ORDER",
+    "TENANT_MISMATCH",
+    "UNKNOWN_TYPE",
     "VerifyProblem",
     "VerifyReport",
     "render_report",
