@@ -468,6 +468,73 @@ async def cmd_rerun(args: argparse.Namespace, nc: NATS) -> int:
     return 0
 
 
+async def cmd_policy(args: argparse.Namespace, nc: NATS) -> int:
+    from interlock.core.topology import provision as provision_all
+    from interlock.policy.bundles import BundleStore
+    from interlock.policy.cedar import DEFAULT_BUNDLE, CedarPolicy, PolicyBundle, PolicyError
+    from interlock.policy.tools import request_for, simulate
+
+    await provision_all(nc.jetstream())
+    store = BundleStore(nc.jetstream())
+    who = os.environ.get("USER", "cli")
+    try:
+        if args.action == "publish":
+            record = await store.publish(Path(args.file).read_text(), version=args.version, by=who)
+            out(f"policy bundle {record.bundle.snapshot_id} is active (revision {record.revision})")
+            return 0
+        if args.action == "rollback":
+            record = await store.rollback(to_version=args.to, by=who)
+            out(f"rolled back: policy bundle {record.bundle.snapshot_id} is active (revision {record.revision})")
+            return 0
+        if args.action == "show":
+            active = await store.active()
+            bundle = active.bundle if active else DEFAULT_BUNDLE
+            out(f"# snapshot {bundle.snapshot_id}" + ("" if active else " (built-in default: nothing published)"))
+            out(bundle.source)
+            return 0
+        if args.action == "history":
+            _table([{"revision": r.revision, "snapshot": r.bundle.snapshot_id, "published_at": r.published_at,
+                     "by": r.published_by} for r in await store.history()],
+                   ["revision", "snapshot", "published_at", "by"])
+            return 0
+        active = await store.active()
+        engine = CedarPolicy(active.bundle if active else DEFAULT_BUNDLE)
+        if args.action == "simulate":
+            draft = CedarPolicy(PolicyBundle.of("draft", Path(args.draft).read_text()))
+            registry = WorkflowRegistry(nc.jetstream())
+            workflows = {}
+            for wf_id, version in await registry.list():
+                workflows[(wf_id, version)] = await registry.get(wf_id, version)
+            checked, changes = await simulate(nc, draft, workflows, args.limit)
+            out(f"re-decided {checked} recent jobs with {args.draft}: {len(changes)} would change")
+            _table([{"run": c.decision.run_id[:8], "step": c.decision.step_id, "was": c.decision.decision,
+                     "now": c.new_decision, "rules": ",".join(c.new_rules), "reason": c.reason} for c in changes],
+                   ["run", "step", "was", "now", "rules", "reason"])
+            return 0
+        registry = WorkflowRegistry(nc.jetstream())
+        try:
+            workflow = await registry.get(args.workflow, args.version)
+        except WorkflowNotFound as e:
+            raise CliError(str(e)) from None
+        if args.step not in workflow.steps:
+            raise CliError(f"workflow {workflow.id} has no step {args.step!r}")
+        request = request_for(workflow, args.step, tenant=args.tenant, job_input=_parse_input(args.input))
+        outcome = engine.decide(request)
+        out(f"{outcome.decision} under {outcome.snapshot_id} (rules {', '.join(outcome.rule_ids) or '-'})"
+            + (f": {outcome.reason}" if outcome.reason else ""))
+        if outcome.approver_role:
+            out(f"  approver role {outcome.approver_role}, expires in {outcome.approval_expires_ms or '-'} ms")
+        if outcome.constraints:
+            out(f"  constraints {json.dumps(outcome.constraints)}")
+        if args.action == "explain":
+            for step in engine.explain(request):
+                out(f"  {step.action}: {step.decision}; matched {', '.join(step.matched) or 'nothing'}"
+                    + (f"; errors {'; '.join(step.errors)}" if step.errors else ""))
+        return 0
+    except (PolicyError, ValueError, OSError) as e:
+        raise CliError(str(e)) from None
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from interlock.stack import Stack
 
@@ -500,7 +567,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 ASYNC_COMMANDS: dict[str, Callable[..., Awaitable[int]]] = {
     "workflows": cmd_workflows, "run": cmd_run, "cancel": cmd_cancel, "runs": cmd_runs, "status": cmd_status,
     "timeline": cmd_timeline, "approvals": cmd_approvals, "agents": cmd_agents, "dlq": cmd_dlq,
-    "rerun": cmd_rerun,
+    "rerun": cmd_rerun, "policy": cmd_policy,
 }
 
 
@@ -578,6 +645,25 @@ def build_parser() -> argparse.ArgumentParser:
     vp.add_argument("--tenant", default=DEFAULT_TENANT)
     rp = asub.add_parser("rebuild", help="rebuild the auditor projection by replaying the streams")
     rp.add_argument("--db", default=os.environ.get("INTERLOCK_AUDITOR_DB", ".interlock/auditor.sqlite3"))
+    sp = cmd("policy", "publish, roll back, inspect and test policy bundles (Cedar)")
+    psub = sp.add_subparsers(dest="action", required=True)
+    pp = psub.add_parser("publish", help="make a Cedar bundle the active policy")
+    pp.add_argument("file")
+    pp.add_argument("--version", help="bundle version (default: previous + 1)")
+    pp = psub.add_parser("rollback", help="make the previous (or --to VERSION) bundle active again")
+    pp.add_argument("--to", help="version to return to")
+    psub.add_parser("show", help="print the active bundle")
+    psub.add_parser("history", help="list published bundles")
+    for action, help_text in (("eval", "decide one job"), ("explain", "decide one job and show which rules matched")):
+        pp = psub.add_parser(action, help=help_text)
+        pp.add_argument("workflow")
+        pp.add_argument("step")
+        pp.add_argument("--input", help="the job's resolved input: JSON or @file")
+        pp.add_argument("--version", help="workflow version (default: latest)")
+        pp.add_argument("--tenant", default=DEFAULT_TENANT)
+    pp = psub.add_parser("simulate", help="re-decide recent jobs with a draft bundle; list what would change")
+    pp.add_argument("draft")
+    pp.add_argument("--limit", type=int, default=500)
     sp = cmd("demo", "run the incident-remediation example end to end on an embedded stack", nats_flag=False)
     sp.add_argument("--auto-approve", action="store_true", help="approve the approval gate automatically")
     sp.add_argument("--home", default=".interlock/demo", help="state and logs directory")
