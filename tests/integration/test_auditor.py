@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nats.aio.client import Client as NATS
+
 from interlock.auditor.projection import Projection, RebuildStats
 from interlock.auditor.service import AuditorService, catch_up
 from interlock.contracts import events as ev
@@ -20,7 +22,6 @@ from interlock.core import codec
 from interlock.core.eventstore import EventStore
 from interlock.core.run import Run
 from interlock.runtime.service import ServiceSettings
-from nats.aio.client import Client as NATS
 
 pytestmark = pytest.mark.integration
 

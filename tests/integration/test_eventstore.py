@@ -3,6 +3,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+
 from interlock.contracts import events as ev
 from interlock.core.eventstore import EventStore, RunExists
 from interlock.core.run import Run

@@ -1,6 +1,11 @@
 """The event store under concurrency, retries and tampering, against a real nats-server.
 
 Timing figures are printed, never asserted: run with ``pytest -s`` to see them.
+
+The module has a nats-server of its own (``provisioned`` is overridden below, so the shared
+``nc`` fixture connects to it): it writes thousands of events of runs whose workflows exist
+nowhere, and a forged commit, which the service tests' durable consumers (they start at the
+beginning of the events stream) would otherwise have to work through.
 """
 
 from __future__ import annotations
@@ -10,12 +15,15 @@ import dataclasses
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import nats
 import pytest
+from nats.aio.client import Client as NATS
+from nats.js.errors import BadRequestError
+
 from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import JobError
@@ -29,10 +37,10 @@ from interlock.core.eventstore import (
     StoredCommit,
     _Conflict,
 )
+from interlock.core.natsserver import EmbeddedNats
 from interlock.core.run import Run
+from interlock.core.topology import provision
 from interlock.core.verify import render_report, verify_run
-from nats.aio.client import Client as NATS
-from nats.js.errors import BadRequestError
 
 pytestmark = pytest.mark.integration
 
@@ -51,6 +59,23 @@ def started(tenant: str) -> ev.RunStarted:
 
 def store_on(client: NATS, service: str) -> EventStore:
     return EventStore(client, client.jetstream(), service=service)
+
+
+@pytest.fixture(scope="module")
+def own_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
+    server = EmbeddedNats(store_dir=tmp_path_factory.mktemp("nats-eventstore-concurrency"), port=0)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+async def provisioned(own_server: EmbeddedNats) -> str:
+    """This module's server, provisioned (overrides the session-wide fixture of the same name)."""
+    client = await nats.connect(own_server.url)
+    await provision(client.jetstream())
+    await client.close()
+    return own_server.url
 
 
 @pytest.fixture

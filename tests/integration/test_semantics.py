@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import DeadLetter, Notification, PayloadRef
@@ -332,11 +332,13 @@ steps:
 
 
 # -- 14. poison triggers ---------------------------------------------------------------------
-async def _dead_letters_containing(harness: Harness, marker: bytes, want: int, timeout: float = 10.0
-                                   ) -> list[DeadLetter]:
+async def _dead_letters_containing(harness: Harness, marker: bytes, want: int, after_seq: int,
+                                   timeout: float = 10.0) -> list[DeadLetter]:
     js = harness.nc.jetstream()
     found: list[DeadLetter] = []
-    sub = await js.subscribe(s.dead_letter("planner"), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    sub = await js.subscribe(s.dead_letter("planner"), ordered_consumer=True,
+                             config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                                   opt_start_seq=after_seq + 1))
     try:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -372,10 +374,11 @@ steps:
     marker = uuid.uuid4().hex.encode()
     not_json = b"{this is not json " + marker
     missing = json.dumps({"workflow_id": wf, "input": {"marker": marker.decode()}}).encode()  # no idempotency_key
+    dlq_before = (await js.stream_info(s.DLQ_STREAM)).state.last_seq
     await js.publish(s.trigger(wf), not_json)
     await js.publish(s.trigger(wf), missing)
 
-    letters = await _dead_letters_containing(harness, marker, want=2)
+    letters = await _dead_letters_containing(harness, marker, want=2, after_seq=dlq_before)
     assert sorted(base64.b64decode(letter.data_b64) for letter in letters) == sorted([not_json, missing])
     for letter in letters:
         assert letter.service == "planner"

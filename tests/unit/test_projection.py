@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from interlock.auditor.projection import UNKNOWN_TYPE_SUMMARY, Projection, describe
 from interlock.contracts import events as ev
 from interlock.contracts.messages import JobError

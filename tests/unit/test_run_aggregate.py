@@ -12,12 +12,13 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from pydantic import ValidationError
+
 from interlock.contracts import events as ev
 from interlock.contracts.messages import JobError
 from interlock.core import codec
 from interlock.core.run import TERMINAL_RUN, TERMINAL_STEP, IllegalTransition, Run
 from interlock.core.verify import verify_envelopes
-from pydantic import ValidationError
 
 TENANT = "t-unit"
 WRONG_HASH = "f" * 64
@@ -357,7 +358,7 @@ def test_late_result_only_for_an_older_attempt() -> None:
     after.pop("version"), before.pop("version")
     assert after == before  # evidence only: nothing else changed
     refused(lambda: run.record_late_result(ev.LateResultRecorded(step_id="a", attempt=2, ok=True)), "current")
-    refused(lambda: run.record_late_result(ev.LateResultRecorded(step_id="a", attempt=3, ok=True)), "current")
+    refused(lambda: run.record_late_result(ev.LateResultRecorded(step_id="a", attempt=3, ok=True)), "never dispatched")
     refused(lambda: run.record_late_result(ev.LateResultRecorded(step_id="b", attempt=1, ok=True)),
             "not been made ready")
     run.succeed_step(ev.StepSucceeded(step_id="a", attempt=2))

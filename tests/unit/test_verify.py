@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from interlock.contracts import events as ev
 from interlock.contracts.messages import JobError
 from interlock.core import codec

@@ -36,6 +36,9 @@ from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
 import aiosqlite
 import msgspec
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
 from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
 from interlock.core import codec
@@ -49,12 +52,11 @@ from interlock.core.verify import (
     VerifyProblem,
     verify_envelopes,
 )
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
 
 if TYPE_CHECKING:
-    from interlock.core.eventstore import EventStore
     from nats.js import JetStreamContext
+
+    from interlock.core.eventstore import EventStore
 
 log = logging.getLogger(__name__)
 
@@ -1229,7 +1231,7 @@ class Projection:
             future: asyncio.Future[ApplyResult] = loop.create_future()
             self._enqueue(_Commit(tenant, run_id, envelopes, seq), hold_gaps, future)
             futures.append(future)
-        return [await future for future in futures]
+        return list(await asyncio.gather(*futures))
 
     def _enqueue(self, commit: _Commit, hold_gaps: bool, future: asyncio.Future[ApplyResult]) -> None:
         self._pending.append((commit, hold_gaps, future))
@@ -1330,12 +1332,12 @@ class Projection:
             mem_storage=True, inactive_threshold=60.0, filter_subjects=subjects if len(subjects) > 1 else None)
         sub = await js.pull_subscribe(subjects[0], durable=None, stream=s.EVENTS_STREAM, config=config)
         consumer = sub._consumer  # the generated ephemeral consumer name
+        fetch: asyncio.Future[list[Any]] | None = None
         try:
             info = await sub.consumer_info()
             pending = int(info.num_pending or 0)
             consumer_seq = 0
             idle = 0
-            fetch: asyncio.Task[list[Any]] | None = None
             while pending > 0 or fetch is not None:
                 if fetch is None:
                     fetch = asyncio.ensure_future(sub.fetch(batch, timeout=fetch_timeout))
@@ -1379,6 +1381,10 @@ class Projection:
                     next_report = stats.events + every
             return None
         finally:
+            if fetch is not None and not fetch.done():
+                fetch.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await fetch
             await sub.unsubscribe()
             with contextlib.suppress(NotFoundError, TimeoutError):  # else it expires after inactive_threshold
                 await js.delete_consumer(s.EVENTS_STREAM, consumer)

@@ -10,6 +10,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from faststream.nats import NatsBroker, NatsMessage
+from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
+from pydantic import ValidationError
+
 from interlock.auditor.projection import DEFAULT_PATH, Envelopes, ProgressCallback, Projection, RebuildStats
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import QueryReply, RunQuery, RunsQuery
@@ -17,9 +21,6 @@ from interlock.core import codec
 from interlock.core.eventstore import EventStore, EventStoreError
 from interlock.runtime.connect import connect
 from interlock.runtime.service import Poison, Service, ServiceSettings
-from nats.aio.msg import Msg
-from nats.js.errors import NotFoundError
-from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
 

@@ -280,9 +280,12 @@ class EventStore:
                     outcome = decide(handle.run)
                     if outcome is not None:
                         await outcome
-                except BaseException:
-                    handle.run.collect_events()
-                    self.forget(tenant, run_id)  # the aggregate may be half-changed
+                except BaseException as e:
+                    # the aggregate may be half-changed (commands were called), or a refusal may
+                    # come from a cached copy that lags: replay next time. A failure before any
+                    # command (an unknown workflow, a lost connection) leaves it as it was.
+                    if handle.run.collect_events() or isinstance(e, IllegalTransition):
+                        self.forget(tenant, run_id)
                     raise
                 new_events = handle.run.collect_events()
                 if not new_events:

@@ -362,7 +362,9 @@ class Run(Aggregate):
 
     def record_late_result(self, data: ev.LateResultRecorded) -> None:
         step = self._step("record_late_result", data.step_id)
-        if data.attempt >= step.attempt and step.status in ACTIVE_ATTEMPT:
+        if data.attempt > step.attempt:
+            raise self._refuse("record_late_result", f"attempt {data.attempt} was never dispatched", data.step_id)
+        if data.attempt == step.attempt and step.status in ACTIVE_ATTEMPT and not self.terminal:
             raise self._refuse("record_late_result", "the attempt is current", data.step_id)
         self._trigger(data)
 

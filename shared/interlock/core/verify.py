@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from pydantic import ValidationError
+
 from interlock.contracts import events as ev
 from interlock.core import codec
 from interlock.core.eventstore import EventStore
-from pydantic import ValidationError
 
 # Problem kinds
 MALFORMED = "malformed"  # not an object, or a field is missing or of the wrong type

@@ -28,7 +28,7 @@ from interlock.runtime.connect import connect, resolve_url
 from interlock.runtime.consumer import PullConsumer
 from interlock.runtime.deadletter import dead_letter
 from interlock.runtime.payloads import DEFAULT_INLINE_LIMIT, PayloadStore
-from interlock.runtime.registry import WorkflowRegistry
+from interlock.runtime.registry import WorkflowNotFound, WorkflowRegistry
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -162,7 +162,8 @@ class Service:
         """Run a handler; ack on success, redeliver on a passing fault, dead-letter poison."""
         try:
             await handler(msg)
-        except (Poison, RunNotFound) as e:
+        except (Poison, RunNotFound, WorkflowNotFound) as e:
+            # a run whose workflow version is not registered can never be processed: no retries
             await self._dead_letter(msg, f"{type(e).__name__}: {e}")
         except IllegalTransition as e:
             # the state moved on (a duplicate or a late message): nothing left to do

@@ -1,0 +1,1 @@
+"""Interlock's benchmark suite: ``python -m bench`` (see bench/README.md)."""
