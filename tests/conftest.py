@@ -7,9 +7,10 @@ from pathlib import Path
 
 import nats
 import pytest
+from nats.aio.client import Client as NATS
+
 from interlock.core.natsserver import EmbeddedNats
 from interlock.core.topology import provision
-from nats.aio.client import Client as NATS
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,9 @@ from typing import Any
 
 import nats
 import nats.errors
+from nats.aio.client import Client as NATS
+from pydantic import BaseModel
+
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import (
     AgentRegistration,
@@ -38,8 +41,6 @@ from interlock.core.topology import provision
 from interlock.core.workflow import WorkflowInvalid, load_workflow
 from interlock.runtime.connect import connect, resolve_url
 from interlock.runtime.registry import VersionConflict, WorkflowNotFound, WorkflowRegistry
-from nats.aio.client import Client as NATS
-from pydantic import BaseModel
 
 DEFAULT_TENANT = os.environ.get("INTERLOCK_TENANT", "default")
 EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "examples" / "incident-remediation"

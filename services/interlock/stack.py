@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats
+
 from interlock.core.natsserver import EmbeddedNats, free_port
 from interlock.core.topology import provision
 from interlock.runtime.connect import URL_FILE

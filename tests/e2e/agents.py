@@ -11,11 +11,15 @@ from interlock.worker import JobContext, Worker
 worker = Worker("e2e-agents")
 
 
-@worker.job("e2e.step")
-async def step(ctx: JobContext) -> dict[str, int]:
-    await asyncio.sleep(float(os.environ.get("E2E_STEP_SECONDS", "0.3")))
+def record(ctx: JobContext) -> None:
     path = os.environ.get("INTERLOCK_SIDE_EFFECTS")
     if path:
         with open(path, "a") as f:
             f.write(json.dumps({"key": ctx.idempotency_key, "job": ctx.job_id}) + "\n")
+
+
+@worker.job("e2e.step")
+async def step(ctx: JobContext) -> dict[str, int]:
+    await asyncio.sleep(float(os.environ.get("E2E_STEP_SECONDS", "0.3")))
+    record(ctx)
     return {"n": int(ctx.input.get("n", 0)) + 1}

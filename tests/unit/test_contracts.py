@@ -16,11 +16,12 @@ import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
+
 from interlock.contracts import catalog as cat
 from interlock.contracts import events as ev
 from interlock.contracts import generate
 from interlock.contracts import subjects as s
-from pydantic import BaseModel
 
 CONTRACT_TYPES = generate.contract_types()
 NAMES = sorted(CONTRACT_TYPES)

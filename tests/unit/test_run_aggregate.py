@@ -575,7 +575,7 @@ class Model:
         if s is None:
             return False
         if c.name == "late":
-            return c.attempt < s.attempt or s.status not in ACTIVE
+            return c.attempt < s.attempt or (c.attempt == s.attempt and (s.status not in ACTIVE or not live))
         if not live:
             return False
         if c.name == "decide":

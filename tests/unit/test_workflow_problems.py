@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from interlock.core.workflow import Problem, WorkflowInvalid, format_problems, load_workflow, parse_workflow
 
 DATA = Path(__file__).parent / "data" / "workflows"

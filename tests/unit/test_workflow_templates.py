@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from interlock.core.workflow import (
     TemplateError,
     evaluate_condition,

@@ -14,8 +14,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from interlock.contracts.messages import JobError, Message, PayloadRef
 from pydantic import Field
+
+from interlock.contracts.messages import JobError, Message, PayloadRef
 
 GENESIS_HASH = "0" * 64
 

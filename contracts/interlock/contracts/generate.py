@@ -22,10 +22,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from interlock.contracts import catalog as cat
 from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
-from pydantic import BaseModel
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 SCHEMA_ID_BASE = "urn:interlock:schema:"

@@ -7,6 +7,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from faststream.nats import NatsBroker
+from nats.aio.msg import Msg
+from pydantic import ValidationError
+
 from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import ApprovalDecision, CommandReply, JobError, TimerFired
@@ -16,8 +19,6 @@ from interlock.core.workflow import TemplateError, render_text
 from interlock.planner.logic import base_step_id, template_context
 from interlock.runtime import timers
 from interlock.runtime.service import Poison, Service
-from nats.aio.msg import Msg
-from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class ApprovalService(Service):
                                                            retryable=False, kind="approval_rejected")))
 
         try:
-            await self.store.update(decision.tenant, decision.run_id, apply)
+            await self.store.update(decision.tenant, decision.run_id, apply, fresh=True)
         except IllegalTransition as e:
             return CommandReply(ok=False, error=e.why)
         except EventStoreError as e:
@@ -123,4 +124,4 @@ class ApprovalService(Service):
             run.fail_step(ev.StepFailed(step_id=state.step_id, attempt=0, final=True, error=JobError(
                 message="approval request expired", retryable=False, kind="approval_expired")))
 
-        await self.store.update(timer.tenant, timer.run_id, expire)
+        await self.store.update(timer.tenant, timer.run_id, expire, fresh=True)

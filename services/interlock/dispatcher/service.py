@@ -17,6 +17,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from faststream.nats import NatsBroker
+from nats.aio.msg import Msg
+from pydantic import ValidationError
+
 from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import CancelNotice, Heartbeat, Job, JobError, JobResult, Notification, TimerFired
@@ -26,8 +29,6 @@ from interlock.core.workflow import Step, Workflow, render_text
 from interlock.planner.logic import base_step_id, output_schema_error, template_context
 from interlock.runtime import timers
 from interlock.runtime.service import Poison, Service
-from nats.aio.msg import Msg
-from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ class DispatcherService(Service):
                                                       reason="deadline"))
             self.fail_attempt(run, state, spec, error, result.worker, retries)
 
-        await self.store.update(result.tenant, result.run_id, decide)
+        await self.store.update(result.tenant, result.run_id, decide, fresh=True)
         for timer in retries:
             await timers.schedule(self.js, timer)
 
@@ -248,7 +249,7 @@ class DispatcherService(Service):
                                                   progress=beat.progress))
             leases.append(lease)
 
-        await self.store.update(beat.tenant, beat.run_id, decide)
+        await self.store.update(beat.tenant, beat.run_id, decide, fresh=True)
         for timer in leases:
             await timers.schedule(self.js, timer)
 
@@ -290,6 +291,6 @@ class DispatcherService(Service):
             self.fail_attempt(run, state, spec, JobError(message=message, retryable=True, kind="timeout"), "",
                               follow_up)
 
-        await self.store.update(timer.tenant, timer.run_id, decide)
+        await self.store.update(timer.tenant, timer.run_id, decide, fresh=True)
         for next_timer in follow_up:
             await timers.schedule(self.js, next_timer)

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 import jsonschema
+
 from interlock.contracts import events as ev
 from interlock.contracts.messages import JobError
 from interlock.core.codec import job_hash

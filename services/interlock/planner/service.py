@@ -9,6 +9,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from faststream.nats import NatsBroker
+from nats.aio.msg import Msg
+from pydantic import ValidationError
+
 from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import CancelRequest, CommandReply, TimerFired, Trigger
@@ -19,8 +22,6 @@ from interlock.planner.logic import plan
 from interlock.runtime import timers
 from interlock.runtime.registry import WorkflowNotFound
 from interlock.runtime.service import Poison, Service
-from nats.aio.msg import Msg
-from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +113,14 @@ class PlannerService(Service):
                 workflow = await self.registry.get(run.workflow_id, run.workflow_version)
                 run.time_out(ev.RunTimedOut(timeout_ms=workflow.timeout_ms or 0))
 
-        await self.store.update(timer.tenant, timer.run_id, decide)
+        await self.store.update(timer.tenant, timer.run_id, decide, fresh=True)
 
     async def cancel(self, request: CancelRequest) -> CommandReply:
         def decide(run: Run) -> None:
             run.cancel(ev.RunCancelled(by=request.by, reason=request.reason))
 
         try:
-            await self.store.update(request.tenant, request.run_id, decide)
+            await self.store.update(request.tenant, request.run_id, decide, fresh=True)
         except (IllegalTransition, RunNotFound) as e:
             return CommandReply(ok=False, error=str(e))
         return CommandReply(ok=True, detail={"run_id": request.run_id, "status": "cancelled"})

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from faststream.nats import NatsBroker
+
 from interlock.contracts import events as ev
 from interlock.core.run import Run
 from interlock.planner.logic import base_step_id

@@ -8,6 +8,7 @@ from typing import Any
 from uuid import UUID
 
 import msgspec
+
 from interlock.contracts import events as ev
 from interlock.core.run import Run
 

@@ -22,14 +22,15 @@ from typing import Any
 from uuid import UUID
 
 import nats.errors
-from interlock.contracts import events as ev
-from interlock.contracts import subjects as s
-from interlock.core import codec
-from interlock.core.run import IllegalTransition, Run
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, ServiceUnavailableError
+
+from interlock.contracts import events as ev
+from interlock.contracts import subjects as s
+from interlock.core import codec
+from interlock.core.run import IllegalTransition, Run
 
 log = logging.getLogger(__name__)
 
@@ -264,16 +265,17 @@ class EventStore:
                 handle = await self.load(tenant, rid, fresh=True)
                 raise RunExists(handle) from None
 
-    async def update(self, tenant: str, run_id: str, decide: Decide, *, attempts: int = 50
+    async def update(self, tenant: str, run_id: str, decide: Decide, *, attempts: int = 50, fresh: bool = False
                      ) -> tuple[RunHandle, list[dict[str, Any]]]:
         """Load the run, let ``decide`` call commands on it, append what they produced.
 
         On a conflict the run is reloaded and ``decide`` runs again on the new state, so it must
         decide from the state it is given (and may decide that nothing is left to do).
+        ``fresh=True`` reads forward to the log's end first: for inputs from outside the log (a
+        job result, a timer, a person's decision) that may be newer than this process's view.
         Returns the new handle and the appended envelopes (empty when nothing was decided).
         """
         async with self._lock(tenant, run_id):
-            fresh = False
             for attempt in range(attempts):
                 handle = await self.load(tenant, run_id, fresh=fresh)
                 try:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate
+
 from interlock.contracts import events as ev
 from interlock.contracts.messages import JobError, PayloadRef
 

@@ -6,7 +6,6 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from interlock.contracts import subjects as s
 from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
@@ -17,6 +16,8 @@ from nats.js.api import (
     StreamConfig,
 )
 from nats.js.errors import BadRequestError, NotFoundError
+
+from interlock.contracts import subjects as s
 
 log = logging.getLogger(__name__)
 

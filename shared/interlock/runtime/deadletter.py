@@ -6,9 +6,10 @@ import base64
 import logging
 from datetime import UTC, datetime
 
+from nats.js import JetStreamContext
+
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import DeadLetter
-from nats.js import JetStreamContext
 
 log = logging.getLogger(__name__)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from nats.js import JetStreamContext
+from nats.js.object_store import ObjectStore
+
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import PayloadRef
 from interlock.core.codec import canonical_json, sha256_hex
-from nats.js import JetStreamContext
-from nats.js.object_store import ObjectStore
 
 DEFAULT_INLINE_LIMIT = 256 * 1024
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
-from interlock.contracts import subjects as s
-from interlock.core.topology import add_stream_subjects
-from interlock.core.workflow import Workflow, load_workflow
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
+
+from interlock.contracts import subjects as s
+from interlock.core.topology import add_stream_subjects
+from interlock.core.workflow import Workflow, load_workflow
 
 
 class WorkflowNotFound(LookupError):

@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from faststream.nats import NatsBroker
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
 from interlock.contracts import subjects as s
 from interlock.core import codec
 from interlock.core.eventstore import EventStore, EventStoreError, RunNotFound
@@ -29,9 +33,6 @@ from interlock.runtime.consumer import PullConsumer
 from interlock.runtime.deadletter import dead_letter
 from interlock.runtime.payloads import DEFAULT_INLINE_LIMIT, PayloadStore
 from interlock.runtime.registry import WorkflowNotFound, WorkflowRegistry
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
 log = logging.getLogger(__name__)
 

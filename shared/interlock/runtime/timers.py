@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from nats.js import JetStreamContext
+
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import TimerFired
-from nats.js import JetStreamContext
 
 
 def _key(step_id: str | None, attempt: int | None) -> str:

@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from pydantic import ValidationError
+
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import (
     AgentRegistration,
@@ -26,10 +31,6 @@ from interlock.runtime.consumer import PullConsumer
 from interlock.runtime.deadletter import dead_letter
 from interlock.runtime.payloads import DEFAULT_INLINE_LIMIT, PayloadStore
 from interlock.worker._errors import FatalError
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from pydantic import ValidationError
 
 log = logging.getLogger("interlock.worker")
 
