@@ -32,12 +32,15 @@ import argparse
 import asyncio
 import contextlib
 import json
-import multiprocessing
+import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -206,7 +209,7 @@ class Floor:
     def __init__(self, url: str) -> None:
         self.url = url
         self.nc: NATS | None = None
-        self.procs: list[Any] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
         self.done: dict[str, asyncio.Future[tuple[float, list[float]]]] = {}
 
     async def start(self) -> None:
@@ -223,26 +226,32 @@ class Floor:
                     max_ack_pending=20_000, deliver_policy=DeliverPolicy.ALL, ack_wait=60))
         await nc.subscribe("floor.done.*", cb=self._on_done)
         up = await nc.subscribe("floor.up.*")
-        ctx = multiprocessing.get_context("spawn")
+        root = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
         for role in ROLES:
-            proc = ctx.Process(target=_role_main, args=(role, self.url), name=f"bench-floor-{role}", daemon=True)
-            proc.start()
-            self.procs.append(proc)
-        seen = set()
+            self.procs.append(subprocess.Popen([sys.executable, "-m", "bench.floor", role, self.url], cwd=root,
+                                               env=env, stdin=subprocess.DEVNULL))
+        seen: set[str] = set()
+        deadline = time.monotonic() + 60
         while len(seen) < len(ROLES):
-            msg = await up.next_msg(timeout=60)
-            seen.add(msg.subject)
+            dead = [p.args[3] for p in self.procs if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                raise RuntimeError(f"floor role processes did not start: {dead or 'timeout'}")
+            with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
+                msg = await up.next_msg(timeout=0.5)
+                seen.add(msg.subject)
         await up.unsubscribe()
 
     async def stop(self) -> None:
         for proc in self.procs:
-            if proc.is_alive():
+            if proc.poll() is None:
                 proc.terminate()
         for proc in self.procs:
-            proc.join(10)
-            if proc.is_alive():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.join()
+                proc.wait()
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.jetstream().delete_stream(STREAM)
