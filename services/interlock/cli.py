@@ -419,9 +419,9 @@ async def cmd_rebuild(args: argparse.Namespace, nc: NATS) -> int:
     projection = Projection(args.db)
     await projection.open()
     store = EventStore(nc, nc.jetstream(), service="auditor")
-    counts = await projection.rebuild(store, progress=lambda n: out(f"  replayed {n} events"))
+    stats = await projection.rebuild(store, progress=lambda st: out(f"  replayed {st.events} events"))
     await projection.close()
-    out(f"projection {args.db} rebuilt: {counts}")
+    out(f"projection {args.db} rebuilt: {stats}")
     return 0
 
 
