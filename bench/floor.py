@@ -122,14 +122,18 @@ class Role:
         async def handle(msg: Msg) -> None:
             try:
                 await handler(nc, msg)
+            except Exception as e:
+                print(f"bench floor {self.role}: {subject}: {e!r}", file=sys.stderr, flush=True)
             finally:
                 slots.release()
 
-        while True:
+        while not nc.is_closed:
             try:
                 msgs = await sub.fetch(FETCH_BATCH, timeout=5)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
+            except nats.errors.ConnectionClosedError:
+                return
             for msg in msgs:
                 await slots.acquire()
                 task = asyncio.create_task(handle(msg))

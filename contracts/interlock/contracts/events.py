@@ -45,6 +45,13 @@ class RunStarted(EventData):
     reused_outputs: dict[str, Any] = Field(default_factory=dict)
 
 
+class RunAdmitted(EventData):
+    """Policy allowed the run to start (decided on submission, in the same commit as RunStarted)."""
+
+    snapshot_id: str
+    rule_ids: list[str] = Field(default_factory=list)
+
+
 class RunSucceeded(EventData):
     output: Any = None
 
@@ -98,6 +105,8 @@ class PolicyDecided(StepEventData):
     reason: str = ""
     approver_role: str | None = None
     approval_expires_ms: int | None = None
+    escalate_after_ms: int | None = None
+    escalate_to_role: str | None = None
     constraints: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -107,6 +116,8 @@ class ApprovalRequested(StepEventData):
     approver_role: str
     prompt: str = ""
     expires_at: datetime | None = None
+    escalate_at: datetime | None = None
+    escalate_to_role: str | None = None
 
 
 class ApprovalGranted(StepEventData):
@@ -125,6 +136,22 @@ class ApprovalRejected(StepEventData):
 
 class ApprovalExpired(StepEventData):
     job_hash: str
+
+
+class ApprovalInvalidated(StepEventData):
+    """A pending request no longer holds (the policy changed): the job goes back to policy."""
+
+    job_hash: str
+    reason: str
+    snapshot_id: str = Field(default="", description="The snapshot now in force")
+
+
+class ApprovalEscalated(StepEventData):
+    """An unanswered request passed to another role."""
+
+    job_hash: str
+    from_role: str
+    to_role: str
 
 
 class StepDispatched(StepEventData):
@@ -191,6 +218,7 @@ EVENT_TYPES: dict[str, type[EventData]] = {
     cls.__name__: cls
     for cls in (
         RunStarted,
+        RunAdmitted,
         RunSucceeded,
         RunFailed,
         RunDenied,
@@ -203,6 +231,8 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         ApprovalGranted,
         ApprovalRejected,
         ApprovalExpired,
+        ApprovalInvalidated,
+        ApprovalEscalated,
         StepDispatched,
         StepHeartbeat,
         StepSucceeded,

@@ -17,6 +17,7 @@ from interlock.core.eventstore import EventStoreError
 from interlock.core.run import IllegalTransition, Run
 from interlock.core.workflow import TemplateError, render_text
 from interlock.planner.logic import base_step_id, template_context
+from interlock.policy.bundles import BundleStore, LivePolicy
 from interlock.runtime import timers
 from interlock.runtime.service import Poison, Service
 
@@ -26,10 +27,20 @@ log = logging.getLogger(__name__)
 class ApprovalService(Service):
     name = "approval"
 
+    async def setup(self) -> None:
+        # the policy snapshot in force: a decision made after it changed does not release a job
+        self.live = LivePolicy(BundleStore(self.js))
+        await self.live.start()
+
+    async def teardown(self) -> None:
+        await self.live.stop()
+
     def register(self, broker: NatsBroker) -> None:
-        self.pull_commits(broker, self.on_commit, wants=frozenset({"PolicyDecided", "ApprovalExpired"}))
+        self.pull_commits(broker, self.on_commit, wants=frozenset({"PolicyDecided"}))
         self.pull(broker, s.timer_fired("approval_expiry"), s.TIMERS_STREAM, self.durable("timers"),
                   self.on_expiry)
+        self.pull(broker, s.timer_fired("approval_escalation"), s.TIMERS_STREAM, self.durable("escalations"),
+                  self.on_escalation)
 
         @broker.subscriber(s.CMD_APPROVE, queue="approval")
         async def approve(decision: ApprovalDecision) -> CommandReply:
@@ -56,14 +67,21 @@ class ApprovalService(Service):
                 spec = workflow.steps[base_step_id(state.step_id)]
                 expires_ms = state.decision.approval_expires_ms or spec.expires_ms
                 expires_at = now + timedelta(milliseconds=expires_ms) if expires_ms else None
+                decision = state.decision
+                escalate_at = (now + timedelta(milliseconds=decision.escalate_after_ms)
+                               if decision.escalate_after_ms and decision.escalate_to_role else None)
                 run.request_approval(ev.ApprovalRequested(
-                    step_id=state.step_id, job_hash=state.job_hash, snapshot_id=state.decision.snapshot_id,
-                    approver_role=state.decision.approver_role or spec.approvers,
+                    step_id=state.step_id, job_hash=state.job_hash, snapshot_id=decision.snapshot_id,
+                    approver_role=decision.approver_role or spec.approvers,
                     prompt=self.prompt(run, spec.prompt, state.step_id), expires_at=expires_at,
+                    escalate_at=escalate_at, escalate_to_role=decision.escalate_to_role if escalate_at else None,
                 ))
                 if expires_at is not None:
                     expiries.append(TimerFired(kind="approval_expiry", run_id=run.run_id, tenant=run.tenant,
                                                step_id=state.step_id, attempt=run.version, due_at=expires_at))
+                if escalate_at is not None:
+                    expiries.append(TimerFired(kind="approval_escalation", run_id=run.run_id, tenant=run.tenant,
+                                               step_id=state.step_id, attempt=run.version, due_at=escalate_at))
 
         await self.store.update(tenant, run_id, decide)
         for timer in expiries:
@@ -78,8 +96,22 @@ class ApprovalService(Service):
             return f"{template} (could not render: {e})"
 
     async def decide(self, decision: ApprovalDecision, *, grant: bool) -> CommandReply:
+        invalidated: list[str] = []
+
         async def apply(run: Run) -> None:
+            invalidated.clear()
             state = run.steps.get(decision.step_id)
+            request = state.approval if state is not None else None
+            current = self.live.snapshot_id
+            if grant and request is not None and request.status == "requested" \
+                    and decision.job_hash == request.job_hash and request.snapshot_id != current:
+                # the policy changed while the request waited: this approval was given for rules
+                # no longer in force, so the job goes back to policy and is asked again if needed
+                why = f"policy changed from {request.snapshot_id} to {current} while the request waited"
+                run.invalidate_approval(ev.ApprovalInvalidated(step_id=decision.step_id, job_hash=request.job_hash,
+                                                               reason=why, snapshot_id=current))
+                invalidated.append(why)
+                return
             if grant:
                 run.grant_approval(ev.ApprovalGranted(
                     step_id=decision.step_id, job_hash=decision.job_hash, approver=decision.approver,
@@ -103,9 +135,30 @@ class ApprovalService(Service):
             return CommandReply(ok=False, error=e.why)
         except EventStoreError as e:
             return CommandReply(ok=False, error=str(e))
+        if invalidated:
+            return CommandReply(ok=False, error=f"{invalidated[0]}; the job was sent back to policy")
         verb = "approved" if grant else "rejected"
         log.info("run %s step %s %s by %s", decision.run_id, decision.step_id, verb, decision.approver)
         return CommandReply(ok=True, detail={"step_id": decision.step_id, "decision": verb})
+
+    async def on_escalation(self, msg: Msg) -> None:
+        try:
+            timer = TimerFired.model_validate_json(msg.data)
+        except ValidationError as e:
+            raise Poison(f"invalid timer: {e}") from e
+
+        def escalate(run: Run) -> None:
+            state = run.steps.get(timer.step_id or "")
+            approval = state.approval if state else None
+            if state is None or approval is None or approval.status != "requested" or run.terminal:
+                return
+            to_role = state.decision.escalate_to_role if state.decision else None
+            if not to_role or approval.approver_role == to_role:
+                return  # already escalated, or nothing to escalate to
+            run.escalate_approval(ev.ApprovalEscalated(step_id=state.step_id, job_hash=approval.job_hash,
+                                                       from_role=approval.approver_role, to_role=to_role))
+
+        await self.store.update(timer.tenant, timer.run_id, escalate, fresh=True)
 
     async def on_expiry(self, msg: Msg) -> None:
         try:

@@ -424,6 +424,21 @@ def _d_approval_expired(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return f"approval expired (hash {short_hash(d.get('job_hash'))})", {"job_hash": d.get("job_hash")}
 
 
+def _d_run_admitted(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return (f"run admitted (rules {', '.join(_rules(d)) or '-'}, snapshot {_str(d, 'snapshot_id', '?')})",
+            {"snapshot_id": d.get("snapshot_id"), "rule_ids": _rules(d)})
+
+
+def _d_approval_invalidated(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return (f"approval request invalidated: {_str(d, 'reason')} (hash {short_hash(d.get('job_hash'))})",
+            {"job_hash": d.get("job_hash"), "snapshot_id": d.get("snapshot_id")})
+
+
+def _d_approval_escalated(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return (f"approval escalated from {_str(d, 'from_role')} to {_str(d, 'to_role')}",
+            {"job_hash": d.get("job_hash"), "to_role": d.get("to_role")})
+
+
 def _d_dispatched(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return (f"dispatched attempt {_int(d, 'attempt')} (job {_str(d, 'job_id', '?')})",
             {"job_id": d.get("job_id"), "topic": d.get("topic"), "deadline": d.get("deadline")})
@@ -502,6 +517,9 @@ _DESCRIBE: dict[str, Callable[[dict[str, Any]], tuple[str, dict[str, Any]]]] = {
     "ApprovalGranted": _decided("approved"),
     "ApprovalRejected": _decided("rejected"),
     "ApprovalExpired": _d_approval_expired,
+    "ApprovalInvalidated": _d_approval_invalidated,
+    "ApprovalEscalated": _d_approval_escalated,
+    "RunAdmitted": _d_run_admitted,
     "StepDispatched": _d_dispatched,
     "StepHeartbeat": _d_heartbeat,
     "StepSucceeded": _d_succeeded,
@@ -646,6 +664,19 @@ def _approval_outcome(status: str) -> _Handler:
     return handler
 
 
+def _h_approval_invalidated(conn: sqlite3.Connection, e: _Event) -> None:
+    _approval_outcome("invalidated")(conn, e)
+    _set_step(conn, e, status="ready", decision=None)
+
+
+def _h_approval_escalated(conn: sqlite3.Connection, e: _Event) -> None:
+    step_id = _ensure_step(conn, e)
+    conn.execute(
+        "UPDATE approvals SET approver_role = ? WHERE run_id = ? AND seq = "
+        "(SELECT MAX(seq) FROM approvals WHERE run_id = ? AND step_id = ? AND status = 'requested')",
+        (_opt(e.data, "to_role"), e.run_id, e.run_id, step_id))
+
+
 def _h_dispatched(conn: sqlite3.Connection, e: _Event) -> None:
     d = e.data
     step_id = _ensure_step(conn, e)
@@ -729,6 +760,9 @@ _HANDLERS: dict[str, _Handler] = {
     "ApprovalGranted": _approval_outcome("granted"),
     "ApprovalRejected": _approval_outcome("rejected"),
     "ApprovalExpired": _approval_outcome("expired"),
+    "ApprovalInvalidated": _h_approval_invalidated,
+    "ApprovalEscalated": _h_approval_escalated,
+    "RunAdmitted": _h_nothing,
     "StepDispatched": _h_dispatched,
     "StepHeartbeat": _h_heartbeat,
     "StepSucceeded": _h_succeeded,

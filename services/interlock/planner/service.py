@@ -19,6 +19,7 @@ from interlock.core.eventstore import RunExists, RunNotFound
 from interlock.core.ids import run_id_for
 from interlock.core.run import IllegalTransition, Run
 from interlock.planner.logic import plan
+from interlock.policy.bundles import BundleStore, LivePolicy
 from interlock.runtime import timers
 from interlock.runtime.registry import WorkflowNotFound
 from interlock.runtime.service import Poison, Service
@@ -32,6 +33,13 @@ PROGRESS_EVENTS = frozenset({
 
 class PlannerService(Service):
     name = "planner"
+
+    async def setup(self) -> None:
+        self.policy = LivePolicy(BundleStore(self.js))
+        await self.policy.start()
+
+    async def teardown(self) -> None:
+        await self.policy.stop()
 
     def register(self, broker: NatsBroker) -> None:
         # the whole triggers stream: il.trigger.> and the workflows' own trigger subjects, which
@@ -57,9 +65,22 @@ class PlannerService(Service):
             input=run_input, input_ref=input_ref, idempotency_key=trigger.idempotency_key, tenant=trigger.tenant,
             requested_by=trigger.requested_by, rerun_of=trigger.rerun_of, reused_outputs=trigger.reuse_outputs,
         )
+        admission = self.policy.engine.admit(
+            tenant=trigger.tenant, workflow_id=workflow.id, workflow_version=workflow.version,
+            run_input=trigger.input, idempotency_key=trigger.idempotency_key, requested_by=trigger.requested_by,
+            now=datetime.now(UTC))
+
+        def admit(run: Run) -> None:
+            # the admission decision is recorded with the run's first event, before anything runs
+            if admission.decision == "allow":
+                run.admit(ev.RunAdmitted(snapshot_id=admission.snapshot_id, rule_ids=admission.rule_ids))
+            else:
+                run.deny(ev.RunDenied(step_id=None, reason=admission.reason, rule_ids=admission.rule_ids,
+                                      snapshot_id=admission.snapshot_id))
+
         try:
-            await self.store.start_run(run_id, started)
-            log.info("run %s started: %s v%s", run_id, workflow.id, workflow.version)
+            await self.store.start_run(run_id, started, admit)
+            log.info("run %s started: %s v%s (%s)", run_id, workflow.id, workflow.version, admission.decision)
             if workflow.timeout_ms:
                 await timers.schedule(self.js, TimerFired(
                     kind="run_timeout", run_id=str(run_id), tenant=trigger.tenant,

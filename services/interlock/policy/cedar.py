@@ -16,6 +16,10 @@ The request as Cedar sees it:
   ``risk`` (the step's ``risk`` label or ``""``), ``labels`` (a record), ``capabilities`` (set of
   strings the registered agents for the topic offer) and ``agent_version``;
 - context ``{input: <resolved input>, hour: 0-23 (UTC), weekday: 1-7 (Monday 1), now: epoch seconds}``.
+
+Runs are admitted on submission with ``Action::"start"`` on ``Run::"<idempotency key>"`` (attributes
+``workflow``, ``tenant``, ``requested_by``; the same context): a bundle must permit it, or runs
+are denied. An approval request escalates to ``@escalate_to_role`` after ``@escalate_after_ms``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import cedarpy
@@ -76,6 +81,11 @@ def _cedar_value(value: Any) -> Any:
     return str(value)
 
 
+def _context(value: Any, now: datetime) -> dict[str, Any]:
+    return {"input": _cedar_value(value) if isinstance(value, dict) else {},
+            "hour": now.hour, "weekday": now.isoweekday(), "now": int(now.timestamp())}
+
+
 class CedarPolicy:
     """A compiled bundle; ``decide`` is pure and fast (the policy set is parsed once)."""
 
@@ -106,11 +116,9 @@ class CedarPolicy:
                 "capabilities": list(request.capabilities), "agent_version": request.agent_version,
             }, "parents": []},
         ]
-        now = request.now
-        context = {"input": _cedar_value(request.input) if isinstance(request.input, dict) else {},
-                   "hour": now.hour, "weekday": now.isoweekday(), "now": int(now.timestamp())}
         cedar_request = {"principal": {"type": "Workflow", "id": request.workflow_id},
-                         "action": {"type": "Action", "id": action}, "resource": job_uid, "context": context}
+                         "action": {"type": "Action", "id": action}, "resource": job_uid,
+                         "context": _context(request.input, request.now)}
         return cedar_request, entities
 
     def evaluate(self, request: JobRequest, action: str) -> tuple[bool, list[str], list[str]]:
@@ -150,16 +158,42 @@ class CedarPolicy:
         notes = {k: v for r in deciding for k, v in self.annotations.get(r, {}).items()}
         role = notes.get("approver_role") or request.approvers
         expires = notes.get("approval_expires_ms")
+        escalate = notes.get("escalate_after_ms")
         why = notes.get("reason") or ("the workflow marks this step for approval" if request.require_approval
                                       else "policy requires a person to approve this job")
         return PolicyOutcome("require_approval", self.snapshot_id, rules + [self.rule_id(r) for r in u_reasons]
                              or ["require-approval"], reason=why, approver_role=role,
                              approval_expires_ms=int(expires) if expires and expires.isdigit() else None,
-                             constraints=constraints)
+                             escalate_after_ms=int(escalate) if escalate and escalate.isdigit() else None,
+                             escalate_to_role=notes.get("escalate_to_role"), constraints=constraints)
+
+    def admit(self, *, tenant: str, workflow_id: str, workflow_version: str, run_input: Any,
+              idempotency_key: str, requested_by: str, now: datetime) -> PolicyOutcome:
+        """May this workflow start with this input? (``Action::"start"`` on ``Run::"<key>"``)."""
+        run_uid = {"type": "Run", "id": idempotency_key}
+        entities = [
+            {"uid": {"type": "Workflow", "id": workflow_id},
+             "attrs": {"tenant": tenant, "version": workflow_version}, "parents": []},
+            {"uid": run_uid, "attrs": {"workflow": workflow_id, "tenant": tenant, "requested_by": requested_by},
+             "parents": []},
+        ]
+        result = cedarpy.is_authorized({"principal": {"type": "Workflow", "id": workflow_id},
+                                        "action": {"type": "Action", "id": "start"}, "resource": run_uid,
+                                        "context": _context(run_input, now)}, self._policies, entities)
+        rules = [self.rule_id(r) for r in result.diagnostics.reasons]
+        if result.allowed:
+            return PolicyOutcome("allow", self.snapshot_id, rules)
+        given = [self.annotations.get(r, {}).get("reason") for r in result.diagnostics.reasons]
+        reason = "; ".join(g for g in given if g) or (
+            "forbidden by " + ", ".join(rules) if rules else "no policy permits starting this workflow")
+        return PolicyOutcome("deny", self.snapshot_id, rules or ["default-deny"], reason=reason)
 
 
 DEFAULT_BUNDLE = PolicyBundle.of("default", """\
-// Interlock's default policy: every job may run; high-risk jobs need a person.
+// Interlock's default policy: every run may start and every job may run; high-risk jobs need a person.
+@id("allow-start")
+permit(principal, action == Action::"start", resource);
+
 @id("allow-all")
 permit(principal, action == Action::"dispatch", resource);
 

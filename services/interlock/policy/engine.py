@@ -41,6 +41,8 @@ class PolicyOutcome:
     reason: str = ""
     approver_role: str | None = None
     approval_expires_ms: int | None = None
+    escalate_after_ms: int | None = None
+    escalate_to_role: str | None = None
     constraints: dict[str, Any] = field(default_factory=dict)
 
 
@@ -48,20 +50,3 @@ class PolicyEngine(Protocol):
     snapshot_id: str
 
     def decide(self, request: JobRequest) -> PolicyOutcome: ...
-
-
-class BuiltinPolicy:
-    """Allow everything, except what the workflow itself marks for approval.
-
-    A step with ``require_approval: true`` or label ``risk: high`` needs its approvers' decision.
-    """
-
-    snapshot_id = "builtin@1"
-
-    def decide(self, request: JobRequest) -> PolicyOutcome:
-        if request.step_type == "job" and (request.require_approval or request.labels.get("risk") == "high"):
-            rule = "builtin.require_approval" if request.require_approval else "builtin.high_risk"
-            return PolicyOutcome("require_approval", self.snapshot_id, [rule],
-                                 reason="the workflow marks this step for approval",
-                                 approver_role=request.approvers)
-        return PolicyOutcome("allow", self.snapshot_id, ["builtin.allow"])

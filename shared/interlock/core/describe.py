@@ -60,6 +60,12 @@ def describe(envelope: dict[str, Any]) -> str:
         case "CompensationFinished":
             failed = ", ".join(d.get("failed_steps") or [])
             return "compensation finished" + ("" if d.get("ok") else f", failed: {failed}")
+        case "RunAdmitted":
+            return f"run admitted by policy (rules {', '.join(d.get('rule_ids') or []) or '-'}; snapshot {d.get('snapshot_id')})"
+        case "ApprovalInvalidated":
+            return f"approval request for {step} invalidated: {d.get('reason')}"
+        case "ApprovalEscalated":
+            return f"approval of {step} escalated from {d.get('from_role')} to {d.get('to_role')}"
         case "RunSucceeded":
             return "run succeeded"
         case "RunFailed":

@@ -252,11 +252,17 @@ class EventStore:
             lock = self._locks[key] = asyncio.Lock()
         return lock
 
-    async def start_run(self, run_id: UUID, data: ev.RunStarted) -> RunHandle:
-        """Append a run's first event; raises :class:`RunExists` if the run already exists."""
+    async def start_run(self, run_id: UUID, data: ev.RunStarted, then: Callable[[Run], None] | None = None
+                        ) -> RunHandle:
+        """Append a run's first event (and what ``then`` adds, in the same commit).
+
+        Raises :class:`RunExists` if the run already exists.
+        """
         tenant, rid = data.tenant, str(run_id)
         async with self._lock(tenant, rid):
             run = Run.start(run_id, data)
+            if then is not None:
+                then(run)
             blank = RunHandle(run=run, tenant=tenant, stream_seq=0, last_hash=ev.GENESIS_HASH)
             try:
                 handle, _ = await self._append(blank, run.collect_events())

@@ -115,6 +115,9 @@ class Run(Aggregate):
     class Started(Aggregate.Created):
         data: ev.RunStarted
 
+    class Admitted(Event):
+        data: ev.RunAdmitted
+
     class Succeeded(Event):
         data: ev.RunSucceeded
 
@@ -150,6 +153,12 @@ class Run(Aggregate):
 
     class ApprovalExpired(Event):
         data: ev.ApprovalExpired
+
+    class ApprovalInvalidated(Event):
+        data: ev.ApprovalInvalidated
+
+    class ApprovalEscalated(Event):
+        data: ev.ApprovalEscalated
 
     class StepDispatched(Event):
         data: ev.StepDispatched
@@ -201,6 +210,7 @@ class Run(Aggregate):
         self.result: Any = None
         self.reason: str = ""
         self.ended_at: datetime | None = None
+        self.admission: ev.RunAdmitted | None = None
         self.data = data
 
     # -- identity ----------------------------------------------------------------------------
@@ -235,6 +245,12 @@ class Run(Aggregate):
         if statuses and step.status not in statuses:
             raise self._refuse(command, f"step is {step.status}, expected {' or '.join(statuses)}", step_id)
         return step
+
+    def admit(self, data: ev.RunAdmitted) -> None:
+        self._require_running("admit")
+        if self.admission is not None:
+            raise self._refuse("admit", "the run was already admitted")
+        self._trigger(data)
 
     def mark_step_ready(self, data: ev.StepReady) -> None:
         self._require_running("mark_step_ready", compensating_ok=data.compensation_of is not None)
@@ -304,6 +320,18 @@ class Run(Aggregate):
 
     def expire_approval(self, data: ev.ApprovalExpired) -> None:
         self._pending_approval("expire_approval", data.step_id, data.job_hash)
+        self._trigger(data)
+
+    def invalidate_approval(self, data: ev.ApprovalInvalidated) -> None:
+        self._pending_approval("invalidate_approval", data.step_id, data.job_hash)
+        self._trigger(data)
+
+    def escalate_approval(self, data: ev.ApprovalEscalated) -> None:
+        step = self._pending_approval("escalate_approval", data.step_id, data.job_hash)
+        assert step.approval is not None
+        if data.from_role != step.approval.approver_role:
+            raise self._refuse("escalate_approval", f"the request is for role {step.approval.approver_role!r}",
+                               data.step_id)
         self._trigger(data)
 
     def dispatch_step(self, data: ev.StepDispatched) -> None:
@@ -416,6 +444,9 @@ class Run(Aggregate):
     def _on_RunStarted(self, d: ev.RunStarted, at: datetime) -> None:
         """State is set by ``__init__`` (eventsourcing calls it for the created event)."""
 
+    def _on_RunAdmitted(self, d: ev.RunAdmitted, at: datetime) -> None:
+        self.admission = d
+
     def _on_StepReady(self, d: ev.StepReady, at: datetime) -> None:
         self.steps[d.step_id] = StepState(
             step_id=d.step_id, status="ready", step_type=d.step_type, topic=d.topic, input=d.input,
@@ -463,6 +494,18 @@ class Run(Aggregate):
         step = self._touch(d.step_id, at)
         assert step.approval is not None
         step.approval.status = "expired"
+
+    def _on_ApprovalInvalidated(self, d: ev.ApprovalInvalidated, at: datetime) -> None:
+        step = self._touch(d.step_id, at)
+        # back to policy: the job is decided again under the snapshot now in force
+        step.status = "ready"
+        step.decision = None
+        step.approval = None
+
+    def _on_ApprovalEscalated(self, d: ev.ApprovalEscalated, at: datetime) -> None:
+        step = self._touch(d.step_id, at)
+        assert step.approval is not None
+        step.approval.approver_role = d.to_role
 
     def _on_StepDispatched(self, d: ev.StepDispatched, at: datetime) -> None:
         step = self._touch(d.step_id, at)
