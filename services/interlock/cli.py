@@ -536,6 +536,23 @@ async def cmd_policy(args: argparse.Namespace, nc: NATS) -> int:
         raise CliError(str(e)) from None
 
 
+async def cmd_approvers(args: argparse.Namespace, nc: NATS) -> int:
+    from interlock.approval.directory import ApproverDirectory
+
+    await provision(nc.jetstream())
+    directory = ApproverDirectory(nc.jetstream())
+    if args.action == "grant":
+        roles = await directory.grant(args.name, args.roles)
+        out(f"{args.name} holds {', '.join(sorted(roles))}")
+    elif args.action == "revoke":
+        roles = await directory.revoke(args.name, args.roles)
+        out(f"{args.name} holds {', '.join(sorted(roles)) or 'no role'}")
+    else:
+        _table([{"approver": k, "roles": ", ".join(v)} for k, v in (await directory.list()).items()],
+               ["approver", "roles"])
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from interlock.stack import Stack
 
@@ -568,7 +585,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 ASYNC_COMMANDS: dict[str, Callable[..., Awaitable[int]]] = {
     "workflows": cmd_workflows, "run": cmd_run, "cancel": cmd_cancel, "runs": cmd_runs, "status": cmd_status,
     "timeline": cmd_timeline, "approvals": cmd_approvals, "agents": cmd_agents, "dlq": cmd_dlq,
-    "rerun": cmd_rerun, "policy": cmd_policy,
+    "rerun": cmd_rerun, "policy": cmd_policy, "approvers": cmd_approvers,
 }
 
 
@@ -646,6 +663,15 @@ def build_parser() -> argparse.ArgumentParser:
     vp.add_argument("--tenant", default=DEFAULT_TENANT)
     rp = asub.add_parser("rebuild", help="rebuild the auditor projection by replaying the streams")
     rp.add_argument("--db", default=os.environ.get("INTERLOCK_AUDITOR_DB", ".interlock/auditor.sqlite3"))
+    sp = cmd("approvers", "who may approve, in which roles (enforced once anyone is registered)")
+    asub2 = sp.add_subparsers(dest="action", required=True)
+    gp = asub2.add_parser("grant", help="give an approver roles")
+    gp.add_argument("name")
+    gp.add_argument("roles", nargs="+")
+    gp = asub2.add_parser("revoke", help="take roles away (all of them if none are named)")
+    gp.add_argument("name")
+    gp.add_argument("roles", nargs="*")
+    asub2.add_parser("list", help="list approvers")
     sp = cmd("policy", "publish, roll back, inspect and test policy bundles (Cedar)")
     psub = sp.add_subparsers(dest="action", required=True)
     pp = psub.add_parser("publish", help="make a Cedar bundle the active policy")

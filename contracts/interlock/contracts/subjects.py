@@ -38,6 +38,7 @@ DLQ_STREAM = "IL_DLQ"
 WORKFLOWS_BUCKET = "il_workflows"  # key: {workflow_id}.{version} and {workflow_id}.latest
 AGENTS_BUCKET = "il_agents"  # key: {topic}.{worker_id}
 POLICIES_BUCKET = "il_policies"  # key: active (its history is the bundle history)
+APPROVERS_BUCKET = "il_approvers"  # key: approver id, value: the roles they hold
 PAYLOADS_OBJECT_STORE = "il_payloads"  # large inputs and outputs, by sha256
 
 # -- wildcards a stream or consumer binds to ----------------------------------------------

@@ -10,6 +10,7 @@ from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
+from interlock.approval.directory import ApproverDirectory
 from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import ApprovalDecision, CommandReply, JobError, TimerFired
@@ -31,6 +32,7 @@ class ApprovalService(Service):
         # the policy snapshot in force: a decision made after it changed does not release a job
         self.live = LivePolicy(BundleStore(self.js))
         await self.live.start()
+        self.directory = ApproverDirectory(self.js)
 
     async def teardown(self) -> None:
         await self.live.stop()
@@ -96,6 +98,11 @@ class ApprovalService(Service):
             return f"{template} (could not render: {e})"
 
     async def decide(self, decision: ApprovalDecision, *, grant: bool) -> CommandReply:
+        refusal = await self.directory.check(decision.approver, decision.role)
+        if refusal is not None:
+            log.warning("approval decision refused for run %s step %s: %s", decision.run_id, decision.step_id,
+                        refusal)
+            return CommandReply(ok=False, error=refusal)
         invalidated: list[str] = []
 
         async def apply(run: Run) -> None:

@@ -61,7 +61,8 @@ def describe(envelope: dict[str, Any]) -> str:
             failed = ", ".join(d.get("failed_steps") or [])
             return "compensation finished" + ("" if d.get("ok") else f", failed: {failed}")
         case "RunAdmitted":
-            return f"run admitted by policy (rules {', '.join(d.get('rule_ids') or []) or '-'}; snapshot {d.get('snapshot_id')})"
+            rules = ", ".join(d.get("rule_ids") or []) or "-"
+            return f"run admitted by policy (rules {rules}; snapshot {d.get('snapshot_id')})"
         case "ApprovalInvalidated":
             return f"approval request for {step} invalidated: {d.get('reason')}"
         case "ApprovalEscalated":

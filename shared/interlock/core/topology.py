@@ -84,6 +84,7 @@ class BucketSpec:
 BUCKETS: tuple[BucketSpec, ...] = (
     BucketSpec(s.WORKFLOWS_BUCKET, "Registered workflow versions", history=64),
     BucketSpec(s.AGENTS_BUCKET, "Agent registry", ttl=DAY),
+    BucketSpec(s.APPROVERS_BUCKET, "Approvers and the roles they hold", history=16),
     BucketSpec(s.POLICIES_BUCKET, "Policy bundles (the key's history is the bundle history)", history=64),
 )
 

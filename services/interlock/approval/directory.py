@@ -1,0 +1,100 @@
+"""Who may approve: approvers and their roles, in the ``il_approvers`` bucket.
+
+Once any approver is registered, a decision is accepted only from a registered approver acting
+in a role they hold. With no approver registered (a fresh development setup) the role named in
+the decision is trusted, and the service says so in its log once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from interlock.contracts import subjects as s
+
+log = logging.getLogger(__name__)
+
+
+class ApproverDirectory:
+    def __init__(self, js: JetStreamContext) -> None:
+        self.js = js
+        self._kv: KeyValue | None = None
+        self._warned = False
+
+    async def kv(self) -> KeyValue:
+        if self._kv is None:
+            self._kv = await self.js.key_value(s.APPROVERS_BUCKET)
+        return self._kv
+
+    async def roles(self, approver: str) -> set[str] | None:
+        """The approver's roles, or None if the directory is empty (not enforcing)."""
+        kv = await self.kv()
+        try:
+            entry = await kv.get(approver)
+            return set(json.loads(entry.value or b"{}").get("roles", []))
+        except KeyNotFoundError:
+            pass
+        if await self.enforcing():
+            return set()
+        if not self._warned:
+            log.warning("no approvers are registered: trusting the role each decision names "
+                        "(register approvers with `interlock approvers grant NAME ROLE`)")
+            self._warned = True
+        return None
+
+    async def enforcing(self) -> bool:
+        kv = await self.kv()
+        try:
+            return bool(await kv.keys())
+        except Exception:  # nats-py raises when the bucket has no keys
+            return False
+
+    async def check(self, approver: str, role: str) -> str | None:
+        """None if ``approver`` may act as ``role``, else why not."""
+        if not approver:
+            return "the decision names no approver"
+        roles = await self.roles(approver)
+        if roles is None or role in roles:
+            return None
+        if not roles:
+            return f"{approver!r} is not a registered approver"
+        return f"{approver!r} does not hold role {role!r} (holds {', '.join(sorted(roles))})"
+
+    async def grant(self, approver: str, roles: list[str]) -> set[str]:
+        kv = await self.kv()
+        current: set[str] = set()
+        with contextlib.suppress(KeyNotFoundError):
+            current = set(json.loads((await kv.get(approver)).value or b"{}").get("roles", []))
+        current |= set(roles)
+        await kv.put(approver, json.dumps({"roles": sorted(current)}).encode())
+        return current
+
+    async def revoke(self, approver: str, roles: list[str] | None = None) -> set[str]:
+        kv = await self.kv()
+        if not roles:
+            await kv.purge(approver)
+            return set()
+        try:
+            current = set(json.loads((await kv.get(approver)).value or b"{}").get("roles", []))
+        except KeyNotFoundError:
+            return set()
+        current -= set(roles)
+        await kv.put(approver, json.dumps({"roles": sorted(current)}).encode())
+        return current
+
+    async def list(self) -> dict[str, list[str]]:
+        kv = await self.kv()
+        try:
+            keys = await kv.keys()
+        except Exception:
+            return {}
+        out = {}
+        for key in keys:
+            entry = await kv.get(key)
+            out[key] = sorted(json.loads(entry.value or b"{}").get("roles", []))
+        return out
