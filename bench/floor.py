@@ -108,7 +108,7 @@ class Role:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loops = [asyncio.create_task(self._consume(nc, subject, handlers[subject])) for subject in ROLES[self.role]]
-        await nc.publish(f"floor.up.{self.role}", b"")
+        await nc.publish(f"bench.floorup.{self.role}", b"")
         await stop.wait()
         for task in loops:
             task.cancel()
@@ -229,7 +229,7 @@ class Floor:
                     durable_name=durable_name(role, subject), filter_subject=subject, ack_policy=AckPolicy.EXPLICIT,
                     max_ack_pending=20_000, deliver_policy=DeliverPolicy.ALL, ack_wait=60))
         await nc.subscribe("floor.done.*", cb=self._on_done)
-        up = await nc.subscribe("floor.up.*")
+        up = await nc.subscribe("bench.floorup.*")
         root = Path(__file__).resolve().parents[1]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
         for role in ROLES:
@@ -283,7 +283,10 @@ class Floor:
         run = self.new_run()
         t0 = time.perf_counter()
         await self.trigger(run, deps)
-        end, overheads = await asyncio.wait_for(self.done.pop(run), timeout)
+        try:
+            end, overheads = await asyncio.wait_for(self.done[run], timeout)
+        finally:
+            self.done.pop(run, None)
         return end - t0, overheads
 
 
@@ -312,7 +315,7 @@ async def measure(url: str, *, w1: tuple[int, int] | None, w2_runs: int | None, 
             runs = [floor.new_run() for _ in range(w2_runs)]
             clock = Clock()
             await asyncio.gather(*(floor.trigger(run, FIVE_STEP_DEPS) for run in runs))
-            ends = await asyncio.wait_for(asyncio.gather(*(floor.done.pop(run) for run in runs)), 600)
+            ends = await asyncio.wait_for(asyncio.gather(*(floor.done[run] for run in runs)), 600)
             seconds = clock.elapsed()
             steps = w2_runs * len(FIVE_STEP_DEPS)
             over = [x * 1000 for _, overheads in ends for x in overheads]

@@ -40,6 +40,7 @@ from interlock.core.natsserver import DEFAULT_STORE_DIR, EmbeddedNats, NatsServe
 from interlock.core.topology import provision
 from interlock.core.workflow import WorkflowInvalid, load_workflow
 from interlock.runtime.connect import connect, resolve_url
+from interlock.runtime.publish import publish
 from interlock.runtime.registry import VersionConflict, WorkflowNotFound, WorkflowRegistry
 
 DEFAULT_TENANT = os.environ.get("INTERLOCK_TENANT", "default")
@@ -245,8 +246,8 @@ async def trigger_run(nc: NATS, workflow_id: str, run_input: Any, *, key: str, t
                       reuse: dict[str, Any] | None = None) -> str:
     trigger = Trigger(workflow_id=workflow_id, workflow_version=version, input=run_input, idempotency_key=key,
                       tenant=tenant, requested_by=requested_by, rerun_of=rerun_of, reuse_outputs=reuse or {})
-    await nc.jetstream().publish(s.trigger(workflow_id), trigger.model_dump_json().encode(),
-                                 headers={"Nats-Msg-Id": f"trigger:{tenant}:{workflow_id}:{key}"})
+    await publish(nc.jetstream(), s.trigger(workflow_id), trigger.model_dump_json().encode(),
+                  headers={"Nats-Msg-Id": f"trigger:{tenant}:{workflow_id}:{key}"})
     return str(run_id_for(tenant, workflow_id, key))
 
 

@@ -54,7 +54,9 @@ class Harness:
     async def start_services(self, copies: int = 1, settings: ServiceSettings | None = None) -> None:
         for cls in service_classes():
             for _ in range(copies):
-                service = cls(settings or ServiceSettings(nats_url=self.url, provision=False))
+                # no periodic reconciler in tests unless a test asks for one: sweeps over the
+                # session's shared server would make timings noisy
+                service = cls(settings or ServiceSettings(nats_url=self.url, provision=False, sweep_interval=0))
                 await service.start()
                 self.services.append(service)
 

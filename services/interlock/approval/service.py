@@ -52,6 +52,9 @@ class ApprovalService(Service):
         async def reject(decision: ApprovalDecision) -> CommandReply:
             return await self.decide(decision, grant=False)
 
+    async def reconcile(self, tenant: str, run_id: str) -> None:
+        await self.on_commit(tenant, run_id, [])
+
     async def on_commit(self, tenant: str, run_id: str, envelopes: list[dict[str, Any]]) -> None:
         expiries: list[TimerFired] = []
 

@@ -28,6 +28,7 @@ from interlock.core.run import ACTIVE_ATTEMPT, Run, StepState
 from interlock.core.workflow import Step, Workflow, render_text
 from interlock.planner.logic import base_step_id, output_schema_error, template_context
 from interlock.runtime import timers
+from interlock.runtime.publish import publish
 from interlock.runtime.service import Poison, Service
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_MS = 5 * 60 * 1000
 DEFAULT_HEARTBEAT_TIMEOUT_MS = 15_000
 RETRY_EARLY_TOLERANCE = timedelta(milliseconds=50)
+OVERDUE_GRACE = timedelta(seconds=5)  # the reconciler acts only when a timer is clearly late
 
 
 def heartbeat_timeout_ms(spec: Step) -> int:
@@ -77,6 +79,28 @@ class DispatcherService(Service):
                 if state is not None and state.status in ACTIVE_ATTEMPT and state.job_id == envelope["data"]["job_id"]:
                     workflow = await self.registry.get(handle.workflow_id, handle.workflow_version)
                     await self.publish_job(handle, workflow, state)
+
+    async def reconcile(self, tenant: str, run_id: str) -> None:
+        """Dispatch what is due, re-offer jobs whose message may be lost, and time out attempts
+        whose timers never fired (a backstop: the durable timers normally do this)."""
+        run = await self.dispatch(tenant, run_id)
+        now = datetime.now(UTC)
+        workflow = await self.registry.get(run.workflow_id, run.workflow_version)
+        for state in list(run.steps.values()):
+            if state.status not in ("dispatched", "running") or state.deadline is None:
+                continue
+            if state.status == "dispatched" and state.job_id not in self._published:
+                await self.publish_job(run, workflow, state)  # deduplicated if it is still queued
+            overdue = now - state.deadline > OVERDUE_GRACE
+            spec = workflow.steps[base_step_id(state.step_id)]
+            lease = timedelta(milliseconds=heartbeat_timeout_ms(spec))
+            seen = self._heartbeats.get(state.job_id or "")
+            silent = (state.status == "running" and seen is None and state.last_heartbeat_at is not None
+                      and now - state.last_heartbeat_at > 2 * lease + OVERDUE_GRACE)
+            if overdue or silent:
+                kind = "deadline" if overdue else "lease"
+                await self.on_timer_fired(TimerFired(kind=kind, run_id=run_id, tenant=tenant, step_id=state.step_id,
+                                                     attempt=state.attempt, due_at=now))
 
     async def dispatch(self, tenant: str, run_id: str) -> Run:
         """Dispatch every released job and every retry that is due; publish notifications."""
@@ -124,8 +148,8 @@ class DispatcherService(Service):
             deadline=state.deadline, heartbeat_interval_ms=max(100, hb_timeout // 3), job_hash=state.job_hash,
             constraints=state.decision.constraints if state.decision else {},
         )
-        await self.js.publish(s.job(state.topic), job.model_dump_json().encode(),
-                              headers={"Nats-Msg-Id": state.job_id})
+        await publish(self.js, s.job(state.topic), job.model_dump_json().encode(),
+                      headers={"Nats-Msg-Id": state.job_id})
         self._published.add(state.job_id)
         if len(self._published) > 100_000:
             self._published.clear()
@@ -143,8 +167,8 @@ class DispatcherService(Service):
                             step_id=state.step_id, channel=spec.channel, message=text, data=state.input)
         subject = s.notify(run.tenant, spec.channel)
         # published before the outcome is appended, deduplicated by id, so it is sent exactly once
-        await self.js.publish(subject, note.model_dump_json().encode(),
-                              headers={"Nats-Msg-Id": f"notify:{run.run_id}:{state.step_id}"})
+        await publish(self.js, subject, note.model_dump_json().encode(),
+                      headers={"Nats-Msg-Id": f"notify:{run.run_id}:{state.step_id}"})
         run.succeed_step(ev.StepSucceeded(step_id=state.step_id, attempt=0,
                                           output={"subject": subject, "message": text}))
 
@@ -259,6 +283,9 @@ class DispatcherService(Service):
             timer = TimerFired.model_validate_json(msg.data)
         except ValidationError as e:
             raise Poison(f"invalid timer: {e}") from e
+        await self.on_timer_fired(timer)
+
+    async def on_timer_fired(self, timer: TimerFired) -> None:
         if timer.kind == "retry":
             await self.dispatch(timer.tenant, timer.run_id)
             return

@@ -146,6 +146,9 @@ class PlannerService(Service):
             return CommandReply(ok=False, error=str(e))
         return CommandReply(ok=True, detail={"run_id": request.run_id, "status": "cancelled"})
 
+    async def reconcile(self, tenant: str, run_id: str) -> None:
+        await self.advance(tenant, run_id)
+
     async def advance(self, tenant: str, run_id: str) -> None:
         async def decide(run: Run) -> None:
             if run.terminal:

@@ -59,6 +59,9 @@ class PolicyService(Service):
             self._agents_at = time.monotonic()
         return self._agents.get(topic or "", ((), ""))
 
+    async def reconcile(self, tenant: str, run_id: str) -> None:
+        await self.on_commit(tenant, run_id, [])
+
     async def on_commit(self, tenant: str, run_id: str, envelopes: list[dict[str, Any]]) -> None:
         async def decide(run: Run) -> None:
             if run.terminal:

@@ -10,6 +10,7 @@ from nats.js import JetStreamContext
 
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import DeadLetter
+from interlock.runtime.publish import publish
 
 log = logging.getLogger(__name__)
 
@@ -20,4 +21,4 @@ async def dead_letter(js: JetStreamContext, service: str, subject: str, data: by
                         data_b64=base64.b64encode(data).decode(), headers=dict(headers or {}),
                         at=datetime.now(UTC))
     log.warning("%s: dead-lettered a message from %s: %s", service, subject, reason[:300])
-    await js.publish(s.dead_letter(service), letter.model_dump_json().encode())
+    await publish(js, s.dead_letter(service), letter.model_dump_json().encode())

@@ -10,8 +10,10 @@ repeats nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 from collections.abc import Awaitable, Callable
@@ -51,6 +53,7 @@ class ServiceSettings:
     inline_limit: int = int(os.environ.get("INTERLOCK_INLINE_LIMIT", str(DEFAULT_INLINE_LIMIT)))
     instance: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     concurrency: int = 64  # messages handled at once per consumer
+    sweep_interval: float = float(os.environ.get("INTERLOCK_SWEEP_S", "15"))  # reconciler period, 0 = off
 
 
 CommitHandler = Callable[[str, str, list[dict[str, Any]]], Awaitable[None]]
@@ -75,6 +78,8 @@ class Service:
                                  max_reconnect_attempts=-1, reconnect_time_wait=1)
         self._stopped = asyncio.Event()
         self._consumers: list[PullConsumer] = []
+        self._sweeper: asyncio.Task[None] | None = None
+        self._finished: set[tuple[str, str]] = set()  # runs known terminal: the sweep skips them
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -90,6 +95,8 @@ class Service:
         await self.broker.start()
         for consumer in self._consumers:
             await consumer.start()
+        if self.settings.sweep_interval > 0 and type(self).reconcile is not Service.reconcile:
+            self._sweeper = asyncio.create_task(self._sweep_loop(), name=f"{self.name}-sweep")
         log.info("%s started (%s)", self.name, self.settings.instance)
 
     async def setup(self) -> None:
@@ -99,6 +106,10 @@ class Service:
         raise NotImplementedError
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._sweeper
         for consumer in self._consumers:
             await consumer.stop()
         await self.broker.stop()
@@ -120,6 +131,51 @@ class Service:
         await stop.wait()
         log.info("%s stopping", self.name)
         await self.stop()
+
+    # -- reconciler ----------------------------------------------------------------------------
+    async def reconcile(self, tenant: str, run_id: str) -> None:
+        """Move one active run on from its state; services that can get stuck override it."""
+
+    async def active_runs(self) -> list[tuple[str, str]]:
+        """Every run whose log does not end in a terminal event (from the stream's subject list)."""
+        info = await self.js.stream_info(s.EVENTS_STREAM, subjects_filter=s.EVENTS_ALL)
+        active = []
+        for subject in (info.state.subjects or {}):
+            key = s.parse_run_events(subject)
+            if key in self._finished:
+                continue
+            try:
+                handle = await self.store.load(*key, fresh=True)
+            except EventStoreError as e:
+                log.warning("%s sweep: cannot load %s: %s", self.name, subject, e)
+                continue
+            if handle.run.terminal:
+                self._finished.add(key)
+            else:
+                active.append(key)
+        return active
+
+    async def sweep(self) -> int:
+        """One reconciler pass: a stuck run (a lost message, a crash between two writes, a
+        timer that never fired) is moved on from what its log says. Returns runs visited."""
+        runs = await self.active_runs()
+        for tenant, run_id in runs:
+            try:
+                await self.reconcile(tenant, run_id)
+            except (IllegalTransition, RunNotFound):
+                pass
+            except Exception:
+                log.exception("%s sweep: reconciling run %s failed", self.name, run_id)
+        return len(runs)
+
+    async def _sweep_loop(self) -> None:
+        rng = random.Random()
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval * (0.75 + 0.5 * rng.random()))
+            try:
+                await self.sweep()
+            except Exception as e:  # a reconnect or an election: next time
+                log.warning("%s sweep failed: %r", self.name, e)
 
     # -- consumers ---------------------------------------------------------------------------
     def durable(self, suffix: str = "") -> str:

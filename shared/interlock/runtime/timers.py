@@ -14,6 +14,7 @@ from nats.js import JetStreamContext
 
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import TimerFired
+from interlock.runtime.publish import publish
 
 
 def _key(step_id: str | None, attempt: int | None) -> str:
@@ -24,9 +25,10 @@ def _key(step_id: str | None, attempt: int | None) -> str:
 async def schedule(js: JetStreamContext, timer: TimerFired) -> None:
     due = timer.due_at.astimezone(UTC).isoformat().replace("+00:00", "Z")
     subject = s.timer_schedule(timer.kind, timer.run_id, _key(timer.step_id, timer.attempt))
-    await js.publish(subject, timer.model_dump_json().encode(), headers={
+    await publish(js, subject, timer.model_dump_json().encode(), headers={
         "Nats-Schedule": f"@at {due}",
         "Nats-Schedule-Target": s.timer_fired(timer.kind),
+        "Nats-Msg-Id": f"{subject}@{due}",
     })
 
 

@@ -30,6 +30,7 @@ from interlock.runtime.connect import connect
 from interlock.runtime.consumer import PullConsumer
 from interlock.runtime.deadletter import dead_letter
 from interlock.runtime.payloads import DEFAULT_INLINE_LIMIT, PayloadStore
+from interlock.runtime.publish import publish
 from interlock.worker._errors import FatalError
 
 log = logging.getLogger("interlock.worker")
@@ -221,8 +222,9 @@ class Worker:
         finally:
             beating.cancel()
             self._running.pop(job.job_id, None)
-        await js.publish(s.result(job.tenant, job.run_id), result.model_dump_json().encode(),
-                         headers={"Nats-Msg-Id": f"result:{job.job_id}"})
+        # the result must land even through a leader election: retried, deduplicated by id
+        await publish(js, s.result(job.tenant, job.run_id), result.model_dump_json().encode(),
+                      headers={"Nats-Msg-Id": f"result:{job.job_id}"}, patience=120.0)
 
     async def _call(self, handler: JobHandler, ctx: JobContext, job: Job) -> Any:
         if job.deadline is None:

@@ -1,0 +1,36 @@
+"""JetStream publishes that ride through a stream-leader election or a reconnect.
+
+Every publish that matters carries a ``Nats-Msg-Id``, so trying again after a lost ack is safe:
+JetStream's duplicate window drops the second copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import nats.errors
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
+
+log = logging.getLogger(__name__)
+
+TRANSIENT = (nats.errors.TimeoutError, NoStreamResponseError, ServiceUnavailableError, nats.errors.NoRespondersError,
+             nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError)
+
+
+async def publish(js: JetStreamContext, subject: str, payload: bytes, headers: dict[str, str] | None = None, *,
+                  patience: float = 30.0, timeout: float = 5.0) -> PubAck:
+    deadline = time.monotonic() + patience
+    delay = 0.05
+    while True:
+        try:
+            return await js.publish(subject, payload, headers=headers, timeout=timeout)
+        except TRANSIENT as e:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("publish to %s not acknowledged (%r); retrying", subject, e)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
