@@ -21,6 +21,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from pydantic import BaseModel
 
+from interlock.auditor.projection import describe
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import (
     AgentRegistration,
@@ -33,7 +34,6 @@ from interlock.contracts.messages import (
     RunsQuery,
     Trigger,
 )
-from interlock.core.describe import describe
 from interlock.core.eventstore import EventStore, RunNotFound
 from interlock.core.ids import run_id_for
 from interlock.core.natsserver import DEFAULT_STORE_DIR, EmbeddedNats, NatsServerError
@@ -275,7 +275,10 @@ async def watch_run(nc: NATS, tenant: str, run_id: str, *, timeout: float | None
                 if envelope["type"] == "StepHeartbeat":
                     continue
                 if not quiet:
-                    out(f"  +{time.monotonic() - t0:6.2f}s  {envelope['service']:<10} {describe(envelope)}")
+                    summary, _ = describe(envelope["type"], envelope.get("data") or {})
+                    attempt = f"#{envelope['attempt']}" if envelope.get("attempt") else ""
+                    step = (envelope.get("step_id") or "") + attempt
+                    out(f"  +{time.monotonic() - t0:6.2f}s  {envelope['service']:<10} {step:<22} {summary}")
                 if on_event is not None:
                     await on_event(envelope)
                 if envelope["type"] in TERMINAL_EVENTS:

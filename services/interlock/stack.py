@@ -1,7 +1,9 @@
 """The whole stack on one machine: embedded NATS, the five services and workers as processes.
 
 Used by ``interlock up``, ``interlock demo``, the end-to-end tests and crash drills (every
-process can be SIGKILLed and started again).
+process can be SIGKILLed and started again). ``Stack(cluster=3)`` runs a 3-node JetStream
+cluster on loopback (:class:`interlock.cluster.LocalCluster`) instead of one server: services
+get every node's URL and R3 streams, and ``kill("n1")``/``restart("n1")`` take nodes down.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import nats
 
+from interlock.cluster import LocalCluster
 from interlock.core.natsserver import EmbeddedNats, free_port
 from interlock.core.topology import provision
 from interlock.runtime.connect import URL_FILE
@@ -53,14 +56,33 @@ class Stack:
     port: int | None = None
     procs: dict[str, Proc] = field(default_factory=dict)
     nats: EmbeddedNats | None = None
+    cluster: int = 0  # > 0: run a LocalCluster of this many nodes instead of one server
+    local_cluster: LocalCluster | None = None
 
     @property
     def url(self) -> str:
         assert self.nats_url, "the stack is not started"
         return self.nats_url
 
+    @property
+    def replicas(self) -> int:
+        """Stream replicas: the cluster's size, else INTERLOCK_REPLICAS from ``env``, else 1."""
+        if self.cluster:
+            return self.cluster
+        return int(self.env.get("INTERLOCK_REPLICAS", "1"))
+
+    @property
+    def nodes(self) -> list[str]:
+        """Names of the cluster's NATS nodes (n1, n2, …); empty for a single server."""
+        return self.local_cluster.node_names if self.local_cluster is not None else []
+
     def start_nats(self) -> str:
         if self.nats_url:
+            return self.nats_url
+        if self.cluster:
+            (self.home / "logs").mkdir(parents=True, exist_ok=True)
+            self.local_cluster = LocalCluster(self.home / "cluster", self.cluster)
+            self.nats_url = self.local_cluster.start()
             return self.nats_url
         port = self.port if self.port is not None else (DEFAULT_PORT if _port_free(DEFAULT_PORT) else free_port())
         self.nats = EmbeddedNats(store_dir=self.home / "nats", port=port, log_file=self.home / "logs" / "nats.log")
@@ -69,9 +91,9 @@ class Stack:
         return self.nats_url
 
     async def provision(self) -> list[str]:
-        nc = await nats.connect(self.url)
+        nc = await nats.connect(self.url.split(","))
         try:
-            return await provision(nc.jetstream())
+            return await provision(nc.jetstream(), self.replicas)
         finally:
             await nc.close()
 
@@ -80,6 +102,8 @@ class Stack:
         logs.mkdir(parents=True, exist_ok=True)
         proc = self.procs.get(name) or Proc(name, argv, logs / f"{name}.log")
         env = {**os.environ, **self.env, "INTERLOCK_NATS_URL": self.url, "PYTHONUNBUFFERED": "1"}
+        if self.cluster:
+            env["INTERLOCK_REPLICAS"] = str(self.replicas)
         with proc.log_path.open("ab") as log:
             proc.popen = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL)
@@ -97,13 +121,21 @@ class Stack:
             self._spawn(f"worker-{i}", [sys.executable, "-m", "interlock.cli", "worker", target])
 
     def kill(self, name: str) -> None:
-        """SIGKILL one process (crash drills)."""
+        """SIGKILL one process, or with a cluster one NATS node by name (crash drills)."""
+        if name in self.nodes:
+            assert self.local_cluster is not None
+            self.local_cluster.kill(name)
+            return
         proc = self.procs[name]
         if proc.popen is not None and proc.popen.poll() is None:
             proc.popen.kill()
             proc.popen.wait()
 
     def restart(self, name: str) -> None:
+        if name in self.nodes:
+            assert self.local_cluster is not None
+            self.local_cluster.restart(name)
+            return
         self._spawn(name, self.procs[name].argv)
 
     def dead(self) -> list[str]:
@@ -123,8 +155,11 @@ class Stack:
             except subprocess.TimeoutExpired:
                 proc.popen.kill()
                 proc.popen.wait()
-        if self.nats is not None:
-            self.nats.stop()
+        if self.local_cluster is not None:
+            self.local_cluster.stop()
+        if self.nats is not None or self.local_cluster is not None:
+            if self.nats is not None:
+                self.nats.stop()
             with contextlib.suppress(FileNotFoundError):
                 if URL_FILE.read_text().strip() == self.nats_url:
                     URL_FILE.unlink()

@@ -8,7 +8,6 @@ from typing import Any
 
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
-from pydantic import ValidationError
 
 from interlock.approval.directory import ApproverDirectory
 from interlock.contracts import events as ev
@@ -20,7 +19,7 @@ from interlock.core.workflow import TemplateError, render_text
 from interlock.planner.logic import base_step_id, template_context
 from interlock.policy.bundles import BundleStore, LivePolicy
 from interlock.runtime import timers
-from interlock.runtime.service import Poison, Service
+from interlock.runtime.service import Service, decode
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +151,7 @@ class ApprovalService(Service):
         return CommandReply(ok=True, detail={"step_id": decision.step_id, "decision": verb})
 
     async def on_escalation(self, msg: Msg) -> None:
-        try:
-            timer = TimerFired.model_validate_json(msg.data)
-        except ValidationError as e:
-            raise Poison(f"invalid timer: {e}") from e
+        timer = decode(msg, TimerFired)
 
         def escalate(run: Run) -> None:
             state = run.steps.get(timer.step_id or "")
@@ -171,10 +167,7 @@ class ApprovalService(Service):
         await self.store.update(timer.tenant, timer.run_id, escalate, fresh=True)
 
     async def on_expiry(self, msg: Msg) -> None:
-        try:
-            timer = TimerFired.model_validate_json(msg.data)
-        except ValidationError as e:
-            raise Poison(f"invalid timer: {e}") from e
+        timer = decode(msg, TimerFired)
 
         def expire(run: Run) -> None:
             state = run.steps.get(timer.step_id or "")

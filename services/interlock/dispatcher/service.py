@@ -18,7 +18,6 @@ from typing import Any
 
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
-from pydantic import ValidationError
 
 from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
@@ -29,7 +28,7 @@ from interlock.core.workflow import Step, Workflow, render_text
 from interlock.planner.logic import base_step_id, output_schema_error, template_context
 from interlock.runtime import timers
 from interlock.runtime.publish import publish
-from interlock.runtime.service import Poison, Service
+from interlock.runtime.service import Poison, Service, decode
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +173,7 @@ class DispatcherService(Service):
 
     # -- outcomes ----------------------------------------------------------------------------
     async def on_result(self, msg: Msg) -> None:
-        try:
-            result = JobResult.model_validate_json(msg.data)
-        except ValidationError as e:
-            raise Poison(f"invalid job result: {e}") from e
+        result = decode(msg, JobResult)
         if msg.subject != s.result(result.tenant, result.run_id):
             raise Poison(f"result for run {result.run_id} arrived on {msg.subject}")
         retries: list[TimerFired] = []
@@ -242,10 +238,7 @@ class DispatcherService(Service):
                                         worker=worker))
 
     async def on_heartbeat(self, msg: Msg) -> None:
-        try:
-            beat = Heartbeat.model_validate_json(msg.data)
-        except ValidationError as e:
-            raise Poison(f"invalid heartbeat: {e}") from e
+        beat = decode(msg, Heartbeat)
         first = beat.job_id not in self._heartbeats
         self._heartbeats[beat.job_id] = time.monotonic()
         leases: list[TimerFired] = []
@@ -279,10 +272,7 @@ class DispatcherService(Service):
 
     # -- timers ------------------------------------------------------------------------------
     async def on_timer(self, msg: Msg) -> None:
-        try:
-            timer = TimerFired.model_validate_json(msg.data)
-        except ValidationError as e:
-            raise Poison(f"invalid timer: {e}") from e
+        timer = decode(msg, TimerFired)
         await self.on_timer_fired(timer)
 
     async def on_timer_fired(self, timer: TimerFired) -> None:

@@ -22,7 +22,7 @@ from interlock.planner.logic import plan
 from interlock.policy.bundles import BundleStore, LivePolicy
 from interlock.runtime import timers
 from interlock.runtime.registry import WorkflowNotFound
-from interlock.runtime.service import Poison, Service
+from interlock.runtime.service import Poison, Service, decode
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +124,7 @@ class PlannerService(Service):
         await self.advance(tenant, run_id)
 
     async def on_timer(self, msg: Msg) -> None:
-        try:
-            timer = TimerFired.model_validate_json(msg.data)
-        except ValidationError as e:
-            raise Poison(f"invalid timer: {e}") from e
+        timer = decode(msg, TimerFired)
 
         async def decide(run: Run) -> None:
             if not run.terminal:

@@ -18,12 +18,13 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from faststream.nats import NatsBroker
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from pydantic import BaseModel, ValidationError
 
 from interlock.contracts import subjects as s
 from interlock.core import codec
@@ -57,6 +58,17 @@ class ServiceSettings:
 
 
 CommitHandler = Callable[[str, str, list[dict[str, Any]]], Awaitable[None]]
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def decode(msg: Msg, model: type[M]) -> M:
+    """A message as its contract type; one that does not validate is poison (dead-lettered)."""
+    try:
+        return model.model_validate_json(msg.data)
+    except ValidationError as e:
+        raise Poison(f"invalid {model.__name__} on {msg.subject}: {e}") from e
 
 
 class Service:

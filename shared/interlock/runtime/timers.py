@@ -34,3 +34,4 @@ async def schedule(js: JetStreamContext, timer: TimerFired) -> None:
 
 def due_in(ms: float) -> datetime:
     return datetime.now(UTC) + timedelta(milliseconds=ms)
+

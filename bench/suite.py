@@ -1,0 +1,347 @@
+"""``python -m bench``: run the workloads, print the table, save the JSON (see bench/README.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from interlock.core.natsserver import EmbeddedNats
+
+from bench import floor as floor_mod
+from bench import replay
+from bench.common import machine, progress, ratio
+from bench.stackrun import RssSampler, StackBench, memory_report, new_home
+
+WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+SCHEMA = 1
+
+TARGETS = {
+    "W1": "p50 <= 15 ms",
+    "W2": ">= 1,500 steps/s; scheduling overhead p50 <= 3 ms",
+    "W3": "<= 2 s",
+    "W4": "10,000-event load <= 100 ms; 100,000-event rebuild <= 20 s",
+    "W5": "flat after load (back within 20 % of baseline 5 s after W2)",
+    "floor": "every ratio to the floor <= 4",
+}
+MAX_RATIO = 4.0
+
+SETUP = ("All five services (planner, policy, approval, dispatcher, auditor) and the bench worker run as "
+         "separate OS processes against one embedded nats-server; every event is persisted in JetStream "
+         "(file storage, hash-chained, conditional appends) as in production.")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    w1_warmup: int
+    w1_runs: int
+    w2_runs: int
+    w3_items: int
+    w4_load_events: int
+    w4_rebuild_events: int
+    w5_baseline_s: float
+    w5_after_s: float = 5.0
+
+
+FULL = Sizes(w1_warmup=10, w1_runs=50, w2_runs=1000, w3_items=500, w4_load_events=10_000,
+             w4_rebuild_events=100_000, w5_baseline_s=2.0)
+QUICK = Sizes(w1_warmup=2, w1_runs=5, w2_runs=50, w3_items=50, w4_load_events=1_000, w4_rebuild_events=5_000,
+              w5_baseline_s=1.0)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="small sizes (CI smoke test; well under a minute)")
+    p.add_argument("--only", help="comma-separated workloads to run, e.g. W1,W3 (default: all; W5 needs W2)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default: %(default)s)")
+    args = p.parse_args(argv)
+    if args.only:
+        only = [w.strip().upper() for w in args.only.split(",") if w.strip()]
+        unknown = [w for w in only if w not in WORKLOADS]
+        if unknown:
+            p.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
+        args.only = only
+    else:
+        args.only = list(WORKLOADS)
+    return args
+
+
+# -- running -------------------------------------------------------------------------------------
+async def run_floor(selected: set[str], sizes: Sizes, results: dict[str, Any]) -> None:
+    home = new_home()
+    server = EmbeddedNats(store_dir=home / "nats", port=0, log_file=home / "nats.log")
+    try:
+        url = server.start()
+        progress("floor: raw nats-py JetStream hops on a scratch stream (4 role processes)")
+        results["floor"] = await floor_mod.measure(
+            url,
+            w1=(sizes.w1_warmup, sizes.w1_runs) if "W1" in selected else None,
+            w2_runs=sizes.w2_runs if "W2" in selected else None,
+            w3_items=sizes.w3_items if "W3" in selected else None,
+        )
+    finally:
+        server.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+async def run_w4(sizes: Sizes, results: dict[str, Any]) -> None:
+    home = new_home()
+    server = EmbeddedNats(store_dir=home / "nats", port=0, log_file=home / "nats.log")
+    try:
+        url = server.start()
+        progress(f"W4: writing a {sizes.w4_load_events}-event run and a {sizes.w4_rebuild_events}-event stream "
+                 f"with EventStore (no services)")
+        results["workloads"]["W4"] = await replay.measure(url, load_events=sizes.w4_load_events,
+                                                          rebuild_events=sizes.w4_rebuild_events)
+    finally:
+        server.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+async def run_stack(selected: set[str], sizes: Sizes, results: dict[str, Any], errors: dict[str, str]) -> None:
+    home = new_home()
+    bench = StackBench(home)
+    sampler: RssSampler | None = None
+    workloads = results["workloads"]
+    try:
+        progress(f"stack: starting nats-server, 5 services and the bench worker (home {home})")
+        await bench.start()
+        sampler = RssSampler(bench.pids())
+        sampler.start()
+        if "W1" in selected:
+            try:
+                workloads["W1"] = await bench.w1(sizes.w1_warmup, sizes.w1_runs)
+            except Exception as e:
+                errors["W1"] = _error(e)
+        else:  # untimed warm-up so W2/W3 do not pay for start-up
+            await bench.w1(sizes.w1_warmup, 0)
+        if "W2" in selected:
+            try:
+                await asyncio.sleep(sizes.w5_baseline_s)  # a quiet stack: the memory baseline
+                baseline = (time.perf_counter() - sizes.w5_baseline_s, time.perf_counter())
+                w2 = await bench.w2(sizes.w2_runs)
+                done_at = w2.pop("_done_at")
+                workloads["W2"] = w2
+                progress(f"W5: waiting {sizes.w5_after_s:.0f} s after W2 for the memory to settle")
+                await asyncio.sleep(sizes.w5_after_s)
+                after = (time.perf_counter() - 0.5, time.perf_counter())
+                if "W5" in selected:
+                    workloads["W5"] = memory_report(sampler, baseline, (baseline[1], done_at), after)
+            except Exception as e:
+                errors["W2"] = _error(e)
+        if "W3" in selected:
+            try:
+                workloads["W3"] = await bench.w3(sizes.w3_items)
+            except Exception as e:
+                errors["W3"] = _error(e)
+        bench.check_alive()
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        await bench.close()
+        bench.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _error(e: BaseException) -> str:
+    progress(f"error: {e!r}")
+    return "".join(traceback.format_exception(e))[-4000:]
+
+
+async def run_all(args: argparse.Namespace, sizes: Sizes, results: dict[str, Any], errors: dict[str, str]) -> None:
+    selected = set(args.only)
+    if "W5" in selected and "W2" not in selected:
+        progress("W5 measures memory during W2: running W2 too")
+        selected.add("W2")
+    results["selected"] = sorted(selected)
+    if selected & {"W1", "W2", "W3"}:
+        try:
+            await run_floor(selected, sizes, results)
+        except Exception as e:
+            errors["floor"] = _error(e)
+    if selected & {"W1", "W2", "W3", "W5"}:
+        try:
+            await run_stack(selected, sizes, results, errors)
+        except Exception as e:
+            errors["stack"] = _error(e)
+    if "W4" in selected:
+        try:
+            await run_w4(sizes, results)
+        except Exception as e:
+            errors["W4"] = _error(e)
+
+
+# -- the table -----------------------------------------------------------------------------------
+def _row(workload: str, metric: str, value: float | None, unit: str, target: str = "",
+         target_ok: bool | None = None, floor: float | None = None, rat: float | None = None,
+         note: str = "") -> dict[str, Any]:
+    return {"workload": workload, "metric": metric, "value": value, "unit": unit, "target": target,
+            "target_ok": target_ok, "floor": floor, "ratio": rat,
+            "ratio_ok": None if rat is None else rat <= MAX_RATIO, "note": note}
+
+
+def build_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    w = results["workloads"]
+    fl = results.get("floor", {})
+    rows: list[dict[str, Any]] = []
+    if "W1" in w:
+        r, f = w["W1"], fl.get("W1", {})
+        r["floor"] = f
+        r["ratio"] = {"p50": ratio(r["p50_ms"], f.get("p50_ms")), "p99": ratio(r["p99_ms"], f.get("p99_ms")),
+                      "overhead_p50": ratio(r["overhead_p50_ms"], f.get("overhead_p50_ms"))}
+        rows.append(_row("W1", "5-step run latency p50", r["p50_ms"], "ms", "<= 15 ms", r["p50_ms"] <= 15,
+                         f.get("p50_ms"), r["ratio"]["p50"]))
+        rows.append(_row("W1", "5-step run latency p99", r["p99_ms"], "ms", "", None, f.get("p99_ms"),
+                         r["ratio"]["p99"]))
+        rows.append(_row("W1", "sched. overhead/step p50 (idle)", r["overhead_p50_ms"], "ms", "", None,
+                         f.get("overhead_p50_ms"), r["ratio"]["overhead_p50"]))
+    if "W2" in w:
+        r, f = w["W2"], fl.get("W2", {})
+        r["floor"] = f
+        # for a rate, "times worse than the floor" is floor / ours
+        r["ratio"] = {"steps_per_s": ratio(f.get("steps_per_s"), r["steps_per_s"]),
+                      "overhead_p50": ratio(r["overhead_p50_ms"], f.get("overhead_p50_ms")),
+                      "overhead_p99": ratio(r["overhead_p99_ms"], f.get("overhead_p99_ms"))}
+        runs = r["runs"]
+        rows.append(_row("W2", f"throughput, {runs} runs at once", r["steps_per_s"], "steps/s", ">= 1500 steps/s",
+                         r["steps_per_s"] >= 1500, f.get("steps_per_s"), r["ratio"]["steps_per_s"],
+                         f"{r['runs_per_s']} runs/s"))
+        rows.append(_row("W2", "sched. overhead/step p50", r["overhead_p50_ms"], "ms", "<= 3 ms",
+                         r["overhead_p50_ms"] <= 3, f.get("overhead_p50_ms"), r["ratio"]["overhead_p50"]))
+        rows.append(_row("W2", "sched. overhead/step p99", r["overhead_p99_ms"], "ms", "", None,
+                         f.get("overhead_p99_ms"), r["ratio"]["overhead_p99"]))
+    if "W3" in w:
+        r, f = w["W3"], fl.get("W3", {})
+        r["floor"] = f
+        r["ratio"] = {"seconds": ratio(r["seconds"], f.get("seconds"))}
+        rows.append(_row("W3", f"for_each of {r['items']} items", r["seconds"], "s", "<= 2 s", r["seconds"] <= 2,
+                         f.get("seconds"), r["ratio"]["seconds"],
+                         f"{r['events']} events in {r['commits']} commits (conflict proxy)"))
+    if "W4" in w:
+        r = w["W4"]
+        load, rebuild = r["load"], r["rebuild"]
+        r["ratio"] = {"load": ratio(load["p50_ms"], load["floor_p50_ms"]),
+                      "rebuild": ratio(rebuild["seconds"], rebuild["floor_seconds"])}
+        rows.append(_row("W4", f"load {load['events']}-event run (fresh)", load["p50_ms"], "ms", "<= 100 ms",
+                         load["p50_ms"] <= 100, load["floor_p50_ms"], r["ratio"]["load"],
+                         f"{load['commits']} commits; floor = raw direct get"))
+        rows.append(_row("W4", f"rebuild projection, {rebuild['events']} ev.", rebuild["seconds"], "s", "<= 20 s",
+                         rebuild["seconds"] <= 20, rebuild["floor_seconds"], r["ratio"]["rebuild"],
+                         f"{rebuild['events_per_s']:.0f} events/s; floor = raw ordered read"))
+    if "W5" in w and "baseline_mb" in w["W5"]:
+        r = w["W5"]
+        rows.append(_row("W5", "stack RSS baseline", r["baseline_mb"], "MB"))
+        rows.append(_row("W5", "stack RSS peak during W2", r["peak_mb"], "MB"))
+        rows.append(_row("W5", "stack RSS 5 s after W2", r["after_5s_mb"], "MB", "<= baseline +20 %",
+                         r["returned_within_20pct"], note=f"x{r['after_vs_baseline']} of baseline"))
+    return rows
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _mark(ok: bool | None) -> str:
+    return "" if ok is None else (" ok" if ok else " MISS")
+
+
+def render(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        "",
+        f"Interlock benchmark — {results['started_at']}{'  (--quick sizes)' if results['quick'] else ''}",
+        f"machine: {m['cpu_model']}, {m['cores']} cores, {m['ram_gb']} GB RAM; Python {m['python']}; "
+        f"{m['nats_server']}; {m['platform']}; load avg at start {m['load_avg_at_start']}",
+        f"setup: {SETUP}",
+        "ratio = how many times the raw nats-py floor (time / floor time, or floor rate / rate); target <= 4",
+        "",
+    ]
+    header = ("W", "metric", "value", "unit", "target", "floor", "ratio", "note")
+    table = [header]
+    for r in results["table"]:
+        table.append((r["workload"], r["metric"], _fmt(r["value"]), r["unit"],
+                      (r["target"] + _mark(r["target_ok"])) if r["target"] else "",
+                      _fmt(r["floor"]) if r["floor"] is not None else "-",
+                      (f"{r['ratio']:.2f}x" + _mark(r["ratio_ok"])) if r["ratio"] is not None else "-",
+                      r["note"]))
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    for i, row in enumerate(table):
+        lines.append("  ".join(str(c).ljust(widths[j]) if j != 2 else str(c).rjust(widths[j])
+                               for j, c in enumerate(row)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * wd for wd in widths))
+    w = results["workloads"]
+    for name in ("W1", "W2"):
+        if name in w and "stages_ms" in w[name]:
+            lines += ["", f"{name}: where a step's time goes (p50 per stage, ms; from event 'at' times and "
+                      f"worker receipt times)"]
+            for stage, data in w[name]["stages_ms"].items():
+                lines.append(f"  {stage:<10} {_fmt(data['p50']):>8}   {data['what']}")
+            lines.append(f"  {'finish':<10} {_fmt(w[name]['last_step_to_run_succeeded_ms']['p50']):>8}   "
+                         f"last StepSucceeded -> RunSucceeded")
+            lines.append(f"  {'start':<10} {_fmt(w[name]['submit_to_run_started_ms']['p50']):>8}   "
+                         f"trigger published -> RunStarted")
+            lines.append(f"  {w[name]['events_per_run']} events in {w[name]['commits_per_run']} commits per run")
+    if results["errors"]:
+        lines += ["", "ERRORS:"]
+        for where, text in results["errors"].items():
+            lines.append(f"  {where}: {text.strip().splitlines()[-1]}")
+    return "\n".join(lines)
+
+
+def save(results: dict[str, Any], out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.strptime(results["started_at"], "%Y-%m-%dT%H:%M:%SZ").strftime("%Y%m%dT%H%M%SZ")
+    path = out / f"{stamp}.json"
+    text = json.dumps(results, indent=2, sort_keys=False, default=str)
+    path.write_text(text + "\n")
+    (out / "latest.json").write_text(text + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    started = datetime.now(UTC)
+    results: dict[str, Any] = {
+        "schema": SCHEMA,
+        "started_at": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
+        "quick": args.quick,
+        "only": args.only,
+        "sizes": sizes.__dict__,
+        "machine": machine(),
+        "setup": SETUP,
+        "targets": TARGETS,
+        "workloads": {},
+    }
+    errors: dict[str, str] = {}
+    t0 = time.perf_counter()
+    try:
+        asyncio.run(run_all(args, sizes, results, errors))
+    except KeyboardInterrupt:
+        errors["interrupted"] = "KeyboardInterrupt"
+    results["duration_s"] = round(time.perf_counter() - t0, 1)
+    results["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["errors"] = errors
+    results["table"] = build_rows(results)
+    print(render(results), flush=True)
+    path = save(results, args.out)
+    print(f"\nsaved {path} and {args.out / 'latest.json'} ({results['duration_s']} s)", flush=True)
+    return 1 if errors else 0
