@@ -123,7 +123,8 @@ class Role:
             try:
                 await handler(nc, msg)
             except Exception as e:
-                print(f"bench floor {self.role}: {subject}: {e!r}", file=sys.stderr, flush=True)
+                if not nc.is_closed:
+                    print(f"bench floor {self.role}: {subject}: {e!r}", file=sys.stderr, flush=True)
             finally:
                 slots.release()
 
@@ -303,10 +304,16 @@ async def measure(url: str, *, w1: tuple[int, int] | None, w2_runs: int | None, 
             warmup, count = w1
             for _ in range(warmup):
                 await floor.one_run(FIVE_STEP_DEPS)
-            samples = [(await floor.one_run(FIVE_STEP_DEPS))[0] * 1000 for _ in range(count)]
+            samples: list[float] = []
+            over: list[float] = []
+            for _ in range(count):
+                secs, overheads = await floor.one_run(FIVE_STEP_DEPS)
+                samples.append(secs * 1000)
+                over.extend(x * 1000 for x in overheads)
             results["W1"] = {"runs": count, "warmup": warmup, "latency_ms": summary(samples),
                              "p50_ms": round(percentile(samples, 50) or 0, 3),
                              "p99_ms": round(percentile(samples, 99) or 0, 3),
+                             "overhead_ms": summary(over), "overhead_p50_ms": round(percentile(over, 50) or 0, 3),
                              "hops_per_run": 1 + HOPS_PER_STEP * len(FIVE_STEP_DEPS),
                              "critical_path_hops": 1 + HOPS_PER_STEP * 4,
                              "publishes_per_run": 2 + PUBLISHES_PER_STEP * len(FIVE_STEP_DEPS)}

@@ -69,7 +69,8 @@ version: 1
 steps:
   fan:
     topic: {TOPIC}
-    for_each: "{{{{ input.items }}}}"
+    # not `input.items`: Jinja resolves that to the dict's .items method (see README)
+    for_each: "{{{{ input['items'] }}}}"
     input: {{n: "{{{{ item }}}}"}}
 """
 T1, T2, T3 = "bw1", "bw2", "bw3"
@@ -151,6 +152,7 @@ class StackBench:
         self.store: EventStore | None = None
         self.recv: dict[str, tuple[float, float]] = {}  # job id -> (at the worker, handler called)
         self.nonce = uuid.uuid4().hex[:8]
+        self.failures: list[dict[str, Any]] = []
 
     async def start(self) -> None:
         with _cwd(self.home):
@@ -206,7 +208,10 @@ class StackBench:
     # -- W1 --------------------------------------------------------------------------------
     async def one_run(self, workflow: str, run_input: Any, tenant: str, key: str, timeout: float
                       ) -> tuple[str, float, float, str]:
-        """Trigger one run; (run id, submit wall time, seconds to its terminal event, terminal type)."""
+        """Trigger one run; (run id, submit wall time, seconds to its terminal event, terminal type).
+
+        A run that does not succeed is reported in ``self.failures`` with its terminal event's data.
+        """
         assert self.nc is not None
         run_id = str(run_id_for(tenant, workflow, key))
         loop = asyncio.get_running_loop()
@@ -219,6 +224,9 @@ class StackBench:
             for envelope in json.loads(msg.data)["events"]:
                 if envelope["type"] in TERMINAL_EVENTS:
                     ended.set_result((now, envelope["type"]))
+                    if envelope["type"] != "RunSucceeded":
+                        self.failures.append({"run_id": run_id, "workflow": workflow, "type": envelope["type"],
+                                              "data": envelope.get("data")})
                     return
 
         sub = await self.nc.subscribe(s.run_events(tenant, run_id), cb=on_commit)
@@ -241,7 +249,7 @@ class StackBench:
             _, _, secs, kind = await self.one_run(WF_FIVE, {"n": 1}, T1, f"w1-warm-{self.nonce}-{i}",
                                                   timeout=120 if i == 0 else 30)
             if kind != "RunSucceeded":
-                raise RuntimeError(f"warm-up run ended {kind}")
+                raise RuntimeError(f"warm-up run ended {kind}: {self.failures[-1:]}")
         progress(f"W1: warmed up with {warmup} runs")
         runs: list[tuple[str, float]] = []
         samples: list[float] = []
@@ -331,9 +339,14 @@ class StackBench:
     # -- W3 --------------------------------------------------------------------------------
     async def w3(self, items: int) -> dict[str, Any]:
         # a small fan-out first, untimed: template and for_each code paths warm
-        await self.one_run(WF_FAN, {"items": list(range(3))}, T3, f"w3-warm-{self.nonce}", timeout=60)
+        _, _, _, kind = await self.one_run(WF_FAN, {"items": list(range(3))}, T3, f"w3-warm-{self.nonce}",
+                                           timeout=60)
+        if kind != "RunSucceeded":
+            raise RuntimeError(f"W3 warm-up run ended {kind}: {self.failures[-1:]}")
         run_id, wall, secs, kind = await self.one_run(WF_FAN, {"items": list(range(items))}, T3,
                                                       f"w3-{self.nonce}", timeout=600)
+        if kind != "RunSucceeded":
+            raise RuntimeError(f"W3 run ended {kind}: {self.failures[-1:]}")
         await asyncio.sleep(0.2)
         assert self.store is not None
         stored = await self.store.read_commits(T3, run_id)

@@ -1,13 +1,16 @@
 """Example agents for the incident-remediation workflow: deterministic, no external calls.
 
-``apply_patch`` fails on its first attempt to show a retry. Every side effect is recorded once
-per idempotency key in the file named by INTERLOCK_SIDE_EFFECTS (if set), so drills can check
-that nothing happened twice.
+``apply_patch`` fails on its first attempt to show a retry. Side effects are idempotent per
+idempotency key: each is recorded once in the file named by INTERLOCK_SIDE_EFFECTS (if set), and
+a repeat under the same key (a retry after a worker died mid-job) does nothing, so drills can
+check that nothing happened twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -18,11 +21,29 @@ from interlock.worker import JobContext, RetryableError, Worker
 worker = Worker("incident-agents")
 
 
-def record_side_effect(ctx: JobContext, what: str) -> None:
+def record_side_effect(ctx: JobContext, what: str) -> bool:
+    """Do the effect once per idempotency key; False when an earlier attempt already did it.
+
+    A worker killed after the effect but before its result landed gets the job again (a retry
+    under the same key): the key, not the attempt, decides. The lock makes check-and-record
+    atomic across worker processes sharing the file.
+    """
     path = os.environ.get("INTERLOCK_SIDE_EFFECTS")
-    if path:
-        with open(path, "a") as f:
+    if not path:
+        return True
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.seek(0)
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    if json.loads(line).get("key") == ctx.idempotency_key:
+                        return False
             f.write(json.dumps({"key": ctx.idempotency_key, "job": ctx.job_id, "what": what}) + "\n")
+            f.flush()
+            return True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @worker.job("incident.detect", version="1", capabilities=["alerts"])

@@ -70,6 +70,19 @@ def decode_commit_raw(payload: bytes) -> dict[str, Any]:
     return raw
 
 
+def apply_envelope(run: Run, envelope: dict[str, Any]) -> None:
+    """Replay one stored event onto a run: what ``event_from_envelope(e).mutate(run)`` does,
+    without building the intermediate event object (replay is the hot path of every load).
+    The caller has checked that the event is the run's next one."""
+    data_cls = ev.EVENT_TYPES.get(envelope["type"])
+    if data_cls is None:
+        raise ValueError(f"unknown event type {envelope['type']!r} at seq {envelope.get('seq')}")
+    at = datetime.fromisoformat(envelope["at"])
+    run._when(data_cls.model_validate(envelope["data"]), at)
+    run.version = envelope["seq"]
+    run.modified_on = at
+
+
 def event_from_envelope(envelope: dict[str, Any]) -> Any:
     """Rebuild the aggregate event an envelope stores."""
     type_name = envelope["type"]

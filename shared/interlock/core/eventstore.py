@@ -163,7 +163,10 @@ class EventStore:
                     raise ChainBroken(f"run {run_id}: event at stream seq {commit.stream_seq} has seq "
                                       f"{envelope.get('seq')} / prev_hash {str(envelope.get('prev_hash'))[:12]}…,"
                                       f" expected seq {expected} after hash {last_hash[:12]}…")
-                run = codec.event_from_envelope(envelope).mutate(run)
+                if run is None:
+                    run = codec.event_from_envelope(envelope).mutate(None)
+                else:
+                    codec.apply_envelope(run, envelope)
                 last_hash = envelope["hash"]
             stream_seq = commit.stream_seq
         if run is None:
