@@ -50,6 +50,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, S
 
 from bench.common import FIVE_STEP_DEPS, Clock, percentile, progress, summary
 
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: role processes import bench from it
 STREAM = "BENCH_FLOOR"
 FETCH_BATCH = 256
 MAX_INFLIGHT = 512  # handler tasks per consumer
@@ -231,21 +232,23 @@ class Floor:
                     max_ack_pending=20_000, deliver_policy=DeliverPolicy.ALL, ack_wait=60))
         await nc.subscribe("floor.done.*", cb=self._on_done)
         up = await nc.subscribe("bench.floorup.*")
-        root = Path(__file__).resolve().parents[1]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-        for role in ROLES:
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "bench.floor", role, self.url], cwd=root,
-                                               env=env, stdin=subprocess.DEVNULL))
+        self._spawn_roles()
         seen: set[str] = set()
         deadline = time.monotonic() + 60
         while len(seen) < len(ROLES):
-            dead = [p.args[3] for p in self.procs if p.poll() is not None]
+            dead = [role for role, p in zip(ROLES, self.procs, strict=True) if p.poll() is not None]
             if dead or time.monotonic() > deadline:
                 raise RuntimeError(f"floor role processes did not start: {dead or 'timeout'}")
             with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
                 msg = await up.next_msg(timeout=0.5)
                 seen.add(msg.subject)
         await up.unsubscribe()
+
+    def _spawn_roles(self) -> None:
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        for role in ROLES:
+            self.procs.append(subprocess.Popen([sys.executable, "-m", "bench.floor", role, self.url], cwd=ROOT,
+                                               env={**os.environ, "PYTHONPATH": path}, stdin=subprocess.DEVNULL))
 
     async def stop(self) -> None:
         for proc in self.procs:

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import nats
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from bench.common import Clock, direct_get_raw, percentile, progress, summary
 from interlock.auditor.projection import Projection, RebuildStats
 from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
@@ -26,9 +29,6 @@ from interlock.core.eventstore import EventStore
 from interlock.core.ids import job_id
 from interlock.core.run import Run
 from interlock.core.topology import provision
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
-from bench.common import Clock, direct_get_raw, percentile, progress, summary
 
 TENANT_LOAD = "bw4-load"
 TENANT_CORPUS = "bw4-corpus"
@@ -103,7 +103,7 @@ async def measure(url: str, *, load_events: int, rebuild_events: int) -> dict[st
     try:
         # -- write ---------------------------------------------------------------------------
         clock = Clock()
-        steps = max(1, (load_events - 2) // EVENTS_PER_STEP)
+        steps = max(1, -(-(load_events - 2) // EVENTS_PER_STEP))  # at least load_events events
         done = 0
 
         def tick() -> None:

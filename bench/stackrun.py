@@ -27,12 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import nats
-from interlock.cli import trigger_run
-from interlock.contracts import subjects as s
-from interlock.core.eventstore import EventStore
-from interlock.core.ids import parse_job_id, run_id_for
-from interlock.runtime.registry import WorkflowRegistry
-from interlock.stack import Stack
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -46,6 +40,12 @@ from bench.common import (
     progress,
     summary,
 )
+from interlock.cli import trigger_run
+from interlock.contracts import subjects as s
+from interlock.core.eventstore import EventStore
+from interlock.core.ids import run_id_for
+from interlock.runtime.registry import WorkflowRegistry
+from interlock.stack import Stack
 
 HERE = Path(__file__).resolve().parent
 AGENTS = HERE / "agents.py"
@@ -123,6 +123,27 @@ class RssSampler:
 
     def window(self, start: float, end: float) -> list[tuple[float, int, dict[str, int]]]:
         return [x for x in self.samples if start <= x[0] <= end]
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User + system CPU seconds each process has used so far (/proc/<pid>/stat)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name, pid in {**pids, "bench": os.getpid()}.items():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out[name] = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            out[name] = 0.0
+    return out
+
+
+def cpu_report(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, Any]:
+    used = {name: round(after.get(name, 0.0) - before.get(name, 0.0), 2) for name in after}
+    total = sum(used.values())
+    return {"seconds": used, "total_seconds": round(total, 2),
+            "share_of_machine_pct": round(100 * total / (wall * (os.cpu_count() or 1)), 1) if wall else None}
 
 
 def _mb(kb: float) -> float:
@@ -251,6 +272,8 @@ class StackBench:
             if kind != "RunSucceeded":
                 raise RuntimeError(f"warm-up run ended {kind}: {self.failures[-1:]}")
         progress(f"W1: warmed up with {warmup} runs")
+        if count == 0:
+            return {}
         runs: list[tuple[str, float]] = []
         samples: list[float] = []
         failed = 0
@@ -271,8 +294,9 @@ class StackBench:
         return result
 
     # -- W2 --------------------------------------------------------------------------------
-    async def w2(self, count: int, sampler: RssSampler | None = None) -> dict[str, Any]:
+    async def w2(self, count: int) -> dict[str, Any]:
         assert self.nc is not None
+        pids = self.pids()
         keys = [f"w2-{self.nonce}-{i}" for i in range(count)]
         run_ids = {str(run_id_for(T2, WF_FIVE, k)) for k in keys}
         ends: dict[str, tuple[float, str]] = {}
@@ -292,6 +316,7 @@ class StackBench:
         sub = await self.nc.subscribe(s.tenant_events(T2), cb=on_commit, pending_msgs_limit=1_000_000,
                                       pending_bytes_limit=1024 * 1024 * 1024)
         try:
+            cpu0 = cpu_seconds(pids)
             wall0 = time.time()
             clock = Clock()
             await asyncio.gather(*(trigger_run(self.nc, WF_FIVE, {"n": 1}, key=k, tenant=T2) for k in keys))
@@ -310,8 +335,9 @@ class StackBench:
                     last_progress = (len(ends), now)
                 elif now - last_progress[1] > 60:
                     raise RuntimeError(f"W2 stalled: {len(ends)}/{count} runs ended, none in the last 60 s")
-            seconds = max(end for end, _ in ends.values()) - clock.t0
             done_at = time.perf_counter()
+            cpu = cpu_report(cpu0, cpu_seconds(pids), done_at - clock.t0)
+            seconds = max(end for end, _ in ends.values()) - clock.t0
         finally:
             await sub.unsubscribe()
         failed = sum(kind != "RunSucceeded" for _, kind in ends.values())
@@ -331,7 +357,7 @@ class StackBench:
             "runs": count, "steps": steps, "failed_runs": failed, "seconds": round(seconds, 3),
             "submit_seconds": round(submit_s, 3), "runs_per_s": round(count / seconds, 1),
             "steps_per_s": round(steps / seconds, 1), "run_latency_ms": summary(run_latency),
-            **analysis,
+            **analysis, "cpu": cpu,
         }
         result["_done_at"] = done_at
         return result
@@ -343,7 +369,7 @@ class StackBench:
                                            timeout=60)
         if kind != "RunSucceeded":
             raise RuntimeError(f"W3 warm-up run ended {kind}: {self.failures[-1:]}")
-        run_id, wall, secs, kind = await self.one_run(WF_FAN, {"items": list(range(items))}, T3,
+        run_id, _, secs, kind = await self.one_run(WF_FAN, {"items": list(range(items))}, T3,
                                                       f"w3-{self.nonce}", timeout=600)
         if kind != "RunSucceeded":
             raise RuntimeError(f"W3 run ended {kind}: {self.failures[-1:]}")

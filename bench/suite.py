@@ -15,12 +15,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from interlock.core.natsserver import EmbeddedNats
-
 from bench import floor as floor_mod
 from bench import replay
 from bench.common import machine, progress, ratio
-from bench.stackrun import RssSampler, StackBench, memory_report, new_home
+from bench.profiling import Profiler
+from bench.stackrun import RssSampler, StackBench, cpu_report, cpu_seconds, memory_report, new_home
+from interlock.core.natsserver import EmbeddedNats
 
 WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small sizes (CI smoke test; well under a minute)")
     p.add_argument("--only", help="comma-separated workloads to run, e.g. W1,W3 (default: all; W5 needs W2)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default: %(default)s)")
+    p.add_argument("--profile", action="store_true",
+                   help="sample the services and the worker with py-spy during W2 (needs py-spy)")
     args = p.parse_args(argv)
     if args.only:
         only = [w.strip().upper() for w in args.only.split(",") if w.strip()]
@@ -108,7 +110,8 @@ async def run_w4(sizes: Sizes, results: dict[str, Any]) -> None:
         shutil.rmtree(home, ignore_errors=True)
 
 
-async def run_stack(selected: set[str], sizes: Sizes, results: dict[str, Any], errors: dict[str, str]) -> None:
+async def run_stack(selected: set[str], sizes: Sizes, results: dict[str, Any], errors: dict[str, str],
+                    profile_dir: Path | None = None) -> None:
     home = new_home()
     bench = StackBench(home)
     sampler: RssSampler | None = None
@@ -129,8 +132,11 @@ async def run_stack(selected: set[str], sizes: Sizes, results: dict[str, Any], e
             try:
                 await asyncio.sleep(sizes.w5_baseline_s)  # a quiet stack: the memory baseline
                 baseline = (time.perf_counter() - sizes.w5_baseline_s, time.perf_counter())
+                profiler = _profiler(bench, profile_dir, "W2")
                 w2 = await bench.w2(sizes.w2_runs)
                 done_at = w2.pop("_done_at")
+                if profiler is not None:
+                    w2["profile"] = {"dir": str(profiler.out_dir), "processes": profiler.stop()}
                 workloads["W2"] = w2
                 progress(f"W5: waiting {sizes.w5_after_s:.0f} s after W2 for the memory to settle")
                 await asyncio.sleep(sizes.w5_after_s)
@@ -141,7 +147,13 @@ async def run_stack(selected: set[str], sizes: Sizes, results: dict[str, Any], e
                 errors["W2"] = _error(e)
         if "W3" in selected:
             try:
-                workloads["W3"] = await bench.w3(sizes.w3_items)
+                profiler = _profiler(bench, profile_dir, "W3")
+                cpu0, t0 = cpu_seconds(bench.pids()), time.perf_counter()
+                w3 = await bench.w3(sizes.w3_items)
+                w3["cpu"] = cpu_report(cpu0, cpu_seconds(bench.pids()), time.perf_counter() - t0)
+                if profiler is not None:
+                    w3["profile"] = {"dir": str(profiler.out_dir), "processes": profiler.stop()}
+                workloads["W3"] = w3
             except Exception as e:
                 errors["W3"] = _error(e)
         bench.check_alive()
@@ -151,6 +163,15 @@ async def run_stack(selected: set[str], sizes: Sizes, results: dict[str, Any], e
         await bench.close()
         bench.stop()
         shutil.rmtree(home, ignore_errors=True)
+
+
+def _profiler(bench: StackBench, profile_dir: Path | None, workload: str) -> Profiler | None:
+    if profile_dir is None:
+        return None
+    profiler = Profiler(bench.pids(), profile_dir / workload)
+    profiler.start()
+    progress(f"{workload}: py-spy sampling the services into {profiler.out_dir}")
+    return profiler
 
 
 def _error(e: BaseException) -> str:
@@ -171,7 +192,10 @@ async def run_all(args: argparse.Namespace, sizes: Sizes, results: dict[str, Any
             errors["floor"] = _error(e)
     if selected & {"W1", "W2", "W3", "W5"}:
         try:
-            await run_stack(selected, sizes, results, errors)
+            profile_dir = None
+            if args.profile:
+                profile_dir = args.out / f"profile-{results['started_at'].replace('-', '').replace(':', '')}"
+            await run_stack(selected, sizes, results, errors, profile_dir)
         except Exception as e:
             errors["stack"] = _error(e)
     if "W4" in selected:
@@ -298,6 +322,23 @@ def render(results: dict[str, Any]) -> str:
             lines.append(f"  {'start':<10} {_fmt(w[name]['submit_to_run_started_ms']['p50']):>8}   "
                          f"trigger published -> RunStarted")
             lines.append(f"  {w[name]['events_per_run']} events in {w[name]['commits_per_run']} commits per run")
+    for name in ("W2", "W3"):
+        cpu = w.get(name, {}).get("cpu")
+        if cpu:
+            per = ", ".join(f"{k} {v:.1f}" for k, v in sorted(cpu["seconds"].items(), key=lambda kv: -kv[1]))
+            lines += ["", f"{name}: CPU seconds per process ({cpu['total_seconds']} s in all, "
+                      f"{cpu['share_of_machine_pct']} % of the machine's cores): {per}"]
+    for name in ("W2", "W3"):
+        profile = w.get(name, {}).get("profile")
+        if not profile:
+            continue
+        lines += ["", f"{name} profile (py-spy, {profile['dir']}): hottest functions, % of each process's samples"]
+        for proc, data in profile["processes"].items():
+            if "self_pct" not in data:
+                continue
+            lines.append(f"  {proc} ({data['samples']} samples)")
+            lines.append("    self:      " + "; ".join(f"{n} {pct}%" for n, pct in data["self_pct"][:6]))
+            lines.append("    inclusive: " + "; ".join(f"{n} {pct}%" for n, pct in data["inclusive_pct"][:8]))
     if results["errors"]:
         lines += ["", "ERRORS:"]
         for where, text in results["errors"].items():

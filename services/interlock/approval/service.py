@@ -158,6 +158,8 @@ class ApprovalService(Service):
             approval = state.approval if state else None
             if state is None or approval is None or approval.status != "requested" or run.terminal:
                 return
+            if approval.escalate_at is None or approval.escalate_at > timer.due_at:
+                return  # a newer request (the policy changed) replaced the one this timer was for
             to_role = state.decision.escalate_to_role if state.decision else None
             if not to_role or approval.approver_role == to_role:
                 return  # already escalated, or nothing to escalate to

@@ -61,6 +61,7 @@ class ApprovalState:
     expires_at: datetime | None = None
     approver: str | None = None
     reason: str = ""
+    escalate_at: datetime | None = None
 
 
 @dataclass
@@ -472,7 +473,8 @@ class Run(Aggregate):
         step = self._touch(d.step_id, at)
         step.status = "awaiting_approval"
         step.approval = ApprovalState(status="requested", job_hash=d.job_hash, snapshot_id=d.snapshot_id,
-                                      approver_role=d.approver_role, expires_at=d.expires_at)
+                                      approver_role=d.approver_role, expires_at=d.expires_at,
+                                      escalate_at=d.escalate_at)
 
     def _on_ApprovalGranted(self, d: ev.ApprovalGranted, at: datetime) -> None:
         step = self._touch(d.step_id, at)

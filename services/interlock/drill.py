@@ -1,0 +1,700 @@
+"""``interlock drill``: a chaos drill for invariant 5 of the design.
+
+It starts the whole stack (one NATS server, or with ``--cluster`` a 3-node JetStream cluster
+with R3 streams), two copies of the example agents, registers three workflows (a variant of the
+incident-remediation example, a fan-out and a retry-heavy one), submits a mixed workload and,
+while it runs, SIGKILLs random victims — services, workers and, with ``--cluster``, one NATS
+node at a time (the IL_EVENTS stream leader at least once) — restarting each after a short
+random pause. The drill approves every approval it sees (with the job hash it was asked for).
+
+Then it checks what the invariant promises:
+
+- every run ended, and (for this workload) succeeded;
+- no step outcome (StepSucceeded/StepFailed per step and attempt) is recorded twice, and no step
+  succeeded twice;
+- every side effect happened once per idempotency key: each ``incident.apply`` step that
+  succeeded recorded its key exactly once, and no key was recorded for anything else;
+- approvals held: no job was dispatched before its approval was granted (for the hash that was
+  asked), an approval step succeeded only after its grant, jobs behind an approval step were
+  dispatched only after it succeeded, and no job was dispatched without a policy decision;
+- every run's log verifies (hash chain, gap-free seq, starts with RunStarted) and ends with
+  exactly one terminal event (only late results of abandoned attempts may follow it).
+
+The report gives kills by kind, the runs' outcomes, the time to resume after each kill (from
+the kill to the next event appended to any of the drill's runs; p50 and max) and every
+violation. The exit code is non-zero on any violation.
+
+With ``--nats URL`` the drill targets a stack that is already running: it starts its own two
+example-agent workers against it and kills only those (it never touches processes it did not
+start). The target must not run other workers for the ``incident.*`` topics (they would take
+jobs whose side effects the drill cannot see), and if approvers are registered there, grant
+the drill's approver (``interlock approvers grant drill sre-oncall approver``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import yaml
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
+
+from interlock.contracts import subjects as s
+from interlock.contracts.messages import ApprovalDecision, CommandReply, Trigger
+from interlock.core import codec
+from interlock.core.eventstore import EventStore
+from interlock.core.ids import run_id_for
+from interlock.core.verify import verify_envelopes
+from interlock.core.workflow import Workflow, load_workflow
+from interlock.runtime.consumer import PullConsumer
+from interlock.runtime.publish import publish
+from interlock.runtime.registry import WorkflowRegistry
+from interlock.stack import SERVICES, Stack
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "incident-remediation"
+AGENTS = f"{EXAMPLE / 'agents.py'}:worker"
+TERMINAL = frozenset({"RunSucceeded", "RunFailed", "RunDenied", "RunCancelled", "RunTimedOut"})
+OUTCOMES = ("StepSucceeded", "StepFailed")
+EFFECT_TOPIC = "incident.apply"  # the example agent that records a side effect when it succeeds
+APPROVER = "drill"
+DRILL_RETRIES = {"max_attempts": 10, "backoff_ms": 100, "max_backoff_ms": 1000}
+HEARTBEAT_TIMEOUT_MS = 3000  # a killed worker's job times out and is retried after this
+
+# -- the workload ------------------------------------------------------------------------------
+_RETRIES = "{" + ", ".join(f"{k}: {v}" for k, v in DRILL_RETRIES.items()) + "}"
+_JOB = f"retries: {_RETRIES}, heartbeat_timeout_ms: {HEARTBEAT_TIMEOUT_MS}"  # inside a flow mapping
+_JOB_BLOCK = f"retries: {_RETRIES}\n    heartbeat_timeout_ms: {HEARTBEAT_TIMEOUT_MS}"  # as a step's lines
+
+FANOUT_WORKFLOW = f"""
+id: drill-fanout
+version: 1
+description: detect, scan every host in parallel, patch every scanned host in parallel, tell.
+steps:
+  detect: {{topic: incident.detect, {_JOB}, input: {{alert: "{{{{ input.alert }}}}"}}}}
+  scan:
+    topic: incident.enrich
+    depends_on: [detect]
+    for_each: "input.hosts"
+    max_parallel: 3
+    {_JOB_BLOCK}
+    input: {{host: "{{{{ item }}}}"}}
+  patch:
+    topic: incident.apply
+    depends_on: [scan]
+    for_each: "steps.scan.output"
+    max_parallel: 4
+    {_JOB_BLOCK}
+    input: {{plan: {{patch_id: "PATCH-{{{{ item.host }}}}"}}}}
+  tell:
+    type: notify
+    depends_on: [patch]
+    channel: drill
+    message: "fan-out for {{{{ input.alert.id }}}} done"
+"""
+
+RETRY_WORKFLOW = f"""
+id: drill-retry
+version: 1
+description: every step fails its first attempt; one job needs approval by flag, one by policy.
+steps:
+  first: {{topic: {EFFECT_TOPIC}, {_JOB}, input: {{plan: {{patch_id: "R1-{{{{ input.n }}}}"}}}}}}
+  left: {{topic: {EFFECT_TOPIC}, depends_on: [first], {_JOB}, input: {{plan: {{patch_id: "R2-{{{{ input.n }}}}"}}}}}}
+  right:
+    topic: {EFFECT_TOPIC}
+    depends_on: [first]
+    require_approval: true
+    {_JOB_BLOCK}
+    input: {{plan: {{patch_id: "R3-{{{{ input.n }}}}"}}}}
+  last:
+    topic: {EFFECT_TOPIC}
+    depends_on: [left, right]
+    labels: {{risk: high}}
+    {_JOB_BLOCK}
+    input: {{plan: {{patch_id: "R4-{{{{ input.n }}}}"}}}}
+"""
+
+
+def incident_workflow() -> str:
+    """The example workflow with retries and a short heartbeat timeout on every job, so a job
+    whose worker was killed comes back; registered under its own id, without its trigger."""
+    raw = yaml.safe_load((EXAMPLE / "workflow.yaml").read_text())
+    raw["id"] = "drill-incident-remediation"
+    raw["name"] = "Incident remediation (drill)"
+    raw.pop("triggers", None)
+    for step in raw["steps"].values():
+        if step.get("type", "job") == "job":
+            retries = dict(step.get("retries") or {})
+            retries["max_attempts"] = max(int(retries.get("max_attempts", 1)), DRILL_RETRIES["max_attempts"])
+            retries.setdefault("backoff_ms", DRILL_RETRIES["backoff_ms"])
+            retries.setdefault("max_backoff_ms", DRILL_RETRIES["max_backoff_ms"])
+            step["retries"] = retries
+            step["heartbeat_timeout_ms"] = HEARTBEAT_TIMEOUT_MS
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+def workflows() -> dict[str, str]:
+    return {"drill-incident-remediation": incident_workflow(), "drill-fanout": FANOUT_WORKFLOW,
+            "drill-retry": RETRY_WORKFLOW}
+
+
+def run_input(kind: str, n: int, rng: random.Random) -> dict[str, Any]:
+    alert = {"id": f"DRILL-{n}", "host": f"web-{rng.randrange(1, 40)}", "service": "checkout",
+             "symptom": rng.choice(["5xx spike after deploy", "latency p99 over SLO"])}
+    if kind == "drill-fanout":
+        return {"alert": alert, "hosts": [f"db-{n}-{i}" for i in range(rng.randrange(2, 6))]}
+    if kind == "drill-retry":
+        return {"n": n}
+    return {"alert": alert}
+
+
+# -- the report --------------------------------------------------------------------------------
+@dataclass
+class Kill:
+    victim: str
+    kind: str  # service | worker | nats
+    at: float  # wall clock (time.time()) of the SIGKILL
+    offset: float  # seconds since the drill's workload started
+    down_s: float = 0.0  # until the restart
+    note: str = ""  # e.g. "IL_EVENTS leader"
+    resume_s: float | None = None  # kill -> next event appended to any drill run
+
+
+@dataclass
+class DrillReport:
+    runs: int
+    kills_planned: int
+    cluster: bool
+    seed: int
+    tenant: str
+    home: str
+    kills: list[Kill] = field(default_factory=list)
+    outcomes: Counter[str] = field(default_factory=Counter)
+    violations: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    events: int = 0
+    retries: int = 0  # StepFailed (not final) + StepTimedOut: attempts that had to be repeated
+    timeouts: int = 0
+    late_results: int = 0
+    approvals: int = 0
+    effects: int = 0
+    workload_s: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def resume_times(self) -> list[float]:
+        return [k.resume_s for k in self.kills if k.resume_s is not None]
+
+    def render(self) -> str:
+        lines = [f"interlock drill — {'3-node cluster, R3 streams' if self.cluster else 'single NATS node'}, "
+                 f"seed {self.seed}, tenant {self.tenant}, home {self.home}"]
+        by_kind = Counter(k.kind for k in self.kills)
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(by_kind.items())) or "none"
+        lines.append(f"kills: {len(self.kills)} of {self.kills_planned} planned ({kinds})")
+        by_victim = Counter(k.victim for k in self.kills)
+        lines.append("  victims: " + (", ".join(f"{v} x{n}" for v, n in sorted(by_victim.items())) or "none"))
+        for k in self.kills:
+            resume = f"{k.resume_s * 1000:7.0f} ms" if k.resume_s is not None else "      n/a"
+            lines.append(f"  +{k.offset:6.1f}s  {k.kind:<7} {k.victim:<11} down {k.down_s:4.1f}s  "
+                         f"resume {resume}{'  (' + k.note + ')' if k.note else ''}")
+        times = self.resume_times()
+        if times:
+            lines.append(f"time to resume after a kill: p50 {statistics.median(times) * 1000:.0f} ms, "
+                         f"max {max(times) * 1000:.0f} ms (n={len(times)})")
+        outcome = ", ".join(f"{n} {t.removeprefix('Run').lower()}" for t, n in sorted(self.outcomes.items()))
+        lines.append(f"runs: {self.runs} submitted (+1 warm-up); {outcome or 'none ended'}; "
+                     f"workload {self.workload_s:.1f}s, drill {self.total_s:.1f}s")
+        lines.append(f"events: {self.events}; failed attempts retried {self.retries} (of them timeouts "
+                     f"{self.timeouts}); "
+                     f"late results {self.late_results}; approvals granted {self.approvals}; "
+                     f"side effects {self.effects}")
+        lines.extend(f"note: {n}" for n in self.notes)
+        if self.violations:
+            lines.append(f"VIOLATIONS ({len(self.violations)}):")
+            lines.extend(f"  - {v}" for v in self.violations[:200])
+            if len(self.violations) > 200:
+                lines.append(f"  … and {len(self.violations) - 200} more")
+        else:
+            lines.append("no violations: every run finished, nothing lost or recorded twice")
+        return "\n".join(lines)
+
+
+# -- live state, fed by a consumer of the drill tenant's events -------------------------------
+@dataclass
+class Approval:
+    run_id: str
+    step_id: str
+    job_hash: str
+    role: str
+    sent_at: float = 0.0
+    tries: int = 0
+    last_error: str = ""
+
+
+class Monitor:
+    """Follows every commit of the drill's runs: ends, approvals asked and granted, timestamps."""
+
+    def __init__(self, tenant: str) -> None:
+        self.tenant = tenant
+        self.ended: dict[str, str] = {}
+        self.pending: dict[tuple[str, str], Approval] = {}
+        self.granted: set[tuple[str, str, str]] = set()
+        self.stamps: list[float] = []  # server time of every commit (epoch seconds)
+        self.seen_commits: set[int] = set()
+        self.events = 0
+        self.changed = asyncio.Event()
+
+    async def on_msg(self, msg: Msg) -> None:
+        meta = msg.metadata
+        if meta.sequence.stream not in self.seen_commits:
+            self.seen_commits.add(meta.sequence.stream)
+            self.stamps.append(meta.timestamp.timestamp())
+            for envelope in codec.decode_commit_raw(msg.data)["events"]:
+                self.on_event(envelope)
+        with contextlib.suppress(Exception):
+            await msg.ack()
+
+    def on_event(self, e: dict[str, Any]) -> None:
+        self.events += 1
+        run_id, kind, data = e["run_id"], e["type"], e.get("data") or {}
+        if kind in TERMINAL:
+            self.ended[run_id] = kind
+            self.changed.set()
+        elif kind == "ApprovalRequested":
+            self.pending[(run_id, data["step_id"])] = Approval(run_id, data["step_id"], data["job_hash"],
+                                                               data["approver_role"])
+        elif kind == "ApprovalGranted":
+            self.granted.add((run_id, data["step_id"], data["job_hash"]))
+            self.pending.pop((run_id, data["step_id"]), None)
+        elif kind in ("ApprovalRejected", "ApprovalExpired"):
+            self.pending.pop((run_id, data["step_id"]), None)
+
+
+# -- the drill -------------------------------------------------------------------------------
+Progress = Callable[[str], None]
+
+
+def _print(text: str) -> None:
+    print(text, flush=True)
+
+
+async def run_drill(*, runs: int = 200, kills: int = 20, cluster: bool = False, seed: int | None = None,
+                    timeout: float = 600.0, home: Path | str | None = None, nats_url: str | None = None,
+                    progress: Progress = _print) -> DrillReport:
+    """Run the drill and return its report (see the module docstring)."""
+    seed = seed if seed is not None else random.randrange(1_000_000)
+    rng = random.Random(seed)
+    home = Path(home) if home else Path(tempfile.mkdtemp(prefix="interlock-drill-"))
+    home.mkdir(parents=True, exist_ok=True)
+    tenant = f"drill-{uuid.UUID(int=rng.getrandbits(128)).hex[:10]}"
+    effects_file = home / f"side-effects-{tenant}.jsonl"
+    report = DrillReport(runs=runs, kills_planned=kills, cluster=cluster and not nats_url, seed=seed, tenant=tenant,
+                         home=str(home))
+    t_start = time.monotonic()
+    env = {"INTERLOCK_SIDE_EFFECTS": str(effects_file), "INTERLOCK_AUDITOR_DB": str(home / "auditor.sqlite3")}
+    if nats_url:
+        if cluster:
+            report.notes.append("--cluster ignored with --nats: the drill kills only the workers it started")
+        stack = Stack(home=home, nats_url=nats_url, services=(), workers=[AGENTS, AGENTS], env=env)
+    else:
+        stack = Stack(home=home, port=0, workers=[AGENTS, AGENTS], env=env, cluster=3 if cluster else 0)
+    try:
+        progress(f"drill: seed {seed}, {runs} runs, {kills} kills, "
+                 f"{'target ' + nats_url if nats_url else ('3-node cluster' if cluster else 'single node')}, "
+                 f"home {home}")
+        url = await asyncio.to_thread(stack.start_nats)
+        if not nats_url:
+            await stack.provision()
+        stack.start()
+        progress(f"drill: nats {url}; processes {', '.join(stack.procs)}"
+                 + (f"; nodes {', '.join(stack.nodes)}" if stack.nodes else ""))
+        await _drill(stack, report, rng, runs=runs, kills=kills, timeout=timeout, effects_file=effects_file,
+                     progress=progress, own_stack=not nats_url)
+    finally:
+        await asyncio.to_thread(stack.stop)
+        report.total_s = time.monotonic() - t_start
+    return report
+
+
+async def _connect(url: str) -> NATS:
+    return await nats.connect(url.split(","), name="interlock-drill", max_reconnect_attempts=-1,
+                              reconnect_time_wait=0.25, connect_timeout=2)
+
+
+async def _retrying(what: str, call: Callable[[], Any], patience: float = 60.0) -> Any:
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return await call()
+        except Exception as e:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} failed for {patience:.0f}s: {e!r}") from e
+            await asyncio.sleep(0.25)
+
+
+async def _drill(stack: Stack, report: DrillReport, rng: random.Random, *, runs: int, kills: int, timeout: float,
+                 effects_file: Path, progress: Progress, own_stack: bool) -> None:
+    nc = await _connect(stack.url)
+    js = nc.jetstream()
+    tenant = report.tenant
+    monitor = Monitor(tenant)
+    consumer = PullConsumer(nc, js, stream=s.EVENTS_STREAM, durable=f"drill_{tenant.replace('-', '_')}",
+                            subject=f"il.evt.{tenant}.>", handler=monitor.on_msg, concurrency=256, ack_wait=30)
+    tasks: list[asyncio.Task[Any]] = []
+    try:
+        registry = WorkflowRegistry(js)
+        defs: dict[str, Workflow] = {}
+        for wf_id, text in workflows().items():
+            defs[wf_id] = load_workflow(text)
+            wf, created = await _retrying(f"registering {wf_id}", lambda text=text: registry.apply(text))
+            progress(f"drill: workflow {wf.id} v{wf.version} {'registered' if created else 'already registered'}")
+        dlq_before = await _stream_last_seq(js, s.DLQ_STREAM)
+        await _retrying("starting the drill's event consumer", consumer.start)
+
+        # a warm-up run: the services and workers are up and serving before the clock starts
+        t_warm = time.monotonic()
+        run_ids: dict[str, str] = {}
+        warm_key = f"{tenant}-warmup"
+        warm = Trigger(workflow_id="drill-fanout", input=run_input("drill-fanout", -1, rng), idempotency_key=warm_key,
+                       tenant=tenant, requested_by="drill")
+        await publish(js, s.trigger("drill-fanout"), warm.model_dump_json().encode(),
+                      headers={"Nats-Msg-Id": f"trigger:{tenant}:drill-fanout:{warm_key}"}, patience=120)
+        warm_id = str(run_id_for(tenant, "drill-fanout", warm_key))
+        run_ids[warm_id] = "drill-fanout"
+        while warm_id not in monitor.ended:
+            if time.monotonic() - t_warm > 120:
+                raise RuntimeError("the warm-up run did not end within 120s: is the stack serving? "
+                                   f"(logs in {stack.home / 'logs'})")
+            await asyncio.sleep(0.1)
+        progress(f"drill: stack serving (warm-up run {monitor.ended[warm_id]} after "
+                 f"{time.monotonic() - t_warm:.1f}s); starting the workload and the kills")
+
+        # the workload: spread over the kill phase so that kills land on runs in flight
+        kinds = [k for k, weight in (("drill-incident-remediation", 4), ("drill-fanout", 3), ("drill-retry", 3))
+                 for _ in range(weight)]
+        plan = [(rng.choice(kinds), n) for n in range(runs)]
+        window = max(3.0, kills * 1.6)
+        t0 = time.monotonic()
+        submitted_all = asyncio.Event()
+
+        async def submit() -> None:
+            for i, (wf_id, n) in enumerate(plan):
+                due = t0 + window * i / max(1, runs)
+                if due > time.monotonic():
+                    await asyncio.sleep(due - time.monotonic())
+                key = f"{tenant}-{n}"
+                trigger = Trigger(workflow_id=wf_id, input=run_input(wf_id, n, rng), idempotency_key=key,
+                                  tenant=tenant, requested_by="drill")
+                await publish(js, s.trigger(wf_id), trigger.model_dump_json().encode(),
+                              headers={"Nats-Msg-Id": f"trigger:{tenant}:{wf_id}:{key}"}, patience=120)
+                run_ids[str(run_id_for(tenant, wf_id, key))] = wf_id
+            submitted_all.set()
+
+        async def approve() -> None:
+            while True:
+                now = time.monotonic()
+                due = [a for a in list(monitor.pending.values())
+                       if (a.run_id, a.step_id, a.job_hash) not in monitor.granted and now - a.sent_at > 3.0]
+                if due:
+                    await asyncio.gather(*(_decide(nc, tenant, a) for a in due[:64]))
+                else:
+                    await asyncio.sleep(0.1)
+
+        kill_done = asyncio.Event()
+
+        async def chaos() -> None:
+            try:
+                await _chaos(stack, report, rng, kills, t0, window, own_stack, nc, progress)
+            finally:
+                kill_done.set()
+
+        async def show() -> None:
+            while True:
+                await asyncio.sleep(3.0)
+                ended = [monitor.ended[r] for r in run_ids if r in monitor.ended]
+                progress(f"  +{time.monotonic() - t0:5.1f}s  submitted {len(run_ids)}/{runs}  ended {len(ended)} "
+                         f"(succeeded {ended.count('RunSucceeded')})  awaiting approval {len(monitor.pending)}  "
+                         f"kills {len(report.kills)}/{kills}  events {monitor.events}")
+
+        tasks = [asyncio.create_task(c) for c in (submit(), approve(), chaos(), show())]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for task in tasks:
+                if task.done() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            if submitted_all.is_set() and kill_done.is_set() and all(r in monitor.ended for r in run_ids):
+                break
+            monitor.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(monitor.changed.wait(), 0.5)
+        report.workload_s = time.monotonic() - t0
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if not kill_done.is_set():
+            report.violations.append(f"the kills did not finish within --timeout {timeout:g}s")
+        progress(f"drill: workload over after {report.workload_s:.1f}s; checking {len(run_ids)} runs …")
+
+        # resume time: from each kill to the next commit the drill's runs got (server time)
+        stamps = sorted(monitor.stamps)
+        for k in report.kills:
+            after = [t for t in stamps if t > k.at]
+            k.resume_s = (after[0] - k.at) if after else None
+        await _check(report, nc, js, run_ids, defs, monitor, effects_file)
+        dlq_after = await _stream_last_seq(js, s.DLQ_STREAM)
+        if dlq_after > dlq_before:
+            report.notes.append(f"{dlq_after - dlq_before} dead letter(s) written during the drill "
+                                f"(`interlock dlq` shows them)")
+    finally:
+        for task in tasks:
+            task.cancel()
+        await consumer.stop()
+        with contextlib.suppress(Exception):
+            await js.delete_consumer(s.EVENTS_STREAM, consumer.durable)
+        await nc.close()
+
+
+async def _stream_last_seq(js: Any, stream: str) -> int:
+    with contextlib.suppress(NotFoundError, Exception):
+        info = await js.stream_info(stream)
+        return int(info.state.last_seq)
+    return 0
+
+
+async def _decide(nc: NATS, tenant: str, a: Approval) -> None:
+    a.sent_at = time.monotonic()
+    a.tries += 1
+    decision = ApprovalDecision(run_id=a.run_id, tenant=tenant, step_id=a.step_id, job_hash=a.job_hash,
+                                approver=APPROVER, role=a.role, reason="chaos drill")
+    try:
+        msg = await nc.request(s.CMD_APPROVE, decision.model_dump_json().encode(), timeout=5.0)
+        reply = CommandReply.model_validate_json(msg.data)
+        if not reply.ok:
+            a.last_error = reply.error or "refused"
+    except (nats.errors.NoRespondersError, nats.errors.TimeoutError, nats.errors.ConnectionClosedError,
+            nats.errors.ConnectionReconnectingError) as e:
+        a.last_error = repr(e)  # the approval service is down or restarting: asked again later
+        a.sent_at = time.monotonic() - 2.5
+
+
+# -- kills -----------------------------------------------------------------------------------
+async def _chaos(stack: Stack, report: DrillReport, rng: random.Random, kills: int, t0: float, window: float,
+                 own_stack: bool, nc: NATS, progress: Progress) -> None:
+    workers = [name for name in stack.procs if name.startswith("worker-")]
+    services = [name for name in SERVICES if name in stack.procs] if own_stack else []
+    nodes = stack.nodes if own_stack else []
+    leader_kill = rng.randrange(kills) if nodes and kills else -1
+    await asyncio.sleep(min(1.0, window / max(1, kills)))
+    for i in range(kills):
+        if i == leader_kill:
+            victim = await stack.local_cluster.stream_leader(s.EVENTS_STREAM, nc) if stack.local_cluster else ""
+            kind, note = "nats", f"{s.EVENTS_STREAM} leader"
+        else:
+            pool = [("service", v) for v in services] + [("worker", v) for v in workers]
+            weights = [1.0] * len(pool)
+            if nodes:
+                pool += [("nats", v) for v in nodes]
+                weights += [len(pool) / (3 * len(nodes))] * len(nodes)  # about a quarter of kills
+            kind, victim = rng.choices(pool, weights)[0]
+            note = ""
+            if kind == "nats" and stack.local_cluster is not None:
+                with contextlib.suppress(Exception):
+                    leader = await stack.local_cluster.stream_leader(s.EVENTS_STREAM, nc, timeout=2)
+                    if leader == victim:
+                        note = f"{s.EVENTS_STREAM} leader"
+        pause = rng.uniform(0.2, 1.5)
+        at = time.time()
+        await asyncio.to_thread(stack.kill, victim)
+        kill = Kill(victim=victim, kind=kind, at=at, offset=time.monotonic() - t0, note=note)
+        report.kills.append(kill)
+        progress(f"  +{kill.offset:5.1f}s  SIGKILL {victim} ({kind}{', ' + note if note else ''}); "
+                 f"restart in {pause:.1f}s")
+        await asyncio.sleep(pause)
+        await asyncio.to_thread(stack.restart, victim)
+        kill.down_s = time.time() - at
+        if kind == "nats" and stack.local_cluster is not None:
+            # one node at a time: the restarted node must have caught up before the next kill
+            t = time.monotonic()
+            try:
+                await stack.local_cluster.wait_healthy(nc=nc, timeout=90)
+            except Exception as e:
+                report.violations.append(f"the cluster did not recover after killing {victim}: {e}")
+                return
+            progress(f"  +{time.monotonic() - t0:5.1f}s  {victim} back and current "
+                     f"({time.monotonic() - t:.1f}s after restart)")
+        await asyncio.sleep(rng.uniform(0.3, 1.6))
+
+
+# -- checks ----------------------------------------------------------------------------------
+async def _check(report: DrillReport, nc: NATS, js: Any, run_ids: dict[str, str], defs: dict[str, Workflow],
+                 monitor: Monitor, effects_file: Path) -> None:
+    store = EventStore(nc, js, service="drill")
+    tenant = report.tenant
+    succeeded_effect_keys: set[str] = set()
+    violations = report.violations
+    report.approvals = len(monitor.granted)
+    for run_id, wf_id in sorted(run_ids.items()):
+        commits = await _retrying(f"reading run {run_id}", lambda run_id=run_id: store.read_commits(tenant, run_id))
+        events = [e for c in commits for e in c.envelopes]
+        report.events += len(events)
+        where = f"run {run_id} ({wf_id})"
+        if not events:
+            violations.append(f"{where}: no events at all (the trigger was lost)")
+            report.outcomes["(never started)"] += 1
+            continue
+        ends = [i for i, e in enumerate(events) if e["type"] in TERMINAL]
+        final = events[ends[0]]["type"] if ends else "(not ended)"
+        report.outcomes[final] += 1
+        if not ends:
+            violations.append(f"{where}: did not end; last events {[e['type'] for e in events[-4:]]}")
+        elif len(ends) > 1:
+            violations.append(f"{where}: {len(ends)} terminal events")
+        else:
+            trailing = [e["type"] for e in events[ends[0] + 1:]]
+            if any(t != "LateResultRecorded" for t in trailing):
+                violations.append(f"{where}: events after {final}: {trailing}")
+            report.late_results += trailing.count("LateResultRecorded")
+            if final != "RunSucceeded":
+                data = events[ends[0]]["data"]
+                violations.append(f"{where}: {final}: {data.get('reason') or data}")
+        verified = verify_envelopes(events, run_id=run_id, tenant=tenant)
+        violations.extend(f"{where}: chain: {p}" for p in verified.problems)
+
+        outcomes = Counter((e["step_id"], e["data"].get("attempt")) for e in events if e["type"] in OUTCOMES)
+        violations.extend(f"{where}: outcome of {step} attempt {attempt} recorded {n} times"
+                          for (step, attempt), n in outcomes.items() if n > 1)
+        wins = Counter(e["step_id"] for e in events if e["type"] == "StepSucceeded")
+        violations.extend(f"{where}: step {step} succeeded {n} times" for step, n in wins.items() if n > 1)
+        report.retries += sum(1 for e in events if e["type"] == "StepFailed" and not e["data"].get("final"))
+        report.timeouts += sum(1 for e in events if e["type"] == "StepTimedOut")
+        violations.extend(f"{where}: {v}" for v in _approval_violations(events, defs[wf_id]))
+
+        topics = {e["step_id"]: e["data"].get("topic") for e in events if e["type"] == "StepDispatched"}
+        for e in events:
+            if e["type"] == "StepSucceeded" and topics.get(e["step_id"]) == EFFECT_TOPIC:
+                succeeded_effect_keys.add(f"{run_id}:{e['step_id']}")
+
+    effects: Counter[str] = Counter()
+    text = await asyncio.to_thread(lambda: effects_file.read_text() if effects_file.exists() else "")
+    if text:
+        for line in text.splitlines():
+            with contextlib.suppress(ValueError):
+                key = json.loads(line)["key"]
+                if key.split(":", 1)[0] in run_ids:
+                    effects[key] += 1
+    report.effects = sum(effects.values())
+    for key, n in sorted(effects.items()):
+        if n > 1:
+            violations.append(f"side effect {key} happened {n} times")
+        if key not in succeeded_effect_keys:
+            violations.append(f"side effect {key} happened but its step did not succeed")
+    missing = sorted(succeeded_effect_keys - set(effects))
+    violations.extend(f"side effect {key} missing: its step succeeded without doing it" for key in missing)
+
+
+def _approval_violations(events: list[dict[str, Any]], wf: Workflow) -> list[str]:
+    """Jobs only after their grant; approval steps succeed only after a grant; a policy decision first."""
+    out: list[str] = []
+    asked: dict[str, set[str]] = defaultdict(set)  # step -> hashes approval was asked for
+    granted: dict[str, set[str]] = defaultdict(set)
+    held: set[str] = set()  # steps policy said need approval
+    decided: set[str] = set()
+    done: set[str] = set()
+    grants = Counter()
+    for e in events:
+        kind, step, data = e["type"], e.get("step_id"), e.get("data") or {}
+        if kind == "PolicyDecided":
+            decided.add(step)
+            if data.get("decision") == "require_approval":
+                held.add(step)
+        elif kind == "ApprovalRequested":
+            asked[step].add(data["job_hash"])
+        elif kind == "ApprovalGranted":
+            grants[(step, data["job_hash"])] += 1
+            if data["job_hash"] not in asked[step]:
+                out.append(f"step {step}: granted for hash {data['job_hash'][:12]} that was never asked")
+            granted[step].add(data["job_hash"])
+        elif kind == "StepDispatched":
+            if step not in decided:
+                out.append(f"step {step} dispatched without a policy decision")
+            if (step in held or asked[step]) and not (granted[step] & asked[step]):
+                out.append(f"step {step} dispatched (attempt {data.get('attempt')}) before its approval was granted")
+            base = step.split("[", 1)[0]
+            spec = wf.steps.get(base)
+            for dep in spec.depends_on if spec else ():
+                if wf.steps[dep].type == "approval" and dep not in done:
+                    out.append(f"step {step} dispatched before approval step {dep} succeeded")
+        elif kind == "StepSucceeded":
+            spec = wf.steps.get(str(step).split("[", 1)[0])
+            if spec is not None and spec.type == "approval" and not granted[step]:
+                out.append(f"approval step {step} succeeded without a grant")
+            done.add(step)
+    out.extend(f"step {step}: approval granted {n} times for one hash" for (step, _), n in grants.items() if n > 1)
+    return out
+
+
+# -- command line ----------------------------------------------------------------------------
+def add_drill_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Declare ``interlock drill`` and its arguments on the CLI's subparsers."""
+    help_text = "chaos drill: SIGKILL services, workers (and cluster nodes) under load; check nothing is lost"
+    sp: argparse.ArgumentParser = subparsers.add_parser(
+        "drill", help=help_text, description=help_text + ". Exits non-zero on any violation.")
+    sp.add_argument("--runs", type=int, default=200, help="runs to submit (default %(default)s)")
+    sp.add_argument("--kills", type=int, default=20, help="SIGKILLs to deal out (default %(default)s)")
+    sp.add_argument("--cluster", action="store_true",
+                    help="run a 3-node JetStream cluster with R3 streams and kill NATS nodes too "
+                         "(the IL_EVENTS stream leader at least once)")
+    sp.add_argument("--seed", type=int, default=None, help="random seed, to repeat a drill (default: random)")
+    sp.add_argument("--timeout", type=float, default=600.0,
+                    help="give up on runs not ended this many seconds after the workload started "
+                         "(default %(default)s)")
+    sp.add_argument("--home", default=None, help="state and logs directory (default: a new temporary one)")
+    sp.add_argument("--nats", default=None, metavar="URL",
+                    help="target a stack that is already running (comma-separated URLs for a cluster): the drill "
+                         "then starts its own two example-agent workers there and kills only those; it never "
+                         "kills services or NATS nodes it did not start")
+    sp.set_defaults(func=cmd_drill)
+    return sp
+
+
+def cmd_drill(args: argparse.Namespace) -> int:
+    if args.runs < 1 or args.kills < 0:
+        print("interlock drill: --runs must be at least 1 and --kills at least 0", file=sys.stderr)
+        return 2
+    report = asyncio.run(run_drill(runs=args.runs, kills=args.kills, cluster=args.cluster, seed=args.seed,
+                                   timeout=args.timeout, home=args.home, nats_url=args.nats))
+    print()
+    print(report.render(), flush=True)
+    return 0 if report.ok else 1
+
+
+def main(args: argparse.Namespace | list[str] | None = None) -> int:
+    """Run the drill from parsed CLI arguments, or from an argument list (``python -m interlock.drill``)."""
+    if not isinstance(args, argparse.Namespace):
+        parser = argparse.ArgumentParser(prog="interlock")
+        add_drill_parser(parser.add_subparsers(dest="command", required=True))
+        args = parser.parse_args(["drill", *(sys.argv[1:] if args is None else args)])
+    return cmd_drill(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
