@@ -36,8 +36,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -46,6 +48,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +79,13 @@ EFFECT_TOPIC = "incident.apply"  # the example agent that records a side effect 
 APPROVER = "drill"
 DRILL_RETRIES = {"max_attempts": 10, "backoff_ms": 100, "max_backoff_ms": 1000}
 HEARTBEAT_TIMEOUT_MS = 3000  # a killed worker's job times out and is retried after this
+JOB_TIMEOUT_MS = 20_000  # the backstop for an attempt that never heartbeats (see the report's stalls)
+STALL_S = 10.0  # a pause this long between two events of a running run is reported
 
 # -- the workload ------------------------------------------------------------------------------
 _RETRIES = "{" + ", ".join(f"{k}: {v}" for k, v in DRILL_RETRIES.items()) + "}"
-_JOB = f"retries: {_RETRIES}, heartbeat_timeout_ms: {HEARTBEAT_TIMEOUT_MS}"  # inside a flow mapping
-_JOB_BLOCK = f"retries: {_RETRIES}\n    heartbeat_timeout_ms: {HEARTBEAT_TIMEOUT_MS}"  # as a step's lines
+_JOB = f"retries: {_RETRIES}, heartbeat_timeout_ms: {HEARTBEAT_TIMEOUT_MS}, timeout_ms: {JOB_TIMEOUT_MS}"
+_JOB_BLOCK = _JOB.replace(", ", "\n    ").replace(_RETRIES.replace(", ", "\n    "), _RETRIES)  # as a step's lines
 
 FANOUT_WORKFLOW = f"""
 id: drill-fanout
@@ -146,12 +151,20 @@ def incident_workflow() -> str:
             retries.setdefault("max_backoff_ms", DRILL_RETRIES["max_backoff_ms"])
             step["retries"] = retries
             step["heartbeat_timeout_ms"] = HEARTBEAT_TIMEOUT_MS
+            step.setdefault("timeout_ms", JOB_TIMEOUT_MS)
     return yaml.safe_dump(raw, sort_keys=False)
 
 
 def workflows() -> dict[str, str]:
-    return {"drill-incident-remediation": incident_workflow(), "drill-fanout": FANOUT_WORKFLOW,
-            "drill-retry": RETRY_WORKFLOW}
+    """The drill's workflows; each version is a digest of its text, so that a changed definition
+    registers as a new version on a long-lived stack (``--nats``) instead of conflicting."""
+    texts = {"drill-incident-remediation": incident_workflow(), "drill-fanout": FANOUT_WORKFLOW,
+             "drill-retry": RETRY_WORKFLOW}
+    out = {}
+    for wf_id, text in texts.items():
+        digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+        out[wf_id] = re.sub(r"(?m)^version: .*$", f"version: d{digest}", text, count=1)
+    return out
 
 
 def run_input(kind: str, n: int, rng: random.Random) -> dict[str, Any]:
@@ -192,6 +205,9 @@ class DrillReport:
     retries: int = 0  # StepFailed (not final) + StepTimedOut: attempts that had to be repeated
     timeouts: int = 0
     late_results: int = 0
+    deadline_timeouts: int = 0  # attempts recovered only by their deadline: no lease was ever running
+    stalls: list[tuple[float, str]] = field(default_factory=list)  # (seconds, where) of pauses > STALL_S
+    run_seconds: list[float] = field(default_factory=list)
     approvals: int = 0
     effects: int = 0
     workload_s: float = 0.0
@@ -227,6 +243,16 @@ class DrillReport:
                      f"{self.timeouts}); "
                      f"late results {self.late_results}; approvals granted {self.approvals}; "
                      f"side effects {self.effects}")
+        if self.run_seconds:
+            lines.append(f"run duration: p50 {statistics.median(self.run_seconds):.1f}s, "
+                         f"max {max(self.run_seconds):.1f}s")
+        if self.stalls:
+            lines.append(f"stalls: {len(self.stalls)} pause(s) over {STALL_S:g}s inside running runs "
+                         f"(the longest first):")
+            lines.extend(f"  {secs:6.1f}s  {where}" for secs, where in sorted(self.stalls, reverse=True)[:10])
+        if self.deadline_timeouts:
+            lines.append(f"attempts recovered only by their deadline ({JOB_TIMEOUT_MS / 1000:g}s; no heartbeat "
+                         f"ever arrived, so no lease ran): {self.deadline_timeouts}")
         lines.extend(f"note: {n}" for n in self.notes)
         if self.violations:
             lines.append(f"VIOLATIONS ({len(self.violations)}):")
@@ -586,6 +612,9 @@ async def _check(report: DrillReport, nc: NATS, js: Any, run_ids: dict[str, str]
         violations.extend(f"{where}: step {step} succeeded {n} times" for step, n in wins.items() if n > 1)
         report.retries += sum(1 for e in events if e["type"] == "StepFailed" and not e["data"].get("final"))
         report.timeouts += sum(1 for e in events if e["type"] == "StepTimedOut")
+        report.deadline_timeouts += sum(1 for e in events
+                                        if e["type"] == "StepTimedOut" and e["data"].get("reason") == "deadline")
+        _timing(report, events, where)
         violations.extend(f"{where}: {v}" for v in _approval_violations(events, defs[wf_id]))
 
         topics = {e["step_id"]: e["data"].get("topic") for e in events if e["type"] == "StepDispatched"}
@@ -609,6 +638,24 @@ async def _check(report: DrillReport, nc: NATS, js: Any, run_ids: dict[str, str]
             violations.append(f"side effect {key} happened but its step did not succeed")
     missing = sorted(succeeded_effect_keys - set(effects))
     violations.extend(f"side effect {key} missing: its step succeeded without doing it" for key in missing)
+
+
+def _timing(report: DrillReport, events: list[dict[str, Any]], where: str) -> None:
+    """Run duration, and pauses between consecutive events over STALL_S (what the run waited on)."""
+    stamps = []
+    for e in events:
+        with contextlib.suppress(KeyError, ValueError):
+            stamps.append(datetime.fromisoformat(e["at"]).timestamp())
+    if len(stamps) != len(events) or not stamps:
+        return
+    report.run_seconds.append(stamps[-1] - stamps[0])
+    for i in range(1, len(events)):
+        gap = stamps[i] - stamps[i - 1]
+        if gap > STALL_S:
+            before, after = events[i - 1], events[i]
+            report.stalls.append((gap, f"{where}: after seq {before['seq']} {before['type']} "
+                                       f"{before.get('step_id') or ''} until {after['type']} "
+                                       f"{after.get('step_id') or ''}".rstrip()))
 
 
 def _approval_violations(events: list[dict[str, Any]], wf: Workflow) -> list[str]:

@@ -312,10 +312,12 @@ def test_inputs_cedar_cannot_hold_are_converted_not_fatal() -> None:
     assert decisions(huge, req(input={"huge": 2**70})) == ["deny"]
 
 
-def test_a_rule_that_errors_is_skipped_and_explain_reports_the_error() -> None:
+def test_a_rule_that_errors_fails_closed_and_explain_reports_the_error() -> None:
     engine = forbid_when('context.input.env == "prod"', rule="unguarded")  # errors when input has no env
     assert engine.decide(req(input={"env": "prod"})).decision == "deny"
-    assert engine.decide(req(input={})).decision == "allow"
+    assert engine.decide(req(input={"env": "dev"})).decision == "allow"
+    failed = engine.decide(req(input={}))
+    assert failed.decision == "deny" and "could not be evaluated" in failed.reason
     dispatch = engine.explain(req(input={}))[0]
     assert dispatch.action == "dispatch" and dispatch.decision == "allow"
     assert dispatch.errors, "the evaluation error must be visible in explain"

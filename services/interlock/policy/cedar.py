@@ -9,6 +9,8 @@ A bundle is Cedar source. Every job about to run is checked twice:
 
 Permits that allowed a job hand their ``@constraint_<name>("value")`` annotations to the worker.
 A policy's ``@id("...")`` names it in the log; unnamed policies are ``policy0``, ``policy1``, …
+Evaluation fails closed: a policy that errors for a job (say ``context.input.env`` on an input
+without ``env``: guard with ``has``) denies it, or, in the unattended check, asks for approval.
 
 The request as Cedar sees it:
 - principal ``Workflow::"<workflow id>"`` with ``tenant`` and ``version``;
@@ -136,22 +138,25 @@ class CedarPolicy:
 
     def decide(self, request: JobRequest) -> PolicyOutcome:
         allowed, reasons, errors = self.evaluate(request, "dispatch")
+        if errors:
+            # Cedar skips a policy that errors; for a forbid that would let the job through, so
+            # a bundle that cannot be evaluated for this job fails closed
+            return PolicyOutcome("deny", self.snapshot_id, [self.rule_id(r) for r in reasons] or ["evaluation-error"],
+                                 reason=f"policy could not be evaluated for this job: {'; '.join(errors)[:300]}")
         if not allowed:
             rules = [self.rule_id(r) for r in reasons]
             reasons_given = [self.annotations.get(r, {}).get("reason") for r in reasons]
             reason = "; ".join(w for w in reasons_given if w) or (
                 "forbidden by " + ", ".join(rules) if rules else "no policy permits this job")
-            if errors:
-                reason += f" (evaluation errors: {'; '.join(errors)[:300]})"
             return PolicyOutcome("deny", self.snapshot_id, rules or ["default-deny"], reason=reason)
         constraints: dict[str, Any] = {}
         for pid in reasons:
             for key, value in self.annotations.get(pid, {}).items():
                 if key.startswith("constraint_"):
                     constraints[key.removeprefix("constraint_")] = value
-        unattended, u_reasons, _ = self.evaluate(request, UNATTENDED)
+        unattended, u_reasons, u_errors = self.evaluate(request, UNATTENDED)
         rules = [self.rule_id(r) for r in reasons]
-        if unattended and not request.require_approval:
+        if unattended and not request.require_approval and not u_errors:
             return PolicyOutcome("allow", self.snapshot_id, rules + [self.rule_id(r) for r in u_reasons],
                                  constraints=constraints)
         deciding = [r for r in u_reasons if self.annotations.get(r)] or u_reasons
@@ -161,6 +166,8 @@ class CedarPolicy:
         escalate = notes.get("escalate_after_ms")
         why = notes.get("reason") or ("the workflow marks this step for approval" if request.require_approval
                                       else "policy requires a person to approve this job")
+        if u_errors and not notes.get("reason"):
+            why = f"policy could not decide whether this job may run unattended: {'; '.join(u_errors)[:300]}"
         return PolicyOutcome("require_approval", self.snapshot_id, rules + [self.rule_id(r) for r in u_reasons]
                              or ["require-approval"], reason=why, approver_role=role,
                              approval_expires_ms=int(expires) if expires and expires.isdigit() else None,
