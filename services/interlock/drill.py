@@ -186,6 +186,7 @@ class Kill:
     offset: float  # seconds since the drill's workload started
     down_s: float = 0.0  # until the restart
     note: str = ""  # e.g. "IL_EVENTS leader"
+    heal_s: float | None = None  # a NATS node: from its restart until every stream replica is current
     resume_s: float | None = None  # kill -> next event appended to any drill run
 
 
@@ -230,8 +231,11 @@ class DrillReport:
         lines.append("  victims: " + (", ".join(f"{v} x{n}" for v, n in sorted(by_victim.items())) or "none"))
         for k in self.kills:
             resume = f"{k.resume_s * 1000:7.0f} ms" if k.resume_s is not None else "      n/a"
+            extra = [k.note] if k.note else []
+            if k.heal_s is not None:
+                extra.append(f"caught up {k.heal_s:.1f}s after restart")
             lines.append(f"  +{k.offset:6.1f}s  {k.kind:<7} {k.victim:<11} down {k.down_s:4.1f}s  "
-                         f"resume {resume}{'  (' + k.note + ')' if k.note else ''}")
+                         f"resume {resume}{'  (' + '; '.join(extra) + ')' if extra else ''}")
         times = self.resume_times()
         if times:
             lines.append(f"time to resume after a kill: p50 {statistics.median(times) * 1000:.0f} ms, "
@@ -362,8 +366,11 @@ async def run_drill(*, runs: int = 200, kills: int = 20, cluster: bool = False, 
 
 
 async def _connect(url: str) -> NATS:
+    async def quiet(e: Exception) -> None:  # node kills are the point of the drill: no tracebacks
+        pass
+
     return await nats.connect(url.split(","), name="interlock-drill", max_reconnect_attempts=-1,
-                              reconnect_time_wait=0.25, connect_timeout=2)
+                              reconnect_time_wait=0.25, connect_timeout=2, error_cb=quiet)
 
 
 async def _retrying(what: str, call: Callable[[], Any], patience: float = 60.0) -> Any:
@@ -418,15 +425,24 @@ async def _drill(stack: Stack, report: DrillReport, rng: random.Random, *, runs:
         kinds = [k for k, weight in (("drill-incident-remediation", 4), ("drill-fanout", 3), ("drill-retry", 3))
                  for _ in range(weight)]
         plan = [(rng.choice(kinds), n) for n in range(runs)]
-        window = max(3.0, kills * 1.6)
+        # seconds per kill (kill, pause, restart, gap; a NATS node also has to catch up), first
+        # guessed, then measured: the submissions are spread to last as long as the kills do
+        per_kill = 4.5 if stack.nodes else 1.6
+        window = max(3.0, kills * per_kill)
         t0 = time.monotonic()
         submitted_all = asyncio.Event()
 
         async def submit() -> None:
             for i, (wf_id, n) in enumerate(plan):
-                due = t0 + window * i / max(1, runs)
-                if due > time.monotonic():
-                    await asyncio.sleep(due - time.monotonic())
+                if i and kills:
+                    now = time.monotonic()
+                    done = len(report.kills)
+                    pace = (now - t0) / done if done >= 2 else per_kill
+                    remaining = max(0.0, (kills - done) * pace)
+                    if not kill_done.is_set():
+                        await asyncio.sleep(min(remaining / max(1, runs - i), 2 * per_kill))
+                elif i:
+                    await asyncio.sleep(window / runs)
                 key = f"{tenant}-{n}"
                 trigger = Trigger(workflow_id=wf_id, input=run_input(wf_id, n, rng), idempotency_key=key,
                                   tenant=tenant, requested_by="drill")
@@ -565,8 +581,9 @@ async def _chaos(stack: Stack, report: DrillReport, rng: random.Random, kills: i
             except Exception as e:
                 report.violations.append(f"the cluster did not recover after killing {victim}: {e}")
                 return
+            kill.heal_s = time.monotonic() - t
             progress(f"  +{time.monotonic() - t0:5.1f}s  {victim} back and current "
-                     f"({time.monotonic() - t:.1f}s after restart)")
+                     f"({kill.heal_s:.1f}s after restart)")
         await asyncio.sleep(rng.uniform(0.3, 1.6))
 
 
