@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import CancelNotice, Heartbeat, Job, JobError, JobResult, Notification, TimerFired
+from interlock.core.eventstore import StaleState
 from interlock.core.ids import job_id
 from interlock.core.run import ACTIVE_ATTEMPT, Run, StepState
 from interlock.core.workflow import Step, Workflow, render_text
@@ -182,8 +183,9 @@ class DispatcherService(Service):
         async def decide(run: Run) -> None:
             retries.clear()
             state = run.steps.get(result.step_id)
-            if state is None:
-                raise Poison(f"result for step {result.step_id!r}, which run {run.run_id} never made ready")
+            if state is None or result.attempt > state.attempt:
+                raise StaleState(f"result for {result.step_id!r} attempt {result.attempt}, which run {run.run_id} "
+                                 "never dispatched")
             current = state.status in ACTIVE_ATTEMPT and result.attempt == state.attempt and not run.terminal
             if not current:
                 if result.attempt == state.attempt and state.job_id == result.job_id and state.terminal:
@@ -215,7 +217,7 @@ class DispatcherService(Service):
                                                       reason="deadline"))
             self.fail_attempt(run, state, spec, error, result.worker, retries)
 
-        await self.store.update(result.tenant, result.run_id, decide, fresh=True)
+        await self.store.update(result.tenant, result.run_id, decide)
         for timer in retries:
             await timers.schedule(self.js, timer)
 
@@ -246,6 +248,8 @@ class DispatcherService(Service):
         async def decide(run: Run) -> None:
             leases.clear()
             state = run.steps.get(beat.step_id)
+            if not run.terminal and (state is None or beat.attempt > state.attempt):
+                raise StaleState(f"heartbeat for {beat.step_id!r} attempt {beat.attempt} is ahead of the run")
             if run.terminal or state is None or state.status not in ("dispatched", "running") \
                     or state.attempt != beat.attempt:
                 return
@@ -266,7 +270,7 @@ class DispatcherService(Service):
                                                   progress=beat.progress))
             leases.append(lease)
 
-        await self.store.update(beat.tenant, beat.run_id, decide, fresh=True)
+        await self.store.update(beat.tenant, beat.run_id, decide)
         for timer in leases:
             await timers.schedule(self.js, timer)
 
@@ -284,6 +288,8 @@ class DispatcherService(Service):
         async def decide(run: Run) -> None:
             follow_up.clear()
             state = run.steps.get(timer.step_id or "")
+            if not run.terminal and (state is None or (timer.attempt or 0) > state.attempt):
+                raise StaleState(f"{timer.kind} timer for {timer.step_id!r} #{timer.attempt} is ahead of the run")
             if run.terminal or state is None or state.status not in ("dispatched", "running") \
                     or state.attempt != timer.attempt:
                 return  # the attempt ended meanwhile: the timer has nothing to do
@@ -308,6 +314,6 @@ class DispatcherService(Service):
             self.fail_attempt(run, state, spec, JobError(message=message, retryable=True, kind="timeout"), "",
                               follow_up)
 
-        await self.store.update(timer.tenant, timer.run_id, decide, fresh=True)
+        await self.store.update(timer.tenant, timer.run_id, decide)
         for next_timer in follow_up:
             await timers.schedule(self.js, next_timer)

@@ -106,7 +106,11 @@ class EventStore:
         # highest stream sequence of each run's commits this process has seen delivered: a cached
         # or freshly loaded run behind it is stale (the commit may have arrived mid-load)
         self._seen: OrderedDict[tuple[str, str], int] = OrderedDict()
-        self.stats = {"appends": 0, "conflicts": 0, "loads": 0, "cache_hits": 0}
+        self.stats = {"appends": 0, "conflicts": 0, "loads": 0, "cache_hits": 0, "grouped": 0}
+        self._inbox: str | None = None
+        self._request_no = 0
+        self._replies: dict[str, asyncio.Queue[Msg]] = {}
+        self._pending: dict[tuple[str, str], list[_Pending]] = {}
 
     # -- reading -----------------------------------------------------------------------------
     async def read_commits(self, tenant: str, run_id: str, after_seq: int = 0) -> list[StoredCommit]:
@@ -121,15 +125,27 @@ class EventStore:
                 return commits
             start = max(last, batch[-1].stream_seq) + 1
 
+    async def _reply_inbox(self) -> str:
+        """One wildcard inbox subscription for every direct get this store makes (no SUB/UNSUB
+        round per load)."""
+        if self._inbox is None:
+            prefix = self.nc.new_inbox()
+
+            async def route(msg: Msg) -> None:
+                queue = self._replies.get(msg.subject)
+                if queue is not None:
+                    queue.put_nowait(msg)
+
+            await self.nc.subscribe(f"{prefix}.*", cb=route)
+            self._inbox = prefix
+        self._request_no += 1
+        return f"{self._inbox}.{self._request_no}"
+
     async def _direct_get_batch(self, subject: str, start: int, size: int = 10_000
                                 ) -> tuple[list[StoredCommit], int, int]:
-        inbox = self.nc.new_inbox()
+        inbox = await self._reply_inbox()
         queue: asyncio.Queue[Msg] = asyncio.Queue()
-
-        async def collect(msg: Msg) -> None:
-            queue.put_nowait(msg)
-
-        sub = await self.nc.subscribe(inbox, cb=collect)
+        self._replies[inbox] = queue
         try:
             request = json.dumps({"seq": start, "next_by_subj": subject, "batch": size}).encode()
             await self.nc.publish(f"$JS.API.DIRECT.GET.{s.EVENTS_STREAM}", request, reply=inbox)
@@ -149,7 +165,7 @@ class EventStore:
                 raw = codec.decode_commit_raw(msg.data)
                 commits.append(StoredCommit(int(headers["Nats-Sequence"]), raw["events"]))
         finally:
-            await sub.unsubscribe()
+            del self._replies[inbox]
 
     def _replay(self, commits: list[StoredCommit], tenant: str, run_id: str,
                 handle: RunHandle | None = None) -> RunHandle | None:
@@ -279,41 +295,93 @@ class EventStore:
         """Load the run, let ``decide`` call commands on it, append what they produced.
 
         On a conflict the run is reloaded and ``decide`` runs again on the new state, so it must
-        decide from the state it is given (and may decide that nothing is left to do).
-        ``fresh=True`` reads forward to the log's end first: for inputs from outside the log (a
-        job result, a timer, a person's decision) that may be newer than this process's view.
+        decide from the state it is given (and may decide that nothing is left to do). A decide
+        that raises :class:`StaleState` (its input is ahead of the cached run) gets the run read
+        forward to the log's end and runs again; ``fresh=True`` does that from the start.
+
+        Updates of one run that wait while another is appending are applied together and
+        appended as one commit (group commit): a burst of results for a 500-way fan-out is a
+        handful of appends, not 500 conflicting ones.
         Returns the new handle and the appended envelopes (empty when nothing was decided).
         """
+        key = (tenant, run_id)
+        mine = _Pending(decide, fresh, asyncio.get_running_loop().create_future())
+        self._pending.setdefault(key, []).append(mine)
         async with self._lock(tenant, run_id):
-            for attempt in range(attempts):
-                handle = await self.load(tenant, run_id, fresh=fresh)
+            if not mine.future.done():
+                group = self._pending.pop(key, [])
                 try:
-                    outcome = decide(handle.run)
+                    if len(group) > 1:
+                        self.stats["grouped"] += len(group) - 1
+                    await self._apply_group(tenant, run_id, group, attempts)
+                finally:
+                    for p in group:  # interrupted (cancelled): the others must not wait forever
+                        if not p.future.done():
+                            p.future.set_exception(EventStoreError(f"update of run {run_id} was interrupted"))
+        return mine.future.result()
+
+    async def _apply_group(self, tenant: str, run_id: str, group: list[_Pending], attempts: int) -> None:
+        fresh = any(p.fresh for p in group)
+        stale_retried = False
+        for attempt in range(attempts):
+            handle = await self.load(tenant, run_id, fresh=fresh)
+            try:
+                for p in group:
+                    outcome = p.decide(handle.run)
                     if outcome is not None:
                         await outcome
-                except BaseException as e:
-                    # the aggregate may be half-changed (commands were called), or a refusal may
-                    # come from a cached copy that lags: replay next time. A failure before any
-                    # command (an unknown workflow, a lost connection) leaves it as it was.
-                    if handle.run.collect_events() or isinstance(e, IllegalTransition):
-                        self.forget(tenant, run_id)
-                    raise
-                new_events = handle.run.collect_events()
-                if not new_events:
-                    return handle, []
-                try:
-                    return await self._append(handle, new_events)
-                except _Conflict:
-                    self.stats["conflicts"] += 1
+            except StaleState as stale:
+                handle.run.collect_events()
+                self.forget(tenant, run_id)
+                if len(group) > 1:  # find out whose input it is, one at a time
+                    return await self._apply_each(tenant, run_id, group, attempts)
+                if stale_retried:  # still ahead of the whole log: the input is wrong, not us
+                    group[0].future.set_exception(stale)
+                    return
+                stale_retried, fresh = True, True
+                continue
+            except Exception as e:
+                # the aggregate may be half-changed (commands were called), or a refusal may
+                # come from a cached copy that lags: replay next time. A failure before any
+                # command (an unknown workflow, a lost connection) leaves it as it was.
+                if handle.run.collect_events() or isinstance(e, IllegalTransition):
                     self.forget(tenant, run_id)
-                    fresh = True
-                    # back off a little, growing, with jitter from the attempt number
-                    await asyncio.sleep(min(0.05, 0.001 * (attempt + 1)) * (1 + (hash(run_id) % 7) / 7))
-                except BaseException:
-                    # the cached run holds events that may not be stored: never append after them
-                    self.forget(tenant, run_id)
-                    raise
-            raise TooManyConflicts(f"run {run_id}: gave up after {attempts} conflicting appends")
+                if len(group) > 1:  # one decide failed: the others must not fail with it
+                    return await self._apply_each(tenant, run_id, group, attempts)
+                group[0].future.set_exception(e)
+                return
+            except BaseException:  # cancelled: nothing half-done may stay cached
+                self.forget(tenant, run_id)
+                raise
+            new_events = handle.run.collect_events()
+            if not new_events:
+                for p in group:
+                    p.future.set_result((handle, []))
+                return
+            try:
+                result = await self._append(handle, new_events)
+            except _Conflict:
+                self.stats["conflicts"] += 1
+                self.forget(tenant, run_id)
+                fresh = True
+                # back off a little, growing, with jitter from the attempt number
+                await asyncio.sleep(min(0.05, 0.001 * (attempt + 1)) * (1 + (hash(run_id) % 7) / 7))
+                continue
+            except BaseException:
+                # the cached run holds events that may not be stored: never append after them
+                self.forget(tenant, run_id)
+                raise
+            for p in group:
+                p.future.set_result(result)
+            return
+        error = TooManyConflicts(f"run {run_id}: gave up after {attempts} conflicting appends")
+        for p in group:
+            p.future.set_exception(error)
+
+    async def _apply_each(self, tenant: str, run_id: str, group: list[_Pending], attempts: int) -> None:
+        for p in group:
+            if not p.future.done():
+                await self._apply_group(tenant, run_id, [p], attempts)
 
     async def _append(self, handle: RunHandle, new_events: Sequence[Any]
                       ) -> tuple[RunHandle, list[dict[str, Any]]]:
@@ -387,6 +455,17 @@ class _Conflict(Exception):
     """Another writer appended first."""
 
 
+class StaleState(EventStoreError):
+    """Raised by a decide whose input (a result, a timer) is newer than the run it was given."""
+
+
+@dataclass
+class _Pending:
+    decide: Decide
+    fresh: bool
+    future: asyncio.Future[tuple[RunHandle, list[dict[str, Any]]]]
+
+
 __all__ = [
     "ChainBroken",
     "EventStore",
@@ -395,5 +474,6 @@ __all__ = [
     "RunExists",
     "RunHandle",
     "RunNotFound",
+    "StaleState",
     "TooManyConflicts",
 ]

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ValidationError
 
 from interlock.contracts import subjects as s
 from interlock.core import codec
-from interlock.core.eventstore import EventStore, EventStoreError, RunNotFound
+from interlock.core.eventstore import EventStore, EventStoreError, RunNotFound, StaleState
 from interlock.core.run import IllegalTransition
 from interlock.core.topology import provision
 from interlock.runtime.connect import connect, resolve_url
@@ -231,7 +231,7 @@ class Service:
         """Run a handler; ack on success, redeliver on a passing fault, dead-letter poison."""
         try:
             await handler(msg)
-        except (Poison, RunNotFound, WorkflowNotFound) as e:
+        except (Poison, RunNotFound, WorkflowNotFound, StaleState) as e:
             # a run whose workflow version is not registered can never be processed: no retries
             await self._dead_letter(msg, f"{type(e).__name__}: {e}")
         except IllegalTransition as e:
