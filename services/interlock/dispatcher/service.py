@@ -153,7 +153,9 @@ class DispatcherService(Service):
         self._published.add(state.job_id)
         if len(self._published) > 100_000:
             self._published.clear()
-        if state.deadline is not None:
+        # an explicit timeout gets a durable timer; the default deadline (minutes away, rarely
+        # reached) is left to the reconciler sweep, which saves a timer on every job
+        if state.deadline is not None and spec.timeout_ms is not None:
             await timers.schedule(self.js, TimerFired(kind="deadline", run_id=run.run_id, tenant=run.tenant,
                                                       step_id=state.step_id, attempt=state.attempt,
                                                       due_at=state.deadline))

@@ -71,9 +71,11 @@ class PlannerService(Service):
             now=datetime.now(UTC))
 
         def admit(run: Run) -> None:
-            # the admission decision is recorded with the run's first event, before anything runs
+            # the admission decision is recorded with the run's first event, before anything
+            # runs, and the first steps are planned into the same commit (one append, not two)
             if admission.decision == "allow":
                 run.admit(ev.RunAdmitted(snapshot_id=admission.snapshot_id, rule_ids=admission.rule_ids))
+                plan(run, workflow, {}, trigger.input, datetime.now(UTC))
             else:
                 run.deny(ev.RunDenied(step_id=None, reason=admission.reason, rule_ids=admission.rule_ids,
                                       snapshot_id=admission.snapshot_id))
@@ -88,7 +90,7 @@ class PlannerService(Service):
         except RunExists:
             log.info("trigger for existing run %s (idempotency key %r): nothing to start", run_id,
                      trigger.idempotency_key)
-        await self.advance(trigger.tenant, str(run_id))
+            await self.advance(trigger.tenant, str(run_id))
 
     async def parse_trigger(self, msg: Msg) -> Trigger:
         """A Trigger on ``il.trigger.*``; on a workflow's own trigger subject, any JSON body is its input."""

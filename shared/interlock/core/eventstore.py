@@ -93,7 +93,7 @@ Decide = Callable[[Run], Awaitable[None] | None]
 class EventStore:
     """Load and append run events on JetStream. One per process; safe for concurrent tasks."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext, *, service: str, cache_size: int = 4096,
+    def __init__(self, nc: NATS, js: JetStreamContext, *, service: str, cache_size: int = 1024,
                  publish_timeout: float = 5.0, failover_patience: float = 30.0) -> None:
         self.nc = nc
         self.js = js
@@ -227,6 +227,9 @@ class EventStore:
 
     def _remember(self, handle: RunHandle) -> None:
         key = (handle.tenant, handle.run_id)
+        if handle.run.terminal:  # finished runs rarely need more work: keep memory for live ones
+            self._cache.pop(key, None)
+            return
         self._cache[key] = handle
         self._cache.move_to_end(key)
         while len(self._cache) > self.cache_size:
@@ -257,6 +260,8 @@ class EventStore:
             self._replay([StoredCommit(stream_seq, envelopes)], tenant, run_id, handle)
             handle.stream_seq = stream_seq
             handle.last_hash = envelopes[-1]["hash"]
+            if handle.run.terminal:
+                self._cache.pop(key, None)
         except Exception:
             # the handle may be half-applied: drop it and replay on the next load
             self._cache.pop(key, None)

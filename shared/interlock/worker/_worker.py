@@ -190,11 +190,13 @@ class Worker:
                 await js.publish(s.heartbeat(job.tenant, job.run_id), hb.model_dump_json().encode(), timeout=2)
 
         async def keep_beating() -> None:
+            # the first beat after at most a second: a short job never needs one (its result
+            # comes first); a long one tells the dispatcher early that it was picked up
+            await asyncio.sleep(min(1.0, job.heartbeat_interval_ms / 1000))
             while True:
+                await beat("running")
                 await asyncio.sleep(job.heartbeat_interval_ms / 1000)
-                await beat(None)
 
-        await beat("started")
         beating = asyncio.ensure_future(keep_beating())
         result: JobResult
         try:

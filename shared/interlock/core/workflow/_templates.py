@@ -37,6 +37,7 @@ def is_template(text: str) -> bool:
     return "{{" in text or "{%" in text or "{#" in text
 
 
+@lru_cache(maxsize=4096)  # called for every templated string on every planning pass
 def single_expression(text: str) -> str | None:
     """The inner source if ``text`` is exactly one ``{{ expr }}`` (surrounding blanks allowed)."""
     stripped = text.strip()
