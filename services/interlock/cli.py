@@ -695,6 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp = psub.add_parser("simulate", help="re-decide recent jobs with a draft bundle; list what would change")
     pp.add_argument("draft")
     pp.add_argument("--limit", type=int, default=500)
+    from interlock.drill import add_drill_parser
+
+    add_drill_parser(sub)
     sp = cmd("demo", "run the incident-remediation example end to end on an embedded stack", nats_flag=False)
     sp.add_argument("--auto-approve", action="store_true", help="approve the approval gate automatically")
     sp.add_argument("--home", default=".interlock/demo", help="state and logs directory")
@@ -720,6 +723,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_up(args)
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "drill":
+            from interlock.drill import cmd_drill
+
+            return cmd_drill(args)
 
         async def dispatch() -> int:
             nc = await _nc(args)
