@@ -32,6 +32,39 @@ class ClusterError(NatsServerError):
 
 
 @dataclass
+class ClusterNode(EmbeddedNats):
+    """One node: an embedded server that also serves HTTP monitoring (for ``/healthz``)."""
+
+    monitor_port: int = 0
+
+    def _command(self, ports_dir: Path) -> list[str]:
+        return [*super()._command(ports_dir), "-m", str(self.monitor_port)]
+
+    async def healthz(self, timeout: float = 2.0) -> tuple[bool, str]:
+        """(ok, detail) from the node's ``/healthz``: ok once JetStream on this node is current
+        (every stream and consumer replica it holds has caught up), which a restarted node is not."""
+        if not self.running():
+            return False, "not running"
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.monitor_port), timeout)
+        except (OSError, TimeoutError) as e:
+            return False, repr(e)
+        try:
+            writer.write(f"GET /healthz HTTP/1.0\r\nHost: {self.host}\r\n\r\n".encode())
+            await writer.drain()
+            raw = await asyncio.wait_for(reader.read(), timeout)
+        except (OSError, TimeoutError) as e:
+            return False, repr(e)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+        head, _, body = raw.decode(errors="replace").partition("\r\n\r\n")
+        status = head.split(" ", 2)[1] if " " in head else "?"
+        return status == "200", body.strip()[:300]
+
+
+@dataclass
 class LocalCluster:
     """``size`` JetStream nodes named n1..n{size}, each with its own store under ``home``."""
 
@@ -39,7 +72,7 @@ class LocalCluster:
     size: int = 3
     host: str = "127.0.0.1"
     name: str = CLUSTER_NAME
-    nodes: dict[str, EmbeddedNats] = field(default_factory=dict)
+    nodes: dict[str, ClusterNode] = field(default_factory=dict)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> str:
@@ -52,10 +85,10 @@ class LocalCluster:
         cluster_ports = {name: free_port() for name in names}
         routes = [f"nats://{self.host}:{port}" for port in cluster_ports.values()]
         for name in names:
-            self.nodes[name] = EmbeddedNats(
+            self.nodes[name] = ClusterNode(
                 store_dir=self.home / name / "store", host=self.host, port=0, server_name=name,
                 cluster=ClusterSpec(self.name, cluster_ports[name], routes),
-                log_file=self.home / "logs" / f"nats-{name}.log",
+                log_file=self.home / "logs" / f"nats-{name}.log", monitor_port=free_port(),
             )
         try:
             for node in self.nodes.values():
@@ -159,10 +192,12 @@ class LocalCluster:
 
     async def wait_healthy(self, streams: list[str] | None = None, nc: NATS | None = None,
                            timeout: float = 60.0) -> None:
-        """Until every stream (all, by default) has a leader and every replica is online and current.
+        """Until every running node's ``/healthz`` is ok (its JetStream replicas have caught up),
+        every stream (all, by default) has a leader and every replica is online and current.
 
         Call after :meth:`restart` before taking another node down: a node that has not caught
-        up yet does not count towards a quorum.
+        up yet does not count towards a quorum. (Replica flags alone are not enough: just after a
+        quick restart the leaders may still report the node's replicas as current.)
         """
         own = nc is None
         conn = nc or await self.connect()
@@ -170,9 +205,19 @@ class LocalCluster:
             deadline = time.monotonic() + timeout
             problem = "not checked"
             while time.monotonic() < deadline:
+                unhealthy = []
+                for name, node in self.nodes.items():
+                    if node.running():
+                        ok, detail = await node.healthz()
+                        if not ok:
+                            unhealthy.append(f"{name}: {detail}")
+                if unhealthy:
+                    problem = "healthz: " + "; ".join(unhealthy)
+                    await asyncio.sleep(0.2)
+                    continue
                 try:
                     js = conn.jetstream(timeout=2.0)
-                    names = streams if streams is not None else [i.config.name for i in await js.streams_info()]
+                    names = streams if streams is not None else [str(i.config.name) for i in await js.streams_info()]
                     problem = ""
                     for name in names:
                         info = await js.stream_info(name)
@@ -182,7 +227,7 @@ class LocalCluster:
                         if not cluster.leader:
                             problem = f"{name}: no leader"
                             break
-                        bad = [r.name for r in (cluster.replicas or []) if r.offline or not r.current]
+                        bad = [str(r.name) for r in (cluster.replicas or []) if r.offline or not r.current]
                         if len(cluster.replicas or []) + 1 < min(self.size, info.config.num_replicas or 1):
                             problem = f"{name}: only {len(cluster.replicas or []) + 1} replicas known"
                             break
@@ -200,4 +245,4 @@ class LocalCluster:
                 await conn.close()
 
 
-__all__ = ["ClusterError", "LocalCluster"]
+__all__ = ["ClusterError", "ClusterNode", "LocalCluster"]

@@ -35,9 +35,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
+import functools
 import hashlib
 import json
+import logging
 import random
 import re
 import statistics
@@ -64,6 +67,7 @@ from interlock.contracts.messages import ApprovalDecision, CommandReply, Trigger
 from interlock.core import codec
 from interlock.core.eventstore import EventStore
 from interlock.core.ids import run_id_for
+from interlock.core.natsserver import NatsServerError
 from interlock.core.verify import verify_envelopes
 from interlock.core.workflow import Workflow, load_workflow
 from interlock.runtime.consumer import PullConsumer
@@ -188,6 +192,8 @@ class Kill:
     note: str = ""  # e.g. "IL_EVENTS leader"
     heal_s: float | None = None  # a NATS node: from its restart until every stream replica is current
     resume_s: float | None = None  # kill -> next event appended to any drill run
+    in_flight: int = 0  # runs started and not ended at the kill
+    all_moving_s: float | None = None  # kill -> every run in flight at the kill has a new event
 
 
 @dataclass
@@ -198,6 +204,7 @@ class DrillReport:
     seed: int
     tenant: str
     home: str
+    target: str = ""  # --nats: the stack the drill ran against
     kills: list[Kill] = field(default_factory=list)
     outcomes: Counter[str] = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
@@ -206,6 +213,7 @@ class DrillReport:
     retries: int = 0  # StepFailed (not final) + StepTimedOut: attempts that had to be repeated
     timeouts: int = 0
     late_results: int = 0
+    crashes: list[str] = field(default_factory=list)  # processes that exited without being killed
     deadline_timeouts: int = 0  # attempts recovered only by their deadline: no lease was ever running
     stalls: list[tuple[float, str]] = field(default_factory=list)  # (seconds, where) of pauses > STALL_S
     run_seconds: list[float] = field(default_factory=list)
@@ -216,13 +224,18 @@ class DrillReport:
 
     @property
     def ok(self) -> bool:
-        return not self.violations
+        return not self.violations and not self.crashes
 
     def resume_times(self) -> list[float]:
         return [k.resume_s for k in self.kills if k.resume_s is not None]
 
+    def all_moving_times(self) -> list[float]:
+        return [k.all_moving_s for k in self.kills if k.all_moving_s is not None]
+
     def render(self) -> str:
-        lines = [f"interlock drill — {'3-node cluster, R3 streams' if self.cluster else 'single NATS node'}, "
+        where = (f"running stack at {self.target} (only the drill's own workers are killed)" if self.target
+                 else "3-node cluster, R3 streams" if self.cluster else "single NATS node")
+        lines = [f"interlock drill — {where}, "
                  f"seed {self.seed}, tenant {self.tenant}, home {self.home}"]
         by_kind = Counter(k.kind for k in self.kills)
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(by_kind.items())) or "none"
@@ -231,6 +244,8 @@ class DrillReport:
         lines.append("  victims: " + (", ".join(f"{v} x{n}" for v, n in sorted(by_victim.items())) or "none"))
         for k in self.kills:
             resume = f"{k.resume_s * 1000:7.0f} ms" if k.resume_s is not None else "      n/a"
+            if k.all_moving_s is not None:
+                resume += f", all {k.in_flight:3d} in-flight runs moving after {k.all_moving_s:5.1f}s"
             extra = [k.note] if k.note else []
             if k.heal_s is not None:
                 extra.append(f"caught up {k.heal_s:.1f}s after restart")
@@ -238,8 +253,12 @@ class DrillReport:
                          f"resume {resume}{'  (' + '; '.join(extra) + ')' if extra else ''}")
         times = self.resume_times()
         if times:
-            lines.append(f"time to resume after a kill: p50 {statistics.median(times) * 1000:.0f} ms, "
-                         f"max {max(times) * 1000:.0f} ms (n={len(times)})")
+            lines.append(f"time to resume after a kill (next event of any run): p50 "
+                         f"{statistics.median(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms (n={len(times)})")
+        moving = self.all_moving_times()
+        if moving:
+            lines.append(f"time until every run in flight at the kill moved again: p50 "
+                         f"{statistics.median(moving):.1f}s, max {max(moving):.1f}s (n={len(moving)})")
         outcome = ", ".join(f"{n} {t.removeprefix('Run').lower()}" for t, n in sorted(self.outcomes.items()))
         lines.append(f"runs: {self.runs} submitted (+1 warm-up); {outcome or 'none ended'}; "
                      f"workload {self.workload_s:.1f}s, drill {self.total_s:.1f}s")
@@ -258,13 +277,19 @@ class DrillReport:
             lines.append(f"attempts recovered only by their deadline ({JOB_TIMEOUT_MS / 1000:g}s; no heartbeat "
                          f"ever arrived, so no lease ran): {self.deadline_timeouts}")
         lines.extend(f"note: {n}" for n in self.notes)
+        if self.crashes:
+            lines.append(f"CRASHES ({len(self.crashes)}): processes that exited without being killed "
+                         f"(restarted by the drill):")
+            lines.extend(f"  - {c}" for c in self.crashes)
         if self.violations:
             lines.append(f"VIOLATIONS ({len(self.violations)}):")
             lines.extend(f"  - {v}" for v in self.violations[:200])
             if len(self.violations) > 200:
                 lines.append(f"  … and {len(self.violations) - 200} more")
-        else:
+        elif not self.crashes:
             lines.append("no violations: every run finished, nothing lost or recorded twice")
+        else:
+            lines.append("no violations in the runs' logs, but processes crashed (above)")
         return "\n".join(lines)
 
 
@@ -289,6 +314,7 @@ class Monitor:
         self.pending: dict[tuple[str, str], Approval] = {}
         self.granted: set[tuple[str, str, str]] = set()
         self.stamps: list[float] = []  # server time of every commit (epoch seconds)
+        self.run_stamps: dict[str, list[float]] = defaultdict(list)  # the same, per run
         self.seen_commits: set[int] = set()
         self.events = 0
         self.changed = asyncio.Event()
@@ -297,7 +323,9 @@ class Monitor:
         meta = msg.metadata
         if meta.sequence.stream not in self.seen_commits:
             self.seen_commits.add(meta.sequence.stream)
-            self.stamps.append(meta.timestamp.timestamp())
+            stamp = meta.timestamp.timestamp()
+            self.stamps.append(stamp)
+            self.run_stamps[msg.subject.rsplit(".", 1)[-1]].append(stamp)
             for envelope in codec.decode_commit_raw(msg.data)["events"]:
                 self.on_event(envelope)
         with contextlib.suppress(Exception):
@@ -338,7 +366,7 @@ async def run_drill(*, runs: int = 200, kills: int = 20, cluster: bool = False, 
     tenant = f"drill-{uuid.UUID(int=rng.getrandbits(128)).hex[:10]}"
     effects_file = home / f"side-effects-{tenant}.jsonl"
     report = DrillReport(runs=runs, kills_planned=kills, cluster=cluster and not nats_url, seed=seed, tenant=tenant,
-                         home=str(home))
+                         home=str(home), target=nats_url or "")
     t_start = time.monotonic()
     env = {"INTERLOCK_SIDE_EFFECTS": str(effects_file), "INTERLOCK_AUDITOR_DB": str(home / "auditor.sqlite3")}
     if nats_url:
@@ -398,7 +426,7 @@ async def _drill(stack: Stack, report: DrillReport, rng: random.Random, *, runs:
         defs: dict[str, Workflow] = {}
         for wf_id, text in workflows().items():
             defs[wf_id] = load_workflow(text)
-            wf, created = await _retrying(f"registering {wf_id}", lambda text=text: registry.apply(text))
+            wf, created = await _retrying(f"registering {wf_id}", functools.partial(registry.apply, text))
             progress(f"drill: workflow {wf.id} v{wf.version} {'registered' if created else 'already registered'}")
         dlq_before = await _stream_last_seq(js, s.DLQ_STREAM)
         await _retrying("starting the drill's event consumer", consumer.start)
@@ -414,6 +442,11 @@ async def _drill(stack: Stack, report: DrillReport, rng: random.Random, *, runs:
         warm_id = str(run_id_for(tenant, "drill-fanout", warm_key))
         run_ids[warm_id] = "drill-fanout"
         while warm_id not in monitor.ended:
+            dead = stack.dead()
+            if dead:
+                name = dead[0]
+                raise RuntimeError(f"{name} exited while the stack was starting: "
+                                   f"{await asyncio.to_thread(_last_error, stack.procs[name].log_path)}")
             if time.monotonic() - t_warm > 120:
                 raise RuntimeError("the warm-up run did not end within 120s: is the stack serving? "
                                    f"(logs in {stack.home / 'logs'})")
@@ -438,7 +471,7 @@ async def _drill(stack: Stack, report: DrillReport, rng: random.Random, *, runs:
                     now = time.monotonic()
                     done = len(report.kills)
                     pace = (now - t0) / done if done >= 2 else per_kill
-                    remaining = max(0.0, (kills - done) * pace)
+                    remaining = max(0.0, (kills - done + 0.5) * pace)
                     if not kill_done.is_set():
                         await asyncio.sleep(min(remaining / max(1, runs - i), 2 * per_kill))
                 elif i:
@@ -465,7 +498,7 @@ async def _drill(stack: Stack, report: DrillReport, rng: random.Random, *, runs:
 
         async def chaos() -> None:
             try:
-                await _chaos(stack, report, rng, kills, t0, window, own_stack, nc, progress)
+                await _chaos(stack, report, rng, kills, t0, window, own_stack, nc, progress, down)
             finally:
                 kill_done.set()
 
@@ -473,11 +506,30 @@ async def _drill(stack: Stack, report: DrillReport, rng: random.Random, *, runs:
             while True:
                 await asyncio.sleep(3.0)
                 ended = [monitor.ended[r] for r in run_ids if r in monitor.ended]
-                progress(f"  +{time.monotonic() - t0:5.1f}s  submitted {len(run_ids)}/{runs}  ended {len(ended)} "
+                progress(f"  +{time.monotonic() - t0:5.1f}s  submitted {len(run_ids) - 1}/{runs}  ended {len(ended)} "
                          f"(succeeded {ended.count('RunSucceeded')})  awaiting approval {len(monitor.pending)}  "
                          f"kills {len(report.kills)}/{kills}  events {monitor.events}")
 
-        tasks = [asyncio.create_task(c) for c in (submit(), approve(), chaos(), show())]
+        down: set[str] = set()  # what the drill has killed and not restarted yet
+
+        async def supervise() -> None:
+            # a process that exits by itself (not one the drill killed) is a crash: report it and
+            # start it again, the way `interlock up` would
+            while True:
+                await asyncio.sleep(0.5)
+                for name in stack.dead():
+                    if name in down:
+                        continue
+                    proc = stack.procs[name]
+                    code = proc.popen.returncode if proc.popen is not None else None
+                    last = await asyncio.to_thread(_last_error, proc.log_path)
+                    report.crashes.append(f"{name} exited by itself (code {code}) at "
+                                          f"+{time.monotonic() - t0:.1f}s: {last}")
+                    progress(f"  +{time.monotonic() - t0:5.1f}s  CRASH {name} exited by itself (code {code}): "
+                             f"{last}; restarting it")
+                    stack.restart(name)
+
+        tasks = [asyncio.create_task(c) for c in (submit(), approve(), chaos(), show(), supervise())]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for task in tasks:
@@ -494,13 +546,24 @@ async def _drill(stack: Stack, report: DrillReport, rng: random.Random, *, runs:
         await asyncio.gather(*tasks, return_exceptions=True)
         if not kill_done.is_set():
             report.violations.append(f"the kills did not finish within --timeout {timeout:g}s")
+        ungranted = [a for a in monitor.pending.values() if (a.run_id, a.step_id, a.job_hash) not in monitor.granted]
+        report.notes.extend(f"approval of {a.step_id} in run {a.run_id} never granted after {a.tries} tries; "
+                            f"last answer: {a.last_error or 'none'}" for a in ungranted)
         progress(f"drill: workload over after {report.workload_s:.1f}s; checking {len(run_ids)} runs …")
 
         # resume time: from each kill to the next commit the drill's runs got (server time)
         stamps = sorted(monitor.stamps)
         for k in report.kills:
-            after = [t for t in stamps if t > k.at]
-            k.resume_s = (after[0] - k.at) if after else None
+            i = bisect.bisect_right(stamps, k.at)
+            k.resume_s = (stamps[i] - k.at) if i < len(stamps) else None
+            waits = []
+            for run_stamps in monitor.run_stamps.values():
+                ordered = sorted(run_stamps)
+                j = bisect.bisect_right(ordered, k.at)
+                if 0 < j < len(ordered):  # started before the kill and not over: every run ends
+                    waits.append(ordered[j] - k.at)
+            k.in_flight = len(waits)
+            k.all_moving_s = max(waits) if waits else None
         await _check(report, nc, js, run_ids, defs, monitor, effects_file)
         dlq_after = await _stream_last_seq(js, s.DLQ_STREAM)
         if dlq_after > dlq_before:
@@ -513,6 +576,22 @@ async def _drill(stack: Stack, report: DrillReport, rng: random.Random, *, runs:
         with contextlib.suppress(Exception):
             await js.delete_consumer(s.EVENTS_STREAM, consumer.durable)
         await nc.close()
+
+
+def _last_error(log_path: Path) -> str:
+    """The last line of a crashed process's log that says what went wrong, and where in Interlock."""
+    try:
+        with log_path.open("rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 16_000))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError as e:
+        return f"(no log: {e})"
+    noise = ("Traceback", "The above", "During handling")
+    errors = [line for line in lines if line and not line[0].isspace() and not line.startswith(noise)]
+    frames = [line.strip() for line in lines if line.strip().startswith("File ") and "/interlock/" in line]
+    where = f" [{frames[-1]}]" if frames else ""
+    return (errors[-1][:200] if errors else "(empty log)") + where
 
 
 async def _stream_last_seq(js: Any, stream: str) -> int:
@@ -540,7 +619,7 @@ async def _decide(nc: NATS, tenant: str, a: Approval) -> None:
 
 # -- kills -----------------------------------------------------------------------------------
 async def _chaos(stack: Stack, report: DrillReport, rng: random.Random, kills: int, t0: float, window: float,
-                 own_stack: bool, nc: NATS, progress: Progress) -> None:
+                 own_stack: bool, nc: NATS, progress: Progress, down: set[str]) -> None:
     workers = [name for name in stack.procs if name.startswith("worker-")]
     services = [name for name in SERVICES if name in stack.procs] if own_stack else []
     nodes = stack.nodes if own_stack else []
@@ -565,6 +644,7 @@ async def _chaos(stack: Stack, report: DrillReport, rng: random.Random, kills: i
                         note = f"{s.EVENTS_STREAM} leader"
         pause = rng.uniform(0.2, 1.5)
         at = time.time()
+        down.add(victim)
         await asyncio.to_thread(stack.kill, victim)
         kill = Kill(victim=victim, kind=kind, at=at, offset=time.monotonic() - t0, note=note)
         report.kills.append(kill)
@@ -572,6 +652,7 @@ async def _chaos(stack: Stack, report: DrillReport, rng: random.Random, kills: i
                  f"restart in {pause:.1f}s")
         await asyncio.sleep(pause)
         await asyncio.to_thread(stack.restart, victim)
+        down.discard(victim)
         kill.down_s = time.time() - at
         if kind == "nats" and stack.local_cluster is not None:
             # one node at a time: the restarted node must have caught up before the next kill
@@ -596,7 +677,7 @@ async def _check(report: DrillReport, nc: NATS, js: Any, run_ids: dict[str, str]
     violations = report.violations
     report.approvals = len(monitor.granted)
     for run_id, wf_id in sorted(run_ids.items()):
-        commits = await _retrying(f"reading run {run_id}", lambda run_id=run_id: store.read_commits(tenant, run_id))
+        commits = await _retrying(f"reading run {run_id}", functools.partial(store.read_commits, tenant, run_id))
         events = [e for c in commits for e in c.envelopes]
         report.events += len(events)
         where = f"run {run_id} ({wf_id})"
@@ -683,9 +764,9 @@ def _approval_violations(events: list[dict[str, Any]], wf: Workflow) -> list[str
     held: set[str] = set()  # steps policy said need approval
     decided: set[str] = set()
     done: set[str] = set()
-    grants = Counter()
+    grants: Counter[tuple[str, str]] = Counter()
     for e in events:
-        kind, step, data = e["type"], e.get("step_id"), e.get("data") or {}
+        kind, step, data = e["type"], str(e.get("step_id") or ""), e.get("data") or {}
         if kind == "PolicyDecided":
             decided.add(step)
             if data.get("decision") == "require_approval":
@@ -708,7 +789,7 @@ def _approval_violations(events: list[dict[str, Any]], wf: Workflow) -> list[str
                 if wf.steps[dep].type == "approval" and dep not in done:
                     out.append(f"step {step} dispatched before approval step {dep} succeeded")
         elif kind == "StepSucceeded":
-            spec = wf.steps.get(str(step).split("[", 1)[0])
+            spec = wf.steps.get(step.split("[", 1)[0])
             if spec is not None and spec.type == "approval" and not granted[step]:
                 out.append(f"approval step {step} succeeded without a grant")
             done.add(step)
@@ -744,8 +825,14 @@ def cmd_drill(args: argparse.Namespace) -> int:
     if args.runs < 1 or args.kills < 0:
         print("interlock drill: --runs must be at least 1 and --kills at least 0", file=sys.stderr)
         return 2
-    report = asyncio.run(run_drill(runs=args.runs, kills=args.kills, cluster=args.cluster, seed=args.seed,
-                                   timeout=args.timeout, home=args.home, nats_url=args.nats))
+    # the drill's own publishes retry through failovers on purpose: their warnings are noise here
+    logging.getLogger("interlock").setLevel(logging.ERROR)
+    try:
+        report = asyncio.run(run_drill(runs=args.runs, kills=args.kills, cluster=args.cluster, seed=args.seed,
+                                       timeout=args.timeout, home=args.home, nats_url=args.nats))
+    except (RuntimeError, NatsServerError) as e:
+        print(f"interlock drill: {e}", file=sys.stderr)
+        return 1
     print()
     print(report.render(), flush=True)
     return 0 if report.ok else 1
