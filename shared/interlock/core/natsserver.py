@@ -68,6 +68,7 @@ class EmbeddedNats:
     log_file: Path | None = None
     max_payload: int = 8 * 1024 * 1024
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _ports_dir: Path | None = field(default=None, repr=False)
     url: str = ""
 
     def _command(self, ports_dir: Path) -> list[str]:
@@ -93,7 +94,7 @@ class EmbeddedNats:
     def start(self, timeout: float = 10.0) -> str:
         """Start the server and wait until it accepts connections; return its URL."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        ports_dir = Path(tempfile.mkdtemp(prefix="interlock-nats-ports-"))
+        ports_dir = self._ports_dir = Path(tempfile.mkdtemp(prefix="interlock-nats-ports-"))
         stdout = subprocess.DEVNULL if self.log_file else None
         self._proc = subprocess.Popen(self._command(ports_dir), stdout=stdout, stderr=subprocess.STDOUT
                                       if self.log_file is None else subprocess.DEVNULL)
@@ -132,6 +133,7 @@ class EmbeddedNats:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop cleanly (SIGTERM, then SIGKILL if it hangs)."""
         proc, self._proc = self._proc, None
+        self._clean_ports_dir()
         if proc is None or proc.poll() is not None:
             return
         proc.send_signal(signal.SIGTERM)
@@ -141,8 +143,14 @@ class EmbeddedNats:
             proc.kill()
             proc.wait()
 
+    def _clean_ports_dir(self) -> None:
+        if self._ports_dir is not None:
+            shutil.rmtree(self._ports_dir, ignore_errors=True)
+            self._ports_dir = None
+
     def kill(self) -> None:
         """SIGKILL, for crash drills."""
+        self._clean_ports_dir()
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.kill()
