@@ -739,7 +739,10 @@ async def _check(report: DrillReport, nc: NATS, js: Any, run_ids: dict[str, str]
 
 
 def _timing(report: DrillReport, events: list[dict[str, Any]], where: str) -> None:
-    """Run duration, and pauses between consecutive events over STALL_S (what the run waited on)."""
+    """Run duration, and pauses between consecutive events over STALL_S (what the run waited on),
+    up to the run's terminal event (late results of abandoned attempts may trickle in after it)."""
+    ends = [i for i, e in enumerate(events) if e["type"] in TERMINAL]
+    events = events[:ends[0] + 1] if ends else events
     stamps = []
     for e in events:
         with contextlib.suppress(KeyError, ValueError):
