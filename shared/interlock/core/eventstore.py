@@ -35,6 +35,7 @@ from interlock.core.run import IllegalTransition, Run
 log = logging.getLogger(__name__)
 
 WRONG_LAST_SEQUENCE = 10071
+DUPLICATE_IN_PROCESS = 10158
 MAX_COMMIT_EVENTS = 1024  # larger batches are split so one message stays well under max payload
 
 
@@ -169,6 +170,10 @@ class EventStore:
 
     def _replay(self, commits: list[StoredCommit], tenant: str, run_id: str,
                 handle: RunHandle | None = None) -> RunHandle | None:
+        """Apply commits in order; onto ``handle`` in place when given (skipping commits it has:
+        a consumer may have brought it forward while the read was in flight)."""
+        if handle is not None:
+            commits = [c for c in commits if c.stream_seq > handle.stream_seq]
         run = handle.run if handle else None
         last_hash = handle.last_hash if handle else ev.GENESIS_HASH
         stream_seq = handle.stream_seq if handle else 0
@@ -187,6 +192,9 @@ class EventStore:
             stream_seq = commit.stream_seq
         if run is None:
             return None
+        if handle is not None:
+            handle.stream_seq, handle.last_hash = stream_seq, last_hash
+            return handle
         return RunHandle(run=run, tenant=tenant, stream_seq=stream_seq, last_hash=last_hash)
 
     async def load(self, tenant: str, run_id: str, *, fresh: bool = False) -> RunHandle:
@@ -198,6 +206,14 @@ class EventStore:
             self.stats["cache_hits"] += 1
             return handle
         self.stats["loads"] += 1
+        try:
+            return await self._load(key, handle)
+        except BaseException:
+            self._cache.pop(key, None)  # a half-applied copy must never be used
+            raise
+
+    async def _load(self, key: tuple[str, str], handle: RunHandle | None) -> RunHandle:
+        tenant, run_id = key
         if handle is not None:  # bring the cached copy forward
             commits = await self.read_commits(tenant, run_id, handle.stream_seq)
             handle = self._replay(commits, tenant, run_id, handle) if commits else handle
@@ -258,8 +274,6 @@ class EventStore:
             if envelopes[0].get("seq") != handle.version + 1:
                 raise ChainBroken("gap")
             self._replay([StoredCommit(stream_seq, envelopes)], tenant, run_id, handle)
-            handle.stream_seq = stream_seq
-            handle.last_hash = envelopes[-1]["hash"]
             if handle.run.terminal:
                 self._cache.pop(key, None)
         except Exception:
@@ -424,7 +438,10 @@ class EventStore:
                     if landed is not None:
                         return landed
                     raise _Conflict() from None
-                raise
+                if e.err_code != DUPLICATE_IN_PROCESS or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(delay)  # our first copy is still being stored: ask again
+                delay = min(delay * 2, 1.0)
             except (nats.errors.TimeoutError, NoStreamResponseError, ServiceUnavailableError,
                     nats.errors.NoRespondersError, nats.errors.ConnectionReconnectingError) as e:
                 # no ack: a stream-leader election, a reconnect, or the write landed and the
@@ -438,7 +455,7 @@ class EventStore:
                 log.warning("append to %s not acknowledged (%r); retrying", subject, e)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
-            except APIError as e:
+            except APIError as e:  # e.g. 10158 "duplicate message id is in process" in a cluster
                 if time.monotonic() > deadline:
                     raise
                 log.warning("append to %s failed (%r); retrying", subject, e)

@@ -114,7 +114,8 @@ async def ensure_stream(js: JetStreamContext, spec: StreamSpec, replicas: int) -
         await js.add_stream(spec.config(replicas))
         return "created"
     extra = [subj for subj in (info.config.subjects or []) if subj not in spec.subjects]
-    wanted = spec.config(replicas, extra)
+    # never scale a stream down: a client provisioning with the default (1) must not undo R3
+    wanted = spec.config(max(replicas, info.config.num_replicas or 1), extra)
     if _same(info.config, wanted):
         return "ok"
     # the retention policy cannot change on a live stream; keep the existing one

@@ -13,12 +13,15 @@ import time
 import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
-from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
+from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
 TRANSIENT = (nats.errors.TimeoutError, NoStreamResponseError, ServiceUnavailableError, nats.errors.NoRespondersError,
              nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError)
+
+
+DUPLICATE_IN_PROCESS = 10158  # a retry raced the first copy inside the cluster: try again
 
 
 async def publish(js: JetStreamContext, subject: str, payload: bytes, headers: dict[str, str] | None = None, *,
@@ -28,7 +31,9 @@ async def publish(js: JetStreamContext, subject: str, payload: bytes, headers: d
     while True:
         try:
             return await js.publish(subject, payload, headers=headers, timeout=timeout)
-        except TRANSIENT as e:
+        except (*TRANSIENT, APIError) as e:
+            if isinstance(e, APIError) and not isinstance(e, TRANSIENT) and e.err_code != DUPLICATE_IN_PROCESS:
+                raise
             if time.monotonic() > deadline:
                 raise
             log.warning("publish to %s not acknowledged (%r); retrying", subject, e)

@@ -86,7 +86,7 @@ class Service:
         # FastStream logs every message at INFO; our handlers log what matters themselves
         broker_log = logging.getLogger(f"interlock.{self.name}.broker")
         broker_log.setLevel(logging.WARNING)
-        self.broker = NatsBroker(self.settings.nats_url, logger=broker_log, log_level=logging.DEBUG,
+        self.broker = NatsBroker(self.settings.nats_url.split(","), logger=broker_log, log_level=logging.DEBUG,
                                  max_reconnect_attempts=-1, reconnect_time_wait=1)
         self._stopped = asyncio.Event()
         self._consumers: list[PullConsumer] = []
@@ -98,7 +98,7 @@ class Service:
         self.nc = await connect(self.settings.nats_url, name=f"interlock-{self.name}")
         self.js = self.nc.jetstream()
         if self.settings.provision:
-            await provision(self.js, self.settings.replicas)
+            await self._provision()
         self.store = EventStore(self.nc, self.js, service=self.name)
         self.registry = WorkflowRegistry(self.js)
         self.payloads = PayloadStore(self.js, self.settings.inline_limit)
@@ -110,6 +110,21 @@ class Service:
         if self.settings.sweep_interval > 0 and type(self).reconcile is not Service.reconcile:
             self._sweeper = asyncio.create_task(self._sweep_loop(), name=f"{self.name}-sweep")
         log.info("%s started (%s)", self.name, self.settings.instance)
+
+    async def _provision(self, patience: float = 120.0) -> None:
+        """Provision, riding through a leader election or a busy server at start-up."""
+        deadline = asyncio.get_running_loop().time() + patience
+        delay = 0.2
+        while True:
+            try:
+                await provision(self.js, self.settings.replicas)
+                return
+            except Exception as e:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                log.warning("%s: provisioning failed (%r); retrying", self.name, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def setup(self) -> None:
         """Hook for a service's own state before subscribers start."""
@@ -182,19 +197,21 @@ class Service:
 
     async def _sweep_loop(self) -> None:
         rng = random.Random()
+        # the first pass soon after start: a restarted service picks up what its crash left
+        await asyncio.sleep(min(2.0, self.settings.sweep_interval) * (0.5 + rng.random()))
         while True:
-            await asyncio.sleep(self.settings.sweep_interval * (0.75 + 0.5 * rng.random()))
             try:
                 await self.sweep()
             except Exception as e:  # a reconnect or an election: next time
                 log.warning("%s sweep failed: %r", self.name, e)
+            await asyncio.sleep(self.settings.sweep_interval * (0.75 + 0.5 * rng.random()))
 
     # -- consumers ---------------------------------------------------------------------------
     def durable(self, suffix: str = "") -> str:
         return f"{self.name}{'_' + suffix if suffix else ''}"
 
     def pull(self, broker: NatsBroker, subject: str, stream: str, durable: str,
-             handler: Callable[[Msg], Awaitable[None]], *, ack_wait: float = 60.0) -> None:
+             handler: Callable[[Msg], Awaitable[None]], *, ack_wait: float = 15.0) -> None:
         """A durable pull consumer, shared by every copy of this service, with guarded handling.
 
         JetStream consumption uses :class:`PullConsumer` rather than a FastStream pull

@@ -129,7 +129,7 @@ class Worker:
         for registration in self.handlers.values():
             consumer = PullConsumer(
                 nc, js, stream=s.JOBS_STREAM, durable=s.worker_consumer(registration.topic),
-                subject=s.job(registration.topic), concurrency=self.concurrency, ack_wait=30,
+                subject=s.job(registration.topic), concurrency=self.concurrency, ack_wait=10,
                 handler=functools.partial(self._handle, js, registration=registration),
             )
             await consumer.start()
@@ -190,13 +190,13 @@ class Worker:
                 await js.publish(s.heartbeat(job.tenant, job.run_id), hb.model_dump_json().encode(), timeout=2)
 
         async def keep_beating() -> None:
-            # the first beat after at most a second: a short job never needs one (its result
-            # comes first); a long one tells the dispatcher early that it was picked up
-            await asyncio.sleep(min(1.0, job.heartbeat_interval_ms / 1000))
             while True:
-                await beat("running")
                 await asyncio.sleep(job.heartbeat_interval_ms / 1000)
+                await beat(None)
 
+        # the first beat at once: it starts the job's lease, so a worker that dies before it
+        # reports is noticed within the heartbeat timeout, not at the job's deadline
+        await beat("started")
         beating = asyncio.ensure_future(keep_beating())
         result: JobResult
         try:
