@@ -15,12 +15,14 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +58,21 @@ class PullConsumer:
             ack_wait=self.ack_wait, max_ack_pending=self.max_ack_pending, deliver_policy=DeliverPolicy.ALL,
             max_deliver=-1,
         )
-        try:
-            await self.js.add_consumer(self.stream, config)
-        except BadRequestError as e:  # exists with another config: keep it, it still works
-            log.warning("consumer %s on %s exists with other settings (%s); using it", self.durable,
-                        self.stream, e.description)
+        delay = 0.2
+        for attempt in range(60):  # rides through a leader election at start-up (~5 s in a cluster)
+            try:
+                await self.js.add_consumer(self.stream, config)
+                break
+            except BadRequestError as e:  # exists with another config: keep it, it still works
+                log.warning("consumer %s on %s exists with other settings (%s); using it", self.durable,
+                            self.stream, e.description)
+                break
+            except (TimeoutError, nats.errors.TimeoutError, ServiceUnavailableError, NoRespondersError) as e:
+                if attempt == 59:
+                    raise
+                log.warning("creating consumer %s on %s failed (%r); retrying", self.durable, self.stream, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
         self._inbox = self.nc.new_inbox()
         self._sub = await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
         self._running = True
