@@ -284,6 +284,11 @@ steps:
     assert json.loads(stored.data or b"null") == blob
     state = await harness.run_state(run_id)
     assert state.steps["use"].output == {"len": 50_000}
+    # the next step's rendered input is as large: the log keeps its reference and hash, not it
+    ready = of_type(events, "StepReady", "use")[0]["data"]
+    assert ready["input"] is None
+    input_ref = PayloadRef.model_validate(ready["input_ref"])
+    assert json.loads((await store.get(input_ref.key)).data or b"null") == {"blob": blob}
 
 
 # -- 12. re-run ------------------------------------------------------------------------------

@@ -8,14 +8,16 @@ redelivery and decide the same thing (or that nothing is left to do).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import jsonschema
 
 from interlock.contracts import events as ev
-from interlock.contracts.messages import JobError
-from interlock.core.codec import job_hash
+from interlock.contracts import subjects as s
+from interlock.contracts.messages import JobError, PayloadRef
+from interlock.core.codec import canonical_json, job_hash, sha256_hex
 from interlock.core.run import Run, StepState
 from interlock.core.workflow import (
     OnError,
@@ -29,6 +31,26 @@ from interlock.core.workflow import (
 )
 
 COMPENSATE_SUFFIX = "~compensate"
+
+
+@dataclass
+class Spill:
+    """Step inputs over ``inline_limit`` bytes go to the object store, the log keeps a reference.
+
+    Planning stays pure: the reference (sha256 of the canonical JSON) is computed here and the
+    bytes are collected in ``uploads``; the planner stores them before it appends the events.
+    """
+
+    inline_limit: int
+    uploads: dict[str, bytes] = field(default_factory=dict)
+
+    def __call__(self, value: Any) -> tuple[Any, PayloadRef | None]:
+        data = canonical_json(value)
+        if len(data) <= self.inline_limit:
+            return value, None
+        digest = sha256_hex(data)
+        self.uploads[digest] = data
+        return None, PayloadRef(object_store=s.PAYLOADS_OBJECT_STORE, key=digest, sha256=digest, size=len(data))
 
 
 def item_id(parent: str, index: int) -> str:
@@ -63,11 +85,12 @@ def _fail_now(run: Run, step_id: str, message: str, kind: str) -> None:
 
 
 def _ready(run: Run, wf: Workflow, step_id: str, spec: Step, value: Any, *, parent: str | None = None,
-           compensation_of: str | None = None, topic: str | None = None) -> None:
+           compensation_of: str | None = None, topic: str | None = None, spill: Spill | None = None) -> None:
     topic = topic if topic is not None else spec.topic
+    inline, ref = spill(value) if spill is not None else (value, None)
     run.mark_step_ready(ev.StepReady(
         step_id=step_id, step_type="job" if compensation_of else spec.type.value, topic=topic,
-        input=value, parent_id=parent, compensation_of=compensation_of,
+        input=inline, input_ref=ref, parent_id=parent, compensation_of=compensation_of,
         job_hash=job_hash(workflow_id=wf.id, workflow_version=wf.version, step_id=step_id, topic=topic,
                           input=value),
     ))
@@ -111,20 +134,22 @@ def _dependency_verdict(run: Run, wf: Workflow, spec: Step) -> str:
     return "run"
 
 
-def plan(run: Run, wf: Workflow, outputs: dict[str, Any], run_input: Any, now: datetime) -> None:
-    """Append what follows from the run's state. ``outputs`` holds resolved large outputs."""
+def plan(run: Run, wf: Workflow, outputs: dict[str, Any], run_input: Any, now: datetime,
+         spill: Spill | None = None) -> None:
+    """Append what follows from the run's state. ``outputs`` holds resolved large outputs;
+    ``spill`` (when given) moves large step inputs to the object store."""
     if run.terminal:
         return
     if run.status == "compensating":
-        _plan_compensation(run, wf, outputs)
+        _plan_compensation(run, wf, outputs, spill)
         return
     failed = _first_unhandled_failure(run, wf)
     if failed is not None:
-        _handle_failure(run, wf, failed, outputs)
+        _handle_failure(run, wf, failed, outputs, spill)
         return
     context = template_context(run, outputs, run_input)
     for sid in wf.topological_order():
-        _plan_step(run, wf, sid, wf.steps[sid], context)
+        _plan_step(run, wf, sid, wf.steps[sid], context, spill)
         state = run.steps.get(sid)
         if state is not None:
             # later steps of this same pass read what just happened here (a step skipped, a
@@ -134,11 +159,11 @@ def plan(run: Run, wf: Workflow, outputs: dict[str, Any], run_input: Any, now: d
         _maybe_finish(run, wf, outputs)
 
 
-def _plan_step(run: Run, wf: Workflow, sid: str, spec: Step, context: dict[str, Any]) -> None:
+def _plan_step(run: Run, wf: Workflow, sid: str, spec: Step, context: dict[str, Any], spill: Spill | None) -> None:
     state = run.steps.get(sid)
     if state is not None:
         if state.status == "expanded":
-            _plan_items(run, wf, sid, spec, state, context)
+            _plan_items(run, wf, sid, spec, state, context, spill=spill)
         return
     verdict = _dependency_verdict(run, wf, spec)
     if verdict in ("wait", "blocked"):
@@ -153,7 +178,7 @@ def _plan_step(run: Run, wf: Workflow, sid: str, spec: Step, context: dict[str, 
         if spec.for_each is not None:
             items = evaluate_for_each(spec.for_each, context, location=f"steps.{sid}.for_each")
             run.expand_step(ev.StepExpanded(step_id=sid, count=len(items)))
-            _plan_items(run, wf, sid, spec, run.steps[sid], context, items)
+            _plan_items(run, wf, sid, spec, run.steps[sid], context, items, spill=spill)
             return
         value = render_input(spec.input, context, location=f"steps.{sid}.input")
     except TemplateError as e:
@@ -161,11 +186,11 @@ def _plan_step(run: Run, wf: Workflow, sid: str, spec: Step, context: dict[str, 
                                          input=None, job_hash=""))
         _fail_now(run, sid, str(e), "template")
         return
-    _ready(run, wf, sid, spec, value)
+    _ready(run, wf, sid, spec, value, spill=spill)
 
 
 def _plan_items(run: Run, wf: Workflow, sid: str, spec: Step, parent: StepState, context: dict[str, Any],
-                items: list[Any] | None = None) -> None:
+                items: list[Any] | None = None, *, spill: Spill | None = None) -> None:
     count = parent.item_count or 0
     if items is None:
         try:
@@ -198,7 +223,7 @@ def _plan_items(run: Run, wf: Workflow, sid: str, spec: Step, parent: StepState,
             _fail_now(run, cid, str(e), "template")
             budget -= 1
             continue
-        _ready(run, wf, item_id(sid, i), spec, value, parent=sid)
+        _ready(run, wf, item_id(sid, i), spec, value, parent=sid, spill=spill)
         budget -= 1
 
 
@@ -211,7 +236,7 @@ def _first_unhandled_failure(run: Run, wf: Workflow) -> str | None:
     return None
 
 
-def _handle_failure(run: Run, wf: Workflow, failed: str, outputs: dict[str, Any]) -> None:
+def _handle_failure(run: Run, wf: Workflow, failed: str, outputs: dict[str, Any], spill: Spill | None) -> None:
     spec = wf.steps[failed]
     state = run.steps[failed]
     reason = state.error.message if state.error else f"step {failed} {state.status}"
@@ -219,7 +244,7 @@ def _handle_failure(run: Run, wf: Workflow, failed: str, outputs: dict[str, Any]
         to_undo = _compensation_order(run, wf)
         if to_undo:
             run.start_compensation(ev.CompensationStarted(failed_step=failed, steps=to_undo))
-            _plan_compensation(run, wf, outputs)
+            _plan_compensation(run, wf, outputs, spill)
             return
     run.fail(ev.RunFailed(reason=f"step {failed} failed: {reason}", step_id=failed))
 
@@ -231,7 +256,7 @@ def _compensation_order(run: Run, wf: Workflow) -> list[str]:
     return [sid for _, sid in sorted(done, key=lambda pair: (pair[0] is None, pair[0]), reverse=True)]
 
 
-def _plan_compensation(run: Run, wf: Workflow, outputs: dict[str, Any]) -> None:
+def _plan_compensation(run: Run, wf: Workflow, outputs: dict[str, Any], spill: Spill | None) -> None:
     comp = run.compensation
     assert comp is not None
     if not comp.finished:
@@ -243,7 +268,7 @@ def _plan_compensation(run: Run, wf: Workflow, outputs: dict[str, Any]) -> None:
                 original = run.steps[sid]
                 _ready(run, wf, cid, spec, {"step": sid, "input": original.input,
                                             "output": outputs.get(sid, original.output)},
-                       compensation_of=sid, topic=spec.compensate)
+                       compensation_of=sid, topic=spec.compensate, spill=spill)
                 return
             if not st.terminal:
                 return

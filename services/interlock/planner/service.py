@@ -18,7 +18,7 @@ from interlock.contracts.messages import CancelRequest, CommandReply, TimerFired
 from interlock.core.eventstore import RunExists, RunNotFound
 from interlock.core.ids import run_id_for
 from interlock.core.run import IllegalTransition, Run
-from interlock.planner.logic import plan
+from interlock.planner.logic import Spill, plan
 from interlock.policy.bundles import BundleStore, LivePolicy
 from interlock.runtime import timers
 from interlock.runtime.registry import WorkflowNotFound
@@ -70,12 +70,14 @@ class PlannerService(Service):
             run_input=trigger.input, idempotency_key=trigger.idempotency_key, requested_by=trigger.requested_by,
             now=datetime.now(UTC))
 
-        def admit(run: Run) -> None:
+        async def admit(run: Run) -> None:
             # the admission decision is recorded with the run's first event, before anything
             # runs, and the first steps are planned into the same commit (one append, not two)
             if admission.decision == "allow":
                 run.admit(ev.RunAdmitted(snapshot_id=admission.snapshot_id, rule_ids=admission.rule_ids))
-                plan(run, workflow, {}, trigger.input, datetime.now(UTC))
+                spill = Spill(self.settings.inline_limit)
+                plan(run, workflow, {}, trigger.input, datetime.now(UTC), spill)
+                await self.payloads.store_all(spill.uploads)
             else:
                 run.deny(ev.RunDenied(step_id=None, reason=admission.reason, rule_ids=admission.rule_ids,
                                       snapshot_id=admission.snapshot_id))
@@ -156,6 +158,8 @@ class PlannerService(Service):
             outputs = {sid: await self.payloads.resolve(st.output, st.output_ref)
                        for sid, st in run.steps.items() if st.output_ref is not None}
             run_input = await self.payloads.resolve(run.input, run.input_ref)
-            plan(run, workflow, outputs, run_input, datetime.now(UTC))
+            spill = Spill(self.settings.inline_limit)
+            plan(run, workflow, outputs, run_input, datetime.now(UTC), spill)
+            await self.payloads.store_all(spill.uploads)  # before the events that refer to them
 
         await self.store.update(tenant, run_id, decide)

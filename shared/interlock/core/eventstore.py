@@ -290,8 +290,7 @@ class EventStore:
             lock = self._locks[key] = asyncio.Lock()
         return lock
 
-    async def start_run(self, run_id: UUID, data: ev.RunStarted, then: Callable[[Run], None] | None = None
-                        ) -> RunHandle:
+    async def start_run(self, run_id: UUID, data: ev.RunStarted, then: Decide | None = None) -> RunHandle:
         """Append a run's first event (and what ``then`` adds, in the same commit).
 
         Raises :class:`RunExists` if the run already exists.
@@ -300,7 +299,9 @@ class EventStore:
         async with self._lock(tenant, rid):
             run = Run.start(run_id, data)
             if then is not None:
-                then(run)
+                outcome = then(run)
+                if outcome is not None:
+                    await outcome
             blank = RunHandle(run=run, tenant=tenant, stream_seq=0, last_hash=ev.GENESIS_HASH)
             try:
                 handle, _ = await self._append(blank, run.collect_events())

@@ -40,6 +40,13 @@ class PayloadStore:
         await store.put(digest, data)
         return None, PayloadRef(object_store=s.PAYLOADS_OBJECT_STORE, key=digest, sha256=digest, size=len(data))
 
+    async def store_all(self, blobs: dict[str, bytes]) -> None:
+        """Store payloads by their sha256 (idempotent: the same content is the same object)."""
+        if blobs:
+            store = await self.store()
+            for digest, data in blobs.items():
+                await store.put(digest, data)
+
     async def resolve(self, value: Any, ref: PayloadRef | None) -> Any:
         if ref is None:
             return value
