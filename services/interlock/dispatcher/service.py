@@ -27,7 +27,7 @@ from interlock.core.ids import job_id
 from interlock.core.run import ACTIVE_ATTEMPT, Run, StepState
 from interlock.core.workflow import Step, Workflow, render_text
 from interlock.planner.logic import base_step_id, output_schema_error, template_context
-from interlock.runtime import timers
+from interlock.runtime import timers, tracing
 from interlock.runtime.publish import publish
 from interlock.runtime.service import Poison, Service, decode
 
@@ -147,9 +147,10 @@ class DispatcherService(Service):
             idempotency_key=f"{run.run_id}:{state.step_id}", input=job_input, input_ref=input_ref,
             deadline=state.deadline, heartbeat_interval_ms=max(100, hb_timeout // 3), job_hash=state.job_hash,
             constraints=state.decision.constraints if state.decision else {},
+            trace_parent=tracing.traceparent(run.run_id, state.job_id),
         )
         await publish(self.js, s.job(state.topic), job.model_dump_json().encode(),
-                      headers={"Nats-Msg-Id": state.job_id})
+                      headers={"Nats-Msg-Id": state.job_id, "traceparent": job.trace_parent or ""})
         self._published.add(state.job_id)
         if len(self._published) > 100_000:
             self._published.clear()

@@ -26,6 +26,7 @@ from interlock.contracts.messages import (
     JobError,
     JobResult,
 )
+from interlock.runtime import tracing
 from interlock.runtime.connect import connect
 from interlock.runtime.consumer import PullConsumer
 from interlock.runtime.deadletter import dead_letter
@@ -121,6 +122,7 @@ class Worker:
     async def start(self) -> None:
         if not self.handlers:
             raise ValueError(f"worker {self.name!r} has no job handlers")
+        tracing.configure()
         self._stop.clear()
         self._nc = nc = await connect(self.nats_url, name=f"interlock-worker-{self.name}")
         js = nc.jetstream()
@@ -229,11 +231,18 @@ class Worker:
                       headers={"Nats-Msg-Id": f"result:{job.job_id}"}, patience=120.0)
 
     async def _call(self, handler: JobHandler, ctx: JobContext, job: Job) -> Any:
-        if job.deadline is None:
-            return await handler(ctx)
-        remaining = (job.deadline - datetime.now(UTC)).total_seconds()
-        async with asyncio.timeout(max(0.0, remaining)):
-            return await handler(ctx)
+        # the handler runs inside the run's trace (continued from the job's traceparent)
+        with tracing.tracer.start_as_current_span(
+            f"job {job.topic}", context=tracing.context_of(job.trace_parent),
+            attributes={"interlock.run_id": job.run_id, "interlock.step_id": job.step_id,
+                        "interlock.attempt": job.attempt, "interlock.job_id": job.job_id,
+                        "interlock.tenant": job.tenant, "interlock.worker": self.worker_id},
+        ):
+            if job.deadline is None:
+                return await handler(ctx)
+            remaining = (job.deadline - datetime.now(UTC)).total_seconds()
+            async with asyncio.timeout(max(0.0, remaining)):
+                return await handler(ctx)
 
     def _result(self, job: Job, *, ok: bool, output: Any = None, output_ref: Any = None,
                 error: JobError | None = None) -> JobResult:
