@@ -99,6 +99,7 @@ class StepExpanded(StepEventData):
 
 class PolicyDecided(StepEventData):
     decision: Decision
+    step_type: Literal["job", "approval", "notify"] = "job"
     snapshot_id: str
     rule_ids: list[str] = Field(default_factory=list)
     job_hash: str

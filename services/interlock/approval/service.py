@@ -24,6 +24,15 @@ from interlock.runtime.service import Service, decode
 log = logging.getLogger(__name__)
 
 
+def needs_a_person(envelope: dict[str, Any]) -> bool:
+    """Only decisions that wait for a person concern this service: it never loads other runs."""
+    if envelope.get("type") != "PolicyDecided":
+        return False
+    data = envelope.get("data") or {}
+    # decisions recorded before step_type existed carry none: look at those runs to be safe
+    return data.get("decision") == "require_approval" or data.get("step_type", "approval") == "approval"
+
+
 class ApprovalService(Service):
     name = "approval"
 
@@ -37,7 +46,7 @@ class ApprovalService(Service):
         await self.live.stop()
 
     def register(self, broker: NatsBroker) -> None:
-        self.pull_commits(broker, self.on_commit, wants=frozenset({"PolicyDecided"}))
+        self.pull_commits(broker, self.on_commit, wants=needs_a_person)
         self.pull(broker, s.timer_fired("approval_expiry"), s.TIMERS_STREAM, self.durable("timers"),
                   self.on_expiry)
         self.pull(broker, s.timer_fired("approval_escalation"), s.TIMERS_STREAM, self.durable("escalations"),

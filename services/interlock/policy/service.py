@@ -79,7 +79,8 @@ class PolicyService(Service):
                     now=now, topic=state.topic, step_type=state.step_type, capabilities=capabilities,
                     agent_version=agent_version))
                 run.decide_policy(ev.PolicyDecided(
-                    step_id=state.step_id, decision=outcome.decision, snapshot_id=outcome.snapshot_id,
+                    step_id=state.step_id, decision=outcome.decision, step_type=state.step_type,
+                    snapshot_id=outcome.snapshot_id,
                     rule_ids=outcome.rule_ids, job_hash=state.job_hash, reason=outcome.reason,
                     approver_role=outcome.approver_role, approval_expires_ms=outcome.approval_expires_ms,
                     escalate_after_ms=outcome.escalate_after_ms, escalate_to_role=outcome.escalate_to_role,

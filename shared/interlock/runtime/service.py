@@ -228,7 +228,8 @@ class Service:
             concurrency=self.settings.concurrency, ack_wait=ack_wait,
         ))
 
-    def pull_commits(self, broker: NatsBroker, handler: CommitHandler, *, wants: frozenset[str] | None = None
+    def pull_commits(self, broker: NatsBroker, handler: CommitHandler, *,
+                     wants: frozenset[str] | Callable[[dict[str, Any]], bool] | None = None
                      ) -> None:
         """Consume every run commit; keep the run cache current; call ``handler`` when relevant."""
 
@@ -239,7 +240,7 @@ class Service:
             except ValueError as e:
                 raise Poison(str(e)) from e
             self.store.observe(tenant, run_id, msg.metadata.sequence.stream, msg.data)
-            if wants is None or any(e.get("type") in wants for e in envelopes):
+            if wants is None or any(wants(e) if callable(wants) else e.get("type") in wants for e in envelopes):
                 await handler(tenant, run_id, envelopes)
 
         self.pull(broker, s.EVENTS_ALL, s.EVENTS_STREAM, self.durable("events"), on_commit)
