@@ -13,6 +13,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -50,6 +51,9 @@ class DispatcherService(Service):
         super().__init__(*args, **kwargs)
         self._published: set[str] = set()
         self._heartbeats: dict[str, float] = {}  # job id -> monotonic time of the latest heartbeat
+        # jobs whose outcome this process recorded: their lease and deadline timers, which fire
+        # long after, are dropped without reloading the (by then finished) run
+        self._finished_jobs: OrderedDict[str, None] = OrderedDict()
         self._rng = random.Random()
 
     def register(self, broker: NatsBroker) -> None:
@@ -221,6 +225,9 @@ class DispatcherService(Service):
             self.fail_attempt(run, state, spec, error, result.worker, retries)
 
         await self.store.update(result.tenant, result.run_id, decide)
+        self._finished_jobs[result.job_id] = None  # only once the outcome is durable
+        while len(self._finished_jobs) > 100_000:
+            self._finished_jobs.popitem(last=False)
         for timer in retries:
             await timers.schedule(self.js, timer)
 
@@ -283,6 +290,9 @@ class DispatcherService(Service):
         await self.on_timer_fired(timer)
 
     async def on_timer_fired(self, timer: TimerFired) -> None:
+        if timer.kind in ("lease", "deadline") and timer.step_id and timer.attempt \
+                and job_id(timer.run_id, timer.step_id, timer.attempt) in self._finished_jobs:
+            return  # the attempt ended here already: nothing for the timer to do
         if timer.kind == "retry":
             await self.dispatch(timer.tenant, timer.run_id)
             return
