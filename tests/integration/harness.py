@@ -4,10 +4,9 @@ test's event loop, against the session's real nats-server."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,9 +136,3 @@ def outcome_counts(events: list[dict[str, Any]]) -> dict[tuple[str, int], int]:
 async def connect(url: str) -> NATS:
     return await nats.connect(url)
 
-
-Handler = Callable[..., Awaitable[Any]]
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value)
