@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from interlock.auditor.projection import DEFAULT_PATH, Envelopes, ProgressCallback, Projection, RebuildStats
 from interlock.contracts import subjects as s
-from interlock.contracts.messages import QueryReply, RunQuery, RunsQuery
+from interlock.contracts.messages import Message, QueryReply, RunQuery, RunsQuery
 from interlock.core import codec
 from interlock.core.eventstore import EventStore, EventStoreError
 from interlock.runtime.connect import connect
@@ -47,7 +47,7 @@ def default_db_path(instance: str) -> str:
     return str(Path(DEFAULT_PATH).with_name(f"auditor-{instance}.sqlite3"))
 
 
-Q = TypeVar("Q", RunQuery, RunsQuery)
+Q = TypeVar("Q", bound=Message)
 
 
 def _parse(kind: type[Q], data: bytes) -> Q | QueryReply:
@@ -154,25 +154,24 @@ class AuditorService(Service):
         # Queries are parsed here rather than by FastStream, so a malformed query is answered with
         # QueryReply(ok=False, error=...) instead of being dropped (the requester would time out).
         # The AsyncAPI document comes from interlock.contracts.catalog, not from these signatures.
-        @broker.subscriber(s.Q_RUNS, queue="auditor")
-        async def query_runs(body: Any, msg: NatsMessage) -> QueryReply:
-            query = _parse(RunsQuery, msg.body)
-            return query if isinstance(query, QueryReply) else await self.answer_runs(query)
+        queries: list[tuple[str, type[Message], Callable[[Any], Awaitable[QueryReply]]]] = [
+            (s.Q_RUNS, RunsQuery, self.answer_runs),
+            (s.Q_STATUS, RunQuery, self.answer_status),
+            (s.Q_TIMELINE, RunQuery, self.answer_timeline),
+            (s.Q_APPROVALS, RunsQuery, self.answer_approvals),
+        ]
+        for subject, query_type, answer in queries:
+            broker.subscriber(subject, queue="auditor")(self._query_handler(query_type, answer))
 
-        @broker.subscriber(s.Q_STATUS, queue="auditor")
-        async def query_status(body: Any, msg: NatsMessage) -> QueryReply:
-            query = _parse(RunQuery, msg.body)
-            return query if isinstance(query, QueryReply) else await self.answer_status(query)
+    @staticmethod
+    def _query_handler(query_type: type[Message], answer: Callable[[Any], Awaitable[QueryReply]]
+                       ) -> Callable[[Any, NatsMessage], Awaitable[QueryReply]]:
+        async def handle(body: Any, msg: NatsMessage) -> QueryReply:
+            query = _parse(query_type, msg.body)
+            return query if isinstance(query, QueryReply) else await answer(query)
 
-        @broker.subscriber(s.Q_TIMELINE, queue="auditor")
-        async def query_timeline(body: Any, msg: NatsMessage) -> QueryReply:
-            query = _parse(RunQuery, msg.body)
-            return query if isinstance(query, QueryReply) else await self.answer_timeline(query)
-
-        @broker.subscriber(s.Q_APPROVALS, queue="auditor")
-        async def query_approvals(body: Any, msg: NatsMessage) -> QueryReply:
-            query = _parse(RunsQuery, msg.body)
-            return query if isinstance(query, QueryReply) else await self.answer_approvals(query)
+        handle.__name__ = f"query_{query_type.__name__}_{answer.__name__}"
+        return handle
 
     async def on_commit(self, msg: Msg) -> None:
         """One commit from ``IL_EVENTS`` (what ``pull_commits`` does, plus the stream sequence)."""
