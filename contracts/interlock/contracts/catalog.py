@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Literal
 
 from interlock.contracts import events as ev
+from interlock.contracts import headers as h
 from interlock.contracts import messages as msg
 from interlock.contracts import subjects as s
 
@@ -161,46 +162,46 @@ SERVICE = Param("service", "Name of the service that gave up on the message (one
 
 # -- headers -------------------------------------------------------------------------------
 EVENT_MSG_ID = Header(
-    "Nats-Msg-Id",
+    h.MSG_ID,
     "Deduplication id of the commit: '{run_id}@{seq of its first event}:{first 16 hex of its last event hash}'. "
     "A retried publish of the same commit is dropped by the stream (within its duplicate window).",
     example="0b6c7a52-5f0e-4a7e-9a53-2d1f6c1c8e0e@1:3f2a9c0d1e2b4a5c",
 )
 EXPECTED_LAST_SUBJECT_SEQ = Header(
-    "Nats-Expected-Last-Subject-Sequence",
+    h.EXPECTED_LAST_SUBJECT_SEQ,
     "Stream sequence of the run's last commit ('0' for a new run). The stream rejects the append with "
     "error 10071 when another writer appended first (optimistic concurrency): reload and retry.",
     example="0",
 )
 TRIGGER_MSG_ID = Header(
-    "Nats-Msg-Id",
+    h.MSG_ID,
     "Recommended: 'trigger:{tenant}:{workflow_id}:{idempotency_key}', so a re-sent trigger is stored once. "
     "(The run id is derived from the same three values, so a duplicate never starts a second run anyway.)",
     required=False,
     example="trigger:default:summarize:order-42",
 )
 JOB_MSG_ID = Header(
-    "Nats-Msg-Id",
+    h.MSG_ID,
     "The job id, so a job published again after a crash is stored once.",
     example="0b6c7a52-5f0e-4a7e-9a53-2d1f6c1c8e0e:summarize@1",
 )
 NOTIFY_MSG_ID = Header(
-    "Nats-Msg-Id",
+    h.MSG_ID,
     "'notify:{run_id}:{step_id}', so each notify step's notification is stored once.",
     example="notify:0b6c7a52-5f0e-4a7e-9a53-2d1f6c1c8e0e:tell_ops",
 )
 RESULT_MSG_ID = Header(
-    "Nats-Msg-Id",
+    h.MSG_ID,
     "'result:' + job_id, so a result published twice (retry after a lost ack) is stored once.",
     example="result:0b6c7a52-5f0e-4a7e-9a53-2d1f6c1c8e0e:summarize@1",
 )
 SCHEDULE = Header(
-    "Nats-Schedule",
+    h.SCHEDULE,
     "When the timer fires: '@at ' + RFC 3339 UTC time (JetStream message schedules).",
     example="@at 2030-01-01T00:00:00Z",
 )
 SCHEDULE_TARGET = Header(
-    "Nats-Schedule-Target",
+    h.SCHEDULE_TARGET,
     "Subject the server publishes the payload to when due: il.timer.fire.{kind}.",
     example="il.timer.fire.retry",
 )

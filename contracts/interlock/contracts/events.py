@@ -12,7 +12,7 @@ where canonical JSON is UTF-8 JSON with object keys sorted and no whitespace.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -24,7 +24,18 @@ Decision = Literal["allow", "deny", "require_approval"]
 
 
 class EventData(Message):
-    """Base of every event's data."""
+    """Base of every event's data.
+
+    ``type_name`` is the event's name in the log (the envelope's ``type``): code names an event
+    type by its class (``ev.StepDispatched.type_name``), never by a string.
+    """
+
+    type_name: ClassVar[str] = "EventData"
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls.type_name = cls.__name__
 
 
 class StepEventData(EventData):
@@ -246,6 +257,11 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         CompensationFinished,
     )
 }
+
+
+def kinds(*types: type[EventData]) -> frozenset[str]:
+    """The log names of some event types, for filters such as ``wants=kinds(ev.StepReady)``."""
+    return frozenset(t.type_name for t in types)
 
 
 class EventEnvelope(Message):

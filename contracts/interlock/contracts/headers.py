@@ -1,0 +1,22 @@
+"""NATS header names Interlock reads or writes, declared once.
+
+The catalog (:mod:`interlock.contracts.catalog`) documents which channel carries which header;
+code that sets or reads a header takes its name from here, never from a string literal.
+"""
+
+from __future__ import annotations
+
+MSG_ID = "Nats-Msg-Id"
+"""JetStream deduplication id: a re-published message with the same id is stored once."""
+
+EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+"""Optimistic concurrency: the stream sequence the subject's last message must have."""
+
+SCHEDULE = "Nats-Schedule"
+"""JetStream message schedules: when a scheduled message fires ('@at ' + RFC 3339 UTC)."""
+
+SCHEDULE_TARGET = "Nats-Schedule-Target"
+"""JetStream message schedules: the subject the fired message is published to."""
+
+TRACEPARENT = "traceparent"
+"""W3C trace context of the message's run and step."""
