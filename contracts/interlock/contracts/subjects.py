@@ -140,6 +140,24 @@ def worker_consumer(topic: str) -> str:
     return "worker_" + topic_tokens(topic).replace(".", "_")
 
 
+# -- the JetStream API (subjects of the server's own API that Interlock calls directly) -------
+JS_API_PREFIX = "$JS.API"
+JS_API_INFO = f"{JS_API_PREFIX}.INFO"
+
+
+def js_direct_get(stream: str) -> str:
+    """Batched direct get of a stream's messages (``allow_direct`` streams)."""
+    return f"{JS_API_PREFIX}.DIRECT.GET.{token(stream, 'stream')}"
+
+
+def js_consumer_next(stream: str, durable: str) -> str:
+    """Pull request for the next messages of a durable consumer."""
+    return f"{JS_API_PREFIX}.CONSUMER.MSG.NEXT.{token(stream, 'stream')}.{token(durable, 'consumer')}"
+
+
+CLUSTER_PROBE = f"{PREFIX}.cluster.probe"  # a throwaway stream's subject: is JetStream ready?
+
+
 # Commands (request-reply) and queries, by name.
 CMD_APPROVE = command("approve")
 CMD_REJECT = command("reject")
