@@ -11,8 +11,10 @@ where canonical JSON is UTF-8 JSON with object keys sorted and no whitespace.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, ClassVar, Literal
+from types import MappingProxyType
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import Field
 
@@ -31,14 +33,20 @@ class EventData(Message):
     """
 
     type_name: ClassVar[str] = "EventData"
+    # a base of event types (set in its class body), not an event type: not in EVENT_TYPES
+    is_base: ClassVar[bool] = True
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
         cls.type_name = cls.__name__
+        cls.is_base = bool(vars(cls).get("is_base", False))
 
 
 class StepEventData(EventData):
+    """Base of the events about one step."""
+
+    is_base: ClassVar[bool] = True
     step_id: str
 
 
@@ -226,37 +234,45 @@ class CompensationFinished(EventData):
     failed_steps: list[str] = Field(default_factory=list)
 
 
-EVENT_TYPES: dict[str, type[EventData]] = {
-    cls.__name__: cls
-    for cls in (
-        RunStarted,
-        RunAdmitted,
-        RunSucceeded,
-        RunFailed,
-        RunDenied,
-        RunCancelled,
-        RunTimedOut,
-        StepReady,
-        StepExpanded,
-        PolicyDecided,
-        ApprovalRequested,
-        ApprovalGranted,
-        ApprovalRejected,
-        ApprovalExpired,
-        ApprovalInvalidated,
-        ApprovalEscalated,
-        StepDispatched,
-        StepHeartbeat,
-        StepSucceeded,
-        StepFailed,
-        RetryScheduled,
-        StepTimedOut,
-        StepSkipped,
-        LateResultRecorded,
-        CompensationStarted,
-        CompensationFinished,
-    )
-}
+def _event_types() -> dict[str, type[EventData]]:
+    """Every event type by name: the subclasses of EventData that are not bases."""
+    types: dict[str, type[EventData]] = {}
+
+    def visit(cls: type[EventData]) -> None:
+        for sub in cls.__subclasses__():
+            if not sub.is_base:
+                if types.setdefault(sub.type_name, sub) is not sub:
+                    raise RuntimeError(f"two event types are named {sub.type_name!r}: "
+                                       f"{types[sub.type_name].__module__} and {sub.__module__}")
+            visit(sub)
+
+    visit(EventData)
+    return types
+
+
+#: The registry: every event type's name (the envelope's ``type``) and data class. Everything
+#: that must handle every event type is a table keyed by data class checked against it with
+#: :func:`complete_table`.
+EVENT_TYPES: Mapping[str, type[EventData]] = MappingProxyType(_event_types())
+
+_H = TypeVar("_H")
+
+
+def complete_table(what: str, table: Mapping[type[EventData], _H],
+                   types: Mapping[str, type[EventData]] = EVENT_TYPES) -> dict[str, _H]:
+    """``table`` keyed by type name, once it is checked to hold exactly one entry per event type.
+
+    For the tables derived from the registry (the run aggregate's state changes, the auditor's
+    rows, the timeline text): an event type added without its entry fails at import with a
+    RuntimeError that names it and ``what`` lacks it.
+    """
+    missing = sorted(name for name, cls in types.items() if cls not in table)
+    unknown = sorted(cls.__qualname__ for cls in table if types.get(cls.type_name) is not cls)
+    if missing or unknown:
+        parts = [f"no entry for {', '.join(missing)}"] if missing else []
+        parts += [f"entries for {', '.join(unknown)}, which are not event types"] if unknown else []
+        raise RuntimeError(f"{what}: {'; '.join(parts)}")
+    return {name: table[cls] for name, cls in types.items()}
 
 
 def kinds(*types: type[EventData]) -> frozenset[str]:

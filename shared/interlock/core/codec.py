@@ -46,7 +46,7 @@ def envelope_from_event(event: Any, *, tenant: str, service: str, prev_hash: str
         "run_id": str(event.originator_id),
         "tenant": tenant,
         "seq": event.originator_version,
-        "type": type(data).__name__,
+        "type": data.type_name,
         "at": event.timestamp.isoformat(),
         "service": service,
         "step_id": data_json.get("step_id"),
@@ -96,6 +96,6 @@ def event_from_envelope(envelope: dict[str, Any]) -> Any:
         "timestamp": datetime.fromisoformat(envelope["at"]),
         "data": data_cls.model_validate(envelope["data"]),
     }
-    if type_name == "RunStarted":
+    if data_cls is ev.RunStarted:
         kwargs["originator_topic"] = f"{Run.__module__}:{Run.__qualname__}"
     return event_cls(**kwargs)

@@ -9,6 +9,7 @@ this module adds behaviour, not shapes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar, Literal
@@ -113,83 +114,10 @@ class Run(Aggregate):
         def apply(self, aggregate: Run) -> None:
             aggregate._when(self.data, self.timestamp)
 
+    # the created event is declared here (eventsourcing needs it in the class body); the other
+    # event classes are generated from the registry below the class, one per event type
     class Started(Aggregate.Created):
         data: ev.RunStarted
-
-    class Admitted(Event):
-        data: ev.RunAdmitted
-
-    class Succeeded(Event):
-        data: ev.RunSucceeded
-
-    class Failed(Event):
-        data: ev.RunFailed
-
-    class Denied(Event):
-        data: ev.RunDenied
-
-    class Cancelled(Event):
-        data: ev.RunCancelled
-
-    class TimedOut(Event):
-        data: ev.RunTimedOut
-
-    class StepReady(Event):
-        data: ev.StepReady
-
-    class StepExpanded(Event):
-        data: ev.StepExpanded
-
-    class PolicyDecided(Event):
-        data: ev.PolicyDecided
-
-    class ApprovalRequested(Event):
-        data: ev.ApprovalRequested
-
-    class ApprovalGranted(Event):
-        data: ev.ApprovalGranted
-
-    class ApprovalRejected(Event):
-        data: ev.ApprovalRejected
-
-    class ApprovalExpired(Event):
-        data: ev.ApprovalExpired
-
-    class ApprovalInvalidated(Event):
-        data: ev.ApprovalInvalidated
-
-    class ApprovalEscalated(Event):
-        data: ev.ApprovalEscalated
-
-    class StepDispatched(Event):
-        data: ev.StepDispatched
-
-    class StepHeartbeat(Event):
-        data: ev.StepHeartbeat
-
-    class StepSucceeded(Event):
-        data: ev.StepSucceeded
-
-    class StepFailed(Event):
-        data: ev.StepFailed
-
-    class RetryScheduled(Event):
-        data: ev.RetryScheduled
-
-    class StepTimedOut(Event):
-        data: ev.StepTimedOut
-
-    class StepSkipped(Event):
-        data: ev.StepSkipped
-
-    class LateResultRecorded(Event):
-        data: ev.LateResultRecorded
-
-    class CompensationStarted(Event):
-        data: ev.CompensationStarted
-
-    class CompensationFinished(Event):
-        data: ev.CompensationFinished
 
     # contract type name -> aggregate event class; filled in below the class
     EVENT_CLASSES: ClassVar[dict[str, type[Any]]] = {}
@@ -229,7 +157,7 @@ class Run(Aggregate):
         return cls._create(cls.Started, id=run_id, data=data, timestamp=at)
 
     def _trigger(self, data: ev.EventData) -> None:
-        self.trigger_event(self.EVENT_CLASSES[type(data).__name__], data=data)
+        self.trigger_event(self.EVENT_CLASSES[data.type_name], data=data)
 
     def _refuse(self, command: str, why: str, step_id: str | None = None) -> IllegalTransition:
         return IllegalTransition(self.run_id, command, why, step_id)
@@ -434,8 +362,7 @@ class Run(Aggregate):
 
     # -- state changes (no rules here: replay must never fail) ---------------------------------
     def _when(self, data: ev.EventData, at: datetime) -> None:
-        handler = getattr(self, "_on_" + type(data).__name__)
-        handler(data, at)
+        _STATE_CHANGES[data.type_name](self, data, at)
 
     def _touch(self, step_id: str, at: datetime) -> StepState:
         step = self.steps[step_id]
@@ -586,22 +513,67 @@ class Run(Aggregate):
         self._end("timed_out", at, f"run exceeded {d.timeout_ms} ms")
 
 
+def event_class_name(data_cls: type[ev.EventData]) -> str:
+    """The name of the aggregate's event class for an event type: ``Run.StepReady``, and
+    ``Run.Started`` (not ``Run.RunStarted``) for the run's own lifecycle.
+
+    The name is part of the class's eventsourcing topic (``interlock.core.run:Run.Started``):
+    Interlock's logs store the contract type name, not the topic, but the names stay as they
+    always were so that a topic anyone recorded still resolves.
+    """
+    return data_cls.type_name.removeprefix("Run")
+
+
 def _event_classes() -> dict[str, type[Any]]:
-    """Contract type name -> aggregate event class, checked complete at import."""
+    """One aggregate event class per registered event type (contract type name -> class)."""
     classes: dict[str, type[Any]] = {}
-    for name in dir(Run):
-        value = getattr(Run, name)
-        if isinstance(value, type) and issubclass(value, (Run.Event, Run.Started)) and value is not Run.Event:
-            # eventsourcing re-creates a created-event class as a subclass: look up the MRO
-            hint = next((c.__annotations__["data"] for c in value.__mro__
-                         if "data" in vars(c).get("__annotations__", {})), "")
-            data_name = str(hint).removeprefix("ev.")
-            if data_name in ev.EVENT_TYPES:
-                classes[data_name] = value
-    missing = set(ev.EVENT_TYPES) - set(classes)
-    if missing:  # a contract without an aggregate event is a programming error
-        raise RuntimeError(f"Run has no event class for {sorted(missing)}")
+    for type_name, data_cls in ev.EVENT_TYPES.items():
+        name = event_class_name(data_cls)
+        if data_cls is ev.RunStarted:
+            event_cls: type[Any] = Run.Started
+        elif name in vars(Run):
+            raise RuntimeError(f"Run.{name} is already defined: no event class for {type_name}")
+        else:
+            event_cls = type(name, (Run.Event,), {
+                "__module__": Run.__module__, "__qualname__": f"{Run.__qualname__}.{name}",
+                "__annotations__": {"data": data_cls}, "__doc__": f"The aggregate event of {type_name}.",
+            })
+            setattr(Run, name, event_cls)
+        if event_cls.__qualname__ != f"{Run.__qualname__}.{name}":
+            raise RuntimeError(f"{event_cls.__qualname__} should be Run.{name}: its topic would change")
+        classes[type_name] = event_cls
     return classes
 
 
+_StateChange = Callable[[Run, Any, datetime], None]
+
+# how each event type changes a run's state; checked complete against the registry at import
+_STATE_CHANGES: dict[str, _StateChange] = ev.complete_table("Run state changes", {
+    ev.RunStarted: Run._on_RunStarted,
+    ev.RunAdmitted: Run._on_RunAdmitted,
+    ev.RunSucceeded: Run._on_RunSucceeded,
+    ev.RunFailed: Run._on_RunFailed,
+    ev.RunDenied: Run._on_RunDenied,
+    ev.RunCancelled: Run._on_RunCancelled,
+    ev.RunTimedOut: Run._on_RunTimedOut,
+    ev.StepReady: Run._on_StepReady,
+    ev.StepExpanded: Run._on_StepExpanded,
+    ev.PolicyDecided: Run._on_PolicyDecided,
+    ev.ApprovalRequested: Run._on_ApprovalRequested,
+    ev.ApprovalGranted: Run._on_ApprovalGranted,
+    ev.ApprovalRejected: Run._on_ApprovalRejected,
+    ev.ApprovalExpired: Run._on_ApprovalExpired,
+    ev.ApprovalInvalidated: Run._on_ApprovalInvalidated,
+    ev.ApprovalEscalated: Run._on_ApprovalEscalated,
+    ev.StepDispatched: Run._on_StepDispatched,
+    ev.StepHeartbeat: Run._on_StepHeartbeat,
+    ev.StepSucceeded: Run._on_StepSucceeded,
+    ev.StepFailed: Run._on_StepFailed,
+    ev.RetryScheduled: Run._on_RetryScheduled,
+    ev.StepTimedOut: Run._on_StepTimedOut,
+    ev.StepSkipped: Run._on_StepSkipped,
+    ev.LateResultRecorded: Run._on_LateResultRecorded,
+    ev.CompensationStarted: Run._on_CompensationStarted,
+    ev.CompensationFinished: Run._on_CompensationFinished,
+})
 Run.EVENT_CLASSES = _event_classes()

@@ -166,10 +166,11 @@ def verify_envelopes(envelopes: list[dict[str, Any]], *, run_id: str | None = No
 
         # 5. type, data, and where RunStarted may appear
         type_name = envelope.get("type")
-        if position == 1 and type_name != "RunStarted":
-            report(NOT_STARTED, f"the first event is {type_name!r}, not 'RunStarted'", seq)
-        elif position > 1 and type_name == "RunStarted":
-            report(DUPLICATE_START, "RunStarted after the first event", seq)
+        started = ev.RunStarted.type_name
+        if position == 1 and type_name != started:
+            report(NOT_STARTED, f"the first event is {type_name!r}, not {started!r}", seq)
+        elif position > 1 and type_name == started:
+            report(DUPLICATE_START, f"{started} after the first event", seq)
         data_cls = ev.EVENT_TYPES.get(type_name) if isinstance(type_name, str) else None
         if data_cls is None:
             report(UNKNOWN_TYPE, f"unknown event type {type_name!r}", seq)
@@ -183,7 +184,7 @@ def verify_envelopes(envelopes: list[dict[str, Any]], *, run_id: str | None = No
                 report(INVALID_DATA, f"{type_name} data does not validate: {errors}", seq)
             else:
                 if isinstance(validated, ev.RunStarted) and validated.tenant != envelope.get("tenant"):
-                    report(TENANT_MISMATCH, f"RunStarted names tenant {validated.tenant!r}, the event is "
+                    report(TENANT_MISMATCH, f"{started} names tenant {validated.tenant!r}, the event is "
                            f"stored for tenant {envelope.get('tenant')!r}", seq)
                 for name in ("step_id", "attempt"):
                     if envelope.get(name) != data.get(name):
