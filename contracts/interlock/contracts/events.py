@@ -240,10 +240,9 @@ def _event_types() -> dict[str, type[EventData]]:
 
     def visit(cls: type[EventData]) -> None:
         for sub in cls.__subclasses__():
-            if not sub.is_base:
-                if types.setdefault(sub.type_name, sub) is not sub:
-                    raise RuntimeError(f"two event types are named {sub.type_name!r}: "
-                                       f"{types[sub.type_name].__module__} and {sub.__module__}")
+            if not sub.is_base and types.setdefault(sub.type_name, sub) is not sub:
+                raise RuntimeError(f"two event types are named {sub.type_name!r}: "
+                                   f"{types[sub.type_name].__module__} and {sub.__module__}")
             visit(sub)
 
     visit(EventData)
