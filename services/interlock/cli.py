@@ -21,7 +21,6 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from pydantic import BaseModel
 
-from interlock.auditor.projection import describe
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import (
     AgentRegistration,
@@ -37,6 +36,7 @@ from interlock.contracts.messages import (
 from interlock.core.eventstore import EventStore, RunNotFound
 from interlock.core.ids import run_id_for
 from interlock.core.natsserver import DEFAULT_STORE_DIR, EmbeddedNats, NatsServerError
+from interlock.core.timeline import describe
 from interlock.core.topology import provision
 from interlock.core.workflow import WorkflowInvalid, load_workflow
 from interlock.runtime.connect import connect, resolve_url
