@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 
-from interlock.auditor.projection import UNKNOWN_TYPE_SUMMARY, Projection, describe
+from interlock.auditor.projection import Projection
 from interlock.contracts import events as ev
 from interlock.contracts.messages import JobError
 from interlock.core import codec
 from interlock.core.run import Run
+from interlock.core.timeline import UNKNOWN_TYPE_SUMMARY
 
 TENANT = "t-proj"
 
@@ -387,17 +388,6 @@ async def test_odd_input_never_raises(proj: Projection) -> None:
     stray = await proj.apply_commit(TENANT, "stray-run", [{"seq": 1, "type": "StepSkipped", "data": {}}])
     assert stray.applied == 1 and not stray.chain_ok
     assert await proj.apply_commit(TENANT, "empty", []) is not None
-
-
-def test_every_event_type_has_a_summary() -> None:
-    for type_name in ev.EVENT_TYPES:
-        summary, details = describe(type_name, {})
-        assert summary and summary != UNKNOWN_TYPE_SUMMARY and isinstance(details, dict)
-    assert describe("Nope", {"x": 1}) == (UNKNOWN_TYPE_SUMMARY, {})
-    assert describe("RetryScheduled", {"attempt": 3, "delay_ms": 1500})[0] == "retry 3 scheduled in 1500 ms"
-    assert describe("StepFailed", {"attempt": 1, "final": True, "error": {"message": "x"}})[0] == \
-        "failed attempt 1: x (final)"
-    assert describe("ApprovalExpired", {"job_hash": "1a2b3c4d5e"})[0] == "approval expired (hash 1a2b3c…)"
 
 
 # -- files -------------------------------------------------------------------------------------

@@ -258,13 +258,15 @@ _H = TypeVar("_H")
 
 
 def complete_table(what: str, table: Mapping[type[EventData], _H],
-                   types: Mapping[str, type[EventData]] = EVENT_TYPES) -> dict[str, _H]:
+                   types: Mapping[str, type[EventData]] | None = None) -> dict[str, _H]:
     """``table`` keyed by type name, once it is checked to hold exactly one entry per event type.
 
     For the tables derived from the registry (the run aggregate's state changes, the auditor's
     rows, the timeline text): an event type added without its entry fails at import with a
-    RuntimeError that names it and ``what`` lacks it.
+    RuntimeError that names it and ``what`` lacks it. ``types`` defaults to :data:`EVENT_TYPES`
+    (read when called, so a test can add a type).
     """
+    types = EVENT_TYPES if types is None else types
     missing = sorted(name for name, cls in types.items() if cls not in table)
     unknown = sorted(cls.__qualname__ for cls in table if types.get(cls.type_name) is not cls)
     if missing or unknown:

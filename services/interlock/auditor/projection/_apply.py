@@ -36,7 +36,6 @@ from interlock.core.verify import (
 
 MAX_RUN_PROBLEMS = 100  # problem lines kept per run; the count of the rest is kept too
 
-
 # verify_envelopes kinds that break the audit chain (seq and link are checked here, against the
 # projection's head, because a commit does not start at genesis)
 CHAIN_KINDS = frozenset({HASH_MISMATCH, MALFORMED, RUN_MISMATCH, TENANT_MISMATCH})
@@ -44,7 +43,6 @@ CHAIN_KINDS = frozenset({HASH_MISMATCH, MALFORMED, RUN_MISMATCH, TENANT_MISMATCH
 # producer may add event types or fields this auditor does not know yet)
 NOTE_KINDS = frozenset({UNKNOWN_TYPE, INVALID_DATA})
 _STARTED = ev.RunStarted.type_name
-
 
 Envelopes = Sequence[Any]  # raw envelopes: dicts when well-formed, anything when not
 
@@ -66,6 +64,8 @@ class ApplyResult:
 
 @dataclass(frozen=True)
 class Commit:
+    """One commit of a run to project: its raw envelopes and, when read from the stream, its sequence."""
+
     tenant: str
     run_id: str
     envelopes: Envelopes
@@ -229,7 +229,8 @@ def apply_one(conn: sqlite3.Connection, commit: Commit, hold_gaps: bool, careful
 
 
 def record(conn: sqlite3.Connection, event: RowEvent, envelope: dict[str, Any], summary: str, details: dict[str, Any],
-            problems: list[str]) -> None:
+           problems: list[str]) -> None:
+    """Write the event's timeline entry."""
     conn.execute(
         "INSERT OR REPLACE INTO timeline (run_id, seq, at, type, service, step_id, attempt, summary, details, "
         "data, hash, prev_hash, problems) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -263,7 +264,7 @@ def apply_many(conn: sqlite3.Connection, items: Sequence[tuple[Commit, bool]]) -
                 if commit.stream_seq is not None and not r.gap]
         if done:
             advance_position(conn, max(c.stream_seq or 0 for c, _ in done), len(done),
-                              sum(r.applied for _, r in done))
+                             sum(r.applied for _, r in done))
         return results
 
     try:
@@ -276,6 +277,7 @@ def apply_many(conn: sqlite3.Connection, items: Sequence[tuple[Commit, bool]]) -
 
 
 def wipe(conn: sqlite3.Connection, tenants: Sequence[str] | None) -> None:
+    """Delete every run (or ``tenants``' runs) and what belongs to them."""
     def work() -> None:
         if tenants is None:
             for table in TABLES[:-1]:
@@ -292,6 +294,7 @@ def wipe(conn: sqlite3.Connection, tenants: Sequence[str] | None) -> None:
 
 
 def bind_stream(conn: sqlite3.Connection, created: str) -> bool:
+    """Record the creation time of the stream projected; wipe everything (True) if it was another."""
     def work() -> bool:
         row = conn.execute("SELECT stream_created FROM projection_position WHERE stream = ?",
                            (POSITION_KEY,)).fetchone()
@@ -306,6 +309,7 @@ def bind_stream(conn: sqlite3.Connection, created: str) -> bool:
 
 
 def mark_rebuilt(conn: sqlite3.Connection, stream_seq: int, at: str) -> None:
+    """Record that a rebuild read up to ``stream_seq``, at ``at``."""
     def work() -> None:
         advance_position(conn, stream_seq, 0, 0)
         conn.execute("UPDATE projection_position SET rebuilt_at = ? WHERE stream = ?", (at, POSITION_KEY))

@@ -1,0 +1,123 @@
+"""The event registry: ``ev.EVENT_TYPES`` and the tables derived from it.
+
+Every table that must handle every event type (the run aggregate's state changes, the auditor's
+row handlers, the timeline text) is keyed by data class and checked against the registry when its
+module is imported; adding an event type without its entries must fail that import.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from types import MappingProxyType, ModuleType
+from typing import Any
+
+import pytest
+from eventsourcing.utils import get_topic, resolve_topic
+
+from interlock.contracts import events as ev
+from interlock.core.run import Run
+
+# the aggregate's event classes as they have always been named (eventsourcing topic = module:qualname)
+LIFECYCLE_TOPICS = {
+    "RunStarted": "interlock.core.run:Run.Started",
+    "RunAdmitted": "interlock.core.run:Run.Admitted",
+    "RunSucceeded": "interlock.core.run:Run.Succeeded",
+    "RunFailed": "interlock.core.run:Run.Failed",
+    "RunDenied": "interlock.core.run:Run.Denied",
+    "RunCancelled": "interlock.core.run:Run.Cancelled",
+    "RunTimedOut": "interlock.core.run:Run.TimedOut",
+}
+
+# module -> the name its completeness error gives the table
+DERIVED_TABLES = {
+    "interlock.core.run": "Run state changes",
+    "interlock.core.timeline": "timeline descriptions",
+    "interlock.auditor.projection._rows": "auditor projection row handlers",
+}
+
+
+def defined_event_classes() -> dict[str, type[ev.EventData]]:
+    return {name: value for name, value in vars(ev).items()
+            if inspect.isclass(value) and issubclass(value, ev.EventData) and value.__module__ == ev.__name__}
+
+
+def test_the_registry_is_every_event_data_class_but_the_bases() -> None:
+    classes = defined_event_classes()
+    bases = {name for name, cls in classes.items() if cls.is_base}
+    assert bases == {"EventData", "StepEventData"}
+    assert dict(ev.EVENT_TYPES) == {name: cls for name, cls in classes.items() if name not in bases}
+    assert all(cls.type_name == name for name, cls in ev.EVENT_TYPES.items())
+    assert len(ev.EVENT_TYPES) == 26
+
+
+def test_the_registry_cannot_be_changed_by_accident() -> None:
+    with pytest.raises(TypeError):
+        ev.EVENT_TYPES["Extra"] = ev.RunStarted  # type: ignore[index]
+
+
+def test_a_subclass_of_an_event_type_is_an_event_type_of_its_own() -> None:
+    class Later(ev.StepReady):
+        pass
+
+    assert Later.type_name == "Later" and not Later.is_base
+    assert ev.kinds(Later, ev.StepReady) == frozenset({"Later", "StepReady"})
+
+
+def test_complete_table_keys_the_table_by_type_name_in_registry_order() -> None:
+    table = {cls: name.lower() for name, cls in reversed(list(ev.EVENT_TYPES.items()))}
+    keyed = ev.complete_table("test table", table)
+    assert list(keyed) == list(ev.EVENT_TYPES)
+    assert keyed["StepReady"] == "stepready"
+
+
+def test_complete_table_names_what_is_missing_and_what_is_not_an_event_type() -> None:
+    class NotRegistered(ev.EventData):
+        pass
+
+    table: dict[type[ev.EventData], Any] = {cls: None for cls in ev.EVENT_TYPES.values()}
+    del table[ev.StepHeartbeat], table[ev.RunAdmitted]
+    table[NotRegistered] = None
+    with pytest.raises(RuntimeError) as caught:
+        ev.complete_table("test table", table)
+    assert str(caught.value) == ("test table: no entry for RunAdmitted, StepHeartbeat; entries for "
+                                 f"{NotRegistered.__qualname__}, which are not event types")
+
+
+def load_copy(module: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """Import a second, private copy of ``module`` (the real one stays as it is)."""
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin is not None
+    name = "_registry_probe_" + module.replace(".", "_")
+    copy_spec = importlib.util.spec_from_file_location(name, spec.origin)
+    assert copy_spec is not None and copy_spec.loader is not None
+    copy = importlib.util.module_from_spec(copy_spec)
+    monkeypatch.setitem(sys.modules, name, copy)  # eventsourcing looks the aggregate's module up
+    copy_spec.loader.exec_module(copy)
+    return copy
+
+
+@pytest.mark.parametrize("module", sorted(DERIVED_TABLES))
+def test_a_derived_table_loads_against_the_registry(module: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    load_copy(module, monkeypatch)  # the check itself passes: the control for the test below
+
+
+@pytest.mark.parametrize("module", sorted(DERIVED_TABLES))
+def test_an_event_type_added_without_its_entry_fails_the_import(module: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    class WithoutHandlers(ev.EventData):
+        pass
+
+    monkeypatch.setattr(ev, "EVENT_TYPES", MappingProxyType({**ev.EVENT_TYPES, "WithoutHandlers": WithoutHandlers}))
+    with pytest.raises(RuntimeError, match=f"^{DERIVED_TABLES[module]}: no entry for WithoutHandlers$"):
+        load_copy(module, monkeypatch)
+
+
+def test_the_aggregate_has_one_event_class_per_event_type_with_stable_topics() -> None:
+    assert set(Run.EVENT_CLASSES) == set(ev.EVENT_TYPES)
+    for type_name, event_cls in Run.EVENT_CLASSES.items():
+        topic = LIFECYCLE_TOPICS.get(type_name, f"interlock.core.run:Run.{type_name}")
+        assert get_topic(event_cls) == topic
+        assert resolve_topic(topic) is event_cls
+        assert issubclass(event_cls, Run.Event)
+    assert issubclass(Run.EVENT_CLASSES["RunStarted"], Run.Started)
