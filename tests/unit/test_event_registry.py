@@ -17,7 +17,7 @@ import pytest
 from eventsourcing.utils import get_topic, resolve_topic
 
 from interlock.contracts import events as ev
-from interlock.core.run import Run
+from interlock.core.run import Run, event_class_name
 
 # the aggregate's event classes as they have always been named (eventsourcing topic = module:qualname)
 LIFECYCLE_TOPICS = {
@@ -121,3 +121,14 @@ def test_the_aggregate_has_one_event_class_per_event_type_with_stable_topics() -
         assert resolve_topic(topic) is event_cls
         assert issubclass(event_cls, Run.Event)
     assert issubclass(Run.EVENT_CLASSES["RunStarted"], Run.Started)
+
+
+def test_only_a_whole_run_prefix_is_dropped_from_the_event_class_name() -> None:
+    class RunnerMoved(ev.EventData):
+        pass
+
+    class RunLabelled(ev.EventData):
+        pass
+
+    assert [event_class_name(t) for t in (RunnerMoved, RunLabelled, ev.RunStarted, ev.RetryScheduled)] == \
+        ["RunnerMoved", "Labelled", "Started", "RetryScheduled"]

@@ -7,6 +7,11 @@ concurrency. Every envelope carries the hash of its predecessor in the run and i
     hash = sha256(canonical_json(envelope without "hash"))
 
 where canonical JSON is UTF-8 JSON with object keys sorted and no whitespace.
+
+:data:`EVENT_TYPES` is the one registry of event types: every subclass of :class:`EventData`
+that is not a base. The run aggregate's event classes are generated from it; its state changes,
+the auditor's row handlers and the timeline text are tables keyed by data class, checked
+against it with :func:`complete_table` when their modules are imported.
 """
 
 from __future__ import annotations

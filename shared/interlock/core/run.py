@@ -4,7 +4,9 @@ Commands (imperative methods such as :meth:`Run.dispatch_step`) check that the t
 legal and raise :class:`IllegalTransition` otherwise; events (nested past-tense classes such as
 ``Run.StepDispatched``) only change state, so replaying a log never fails on a rule that
 changed later. The event *data* types are the contracts in :mod:`interlock.contracts.events`;
-this module adds behaviour, not shapes.
+this module adds behaviour, not shapes: the nested event classes are generated from the
+registry ``ev.EVENT_TYPES``, and each type's state change (a ``_on_<Type>`` method) is listed
+in a table checked complete against it when the module is imported.
 """
 
 from __future__ import annotations
@@ -521,7 +523,8 @@ def event_class_name(data_cls: type[ev.EventData]) -> str:
     Interlock's logs store the contract type name, not the topic, but the names stay as they
     always were so that a topic anyone recorded still resolves.
     """
-    return data_cls.type_name.removeprefix("Run")
+    name = data_cls.type_name
+    return name[3:] if name.startswith("Run") and name[3:4].isupper() else name
 
 
 def _event_classes() -> dict[str, type[Any]]:
@@ -531,7 +534,7 @@ def _event_classes() -> dict[str, type[Any]]:
         name = event_class_name(data_cls)
         if data_cls is ev.RunStarted:
             event_cls: type[Any] = Run.Started
-        elif name in vars(Run):
+        elif hasattr(Run, name):
             raise RuntimeError(f"Run.{name} is already defined: no event class for {type_name}")
         else:
             event_cls = type(name, (Run.Event,), {
