@@ -9,15 +9,24 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import sys
+from pathlib import Path
 from types import MappingProxyType, ModuleType
 from typing import Any
 
 import pytest
 from eventsourcing.utils import get_topic, resolve_topic
 
+from interlock.auditor.projection import Projection
 from interlock.contracts import events as ev
+from interlock.core import codec
 from interlock.core.run import Run, event_class_name
+from interlock.core.timeline import describe
+from interlock.core.verify import verify_envelopes
+
+# a run log written by the code before the registry (every event type but the other run endings)
+OLD_LOG = json.loads((Path(__file__).parent / "data" / "run_log_main_d6f306c.json").read_text())
 
 # the aggregate's event classes as they have always been named (eventsourcing topic = module:qualname)
 LIFECYCLE_TOPICS = {
@@ -132,3 +141,43 @@ def test_only_a_whole_run_prefix_is_dropped_from_the_event_class_name() -> None:
 
     assert [event_class_name(t) for t in (RunnerMoved, RunLabelled, ev.RunStarted, ev.RetryScheduled)] == \
         ["RunnerMoved", "Labelled", "Started", "RetryScheduled"]
+
+
+# -- a log written before the registry ---------------------------------------------------------
+def test_an_old_log_verifies_and_replays_to_the_state_it_had() -> None:
+    envelopes = OLD_LOG["events"]
+    report = verify_envelopes(envelopes, run_id=envelopes[0]["run_id"], tenant=OLD_LOG["tenant"])
+    assert report.ok, report.problems
+    # both replay paths: through the aggregate events, and the store's fast path
+    by_events = None
+    for envelope in envelopes:
+        event = codec.event_from_envelope(envelope)
+        by_events = event.mutate(by_events)
+        # the stored form is unchanged: the event encodes back to the very same envelope
+        again = codec.envelope_from_event(event, tenant=OLD_LOG["tenant"], service=envelope["service"],
+                                          prev_hash=envelope["prev_hash"])
+        assert again == envelope
+    fast = codec.event_from_envelope(envelopes[0]).mutate(None)
+    for envelope in envelopes[1:]:
+        codec.apply_envelope(fast, envelope)
+    expected = OLD_LOG["expected"]
+    for run in (by_events, fast):
+        assert isinstance(run, Run)
+        assert (run.status, run.reason, run.version) == (expected["status"], expected["reason"], expected["version"])
+        steps = {sid: {"status": st.status, "attempt": st.attempt,
+                       "approval": st.approval.status if st.approval else None,
+                       "approver_role": st.approval.approver_role if st.approval else None}
+                 for sid, st in run.steps.items()}
+        assert steps == expected["steps"]
+        assert run.compensation is not None and vars(run.compensation) == expected["compensation"]
+
+
+async def test_an_old_log_has_the_timeline_it_had() -> None:
+    envelopes = OLD_LOG["events"]
+    assert [list(describe(e["type"], e["data"])) for e in envelopes] == OLD_LOG["summaries"]
+    async with Projection(":memory:") as projection:
+        result = await projection.apply_commit(OLD_LOG["tenant"], envelopes[0]["run_id"], envelopes, stream_seq=1)
+        assert result.chain_ok and result.applied == len(envelopes) and result.problems == []
+        timeline = await projection.timeline(envelopes[0]["run_id"])
+    assert timeline is not None
+    assert [[e["summary"], e["details"]] for e in timeline] == OLD_LOG["summaries"]
