@@ -1,4 +1,4 @@
-"""The projection's queries (run on the SQLite thread)."""
+"""The projection's queries (run on the SQLite thread): each ``q_<name>`` backs ``Projection.<name>``."""
 
 from __future__ import annotations
 

@@ -11,13 +11,11 @@ import msgspec
 
 from interlock.contracts import subjects as s
 
+# one logger for the whole projection, named as before the package split
 log = logging.getLogger("interlock.auditor.projection")
 
 SCHEMA_VERSION = 2
-
-
-POSITION_KEY = s.EVENTS_STREAM
-
+POSITION_KEY = s.EVENTS_STREAM  # the projection_position row of the stream projected
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
@@ -155,6 +153,7 @@ RUN_CHILDREN = ("steps", "attempts", "decisions", "approvals", "timeline")
 
 
 def dumps(value: Any) -> str | None:
+    """A JSON column's text (``repr`` as a JSON string for what JSON cannot hold); None stays NULL."""
     if value is None:
         return None
     try:
@@ -164,6 +163,7 @@ def dumps(value: Any) -> str | None:
 
 
 def loads(value: str | None) -> Any:
+    """A JSON column's value (the text itself when it is not JSON)."""
     if value is None:
         return None
     try:
@@ -173,6 +173,7 @@ def loads(value: str | None) -> Any:
 
 
 def advance_position(conn: sqlite3.Connection, stream_seq: int, commits: int, events: int) -> None:
+    """Raise the projected stream position to ``stream_seq`` (never lower it) and add to its counts."""
     conn.execute("INSERT INTO projection_position (stream, stream_seq, commits, events) VALUES (?, ?, ?, ?) "
                  "ON CONFLICT (stream) DO UPDATE SET stream_seq = MAX(stream_seq, excluded.stream_seq), "
                  "commits = commits + excluded.commits, events = events + excluded.events",
@@ -180,6 +181,7 @@ def advance_position(conn: sqlite3.Connection, stream_seq: int, commits: int, ev
 
 
 def transaction(conn: sqlite3.Connection, work: Callable[[], T]) -> T:
+    """Run ``work()`` in one write transaction, rolled back if it raises."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         value = work()
@@ -191,6 +193,7 @@ def transaction(conn: sqlite3.Connection, work: Callable[[], T]) -> T:
 
 
 def init_schema(conn: sqlite3.Connection) -> None:
+    """Create the tables; drop them first if they are of another schema version."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version not in (0, SCHEMA_VERSION):
         log.warning("auditor projection schema %s is not %s: dropping it (rebuild by replay)", version, SCHEMA_VERSION)
