@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
@@ -125,7 +124,7 @@ steps:
     decided = of_type(events, "PolicyDecided", "deploy")[0]["data"]
     assert decided["decision"] == "require_approval"
     assert of_type(events, "ApprovalRequested", "deploy")[0]["data"]["approver_role"] == "approver"
-    await asyncio.sleep(0.4)
+    await harness.settled()
     events = await harness.events(run_id)
     assert "StepDispatched" not in types(events), "a held job must not reach a worker"
     assert calls == []

@@ -34,7 +34,6 @@ from tests.integration.harness import Harness, types, unique
 pytestmark = pytest.mark.integration
 
 RELOAD_WAIT_S = 10.0
-QUIET_S = 0.4  # how long "nothing more happens" is watched for
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -185,8 +184,9 @@ def requested(step: str, count: int = 1) -> Callable[[list[dict[str, Any]]], boo
 
 
 async def quiet(harness: Harness, run_id: str) -> list[dict[str, Any]]:
-    """The run's events after a moment in which anything that was going to happen would have."""
-    await asyncio.sleep(QUIET_S)
+    """The run's events once every service and worker has handled everything in flight, so
+    anything that was going to follow has followed."""
+    await harness.settled()
     return await harness.events(run_id)
 
 
@@ -244,7 +244,7 @@ async def test_a_workflow_without_a_start_permit_is_denied_in_the_commit_that_st
 
     run_id = await harness.trigger(wf, {"n": 1})
     await harness.wait_end(run_id)
-    await asyncio.sleep(QUIET_S)
+    await harness.settled()
     commits = await harness.store.read_commits(harness.tenant, run_id)
     assert [[e["type"] for e in c.envelopes] for c in commits] == [["RunStarted", "RunDenied"]], \
         "admission is decided in the run's first commit, and nothing follows a denial"
