@@ -138,7 +138,8 @@ class Harness:
                 seen.add((consumer.stream, consumer.durable))
                 info = await js.consumer_info(consumer.stream, consumer.durable)
                 # num_pending: matching messages not yet delivered; num_ack_pending: delivered, not
-                # yet acked (a nak'd retry waiting out its delay counts here too)
+                # yet acked (a nak'd retry waiting out its delay counts here too). Not "ack floor >=
+                # last seq": a filtered consumer's floor stays at its last matching message.
                 if info.num_pending or info.num_ack_pending:
                     floor = info.ack_floor.stream_seq if info.ack_floor else 0
                     lagging.append(f"{consumer.durable} on {consumer.stream}: ack floor {floor} of last seq "

@@ -78,6 +78,7 @@ async def test_approval_step_refuses_wrong_decisions_then_continues_when_approve
     reply = await harness.decide(run_id, "gate", approver="alice", reason="budgeted")
     assert reply.ok, reply.error
     events = await harness.wait_end(run_id)
+    await harness.settled()
     assert types(events)[-1] == "RunSucceeded", failures(events)
     granted = of_type(events, "ApprovalGranted", "gate")
     assert len(granted) == 1
@@ -134,6 +135,7 @@ steps:
     reply = await harness.decide(run_id, "deploy", approver="carol")
     assert reply.ok, reply.error
     events = await harness.wait_end(run_id)
+    await harness.settled()
     assert types(events)[-1] == "RunSucceeded", failures(events)
     seq = types(events, "deploy")
     assert seq.index("PolicyDecided") < seq.index("ApprovalRequested") < seq.index("ApprovalGranted") \

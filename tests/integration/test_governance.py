@@ -303,6 +303,7 @@ async def test_a_job_that_needs_approval_is_held_and_released_by_the_right_perso
                                  reason="CHG-1234 reviewed")
     assert reply.ok, reply.error
     events = await harness.wait_end(run_id)
+    await harness.settled()
     assert types(events)[-1] == "RunSucceeded", failures(events)
     granted = data(events, "ApprovalGranted", "work")
     assert (granted["approver"], granted["role"], granted["reason"]) == ("dana", "sre", "CHG-1234 reviewed")
@@ -431,6 +432,7 @@ forbid(principal, action == Action::"dispatch", resource) when {{ resource.topic
     reply = await harness.decide(run_id, "work", role="sre", approver="dana", reason="re-checked under v2")
     assert reply.ok, reply.error
     events = await harness.wait_end(run_id)
+    await harness.settled()
     assert types(events)[-1] == "RunSucceeded", failures(events)
     assert data(events, "ApprovalGranted", "work")["reason"] == "re-checked under v2"
     assert types(events, "work").count("StepDispatched") == 1
@@ -467,6 +469,7 @@ forbid(principal, action == Action::"dispatch", resource) when {{ resource.topic
 """)
     gate.set()
     events = await harness.wait_end(run_id)
+    await harness.settled()
     assert types(events)[-1] == "RunDenied", failures(events)
     assert data(events, "StepSucceeded", "a")
     decided_b = data(events, "PolicyDecided", "b")
@@ -489,6 +492,7 @@ forbid(principal, action == Action::"dispatch", resource) when {{ resource.topic
 
     again = await harness.trigger(wf, {"n": 2})
     events = await harness.wait_end(again)
+    await harness.settled()
     assert types(events)[-1] == "RunSucceeded", failures(events)
     assert data(events, "PolicyDecided", "b")["snapshot_id"] == v1.bundle.snapshot_id
     assert calls_b == [("b", {"n": 2})]
@@ -527,6 +531,7 @@ async def test_only_registered_approvers_in_roles_they_hold_may_decide(
     reply = await harness.decide(run_id, "work", role="sre", approver=erin, reason="on call")
     assert reply.ok, reply.error
     events = await harness.wait_end(run_id)
+    await harness.settled()
     assert types(events)[-1] == "RunSucceeded", failures(events)
     granted = data(events, "ApprovalGranted", "work")
     assert (granted["approver"], granted["role"]) == (erin, "sre")
@@ -561,6 +566,7 @@ async def test_an_unanswered_request_escalates_to_another_role(harness: Harness,
     reply = await harness.decide(run_id, "work", role="sre-lead", approver="lee", reason="escalated, approved")
     assert reply.ok, reply.error
     events = await harness.wait_end(run_id)
+    await harness.settled()
     assert types(events)[-1] == "RunSucceeded", failures(events)
     granted = data(events, "ApprovalGranted", "work")
     assert (granted["approver"], granted["role"]) == ("lee", "sre-lead")
@@ -703,5 +709,6 @@ async def test_the_escalation_timer_of_an_invalidated_request_does_not_escalate_
     reply = await harness.decide(run_id, "work", role="sre-lead", approver="lee")
     assert reply.ok, reply.error
     events = await harness.wait_end(run_id)
+    await harness.settled()
     assert types(events)[-1] == "RunSucceeded", failures(events)
     assert calls == [("work", {"n": 1})]

@@ -57,6 +57,7 @@ steps:
     await harness.start_worker(worker)
     run_id = await harness.trigger(wf, {})
     events = await harness.wait_end(run_id)
+    await harness.settled()
     assert types(events)[-1] == "RunSucceeded", failures(events)
     assert attempts == [1, 2, 3]
     retries = of_type(events, "RetryScheduled", "flaky")
@@ -181,6 +182,7 @@ steps:
     await harness.start_worker(worker)
     run_id = await harness.trigger(wf, {})
     events = await harness.wait_end(run_id)
+    await harness.settled()
     assert types(events)[-1] == "RunFailed", failures(events)
     assert [u["step"] for u in undone] == ["b", "a"]
     assert undone[0] == {"step": "b", "input": {"name": "b"}, "output": {"made": "b"}}
@@ -222,6 +224,7 @@ steps:
     await harness.start_worker(worker)
     run_id = await harness.trigger(wf, {})
     events = await harness.wait_end(run_id, timeout=10)
+    await harness.settled()
     assert types(events)[-1] == "RunSucceeded", failures(events)
     timed_out = of_type(events, "StepTimedOut", "slow")
     assert [(t["data"]["attempt"], t["data"]["reason"]) for t in timed_out] == [(1, "deadline")]
@@ -288,7 +291,9 @@ steps:
                      output={"attempt": 1, "by": "ghost"}, worker="doomed-worker")
     await js.publish(s.result(job.tenant, run_id), late.model_dump_json().encode(),
                      headers={headers.MSG_ID: f"result:{job.job_id}"})
-    events = await harness.wait_for(run_id, lambda evs: "LateResultRecorded" in types(evs), timeout=10)
+    await harness.wait_for(run_id, lambda evs: "LateResultRecorded" in types(evs), timeout=10)
+    await harness.settled()  # a redelivered late result would be recorded by now
+    events = await harness.events(run_id)
     recorded = of_type(events, "LateResultRecorded", "work")
     assert len(recorded) == 1
     assert recorded[0]["data"] == {"step_id": "work", "attempt": 1, "ok": True, "worker": "doomed-worker"}

@@ -121,6 +121,7 @@ steps:
     items = [7, 3, 11, 2, 5, 13, 1, 9, 4, 8, 6, 12]
     run_id = await harness.trigger(wf, {"numbers": items})
     events = await harness.wait_end(run_id)
+    await harness.settled()
     assert types(events)[-1] == "RunSucceeded", failures(events)[-4:]
     assert peak == 3, f"peak concurrency {peak}, max_parallel is 3"
     expected = [{"index": i, "sq": x * x} for i, x in enumerate(items)]
@@ -215,6 +216,7 @@ steps:
     bad_out = await harness.trigger(wf_out, {"n": 5})
     events_in = await harness.wait_end(bad_in)
     events_out = await harness.wait_end(bad_out)
+    await harness.settled()
 
     assert types(events_in)[-1] == "RunFailed"
     failed = of_type(events_in, "StepFailed", "a")
