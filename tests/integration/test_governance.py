@@ -690,7 +690,7 @@ async def test_the_escalation_timer_of_an_invalidated_request_does_not_escalate_
     await bundles.publish(with_rules(gate))
     run_id = await harness.trigger(wf, {"n": 1})
     await harness.wait_for(run_id, requested("work"))
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # a clock gap on purpose: the replacement request must escalate later
     await bundles.publish(with_rules(gate + "\n// revised\n"))
     reply = await harness.decide(run_id, "work", role="sre", approver="dana")
     assert not reply.ok and "policy changed" in (reply.error or ""), reply.error
