@@ -13,16 +13,20 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 
+from interlock.contracts import headers
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import ApprovalDecision, CommandReply, Trigger
 from interlock.core.eventstore import EventStore
 from interlock.core.ids import run_id_for
 from interlock.core.run import Run
+from interlock.core.topology import STREAMS
+from interlock.runtime.consumer import PullConsumer
 from interlock.runtime.registry import WorkflowRegistry
 from interlock.runtime.service import Service, ServiceSettings
 from interlock.worker import Worker
 
 TERMINAL = {"RunSucceeded", "RunFailed", "RunDenied", "RunCancelled", "RunTimedOut"}
+SETTLE_TIMEOUT_S = 20.0
 
 
 def service_classes() -> list[type[Service]]:
@@ -81,7 +85,7 @@ class Harness:
         key = key or uuid.uuid4().hex
         trigger = Trigger(workflow_id=workflow_id, input=run_input, idempotency_key=key, tenant=self.tenant, **extra)
         await self.nc.jetstream().publish(s.trigger(workflow_id), trigger.model_dump_json().encode(),
-                                          headers={"Nats-Msg-Id": f"trigger:{self.tenant}:{workflow_id}:{key}"})
+                                          headers={headers.MSG_ID: f"trigger:{self.tenant}:{workflow_id}:{key}"})
         return str(run_id_for(self.tenant, workflow_id, key))
 
     async def events(self, run_id: str) -> list[dict[str, Any]]:
@@ -102,6 +106,56 @@ class Harness:
 
     async def wait_end(self, run_id: str, timeout: float = 20.0) -> list[dict[str, Any]]:
         return await self.wait_for(run_id, lambda evs: any(e["type"] in TERMINAL for e in evs), timeout)
+
+    def consumers(self) -> list[PullConsumer]:
+        """The durable consumers of this harness's running services and workers (not those other
+        tests left on the session's server, which nothing consumes any more)."""
+        # the services and the worker keep their consumers private; the barrier needs to see them
+        return [c for svc in self.services for c in svc._consumers] + [c for w in self.workers for c in w._consumers]
+
+    async def settled(self, timeout: float = SETTLE_TIMEOUT_S) -> None:
+        """The barrier before asserting that nothing else happens: wait until every consumer of the
+        running services and workers has handled (acked, handler finished) every message of its
+        stream up to the stream's last sequence, and the streams stayed put while we looked.
+
+        After it, whatever those messages were going to cause — a duplicate dispatch, a second
+        execution, a result, a notification — is already in the log or in the worker's record.
+        A timer still scheduled for later is not waited for. Fails naming the consumers that lag.
+        """
+        js = self.nc.jetstream()
+        names = [spec.name for spec in STREAMS]
+        deadline = time.monotonic() + timeout
+        while True:
+            before = {name: (await js.stream_info(name)).state.last_seq for name in names}
+            lagging: list[str] = []
+            seen: set[tuple[str, str]] = set()
+            for consumer in self.consumers():
+                # a worker acks its job before running it: its handler must also have finished
+                if running := len(consumer._tasks):
+                    lagging.append(f"{consumer.durable} on {consumer.stream}: {running} handler(s) running")
+                if (consumer.stream, consumer.durable) in seen:
+                    continue  # copies of a service share one durable consumer
+                seen.add((consumer.stream, consumer.durable))
+                info = await js.consumer_info(consumer.stream, consumer.durable)
+                # num_pending: matching messages not yet delivered; num_ack_pending: delivered, not
+                # yet acked (a nak'd retry waiting out its delay counts here too). Not "ack floor >=
+                # last seq": a filtered consumer's floor stays at its last matching message.
+                if info.num_pending or info.num_ack_pending:
+                    floor = info.ack_floor.stream_seq if info.ack_floor else 0
+                    lagging.append(f"{consumer.durable} on {consumer.stream}: ack floor {floor} of last seq "
+                                   f"{before[consumer.stream]}, {info.num_pending} undelivered, "
+                                   f"{info.num_ack_pending} unacked")
+            after = {name: (await js.stream_info(name)).state.last_seq for name in names}
+            moved = [f"{name} {before[name]} -> {after[name]}" for name in names if after[name] != before[name]]
+            if not lagging and not moved:
+                # messages already published to this connection (a notification, say) are read
+                # before the flush's reply
+                await self.nc.flush()
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not settled within {timeout}s: consumers lagging: {lagging or 'none'}; "
+                                     f"streams still moving: {moved or 'none'}")
+            await asyncio.sleep(0.02)
 
     async def run_state(self, run_id: str) -> Run:
         return (await self.store.load(self.tenant, run_id, fresh=True)).run

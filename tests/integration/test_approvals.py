@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
@@ -79,6 +78,7 @@ async def test_approval_step_refuses_wrong_decisions_then_continues_when_approve
     reply = await harness.decide(run_id, "gate", approver="alice", reason="budgeted")
     assert reply.ok, reply.error
     events = await harness.wait_end(run_id)
+    await harness.settled()
     assert types(events)[-1] == "RunSucceeded", failures(events)
     granted = of_type(events, "ApprovalGranted", "gate")
     assert len(granted) == 1
@@ -125,7 +125,7 @@ steps:
     decided = of_type(events, "PolicyDecided", "deploy")[0]["data"]
     assert decided["decision"] == "require_approval"
     assert of_type(events, "ApprovalRequested", "deploy")[0]["data"]["approver_role"] == "approver"
-    await asyncio.sleep(0.4)
+    await harness.settled()
     events = await harness.events(run_id)
     assert "StepDispatched" not in types(events), "a held job must not reach a worker"
     assert calls == []
@@ -135,6 +135,7 @@ steps:
     reply = await harness.decide(run_id, "deploy", approver="carol")
     assert reply.ok, reply.error
     events = await harness.wait_end(run_id)
+    await harness.settled()
     assert types(events)[-1] == "RunSucceeded", failures(events)
     seq = types(events, "deploy")
     assert seq.index("PolicyDecided") < seq.index("ApprovalRequested") < seq.index("ApprovalGranted") \

@@ -80,5 +80,5 @@ async def test_same_idempotency_key_starts_one_run(harness: Harness) -> None:
     run_id = ids.pop()
     events = await harness.wait_end(run_id)
     assert types(events).count("RunStarted") == 1
-    await asyncio.sleep(0.3)
+    await harness.settled()
     assert len(calls) == len(set(calls)) == 5

@@ -34,7 +34,6 @@ from tests.integration.harness import Harness, types, unique
 pytestmark = pytest.mark.integration
 
 RELOAD_WAIT_S = 10.0
-QUIET_S = 0.4  # how long "nothing more happens" is watched for
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -185,8 +184,9 @@ def requested(step: str, count: int = 1) -> Callable[[list[dict[str, Any]]], boo
 
 
 async def quiet(harness: Harness, run_id: str) -> list[dict[str, Any]]:
-    """The run's events after a moment in which anything that was going to happen would have."""
-    await asyncio.sleep(QUIET_S)
+    """The run's events once every service and worker has handled everything in flight, so
+    anything that was going to follow has followed."""
+    await harness.settled()
     return await harness.events(run_id)
 
 
@@ -244,7 +244,7 @@ async def test_a_workflow_without_a_start_permit_is_denied_in_the_commit_that_st
 
     run_id = await harness.trigger(wf, {"n": 1})
     await harness.wait_end(run_id)
-    await asyncio.sleep(QUIET_S)
+    await harness.settled()
     commits = await harness.store.read_commits(harness.tenant, run_id)
     assert [[e["type"] for e in c.envelopes] for c in commits] == [["RunStarted", "RunDenied"]], \
         "admission is decided in the run's first commit, and nothing follows a denial"
@@ -303,6 +303,7 @@ async def test_a_job_that_needs_approval_is_held_and_released_by_the_right_perso
                                  reason="CHG-1234 reviewed")
     assert reply.ok, reply.error
     events = await harness.wait_end(run_id)
+    await harness.settled()
     assert types(events)[-1] == "RunSucceeded", failures(events)
     granted = data(events, "ApprovalGranted", "work")
     assert (granted["approver"], granted["role"], granted["reason"]) == ("dana", "sre", "CHG-1234 reviewed")
@@ -431,6 +432,7 @@ forbid(principal, action == Action::"dispatch", resource) when {{ resource.topic
     reply = await harness.decide(run_id, "work", role="sre", approver="dana", reason="re-checked under v2")
     assert reply.ok, reply.error
     events = await harness.wait_end(run_id)
+    await harness.settled()
     assert types(events)[-1] == "RunSucceeded", failures(events)
     assert data(events, "ApprovalGranted", "work")["reason"] == "re-checked under v2"
     assert types(events, "work").count("StepDispatched") == 1
@@ -467,6 +469,7 @@ forbid(principal, action == Action::"dispatch", resource) when {{ resource.topic
 """)
     gate.set()
     events = await harness.wait_end(run_id)
+    await harness.settled()
     assert types(events)[-1] == "RunDenied", failures(events)
     assert data(events, "StepSucceeded", "a")
     decided_b = data(events, "PolicyDecided", "b")
@@ -489,6 +492,7 @@ forbid(principal, action == Action::"dispatch", resource) when {{ resource.topic
 
     again = await harness.trigger(wf, {"n": 2})
     events = await harness.wait_end(again)
+    await harness.settled()
     assert types(events)[-1] == "RunSucceeded", failures(events)
     assert data(events, "PolicyDecided", "b")["snapshot_id"] == v1.bundle.snapshot_id
     assert calls_b == [("b", {"n": 2})]
@@ -527,6 +531,7 @@ async def test_only_registered_approvers_in_roles_they_hold_may_decide(
     reply = await harness.decide(run_id, "work", role="sre", approver=erin, reason="on call")
     assert reply.ok, reply.error
     events = await harness.wait_end(run_id)
+    await harness.settled()
     assert types(events)[-1] == "RunSucceeded", failures(events)
     granted = data(events, "ApprovalGranted", "work")
     assert (granted["approver"], granted["role"]) == (erin, "sre")
@@ -561,6 +566,7 @@ async def test_an_unanswered_request_escalates_to_another_role(harness: Harness,
     reply = await harness.decide(run_id, "work", role="sre-lead", approver="lee", reason="escalated, approved")
     assert reply.ok, reply.error
     events = await harness.wait_end(run_id)
+    await harness.settled()
     assert types(events)[-1] == "RunSucceeded", failures(events)
     granted = data(events, "ApprovalGranted", "work")
     assert (granted["approver"], granted["role"]) == ("lee", "sre-lead")
@@ -684,7 +690,7 @@ async def test_the_escalation_timer_of_an_invalidated_request_does_not_escalate_
     await bundles.publish(with_rules(gate))
     run_id = await harness.trigger(wf, {"n": 1})
     await harness.wait_for(run_id, requested("work"))
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # a clock gap on purpose: the replacement request must escalate later
     await bundles.publish(with_rules(gate + "\n// revised\n"))
     reply = await harness.decide(run_id, "work", role="sre", approver="dana")
     assert not reply.ok and "policy changed" in (reply.error or ""), reply.error
@@ -703,5 +709,6 @@ async def test_the_escalation_timer_of_an_invalidated_request_does_not_escalate_
     reply = await harness.decide(run_id, "work", role="sre-lead", approver="lee")
     assert reply.ok, reply.error
     events = await harness.wait_end(run_id)
+    await harness.settled()
     assert types(events)[-1] == "RunSucceeded", failures(events)
     assert calls == [("work", {"n": 1})]

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from interlock.contracts import headers
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import CancelRequest, CommandReply, Heartbeat, Job, JobResult
 from interlock.worker import FatalError, JobContext, RetryableError, Worker
@@ -56,6 +57,7 @@ steps:
     await harness.start_worker(worker)
     run_id = await harness.trigger(wf, {})
     events = await harness.wait_end(run_id)
+    await harness.settled()
     assert types(events)[-1] == "RunSucceeded", failures(events)
     assert attempts == [1, 2, 3]
     retries = of_type(events, "RetryScheduled", "flaky")
@@ -180,6 +182,7 @@ steps:
     await harness.start_worker(worker)
     run_id = await harness.trigger(wf, {})
     events = await harness.wait_end(run_id)
+    await harness.settled()
     assert types(events)[-1] == "RunFailed", failures(events)
     assert [u["step"] for u in undone] == ["b", "a"]
     assert undone[0] == {"step": "b", "input": {"name": "b"}, "output": {"made": "b"}}
@@ -221,6 +224,7 @@ steps:
     await harness.start_worker(worker)
     run_id = await harness.trigger(wf, {})
     events = await harness.wait_end(run_id, timeout=10)
+    await harness.settled()
     assert types(events)[-1] == "RunSucceeded", failures(events)
     timed_out = of_type(events, "StepTimedOut", "slow")
     assert [(t["data"]["attempt"], t["data"]["reason"]) for t in timed_out] == [(1, "deadline")]
@@ -286,8 +290,10 @@ steps:
     late = JobResult(job_id=job.job_id, run_id=run_id, tenant=job.tenant, step_id="work", attempt=1, ok=True,
                      output={"attempt": 1, "by": "ghost"}, worker="doomed-worker")
     await js.publish(s.result(job.tenant, run_id), late.model_dump_json().encode(),
-                     headers={"Nats-Msg-Id": f"result:{job.job_id}"})
-    events = await harness.wait_for(run_id, lambda evs: "LateResultRecorded" in types(evs), timeout=10)
+                     headers={headers.MSG_ID: f"result:{job.job_id}"})
+    await harness.wait_for(run_id, lambda evs: "LateResultRecorded" in types(evs), timeout=10)
+    await harness.settled()  # a redelivered late result would be recorded by now
+    events = await harness.events(run_id)
     recorded = of_type(events, "LateResultRecorded", "work")
     assert len(recorded) == 1
     assert recorded[0]["data"] == {"step_id": "work", "attempt": 1, "ok": True, "worker": "doomed-worker"}
@@ -335,7 +341,7 @@ steps:
     events = await harness.wait_end(run_id)
     assert types(events)[-1] == "RunCancelled"
     assert of_type(events, "RunCancelled")[0]["data"] == {"by": "tester", "reason": "changed my mind"}
-    await asyncio.sleep(0.5)  # give a wrong dispatch or result the time to show up
+    await harness.settled()  # a wrong dispatch or result is in the log by now
     events = await harness.events(run_id)
     assert types(events)[-1] == "RunCancelled", failures(events)
     assert [e["step_id"] for e in of_type(events, "StepDispatched")] == ["long"]

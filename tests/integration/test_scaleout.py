@@ -65,7 +65,7 @@ steps:
     run_id = await harness.trigger(wf, {})
     events = await harness.wait_end(run_id, timeout=30)
     assert types(events)[-1] == "RunSucceeded", types(events)[-5:]
-    await asyncio.sleep(0.5)  # a duplicate dispatch or execution would show up by now
+    await harness.settled()  # a duplicate dispatch or execution is in the log or in `executed` by now
     events = await harness.events(run_id)
 
     dispatched = [e["data"]["job_id"] for e in events if e["type"] == "StepDispatched"]

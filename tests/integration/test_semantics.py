@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from interlock.contracts import headers
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import DeadLetter, Notification, PayloadRef
 from interlock.core.ids import run_id_for
@@ -121,6 +121,7 @@ steps:
     items = [7, 3, 11, 2, 5, 13, 1, 9, 4, 8, 6, 12]
     run_id = await harness.trigger(wf, {"numbers": items})
     events = await harness.wait_end(run_id)
+    await harness.settled()
     assert types(events)[-1] == "RunSucceeded", failures(events)[-4:]
     assert peak == 3, f"peak concurrency {peak}, max_parallel is 3"
     expected = [{"index": i, "sq": x * x} for i, x in enumerate(items)]
@@ -154,18 +155,16 @@ steps:
     async def handle(ctx: JobContext) -> dict[str, str]:
         return {"name": ctx.input["who"].upper()}
 
-    received: list[Notification] = []
-
-    async def collect(msg: Msg) -> None:
-        received.append(Notification.model_validate_json(msg.data))
-
-    sub = await harness.nc.subscribe(s.notify(harness.tenant, channel), cb=collect)
+    sub = await harness.nc.subscribe(s.notify(harness.tenant, channel))
     try:
         await harness.start_worker(worker)
         run_id = await harness.trigger(wf, {"who": "ada"})
         events = await harness.wait_end(run_id)
         assert types(events)[-1] == "RunSucceeded", failures(events)[-4:]
-        await asyncio.sleep(0.3)  # a duplicate would arrive by now
+        # a duplicate notification has been published by now, and (after the barrier's flush)
+        # sits in the subscription's queue
+        await harness.settled()
+        received = [Notification.model_validate_json((await sub.next_msg()).data) for _ in range(sub.pending_msgs)]
     finally:
         await sub.unsubscribe()
     assert len(received) == 1, received
@@ -217,6 +216,7 @@ steps:
     bad_out = await harness.trigger(wf_out, {"n": 5})
     events_in = await harness.wait_end(bad_in)
     events_out = await harness.wait_end(bad_out)
+    await harness.settled()
 
     assert types(events_in)[-1] == "RunFailed"
     failed = of_type(events_in, "StepFailed", "a")
@@ -420,7 +420,7 @@ steps:
     await harness.start_worker(worker)
     payload = {"order": "o-17", "qty": 3, "extra": {"nested": [1, 2]}}
     msg_id = uuid.uuid4().hex
-    await harness.nc.jetstream().publish(subject, json.dumps(payload).encode(), headers={"Nats-Msg-Id": msg_id})
+    await harness.nc.jetstream().publish(subject, json.dumps(payload).encode(), headers={headers.MSG_ID: msg_id})
     run_id = str(run_id_for(harness.tenant, wf, msg_id))
     events = await harness.wait_end(run_id)
     assert types(events)[-1] == "RunSucceeded", failures(events)[-4:]

@@ -818,7 +818,7 @@ class RunMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def random_command(self, data: st.DataObject) -> None:
         c = data.draw(any_command)
-        if self.model.steps and data.draw(st.booleans()):  # aim close to legal: a known step, a near attempt
+        if bool(self.model.steps) and data.draw(st.booleans()):  # aim close to legal: a known step, a near attempt
             step = data.draw(st.sampled_from(sorted(self.model.steps)))
             near = self.model.steps[step].attempt
             c = dataclasses.replace(c, step=step, attempt=data.draw(st.sampled_from((near, near + 1, near - 1))))
@@ -840,7 +840,7 @@ class RunMachine(RuleBasedStateMachine):
     def sweep_invalid_commands(self, data: st.DataObject) -> None:
         """Every command name against one step and attempt: each one the rules forbid is refused."""
         template = data.draw(any_command)
-        if self.model.steps and data.draw(st.booleans()):
+        if bool(self.model.steps) and data.draw(st.booleans()):
             step = data.draw(st.sampled_from(sorted(self.model.steps)))
             near = self.model.steps[step].attempt
             template = dataclasses.replace(template, step=step,

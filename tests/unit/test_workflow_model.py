@@ -82,7 +82,7 @@ def test_incident_example_steps(incident: Workflow) -> None:
 
 def test_models_are_frozen(incident: Workflow) -> None:
     with pytest.raises(ValueError, match="frozen"):
-        incident.steps["detect"].topic = "other"  # type: ignore[misc]
+        incident.steps["detect"].topic = "other"
 
 
 def test_topological_order_keeps_definition_order_for_ties(incident: Workflow) -> None:
