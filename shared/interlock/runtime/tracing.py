@@ -19,6 +19,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from interlock.contracts import headers as h
+
 _propagator = TraceContextTextMapPropagator()
 _configured = False
 
@@ -44,7 +46,7 @@ def traceparent(run_id: str, job_id: str) -> str:
 
 def context_of(traceparent_value: str | None) -> Any:
     """The OpenTelemetry context a ``traceparent`` continues (empty context if absent)."""
-    return _propagator.extract({"traceparent": traceparent_value} if traceparent_value else {})
+    return _propagator.extract({h.TRACEPARENT: traceparent_value} if traceparent_value else {})
 
 
 tracer = trace.get_tracer("interlock")
