@@ -97,12 +97,12 @@ class Retry:
 async def retrying(call: Callable[[], Awaitable[T]], *, what: str, backoff: Backoff,
                    passing: tuple[type[BaseException], ...] | Callable[[BaseException], bool] = (Exception,),
                    patience: float | None = None, attempts: int | None = None,
-                   logger: logging.Logger = log) -> T:
+                   logger: logging.Logger = log, clock: Callable[[], float] = time.monotonic) -> T:
     """``await call()`` until it succeeds; a failure that is ``passing`` (an exception type in the
     tuple, or for which the predicate is true) is logged and tried again after a backoff, until
     ``patience`` or ``attempts`` run out; then, and for any other failure, the exception propagates.
     """
-    retry = Retry(backoff, patience=patience, attempts=attempts)
+    retry = Retry(backoff, patience=patience, attempts=attempts, clock=clock)
     while True:
         try:
             return await call()

@@ -101,7 +101,8 @@ def _problem(error: ErrorDetails) -> str:
         return _PROBLEMS[kind]
     if kind in _BOUNDS:
         key, words = _BOUNDS[kind]
-        return f"must be {words} {error.get('ctx', {}).get(key)}"
+        bound = error.get("ctx", {}).get(key)
+        return f"must be {words} {bound:g}" if isinstance(bound, int | float) else f"must be {words} {bound}"
     message = error["msg"]
     return message[:1].lower() + message[1:]
 
