@@ -113,14 +113,26 @@ def test_every_bad_value_is_reported_at_once(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_a_bad_argument_is_named_as_the_argument() -> None:
     with pytest.raises(SettingsError, match=r"^ServiceSettings\(replicas=…\): 'x' is not a whole number$"):
-        ServiceSettings(replicas="x")  # type: ignore[arg-type]
+        ServiceSettings(replicas="x")
+
+
+def test_an_unknown_argument_is_refused() -> None:
+    with pytest.raises(SettingsError, match=r"^ServiceSettings\(nats_ulr=…\): 'nats://x:1' is not a setting$"):
+        ServiceSettings(nats_ulr="nats://x:1")  # type: ignore[call-arg]
+
+
+def test_other_interlock_variables_are_not_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INTERLOCK_TENANT", "acme")  # the CLI's, say
+    monkeypatch.setenv("INTERLOCK_AUDITOR_DB", "/tmp/x.sqlite3")
+    assert (ServiceSettings().replicas, WorkerSettings().concurrency) == (1, 8)
 
 
 def test_importing_with_a_bad_environment_does_not_fail() -> None:
     env = {**os.environ, "INTERLOCK_REPLICAS": "three", "INTERLOCK_SWEEP_S": "soon"}
     code = ("import interlock.runtime.service, interlock.worker\n"
             "from interlock.runtime.service import ServiceSettings\n"
-            "try:\n    ServiceSettings()\nexcept ValueError as e:\n    print(e)\n")
+            "from interlock.runtime.settings import SettingsError\n"
+            "try:\n    ServiceSettings()\nexcept SettingsError as e:\n    print(e)\n")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("INTERLOCK_REPLICAS: 'three' is not a whole number")

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+from typing import Any, Self
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ModelWrapValidatorHandler, ValidationError, model_validator
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -32,8 +32,10 @@ from interlock.runtime.payloads import DEFAULT_INLINE_LIMIT
 ENV_PREFIX = "INTERLOCK_"
 
 
-class SettingsError(ValueError):
-    """A setting's value cannot be used. The message names the variable and the problem."""
+class SettingsError(Exception):
+    """A setting's value cannot be used. The message names the variable and the problem.
+
+    Not a ValueError: pydantic would wrap that in a ValidationError of its own."""
 
 
 def _default_instance() -> str:
@@ -41,16 +43,19 @@ def _default_instance() -> str:
 
 
 class _Settings(BaseSettings):
-    """Base: the ``INTERLOCK_`` prefix, unknown variables ignored, clear errors."""
+    """Base: the ``INTERLOCK_`` prefix, unknown arguments refused, clear errors."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True,
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", populate_by_name=True,
                                       env_ignore_empty=True)  # VAR= means "not set", as it always has
 
-    def __init__(self, **values: Any) -> None:
+    @model_validator(mode="wrap")
+    @classmethod
+    def _clear_errors(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        # a wrap validator rather than an __init__ override keeps the typed constructor for mypy
         try:
-            super().__init__(**values)
+            return handler(data)
         except ValidationError as e:
-            raise settings_error(type(self), e) from None
+            raise settings_error(cls, e) from None
 
     @classmethod
     def env_name(cls, field: str) -> str:
@@ -90,6 +95,7 @@ _PROBLEMS = {
     "bool_parsing": "is not true or false (use 1/0, true/false, yes/no or on/off)",
     "bool_type": "is not true or false (use 1/0, true/false, yes/no or on/off)",
     "finite_number": "is not a finite number",
+    "extra_forbidden": "is not a setting",
 }
 _BOUNDS = {"greater_than_equal": ("ge", "at least"), "greater_than": ("gt", "more than"),
            "less_than_equal": ("le", "at most"), "less_than": ("lt", "less than")}
