@@ -128,7 +128,7 @@ class Worker:
         if not self.handlers:
             raise ValueError(f"worker {self.name!r} has no job handlers")
         settings = self.settings or WorkerSettings()
-        concurrency = self.concurrency or settings.concurrency
+        concurrency = settings.concurrency if self.concurrency is None else self.concurrency
         tracing.configure()
         self._stop.clear()
         self._nc = nc = await connect(self.nats_url or settings.nats_url, name=f"interlock-worker-{self.name}")
