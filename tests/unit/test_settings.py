@@ -13,7 +13,8 @@ from interlock.runtime.payloads import DEFAULT_INLINE_LIMIT
 from interlock.runtime.settings import ServiceSettings, SettingsError, WorkerSettings
 
 VARIABLES = ["INTERLOCK_NATS_URL", "INTERLOCK_REPLICAS", "INTERLOCK_INLINE_LIMIT", "INTERLOCK_SWEEP_S",
-             "INTERLOCK_PROVISION", "INTERLOCK_INSTANCE", "INTERLOCK_CONCURRENCY", "INTERLOCK_WORKER_CONCURRENCY"]
+             "INTERLOCK_PROVISION", "INTERLOCK_INSTANCE", "INTERLOCK_CONCURRENCY", "INTERLOCK_WORKER_CONCURRENCY",
+             "INTERLOCK_TRACING"]
 
 
 @pytest.fixture(autouse=True)
@@ -140,3 +141,12 @@ def test_importing_with_a_bad_environment_does_not_fail() -> None:
 
 def test_service_settings_are_importable_from_the_service_module() -> None:
     assert service_module.ServiceSettings is ServiceSettings
+
+
+def test_worker_tracing_export_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert WorkerSettings().tracing == "off"
+    monkeypatch.setenv("INTERLOCK_TRACING", "Console")
+    assert WorkerSettings().tracing == "console"
+    monkeypatch.setenv("INTERLOCK_TRACING", "otlp")
+    with pytest.raises(SettingsError, match=r"^INTERLOCK_TRACING: 'otlp' is not one of 'off' or 'console'$"):
+        WorkerSettings()

@@ -14,15 +14,16 @@ number``. Keyword arguments override the environment (tests and embedding code u
 - ``INTERLOCK_CONCURRENCY``: messages a service handles at once per consumer (64)
 - ``INTERLOCK_SWEEP_S``: seconds between reconciler passes, 0 = off (15)
 - ``INTERLOCK_WORKER_CONCURRENCY``: jobs a worker handles at once per topic (8)
+- ``INTERLOCK_TRACING``: a worker's span export, ``off`` or ``console`` (off)
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Self
+from typing import Any, Literal, Self
 
-from pydantic import Field, ModelWrapValidatorHandler, ValidationError, model_validator
+from pydantic import Field, ModelWrapValidatorHandler, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -84,6 +85,12 @@ class WorkerSettings(_Settings):
     concurrency: int = Field(8, ge=1, validation_alias="INTERLOCK_WORKER_CONCURRENCY",
                              description="jobs handled at once per topic")
     inline_limit: int = Field(DEFAULT_INLINE_LIMIT, ge=0, description="largest payload kept inline, in bytes")
+    tracing: Literal["off", "console"] = Field("off", description="span export: off, or console (print)")
+
+    @field_validator("tracing", mode="before")
+    @classmethod
+    def _any_case(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
 
 _PROBLEMS = {
@@ -103,6 +110,8 @@ _BOUNDS = {"greater_than_equal": ("ge", "at least"), "greater_than": ("gt", "mor
 
 def _problem(error: ErrorDetails) -> str:
     kind = error["type"]
+    if kind == "literal_error":
+        return f"is not one of {error.get('ctx', {}).get('expected')}"
     if kind in _PROBLEMS:
         return _PROBLEMS[kind]
     if kind in _BOUNDS:

@@ -10,7 +10,6 @@ the worker SDK continues it around the handler. Export is off unless configured:
 from __future__ import annotations
 
 import hashlib
-import os
 import uuid
 from typing import Any
 
@@ -25,13 +24,16 @@ _propagator = TraceContextTextMapPropagator()
 _configured = False
 
 
-def configure() -> None:
-    """Install a tracer provider once per process (unless the application installed one)."""
+def configure(export: str = "off") -> None:
+    """Install a tracer provider once per process (unless the application installed one).
+
+    ``export`` is ``"console"`` (print spans) or ``"off"``; processes pass their settings'
+    ``tracing`` (``INTERLOCK_TRACING``)."""
     global _configured
     if _configured:
         return
     _configured = True
-    if os.environ.get("INTERLOCK_TRACING", "").lower() == "console":
+    if export == "console":
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
         trace.set_tracer_provider(provider)

@@ -129,7 +129,7 @@ class Worker:
             raise ValueError(f"worker {self.name!r} has no job handlers")
         settings = self.settings or WorkerSettings()
         concurrency = settings.concurrency if self.concurrency is None else self.concurrency
-        tracing.configure()
+        tracing.configure(settings.tracing)
         self._stop.clear()
         self._nc = nc = await connect(self.nats_url or settings.nats_url, name=f"interlock-worker-{self.name}")
         js = nc.jetstream()
