@@ -25,17 +25,18 @@ from nats.aio.client import Client as NATS
 from nats.js.errors import BadRequestError
 
 from interlock.contracts import events as ev
+from interlock.contracts import headers as h
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import JobError
 from interlock.core import codec
 from interlock.core.eventstore import (
     WRONG_LAST_SEQUENCE,
     ChainBroken,
+    Conflict,
     EventStore,
     EventStoreError,
     RunHandle,
     StoredCommit,
-    _Conflict,
 )
 from interlock.core.natsserver import EmbeddedNats
 from interlock.core.run import Run
@@ -161,7 +162,7 @@ async def test_duplicate_msg_id_is_stored_once(nc: NATS) -> None:
                  for e in run.collect_events()]
     payload = codec.encode_commit(rid, tenant, envelopes)
     msg_id = f"{rid}@2:{envelopes[-1]['hash'][:16]}"
-    headers = {"Nats-Msg-Id": msg_id, "Nats-Expected-Last-Subject-Sequence": str(handle.stream_seq)}
+    headers = {h.MSG_ID: msg_id, h.EXPECTED_LAST_SUBJECT_SEQ: str(handle.stream_seq)}
     first = await js.publish(subject, payload, headers=headers)
     assert not first.duplicate
     # the same bytes, Msg-Id and expected sequence again (a retry after a lost ack)
@@ -175,13 +176,13 @@ async def test_duplicate_msg_id_is_stored_once(nc: NATS) -> None:
         assert second.duplicate and second.seq == first.seq
         behaviour = "duplicate ack"
     # with no expectation, or the one that now holds, the Msg-Id deduplicates
-    third = await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
+    third = await js.publish(subject, payload, headers={h.MSG_ID: msg_id})
     assert third.duplicate and third.seq == first.seq
-    fourth = await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id,
-                                                         "Nats-Expected-Last-Subject-Sequence": str(first.seq)})
+    fourth = await js.publish(subject, payload, headers={h.MSG_ID: msg_id,
+                                                         h.EXPECTED_LAST_SUBJECT_SEQ: str(first.seq)})
     assert fourth.duplicate and fourth.seq == first.seq
     # the store's own retry of that publish resolves to the copy that landed
-    assert await store._publish(subject, payload, msg_id, handle.stream_seq) == first.seq
+    assert await store.recorder.append(subject, payload, msg_id, handle.stream_seq) == first.seq
     print(f"\n[duplicate Msg-Id] identical retry -> {behaviour}; without or with a current expectation -> "
           "duplicate ack; one copy stored")
     commits = await store.read_commits(tenant, rid)
@@ -201,17 +202,17 @@ async def test_stale_retry_is_ours_or_a_conflict(nc: NATS, nc2: NATS) -> None:
 
     # the retry of a publish that landed: its expected sequence is now stale
     with pytest.raises(BadRequestError) as info:
-        await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id,
-                                                    "Nats-Expected-Last-Subject-Sequence": str(first.stream_seq)})
+        await js.publish(subject, payload, headers={h.MSG_ID: msg_id,
+                                                    h.EXPECTED_LAST_SUBJECT_SEQ: str(first.stream_seq)})
     assert info.value.err_code == WRONG_LAST_SEQUENCE
-    assert await store._landed(subject, msg_id) == mine.stream_seq  # it was ours
-    assert await store._publish(subject, payload, msg_id, first.stream_seq) == mine.stream_seq
+    assert await store.recorder._landed(subject, msg_id) == mine.stream_seq  # it was ours
+    assert await store.recorder.append(subject, payload, msg_id, first.stream_seq) == mine.stream_seq
 
     # another writer appends after it: the same stale retry is now a real conflict
     await other.update(tenant, rid, make_ready("b"))
-    assert await store._landed(subject, msg_id) is None
-    with pytest.raises(_Conflict):
-        await store._publish(subject, payload, msg_id, first.stream_seq)
+    assert await store.recorder._landed(subject, msg_id) is None
+    with pytest.raises(Conflict):
+        await store.recorder.append(subject, payload, msg_id, first.stream_seq)
 
     # update() on the stale cached copy: one conflict, reload, decide again, append
     before = store.stats["conflicts"]
@@ -362,7 +363,7 @@ async def test_failed_append_does_not_leave_unstored_events_in_the_cache(nc: NAT
     append would follow them and write a seq gap that no reader could ever replay."""
     store = store_on(nc, "writer")
     tenant, rid, _ = await new_run(store)
-    real = store._publish
+    real = store.recorder.append
     calls = 0
 
     async def flaky(*args: Any, **kwargs: Any) -> int:
@@ -372,7 +373,7 @@ async def test_failed_append_does_not_leave_unstored_events_in_the_cache(nc: NAT
             raise EventStoreError("append not acknowledged for 30s")
         return await real(*args, **kwargs)
 
-    monkeypatch.setattr(store, "_publish", flaky)
+    monkeypatch.setattr(store.recorder, "append", flaky)
     with pytest.raises(EventStoreError):
         await store.update(tenant, rid, make_ready("lost"))
     handle, appended = await store.update(tenant, rid, make_ready("b"))
@@ -389,12 +390,12 @@ async def test_read_commits_pages_through_interleaved_subjects(nc: NATS, monkeyp
     for i in range(20):
         await store.update(tenant, rid, make_ready(f"s{i}"))
         await store.update(other_tenant, other_rid, make_ready(f"o{i}"))
-    real = store._direct_get_batch
+    real = store.recorder._direct_get_batch
 
     async def small_batches(subject: str, start: int, size: int = 10_000) -> Any:
         return await real(subject, start, 7)
 
-    monkeypatch.setattr(store, "_direct_get_batch", small_batches)
+    monkeypatch.setattr(store.recorder, "_direct_get_batch", small_batches)
     envelopes = await assert_intact(store, tenant, rid, 21)
     assert [e["step_id"] for e in envelopes[1:]] == [f"s{i}" for i in range(20)]
     assert (await store.load(tenant, rid, fresh=True)).version == 21

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -21,16 +22,24 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header
 from nats.js.errors import BadRequestError, ServiceUnavailableError
+
+from interlock.contracts import subjects as s
+from interlock.core.retry import Backoff, retrying
 
 log = logging.getLogger(__name__)
 
 REQUEST_EXPIRES_S = 5.0
 IDLE_HEARTBEAT_S = 1.0
+# creating the consumer rides through a leader election at start-up (~5 s in a cluster)
+CREATE_BACKOFF = Backoff(first=0.2, cap=2.0)
+_STATUS = Header.STATUS.value  # set on the server's status messages (no data): 100, 404, 408, 409
 
 
 class PullConsumer:
+    """One durable consumer of ``subject`` on ``stream``; ``handler`` gets each message (and acks it)."""
+
     def __init__(self, nc: NATS, js: JetStreamContext, *, stream: str, durable: str, subject: str,
                  handler: Callable[[Msg], Awaitable[None]], concurrency: int = 64, ack_wait: float = 60.0,
                  max_ack_pending: int = 20_000) -> None:
@@ -58,25 +67,21 @@ class PullConsumer:
             ack_wait=self.ack_wait, max_ack_pending=self.max_ack_pending, deliver_policy=DeliverPolicy.ALL,
             max_deliver=-1,
         )
-        delay = 0.2
-        for attempt in range(60):  # rides through a leader election at start-up (~5 s in a cluster)
-            try:
-                await self.js.add_consumer(self.stream, config)
-                break
-            except BadRequestError as e:  # exists with another config: keep it, it still works
-                log.warning("consumer %s on %s exists with other settings (%s); using it", self.durable,
-                            self.stream, e.description)
-                break
-            except (TimeoutError, nats.errors.TimeoutError, ServiceUnavailableError, NoRespondersError) as e:
-                if attempt == 59:
-                    raise
-                log.warning("creating consumer %s on %s failed (%r); retrying", self.durable, self.stream, e)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        await retrying(functools.partial(self._create, config),
+                       what=f"creating consumer {self.durable} on {self.stream}", backoff=CREATE_BACKOFF,
+                       attempts=60, logger=log,
+                       passing=(TimeoutError, nats.errors.TimeoutError, ServiceUnavailableError, NoRespondersError))
         self._inbox = self.nc.new_inbox()
         self._sub = await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
         self._running = True
         self._loop_task = asyncio.create_task(self._pull_loop(), name=f"pull-{self.durable}")
+
+    async def _create(self, config: ConsumerConfig) -> None:
+        try:
+            await self.js.add_consumer(self.stream, config)
+        except BadRequestError as e:  # exists with another config: keep it, it still works
+            log.warning("consumer %s on %s exists with other settings (%s); using it", self.durable,
+                        self.stream, e.description)
 
     async def stop(self) -> None:
         self._running = False
@@ -92,7 +97,7 @@ class PullConsumer:
             await asyncio.wait(self._tasks, timeout=10)
 
     async def _pull_loop(self) -> None:
-        api = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}"
+        api = s.js_consumer_next(self.stream, self.durable)
         while self._running:
             if self._outstanding <= 0:
                 # wait for room: never ask for more than the handlers can take
@@ -122,7 +127,7 @@ class PullConsumer:
 
     async def _on_msg(self, msg: Msg) -> None:
         headers = msg.headers or {}
-        status = headers.get("Status") if not msg.data else None
+        status = headers.get(_STATUS) if not msg.data else None
         if status is not None:
             # status messages come on the request's own inbox; data messages keep their subject
             current = msg.subject.rsplit(".", 1)[-1] == str(self._request_id)

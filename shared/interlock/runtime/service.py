@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-import os
 import random
 import signal
-import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from faststream.nats import NatsBroker
@@ -29,32 +27,25 @@ from pydantic import BaseModel, ValidationError
 from interlock.contracts import subjects as s
 from interlock.core import codec
 from interlock.core.eventstore import EventStore, EventStoreError, RunNotFound, StaleState
+from interlock.core.retry import Backoff, retrying
 from interlock.core.run import IllegalTransition
 from interlock.core.topology import provision
-from interlock.runtime.connect import connect, resolve_url
+from interlock.runtime.connect import connect
 from interlock.runtime.consumer import PullConsumer
 from interlock.runtime.deadletter import dead_letter
-from interlock.runtime.payloads import DEFAULT_INLINE_LIMIT, PayloadStore
+from interlock.runtime.payloads import PayloadStore
 from interlock.runtime.registry import WorkflowNotFound, WorkflowRegistry
+from interlock.runtime.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
 MAX_DELIVERIES_BEFORE_DLQ = 8
+PROVISION_BACKOFF = Backoff(first=0.2, cap=5.0)
+REDELIVERY_BACKOFF = Backoff(first=0.2, cap=10.0)  # a failed message comes back after 0.4 s, 0.8 s, …
 
 
 class Poison(Exception):
     """A message that can never be processed: it goes to the dead-letter stream."""
-
-
-@dataclass
-class ServiceSettings:
-    nats_url: str = field(default_factory=resolve_url)
-    provision: bool = True
-    replicas: int = int(os.environ.get("INTERLOCK_REPLICAS", "1"))
-    inline_limit: int = int(os.environ.get("INTERLOCK_INLINE_LIMIT", str(DEFAULT_INLINE_LIMIT)))
-    instance: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    concurrency: int = 64  # messages handled at once per consumer
-    sweep_interval: float = float(os.environ.get("INTERLOCK_SWEEP_S", "15"))  # reconciler period, 0 = off
 
 
 CommitHandler = Callable[[str, str, list[dict[str, Any]]], Awaitable[None]]
@@ -113,18 +104,8 @@ class Service:
 
     async def _provision(self, patience: float = 120.0) -> None:
         """Provision, riding through a leader election or a busy server at start-up."""
-        deadline = asyncio.get_running_loop().time() + patience
-        delay = 0.2
-        while True:
-            try:
-                await provision(self.js, self.settings.replicas)
-                return
-            except Exception as e:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise
-                log.warning("%s: provisioning failed (%r); retrying", self.name, e)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        await retrying(functools.partial(provision, self.js, self.settings.replicas),
+                       what=f"{self.name}: provisioning", backoff=PROVISION_BACKOFF, patience=patience, logger=log)
 
     async def setup(self) -> None:
         """Hook for a service's own state before subscribers start."""
@@ -270,7 +251,7 @@ class Service:
         if deliveries >= MAX_DELIVERIES_BEFORE_DLQ:
             await self._dead_letter(msg, f"failed {deliveries} times, last: {type(error).__name__}: {error}")
             return
-        await msg.nak(delay=min(0.2 * 2 ** deliveries, 10.0))
+        await msg.nak(delay=REDELIVERY_BACKOFF.delay(deliveries))
 
     async def _dead_letter(self, msg: Msg, reason: str) -> None:
         await dead_letter(self.js, self.name, msg.subject, msg.data, reason, dict(msg.headers or {}))

@@ -10,7 +10,6 @@ the worker SDK continues it around the handler. Export is off unless configured:
 from __future__ import annotations
 
 import hashlib
-import os
 import uuid
 from typing import Any
 
@@ -19,17 +18,22 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from interlock.contracts import headers as h
+
 _propagator = TraceContextTextMapPropagator()
 _configured = False
 
 
-def configure() -> None:
-    """Install a tracer provider once per process (unless the application installed one)."""
+def configure(export: str = "off") -> None:
+    """Install a tracer provider once per process (unless the application installed one).
+
+    ``export`` is ``"console"`` (print spans) or ``"off"``; processes pass their settings'
+    ``tracing`` (``INTERLOCK_TRACING``)."""
     global _configured
     if _configured:
         return
     _configured = True
-    if os.environ.get("INTERLOCK_TRACING", "").lower() == "console":
+    if export == "console":
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
         trace.set_tracer_provider(provider)
@@ -44,7 +48,7 @@ def traceparent(run_id: str, job_id: str) -> str:
 
 def context_of(traceparent_value: str | None) -> Any:
     """The OpenTelemetry context a ``traceparent`` continues (empty context if absent)."""
-    return _propagator.extract({"traceparent": traceparent_value} if traceparent_value else {})
+    return _propagator.extract({h.TRACEPARENT: traceparent_value} if traceparent_value else {})
 
 
 tracer = trace.get_tracer("interlock")

@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from pydantic import ValidationError
 
+from interlock.contracts import headers as h
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import (
     AgentRegistration,
@@ -30,8 +31,9 @@ from interlock.runtime import tracing
 from interlock.runtime.connect import connect
 from interlock.runtime.consumer import PullConsumer
 from interlock.runtime.deadletter import dead_letter
-from interlock.runtime.payloads import DEFAULT_INLINE_LIMIT, PayloadStore
+from interlock.runtime.payloads import PayloadStore
 from interlock.runtime.publish import publish
+from interlock.runtime.settings import WorkerSettings
 from interlock.worker._errors import FatalError
 
 log = logging.getLogger("interlock.worker")
@@ -90,12 +92,15 @@ def _safe(token: str) -> str:
 class Worker:
     """A process's agent handlers, one durable consumer per job topic, shared with other copies."""
 
-    def __init__(self, name: str = "worker", *, nats_url: str | None = None, concurrency: int = 8,
-                 inline_limit: int = DEFAULT_INLINE_LIMIT) -> None:
+    def __init__(self, name: str = "worker", *, nats_url: str | None = None, concurrency: int | None = None,
+                 inline_limit: int | None = None, settings: WorkerSettings | None = None) -> None:
+        """Arguments left out (``None``) come from ``settings``, by default :class:`WorkerSettings`
+        read from the environment when the worker starts."""
         self.name = name
         self.nats_url = nats_url
         self.concurrency = concurrency
         self.inline_limit = inline_limit
+        self.settings = settings
         self.worker_id = _safe(f"{name}-{socket.gethostname()}-{os.getpid()}")
         self.handlers: dict[str, _Registration] = {}
         self._nc: NATS | None = None
@@ -122,16 +127,19 @@ class Worker:
     async def start(self) -> None:
         if not self.handlers:
             raise ValueError(f"worker {self.name!r} has no job handlers")
-        tracing.configure()
+        settings = self.settings or WorkerSettings()
+        concurrency = settings.concurrency if self.concurrency is None else self.concurrency
+        tracing.configure(settings.tracing)
         self._stop.clear()
-        self._nc = nc = await connect(self.nats_url, name=f"interlock-worker-{self.name}")
+        self._nc = nc = await connect(self.nats_url or settings.nats_url, name=f"interlock-worker-{self.name}")
         js = nc.jetstream()
-        self._payloads = PayloadStore(js, self.inline_limit)
+        inline_limit = settings.inline_limit if self.inline_limit is None else self.inline_limit
+        self._payloads = PayloadStore(js, inline_limit)
         await nc.subscribe(s.CONTROL_CANCEL_ALL, cb=self._on_cancel)
         for registration in self.handlers.values():
             consumer = PullConsumer(
                 nc, js, stream=s.JOBS_STREAM, durable=s.worker_consumer(registration.topic),
-                subject=s.job(registration.topic), concurrency=self.concurrency, ack_wait=10,
+                subject=s.job(registration.topic), concurrency=concurrency, ack_wait=10,
                 handler=functools.partial(self._handle, js, registration=registration),
             )
             await consumer.start()
@@ -228,7 +236,7 @@ class Worker:
             self._running.pop(job.job_id, None)
         # the result must land even through a leader election: retried, deduplicated by id
         await publish(js, s.result(job.tenant, job.run_id), result.model_dump_json().encode(),
-                      headers={"Nats-Msg-Id": f"result:{job.job_id}"}, patience=120.0)
+                      headers={h.MSG_ID: f"result:{job.job_id}"}, patience=120.0)
 
     async def _call(self, handler: JobHandler, ctx: JobContext, job: Job) -> Any:
         # the handler runs inside the run's trace (continued from the job's traceparent)

@@ -1,67 +1,47 @@
-"""The async event store: runs loaded by replay from JetStream, appended with optimistic concurrency.
+"""The run repository: runs loaded by replay, cached, brought forward, and appended to.
 
-- A run's log is the subject ``il.evt.{tenant}.{run_id}``; each message is one commit of events.
-- An append carries ``Nats-Expected-Last-Subject-Sequence`` (the stream sequence of the run's
-  last commit) and a ``Nats-Msg-Id`` derived from the run, the position and the content, so a
-  retried publish is deduplicated and a concurrent writer gets a conflict (10071), never a fork.
-- Loads use batched direct gets (one request for the whole run). Recently used runs stay in an
-  LRU cache and are brought forward by the commits a service consumes; a conflict throws the
-  cached copy away and replays.
+- A run's log is the subject ``subjects.run_events(tenant, run_id)``; each message is one commit
+  of events, appended through the :class:`~interlock.core.eventstore.recorder.JetStreamRecorder`
+  (conditional on the run's last stream sequence, deduplicated by a message id derived from the
+  run, the position and the content).
+- Loads replay the run's commits and check the hash chain. Recently used runs stay in an LRU
+  cache and are brought forward by the commits a service consumes (:meth:`EventStore.observe`);
+  a conflict throws the cached copy away and replays.
+- Updates of one run that queue up while another is appending are decided together and appended
+  as one commit (group commit).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-import nats.errors
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, ServiceUnavailableError
 
 from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
 from interlock.core import codec
+from interlock.core.eventstore.errors import (
+    ChainBroken,
+    Conflict,
+    EventStoreError,
+    RunExists,
+    RunNotFound,
+    StaleState,
+    TooManyConflicts,
+)
+from interlock.core.eventstore.recorder import JetStreamRecorder, StoredCommit
+from interlock.core.retry import Backoff, spread
 from interlock.core.run import IllegalTransition, Run
 
-log = logging.getLogger(__name__)
-
-WRONG_LAST_SEQUENCE = 10071
-DUPLICATE_IN_PROCESS = 10158
 MAX_COMMIT_EVENTS = 1024  # larger batches are split so one message stays well under max payload
-
-
-class EventStoreError(Exception):
-    """Base of event store errors."""
-
-
-class RunNotFound(EventStoreError):
-    def __init__(self, tenant: str, run_id: str) -> None:
-        super().__init__(f"run {run_id} not found for tenant {tenant!r}")
-        self.tenant = tenant
-        self.run_id = run_id
-
-
-class ChainBroken(EventStoreError):
-    """The stored log is not a gap-free hash chain: it was edited, reordered or truncated."""
-
-
-class TooManyConflicts(EventStoreError):
-    pass
-
-
-class RunExists(EventStoreError):
-    def __init__(self, handle: RunHandle) -> None:
-        super().__init__(f"run {handle.run_id} already exists")
-        self.handle = handle
+# after a conflict: back off a little, growing, spread per run (1 ms, 2 ms, … up to 50 ms)
+CONFLICT_BACKOFF = Backoff(first=0.001, cap=0.05, growth=1.0, step=0.001)
 
 
 @dataclass
@@ -82,12 +62,6 @@ class RunHandle:
         return int(self.run.version)
 
 
-@dataclass
-class StoredCommit:
-    stream_seq: int
-    envelopes: list[dict[str, Any]]
-
-
 Decide = Callable[[Run], Awaitable[None] | None]
 
 
@@ -96,77 +70,24 @@ class EventStore:
 
     def __init__(self, nc: NATS, js: JetStreamContext, *, service: str, cache_size: int = 1024,
                  publish_timeout: float = 5.0, failover_patience: float = 30.0) -> None:
+        self.recorder = JetStreamRecorder(nc, js, stream=s.EVENTS_STREAM, publish_timeout=publish_timeout,
+                                          failover_patience=failover_patience)
         self.nc = nc
         self.js = js
         self.service = service
         self.cache_size = cache_size
-        self.publish_timeout = publish_timeout
-        self.failover_patience = failover_patience
         self._cache: OrderedDict[tuple[str, str], RunHandle] = OrderedDict()
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         # highest stream sequence of each run's commits this process has seen delivered: a cached
         # or freshly loaded run behind it is stale (the commit may have arrived mid-load)
         self._seen: OrderedDict[tuple[str, str], int] = OrderedDict()
         self.stats = {"appends": 0, "conflicts": 0, "loads": 0, "cache_hits": 0, "grouped": 0}
-        self._inbox: str | None = None
-        self._request_no = 0
-        self._replies: dict[str, asyncio.Queue[Msg]] = {}
         self._pending: dict[tuple[str, str], list[_Pending]] = {}
 
     # -- reading -----------------------------------------------------------------------------
     async def read_commits(self, tenant: str, run_id: str, after_seq: int = 0) -> list[StoredCommit]:
         """Every commit of a run after stream sequence ``after_seq``, in order (batched direct get)."""
-        subject = s.run_events(tenant, run_id)
-        commits: list[StoredCommit] = []
-        start = after_seq + 1
-        while True:
-            batch, pending, last = await self._direct_get_batch(subject, start)
-            commits.extend(batch)
-            if pending == 0 or not batch:
-                return commits
-            start = max(last, batch[-1].stream_seq) + 1
-
-    async def _reply_inbox(self) -> str:
-        """One wildcard inbox subscription for every direct get this store makes (no SUB/UNSUB
-        round per load)."""
-        if self._inbox is None:
-            prefix = self.nc.new_inbox()
-
-            async def route(msg: Msg) -> None:
-                queue = self._replies.get(msg.subject)
-                if queue is not None:
-                    queue.put_nowait(msg)
-
-            await self.nc.subscribe(f"{prefix}.*", cb=route)
-            self._inbox = prefix
-        self._request_no += 1
-        return f"{self._inbox}.{self._request_no}"
-
-    async def _direct_get_batch(self, subject: str, start: int, size: int = 10_000
-                                ) -> tuple[list[StoredCommit], int, int]:
-        inbox = await self._reply_inbox()
-        queue: asyncio.Queue[Msg] = asyncio.Queue()
-        self._replies[inbox] = queue
-        try:
-            request = json.dumps({"seq": start, "next_by_subj": subject, "batch": size}).encode()
-            await self.nc.publish(f"$JS.API.DIRECT.GET.{s.EVENTS_STREAM}", request, reply=inbox)
-            commits: list[StoredCommit] = []
-            while True:
-                msg = await asyncio.wait_for(queue.get(), timeout=self.publish_timeout)
-                headers = msg.headers or {}
-                status = headers.get("Status")
-                if status:
-                    if status == "404":  # nothing on the subject from `start` on
-                        return commits, 0, 0
-                    if status == "204":  # end of batch
-                        return (commits, int(headers.get("Nats-Num-Pending", "0")),
-                                int(headers.get("Nats-Last-Sequence", "0")))
-                    raise EventStoreError(f"direct get on {subject} failed: {status} "
-                                          f"{headers.get('Description', '')}")
-                raw = codec.decode_commit_raw(msg.data)
-                commits.append(StoredCommit(int(headers["Nats-Sequence"]), raw["events"]))
-        finally:
-            del self._replies[inbox]
+        return await self.recorder.read_commits(s.run_events(tenant, run_id), after_seq)
 
     def _replay(self, commits: list[StoredCommit], tenant: str, run_id: str,
                 handle: RunHandle | None = None) -> RunHandle | None:
@@ -235,6 +156,7 @@ class EventStore:
         return handle
 
     async def exists(self, tenant: str, run_id: str) -> bool:
+        """Whether the run has any stored commit (loading it into the cache if so)."""
         try:
             await self.load(tenant, run_id)
         except RunNotFound:
@@ -252,6 +174,7 @@ class EventStore:
             self._cache.popitem(last=False)
 
     def forget(self, tenant: str, run_id: str) -> None:
+        """Drop the cached copy of a run: the next load replays it."""
         self._cache.pop((tenant, run_id), None)
 
     def observe(self, tenant: str, run_id: str, stream_seq: int, payload: bytes) -> None:
@@ -306,7 +229,7 @@ class EventStore:
             try:
                 handle, _ = await self._append(blank, run.collect_events())
                 return handle
-            except _Conflict:
+            except Conflict:
                 handle = await self.load(tenant, rid, fresh=True)
                 raise RunExists(handle) from None
 
@@ -380,12 +303,11 @@ class EventStore:
                 return
             try:
                 result = await self._append(handle, new_events)
-            except _Conflict:
+            except Conflict:
                 self.stats["conflicts"] += 1
                 self.forget(tenant, run_id)
                 fresh = True
-                # back off a little, growing, with jitter from the attempt number
-                await asyncio.sleep(min(0.05, 0.001 * (attempt + 1)) * (1 + (hash(run_id) % 7) / 7))
+                await asyncio.sleep(spread(CONFLICT_BACKOFF.delay(attempt), run_id))
                 continue
             except BaseException:
                 # the cached run holds events that may not be stored: never append after them
@@ -405,6 +327,7 @@ class EventStore:
 
     async def _append(self, handle: RunHandle, new_events: Sequence[Any]
                       ) -> tuple[RunHandle, list[dict[str, Any]]]:
+        """Chain ``new_events`` onto ``handle`` and append them (in chunks of MAX_COMMIT_EVENTS)."""
         tenant, run_id = handle.tenant, handle.run_id
         subject = s.run_events(tenant, run_id)
         prev = handle.last_hash
@@ -418,68 +341,11 @@ class EventStore:
             chunk = envelopes[start:start + MAX_COMMIT_EVENTS]
             payload = codec.encode_commit(run_id, tenant, chunk)
             msg_id = f"{run_id}@{chunk[0]['seq']}:{chunk[-1]['hash'][:16]}"
-            stream_seq = await self._publish(subject, payload, msg_id, stream_seq)
+            stream_seq = await self.recorder.append(subject, payload, msg_id, stream_seq)
             self.stats["appends"] += 1
         new_handle = RunHandle(run=handle.run, tenant=tenant, stream_seq=stream_seq, last_hash=prev)
         self._remember(new_handle)
         return new_handle, envelopes
-
-    async def _publish(self, subject: str, payload: bytes, msg_id: str, expected_seq: int) -> int:
-        headers = {"Nats-Msg-Id": msg_id, "Nats-Expected-Last-Subject-Sequence": str(expected_seq)}
-        deadline = time.monotonic() + self.failover_patience
-        delay = 0.05
-        while True:
-            try:
-                ack = await self.js.publish(subject, payload, headers=headers, timeout=self.publish_timeout)
-                return int(ack.seq)
-            except BadRequestError as e:
-                if e.err_code == WRONG_LAST_SEQUENCE:
-                    # maybe our own earlier try landed (ambiguous timeout, then a retry)
-                    landed = await self._landed(subject, msg_id)
-                    if landed is not None:
-                        return landed
-                    raise _Conflict() from None
-                if e.err_code != DUPLICATE_IN_PROCESS or time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(delay)  # our first copy is still being stored: ask again
-                delay = min(delay * 2, 1.0)
-            except (nats.errors.TimeoutError, NoStreamResponseError, ServiceUnavailableError,
-                    nats.errors.NoRespondersError, nats.errors.ConnectionReconnectingError) as e:
-                # no ack: a stream-leader election, a reconnect, or the write landed and the
-                # ack was lost. Find out before trying again.
-                landed = await self._landed(subject, msg_id)
-                if landed is not None:
-                    return landed
-                if time.monotonic() > deadline:
-                    raise EventStoreError(f"append to {subject} failed for {self.failover_patience}s: {e!r}"
-                                          ) from e
-                log.warning("append to %s not acknowledged (%r); retrying", subject, e)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-            except APIError as e:  # e.g. 10158 "duplicate message id is in process" in a cluster
-                if time.monotonic() > deadline:
-                    raise
-                log.warning("append to %s failed (%r); retrying", subject, e)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-
-    async def _landed(self, subject: str, msg_id: str) -> int | None:
-        """Stream sequence of the subject's last message if it carries ``msg_id``."""
-        try:
-            msg = await self.js.get_last_msg(s.EVENTS_STREAM, subject, direct=True)
-        except Exception:
-            return None
-        if msg.headers and msg.headers.get("Nats-Msg-Id") == msg_id and msg.seq is not None:
-            return int(msg.seq)
-        return None
-
-
-class _Conflict(Exception):
-    """Another writer appended first."""
-
-
-class StaleState(EventStoreError):
-    """Raised by a decide whose input (a result, a timer) is newer than the run it was given."""
 
 
 @dataclass
@@ -489,14 +355,4 @@ class _Pending:
     future: asyncio.Future[tuple[RunHandle, list[dict[str, Any]]]]
 
 
-__all__ = [
-    "ChainBroken",
-    "EventStore",
-    "EventStoreError",
-    "IllegalTransition",
-    "RunExists",
-    "RunHandle",
-    "RunNotFound",
-    "StaleState",
-    "TooManyConflicts",
-]
+__all__ = ["Decide", "EventStore", "RunHandle"]

@@ -1,0 +1,179 @@
+"""The JetStream side of the event store: conditional appends and batched reads of one subject.
+
+- An append carries ``headers.EXPECTED_LAST_SUBJECT_SEQ`` (the stream sequence of the subject's
+  last message) and a deterministic ``headers.MSG_ID``, so a retried publish is deduplicated and
+  a concurrent writer gets :class:`Conflict` (10071), never a fork.
+- A lost ack (timeout, leader election, reconnect) is resolved by reading the subject's last
+  message: if it carries our message id the append landed. Otherwise the recorder tries again
+  for up to ``failover_patience`` seconds.
+- Reads are batched direct gets (one request for a whole run) on one shared reply inbox.
+
+It knows subjects, payload bytes and sequences; runs, caches and hash chains are the
+repository's (:mod:`interlock.core.eventstore.repository`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import Header
+from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, ServiceUnavailableError
+
+from interlock.contracts import headers as h
+from interlock.contracts import subjects as s
+from interlock.core import codec
+from interlock.core.eventstore.errors import Conflict, EventStoreError
+from interlock.core.retry import Backoff, Retry
+
+log = logging.getLogger("interlock.core.eventstore")
+
+WRONG_LAST_SEQUENCE = 10071
+DUPLICATE_IN_PROCESS = 10158  # a retry raced the first copy inside the cluster: try again
+APPEND_BACKOFF = Backoff(first=0.05, cap=1.0)
+
+# Headers of a direct-get reply, set by the server.
+_STATUS = Header.STATUS.value
+_DESCRIPTION = Header.DESCRIPTION.value
+# TODO(contracts): declare these three in interlock.contracts.headers and import them from there.
+_SEQUENCE = "Nats-Sequence"  # stream sequence of the message returned
+_NUM_PENDING = "Nats-Num-Pending"  # end of batch: messages left after it
+_LAST_SEQUENCE = "Nats-Last-Sequence"  # end of batch: stream sequence the batch stopped at
+
+# No ack: a stream-leader election, a reconnect, or the write landed and the ack was lost.
+_NO_ACK = (nats.errors.TimeoutError, NoStreamResponseError, ServiceUnavailableError,
+           nats.errors.NoRespondersError, nats.errors.ConnectionReconnectingError)
+
+
+@dataclass
+class StoredCommit:
+    """One stored message of a run's log: its stream sequence and the event envelopes it holds."""
+
+    stream_seq: int
+    envelopes: list[dict[str, Any]]
+
+
+class JetStreamRecorder:
+    """Appends to and reads from subjects of one stream. Safe for concurrent tasks."""
+
+    def __init__(self, nc: NATS, js: JetStreamContext, *, stream: str = s.EVENTS_STREAM,
+                 publish_timeout: float = 5.0, failover_patience: float = 30.0) -> None:
+        self.nc = nc
+        self.js = js
+        self.stream = stream
+        self.publish_timeout = publish_timeout
+        self.failover_patience = failover_patience
+        self._inbox: str | None = None
+        self._request_no = 0
+        self._replies: dict[str, asyncio.Queue[Msg]] = {}
+
+    # -- reading -----------------------------------------------------------------------------
+    async def read_commits(self, subject: str, after_seq: int = 0) -> list[StoredCommit]:
+        """Every commit on ``subject`` after stream sequence ``after_seq``, in order."""
+        commits: list[StoredCommit] = []
+        start = after_seq + 1
+        while True:
+            batch, pending, last = await self._direct_get_batch(subject, start)
+            commits.extend(batch)
+            if pending == 0 or not batch:
+                return commits
+            start = max(last, batch[-1].stream_seq) + 1
+
+    async def _reply_inbox(self) -> str:
+        """One wildcard inbox subscription for every direct get this recorder makes (no SUB/UNSUB
+        round per load)."""
+        if self._inbox is None:
+            prefix = self.nc.new_inbox()
+
+            async def route(msg: Msg) -> None:
+                queue = self._replies.get(msg.subject)
+                if queue is not None:
+                    queue.put_nowait(msg)
+
+            await self.nc.subscribe(f"{prefix}.*", cb=route)
+            self._inbox = prefix
+        self._request_no += 1
+        return f"{self._inbox}.{self._request_no}"
+
+    async def _direct_get_batch(self, subject: str, start: int, size: int = 10_000
+                                ) -> tuple[list[StoredCommit], int, int]:
+        """Up to ``size`` commits from ``start`` on, the number still pending, the last sequence."""
+        inbox = await self._reply_inbox()
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._replies[inbox] = queue
+        try:
+            request = json.dumps({"seq": start, "next_by_subj": subject, "batch": size}).encode()
+            await self.nc.publish(s.js_direct_get(self.stream), request, reply=inbox)
+            commits: list[StoredCommit] = []
+            while True:
+                msg = await asyncio.wait_for(queue.get(), timeout=self.publish_timeout)
+                headers = msg.headers or {}
+                status = headers.get(_STATUS)
+                if status:
+                    if status == "404":  # nothing on the subject from `start` on
+                        return commits, 0, 0
+                    if status == "204":  # end of batch
+                        return (commits, int(headers.get(_NUM_PENDING, "0")),
+                                int(headers.get(_LAST_SEQUENCE, "0")))
+                    raise EventStoreError(f"direct get on {subject} failed: {status} "
+                                          f"{headers.get(_DESCRIPTION, '')}")
+                raw = codec.decode_commit_raw(msg.data)
+                commits.append(StoredCommit(int(headers[_SEQUENCE]), raw["events"]))
+        finally:
+            del self._replies[inbox]
+
+    # -- writing -----------------------------------------------------------------------------
+    async def append(self, subject: str, payload: bytes, msg_id: str, expected_seq: int) -> int:
+        """Publish ``payload`` if the subject's last message is still at ``expected_seq``.
+
+        Returns the stream sequence it was stored at (also when an earlier try of the same
+        ``msg_id`` landed and only its ack was lost). Raises :class:`Conflict` when another
+        writer appended first, :class:`EventStoreError` when no ack came for ``failover_patience``.
+        """
+        headers = {h.MSG_ID: msg_id, h.EXPECTED_LAST_SUBJECT_SEQ: str(expected_seq)}
+        retry = Retry(APPEND_BACKOFF, patience=self.failover_patience)
+        while True:
+            try:
+                ack = await self.js.publish(subject, payload, headers=headers, timeout=self.publish_timeout)
+                return int(ack.seq)
+            except BadRequestError as e:
+                if e.err_code == WRONG_LAST_SEQUENCE:
+                    # maybe our own earlier try landed (ambiguous timeout, then a retry)
+                    landed = await self._landed(subject, msg_id)
+                    if landed is not None:
+                        return landed
+                    raise Conflict() from None
+                if e.err_code != DUPLICATE_IN_PROCESS or retry.exhausted:
+                    raise
+                # our first copy is still being stored: ask again
+            except _NO_ACK as e:
+                # find out whether it landed before trying again
+                landed = await self._landed(subject, msg_id)
+                if landed is not None:
+                    return landed
+                if retry.exhausted:
+                    raise EventStoreError(f"append to {subject} failed for {self.failover_patience}s: {e!r}"
+                                          ) from e
+                log.warning("append to %s not acknowledged (%r); retrying", subject, e)
+            except APIError as e:  # e.g. 10158 "duplicate message id is in process" in a cluster
+                if retry.exhausted:
+                    raise
+                log.warning("append to %s failed (%r); retrying", subject, e)
+            await retry.wait()
+
+    async def _landed(self, subject: str, msg_id: str) -> int | None:
+        """Stream sequence of the subject's last message if it carries ``msg_id``."""
+        try:
+            msg = await self.js.get_last_msg(self.stream, subject, direct=True)
+        except Exception:
+            return None
+        if msg.headers and msg.headers.get(h.MSG_ID) == msg_id and msg.seq is not None:
+            return int(msg.seq)
+        return None
