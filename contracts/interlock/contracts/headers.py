@@ -20,3 +20,13 @@ SCHEDULE_TARGET = "Nats-Schedule-Target"
 
 TRACEPARENT = "traceparent"
 """W3C trace context of the message's run and step."""
+
+# Headers of a batched direct-get reply, set by the server.
+SEQUENCE = "Nats-Sequence"
+"""Stream sequence of the message returned."""
+
+NUM_PENDING = "Nats-Num-Pending"
+"""End of a batch: messages left after it."""
+
+LAST_SEQUENCE = "Nats-Last-Sequence"
+"""End of a batch: the stream sequence the batch stopped at."""

@@ -42,10 +42,9 @@ APPEND_BACKOFF = Backoff(first=0.05, cap=1.0)
 # Headers of a direct-get reply, set by the server.
 _STATUS = Header.STATUS.value
 _DESCRIPTION = Header.DESCRIPTION.value
-# TODO(contracts): declare these three in interlock.contracts.headers and import them from there.
-_SEQUENCE = "Nats-Sequence"  # stream sequence of the message returned
-_NUM_PENDING = "Nats-Num-Pending"  # end of batch: messages left after it
-_LAST_SEQUENCE = "Nats-Last-Sequence"  # end of batch: stream sequence the batch stopped at
+_SEQUENCE = h.SEQUENCE
+_NUM_PENDING = h.NUM_PENDING
+_LAST_SEQUENCE = h.LAST_SEQUENCE
 
 # No ack: a stream-leader election, a reconnect, or the write landed and the ack was lost.
 _NO_ACK = (nats.errors.TimeoutError, NoStreamResponseError, ServiceUnavailableError,
