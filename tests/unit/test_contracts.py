@@ -154,8 +154,8 @@ def test_headers_contract(doc: dict[str, Any]) -> None:
         (ref,) = doc["channels"][channel_id]["messages"].values()
         return set(_resolve(doc, ref["$ref"])["headers"]["required"])
 
-    assert header_names(cat.RUN_EVENTS.id) == {"Nats-Msg-Id", "Nats-Expected-Last-Subject-Sequence"}  # literal: pins the published contract
-    assert "Nats-Msg-Id" in header_names(cat.RESULTS.id)  # literal: pins the published contract
+    assert header_names(cat.RUN_EVENTS.id) == {"Nats-Msg-Id", "Nats-Expected-Last-Subject-Sequence"}  # literal: pinned
+    assert "Nats-Msg-Id" in header_names(cat.RESULTS.id)  # literal: pinned
     commit = _resolve(doc, doc["channels"][cat.RUN_EVENTS.id]["messages"]["Commit"]["$ref"])
     assert set(commit["x-interlock-event-data"]) == set(ev.EVENT_TYPES)
 
@@ -163,8 +163,9 @@ def test_headers_contract(doc: dict[str, Any]) -> None:
 def test_worker_protocol_is_documented(doc: dict[str, Any]) -> None:
     text = doc["info"]["description"]
     for needle in ("run_id:step_id@attempt", "worker_", s.JOBS_STREAM, cat.JOBS.address, cat.HEARTBEATS.address,
-                   cat.RESULTS.address, "heartbeat_interval_ms", "result:", "Nats-Msg-Id",  # literal: pins the published contract
-                   "Nats-Expected-Last-Subject-Sequence", s.PAYLOADS_OBJECT_STORE, "PayloadRef", "prev_hash",  # literal: pins the published contract
+                   cat.RESULTS.address, "heartbeat_interval_ms", "result:", "Nats-Msg-Id",  # literal: pinned
+                   "Nats-Expected-Last-Subject-Sequence",  # literal: pinned
+                   s.PAYLOADS_OBJECT_STORE, "PayloadRef", "prev_hash",
                    "sha256", s.AGENTS_BUCKET):
         assert needle in text, needle
     assert doc["x-interlock-key-value"][s.AGENTS_BUCKET]["value"] == {
@@ -421,7 +422,7 @@ def test_channel_patterns_build_the_subjects_they_document() -> None:
         for f in ch.filters:
             if isinstance(f, cat.Pattern):
                 assert f.address.split(".")[:2] == ch.address.split(".")[:2]
-    assert cat.JOBS.address == "il.job.{topic}"  # literal: pins the published contract
+    assert cat.JOBS.address == "il.job.{topic}"  # literal: pinned
     assert s.worker_consumer("llm.summarize") == "worker_llm_summarize"
 
 
