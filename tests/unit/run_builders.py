@@ -30,9 +30,13 @@ def start(wf: Workflow, run_input: Any = None, **started: Any) -> Run:
 
 
 def advance(run: Run, wf: Workflow, outputs: dict[str, Any] | None = None, now: datetime | None = None) -> Run:
-    """Let the planner append whatever follows from the run's state."""
-    plan(run, wf, outputs or {}, run.input, now or datetime.now(UTC))
-    return run
+    """Let the planner append whatever follows from the run's state, pass after pass until a
+    pass appends nothing (the service plans again after each commit of its own)."""
+    while True:
+        version = run.version
+        plan(run, wf, outputs or {}, run.input, now or datetime.now(UTC))
+        if run.version == version:
+            return run
 
 
 def started_run(wf: Workflow, run_input: Any = None) -> Run:

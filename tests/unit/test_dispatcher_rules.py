@@ -374,7 +374,9 @@ def test_the_reconciler_finds_overdue_deadlines_and_silent_workers() -> None:
     rules.record_heartbeat(run, wf, beat(run, "b"), now() + timedelta(seconds=1), first=True)
     heard = run.steps["b"].last_heartbeat_at
     assert heard is not None and run.steps["b"].status == "running"
-    silent = heard + timedelta(seconds=7.5)  # two leases and the grace
+    quiet = heard + timedelta(seconds=6.5)  # quiet, but not yet for two leases and the grace
+    assert timer(run, "lease", quiet, "b") not in rules.overdue_timers(run, wf, quiet, set())
+    silent = heard + timedelta(seconds=7.5)
     b_job = run.steps["b"].job_id or ""
     assert timer(run, "lease", silent, "b") in rules.overdue_timers(run, wf, silent, set())
     assert timer(run, "lease", silent, "b") not in rules.overdue_timers(run, wf, silent, {b_job})
