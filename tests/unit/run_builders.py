@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from interlock.contracts import events as ev
 from interlock.core.run import Run
@@ -58,6 +58,11 @@ def succeed(run: Run, step_id: str, output: Any = None) -> None:
     run.succeed_step(ev.StepSucceeded(step_id=step_id, attempt=run.steps[step_id].attempt, output=output))
 
 
+def appended(run: Run) -> list[ev.EventData]:
+    """The event data the run appended since the last call (and forgets them)."""
+    return [cast(Any, e).data for e in run.collect_events()]
+
+
 def types(run: Run) -> list[str]:
     """The event types the run appended since the last call (and forgets them)."""
-    return [type(e.data).type_name for e in run.collect_events()]
+    return [type(data).type_name for data in appended(run)]

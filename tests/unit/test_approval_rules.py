@@ -12,7 +12,7 @@ from interlock.contracts import events as ev
 from interlock.contracts.messages import ApprovalDecision, TimerFired
 from interlock.core.run import IllegalTransition, Run
 from interlock.core.workflow import Workflow
-from tests.unit.run_builders import decide, started_run, types, workflow
+from tests.unit.run_builders import appended, decide, started_run, types, workflow
 
 GATED = {"topic": "t.deploy", "input": {"env": "{{ input.env }}"}, "require_approval": True}
 APPROVAL = {"type": "approval", "approvers": "sre", "prompt": "deploy to {{ input.env }}?"}
@@ -88,8 +88,8 @@ def test_request_falls_back_to_the_step_and_renders_its_prompt() -> None:
     assert expiry == fired(run, "approval_expiry", t0 + timedelta(seconds=5))
     approval = run.steps["a"].approval
     assert approval is not None and approval.approver_role == "sre" and approval.escalate_at is None
-    [event] = run.collect_events()
-    assert isinstance(event.data, ev.ApprovalRequested) and event.data.prompt == "deploy to dev?"
+    [event] = appended(run)
+    assert isinstance(event, ev.ApprovalRequested) and event.prompt == "deploy to dev?"
 
 
 def test_prompts_default_and_survive_a_bad_template() -> None:

@@ -217,7 +217,7 @@ def test_non_retryable_failure_and_failure_without_reason() -> None:
     assert run.steps["a"].status == "failed" and a_error is not None and a_error.message == "bad input"
     [retry] = rules.record_result(run, wf, result(run, "b", ok=False), None, now(), 0.5)
     b_error = run.steps["b"].error
-    assert retry.kind == "retry" and b_error is not None
+    assert isinstance(retry, TimerFired) and retry.kind == "retry" and b_error is not None
     assert b_error.message == "the worker reported a failure without a reason"
 
 
@@ -293,7 +293,7 @@ def test_heartbeats_renew_the_lease_and_the_log_keeps_every_third_of_it() -> Non
     assert rules.record_heartbeat(run, wf, beat(run), early, first=False) == []  # lease already set
     later = since + timedelta(seconds=3)
     [lease] = rules.record_heartbeat(run, wf, beat(run), later, first=False)
-    assert lease.due_at == later + timedelta(seconds=9)
+    assert lease == timer(run, "lease", later + timedelta(seconds=9))
     assert types(run) == [ev.StepHeartbeat.type_name] and run.steps["a"].status == "running"
 
 

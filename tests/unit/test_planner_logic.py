@@ -20,7 +20,7 @@ from interlock.core.steps import (
 )
 from interlock.core.workflow import Workflow
 from interlock.planner.logic import Spill, plan
-from tests.unit.run_builders import advance, decide, start, started_run, types, workflow
+from tests.unit.run_builders import advance, appended, decide, start, started_run, types, workflow
 
 
 def finish(run: Run, wf: Workflow, step_id: str, output: Any = None, *, ok: bool = True) -> None:
@@ -86,7 +86,7 @@ def test_a_false_condition_skips_and_skips_propagate() -> None:
                   d={"topic": "t.d", "depends_on": ["b", "c"]})
     run = started_run(wf, {"go": False})
     assert statuses(run) == {"a": "skipped", "b": "skipped", "c": "ready"}
-    assert [e.data.reason for e in run.collect_events() if isinstance(e.data, ev.StepSkipped)] == [
+    assert [d.reason for d in appended(run) if isinstance(d, ev.StepSkipped)] == [
         "condition is false: {{ input.go }}", "every dependency was skipped"]
     finish(run, wf, "c")
     # d depends on a skipped and a succeeded step: it runs
@@ -152,7 +152,7 @@ def test_compensation_undoes_the_latest_first_then_fails_the_run() -> None:
     finish(run, wf, "b", {"id": "B"})
     run.collect_events()
     finish(run, wf, "c", ok=False)
-    started = [e.data for e in run.collect_events() if isinstance(e.data, ev.CompensationStarted)]
+    started = [d for d in appended(run) if isinstance(d, ev.CompensationStarted)]
     assert [(d.failed_step, d.steps) for d in started] == [("c", ["b", "a"])]
     undo_b = run.steps[compensation_id("b")]
     assert (undo_b.topic, undo_b.compensation_of, undo_b.step_type) == ("t.undo_b", "b", "job")
