@@ -31,13 +31,13 @@ PROGRESS_EVENTS = ev.kinds(
     ev.RunStarted, ev.StepSucceeded, ev.StepFailed, ev.StepSkipped, ev.StepExpanded, ev.CompensationStarted,
 )
 
-# a Trigger message's own subjects (``il.trigger.<workflow>``); any other subject in the stream
-# is a workflow's declared trigger subject
+# the subjects of Trigger messages (``subjects.trigger(workflow_id)``); any other subject in the
+# triggers stream is a workflow's declared trigger subject, whose body is the run's input
 _TRIGGER_SUBJECT_PREFIX = s.TRIGGERS_ALL.removesuffix(">")
 
 
 def is_trigger_subject(subject: str) -> bool:
-    """True for ``il.trigger.<workflow>``, where the body is a Trigger (not a workflow's own subject)."""
+    """True for ``subjects.trigger(workflow_id)``, where the body is a Trigger (not a workflow's own subject)."""
     return subject.startswith(_TRIGGER_SUBJECT_PREFIX)
 
 
@@ -52,7 +52,7 @@ class PlannerService(Service):
         await self.policy.stop()
 
     def register(self, broker: NatsBroker) -> None:
-        # the whole triggers stream: il.trigger.> and the workflows' own trigger subjects, which
+        # the whole triggers stream: subjects.TRIGGERS_ALL and the workflows' own trigger subjects, which
         # the registry adds to the stream when a workflow declares them
         self.pull(broker, ">", s.TRIGGERS_STREAM, self.durable("triggers"), self.on_trigger)
         self.pull_commits(broker, self.on_commit, wants=PROGRESS_EVENTS)
@@ -105,7 +105,8 @@ class PlannerService(Service):
             await self.advance(trigger.tenant, str(run_id))
 
     async def parse_trigger(self, msg: Msg) -> Trigger:
-        """A Trigger on ``il.trigger.*``; on a workflow's own trigger subject, any JSON body is its input."""
+        """A Trigger on ``subjects.trigger(workflow_id)``; on a workflow's own trigger subject, any
+        JSON body is its input."""
         if is_trigger_subject(msg.subject):
             try:
                 trigger = Trigger.model_validate_json(msg.data)
