@@ -23,8 +23,8 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
-from interlock.policy.cedar import CedarPolicy, PolicyBundle
-from interlock.policy.engine import JobRequest, PolicyOutcome
+from interlock.core.policy.cedar import CedarPolicy, PolicyBundle
+from interlock.core.policy.engine import JobRequest, PolicyOutcome
 
 T = TypeVar("T")
 

@@ -474,10 +474,9 @@ async def cmd_rerun(args: argparse.Namespace, nc: NATS) -> int:
 
 
 async def cmd_policy(args: argparse.Namespace, nc: NATS) -> int:
+    from interlock.core.policy import DEFAULT_BUNDLE, CedarPolicy, PolicyBundle, PolicyError, request_for
     from interlock.core.topology import provision as provision_all
-    from interlock.policy.bundles import BundleStore
-    from interlock.policy.cedar import DEFAULT_BUNDLE, CedarPolicy, PolicyBundle, PolicyError
-    from interlock.policy.tools import request_for, simulate
+    from interlock.runtime.policy import BundleStore, simulate
 
     await provision_all(nc.jetstream())
     store = BundleStore(nc.jetstream())
@@ -541,7 +540,7 @@ async def cmd_policy(args: argparse.Namespace, nc: NATS) -> int:
 
 
 async def cmd_approvers(args: argparse.Namespace, nc: NATS) -> int:
-    from interlock.approval.directory import ApproverDirectory
+    from interlock.runtime.approvers import ApproverDirectory
 
     await provision(nc.jetstream())
     directory = ApproverDirectory(nc.jetstream())

@@ -19,13 +19,12 @@ from typing import Any
 
 import pytest
 
-from interlock.approval.directory import ApproverDirectory
 from interlock.auditor.service import AuditorService
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import QueryReply, RunQuery
-from interlock.policy.bundles import BundleRecord, BundleStore, LivePolicy
-from interlock.policy.cedar import DEFAULT_BUNDLE, CedarPolicy, PolicyBundle
-from interlock.policy.tools import simulate
+from interlock.core.policy.cedar import DEFAULT_BUNDLE, CedarPolicy, PolicyBundle
+from interlock.runtime.approvers import ApproverDirectory
+from interlock.runtime.policy import BundleRecord, BundleStore, LivePolicy, simulate
 from interlock.runtime.registry import WorkflowRegistry
 from interlock.runtime.service import ServiceSettings
 from interlock.worker import JobContext, Worker

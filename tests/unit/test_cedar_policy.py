@@ -10,8 +10,8 @@ from typing import Any
 import cedarpy
 import pytest
 
-from interlock.policy.cedar import DEFAULT_BUNDLE, CedarPolicy, PolicyBundle, PolicyError
-from interlock.policy.engine import JobRequest
+from interlock.core.policy.cedar import DEFAULT_BUNDLE, CedarPolicy, PolicyBundle, PolicyError
+from interlock.core.policy.engine import JobRequest
 
 NOON = datetime(2024, 5, 15, 12, 30, tzinfo=UTC)  # a Wednesday (isoweekday 3)
 NIGHT = datetime(2024, 5, 18, 3, 0, tzinfo=UTC)  # a Saturday (isoweekday 6)

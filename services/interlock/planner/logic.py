@@ -12,25 +12,21 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import jsonschema
-
 from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import JobError, PayloadRef
 from interlock.core.codec import canonical_json, job_hash, sha256_hex
 from interlock.core.run import Run, StepState
+from interlock.core.steps import compensation_id, is_workflow_step, item_id, schema_error, template_context
 from interlock.core.workflow import (
     OnError,
     Step,
-    StepType,
     TemplateError,
     Workflow,
     evaluate_condition,
     evaluate_for_each,
     render_input,
 )
-
-COMPENSATE_SUFFIX = "~compensate"
 
 
 @dataclass
@@ -53,32 +49,6 @@ class Spill:
         return None, PayloadRef(object_store=s.PAYLOADS_OBJECT_STORE, key=digest, sha256=digest, size=len(data))
 
 
-def item_id(parent: str, index: int) -> str:
-    return f"{parent}[{index}]"
-
-
-def compensation_id(step_id: str) -> str:
-    return step_id + COMPENSATE_SUFFIX
-
-
-def base_step_id(step_id: str) -> str:
-    """The workflow step a run step belongs to (``fan[3]`` -> ``fan``)."""
-    return step_id.split("[", 1)[0].removesuffix(COMPENSATE_SUFFIX)
-
-
-def template_context(run: Run, outputs: dict[str, Any], run_input: Any) -> dict[str, Any]:
-    steps: dict[str, Any] = {}
-    for sid, st in run.steps.items():
-        if "[" in sid or sid.endswith(COMPENSATE_SUFFIX):
-            continue
-        steps[sid] = {"output": outputs.get(sid, st.output), "status": st.status}
-    return {
-        "input": run_input,
-        "steps": steps,
-        "run": {"id": run.run_id, "tenant": run.tenant, "workflow": run.workflow_id},
-    }
-
-
 def _fail_now(run: Run, step_id: str, message: str, kind: str) -> None:
     run.fail_step(ev.StepFailed(step_id=step_id, attempt=0, final=True,
                                 error=JobError(message=message, retryable=False, kind=kind)))
@@ -99,22 +69,9 @@ def _ready(run: Run, wf: Workflow, step_id: str, spec: Step, value: Any, *, pare
                                           worker="reused"))
         return
     if spec.input_schema is not None and compensation_of is None:
-        error = _schema_error(value, spec.input_schema)
+        error = schema_error(value, spec.input_schema)
         if error:
             _fail_now(run, step_id, f"input does not match input_schema: {error}", "input_schema")
-
-
-def _schema_error(value: Any, schema: dict[str, Any]) -> str | None:
-    validator = jsonschema.Draft202012Validator(schema)
-    best = jsonschema.exceptions.best_match(validator.iter_errors(value))
-    if best is None:
-        return None
-    where = "/".join(str(p) for p in best.absolute_path) or "(root)"
-    return f"at {where}: {best.message}"
-
-
-def output_schema_error(value: Any, schema: dict[str, Any] | None) -> str | None:
-    return None if schema is None else _schema_error(value, schema)
 
 
 def _dependency_verdict(run: Run, wf: Workflow, spec: Step) -> str:
@@ -229,7 +186,7 @@ def _plan_items(run: Run, wf: Workflow, sid: str, spec: Step, parent: StepState,
 
 def _first_unhandled_failure(run: Run, wf: Workflow) -> str | None:
     for sid, st in run.steps.items():
-        if st.status not in ("failed", "denied") or "[" in sid or sid.endswith(COMPENSATE_SUFFIX):
+        if st.status not in ("failed", "denied") or not is_workflow_step(sid):
             continue
         if wf.steps[sid].on_error != OnError.CONTINUE:
             return sid
@@ -291,6 +248,3 @@ def _maybe_finish(run: Run, wf: Workflow, outputs: dict[str, Any]) -> None:
               if run.steps[sid].status == "succeeded"}
     run.succeed(ev.RunSucceeded(output=result))
 
-
-def is_job_step(state: StepState) -> bool:
-    return state.step_type == StepType.JOB.value

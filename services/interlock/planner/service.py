@@ -13,22 +13,32 @@ from nats.aio.msg import Msg
 from pydantic import ValidationError
 
 from interlock.contracts import events as ev
+from interlock.contracts import headers
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import CancelRequest, CommandReply, TimerFired, Trigger
 from interlock.core.eventstore import RunExists, RunNotFound
 from interlock.core.ids import run_id_for
 from interlock.core.run import IllegalTransition, Run
 from interlock.planner.logic import Spill, plan
-from interlock.policy.bundles import BundleStore, LivePolicy
 from interlock.runtime import timers
+from interlock.runtime.policy import BundleStore, LivePolicy
 from interlock.runtime.registry import WorkflowNotFound
 from interlock.runtime.service import Poison, Service, decode
 
 log = logging.getLogger(__name__)
 
-PROGRESS_EVENTS = frozenset({
-    "RunStarted", "StepSucceeded", "StepFailed", "StepSkipped", "StepExpanded", "CompensationStarted",
-})
+PROGRESS_EVENTS = ev.kinds(
+    ev.RunStarted, ev.StepSucceeded, ev.StepFailed, ev.StepSkipped, ev.StepExpanded, ev.CompensationStarted,
+)
+
+# the subjects of Trigger messages (``subjects.trigger(workflow_id)``); any other subject in the
+# triggers stream is a workflow's declared trigger subject, whose body is the run's input
+_TRIGGER_SUBJECT_PREFIX = s.TRIGGERS_ALL.removesuffix(">")
+
+
+def is_trigger_subject(subject: str) -> bool:
+    """True for ``subjects.trigger(workflow_id)``, where the body is a Trigger (not a workflow's own subject)."""
+    return subject.startswith(_TRIGGER_SUBJECT_PREFIX)
 
 
 class PlannerService(Service):
@@ -42,7 +52,7 @@ class PlannerService(Service):
         await self.policy.stop()
 
     def register(self, broker: NatsBroker) -> None:
-        # the whole triggers stream: il.trigger.> and the workflows' own trigger subjects, which
+        # the whole triggers stream: subjects.TRIGGERS_ALL and the workflows' own trigger subjects, which
         # the registry adds to the stream when a workflow declares them
         self.pull(broker, ">", s.TRIGGERS_STREAM, self.durable("triggers"), self.on_trigger)
         self.pull_commits(broker, self.on_commit, wants=PROGRESS_EVENTS)
@@ -95,8 +105,9 @@ class PlannerService(Service):
             await self.advance(trigger.tenant, str(run_id))
 
     async def parse_trigger(self, msg: Msg) -> Trigger:
-        """A Trigger on ``il.trigger.*``; on a workflow's own trigger subject, any JSON body is its input."""
-        if msg.subject.startswith(f"{s.PREFIX}.trigger."):
+        """A Trigger on ``subjects.trigger(workflow_id)``; on a workflow's own trigger subject, any
+        JSON body is its input."""
+        if is_trigger_subject(msg.subject):
             try:
                 trigger = Trigger.model_validate_json(msg.data)
             except ValidationError as e:
@@ -120,7 +131,7 @@ class PlannerService(Service):
             payload = json.loads(msg.data or b"null")
         except ValueError as e:
             raise Poison(f"trigger on {msg.subject} is not JSON: {e}") from e
-        key = (msg.headers or {}).get("Nats-Msg-Id") or hashlib.sha256(msg.data).hexdigest()
+        key = (msg.headers or {}).get(headers.MSG_ID) or hashlib.sha256(msg.data).hexdigest()
         return Trigger(workflow_id=workflow_id, input=payload, idempotency_key=key,
                        requested_by=f"subject:{msg.subject}")
 

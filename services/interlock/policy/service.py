@@ -12,10 +12,9 @@ from faststream.nats import NatsBroker
 from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import AgentRegistration
+from interlock.core.policy import PolicyEngine, request_for
 from interlock.core.run import Run
-from interlock.policy.bundles import BundleStore, LivePolicy
-from interlock.policy.engine import PolicyEngine
-from interlock.policy.tools import request_for
+from interlock.runtime.policy import BundleStore, LivePolicy
 from interlock.runtime.service import Service
 
 AGENTS_REFRESH_S = 5.0
@@ -42,7 +41,7 @@ class PolicyService(Service):
         return self.fixed_engine or self.live.engine
 
     def register(self, broker: NatsBroker) -> None:
-        self.pull_commits(broker, self.on_commit, wants=frozenset({"StepReady", "ApprovalInvalidated"}))
+        self.pull_commits(broker, self.on_commit, wants=ev.kinds(ev.StepReady, ev.ApprovalInvalidated))
 
     async def agents(self, topic: str | None) -> tuple[tuple[str, ...], str]:
         """Capabilities and version the agents registered for ``topic`` offer (cached briefly)."""

@@ -1,8 +1,9 @@
-"""Policy bundles in JetStream: the ``active`` key of the ``il_policies`` bucket, with its history.
+"""Policy bundles in JetStream: the ``active`` key of the policies bucket, with its history.
 
 Publishing compiles the bundle first, so a bundle that does not parse never becomes active.
 Services watch the key and switch to a new bundle without a restart; every decision names the
-snapshot (``version@sha256``) it was made under.
+snapshot (``version@sha256``) it was made under. :func:`simulate` re-decides recent jobs from the
+event log under a draft bundle (``interlock policy simulate``).
 """
 
 from __future__ import annotations
@@ -14,13 +15,20 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
+import nats.errors
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
-from interlock.policy.cedar import DEFAULT_BUNDLE, CedarPolicy, PolicyBundle
+from interlock.core.policy.cedar import DEFAULT_BUNDLE, CedarPolicy, PolicyBundle
+from interlock.core.policy.requests import request_for
+from interlock.core.workflow import Workflow
 
 log = logging.getLogger(__name__)
 ACTIVE = "active"
@@ -146,3 +154,88 @@ class LivePolicy:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+
+
+@dataclass
+class RecordedDecision:
+    run_id: str
+    tenant: str
+    workflow_id: str
+    workflow_version: str
+    step_id: str
+    step_type: str
+    topic: str | None
+    input: Any
+    job_hash: str
+    decision: str
+    snapshot_id: str
+    rule_ids: list[str]
+    at: datetime
+
+
+async def recent_decisions(nc: NATS, limit: int = 500) -> list[RecordedDecision]:
+    """The last ``limit`` policy decisions in the event log, with the jobs they were about."""
+    js = nc.jetstream()
+    info = await js.stream_info(s.EVENTS_STREAM)
+    last = info.state.last_seq
+    # the jobs' StepReady events come shortly before their decisions: read a generous window
+    window = max(1000, limit * 4)
+    start = max(1, last - window + 1)
+    sub = await js.subscribe(s.EVENTS_ALL, ordered_consumer=True,
+                             config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start))
+    ready: dict[tuple[str, str], dict[str, Any]] = {}
+    started: dict[str, dict[str, Any]] = {}
+    out: list[RecordedDecision] = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=0.5)
+            except nats.errors.TimeoutError:
+                break
+            for e in json.loads(msg.data)["events"]:
+                data = e["data"]
+                if e["type"] == ev.RunStarted.type_name:
+                    started[e["run_id"]] = data
+                elif e["type"] == ev.StepReady.type_name:
+                    ready[(e["run_id"], data["step_id"])] = data
+                elif e["type"] == ev.PolicyDecided.type_name:
+                    job = ready.get((e["run_id"], data["step_id"]))
+                    run = started.get(e["run_id"])
+                    if job is None or run is None:
+                        continue  # the job's StepReady is before the window
+                    out.append(RecordedDecision(
+                        run_id=e["run_id"], tenant=e["tenant"], workflow_id=run["workflow_id"],
+                        workflow_version=run["workflow_version"], step_id=data["step_id"],
+                        step_type=job.get("step_type", "job"), topic=job.get("topic"), input=job.get("input"),
+                        job_hash=data["job_hash"], decision=data["decision"], snapshot_id=data["snapshot_id"],
+                        rule_ids=list(data.get("rule_ids") or []), at=datetime.fromisoformat(e["at"])))
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        await sub.unsubscribe()
+    return out[-limit:]
+
+
+@dataclass
+class Change:
+    decision: RecordedDecision
+    new_decision: str
+    new_rules: list[str]
+    reason: str
+
+
+async def simulate(nc: NATS, draft: CedarPolicy, workflows: dict[tuple[str, str], Workflow],
+                   limit: int = 500) -> tuple[int, list[Change]]:
+    """Re-decide recent jobs with a draft bundle; return (jobs checked, decisions that would change)."""
+    decisions = await recent_decisions(nc, limit)
+    changes = []
+    for d in decisions:
+        workflow = workflows.get((d.workflow_id, d.workflow_version))
+        if workflow is None:
+            continue
+        request = request_for(workflow, d.step_id, tenant=d.tenant, job_input=d.input, job_hash=d.job_hash,
+                              now=d.at, topic=d.topic, step_type=d.step_type)
+        outcome = draft.decide(request)
+        if outcome.decision != d.decision:
+            changes.append(Change(d, outcome.decision, outcome.rule_ids, outcome.reason))
+    return len(decisions), changes

@@ -34,7 +34,7 @@ from typing import Any
 
 import cedarpy
 
-from interlock.policy.engine import JobRequest, PolicyOutcome
+from interlock.core.policy.engine import JobRequest, PolicyOutcome
 
 UNATTENDED = "dispatch_unattended"
 

@@ -1,0 +1,297 @@
+"""The dispatcher's decisions, as pure functions of a run, its workflow, the time and what arrived.
+
+Each rule calls commands on the :class:`Run` (the service appends the events they produce) and
+returns the effects to carry out once those events are durable: jobs to publish, timers to
+schedule, cancel notices to send. A :class:`~interlock.contracts.messages.Notification` is the
+one effect sent *before* the commit that records its step's success (deduplicated by id), so a
+crash between the two sends it once, not never.
+
+Rules read nothing but their arguments: the clock (``now``) and the retry jitter are inputs, as
+are the payloads the service resolved and the heartbeats it has seen, so a rule that runs again
+after a conflict or a redelivery decides from the state it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from interlock.contracts import events as ev
+from interlock.contracts import subjects as s
+from interlock.contracts.messages import (
+    CancelNotice,
+    Heartbeat,
+    Job,
+    JobError,
+    JobResult,
+    Notification,
+    TimerFired,
+)
+from interlock.core.eventstore import StaleState
+from interlock.core.ids import job_id
+from interlock.core.run import ACTIVE_ATTEMPT, Run, StepState
+from interlock.core.steps import base_step_id, output_schema_error, template_context
+from interlock.core.workflow import Step, Workflow, render_text
+from interlock.runtime import tracing
+
+DEFAULT_TIMEOUT_MS = 5 * 60 * 1000
+DEFAULT_HEARTBEAT_TIMEOUT_MS = 15_000
+RETRY_EARLY_TOLERANCE = timedelta(milliseconds=50)  # a timer firing this early counts as due
+OVERDUE_GRACE = timedelta(seconds=5)  # the reconciler acts only when a timer is clearly late
+
+RUN_ENDINGS = ev.kinds(ev.RunCancelled, ev.RunTimedOut, ev.RunFailed, ev.RunDenied)
+"""Run endings that leave jobs running somewhere: their workers are told to stop."""
+
+IN_FLIGHT = ("dispatched", "running")  # an attempt a worker may be working on
+
+
+@dataclass(frozen=True)
+class PublishJob:
+    """Put ``job`` on its topic's work subject, then schedule its ``deadline`` timer (if any)."""
+
+    job: Job
+    deadline: TimerFired | None = None
+
+
+Effect = PublishJob | TimerFired | Notification | CancelNotice
+"""What a rule asks the service to do: a TimerFired is a timer to schedule."""
+
+
+def heartbeat_timeout_ms(spec: Step) -> int:
+    """How long a job may stay silent before its worker counts as gone."""
+    return spec.heartbeat_timeout_ms or DEFAULT_HEARTBEAT_TIMEOUT_MS
+
+
+def _spec(workflow: Workflow, state: StepState) -> Step:
+    return workflow.steps[base_step_id(state.step_id)]
+
+
+# -- dispatching -----------------------------------------------------------------------------
+def cancel_notice(tenant: str, run_id: str, envelopes: Sequence[dict[str, Any]]) -> CancelNotice | None:
+    """The notice that tells workers to stop, when this commit ended the run early."""
+    ending = next((e for e in envelopes if e["type"] in RUN_ENDINGS), None)
+    if ending is None:
+        return None
+    return CancelNotice(run_id=run_id, tenant=tenant, reason=(ending.get("data") or {}).get("reason", ""))
+
+
+def dispatch(run: Run, workflow: Workflow, now: datetime) -> list[Effect]:
+    """Dispatch every released job and every retry that is due; a released notify step is sent
+    (its Notification) and succeeds at once."""
+    effects: list[Effect] = []
+    if run.terminal:
+        return effects
+    for state in list(run.steps.values()):
+        if state.status == "released" and state.step_type == "notify":
+            effects.append(_notify(run, workflow, state))
+            continue
+        due = state.status == "retry_wait" and (state.retry_due_at is None
+                                                or state.retry_due_at <= now + RETRY_EARLY_TOLERANCE)
+        if (state.status == "released" and state.step_type == "job") or due:
+            spec = _spec(workflow, state)
+            attempt = state.attempt + 1
+            run.dispatch_step(ev.StepDispatched(
+                step_id=state.step_id, attempt=attempt, job_id=job_id(run.run_id, state.step_id, attempt),
+                topic=state.topic or "",
+                deadline=now + timedelta(milliseconds=spec.timeout_ms or DEFAULT_TIMEOUT_MS)))
+            effects.append(publish_job(run, workflow, run.steps[state.step_id]))
+    return effects
+
+
+def publish_job(run: Run, workflow: Workflow, state: StepState) -> PublishJob:
+    """The job message for the step's current attempt, and its deadline timer.
+
+    Only an explicit ``timeout_ms`` gets a durable timer: the default deadline (minutes away,
+    rarely reached) is left to the reconciler, which saves a timer on every job.
+    """
+    spec = _spec(workflow, state)
+    if state.job_id is None or not state.topic:
+        raise ValueError(f"step {state.step_id!r} of run {run.run_id} has no dispatched job to publish")
+    job = Job(
+        job_id=state.job_id, run_id=run.run_id, tenant=run.tenant, workflow_id=run.workflow_id,
+        step_id=state.step_id, topic=state.topic, attempt=state.attempt,
+        idempotency_key=f"{run.run_id}:{state.step_id}", input=state.input, input_ref=state.input_ref,
+        deadline=state.deadline, heartbeat_interval_ms=max(100, heartbeat_timeout_ms(spec) // 3),
+        job_hash=state.job_hash, constraints=state.decision.constraints if state.decision else {},
+        trace_parent=tracing.traceparent(run.run_id, state.job_id),
+    )
+    deadline = None
+    if state.deadline is not None and spec.timeout_ms is not None:
+        deadline = TimerFired(kind="deadline", run_id=run.run_id, tenant=run.tenant, step_id=state.step_id,
+                              attempt=state.attempt, due_at=state.deadline)
+    return PublishJob(job, deadline)
+
+
+def _notify(run: Run, workflow: Workflow, state: StepState) -> Notification:
+    spec = _spec(workflow, state)
+    text = render_text(spec.message or f"{run.workflow_id}: {state.step_id}", template_context(run, {}, run.input),
+                       location=f"steps.{state.step_id}.message")
+    subject = s.notify(run.tenant, spec.channel)
+    run.succeed_step(ev.StepSucceeded(step_id=state.step_id, attempt=0, output={"subject": subject, "message": text}))
+    return Notification(run_id=run.run_id, tenant=run.tenant, workflow_id=run.workflow_id, step_id=state.step_id,
+                        channel=spec.channel, message=text, data=state.input)
+
+
+def republish(run: Run, workflow: Workflow, envelopes: Sequence[dict[str, Any]],
+              published: Container[str]) -> list[PublishJob]:
+    """Jobs dispatched in this commit that this process did not publish (it crashed between the
+    append and the publish, or another copy appended): publish them again; JetStream's duplicate
+    window drops a true duplicate."""
+    jobs = []
+    for envelope in envelopes:
+        if envelope["type"] != ev.StepDispatched.type_name or envelope["data"]["job_id"] in published:
+            continue
+        state = run.steps.get(envelope["step_id"])
+        if state is not None and state.status in ACTIVE_ATTEMPT and state.job_id == envelope["data"]["job_id"]:
+            jobs.append(publish_job(run, workflow, state))
+    return jobs
+
+
+def lost_jobs(run: Run, workflow: Workflow, published: Container[str]) -> list[PublishJob]:
+    """Jobs still waiting for a worker that this process never published (the reconciler re-offers
+    them; one still queued is deduplicated)."""
+    return [publish_job(run, workflow, state) for state in run.steps.values()
+            if state.status == "dispatched" and state.deadline is not None and state.job_id not in published]
+
+
+def overdue_timers(run: Run, workflow: Workflow, now: datetime, heard_from: Container[str]) -> list[TimerFired]:
+    """Deadline and lease timers that should have fired by now (a backstop for lost timers).
+
+    ``heard_from`` holds the job ids this process has seen heartbeats from; a running job that
+    no process heard from for two leases (and a grace) counts as silent.
+    """
+    fired = []
+    for state in run.steps.values():
+        if state.status not in IN_FLIGHT or state.deadline is None:
+            continue
+        overdue = now - state.deadline > OVERDUE_GRACE
+        lease = timedelta(milliseconds=heartbeat_timeout_ms(_spec(workflow, state)))
+        silent = (state.status == "running" and (state.job_id or "") not in heard_from
+                  and state.last_heartbeat_at is not None and now - state.last_heartbeat_at > 2 * lease + OVERDUE_GRACE)
+        if overdue or silent:
+            fired.append(TimerFired(kind="deadline" if overdue else "lease", run_id=run.run_id, tenant=run.tenant,
+                                    step_id=state.step_id, attempt=state.attempt, due_at=now))
+    return fired
+
+
+# -- outcomes --------------------------------------------------------------------------------
+def record_result(run: Run, workflow: Workflow, result: JobResult, output: Any, now: datetime,
+                  jitter: float) -> list[Effect]:
+    """A worker's result: the attempt succeeds, fails (maybe retrying) or, when it is not the
+    current attempt, is kept as evidence only. ``output`` is the result's resolved output.
+
+    Raises :class:`StaleState` for an attempt the run never dispatched (the run is behind).
+    """
+    state = run.steps.get(result.step_id)
+    if state is None or result.attempt > state.attempt:
+        raise StaleState(f"result for {result.step_id!r} attempt {result.attempt}, which run {run.run_id} "
+                         "never dispatched")
+    current = state.status in ACTIVE_ATTEMPT and result.attempt == state.attempt and not run.terminal
+    if not current:
+        if result.attempt == state.attempt and state.job_id == result.job_id and state.terminal:
+            return []  # the outcome of this attempt is already recorded
+        run.record_late_result(ev.LateResultRecorded(step_id=state.step_id, attempt=result.attempt,
+                                                     ok=result.ok, worker=result.worker))
+        return []
+    spec = _spec(workflow, state)
+    if result.ok:
+        # a compensation job's output is whatever undoing returns: the step's schema is not for it
+        problem = output_schema_error(output, spec.output_schema) if state.compensation_of is None else None
+        if problem is None:
+            run.succeed_step(ev.StepSucceeded(step_id=state.step_id, attempt=result.attempt, output=result.output,
+                                              output_ref=result.output_ref, worker=result.worker))
+            return []
+        error = JobError(message=f"output does not match output_schema: {problem}", retryable=False,
+                         kind="output_schema")
+    else:
+        error = result.error or JobError(message="the worker reported a failure without a reason")
+        if error.kind == "timeout" and state.status in IN_FLIGHT and state.deadline is not None \
+                and now >= state.deadline - RETRY_EARLY_TOLERANCE:
+            # the worker stopped at the deadline before our deadline timer fired: the log
+            # records the same StepTimedOut whichever side noticed first
+            run.time_out_step(ev.StepTimedOut(step_id=state.step_id, attempt=state.attempt, reason="deadline"))
+    return _fail_attempt(run, state, spec, error, result.worker, now, jitter)
+
+
+def _fail_attempt(run: Run, state: StepState, spec: Step, error: JobError, worker: str, now: datetime,
+                  jitter: float) -> list[Effect]:
+    """Fail the current attempt: retry it after a backoff while attempts are left, else finally."""
+    policy = spec.retries
+    if error.retryable and state.attempt < policy.max_attempts:
+        delay = policy.delay_ms(state.attempt, jitter)
+        due = now + timedelta(milliseconds=delay)
+        run.fail_step(ev.StepFailed(step_id=state.step_id, attempt=state.attempt, error=error, final=False,
+                                    worker=worker))
+        run.schedule_retry(ev.RetryScheduled(step_id=state.step_id, attempt=state.attempt + 1, due_at=due,
+                                             delay_ms=delay))
+        return [TimerFired(kind="retry", run_id=run.run_id, tenant=run.tenant, step_id=state.step_id,
+                           attempt=state.attempt + 1, due_at=due)]
+    if error.retryable and policy.max_attempts > 1:
+        error = error.model_copy(update={"message": f"{error.message} (after {state.attempt} attempts)"})
+    run.fail_step(ev.StepFailed(step_id=state.step_id, attempt=state.attempt, error=error, final=True,
+                                worker=worker))
+    return []
+
+
+def _in_flight(run: Run, kind: str, step_id: str | None, attempt: int | None) -> StepState | None:
+    """The step whose current attempt a heartbeat or timer is about, or None when that attempt
+    ended meanwhile. Raises :class:`StaleState` when it names an attempt the run has not reached."""
+    state = run.steps.get(step_id or "")
+    if not run.terminal and (state is None or (attempt or 0) > state.attempt):
+        raise StaleState(f"{kind} for {step_id!r} attempt {attempt} is ahead of the run")
+    if run.terminal or state is None or state.status not in IN_FLIGHT or state.attempt != attempt:
+        return None
+    return state
+
+
+def record_heartbeat(run: Run, workflow: Workflow, beat: Heartbeat, now: datetime, *, first: bool) -> list[Effect]:
+    """A worker's heartbeat renews the attempt's lease (a lease timer one heartbeat timeout on).
+
+    The log keeps a heartbeat once a third of the lease has passed since the last one (or since
+    dispatch), not every one: short jobs add no heartbeat events, long ones leave enough to
+    recover their leases after a restart. ``first``: the first heartbeat this process saw for
+    the job, which schedules the lease even when the log keeps nothing.
+    """
+    state = _in_flight(run, "heartbeat", beat.step_id, beat.attempt)
+    if state is None:
+        return []
+    timeout = timedelta(milliseconds=heartbeat_timeout_ms(_spec(workflow, state)))
+    lease = TimerFired(kind="lease", run_id=run.run_id, tenant=run.tenant, step_id=state.step_id,
+                       attempt=beat.attempt, due_at=now + timeout)
+    since = state.last_heartbeat_at or state.dispatched_at or now
+    if now - since < timeout / 3:
+        return [lease] if first else []
+    run.record_heartbeat(ev.StepHeartbeat(step_id=state.step_id, attempt=beat.attempt, worker=beat.worker,
+                                          progress=beat.progress))
+    return [lease]
+
+
+def timer_fired(run: Run, workflow: Workflow, timer: TimerFired, now: datetime, *,
+                heartbeat_seen_at: datetime | None, jitter: float) -> list[Effect]:
+    """A deadline or lease timer: time the attempt out (and retry or fail it) if it is still in
+    flight and really late; a lease renewed since is followed by a timer at its new end.
+
+    ``heartbeat_seen_at``: when this process last heard from the attempt's worker (heartbeats
+    that the log did not keep), or None.
+    """
+    state = _in_flight(run, f"{timer.kind} timer", timer.step_id, timer.attempt)
+    if state is None:
+        return []  # the attempt ended meanwhile: the timer has nothing to do
+    spec = _spec(workflow, state)
+    if timer.kind == "lease":
+        timeout = timedelta(milliseconds=heartbeat_timeout_ms(spec))
+        last = state.last_heartbeat_at or state.dispatched_at or now
+        if heartbeat_seen_at is not None:
+            last = max(last, heartbeat_seen_at)
+        if now - last < timeout:
+            return [timer.model_copy(update={"due_at": last + timeout})]
+        reason, message = "heartbeat", f"no heartbeat for {timeout.total_seconds():g}s: the worker is gone"
+    else:
+        if state.deadline is not None and state.deadline > now + RETRY_EARLY_TOLERANCE:
+            return []
+        reason, message = "deadline", f"attempt {state.attempt} exceeded its timeout"
+    run.time_out_step(ev.StepTimedOut(step_id=state.step_id, attempt=state.attempt, reason=reason))
+    return _fail_attempt(run, state, spec, JobError(message=message, retryable=True, kind="timeout"), "", now,
+                         jitter)

@@ -1,0 +1,21 @@
+"""The pure policy engine: Cedar bundles deciding allow, deny or require approval, without I/O.
+
+Loading, publishing and watching bundles (NATS KV) is :mod:`interlock.runtime.policy`.
+"""
+
+from interlock.core.policy.cedar import DEFAULT_BUNDLE, CedarPolicy, Explanation, PolicyBundle, PolicyError
+from interlock.core.policy.engine import Decision, JobRequest, PolicyEngine, PolicyOutcome
+from interlock.core.policy.requests import request_for
+
+__all__ = [
+    "DEFAULT_BUNDLE",
+    "CedarPolicy",
+    "Decision",
+    "Explanation",
+    "JobRequest",
+    "PolicyBundle",
+    "PolicyEngine",
+    "PolicyError",
+    "PolicyOutcome",
+    "request_for",
+]
