@@ -558,7 +558,7 @@ async def cmd_approvers(args: argparse.Namespace, nc: NATS) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from interlock.stack import Stack
+    from interlock.devstack.stack import Stack
 
     stack = Stack(home=Path(args.home), nats_url=os.environ.get("INTERLOCK_NATS_URL"), workers=args.worker or [])
     try:
@@ -580,9 +580,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from interlock.demo import run_demo
+    from interlock.devstack.demo import run_demo
 
-    return run_demo(args)
+    return run_demo(auto_approve=args.auto_approve, home=Path(args.home), timeout=args.timeout)
 
 
 # -- argument parsing ------------------------------------------------------------------------
@@ -695,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp = psub.add_parser("simulate", help="re-decide recent jobs with a draft bundle; list what would change")
     pp.add_argument("draft")
     pp.add_argument("--limit", type=int, default=500)
-    from interlock.drill import add_drill_parser
+    from interlock.devstack.drill import add_drill_parser
 
     add_drill_parser(sub)
     sp = cmd("demo", "run the incident-remediation example end to end on an embedded stack", nats_flag=False)
@@ -724,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             return cmd_demo(args)
         if args.command == "drill":
-            from interlock.drill import cmd_drill
+            from interlock.devstack.drill import cmd_drill
 
             return cmd_drill(args)
 

@@ -303,7 +303,7 @@ class Client:
                                                           workflow_id=workflow_id, limit=limit)))
 
     async def status(self, run_id: str) -> dict[str, Any]:
-        """The run (``run``) and the state of each step (``steps``)."""
+        """The run's row (``status``, ``workflow_id``, …) and the state of each step (``steps``)."""
         return dict(await self._query(s.Q_STATUS, RunQuery(run_id=run_id, tenant=self.tenant)))
 
     async def timeline(self, run_id: str) -> list[dict[str, Any]]:
@@ -320,7 +320,7 @@ class Client:
         while True:
             with contextlib.suppress(NotFound):  # the auditor may not have the run's first event yet
                 result = await self.status(run_id)
-                if (result.get("run") or {}).get("status") not in (None, "running", "compensating"):
+                if result.get("status") not in (None, "running", "compensating"):
                     return result
             if time.monotonic() > deadline:
                 raise ClientError(f"the auditor did not project the end of run {run_id} within {timeout:g}s")
