@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import inspect
 import json
 import time
@@ -99,8 +100,14 @@ class Client:
                               f"`interlock up` or set INTERLOCK_NATS_URL") from None
         return cls(nc, url=target, url_source=source, tenant=settings.tenant, name=name)
 
+    def with_tenant(self, tenant: str) -> Client:
+        """The same connection acting for another tenant (closing either closes the connection)."""
+        view = copy.copy(self)
+        view.tenant = s.token(tenant, "tenant")
+        return view
+
     async def close(self) -> None:
-        """Drain nothing, just close the connection."""
+        """Close the connection (pending requests fail)."""
         with contextlib.suppress(Exception):
             await self.nc.close()
 
