@@ -73,6 +73,8 @@ class Client:
         self._store = EventStore(nc, self.js, service=name)
         self._registry = WorkflowRegistry(self.js)
         self._provisioned = False
+        self.request_timeout = REQUEST_TIMEOUT
+        """Seconds a service may take to answer a request, and to appear if none is subscribed."""
 
     # -- connection --------------------------------------------------------------------------
     @classmethod
@@ -124,8 +126,8 @@ class Client:
             await provision(self.js)
             self._provisioned = True
 
-    async def _request(self, subject: str, message: BaseModel, reply_type: type[R], what: str,
-                       timeout: float = REQUEST_TIMEOUT) -> R:
+    async def _request(self, subject: str, message: BaseModel, reply_type: type[R], what: str) -> R:
+        timeout = self.request_timeout
         deadline = time.monotonic() + timeout
         while True:
             try:
