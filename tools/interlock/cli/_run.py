@@ -53,7 +53,8 @@ async def _follow(client: Client, run_id: str, timeout: float | None) -> int:
 @with_globals
 def start(
     ctx: typer.Context,
-    workflow: Annotated[str, typer.Argument(metavar="WORKFLOW", help="workflow id, as registered with `interlock workflow apply`")],
+    workflow: Annotated[str, typer.Argument(
+        metavar="WORKFLOW", help="workflow id, as registered with `interlock workflow apply`")],
     input: Annotated[str | None, typer.Option("--input", metavar="JSON|@FILE",
                                               help="the run's input: JSON, or @file holding JSON (default {})")] = None,
     version: Annotated[str | None, typer.Option("--version", help="workflow version (default: the latest)")] = None,
