@@ -24,6 +24,8 @@ PUBLIC = [
     "Unavailable",
     "WorkflowInvalid",
     "describe_event",
+    "progress_line",
+    "timeline_line",
 ]
 
 CLIENT_METHODS = [

@@ -13,7 +13,7 @@ str() is one line; an invalid workflow raises :class:`WorkflowInvalid` listing e
 from __future__ import annotations
 
 from interlock.client._client import Client
-from interlock.client._describe import describe_event
+from interlock.client._describe import describe_event, progress_line, timeline_line
 from interlock.client._errors import ClientError, NotFound, Refused, Unavailable
 from interlock.client._settings import ClientSettings
 from interlock.client._types import (
@@ -45,4 +45,6 @@ __all__ = [
     "Unavailable",
     "WorkflowInvalid",
     "describe_event",
+    "progress_line",
+    "timeline_line",
 ]

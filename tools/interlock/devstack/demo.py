@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from interlock.client import Client, ClientError, describe_event
+from interlock.client import Client, ClientError, progress_line, timeline_line
 from interlock.contracts import events as ev
 from interlock.core.verify import render_report
 from interlock.devstack import example_file
@@ -44,20 +44,6 @@ def run_demo(*, auto_approve: bool = False, home: Path | str = Path(".interlock/
     finally:
         stack.stop()
     return code
-
-
-def progress_line(envelope: dict[str, Any], elapsed: float) -> str:
-    """One event as it is appended: time since the run started, service, step#attempt, summary."""
-    attempt = f"#{envelope['attempt']}" if envelope.get("attempt") else ""
-    step = (envelope.get("step_id") or "") + attempt
-    return f"  +{elapsed:6.2f}s  {envelope['service']:<10} {step:<22} {describe_event(envelope)}"
-
-
-def timeline_line(row: dict[str, Any]) -> str:
-    """One row of the auditor's timeline."""
-    at = str(row.get("at", ""))[11:23]
-    step = (row.get("step_id") or "") + (f"#{row['attempt']}" if row.get("attempt") else "")
-    return f"  {row.get('seq', ''):>4}  {at}  {row.get('service', ''):<10} {step:<22} {row.get('summary', '')}"
 
 
 async def _demo(url: str, *, auto_approve: bool, timeout: float, t0: float, out: Out) -> int:
