@@ -111,6 +111,10 @@ async def test_bad_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch, p
     with pytest.raises(Unavailable, match=r"^INTERLOCK_NATS_URL: 'localhost:4222' is not a URL"):
         await Client.connect()
     monkeypatch.delenv("INTERLOCK_NATS_URL")
+    with pytest.raises(Unavailable, match=r"^tenant: tenant 'a b' is not a valid subject token"):
+        await Client.connect(provisioned, tenant="a b")
+    with pytest.raises(Unavailable, match=r"^creds: .*nope\.creds: no such file"):
+        await Client.connect(provisioned, creds=tmp_path / "nope.creds")
     async with await Client.connect(provisioned) as c:
         assert c.tenant == "acme" and c.url == provisioned and c.url_source == "argument"
 

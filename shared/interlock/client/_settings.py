@@ -50,17 +50,19 @@ class ClientSettings(BaseSettings):
 
     @classmethod
     def load(cls, **overrides: object) -> ClientSettings:
-        """Read the environment (``overrides`` win); a bad value raises :class:`Unavailable`
-        naming the variable, e.g. ``INTERLOCK_TENANT: tenant 'a.b' is not a valid subject token``."""
+        """Read the environment (``overrides`` that are not None win); a bad value raises
+        :class:`Unavailable` naming the variable, e.g. ``INTERLOCK_TENANT: tenant 'a.b' is not a
+        valid subject token`` (or the argument: ``tenant: …``)."""
         given = {k: v for k, v in overrides.items() if v is not None}
         try:
             return cls(**given)  # type: ignore[arg-type]
         except ValidationError as e:
             first = e.errors()[0]
             field = str(first["loc"][0]) if first["loc"] else "?"
-            where = f"--{field.replace('_', '-')}" if field in given else f"{ENV_PREFIX}{field.upper()}"
             message = str(first["msg"]).removeprefix("Value error, ")
-            raise Unavailable(f"{where}: {message}") from None
+            if field in given:  # the caller's own argument: the message names the value
+                raise Unavailable(f"{field}: {message}") from None
+            raise Unavailable(f"{ENV_PREFIX}{field.upper()}: {message}") from None
 
     def resolve_url(self, explicit: str | None = None) -> tuple[str, str]:
         """(url, where it came from): the argument, INTERLOCK_NATS_URL, the file `interlock up`
