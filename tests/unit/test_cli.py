@@ -278,8 +278,9 @@ def test_an_empty_table_says_none(fake: FakeClient) -> None:
 
 
 def status_doc() -> dict[str, Any]:
-    return {"run": {"run_id": RUN, "workflow_id": "wf", "workflow_version": "1", "status": "failed",
-                    "reason": "apply_patch failed"},
+    """What the auditor answers: the run's fields at the top level, and its steps."""
+    return {"run_id": RUN, "workflow_id": "wf", "workflow_version": "1", "status": "failed",
+            "reason": "apply_patch failed",
             "steps": [{"step_id": "apply_patch", "status": "failed", "attempt": 2, "approval_status": "approved",
                        "decision": {"decision": "require_approval", "snapshot_id": "1@" + "b" * 64,
                                     "rule_ids": ["patches-need-oncall", "default"]},

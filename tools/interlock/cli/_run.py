@@ -11,9 +11,8 @@ import typer
 
 from interlock.cli._common import RunGroup, connected, fail, read_text, user, with_globals
 from interlock.cli._output import Column, Format, OutputOption, columns, echo, emit_doc, emit_rows
-from interlock.client import Client
+from interlock.client import Client, progress_line, timeline_line
 from interlock.core.run import RunStatus
-from interlock.devstack.demo import progress_line, timeline_line  # moving to interlock.client
 
 app = typer.Typer(cls=RunGroup, no_args_is_help=True,
                   help="Start runs, follow them, inspect, cancel and re-run them. "
@@ -105,11 +104,10 @@ STEP_COLUMNS = columns("step_id", "status", "attempt", Column("decision", show=d
                        Column("approval_status", "APPROVAL"), "error")
 
 
-def _render_status(result: dict[str, Any]) -> None:
-    run = result.get("run", result)
+def _render_status(run: dict[str, Any]) -> None:
     echo(f"run {run.get('run_id')}  {run.get('workflow_id')} v{run.get('workflow_version')}  {run.get('status')}"
          + (f" — {run['reason']}" if run.get("reason") else ""))
-    emit_rows(result.get("steps", []), Format.table, STEP_COLUMNS)
+    emit_rows(run.get("steps", []), Format.table, STEP_COLUMNS)
 
 
 @app.command("describe")
