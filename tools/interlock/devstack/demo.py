@@ -66,7 +66,7 @@ async def _demo(url: str, *, auto_approve: bool, timeout: float, t0: float, out:
                                      job_hash=data["job_hash"], reason="demo --auto-approve")
             else:
                 out(f"\n  >>> waiting for approval. In another terminal run:\n"
-                    f"  >>>   .venv/bin/interlock approve {run_id} {data['step_id']} --reason 'looks good'\n")
+                    f"  >>>   .venv/bin/interlock approval approve {run_id} {data['step_id']} --reason 'looks good'\n")
 
         final = await client.wait(run_id, timeout=timeout, on_event=on_event)
         wall = time.monotonic() - run_started

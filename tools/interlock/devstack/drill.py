@@ -28,7 +28,7 @@ With ``--nats URL`` the drill targets a stack that is already running: it starts
 example-agent workers against it and kills only those (it never touches processes it did not
 start). The target must not run other workers for the ``incident.*`` topics (they would take
 jobs whose side effects the drill cannot see), and if approvers are registered there, grant
-the drill's approver (``interlock approvers grant drill sre-oncall approver``).
+the drill's approver (``interlock approver grant drill sre-oncall approver``).
 """
 
 from __future__ import annotations
