@@ -152,6 +152,10 @@ def nats(
 HomeOption = Annotated[Path, typer.Option("--home", help="state and logs directory")]
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def up(
     ctx: typer.Context,
     home: HomeOption = Path(".interlock"),
@@ -169,6 +173,10 @@ def up(
     except ClientError as e:
         fail(str(e))
     stack = Stack(home=home, nats_url=url, workers=workers or [])
+    # `kill PID` stops the stack as Ctrl-C does, and so does SIGINT when the shell started us in the
+    # background with SIGINT ignored: either way the services and NATS are not left running
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         url = stack.start_nats()
         asyncio.run(stack.provision())
