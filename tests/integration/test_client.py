@@ -277,6 +277,8 @@ async def test_policy_decisions_simulation_and_refused_bundles(harness: Harness,
         await client.policy_decide(wf, "zz")
     with pytest.raises(Refused, match=r"^policy not published: "):
         await client.policy_publish("this is not cedar", by="test")
+    with pytest.raises(Refused, match=r"^policy not rolled back: no policy bundle version 'no-such'"):
+        await client.policy_rollback(to="no-such", by="test")
     assert (await client.policy_active()).snapshot_id == active.snapshot_id
     assert [r.snapshot_id for r in await client.policy_history()][-1:] in ([], [active.snapshot_id])
 
