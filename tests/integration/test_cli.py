@@ -128,6 +128,32 @@ async def test_apply_start_wait_then_query_in_every_format(stack: tuple[Harness,
                                             "(dry run: nothing started)"]
 
 
+async def test_policy_reads_and_projection_rebuild(stack: tuple[Harness, str], tmp_path: Path) -> None:
+    """Read-only policy commands (a publish would change the session's policy for other tests) and a
+    rebuild into a file of its own."""
+    harness, topic = stack
+    wf = unique("cli-policy")
+    assert (await cli(harness, "workflow", "apply", str(workflow_file(tmp_path, wf, topic)))).exit_code == 0
+    active = json.loads((await cli(harness, "policy", "show", "-o", "json")).stdout)
+    shown = await cli(harness, "policy", "show")
+    assert shown.stdout.startswith(f"# snapshot {active['snapshot_id']}") and active["source"] in shown.stdout
+
+    decided = json.loads((await cli(harness, "policy", "explain", wf, "hello", "--input", '{"name": "a"}',
+                                    "-o", "json")).stdout)
+    assert decided["snapshot_id"] == active["snapshot_id"] and decided["explain"]
+    evaluated = await cli(harness, "policy", "eval", wf, "hello")
+    assert evaluated.exit_code == 0
+    assert evaluated.stdout.startswith(f"{decided['decision']} under ")
+    no_step = await cli(harness, "policy", "eval", wf, "nowhere")
+    assert no_step.exit_code == 1 and "no step 'nowhere'" in no_step.stderr
+
+    db = tmp_path / "rebuilt.sqlite3"
+    rebuilt = await cli(harness, "audit", "rebuild", "--db", str(db))
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert rebuilt.stdout.splitlines()[-1].startswith(f"projection {db} rebuilt: ")
+    assert db.stat().st_size > 0
+
+
 async def test_todays_run_spelling_then_approve_by_job_hash_and_cancel(stack: tuple[Harness, str],
                                                                       tmp_path: Path) -> None:
     harness, topic = stack

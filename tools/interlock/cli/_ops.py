@@ -115,6 +115,17 @@ def worker(ctx: typer.Context, target: Annotated[str, typer.Argument(
     asyncio.run(run())
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (``kill PID``) stops a process command as Ctrl-C does, and so does SIGINT when a shell
+    started it in the background with SIGINT ignored: the child processes are never left running."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def nats(
     store_dir: Annotated[Path, typer.Option("--store-dir", help="JetStream store directory")] = DEFAULT_STORE_DIR,
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="client port (0: any free one)")] = 4222,
@@ -126,6 +137,7 @@ def nats(
     from interlock.core.topology import provision
 
     server = EmbeddedNats(store_dir=store_dir, port=port)
+    stop_on_signals()
     try:
         url = server.start()
     except NatsServerError as e:
@@ -152,10 +164,6 @@ def nats(
 HomeOption = Annotated[Path, typer.Option("--home", help="state and logs directory")]
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def up(
     ctx: typer.Context,
     home: HomeOption = Path(".interlock"),
@@ -173,10 +181,7 @@ def up(
     except ClientError as e:
         fail(str(e))
     stack = Stack(home=home, nats_url=url, workers=workers or [])
-    # `kill PID` stops the stack as Ctrl-C does, and so does SIGINT when the shell started us in the
-    # background with SIGINT ignored: either way the services and NATS are not left running
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    stop_on_signals()
     try:
         url = stack.start_nats()
         asyncio.run(stack.provision())
