@@ -535,3 +535,12 @@ def test_worker_rejects_a_target_that_is_not_a_worker(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert result.stderr.strip() == f"interlock: {module}:worker is not an interlock.worker.Worker"
     assert cli("worker", f"{module}:nothing").stderr.strip() == f"interlock: {module} has no attribute 'nothing'"
+
+
+def test_a_mistyped_run_verb_is_pointed_out(fake: FakeClient) -> None:
+    fake.answers["start_run"] = NotFound("workflow lst is not registered")
+    result = cli("run", "lst")  # `run WORKFLOW` makes this `run start lst`
+    assert result.exit_code == 1
+    assert result.stderr == "interlock: workflow lst is not registered; did you mean `interlock run list`?\n"
+    fake.answers["start_run"] = NotFound("workflow deploy is not registered")
+    assert cli("run", "deploy").stderr == "interlock: workflow deploy is not registered\n"

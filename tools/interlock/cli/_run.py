@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import time
 from collections.abc import Callable
@@ -11,7 +12,7 @@ import typer
 
 from interlock.cli._common import RunGroup, connected, fail, read_text, user, with_globals
 from interlock.cli._output import Column, Format, OutputOption, columns, echo, emit_doc, emit_rows
-from interlock.client import Client, progress_line, timeline_line
+from interlock.client import Client, NotFound, progress_line, timeline_line
 from interlock.core.run import RunStatus
 
 app = typer.Typer(cls=RunGroup, no_args_is_help=True,
@@ -67,7 +68,13 @@ def start(
     key = idempotency_key or f"cli-{time.time_ns()}"
 
     async def work(client: Client) -> int:
-        run_id = await client.start_run(workflow, run_input, key=key, version=version, requested_by=user())
+        try:
+            run_id = await client.start_run(workflow, run_input, key=key, version=version, requested_by=user())
+        except NotFound as e:
+            # `interlock run lst` reaches here as `run start lst`: point at the command meant
+            verbs = [c.name for c in app.registered_commands if c.name and c.name != "start"]
+            typo = difflib.get_close_matches(workflow, verbs, n=1)
+            raise NotFound(f"{e}; did you mean `interlock run {typo[0]}`?" if typo else str(e)) from None
         echo(f"run {run_id} (workflow {workflow}, idempotency key {key})")
         return await _follow(client, run_id, timeout) if wait else 0
 
