@@ -1,5 +1,5 @@
-"""What every command shares: the global options, one client session per command, one-line errors,
-global options after a command's name, and groups with a default command."""
+"""What every command shares: the global options (also accepted after a command's name), one client
+session per command, one-line errors, and groups with a default command."""
 
 from __future__ import annotations
 
