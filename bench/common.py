@@ -1,9 +1,7 @@
-"""Shared helpers: the machine's description, percentiles, progress lines, a stream reader."""
+"""Shared helpers: the machine's description, percentiles, progress lines."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import platform
 import subprocess
@@ -13,7 +11,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-TERMINAL_EVENTS = frozenset({"RunSucceeded", "RunFailed", "RunDenied", "RunCancelled", "RunTimedOut"})
+from interlock.client import TERMINAL_EVENTS
+
+# a commit's bytes name its terminal event: the bench decodes only the commits that hold one
 TERMINAL_MARKERS = tuple(f'"{name}"'.encode() for name in TERMINAL_EVENTS)
 
 # the 5-step workflow of tests/integration/test_flow.py: A -> (B, C) -> D -> E
@@ -121,48 +121,6 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
-
-
-# -- reading a run's log without the event store's replay ---------------------------------------
-async def direct_get_raw(nc: Any, stream: str, subject: str, start: int = 1, batch: int = 10_000,
-                         timeout: float = 10.0) -> list[Any]:
-    """Every message on ``subject`` from stream seq ``start``: raw batched direct gets, no decoding.
-
-    This is the floor of a run load: the same requests :meth:`EventStore.read_commits` makes.
-    """
-    msgs: list[Any] = []
-    while True:
-        inbox = nc.new_inbox()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-
-        async def collect(msg: Any, queue: asyncio.Queue[Any] = queue) -> None:
-            queue.put_nowait(msg)
-
-        sub = await nc.subscribe(inbox, cb=collect)
-        pending = 0
-        last = 0
-        got = 0
-        try:
-            request = json.dumps({"seq": start, "next_by_subj": subject, "batch": batch}).encode()
-            await nc.publish(f"$JS.API.DIRECT.GET.{stream}", request, reply=inbox)
-            while True:
-                msg = await asyncio.wait_for(queue.get(), timeout=timeout)
-                status = (msg.headers or {}).get("Status")
-                if status == "404":
-                    return msgs
-                if status == "204":
-                    pending = int(msg.headers.get("Nats-Num-Pending", "0"))
-                    last = int(msg.headers.get("Nats-Last-Sequence", "0"))
-                    break
-                if status:
-                    raise RuntimeError(f"direct get failed: {status} {msg.headers.get('Description', '')}")
-                msgs.append(msg)
-                got += 1
-        finally:
-            await sub.unsubscribe()
-        if pending == 0 or got == 0:
-            return msgs
-        start = max(last, int(msgs[-1].headers["Nats-Sequence"])) + 1
 
 
 class Clock:

@@ -2,9 +2,9 @@
 worker, each its own OS process, every event persisted in JetStream (file storage) as in
 production.
 
-The bench process only submits triggers (``interlock.cli.trigger_run``) and listens:
+The bench process only submits triggers (:meth:`interlock.client.Client.start_run`) and listens:
 
-- to each run's event subject ``il.evt.{tenant}.{run_id}`` with a core NATS subscription made
+- to each run's event subject (``subjects.run_events``) with a core NATS subscription made
   before the trigger is published, stopping the clock at the terminal event (no polling);
 - to ``bench.recv``, where the bench agents report when each job reached the worker.
 
@@ -26,13 +26,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from bench.common import (
     FIVE_STEP_DEPS,
-    TERMINAL_EVENTS,
     TERMINAL_MARKERS,
     Clock,
     parse_at,
@@ -40,12 +38,11 @@ from bench.common import (
     progress,
     summary,
 )
-from interlock.cli import trigger_run
+from interlock.client import TERMINAL_EVENTS, Client
+from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
-from interlock.core.eventstore import EventStore
 from interlock.core.ids import run_id_for
-from interlock.runtime.registry import WorkflowRegistry
-from interlock.stack import Stack
+from interlock.devstack.stack import Stack
 
 HERE = Path(__file__).resolve().parent
 AGENTS = HERE / "agents.py"
@@ -169,8 +166,7 @@ class StackBench:
         self.stack = Stack(home=home, port=0, workers=[f"{AGENTS}:worker"],
                            env={"INTERLOCK_AUDITOR_DB": str(home / "auditor.sqlite3"),
                                 "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
-        self.nc: NATS | None = None
-        self.store: EventStore | None = None
+        self.client: Client | None = None
         self.recv: dict[str, tuple[float, float]] = {}  # job id -> (at the worker, handler called)
         self.nonce = uuid.uuid4().hex[:8]
         self.failures: list[dict[str, Any]] = []
@@ -180,21 +176,28 @@ class StackBench:
             self.stack.start_nats()
             await self.stack.provision()
             self.stack.start()
-        self.nc = nc = await nats.connect(self.stack.url, name="bench")
-        self.store = EventStore(nc, nc.jetstream(), service="bench")
-        await nc.subscribe(RECV_SUBJECT, cb=self._on_recv)
-        registry = WorkflowRegistry(nc.jetstream())
-        await registry.apply(FIVE_STEP_YAML)
-        await registry.apply(FAN_YAML)
+        self.client = client = await Client.connect(self.stack.url, name="bench")
+        await client.nc.subscribe(RECV_SUBJECT, cb=self._on_recv)
+        await client.apply_workflow(FIVE_STEP_YAML)
+        await client.apply_workflow(FAN_YAML)
+
+    @property
+    def nc(self) -> NATS:
+        assert self.client is not None, "the bench is not started"
+        return self.client.nc
+
+    def tenant(self, tenant: str) -> Client:
+        """The bench's client acting for ``tenant`` (one connection for all)."""
+        assert self.client is not None, "the bench is not started"
+        return self.client.with_tenant(tenant)
 
     def stop(self) -> None:
         with _cwd(self.home):
             self.stack.stop()
 
     async def close(self) -> None:
-        if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await self.nc.close()
+        if self.client is not None:
+            await self.client.close()
 
     def pids(self) -> dict[str, int]:
         pids = {}
@@ -222,8 +225,7 @@ class StackBench:
 
     async def events(self, tenant: str, run_id: str) -> tuple[list[dict[str, Any]], int]:
         """A run's events from the stream and its number of commits."""
-        assert self.store is not None
-        commits = await self.store.read_commits(tenant, run_id)
+        commits = await self.tenant(tenant).read_commits(run_id)
         return [e for c in commits for e in c.envelopes], len(commits)
 
     # -- W1 --------------------------------------------------------------------------------
@@ -233,7 +235,7 @@ class StackBench:
 
         A run that does not succeed is reported in ``self.failures`` with its terminal event's data.
         """
-        assert self.nc is not None
+        client = self.tenant(tenant)
         run_id = str(run_id_for(tenant, workflow, key))
         loop = asyncio.get_running_loop()
         ended: asyncio.Future[tuple[float, str]] = loop.create_future()
@@ -245,7 +247,7 @@ class StackBench:
             for envelope in json.loads(msg.data)["events"]:
                 if envelope["type"] in TERMINAL_EVENTS:
                     ended.set_result((now, envelope["type"]))
-                    if envelope["type"] != "RunSucceeded":
+                    if envelope["type"] != ev.RunSucceeded.type_name:
                         self.failures.append({"run_id": run_id, "workflow": workflow, "type": envelope["type"],
                                               "data": envelope.get("data")})
                     return
@@ -254,7 +256,8 @@ class StackBench:
         try:
             wall = time.time()
             t0 = time.perf_counter()
-            await trigger_run(self.nc, workflow, run_input, key=key, tenant=tenant)
+            # check=False: no registry read inside the measured interval (the workflows are applied)
+            await client.start_run(workflow, run_input, key=key, check=False)
             try:
                 end, kind = await asyncio.wait_for(ended, timeout)
             except TimeoutError:
@@ -281,7 +284,7 @@ class StackBench:
             run_id, wall, secs, kind = await self.one_run(WF_FIVE, {"n": 1}, T1, f"w1-{self.nonce}-{i}", timeout=30)
             samples.append(secs * 1000)
             runs.append((run_id, wall))
-            failed += kind != "RunSucceeded"
+            failed += kind != ev.RunSucceeded.type_name
         await asyncio.sleep(0.2)  # the last bench.recv records
         logs = [(await self.events(T1, run_id), wall) for run_id, wall in runs]
         analysis = analyse(logs, self.recv, FIVE_STEP_DEPS)
@@ -295,7 +298,7 @@ class StackBench:
 
     # -- W2 --------------------------------------------------------------------------------
     async def w2(self, count: int) -> dict[str, Any]:
-        assert self.nc is not None
+        client = self.tenant(T2)
         pids = self.pids()
         keys = [f"w2-{self.nonce}-{i}" for i in range(count)]
         run_ids = {str(run_id_for(T2, WF_FIVE, k)) for k in keys}
@@ -319,7 +322,7 @@ class StackBench:
             cpu0 = cpu_seconds(pids)
             wall0 = time.time()
             clock = Clock()
-            await asyncio.gather(*(trigger_run(self.nc, WF_FIVE, {"n": 1}, key=k, tenant=T2) for k in keys))
+            await asyncio.gather(*(client.start_run(WF_FIVE, {"n": 1}, key=k, check=False) for k in keys))
             submit_s = clock.elapsed()
             progress(f"W2: {count} triggers published in {submit_s:.2f} s")
             last_report = 0.0
@@ -340,7 +343,7 @@ class StackBench:
             seconds = max(end for end, _ in ends.values()) - clock.t0
         finally:
             await sub.unsubscribe()
-        failed = sum(kind != "RunSucceeded" for _, kind in ends.values())
+        failed = sum(kind != ev.RunSucceeded.type_name for _, kind in ends.values())
         steps = count * len(FIVE_STEP_DEPS)
         progress(f"W2: {count} runs in {seconds:.2f} s ({steps / seconds:.0f} steps/s); reading the logs back")
         await asyncio.sleep(0.2)
@@ -374,8 +377,7 @@ class StackBench:
         if kind != "RunSucceeded":
             raise RuntimeError(f"W3 run ended {kind}: {self.failures[-1:]}")
         await asyncio.sleep(0.2)
-        assert self.store is not None
-        stored = await self.store.read_commits(T3, run_id)
+        stored = await self.tenant(T3).read_commits(run_id)
         events = [e for c in stored for e in c.envelopes]
         commits = len(stored)
         by_service: dict[str, int] = {}
@@ -383,7 +385,7 @@ class StackBench:
             svc = c.envelopes[0]["service"]
             by_service[svc] = by_service.get(svc, 0) + 1
         sizes = [len(c.envelopes) for c in stored]
-        started = next(parse_at(e["at"]) for e in events if e["type"] == "RunStarted")
+        started = next(parse_at(e["at"]) for e in events if e["type"] == ev.RunStarted.type_name)
         overhead = []
         for e in events:
             if e["type"] == "StepDispatched":
@@ -419,31 +421,33 @@ def analyse(logs: list[tuple[tuple[list[dict[str, Any]], int], float]], recv: di
     events_per_run: list[int] = []
     commits_per_run: list[int] = []
     missing_recv = 0
+    ready, decided, dispatched_t = ev.StepReady.type_name, ev.PolicyDecided.type_name, ev.StepDispatched.type_name
+    succeeded = ev.StepSucceeded.type_name
     for (events, commits), submitted in logs:
         events_per_run.append(len(events))
         commits_per_run.append(commits)
         at: dict[tuple[str, str | None], float] = {}
         for e in events:
             at.setdefault((e["type"], e.get("step_id")), parse_at(e["at"]))
-        started = at.get(("RunStarted", None))
+        started = at.get((ev.RunStarted.type_name, None))
         if started is None:
             continue
         submit_to_start.append((started - submitted) * 1000)
         for step, step_deps in deps.items():
-            base = max((at.get(("StepSucceeded", d), started) for d in step_deps), default=started)
-            dispatched = next((e for e in events if e["type"] == "StepDispatched" and e.get("step_id") == step), None)
+            base = max((at.get((succeeded, d), started) for d in step_deps), default=started)
+            dispatched = next((e for e in events if e["type"] == dispatched_t and e.get("step_id") == step), None)
             got = recv.get(dispatched["data"]["job_id"]) if dispatched else None
             if got is None:
                 missing_recv += 1
                 continue
             overhead.append((got[0] - base) * 1000)
-            points = [base, at.get(("StepReady", step)), at.get(("PolicyDecided", step)),
-                      at.get(("StepDispatched", step)), got[0], got[1], at.get(("StepSucceeded", step))]
+            points = [base, at.get((ready, step)), at.get((decided, step)), at.get((dispatched_t, step)),
+                      got[0], got[1], at.get((succeeded, step))]
             for (name, _), a, b in zip(STAGES, points, points[1:], strict=False):
                 if a is not None and b is not None:
                     stages[name].append((b - a) * 1000)
-        last = max((at[("StepSucceeded", d)] for d in deps if ("StepSucceeded", d) in at), default=None)
-        ended = at.get(("RunSucceeded", None))
+        last = max((at[(succeeded, d)] for d in deps if (succeeded, d) in at), default=None)
+        ended = at.get((ev.RunSucceeded.type_name, None))
         if last is not None and ended is not None:
             finish.append((ended - last) * 1000)
     return {

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from interlock.cli import trigger_run
-from interlock.core.eventstore import EventStore
-from interlock.core.verify import verify_run
-from interlock.runtime.connect import connect
-from interlock.runtime.registry import WorkflowRegistry
-from interlock.stack import SERVICES, Stack
+from interlock.client import Client
+from interlock.contracts import events as ev
+from interlock.devstack.stack import SERVICES, Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -33,7 +29,6 @@ steps:
   d: {{{JOB}, depends_on: [b, c], input: {{n: "{{{{ steps.b.output.n + steps.c.output.n }}}}"}}}}
   e: {{{JOB}, depends_on: [d], input: {{n: "{{{{ steps.d.output.n }}}}"}}}}
 """
-TERMINAL = {"RunSucceeded", "RunFailed", "RunDenied", "RunCancelled", "RunTimedOut"}
 
 
 @pytest.fixture
@@ -50,49 +45,34 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         stack.stop()
 
 
-async def _events(store: EventStore, run_id: str) -> list[dict]:
-    return [e for c in await store.read_commits("default", run_id) for e in c.envelopes]
-
-
-async def _wait_end(store: EventStore, run_id: str, timeout: float) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        events = await _events(store, run_id)
-        if any(e["type"] in TERMINAL for e in events):
-            return events
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"run {run_id} did not finish; last events: {[e['type'] for e in events[-5:]]}")
-
-
 def test_sigkill_each_service_mid_run(stack: Stack, tmp_path: Path) -> None:
     async def scenario() -> None:
-        nc = await connect(stack.url)
-        store = EventStore(nc, nc.jetstream(), service="test")
-        await WorkflowRegistry(nc.jetstream()).apply(WORKFLOW)
+        client = await Client.connect(stack.url, tenant="default", name="e2e")
+        await client.apply_workflow(WORKFLOW)
         run_ids = []
         for victim in (*SERVICES, "worker-0"):
-            run_id = await trigger_run(nc, "e2e-five", {}, key=f"kill-{victim}-{uuid.uuid4().hex}", tenant="default")
+            run_id = await client.start_run("e2e-five", {}, key=f"kill-{victim}-{uuid.uuid4().hex}")
             run_ids.append(run_id)
             # let the run get going, then kill the victim while jobs are in flight
             await asyncio.sleep(0.6)
             stack.kill(victim)
             await asyncio.sleep(0.3)
             stack.restart(victim)
-            events = await _wait_end(store, run_id, timeout=60)
-            assert events[-1]["type"] == "RunSucceeded", (victim, [e["type"] for e in events])
+            final = await client.wait(run_id, timeout=60)
+            assert final == ev.RunSucceeded.type_name, (victim, [e["type"] for e in await client.events(run_id)])
         for run_id in run_ids:
-            events = await _events(store, run_id)
+            events = await client.events(run_id)
             outcomes: dict[tuple[str, int], int] = {}
             for e in events:
-                if e["type"] in ("StepSucceeded", "StepFailed"):
+                if e["type"] in ev.kinds(ev.StepSucceeded, ev.StepFailed):
                     key = (e["step_id"], e["data"]["attempt"])
                     outcomes[key] = outcomes.get(key, 0) + 1
             assert set(outcomes.values()) == {1}, f"an outcome was recorded twice in {run_id}: {outcomes}"
-            succeeded = [e["step_id"] for e in events if e["type"] == "StepSucceeded"]
+            succeeded = [e["step_id"] for e in events if e["type"] == ev.StepSucceeded.type_name]
             assert sorted(succeeded) == list("abcde"), f"each step succeeds exactly once: {succeeded}"
-            report = await verify_run(store, "default", run_id)
+            report = await client.verify(run_id)
             assert report.ok, report.problems
-        await nc.close()
+        await client.close()
 
     asyncio.run(scenario())
     effects = [json.loads(line) for line in (tmp_path / "effects.jsonl").read_text().splitlines()]

@@ -13,30 +13,26 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from interlock.cli import trigger_run
+from interlock.client import TERMINAL_EVENTS as TERMINAL
+from interlock.client import Client
+from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
-from interlock.core.eventstore import EventStore
-from interlock.core.verify import verify_run
-from interlock.drill import DrillReport, run_drill
-from interlock.runtime.connect import connect
-from interlock.runtime.registry import WorkflowRegistry
-from interlock.stack import Stack
+from interlock.devstack.drill import DrillReport, run_drill
+from interlock.devstack.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 HERE = Path(__file__).resolve().parent
-TERMINAL = {"RunSucceeded", "RunFailed", "RunDenied", "RunCancelled", "RunTimedOut"}
 
 
 def _assert_clean(report: DrillReport, runs: int, kills: int) -> None:
     text = report.render()
     print(text)
     assert report.ok, text
-    assert report.outcomes == {"RunSucceeded": runs + 1}, text  # + the warm-up run
+    assert report.outcomes == {ev.RunSucceeded.type_name: runs + 1}, text  # + the warm-up run
     assert len(report.kills) == kills, text
     assert report.effects > 0, text
 
@@ -68,10 +64,6 @@ steps:
 RUNS = 12
 
 
-async def _events(store: EventStore, run_id: str) -> list[dict[str, Any]]:
-    return [e for c in await store.read_commits("default", run_id) for e in c.envelopes]
-
-
 def test_events_stream_leader_killed_mid_workload(tmp_path: Path) -> None:
     effects_file = tmp_path / "effects.jsonl"
     stack = Stack(home=tmp_path / "home", cluster=3, workers=[f"{HERE / 'agents.py'}:worker"] * 2,
@@ -92,23 +84,21 @@ def test_events_stream_leader_killed_mid_workload(tmp_path: Path) -> None:
 async def _leader_kill_scenario(stack: Stack) -> None:
     cluster = stack.local_cluster
     assert cluster is not None
-    nc = await connect(stack.url)
-    js = nc.jetstream()
+    client = await Client.connect(stack.url, tenant="default", name="e2e", patient=True)
+    nc, js = client.nc, client.js
     try:
         info = await js.stream_info(s.EVENTS_STREAM)
         assert info.config.num_replicas == 3 and info.cluster is not None
-        store = EventStore(nc, js, service="test")
-        await WorkflowRegistry(js).apply(WORKFLOW)
+        await client.apply_workflow(WORKFLOW)
         run_ids = []
         for i in range(RUNS):
-            run_ids.append(await trigger_run(nc, "e2e-cluster", {}, key=f"leader-{i}-{uuid.uuid4().hex}",
-                                             tenant="default"))
+            run_ids.append(await client.start_run("e2e-cluster", {}, key=f"leader-{i}-{uuid.uuid4().hex}"))
             await asyncio.sleep(0.15)
         # mid-workload: some runs have moved, not all have ended
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            logs = [await _events(store, r) for r in run_ids]
-            if sum(1 for events in logs if any(e["type"] == "StepSucceeded" for e in events)) >= 2:
+            logs = [await client.events(r) for r in run_ids]
+            if sum(1 for events in logs if any(e["type"] == ev.StepSucceeded.type_name for e in events)) >= 2:
                 break
             await asyncio.sleep(0.1)
         ended_before = sum(1 for events in logs if any(e["type"] in TERMINAL for e in events))
@@ -129,25 +119,25 @@ async def _leader_kill_scenario(stack: Stack) -> None:
         pending = set(run_ids)
         while pending and time.monotonic() < deadline:
             for run_id in list(pending):
-                if any(e["type"] in TERMINAL for e in await _events(store, run_id)):
+                if any(e["type"] in TERMINAL for e in await client.events(run_id)):
                     pending.discard(run_id)
             await asyncio.sleep(0.2)
         assert not pending, f"runs did not finish after the leader kill: {sorted(pending)}"
 
         for run_id in run_ids:
-            events = await _events(store, run_id)
+            events = await client.events(run_id)
             types = [e["type"] for e in events]
-            assert types[0] == "RunStarted" and types[-1] == "RunSucceeded", (run_id, types)
+            assert types[0] == ev.RunStarted.type_name and types[-1] == ev.RunSucceeded.type_name, (run_id, types)
             assert sum(t in TERMINAL for t in types) == 1, types
             outcomes = Counter((e["step_id"], e["data"]["attempt"]) for e in events
-                               if e["type"] in ("StepSucceeded", "StepFailed"))
+                               if e["type"] in ev.kinds(ev.StepSucceeded, ev.StepFailed))
             assert set(outcomes.values()) == {1}, f"an outcome was recorded twice in {run_id}: {outcomes}"
-            succeeded = sorted(e["step_id"] for e in events if e["type"] == "StepSucceeded")
+            succeeded = sorted(e["step_id"] for e in events if e["type"] == ev.StepSucceeded.type_name)
             assert succeeded == ["a", "b", "c", "d"], succeeded
-            report = await verify_run(store, "default", run_id)
+            report = await client.verify(run_id)
             assert report.ok, report.problems
         # the restarted node holds every event too: all replicas current, one sequence
         info = await js.stream_info(s.EVENTS_STREAM)
         assert info.cluster is not None and all(r.current and not r.offline for r in info.cluster.replicas or [])
     finally:
-        await nc.close()
+        await client.close()

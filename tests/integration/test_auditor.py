@@ -21,7 +21,7 @@ from interlock.contracts.messages import JobError, QueryReply, RunQuery, RunsQue
 from interlock.core import codec
 from interlock.core.eventstore import EventStore
 from interlock.core.run import Run
-from interlock.runtime.service import ServiceSettings
+from interlock.runtime.settings import ServiceSettings
 
 pytestmark = pytest.mark.integration
 

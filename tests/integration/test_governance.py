@@ -26,7 +26,7 @@ from interlock.core.policy.cedar import DEFAULT_BUNDLE, CedarPolicy, PolicyBundl
 from interlock.runtime.approvers import ApproverDirectory
 from interlock.runtime.policy import BundleRecord, BundleStore, LivePolicy, simulate
 from interlock.runtime.registry import WorkflowRegistry
-from interlock.runtime.service import ServiceSettings
+from interlock.runtime.settings import ServiceSettings
 from interlock.worker import JobContext, Worker
 from tests.integration.harness import Harness, types, unique
 

@@ -18,7 +18,7 @@ from interlock.contracts import subjects as s
 from interlock.contracts.messages import DeadLetter, Notification, PayloadRef
 from interlock.core.ids import run_id_for
 from interlock.runtime.registry import WorkflowRegistry
-from interlock.runtime.service import ServiceSettings
+from interlock.runtime.settings import ServiceSettings
 from interlock.worker import JobContext, Worker
 from tests.integration.harness import Harness, connect, outcome_counts, types, unique
 

@@ -28,7 +28,7 @@ With ``--nats URL`` the drill targets a stack that is already running: it starts
 example-agent workers against it and kills only those (it never touches processes it did not
 start). The target must not run other workers for the ``incident.*`` topics (they would take
 jobs whose side effects the drill cannot see), and if approvers are registered there, grant
-the drill's approver (``interlock approvers grant drill sre-oncall approver``).
+the drill's approver (``interlock approver grant drill sre-oncall approver``).
 """
 
 from __future__ import annotations
@@ -55,30 +55,25 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import nats
 import nats.errors
 import yaml
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
+from interlock.client import TERMINAL_EVENTS as TERMINAL
+from interlock.client import Client, ClientError, Refused
+from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
-from interlock.contracts.messages import ApprovalDecision, CommandReply, Trigger
 from interlock.core import codec
-from interlock.core.eventstore import EventStore
-from interlock.core.ids import run_id_for
 from interlock.core.natsserver import NatsServerError
 from interlock.core.verify import verify_envelopes
 from interlock.core.workflow import Workflow, load_workflow
+from interlock.devstack import example_file
+from interlock.devstack.stack import SERVICES, Stack
 from interlock.runtime.consumer import PullConsumer
-from interlock.runtime.publish import publish
-from interlock.runtime.registry import WorkflowRegistry
-from interlock.stack import SERVICES, Stack
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "incident-remediation"
-AGENTS = f"{EXAMPLE / 'agents.py'}:worker"
-TERMINAL = frozenset({"RunSucceeded", "RunFailed", "RunDenied", "RunCancelled", "RunTimedOut"})
-OUTCOMES = ("StepSucceeded", "StepFailed")
+OUTCOMES = ev.kinds(ev.StepSucceeded, ev.StepFailed)
 EFFECT_TOPIC = "incident.apply"  # the example agent that records a side effect when it succeeds
 APPROVER = "drill"
 DRILL_RETRIES = {"max_attempts": 10, "backoff_ms": 100, "max_backoff_ms": 1000}
@@ -143,7 +138,7 @@ steps:
 def incident_workflow() -> str:
     """The example workflow with retries and a short heartbeat timeout on every job, so a job
     whose worker was killed comes back; registered under its own id, without its trigger."""
-    raw = yaml.safe_load((EXAMPLE / "workflow.yaml").read_text())
+    raw = yaml.safe_load(example_file("workflow.yaml").read_text())
     raw["id"] = "drill-incident-remediation"
     raw["name"] = "Incident remediation (drill)"
     raw.pop("triggers", None)
@@ -337,13 +332,13 @@ class Monitor:
         if kind in TERMINAL:
             self.ended[run_id] = kind
             self.changed.set()
-        elif kind == "ApprovalRequested":
+        elif kind == ev.ApprovalRequested.type_name:
             self.pending[(run_id, data["step_id"])] = Approval(run_id, data["step_id"], data["job_hash"],
                                                                data["approver_role"])
-        elif kind == "ApprovalGranted":
+        elif kind == ev.ApprovalGranted.type_name:
             self.granted.add((run_id, data["step_id"], data["job_hash"]))
             self.pending.pop((run_id, data["step_id"]), None)
-        elif kind in ("ApprovalRejected", "ApprovalExpired"):
+        elif kind in (ev.ApprovalRejected.type_name, ev.ApprovalExpired.type_name):
             self.pending.pop((run_id, data["step_id"]), None)
 
 
@@ -368,13 +363,14 @@ async def run_drill(*, runs: int = 200, kills: int = 20, cluster: bool = False, 
     report = DrillReport(runs=runs, kills_planned=kills, cluster=cluster and not nats_url, seed=seed, tenant=tenant,
                          home=str(home), target=nats_url or "")
     t_start = time.monotonic()
+    agents = f"{example_file('agents.py')}:worker"
     env = {"INTERLOCK_SIDE_EFFECTS": str(effects_file), "INTERLOCK_AUDITOR_DB": str(home / "auditor.sqlite3")}
     if nats_url:
         if cluster:
             report.notes.append("--cluster ignored with --nats: the drill kills only the workers it started")
-        stack = Stack(home=home, nats_url=nats_url, services=(), workers=[AGENTS, AGENTS], env=env)
+        stack = Stack(home=home, nats_url=nats_url, services=(), workers=[agents, agents], env=env)
     else:
-        stack = Stack(home=home, port=0, workers=[AGENTS, AGENTS], env=env, cluster=3 if cluster else 0)
+        stack = Stack(home=home, port=0, workers=[agents, agents], env=env, cluster=3 if cluster else 0)
     try:
         progress(f"drill: seed {seed}, {runs} runs, {kills} kills, "
                  f"{'target ' + nats_url if nats_url else ('3-node cluster' if cluster else 'single node')}, "
@@ -393,14 +389,6 @@ async def run_drill(*, runs: int = 200, kills: int = 20, cluster: bool = False, 
     return report
 
 
-async def _connect(url: str) -> NATS:
-    async def quiet(e: Exception) -> None:  # node kills are the point of the drill: no tracebacks
-        pass
-
-    return await nats.connect(url.split(","), name="interlock-drill", max_reconnect_attempts=-1,
-                              reconnect_time_wait=0.25, connect_timeout=2, error_cb=quiet)
-
-
 async def _retrying(what: str, call: Callable[[], Any], patience: float = 60.0) -> Any:
     deadline = time.monotonic() + patience
     while True:
@@ -414,19 +402,19 @@ async def _retrying(what: str, call: Callable[[], Any], patience: float = 60.0) 
 
 async def _drill(stack: Stack, report: DrillReport, rng: random.Random, *, runs: int, kills: int, timeout: float,
                  effects_file: Path, progress: Progress, own_stack: bool) -> None:
-    nc = await _connect(stack.url)
-    js = nc.jetstream()
     tenant = report.tenant
+    # node kills are the point of the drill: the client reconnects for as long as it lives
+    client = await Client.connect(stack.url, tenant=tenant, name="interlock-drill", patient=True)
+    nc, js = client.nc, client.js
     monitor = Monitor(tenant)
     consumer = PullConsumer(nc, js, stream=s.EVENTS_STREAM, durable=f"drill_{tenant.replace('-', '_')}",
-                            subject=f"il.evt.{tenant}.>", handler=monitor.on_msg, concurrency=256, ack_wait=30)
+                            subject=s.tenant_events(tenant), handler=monitor.on_msg, concurrency=256, ack_wait=30)
     tasks: list[asyncio.Task[Any]] = []
     try:
-        registry = WorkflowRegistry(js)
         defs: dict[str, Workflow] = {}
         for wf_id, text in workflows().items():
             defs[wf_id] = load_workflow(text)
-            wf, created = await _retrying(f"registering {wf_id}", functools.partial(registry.apply, text))
+            wf, created = await _retrying(f"registering {wf_id}", functools.partial(client.apply_workflow, text))
             progress(f"drill: workflow {wf.id} v{wf.version} {'registered' if created else 'already registered'}")
         dlq_before = await _stream_last_seq(js, s.DLQ_STREAM)
         await _retrying("starting the drill's event consumer", consumer.start)
@@ -435,11 +423,8 @@ async def _drill(stack: Stack, report: DrillReport, rng: random.Random, *, runs:
         t_warm = time.monotonic()
         run_ids: dict[str, str] = {}
         warm_key = f"{tenant}-warmup"
-        warm = Trigger(workflow_id="drill-fanout", input=run_input("drill-fanout", -1, rng), idempotency_key=warm_key,
-                       tenant=tenant, requested_by="drill")
-        await publish(js, s.trigger("drill-fanout"), warm.model_dump_json().encode(),
-                      headers={"Nats-Msg-Id": f"trigger:{tenant}:drill-fanout:{warm_key}"}, patience=120)
-        warm_id = str(run_id_for(tenant, "drill-fanout", warm_key))
+        warm_id = await client.start_run("drill-fanout", run_input("drill-fanout", -1, rng), key=warm_key,
+                                         requested_by="drill", check=False, patience=120)
         run_ids[warm_id] = "drill-fanout"
         while warm_id not in monitor.ended:
             dead = stack.dead()
@@ -477,11 +462,9 @@ async def _drill(stack: Stack, report: DrillReport, rng: random.Random, *, runs:
                 elif i:
                     await asyncio.sleep(window / runs)
                 key = f"{tenant}-{n}"
-                trigger = Trigger(workflow_id=wf_id, input=run_input(wf_id, n, rng), idempotency_key=key,
-                                  tenant=tenant, requested_by="drill")
-                await publish(js, s.trigger(wf_id), trigger.model_dump_json().encode(),
-                              headers={"Nats-Msg-Id": f"trigger:{tenant}:{wf_id}:{key}"}, patience=120)
-                run_ids[str(run_id_for(tenant, wf_id, key))] = wf_id
+                run_id = await client.start_run(wf_id, run_input(wf_id, n, rng), key=key, requested_by="drill",
+                                                check=False, patience=120)
+                run_ids[run_id] = wf_id
             submitted_all.set()
 
         async def approve() -> None:
@@ -490,7 +473,7 @@ async def _drill(stack: Stack, report: DrillReport, rng: random.Random, *, runs:
                 due = [a for a in list(monitor.pending.values())
                        if (a.run_id, a.step_id, a.job_hash) not in monitor.granted and now - a.sent_at > 3.0]
                 if due:
-                    await asyncio.gather(*(_decide(nc, tenant, a) for a in due[:64]))
+                    await asyncio.gather(*(_decide(client, a) for a in due[:64]))
                 else:
                     await asyncio.sleep(0.1)
 
@@ -564,7 +547,7 @@ async def _drill(stack: Stack, report: DrillReport, rng: random.Random, *, runs:
                     waits.append(ordered[j] - k.at)
             k.in_flight = len(waits)
             k.all_moving_s = max(waits) if waits else None
-        await _check(report, nc, js, run_ids, defs, monitor, effects_file)
+        await _check(report, client, run_ids, defs, monitor, effects_file)
         dlq_after = await _stream_last_seq(js, s.DLQ_STREAM)
         if dlq_after > dlq_before:
             report.notes.append(f"{dlq_after - dlq_before} dead letter(s) written during the drill "
@@ -575,7 +558,7 @@ async def _drill(stack: Stack, report: DrillReport, rng: random.Random, *, runs:
         await consumer.stop()
         with contextlib.suppress(Exception):
             await js.delete_consumer(s.EVENTS_STREAM, consumer.durable)
-        await nc.close()
+        await client.close()
 
 
 def _last_error(log_path: Path) -> str:
@@ -601,19 +584,16 @@ async def _stream_last_seq(js: Any, stream: str) -> int:
     return 0
 
 
-async def _decide(nc: NATS, tenant: str, a: Approval) -> None:
+async def _decide(client: Client, a: Approval) -> None:
     a.sent_at = time.monotonic()
     a.tries += 1
-    decision = ApprovalDecision(run_id=a.run_id, tenant=tenant, step_id=a.step_id, job_hash=a.job_hash,
-                                approver=APPROVER, role=a.role, reason="chaos drill")
     try:
-        msg = await nc.request(s.CMD_APPROVE, decision.model_dump_json().encode(), timeout=5.0)
-        reply = CommandReply.model_validate_json(msg.data)
-        if not reply.ok:
-            a.last_error = reply.error or "refused"
-    except (nats.errors.NoRespondersError, nats.errors.TimeoutError, nats.errors.ConnectionClosedError,
-            nats.errors.ConnectionReconnectingError) as e:
-        a.last_error = repr(e)  # the approval service is down or restarting: asked again later
+        await client.approve(a.run_id, a.step_id, approver=APPROVER, role=a.role, job_hash=a.job_hash,
+                             reason="chaos drill")
+    except Refused as e:
+        a.last_error = str(e)
+    except (ClientError, nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as e:
+        a.last_error = str(e) or repr(e)  # the approval service is down or restarting: asked again later
         a.sent_at = time.monotonic() - 2.5
 
 
@@ -669,15 +649,14 @@ async def _chaos(stack: Stack, report: DrillReport, rng: random.Random, kills: i
 
 
 # -- checks ----------------------------------------------------------------------------------
-async def _check(report: DrillReport, nc: NATS, js: Any, run_ids: dict[str, str], defs: dict[str, Workflow],
+async def _check(report: DrillReport, client: Client, run_ids: dict[str, str], defs: dict[str, Workflow],
                  monitor: Monitor, effects_file: Path) -> None:
-    store = EventStore(nc, js, service="drill")
     tenant = report.tenant
     succeeded_effect_keys: set[str] = set()
     violations = report.violations
     report.approvals = len(monitor.granted)
     for run_id, wf_id in sorted(run_ids.items()):
-        commits = await _retrying(f"reading run {run_id}", functools.partial(store.read_commits, tenant, run_id))
+        commits = await _retrying(f"reading run {run_id}", functools.partial(client.read_commits, run_id))
         events = [e for c in commits for e in c.envelopes]
         report.events += len(events)
         where = f"run {run_id} ({wf_id})"
@@ -694,10 +673,10 @@ async def _check(report: DrillReport, nc: NATS, js: Any, run_ids: dict[str, str]
             violations.append(f"{where}: {len(ends)} terminal events")
         else:
             trailing = [e["type"] for e in events[ends[0] + 1:]]
-            if any(t != "LateResultRecorded" for t in trailing):
+            if any(t != ev.LateResultRecorded.type_name for t in trailing):
                 violations.append(f"{where}: events after {final}: {trailing}")
-            report.late_results += trailing.count("LateResultRecorded")
-            if final != "RunSucceeded":
+            report.late_results += trailing.count(ev.LateResultRecorded.type_name)
+            if final != ev.RunSucceeded.type_name:
                 data = events[ends[0]]["data"]
                 violations.append(f"{where}: {final}: {data.get('reason') or data}")
         verified = verify_envelopes(events, run_id=run_id, tenant=tenant)
@@ -706,18 +685,18 @@ async def _check(report: DrillReport, nc: NATS, js: Any, run_ids: dict[str, str]
         outcomes = Counter((e["step_id"], e["data"].get("attempt")) for e in events if e["type"] in OUTCOMES)
         violations.extend(f"{where}: outcome of {step} attempt {attempt} recorded {n} times"
                           for (step, attempt), n in outcomes.items() if n > 1)
-        wins = Counter(e["step_id"] for e in events if e["type"] == "StepSucceeded")
+        wins = Counter(e["step_id"] for e in events if e["type"] == ev.StepSucceeded.type_name)
         violations.extend(f"{where}: step {step} succeeded {n} times" for step, n in wins.items() if n > 1)
-        report.retries += sum(1 for e in events if e["type"] == "StepFailed" and not e["data"].get("final"))
-        report.timeouts += sum(1 for e in events if e["type"] == "StepTimedOut")
-        report.deadline_timeouts += sum(1 for e in events
-                                        if e["type"] == "StepTimedOut" and e["data"].get("reason") == "deadline")
+        report.retries += sum(1 for e in events if e["type"] == ev.StepFailed.type_name and not e["data"].get("final"))
+        timeouts = [e for e in events if e["type"] == ev.StepTimedOut.type_name]
+        report.timeouts += len(timeouts)
+        report.deadline_timeouts += sum(1 for e in timeouts if e["data"].get("reason") == "deadline")
         _timing(report, events, where)
         violations.extend(f"{where}: {v}" for v in _approval_violations(events, defs[wf_id]))
 
-        topics = {e["step_id"]: e["data"].get("topic") for e in events if e["type"] == "StepDispatched"}
+        topics = {e["step_id"]: e["data"].get("topic") for e in events if e["type"] == ev.StepDispatched.type_name}
         for e in events:
-            if e["type"] == "StepSucceeded" and topics.get(e["step_id"]) == EFFECT_TOPIC:
+            if e["type"] == ev.StepSucceeded.type_name and topics.get(e["step_id"]) == EFFECT_TOPIC:
                 succeeded_effect_keys.add(f"{run_id}:{e['step_id']}")
 
     effects: Counter[str] = Counter()
@@ -770,18 +749,18 @@ def _approval_violations(events: list[dict[str, Any]], wf: Workflow) -> list[str
     grants: Counter[tuple[str, str]] = Counter()
     for e in events:
         kind, step, data = e["type"], str(e.get("step_id") or ""), e.get("data") or {}
-        if kind == "PolicyDecided":
+        if kind == ev.PolicyDecided.type_name:
             decided.add(step)
             if data.get("decision") == "require_approval":
                 held.add(step)
-        elif kind == "ApprovalRequested":
+        elif kind == ev.ApprovalRequested.type_name:
             asked[step].add(data["job_hash"])
-        elif kind == "ApprovalGranted":
+        elif kind == ev.ApprovalGranted.type_name:
             grants[(step, data["job_hash"])] += 1
             if data["job_hash"] not in asked[step]:
                 out.append(f"step {step}: granted for hash {data['job_hash'][:12]} that was never asked")
             granted[step].add(data["job_hash"])
-        elif kind == "StepDispatched":
+        elif kind == ev.StepDispatched.type_name:
             if step not in decided:
                 out.append(f"step {step} dispatched without a policy decision")
             if (step in held or asked[step]) and not (granted[step] & asked[step]):
@@ -791,7 +770,7 @@ def _approval_violations(events: list[dict[str, Any]], wf: Workflow) -> list[str
             for dep in spec.depends_on if spec else ():
                 if wf.steps[dep].type == "approval" and dep not in done:
                     out.append(f"step {step} dispatched before approval step {dep} succeeded")
-        elif kind == "StepSucceeded":
+        elif kind == ev.StepSucceeded.type_name:
             spec = wf.steps.get(step.split("[", 1)[0])
             if spec is not None and spec.type == "approval" and not granted[step]:
                 out.append(f"approval step {step} succeeded without a grant")
@@ -825,15 +804,23 @@ def add_drill_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_drill(args: argparse.Namespace) -> int:
-    if args.runs < 1 or args.kills < 0:
+    """``interlock drill`` from parsed arguments (see :func:`add_drill_parser`)."""
+    return drill_command(runs=args.runs, kills=args.kills, cluster=args.cluster, seed=args.seed,
+                         timeout=args.timeout, home=args.home, nats_url=args.nats)
+
+
+def drill_command(*, runs: int = 200, kills: int = 20, cluster: bool = False, seed: int | None = None,
+                  timeout: float = 600.0, home: Path | str | None = None, nats_url: str | None = None) -> int:
+    """Run the drill, print its report; the exit code: 0 no violation, 1 violations or a failure, 2 bad arguments."""
+    if runs < 1 or kills < 0:
         print("interlock drill: --runs must be at least 1 and --kills at least 0", file=sys.stderr)
         return 2
     # the drill's own publishes retry through failovers on purpose: their warnings are noise here
     logging.getLogger("interlock").setLevel(logging.ERROR)
     try:
-        report = asyncio.run(run_drill(runs=args.runs, kills=args.kills, cluster=args.cluster, seed=args.seed,
-                                       timeout=args.timeout, home=args.home, nats_url=args.nats))
-    except (RuntimeError, NatsServerError) as e:
+        report = asyncio.run(run_drill(runs=runs, kills=kills, cluster=cluster, seed=seed, timeout=timeout,
+                                       home=home, nats_url=nats_url))
+    except (RuntimeError, NatsServerError, ClientError) as e:
         print(f"interlock drill: {e}", file=sys.stderr)
         return 1
     print()
@@ -842,7 +829,7 @@ def cmd_drill(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace | list[str] | None = None) -> int:
-    """Run the drill from parsed CLI arguments, or from an argument list (``python -m interlock.drill``)."""
+    """Run the drill from parsed CLI arguments, or from an argument list (``python -m interlock.devstack.drill``)."""
     if not isinstance(args, argparse.Namespace):
         parser = argparse.ArgumentParser(prog="interlock")
         add_drill_parser(parser.add_subparsers(dest="command", required=True))

@@ -21,6 +21,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js.api import StorageType, StreamConfig
 
+from interlock.contracts import subjects as s
 from interlock.core.natsserver import ClusterSpec, EmbeddedNats, NatsServerError, free_port
 
 CLUSTER_NAME = "interlock"
@@ -155,13 +156,13 @@ class LocalCluster:
             last: object = None
             while time.monotonic() < deadline:
                 try:
-                    reply = await nc.request("$JS.API.INFO", b"", timeout=1.0)
+                    reply = await nc.request(s.JS_API_INFO, b"", timeout=1.0)
                     info = json.loads(reply.data)
                     if "error" in info:
                         last = info["error"]
                     else:
                         js = nc.jetstream(timeout=2.0)
-                        await js.add_stream(StreamConfig(name=PROBE_STREAM, subjects=["il.cluster.probe"],
+                        await js.add_stream(StreamConfig(name=PROBE_STREAM, subjects=[s.CLUSTER_PROBE],
                                                          num_replicas=self.size, storage=StorageType.MEMORY))
                         await js.delete_stream(PROBE_STREAM)
                         return

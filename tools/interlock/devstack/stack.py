@@ -2,7 +2,7 @@
 
 Used by ``interlock up``, ``interlock demo``, the end-to-end tests and crash drills (every
 process can be SIGKILLed and started again). ``Stack(cluster=3)`` runs a 3-node JetStream
-cluster on loopback (:class:`interlock.cluster.LocalCluster`) instead of one server: services
+cluster on loopback (:class:`interlock.devstack.cluster.LocalCluster`) instead of one server: services
 get every node's URL and R3 streams, and ``kill("n1")``/``restart("n1")`` take nodes down.
 """
 
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import nats
 
-from interlock.cluster import LocalCluster
 from interlock.core.natsserver import EmbeddedNats, free_port
 from interlock.core.topology import provision
+from interlock.devstack.cluster import LocalCluster
 from interlock.runtime.connect import URL_FILE
 
 SERVICES = ("planner", "policy", "approval", "dispatcher", "auditor")

@@ -1,0 +1,422 @@
+"""The client: everything a tool does with a running Interlock, over NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import inspect
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import nats
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from pydantic import BaseModel
+
+from interlock.client import _policy
+from interlock.client._errors import ClientError, NotFound, Refused, Unavailable
+from interlock.client._settings import ClientSettings
+from interlock.client._types import (
+    TERMINAL_EVENTS,
+    PendingApproval,
+    PolicyDecision,
+    PolicyRevision,
+    PolicySimulation,
+    RerunPlan,
+)
+from interlock.contracts import events as ev
+from interlock.contracts import headers as h
+from interlock.contracts import subjects as s
+from interlock.contracts.messages import (
+    AgentRegistration,
+    ApprovalDecision,
+    CancelRequest,
+    CommandReply,
+    DeadLetter,
+    QueryReply,
+    RunQuery,
+    RunsQuery,
+    Trigger,
+)
+from interlock.core.eventstore import EventStore, RunNotFound, StoredCommit
+from interlock.core.ids import run_id_for
+from interlock.core.run import Run
+from interlock.core.topology import provision
+from interlock.core.verify import VerifyReport, verify_run
+from interlock.core.workflow import Workflow
+from interlock.runtime.publish import publish
+from interlock.runtime.registry import VersionConflict, WorkflowNotFound, WorkflowRegistry
+
+R = TypeVar("R", bound=BaseModel)
+OnEvent = Callable[[dict[str, Any]], Awaitable[None] | None]
+REQUEST_TIMEOUT = 5.0  # how long a service may take to answer, and how long we wait for one to appear
+
+
+class Client:
+    """One connection to Interlock. Create with :meth:`connect`; close with :meth:`close` (or
+    ``async with``). Safe for concurrent tasks."""
+
+    def __init__(self, nc: NATS, *, url: str, url_source: str, tenant: str, name: str) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.url = url
+        self.url_source = url_source
+        self.tenant = tenant
+        self.name = name
+        self._store = EventStore(nc, self.js, service=name)
+        self._registry = WorkflowRegistry(self.js)
+        self._provisioned = False
+        self.request_timeout = REQUEST_TIMEOUT
+        """Seconds a service may take to answer a request, and to appear if none is subscribed."""
+
+    # -- connection --------------------------------------------------------------------------
+    @classmethod
+    async def connect(cls, url: str | None = None, *, creds: str | Path | None = None, tenant: str | None = None,
+                      name: str = "interlock-cli", patient: bool = False) -> Client:
+        """Connect to NATS. ``url`` None: ``INTERLOCK_NATS_URL``, else ``.interlock/nats.url``, else
+        the default; ``tenant`` None: ``INTERLOCK_TENANT``; ``creds`` None: ``INTERLOCK_CREDS``.
+        ``patient``: keep reconnecting for as long as the client lives (a cluster's failover)."""
+        settings = ClientSettings.load(tenant=tenant, creds=Path(creds) if creds is not None else None)
+        target, source = settings.resolve_url(url)
+
+        async def on_error(e: Exception) -> None:  # reconnects are reported by the calls that fail
+            pass
+
+        options: dict[str, Any] = {}
+        if settings.creds is not None:
+            options["user_credentials"] = str(settings.creds)
+        try:
+            nc = await nats.connect(target.split(","), name=name, max_reconnect_attempts=-1 if patient else 3,
+                                    reconnect_time_wait=0.25, connect_timeout=2, allow_reconnect=True,
+                                    error_cb=on_error, **options)
+        except (OSError, nats.errors.Error, TimeoutError) as e:
+            detail = str(e) or type(e).__name__
+            raise Unavailable(f"cannot reach NATS at {target} (from {source}): {detail}; start the stack with "
+                              f"`interlock up` or set INTERLOCK_NATS_URL") from None
+        return cls(nc, url=target, url_source=source, tenant=settings.tenant, name=name)
+
+    def with_tenant(self, tenant: str) -> Client:
+        """The same connection acting for another tenant (closing either closes the connection)."""
+        view = copy.copy(self)
+        view.tenant = s.token(tenant, "tenant")
+        return view
+
+    async def close(self) -> None:
+        """Close the connection (pending requests fail)."""
+        with contextlib.suppress(Exception):
+            await self.nc.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def _provision(self) -> None:
+        # streams and buckets exist once anything ran; commands that write KV make sure of it
+        if not self._provisioned:
+            await provision(self.js)
+            self._provisioned = True
+
+    async def _request(self, subject: str, message: BaseModel, reply_type: type[R], what: str) -> R:
+        timeout = self.request_timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                msg = await self.nc.request(subject, message.model_dump_json().encode(), timeout=timeout)
+                return reply_type.model_validate_json(msg.data)
+            except nats.errors.NoRespondersError:
+                # a service starting (or restarting) has not subscribed yet: ask again for a while
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"no {what} service is running (nobody answers on {subject})") from None
+                await asyncio.sleep(0.2)
+            except nats.errors.TimeoutError:
+                raise Unavailable(f"the {what} service did not answer on {subject} within {timeout:g}s") from None
+
+    async def _command(self, subject: str, message: BaseModel, what: str) -> CommandReply:
+        reply = await self._request(subject, message, CommandReply, what)
+        if not reply.ok:
+            raise Refused(f"refused: {reply.error or 'no reason given'}")
+        return reply
+
+    async def _query(self, subject: str, message: BaseModel) -> Any:
+        reply = await self._request(subject, message, QueryReply, "auditor")
+        if not reply.ok:
+            error = reply.error or "query failed"
+            raise (NotFound if error.endswith("not found") else ClientError)(error)
+        return reply.result
+
+    # -- workflows ---------------------------------------------------------------------------
+    async def apply_workflow(self, text: str, filename: str | None = None) -> tuple[Workflow, bool]:
+        """Register a workflow version from its YAML text: (workflow, created). Raises
+        ``WorkflowInvalid`` listing every problem, or :class:`Refused` when the version exists
+        with different content."""
+        await self._provision()
+        try:
+            return await self._registry.apply(text, filename=filename)
+        except VersionConflict as e:
+            raise Refused(str(e)) from None
+
+    async def workflows(self) -> list[tuple[str, str]]:
+        """Every registered (workflow id, version)."""
+        return await self._registry.list()
+
+    async def workflow(self, workflow_id: str, version: str | None = None) -> Workflow:
+        """A registered workflow (its latest version unless ``version``)."""
+        try:
+            return await self._registry.get(workflow_id, version)
+        except WorkflowNotFound as e:
+            raise NotFound(str(e)) from None
+
+    # -- runs --------------------------------------------------------------------------------
+    async def start_run(self, workflow_id: str, input: Any = None, *, key: str | None = None,
+                        version: str | None = None, requested_by: str = "", rerun_of: str | None = None,
+                        reuse: dict[str, Any] | None = None, check: bool = True, patience: float = 30.0) -> str:
+        """Publish a trigger and return the run id. The same ``key`` never starts two runs (the id
+        is derived from tenant, workflow and key). ``check``: first make sure the workflow exists;
+        ``patience``: how long to keep publishing through a failover."""
+        if check:
+            await self.workflow(workflow_id, version)
+        key = key or uuid.uuid4().hex
+        trigger = Trigger(workflow_id=workflow_id, workflow_version=version, input=input, idempotency_key=key,
+                          tenant=self.tenant, requested_by=requested_by, rerun_of=rerun_of, reuse_outputs=reuse or {})
+        await publish(self.js, s.trigger(workflow_id), trigger.model_dump_json().encode(),
+                      headers={h.MSG_ID: f"trigger:{self.tenant}:{workflow_id}:{key}"}, patience=patience)
+        return str(run_id_for(self.tenant, workflow_id, key))
+
+    async def watch(self, run_id: str, *, timeout: float | None = None,
+                    heartbeats: bool = False) -> AsyncIterator[dict[str, Any]]:
+        """Every event envelope of the run, from its first, as it is appended, until (and with)
+        the terminal one. Raises :class:`ClientError` if the run has not ended by ``timeout``."""
+        sub = await self.js.subscribe(s.run_events(self.tenant, run_id), ordered_consumer=True)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        heartbeat = ev.StepHeartbeat.type_name
+        try:
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise ClientError(f"run {run_id} did not finish within {timeout:g}s")
+                try:
+                    msg = await sub.next_msg(timeout=min(remaining or 1.0, 1.0))
+                except nats.errors.TimeoutError:
+                    continue
+                for envelope in json.loads(msg.data)["events"]:
+                    if envelope["type"] == heartbeat and not heartbeats:
+                        continue
+                    yield envelope
+                    if envelope["type"] in TERMINAL_EVENTS:
+                        return
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def wait(self, run_id: str, *, timeout: float | None = None, on_event: OnEvent | None = None) -> str:
+        """Wait for the run to end; return its final event type (e.g. ``RunSucceeded``).
+        ``on_event`` (sync or async) sees every envelope first."""
+        async for envelope in self.watch(run_id, timeout=timeout):
+            if on_event is not None:
+                result = on_event(envelope)
+                if inspect.isawaitable(result):
+                    await result
+            if envelope["type"] in TERMINAL_EVENTS:
+                return str(envelope["type"])
+        raise ClientError(f"run {run_id}: the event stream ended before the run did")
+
+    async def load_run(self, run_id: str) -> Run:
+        """The run as replaying its log gives it."""
+        try:
+            return (await self._store.load(self.tenant, run_id, fresh=True)).run
+        except RunNotFound as e:
+            raise NotFound(str(e)) from None
+
+    async def read_commits(self, run_id: str, after_seq: int = 0) -> list[StoredCommit]:
+        """The run's commits after stream sequence ``after_seq``, in order, as stored."""
+        return await self._store.read_commits(self.tenant, run_id, after_seq)
+
+    async def events(self, run_id: str) -> list[dict[str, Any]]:
+        """Every event envelope of the run, in order (empty if it has none)."""
+        return [e for c in await self.read_commits(run_id) for e in c.envelopes]
+
+    async def rerun_plan(self, run_id: str, from_step: str) -> RerunPlan:
+        """What re-running ``run_id`` from ``from_step`` would do: that step and everything
+        downstream run again; the outputs of the other succeeded steps are reused."""
+        old = await self.load_run(run_id)
+        wf = await self.workflow(old.workflow_id, old.workflow_version)
+        if from_step not in wf.steps:
+            raise NotFound(f"workflow {wf.id} has no step {from_step!r}; steps: {', '.join(wf.steps)}")
+        rerun = frozenset({from_step, *wf.downstream(from_step)})
+        # outputs kept in the payload store are not copied: those steps run again
+        reuse = {sid: st.output for sid, st in old.steps.items()
+                 if sid in wf.steps and sid not in rerun and st.status == "succeeded" and st.output_ref is None}
+        return RerunPlan(source=old, workflow=wf, from_step=from_step, rerun=rerun, reuse=reuse)
+
+    async def rerun(self, plan: RerunPlan, *, requested_by: str = "") -> str:
+        """Start the run a :meth:`rerun_plan` describes; return its id."""
+        key = f"rerun:{plan.source.run_id}:{plan.from_step}:{time.time_ns()}"
+        return await self.start_run(plan.workflow.id, plan.source.input, key=key, version=plan.workflow.version,
+                                    requested_by=requested_by, rerun_of=str(plan.source.run_id), reuse=plan.reuse,
+                                    check=False)
+
+    # -- approvals and commands --------------------------------------------------------------
+    async def pending_approval(self, run_id: str, step_id: str) -> PendingApproval:
+        """The approval ``step_id`` of the run waits for (from the run's log)."""
+        run = await self.load_run(run_id)
+        step = run.steps.get(step_id)
+        if step is None or step.approval is None or step.approval.status != "requested":
+            pending = [sid for sid, st in run.steps.items() if st.approval and st.approval.status == "requested"]
+            raise NotFound(f"step {step_id!r} of run {run_id} has no pending approval"
+                           + (f"; pending: {', '.join(pending)}" if pending else ""))
+        request = step.approval
+        return PendingApproval(run_id=run_id, step_id=step_id, job_hash=request.job_hash,
+                               snapshot_id=request.snapshot_id, approver_role=request.approver_role,
+                               input=step.input)
+
+    async def _decide(self, grant: bool, run_id: str, step_id: str, approver: str, role: str | None,
+                      job_hash: str | None, reason: str) -> CommandReply:
+        if role is None or job_hash is None:
+            pending = await self.pending_approval(run_id, step_id)
+            role = role if role is not None else pending.approver_role
+            job_hash = job_hash or pending.job_hash
+        decision = ApprovalDecision(run_id=run_id, tenant=self.tenant, step_id=step_id, job_hash=job_hash,
+                                    approver=approver, role=role, reason=reason)
+        return await self._command(s.CMD_APPROVE if grant else s.CMD_REJECT, decision, "approval")
+
+    async def approve(self, run_id: str, step_id: str, *, approver: str, role: str | None = None,
+                      job_hash: str | None = None, reason: str = "") -> CommandReply:
+        """Grant a pending approval (bound to ``job_hash``; by default the one asked for)."""
+        return await self._decide(True, run_id, step_id, approver, role, job_hash, reason)
+
+    async def reject(self, run_id: str, step_id: str, *, approver: str, reason: str, role: str | None = None,
+                     job_hash: str | None = None) -> CommandReply:
+        """Reject a pending approval; the run fails with ``reason``."""
+        return await self._decide(False, run_id, step_id, approver, role, job_hash, reason)
+
+    async def cancel(self, run_id: str, *, by: str, reason: str = "") -> CommandReply:
+        """Cancel a run (the planner refuses one that has ended)."""
+        return await self._command(s.CMD_CANCEL, CancelRequest(run_id=run_id, tenant=self.tenant, by=by,
+                                                               reason=reason), "planner")
+
+    # -- queries (the auditor's projection) --------------------------------------------------
+    async def runs(self, *, status: str | None = None, workflow_id: str | None = None,
+                   limit: int = 50) -> list[dict[str, Any]]:
+        """Runs, newest first, optionally of one status or workflow."""
+        return list(await self._query(s.Q_RUNS, RunsQuery(tenant=self.tenant, status=status,
+                                                          workflow_id=workflow_id, limit=limit)))
+
+    async def status(self, run_id: str) -> dict[str, Any]:
+        """The run's row (``status``, ``workflow_id``, …) and the state of each step (``steps``)."""
+        return dict(await self._query(s.Q_STATUS, RunQuery(run_id=run_id, tenant=self.tenant)))
+
+    async def timeline(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's events in order, each with its one-line ``summary``."""
+        return list(await self._query(s.Q_TIMELINE, RunQuery(run_id=run_id, tenant=self.tenant)))
+
+    async def approvals(self) -> list[dict[str, Any]]:
+        """Pending approvals, oldest first."""
+        return list(await self._query(s.Q_APPROVALS, RunsQuery(tenant=self.tenant)))
+
+    async def wait_projected(self, run_id: str, timeout: float = 10.0) -> dict[str, Any]:
+        """:meth:`status` once the auditor (which projects asynchronously) has the run's final state."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(NotFound):  # the auditor may not have the run's first event yet
+                result = await self.status(run_id)
+                if result.get("status") not in (None, "running", "compensating"):
+                    return result
+            if time.monotonic() > deadline:
+                raise ClientError(f"the auditor did not project the end of run {run_id} within {timeout:g}s")
+            await asyncio.sleep(0.1)
+
+    # -- operations --------------------------------------------------------------------------
+    async def agents(self) -> list[AgentRegistration]:
+        """Registered agent workers, by topic and worker id."""
+        try:
+            kv = await self.js.key_value(s.AGENTS_BUCKET)
+            keys = await kv.keys()
+        except Exception:  # no bucket, or no keys: nobody registered
+            return []
+        regs = []
+        for key in keys:
+            with contextlib.suppress(Exception):  # deleted between keys() and get()
+                entry = await kv.get(key)
+                regs.append(AgentRegistration.model_validate_json(entry.value or b"{}"))
+        return sorted(regs, key=lambda r: (r.topic, r.worker_id))
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The oldest ``limit`` dead letters: messages a service could not process."""
+        sub = await self.js.subscribe(s.DLQ_ALL, ordered_consumer=True)
+        letters: list[DeadLetter] = []
+        try:
+            while len(letters) < limit:
+                try:
+                    msg = await sub.next_msg(timeout=0.5)
+                except nats.errors.TimeoutError:
+                    break
+                letters.append(DeadLetter.model_validate_json(msg.data))
+        finally:
+            await sub.unsubscribe()
+        return letters
+
+    async def verify(self, run_id: str) -> VerifyReport:
+        """Check the run's hash chain and sequence (render with ``core.verify.render_report``)."""
+        return await verify_run(self._store, self.tenant, run_id)
+
+    # -- policy ------------------------------------------------------------------------------
+    async def policy_publish(self, source: str, *, version: str | None = None, by: str) -> PolicyRevision:
+        """Make a Cedar bundle the active policy in every service (no restart)."""
+        await self._provision()
+        return await _policy.publish(self.js, source, version=version, by=by)
+
+    async def policy_rollback(self, *, to: str | None = None, by: str) -> PolicyRevision:
+        """Make the previous bundle (or version ``to``) active again."""
+        await self._provision()
+        return await _policy.rollback(self.js, to=to, by=by)
+
+    async def policy_active(self) -> PolicyRevision:
+        """The active bundle (``builtin``: nothing published, the default applies)."""
+        await self._provision()
+        return await _policy.active(self.js)
+
+    async def policy_history(self) -> list[PolicyRevision]:
+        """Every published bundle, oldest first."""
+        await self._provision()
+        return await _policy.history(self.js)
+
+    async def policy_decide(self, workflow_id: str, step_id: str, input: Any = None, *, version: str | None = None,
+                            explain: bool = False) -> PolicyDecision:
+        """What the active policy decides for one job of a registered workflow."""
+        await self._provision()
+        workflow = await self.workflow(workflow_id, version)
+        if step_id not in workflow.steps:
+            raise NotFound(f"workflow {workflow.id} has no step {step_id!r}; steps: {', '.join(workflow.steps)}")
+        return await _policy.decide(self.js, workflow, step_id, input, tenant=self.tenant, explain=explain)
+
+    async def policy_simulate(self, draft_source: str, *, limit: int = 500) -> PolicySimulation:
+        """Re-decide up to ``limit`` recent jobs with a draft bundle: which decisions would change."""
+        await self._provision()
+        workflows = {(wf_id, v): await self._registry.get(wf_id, v) for wf_id, v in await self._registry.list()}
+        return await _policy.simulate_draft(self.nc, draft_source, workflows, limit=limit)
+
+    # -- approver directory ------------------------------------------------------------------
+    async def approvers(self) -> dict[str, list[str]]:
+        """Registered approvers and their roles (enforced once anyone is registered)."""
+        await self._provision()
+        return await _policy.approvers(self.js)
+
+    async def grant_approver(self, name: str, roles: list[str]) -> set[str]:
+        """Give ``name`` ``roles``; return every role they now hold."""
+        await self._provision()
+        return await _policy.grant(self.js, name, roles)
+
+    async def revoke_approver(self, name: str, roles: list[str] | None = None) -> set[str]:
+        """Take ``roles`` (all of them when None or empty) from ``name``; return what is left."""
+        await self._provision()
+        return await _policy.revoke(self.js, name, roles)

@@ -1,0 +1,78 @@
+"""The client's settings, read from the environment when a client connects (never at import)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from interlock.client._errors import Unavailable
+from interlock.contracts import subjects as s
+from interlock.runtime.connect import DEFAULT_URL, URL_FILE
+
+ENV_PREFIX = "INTERLOCK_"
+
+
+class ClientSettings(BaseSettings):
+    """Where the client connects and as whom: ``INTERLOCK_NATS_URL``, ``INTERLOCK_TENANT``,
+    ``INTERLOCK_CREDS``. Other ``INTERLOCK_*`` variables belong to other process kinds."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    nats_url: str | None = None
+    """NATS URL, comma-separated for a cluster; unset: the URL file, else the default."""
+    tenant: str = "default"
+    creds: Path | None = None
+    """A NATS credentials (.creds) file."""
+
+    @field_validator("nats_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        for part in value.split(","):
+            if "://" not in part.strip():
+                raise ValueError(f"{part.strip()!r} is not a URL (expected nats://host:port)")
+        return value.strip()
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, value: str) -> str:
+        return s.token(value, "tenant")
+
+    @field_validator("creds")
+    @classmethod
+    def _creds(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value}: no such file")
+        return value
+
+    @classmethod
+    def load(cls, **overrides: object) -> ClientSettings:
+        """Read the environment (``overrides`` that are not None win); a bad value raises
+        :class:`Unavailable` naming the variable, e.g. ``INTERLOCK_TENANT: tenant 'a.b' is not a
+        valid subject token`` (or the argument: ``tenant: …``)."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        try:
+            return cls(**given)  # type: ignore[arg-type]
+        except ValidationError as e:
+            first = e.errors()[0]
+            field = str(first["loc"][0]) if first["loc"] else "?"
+            message = str(first["msg"]).removeprefix("Value error, ")
+            if field in given:  # the caller's own argument: the message names the value
+                raise Unavailable(f"{field}: {message}") from None
+            raise Unavailable(f"{ENV_PREFIX}{field.upper()}: {message}") from None
+
+    def resolve_url(self, explicit: str | None = None) -> tuple[str, str]:
+        """(url, where it came from): the argument, INTERLOCK_NATS_URL, the file `interlock up`
+        wrote, else the default."""
+        if explicit:
+            return explicit, "argument"
+        if self.nats_url:
+            return self.nats_url, f"{ENV_PREFIX}NATS_URL"
+        if URL_FILE.exists():
+            text = URL_FILE.read_text().strip()
+            if text:
+                return text, str(URL_FILE)
+        return DEFAULT_URL, "default"

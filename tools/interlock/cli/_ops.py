@@ -1,0 +1,244 @@
+"""Operations: ``interlock agent list``, ``interlock dlq list`` and the process commands
+``up``, ``serve``, ``worker``, ``nats``, ``demo`` and ``drill``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+
+from interlock.cli._common import ListGroup, configure_logging, connected, fail, globals_of, with_globals
+from interlock.cli._output import Column, Format, OutputOption, columns, echo, emit_rows
+from interlock.client import ClientError, ClientSettings
+from interlock.core.natsserver import DEFAULT_STORE_DIR
+
+agents = typer.Typer(no_args_is_help=True, help="The agent registry: which workers serve which topics.")
+dlq = typer.Typer(cls=ListGroup, help="Dead letters: messages a service could not process, with the reason.")
+
+
+@agents.command("list")
+@with_globals
+def list_agents(ctx: typer.Context, output: OutputOption = Format.table) -> None:
+    """Registered agent workers, by topic."""
+    emit_rows(connected(ctx, lambda client: client.agents()), output,
+              columns("topic", "version", "capabilities", "worker_id", "host", "last_heartbeat"))
+
+
+@dlq.command("list")
+@with_globals
+def list_dead_letters(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="at most this many, oldest first")] = 100,
+    output: OutputOption = Format.table,
+) -> None:
+    """Dead letters, oldest first."""
+    emit_rows(connected(ctx, lambda client: client.dead_letters(limit)), output,
+              columns(Column("at", show=lambda at: str(at or "")[:23]), "service", "subject", "reason"))
+
+
+# -- processes ---------------------------------------------------------------------------------
+ServiceName = Literal["planner", "policy", "approval", "dispatcher", "auditor"]
+SERVICE_CLASSES: dict[str, str] = {
+    "planner": "interlock.planner.service:PlannerService",
+    "policy": "interlock.policy.service:PolicyService",
+    "approval": "interlock.approval.service:ApprovalService",
+    "dispatcher": "interlock.dispatcher.service:DispatcherService",
+    "auditor": "interlock.auditor.service:AuditorService",
+}
+
+
+def serve(ctx: typer.Context,
+          name: Annotated[ServiceName, typer.Argument(metavar="NAME", help="the service to run")]) -> None:
+    """Run one service in this process until interrupted (run more copies to scale it out)."""
+    from interlock.runtime.settings import ServiceSettings
+
+    options = globals_of(ctx)
+    if not options.verbose:
+        configure_logging(True)  # a service's log is its INFO lines
+    module, _, cls = SERVICE_CLASSES[name].partition(":")
+    service_class = getattr(importlib.import_module(module), cls)
+    service = service_class(ServiceSettings(nats_url=options.nats)) if options.nats else service_class()
+    asyncio.run(service.run_forever())
+
+
+def load_target(target: str) -> Any:
+    """``module:object`` or ``path/to/file.py:object`` (object defaults to ``worker``)."""
+    module_name, _, attr = target.partition(":")
+    attr = attr or "worker"
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            fail(f"{module_name}: no such file")
+        spec = importlib.util.spec_from_file_location(path.stem.replace("-", "_"), path)
+        if spec is None or spec.loader is None:
+            fail(f"{module_name}: cannot load it as a module")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            fail(f"cannot import {module_name}: {e}")
+    if not hasattr(module, attr):
+        fail(f"{module_name} has no attribute {attr!r}")
+    return getattr(module, attr)
+
+
+def worker(ctx: typer.Context, target: Annotated[str, typer.Argument(
+        metavar="TARGET", help="MODULE:OBJECT or path/to/file.py:OBJECT (OBJECT defaults to worker)")]) -> None:
+    """Run agent handlers: an interlock.worker.Worker, until SIGINT or SIGTERM."""
+    from interlock.worker import Worker
+
+    loaded = load_target(target)
+    if not isinstance(loaded, Worker):
+        fail(f"{target} is not an interlock.worker.Worker")
+    if globals_of(ctx).nats:
+        loaded.nats_url = globals_of(ctx).nats
+
+    async def run() -> None:
+        task = asyncio.ensure_future(loaded.run())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)  # Worker.run stops cleanly when cancelled
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (``kill PID``) stops a process command as Ctrl-C does, and so does SIGINT when a shell
+    started it in the background with SIGINT ignored: the child processes are never left running."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def nats(
+    store_dir: Annotated[Path, typer.Option("--store-dir", help="JetStream store directory")] = DEFAULT_STORE_DIR,
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="client port (0: any free one)")] = 4222,
+) -> None:
+    """Run the embedded NATS server (JetStream) and provision Interlock's streams, until Ctrl-C."""
+    import nats as nats_py
+
+    from interlock.core.natsserver import EmbeddedNats, NatsServerError
+    from interlock.core.topology import provision
+
+    server = EmbeddedNats(store_dir=store_dir, port=port)
+    stop_on_signals()
+    try:
+        url = server.start()
+    except NatsServerError as e:
+        fail(str(e))
+    echo(f"nats-server (JetStream) listening on {url}, store {store_dir}")
+
+    async def provision_and_wait() -> None:
+        nc = await nats_py.connect(url)
+        for line in await provision(nc.jetstream()):
+            echo(f"  {line}")
+        await nc.close()
+        echo("Ctrl-C to stop")
+        await asyncio.Event().wait()
+
+    try:
+        asyncio.run(provision_and_wait())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        echo("nats-server stopped")
+
+
+HomeOption = Annotated[Path, typer.Option("--home", help="state and logs directory")]
+
+
+def up(
+    ctx: typer.Context,
+    home: HomeOption = Path(".interlock"),
+    workers: Annotated[list[str] | None, typer.Option(
+        "--worker", metavar="MODULE:OBJECT", help="also run this worker (repeatable)")] = None,
+) -> None:
+    """Run NATS and the five services, each as its own process; Ctrl-C stops them.
+
+    NATS is embedded unless --nats or INTERLOCK_NATS_URL names a server; a process that exits is restarted.
+    """
+    from interlock.devstack.stack import Stack
+
+    try:
+        url = ClientSettings.load(nats_url=globals_of(ctx).nats).nats_url
+    except ClientError as e:
+        fail(str(e))
+    stack = Stack(home=home, nats_url=url, workers=workers or [])
+    stop_on_signals()
+    try:
+        url = stack.start_nats()
+        asyncio.run(stack.provision())
+        stack.start()
+        echo(f"Interlock is up on {url}: {', '.join(stack.procs)} (logs in {home}/logs). Ctrl-C stops it.")
+        while True:
+            time.sleep(1)
+            for name in stack.dead():
+                echo(f"{name} exited; restarting it")
+                stack.restart(name)
+    except KeyboardInterrupt:
+        echo("stopping…")
+    finally:
+        stack.stop()
+    echo("stopped")
+
+
+def demo(
+    auto_approve: Annotated[bool, typer.Option(
+        "--auto-approve", help="approve the approval gate automatically (else: wait for you to approve it)")] = False,
+    home: HomeOption = Path(".interlock/demo"),
+    timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS", min=0,
+                                           help="give up if the run has not ended by then")] = 120.0,
+) -> None:
+    """Run the incident-remediation example end to end on an embedded stack.
+
+    Prints each event as it is appended, then the auditor's timeline and the hash-chain check.
+    """
+    from interlock.devstack.demo import run_demo
+
+    raise typer.Exit(run_demo(auto_approve=auto_approve, home=home, timeout=timeout))
+
+
+def drill(
+    ctx: typer.Context,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="runs to submit")] = 200,
+    kills: Annotated[int, typer.Option("--kills", min=0, help="SIGKILLs to deal out")] = 20,
+    cluster: Annotated[bool, typer.Option(
+        "--cluster", help="run a 3-node JetStream cluster with R3 streams and kill NATS nodes too "
+                          "(the IL_EVENTS stream leader at least once)")] = False,
+    seed: Annotated[int | None, typer.Option("--seed", help="random seed, to repeat a drill (default: random)")] = None,
+    timeout: Annotated[float, typer.Option(
+        "--timeout", metavar="SECONDS", min=0,
+        help="give up on runs not ended this many seconds after the workload started")] = 600.0,
+    home: Annotated[Path | None, typer.Option(
+        "--home", help="state and logs directory (default: a new temporary one)")] = None,
+    nats_url: Annotated[str | None, typer.Option(
+        "--nats", metavar="URL",
+        help="target a stack that is already running (comma-separated URLs for a cluster): the drill then starts "
+             "its own two example-agent workers there and kills only those; it never kills services or NATS nodes "
+             "it did not start")] = None,
+) -> None:
+    """Chaos drill: SIGKILL services, workers (and cluster nodes) under load; check nothing is lost.
+
+    Exits non-zero on any violation.
+    """
+    from interlock.devstack.drill import drill_command
+
+    raise typer.Exit(drill_command(runs=runs, kills=kills, cluster=cluster, seed=seed, timeout=timeout, home=home,
+                                   nats_url=nats_url or globals_of(ctx).nats))
