@@ -272,7 +272,7 @@ class StackBench:
             # the first run waits for the services and the worker to be up
             _, _, secs, kind = await self.one_run(WF_FIVE, {"n": 1}, T1, f"w1-warm-{self.nonce}-{i}",
                                                   timeout=120 if i == 0 else 30)
-            if kind != "RunSucceeded":
+            if kind != ev.RunSucceeded.type_name:
                 raise RuntimeError(f"warm-up run ended {kind}: {self.failures[-1:]}")
         progress(f"W1: warmed up with {warmup} runs")
         if count == 0:
@@ -370,11 +370,11 @@ class StackBench:
         # a small fan-out first, untimed: template and for_each code paths warm
         _, _, _, kind = await self.one_run(WF_FAN, {"items": list(range(3))}, T3, f"w3-warm-{self.nonce}",
                                            timeout=60)
-        if kind != "RunSucceeded":
+        if kind != ev.RunSucceeded.type_name:
             raise RuntimeError(f"W3 warm-up run ended {kind}: {self.failures[-1:]}")
         run_id, _, secs, kind = await self.one_run(WF_FAN, {"items": list(range(items))}, T3,
                                                       f"w3-{self.nonce}", timeout=600)
-        if kind != "RunSucceeded":
+        if kind != ev.RunSucceeded.type_name:
             raise RuntimeError(f"W3 run ended {kind}: {self.failures[-1:]}")
         await asyncio.sleep(0.2)
         stored = await self.tenant(T3).read_commits(run_id)

@@ -8,24 +8,9 @@ import interlock.client as client_pkg
 from interlock.client import Client
 
 PUBLIC = [
-    "TERMINAL_EVENTS",
-    "Client",
-    "ClientError",
-    "ClientSettings",
-    "NotFound",
-    "PendingApproval",
-    "PolicyChange",
-    "PolicyDecision",
-    "PolicyRevision",
-    "PolicyRuleMatch",
-    "PolicySimulation",
-    "Refused",
-    "RerunPlan",
-    "Unavailable",
-    "WorkflowInvalid",
-    "describe_event",
-    "progress_line",
-    "timeline_line",
+    "TERMINAL_EVENTS", "Client", "ClientError", "ClientSettings", "NotFound", "PendingApproval", "PolicyChange",
+    "PolicyDecision", "PolicyRevision", "PolicyRuleMatch", "PolicySimulation", "Refused", "RerunPlan", "Unavailable",
+    "WorkflowInvalid", "describe_event", "progress_line", "timeline_line",
 ]
 
 CLIENT_METHODS = [

@@ -87,6 +87,12 @@ def trigger(workflow_id: str) -> str:
     return f"{PREFIX}.trigger.{token(workflow_id, 'workflow id')}"
 
 
+def is_trigger_subject(subject: str) -> bool:
+    """True for ``trigger(workflow_id)`` subjects, whose body is a Trigger; any other subject in the
+    triggers stream is a workflow's declared trigger subject, whose body is the run's input."""
+    return subject.startswith(f"{PREFIX}.trigger.")
+
+
 def job(topic: str) -> str:
     return f"{PREFIX}.job.{topic_tokens(topic)}"
 

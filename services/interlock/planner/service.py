@@ -31,16 +31,6 @@ PROGRESS_EVENTS = ev.kinds(
     ev.RunStarted, ev.StepSucceeded, ev.StepFailed, ev.StepSkipped, ev.StepExpanded, ev.CompensationStarted,
 )
 
-# the subjects of Trigger messages (``subjects.trigger(workflow_id)``); any other subject in the
-# triggers stream is a workflow's declared trigger subject, whose body is the run's input
-_TRIGGER_SUBJECT_PREFIX = s.TRIGGERS_ALL.removesuffix(">")
-
-
-def is_trigger_subject(subject: str) -> bool:
-    """True for ``subjects.trigger(workflow_id)``, where the body is a Trigger (not a workflow's own subject)."""
-    return subject.startswith(_TRIGGER_SUBJECT_PREFIX)
-
-
 class PlannerService(Service):
     name = "planner"
 
@@ -107,7 +97,7 @@ class PlannerService(Service):
     async def parse_trigger(self, msg: Msg) -> Trigger:
         """A Trigger on ``subjects.trigger(workflow_id)``; on a workflow's own trigger subject, any
         JSON body is its input."""
-        if is_trigger_subject(msg.subject):
+        if s.is_trigger_subject(msg.subject):
             try:
                 trigger = Trigger.model_validate_json(msg.data)
             except ValidationError as e:

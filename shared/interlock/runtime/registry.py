@@ -59,7 +59,7 @@ class WorkflowRegistry:
                       "applied_at": datetime.now(UTC).isoformat()}
             await kv.put(key, json.dumps(record).encode())
         await kv.put(f"{workflow.id}.latest", workflow.version.encode())
-        subjects = [subj for subj in workflow.triggers if not subj.startswith(f"{s.PREFIX}.trigger.")]
+        subjects = [subj for subj in workflow.triggers if not s.is_trigger_subject(subj)]
         if subjects:
             await add_stream_subjects(self.js, s.TRIGGERS_STREAM, subjects)
         self._cache[(workflow.id, workflow.version)] = workflow

@@ -13,6 +13,7 @@ import typer
 from interlock.cli._common import RunGroup, connected, fail, read_text, user, with_globals
 from interlock.cli._output import Column, Format, OutputOption, columns, echo, emit_doc, emit_rows
 from interlock.client import Client, NotFound, progress_line, timeline_line
+from interlock.contracts import events as ev
 from interlock.core.run import RunStatus
 
 app = typer.Typer(cls=RunGroup, no_args_is_help=True,
@@ -46,7 +47,7 @@ def progress_printer() -> Callable[[dict[str, Any]], None]:
 
 async def _follow(client: Client, run_id: str, timeout: float | None) -> int:
     final = await client.wait(run_id, timeout=timeout, on_event=progress_printer())
-    return 0 if final == "RunSucceeded" else 1
+    return 0 if final == ev.RunSucceeded.type_name else 1
 
 
 @app.command("start")

@@ -78,4 +78,4 @@ async def _demo(url: str, *, auto_approve: bool, timeout: float, t0: float, out:
         report = await client.verify(run_id)
         out("  " + render_report(report))
         out(f"\nrun {final.removeprefix('Run').lower()} in {wall:.2f}s (demo total {time.monotonic() - t0:.1f}s)")
-        return 0 if final == "RunSucceeded" and report.ok else 1
+        return 0 if final == ev.RunSucceeded.type_name and report.ok else 1
