@@ -28,6 +28,7 @@ from interlock.identity._jwt import (
     Permissions,
     account_jwt,
     operator_jwt,
+    subject_matches,
     user_jwt,
 )
 from interlock.identity._jwt import decode as decode_jwt
@@ -63,6 +64,7 @@ __all__ = [
     "public_key_kind",
     "read_creds",
     "role",
+    "subject_matches",
     "user_jwt",
     "write_creds",
 ]

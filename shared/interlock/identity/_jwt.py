@@ -59,12 +59,45 @@ class Permissions:
             body["resp"] = {"max": self.responses, "ttl": 0}
         return body
 
+    def allows_publish(self, subject: str) -> bool:
+        """Whether the server would let this user publish to ``subject`` (deny wins; no allow
+        list means everything is allowed)."""
+        return _allowed(subject, self.pub_allow, self.pub_deny)
+
+    def allows_subscribe(self, subject: str) -> bool:
+        """Whether the server would let this user subscribe to ``subject`` (a literal or wildcard)."""
+        return _allowed(subject, self.sub_allow, self.sub_deny)
+
     @classmethod
     def from_claims(cls, nats: Mapping[str, Any]) -> Permissions:
         pub, sub = nats.get("pub") or {}, nats.get("sub") or {}
         resp = nats.get("resp") or {}
         return cls(tuple(pub.get("allow") or ()), tuple(pub.get("deny") or ()),
                    tuple(sub.get("allow") or ()), tuple(sub.get("deny") or ()), int(resp.get("max") or 0))
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` matches one token, a final ``>`` one or more.
+    A wildcard in ``subject`` matches only the same wildcard in ``pattern`` (or a ``>``)."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have):
+            return False
+        if token == "*":
+            if have[i] == ">":
+                return False
+            continue
+        if token != have[i]:
+            return False
+    return len(have) == len(want)
+
+
+def _allowed(subject: str, allow: Sequence[str], deny: Sequence[str]) -> bool:
+    if any(subject_matches(d, subject) for d in deny):
+        return False
+    return not allow or any(subject_matches(a, subject) for a in allow)
 
 
 def _b64(data: bytes) -> str:
