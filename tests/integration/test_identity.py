@@ -176,7 +176,7 @@ async def test_worker_pulls_only_its_tenants_jobs(stack: Stack, admin: Session) 
 
     creds = stack.home.issue("worker", "acme", ["llm.summarize"], name="puller-acme")
     worker = await connect_as(stack, creds, "puller-acme")
-    dispatcher = await connect_as(stack, stack.home.issue(c.DISPATCHER, "acme", name="jobs-dispatcher"),
+    dispatcher = await connect_as(stack, stack.home.issue(c.DISPATCHER, name="jobs-dispatcher"),
                                   "jobs-dispatcher")
     js = worker.nc.jetstream(timeout=1.0)
     own = p.tenant_worker_consumer("acme", "llm.summarize")
@@ -236,7 +236,7 @@ async def test_revoking_a_connected_user_cuts_it_off_without_restart(stack: Stac
 async def test_only_admin_may_update_or_delete_streams(stack: Stack, admin: Session, role_name: str) -> None:
     admin_js = admin.nc.jetstream()
     await admin_js.add_stream(StreamConfig(name=SCRATCH_STREAM, subjects=["identityscratch.>"]))
-    creds = stack.home.issue(role_name, "acme", name=f"{role_name}-streams")
+    creds = stack.home.issue(role_name, None if role_name == c.DISPATCHER else "acme", name=f"{role_name}-streams")
     other = await connect_as(stack, creds, f"{role_name}-streams")
     js = other.nc.jetstream(timeout=1.0)
     try:

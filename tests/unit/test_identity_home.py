@@ -14,6 +14,7 @@ import pytest
 from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
 from interlock.identity import (
+    ALL_TENANTS,
     APP_ACCOUNT,
     SYSTEM_ACCOUNT,
     IdentityError,
@@ -73,6 +74,8 @@ def test_issue_writes_creds_signed_by_the_account_signing_key(tmp_path: Path) ->
     assert principal.inbox_prefix == p.inbox_prefix(key.public_key)
     default = home.issue("viewer", "acme")
     assert default == home.root / "creds" / "viewer-acme.creds"
+    assert home.issue("planner") == home.root / "creds" / "planner.creds"
+    assert home.principal("planner").tenant == ALL_TENANTS
 
 
 def test_issue_refuses_bad_requests_before_writing_anything(tmp_path: Path) -> None:
@@ -81,6 +84,8 @@ def test_issue_refuses_bad_requests_before_writing_anything(tmp_path: Path) -> N
         home.issue("root", "acme")
     with pytest.raises(RoleError, match="at least one topic"):
         home.issue("worker", "acme")
+    with pytest.raises(RoleError, match="needs a tenant"):
+        home.issue("viewer")
     with pytest.raises(IdentityError, match="expires must be in the future"):
         home.issue("viewer", "acme", expires=timedelta(seconds=-1))
     with pytest.raises(ValueError, match="principal name 'a b' is not a valid subject token"):

@@ -7,7 +7,16 @@ import pytest
 from interlock.contracts import catalog as c
 from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
-from interlock.identity import ROLE_NAMES, ROLES, Permissions, RoleError, permission_table, permissions_for, role
+from interlock.identity import (
+    ALL_TENANTS,
+    ROLE_NAMES,
+    ROLES,
+    Permissions,
+    RoleError,
+    permission_table,
+    permissions_for,
+    role,
+)
 from interlock.identity import subject_matches as matches
 
 USER = "U" + "A" * 55
@@ -18,6 +27,8 @@ PEOPLE = ("viewer", "operator", "approver", "policy-admin", "admin")
 def perms(name: str, tenant: str = "acme", principal: str = "alice", topics: tuple[str, ...] = ()) -> Permissions:
     if name == "worker" and not topics:
         topics = ("llm.summarize",)
+    if name in SERVICES:
+        tenant = ALL_TENANTS
     return permissions_for(name, tenant, principal, USER, topics)
 
 
@@ -126,6 +137,10 @@ def test_scope_is_checked() -> None:
         permissions_for("viewer", "acme", "v", USER, ("x",))
     with pytest.raises(RoleError, match="unknown role 'root'; roles are: planner, policy"):
         role("root")
+    with pytest.raises(RoleError, match="a planner credential serves every tenant; give no tenant"):
+        permissions_for("planner", "acme", "p", USER)
+    with pytest.raises(RoleError, match="a viewer credential needs a tenant"):
+        permissions_for("viewer", ALL_TENANTS, "v", USER)
     with pytest.raises(ValueError, match=r"tenant 'a\.b' is not a valid subject token"):
         permissions_for("viewer", "a.b", "v", USER)
 

@@ -33,9 +33,19 @@ from interlock.identity._jwt import (
 )
 from interlock.identity._jwt import decode as decode_jwt
 from interlock.identity._keys import KeyKind, NKey, NKeyError, public_key_kind
-from interlock.identity._roles import ROLE_NAMES, ROLES, Role, RoleError, permission_table, permissions_for, role
+from interlock.identity._roles import (
+    ALL_TENANTS,
+    ROLE_NAMES,
+    ROLES,
+    Role,
+    RoleError,
+    permission_table,
+    permissions_for,
+    role,
+)
 
 __all__ = [
+    "ALL_TENANTS",
     "APP_ACCOUNT",
     "ROLES",
     "ROLE_NAMES",

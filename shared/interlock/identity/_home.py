@@ -33,7 +33,7 @@ from interlock.contracts import subjects as s
 from interlock.identity._creds import read_creds, write_creds, write_private
 from interlock.identity._jwt import Permissions, account_jwt, operator_jwt, user_jwt
 from interlock.identity._keys import KeyKind, NKey
-from interlock.identity._roles import permissions_for, role
+from interlock.identity._roles import ALL_TENANTS, permissions_for, role
 
 log = logging.getLogger(__name__)
 
@@ -206,18 +206,20 @@ class IdentityHome:
         write_creds(out, token, user.seed)
         return user
 
-    def issue(self, role_name: str, tenant: str, topics: Sequence[str] | None = None, *,
+    def issue(self, role_name: str, tenant: str | None = None, topics: Sequence[str] | None = None, *,
               name: str | None = None, expires: datetime | timedelta | int | None = None,
               out: Path | str | None = None) -> Path:
         """Issue a credential of ``role_name`` for ``tenant``; return the ``.creds`` file (mode 0600).
 
-        ``name`` is the principal (one subject token, unique among active credentials): an
-        approver's decisions are recorded under it. Default: ``{role}-{tenant}``. ``topics``:
+        Services serve every tenant: give them no tenant. ``name`` is the principal (one subject
+        token, unique among active credentials): an approver's decisions are recorded under it.
+        Default: ``{role}-{tenant}``, or the role for a service. ``topics``:
         the job topics of a worker. ``expires``: a time, a duration from now, or unix seconds.
         A new credential works at once; the server needs nothing pushed or restarted.
         """
         r = role(role_name)
-        principal = name or f"{r.name}-{tenant}"
+        tenant = tenant or ALL_TENANTS
+        principal = name or (r.name if tenant == ALL_TENANTS else f"{r.name}-{tenant}")
         s.token(principal, "principal name")
         if any(u.name == principal and u.active for u in self.list()):
             raise IdentityError(f"an active credential named {principal!r} exists; revoke it or pick another name")

@@ -21,6 +21,9 @@ from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
 from interlock.identity._jwt import Permissions
 
+ALL_TENANTS = "*"
+"""The tenant of service credentials: services serve every tenant."""
+
 
 class RoleError(ValueError):
     """An unknown role, or a role given the wrong scope (tenant, topics)."""
@@ -49,7 +52,13 @@ class Role:
             raise RoleError("a worker credential needs at least one topic")
         if self.kind != "worker" and scope.topics:
             raise RoleError(f"topics apply to worker credentials only, not to role {self.name!r}")
-        s.token(scope.tenant, "tenant")
+        if self.kind == "service":
+            if scope.tenant != ALL_TENANTS:
+                raise RoleError(f"a {self.name} credential serves every tenant; give no tenant")
+        elif scope.tenant == ALL_TENANTS:
+            raise RoleError(f"a {self.name} credential needs a tenant")
+        else:
+            s.token(scope.tenant, "tenant")
         s.token(scope.principal, "principal")
         for topic in scope.topics:
             s.topic_tokens(topic)
@@ -213,7 +222,7 @@ def role(name: str) -> Role:
 
 def permissions_for(name: str, tenant: str, principal: str, inbox_owner: str,
                     topics: Sequence[str] = ()) -> Permissions:
-    """The permissions of a credential of role ``name`` for ``tenant``."""
+    """The permissions of a credential of role ``name`` for ``tenant`` (:data:`ALL_TENANTS` for services)."""
     return role(name).permissions(Scope(tenant, principal, inbox_owner, tuple(topics)))
 
 
@@ -243,7 +252,8 @@ def permission_table() -> str:
             "| --- | --- | --- | --- | --- | --- |"]
     for r in ROLES:
         topics = ("zztopiczz",) if r.kind == "worker" else ()
-        g = r.grant(Scope("zztenantzz", "zzprincipalzz", "zzuserzz", topics))
+        tenant = ALL_TENANTS if r.kind == "service" else "zztenantzz"
+        g = r.grant(Scope(tenant, "zzprincipalzz", "zzuserzz", topics))
         reads = [*g.reads, *(f"{stream} filter {f}" for stream, f in g.filtered_reads)]
         resp = "<br>replies to requests it received" if g.responds else ""
         rows.append(f"| `{r.name}` | {r.description} | {_cell(g.publish)} | {_cell(g.subscribe)}{resp} "
