@@ -263,3 +263,28 @@ async def test_only_admin_may_update_or_delete_streams(stack: Stack, admin: Sess
         await other.nc.close()
         with pytest.raises(NotFoundError):
             await admin_js.stream_info(SCRATCH_STREAM)
+
+
+async def test_revocations_and_new_credentials_survive_a_server_restart(tmp_path: Path) -> None:
+    home = IdentityHome(tmp_path / "home")
+    server = EmbeddedNats(store_dir=tmp_path / "store", port=0, log_file=tmp_path / "nats.log",
+                          config=home.server_config())
+    server.start()
+    try:
+        revoked = home.issue("viewer", "acme", name="gone")
+        kept = home.issue("viewer", "acme", name="stays")
+        home.revoke("gone")
+        await home.push(server.url)
+        server.stop()
+        # the restarted server still preloads the account JWT from before the revocation (the
+        # config was made at first start): the resolver's directory keeps the newer one
+        server.start()
+
+        refused = await refused_connect(server.url, user_credentials=str(revoked))
+        assert "Authorization Violation" in str(refused)
+        nc = await nats.connect(server.url, user_credentials=str(kept), allow_reconnect=False,
+                                inbox_prefix=home.principal("stays").inbox_prefix, connect_timeout=2)
+        assert nc.is_connected
+        await nc.close()
+    finally:
+        server.stop()
