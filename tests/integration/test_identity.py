@@ -205,6 +205,36 @@ async def test_worker_pulls_only_its_tenants_jobs(stack: Stack, admin: Session) 
         await dispatcher.nc.close()
 
 
+async def test_viewer_reads_its_tenants_run_log_through_its_own_consumer_only(stack: Stack, admin: Session) -> None:
+    from nats.js.api import ConsumerConfig
+
+    planner = await connect_as(stack, stack.home.issue(c.PLANNER, name="log-planner"), "log-planner")
+    viewer = await connect_as(stack, stack.home.issue("viewer", "acme", name="log-viewer"), "log-viewer")
+    js = viewer.nc.jetstream(timeout=1.0)
+    mine = p.principal_consumer(stack.home.principal("log-viewer").public_key, 0)
+    try:
+        # allowed: a service appends; the viewer reads its tenant's run through a consumer of its own
+        await planner.nc.jetstream(timeout=2.0).publish(s.run_events("acme", "run-log"), b"commit-1")
+        await js.add_consumer(s.EVENTS_STREAM, ConsumerConfig(name=mine, filter_subject=s.run_events("acme", "run-log"),
+                                                              inactive_threshold=30))
+        sub = await js.pull_subscribe_bind(mine, s.EVENTS_STREAM)
+        [msg] = await sub.fetch(1, timeout=2)
+        assert msg.data == b"commit-1"
+        await msg.ack()
+
+        # refused: another tenant's run, and a consumer name that is not its own
+        for name, filter_subject in ((mine, s.run_events("globex", "run-log")),
+                                     ("snoop", s.run_events("acme", "run-log"))):
+            with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
+                await js.add_consumer(s.EVENTS_STREAM, ConsumerConfig(name=name, filter_subject=filter_subject))
+            assert permission_violation(await wait_for_violation(viewer)) is not None
+        assert (await admin.nc.jetstream().consumer_info(s.EVENTS_STREAM, mine)).config.filter_subject == \
+            s.run_events("acme", "run-log")
+    finally:
+        await viewer.nc.close()
+        await planner.nc.close()
+
+
 async def test_revoking_a_connected_user_cuts_it_off_without_restart(stack: Stack, admin: Session) -> None:
     pid = stack.server.pid
     doomed = await connect_as(stack, stack.home.issue("worker", "acme", ["ops"], name="doomed"), "doomed")

@@ -119,15 +119,30 @@ def test_people_act_only_in_their_tenant_and_role() -> None:
     assert {n for n in ROLE_NAMES if can(n, directory)} == {"admin"}
 
 
-def test_people_read_run_logs_only_through_consumers_held_to_their_tenant() -> None:
+def test_people_read_run_logs_only_through_their_own_consumers_held_to_their_tenant() -> None:
     viewer = perms("viewer")
-    own = p.js_filtered_consumer_create(s.EVENTS_STREAM, s.run_events("acme", "run-1"), "c1")
-    theirs = p.js_filtered_consumer_create(s.EVENTS_STREAM, s.run_events("globex", "run-1"), "c1")
-    unfiltered = f"{s.JS_API_PREFIX}.CONSUMER.CREATE.{s.EVENTS_STREAM}"
+    mine = p.principal_consumer(USER, 0)
+    own = p.js_filtered_consumer_create(s.EVENTS_STREAM, s.run_events("acme", "run-1"), mine)
     assert viewer.allows_publish(own)
-    assert not viewer.allows_publish(theirs) and not viewer.allows_publish(unfiltered)
+    assert viewer.allows_publish(s.js_consumer_next(s.EVENTS_STREAM, mine))
+    assert viewer.allows_publish(p.js_ack(s.EVENTS_STREAM, mine).replace(">", "1.5.5.1.1"))
+    # refused: another tenant's filter, an unfiltered or unnamed create, someone else's (a service's) consumer
+    assert not viewer.allows_publish(p.js_filtered_consumer_create(s.EVENTS_STREAM, s.run_events("globex", "r"), mine))
+    assert not viewer.allows_publish(f"{s.JS_API_PREFIX}.CONSUMER.CREATE.{s.EVENTS_STREAM}")
+    assert not viewer.allows_publish(f"{s.JS_API_PREFIX}.CONSUMER.CREATE.{s.EVENTS_STREAM}.{mine}")
+    assert not viewer.allows_publish(p.js_filtered_consumer_create(s.EVENTS_STREAM, s.run_events("acme", "r"),
+                                                                   "planner"))
+    assert not viewer.allows_publish(s.js_consumer_next(s.EVENTS_STREAM, "planner"))
+    assert not viewer.allows_publish(s.js_consumer_next(s.EVENTS_STREAM, p.principal_consumer("U" + "B" * 55, 0)))
     assert not viewer.allows_publish(s.js_direct_get(s.EVENTS_STREAM))  # a batch get names no subject
     assert not viewer.allows_subscribe(s.run_events("acme", "run-1"))
+
+
+def test_principal_consumer_slots_are_bounded() -> None:
+    names = {p.principal_consumer(USER, i) for i in range(p.PRINCIPAL_CONSUMER_SLOTS)}
+    assert len(names) == p.PRINCIPAL_CONSUMER_SLOTS
+    with pytest.raises(ValueError, match="out of range"):
+        p.principal_consumer(USER, p.PRINCIPAL_CONSUMER_SLOTS)
 
 
 def test_scope_is_checked() -> None:

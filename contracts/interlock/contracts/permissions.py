@@ -189,6 +189,25 @@ def tenant_agent_key(tenant: str, topic: str) -> str:
     return f"$KV.{s.AGENTS_BUCKET}.{s.token(tenant, 'tenant')}.{s.topic_tokens(topic)}.*"
 
 
-def js_flow_control(stream: str) -> str:
-    """Flow-control replies of consumers on ``stream`` (ordered consumers answer them)."""
-    return f"{JS_FLOW_CONTROL_PREFIX}.{_stream(stream)}.>"
+def js_flow_control(stream: str, consumer: str = REST) -> str:
+    """Flow-control replies of consumers on ``stream`` (ordered consumers answer them);
+    with ``consumer``, of that consumer only."""
+    if consumer == REST:
+        return f"{JS_FLOW_CONTROL_PREFIX}.{_stream(stream)}.>"
+    return f"{JS_FLOW_CONTROL_PREFIX}.{_stream(stream)}.{s.token(consumer, 'consumer')}.*"
+
+
+PRINCIPAL_CONSUMER_SLOTS = 3
+"""How many consumers of one stream a person's credential may hold at once (e.g. watches)."""
+
+
+def principal_consumer(owner: str, slot: int) -> str:
+    """The name of a person's consumer number ``slot`` (0 ≤ slot < PRINCIPAL_CONSUMER_SLOTS).
+
+    People may create, read and delete only consumers with these names, so they can neither
+    pull from nor re-configure the services' consumers (a create with an existing name is
+    an update)."""
+    if not 0 <= slot < PRINCIPAL_CONSUMER_SLOTS:
+        raise ValueError(f"consumer slot {slot} out of range 0..{PRINCIPAL_CONSUMER_SLOTS - 1}")
+    digest = hashlib.sha256(s.token(owner, "consumer owner").encode()).hexdigest()[:16]
+    return f"u{digest}_{slot}"

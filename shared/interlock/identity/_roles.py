@@ -74,14 +74,16 @@ class Grant:
     """A role's rights in the terms the table shows; :meth:`permissions` expands them for the JWT.
 
     ``reads``: streams the principal reads through consumers it creates (any filter) and direct
-    gets; ``filtered_reads``: (stream, filter) pairs where the server holds every consumer the
-    principal creates to that filter (the tenant's own subjects).
+    gets; ``filtered_reads``: (stream, filter) pairs read only through the principal's own
+    consumers (``own_consumers``, names pinned per credential), each held by the server to that
+    filter (the tenant's own subjects).
     """
 
     publish: tuple[str, ...] = ()
     subscribe: tuple[str, ...] = ()
     reads: tuple[str, ...] = ()
     filtered_reads: tuple[tuple[str, str], ...] = ()
+    own_consumers: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
     responds: bool = False
 
@@ -90,9 +92,11 @@ class Grant:
         for stream in self.reads:
             pub.extend(p.js_consumer_access(stream))
         for stream, filter_subject in self.filtered_reads:
-            pub += [p.js_stream_info(stream), p.js_filtered_consumer_create(stream, filter_subject),
-                    p.pattern(p.js_consumer_info, stream, p.ANY), p.pattern(s.js_consumer_next, stream, p.ANY),
-                    p.pattern(p.js_flow_control, stream)]
+            pub.append(p.js_stream_info(stream))
+            for name in self.own_consumers:
+                pub += [p.js_filtered_consumer_create(stream, filter_subject, name),
+                        p.js_consumer_info(stream, name), s.js_consumer_next(stream, name),
+                        p.js_ack(stream, name), p.js_flow_control(stream, name)]
         return Permissions(pub_allow=_unique(pub), pub_deny=self.deny, sub_allow=self.subscribe,
                            responses=1 if self.responds else 0)
 
@@ -168,6 +172,8 @@ def _person(extra: Callable[[Scope], Sequence[str]], *, admin: bool = False) -> 
         return Grant(publish=_unique(pub), subscribe=(p.inbox_all(scope.inbox_owner),), reads=tuple(reads),
                      filtered_reads=((s.EVENTS_STREAM, p.pattern(s.run_events, t, p.ANY)),
                                      (s.NOTIFY_STREAM, p.pattern(s.notify, t, p.ANY))),
+                     own_consumers=tuple(p.principal_consumer(scope.inbox_owner, i)
+                                         for i in range(p.PRINCIPAL_CONSUMER_SLOTS)),
                      deny=() if admin else _NOT_ADMIN_DENY)
     return grant
 
@@ -254,7 +260,7 @@ def permission_table() -> str:
         topics = ("zztopiczz",) if r.kind == "worker" else ()
         tenant = ALL_TENANTS if r.kind == "service" else "zztenantzz"
         g = r.grant(Scope(tenant, "zzprincipalzz", "zzuserzz", topics))
-        reads = [*g.reads, *(f"{stream} filter {f}" for stream, f in g.filtered_reads)]
+        reads = [*g.reads, *(f"{stream} filter {f}, own consumers only" for stream, f in g.filtered_reads)]
         resp = "<br>replies to requests it received" if g.responds else ""
         rows.append(f"| `{r.name}` | {r.description} | {_cell(g.publish)} | {_cell(g.subscribe)}{resp} "
                     f"| {_cell(reads)} | {_cell(g.deny)} |")
