@@ -182,3 +182,16 @@ def test_bad_creds_files_name_the_file(tmp_path: Path) -> None:
         read_creds(junk)
     with pytest.raises(CredsError, match="user seed"):
         format_creds("x.y.z", NKey.generate(KeyKind.ACCOUNT).seed)
+
+
+def test_public_surface_is_pinned() -> None:
+    import interlock.identity as identity
+
+    assert sorted(identity.__all__) == sorted([
+        "ALL_TENANTS", "APP_ACCOUNT", "ROLES", "ROLE_NAMES", "SYSTEM_ACCOUNT", "CredsError", "IdentityError",
+        "IdentityHome", "JwtError", "KeyKind", "NKey", "NKeyError", "PermissionDenied", "Permissions", "Principal",
+        "Role", "RoleError", "account_jwt", "decode_jwt", "describe_permission_error", "format_creds",
+        "operator_jwt", "permission_error", "permission_table", "permission_violation", "permissions_for",
+        "public_key_kind", "read_creds", "role", "subject_matches", "user_jwt", "write_creds",
+    ])
+    assert all(hasattr(identity, name) for name in identity.__all__)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import stat
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -121,6 +123,17 @@ def test_server_config_is_operator_mode_with_a_run_time_resolver(tmp_path: Path)
     assert config["resolver"]["type"] == "full" and Path(config["resolver"]["dir"]).is_dir()
     assert config["resolver_preload"] == home.account_jwts()
     assert config["max_control_line"] >= 16 * 1024
+    written = home.write_server_config(tmp_path / "nats.conf", port=4222)
+    assert json.loads(written.read_text()) == {**config, "port": 4222} and mode(written) == 0o600
+
+
+def test_a_home_used_from_several_threads_loses_no_credential(tmp_path: Path) -> None:
+    home = IdentityHome(tmp_path)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: home.issue("worker", "acme", ["t"], name=f"w{i}"), range(8)))
+        list(pool.map(lambda i: home.revoke(f"w{i}"), range(0, 8, 2)))  # read-modify-write of one account
+    account = decode_jwt(home.account_jwts()[home.account_public_key(APP_ACCOUNT)])
+    assert len(account["nats"]["revocations"]) == 4 and len(home.list()) == 8
 
 
 def test_seeds_never_reach_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import fcntl
+import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
@@ -95,12 +97,41 @@ def _expiry(expires: datetime | timedelta | int | None) -> int | None:
     return at
 
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _exclusive(method: Callable[Concatenate[IdentityHome, _P], _T]) -> Callable[Concatenate[IdentityHome, _P], _T]:
+    """Run ``method`` holding the home's lock."""
+    @functools.wraps(method)
+    def locked(self: IdentityHome, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        with self._locked():
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class IdentityHome:
     """Operator, accounts and issued users in one directory, created on first use."""
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
-        self._ensure()
+        with self._locked():
+            self._ensure()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One writer at a time (several processes may share a home: the stack, the CLI)."""
+        self._dir()
+        with (self.root / ".lock").open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _write(self, path: Path, text: str) -> None:
+        # atomic, so a crash never leaves half a JWT or record; 0600 like the secrets beside them
+        write_private(path, text)
 
     # -- layout ---------------------------------------------------------------------------
     def _dir(self, *parts: str) -> Path:
@@ -142,9 +173,10 @@ class IdentityHome:
         for name, jetstream in ((SYSTEM_ACCOUNT, False), (APP_ACCOUNT, True)):
             if not (self._dir("accounts") / f"{name}.json").exists():
                 self._create_account(name, jetstream=jetstream)
-        system = self._account(SYSTEM_ACCOUNT)
-        (self.root / "operator.jwt").write_text(
-            operator_jwt(self.operator_key, name=OPERATOR_NAME, system_account=system.public_key))
+        if not (self.root / "operator.jwt").exists():
+            system = self._account(SYSTEM_ACCOUNT)
+            self._write(self.root / "operator.jwt",
+                        operator_jwt(self.operator_key, name=OPERATOR_NAME, system_account=system.public_key))
         if not self.system_creds.exists():
             self._issue_user(SYSTEM_ACCOUNT, SYSTEM_USER, lambda key: Permissions(), self.system_creds)
 
@@ -175,11 +207,11 @@ class IdentityHome:
 
     def _save_account(self, account: _Account) -> str:
         accounts = self._dir("accounts")
-        (accounts / f"{account.name}.json").write_text(json.dumps(asdict(account), indent=2, sort_keys=True))
+        self._write(accounts / f"{account.name}.json", json.dumps(asdict(account), indent=2, sort_keys=True))
         token = account_jwt(account.public_key, self.operator_key, name=account.name,
                             signing_keys=[account.signing_key], revocations=account.revocations,
                             jetstream=account.jetstream)
-        (accounts / f"{account.name}.jwt").write_text(token)
+        self._write(accounts / f"{account.name}.jwt", token)
         return token
 
     def account_public_key(self, name: str = APP_ACCOUNT) -> str:
@@ -206,6 +238,7 @@ class IdentityHome:
         write_creds(out, token, user.seed)
         return user
 
+    @_exclusive
     def issue(self, role_name: str, tenant: str | None = None, topics: Sequence[str] | None = None, *,
               name: str | None = None, expires: datetime | timedelta | int | None = None,
               out: Path | str | None = None) -> Path:
@@ -236,8 +269,8 @@ class IdentityHome:
         return path
 
     def _save_user(self, principal: Principal) -> None:
-        (self._dir("users") / f"{principal.public_key}.json").write_text(
-            json.dumps(asdict(principal), indent=2, sort_keys=True))
+        self._write(self._dir("users") / f"{principal.public_key}.json",
+                    json.dumps(asdict(principal), indent=2, sort_keys=True))
 
     def list(self) -> list[Principal]:
         """Every credential issued from this home (revoked and expired ones included), oldest first."""
@@ -256,6 +289,7 @@ class IdentityHome:
         active = [u for u in matches if u.active]
         return (active or matches)[-1]
 
+    @_exclusive
     def revoke(self, user: str) -> Principal:
         """Revoke a credential (by name or public key) in the account JWT.
 
@@ -290,6 +324,13 @@ class IdentityHome:
                          "interval": "2m", "timeout": "1.9s"},
             "resolver_preload": self.account_jwts(),
         }
+
+    def write_server_config(self, path: Path | str, **extra: Any) -> Path:
+        """Write :meth:`server_config` (plus ``extra`` settings) as a nats-server config file
+        (JSON, which nats-server reads); for servers not started by Interlock (deploy/)."""
+        target = Path(path)
+        self._write(target, json.dumps({**self.server_config(), **extra}, indent=2))
+        return target
 
     async def push(self, url: str | Sequence[str], *, timeout: float = 5.0,
                    connect_options: Mapping[str, Any] | None = None) -> builtins.list[dict[str, Any]]:
