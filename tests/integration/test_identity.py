@@ -24,7 +24,7 @@ from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
 from interlock.core.natsserver import EmbeddedNats
 from interlock.core.topology import provision
-from interlock.identity import IdentityHome, describe_permission_error, permission_violation
+from interlock.identity import IdentityHome, creds_inbox_prefix, describe_permission_error, permission_violation
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -63,7 +63,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 async def connect_as(stack: Stack, creds: Path, name: str) -> Session:
-    principal = stack.home.principal(name)
     session: Session
 
     async def on_error(e: Exception) -> None:
@@ -73,7 +72,7 @@ async def connect_as(stack: Stack, creds: Path, name: str) -> Session:
     async def on_closed() -> None:
         session.closed.set()
 
-    nc = await nats.connect(stack.url, user_credentials=str(creds), inbox_prefix=principal.inbox_prefix,
+    nc = await nats.connect(stack.url, user_credentials=str(creds), inbox_prefix=creds_inbox_prefix(creds),
                             allow_reconnect=False, error_cb=on_error, closed_cb=on_closed, connect_timeout=2)
     session = Session(nc, name)
     return session

@@ -22,6 +22,7 @@ from interlock.identity import (
     IdentityError,
     IdentityHome,
     RoleError,
+    creds_inbox_prefix,
     decode_jwt,
     describe_permission_error,
     permission_error,
@@ -73,7 +74,7 @@ def test_issue_writes_creds_signed_by_the_account_signing_key(tmp_path: Path) ->
     assert (principal.name, principal.role, principal.tenant, principal.topics) == ("w1", "worker", "acme",
                                                                                    ("llm.summarize",))
     assert principal.public_key == key.public_key and principal.active
-    assert principal.inbox_prefix == p.inbox_prefix(key.public_key)
+    assert principal.inbox_prefix == p.inbox_prefix(key.public_key) == creds_inbox_prefix(path)
     default = home.issue("viewer", "acme")
     assert default == home.root / "creds" / "viewer-acme.creds"
     assert home.issue("planner") == home.root / "creds" / "planner.creds"

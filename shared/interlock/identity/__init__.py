@@ -9,7 +9,7 @@
 - :func:`describe_permission_error` — a NATS authorization failure as one clear line.
 """
 
-from interlock.identity._creds import CredsError, format_creds, read_creds, write_creds
+from interlock.identity._creds import CredsError, creds_inbox_prefix, format_creds, read_creds, write_creds
 from interlock.identity._errors import (
     PermissionDenied,
     describe_permission_error,
@@ -63,6 +63,7 @@ __all__ = [
     "Role",
     "RoleError",
     "account_jwt",
+    "creds_inbox_prefix",
     "decode_jwt",
     "describe_permission_error",
     "format_creds",

@@ -7,6 +7,7 @@ import re
 import threading
 from pathlib import Path
 
+from interlock.contracts import permissions
 from interlock.identity._keys import KeyKind, NKey
 
 _BLOCK = re.compile(r"-{3,}[^\n]*-{3,}\r?\n([\w\-.=]+)\r?\n-{3,}[^\n]*-{3,}")
@@ -72,3 +73,11 @@ def read_creds(path: Path) -> tuple[str, NKey]:
     except ValueError as e:
         raise CredsError(f"{path}: {e}") from None
     return blocks[0], key
+
+
+def creds_inbox_prefix(path: Path) -> str:
+    """The inbox prefix a process holding only this ``.creds`` file must connect with
+    (``nats.connect(..., user_credentials=path, inbox_prefix=creds_inbox_prefix(path))``):
+    every credential may subscribe only to its own inboxes, named by its user key."""
+    _, key = read_creds(path)
+    return permissions.inbox_prefix(key.public_key)
