@@ -190,7 +190,8 @@ def test_public_surface_is_pinned() -> None:
     assert sorted(identity.__all__) == sorted([
         "ALL_TENANTS", "APP_ACCOUNT", "ROLES", "ROLE_NAMES", "SYSTEM_ACCOUNT", "CredsError", "IdentityError",
         "IdentityHome", "JwtError", "KeyKind", "NKey", "NKeyError", "PermissionDenied", "Permissions", "Principal",
-        "Role", "RoleError", "account_jwt", "creds_inbox_prefix", "decode_jwt", "describe_permission_error",
+        "Role", "RoleError", "account_jwt", "creds_inbox_prefix", "creds_permissions",
+        "decode_jwt", "describe_permission_error",
         "format_creds", "operator_jwt", "permission_error", "permission_table", "permission_violation",
         "permissions_for", "public_key_kind", "read_creds", "role", "subject_matches", "user_jwt", "write_creds",
     ])

@@ -23,6 +23,7 @@ from interlock.identity import (
     IdentityHome,
     RoleError,
     creds_inbox_prefix,
+    creds_permissions,
     decode_jwt,
     describe_permission_error,
     permission_error,
@@ -75,6 +76,8 @@ def test_issue_writes_creds_signed_by_the_account_signing_key(tmp_path: Path) ->
                                                                                    ("llm.summarize",))
     assert principal.public_key == key.public_key and principal.active
     assert principal.inbox_prefix == p.inbox_prefix(key.public_key) == creds_inbox_prefix(path)
+    held = creds_permissions(path)
+    assert held.allows_publish(s.result("acme", "run-1")) and not held.allows_publish(s.result("globex", "run-1"))
     default = home.issue("viewer", "acme")
     assert default == home.root / "creds" / "viewer-acme.creds"
     assert home.issue("planner") == home.root / "creds" / "planner.creds"

@@ -9,7 +9,14 @@
 - :func:`describe_permission_error` — a NATS authorization failure as one clear line.
 """
 
-from interlock.identity._creds import CredsError, creds_inbox_prefix, format_creds, read_creds, write_creds
+from interlock.identity._creds import (
+    CredsError,
+    creds_inbox_prefix,
+    creds_permissions,
+    format_creds,
+    read_creds,
+    write_creds,
+)
 from interlock.identity._errors import (
     PermissionDenied,
     describe_permission_error,
@@ -64,6 +71,7 @@ __all__ = [
     "RoleError",
     "account_jwt",
     "creds_inbox_prefix",
+    "creds_permissions",
     "decode_jwt",
     "describe_permission_error",
     "format_creds",

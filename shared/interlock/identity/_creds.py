@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 from interlock.contracts import permissions
+from interlock.identity._jwt import JwtError, Permissions, decode
 from interlock.identity._keys import KeyKind, NKey
 
 _BLOCK = re.compile(r"-{3,}[^\n]*-{3,}\r?\n([\w\-.=]+)\r?\n-{3,}[^\n]*-{3,}")
@@ -81,3 +82,14 @@ def creds_inbox_prefix(path: Path) -> str:
     every credential may subscribe only to its own inboxes, named by its user key."""
     _, key = read_creds(path)
     return permissions.inbox_prefix(key.public_key)
+
+
+def creds_permissions(path: Path) -> Permissions:
+    """The permissions in a ``.creds`` file's user JWT, e.g. to refuse an action at once with a
+    clear message (``allows_publish``) instead of waiting for the server to drop it."""
+    token, _ = read_creds(path)
+    try:
+        claims = decode(token, expect="user")
+    except JwtError as e:
+        raise CredsError(f"{path}: {e}") from None
+    return Permissions.from_claims(claims["nats"])
