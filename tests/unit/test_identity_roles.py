@@ -61,6 +61,13 @@ def test_nobody_but_admin_changes_or_removes_streams(name: str) -> None:
     assert perms("admin").allows_publish(p.js_stream("DELETE", s.EVENTS_STREAM))
 
 
+@pytest.mark.parametrize("name", SERVICES[:5])
+def test_services_may_check_every_stream_but_change_none(name: str) -> None:
+    granted = perms(name)
+    assert all(granted.allows_publish(p.js_stream_info(st)) for st in (s.EVENTS_STREAM, s.JOBS_STREAM, s.DLQ_STREAM))
+    assert not granted.allows_publish(p.js_stream("CREATE", s.EVENTS_STREAM))
+
+
 def test_only_the_four_appending_services_append_to_run_logs() -> None:
     subject = s.run_events("acme", "run-1")
     allowed = {n for n in ROLE_NAMES if perms(n).allows_publish(subject)}

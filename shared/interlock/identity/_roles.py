@@ -115,7 +115,8 @@ _NOT_ADMIN_DENY = p.js_stream_admin()
 
 def _service(name: str) -> Callable[[Scope], Grant]:
     def grant(scope: Scope) -> Grant:
-        pub: list[str] = [s.JS_API_INFO]
+        # stream info of every stream: a service checks at start that the topology is there
+        pub: list[str] = [s.JS_API_INFO, p.js_stream_info(p.ANY)]
         sub: list[str] = [p.inbox_all(scope.inbox_owner)]
         reads: list[str] = []
         responds = False
