@@ -12,8 +12,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEFAULT_STORE_DIR = Path(".interlock") / "nats"
 
@@ -67,6 +69,8 @@ class EmbeddedNats:
     cluster: ClusterSpec | None = None
     log_file: Path | None = None
     max_payload: int = 8 * 1024 * 1024
+    config: Mapping[str, Any] | None = None
+    """Extra server settings merged into the config file (e.g. operator mode from interlock.identity)."""
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _ports_dir: Path | None = field(default=None, repr=False)
     url: str = ""
@@ -76,7 +80,7 @@ class EmbeddedNats:
             nats_server_binary(), "-js", "-a", self.host, "-p", str(self.port if self.port else -1),
             "-sd", str(self.store_dir), "--ports_file_dir", str(ports_dir),
         ]
-        config = {"max_payload": self.max_payload}
+        config: dict[str, Any] = {"max_payload": self.max_payload, **(self.config or {})}
         conf_path = ports_dir / "server.conf"
         conf_path.write_text(json.dumps(config))
         cmd += ["-c", str(conf_path)]
