@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nats
 import nats.errors
@@ -87,7 +88,7 @@ async def admin(stack: Stack) -> AsyncIterator[Session]:
     await session.nc.close()
 
 
-async def refused_connect(url: str, **options: object) -> Exception:
+async def refused_connect(url: str, **options: Any) -> Exception:
     """The error of a connect the server refuses (fails the test if it is accepted)."""
     nc = NATS()
 

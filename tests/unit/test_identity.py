@@ -167,7 +167,8 @@ def test_creds_file_has_the_nats_layout_and_mode_0600(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     text = path.read_text()
     assert text == format_creds(token, user.seed)
-    assert re.match(r"-----BEGIN NATS USER JWT-----\n(\S+)\n------END NATS USER JWT------\n", text).group(1) == token
+    found = re.match(r"-----BEGIN NATS USER JWT-----\n(\S+)\n------END NATS USER JWT------\n", text)
+    assert found is not None and found.group(1) == token
     assert f"-----BEGIN USER NKEY SEED-----\n{user.seed.decode()}\n------END USER NKEY SEED------\n" in text
     jwt, key = read_creds(path)
     assert jwt == token and key.public_key == user.public_key
