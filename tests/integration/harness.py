@@ -64,7 +64,9 @@ class Harness:
                 self.services.append(service)
 
     async def start_worker(self, worker: Worker) -> Worker:
+        """Start ``worker`` on the test's server, for the harness's tenant unless it names its own."""
         worker.nats_url = self.url
+        worker.tenant = worker.tenant or self.tenant
         await worker.start()
         self.workers.append(worker)
         return worker
@@ -83,8 +85,8 @@ class Harness:
     async def trigger(self, workflow_id: str, run_input: Any = None, *, key: str | None = None,
                       **extra: Any) -> str:
         key = key or uuid.uuid4().hex
-        trigger = Trigger(workflow_id=workflow_id, input=run_input, idempotency_key=key, tenant=self.tenant, **extra)
-        await self.nc.jetstream().publish(s.trigger(workflow_id), trigger.model_dump_json().encode(),
+        trigger = Trigger(workflow_id=workflow_id, input=run_input, idempotency_key=key, **extra)
+        await self.nc.jetstream().publish(s.trigger(self.tenant, workflow_id), trigger.model_dump_json().encode(),
                                           headers={headers.MSG_ID: f"trigger:{self.tenant}:{workflow_id}:{key}"})
         return str(run_id_for(self.tenant, workflow_id, key))
 
@@ -161,15 +163,22 @@ class Harness:
         return (await self.store.load(self.tenant, run_id, fresh=True)).run
 
     async def decide(self, run_id: str, step_id: str, *, grant: bool = True, job_hash: str | None = None,
-                     role: str | None = None, approver: str = "alice", reason: str = "") -> CommandReply:
+                     role: str | None = None, approver: str = "alice", reason: str = "",
+                     **body: Any) -> CommandReply:
+        """Send ``approver``'s decision (the principal of the command subject); ``body``: more fields
+        of the ApprovalDecision (e.g. a deprecated ``approver`` or ``tenant`` that disagrees)."""
         run = await self.run_state(run_id)
         approval = run.steps[step_id].approval
         assert approval is not None, f"{step_id} has no approval request"
-        decision = ApprovalDecision(run_id=run_id, tenant=self.tenant, step_id=step_id,
-                                    job_hash=job_hash or approval.job_hash, approver=approver,
-                                    role=role or approval.approver_role, reason=reason)
-        msg = await self.nc.request(s.CMD_APPROVE if grant else s.CMD_REJECT,
-                                    decision.model_dump_json().encode(), timeout=5)
+        decision = ApprovalDecision(run_id=run_id, step_id=step_id, job_hash=job_hash or approval.job_hash,
+                                    role=role or approval.approver_role, reason=reason, **body)
+        return await self.command("approve" if grant else "reject", decision, principal=approver)
+
+    async def command(self, name: str, request: Any, *, principal: str = "alice",
+                      tenant: str | None = None) -> CommandReply:
+        """Send command ``name`` as ``principal`` of ``tenant`` (default: the harness's)."""
+        msg = await self.nc.request(s.command(tenant or self.tenant, name, principal),
+                                    request.model_dump_json(exclude_none=True).encode(), timeout=5)
         return CommandReply.model_validate_json(msg.data)
 
 

@@ -52,6 +52,7 @@ class Stack:
     nats_url: str | None = None
     services: tuple[str, ...] = SERVICES
     workers: list[str] = field(default_factory=list)
+    worker_tenants: tuple[str, ...] = ()  # each worker once per tenant; empty: INTERLOCK_TENANT, else default
     env: dict[str, str] = field(default_factory=dict)
     port: int | None = None
     procs: dict[str, Proc] = field(default_factory=dict)
@@ -117,8 +118,11 @@ class Stack:
         URL_FILE.write_text(self.url)
         for service in self.services:
             self._spawn(service, [sys.executable, "-m", "interlock.cli", "serve", service])
-        for i, target in enumerate(self.workers):
-            self._spawn(f"worker-{i}", [sys.executable, "-m", "interlock.cli", "worker", target])
+        tenants: tuple[str | None, ...] = self.worker_tenants or (None,)
+        specs = [(target, tenant) for target in self.workers for tenant in tenants]
+        for i, (target, tenant) in enumerate(specs):
+            options = ["--tenant", tenant] if tenant else []
+            self._spawn(f"worker-{i}", [sys.executable, "-m", "interlock.cli", *options, "worker", target])
 
     def kill(self, name: str) -> None:
         """SIGKILL one process, or with a cluster one NATS node by name (crash drills)."""
