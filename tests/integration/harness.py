@@ -164,14 +164,14 @@ class Harness:
 
     async def decide(self, run_id: str, step_id: str, *, grant: bool = True, job_hash: str | None = None,
                      role: str | None = None, approver: str = "alice", reason: str = "",
-                     **body: Any) -> CommandReply:
+                     body: dict[str, Any] | None = None) -> CommandReply:
         """Send ``approver``'s decision (the principal of the command subject); ``body``: more fields
         of the ApprovalDecision (e.g. a deprecated ``approver`` or ``tenant`` that disagrees)."""
         run = await self.run_state(run_id)
         approval = run.steps[step_id].approval
         assert approval is not None, f"{step_id} has no approval request"
         decision = ApprovalDecision(run_id=run_id, step_id=step_id, job_hash=job_hash or approval.job_hash,
-                                    role=role or approval.approver_role, reason=reason, **body)
+                                    role=role or approval.approver_role, reason=reason, **(body or {}))
         return await self.command("approve" if grant else "reject", decision, principal=approver)
 
     async def command(self, name: str, request: Any, *, principal: str = "alice",

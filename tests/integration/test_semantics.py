@@ -380,14 +380,14 @@ steps:
     not_json = b"{this is not json " + marker
     missing = json.dumps({"workflow_id": wf, "input": {"marker": marker.decode()}}).encode()  # no idempotency_key
     dlq_before = (await js.stream_info(s.DLQ_STREAM)).state.last_seq
-    await js.publish(s.trigger(wf), not_json)
-    await js.publish(s.trigger(wf), missing)
+    await js.publish(s.trigger(harness.tenant, wf), not_json)
+    await js.publish(s.trigger(harness.tenant, wf), missing)
 
     letters = await _dead_letters_containing(harness, marker, want=2, after_seq=dlq_before)
     assert sorted(base64.b64decode(letter.data_b64) for letter in letters) == sorted([not_json, missing])
     for letter in letters:
         assert letter.service == "planner"
-        assert letter.subject == s.trigger(wf)
+        assert letter.subject == s.trigger(harness.tenant, wf)
         assert "invalid trigger" in letter.reason
     by_data = {base64.b64decode(letter.data_b64): letter for letter in letters}
     assert "idempotency_key" in by_data[missing].reason

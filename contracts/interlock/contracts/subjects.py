@@ -237,11 +237,6 @@ def agent_key(tenant: str, topic: str, worker_id: str) -> str:
     return f"{token(tenant, 'tenant')}.{topic_tokens(topic)}.{token(worker_id, 'worker id')}"
 
 
-def tenant_agent_keys(tenant: str) -> str:
-    """Key filter of one tenant's registrations (``kv.keys(filters=[...])``)."""
-    return f"{token(tenant, 'tenant')}.>"
-
-
 # -- the JetStream API (subjects of the server's own API that Interlock calls directly) -------
 JS_API_PREFIX = "$JS.API"
 JS_API_INFO = f"{JS_API_PREFIX}.INFO"

@@ -355,11 +355,13 @@ class Client:
         """This tenant's registered agent workers, by topic and worker id."""
         try:
             kv = await self.js.key_value(s.AGENTS_BUCKET)
-            keys = await kv.keys(filters=[s.tenant_agent_keys(self.tenant)])
+            keys = await kv.keys()
         except Exception:  # no bucket, or no keys: nobody registered
             return []
         regs = []
         for key in keys:
+            if not key.startswith(f"{self.tenant}."):  # keys are subjects.agent_key(tenant, topic, worker)
+                continue
             with contextlib.suppress(Exception):  # deleted between keys() and get()
                 entry = await kv.get(key)
                 regs.append(AgentRegistration.model_validate_json(entry.value or b"{}"))
