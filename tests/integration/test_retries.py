@@ -12,7 +12,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from interlock.contracts import headers
 from interlock.contracts import subjects as s
-from interlock.contracts.messages import CancelRequest, CommandReply, Heartbeat, Job, JobResult
+from interlock.contracts.messages import CancelRequest, Heartbeat, Job, JobResult
 from interlock.worker import FatalError, JobContext, RetryableError, Worker
 from tests.integration.harness import Harness, outcome_counts, types, unique
 
@@ -251,7 +251,8 @@ steps:
     js = harness.nc.jetstream()
     # the fake worker binds the durable consumer the SDK uses, with the same settings
     await js.add_consumer(s.JOBS_STREAM, ConsumerConfig(
-        durable_name=s.worker_consumer(harness.tenant, topic), filter_subject=s.job(harness.tenant, topic), ack_policy=AckPolicy.EXPLICIT,
+        durable_name=s.worker_consumer(harness.tenant, topic), filter_subject=s.job(harness.tenant, topic),
+        ack_policy=AckPolicy.EXPLICIT,
         ack_wait=30, max_ack_pending=20_000, deliver_policy=DeliverPolicy.ALL, max_deliver=-1))
     run_id = await harness.trigger(wf, {"x": 1})
     sub = await js.pull_subscribe_bind(s.worker_consumer(harness.tenant, topic), s.JOBS_STREAM)

@@ -413,7 +413,8 @@ QUERIES = ("runs", "status", "timeline", "approvals")
 def test_commands_and_queries_carry_the_tenant_and_the_principal() -> None:
     requests = [ch for ch in cat.CHANNELS if ch.transport == "request"]
     assert sorted(ch.address for ch in requests) == sorted(
-        [f"{s.PREFIX}.cmd.{{tenant}}.{n}.{{principal}}" for n in COMMANDS] + [f"{s.PREFIX}.q.{{tenant}}.{n}" for n in QUERIES])
+        [f"{s.PREFIX}.cmd.{{tenant}}.{n}.{{principal}}" for n in COMMANDS]
+        + [f"{s.PREFIX}.q.{{tenant}}.{n}" for n in QUERIES])
     # each service subscribes to every tenant's and principal's requests, one wildcard per name
     assert {f.address for ch in requests for f in ch.filters if isinstance(f, cat.Pattern)} == {
         *(s.commands(n) for n in COMMANDS), *(s.queries(n) for n in QUERIES)}
