@@ -1,5 +1,6 @@
 """Tenants on the real services: a job reaches only its own tenant's workers, a run starts in the
-tenant of its trigger subject (a body naming another tenant is dead-lettered)."""
+tenant of its trigger subject (a body naming another tenant is dead-lettered), and a worker refuses
+a job whose body names another tenant than its subject."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from interlock.contracts import headers
 from interlock.contracts import subjects as s
-from interlock.contracts.messages import DeadLetter, Trigger
+from interlock.contracts.messages import DeadLetter, Job, Trigger
 from interlock.core.eventstore import RunNotFound
 from interlock.core.ids import run_id_for
 from interlock.worker import JobContext, Worker
@@ -72,10 +73,10 @@ async def test_a_job_reaches_only_its_own_tenants_workers(harness: Harness) -> N
         assert s.agent_key(worker.tenant or "", topic, worker.worker_id) in keys
 
 
-async def dead_letters_after(harness: Harness, after_seq: int, marker: str, timeout: float = 10.0
-                             ) -> list[DeadLetter]:
+async def dead_letters_after(harness: Harness, after_seq: int, marker: str, *, service: str = "planner",
+                             timeout: float = 10.0) -> list[DeadLetter]:
     sub = await harness.nc.jetstream().subscribe(
-        s.dead_letter("planner"), ordered_consumer=True,
+        s.dead_letter(service), ordered_consumer=True,
         config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1))
     found: list[DeadLetter] = []
     loop = asyncio.get_running_loop()
@@ -123,3 +124,22 @@ async def test_a_trigger_naming_another_tenant_is_dead_lettered(harness: Harness
     events = await in_a.wait_end(run_id)
     assert types(events)[-1] == "RunSucceeded"
     assert events[0]["data"]["tenant"] == tenant_a
+
+
+async def test_a_worker_dead_letters_a_job_of_another_tenant_on_its_subject(harness: Harness) -> None:
+    topic, tenant_a, tenant_b = unique("t"), unique("acme"), unique("globex")
+    seen: list[tuple[str, str]] = []
+    worker = await harness.start_worker(recording_worker("a", topic, tenant_a, seen))
+    js = harness.nc.jetstream()
+    run_id, marker = str(uuid.uuid4()), uuid.uuid4().hex
+    job = Job(job_id=f"{run_id}:work@1", run_id=run_id, tenant=tenant_b, workflow_id="wf", step_id="work",
+              topic=topic, attempt=1, idempotency_key=f"{run_id}:work", input={"marker": marker}, job_hash="0" * 64)
+    dlq_before = (await js.stream_info(s.DLQ_STREAM)).state.last_seq
+    await js.publish(s.job(tenant_a, topic), job.model_dump_json().encode())
+
+    [letter] = await dead_letters_after(harness, dlq_before, marker, service="worker")
+    assert (letter.service, letter.subject) == ("worker", s.job(tenant_a, topic))
+    assert letter.reason == (f"job {job.job_id} of tenant {tenant_b!r} reached worker {worker.worker_id} of tenant "
+                             f"{tenant_a!r}")
+    await harness.settled()
+    assert seen == []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import getpass
 import re
 from pathlib import Path
 
@@ -78,7 +78,7 @@ class ClientSettings(BaseSettings):
     def resolve_principal(self) -> str:
         """The principal of the client's commands: ``principal`` (argument or INTERLOCK_PRINCIPAL),
         else the user name in the creds file (the server accepts a credential's commands only under
-        that name), else ``$USER`` made a subject token."""
+        that name), else the login name (``$USER``…) made a subject token."""
         if self.principal:
             return self.principal
         if self.creds is not None:
@@ -89,7 +89,10 @@ class ClientSettings(BaseSettings):
                 raise Unavailable(f"{self.creds}: {e}") from None
             if name:
                 return s.token(name, f"user name in {self.creds}")
-        user = os.environ.get("USER") or os.environ.get("USERNAME") or "anonymous"
+        try:
+            user = getpass.getuser()  # $LOGNAME, $USER, $LNAME, $USERNAME, else the password database
+        except (OSError, KeyError):
+            user = ""
         return re.sub(r"[^A-Za-z0-9_\-]+", "-", user).strip("-") or "anonymous"
 
     def resolve_url(self, explicit: str | None = None) -> tuple[str, str]:
