@@ -4,6 +4,7 @@ test's event loop, against the session's real nats-server."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 import uuid
 from collections.abc import Callable
@@ -12,10 +13,11 @@ from typing import Any
 
 import nats
 from nats.aio.client import Client as NATS
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from interlock.contracts import headers
 from interlock.contracts import subjects as s
-from interlock.contracts.messages import ApprovalDecision, CommandReply, Trigger
+from interlock.contracts.messages import ApprovalDecision, CommandReply, DeadLetter, Trigger
 from interlock.core.eventstore import EventStore
 from interlock.core.ids import run_id_for
 from interlock.core.run import Run
@@ -158,6 +160,29 @@ class Harness:
                 raise AssertionError(f"not settled within {timeout}s: consumers lagging: {lagging or 'none'}; "
                                      f"streams still moving: {moved or 'none'}")
             await asyncio.sleep(0.02)
+
+    async def dead_letters(self, service: str, marker: bytes, *, want: int, after_seq: int,
+                           timeout: float = 10.0) -> list[DeadLetter]:
+        """The first ``want`` dead letters of ``service`` after stream seq ``after_seq`` whose
+        original bytes contain ``marker`` (fewer if they do not come within ``timeout``)."""
+        found: list[DeadLetter] = []
+        sub = await self.nc.jetstream().subscribe(
+            s.dead_letter(service), ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1))
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while len(found) < want and loop.time() < deadline:
+                try:
+                    msg = await sub.next_msg(timeout=max(0.05, deadline - loop.time()))
+                except TimeoutError:
+                    break
+                letter = DeadLetter.model_validate_json(msg.data)
+                if marker in base64.b64decode(letter.data_b64):
+                    found.append(letter)
+        finally:
+            await sub.unsubscribe()
+        return found
 
     async def run_state(self, run_id: str) -> Run:
         return (await self.store.load(self.tenant, run_id, fresh=True)).run

@@ -4,18 +4,15 @@ a job whose body names another tenant than its subject."""
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import dataclasses
 import uuid
 from typing import Any
 
 import pytest
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from interlock.contracts import headers
 from interlock.contracts import subjects as s
-from interlock.contracts.messages import DeadLetter, Job, Trigger
+from interlock.contracts.messages import Job, Trigger
 from interlock.core.eventstore import RunNotFound
 from interlock.core.ids import run_id_for
 from interlock.worker import JobContext, Worker
@@ -73,28 +70,6 @@ async def test_a_job_reaches_only_its_own_tenants_workers(harness: Harness) -> N
         assert s.agent_key(worker.tenant or "", topic, worker.worker_id) in keys
 
 
-async def dead_letters_after(harness: Harness, after_seq: int, marker: str, *, service: str = "planner",
-                             timeout: float = 10.0) -> list[DeadLetter]:
-    sub = await harness.nc.jetstream().subscribe(
-        s.dead_letter(service), ordered_consumer=True,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1))
-    found: list[DeadLetter] = []
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    try:
-        while not found and loop.time() < deadline:
-            try:
-                msg = await sub.next_msg(timeout=max(0.05, deadline - loop.time()))
-            except TimeoutError:
-                break
-            letter = DeadLetter.model_validate_json(msg.data)
-            if marker.encode() in base64.b64decode(letter.data_b64):
-                found.append(letter)
-    finally:
-        await sub.unsubscribe()
-    return found
-
-
 async def test_a_trigger_naming_another_tenant_is_dead_lettered(harness: Harness) -> None:
     wf, topic = unique("ten"), unique("t")
     tenant_a, tenant_b = unique("acme"), unique("globex")
@@ -106,7 +81,7 @@ async def test_a_trigger_naming_another_tenant_is_dead_lettered(harness: Harness
     subject = s.trigger(tenant_a, wf)
     await js.publish(subject, forged.model_dump_json().encode(), headers={headers.MSG_ID: f"forged:{key}"})
 
-    [letter] = await dead_letters_after(harness, dlq_before, marker)
+    [letter] = await harness.dead_letters("planner", marker.encode(), want=1, after_seq=dlq_before)
     assert letter.subject == subject
     assert letter.reason == (f"Poison: the request names tenant {tenant_b!r} but was sent as {tenant_a!r} (subject "
                              f"{subject}): the tenant is taken from the subject, never from the body")
@@ -137,7 +112,7 @@ async def test_a_worker_dead_letters_a_job_of_another_tenant_on_its_subject(harn
     dlq_before = (await js.stream_info(s.DLQ_STREAM)).state.last_seq
     await js.publish(s.job(tenant_a, topic), job.model_dump_json().encode())
 
-    [letter] = await dead_letters_after(harness, dlq_before, marker, service="worker")
+    [letter] = await harness.dead_letters("worker", marker.encode(), want=1, after_seq=dlq_before)
     assert (letter.service, letter.subject) == ("worker", s.job(tenant_a, topic))
     assert letter.reason == (f"job {job.job_id} of tenant {tenant_b!r} reached worker {worker.worker_id} of tenant "
                              f"{tenant_a!r}")
