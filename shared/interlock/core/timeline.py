@@ -165,8 +165,9 @@ def _d_approval_expired(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def _d_approval_refused(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    text = (f"{str_field(d, 'decision', 'approve')} by {str_field(d, 'principal', '?')} refused: "
-            f"{str_field(d, 'reason')} (hash {short_hash(d.get('job_hash'))}); the request stays pending")
+    what = "rejection" if d.get("decision") == "reject" else "approval"
+    text = (f"{what} by {str_field(d, 'principal', '?')} refused: {str_field(d, 'reason')} "
+            f"(hash {short_hash(d.get('job_hash'))}); the request stays pending")
     return text, {"principal": d.get("principal"), "role": d.get("role"), "job_hash": d.get("job_hash"),
                   "required_role": d.get("required_role")}
 
