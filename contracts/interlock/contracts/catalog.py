@@ -442,7 +442,8 @@ AGENT_REGISTRY = KeyValueEntry(
     bucket=s.AGENTS_BUCKET,
     key="{tenant}.{topic}.{worker_id}",
     value=msg.AgentRegistration,
-    description="Agent registry: a worker puts its registration when it starts and refreshes last_heartbeat "
+    description="Agent registry: a worker puts its registration (with its tenant) when it starts and refreshes "
+                "last_heartbeat "
                 "while it runs (the bucket drops entries not written for a day); it should delete its entry "
                 "on a clean shutdown.",
     writers=(WORKER,),
