@@ -61,6 +61,7 @@ def serve(ctx: typer.Context,
     from interlock.runtime.settings import ServiceSettings
 
     options = globals_of(ctx)
+    options.export_tls()  # TLS: --tls-* for ServiceSettings
     if not options.verbose:
         configure_logging(True)  # a service's log is its INFO lines
     module, _, cls = SERVICE_CLASSES[name].partition(":")
@@ -103,6 +104,7 @@ def worker(ctx: typer.Context, target: Annotated[str, typer.Argument(
         fail(f"{target} is not an interlock.worker.Worker")
     if globals_of(ctx).nats:
         loaded.nats_url = globals_of(ctx).nats
+    globals_of(ctx).export_tls()  # TLS: --tls-* for WorkerSettings
 
     async def run() -> None:
         task = asyncio.ensure_future(loaded.run())
@@ -176,6 +178,7 @@ def up(
     """
     from interlock.devstack.stack import Stack
 
+    globals_of(ctx).export_tls()  # TLS: --tls-* for the processes the stack starts
     try:
         url = ClientSettings.load(nats_url=globals_of(ctx).nats).nats_url
     except ClientError as e:
