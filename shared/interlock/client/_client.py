@@ -102,8 +102,11 @@ class Client:
                                        **_tls_overrides(tls_ca, tls_cert, tls_key, tls_hostname))
         target, source = settings.resolve_url(url)
 
+        starting = True
+
         async def on_error(e: Exception) -> None:  # reconnects are reported by the calls that fail
-            pass
+            if starting:
+                _tls.raise_if_tls_failure(e)  # TLS: a failed handshake ends the connect, never retried
 
         options: dict[str, Any] = {}
         if settings.creds is not None:
@@ -123,6 +126,7 @@ class Client:
             detail = str(e) or type(e).__name__
             raise Unavailable(f"cannot reach NATS at {target} (from {source}): {detail}; start the stack with "
                               f"`interlock up` or set INTERLOCK_NATS_URL") from None
+        starting = False
         try:
             await _tls.require_negotiated(nc, target.split(","))
         except _tls.TlsError as e:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import ssl
 from pathlib import Path
 
 import nats
@@ -41,8 +40,8 @@ async def connect(url: str | None = None, *, name: str = "interlock", patient: b
 
     async def on_error(e: Exception) -> None:
         described = _tls.describe_failure(e, ",".join(servers), tls, tls_used=bool(tls_options))
-        if starting and isinstance(e, ssl.SSLCertVerificationError):
-            raise e  # TLS: an untrusted certificate stays untrusted; fail now instead of retrying forever
+        if starting:
+            _tls.raise_if_tls_failure(e)  # TLS: a failed handshake ends the first connect, never retried
         log.warning("nats %s: %s", name, described or repr(e))
 
     try:

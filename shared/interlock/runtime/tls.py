@@ -149,6 +149,9 @@ def describe_failure(error: BaseException, url: str, options: TlsOptions | None,
                 return (f"TLS: the certificate of the server at {url} is not for that host ({detail}); set "
                         f"{names['hostname']} to the name it was issued for")
             trusted = f"the CA in {names['ca']} ({ca})" if ca else f"the system trust store ({names['ca']} is not set)"
+            if not wants_tls(url):  # nats-py upgraded a nats:// URL because the server requires TLS
+                return (f"TLS: the server at {url} requires TLS, and its certificate is not trusted by {trusted}: "
+                        f"{detail}; use a tls:// URL and set {names['ca']} to the CA file that signed it")
             return (f"TLS: the certificate of the server at {url} is not trusted by {trusted}: {detail}; "
                     f"set {names['ca']} to the CA file that signed it")
         if isinstance(e, ssl.SSLError):
@@ -162,6 +165,14 @@ def describe_failure(error: BaseException, url: str, options: TlsOptions | None,
         return (f"TLS: the server at {url} closed the connection after the TLS handshake ({_reason(error)}); "
                 f"if it verifies clients (mutual TLS), set {names['cert']} and {names['key']}")
     return None
+
+
+def raise_if_tls_failure(error: Exception) -> None:
+    """For a connection's error callback while it first connects: re-raise a failed TLS handshake,
+    which ends the connect attempt with it. Retrying cannot fix a TLS set-up, and nats-py's retry
+    after a failed certificate check hangs instead of failing."""
+    if isinstance(error, ssl.SSLError):
+        raise error
 
 
 def negotiated(nc: Any) -> bool:
@@ -186,4 +197,4 @@ def _joined(urls: str | Sequence[str]) -> str:
 
 
 __all__ = ["ENV_NAMES", "TlsError", "TlsOptions", "TlsSettings", "connect_options",
-           "describe_failure", "negotiated", "require_negotiated", "ssl_context", "wants_tls"]
+           "describe_failure", "negotiated", "raise_if_tls_failure", "require_negotiated", "ssl_context", "wants_tls"]
