@@ -67,9 +67,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
                stranger_key=write("stranger.key", other.private_key_pem))
 
 
-def _server(tmp_path_factory: pytest.TempPathFactory, name: str, **tls: Path) -> Iterator[EmbeddedNats]:
+def _server(tmp_path_factory: pytest.TempPathFactory, name: str, cert: Path, key: Path,
+            ca: Path | None = None) -> Iterator[EmbeddedNats]:
     store = tmp_path_factory.mktemp(name)
-    server = EmbeddedNats(store_dir=store, port=0, log_file=store / "nats.log", **tls)
+    server = EmbeddedNats(store_dir=store, port=0, log_file=store / "nats.log", tls_cert=cert, tls_key=key, tls_ca=ca)
     server.start()
     yield server
     server.stop()
@@ -78,19 +79,19 @@ def _server(tmp_path_factory: pytest.TempPathFactory, name: str, **tls: Path) ->
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[EmbeddedNats]:
     """TLS required; clients are not asked for a certificate."""
-    yield from _server(tmp_path_factory, "tls", tls_cert=pki.server_cert, tls_key=pki.server_key)
+    yield from _server(tmp_path_factory, "tls", pki.server_cert, pki.server_key)
 
 
 @pytest.fixture(scope="module")
 def mtls_server(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[EmbeddedNats]:
     """TLS required, and a client certificate signed by the CA (mutual TLS)."""
-    yield from _server(tmp_path_factory, "mtls", tls_cert=pki.server_cert, tls_key=pki.server_key, tls_ca=pki.ca)
+    yield from _server(tmp_path_factory, "mtls", pki.server_cert, pki.server_key, ca=pki.ca)
 
 
 @pytest.fixture(scope="module")
 def localhost_server(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[EmbeddedNats]:
     """TLS with a certificate for ``localhost`` only, reached via 127.0.0.1."""
-    yield from _server(tmp_path_factory, "localhost", tls_cert=pki.localhost_cert, tls_key=pki.localhost_key)
+    yield from _server(tmp_path_factory, "localhost", pki.localhost_cert, pki.localhost_key)
 
 
 async def publish_and_read(nc: NATS) -> None:
@@ -219,16 +220,17 @@ async def test_mutual_tls_needs_a_client_certificate(mtls_server: EmbeddedNats, 
 
 async def test_a_run_end_to_end_over_mutual_tls(mtls_server: EmbeddedNats, pki: Pki) -> None:
     """Services (their own connection and FastStream's) and a worker, all over mutual TLS."""
-    tls = {"tls_ca": pki.ca, "tls_cert": pki.client_cert, "tls_key": pki.client_key}
-    nc = await connect(mtls_server.url, patient=False, tls=WorkerSettings(**tls))
+    tls = WorkerSettings(tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key)
+    nc = await connect(mtls_server.url, patient=False, tls=tls)
     await provision(nc.jetstream())
     harness = Harness(url=mtls_server.url, nc=nc)
     await harness.start_services(settings=ServiceSettings(nats_url=mtls_server.url, provision=False,
-                                                          sweep_interval=0, **tls))
+                                                          sweep_interval=0, tls_ca=pki.ca,
+                                                          tls_cert=pki.client_cert, tls_key=pki.client_key))
     try:
         wf, topic = unique("tls"), unique("t")
         await harness.apply(f"id: {wf}\nversion: 1\nsteps:\n  a: {{topic: {topic}, input: {{n: 1}}}}\n")
-        worker = Worker("tls", settings=WorkerSettings(**tls))
+        worker = Worker("tls", settings=tls)
 
         @worker.job(topic)
         async def double(ctx: JobContext) -> dict[str, int]:
