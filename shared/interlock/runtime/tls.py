@@ -18,6 +18,7 @@ library's :func:`ssl.create_default_context`: certificate and host name verified
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -117,10 +118,26 @@ def connect_options(urls: str | Sequence[str], options: TlsOptions | None, *,
     hostname = options.tls_hostname if options is not None else None
     if not (wants_tls(urls) or ca or cert or key):
         return {}
+    _quiet_asyncio_ssl_eof()
     result: dict[str, Any] = {"tls": ssl_context(ca, cert, key, names=names)}
     if hostname:
         result["tls_hostname"] = hostname
     return result
+
+
+class _SslEofFilter(logging.Filter):
+    """Drops asyncio's "returning true from eof_received() has no effect when using ssl", logged
+    each time nats-py's TLS connection closes (its stream protocol asks to keep the half-closed
+    socket, which TLS cannot): noise on every CLI command's stderr, nothing to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+def _quiet_asyncio_ssl_eof() -> None:
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _SslEofFilter) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_SslEofFilter())
 
 
 def _reason(error: BaseException) -> str:
