@@ -201,7 +201,7 @@ async def test_mutual_tls_needs_a_client_certificate(mtls_server: EmbeddedNats, 
     with pytest.raises(Unavailable, match="INTERLOCK_TLS_CERT"):
         await Client.connect(mtls_server.url, tls_ca=pki.ca)
     # a certificate from a CA the server does not trust: refused as well
-    with pytest.raises(TlsError):
+    with pytest.raises(TlsError, match=r"refused the client certificate in INTERLOCK_TLS_CERT"):
         await connect(mtls_server.url, patient=False,
                       tls=WorkerSettings(tls_ca=pki.ca, tls_cert=pki.stranger_cert, tls_key=pki.stranger_key))
     # the CA's client certificate: allowed

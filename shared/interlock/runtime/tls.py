@@ -176,6 +176,9 @@ def describe_failure(error: BaseException, url: str, options: TlsOptions | None,
             if cert is None and ("certificate required" in reason or "alert" in reason):
                 return (f"TLS: the server at {url} refused the connection ({reason}): it requires a client "
                         f"certificate; set {names['cert']} and {names['key']}")
+            if cert is not None and "alert" in reason:  # the server's alert: our certificate is refused
+                return (f"TLS: the server at {url} refused the client certificate in {names['cert']} ({cert}): "
+                        f"{reason}; it must be signed by a CA the server trusts")
             return f"TLS handshake with the server at {url} failed: {reason}"
     if tls_used and cert is None and any(isinstance(e, ConnectionError | ssl.SSLEOFError | EOFError) for e in chain):
         # TLS 1.3: the handshake looks done to the client before the server checks its certificate
@@ -213,5 +216,16 @@ def _joined(urls: str | Sequence[str]) -> str:
     return urls if isinstance(urls, str) else ",".join(urls)
 
 
-__all__ = ["ENV_NAMES", "TlsError", "TlsOptions", "TlsSettings", "connect_options",
-           "describe_failure", "negotiated", "raise_if_tls_failure", "require_negotiated", "ssl_context", "wants_tls"]
+__all__ = [
+    "ENV_NAMES",
+    "TlsError",
+    "TlsOptions",
+    "TlsSettings",
+    "connect_options",
+    "describe_failure",
+    "negotiated",
+    "raise_if_tls_failure",
+    "require_negotiated",
+    "ssl_context",
+    "wants_tls",
+]
