@@ -51,12 +51,23 @@ from interlock.core.run import Run
 from interlock.core.topology import provision
 from interlock.core.verify import VerifyReport, verify_run
 from interlock.core.workflow import Workflow
+from interlock.runtime import tls as _tls
 from interlock.runtime.publish import publish
 from interlock.runtime.registry import VersionConflict, WorkflowNotFound, WorkflowRegistry
 
 R = TypeVar("R", bound=BaseModel)
 OnEvent = Callable[[dict[str, Any]], Awaitable[None] | None]
 REQUEST_TIMEOUT = 5.0  # how long a service may take to answer, and how long we wait for one to appear
+
+
+def _tls_overrides(ca: str | Path | None, cert: str | Path | None, key: str | Path | None,
+                   hostname: str | None) -> dict[str, object]:
+    """TLS: the ``Client.connect`` arguments that were given, as settings overrides."""
+    given = {"tls_ca": ca, "tls_cert": cert, "tls_key": key}
+    overrides: dict[str, object] = {k: Path(v) for k, v in given.items() if v is not None}
+    if hostname is not None:
+        overrides["tls_hostname"] = hostname
+    return overrides
 
 
 class Client:
@@ -83,30 +94,50 @@ class Client:
     # -- connection --------------------------------------------------------------------------
     @classmethod
     async def connect(cls, url: str | None = None, *, creds: str | Path | None = None, tenant: str | None = None,
-                      principal: str | None = None, name: str = "interlock-cli", patient: bool = False) -> Client:
+                      principal: str | None = None, name: str = "interlock-cli", patient: bool = False,
+                      tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
+                      tls_key: str | Path | None = None, tls_hostname: str | None = None) -> Client:
         """Connect to NATS. ``url`` None: ``INTERLOCK_NATS_URL``, else ``.interlock/nats.url``, else
         the default; ``tenant`` None: ``INTERLOCK_TENANT``; ``creds`` None: ``INTERLOCK_CREDS``;
         ``principal`` None: ``INTERLOCK_PRINCIPAL``, else the creds file's user name, else ``$USER``.
-        ``patient``: keep reconnecting for as long as the client lives (a cluster's failover)."""
+        ``patient``: keep reconnecting for as long as the client lives (a cluster's failover).
+        ``tls_*`` None: ``INTERLOCK_TLS_CA``, ``…_CERT``, ``…_KEY``, ``…_HOSTNAME`` (a ``tls://`` URL
+        without a CA trusts the system's store)."""
         settings = ClientSettings.load(tenant=tenant, creds=Path(creds) if creds is not None else None,
-                                       principal=principal)
+                                       principal=principal,
+                                       **_tls_overrides(tls_ca, tls_cert, tls_key, tls_hostname))
         target, source = settings.resolve_url(url)
         who = settings.resolve_principal()
 
+        starting = True
+
         async def on_error(e: Exception) -> None:  # reconnects are reported by the calls that fail
-            pass
+            if starting:
+                _tls.raise_if_tls_failure(e)  # TLS: a failed handshake ends the connect, never retried
 
         options: dict[str, Any] = {}
         if settings.creds is not None:
             options["user_credentials"] = str(settings.creds)
+        try:  # TLS: a tls:// URL or INTERLOCK_TLS_* files give an ssl context
+            tls_options = _tls.connect_options(target.split(","), settings)
+        except _tls.TlsError as e:
+            raise Unavailable(str(e)) from None
         try:
             nc = await nats.connect(target.split(","), name=name, max_reconnect_attempts=-1 if patient else 3,
                                     reconnect_time_wait=0.25, connect_timeout=2, allow_reconnect=True,
-                                    error_cb=on_error, **options)
+                                    error_cb=on_error, **options, **tls_options)
         except (OSError, nats.errors.Error, TimeoutError) as e:
+            described = _tls.describe_failure(e, target, settings, tls_used=bool(tls_options))
+            if described is not None:  # TLS: name the setting to fix
+                raise Unavailable(f"{described} (URL from {source})") from None
             detail = str(e) or type(e).__name__
             raise Unavailable(f"cannot reach NATS at {target} (from {source}): {detail}; start the stack with "
                               f"`interlock up` or set INTERLOCK_NATS_URL") from None
+        starting = False
+        try:
+            await _tls.require_negotiated(nc, target.split(","))
+        except _tls.TlsError as e:
+            raise Unavailable(f"{e} (URL from {source})") from None
         return cls(nc, url=target, url_source=source, tenant=settings.tenant, name=name, principal=who)
 
     def with_tenant(self, tenant: str) -> Client:

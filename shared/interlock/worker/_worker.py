@@ -136,7 +136,8 @@ class Worker:
         concurrency = settings.concurrency if self.concurrency is None else self.concurrency
         tracing.configure(settings.tracing)
         self._stop.clear()
-        self._nc = nc = await connect(self.nats_url or settings.nats_url, name=f"interlock-worker-{self.name}")
+        self._nc = nc = await connect(self.nats_url or settings.nats_url, name=f"interlock-worker-{self.name}",
+                                       tls=settings)
         js = nc.jetstream()
         inline_limit = settings.inline_limit if self.inline_limit is None else self.inline_limit
         self._payloads = PayloadStore(js, inline_limit)

@@ -61,6 +61,7 @@ def serve(ctx: typer.Context,
     from interlock.runtime.settings import ServiceSettings
 
     options = globals_of(ctx)
+    options.export_tls()  # TLS: --tls-* for ServiceSettings
     if not options.verbose:
         configure_logging(True)  # a service's log is its INFO lines
     module, _, cls = SERVICE_CLASSES[name].partition(":")
@@ -105,6 +106,7 @@ def worker(ctx: typer.Context, target: Annotated[str, typer.Argument(
         loaded.nats_url = globals_of(ctx).nats
     if globals_of(ctx).tenant:  # else the Worker's own, else INTERLOCK_TENANT
         loaded.tenant = globals_of(ctx).tenant
+    globals_of(ctx).export_tls()  # TLS: --tls-* for WorkerSettings
 
     async def run() -> None:
         task = asyncio.ensure_future(loaded.run())
@@ -178,6 +180,7 @@ def up(
     """
     from interlock.devstack.stack import Stack
 
+    globals_of(ctx).export_tls()  # TLS: --tls-* for the processes the stack starts
     try:
         url = ClientSettings.load(nats_url=globals_of(ctx).nats).nats_url
     except ClientError as e:

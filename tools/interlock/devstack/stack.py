@@ -19,10 +19,12 @@ from pathlib import Path
 
 import nats
 
+from interlock.client import ClientSettings
 from interlock.core.natsserver import EmbeddedNats, free_port
 from interlock.core.topology import provision
 from interlock.devstack.cluster import LocalCluster
 from interlock.runtime.connect import URL_FILE
+from interlock.runtime.tls import connect_options as tls_connect_options
 
 SERVICES = ("planner", "policy", "approval", "dispatcher", "auditor")
 DEFAULT_PORT = 4222
@@ -92,7 +94,8 @@ class Stack:
         return self.nats_url
 
     async def provision(self) -> list[str]:
-        nc = await nats.connect(self.url.split(","))
+        urls = self.url.split(",")
+        nc = await nats.connect(urls, **tls_connect_options(urls, ClientSettings()))  # TLS: INTERLOCK_TLS_*
         try:
             return await provision(nc.jetstream(), self.replicas)
         finally:
