@@ -1,0 +1,75 @@
+"""``interlock audit admin-changes``: who changed which stream or consumer, from the server's record."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+import typer
+
+from interlock.cli._common import connected, with_globals
+from interlock.cli._output import Column, Format, OutputOption, emit_rows
+from interlock.client import Client, ClientError
+from interlock.core.adminaudit import AdminAuditError, AdminChange, admin_changes
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+REQUEST_CHARS = 120
+
+
+def parse_since(text: str) -> datetime:
+    """``30m``, ``24h``, ``7d`` (that long ago) or an ISO 8601 time (UTC unless it says otherwise)."""
+    match = _DURATION.match(text.strip())
+    if match:
+        return datetime.now(UTC) - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        at = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is neither a duration (30m, 24h, 7d) nor an ISO 8601 time") from None
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def _request(value: Any) -> str:
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else ", ".join(f"{k}={v}" for k, v in value.items()) \
+        if isinstance(value, dict) else str(value)
+    return text if len(text) <= REQUEST_CHARS else text[:REQUEST_CHARS - 1] + "…"
+
+
+def _row(change: AdminChange) -> dict[str, Any]:
+    return {"when": change.at, "who": change.principal, "what": change.what,
+            "outcome": "ok" if change.ok else f"refused: {change.error}", "request": change.request,
+            "connection": change.connection, "user": change.user, "account": change.account,
+            "host": change.host, "subject": change.subject, "seq": change.seq, "server": change.server}
+
+
+COLUMNS = [Column("when", show=lambda at: str(at or "")[:23]), Column("who"), Column("what"), Column("outcome"),
+           Column("connection"), Column("request", show=_request)]
+
+
+def admin_changes_command(
+    ctx: typer.Context,
+    since: Annotated[str | None, typer.Option("--since", metavar="WHEN",
+                                              help="only from then on: 30m, 24h, 7d or an ISO 8601 time")] = None,
+    stream: Annotated[str | None, typer.Option("--stream", metavar="NAME", help="only changes of this stream")] = None,
+    consumers: Annotated[bool, typer.Option("--consumers", help="also consumer creates, deletes and pauses")] = False,
+    output: OutputOption = Format.table,
+) -> None:
+    """Changes to streams (create, update, delete, purge, message delete), oldest first: when, who
+    (the principal of the credential), what, the outcome and the request, as the server recorded them."""
+    start = parse_since(since) if since else None
+
+    async def work(client: Client) -> list[AdminChange]:
+        try:
+            return await admin_changes(client.nc, since=start, stream=stream, consumers=consumers)
+        except AdminAuditError as e:
+            raise ClientError(f"{e}; reading the record of admin changes needs the admin credential") from None
+
+    emit_rows([_row(change) for change in connected(ctx, work)], output, COLUMNS)
+
+
+def register(audit: typer.Typer) -> None:
+    """Add the command to the ``interlock audit`` group."""
+    audit.command("admin-changes")(with_globals(admin_changes_command))
