@@ -22,7 +22,7 @@ from interlock.contracts import subjects as s
 log = logging.getLogger(__name__)
 
 DAY = 24 * 3600.0
-ADMIN_AUDIT_MAX_MSG = 256 * 1024
+ADMIN_AUDIT_MAX_MSG = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,9 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(s.NOTIFY_STREAM, [s.NOTIFY_ALL], "Notifications from notify steps", max_age=7 * DAY),
     StreamSpec(s.DLQ_STREAM, [s.DLQ_ALL], "Dead letters: messages a service could not process",
                max_age=30 * DAY, audit=True),
-    # the server's record of every JetStream API request (who changed which stream, and how); the
-    # API also answers reads (INFO), so one message is capped: a change's advisory is a few KiB
+    # the server's record of every JetStream API request (who changed which stream, and how). Reads
+    # (INFO) are recorded too; a stream info listing every run's subject (the reconciler's sweep)
+    # is large, so one record is capped: a change's advisory is a few KiB (~1000 subjects fit)
     StreamSpec(s.ADMIN_AUDIT_STREAM, [s.JS_API_AUDIT], "JetStream API audit: every change to streams and consumers",
                max_age=365 * DAY, audit=True, max_msg_size=ADMIN_AUDIT_MAX_MSG),
 )
