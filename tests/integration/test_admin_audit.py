@@ -24,6 +24,7 @@ from nats.js.errors import APIError
 from typer.testing import CliRunner
 
 from interlock.cli import app
+from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
 from interlock.core.adminaudit import AdminChange, admin_changes
 from interlock.identity import decode_jwt, read_creds
@@ -136,3 +137,22 @@ async def test_the_record_itself_cannot_be_purged_or_its_messages_deleted(nc: NA
         await js.delete_msg(s.ADMIN_AUDIT_STREAM, before.first_seq)
     after = (await js.stream_info(s.ADMIN_AUDIT_STREAM)).state
     assert after.first_seq == before.first_seq and after.messages >= before.messages
+
+
+@pytest.mark.parametrize(("subject", "call", "changes"), [
+    (p.js_stream("UPDATE", s.EVENTS_STREAM), s.JsApiCall("STREAM", "UPDATE", s.EVENTS_STREAM), True),
+    (p.js_stream("MSG.DELETE", s.EVENTS_STREAM), s.JsApiCall("STREAM", "MSG.DELETE", s.EVENTS_STREAM), True),
+    (p.js_stream_info(s.EVENTS_STREAM), s.JsApiCall("STREAM", "INFO", s.EVENTS_STREAM), False),
+    (p.js_consumer_info(s.JOBS_STREAM, "w"), s.JsApiCall("CONSUMER", "INFO", s.JOBS_STREAM, "w"), False),
+    (s.js_consumer_next(s.JOBS_STREAM, "w"), s.JsApiCall("CONSUMER", "MSG.NEXT", s.JOBS_STREAM, "w"), False),
+    (p.js_filtered_consumer_create(s.JOBS_STREAM, s.job("a.b"), "w"),
+     s.JsApiCall("CONSUMER", "CREATE", s.JOBS_STREAM, "w"), True),
+    (s.JS_API_INFO, s.JsApiCall("INFO", ""), False),
+])
+def test_api_subjects_are_read_as_calls(subject: str, call: s.JsApiCall, changes: bool) -> None:
+    assert s.parse_js_api(subject) == call
+    assert call.changes is changes
+
+
+def test_a_subject_outside_the_api_is_no_call() -> None:
+    assert s.parse_js_api(s.run_events("acme", "r1")) is None
