@@ -94,7 +94,12 @@ async def test_stream_changes_are_recorded_with_who_what_and_outcome(nc: NATS) -
     update = found["update"]
     assert update.ok and update.request["name"] == s.EVENTS_STREAM
     assert update.request["max_age"] == int(new_age * NS)  # the request as sent, in nanoseconds
+    assert update.config is not None and update.config["max_age"] == int(new_age * NS)  # as the server stored it
     assert not found["purge"].ok and found["purge"].error
+    # against the whole record (IL_EVENTS's creation is in it: the audit stream is provisioned
+    # first), the update changed exactly one setting
+    whole = {c.seq: c for c in await admin_changes(nc, stream=s.EVENTS_STREAM)}
+    assert whole[update.seq].changed == {"max_age": (int((events.max_age or 0) * NS), int(new_age * NS))}
     assert found["delete"].ok and found["delete"].request is None  # a delete has no body
     assert found["create"].ok and found["create"].request["subjects"] == [f"{scratch}.>"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -58,6 +58,11 @@ class AdminChange:
     ok: bool
     error: str
     server: str
+    config: dict[str, Any] | None = None
+    """For a stream create or update the server accepted: the configuration as it stored it."""
+    changed: dict[str, tuple[Any, Any]] | None = None
+    """For a stream update: each setting it changed, (before, after), against the stream's previous
+    create or update in the record; None when the record does not hold that one."""
 
     @property
     def what(self) -> str:
@@ -82,7 +87,9 @@ def change_from_advisory(seq: int, advisory: JsApiAudit) -> AdminChange | None:
         return None
     client = advisory.client
     response = _json(advisory.response)
-    error = response.get("error") if isinstance(response, dict) else None
+    if not isinstance(response, dict):
+        response = {}
+    error, config = response.get("error"), response.get("config")
     return AdminChange(
         seq=seq, at=advisory.timestamp,
         principal=(client and (client.name_tag or client.user)) or "anonymous",
@@ -93,7 +100,29 @@ def change_from_advisory(seq: int, advisory: JsApiAudit) -> AdminChange | None:
         subject=advisory.subject, request=_json(advisory.request),
         ok=error is None, error=(error.get("description") or str(error)) if isinstance(error, dict) else "",
         server=advisory.server,
+        config=config if error is None and isinstance(config, dict) else None,
     )
+
+
+_NOT_SETTINGS = ("created", "metadata")  # set by the server, not by the request
+
+
+def _with_changes(change: AdminChange, configs: dict[str, dict[str, Any]]) -> AdminChange:
+    """``change`` with the settings it changed (for a stream update whose previous configuration is
+    known), remembering each stream's configuration from its creates and updates as they pass."""
+    if change.kind != "STREAM" or not change.ok:
+        return change
+    if change.action == "DELETE":
+        configs.pop(change.stream, None)
+        return change
+    if change.action not in ("CREATE", "UPDATE") or change.config is None:
+        return change
+    before, after = configs.get(change.stream), change.config
+    configs[change.stream] = after
+    if change.action != "UPDATE" or before is None:
+        return change
+    keys = [k for k in dict.fromkeys([*before, *after]) if k not in _NOT_SETTINGS]
+    return replace(change, changed={k: (before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)})
 
 
 async def _batch(nc: NATS, request: dict[str, Any], timeout: float) -> tuple[list[Msg], int]:
@@ -137,6 +166,7 @@ async def admin_changes(nc: NATS, *, since: datetime | None = None, stream: str 
     else:
         request["seq"] = 1
     out: list[AdminChange] = []
+    configs: dict[str, dict[str, Any]] = {}
     while True:
         msgs, pending = await _batch(nc, request, timeout)
         for msg in msgs:
@@ -148,6 +178,7 @@ async def admin_changes(nc: NATS, *, since: datetime | None = None, stream: str 
             change = change_from_advisory(seq, advisory)
             if change is None or not s.JsApiCall(change.kind, change.action).changes:
                 continue  # a read (INFO, LIST, …)
+            change = _with_changes(change, configs)
             if ((change.kind == "CONSUMER" and not consumers) or (stream and change.stream != stream)
                     or not (failed or change.ok)):
                 continue

@@ -15,7 +15,7 @@ from interlock.core.adminaudit import AdminAuditError, AdminChange, admin_change
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-REQUEST_CHARS = 120
+REQUEST_CHARS = 90
 
 
 def parse_since(text: str) -> datetime:
@@ -38,15 +38,30 @@ def _request(value: Any) -> str:
     return text if len(text) <= REQUEST_CHARS else text[:REQUEST_CHARS - 1] + "…"
 
 
+def _changed(change: AdminChange) -> dict[str, dict[str, Any]] | None:
+    if change.changed is None:
+        return None
+    return {key: {"before": before, "after": after} for key, (before, after) in change.changed.items()}
+
+
 def _row(change: AdminChange) -> dict[str, Any]:
     return {"when": change.at, "who": change.principal, "what": change.what,
-            "outcome": "ok" if change.ok else f"refused: {change.error}", "request": change.request,
+            "outcome": "ok" if change.ok else f"refused: {change.error}", "changed": _changed(change),
+            "request": change.request,
             "connection": change.connection, "user": change.user, "account": change.account,
             "host": change.host, "subject": change.subject, "seq": change.seq, "server": change.server}
 
 
+def _detail(row: dict[str, Any]) -> str:
+    """What the table shows of a change: the settings it changed, else (the start of) its request."""
+    changed = row["changed"]
+    if changed is not None:
+        return "; ".join(f"{key}: {v['before']} → {v['after']}" for key, v in changed.items()) or "(no setting changed)"
+    return _request(row["request"])
+
+
 COLUMNS = [Column("when", show=lambda at: str(at or "")[:23]), Column("who"), Column("what"), Column("outcome"),
-           Column("connection"), Column("request", show=_request)]
+           Column("connection"), Column("detail", "CHANGED / REQUEST")]
 
 
 def admin_changes_command(
@@ -67,7 +82,10 @@ def admin_changes_command(
         except AdminAuditError as e:
             raise ClientError(f"{e}; reading the record of admin changes needs the admin credential") from None
 
-    emit_rows([_row(change) for change in connected(ctx, work)], output, COLUMNS)
+    rows = [_row(change) for change in connected(ctx, work)]
+    if output is Format.table:
+        rows = [{**row, "detail": _detail(row)} for row in rows]
+    emit_rows(rows, output, COLUMNS)
 
 
 def register(audit: typer.Typer) -> None:
