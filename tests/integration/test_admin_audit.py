@@ -51,12 +51,18 @@ async def recorded(nc: NATS, since: datetime, wanted: dict[str, str]) -> dict[st
         await asyncio.sleep(0.05)
 
 
+def connection_creds(nc: NATS) -> Path | None:
+    """The .creds file the session's connection authenticated with (nats-py keeps it privately)."""
+    creds = getattr(nc, "_user_credentials", None)
+    return Path(creds) if isinstance(creds, str | Path) else None
+
+
 def expected_principal(nc: NATS) -> tuple[str, str]:
     """(principal, user public key) the server should report for this connection."""
-    creds = nc.options.get("user_credentials")
-    if not creds:
+    creds = connection_creds(nc)
+    if creds is None:
         return "anonymous", ""
-    token, key = read_creds(Path(str(creds)))
+    token, key = read_creds(creds)
     return str(decode_jwt(token)["name"]), key.public_key
 
 
@@ -112,12 +118,11 @@ async def test_stream_changes_are_recorded_with_who_what_and_outcome(nc: NATS) -
     # the CLI lists them: when, who, what, the request
     url = nc.connected_url
     assert url is not None
-    args = ["--nats", f"nats://{url.hostname}:{url.port}", "audit", "admin-changes",
-            "--since", since.isoformat(), "-o", "json"]
-    creds = nc.options.get("user_credentials")
-    if creds:
+    args = ["--nats", f"nats://{url.hostname}:{url.port}", "audit", "admin-changes", "--since", since.isoformat()]
+    creds = connection_creds(nc)
+    if creds is not None:
         args += ["--creds", str(creds)]
-    result = await asyncio.to_thread(CliRunner().invoke, app, args)
+    result = await asyncio.to_thread(CliRunner().invoke, app, [*args, "-o", "json"])
     assert result.exit_code == 0, result.output
     rows = {(row["what"], row["seq"]): row for row in json.loads(result.stdout)}
     for change in found.values():
@@ -127,9 +132,10 @@ async def test_stream_changes_are_recorded_with_who_what_and_outcome(nc: NATS) -
         assert row["request"] == change.request
     assert rows[(found["purge"].what, found["purge"].seq)]["outcome"].startswith("refused")
 
-    table = await asyncio.to_thread(CliRunner().invoke, app, args[:-2], env={"COLUMNS": "400"})
+    table = await asyncio.to_thread(CliRunner().invoke, app, args, env={"COLUMNS": "400"})
     assert table.exit_code == 0, table.output
     assert f"STREAM.DELETE {scratch}" in table.stdout and f"STREAM.UPDATE {s.EVENTS_STREAM}" in table.stdout
+    assert "max_age:" in table.stdout or "max_age=" in table.stdout  # the update's setting (changed or request)
 
 
 async def test_the_record_itself_cannot_be_purged_or_its_messages_deleted(nc: NATS) -> None:

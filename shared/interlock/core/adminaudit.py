@@ -141,8 +141,8 @@ async def _batch(nc: NATS, request: dict[str, Any], timeout: float) -> tuple[lis
             try:
                 msg = await asyncio.wait_for(queue.get(), timeout=timeout)
             except TimeoutError:
-                raise AdminAuditError(f"no answer from stream {s.ADMIN_AUDIT_STREAM} within {timeout}s "
-                                      "(is it provisioned? `interlock provision`)") from None
+                raise AdminAuditError(f"no answer from stream {s.ADMIN_AUDIT_STREAM} within {timeout}s: not "
+                                      "provisioned, or the connection may not read it (admin may)") from None
             status = (msg.headers or {}).get(Header.STATUS.value)
             if status == "404":
                 return out, 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -11,7 +12,9 @@ import typer
 from interlock.cli._common import connected, with_globals
 from interlock.cli._output import Column, Format, OutputOption, emit_rows
 from interlock.client import Client, ClientError
+from interlock.contracts import subjects as s
 from interlock.core.adminaudit import AdminAuditError, AdminChange, admin_changes
+from interlock.identity import creds_permissions, decode_jwt, read_creds
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -28,6 +31,20 @@ def parse_since(text: str) -> datetime:
     except ValueError:
         raise typer.BadParameter(f"{text!r} is neither a duration (30m, 24h, 7d) nor an ISO 8601 time") from None
     return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def _refusal(creds: Any) -> str | None:
+    """Why this connection's credential may not read the record (at once, rather than waiting for
+    a reply the server will never send); None when it may, or holds no credential."""
+    if not isinstance(creds, str | Path):
+        return None
+    path = Path(creds)
+    subject = s.js_direct_get(s.ADMIN_AUDIT_STREAM)
+    if creds_permissions(path).allows_publish(subject):
+        return None
+    principal = decode_jwt(read_creds(path)[0]).get("name") or path.name
+    return (f"{principal} may not list the admin changes: the credential lacks permission to publish to "
+            f"{subject!r} (reading {s.ADMIN_AUDIT_STREAM}); the admin credential may")
 
 
 def _request(value: Any) -> str:
@@ -77,10 +94,15 @@ def admin_changes_command(
     start = parse_since(since) if since else None
 
     async def work(client: Client) -> list[AdminChange]:
+        # the .creds file the connection authenticated with, whichever default chose it (nats-py
+        # keeps it privately; a tuple or callback credential is not a file and is not checked)
+        refusal = _refusal(getattr(client.nc, "_user_credentials", None))
+        if refusal:
+            raise ClientError(refusal)
         try:
             return await admin_changes(client.nc, since=start, stream=stream, consumers=consumers)
         except AdminAuditError as e:
-            raise ClientError(f"{e}; reading the record of admin changes needs the admin credential") from None
+            raise ClientError(str(e)) from None
 
     rows = [_row(change) for change in connected(ctx, work)]
     if output is Format.table:
