@@ -50,8 +50,10 @@ def _refusal(creds: Any) -> str | None:
 def _request(value: Any) -> str:
     if value is None:
         return ""
-    text = value if isinstance(value, str) else ", ".join(f"{k}={v}" for k, v in value.items()) \
-        if isinstance(value, dict) else str(value)
+    if isinstance(value, dict):
+        text = ", ".join(f"{k}={v}" for k, v in value.items())
+    else:
+        text = value if isinstance(value, str) else str(value)
     return text if len(text) <= REQUEST_CHARS else text[:REQUEST_CHARS - 1] + "…"
 
 
