@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from interlock.cli import _approval, _audit, _ops, _policy, _run, _workflow
+from interlock.cli import _admin_audit, _approval, _audit, _ops, _policy, _run, _workflow
 from interlock.cli._common import (
     CredsOption,
     NatsOption,
@@ -75,6 +75,7 @@ app.add_typer(_approval.approvers, name="approver")
 app.add_typer(_ops.agents, name="agent")
 app.add_typer(_ops.dlq, name="dlq")
 app.add_typer(_audit.app, name="audit")
+_admin_audit.register(_audit.app)
 
 # -- processes -----------------------------------------------------------------------------------
 PROCESSES = "Processes"
