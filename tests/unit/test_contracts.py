@@ -350,9 +350,13 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "StepTimedOut": {"step_id", "attempt"},
     "TimerFired": {"kind", "run_id", "tenant", "due_at"},
     "Trigger": {"workflow_id", "idempotency_key"},
-    # published by nats-server (the JetStream API audit advisory), not by Interlock
+    # published by nats-server (the JetStream API audit and stream action advisories), not by Interlock
     "JsApiAudit": {"type", "id", "timestamp", "server", "subject"},
     "ApiAuditClient": set(),
+    "JsStreamAction": {"type", "id", "timestamp", "stream", "action"},
+    # the auditor's record of an API audit advisory (il.admin.audit)
+    "AdminAuditRecord": {"type", "id", "timestamp", "server", "subject"},
+    "AdvisoryTruncation": {"size", "sha256"},
 }
 
 

@@ -48,11 +48,13 @@ SERVICES: Mapping[str, str] = MappingProxyType({
     APPROVAL: "Records approval decisions and expires approvals nobody decided in time.",
     DISPATCHER: "Publishes released jobs, turns results and heartbeats into outcomes, schedules retries, "
                 "deadlines and leases, publishes notifications and cancel notices.",
-    AUDITOR: "Reads run event logs and answers queries (runs, status, timeline, approvals).",
+    AUDITOR: "Reads run event logs and answers queries (runs, status, timeline, approvals); records who "
+             "changed which stream (admin audit).",
     WORKER: "An agent worker (any language): pulls jobs for its topic, heartbeats, reports results.",
     CLIENT: "The interlock CLI, API gateways, webhooks: start runs, send commands, ask queries.",
     NATS_SERVER: "The NATS server itself: delivers scheduled messages (JetStream message schedules) and "
-                 "reports every JetStream API request (API audit advisories).",
+                 "reports every JetStream API request (API audit advisories) and every stream created, updated or "
+                 "deleted (stream action advisories).",
     INTEGRATION: "Anything that forwards notifications (chat, e-mail, paging).",
     OPERATOR: "People and tools (interlock CLI) that inspect dead letters.",
 })
@@ -367,21 +369,62 @@ DEAD_LETTERS = Channel(
 )
 
 
-ADMIN_AUDIT = Channel(
-    id="adminAudit",
-    title="JetStream API audit",
+STREAM_EVENT = Param("event", "CREATED, UPDATED or DELETED.")
+STREAM_NAME = Param("stream", "The stream's name.")
+
+JS_API_AUDIT = Channel(
+    id="jsApiAudit",
+    title="JetStream API audit advisories",
     pattern=Pattern(s.js_api_audit),
     message=msg.JsApiAudit,
-    description="The server's record of each JetStream API request it answered: who (client: account, user "
-                "public key, principal name), the API subject, request and response. Kept in an append-only "
-                "stream (no purge or message delete, a year), so every change to a stream or consumer, by "
-                "admin or anyone, is recorded; reads (INFO, LIST) are recorded too. "
-                "`interlock audit admin-changes` lists the changes.",
+    description="The server's advisory for each JetStream API request it answered: who (client: account, user "
+                "public key, principal name), the API subject, request and response. Sent for every request, "
+                "reads (INFO, LIST) included, so no stream keeps them: the auditor service subscribes (core "
+                "NATS, queue group auditor: one copy handles each) and records the changes in adminAudit.",
+    transport="core",
+    publishers=(NATS_SERVER,),
+    subscribers=(AUDITOR,),
+)
+
+_ADMIN_AUDIT_KEPT = (
+    "Kept in IL_ADMIN_AUDIT (append-only: no purge or message delete; a year). "
+    "`interlock audit admin-changes` lists the changes.")
+
+ADMIN_AUDIT = Channel(
+    id="adminAudit",
+    title="Admin audit: changes to streams",
+    pattern=Pattern(s.admin_audit),
+    message=msg.AdminAuditRecord,
+    description="The auditor's record of each JetStream API request that changes a stream (create, update, "
+                "delete, purge, message delete, restore) or the account (purge): the server's API audit "
+                "advisory with who asked, the request and the answer; one larger than the stream's maximum "
+                "message size is stored shortened, with its size and sha256. Consumer changes are not recorded "
+                "(ordered consumers come and go with every watch). Published with Nats-Msg-Id = sha256 of the "
+                "advisory, so a change is stored once however many auditor copies run. "
+                + _ADMIN_AUDIT_KEPT,
+    transport="jetstream",
+    stream=s.ADMIN_AUDIT_STREAM,
+    publishers=(AUDITOR,),
+    subscribers=(OPERATOR,),
+    headers=(Header(h.MSG_ID, "sha256 (hex) of the advisory as the server sent it.",
+                    example="9460d2131eaf32de71339a636d703a38537565032491142e1d244dc998a5829f"),),
+    filters=(s.ADMIN_AUDIT,),
+)
+
+STREAM_ACTIONS = Channel(
+    id="streamActions",
+    title="Stream action advisories",
+    pattern=Pattern(s.js_stream_action, (STREAM_EVENT, STREAM_NAME)),
+    message=msg.JsStreamAction,
+    description="The server's own advisory that a stream was created, updated or deleted, sent whether or not "
+                "an Interlock service runs; it names no client (adminAudit says who, when an auditor was "
+                "running). Purges and message deletes have no advisory of their own. "
+                + _ADMIN_AUDIT_KEPT,
     transport="jetstream",
     stream=s.ADMIN_AUDIT_STREAM,
     publishers=(NATS_SERVER,),
     subscribers=(OPERATOR,),
-    filters=(s.JS_API_AUDIT,),
+    filters=s.JS_STREAM_ACTION_SUBJECTS,
 )
 
 
@@ -435,7 +478,9 @@ CHANNELS: tuple[Channel, ...] = (
     TIMER_SCHEDULES,
     TIMERS_FIRED,
     DEAD_LETTERS,
+    JS_API_AUDIT,
     ADMIN_AUDIT,
+    STREAM_ACTIONS,
     CMD_APPROVE,
     CMD_REJECT,
     CMD_CANCEL,

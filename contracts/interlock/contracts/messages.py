@@ -214,7 +214,7 @@ class QueryReply(Message):
     result: Any = None
 
 
-# -- published by nats-server, not by Interlock: the JetStream API audit advisory --------------
+# -- published by nats-server: the JetStream API audit and stream action advisories -----------
 class ApiAuditClient(Message):
     """Who made a JetStream API request, as the server saw the connection (its ``ClientInfo``)."""
 
@@ -246,4 +246,33 @@ class JsApiAudit(Message):
     subject: str = Field(description="The API subject, e.g. $JS.API.STREAM.UPDATE.IL_EVENTS")
     request: str = ""
     response: str = ""
+    domain: str = ""
+
+
+class AdvisoryTruncation(Message):
+    """How an advisory too large for the record was shortened: its size and digest as received."""
+
+    size: int = Field(description="Bytes of the advisory as the server sent it")
+    sha256: str = Field(description="sha256 (hex) of the advisory as the server sent it")
+    fields: list[str] = Field(default_factory=list, description="The fields that were cut (request, response)")
+
+
+class AdminAuditRecord(JsApiAudit):
+    """The auditor's record of a request that changed a stream or the account: the server's API
+    audit advisory as it came (who, the request, the answer), or, when larger than the record
+    takes, shortened, with ``truncated`` saying so."""
+
+    truncated: AdvisoryTruncation | None = None
+
+
+class JsStreamAction(Message):
+    """``io.nats.jetstream.advisory.v1.stream_action``: a stream was created, updated or deleted
+    (the server's own advisory; it names no client)."""
+
+    type: str = Field(description="io.nats.jetstream.advisory.v1.stream_action")
+    id: str = Field(description="Unique id of the advisory")
+    timestamp: datetime
+    stream: str
+    action: str = Field(description="create, modify or delete")
+    template: str = ""
     domain: str = ""

@@ -256,13 +256,25 @@ def js_consumer_next(stream: str, durable: str) -> str:
 CLUSTER_PROBE = f"{PREFIX}.cluster.probe"  # a throwaway stream's subject: is JetStream ready?
 
 
-# -- the record of JetStream API calls (admin changes to streams and consumers, issue 10) ----
+# -- the record of changes to streams (issue 10) ---------------------------------------------
 ADMIN_AUDIT_STREAM = "IL_ADMIN_AUDIT"
-"""Keeps the server's API audit advisories: who created, updated, purged or deleted which stream."""
+"""Who created, updated, purged or deleted which stream: the auditor's ``il.admin.audit`` records
+and the server's own stream action advisories (a year, no purge, no message delete)."""
+
+ADMIN_AUDIT = f"{PREFIX}.admin.audit"
+"""The auditor service publishes here (into ``IL_ADMIN_AUDIT``) each API audit advisory of a
+request that changes a stream or the account: who asked, the request, the answer."""
+
+
+def admin_audit() -> str:
+    """The auditor's record of one change (as a function, for a catalog channel's pattern)."""
+    return ADMIN_AUDIT
+
 
 JS_API_AUDIT = "$JS.EVENT.ADVISORY.API"
 """nats-server publishes a ``JSAPIAudit`` advisory here, in the caller's account, for every
-JetStream API request it answers (reads such as INFO included; not direct gets or pulls)."""
+JetStream API request it answers, reads (INFO, LIST) included: far too many to keep, so no stream
+captures this subject; the auditor service subscribes and keeps the changes."""
 
 JS_API_AUDIT_TYPE = "io.nats.jetstream.advisory.v1.api_audit"
 
@@ -271,6 +283,26 @@ def js_api_audit() -> str:
     """The API audit advisory subject (as a function, for a catalog channel's pattern)."""
     return JS_API_AUDIT
 
+
+JS_STREAM_ACTION_PREFIX = "$JS.EVENT.ADVISORY.STREAM"
+JS_STREAM_ACTIONS = {"CREATED": "create", "UPDATED": "modify", "DELETED": "delete"}
+"""The server's stream action advisories: subject token -> the advisory's ``action``. The server
+publishes one (``JSStreamActionAdvisory``, in the stream's account) whenever a stream is created,
+updated or deleted, whoever asked and whether or not an Interlock service runs; it names no
+client. A purge or a message delete has no advisory of its own (only the API audit)."""
+
+JS_STREAM_ACTION_TYPE = "io.nats.jetstream.advisory.v1.stream_action"
+
+
+def js_stream_action(event: str, stream: str) -> str:
+    """``$JS.EVENT.ADVISORY.STREAM.{event}.{stream}``, ``event`` one of :data:`JS_STREAM_ACTIONS`."""
+    def one(value: str, what: str) -> str:
+        return value if value in ("*", ">") else token(value, what)
+    return f"{JS_STREAM_ACTION_PREFIX}.{one(event, 'stream action')}.{one(stream, 'stream')}"
+
+
+JS_STREAM_ACTION_SUBJECTS = tuple(js_stream_action(event, "*") for event in JS_STREAM_ACTIONS)
+"""What ``IL_ADMIN_AUDIT`` captures of the server's advisories (not SNAPSHOT_*, LEADER_ELECTED, …)."""
 
 STREAM_CHANGES = ("CREATE", "UPDATE", "DELETE", "PURGE", "MSG.DELETE", "RESTORE")
 """``$JS.API.STREAM.{action}.{stream}`` actions that change a stream's configuration or messages."""
@@ -289,7 +321,7 @@ class JsApiCall(NamedTuple):
 
     @property
     def changes(self) -> bool:
-        """True for a request that changes a stream or consumer (not a read such as INFO)."""
+        """True for a request that changes a stream, consumer or the account (not a read such as INFO)."""
         if self.kind == "STREAM":
             return self.action in STREAM_CHANGES
         if self.kind == "CONSUMER":

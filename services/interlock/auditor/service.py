@@ -1,7 +1,9 @@
-"""The auditor service: projects every run event into a query projection and answers queries."""
+"""The auditor service: projects every run event into a query projection and answers queries;
+records who changed which stream (the admin audit)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -11,14 +13,18 @@ from typing import TypeVar
 
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.errors import NotFoundError
 
 from interlock.auditor.projection import DEFAULT_PATH, Envelopes, ProgressCallback, Projection, RebuildStats
+from interlock.contracts import headers as h
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import QueryReply, RunQuery, RunsQuery
-from interlock.core import codec
+from interlock.core import adminaudit, codec
 from interlock.core.eventstore import EventStore, EventStoreError
 from interlock.runtime.connect import connect
+from interlock.runtime.deadletter import dead_letter
+from interlock.runtime.publish import publish
 from interlock.runtime.service import Poison, Service, ServiceSettings, body_disagrees
 
 log = logging.getLogger(__name__)
@@ -27,6 +33,7 @@ DB_ENV = "INTERLOCK_AUDITOR_DB"
 INSTANCE_ENV = "INTERLOCK_AUDITOR_INSTANCE"
 DEFAULT_INSTANCE = "auditor"
 MAX_QUERY_LIMIT = 10_000
+RECORD_PATIENCE_S = 60.0  # how long a change's record is retried (a leader election, a reconnect)
 
 _NOT_TOKEN = re.compile(r"[^A-Za-z0-9_\-]+")
 
@@ -99,6 +106,11 @@ class AuditorService(Service):
     the start of the stream and the projection is replayed (idempotently) from scratch. A
     projection built from another ``IL_EVENTS`` stream (the server's store was reset) is wiped
     first (see :meth:`Projection.bind_stream`).
+
+    **The admin audit.** Every copy also subscribes to the server's JetStream API audit
+    advisories (queue group ``auditor``: one copy gets each) and records those of requests that
+    change a stream or the account on ``il.admin.audit`` (see :mod:`interlock.core.adminaudit`),
+    with the advisory's sha256 as message id, so a retried or second copy's record is stored once.
     """
 
     name = "auditor"
@@ -109,6 +121,8 @@ class AuditorService(Service):
         self.instance = instance_id(instance or os.environ.get(INSTANCE_ENV) or DEFAULT_INSTANCE)
         self.db_path = str(db_path or os.environ.get(DB_ENV) or default_db_path(self.instance))
         self.projection = Projection(self.db_path)
+        self._recording: set[asyncio.Task[None]] = set()
+        self._api_audit: Subscription | None = None
 
     # -- consumers -------------------------------------------------------------------------
     def durable(self, suffix: str = "") -> str:
@@ -120,9 +134,50 @@ class AuditorService(Service):
         await self.projection.open()
         await self.projection.bind_stream(self.js)
         await self._align_consumer()
+        # core NATS, not a consumer: the advisories are not stored (see interlock.contracts.catalog)
+        self._api_audit = await self.nc.subscribe(s.JS_API_AUDIT, queue=self.name, cb=self.on_api_audit)
 
     async def teardown(self) -> None:
+        if self._api_audit is not None:
+            await self._api_audit.unsubscribe()
+            self._api_audit = None
+        if self._recording:
+            await asyncio.wait(set(self._recording), timeout=RECORD_PATIENCE_S)
         await self.projection.close()
+
+    # -- admin audit -----------------------------------------------------------------------
+    async def on_api_audit(self, msg: Msg) -> None:
+        """One API audit advisory: record it when its request changed a stream or the account."""
+        try:
+            record = adminaudit.record_for(msg.data)
+        except ValueError as e:
+            await self._record_failed(msg.data, f"{msg.subject}: {e}")
+            return
+        if record is None:
+            return  # a read, a consumer change, a pull: not recorded
+        # stored off the subscription's callback, so a slow publish does not hold up the others
+        task = asyncio.create_task(self.record_change(record, msg.data))
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
+
+    async def record_change(self, record: adminaudit.Record, advisory: bytes) -> None:
+        """Store one change's record (tried again through an election or a reconnect); a record
+        that cannot be stored goes to the dead letters with the advisory, never dropped silently."""
+        if record.truncated:
+            log.warning("auditor: API audit advisory %s is %d bytes, more than the record takes: stored "
+                        "shortened", record.msg_id, len(advisory))
+        try:
+            await publish(self.js, s.ADMIN_AUDIT, record.body, {h.MSG_ID: record.msg_id},
+                          patience=RECORD_PATIENCE_S)
+        except Exception as e:
+            await self._record_failed(advisory, f"recording admin change {record.msg_id} failed: {e!r}")
+
+    async def _record_failed(self, advisory: bytes, reason: str) -> None:
+        log.error("auditor: %s", reason)
+        try:
+            await dead_letter(self.js, self.name, s.JS_API_AUDIT, advisory, reason, {})
+        except Exception:
+            log.exception("auditor: dead-lettering the advisory failed too")
 
     async def _align_consumer(self) -> None:
         durable = self.durable("events")

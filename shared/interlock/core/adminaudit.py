@@ -1,21 +1,31 @@
-"""Who changed which stream or consumer: the server's JetStream API audit, kept in ``IL_ADMIN_AUDIT``.
+"""Who changed which stream: the record in ``IL_ADMIN_AUDIT``, written and read.
 
-nats-server publishes an advisory (:class:`~interlock.contracts.messages.JsApiAudit`) for every
-JetStream API request it answers; the topology's ``IL_ADMIN_AUDIT`` stream keeps them (no purge,
-no message delete, a year). :func:`admin_changes` reads the stream back and keeps the requests
-that change something (stream create/update/delete/purge, message delete, restore, account purge;
-consumer changes on request), with the principal that asked, the request and the outcome.
+Two sources fill the stream, because each misses what the other has:
 
-Reading uses batched direct gets: it creates no consumer, so listing the record adds nothing to it.
+- ``il.admin.audit``: the auditor service subscribes to the server's JetStream API audit
+  advisories (one for *every* API request, reads included: far too many to keep) and stores
+  those of requests that change a stream or the account (:func:`record_for`): who asked (the
+  client: principal, user key, account, connection), the request and the answer. Consumer
+  changes are not recorded: ordered consumers come and go with every ``watch``, so they would
+  bury the stream changes. While no auditor runs, nothing is written here.
+- ``$JS.EVENT.ADVISORY.STREAM.{CREATED,UPDATED,DELETED}.{stream}``: the server's own stream
+  action advisories, captured by the stream itself, so a create, update or delete is recorded
+  even when no Interlock service runs. They name no client, and purges and message deletes have
+  none.
+
+:func:`admin_changes` reads both back: each auditor record as a change with its principal; a
+stream action with no auditor record of the same request (no auditor was running) with the
+principal :data:`UNKNOWN_PRINCIPAL`. Reading uses batched direct gets: it creates no consumer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from dataclasses import dataclass, replace
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -24,23 +34,94 @@ from pydantic import ValidationError
 
 from interlock.contracts import headers as h
 from interlock.contracts import subjects as s
-from interlock.contracts.messages import JsApiAudit
+from interlock.contracts.messages import AdminAuditRecord, AdvisoryTruncation, JsApiAudit, JsStreamAction
+from interlock.core.topology import ADMIN_AUDIT_MAX_MSG
 
 BATCH = 1000
+RECORDED_KINDS = ("STREAM", "ACCOUNT")
+"""API kinds whose changes the auditor records (not CONSUMER: ordered consumers come and go with
+every ``watch``)."""
+RECORD_LIMIT = ADMIN_AUDIT_MAX_MSG - 1024
+"""The largest record body: the stream's maximum message size less room for the headers."""
+UNKNOWN_PRINCIPAL = "unknown (no auditor was running)"
+MATCH_WINDOW = timedelta(seconds=10)
+"""How far apart (server clock) a stream action advisory and the API audit of its request may be."""
+_API_ACTIONS = {"create": ("CREATE", "RESTORE"), "modify": ("UPDATE",), "delete": ("DELETE",)}
+"""The ``$JS.API.STREAM.{action}`` requests a stream action advisory's ``action`` can follow."""
 
 
 class AdminAuditError(RuntimeError):
     """The audit stream cannot be read (missing, or the server refused)."""
 
 
+# -- writing (the auditor service) -------------------------------------------------------------
+class Record(NamedTuple):
+    """What the auditor publishes to ``il.admin.audit`` for one advisory."""
+
+    body: bytes
+    msg_id: str
+    """sha256 (hex) of the advisory as received: copies and retries are stored once."""
+    truncated: bool
+
+
+def records(call: s.JsApiCall | None) -> bool:
+    """True for an API call the auditor records: a change of a stream or the account."""
+    return call is not None and call.kind in RECORDED_KINDS and call.changes
+
+
+def record_for(advisory: bytes, limit: int = RECORD_LIMIT) -> Record | None:
+    """The record of an API audit advisory that changes a stream or the account; None for any
+    other request (reads, consumer changes). An advisory larger than ``limit`` is shortened (the
+    request and the response cut, the longer first) and says so, with its size and sha256.
+    Raises ValueError for bytes that are not an API audit advisory."""
+    try:
+        parsed = JsApiAudit.model_validate_json(advisory)
+    except ValidationError as e:
+        raise ValueError(f"not a JetStream API audit advisory: {e.errors()[0]['msg']}") from None
+    if not records(s.parse_js_api(parsed.subject)):
+        return None
+    digest = hashlib.sha256(advisory).hexdigest()
+    if len(advisory) <= limit:
+        return Record(advisory, digest, False)
+    return Record(_shortened(advisory, digest, limit), digest, True)
+
+
+def _shortened(advisory: bytes, digest: str, limit: int) -> bytes:
+    """The advisory as JSON no longer than ``limit``, ``request``/``response`` cut, ``truncated`` set."""
+    doc: dict[str, Any] = json.loads(advisory)
+    cut: list[str] = []
+
+    def encoded() -> bytes:
+        truncation = AdvisoryTruncation(size=len(advisory), sha256=digest, fields=sorted(cut))
+        return json.dumps({**doc, "truncated": truncation.model_dump(mode="json")}, ensure_ascii=False).encode()
+
+    body = encoded()
+    while len(body) > limit:
+        fields = [f for f in ("response", "request") if isinstance(doc.get(f), str) and doc[f]]
+        if not fields:  # nothing left to cut (a huge client record?): keep who and what
+            doc = {k: doc.get(k) for k in ("type", "id", "timestamp", "server", "client", "subject")}
+            return encoded()
+        longest = max(fields, key=lambda f: len(doc[f]))
+        value: str = doc[longest]
+        over = len(body) - limit
+        # JSON escaping (a JSON text inside a string) can double a character's size: cut generously
+        doc[longest] = value[:max(0, len(value) - max(over, len(value) // 8))]
+        if longest not in cut:
+            cut.append(longest)
+        body = encoded()
+    return body
+
+
+# -- reading -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AdminChange:
-    """One JetStream API request that changed a stream or consumer, as the server recorded it."""
+    """One change to a stream or the account, as recorded."""
 
     seq: int
     at: datetime
     principal: str
-    """The user JWT's name (the Interlock principal); else the user (public key); else ``anonymous``."""
+    """The user JWT's name (the Interlock principal); else the user (public key); else ``anonymous``;
+    :data:`UNKNOWN_PRINCIPAL` for a change only the server's stream action advisory records."""
     user: str
     account: str
     connection: str
@@ -53,8 +134,9 @@ class AdminChange:
     stream: str
     consumer: str
     subject: str
+    """The API subject of the request (the advisory's subject for a server-only record)."""
     request: Any
-    """The request body (JSON, parsed), None when the request had none."""
+    """The request body (JSON, parsed), None when the request had none (or is not known)."""
     ok: bool
     error: str
     server: str
@@ -63,10 +145,12 @@ class AdminChange:
     changed: dict[str, tuple[Any, Any]] | None = None
     """For a stream update: each setting it changed, (before, after), against the stream's previous
     create or update in the record; None when the record does not hold that one."""
+    truncated: AdvisoryTruncation | None = None
+    """Set when the advisory was too large to keep whole (request or response cut)."""
 
     @property
     def what(self) -> str:
-        """``STREAM.UPDATE IL_EVENTS``, ``CONSUMER.DELETE IL_JOBS/worker_x``."""
+        """``STREAM.UPDATE IL_EVENTS``, ``ACCOUNT.PURGE``."""
         target = f"{self.stream}/{self.consumer}" if self.consumer else self.stream
         return f"{self.kind}.{self.action} {target}".rstrip()
 
@@ -77,11 +161,11 @@ def _json(text: str) -> Any:
     try:
         return json.loads(text)
     except ValueError:
-        return text
+        return text  # a cut (truncated) body is no longer JSON: keep its text
 
 
 def change_from_advisory(seq: int, advisory: JsApiAudit) -> AdminChange | None:
-    """The change an advisory records; None for a request outside the JetStream API."""
+    """The change an API audit advisory records; None for a request outside the JetStream API."""
     call = s.parse_js_api(advisory.subject)
     if call is None:
         return None
@@ -101,7 +185,38 @@ def change_from_advisory(seq: int, advisory: JsApiAudit) -> AdminChange | None:
         ok=error is None, error=(error.get("description") or str(error)) if isinstance(error, dict) else "",
         server=advisory.server,
         config=config if error is None and isinstance(config, dict) else None,
+        truncated=advisory.truncated if isinstance(advisory, AdminAuditRecord) else None,
     )
+
+
+def change_from_stream_action(seq: int, action: JsStreamAction) -> AdminChange:
+    """A change only the server's stream action advisory records: who asked is not known."""
+    api = _API_ACTIONS.get(action.action, (action.action.upper(),))[0]
+    event = next((e for e, a in s.JS_STREAM_ACTIONS.items() if a == action.action), action.action.upper())
+    return AdminChange(
+        seq=seq, at=action.timestamp, principal=UNKNOWN_PRINCIPAL, user="", account="", connection="", host="",
+        cid=None, kind="STREAM", action=api, stream=action.stream, consumer="",
+        subject=s.js_stream_action(event, action.stream), request=None, ok=True, error="", server="")
+
+
+def _matches(action: JsStreamAction, change: AdminChange) -> bool:
+    return (change.kind == "STREAM" and change.ok and change.stream == action.stream
+            and change.action in _API_ACTIONS.get(action.action, ())
+            and abs(change.at - action.timestamp) <= MATCH_WINDOW)
+
+
+def merge(changes: list[AdminChange], actions: list[tuple[int, JsStreamAction]]) -> list[AdminChange]:
+    """The auditor's records, and a change for each stream action no record accounts for (each
+    record accounts for at most one, the nearest in time); oldest first."""
+    unclaimed = sorted(changes, key=lambda c: c.at)
+    out = list(changes)
+    for seq, action in sorted(actions, key=lambda a: a[1].timestamp):
+        candidates = [c for c in unclaimed if _matches(action, c)]
+        if candidates:
+            unclaimed.remove(min(candidates, key=lambda c: abs(c.at - action.timestamp)))
+        else:
+            out.append(change_from_stream_action(seq, action))
+    return sorted(out, key=lambda c: (c.at, c.seq))
 
 
 _NOT_SETTINGS = ("created", "metadata")  # set by the server, not by the request
@@ -112,8 +227,8 @@ def _with_changes(change: AdminChange, configs: dict[str, dict[str, Any]]) -> Ad
     known), remembering each stream's configuration from its creates and updates as they pass."""
     if change.kind != "STREAM" or not change.ok:
         return change
-    if change.action == "DELETE":
-        configs.pop(change.stream, None)
+    if change.action == "DELETE" or (change.action == "UPDATE" and change.config is None):
+        configs.pop(change.stream, None)  # gone, or changed in a way the record does not show
         return change
     if change.action not in ("CREATE", "UPDATE") or change.config is None:
         return change
@@ -156,33 +271,55 @@ async def _batch(nc: NATS, request: dict[str, Any], timeout: float) -> tuple[lis
         await sub.unsubscribe()
 
 
-async def admin_changes(nc: NATS, *, since: datetime | None = None, stream: str | None = None,
-                        consumers: bool = False, failed: bool = True, timeout: float = 5.0) -> list[AdminChange]:
-    """Every recorded request that changed a stream (and, with ``consumers``, a consumer), oldest
-    first; from ``since`` on, about ``stream`` only, refused ones too unless ``failed`` is False."""
+def _decode(seq: int, data: bytes) -> AdminChange | tuple[int, JsStreamAction] | None:
+    """One stored message: an API audit record's change, a stream action, or None (anything else)."""
+    try:
+        kind = json.loads(data).get("type")
+        if kind == s.JS_API_AUDIT_TYPE:
+            return change_from_advisory(seq, AdminAuditRecord.model_validate_json(data))
+        if kind == s.JS_STREAM_ACTION_TYPE:
+            return seq, JsStreamAction.model_validate_json(data)
+    except (ValueError, AttributeError):
+        pass  # not JSON, not an object, or not valid: the stream takes whatever is published on its subjects
+    return None
+
+
+async def _read(nc: NATS, since: datetime | None, timeout: float) -> list[AdminChange]:
     request: dict[str, Any] = {"batch": BATCH}
     if since is not None:
         request["start_time"] = since.isoformat()
     else:
         request["seq"] = 1
-    out: list[AdminChange] = []
-    configs: dict[str, dict[str, Any]] = {}
+    changes: list[AdminChange] = []
+    actions: list[tuple[int, JsStreamAction]] = []
     while True:
         msgs, pending = await _batch(nc, request, timeout)
         for msg in msgs:
-            seq = int((msg.headers or {}).get(h.SEQUENCE, "0"))
-            try:
-                advisory = JsApiAudit.model_validate_json(msg.data)
-            except ValidationError:
-                continue  # not an advisory (the stream takes whatever is published on the subject)
-            change = change_from_advisory(seq, advisory)
-            if change is None or not s.JsApiCall(change.kind, change.action).changes:
-                continue  # a read (INFO, LIST, …)
-            change = _with_changes(change, configs)
-            if ((change.kind == "CONSUMER" and not consumers) or (stream and change.stream != stream)
-                    or not (failed or change.ok)):
-                continue
-            out.append(change)
+            item = _decode(int((msg.headers or {}).get(h.SEQUENCE, "0")), msg.data)
+            if isinstance(item, AdminChange):
+                # older releases stored every API advisory: keep the recorded kinds' changes only
+                if records(s.JsApiCall(item.kind, item.action)):
+                    changes.append(item)
+            elif item is not None:
+                actions.append(item)
         if not msgs or pending == 0:
-            return out
+            return merge(changes, actions)
         request = {"batch": BATCH, "seq": int((msgs[-1].headers or {}).get(h.SEQUENCE, "0")) + 1}
+
+
+async def admin_changes(nc: NATS, *, since: datetime | None = None, stream: str | None = None,
+                        failed: bool = True, timeout: float = 5.0) -> list[AdminChange]:
+    """Every recorded change to a stream or the account, oldest first; from ``since`` on, about
+    ``stream`` only, refused ones too unless ``failed`` is False. Consumer changes are not recorded."""
+    # the record of a request may be stored a little after the server's advisory of its effect:
+    # read from a little earlier, so a pair that straddles ``since`` is still matched
+    changes = await _read(nc, None if since is None else since - MATCH_WINDOW, timeout)
+    out: list[AdminChange] = []
+    configs: dict[str, dict[str, Any]] = {}
+    for change in changes:
+        change = _with_changes(change, configs)
+        if ((since is not None and change.at < since) or (stream and change.stream != stream)
+                or not (failed or change.ok)):
+            continue
+        out.append(change)
+    return out

@@ -37,6 +37,7 @@ class StreamSpec:
     allow_atomic: bool = False
     allow_msg_schedules: bool = False
     max_msg_size: int = 4 * 1024 * 1024
+    retired_subjects: tuple[str, ...] = ()  # an older release's subjects: removed, not kept as "added by others"
 
     def config(self, replicas: int, extra_subjects: list[str] | None = None) -> StreamConfig:
         return StreamConfig(
@@ -59,12 +60,15 @@ class StreamSpec:
 
 
 STREAMS: tuple[StreamSpec, ...] = (
-    # the server's record of every JetStream API request (who changed which stream, and how); first,
-    # so that the creation of the others is in it. Reads (INFO) are recorded too; a stream info
-    # listing every run's subject (the reconciler's sweep) is large, so one record is capped: a
-    # change's advisory is a few KiB (~1000 subjects fit)
-    StreamSpec(s.ADMIN_AUDIT_STREAM, [s.JS_API_AUDIT], "JetStream API audit: every change to streams and consumers",
-               max_age=365 * DAY, audit=True, max_msg_size=ADMIN_AUDIT_MAX_MSG),
+    # who changed which stream: the auditor's records of the API requests that change a stream
+    # (il.admin.audit: who, the request, the answer) and the server's own stream action advisories
+    # (kept even when no auditor runs); first, so that the creation of the others is in it. Not the
+    # API audit advisories themselves (an older release kept them): the server sends one for every
+    # request, reads included, ~1 GB a day from the reconcilers' stream infos alone. One record is
+    # capped; the auditor shortens a larger advisory (ADMIN_AUDIT_MAX_MSG, see interlock.core.adminaudit)
+    StreamSpec(s.ADMIN_AUDIT_STREAM, [s.ADMIN_AUDIT, *s.JS_STREAM_ACTION_SUBJECTS],
+               "Admin audit: who created, updated, purged or deleted which stream",
+               max_age=365 * DAY, audit=True, max_msg_size=ADMIN_AUDIT_MAX_MSG, retired_subjects=(s.JS_API_AUDIT,)),
     StreamSpec(s.EVENTS_STREAM, [s.EVENTS_ALL], "Run event logs: the source of truth and the audit trail",
                audit=True, allow_atomic=True),
     StreamSpec(s.TRIGGERS_STREAM, [s.TRIGGERS_ALL], "Trigger events that start runs", max_age=7 * DAY),
@@ -120,7 +124,8 @@ async def ensure_stream(js: JetStreamContext, spec: StreamSpec, replicas: int) -
     except NotFoundError:
         await js.add_stream(spec.config(replicas))
         return "created"
-    extra = [subj for subj in (info.config.subjects or []) if subj not in spec.subjects]
+    extra = [subj for subj in (info.config.subjects or [])
+             if subj not in spec.subjects and subj not in spec.retired_subjects]
     # never scale a stream down: a client provisioning with the default (1) must not undo R3
     wanted = spec.config(max(replicas, info.config.num_replicas or 1), extra)
     if _same(info.config, wanted):

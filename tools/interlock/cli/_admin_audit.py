@@ -1,4 +1,4 @@
-"""``interlock audit admin-changes``: who changed which stream or consumer, from the server's record."""
+"""``interlock audit admin-changes``: who changed which stream, from the record in ``IL_ADMIN_AUDIT``."""
 
 from __future__ import annotations
 
@@ -68,14 +68,17 @@ def _row(change: AdminChange) -> dict[str, Any]:
             "outcome": "ok" if change.ok else f"refused: {change.error}", "changed": _changed(change),
             "request": change.request,
             "connection": change.connection, "user": change.user, "account": change.account,
-            "host": change.host, "subject": change.subject, "seq": change.seq, "server": change.server}
+            "host": change.host, "subject": change.subject, "seq": change.seq, "server": change.server,
+            "truncated": change.truncated.model_dump() if change.truncated else None}
 
 
 def _detail(row: dict[str, Any]) -> str:
     """What the table shows of a change: the settings it changed, else (the start of) its request."""
-    changed = row["changed"]
+    changed, truncated = row["changed"], row["truncated"]
     if changed is not None:
         return "; ".join(f"{key}: {v['before']} → {v['after']}" for key, v in changed.items()) or "(no setting changed)"
+    if truncated is not None:
+        return f"(shortened: {truncated['size']} bytes, sha256 {truncated['sha256'][:12]}…) {_request(row['request'])}"
     return _request(row["request"])
 
 
@@ -88,11 +91,18 @@ def admin_changes_command(
     since: Annotated[str | None, typer.Option("--since", metavar="WHEN",
                                               help="only from then on: 30m, 24h, 7d or an ISO 8601 time")] = None,
     stream: Annotated[str | None, typer.Option("--stream", metavar="NAME", help="only changes of this stream")] = None,
-    consumers: Annotated[bool, typer.Option("--consumers", help="also consumer creates, deletes and pauses")] = False,
+    consumers: Annotated[bool, typer.Option("--consumers", hidden=True,
+                                            help="not available: consumer changes are not recorded")] = False,
     output: OutputOption = Format.table,
 ) -> None:
-    """Changes to streams (create, update, delete, purge, message delete), oldest first: when, who
-    (the principal of the credential), what, the outcome and the request, as the server recorded them."""
+    """Changes to streams (create, update, delete, purge, message delete) and account purges, oldest
+    first: when, who (the principal of the credential), what, the outcome and the request. Who is
+    "unknown (no auditor was running)" for a change only the server's own advisory records.
+    Consumer changes are not recorded (ordered consumers come and go with every watch)."""
+    if consumers:
+        raise typer.BadParameter("consumer changes are not recorded (ordered consumers come and go with every "
+                                 "watch); the record holds changes to streams and the account",
+                                 param_hint="--consumers")
     start = parse_since(since) if since else None
 
     async def work(client: Client) -> list[AdminChange]:
@@ -102,7 +112,7 @@ def admin_changes_command(
         if refusal:
             raise ClientError(refusal)
         try:
-            return await admin_changes(client.nc, since=start, stream=stream, consumers=consumers)
+            return await admin_changes(client.nc, since=start, stream=stream)
         except AdminAuditError as e:
             raise ClientError(str(e)) from None
 
