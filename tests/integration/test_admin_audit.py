@@ -1,53 +1,118 @@
 """The admin's changes to stream configuration are recorded (issue 10), on a real nats-server.
 
-The session's server (with or without auth: the connection is the session's) keeps the server's
-JetStream API audit advisories in ``IL_ADMIN_AUDIT``. An update of ``IL_EVENTS`` (its max_age), a
-refused purge of it and the delete of a scratch stream must each be in that stream, with who made
-the request (this very connection, and its principal when it holds a credential), the request and
-the outcome; ``interlock audit admin-changes`` must list them.
+``IL_ADMIN_AUDIT`` keeps the auditor's ``il.admin.audit`` records (the server's API audit
+advisories of requests that change a stream: who, the request, the answer) and the server's own
+stream action advisories. With an auditor running, an update of ``IL_EVENTS``, a refused purge
+of it and a scratch stream's create and delete are each listed with this connection as who
+asked, the request and the outcome; reads (stream info, consumer create and info) add nothing
+to the stream. With no auditor running a stream's create, update and delete are still listed,
+who being unknown. Two auditor copies store a change once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.aio.client import Client as NATS
-from nats.js.api import StreamConfig
+from nats.js.api import ConsumerConfig, StreamConfig
 from nats.js.errors import APIError
 from typer.testing import CliRunner
 
+from interlock.auditor.service import AuditorService
 from interlock.cli import app
 from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
-from interlock.core.adminaudit import AdminChange, admin_changes
+from interlock.contracts.messages import AdminAuditRecord
+from interlock.core import adminaudit
+from interlock.core.adminaudit import UNKNOWN_PRINCIPAL, AdminChange, admin_changes, record_for
 from interlock.identity import decode_jwt, read_creds
+from interlock.runtime.settings import ServiceSettings
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
 RECORD_TIMEOUT_S = 10.0
 NS = 1_000_000_000
 
 
-async def recorded(nc: NATS, since: datetime, wanted: dict[str, str]) -> dict[str, AdminChange]:
-    """Wait until a change of each ``what`` in ``wanted`` made by this connection is recorded;
-    fail naming what is missing and what was found."""
+def scratch_name(what: str) -> str:
+    return f"ADMIN_AUDIT_{what}_{uuid.uuid4().hex[:8]}"
+
+
+@asynccontextmanager
+async def auditors(url: str, copies: int = 1) -> AsyncIterator[list[AuditorService]]:
+    """``copies`` auditor services on the session's server (in-memory projections), stopped after."""
+    running: list[AuditorService] = []
+    try:
+        for _ in range(copies):
+            service = AuditorService(ServiceSettings(nats_url=url, provision=False, sweep_interval=0),
+                                     db_path=":memory:", instance=f"adminaudit-{uuid.uuid4().hex[:8]}")
+            await service.start()
+            running.append(service)
+        yield running
+    finally:
+        for service in running:
+            await service.stop()
+
+
+async def recorded(nc: NATS, since: datetime, wanted: dict[str, str], *, mine: bool = True) -> dict[str, AdminChange]:
+    """Wait until a change of each ``what`` in ``wanted`` is listed (made by this connection unless
+    ``mine`` is False); fail naming what is missing and what was found."""
     deadline = time.monotonic() + RECORD_TIMEOUT_S
     while True:
-        mine = [c for c in await admin_changes(nc, since=since) if c.cid == nc.client_id]
-        found = {key: next((c for c in mine if c.what == what), None) for key, what in wanted.items()}
+        listed = [c for c in await admin_changes(nc, since=since) if not mine or c.cid == nc.client_id]
+        found = {key: next((c for c in listed if c.what == what), None) for key, what in wanted.items()}
         if all(found.values()):
             return {key: c for key, c in found.items() if c is not None}
         if time.monotonic() > deadline:
             missing = [wanted[k] for k, c in found.items() if c is None]
             raise AssertionError(f"not recorded within {RECORD_TIMEOUT_S}s: {missing}; "
-                                 f"recorded for this connection: {[c.what for c in mine]}")
+                                 f"listed: {[(c.what, c.principal) for c in listed]}")
+        await asyncio.sleep(0.05)
+
+
+async def stored_after(nc: NATS, seq: int) -> list[dict[str, Any]]:
+    """Every message in IL_ADMIN_AUDIT after stream sequence ``seq``: its JSON, with its ``seq`` and
+    the subject it was ``stored_on``."""
+    js = nc.jetstream()
+    last = (await js.stream_info(s.ADMIN_AUDIT_STREAM)).state.last_seq
+    out = []
+    for n in range(seq + 1, last + 1):
+        msg = await js.get_msg(s.ADMIN_AUDIT_STREAM, n)
+        out.append({**json.loads(msg.data or b"{}"), "seq": n, "stored_on": msg.subject})
+    return out
+
+
+def about(stored: dict[str, Any], stream: str) -> bool:
+    """Whether a stored record or advisory concerns ``stream``."""
+    return stored.get("stream") == stream or stored.get("subject", "").endswith(f".{stream}")
+
+
+async def barrier(nc: NATS, after_seq: int) -> str:
+    """Create and delete a marker stream and wait until both its auditor records and both server
+    advisories are stored after ``after_seq``: whatever the auditor was going to record of the
+    requests before it is recorded by then. Returns the marker's name."""
+    js = nc.jetstream()
+    marker = scratch_name("BARRIER")
+    await js.add_stream(StreamConfig(name=marker, subjects=[f"{marker}.>"]))
+    await js.delete_stream(marker)
+    deadline = time.monotonic() + RECORD_TIMEOUT_S
+    while True:
+        mine = [m for m in await stored_after(nc, after_seq) if about(m, marker)]
+        if len(mine) >= 4:
+            return marker
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the barrier's change was not recorded within {RECORD_TIMEOUT_S}s: {mine}")
         await asyncio.sleep(0.05)
 
 
@@ -66,33 +131,57 @@ def expected_principal(nc: NATS) -> tuple[str, str]:
     return str(decode_jwt(token)["name"]), key.public_key
 
 
-async def test_stream_changes_are_recorded_with_who_what_and_outcome(nc: NATS) -> None:
-    js = nc.jetstream()
-    audit = await js.stream_info(s.ADMIN_AUDIT_STREAM)
-    assert audit.config.subjects == [s.JS_API_AUDIT]
-    assert audit.config.deny_delete and audit.config.deny_purge
-    assert (audit.config.max_age or 0) >= 365 * 24 * 3600
+def cli_args(nc: NATS, *args: str) -> list[str]:
+    url = nc.connected_url
+    assert url is not None
+    out = ["--nats", f"nats://{url.hostname}:{url.port}", "audit", "admin-changes", *args]
+    creds = connection_creds(nc)
+    return [*out, "--creds", str(creds)] if creds is not None else out
 
+
+async def cli_rows(nc: NATS, *args: str) -> list[dict[str, Any]]:
+    result = await asyncio.to_thread(CliRunner().invoke, app, [*cli_args(nc, *args), "-o", "json"])
+    assert result.exit_code == 0, result.output
+    rows: list[dict[str, Any]] = json.loads(result.stdout)
+    return rows
+
+
+async def test_the_stream_keeps_changes_not_every_api_request(nc: NATS) -> None:
+    audit = (await nc.jetstream().stream_info(s.ADMIN_AUDIT_STREAM)).config
+    assert sorted(audit.subjects or []) == sorted([s.ADMIN_AUDIT, *s.JS_STREAM_ACTION_SUBJECTS])
+    assert s.JS_API_AUDIT not in (audit.subjects or [])
+    assert audit.deny_delete and audit.deny_purge
+    assert (audit.max_age or 0) >= 365 * 24 * 3600
+
+
+async def test_stream_changes_are_recorded_with_who_what_and_outcome(provisioned: str, nc: NATS) -> None:
+    js = nc.jetstream()
     since = datetime.now(UTC) - timedelta(seconds=2)  # the server's clock is this machine's
     events = (await js.stream_info(s.EVENTS_STREAM)).config
     new_age = 3650 * 24 * 3600.0 if not events.max_age else events.max_age + 3600
-    scratch = f"ADMIN_AUDIT_SCRATCH_{uuid.uuid4().hex[:8]}"
-    try:
-        await js.update_stream(replace(events, max_age=new_age))
-        with pytest.raises(APIError):
-            await js.purge_stream(s.EVENTS_STREAM)  # deny_purge: refused, and the attempt recorded
-        await js.add_stream(StreamConfig(name=scratch, subjects=[f"{scratch}.>"]))
-        await js.delete_stream(scratch)
-    finally:
-        await js.update_stream(events)  # the session's IL_EVENTS as it was
-    assert (await js.stream_info(s.EVENTS_STREAM)).config.max_age == events.max_age
+    scratch = scratch_name("SCRATCH")
+    async with auditors(provisioned):
+        try:
+            await js.update_stream(replace(events, max_age=new_age))
+            with pytest.raises(APIError):
+                await js.purge_stream(s.EVENTS_STREAM)  # deny_purge: refused, and the attempt recorded
+            await js.add_stream(StreamConfig(name=scratch, subjects=[f"{scratch}.>"]))
+            await js.delete_stream(scratch)
+        finally:
+            await js.update_stream(events)  # the session's IL_EVENTS as it was
+        assert (await js.stream_info(s.EVENTS_STREAM)).config.max_age == events.max_age
+        found = await recorded(nc, since, {
+            "update": f"STREAM.UPDATE {s.EVENTS_STREAM}",
+            "purge": f"STREAM.PURGE {s.EVENTS_STREAM}",
+            "create": f"STREAM.CREATE {scratch}",
+            "delete": f"STREAM.DELETE {scratch}",
+        })
+        # the server's own advisories of the same changes are matched to these records, not listed apart
+        # (the session's provisioning, just before, may be: no auditor ran then)
+        listed = await admin_changes(nc, since=since)
+        assert not [c for c in listed if c.principal == UNKNOWN_PRINCIPAL
+                    and (c.stream == scratch or c.what == f"STREAM.UPDATE {s.EVENTS_STREAM}")]
 
-    found = await recorded(nc, since, {
-        "update": f"STREAM.UPDATE {s.EVENTS_STREAM}",
-        "purge": f"STREAM.PURGE {s.EVENTS_STREAM}",
-        "create": f"STREAM.CREATE {scratch}",
-        "delete": f"STREAM.DELETE {scratch}",
-    })
     principal, user = expected_principal(nc)
     for change in found.values():
         assert (change.principal, change.user) == (principal, user)
@@ -102,29 +191,20 @@ async def test_stream_changes_are_recorded_with_who_what_and_outcome(nc: NATS) -
     assert update.request["max_age"] == int(new_age * NS)  # the request as sent, in nanoseconds
     assert update.config is not None and update.config["max_age"] == int(new_age * NS)  # as the server stored it
     assert not found["purge"].ok and found["purge"].error
-    # against the whole record (IL_EVENTS's creation is in it: the audit stream is provisioned
-    # first), the update changed exactly one setting
-    whole = {c.seq: c for c in await admin_changes(nc, stream=s.EVENTS_STREAM)}
-    assert whole[update.seq].changed == {"max_age": (int((events.max_age or 0) * NS), int(new_age * NS))}
+    # the restoring update changed exactly one setting, against the update before it
+    updates = [c for c in await admin_changes(nc, since=since, stream=s.EVENTS_STREAM)
+               if c.action == "UPDATE" and c.cid == nc.client_id]
+    assert len(updates) == 2 and updates[0].seq == update.seq
+    assert updates[1].changed == {"max_age": (int(new_age * NS), int((events.max_age or 0) * NS))}
     assert found["delete"].ok and found["delete"].request is None  # a delete has no body
     assert found["create"].ok and found["create"].request["subjects"] == [f"{scratch}.>"]
 
-    # reads are recorded too, but are not changes: the stream infos above are not listed
-    assert not [c for c in await admin_changes(nc, since=since) if c.action == "INFO"]
     only_events = await admin_changes(nc, since=since, stream=s.EVENTS_STREAM)
     assert {c.stream for c in only_events} == {s.EVENTS_STREAM}
     assert not [c for c in await admin_changes(nc, since=since, failed=False) if not c.ok]
 
     # the CLI lists them: when, who, what, the request
-    url = nc.connected_url
-    assert url is not None
-    args = ["--nats", f"nats://{url.hostname}:{url.port}", "audit", "admin-changes", "--since", since.isoformat()]
-    creds = connection_creds(nc)
-    if creds is not None:
-        args += ["--creds", str(creds)]
-    result = await asyncio.to_thread(CliRunner().invoke, app, [*args, "-o", "json"])
-    assert result.exit_code == 0, result.output
-    rows = {(row["what"], row["seq"]): row for row in json.loads(result.stdout)}
+    rows = {(row["what"], row["seq"]): row for row in await cli_rows(nc, "--since", since.isoformat())}
     for change in found.values():
         row = rows[(change.what, change.seq)]
         assert row["who"] == principal and row["subject"] == change.subject
@@ -132,22 +212,140 @@ async def test_stream_changes_are_recorded_with_who_what_and_outcome(nc: NATS) -
         assert row["request"] == change.request
     assert rows[(found["purge"].what, found["purge"].seq)]["outcome"].startswith("refused")
 
-    table = await asyncio.to_thread(CliRunner().invoke, app, args, env={"COLUMNS": "400"})
+    table = await asyncio.to_thread(CliRunner().invoke, app, cli_args(nc, "--since", since.isoformat()),
+                                    env={"COLUMNS": "400"})
     assert table.exit_code == 0, table.output
     assert f"STREAM.DELETE {scratch}" in table.stdout and f"STREAM.UPDATE {s.EVENTS_STREAM}" in table.stdout
     assert "max_age:" in table.stdout or "max_age=" in table.stdout  # the update's setting (changed or request)
+
+    consumers = await asyncio.to_thread(CliRunner().invoke, app, cli_args(nc, "--consumers"))
+    assert consumers.exit_code != 0 and "consumer changes are not recorded" in consumers.output
+
+
+async def test_reads_and_consumer_changes_add_nothing_to_the_record(provisioned: str, nc: NATS) -> None:
+    js = nc.jetstream()
+    async with auditors(provisioned):
+        first = await barrier(nc, (await js.stream_info(s.ADMIN_AUDIT_STREAM)).state.last_seq)
+        before = (await js.stream_info(s.ADMIN_AUDIT_STREAM)).state.last_seq
+        # what the reconcilers and watchers do all day: stream infos (with every run's subject),
+        # account info, a consumer created, read and deleted
+        await js.stream_info(s.EVENTS_STREAM, subjects_filter=s.EVENTS_ALL)
+        await js.account_info()
+        durable = f"adminaudit_{uuid.uuid4().hex[:8]}"
+        await js.add_consumer(s.EVENTS_STREAM, ConsumerConfig(durable_name=durable, filter_subject=s.EVENTS_ALL))
+        await js.consumer_info(s.EVENTS_STREAM, durable)
+        await js.delete_consumer(s.EVENTS_STREAM, durable)
+        watch = await js.subscribe(s.EVENTS_ALL, ordered_consumer=True)  # what `interlock watch` does
+        await watch.unsubscribe()
+        second = await barrier(nc, before)
+    added = await stored_after(nc, before)
+    assert added and all(about(m, second) for m in added), (
+        f"besides the barrier's change ({second}), stored: {[m for m in added if not about(m, second)]}")
+    assert first != second
+
+
+async def test_without_an_auditor_the_servers_advisory_still_records_the_change(nc: NATS) -> None:
+    js = nc.jetstream()
+    since = datetime.now(UTC) - timedelta(seconds=2)
+    scratch = scratch_name("UNWATCHED")
+    await js.add_stream(StreamConfig(name=scratch, subjects=[f"{scratch}.>"]))
+    info = (await js.stream_info(scratch)).config
+    await js.update_stream(replace(info, max_age=3600.0))
+    await js.delete_stream(scratch)
+    found = await recorded(nc, since, {
+        "create": f"STREAM.CREATE {scratch}",
+        "update": f"STREAM.UPDATE {scratch}",
+        "delete": f"STREAM.DELETE {scratch}",
+    }, mine=False)
+    for change in found.values():
+        assert change.principal == UNKNOWN_PRINCIPAL and change.ok and change.request is None
+        assert change.subject.startswith(s.JS_STREAM_ACTION_PREFIX) and change.at >= since
+    assert found["update"].changed is None  # what it changed is not known
+    rows = await cli_rows(nc, "--since", since.isoformat(), "--stream", scratch)
+    assert [(row["what"], row["who"]) for row in rows] == [
+        (f"STREAM.{action} {scratch}", UNKNOWN_PRINCIPAL) for action in ("CREATE", "UPDATE", "DELETE")]
+
+
+async def test_two_auditor_copies_store_a_change_once(provisioned: str, nc: NATS) -> None:
+    js = nc.jetstream()
+    scratch = scratch_name("TWICE")
+    async with auditors(provisioned, copies=2) as copies:
+        before = (await js.stream_info(s.ADMIN_AUDIT_STREAM)).state.last_seq
+        since = datetime.now(UTC) - timedelta(seconds=2)
+        await js.add_stream(StreamConfig(name=scratch, subjects=[f"{scratch}.>"]))
+        await js.delete_stream(scratch)
+        create = (await recorded(nc, since, {"create": f"STREAM.CREATE {scratch}"}))["create"]
+        # both copies handed the very advisory again (a redelivery, or a copy outside the queue
+        # group): the message id (its sha256) keeps it from being stored twice
+        advisory = (await js.get_msg(s.ADMIN_AUDIT_STREAM, create.seq)).data or b""
+        record = record_for(advisory)
+        assert record is not None and record.msg_id == hashlib.sha256(advisory).hexdigest()
+        for copy in copies:
+            await copy.record_change(record, advisory)
+        await barrier(nc, before)
+    stored = [m for m in await stored_after(nc, before) if m["stored_on"] == s.ADMIN_AUDIT and about(m, scratch)]
+    assert sorted(m["subject"] for m in stored) == sorted([p.js_stream("CREATE", scratch),
+                                                           p.js_stream("DELETE", scratch)]), stored  # once each
 
 
 async def test_the_record_itself_cannot_be_purged_or_its_messages_deleted(nc: NATS) -> None:
     js = nc.jetstream()
     before = (await js.stream_info(s.ADMIN_AUDIT_STREAM)).state
-    assert before.messages > 0  # at least its own creation is in it
+    assert before.messages > 0  # at least the session's provisioning is in it
     with pytest.raises(APIError):
         await js.purge_stream(s.ADMIN_AUDIT_STREAM)
     with pytest.raises(APIError):
         await js.delete_msg(s.ADMIN_AUDIT_STREAM, before.first_seq)
     after = (await js.stream_info(s.ADMIN_AUDIT_STREAM)).state
     assert after.first_seq == before.first_seq and after.messages >= before.messages
+
+
+# -- what the auditor records, without a server ------------------------------------------------
+def advisory(subject: str, *, request: str = "", response: str = '{"type":"x"}') -> bytes:
+    return json.dumps({"type": s.JS_API_AUDIT_TYPE, "id": uuid.uuid4().hex, "timestamp": "2026-12-01T23:00:00Z",
+                       "server": "n1", "client": {"acc": "A", "user": "U1", "name_tag": "admin", "id": 7},
+                       "subject": subject, "request": request, "response": response}).encode()
+
+
+@pytest.mark.parametrize(("subject", "kept"), [
+    (p.js_stream("UPDATE", s.EVENTS_STREAM), True),
+    (p.js_stream("CREATE", "X"), True),
+    (p.js_stream("DELETE", "X"), True),
+    (p.js_stream("PURGE", s.EVENTS_STREAM), True),
+    (p.js_stream("MSG.DELETE", s.EVENTS_STREAM), True),
+    (p.js_stream_info(s.EVENTS_STREAM), False),
+    (p.js_consumer_info(s.JOBS_STREAM, "w"), False),
+    (p.js_filtered_consumer_create(s.JOBS_STREAM, s.job("acme", "a.b"), "w"), False),  # consumers: not recorded
+    (s.JS_API_INFO, False),
+])
+def test_only_stream_and_account_changes_are_recorded(subject: str, kept: bool) -> None:
+    raw = advisory(subject)
+    record = record_for(raw)
+    assert (record is not None) is kept
+    if record is not None:
+        assert record.body == raw and record.msg_id == hashlib.sha256(raw).hexdigest() and not record.truncated
+
+
+def test_an_advisory_too_large_is_stored_shortened_with_its_size_and_digest() -> None:
+    config = json.dumps({"name": "BIG", "subjects": [f"big.{i}" for i in range(20_000)]})
+    raw = advisory(p.js_stream("UPDATE", "BIG"), request=config, response=json.dumps({"config": config}))
+    assert len(raw) > adminaudit.RECORD_LIMIT
+    record = record_for(raw)
+    assert record is not None and record.truncated
+    assert len(record.body) <= adminaudit.RECORD_LIMIT
+    assert record.msg_id == hashlib.sha256(raw).hexdigest()  # the id is the advisory's, not the shortened body's
+    stored = AdminAuditRecord.model_validate_json(record.body)
+    assert stored.truncated is not None
+    assert (stored.truncated.size, stored.truncated.sha256) == (len(raw), record.msg_id)
+    assert stored.client is not None and stored.client.name_tag == "admin"  # who is kept
+    assert stored.subject == p.js_stream("UPDATE", "BIG")
+    change = adminaudit.change_from_advisory(1, stored)
+    assert change is not None and change.truncated == stored.truncated and change.what == "STREAM.UPDATE BIG"
+
+
+def test_bytes_that_are_no_advisory_are_refused() -> None:
+    with pytest.raises(ValueError, match="not a JetStream API audit advisory"):
+        record_for(b"not json")
 
 
 @pytest.mark.parametrize(("subject", "call", "changes"), [
