@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig, StreamConfig
@@ -36,6 +37,8 @@ from interlock.contracts import subjects as s
 from interlock.contracts.messages import AdminAuditRecord
 from interlock.core import adminaudit
 from interlock.core.adminaudit import UNKNOWN_PRINCIPAL, AdminChange, admin_changes, record_for
+from interlock.core.natsserver import EmbeddedNats
+from interlock.core.topology import provision
 from interlock.identity import decode_jwt, read_creds
 from interlock.runtime.settings import ServiceSettings
 
@@ -264,6 +267,41 @@ async def test_without_an_auditor_the_servers_advisory_still_records_the_change(
     rows = await cli_rows(nc, "--since", since.isoformat(), "--stream", scratch)
     assert [(row["what"], row["who"]) for row in rows] == [
         (f"STREAM.{action} {scratch}", UNKNOWN_PRINCIPAL) for action in ("CREATE", "UPDATE", "DELETE")]
+
+
+async def test_a_server_restart_is_no_change(tmp_path: Path) -> None:
+    """A server announces each stream it restores at start-up as created: not listed as a create."""
+    store = tmp_path / "store"
+    server = EmbeddedNats(store_dir=store, port=0, log_file=tmp_path / "nats.log")
+    server.start()
+    try:
+        client = await nats.connect(server.url)
+        await provision(client.jetstream())
+        await recorded(client, datetime.now(UTC) - timedelta(minutes=1),
+                       {"events": f"STREAM.CREATE {s.EVENTS_STREAM}"}, mine=False)
+        before = (await client.jetstream().stream_info(s.ADMIN_AUDIT_STREAM)).state.last_seq
+        await client.close()
+    finally:
+        server.stop()
+    server = EmbeddedNats(store_dir=store, port=0, log_file=tmp_path / "nats.log")
+    server.start()
+    try:
+        client = await nats.connect(server.url)
+        restarted = datetime.now(UTC) - timedelta(seconds=1)
+        # the restart's advisories are in the stream (barrier: a change after them is listed) …
+        marker = scratch_name("AFTER_RESTART")
+        await client.jetstream().add_stream(StreamConfig(name=marker, subjects=[f"{marker}.>"]))
+        await recorded(client, restarted, {"marker": f"STREAM.CREATE {marker}"}, mine=False)
+        announced = {m["stream"] for m in await stored_after(client, before)
+                     if m.get("action") == "create" and m.get("stream") != marker}
+        # (streams restored before IL_ADMIN_AUDIT itself are announced before it can keep them)
+        assert announced, "the server announced no stream at start-up: nothing to tell apart"
+        # … and not listed as changes: one create each, the first
+        creates = [c.stream for c in await admin_changes(client) if c.action == "CREATE"]
+        assert all(creates.count(stream) == 1 for stream in announced), (announced, creates)
+        await client.close()
+    finally:
+        server.stop()
 
 
 async def test_two_auditor_copies_store_a_change_once(provisioned: str, nc: NATS) -> None:

@@ -207,15 +207,33 @@ def _matches(action: JsStreamAction, change: AdminChange) -> bool:
 
 def merge(changes: list[AdminChange], actions: list[tuple[int, JsStreamAction]]) -> list[AdminChange]:
     """The auditor's records, and a change for each stream action no record accounts for (each
-    record accounts for at most one, the nearest in time); oldest first."""
-    unclaimed = sorted(changes, key=lambda c: c.at)
+    record accounts for at most one, the nearest in time); oldest first.
+
+    A server announces every stream it restores from its store at start-up as created: a create
+    advisory for a stream the record already holds (created, not deleted since) is that, not a
+    change, and is left out.
+    """
+    unclaimed = list(changes)
     out = list(changes)
-    for seq, action in sorted(actions, key=lambda a: a[1].timestamp):
-        candidates = [c for c in unclaimed if _matches(action, c)]
+    exists: set[str] = set()
+    timeline: list[tuple[datetime, int, AdminChange | JsStreamAction]] = sorted(
+        [(c.at, c.seq, c) for c in changes] + [(a.timestamp, seq, a) for seq, a in actions], key=lambda x: x[:2])
+    for _, seq, item in timeline:
+        if isinstance(item, AdminChange):
+            if item.kind == "STREAM" and item.ok and item.action in ("CREATE", "RESTORE"):
+                exists.add(item.stream)
+            elif item.kind == "STREAM" and item.ok and item.action == "DELETE":
+                exists.discard(item.stream)
+            continue
+        candidates = [c for c in unclaimed if _matches(item, c)]
         if candidates:
-            unclaimed.remove(min(candidates, key=lambda c: abs(c.at - action.timestamp)))
-        else:
-            out.append(change_from_stream_action(seq, action))
+            unclaimed.remove(min(candidates, key=lambda c: abs(c.at - item.timestamp)))
+        elif not (item.action == "create" and item.stream in exists):  # else: restored at a server start
+            out.append(change_from_stream_action(seq, item))
+        if item.action == "create":
+            exists.add(item.stream)
+        elif item.action == "delete":
+            exists.discard(item.stream)
     return sorted(out, key=lambda c: (c.at, c.seq))
 
 
@@ -284,12 +302,8 @@ def _decode(seq: int, data: bytes) -> AdminChange | tuple[int, JsStreamAction] |
     return None
 
 
-async def _read(nc: NATS, since: datetime | None, timeout: float) -> list[AdminChange]:
-    request: dict[str, Any] = {"batch": BATCH}
-    if since is not None:
-        request["start_time"] = since.isoformat()
-    else:
-        request["seq"] = 1
+async def _read(nc: NATS, timeout: float) -> list[AdminChange]:
+    request: dict[str, Any] = {"batch": BATCH, "seq": 1}
     changes: list[AdminChange] = []
     actions: list[tuple[int, JsStreamAction]] = []
     while True:
@@ -311,9 +325,9 @@ async def admin_changes(nc: NATS, *, since: datetime | None = None, stream: str 
                         failed: bool = True, timeout: float = 5.0) -> list[AdminChange]:
     """Every recorded change to a stream or the account, oldest first; from ``since`` on, about
     ``stream`` only, refused ones too unless ``failed`` is False. Consumer changes are not recorded."""
-    # the record of a request may be stored a little after the server's advisory of its effect:
-    # read from a little earlier, so a pair that straddles ``since`` is still matched
-    changes = await _read(nc, None if since is None else since - MATCH_WINDOW, timeout)
+    # the whole record, whatever ``since`` says: a stream's earlier create and configuration tell
+    # a restart's advisories from changes, and what an update changed (it holds changes only)
+    changes = await _read(nc, timeout)
     out: list[AdminChange] = []
     configs: dict[str, dict[str, Any]] = {}
     for change in changes:
