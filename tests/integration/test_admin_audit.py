@@ -32,6 +32,7 @@ from typer.testing import CliRunner
 
 from interlock.auditor.service import AuditorService
 from interlock.cli import app
+from interlock.contracts import catalog as c
 from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import AdminAuditRecord
@@ -39,7 +40,7 @@ from interlock.core import adminaudit
 from interlock.core.adminaudit import UNKNOWN_PRINCIPAL, AdminChange, admin_changes, record_for
 from interlock.core.natsserver import EmbeddedNats
 from interlock.core.topology import provision
-from interlock.identity import decode_jwt, read_creds
+from interlock.identity import IdentityHome, creds_inbox_prefix, decode_jwt, read_creds
 from interlock.runtime.settings import ServiceSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -324,6 +325,59 @@ async def test_two_auditor_copies_store_a_change_once(provisioned: str, nc: NATS
     stored = [m for m in await stored_after(nc, before) if m["stored_on"] == s.ADMIN_AUDIT and about(m, scratch)]
     assert sorted(m["subject"] for m in stored) == sorted([p.js_stream("CREATE", scratch),
                                                            p.js_stream("DELETE", scratch)]), stored  # once each
+
+
+async def test_the_auditor_credential_may_hear_the_advisories_and_record_a_change(tmp_path: Path) -> None:
+    """In operator mode, with the permissions derived from the catalog: the auditor's credential
+    receives the API audit advisory of the admin's update and stores its record; the admin lists it
+    under its principal. A worker's credential may do neither."""
+    home = IdentityHome(tmp_path / "home")
+    server = EmbeddedNats(store_dir=tmp_path / "store", port=0, log_file=tmp_path / "nats.log",
+                          config=home.server_config())
+    server.start()
+    connections: list[NATS] = []
+
+    async def connect_as(creds: Path) -> NATS:
+        nc = await nats.connect(server.url, user_credentials=str(creds), inbox_prefix=creds_inbox_prefix(creds),
+                                allow_reconnect=False, connect_timeout=2, error_cb=quiet)
+        connections.append(nc)
+        return nc
+
+    async def quiet(e: Exception) -> None:
+        pass
+
+    try:
+        admin = await connect_as(home.issue("admin", "acme", name="root"))
+        await provision(admin.jetstream())
+        auditor_nc = await connect_as(home.issue(c.AUDITOR))
+        heard = await auditor_nc.subscribe(s.JS_API_AUDIT, queue=c.AUDITOR)
+        await auditor_nc.flush()
+        worker_nc = await connect_as(home.issue("worker", "acme", ["t"], name="w1"))
+        worker_heard = await worker_nc.subscribe(s.JS_API_AUDIT)
+        await worker_nc.flush()
+
+        scratch = scratch_name("OPERATOR_MODE")
+        await admin.jetstream().add_stream(StreamConfig(name=scratch, subjects=[f"{scratch}.>"]))
+        record = None
+        deadline = time.monotonic() + RECORD_TIMEOUT_S
+        while record is None:
+            msg = await heard.next_msg(timeout=max(0.1, deadline - time.monotonic()))
+            record = record_for(msg.data)  # the admin's stream info calls come first: not records
+        service = AuditorService(ServiceSettings(nats_url=server.url), db_path=":memory:", instance="opmode")
+        service.js = auditor_nc.jetstream()
+        await service.record_change(record, msg.data)
+        found = await recorded(admin, datetime.now(UTC) - timedelta(minutes=1),
+                               {"create": f"STREAM.CREATE {scratch}"})
+        assert found["create"].principal == "root"
+        with pytest.raises(nats.errors.TimeoutError):
+            await worker_heard.next_msg(timeout=0.5)  # the server refused the worker's subscription
+        with pytest.raises((TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+            await worker_nc.jetstream(timeout=1.0).publish(s.ADMIN_AUDIT, record.body)
+    finally:
+        for nc in connections:
+            if not nc.is_closed:
+                await nc.close()
+        server.stop()
 
 
 async def test_the_record_itself_cannot_be_purged_or_its_messages_deleted(nc: NATS) -> None:

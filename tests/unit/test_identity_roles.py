@@ -181,3 +181,11 @@ def test_permission_table_has_a_row_per_role_with_placeholders() -> None:
     results = p.pattern(s.result, "zztenantzz", p.ANY).replace("zztenantzz", "{tenant}")
     assert f"`{results}`" in worker_row and "worker_{tenant}_{topic}_{digest}" in worker_row
     assert "zz" not in table  # every sentinel replaced
+
+
+def test_only_the_auditor_hears_api_advisories_and_records_admin_changes() -> None:
+    hears = {n for n in ROLE_NAMES if perms(n).allows_subscribe(s.JS_API_AUDIT)}
+    records = {n for n in ROLE_NAMES if perms(n).allows_publish(s.ADMIN_AUDIT)}
+    assert hears == records == {c.AUDITOR}
+    # nobody publishes the server's own stream action advisories
+    assert not any(perms(n).allows_publish(s.js_stream_action("UPDATED", s.EVENTS_STREAM)) for n in ROLE_NAMES)
