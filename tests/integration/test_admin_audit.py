@@ -435,6 +435,24 @@ def test_an_advisory_too_large_is_stored_shortened_with_its_size_and_digest() ->
     assert change is not None and change.truncated == stored.truncated and change.what == "STREAM.UPDATE BIG"
 
 
+async def test_a_shortened_record_fits_the_stream_and_is_listed_as_such(nc: NATS) -> None:
+    stream = scratch_name("BIG")
+    config = json.dumps({"name": stream, "subjects": [f"big.{i}" for i in range(20_000)]})
+    raw = advisory(p.js_stream("UPDATE", stream), request=config, response=json.dumps({"config": config}))
+    record = record_for(raw)
+    assert record is not None and record.truncated
+    service = AuditorService(ServiceSettings(nats_url="nats://unused:4222"), db_path=":memory:", instance="big")
+    service.js = nc.jetstream()
+    dead_before = (await nc.jetstream().stream_info(s.DLQ_STREAM)).state.messages
+    await service.record_change(record, raw)  # a larger body would be refused by the stream (and dead-lettered)
+    assert (await nc.jetstream().stream_info(s.DLQ_STREAM)).state.messages == dead_before
+    change = next(c for c in await admin_changes(nc, stream=stream))
+    assert change.truncated is not None and change.truncated.size == len(raw)
+    assert change.principal == "admin" and change.what == f"STREAM.UPDATE {stream}"
+    table = await asyncio.to_thread(CliRunner().invoke, app, cli_args(nc, "--stream", stream), env={"COLUMNS": "400"})
+    assert table.exit_code == 0 and f"shortened: {len(raw)} bytes" in table.stdout, table.output
+
+
 def test_bytes_that_are_no_advisory_are_refused() -> None:
     with pytest.raises(ValueError, match="not a JetStream API audit advisory"):
         record_for(b"not json")
