@@ -7,6 +7,7 @@ import contextlib
 import copy
 import inspect
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,6 +34,7 @@ from interlock.client._types import (
 )
 from interlock.contracts import events as ev
 from interlock.contracts import headers as h
+from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import (
     AgentRegistration,
@@ -51,9 +53,12 @@ from interlock.core.run import Run
 from interlock.core.topology import provision
 from interlock.core.verify import VerifyReport, verify_run
 from interlock.core.workflow import Workflow
+from interlock.identity import creds_permissions
+from interlock.runtime.connect import ConnectRefused, connect
 from interlock.runtime.publish import publish
 from interlock.runtime.registry import VersionConflict, WorkflowNotFound, WorkflowRegistry
 
+log = logging.getLogger(__name__)
 R = TypeVar("R", bound=BaseModel)
 OnEvent = Callable[[dict[str, Any]], Awaitable[None] | None]
 REQUEST_TIMEOUT = 5.0  # how long a service may take to answer, and how long we wait for one to appear
@@ -73,6 +78,9 @@ class Client:
         self._store = EventStore(nc, self.js, service=name)
         self._registry = WorkflowRegistry(self.js)
         self._provisioned = False
+        self.creds: Path | None = None
+        """The credential this client connected with (None: anonymous)."""
+        self.creds_source = "none"
         self.request_timeout = REQUEST_TIMEOUT
         """Seconds a service may take to answer a request, and to appear if none is subscribed."""
 
@@ -83,24 +91,28 @@ class Client:
         """Connect to NATS. ``url`` None: ``INTERLOCK_NATS_URL``, else ``.interlock/nats.url``, else
         the default; ``tenant`` None: ``INTERLOCK_TENANT``; ``creds`` None: ``INTERLOCK_CREDS``.
         ``patient``: keep reconnecting for as long as the client lives (a cluster's failover)."""
-        settings = ClientSettings.load(tenant=tenant, creds=Path(creds) if creds is not None else None)
+        explicit = Path(creds) if creds is not None else None
+        settings = ClientSettings.load(tenant=tenant, creds=explicit)
         target, source = settings.resolve_url(url)
+        creds_file, creds_source = settings.resolve_creds(explicit)
+        log.info("connecting to %s (from %s) as %s (from %s)", target, source,
+                 creds_file or "anonymous (no creds)", creds_source)
 
         async def on_error(e: Exception) -> None:  # reconnects are reported by the calls that fail
             pass
 
-        options: dict[str, Any] = {}
-        if settings.creds is not None:
-            options["user_credentials"] = str(settings.creds)
         try:
-            nc = await nats.connect(target.split(","), name=name, max_reconnect_attempts=-1 if patient else 3,
-                                    reconnect_time_wait=0.25, connect_timeout=2, allow_reconnect=True,
-                                    error_cb=on_error, **options)
+            nc = await connect(target, creds=creds_file, name=name, patient=patient, error_cb=on_error)
+        except ConnectRefused as e:
+            raise Unavailable(str(e)) from None
         except (OSError, nats.errors.Error, TimeoutError) as e:
             detail = str(e) or type(e).__name__
             raise Unavailable(f"cannot reach NATS at {target} (from {source}): {detail}; start the stack with "
                               f"`interlock up` or set INTERLOCK_NATS_URL") from None
-        return cls(nc, url=target, url_source=source, tenant=settings.tenant, name=name)
+        client = cls(nc, url=target, url_source=source, tenant=settings.tenant, name=name)
+        client.creds = creds_file
+        client.creds_source = creds_source
+        return client
 
     def with_tenant(self, tenant: str) -> Client:
         """The same connection acting for another tenant (closing either closes the connection)."""
@@ -122,8 +134,11 @@ class Client:
 
     async def _provision(self) -> None:
         # streams and buckets exist once anything ran; commands that write KV make sure of it
+        # (only a credential that may create streams does: whoever bootstrapped already did)
         if not self._provisioned:
-            await provision(self.js)
+            create = p.js_stream("CREATE", s.EVENTS_STREAM)
+            if self.creds is None or creds_permissions(self.creds).allows_publish(create):
+                await provision(self.js)
             self._provisioned = True
 
     async def _request(self, subject: str, message: BaseModel, reply_type: type[R], what: str) -> R:

@@ -9,7 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from interlock.client._errors import Unavailable
 from interlock.contracts import subjects as s
-from interlock.runtime.connect import DEFAULT_URL, URL_FILE
+from interlock.runtime.connect import ADMIN_CREDS_FILE, DEFAULT_URL, URL_FILE
 
 ENV_PREFIX = "INTERLOCK_"
 
@@ -24,7 +24,7 @@ class ClientSettings(BaseSettings):
     """NATS URL, comma-separated for a cluster; unset: the URL file, else the default."""
     tenant: str = "default"
     creds: Path | None = None
-    """A NATS credentials (.creds) file."""
+    """A NATS credentials (.creds) file; unset: the admin creds `interlock up` wrote, if there."""
 
     @field_validator("nats_url")
     @classmethod
@@ -76,3 +76,14 @@ class ClientSettings(BaseSettings):
             if text:
                 return text, str(URL_FILE)
         return DEFAULT_URL, "default"
+
+    def resolve_creds(self, explicit: Path | None = None) -> tuple[Path | None, str]:
+        """(creds file, where it came from): the argument, INTERLOCK_CREDS, the admin creds
+        `interlock up` wrote (``.interlock/identity/creds/admin.creds``), else none."""
+        if explicit is not None:
+            return explicit, "argument"
+        if self.creds is not None:
+            return self.creds, f"{ENV_PREFIX}CREDS"
+        if ADMIN_CREDS_FILE.is_file():
+            return ADMIN_CREDS_FILE, "default"
+        return None, "none"

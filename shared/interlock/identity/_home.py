@@ -268,6 +268,23 @@ class IdentityHome:
         log.info("issued %s credential %r for tenant %s (%s)", r.name, principal, tenant, user.public_key)
         return path
 
+    def get_or_issue(self, role_name: str, tenant: str | None = None, topics: Sequence[str] | None = None, *,
+                     name: str | None = None) -> Path:
+        """The credential named ``name`` if one is active with this role, tenant and topics and its
+        file is still there (a second ``interlock up`` reuses what the first issued); else a new one
+        (an active one that no longer fits is revoked first: push the accounts if a server runs)."""
+        r = role(role_name)
+        tenant = tenant or ALL_TENANTS
+        principal = name or (r.name if tenant == ALL_TENANTS else f"{r.name}-{tenant}")
+        wanted = tuple(topics or ())
+        for u in reversed(self.list()):
+            if u.name != principal or not u.active:
+                continue
+            if (u.role, u.tenant, u.topics) == (r.name, tenant, wanted) and u.creds and Path(u.creds).is_file():
+                return Path(u.creds)
+            self.revoke(u.public_key)
+        return self.issue(r.name, tenant, wanted, name=principal)
+
     def _save_user(self, principal: Principal) -> None:
         self._write(self._dir("users") / f"{principal.public_key}.json",
                     json.dumps(asdict(principal), indent=2, sort_keys=True))
@@ -308,19 +325,22 @@ class IdentityHome:
         return revoked
 
     # -- the server -----------------------------------------------------------------------
-    def server_config(self) -> dict[str, Any]:
+    def server_config(self, resolver_dir: Path | str | None = None) -> dict[str, Any]:
         """nats-server settings for operator mode with this home's operator and accounts.
 
-        The ``full`` NATS resolver keeps the account JWTs it is sent in ``resolver/``, so an
-        account change pushed at run time (``push``) survives a restart; the preload seeds it.
+        The ``full`` NATS resolver keeps the account JWTs it is sent in ``resolver/`` (or
+        ``resolver_dir``: each node of a cluster needs its own), so an account change pushed at run
+        time (``push``) survives a restart; the preload seeds it.
         """
+        store = Path(resolver_dir) if resolver_dir is not None else self.resolver_dir
+        store.mkdir(mode=0o700, parents=True, exist_ok=True)
         return {
             # a client sends its user JWT in the CONNECT line; the default limit (4 KiB) is too
             # small for a role with many subjects
             "max_control_line": MAX_CONTROL_LINE,
             "operator": str(self.root / "operator.jwt"),
             "system_account": self.account_public_key(SYSTEM_ACCOUNT),
-            "resolver": {"type": "full", "dir": str(self.resolver_dir), "allow_delete": False,
+            "resolver": {"type": "full", "dir": str(store), "allow_delete": False,
                          "interval": "2m", "timeout": "1.9s"},
             "resolver_preload": self.account_jwts(),
         }

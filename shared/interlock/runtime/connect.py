@@ -1,13 +1,25 @@
-"""Connecting to NATS the same way everywhere: services, workers, the CLI and tests."""
+"""Connecting to NATS the same way everywhere: services, workers, the CLI and tests.
+
+Every connection is authenticated: a process gives its ``.creds`` file (``creds=``, or
+``INTERLOCK_CREDS`` through its settings) and connects with that credential's inbox prefix, the
+only inboxes it may subscribe to. A refused connection is one clear line naming the URL and the
+credential (:class:`ConnectRefused`).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import nats
+import nats.errors
 from nats.aio.client import Client as NATS
+
+from interlock.identity import CredsError, creds_inbox_prefix, describe_permission_error
 
 log = logging.getLogger(__name__)
 
@@ -15,6 +27,11 @@ DEFAULT_URL = "nats://127.0.0.1:4222"
 
 
 URL_FILE = Path(".interlock") / "nats.url"  # written by `interlock up` for the other commands
+ADMIN_CREDS_FILE = Path(".interlock") / "identity" / "creds" / "admin.creds"  # written by `interlock up`
+
+
+class ConnectRefused(ConnectionError):
+    """The server refused the connection's credentials, or the creds file is unusable (str: one line)."""
 
 
 def resolve_url(url: str | None = None) -> str:
@@ -28,18 +45,81 @@ def resolve_url(url: str | None = None) -> str:
     return DEFAULT_URL
 
 
-async def connect(url: str | None = None, *, name: str = "interlock", patient: bool = True) -> NATS:
-    """Connect, and keep reconnecting for as long as the process lives (cluster failover)."""
+def creds_options(creds: Path | str | None) -> dict[str, Any]:
+    """The ``nats.connect`` options of a credential: ``user_credentials`` and its ``inbox_prefix``
+    (none without creds). A missing or damaged file raises :class:`ConnectRefused`."""
+    if creds is None:
+        return {}
+    path = Path(creds)
+    try:
+        prefix = creds_inbox_prefix(path)
+    except CredsError as e:
+        raise ConnectRefused(str(e)) from None
+    return {"user_credentials": str(path), "inbox_prefix": prefix}
+
+
+def describe_refusal(error: BaseException, url: str, creds: Path | str | None) -> str | None:
+    """One line for an authorization failure at connect (naming the URL and the credential), else None."""
+    who = f"credential {creds}" if creds is not None else "an anonymous connection (no creds given)"
+    message = describe_permission_error(error, principal=who, action=f"connect to {url}")
+    if message is None:
+        return None
+    if creds is None:
+        message += "; give a .creds file with --creds or INTERLOCK_CREDS"
+    return message
+
+
+def is_refusal(error: BaseException) -> bool:
+    """Whether ``error`` is the server refusing the credentials (not a network fault to ride out)."""
+    text = str(error).lower()
+    return (isinstance(error, nats.errors.AuthorizationError) or "authorization violation" in text
+            or "authentication revoked" in text or "authentication expired" in text)
+
+
+async def connect(url: str | None = None, *, creds: Path | str | None = None, name: str = "interlock",
+                  patient: bool = True, **options: Any) -> NATS:
+    """Connect as ``creds``, and keep reconnecting for as long as the process lives (cluster
+    failover). A refused credential raises :class:`ConnectRefused` at once: a patient client
+    would otherwise retry it for ever."""
+    target = resolve_url(url)
+    nc = NATS()
+    loop = asyncio.get_running_loop()
+    refused: asyncio.Future[BaseException] = loop.create_future()
 
     async def on_error(e: Exception) -> None:
+        if not nc.is_connected and is_refusal(e) and not refused.done():
+            refused.set_result(e)
+            return
         log.warning("nats %s: %r", name, e)
 
-    return await nats.connect(
-        resolve_url(url).split(","),
-        name=name,
-        max_reconnect_attempts=-1 if patient else 3,
-        reconnect_time_wait=0.25,
-        connect_timeout=2,
-        allow_reconnect=True,
-        error_cb=on_error,
-    )
+    settings: dict[str, Any] = {
+        "name": name, "max_reconnect_attempts": -1 if patient else 3, "reconnect_time_wait": 0.25,
+        "connect_timeout": 2, "allow_reconnect": True, "error_cb": on_error,
+        **creds_options(creds), **options,
+    }
+    connecting: asyncio.Future[Any] = asyncio.ensure_future(nc.connect(target.split(","), **settings))
+    try:
+        await asyncio.wait([connecting, refused], return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        connecting.cancel()
+        raise
+    error: BaseException | None = refused.result() if refused.done() else None
+    if error is None:
+        try:
+            connecting.result()
+            return nc
+        except (nats.errors.Error, OSError, TimeoutError) as e:
+            if not is_refusal(e) and not is_refusal(nc.last_error or e):
+                raise
+            error = e if is_refusal(e) else nc.last_error
+    connecting.cancel()
+    with contextlib.suppress(BaseException):
+        await connecting
+    with contextlib.suppress(Exception):
+        await nc.close()
+    assert error is not None
+    raise ConnectRefused(describe_refusal(error, target, creds) or f"cannot connect to {target}: {error}")
+
+
+__all__ = ["ADMIN_CREDS_FILE", "DEFAULT_URL", "URL_FILE", "ConnectRefused", "connect", "creds_options",
+           "describe_refusal", "is_refusal", "resolve_url"]

@@ -30,7 +30,7 @@ from interlock.core.eventstore import EventStore, EventStoreError, RunNotFound, 
 from interlock.core.retry import Backoff, retrying
 from interlock.core.run import IllegalTransition
 from interlock.core.topology import provision
-from interlock.runtime.connect import connect
+from interlock.runtime.connect import connect, creds_options
 from interlock.runtime.consumer import PullConsumer
 from interlock.runtime.deadletter import dead_letter
 from interlock.runtime.payloads import PayloadStore
@@ -78,7 +78,8 @@ class Service:
         broker_log = logging.getLogger(f"interlock.{self.name}.broker")
         broker_log.setLevel(logging.WARNING)
         self.broker = NatsBroker(self.settings.nats_url.split(","), logger=broker_log, log_level=logging.DEBUG,
-                                 max_reconnect_attempts=-1, reconnect_time_wait=1)
+                                 max_reconnect_attempts=-1, reconnect_time_wait=1,
+                                 **creds_options(self.settings.creds))
         self._stopped = asyncio.Event()
         self._consumers: list[PullConsumer] = []
         self._sweeper: asyncio.Task[None] | None = None
@@ -86,8 +87,10 @@ class Service:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        self.nc = await connect(self.settings.nats_url, name=f"interlock-{self.name}")
+        self.nc = await connect(self.settings.nats_url, creds=self.settings.creds, name=f"interlock-{self.name}")
         self.js = self.nc.jetstream()
+        # whoever bootstraps provisions, with the admin credential (`interlock up`, `interlock
+        # provision`); a service credential may not change streams, so only when told to
         if self.settings.provision:
             await self._provision()
         self.store = EventStore(self.nc, self.js, service=self.name)

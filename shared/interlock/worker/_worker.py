@@ -10,6 +10,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -93,11 +94,14 @@ class Worker:
     """A process's agent handlers, one durable consumer per job topic, shared with other copies."""
 
     def __init__(self, name: str = "worker", *, nats_url: str | None = None, concurrency: int | None = None,
-                 inline_limit: int | None = None, settings: WorkerSettings | None = None) -> None:
+                 inline_limit: int | None = None, settings: WorkerSettings | None = None,
+                 creds: Path | str | None = None) -> None:
         """Arguments left out (``None``) come from ``settings``, by default :class:`WorkerSettings`
-        read from the environment when the worker starts."""
+        read from the environment when the worker starts. ``creds``: the worker's ``.creds`` file
+        (default ``INTERLOCK_CREDS``), a worker credential of its tenant and topics."""
         self.name = name
         self.nats_url = nats_url
+        self.creds = Path(creds) if creds is not None else None
         self.concurrency = concurrency
         self.inline_limit = inline_limit
         self.settings = settings
@@ -131,7 +135,8 @@ class Worker:
         concurrency = settings.concurrency if self.concurrency is None else self.concurrency
         tracing.configure(settings.tracing)
         self._stop.clear()
-        self._nc = nc = await connect(self.nats_url or settings.nats_url, name=f"interlock-worker-{self.name}")
+        self._nc = nc = await connect(self.nats_url or settings.nats_url, creds=self.creds or settings.creds,
+                                      name=f"interlock-worker-{self.name}")
         js = nc.jetstream()
         inline_limit = settings.inline_limit if self.inline_limit is None else self.inline_limit
         self._payloads = PayloadStore(js, inline_limit)

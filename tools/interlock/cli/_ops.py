@@ -8,7 +8,6 @@ import contextlib
 import importlib
 import importlib.util
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -65,32 +64,20 @@ def serve(ctx: typer.Context,
         configure_logging(True)  # a service's log is its INFO lines
     module, _, cls = SERVICE_CLASSES[name].partition(":")
     service_class = getattr(importlib.import_module(module), cls)
-    service = service_class(ServiceSettings(nats_url=options.nats)) if options.nats else service_class()
+    given: dict[str, Any] = {k: v for k, v in (("nats_url", options.nats), ("creds", options.creds)) if v}
+    service = service_class(ServiceSettings(**given)) if given else service_class()
     asyncio.run(service.run_forever())
 
 
 def load_target(target: str) -> Any:
     """``module:object`` or ``path/to/file.py:object`` (object defaults to ``worker``)."""
-    module_name, _, attr = target.partition(":")
-    attr = attr or "worker"
-    if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.is_file():
-            fail(f"{module_name}: no such file")
-        spec = importlib.util.spec_from_file_location(path.stem.replace("-", "_"), path)
-        if spec is None or spec.loader is None:
-            fail(f"{module_name}: cannot load it as a module")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            fail(f"cannot import {module_name}: {e}")
-    if not hasattr(module, attr):
-        fail(f"{module_name} has no attribute {attr!r}")
-    return getattr(module, attr)
+    from interlock.devstack.targets import TargetError
+    from interlock.devstack.targets import load_target as load
+
+    try:
+        return load(target)
+    except TargetError as e:
+        fail(str(e))
 
 
 def worker(ctx: typer.Context, target: Annotated[str, typer.Argument(
@@ -103,6 +90,8 @@ def worker(ctx: typer.Context, target: Annotated[str, typer.Argument(
         fail(f"{target} is not an interlock.worker.Worker")
     if globals_of(ctx).nats:
         loaded.nats_url = globals_of(ctx).nats
+    if globals_of(ctx).creds:
+        loaded.creds = globals_of(ctx).creds
 
     async def run() -> None:
         task = asyncio.ensure_future(loaded.run())

@@ -4,6 +4,12 @@ Used by ``interlock up``, ``interlock demo``, the end-to-end tests and crash dri
 process can be SIGKILLed and started again). ``Stack(cluster=3)`` runs a 3-node JetStream
 cluster on loopback (:class:`interlock.devstack.cluster.LocalCluster`) instead of one server: services
 get every node's URL and R3 streams, and ``kill("n1")``/``restart("n1")`` take nodes down.
+
+Authentication is on: the stack's identity home is ``{home}/identity`` (created on first start),
+the embedded server runs in operator mode and refuses anonymous connections, and every process
+connects with its own credential, issued on first start and reused after (get-or-issue): one per
+service kind, one per worker process (role ``worker``, tenant ``default``, the topics that worker
+serves), and ``admin`` for the local CLI and for provisioning (``{home}/identity/creds/admin.creds``).
 """
 
 from __future__ import annotations
@@ -17,15 +23,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nats
-
 from interlock.core.natsserver import EmbeddedNats, free_port
 from interlock.core.topology import provision
 from interlock.devstack.cluster import LocalCluster
-from interlock.runtime.connect import URL_FILE
+from interlock.devstack.targets import worker_topics
+from interlock.identity import IdentityHome
+from interlock.runtime.connect import URL_FILE, connect
 
 SERVICES = ("planner", "policy", "approval", "dispatcher", "auditor")
 DEFAULT_PORT = 4222
+DEFAULT_TENANT = "default"
+ADMIN = "admin"
 
 
 def _port_free(port: int) -> bool:
@@ -58,6 +66,43 @@ class Stack:
     nats: EmbeddedNats | None = None
     cluster: int = 0  # > 0: run a LocalCluster of this many nodes instead of one server
     local_cluster: LocalCluster | None = None
+    identity_dir: Path | None = None
+    """The identity home (default ``{home}/identity``); with ``nats_url``, the one that server trusts."""
+    tenant: str = DEFAULT_TENANT
+    creds: dict[str, Path] = field(default_factory=dict)
+    """The credential of each process by name, and ``admin``'s."""
+    _identity: IdentityHome | None = field(default=None, repr=False)
+
+    @property
+    def identity(self) -> IdentityHome:
+        """The identity home, created on first use."""
+        if self._identity is None:
+            self._identity = IdentityHome(self.identity_dir or self.home / "identity")
+        return self._identity
+
+    @property
+    def admin_creds(self) -> Path:
+        """The admin credential (provisioning, the local CLI)."""
+        if ADMIN not in self.creds:
+            self.creds[ADMIN] = self.identity.get_or_issue("admin", self.tenant, name=ADMIN)
+        return self.creds[ADMIN]
+
+    def issue_creds(self) -> dict[str, Path]:
+        """Get or issue the credential of every service and worker process and the admin's."""
+        self.admin_creds  # noqa: B018 - issued first: the CLI's default
+        for service in self.services:
+            if service not in self.creds:
+                self.creds[service] = self.identity.get_or_issue(service, name=service)
+        topics: dict[str, tuple[str, ...]] = {}
+        for i, target in enumerate(self.workers):
+            name = f"worker-{i}"
+            if name in self.creds:
+                continue
+            if target not in topics:
+                topics[target] = worker_topics(target)
+            # each worker process may pull its tenant's jobs of the topics it serves, and no other
+            self.creds[name] = self.identity.get_or_issue("worker", self.tenant, topics[target], name=name)
+        return self.creds
 
     @property
     def url(self) -> str:
@@ -79,19 +124,23 @@ class Stack:
     def start_nats(self) -> str:
         if self.nats_url:
             return self.nats_url
+        self.issue_creds()  # before the server starts: it preloads the accounts (and revocations)
         if self.cluster:
             (self.home / "logs").mkdir(parents=True, exist_ok=True)
-            self.local_cluster = LocalCluster(self.home / "cluster", self.cluster)
+            self.local_cluster = LocalCluster(self.home / "cluster", self.cluster, identity=self.identity,
+                                              creds=self.admin_creds)
             self.nats_url = self.local_cluster.start()
             return self.nats_url
         port = self.port if self.port is not None else (DEFAULT_PORT if _port_free(DEFAULT_PORT) else free_port())
-        self.nats = EmbeddedNats(store_dir=self.home / "nats", port=port, log_file=self.home / "logs" / "nats.log")
+        self.nats = EmbeddedNats(store_dir=self.home / "nats", port=port, log_file=self.home / "logs" / "nats.log",
+                                 config=self.identity.server_config())
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
         self.nats_url = self.nats.start()
         return self.nats_url
 
     async def provision(self) -> list[str]:
-        nc = await nats.connect(self.url.split(","))
+        """Create or update the streams and buckets, as admin (services do not provision)."""
+        nc = await connect(self.url, creds=self.admin_creds, name="interlock-stack-provision", patient=False)
         try:
             return await provision(nc.jetstream(), self.replicas)
         finally:
@@ -101,7 +150,8 @@ class Stack:
         logs = self.home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         proc = self.procs.get(name) or Proc(name, argv, logs / f"{name}.log")
-        env = {**os.environ, **self.env, "INTERLOCK_NATS_URL": self.url, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.env, "INTERLOCK_NATS_URL": self.url, "PYTHONUNBUFFERED": "1",
+               "INTERLOCK_CREDS": str(self.creds[name]), "INTERLOCK_PROVISION": "false"}
         if self.cluster:
             env["INTERLOCK_REPLICAS"] = str(self.replicas)
         with proc.log_path.open("ab") as log:
@@ -113,6 +163,7 @@ class Stack:
     def start(self) -> None:
         """Start NATS (unless a URL was given) and every service and worker process."""
         self.start_nats()
+        self.issue_creds()  # (a no-op after start_nats, unless a URL was given)
         URL_FILE.parent.mkdir(parents=True, exist_ok=True)
         URL_FILE.write_text(self.url)
         for service in self.services:
