@@ -176,7 +176,7 @@ class StackBench:
             self.stack.start_nats()
             await self.stack.provision()
             self.stack.start()
-        self.client = client = await Client.connect(self.stack.url, name="bench")
+        self.client = client = await Client.connect(self.stack.url, name="bench", creds=self.stack.admin_creds)
         await client.nc.subscribe(RECV_SUBJECT, cb=self._on_recv)
         await client.apply_workflow(FIVE_STEP_YAML)
         await client.apply_workflow(FAN_YAML)

@@ -1,5 +1,7 @@
 """An in-process Interlock for integration tests: the five services and workers as tasks on the
-test's event loop, against the session's real nats-server."""
+test's event loop, against the session's real nats-server (auth on: services connect with their
+service credential, workers with a worker credential of the harness's tenant and their topics,
+the harness's own connection is admin)."""
 
 from __future__ import annotations
 
@@ -8,9 +10,9 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NATS
 
 from interlock.contracts import headers
@@ -20,10 +22,12 @@ from interlock.core.eventstore import EventStore
 from interlock.core.ids import run_id_for
 from interlock.core.run import Run
 from interlock.core.topology import STREAMS
+from interlock.runtime.connect import connect as connect_as
 from interlock.runtime.consumer import PullConsumer
 from interlock.runtime.registry import WorkflowRegistry
 from interlock.runtime.service import Service, ServiceSettings
 from interlock.worker import Worker
+from tests.principals import Principals
 
 TERMINAL = {"RunSucceeded", "RunFailed", "RunDenied", "RunCancelled", "RunTimedOut"}
 SETTLE_TIMEOUT_S = 20.0
@@ -47,6 +51,7 @@ class Harness:
     url: str
     nc: NATS
     tenant: str = "default"
+    principals: Principals | None = None
     services: list[Service] = field(default_factory=list)
     workers: list[Worker] = field(default_factory=list)
 
@@ -54,17 +59,27 @@ class Harness:
     def store(self) -> EventStore:
         return EventStore(self.nc, self.nc.jetstream(), service="test")
 
+    def service_settings(self, service: str, settings: ServiceSettings | None = None, **values: Any
+                         ) -> ServiceSettings:
+        """Settings for a service of kind ``service`` on this harness's server, with its credential
+        (``settings`` or ``values`` given win; no periodic reconciler unless asked for: sweeps over
+        the session's shared server would make timings noisy)."""
+        base = settings or ServiceSettings(nats_url=self.url, provision=False, sweep_interval=0, **values)
+        if base.creds is None and self.principals is not None:
+            base = base.model_copy(update={"creds": self.principals.service(service)})
+        return base
+
     async def start_services(self, copies: int = 1, settings: ServiceSettings | None = None) -> None:
         for cls in service_classes():
             for _ in range(copies):
-                # no periodic reconciler in tests unless a test asks for one: sweeps over the
-                # session's shared server would make timings noisy
-                service = cls(settings or ServiceSettings(nats_url=self.url, provision=False, sweep_interval=0))
+                service = cls(self.service_settings(cls.name, settings))
                 await service.start()
                 self.services.append(service)
 
     async def start_worker(self, worker: Worker) -> Worker:
         worker.nats_url = self.url
+        if worker.creds is None and self.principals is not None:
+            worker.creds = self.principals.worker(sorted(worker.handlers), self.tenant)
         await worker.start()
         self.workers.append(worker)
         return worker
@@ -187,6 +202,7 @@ def outcome_counts(events: list[dict[str, Any]]) -> dict[tuple[str, int], int]:
     return counts
 
 
-async def connect(url: str) -> NATS:
-    return await nats.connect(url)
+async def connect(url: str, creds: Path | None = None) -> NATS:
+    """A test client's connection, as ``creds`` (the tests' fixtures give admin's)."""
+    return await connect_as(url, creds=creds, name="interlock-test", patient=False)
 

@@ -22,6 +22,7 @@ from interlock.core import codec
 from interlock.core.eventstore import EventStore
 from interlock.core.run import Run
 from interlock.runtime.settings import ServiceSettings
+from tests.principals import Principals
 
 pytestmark = pytest.mark.integration
 
@@ -123,8 +124,17 @@ def remove_files(folder: Path, pattern: str) -> None:
         path.unlink()
 
 
+AUDITOR_CREDS: list[Path] = []  # the session's auditor credential, set by the autouse fixture below
+
+
+@pytest.fixture(autouse=True)
+def auditor_creds(principals: Principals) -> None:
+    AUDITOR_CREDS[:] = [principals.service("auditor")]
+
+
 def auditor(url: str, db_path: str | Path = ":memory:", instance: str | None = None) -> AuditorService:
-    return AuditorService(ServiceSettings(nats_url=url), db_path=db_path, instance=instance or unique("it"))
+    return AuditorService(ServiceSettings(nats_url=url, creds=AUDITOR_CREDS[0]), db_path=db_path,
+                          instance=instance or unique("it"))
 
 
 async def test_live_projection_answers_queries_and_matches_a_rebuild(provisioned: str, nc: NATS) -> None:

@@ -22,7 +22,6 @@ from interlock.auditor.service import AuditorService
 from interlock.cli import app
 from interlock.client import Client
 from interlock.contracts import events as ev
-from interlock.runtime.settings import ServiceSettings
 from interlock.worker import JobContext, Worker
 from tests.integration.harness import Harness, types, unique
 
@@ -34,7 +33,7 @@ RUN_LINE = re.compile(r"^run (\S+) \(workflow ")
 @pytest.fixture
 async def stack(harness: Harness, tmp_path: Path) -> AsyncIterator[tuple[Harness, str]]:
     """The services, an auditor of its own, and a worker echoing its input on a fresh topic."""
-    auditor = AuditorService(ServiceSettings(nats_url=harness.url, provision=False, sweep_interval=0),
+    auditor = AuditorService(harness.service_settings("auditor"),
                              db_path=tmp_path / "auditor.sqlite3", instance=unique("cli"))
     await auditor.start()
     topic = f"cli.{unique('echo').replace('-', '_')}"

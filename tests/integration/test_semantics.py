@@ -8,6 +8,7 @@ import base64
 import json
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from interlock.runtime.registry import WorkflowRegistry
 from interlock.runtime.settings import ServiceSettings
 from interlock.worker import JobContext, Worker
 from tests.integration.harness import Harness, connect, outcome_counts, types, unique
+from tests.principals import Principals
 
 pytestmark = pytest.mark.integration
 
@@ -238,9 +240,9 @@ steps:
 
 # -- 9. large payloads -----------------------------------------------------------------------
 @pytest.fixture
-async def small_inline(provisioned: str) -> AsyncIterator[Harness]:
-    nc = await connect(provisioned)
-    h = Harness(url=provisioned, nc=nc)
+async def small_inline(provisioned: str, admin_creds: Path, principals: Principals) -> AsyncIterator[Harness]:
+    nc = await connect(provisioned, admin_creds)
+    h = Harness(url=provisioned, nc=nc, principals=principals)
     await h.start_services(settings=ServiceSettings(nats_url=provisioned, provision=False, inline_limit=1024))
     try:
         yield h

@@ -285,6 +285,18 @@ class IdentityHome:
             self.revoke(u.public_key)
         return self.issue(r.name, tenant, wanted, name=principal)
 
+    @_exclusive
+    def issue_custom(self, name: str, permissions: Permissions, *, out: Path | str | None = None) -> Path:
+        """A credential with explicit ``permissions`` and no role (``Permissions()``: everything),
+        for tools that are not Interlock principals (the bench's raw-NATS floor); recorded with
+        role ``custom``. Never give one to a service, worker or person: use :meth:`issue`."""
+        s.token(name, "principal name")
+        path = Path(out) if out is not None else self._dir("creds") / f"{name}.creds"
+        user = self._issue_user(APP_ACCOUNT, name, lambda key: permissions, path)
+        self._save_user(Principal(name, "custom", ALL_TENANTS, user.public_key, APP_ACCOUNT, int(time.time()),
+                                  (), None, None, str(path)))
+        return path
+
     def _save_user(self, principal: Principal) -> None:
         self._write(self._dir("users") / f"{principal.public_key}.json",
                     json.dumps(asdict(principal), indent=2, sort_keys=True))

@@ -119,22 +119,25 @@ def nats(
     store_dir: Annotated[Path, typer.Option("--store-dir", help="JetStream store directory")] = DEFAULT_STORE_DIR,
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="client port (0: any free one)")] = 4222,
 ) -> None:
-    """Run the embedded NATS server (JetStream) and provision Interlock's streams, until Ctrl-C."""
-    import nats as nats_py
-
+    """Run the embedded NATS server (JetStream, operator mode: credentials required) and provision
+    Interlock's streams, until Ctrl-C. The identity home is the store directory's sibling ``identity``."""
     from interlock.core.natsserver import EmbeddedNats, NatsServerError
     from interlock.core.topology import provision
+    from interlock.identity import IdentityHome
+    from interlock.runtime.connect import connect
 
-    server = EmbeddedNats(store_dir=store_dir, port=port)
+    identity = IdentityHome(store_dir.parent / "identity")
+    admin = identity.get_or_issue("admin", "default", name="admin")
+    server = EmbeddedNats(store_dir=store_dir, port=port, config=identity.server_config())
     stop_on_signals()
     try:
         url = server.start()
     except NatsServerError as e:
         fail(str(e))
-    echo(f"nats-server (JetStream) listening on {url}, store {store_dir}")
+    echo(f"nats-server (JetStream) listening on {url}, store {store_dir}; admin credential {admin}")
 
     async def provision_and_wait() -> None:
-        nc = await nats_py.connect(url)
+        nc = await connect(url, creds=admin, name="interlock-nats-provision", patient=False)
         for line in await provision(nc.jetstream()):
             echo(f"  {line}")
         await nc.close()
@@ -176,6 +179,8 @@ def up(
         asyncio.run(stack.provision())
         stack.start()
         echo(f"Interlock is up on {url}: {', '.join(stack.procs)} (logs in {home}/logs). Ctrl-C stops it.")
+        echo(f"Admin credential: {stack.admin_creds} (the CLI's default here; anonymous connections are "
+             f"refused). Issue others with `interlock creds issue`.")
         while True:
             time.sleep(1)
             for name in stack.dead():

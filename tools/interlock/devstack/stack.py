@@ -80,11 +80,16 @@ class Stack:
             self._identity = IdentityHome(self.identity_dir or self.home / "identity")
         return self._identity
 
+    def _principal(self, name: str) -> str:
+        # another tenant's stack on the same identity home (a drill against `interlock up`)
+        # must not take over (and revoke) the default tenant's credentials
+        return name if self.tenant == DEFAULT_TENANT else f"{name}-{self.tenant}"
+
     @property
     def admin_creds(self) -> Path:
-        """The admin credential (provisioning, the local CLI)."""
+        """The admin credential (provisioning, the local CLI): ``{identity}/creds/admin.creds``."""
         if ADMIN not in self.creds:
-            self.creds[ADMIN] = self.identity.get_or_issue("admin", self.tenant, name=ADMIN)
+            self.creds[ADMIN] = self.identity.get_or_issue("admin", self.tenant, name=self._principal(ADMIN))
         return self.creds[ADMIN]
 
     def issue_creds(self) -> dict[str, Path]:
@@ -101,7 +106,8 @@ class Stack:
             if target not in topics:
                 topics[target] = worker_topics(target)
             # each worker process may pull its tenant's jobs of the topics it serves, and no other
-            self.creds[name] = self.identity.get_or_issue("worker", self.tenant, topics[target], name=name)
+            self.creds[name] = self.identity.get_or_issue("worker", self.tenant, topics[target],
+                                                          name=self._principal(name))
         return self.creds
 
     @property
