@@ -17,6 +17,7 @@ subject permissions. An account per tenant can come later: everything here takes
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
 import fcntl
@@ -371,11 +372,23 @@ class IdentityHome:
         Returns the server's replies; raises :class:`IdentityError` if one is not ``code`` 200.
         """
         import nats  # here, so that issuing credentials needs no NATS client
+        import nats.errors
 
         read_creds(self.system_creds)  # a missing or damaged file fails here, clearly
-        nc = await nats.connect(url if isinstance(url, str) else list(url),
-                                user_credentials=str(self.system_creds), allow_reconnect=False,
-                                connect_timeout=timeout, **dict(connect_options or {}))
+        async def quiet(e: Exception) -> None:
+            pass
+
+        options: dict[str, Any] = {"allow_reconnect": False, "max_reconnect_attempts": 1, "reconnect_time_wait": 0.1,
+                                   "connect_timeout": timeout,
+                                   "error_cb": quiet, **dict(connect_options or {})}
+        servers = url.split(",") if isinstance(url, str) else list(url)
+        try:
+            # nats-py retries an unreachable server on its own: bound the whole connect
+            nc = await asyncio.wait_for(nats.connect(servers, user_credentials=str(self.system_creds), **options),
+                                        timeout * 2)
+        except (OSError, TimeoutError, nats.errors.Error) as e:
+            detail = str(e) or type(e).__name__
+            raise IdentityError(f"cannot reach the server at {url} as the system user: {detail}") from None
         replies: builtins.list[dict[str, Any]] = []
         try:
             for account_key, token in self.account_jwts().items():
