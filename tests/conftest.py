@@ -62,5 +62,14 @@ async def nc(provisioned: str, admin_creds: Path) -> AsyncIterator[NATS]:
 
 
 @pytest.fixture
+async def service_nc(provisioned: str, principals: Principals) -> AsyncIterator[NATS]:
+    """A service's connection (the planner's credential), for tests that append to run logs
+    themselves: only services may."""
+    client = await connect(provisioned, creds=principals.service("planner"), patient=False)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
 def examples_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "examples"
