@@ -18,7 +18,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from faststream.nats import NatsBroker
+from faststream.nats import NatsBroker, NatsCredentials
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -77,9 +77,13 @@ class Service:
         # FastStream logs every message at INFO; our handlers log what matters themselves
         broker_log = logging.getLogger(f"interlock.{self.name}.broker")
         broker_log.setLevel(logging.WARNING)
+        # the broker's own connection (request-reply commands and queries) as the same credential
+        auth: dict[str, Any] = {}
+        if self.settings.creds is not None:
+            auth = {"security": NatsCredentials(str(self.settings.creds)),
+                    "inbox_prefix": creds_options(self.settings.creds)["inbox_prefix"]}
         self.broker = NatsBroker(self.settings.nats_url.split(","), logger=broker_log, log_level=logging.DEBUG,
-                                 max_reconnect_attempts=-1, reconnect_time_wait=1,
-                                 **creds_options(self.settings.creds))
+                                 max_reconnect_attempts=-1, reconnect_time_wait=1, **auth)
         self._stopped = asyncio.Event()
         self._consumers: list[PullConsumer] = []
         self._sweeper: asyncio.Task[None] | None = None
