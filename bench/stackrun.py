@@ -163,7 +163,8 @@ def _cwd(path: Path) -> Iterator[None]:
 class StackBench:
     def __init__(self, home: Path) -> None:
         self.home = home
-        self.stack = Stack(home=home, port=0, workers=[f"{AGENTS}:worker"],
+        # a worker serves one tenant: one bench worker process per tenant the workloads use
+        self.stack = Stack(home=home, port=0, workers=[f"{AGENTS}:worker"], worker_tenants=(T1, T2, T3),
                            env={"INTERLOCK_AUDITOR_DB": str(home / "auditor.sqlite3"),
                                 "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
         self.client: Client | None = None

@@ -6,6 +6,7 @@ the harness's own connection is admin)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 import uuid
 from collections.abc import Callable
@@ -14,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client as NATS
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from interlock.contracts import headers
 from interlock.contracts import subjects as s
-from interlock.contracts.messages import ApprovalDecision, CommandReply, Trigger
+from interlock.contracts.messages import ApprovalDecision, CommandReply, DeadLetter, Trigger
 from interlock.core.eventstore import EventStore
 from interlock.core.ids import run_id_for
 from interlock.core.run import Run
@@ -77,9 +79,11 @@ class Harness:
                 self.services.append(service)
 
     async def start_worker(self, worker: Worker) -> Worker:
+        """Start ``worker`` on the test's server, for the harness's tenant unless it names its own."""
         worker.nats_url = self.url
+        worker.tenant = worker.tenant or self.tenant
         if worker.creds is None and self.principals is not None:
-            worker.creds = self.principals.worker(sorted(worker.handlers), self.tenant)
+            worker.creds = self.principals.worker(sorted(worker.handlers), worker.tenant)
         await worker.start()
         self.workers.append(worker)
         return worker
@@ -98,8 +102,8 @@ class Harness:
     async def trigger(self, workflow_id: str, run_input: Any = None, *, key: str | None = None,
                       **extra: Any) -> str:
         key = key or uuid.uuid4().hex
-        trigger = Trigger(workflow_id=workflow_id, input=run_input, idempotency_key=key, tenant=self.tenant, **extra)
-        await self.nc.jetstream().publish(s.trigger(workflow_id), trigger.model_dump_json().encode(),
+        trigger = Trigger(workflow_id=workflow_id, input=run_input, idempotency_key=key, **extra)
+        await self.nc.jetstream().publish(s.trigger(self.tenant, workflow_id), trigger.model_dump_json().encode(),
                                           headers={headers.MSG_ID: f"trigger:{self.tenant}:{workflow_id}:{key}"})
         return str(run_id_for(self.tenant, workflow_id, key))
 
@@ -172,19 +176,49 @@ class Harness:
                                      f"streams still moving: {moved or 'none'}")
             await asyncio.sleep(0.02)
 
+    async def dead_letters(self, service: str, marker: bytes, *, want: int, after_seq: int,
+                           timeout: float = 10.0) -> list[DeadLetter]:
+        """The first ``want`` dead letters of ``service`` after stream seq ``after_seq`` whose
+        original bytes contain ``marker`` (fewer if they do not come within ``timeout``)."""
+        found: list[DeadLetter] = []
+        sub = await self.nc.jetstream().subscribe(
+            s.dead_letter(service), ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1))
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while len(found) < want and loop.time() < deadline:
+                try:
+                    msg = await sub.next_msg(timeout=max(0.05, deadline - loop.time()))
+                except TimeoutError:
+                    break
+                letter = DeadLetter.model_validate_json(msg.data)
+                if marker in base64.b64decode(letter.data_b64):
+                    found.append(letter)
+        finally:
+            await sub.unsubscribe()
+        return found
+
     async def run_state(self, run_id: str) -> Run:
         return (await self.store.load(self.tenant, run_id, fresh=True)).run
 
     async def decide(self, run_id: str, step_id: str, *, grant: bool = True, job_hash: str | None = None,
-                     role: str | None = None, approver: str = "alice", reason: str = "") -> CommandReply:
+                     role: str | None = None, approver: str = "alice", reason: str = "",
+                     body: dict[str, Any] | None = None) -> CommandReply:
+        """Send ``approver``'s decision (the principal of the command subject); ``body``: more fields
+        of the ApprovalDecision (e.g. a deprecated ``approver`` or ``tenant`` that disagrees)."""
         run = await self.run_state(run_id)
         approval = run.steps[step_id].approval
         assert approval is not None, f"{step_id} has no approval request"
-        decision = ApprovalDecision(run_id=run_id, tenant=self.tenant, step_id=step_id,
-                                    job_hash=job_hash or approval.job_hash, approver=approver,
-                                    role=role or approval.approver_role, reason=reason)
-        msg = await self.nc.request(s.CMD_APPROVE if grant else s.CMD_REJECT,
-                                    decision.model_dump_json().encode(), timeout=5)
+        decision = ApprovalDecision(run_id=run_id, step_id=step_id, job_hash=job_hash or approval.job_hash,
+                                    role=role or approval.approver_role, reason=reason, **(body or {}))
+        return await self.command("approve" if grant else "reject", decision, principal=approver)
+
+    async def command(self, name: str, request: Any, *, principal: str = "alice",
+                      tenant: str | None = None) -> CommandReply:
+        """Send command ``name`` as ``principal`` of ``tenant`` (default: the harness's)."""
+        msg = await self.nc.request(s.command(tenant or self.tenant, name, principal),
+                                    request.model_dump_json(exclude_none=True).encode(), timeout=5)
         return CommandReply.model_validate_json(msg.data)
 
 

@@ -66,14 +66,18 @@ async def test_approval_step_refuses_wrong_decisions_then_continues_when_approve
     assert "job hash" in (wrong_hash.error or "")
     wrong_role = await harness.decide(run_id, "gate", role="intern")
     assert not wrong_role.ok
-    assert "role 'intern' may not decide" in (wrong_role.error or "")
+    assert wrong_role.error == (f"'alice' may not approve step 'gate' of run {run_id}: 'alice' decided as role "
+                                f"'intern'; the request needs role 'finance'; the request stays pending (the refusal "
+                                f"is recorded in the run's log)")
     wrong_reject = await harness.decide(run_id, "gate", grant=False, role="intern")
     assert not wrong_reject.ok
     state = await harness.run_state(run_id)
     assert state.steps["gate"].status == "awaiting_approval"
     assert state.steps["gate"].approval is not None and state.steps["gate"].approval.status == "requested"
     assert "pay" not in state.steps
-    assert not {"ApprovalGranted", "ApprovalRejected"} & set(types(await harness.events(run_id)))
+    events = await harness.events(run_id)
+    assert not {"ApprovalGranted", "ApprovalRejected"} & set(types(events))
+    assert [e["data"]["role"] for e in of_type(events, "ApprovalRefused", "gate")] == ["finance", "intern", "intern"]
 
     reply = await harness.decide(run_id, "gate", approver="alice", reason="budgeted")
     assert reply.ok, reply.error

@@ -147,7 +147,7 @@ async def test_live_projection_answers_queries_and_matches_a_rebuild(provisioned
         done, waiting, fresh = list(expected)
         await wait_projected(service.projection, expected)
 
-        reply = await ask(nc, s.Q_STATUS, RunQuery(run_id=done, tenant=tenant))
+        reply = await ask(nc, s.query(tenant, "status"), RunQuery(run_id=done, tenant=tenant))
         assert reply.ok, reply.error
         status = reply.result
         assert status["status"] == "succeeded" and status["chain_ok"] is True and status["tenant"] == tenant
@@ -157,7 +157,7 @@ async def test_live_projection_answers_queries_and_matches_a_rebuild(provisioned
         assert step["decision"] == {"decision": "allow", "snapshot_id": "builtin@1", "rule_ids": ["builtin.allow"]}
         assert step["output"] == {"ok": "a"}
 
-        reply = await ask(nc, s.Q_TIMELINE, RunQuery(run_id=done))
+        reply = await ask(nc, s.query(tenant, "timeline"), RunQuery(run_id=done))
         assert reply.ok
         summaries = [entry["summary"] for entry in reply.result]
         assert "policy allow (rules builtin.allow, snapshot builtin@1)" in summaries
@@ -167,12 +167,12 @@ async def test_live_projection_answers_queries_and_matches_a_rebuild(provisioned
         assert [entry["seq"] for entry in reply.result] == list(range(1, expected[done][0] + 1))
         assert all(entry["service"] == "test" for entry in reply.result)
 
-        reply = await ask(nc, s.Q_RUNS, RunsQuery(tenant=tenant))
+        reply = await ask(nc, s.query(tenant, "runs"), RunsQuery())
         assert reply.ok and [r["run_id"] for r in reply.result] == [fresh, waiting, done]
-        reply = await ask(nc, s.Q_RUNS, RunsQuery(tenant=tenant, status="succeeded"))
+        reply = await ask(nc, s.query(tenant, "runs"), RunsQuery(status="succeeded"))
         assert [r["run_id"] for r in reply.result] == [done]
 
-        reply = await ask(nc, s.Q_APPROVALS, RunsQuery(tenant=tenant))
+        reply = await ask(nc, s.query(tenant, "approvals"), RunsQuery())
         assert reply.ok and len(reply.result) == 1
         pending = reply.result[0]
         assert (pending["run_id"], pending["step_id"], pending["job_hash"], pending["approver_role"],
@@ -180,15 +180,16 @@ async def test_live_projection_answers_queries_and_matches_a_rebuild(provisioned
                                                                "builtin@1")
 
         missing = str(uuid.uuid4())
-        for subject in (s.Q_STATUS, s.Q_TIMELINE):
-            reply = await ask(nc, subject, RunQuery(run_id=missing))
+        for name in ("status", "timeline"):
+            reply = await ask(nc, s.query(tenant, name), RunQuery(run_id=missing))
             assert not reply.ok and reply.error == f"run {missing} not found"
-        reply = await ask(nc, s.Q_STATUS, RunQuery(run_id=done, tenant="another-tenant"))
-        assert not reply.ok and "not found" in (reply.error or "")
+            # another tenant's subject does not see this tenant's run
+            reply = await ask(nc, s.query("another-tenant", name), RunQuery(run_id=done))
+            assert not reply.ok and reply.error == f"run {done} not found"
         for bad in (b"not json", b'{"tenant": 5}'):
-            reply = await ask(nc, s.Q_STATUS, bad)
+            reply = await ask(nc, s.query(tenant, "status"), bad)
             assert not reply.ok and (reply.error or "").startswith("invalid RunQuery")
-        assert (await ask(nc, s.Q_RUNS, b"")).ok  # an empty query is a query with defaults
+        assert (await ask(nc, s.query(tenant, "runs"), b"")).ok  # an empty query is a query with defaults
 
         live = await answers(service.projection, tenant, list(expected))
 
@@ -210,6 +211,36 @@ async def test_live_projection_answers_queries_and_matches_a_rebuild(provisioned
         assert await answers(service.projection, tenant, list(expected)) == live
         more = await write_runs(store, tenant)
         await wait_projected(service.projection, more)
+    finally:
+        await service.stop()
+
+
+async def test_a_query_is_answered_for_the_subjects_tenant_only(provisioned: str, nc: NATS) -> None:
+    tenant_a, tenant_b = unique("t-a"), unique("t-b")
+    store = EventStore(nc, nc.jetstream(), service="test")
+    service = auditor(provisioned)
+    await service.start()
+    try:
+        runs_a = await write_runs(store, tenant_a)
+        runs_b = await write_runs(store, tenant_b)
+        await wait_projected(service.projection, {**runs_a, **runs_b})
+        for tenant, own, other in ((tenant_a, runs_a, runs_b), (tenant_b, runs_b, runs_a)):
+            reply = await ask(nc, s.query(tenant, "runs"), RunsQuery(limit=10_000))
+            assert reply.ok and {r["run_id"] for r in reply.result} == set(own)  # none of the other's
+            reply = await ask(nc, s.query(tenant, "approvals"), RunsQuery())
+            assert reply.ok and {a["run_id"] for a in reply.result} < set(own) and len(reply.result) == 1
+            for run_id in other:
+                for name in ("status", "timeline"):
+                    reply = await ask(nc, s.query(tenant, name), RunQuery(run_id=run_id))
+                    assert not reply.ok and reply.error == f"run {run_id} not found"
+                    # naming the other tenant in the body does not help: it is refused
+                    other_tenant = tenant_b if tenant == tenant_a else tenant_a
+                    reply = await ask(nc, s.query(tenant, name), RunQuery(run_id=run_id, tenant=other_tenant))
+                    assert not reply.ok and reply.error == (
+                        f"the request names tenant {other_tenant!r} but was sent as {tenant!r} (subject "
+                        f"{s.query(tenant, name)}): the tenant is taken from the subject, never from the body")
+            reply = await ask(nc, s.query(tenant, "runs"), RunsQuery(tenant=tenant))  # agreeing: fine
+            assert reply.ok and {r["run_id"] for r in reply.result} == set(own)
     finally:
         await service.stop()
 

@@ -50,9 +50,9 @@ async def stack(harness: Harness, tmp_path: Path) -> AsyncIterator[tuple[Harness
         await auditor.stop()
 
 
-async def cli(harness: Harness, *args: str) -> Result:
+async def cli(harness: Harness, *args: str, env: dict[str, str] | None = None) -> Result:
     """``interlock --nats URL ARGS…`` in a thread, so its own asyncio.run does not nest in the test's loop."""
-    return await asyncio.to_thread(CliRunner().invoke, app, ["--nats", harness.url, *args])
+    return await asyncio.to_thread(CliRunner().invoke, app, ["--nats", harness.url, *args], env=env)
 
 
 def workflow_file(tmp_path: Path, wf: str, topic: str, *, gated: bool = False) -> Path:
@@ -180,7 +180,16 @@ async def test_todays_run_spelling_then_approve_by_job_hash_and_cancel(stack: tu
         table = (await cli(harness, "approvals")).stdout
         assert f"{job_hash[:12]}…" in table and job_hash not in table
 
-        approved = await cli(harness, "approve", first, "gate", "--by", approver, "--reason", "looks good")
+        # the approver is the principal the CLI connects as (here INTERLOCK_PRINCIPAL); a --by naming
+        # someone else is refused before anything is sent
+        as_approver = {"INTERLOCK_PRINCIPAL": approver}
+        posing = await cli(harness, "approve", first, "gate", "--by", "someone-else", env=as_approver)
+        assert posing.exit_code == 1 and posing.stderr.startswith(
+            f"interlock: --by someone-else is not the principal you are connected as ({approver})")
+        stranger = await cli(harness, "approve", first, "gate", env={"INTERLOCK_PRINCIPAL": unique("stranger")})
+        assert stranger.exit_code == 1 and "lacks role 'sre-oncall' (is not a registered approver)" in stranger.stderr
+        approved = await cli(harness, "approve", first, "gate", "--by", approver, "--reason", "looks good",
+                             env=as_approver)
         assert approved.exit_code == 0, approved.output
         assert approved.stdout.splitlines()[0] == f"approval request: run {first} step gate"
         assert f"job hash {job_hash}" in approved.stdout
@@ -190,7 +199,7 @@ async def test_todays_run_spelling_then_approve_by_job_hash_and_cancel(stack: tu
         [grant] = [e["data"] for e in events if e["type"] == ev.ApprovalGranted.type_name]
         assert (grant["approver"], grant["job_hash"], grant["reason"]) == (approver, job_hash, "looks good")
 
-        not_pending = await cli(harness, "approval", "approve", first, "gate", "--by", approver)
+        not_pending = await cli(harness, "approval", "approve", first, "gate", env=as_approver)
         assert not_pending.exit_code == 1
         assert not_pending.stderr.startswith("interlock: ") and len(not_pending.stderr.splitlines()) == 1
 

@@ -125,9 +125,11 @@ async def test_bad_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch, p
 
 async def test_a_command_nobody_serves_is_unavailable_naming_the_service_and_subject(client: Client) -> None:
     client.request_timeout = 0.5
-    with pytest.raises(Unavailable, match=rf"^no planner service is running \(nobody answers on {s.CMD_CANCEL}\)$"):
-        await client.cancel(str(uuid.uuid4()), by="test")
-    with pytest.raises(Unavailable, match=rf"^no auditor service is running \(nobody answers on {s.Q_RUNS}\)$"):
+    cancel = s.command(client.tenant, "cancel", client.principal)
+    with pytest.raises(Unavailable, match=rf"^no planner service is running \(nobody answers on {cancel}\)$"):
+        await client.cancel(str(uuid.uuid4()))
+    runs = s.query(client.tenant, "runs")
+    with pytest.raises(Unavailable, match=rf"^no auditor service is running \(nobody answers on {runs}\)$"):
         await client.runs()
 
 
@@ -229,9 +231,11 @@ async def test_approve_with_the_pending_request_and_refusals_for_the_wrong_hash(
         raise AssertionError("the pending approval never showed in approvals()")
 
     with pytest.raises(Refused, match=r"^refused: "):
-        await client.approve(run_id, "gate", approver="alice", job_hash="0" * 64)
-    reply = await client.approve(run_id, "gate", approver="alice", reason="ok")
+        await client.approve(run_id, "gate", job_hash="0" * 64)
+    reply = await client.approve(run_id, "gate", reason="ok")
     assert reply.ok
+    granted = [e for e in await client.events(run_id) if e["type"] == ev.ApprovalGranted.type_name]
+    assert [e["data"]["approver"] for e in granted] == [client.principal]
     assert await client.wait(run_id, timeout=30) == ev.RunSucceeded.type_name
 
 
@@ -241,24 +245,26 @@ async def test_reject_and_cancel(harness: Harness, auditor: AuditorService, clie
     await counting_worker(harness, topic, [])
     rejected = await client.start_run(wf, {"n": 1})
     await until_event(client, rejected, ev.ApprovalRequested.type_name)
-    assert (await client.reject(rejected, "gate", approver="bob", reason="no")).ok
+    assert (await client.reject(rejected, "gate", reason="no")).ok
     assert await client.wait(rejected, timeout=30) in TERMINAL_EVENTS - {ev.RunSucceeded.type_name}
 
     cancelled = await client.start_run(wf, {"n": 1})
     await until_event(client, cancelled, ev.ApprovalRequested.type_name)
-    assert (await client.cancel(cancelled, by="test", reason="changed my mind")).ok
+    assert (await client.cancel(cancelled, reason="changed my mind")).ok
     assert await client.wait(cancelled, timeout=30) == ev.RunCancelled.type_name
+    [cancel] = [e for e in await client.events(cancelled) if e["type"] == ev.RunCancelled.type_name]
+    assert cancel["data"]["by"] == client.principal
     with pytest.raises(Refused):
-        await client.cancel(cancelled, by="test")
+        await client.cancel(cancelled)
 
 
 # -- operations, policy, approvers -------------------------------------------------------------
 async def test_dead_letters_show_what_a_service_could_not_process(harness: Harness, client: Client) -> None:
     wf = unique("dl")
-    await client.js.publish(s.trigger(wf), b"{not json")
+    await client.js.publish(s.trigger(client.tenant, wf), b"{not json")
     for _ in range(100):
         letters = await client.dead_letters(limit=10_000)
-        if any(d.subject == s.trigger(wf) for d in letters):
+        if any(d.subject == s.trigger(client.tenant, wf) for d in letters):
             break
         await asyncio.sleep(0.1)
     else:

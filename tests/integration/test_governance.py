@@ -368,6 +368,11 @@ async def test_a_decision_for_a_forged_or_another_jobs_hash_releases_nothing(
 
     events = await quiet(harness, run_a)
     assert not {"ApprovalGranted", "ApprovalRejected", "StepDispatched"} & set(types(events)), types(events)
+    # each refused decision is on the record, naming who tried and for which hash
+    refused = of_type(events, "ApprovalRefused", "work")
+    assert [(r["data"]["principal"], r["data"]["decision"]) for r in refused] == \
+        [("mallory", "approve")] * 3 + [("mallory", "reject")]
+    assert [r["data"]["job_hash"] for r in refused] == ["0" * 64, hash_b, refused[2]["data"]["job_hash"], hash_b]
     state = await harness.run_state(run_a)
     assert state.steps["work"].status == "awaiting_approval"
     assert state.steps["work"].approval is not None and state.steps["work"].approval.status == "requested"
@@ -511,19 +516,36 @@ async def test_only_registered_approvers_in_roles_they_hold_may_decide(
     run_id = await harness.trigger(wf, {"n": 1})
     await harness.wait_for(run_id, requested("work"))
 
+    kept = "the request stays pending (the refusal is recorded in the run's log)"
     stranger = await harness.decide(run_id, "work", role="sre", approver=mallory)
     assert not stranger.ok
-    assert stranger.error == f"{mallory!r} is not a registered approver"
+    assert stranger.error == (f"{mallory!r} may not approve step 'work' of run {run_id}: {mallory!r} lacks role "
+                              f"'sre' (is not a registered approver); {kept}")
     stranger_reject = await harness.decide(run_id, "work", grant=False, role="sre", approver=mallory)
-    assert not stranger_reject.ok and "not a registered approver" in (stranger_reject.error or "")
+    assert not stranger_reject.ok
+    assert (stranger_reject.error or "").startswith(f"{mallory!r} may not reject step 'work' of run {run_id}: ")
     other_role = await harness.decide(run_id, "work", role="finance", approver=erin)
     assert not other_role.ok
-    assert other_role.error == f"{erin!r} does not hold role 'finance' (holds sre)"
-    nobody = await harness.decide(run_id, "work", role="sre", approver="")
-    assert not nobody.ok and "names no approver" in (nobody.error or "")
+    assert other_role.error == (f"{erin!r} may not approve step 'work' of run {run_id}: {erin!r} decided as role "
+                                f"'finance'; the request needs role 'sre'; {kept}")
+    # the approver is the subject's principal: a body naming a registered approver does not make
+    # mallory one, and erin cannot be recorded as someone else either
+    subject = s.command(harness.tenant, "approve", mallory)
+    posing = await harness.decide(run_id, "work", role="sre", approver=mallory, body={"approver": erin})
+    assert not posing.ok and posing.error == (
+        f"the request names approver {erin!r} but was sent as {mallory!r} (subject {subject}): the approver is "
+        f"taken from the subject, never from the body")
+    masked = await harness.decide(run_id, "work", role="sre", approver=erin, body={"approver": "someone-else"})
+    assert not masked.ok and "names approver 'someone-else' but was sent as" in (masked.error or "")
 
     events = await quiet(harness, run_id)
     assert not {"ApprovalGranted", "ApprovalRejected", "StepDispatched"} & set(types(events))
+    # refused by role: on the record, the request untouched; refused by body: before any state was read
+    refused = [e["data"] for e in of_type(events, "ApprovalRefused", "work")]
+    assert [(r["principal"], r["role"], r["required_role"], r["decision"]) for r in refused] == [
+        (mallory, "sre", "sre", "approve"), (mallory, "sre", "sre", "reject"), (erin, "finance", "sre", "approve")]
+    state = await harness.run_state(run_id)
+    assert state.steps["work"].approval is not None and state.steps["work"].approval.status == "requested"
     assert calls == []
 
     reply = await harness.decide(run_id, "work", role="sre", approver=erin, reason="on call")
@@ -558,7 +580,7 @@ async def test_an_unanswered_request_escalates_to_another_role(harness: Harness,
 
     too_junior = await harness.decide(run_id, "work", role="sre", approver="dana")
     assert not too_junior.ok
-    assert "'sre-lead' may" in (too_junior.error or ""), too_junior.error
+    assert "the request needs role 'sre-lead'" in (too_junior.error or ""), too_junior.error
     assert "ApprovalGranted" not in types(await harness.events(run_id))
 
     reply = await harness.decide(run_id, "work", role="sre-lead", approver="lee", reason="escalated, approved")
@@ -599,8 +621,8 @@ async def test_the_timeline_shows_snapshot_rules_and_the_matching_approval(
         deadline = time.monotonic() + RELOAD_WAIT_S
         timeline: list[dict[str, Any]] = []
         while time.monotonic() < deadline:
-            msg = await harness.nc.request(s.Q_TIMELINE, RunQuery(run_id=run_id, tenant=harness.tenant)
-                                           .model_dump_json().encode(), timeout=5)
+            msg = await harness.nc.request(s.query(harness.tenant, "timeline"),
+                                           RunQuery(run_id=run_id).model_dump_json().encode(), timeout=5)
             answer = QueryReply.model_validate_json(msg.data)
             if answer.ok and len(answer.result) == len(events):
                 timeline = answer.result

@@ -43,7 +43,7 @@ steps:
     with pytest.raises(AssertionError) as refused:
         await harness.settled(timeout=1.0)
     message = str(refused.value)
-    consumer = s.worker_consumer(topic)
+    consumer = s.worker_consumer(harness.tenant, topic)
     assert f"{consumer} on {s.JOBS_STREAM}: 1 handler(s) running" in message, message
     assert f"{consumer} on {s.JOBS_STREAM}: ack floor" in message and "1 undelivered" in message, message
     assert len(entered) == 1

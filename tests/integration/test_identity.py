@@ -179,22 +179,22 @@ async def test_worker_pulls_only_its_tenants_jobs(stack: Stack, admin: Session) 
     dispatcher = await connect_as(stack, stack.home.issue(c.DISPATCHER, name="jobs-dispatcher"),
                                   "jobs-dispatcher")
     js = worker.nc.jetstream(timeout=1.0)
-    own = p.tenant_worker_consumer("acme", "llm.summarize")
+    own = s.worker_consumer("acme", "llm.summarize")
     try:
         # allowed: the dispatcher publishes jobs (admin may not: it is not a service)
-        await dispatcher.nc.jetstream(timeout=2.0).publish(p.tenant_job("acme", "llm.summarize"), b"job-a")
+        await dispatcher.nc.jetstream(timeout=2.0).publish(s.job("acme", "llm.summarize"), b"job-a")
         # allowed: its own consumer, held by the server to its tenant's job subject
         await js.add_consumer(s.JOBS_STREAM, ConsumerConfig(name=own, durable_name=own,
-                                                            filter_subject=p.tenant_job("acme", "llm.summarize")))
+                                                            filter_subject=s.job("acme", "llm.summarize")))
         sub = await js.pull_subscribe_bind(own, s.JOBS_STREAM)
         [msg] = await sub.fetch(1, timeout=2)
         assert msg.data == b"job-a"
         await msg.ack()
 
         # refused: the same consumer name with another tenant's filter, and another tenant's consumer
-        other = p.tenant_worker_consumer("globex", "llm.summarize")
-        for name, filter_subject in ((own, p.tenant_job("globex", "llm.summarize")),
-                                     (other, p.tenant_job("globex", "llm.summarize"))):
+        other = s.worker_consumer("globex", "llm.summarize")
+        for name, filter_subject in ((own, s.job("globex", "llm.summarize")),
+                                     (other, s.job("globex", "llm.summarize"))):
             with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
                 await js.add_consumer(s.JOBS_STREAM, ConsumerConfig(name=name, durable_name=name,
                                                                     filter_subject=filter_subject))

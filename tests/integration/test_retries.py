@@ -12,7 +12,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from interlock.contracts import headers
 from interlock.contracts import subjects as s
-from interlock.contracts.messages import CancelRequest, CommandReply, Heartbeat, Job, JobResult
+from interlock.contracts.messages import CancelRequest, Heartbeat, Job, JobResult
 from interlock.worker import FatalError, JobContext, RetryableError, Worker
 from tests.integration.harness import Harness, outcome_counts, types, unique
 
@@ -251,10 +251,11 @@ steps:
     js = harness.nc.jetstream()
     # the fake worker binds the durable consumer the SDK uses, with the same settings
     await js.add_consumer(s.JOBS_STREAM, ConsumerConfig(
-        durable_name=s.worker_consumer(topic), filter_subject=s.job(topic), ack_policy=AckPolicy.EXPLICIT,
+        durable_name=s.worker_consumer(harness.tenant, topic), filter_subject=s.job(harness.tenant, topic),
+        ack_policy=AckPolicy.EXPLICIT,
         ack_wait=30, max_ack_pending=20_000, deliver_policy=DeliverPolicy.ALL, max_deliver=-1))
     run_id = await harness.trigger(wf, {"x": 1})
-    sub = await js.pull_subscribe_bind(s.worker_consumer(topic), s.JOBS_STREAM)
+    sub = await js.pull_subscribe_bind(s.worker_consumer(harness.tenant, topic), s.JOBS_STREAM)
     try:
         msgs = await sub.fetch(1, timeout=10)
     finally:
@@ -333,9 +334,14 @@ steps:
     await harness.start_worker(worker)
     run_id = await harness.trigger(wf, {})
     await asyncio.wait_for(started.wait(), 10)
-    request = CancelRequest(run_id=run_id, tenant=harness.tenant, by="tester", reason="changed my mind")
-    reply = CommandReply.model_validate_json(
-        (await harness.nc.request(s.CMD_CANCEL, request.model_dump_json().encode(), timeout=5)).data)
+    request = CancelRequest(run_id=run_id, reason="changed my mind")
+    # who cancelled is the command subject's principal; a body naming someone else is refused
+    refused = await harness.command("cancel", CancelRequest(run_id=run_id, by="mallory"), principal="tester")
+    assert not refused.ok and refused.error == (
+        f"the request names canceller 'mallory' but was sent as 'tester' (subject "
+        f"{s.command(harness.tenant, 'cancel', 'tester')}): the canceller is taken from the subject, never from "
+        f"the body")
+    reply = await harness.command("cancel", request, principal="tester")
     assert reply.ok, reply.error
     await asyncio.wait_for(cancelled.wait(), 5)
     events = await harness.wait_end(run_id)
@@ -349,6 +355,5 @@ steps:
     state = await harness.run_state(run_id)
     assert state.status == "cancelled" and state.steps["long"].status == "cancelled"
 
-    again = CommandReply.model_validate_json(
-        (await harness.nc.request(s.CMD_CANCEL, request.model_dump_json().encode(), timeout=5)).data)
+    again = await harness.command("cancel", request, principal="tester")
     assert not again.ok and "already cancelled" in (again.error or "")

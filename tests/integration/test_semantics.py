@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from interlock.contracts import headers
 from interlock.contracts import subjects as s
-from interlock.contracts.messages import DeadLetter, Notification, PayloadRef
+from interlock.contracts.messages import Notification, PayloadRef
 from interlock.core.ids import run_id_for
 from interlock.runtime.registry import WorkflowRegistry
 from interlock.runtime.settings import ServiceSettings
@@ -339,29 +338,6 @@ steps:
 
 
 # -- 14. poison triggers ---------------------------------------------------------------------
-async def _dead_letters_containing(harness: Harness, marker: bytes, want: int, after_seq: int,
-                                   timeout: float = 10.0) -> list[DeadLetter]:
-    js = harness.nc.jetstream()
-    found: list[DeadLetter] = []
-    sub = await js.subscribe(s.dead_letter("planner"), ordered_consumer=True,
-                             config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                                                   opt_start_seq=after_seq + 1))
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while len(found) < want and loop.time() < deadline:
-            try:
-                msg = await sub.next_msg(timeout=max(0.05, deadline - loop.time()))
-            except TimeoutError:
-                break
-            letter = DeadLetter.model_validate_json(msg.data)
-            if marker in base64.b64decode(letter.data_b64):
-                found.append(letter)
-    finally:
-        await sub.unsubscribe()
-    return found
-
-
 async def test_poison_triggers_are_dead_lettered_and_the_planner_keeps_going(harness: Harness) -> None:
     wf, topic = unique("poison"), unique("t")
     await harness.apply(f"""
@@ -382,14 +358,14 @@ steps:
     not_json = b"{this is not json " + marker
     missing = json.dumps({"workflow_id": wf, "input": {"marker": marker.decode()}}).encode()  # no idempotency_key
     dlq_before = (await js.stream_info(s.DLQ_STREAM)).state.last_seq
-    await js.publish(s.trigger(wf), not_json)
-    await js.publish(s.trigger(wf), missing)
+    await js.publish(s.trigger(harness.tenant, wf), not_json)
+    await js.publish(s.trigger(harness.tenant, wf), missing)
 
-    letters = await _dead_letters_containing(harness, marker, want=2, after_seq=dlq_before)
+    letters = await harness.dead_letters("planner", marker, want=2, after_seq=dlq_before)
     assert sorted(base64.b64decode(letter.data_b64) for letter in letters) == sorted([not_json, missing])
     for letter in letters:
         assert letter.service == "planner"
-        assert letter.subject == s.trigger(wf)
+        assert letter.subject == s.trigger(harness.tenant, wf)
         assert "invalid trigger" in letter.reason
     by_data = {base64.b64decode(letter.data_b64): letter for letter in letters}
     assert "idempotency_key" in by_data[missing].reason

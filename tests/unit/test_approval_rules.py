@@ -38,9 +38,8 @@ def requested(wf: Workflow, now: datetime, run_input: Any = None, **decision: An
 
 
 def verdict(run: Run, role: str = "sre", job_hash: str | None = None, step_id: str = "a") -> ApprovalDecision:
-    return ApprovalDecision(run_id=run.run_id, tenant=run.tenant, step_id=step_id,
-                            job_hash=job_hash or run.steps[step_id].job_hash, approver="ann", role=role,
-                            reason="looks fine")
+    return ApprovalDecision(run_id=run.run_id, step_id=step_id, job_hash=job_hash or run.steps[step_id].job_hash,
+                            role=role, reason="looks fine")
 
 
 def fired(run: Run, kind: Any, due_at: datetime) -> TimerFired:
@@ -114,14 +113,14 @@ def test_no_request_without_expiry_schedules_no_timer_and_none_for_an_ended_run(
 def test_grant_releases_a_gated_job() -> None:
     wf = workflow(a=GATED)
     run, _ = requested(wf, now(), {"env": "prod"})
-    assert rules.apply_decision(run, verdict(run), grant=True, snapshot_id="snap-1", now=now()) is None
+    assert rules.apply_decision(run, verdict(run), "ann", grant=True, snapshot_id="snap-1", now=now()) is None
     assert types(run) == [ev.ApprovalGranted.type_name] and run.steps["a"].status == "released"
 
 
 def test_grant_completes_an_approval_step() -> None:
     wf = workflow(a={"type": "approval", "approvers": "lead"})
     run, _ = requested(wf, now())
-    rules.apply_decision(run, verdict(run, role="lead"), grant=True, snapshot_id="snap-1", now=now())
+    rules.apply_decision(run, verdict(run, role="lead"), "ann", grant=True, snapshot_id="snap-1", now=now())
     assert types(run) == [ev.ApprovalGranted.type_name, ev.StepSucceeded.type_name]
     assert run.steps["a"].output == {"approved_by": "ann", "reason": "looks fine"}
 
@@ -129,7 +128,7 @@ def test_grant_completes_an_approval_step() -> None:
 def test_reject_fails_the_step() -> None:
     wf = workflow(a=GATED)
     run, _ = requested(wf, now(), {"env": "prod"})
-    assert rules.apply_decision(run, verdict(run), grant=False, snapshot_id="snap-2", now=now()) is None
+    assert rules.apply_decision(run, verdict(run), "ann", grant=False, snapshot_id="snap-2", now=now()) is None
     assert types(run) == [ev.ApprovalRejected.type_name, ev.StepFailed.type_name]
     error = run.steps["a"].error
     assert run.steps["a"].status == "failed" and error is not None
@@ -139,7 +138,7 @@ def test_reject_fails_the_step() -> None:
 def test_a_grant_after_the_policy_changed_sends_the_job_back_to_policy() -> None:
     wf = workflow(a=GATED)
     run, _ = requested(wf, now(), {"env": "prod"})
-    why = rules.apply_decision(run, verdict(run), grant=True, snapshot_id="snap-2", now=now())
+    why = rules.apply_decision(run, verdict(run), "ann", grant=True, snapshot_id="snap-2", now=now())
     assert why == "policy changed from snap-1 to snap-2 while the request waited"
     assert types(run) == [ev.ApprovalInvalidated.type_name]
     state = run.steps["a"]
@@ -152,12 +151,42 @@ def test_decisions_the_request_does_not_allow_are_refused() -> None:
     run, _ = requested(wf, t0, {"env": "prod"}, approval_expires_ms=1000)
     # another job hash is refused, whatever the snapshot (it never invalidates the request)
     with pytest.raises(IllegalTransition, match="job hash"):
-        rules.apply_decision(run, verdict(run, job_hash="f" * 64), grant=True, snapshot_id="snap-2", now=t0)
+        rules.apply_decision(run, verdict(run, job_hash="f" * 64), "ann", grant=True, snapshot_id="snap-2", now=t0)
     with pytest.raises(IllegalTransition, match="role 'dev' may not decide"):
-        rules.apply_decision(run, verdict(run, role="dev"), grant=True, snapshot_id="snap-1", now=t0)
+        rules.apply_decision(run, verdict(run, role="dev"), "ann", grant=True, snapshot_id="snap-1", now=t0)
     with pytest.raises(IllegalTransition, match="expired"):
-        rules.apply_decision(run, verdict(run), grant=True, snapshot_id="snap-1", now=t0 + timedelta(seconds=2))
+        rules.apply_decision(run, verdict(run), "ann", grant=True, snapshot_id="snap-1", now=t0 + timedelta(seconds=2))
     assert run.steps["a"].status == "awaiting_approval"
+
+
+def test_a_principal_without_the_role_or_with_another_hash_is_refused_on_the_record() -> None:
+    wf = workflow(a=GATED)
+    run, _ = requested(wf, now(), {"env": "prod"})
+    ok = verdict(run)
+    # nobody registered (roles None): the role the decision names is trusted
+    assert rules.refusal(run, ok, "ann", None, grant=True) is None
+    assert rules.refusal(run, ok, "ann", {"sre", "dev"}, grant=True) is None
+    cases = [
+        (ok, {"dev"}, "'mallory' lacks role 'sre' (holds dev)"),
+        (ok, set(), "'mallory' lacks role 'sre' (is not a registered approver)"),
+        (verdict(run, role="dev"), None, "'mallory' decided as role 'dev'; the request needs role 'sre'"),
+        (verdict(run, job_hash="f" * 64), {"sre"}, "the decision is for job hash ffffffffffff…"),
+    ]
+    for decision, roles, reason in cases:
+        refused = rules.refusal(run, decision, "mallory", roles, grant=False)
+        assert refused is not None and refused.reason.startswith(reason), (roles, refused)
+        assert (refused.principal, refused.required_role, refused.decision) == ("mallory", "sre", "reject")
+        message = rules.refusal_message(run.run_id, refused)
+        assert message.startswith(f"'mallory' may not reject step 'a' of run {run.run_id}: ")
+        run.refuse_approval(refused)
+    assert types(run) == [ev.ApprovalRefused.type_name] * len(cases)
+    approval = run.steps["a"].approval
+    assert run.steps["a"].status == "awaiting_approval" and approval is not None and approval.status == "requested"
+    # a decided request is not refused here: the aggregate says why it cannot be decided
+    rules.apply_decision(run, ok, "ann", grant=True, snapshot_id="snap-1", now=now())
+    assert rules.refusal(run, ok, "mallory", {"dev"}, grant=True) is None
+    with pytest.raises(IllegalTransition, match="no approval is pending"):
+        run.refuse_approval(ev.ApprovalRefused(step_id="a", principal="x", role="sre", job_hash="h", reason="r"))
 
 
 def test_expiry_fails_the_step_once_the_request_is_due() -> None:
@@ -178,7 +207,7 @@ def test_expiry_after_a_decision_or_the_run_end_does_nothing() -> None:
     wf = workflow(a=GATED)
     t0 = now()
     run, [expiry] = requested(wf, t0, {"env": "prod"}, approval_expires_ms=1000)
-    rules.apply_decision(run, verdict(run), grant=True, snapshot_id="snap-1", now=t0)
+    rules.apply_decision(run, verdict(run), "ann", grant=True, snapshot_id="snap-1", now=t0)
     run.collect_events()
     rules.expire(run, expiry, t0 + timedelta(hours=1))
     assert types(run) == []
@@ -200,7 +229,7 @@ def test_escalation_hands_the_request_on_once() -> None:
     assert approval is not None and approval.approver_role == "director"
     rules.escalate(run, escalation)  # already escalated
     assert types(run) == []
-    rules.apply_decision(run, verdict(run, role="director"), grant=True, snapshot_id="snap-1", now=now())
+    rules.apply_decision(run, verdict(run, role="director"), "ann", grant=True, snapshot_id="snap-1", now=now())
     assert types(run) == [ev.ApprovalGranted.type_name]
 
 

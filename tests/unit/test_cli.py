@@ -40,6 +40,8 @@ class FakeClient:
         self.answers: dict[str, Any] = {}
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
         self.connected: dict[str, Any] = {}
+        self.tenant = "default"
+        self.principal = "bob"  # who the client's commands are from
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         async def method(*args: Any, **kwargs: Any) -> Any:
@@ -356,16 +358,22 @@ def test_approve_prints_the_request_and_sends_its_job_hash(fake: FakeClient, spe
     fake.answers["pending_approval"] = PendingApproval(run_id=RUN, step_id="approval_gate", job_hash=JOB_HASH,
                                                        snapshot_id="1@" + "c" * 64, approver_role="sre-oncall",
                                                        input={"plan": "restart"})
-    result = cli(*spelling, RUN, "approval_gate", "--by", "bob", "--reason", "looks good")
+    result = cli(*spelling, RUN, "approval_gate", "--reason", "looks good")
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [
         f"approval request: run {RUN} step approval_gate",
         f"  job hash {JOB_HASH}, policy snapshot 1@{'c' * 64}, role sre-oncall",
         '  job input {"plan": "restart"}',
-        "approved by bob"]
+        "approved by bob"]  # the connected principal
     [(args, kwargs)] = fake.called("approve")
     assert args == (RUN, "approval_gate")
-    assert kwargs == {"approver": "bob", "role": "sre-oncall", "job_hash": JOB_HASH, "reason": "looks good"}
+    assert kwargs == {"role": "sre-oncall", "job_hash": JOB_HASH, "reason": "looks good"}
+    # the deprecated --by must name the connected principal: anything else is refused, nothing sent
+    assert cli(*spelling, RUN, "approval_gate", "--by", "bob").exit_code == 0
+    result = cli(*spelling, RUN, "approval_gate", "--by", "mallory")
+    assert result.exit_code == 1 and len(fake.called("approve")) == 2
+    assert result.stderr == ("interlock: --by mallory is not the principal you are connected as (bob): the approver "
+                             "is always the connected principal (set INTERLOCK_PRINCIPAL or use its creds)\n")
 
 
 def test_reject_sends_the_reason_and_an_explicit_hash(fake: FakeClient) -> None:

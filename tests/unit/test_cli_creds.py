@@ -12,6 +12,7 @@ from typer.testing import CliRunner, Result
 
 from interlock.cli._app import app
 from interlock.cli._identity import parse_expiry
+from interlock.contracts import subjects as s
 from interlock.identity import IdentityHome, creds_permissions, read_creds
 
 
@@ -33,7 +34,9 @@ def test_issue_writes_a_private_creds_file_of_the_role_and_list_shows_it(home: P
     assert "issued worker credential 'triage' (tenant acme" in result.output and str(out) in result.output
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     read_creds(out)
-    assert creds_permissions(out).allows_publish("$JS.API.CONSUMER.INFO.IL_JOBS.x") is False
+    permissions = creds_permissions(out)
+    assert permissions.allows_publish(s.job("acme", "triage")) is False  # jobs come from the stream
+    assert permissions.allows_publish(s.result("acme", "r1")) and not permissions.allows_publish(s.result("b", "r1"))
     listed = json.loads(cli("creds", "list", "-o", "json", "--home", str(home)).output)
     assert [(r["name"], r["role"], r["tenant"], r["topics"], r["status"]) for r in listed] == [
         ("triage", "worker", "acme", ["triage", "fix"], "active")]

@@ -304,13 +304,14 @@ def test_unknown_fields_are_ignored(name: str, data: st.DataObject) -> None:
 # producer's message still decodes: adding a name here is a breaking change to the wire contract.
 REQUIRED_FIELDS: dict[str, set[str]] = {
     "AgentRegistration": {"worker_id", "topic", "started_at", "last_heartbeat"},
-    "ApprovalDecision": {"run_id", "step_id", "job_hash", "approver", "role"},
+    "ApprovalDecision": {"run_id", "step_id", "job_hash", "role"},  # approver: the command subject's principal
     "ApprovalExpired": {"step_id", "job_hash"},
     "ApprovalInvalidated": {"step_id", "job_hash", "reason"},
     "ApprovalEscalated": {"step_id", "job_hash", "from_role", "to_role"},
     "RunAdmitted": {"snapshot_id"},
     "ApprovalGranted": {"step_id", "job_hash", "approver", "role"},
     "ApprovalRejected": {"step_id", "job_hash", "approver", "role"},
+    "ApprovalRefused": {"step_id", "principal", "role", "job_hash", "reason"},
     "ApprovalRequested": {"step_id", "job_hash", "snapshot_id", "approver_role"},
     "CancelNotice": {"run_id", "tenant"},
     "CancelRequest": {"run_id"},
@@ -399,18 +400,25 @@ def test_every_subject_function_has_a_channel() -> None:
     assert not missing, f"subjects.{missing} not used by any channel in interlock.contracts.catalog"
 
 
-# Declared in subjects.py but answered by no service: kept out of the catalog until one does.
-UNSERVED_SUBJECTS = {s.CMD_START}
-
-
-def test_every_wildcard_and_named_subject_has_a_channel() -> None:
+def test_every_wildcard_has_a_channel() -> None:
     filters = {f for ch in cat.CHANNELS for f in ch.filters if isinstance(f, str)}
     wildcards = {value for name, value in vars(s).items() if name.endswith("_ALL")}
     assert wildcards <= filters, sorted(wildcards - filters)
-    named = {value for name, value in vars(s).items() if name.startswith(("CMD_", "Q_"))}
-    addresses = {ch.address for ch in cat.CHANNELS}
-    assert named - UNSERVED_SUBJECTS <= addresses, sorted(named - UNSERVED_SUBJECTS - addresses)
-    assert not UNSERVED_SUBJECTS & addresses, "now in the catalog: remove it from UNSERVED_SUBJECTS"
+
+
+COMMANDS = ("approve", "reject", "cancel")
+QUERIES = ("runs", "status", "timeline", "approvals")
+
+
+def test_commands_and_queries_carry_the_tenant_and_the_principal() -> None:
+    requests = [ch for ch in cat.CHANNELS if ch.transport == "request"]
+    assert sorted(ch.address for ch in requests) == sorted(
+        [f"{s.PREFIX}.cmd.{{tenant}}.{n}.{{principal}}" for n in COMMANDS]
+        + [f"{s.PREFIX}.q.{{tenant}}.{n}" for n in QUERIES])
+    # each service subscribes to every tenant's and principal's requests, one wildcard per name
+    assert {f.address for ch in requests for f in ch.filters if isinstance(f, cat.Pattern)} == {
+        *(s.commands(n) for n in COMMANDS), *(s.queries(n) for n in QUERIES)}
+    assert s.commands("approve") == s.PREFIX + ".cmd.*.approve.*" and s.queries("runs") == s.PREFIX + ".q.*.runs"
 
 
 def test_channel_patterns_build_the_subjects_they_document() -> None:
@@ -422,8 +430,9 @@ def test_channel_patterns_build_the_subjects_they_document() -> None:
         for f in ch.filters:
             if isinstance(f, cat.Pattern):
                 assert f.address.split(".")[:2] == ch.address.split(".")[:2]
-    assert cat.JOBS.address == "il.job.{topic}"  # literal: pinned
-    assert s.worker_consumer("llm.summarize") == "worker_llm_summarize"
+    assert cat.JOBS.address == "il.job.{tenant}.{topic}"  # literal: pinned
+    assert cat.TRIGGERS.address == "il.trigger.{tenant}.{workflow_id}"  # literal: pinned
+    assert s.worker_consumer("acme", "llm.summarize") == "worker_acme_llm_summarize_2fdb7602a983efe0"
 
 
 def test_channel_ids_are_unique_and_roles_known() -> None:

@@ -75,51 +75,55 @@ def test_only_the_four_appending_services_append_to_run_logs() -> None:
 
 
 def test_only_the_approval_service_receives_approval_decisions() -> None:
-    receivers = {n for n in ROLE_NAMES if perms(n).allows_subscribe(s.CMD_APPROVE)}
+    receivers = {n for n in ROLE_NAMES if perms(n).allows_subscribe(s.command("acme", "approve", "alice"))}
     assert receivers == {"approval"}
     assert perms("approval").responses == 1  # it answers the requester's inbox without a publish right on it
 
 
 def test_worker_is_held_to_its_tenant_and_topics() -> None:
     w = perms("worker", topics=("llm.summarize",))
-    durable = p.tenant_worker_consumer("acme", "llm.summarize")
-    assert w.allows_publish(p.js_filtered_consumer_create(s.JOBS_STREAM, p.tenant_job("acme", "llm.summarize"),
+    durable = s.worker_consumer("acme", "llm.summarize")
+    assert w.allows_publish(p.js_filtered_consumer_create(s.JOBS_STREAM, s.job("acme", "llm.summarize"),
                                                           durable))
     assert w.allows_publish(s.js_consumer_next(s.JOBS_STREAM, durable))
     assert w.allows_publish(p.js_ack(s.JOBS_STREAM, durable).replace(">", "1.1.1.0.1"))
     assert w.allows_publish(s.result("acme", "run-1")) and w.allows_publish(s.heartbeat("acme", "run-1"))
     assert w.allows_subscribe(s.control_cancel("acme", "run-1"))
     # refused: another tenant's jobs, results, heartbeats, cancel notices; another topic; the run log
-    other = p.tenant_worker_consumer("globex", "llm.summarize")
-    assert not w.allows_publish(p.js_filtered_consumer_create(s.JOBS_STREAM, p.tenant_job("globex", "llm.summarize"),
+    other = s.worker_consumer("globex", "llm.summarize")
+    assert not w.allows_publish(p.js_filtered_consumer_create(s.JOBS_STREAM, s.job("globex", "llm.summarize"),
                                                               durable))
     assert not w.allows_publish(s.js_consumer_next(s.JOBS_STREAM, other))
-    assert not w.allows_publish(s.js_consumer_next(s.JOBS_STREAM, p.tenant_worker_consumer("acme", "llm.other")))
+    assert not w.allows_publish(s.js_consumer_next(s.JOBS_STREAM, s.worker_consumer("acme", "llm.other")))
     assert not w.allows_publish(s.result("globex", "run-1")) and not w.allows_publish(s.heartbeat("globex", "run-1"))
     assert not w.allows_subscribe(s.control_cancel("globex", "run-1"))
     assert not w.allows_publish(s.run_events("acme", "run-1"))
-    assert not w.allows_publish(s.CMD_APPROVE) and not w.allows_publish(p.tenant_command("acme", "approve", "alice"))
-    assert not w.allows_publish(s.js_consumer_next(s.JOBS_STREAM, s.worker_consumer("llm.summarize")))
+    assert not w.allows_publish(s.command("acme", "approve", "alice"))
+    assert not w.allows_publish(s.js_consumer_next(s.JOBS_STREAM, s.worker_consumer("globex", "llm.summarize")))
+    # the agent registry: its own tenant's keys of its topics only
+    assert w.allows_publish(p.kv_key(s.AGENTS_BUCKET, s.agent_key("acme", "llm.summarize", "w-1")))
+    assert not w.allows_publish(p.kv_key(s.AGENTS_BUCKET, s.agent_key("globex", "llm.summarize", "w-1")))
+    assert not w.allows_publish(p.kv_key(s.AGENTS_BUCKET, s.agent_key("acme", "llm.other", "w-1")))
 
 
 def test_worker_consumer_names_never_collide_across_tenant_and_topic() -> None:
-    assert p.tenant_worker_consumer("a_b", "c") != p.tenant_worker_consumer("a", "b.c")
-    assert p.tenant_worker_consumer("a", "b_c") != p.tenant_worker_consumer("a", "b.c")
+    assert s.worker_consumer("a_b", "c") != s.worker_consumer("a", "b.c")
+    assert s.worker_consumer("a", "b_c") != s.worker_consumer("a", "b.c")
 
 
 def test_people_act_only_in_their_tenant_and_role() -> None:
     def can(name: str, subject: str) -> bool:
         return perms(name).allows_publish(subject)
 
-    query = p.tenant_query("acme", "runs")
-    assert all(can(n, query) for n in PEOPLE) and not any(can(n, p.tenant_query("globex", "runs")) for n in PEOPLE)
-    cancel = p.tenant_command("acme", "cancel", "alice")
-    approve = p.tenant_command("acme", "approve", "alice")
+    query = s.query("acme", "runs")
+    assert all(can(n, query) for n in PEOPLE) and not any(can(n, s.query("globex", "runs")) for n in PEOPLE)
+    cancel = s.command("acme", "cancel", "alice")
+    approve = s.command("acme", "approve", "alice")
     assert {n for n in PEOPLE if can(n, cancel)} == {"operator", "admin"}
     assert {n for n in PEOPLE if can(n, approve)} == {"approver", "admin"}
     # an approver approves only as itself, only in its tenant
-    assert not can("approver", p.tenant_command("acme", "approve", "mallory"))
-    assert not can("approver", p.tenant_command("globex", "approve", "alice"))
+    assert not can("approver", s.command("acme", "approve", "mallory"))
+    assert not can("approver", s.command("globex", "approve", "alice"))
     policy = p.kv_keys(s.POLICIES_BUCKET).replace(">", "active")
     assert {n for n in PEOPLE if can(n, policy)} == {"policy-admin", "admin"}
     directory = p.kv_keys(s.APPROVERS_BUCKET).replace(">", "alice")

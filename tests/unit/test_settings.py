@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -154,3 +155,35 @@ def test_worker_tracing_export_is_checked(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("INTERLOCK_TRACING", "otlp")
     with pytest.raises(SettingsError, match=r"^INTERLOCK_TRACING: 'otlp' is not one of 'off' or 'console'$"):
         WorkerSettings()
+
+
+def test_a_worker_serves_the_tenant_in_its_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert WorkerSettings().tenant == "default"
+    monkeypatch.setenv("INTERLOCK_TENANT", "acme")
+    assert WorkerSettings().tenant == "acme"
+
+
+def test_the_clients_principal_argument_then_env_then_creds_then_login(monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
+    from interlock.client._errors import Unavailable
+    from interlock.client._settings import ClientSettings
+    from interlock.identity import IdentityHome
+
+    creds = IdentityHome(tmp_path / "identity").issue("approver", "acme", name="carol")
+    monkeypatch.delenv("INTERLOCK_PRINCIPAL", raising=False)
+    monkeypatch.delenv("INTERLOCK_CREDS", raising=False)
+    for name in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("USER", "Ada Lovelace")
+    assert ClientSettings.load().resolve_principal() == "Ada-Lovelace"  # the login name, made one token
+    assert ClientSettings.load(creds=creds).resolve_principal() == "carol"  # the credential's user name
+    monkeypatch.setenv("INTERLOCK_PRINCIPAL", "dave")
+    assert ClientSettings.load(creds=creds).resolve_principal() == "dave"
+    assert ClientSettings.load(creds=creds, principal="erin").resolve_principal() == "erin"
+    with pytest.raises(Unavailable, match=r"^principal: principal 'a.b' is not a valid subject token"):
+        ClientSettings.load(principal="a.b")
+    not_creds = tmp_path / "not.creds"
+    not_creds.write_text("hello")
+    monkeypatch.delenv("INTERLOCK_PRINCIPAL")
+    with pytest.raises(Unavailable, match=r"not a NATS creds file"):
+        ClientSettings.load(creds=not_creds).resolve_principal()

@@ -19,6 +19,11 @@ def test_every_event_type_has_a_summary() -> None:
     assert describe(ev.StepFailed.type_name, {"attempt": 1, "final": True, "error": {"message": "x"}})[0] == \
         "failed attempt 1: x (final)"
     assert describe(ev.ApprovalExpired.type_name, {"job_hash": "1a2b3c4d5e"})[0] == "approval expired (hash 1a2b3c…)"
+    refused = {"principal": "mallory", "decision": "reject", "reason": "'mallory' lacks role 'sre'",
+               "job_hash": "1a2b3c4d5e", "role": "sre", "required_role": "sre"}
+    assert describe(ev.ApprovalRefused.type_name, refused) == (
+        "rejection by mallory refused: 'mallory' lacks role 'sre' (hash 1a2b3c…); the request stays pending",
+        {"principal": "mallory", "role": "sre", "job_hash": "1a2b3c4d5e", "required_role": "sre"})
 
 
 def test_odd_data_reads_as_placeholders() -> None:

@@ -150,6 +150,9 @@ class Channel:
 TENANT = Param("tenant", "Tenant id: one subject token (letters, digits, '_' and '-'); 'default' when unset.")
 RUN_ID = Param("run_id", "Run id: one subject token (a UUID).")
 WORKFLOW_ID = Param("workflow_id", "Workflow id: one subject token.")
+PRINCIPAL = Param("principal", "The principal sending the command (one subject token): the name in its credential. "
+                  "The server lets a credential send commands under its own name only, so the service "
+                  "takes who approved, rejected or cancelled from here, never from the body.")
 TOPIC = Param(
     "topic",
     "Job topic: one or more dot-separated tokens (letters, digits, '_' and '-'), no wildcards, "
@@ -210,12 +213,14 @@ SCHEDULE_TARGET = Header(
 TRIGGERS = Channel(
     id="triggers",
     title="Triggers",
-    pattern=Pattern(s.trigger, (WORKFLOW_ID,)),
+    pattern=Pattern(s.trigger, (TENANT, WORKFLOW_ID)),
     message=msg.Trigger,
-    description="Start a run of a workflow: the subject's workflow_id must equal the body's. The same "
+    description="Start a run of a workflow in the subject's tenant: the subject's workflow_id must equal the "
+                "body's, and a body that names another tenant is dead-lettered. The same "
                 "(tenant, workflow_id, idempotency_key) never starts two runs. A workflow may also declare "
                 "its own trigger subjects (added to the stream); a message on one of those is any JSON, "
-                "taken as the run's input.",
+                "taken as the run's input, and starts a run in tenant 'default' (those subjects carry no "
+                "tenant).",
     transport="jetstream",
     stream=s.TRIGGERS_STREAM,
     publishers=(CLIENT,),
@@ -227,18 +232,21 @@ TRIGGERS = Channel(
 JOBS = Channel(
     id="jobs",
     title="Jobs",
-    pattern=Pattern(s.job, (TOPIC,)),
+    pattern=Pattern(s.job, (TENANT, TOPIC)),
     message=msg.Job,
-    description="A unit of work for agent workers of one topic (work-queue stream: a job is delivered to one "
-                "worker and removed when acked). job_id is 'run_id:step_id@attempt'.",
+    description="A unit of work for one tenant's agent workers of one topic (work-queue stream: a job is "
+                "delivered to one worker and removed when acked). job_id is 'run_id:step_id@attempt'; the "
+                "body's tenant equals the subject's.",
     transport="jetstream",
     stream=s.JOBS_STREAM,
     publishers=(DISPATCHER,),
     subscribers=(WORKER,),
     headers=(JOB_MSG_ID,),
-    filters=(s.JOBS_ALL,),
-    consumer="Workers of one topic share the durable pull consumer 'worker_' + topic with '.' replaced by '_' "
-             "(subjects.worker_consumer) on stream IL_JOBS, filter subject il.job.{topic}, explicit ack.",
+    filters=(s.JOBS_ALL, Pattern(s.tenant_jobs, (TENANT,))),
+    consumer="One tenant's workers of one topic share the durable pull consumer "
+             "'worker_{tenant}_{topic}_{digest}' ('.' in the topic replaced by '_'; digest: the first 16 hex "
+             "digits of sha256 of tenant + newline + topic; subjects.worker_consumer) on stream IL_JOBS, "
+             "filter subject il.job.{tenant}.{topic}, explicit ack.",
 )
 
 RESULTS = Channel(
@@ -308,11 +316,11 @@ CANCEL_NOTICES = Channel(
     message=msg.CancelNotice,
     description="Tells workers that a run ended (cancelled, timed out, failed or denied): stop work on its jobs "
                 "(job ids start with run_id + ':'; a late result is ignored). Core NATS, not stored: workers "
-                "subscribe to il.control.cancel.> for as long as they run.",
+                "subscribe to their tenant's il.control.cancel.{tenant}.* for as long as they run.",
     transport="core",
     publishers=(DISPATCHER,),
     subscribers=(WORKER,),
-    filters=(s.CONTROL_CANCEL_ALL,),
+    filters=(s.CONTROL_CANCEL_ALL, Pattern(s.tenant_control_cancel, (TENANT,))),
 )
 
 TIMER_SCHEDULES = Channel(
@@ -361,31 +369,41 @@ DEAD_LETTERS = Channel(
 def _command(name: str, id: str, title: str, request: type[msg.Message], service: str,
              description: str) -> Channel:
     return Channel(
-        id=id, title=title, pattern=Pattern(s.command, (name,)), message=request, reply=msg.CommandReply,
+        id=id, title=title, pattern=Pattern(s.command, (TENANT, name, PRINCIPAL)), message=request,
+        reply=msg.CommandReply,
         description=description, transport="request", publishers=(CLIENT,), subscribers=(service,),
+        filters=(Pattern(s.commands, (name,)),),
     )
 
 
 def _query(name: str, id: str, title: str, request: type[msg.Message], description: str) -> Channel:
     return Channel(
-        id=id, title=title, pattern=Pattern(s.query, (name,)), message=request, reply=msg.QueryReply,
+        id=id, title=title, pattern=Pattern(s.query, (TENANT, name)), message=request, reply=msg.QueryReply,
         description=description, transport="request", publishers=(CLIENT,), subscribers=(AUDITOR,),
+        filters=(Pattern(s.queries, (name,)),),
     )
 
 
+_DECISION = ("The approver is the subject's principal. job_hash must be the one shown in the request. A "
+             "principal without the step's role (once anyone is registered in the approver directory), or a "
+             "decision for another job hash, is refused with an error naming the principal, the step and "
+             "the missing role, and leaves an ApprovalRefused event in the run's log.")
 CMD_APPROVE = _command("approve", "cmdApprove", "Approve", msg.ApprovalDecision, APPROVAL,
-                       "Grant a pending approval. job_hash must be the one shown in the request.")
+                       f"Grant a pending approval of a run of the subject's tenant. {_DECISION}")
 CMD_REJECT = _command("reject", "cmdReject", "Reject", msg.ApprovalDecision, APPROVAL,
-                      "Reject a pending approval. job_hash must be the one shown in the request.")
-CMD_CANCEL = _command("cancel", "cmdCancel", "Cancel", msg.CancelRequest, PLANNER, "Cancel a run.")
+                      f"Reject a pending approval of a run of the subject's tenant. {_DECISION}")
+CMD_CANCEL = _command("cancel", "cmdCancel", "Cancel", msg.CancelRequest, PLANNER,
+                      "Cancel a run of the subject's tenant; the cancel is recorded as by the subject's principal.")
+_TENANT_ONLY = " Answered for the subject's tenant only (a body naming another tenant is refused)."
 Q_RUNS = _query("runs", "qRuns", "Runs", msg.RunsQuery,
-                "List runs, filtered by tenant, status and workflow (up to limit); result: a list of run summaries.")
+                "List runs, filtered by status and workflow (up to limit); result: a list of run summaries."
+                + _TENANT_ONLY)
 Q_STATUS = _query("status", "qStatus", "Run status", msg.RunQuery,
-                  "One run's status and the status of each step.")
+                  "One run's status and the status of each step." + _TENANT_ONLY)
 Q_TIMELINE = _query("timeline", "qTimeline", "Run timeline", msg.RunQuery,
-                    "One run's events in order; result: a list of rows, one per event.")
+                    "One run's events in order; result: a list of rows, one per event." + _TENANT_ONLY)
 Q_APPROVALS = _query("approvals", "qApprovals", "Pending approvals", msg.RunsQuery,
-                     "Approvals waiting for a decision, filtered like the runs query.")
+                     "Approvals waiting for a decision, filtered like the runs query." + _TENANT_ONLY)
 
 CHANNELS: tuple[Channel, ...] = (
     TRIGGERS,
@@ -422,7 +440,7 @@ class KeyValueEntry:
 
 AGENT_REGISTRY = KeyValueEntry(
     bucket=s.AGENTS_BUCKET,
-    key="{topic}.{worker_id}",
+    key="{tenant}.{topic}.{worker_id}",
     value=msg.AgentRegistration,
     description="Agent registry: a worker puts its registration when it starts and refreshes last_heartbeat "
                 "while it runs (the bucket drops entries not written for a day); it should delete its entry "

@@ -159,6 +159,18 @@ class ApprovalRejected(StepEventData):
     reason: str = ""
 
 
+class ApprovalRefused(StepEventData):
+    """A decision on a pending request that was refused (the principal lacks the step's role, or
+    the decision is for another job hash). Evidence only: the request stays pending."""
+
+    principal: str = Field(description="Who decided: the command subject's principal")
+    role: str = Field(description="The role the decision claimed")
+    job_hash: str = Field(description="The job hash the decision was for")
+    reason: str
+    required_role: str = Field(default="", description="The role the request is for")
+    decision: Literal["approve", "reject"] = "approve"
+
+
 class ApprovalExpired(StepEventData):
     job_hash: str
 

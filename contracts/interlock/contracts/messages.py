@@ -36,7 +36,9 @@ class Trigger(Message):
     workflow_version: str | None = Field(default=None, description="Pinned version; latest if omitted")
     input: Any = None
     idempotency_key: str = Field(min_length=1, max_length=256)
-    tenant: str = DEFAULT_TENANT
+    tenant: str | None = Field(
+        default=None, description="Deprecated, ignored: the run's tenant is the trigger subject's. A trigger "
+                                  "whose tenant differs from the subject's is dead-lettered.")
     requested_by: str = ""
     rerun_of: str | None = Field(default=None, description="Run id this run re-runs")
     reuse_outputs: dict[str, Any] = Field(
@@ -45,7 +47,7 @@ class Trigger(Message):
 
 
 class Job(Message):
-    """A unit of work for an agent worker, published on ``il.job.{topic}``."""
+    """A unit of work for an agent worker, published on ``il.job.{tenant}.{topic}``."""
 
     job_id: str = Field(description="run_id:step_id@attempt")
     run_id: str
@@ -133,6 +135,7 @@ class AgentRegistration(Message):
 
     worker_id: str
     topic: str
+    tenant: str = Field(default=DEFAULT_TENANT, description="The tenant whose jobs the worker takes")
     version: str = "0"
     capabilities: list[str] = Field(default_factory=list)
     host: str = ""
@@ -142,21 +145,33 @@ class AgentRegistration(Message):
 
 
 class ApprovalDecision(Message):
-    """A person's decision on a pending approval (command ``il.cmd.approve`` / ``il.cmd.reject``)."""
+    """A person's decision on a pending approval (command ``il.cmd.{tenant}.approve.{principal}`` /
+    ``…reject…``): the run's tenant and the approver are the subject's."""
 
     run_id: str
-    tenant: str = DEFAULT_TENANT
+    tenant: str | None = Field(
+        default=None, description="Deprecated, ignored: the tenant is the command subject's. A decision whose "
+                                  "tenant differs from the subject's is refused.")
     step_id: str
     job_hash: str = Field(description="The hash of the job being approved, as shown in the request")
-    approver: str
+    approver: str | None = Field(
+        default=None, description="Deprecated, ignored: the approver is the command subject's principal. A "
+                                  "decision naming another approver is refused.")
     role: str
     reason: str = ""
 
 
 class CancelRequest(Message):
+    """Cancel a run (command ``il.cmd.{tenant}.cancel.{principal}``): the run's tenant and who cancelled
+    are the subject's."""
+
     run_id: str
-    tenant: str = DEFAULT_TENANT
-    by: str = ""
+    tenant: str | None = Field(
+        default=None, description="Deprecated, ignored: the tenant is the command subject's. A request whose "
+                                  "tenant differs from the subject's is refused.")
+    by: str | None = Field(
+        default=None, description="Deprecated, ignored: who cancels is the command subject's principal. A "
+                                  "request naming someone else is refused.")
     reason: str = ""
 
 
@@ -177,8 +192,12 @@ class DeadLetter(Message):
     at: datetime
 
 
+_QUERY_TENANT = ("Deprecated, ignored: the query is answered for the query subject's tenant. A query whose "
+                 "tenant differs from the subject's is refused.")
+
+
 class RunsQuery(Message):
-    tenant: str | None = None
+    tenant: str | None = Field(default=None, description=_QUERY_TENANT)
     status: str | None = None
     workflow_id: str | None = None
     limit: int = 100
@@ -186,7 +205,7 @@ class RunsQuery(Message):
 
 class RunQuery(Message):
     run_id: str
-    tenant: str | None = None
+    tenant: str | None = Field(default=None, description=_QUERY_TENANT)
 
 
 class QueryReply(Message):

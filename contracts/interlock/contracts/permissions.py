@@ -8,9 +8,8 @@ inboxes. They are declared here, so nothing outside ``contracts/`` spells them.
 ``pattern(build, *args)`` turns a subject function into a permission pattern: pass :data:`ANY`
 or :data:`REST` where a parameter should be a wildcard, e.g. ``pattern(s.run_events, "acme", ANY)``.
 
-The ``tenant_*`` functions at the end are a PROPOSED contract change (identity, issue 10): job,
-trigger, command and query subjects that carry the tenant (and, for commands, the principal),
-so that the server can pin a credential to its tenant. No service uses them yet.
+Job, trigger, command and query subjects carry the tenant (commands also the principal), so a
+permission pins a credential to its tenant with e.g. ``pattern(s.job, "acme", REST)``.
 """
 
 from __future__ import annotations
@@ -113,6 +112,12 @@ def kv_keys(bucket: str) -> str:
     return f"$KV.{s.token(bucket, 'bucket')}.>"
 
 
+def kv_key(bucket: str, key: str) -> str:
+    """The subject of one key (or key pattern) of a bucket, e.g.
+    ``kv_key(s.AGENTS_BUCKET, pattern(s.agent_key, "acme", "llm.summarize", ANY))``."""
+    return f"$KV.{s.token(bucket, 'bucket')}.{key}"
+
+
 def object_stream(name: str) -> str:
     return f"OBJ_{s.token(name, 'object store')}"
 
@@ -143,50 +148,6 @@ def inbox_prefix(owner: str) -> str:
 
 def inbox_all(owner: str) -> str:
     return f"{inbox_prefix(owner)}.>"
-
-
-# -- PROPOSED: tenant-carrying subjects (contract change, not used by any service yet) ----------
-def tenant_job(tenant: str, topic: str) -> str:
-    """PROPOSED job subject ``{PREFIX}.job.{tenant}.{topic}`` (today's :func:`subjects.job` has no tenant)."""
-    return f"{s.PREFIX}.job.{s.token(tenant, 'tenant')}.{s.topic_tokens(topic)}"
-
-
-def tenant_jobs_all(tenant: str) -> str:
-    return f"{s.PREFIX}.job.{s.token(tenant, 'tenant')}.>"
-
-
-def tenant_worker_consumer(tenant: str, topic: str) -> str:
-    """PROPOSED durable consumer of one tenant's workers of one topic.
-
-    The readable part alone is ambiguous (``_`` may occur in tenants and topics), so a digest
-    of the exact pair follows: two (tenant, topic) pairs never share a consumer.
-    """
-    readable = f"{s.token(tenant, 'tenant')}_{s.topic_tokens(topic).replace('.', '_')}"
-    digest = hashlib.sha256(f"{tenant}\n{topic}".encode()).hexdigest()[:16]
-    return f"worker_{readable}_{digest}"
-
-
-def tenant_trigger(tenant: str, workflow_id: str) -> str:
-    """PROPOSED trigger subject ``{PREFIX}.trigger.{tenant}.{workflow_id}``."""
-    return f"{s.PREFIX}.trigger.{s.token(tenant, 'tenant')}.{s.token(workflow_id, 'workflow id')}"
-
-
-def tenant_command(tenant: str, name: str, principal: str) -> str:
-    """PROPOSED command subject ``{PREFIX}.cmd.{tenant}.{name}.{principal}``: the server pins a
-    credential to its tenant and principal, so the approval service reads who approved from
-    the subject, never from the body."""
-    return (f"{s.PREFIX}.cmd.{s.token(tenant, 'tenant')}.{s.token(name, 'command')}."
-            f"{s.token(principal, 'principal')}")
-
-
-def tenant_query(tenant: str, name: str) -> str:
-    """PROPOSED query subject ``{PREFIX}.q.{tenant}.{name}``: the auditor answers for that tenant only."""
-    return f"{s.PREFIX}.q.{s.token(tenant, 'tenant')}.{s.token(name, 'query')}"
-
-
-def tenant_agent_key(tenant: str, topic: str) -> str:
-    """PROPOSED agent-registry keys of one tenant's workers of one topic (``{tenant}.{topic}.{worker_id}``)."""
-    return f"$KV.{s.AGENTS_BUCKET}.{s.token(tenant, 'tenant')}.{s.topic_tokens(topic)}.*"
 
 
 def js_flow_control(stream: str, consumer: str = REST) -> str:

@@ -6,22 +6,29 @@ generated AsyncAPI document all read them from here.
 Subject layout (``{…}`` is one token; tokens never contain dots, except job topics which may):
 
 - ``il.evt.{tenant}.{run_id}``            one run's event log (stream ``IL_EVENTS``)
-- ``il.trigger.{workflow_id}``            start a run (stream ``IL_TRIGGERS``)
-- ``il.job.{topic}``                      jobs for agent workers (stream ``IL_JOBS``, work queue)
+- ``il.trigger.{tenant}.{workflow_id}``   start a run (stream ``IL_TRIGGERS``)
+- ``il.job.{tenant}.{topic}``             jobs for agent workers (stream ``IL_JOBS``, work queue)
 - ``il.result.{tenant}.{run_id}``         job results from workers (stream ``IL_RESULTS``)
 - ``il.hb.{tenant}.{run_id}``             worker heartbeats (stream ``IL_RESULTS``)
 - ``il.timer.at.{kind}.{run_id}.{key}``   durable timer schedules (stream ``IL_TIMERS``)
 - ``il.timer.fire.{kind}``                fired timers
 - ``il.notify.{tenant}.{channel}``        notifications from notify steps (stream ``IL_NOTIFY``)
-- ``il.cmd.{name}``                       commands (approve, reject, cancel), request-reply
-- ``il.q.{name}``                         auditor queries, request-reply
+- ``il.cmd.{tenant}.{name}.{principal}``  commands (approve, reject, cancel), request-reply
+- ``il.q.{tenant}.{name}``                auditor queries, request-reply
 - ``il.dlq.{service}``                    dead letters (stream ``IL_DLQ``)
 - ``il.control.cancel.{tenant}.{run_id}`` tells running workers their run was cancelled
+
+Every tenant-owned subject carries the tenant, and a command carries the principal who sends it:
+the server lets a credential publish only its own tenant's (and own principal's) subjects, so a
+service takes the tenant and the principal of a request from its subject (the ``parse_*``
+functions), never from the body. Agent registry keys are ``{tenant}.{topic}.{worker_id}``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Callable
 
 PREFIX = "il"
 
@@ -36,7 +43,7 @@ DLQ_STREAM = "IL_DLQ"
 
 # -- key-value buckets and object store ----------------------------------------------------
 WORKFLOWS_BUCKET = "il_workflows"  # key: {workflow_id}.{version} and {workflow_id}.latest
-AGENTS_BUCKET = "il_agents"  # key: {topic}.{worker_id}
+AGENTS_BUCKET = "il_agents"  # key: {tenant}.{topic}.{worker_id} (agent_key)
 POLICIES_BUCKET = "il_policies"  # key: active (its history is the bundle history)
 APPROVERS_BUCKET = "il_approvers"  # key: approver id, value: the roles they hold
 PAYLOADS_OBJECT_STORE = "il_payloads"  # large inputs and outputs, by sha256
@@ -83,18 +90,41 @@ def tenant_events(tenant: str) -> str:
     return f"{PREFIX}.evt.{token(tenant, 'tenant')}.*"
 
 
-def trigger(workflow_id: str) -> str:
-    return f"{PREFIX}.trigger.{token(workflow_id, 'workflow id')}"
+def trigger(tenant: str, workflow_id: str) -> str:
+    """Start a run of ``workflow_id`` in ``tenant`` (the body is a Trigger)."""
+    return f"{PREFIX}.trigger.{token(tenant, 'tenant')}.{token(workflow_id, 'workflow id')}"
 
 
 def is_trigger_subject(subject: str) -> bool:
-    """True for ``trigger(workflow_id)`` subjects, whose body is a Trigger; any other subject in the
-    triggers stream is a workflow's declared trigger subject, whose body is the run's input."""
+    """True for ``trigger(tenant, workflow_id)`` subjects (and anything else under ``il.trigger.``),
+    whose body is a Trigger; any other subject in the triggers stream is a workflow's declared
+    trigger subject, whose body is the run's input."""
     return subject.startswith(f"{PREFIX}.trigger.")
 
 
-def job(topic: str) -> str:
-    return f"{PREFIX}.job.{topic_tokens(topic)}"
+def parse_trigger(subject: str) -> tuple[str, str]:
+    """``il.trigger.{tenant}.{workflow_id}`` -> (tenant, workflow_id)."""
+    tenant, workflow_id = _parse(subject, ("trigger",), 2, "trigger", "il.trigger.{tenant}.{workflow_id}")
+    return tenant, workflow_id
+
+
+def job(tenant: str, topic: str) -> str:
+    """A job for ``tenant``'s workers of ``topic``."""
+    return f"{PREFIX}.job.{token(tenant, 'tenant')}.{topic_tokens(topic)}"
+
+
+def tenant_jobs(tenant: str) -> str:
+    """Every job of one tenant."""
+    return f"{PREFIX}.job.{token(tenant, 'tenant')}.>"
+
+
+def parse_job(subject: str) -> tuple[str, str]:
+    """``il.job.{tenant}.{topic}`` -> (tenant, topic); the topic may have several tokens."""
+    parts = subject.split(".")
+    if len(parts) < 4 or parts[0] != PREFIX or parts[1] != "job":
+        raise SubjectError(f"{subject!r} is not a job subject (expected il.job.{{tenant}}.{{topic}})")
+    tenant, topic = parts[2], ".".join(parts[3:])
+    return _checked(lambda v: token(v, "tenant"), tenant, subject), _checked(topic_tokens, topic, subject)
 
 
 def result(tenant: str, run_id: str) -> str:
@@ -117,12 +147,37 @@ def notify(tenant: str, channel: str) -> str:
     return f"{PREFIX}.notify.{token(tenant, 'tenant')}.{token(channel, 'channel')}"
 
 
-def command(name: str) -> str:
-    return f"{PREFIX}.cmd.{token(name, 'command')}"
+def command(tenant: str, name: str, principal: str) -> str:
+    """Command ``name`` (approve, reject, cancel) sent by ``principal`` for ``tenant``: the server
+    lets a credential send only its own; the service reads who sent it from here."""
+    return f"{PREFIX}.cmd.{token(tenant, 'tenant')}.{token(name, 'command')}.{token(principal, 'principal')}"
 
 
-def query(name: str) -> str:
-    return f"{PREFIX}.q.{token(name, 'query')}"
+def commands(name: str) -> str:
+    """What the service answering command ``name`` subscribes to: every tenant and principal."""
+    return f"{PREFIX}.cmd.*.{token(name, 'command')}.*"
+
+
+def parse_command(subject: str) -> tuple[str, str, str]:
+    """``il.cmd.{tenant}.{name}.{principal}`` -> (tenant, name, principal)."""
+    tenant, name, principal = _parse(subject, ("cmd",), 3, "command", "il.cmd.{tenant}.{name}.{principal}")
+    return tenant, name, principal
+
+
+def query(tenant: str, name: str) -> str:
+    """Query ``name`` (runs, status, timeline, approvals), answered for ``tenant`` only."""
+    return f"{PREFIX}.q.{token(tenant, 'tenant')}.{token(name, 'query')}"
+
+
+def queries(name: str) -> str:
+    """What the auditor subscribes to for query ``name``: every tenant."""
+    return f"{PREFIX}.q.*.{token(name, 'query')}"
+
+
+def parse_query(subject: str) -> tuple[str, str]:
+    """``il.q.{tenant}.{name}`` -> (tenant, name)."""
+    tenant, name = _parse(subject, ("q",), 2, "query", "il.q.{tenant}.{name}")
+    return tenant, name
 
 
 def dead_letter(service: str) -> str:
@@ -133,17 +188,53 @@ def control_cancel(tenant: str, run_id: str) -> str:
     return f"{PREFIX}.control.cancel.{token(tenant, 'tenant')}.{token(run_id, 'run id')}"
 
 
+def tenant_control_cancel(tenant: str) -> str:
+    """Cancel notices of one tenant's runs (what that tenant's workers subscribe to)."""
+    return f"{PREFIX}.control.cancel.{token(tenant, 'tenant')}.*"
+
+
+def _checked(check: Callable[[str], str], value: str, subject: str) -> str:
+    try:
+        return check(value)
+    except SubjectError as e:
+        raise SubjectError(f"{subject!r}: {e}") from None
+
+
+def _parse(subject: str, kind: tuple[str, ...], count: int, what: str, layout: str) -> list[str]:
+    """The ``count`` tokens after ``il.{kind}`` in ``subject``, each a valid token."""
+    parts = subject.split(".")
+    head = [PREFIX, *kind]
+    if parts[:len(head)] != head or len(parts) != len(head) + count:
+        raise SubjectError(f"{subject!r} is not a {what} subject (expected {layout})")
+    names = re.findall(r"\{(\w+)\}", layout)
+    values = parts[len(head):]
+    for value, name in zip(values, names, strict=True):
+        if not _TOKEN.match(value):
+            raise SubjectError(f"{subject!r}: {name.replace('_', ' ')} {value!r} is not a valid subject token "
+                               f"(letters, digits, '_' and '-')")
+    return values
+
+
 def parse_run_events(subject: str) -> tuple[str, str]:
     """``il.evt.{tenant}.{run_id}`` -> (tenant, run_id)."""
-    parts = subject.split(".")
-    if len(parts) != 4 or parts[0] != PREFIX or parts[1] != "evt":
-        raise SubjectError(f"{subject!r} is not a run event subject")
-    return parts[2], parts[3]
+    tenant, run_id = _parse(subject, ("evt",), 2, "run event", "il.evt.{tenant}.{run_id}")
+    return tenant, run_id
 
 
-def worker_consumer(topic: str) -> str:
-    """Durable consumer shared by every worker copy of one topic."""
-    return "worker_" + topic_tokens(topic).replace(".", "_")
+def worker_consumer(tenant: str, topic: str) -> str:
+    """Durable consumer shared by every worker copy of one tenant's topic.
+
+    The readable part alone is ambiguous (``_`` may occur in tenants and topics), so a digest
+    of the exact pair follows: two (tenant, topic) pairs never share a consumer.
+    """
+    readable = f"{token(tenant, 'tenant')}_{topic_tokens(topic).replace('.', '_')}"
+    digest = hashlib.sha256(f"{tenant}\n{topic}".encode()).hexdigest()[:16]
+    return f"worker_{readable}_{digest}"
+
+
+def agent_key(tenant: str, topic: str, worker_id: str) -> str:
+    """A worker's key in the agent registry (bucket ``AGENTS_BUCKET``)."""
+    return f"{token(tenant, 'tenant')}.{topic_tokens(topic)}.{token(worker_id, 'worker id')}"
 
 
 # -- the JetStream API (subjects of the server's own API that Interlock calls directly) -------
@@ -163,13 +254,3 @@ def js_consumer_next(stream: str, durable: str) -> str:
 
 CLUSTER_PROBE = f"{PREFIX}.cluster.probe"  # a throwaway stream's subject: is JetStream ready?
 
-
-# Commands (request-reply) and queries, by name.
-CMD_APPROVE = command("approve")
-CMD_REJECT = command("reject")
-CMD_CANCEL = command("cancel")
-CMD_START = command("start")
-Q_RUNS = query("runs")
-Q_STATUS = query("status")
-Q_TIMELINE = query("timeline")
-Q_APPROVALS = query("approvals")

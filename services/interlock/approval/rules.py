@@ -69,9 +69,40 @@ def prompt(run: Run, template: str | None, step_id: str) -> str:
         return f"{template} (could not render: {e})"
 
 
-def apply_decision(run: Run, decision: ApprovalDecision, *, grant: bool, snapshot_id: str,
+def refusal(run: Run, decision: ApprovalDecision, principal: str, roles: set[str] | None, *,
+            grant: bool) -> ev.ApprovalRefused | None:
+    """Why ``principal`` (holding ``roles`` in the approver directory; None: nobody is registered,
+    so the role the decision names is trusted) may not decide the pending request, as the event
+    that records it; None if they may, or if no request is pending (the aggregate refuses that)."""
+    state = run.steps.get(decision.step_id)
+    request = state.approval if state is not None else None
+    if request is None or request.status != "requested" or run.terminal:
+        return None
+    required = request.approver_role
+    if roles is not None and required not in roles:
+        held = f"holds {', '.join(sorted(roles))}" if roles else "is not a registered approver"
+        reason = f"{principal!r} lacks role {required!r} ({held})"
+    elif decision.role != required:
+        reason = f"{principal!r} decided as role {decision.role!r}; the request needs role {required!r}"
+    elif decision.job_hash != request.job_hash:
+        reason = (f"the decision is for job hash {decision.job_hash[:12]}…, the request is for "
+                  f"{request.job_hash[:12]}…")
+    else:
+        return None
+    return ev.ApprovalRefused(step_id=decision.step_id, principal=principal, role=decision.role,
+                              job_hash=decision.job_hash, reason=reason, required_role=required,
+                              decision="approve" if grant else "reject")
+
+
+def refusal_message(run_id: str, refused: ev.ApprovalRefused) -> str:
+    """The reply to a refused decision: who, which step, what is missing."""
+    return (f"{refused.principal!r} may not {refused.decision} step {refused.step_id!r} of run {run_id}: "
+            f"{refused.reason}; the request stays pending (the refusal is recorded in the run's log)")
+
+
+def apply_decision(run: Run, decision: ApprovalDecision, approver: str, *, grant: bool, snapshot_id: str,
                    now: datetime) -> str | None:
-    """A person's grant or rejection. Returns why the request was invalidated instead (the
+    """``approver``'s grant or rejection. Returns why the request was invalidated instead (the
     policy changed from the snapshot it was asked under to ``snapshot_id``, the one in force),
     else None. Raises :class:`~interlock.core.run.IllegalTransition` for a decision the request
     does not allow (another job hash, an expired request, the wrong role)."""
@@ -87,17 +118,17 @@ def apply_decision(run: Run, decision: ApprovalDecision, *, grant: bool, snapsho
         return why
     if grant:
         run.grant_approval(ev.ApprovalGranted(
-            step_id=decision.step_id, job_hash=decision.job_hash, approver=decision.approver,
+            step_id=decision.step_id, job_hash=decision.job_hash, approver=approver,
             role=decision.role, reason=decision.reason), now)
         if state is not None and state.step_type == "approval":
-            run.succeed_step(ev.StepSucceeded(step_id=decision.step_id, attempt=0, worker=decision.approver,
-                                              output={"approved_by": decision.approver, "reason": decision.reason}))
+            run.succeed_step(ev.StepSucceeded(step_id=decision.step_id, attempt=0, worker=approver,
+                                              output={"approved_by": approver, "reason": decision.reason}))
         return None
     run.reject_approval(ev.ApprovalRejected(
-        step_id=decision.step_id, job_hash=decision.job_hash, approver=decision.approver,
+        step_id=decision.step_id, job_hash=decision.job_hash, approver=approver,
         role=decision.role, reason=decision.reason))
-    run.fail_step(ev.StepFailed(step_id=decision.step_id, attempt=0, final=True, worker=decision.approver,
-                                error=JobError(message=f"rejected by {decision.approver}: "
+    run.fail_step(ev.StepFailed(step_id=decision.step_id, attempt=0, final=True, worker=approver,
+                                error=JobError(message=f"rejected by {approver}: "
                                                f"{decision.reason or 'no reason given'}",
                                                retryable=False, kind="approval_rejected")))
     return None

@@ -6,6 +6,7 @@ directory, reads the policy snapshot in force, and schedules the rules' timers.
 
 from __future__ import annotations
 
+import functools
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -14,6 +15,7 @@ from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 
 from interlock.approval import rules
+from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import ApprovalDecision, CommandReply, TimerFired
 from interlock.core.eventstore import EventStoreError
@@ -21,7 +23,7 @@ from interlock.core.run import IllegalTransition, Run
 from interlock.runtime import timers
 from interlock.runtime.approvers import ApproverDirectory
 from interlock.runtime.policy import BundleStore, LivePolicy
-from interlock.runtime.service import Service, decode
+from interlock.runtime.service import Service, body_disagrees, decode
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +47,21 @@ class ApprovalService(Service):
         self.pull(broker, s.timer_fired("approval_escalation"), s.TIMERS_STREAM, self.durable("escalations"),
                   self.on_escalation)
 
-        @broker.subscriber(s.CMD_APPROVE, queue="approval")
-        async def approve(decision: ApprovalDecision) -> CommandReply:
-            return await self.decide(decision, grant=True)
+        for name, grant in (("approve", True), ("reject", False)):
+            self.answer(broker, s.commands(name), ApprovalDecision, functools.partial(self.on_decision, grant=grant),
+                        lambda why: CommandReply(ok=False, error=why))
 
-        @broker.subscriber(s.CMD_REJECT, queue="approval")
-        async def reject(decision: ApprovalDecision) -> CommandReply:
-            return await self.decide(decision, grant=False)
+    async def on_decision(self, subject: str, decision: ApprovalDecision, *, grant: bool) -> CommandReply:
+        """A decision sent on ``il.cmd.{tenant}.{approve|reject}.{principal}``: the tenant and the
+        approver are the subject's; a body naming others is refused."""
+        tenant, _, principal = s.parse_command(subject)
+        refusal = (body_disagrees("tenant", decision.tenant, tenant, subject)
+                   or body_disagrees("approver", decision.approver, principal, subject))
+        if refusal is not None:
+            log.warning("approval decision refused for run %s step %s: %s", decision.run_id, decision.step_id,
+                        refusal)
+            return CommandReply(ok=False, error=refusal)
+        return await self.decide(tenant, principal, decision, grant=grant)
 
     async def reconcile(self, tenant: str, run_id: str) -> None:
         await self.on_commit(tenant, run_id, [])
@@ -70,31 +80,41 @@ class ApprovalService(Service):
         for timer in requested:
             await timers.schedule(self.js, timer)
 
-    async def decide(self, decision: ApprovalDecision, *, grant: bool) -> CommandReply:
-        refusal = await self.directory.check(decision.approver, decision.role)
-        if refusal is not None:
-            log.warning("approval decision refused for run %s step %s: %s", decision.run_id, decision.step_id,
-                        refusal)
-            return CommandReply(ok=False, error=refusal)
+    async def decide(self, tenant: str, principal: str, decision: ApprovalDecision, *, grant: bool) -> CommandReply:
+        """``principal``'s decision on a run of ``tenant``. One from a principal without the step's
+        role, or for another job hash, is refused and recorded (ApprovalRefused); the request stays
+        pending."""
+        roles = await self.directory.roles(principal)  # None: nobody is registered, roles are not enforced
         invalidated: list[str] = []
+        refused: list[ev.ApprovalRefused] = []
 
         def apply(run: Run) -> None:
             invalidated.clear()
-            why = rules.apply_decision(run, decision, grant=grant, snapshot_id=self.live.snapshot_id,
+            refused.clear()
+            refusal = rules.refusal(run, decision, principal, roles, grant=grant)
+            if refusal is not None:
+                run.refuse_approval(refusal)
+                refused.append(refusal)
+                return
+            why = rules.apply_decision(run, decision, principal, grant=grant, snapshot_id=self.live.snapshot_id,
                                        now=datetime.now(UTC))
             if why is not None:
                 invalidated.append(why)
 
         try:
-            await self.store.update(decision.tenant, decision.run_id, apply, fresh=True)
+            await self.store.update(tenant, decision.run_id, apply, fresh=True)
         except IllegalTransition as e:
             return CommandReply(ok=False, error=e.why)
         except EventStoreError as e:
             return CommandReply(ok=False, error=str(e))
+        if refused:
+            error = rules.refusal_message(decision.run_id, refused[0])
+            log.warning("approval decision refused: %s", error)
+            return CommandReply(ok=False, error=error)
         if invalidated:
             return CommandReply(ok=False, error=f"{invalidated[0]}; the job was sent back to policy")
         verb = "approved" if grant else "rejected"
-        log.info("run %s step %s %s by %s", decision.run_id, decision.step_id, verb, decision.approver)
+        log.info("run %s step %s %s by %s", decision.run_id, decision.step_id, verb, principal)
         return CommandReply(ok=True, detail={"step_id": decision.step_id, "decision": verb})
 
     async def on_escalation(self, msg: Msg) -> None:

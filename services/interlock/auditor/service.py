@@ -7,20 +7,19 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from faststream.nats import NatsBroker, NatsMessage
+from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
-from pydantic import ValidationError
 
 from interlock.auditor.projection import DEFAULT_PATH, Envelopes, ProgressCallback, Projection, RebuildStats
 from interlock.contracts import subjects as s
-from interlock.contracts.messages import Message, QueryReply, RunQuery, RunsQuery
+from interlock.contracts.messages import QueryReply, RunQuery, RunsQuery
 from interlock.core import codec
 from interlock.core.eventstore import EventStore, EventStoreError
 from interlock.runtime.connect import connect
-from interlock.runtime.service import Poison, Service, ServiceSettings
+from interlock.runtime.service import Poison, Service, ServiceSettings, body_disagrees
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +44,6 @@ def default_db_path(instance: str) -> str:
     if instance == DEFAULT_INSTANCE:
         return DEFAULT_PATH
     return str(Path(DEFAULT_PATH).with_name(f"auditor-{instance}.sqlite3"))
-
-
-Q = TypeVar("Q", bound=Message)
-
-
-def _parse(kind: type[Q], data: bytes) -> Q | QueryReply:
-    """The query in ``data``, or the error reply for it (an empty body is a query with defaults)."""
-    try:
-        return kind.model_validate_json(data or b"{}")
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(body)'}: {err['msg']}" for err in e.errors()[:3])
-        return QueryReply(ok=False, error=f"invalid {kind.__name__}: {problems}")
 
 
 async def catch_up(projection: Projection, store: EventStore, tenant: str, run_id: str, envelopes: Envelopes,
@@ -84,6 +71,9 @@ async def catch_up(projection: Projection, store: EventStore, tenant: str, run_i
         raise EventStoreError(f"run {run_id}: the log read after stream seq {result.last_stream_seq} does not hold "
                               f"the delivered commit at stream seq {stream_seq} yet")
     await projection.apply_commits(commits)
+
+
+Q = TypeVar("Q", RunQuery, RunsQuery)
 
 
 class AuditorService(Service):
@@ -151,27 +141,23 @@ class AuditorService(Service):
     def register(self, broker: NatsBroker) -> None:
         self.pull(broker, s.EVENTS_ALL, s.EVENTS_STREAM, self.durable("events"), self.on_commit)
 
-        # Queries are parsed here rather than by FastStream, so a malformed query is answered with
-        # QueryReply(ok=False, error=...) instead of being dropped (the requester would time out).
-        # The AsyncAPI document comes from interlock.contracts.catalog, not from these signatures.
-        queries: list[tuple[str, type[Message], Callable[[Any], Awaitable[QueryReply]]]] = [
-            (s.Q_RUNS, RunsQuery, self.answer_runs),
-            (s.Q_STATUS, RunQuery, self.answer_status),
-            (s.Q_TIMELINE, RunQuery, self.answer_timeline),
-            (s.Q_APPROVALS, RunsQuery, self.answer_approvals),
-        ]
-        for subject, query_type, answer in queries:
-            broker.subscriber(subject, queue="auditor")(self._query_handler(query_type, answer))
+        # Each query is answered for the tenant in its subject only (the server lets a credential
+        # ask its own tenant's queries). The AsyncAPI document comes from interlock.contracts.catalog.
+        self._answer(broker, "runs", RunsQuery, self.answer_runs)
+        self._answer(broker, "status", RunQuery, self.answer_status)
+        self._answer(broker, "timeline", RunQuery, self.answer_timeline)
+        self._answer(broker, "approvals", RunsQuery, self.answer_approvals)
 
-    @staticmethod
-    def _query_handler(query_type: type[Message], answer: Callable[[Any], Awaitable[QueryReply]]
-                       ) -> Callable[[Any, NatsMessage], Awaitable[QueryReply]]:
-        async def handle(body: Any, msg: NatsMessage) -> QueryReply:
-            query = _parse(query_type, msg.body)
-            return query if isinstance(query, QueryReply) else await answer(query)
+    def _answer(self, broker: NatsBroker, name: str, kind: type[Q],
+                answer: Callable[[str, Q], Awaitable[QueryReply]]) -> None:
+        async def handle(subject: str, query: Q) -> QueryReply:
+            tenant, _ = s.parse_query(subject)
+            refusal = body_disagrees("tenant", getattr(query, "tenant", None), tenant, subject)
+            if refusal is not None:
+                return QueryReply(ok=False, error=refusal)
+            return await answer(tenant, query)
 
-        handle.__name__ = f"query_{query_type.__name__}_{answer.__name__}"
-        return handle
+        self.answer(broker, s.queries(name), kind, handle, lambda why: QueryReply(ok=False, error=why))
 
     async def on_commit(self, msg: Msg) -> None:
         """One commit from ``IL_EVENTS`` (what ``pull_commits`` does, plus the stream sequence)."""
@@ -189,25 +175,25 @@ class AuditorService(Service):
     def _limit(limit: int) -> int:
         return max(1, min(limit, MAX_QUERY_LIMIT))
 
-    async def answer_runs(self, query: RunsQuery) -> QueryReply:
-        runs = await self.projection.runs(tenant=query.tenant, status=query.status, workflow_id=query.workflow_id,
+    async def answer_runs(self, tenant: str, query: RunsQuery) -> QueryReply:
+        runs = await self.projection.runs(tenant=tenant, status=query.status, workflow_id=query.workflow_id,
                                           limit=self._limit(query.limit))
         return QueryReply(ok=True, result=runs)
 
-    async def answer_status(self, query: RunQuery) -> QueryReply:
-        status = await self.projection.status(query.run_id, query.tenant)
+    async def answer_status(self, tenant: str, query: RunQuery) -> QueryReply:
+        status = await self.projection.status(query.run_id, tenant)
         if status is None:
             return QueryReply(ok=False, error=f"run {query.run_id} not found")
         return QueryReply(ok=True, result=status)
 
-    async def answer_timeline(self, query: RunQuery) -> QueryReply:
-        timeline = await self.projection.timeline(query.run_id, query.tenant)
+    async def answer_timeline(self, tenant: str, query: RunQuery) -> QueryReply:
+        timeline = await self.projection.timeline(query.run_id, tenant)
         if timeline is None:
             return QueryReply(ok=False, error=f"run {query.run_id} not found")
         return QueryReply(ok=True, result=timeline)
 
-    async def answer_approvals(self, query: RunsQuery) -> QueryReply:
-        pending = await self.projection.approvals(tenant=query.tenant, limit=self._limit(query.limit))
+    async def answer_approvals(self, tenant: str, query: RunsQuery) -> QueryReply:
+        pending = await self.projection.approvals(tenant=tenant, limit=self._limit(query.limit))
         return QueryReply(ok=True, result=pending)
 
     # -- rebuild ---------------------------------------------------------------------------

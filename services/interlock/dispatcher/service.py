@@ -81,7 +81,7 @@ class DispatcherService(Service):
             job_input, input_ref = await self.payloads.offload(job.input)
             job = job.model_copy(update={"input": job_input, "input_ref": input_ref})
         # a re-publish after a crash carries the same id: JetStream's duplicate window drops it
-        await publish(self.js, s.job(job.topic), job.model_dump_json().encode(),
+        await publish(self.js, s.job(job.tenant, job.topic), job.model_dump_json().encode(),
                       headers={headers.MSG_ID: job.job_id, headers.TRACEPARENT: job.trace_parent or ""})
         self._published.add(job.job_id)
         if len(self._published) > MEMORY_LIMIT:

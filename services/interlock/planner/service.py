@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from interlock.contracts import events as ev
 from interlock.contracts import headers
 from interlock.contracts import subjects as s
-from interlock.contracts.messages import CancelRequest, CommandReply, TimerFired, Trigger
+from interlock.contracts.messages import DEFAULT_TENANT, CancelRequest, CommandReply, TimerFired, Trigger
 from interlock.core.eventstore import RunExists, RunNotFound
 from interlock.core.ids import run_id_for
 from interlock.core.run import IllegalTransition, Run
@@ -23,7 +23,7 @@ from interlock.planner.logic import Spill, plan
 from interlock.runtime import timers
 from interlock.runtime.policy import BundleStore, LivePolicy
 from interlock.runtime.registry import WorkflowNotFound
-from interlock.runtime.service import Poison, Service, decode
+from interlock.runtime.service import Poison, Service, body_disagrees, decode
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +48,24 @@ class PlannerService(Service):
         self.pull_commits(broker, self.on_commit, wants=PROGRESS_EVENTS)
         self.pull(broker, s.timer_fired("run_timeout"), s.TIMERS_STREAM, self.durable("timers"), self.on_timer)
 
-        @broker.subscriber(s.CMD_CANCEL, queue="planner")
-        async def cancel(request: CancelRequest) -> CommandReply:
-            return await self.cancel(request)
+        self.answer(broker, s.commands("cancel"), CancelRequest, self.on_cancel,
+                    lambda why: CommandReply(ok=False, error=why))
 
     async def on_trigger(self, msg: Msg) -> None:
-        trigger = await self.parse_trigger(msg)
+        tenant, trigger = await self.parse_trigger(msg)
         try:
             workflow = await self.registry.get(trigger.workflow_id, trigger.workflow_version)
         except WorkflowNotFound as e:
             raise Poison(str(e)) from e
-        run_id = run_id_for(trigger.tenant, workflow.id, trigger.idempotency_key)
+        run_id = run_id_for(tenant, workflow.id, trigger.idempotency_key)
         run_input, input_ref = await self.payloads.offload(trigger.input)
         started = ev.RunStarted(
             workflow_id=workflow.id, workflow_version=workflow.version, definition_hash=workflow.content_hash,
-            input=run_input, input_ref=input_ref, idempotency_key=trigger.idempotency_key, tenant=trigger.tenant,
+            input=run_input, input_ref=input_ref, idempotency_key=trigger.idempotency_key, tenant=tenant,
             requested_by=trigger.requested_by, rerun_of=trigger.rerun_of, reused_outputs=trigger.reuse_outputs,
         )
         admission = self.policy.engine.admit(
-            tenant=trigger.tenant, workflow_id=workflow.id, workflow_version=workflow.version,
+            tenant=tenant, workflow_id=workflow.id, workflow_version=workflow.version,
             run_input=trigger.input, idempotency_key=trigger.idempotency_key, requested_by=trigger.requested_by,
             now=datetime.now(UTC))
 
@@ -87,43 +86,51 @@ class PlannerService(Service):
             log.info("run %s started: %s v%s (%s)", run_id, workflow.id, workflow.version, admission.decision)
             if workflow.timeout_ms:
                 await timers.schedule(self.js, TimerFired(
-                    kind="run_timeout", run_id=str(run_id), tenant=trigger.tenant,
+                    kind="run_timeout", run_id=str(run_id), tenant=tenant,
                     due_at=timers.due_in(workflow.timeout_ms)))
         except RunExists:
             log.info("trigger for existing run %s (idempotency key %r): nothing to start", run_id,
                      trigger.idempotency_key)
-            await self.advance(trigger.tenant, str(run_id))
+            await self.advance(tenant, str(run_id))
 
-    async def parse_trigger(self, msg: Msg) -> Trigger:
-        """A Trigger on ``subjects.trigger(workflow_id)``; on a workflow's own trigger subject, any
-        JSON body is its input."""
+    async def parse_trigger(self, msg: Msg) -> tuple[str, Trigger]:
+        """(tenant, trigger): a Trigger on ``subjects.trigger(tenant, workflow_id)``, the tenant the
+        subject's (a body naming another is poison); on a workflow's own trigger subject, any JSON
+        body is its input, in tenant ``DEFAULT_TENANT`` (those subjects carry no tenant)."""
         if s.is_trigger_subject(msg.subject):
             try:
+                tenant, workflow_id = s.parse_trigger(msg.subject)
                 trigger = Trigger.model_validate_json(msg.data)
-            except ValidationError as e:
+            except (ValidationError, s.SubjectError) as e:
                 raise Poison(f"invalid trigger: {e}") from e
-            expected = s.trigger(trigger.workflow_id)
-            if msg.subject != expected:
+            if trigger.workflow_id != workflow_id:
                 raise Poison(f"trigger for workflow {trigger.workflow_id!r} was sent to {msg.subject}, "
-                             f"expected {expected}")
-            return trigger
-        subjects = await self.registry.trigger_subjects()
-        workflow_id = subjects.get(msg.subject)
-        if workflow_id is None:
+                             f"expected {s.trigger(tenant, trigger.workflow_id)}")
+            refusal = body_disagrees("tenant", trigger.tenant, tenant, msg.subject)
+            if refusal is not None:
+                raise Poison(refusal)
+            return tenant, trigger.model_copy(update={"tenant": tenant})
+        declared = (await self.registry.trigger_subjects()).get(msg.subject)
+        if declared is None:
             raise Poison(f"no registered workflow is triggered by {msg.subject}")
+        workflow_id = declared
         try:
             body: Any = Trigger.model_validate_json(msg.data).model_dump()
         except ValidationError:
             body = None
         if body is not None and body.get("workflow_id") == workflow_id:
-            return Trigger.model_validate(body)
+            trigger = Trigger.model_validate(body)
+            refusal = body_disagrees("tenant", trigger.tenant, DEFAULT_TENANT, msg.subject)
+            if refusal is not None:
+                raise Poison(refusal)
+            return DEFAULT_TENANT, trigger.model_copy(update={"tenant": DEFAULT_TENANT})
         try:
             payload = json.loads(msg.data or b"null")
         except ValueError as e:
             raise Poison(f"trigger on {msg.subject} is not JSON: {e}") from e
         key = (msg.headers or {}).get(headers.MSG_ID) or hashlib.sha256(msg.data).hexdigest()
-        return Trigger(workflow_id=workflow_id, input=payload, idempotency_key=key,
-                       requested_by=f"subject:{msg.subject}")
+        return DEFAULT_TENANT, Trigger(workflow_id=workflow_id, input=payload, idempotency_key=key,
+                                       tenant=DEFAULT_TENANT, requested_by=f"subject:{msg.subject}")
 
     async def on_commit(self, tenant: str, run_id: str, envelopes: list[dict[str, Any]]) -> None:
         await self.advance(tenant, run_id)
@@ -138,12 +145,22 @@ class PlannerService(Service):
 
         await self.store.update(timer.tenant, timer.run_id, decide, fresh=True)
 
-    async def cancel(self, request: CancelRequest) -> CommandReply:
+    async def on_cancel(self, subject: str, request: CancelRequest) -> CommandReply:
+        """A cancel on ``il.cmd.{tenant}.cancel.{principal}``: the run's tenant and who cancels are
+        the subject's; a body naming others is refused."""
+        tenant, _, principal = s.parse_command(subject)
+        refusal = (body_disagrees("tenant", request.tenant, tenant, subject)
+                   or body_disagrees("canceller", request.by, principal, subject))
+        if refusal is not None:
+            return CommandReply(ok=False, error=refusal)
+        return await self.cancel(tenant, principal, request)
+
+    async def cancel(self, tenant: str, by: str, request: CancelRequest) -> CommandReply:
         def decide(run: Run) -> None:
-            run.cancel(ev.RunCancelled(by=request.by, reason=request.reason))
+            run.cancel(ev.RunCancelled(by=by, reason=request.reason))
 
         try:
-            await self.store.update(request.tenant, request.run_id, decide, fresh=True)
+            await self.store.update(tenant, request.run_id, decide, fresh=True)
         except (IllegalTransition, RunNotFound) as e:
             return CommandReply(ok=False, error=str(e))
         return CommandReply(ok=True, detail={"run_id": request.run_id, "status": "cancelled"})

@@ -26,7 +26,7 @@ class PolicyService(Service):
     def __init__(self, *args: Any, engine: PolicyEngine | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fixed_engine = engine  # tests may pin an engine; otherwise the live bundle decides
-        self._agents: dict[str, tuple[tuple[str, ...], str]] = {}
+        self._agents: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {}
         self._agents_at = 0.0
 
     async def setup(self) -> None:
@@ -43,20 +43,20 @@ class PolicyService(Service):
     def register(self, broker: NatsBroker) -> None:
         self.pull_commits(broker, self.on_commit, wants=ev.kinds(ev.StepReady, ev.ApprovalInvalidated))
 
-    async def agents(self, topic: str | None) -> tuple[tuple[str, ...], str]:
-        """Capabilities and version the agents registered for ``topic`` offer (cached briefly)."""
+    async def agents(self, tenant: str, topic: str | None) -> tuple[tuple[str, ...], str]:
+        """Capabilities and version ``tenant``'s agents registered for ``topic`` offer (cached briefly)."""
         if time.monotonic() - self._agents_at > AGENTS_REFRESH_S:
-            found: dict[str, tuple[set[str], str]] = {}
+            found: dict[tuple[str, str], tuple[set[str], str]] = {}
             with contextlib.suppress(Exception):
                 kv = await self.js.key_value(s.AGENTS_BUCKET)
                 for key in await kv.keys():
                     entry = await kv.get(key)
                     reg = AgentRegistration.model_validate_json(entry.value or b"{}")
-                    caps, version = found.get(reg.topic, (set(), ""))
-                    found[reg.topic] = (caps | set(reg.capabilities), max(version, reg.version))
+                    caps, version = found.get((reg.tenant, reg.topic), (set(), ""))
+                    found[(reg.tenant, reg.topic)] = (caps | set(reg.capabilities), max(version, reg.version))
             self._agents = {t: (tuple(sorted(c)), v) for t, (c, v) in found.items()}
             self._agents_at = time.monotonic()
-        return self._agents.get(topic or "", ((), ""))
+        return self._agents.get((tenant, topic or ""), ((), ""))
 
     async def reconcile(self, tenant: str, run_id: str) -> None:
         await self.on_commit(tenant, run_id, [])
@@ -71,7 +71,7 @@ class PolicyService(Service):
             for state in list(run.steps.values()):
                 if state.status != "ready" or run.terminal:
                     continue
-                capabilities, agent_version = await self.agents(state.topic)
+                capabilities, agent_version = await self.agents(run.tenant, state.topic)
                 outcome = engine.decide(request_for(
                     workflow, state.step_id, tenant=run.tenant,
                     job_input=await self.payloads.resolve(state.input, state.input_ref), job_hash=state.job_hash,

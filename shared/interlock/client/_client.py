@@ -68,12 +68,16 @@ class Client:
     """One connection to Interlock. Create with :meth:`connect`; close with :meth:`close` (or
     ``async with``). Safe for concurrent tasks."""
 
-    def __init__(self, nc: NATS, *, url: str, url_source: str, tenant: str, name: str) -> None:
+    def __init__(self, nc: NATS, *, url: str, url_source: str, tenant: str, name: str,
+                 principal: str = "anonymous") -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.url = url
         self.url_source = url_source
         self.tenant = tenant
+        self.principal = s.token(principal, "principal")
+        """Who this client's commands are from: the principal in their subjects (the approver of
+        its decisions, who cancelled)."""
         self.name = name
         self._store = EventStore(nc, self.js, service=name)
         self._registry = WorkflowRegistry(self.js)
@@ -87,16 +91,18 @@ class Client:
     # -- connection --------------------------------------------------------------------------
     @classmethod
     async def connect(cls, url: str | None = None, *, creds: str | Path | None = None, tenant: str | None = None,
-                      name: str = "interlock-cli", patient: bool = False) -> Client:
+                      principal: str | None = None, name: str = "interlock-cli", patient: bool = False) -> Client:
         """Connect to NATS. ``url`` None: ``INTERLOCK_NATS_URL``, else ``.interlock/nats.url``, else
-        the default; ``tenant`` None: ``INTERLOCK_TENANT``; ``creds`` None: ``INTERLOCK_CREDS``.
+        the default; ``tenant`` None: ``INTERLOCK_TENANT``; ``creds`` None: ``INTERLOCK_CREDS``;
+        ``principal`` None: ``INTERLOCK_PRINCIPAL``, else the creds file's user name, else ``$USER``.
         ``patient``: keep reconnecting for as long as the client lives (a cluster's failover)."""
         explicit = Path(creds) if creds is not None else None
-        settings = ClientSettings.load(tenant=tenant, creds=explicit)
+        settings = ClientSettings.load(tenant=tenant, creds=explicit, principal=principal)
         target, source = settings.resolve_url(url)
         creds_file, creds_source = settings.resolve_creds(explicit)
-        log.info("connecting to %s (from %s) as %s (from %s)", target, source,
-                 creds_file or "anonymous (no creds)", creds_source)
+        who = settings.resolve_principal(creds_file)
+        log.info("connecting to %s (from %s) as %s (from %s), principal %s", target, source,
+                 creds_file or "anonymous (no creds)", creds_source, who)
 
         async def on_error(e: Exception) -> None:  # reconnects are reported by the calls that fail
             pass
@@ -109,7 +115,7 @@ class Client:
             detail = str(e) or type(e).__name__
             raise Unavailable(f"cannot reach NATS at {target} (from {source}): {detail}; start the stack with "
                               f"`interlock up` or set INTERLOCK_NATS_URL") from None
-        client = cls(nc, url=target, url_source=source, tenant=settings.tenant, name=name)
+        client = cls(nc, url=target, url_source=source, tenant=settings.tenant, name=name, principal=who)
         client.creds = creds_file
         client.creds_source = creds_source
         return client
@@ -203,7 +209,7 @@ class Client:
         key = key or uuid.uuid4().hex
         trigger = Trigger(workflow_id=workflow_id, workflow_version=version, input=input, idempotency_key=key,
                           tenant=self.tenant, requested_by=requested_by, rerun_of=rerun_of, reuse_outputs=reuse or {})
-        await publish(self.js, s.trigger(workflow_id), trigger.model_dump_json().encode(),
+        await publish(self.js, s.trigger(self.tenant, workflow_id), trigger.model_dump_json().encode(),
                       headers={h.MSG_ID: f"trigger:{self.tenant}:{workflow_id}:{key}"}, patience=patience)
         return str(run_id_for(self.tenant, workflow_id, key))
 
@@ -294,49 +300,57 @@ class Client:
                                snapshot_id=request.snapshot_id, approver_role=request.approver_role,
                                input=step.input)
 
-    async def _decide(self, grant: bool, run_id: str, step_id: str, approver: str, role: str | None,
+    def _command_subject(self, name: str) -> str:
+        """The subject of command ``name`` from this client (its tenant, its principal)."""
+        return s.command(self.tenant, name, self.principal)
+
+    def _query_subject(self, name: str) -> str:
+        """The subject of query ``name`` for this client's tenant."""
+        return s.query(self.tenant, name)
+
+    async def _decide(self, grant: bool, run_id: str, step_id: str, role: str | None,
                       job_hash: str | None, reason: str) -> CommandReply:
         if role is None or job_hash is None:
             pending = await self.pending_approval(run_id, step_id)
             role = role if role is not None else pending.approver_role
             job_hash = job_hash or pending.job_hash
-        decision = ApprovalDecision(run_id=run_id, tenant=self.tenant, step_id=step_id, job_hash=job_hash,
-                                    approver=approver, role=role, reason=reason)
-        return await self._command(s.CMD_APPROVE if grant else s.CMD_REJECT, decision, "approval")
+        decision = ApprovalDecision(run_id=run_id, step_id=step_id, job_hash=job_hash, role=role, reason=reason)
+        return await self._command(self._command_subject("approve" if grant else "reject"), decision, "approval")
 
-    async def approve(self, run_id: str, step_id: str, *, approver: str, role: str | None = None,
+    async def approve(self, run_id: str, step_id: str, *, role: str | None = None,
                       job_hash: str | None = None, reason: str = "") -> CommandReply:
-        """Grant a pending approval (bound to ``job_hash``; by default the one asked for)."""
-        return await self._decide(True, run_id, step_id, approver, role, job_hash, reason)
+        """Grant a pending approval as :attr:`principal` (bound to ``job_hash``; by default the one
+        asked for)."""
+        return await self._decide(True, run_id, step_id, role, job_hash, reason)
 
-    async def reject(self, run_id: str, step_id: str, *, approver: str, reason: str, role: str | None = None,
+    async def reject(self, run_id: str, step_id: str, *, reason: str, role: str | None = None,
                      job_hash: str | None = None) -> CommandReply:
-        """Reject a pending approval; the run fails with ``reason``."""
-        return await self._decide(False, run_id, step_id, approver, role, job_hash, reason)
+        """Reject a pending approval as :attr:`principal`; the run fails with ``reason``."""
+        return await self._decide(False, run_id, step_id, role, job_hash, reason)
 
-    async def cancel(self, run_id: str, *, by: str, reason: str = "") -> CommandReply:
-        """Cancel a run (the planner refuses one that has ended)."""
-        return await self._command(s.CMD_CANCEL, CancelRequest(run_id=run_id, tenant=self.tenant, by=by,
-                                                               reason=reason), "planner")
+    async def cancel(self, run_id: str, *, reason: str = "") -> CommandReply:
+        """Cancel a run as :attr:`principal` (the planner refuses one that has ended)."""
+        return await self._command(self._command_subject("cancel"), CancelRequest(run_id=run_id, reason=reason),
+                                   "planner")
 
     # -- queries (the auditor's projection) --------------------------------------------------
     async def runs(self, *, status: str | None = None, workflow_id: str | None = None,
                    limit: int = 50) -> list[dict[str, Any]]:
         """Runs, newest first, optionally of one status or workflow."""
-        return list(await self._query(s.Q_RUNS, RunsQuery(tenant=self.tenant, status=status,
-                                                          workflow_id=workflow_id, limit=limit)))
+        return list(await self._query(self._query_subject("runs"),
+                                      RunsQuery(status=status, workflow_id=workflow_id, limit=limit)))
 
     async def status(self, run_id: str) -> dict[str, Any]:
         """The run's row (``status``, ``workflow_id``, …) and the state of each step (``steps``)."""
-        return dict(await self._query(s.Q_STATUS, RunQuery(run_id=run_id, tenant=self.tenant)))
+        return dict(await self._query(self._query_subject("status"), RunQuery(run_id=run_id)))
 
     async def timeline(self, run_id: str) -> list[dict[str, Any]]:
         """The run's events in order, each with its one-line ``summary``."""
-        return list(await self._query(s.Q_TIMELINE, RunQuery(run_id=run_id, tenant=self.tenant)))
+        return list(await self._query(self._query_subject("timeline"), RunQuery(run_id=run_id)))
 
     async def approvals(self) -> list[dict[str, Any]]:
         """Pending approvals, oldest first."""
-        return list(await self._query(s.Q_APPROVALS, RunsQuery(tenant=self.tenant)))
+        return list(await self._query(self._query_subject("approvals"), RunsQuery()))
 
     async def wait_projected(self, run_id: str, timeout: float = 10.0) -> dict[str, Any]:
         """:meth:`status` once the auditor (which projects asynchronously) has the run's final state."""
@@ -352,7 +366,7 @@ class Client:
 
     # -- operations --------------------------------------------------------------------------
     async def agents(self) -> list[AgentRegistration]:
-        """Registered agent workers, by topic and worker id."""
+        """This tenant's registered agent workers, by topic and worker id."""
         try:
             kv = await self.js.key_value(s.AGENTS_BUCKET)
             keys = await kv.keys()
@@ -360,6 +374,8 @@ class Client:
             return []
         regs = []
         for key in keys:
+            if not key.startswith(f"{self.tenant}."):  # keys are subjects.agent_key(tenant, topic, worker)
+                continue
             with contextlib.suppress(Exception):  # deleted between keys() and get()
                 entry = await kv.get(key)
                 regs.append(AgentRegistration.model_validate_json(entry.value or b"{}"))

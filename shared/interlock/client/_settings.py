@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import getpass
+import re
 from pathlib import Path
 
 from pydantic import ValidationError, field_validator
@@ -9,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from interlock.client._errors import Unavailable
 from interlock.contracts import subjects as s
+from interlock.identity import CredsError, JwtError, decode_jwt, read_creds
 from interlock.runtime.connect import ADMIN_CREDS_FILE, DEFAULT_URL, URL_FILE
 
 ENV_PREFIX = "INTERLOCK_"
@@ -16,7 +19,8 @@ ENV_PREFIX = "INTERLOCK_"
 
 class ClientSettings(BaseSettings):
     """Where the client connects and as whom: ``INTERLOCK_NATS_URL``, ``INTERLOCK_TENANT``,
-    ``INTERLOCK_CREDS``. Other ``INTERLOCK_*`` variables belong to other process kinds."""
+    ``INTERLOCK_CREDS``, ``INTERLOCK_PRINCIPAL``. Other ``INTERLOCK_*`` variables belong to other
+    process kinds."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
@@ -25,6 +29,8 @@ class ClientSettings(BaseSettings):
     tenant: str = "default"
     creds: Path | None = None
     """A NATS credentials (.creds) file; unset: the admin creds `interlock up` wrote, if there."""
+    principal: str | None = None
+    """Who sends commands; unset: the creds file's user name, else $USER (see :func:`principal_of`)."""
 
     @field_validator("nats_url")
     @classmethod
@@ -40,6 +46,11 @@ class ClientSettings(BaseSettings):
     @classmethod
     def _tenant(cls, value: str) -> str:
         return s.token(value, "tenant")
+
+    @field_validator("principal")
+    @classmethod
+    def _principal(cls, value: str | None) -> str | None:
+        return None if value is None or not value.strip() else s.token(value.strip(), "principal")
 
     @field_validator("creds")
     @classmethod
@@ -63,6 +74,28 @@ class ClientSettings(BaseSettings):
             if field in given:  # the caller's own argument: the message names the value
                 raise Unavailable(f"{field}: {message}") from None
             raise Unavailable(f"{ENV_PREFIX}{field.upper()}: {message}") from None
+
+    def resolve_principal(self, creds: Path | None = None) -> str:
+        """The principal of the client's commands: ``principal`` (argument or INTERLOCK_PRINCIPAL),
+        else the user name in the creds file (``creds``, the one the client connects with; the
+        server accepts a credential's commands only under that name), else the login name
+        (``$USER``…) made a subject token."""
+        if self.principal:
+            return self.principal
+        creds = creds if creds is not None else self.creds
+        if creds is not None:
+            try:
+                jwt, _ = read_creds(creds)
+                name = str(decode_jwt(jwt, expect="user").get("name") or "")
+            except (CredsError, JwtError) as e:
+                raise Unavailable(f"{creds}: {e}") from None
+            if name:
+                return s.token(name, f"user name in {creds}")
+        try:
+            user = getpass.getuser()  # $LOGNAME, $USER, $LNAME, $USERNAME, else the password database
+        except (OSError, KeyError):
+            user = ""
+        return re.sub(r"[^A-Za-z0-9_\-]+", "-", user).strip("-") or "anonymous"
 
     def resolve_url(self, explicit: str | None = None) -> tuple[str, str]:
         """(url, where it came from): the argument, INTERLOCK_NATS_URL, the file `interlock up`

@@ -249,6 +249,14 @@ class Run(Aggregate):
             )
         self._trigger(data)
 
+    def refuse_approval(self, data: ev.ApprovalRefused) -> None:
+        """Record a refused decision on a pending request; it changes nothing."""
+        self._require_running("refuse_approval")
+        step = self._step("refuse_approval", data.step_id)
+        if step.approval is None or step.approval.status != "requested":
+            raise self._refuse("refuse_approval", "no approval is pending", data.step_id)
+        self._trigger(data)
+
     def expire_approval(self, data: ev.ApprovalExpired) -> None:
         self._pending_approval("expire_approval", data.step_id, data.job_hash)
         self._trigger(data)
@@ -480,6 +488,9 @@ class Run(Aggregate):
     def _on_LateResultRecorded(self, d: ev.LateResultRecorded, at: datetime) -> None:
         """Evidence only: a stale attempt never changes the step."""
 
+    def _on_ApprovalRefused(self, d: ev.ApprovalRefused, at: datetime) -> None:
+        """Evidence only: a refused decision leaves the request pending."""
+
     def _on_CompensationStarted(self, d: ev.CompensationStarted, at: datetime) -> None:
         self.status = "compensating"
         self.compensation = CompensationState(failed_step=d.failed_step, steps=list(d.steps))
@@ -576,6 +587,7 @@ _STATE_CHANGES: dict[str, _StateChange] = ev.complete_table("Run state changes",
     ev.StepTimedOut: Run._on_StepTimedOut,
     ev.StepSkipped: Run._on_StepSkipped,
     ev.LateResultRecorded: Run._on_LateResultRecorded,
+    ev.ApprovalRefused: Run._on_ApprovalRefused,
     ev.CompensationStarted: Run._on_CompensationStarted,
     ev.CompensationFinished: Run._on_CompensationFinished,
 })

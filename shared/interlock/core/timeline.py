@@ -164,6 +164,14 @@ def _d_approval_expired(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return f"approval expired (hash {short_hash(d.get('job_hash'))})", {"job_hash": d.get("job_hash")}
 
 
+def _d_approval_refused(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    what = "rejection" if d.get("decision") == "reject" else "approval"
+    text = (f"{what} by {str_field(d, 'principal', '?')} refused: {str_field(d, 'reason')} "
+            f"(hash {short_hash(d.get('job_hash'))}); the request stays pending")
+    return text, {"principal": d.get("principal"), "role": d.get("role"), "job_hash": d.get("job_hash"),
+                  "required_role": d.get("required_role")}
+
+
 def _d_run_admitted(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return (f"run admitted (rules {', '.join(rule_ids(d)) or '-'}, snapshot {str_field(d, 'snapshot_id', '?')})",
             {"snapshot_id": d.get("snapshot_id"), "rule_ids": rule_ids(d)})
@@ -257,6 +265,7 @@ _DESCRIBE: dict[str, Describer] = ev.complete_table("timeline descriptions", {
     ev.ApprovalGranted: _decided("approved"),
     ev.ApprovalRejected: _decided("rejected"),
     ev.ApprovalExpired: _d_approval_expired,
+    ev.ApprovalRefused: _d_approval_refused,
     ev.ApprovalInvalidated: _d_approval_invalidated,
     ev.ApprovalEscalated: _d_approval_escalated,
     ev.RunAdmitted: _d_run_admitted,

@@ -5,9 +5,8 @@ tenant); workers and people get their own tenant's subjects only. Nobody but ``a
 change or remove a stream. Every principal subscribes only to its own inbox prefix, so
 nobody reads another's replies.
 
-Where today's subjects carry no tenant (jobs, triggers, commands, queries), the permissions use
-the PROPOSED tenant-carrying subjects of :mod:`interlock.contracts.permissions`; until services
-move to them, a worker or person credential cannot reach those channels.
+Every tenant-owned subject carries the tenant (and a command its principal), so a worker's or a
+person's permissions name their own tenant's (and own principal's) subjects only.
 """
 
 from __future__ import annotations
@@ -140,8 +139,7 @@ def _api(scope: Scope) -> Grant:
     """The HTTP API: a client for every tenant (it acts for the people who call it)."""
     pub: list[str] = [s.JS_API_INFO]
     pub += [_wild(ch.pattern) for ch in c.CHANNELS if c.CLIENT in ch.publishers]
-    pub += [p.pattern(p.tenant_trigger, p.ANY, p.ANY), p.pattern(p.tenant_command, p.ANY, p.ANY, p.ANY),
-            p.pattern(p.tenant_query, p.ANY, p.ANY), p.object_subjects(s.PAYLOADS_OBJECT_STORE)]
+    pub += [p.pattern(s.command, p.ANY, "start", p.ANY), p.object_subjects(s.PAYLOADS_OBJECT_STORE)]
     return Grant(publish=_unique(pub), subscribe=(p.inbox_all(scope.inbox_owner),),
                  reads=(s.EVENTS_STREAM, s.NOTIFY_STREAM, *_BUCKET_STREAMS, _PAYLOADS), deny=_NOT_ADMIN_DENY)
 
@@ -150,13 +148,13 @@ def _worker(scope: Scope) -> Grant:
     t = scope.tenant
     pub: list[str] = [s.JS_API_INFO, p.js_stream_info(s.JOBS_STREAM)]
     for topic in scope.topics:
-        durable = p.tenant_worker_consumer(t, topic)
-        pub += [p.js_filtered_consumer_create(s.JOBS_STREAM, p.tenant_job(t, topic), durable),
+        durable = s.worker_consumer(t, topic)
+        pub += [p.js_filtered_consumer_create(s.JOBS_STREAM, s.job(t, topic), durable),
                 p.js_consumer_info(s.JOBS_STREAM, durable), s.js_consumer_next(s.JOBS_STREAM, durable),
-                p.js_ack(s.JOBS_STREAM, durable), p.tenant_agent_key(t, topic)]
+                p.js_ack(s.JOBS_STREAM, durable), p.kv_key(s.AGENTS_BUCKET, p.pattern(s.agent_key, t, topic, p.ANY))]
     pub += [p.pattern(s.result, t, p.ANY), p.pattern(s.heartbeat, t, p.ANY), s.dead_letter(c.WORKER),
             p.js_stream_info(p.kv_stream(s.AGENTS_BUCKET)), p.object_subjects(s.PAYLOADS_OBJECT_STORE)]
-    sub = (p.inbox_all(scope.inbox_owner), p.pattern(s.control_cancel, t, p.ANY))
+    sub = (p.inbox_all(scope.inbox_owner), s.tenant_control_cancel(t))
     return Grant(publish=_unique(pub), subscribe=sub, reads=(_PAYLOADS,), deny=_NOT_ADMIN_DENY)
 
 
@@ -165,7 +163,7 @@ def _person(extra: Callable[[Scope], Sequence[str]], *, admin: bool = False) -> 
     (consumers held to the tenant's subjects) and reads the buckets; roles add to that."""
     def grant(scope: Scope) -> Grant:
         t = scope.tenant
-        pub = [s.JS_API_INFO, p.pattern(p.tenant_query, t, p.ANY), *extra(scope)]
+        pub = [s.JS_API_INFO, p.pattern(s.query, t, p.ANY), *extra(scope)]
         reads = list(_BUCKET_STREAMS)
         if admin:
             pub += [p.JS_API_ALL, p.kv_keys(s.APPROVERS_BUCKET), p.kv_keys(s.WORKFLOWS_BUCKET)]
@@ -180,11 +178,11 @@ def _person(extra: Callable[[Scope], Sequence[str]], *, admin: bool = False) -> 
 
 
 def _commands(scope: Scope, *names: str) -> list[str]:
-    return [p.tenant_command(scope.tenant, n, scope.principal) for n in names]
+    return [s.command(scope.tenant, n, scope.principal) for n in names]
 
 
 def _operator(scope: Scope) -> list[str]:
-    return [*_commands(scope, "start", "cancel"), p.pattern(p.tenant_trigger, scope.tenant, p.ANY)]
+    return [*_commands(scope, "start", "cancel"), p.pattern(s.trigger, scope.tenant, p.ANY)]
 
 
 def _approver(scope: Scope) -> list[str]:

@@ -1,7 +1,8 @@
 """Who may approve: approvers and their roles, in the ``il_approvers`` bucket.
 
-Once any approver is registered, a decision is accepted only from a registered approver acting
-in a role they hold. With no approver registered (a fresh development setup) the role named in
+Once any approver is registered, a decision is accepted only from a registered approver (the
+principal of the command subject) holding the role the request is for.
+With no approver registered (a fresh development setup) the role named in
 the decision is trusted, and the service says so in its log once.
 """
 
@@ -53,17 +54,6 @@ class ApproverDirectory:
             return bool(await kv.keys())
         except Exception:  # nats-py raises when the bucket has no keys
             return False
-
-    async def check(self, approver: str, role: str) -> str | None:
-        """None if ``approver`` may act as ``role``, else why not."""
-        if not approver:
-            return "the decision names no approver"
-        roles = await self.roles(approver)
-        if roles is None or role in roles:
-            return None
-        if not roles:
-            return f"{approver!r} is not a registered approver"
-        return f"{approver!r} does not hold role {role!r} (holds {', '.join(sorted(roles))})"
 
     async def grant(self, approver: str, roles: list[str]) -> set[str]:
         kv = await self.kv()

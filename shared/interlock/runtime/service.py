@@ -18,7 +18,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from faststream.nats import NatsBroker, NatsCredentials
+from faststream.nats import NatsBroker, NatsCredentials, NatsMessage
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -60,6 +60,27 @@ def decode(msg: Msg, model: type[M]) -> M:
         return model.model_validate_json(msg.data)
     except ValidationError as e:
         raise Poison(f"invalid {model.__name__} on {msg.subject}: {e}") from e
+
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def parse_request(kind: type[M], data: bytes) -> M | str:
+    """The request in ``data``, or why it is not one (an empty body is a request with defaults)."""
+    try:
+        return kind.model_validate_json(data or b"{}")
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(body)'}: {err['msg']}" for err in e.errors()[:3])
+        return f"invalid {kind.__name__}: {problems}"
+
+
+def body_disagrees(field: str, given: str | None, expected: str, subject: str) -> str | None:
+    """Why a request is refused whose body names a ``field`` (tenant, approver, …) other than
+    the one its subject carries, else None (the deprecated body field is unset or agrees)."""
+    if given is None or given == expected:
+        return None
+    return (f"the request names {field} {given!r} but was sent as {expected!r} (subject {subject}): "
+            f"the {field} is taken from the subject, never from the body")
 
 
 class Service:
@@ -232,6 +253,22 @@ class Service:
                 await handler(tenant, run_id, envelopes)
 
         self.pull(broker, s.EVENTS_ALL, s.EVENTS_STREAM, self.durable("events"), on_commit)
+
+    def answer(self, broker: NatsBroker, subject: str, kind: type[M], handler: Callable[[str, M], Awaitable[R]],
+               refuse: Callable[[str], R]) -> None:
+        """Answer requests on ``subject`` (a wildcard; the copies share a queue group): ``handler``
+        gets the request's own subject (its tenant, its principal) and the parsed body. The body is
+        parsed here rather than by FastStream, so a malformed request is answered with
+        ``refuse(why)`` instead of being dropped (the requester would time out)."""
+
+        async def handle(body: Any, msg: NatsMessage) -> Any:
+            request = parse_request(kind, msg.body)
+            if isinstance(request, str):
+                return refuse(request)
+            return await handler(msg.raw_message.subject, request)
+
+        handle.__name__ = "answer_" + subject.replace(".", "_").replace("*", "any")
+        broker.subscriber(subject, queue=self.name)(handle)
 
     async def guarded(self, msg: Msg, handler: Callable[[Msg], Awaitable[None]]) -> None:
         """Run a handler; ack on success, redeliver on a passing fault, dead-letter poison."""

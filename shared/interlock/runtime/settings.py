@@ -18,6 +18,7 @@ number``. Keyword arguments override the environment (tests and embedding code u
 - ``INTERLOCK_SWEEP_S``: seconds between reconciler passes, 0 = off (15)
 - ``INTERLOCK_WORKER_CONCURRENCY``: jobs a worker handles at once per topic (8)
 - ``INTERLOCK_TRACING``: a worker's span export, ``off`` or ``console`` (off)
+- ``INTERLOCK_TENANT``: the tenant whose jobs a worker takes (default)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pydantic import Field, ModelWrapValidatorHandler, ValidationError, field_va
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from interlock.contracts.messages import DEFAULT_TENANT
 from interlock.runtime.connect import resolve_url
 from interlock.runtime.payloads import DEFAULT_INLINE_LIMIT
 
@@ -92,6 +94,7 @@ class WorkerSettings(_Settings):
                              description="jobs handled at once per topic")
     inline_limit: int = Field(DEFAULT_INLINE_LIMIT, ge=0, description="largest payload kept inline, in bytes")
     tracing: Literal["off", "console"] = Field("off", description="span export: off, or console (print)")
+    tenant: str = Field(DEFAULT_TENANT, description="the tenant whose jobs the worker takes")
 
     @field_validator("tracing", mode="before")
     @classmethod

@@ -91,16 +91,19 @@ def _safe(token: str) -> str:
 
 
 class Worker:
-    """A process's agent handlers, one durable consumer per job topic, shared with other copies."""
+    """A process's agent handlers for one tenant, one durable consumer per job topic, shared with
+    the tenant's other copies (another tenant's jobs of the same topic never reach it)."""
 
     def __init__(self, name: str = "worker", *, nats_url: str | None = None, concurrency: int | None = None,
-                 inline_limit: int | None = None, settings: WorkerSettings | None = None,
-                 creds: Path | str | None = None) -> None:
+                 inline_limit: int | None = None, tenant: str | None = None,
+                 settings: WorkerSettings | None = None, creds: Path | str | None = None) -> None:
         """Arguments left out (``None``) come from ``settings``, by default :class:`WorkerSettings`
-        read from the environment when the worker starts. ``creds``: the worker's ``.creds`` file
-        (default ``INTERLOCK_CREDS``), a worker credential of its tenant and topics."""
+        read from the environment when the worker starts (``tenant``: ``INTERLOCK_TENANT``, else
+        ``default``). ``creds``: the worker's ``.creds`` file (default ``INTERLOCK_CREDS``), a worker
+        credential of its tenant and topics."""
         self.name = name
         self.nats_url = nats_url
+        self.tenant = s.token(tenant, "tenant") if tenant is not None else None
         self.creds = Path(creds) if creds is not None else None
         self.concurrency = concurrency
         self.inline_limit = inline_limit
@@ -132,6 +135,7 @@ class Worker:
         if not self.handlers:
             raise ValueError(f"worker {self.name!r} has no job handlers")
         settings = self.settings or WorkerSettings()
+        tenant = self.tenant = s.token(self.tenant or settings.tenant, "tenant")
         concurrency = settings.concurrency if self.concurrency is None else self.concurrency
         tracing.configure(settings.tracing)
         self._stop.clear()
@@ -140,17 +144,17 @@ class Worker:
         js = nc.jetstream()
         inline_limit = settings.inline_limit if self.inline_limit is None else self.inline_limit
         self._payloads = PayloadStore(js, inline_limit)
-        await nc.subscribe(s.CONTROL_CANCEL_ALL, cb=self._on_cancel)
+        await nc.subscribe(s.tenant_control_cancel(tenant), cb=self._on_cancel)
         for registration in self.handlers.values():
             consumer = PullConsumer(
-                nc, js, stream=s.JOBS_STREAM, durable=s.worker_consumer(registration.topic),
-                subject=s.job(registration.topic), concurrency=concurrency, ack_wait=10,
+                nc, js, stream=s.JOBS_STREAM, durable=s.worker_consumer(tenant, registration.topic),
+                subject=s.job(tenant, registration.topic), concurrency=concurrency, ack_wait=10,
                 handler=functools.partial(self._handle, js, registration=registration),
             )
             await consumer.start()
             self._consumers.append(consumer)
         self._spawn(self._registry_loop(js))
-        log.info("worker %s serving %s", self.worker_id, ", ".join(sorted(self.handlers)))
+        log.info("worker %s serving %s for tenant %s", self.worker_id, ", ".join(sorted(self.handlers)), tenant)
 
     async def stop(self) -> None:
         self._stop.set()
@@ -166,7 +170,7 @@ class Worker:
             with contextlib.suppress(Exception):
                 kv = await self._nc.jetstream().key_value(s.AGENTS_BUCKET)
                 for topic in self.handlers:
-                    await kv.delete(f"{topic}.{self.worker_id}")
+                    await kv.delete(s.agent_key(self.tenant or "", topic, self.worker_id))
             with contextlib.suppress(Exception):
                 await self._nc.drain()
             self._nc = None
@@ -191,6 +195,12 @@ class Worker:
             job = Job.model_validate_json(msg.data)
         except ValidationError as e:
             await dead_letter(js, "worker", msg.subject, msg.data, f"invalid job: {e}")
+            await msg.ack()
+            return
+        if job.tenant != self.tenant:  # the dispatcher never does this: refuse rather than serve it
+            await dead_letter(js, "worker", msg.subject, msg.data,
+                              f"job {job.job_id} of tenant {job.tenant!r} reached worker {self.worker_id} of "
+                              f"tenant {self.tenant!r}")
             await msg.ack()
             return
         # the job leaves the queue now; from here its lease is the heartbeat the dispatcher watches
@@ -278,10 +288,11 @@ class Worker:
         while not self._stop.is_set():
             now = datetime.now(UTC)
             for reg in self.handlers.values():
-                entry = AgentRegistration(worker_id=self.worker_id, topic=reg.topic, version=reg.version,
+                entry = AgentRegistration(worker_id=self.worker_id, topic=reg.topic, tenant=self.tenant or "",
+                                          version=reg.version,
                                           capabilities=reg.capabilities, host=socket.gethostname(), pid=os.getpid(),
                                           started_at=self.started_at, last_heartbeat=now)
                 with contextlib.suppress(Exception):
-                    await kv.put(f"{reg.topic}.{self.worker_id}", entry.model_dump_json().encode())
+                    await kv.put(s.agent_key(entry.tenant, reg.topic, self.worker_id), entry.model_dump_json().encode())
             with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), REGISTRY_REFRESH_S)

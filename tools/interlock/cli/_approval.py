@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from interlock.cli._common import connected, user, with_globals
+from interlock.cli._common import connected, with_globals
 from interlock.cli._output import Column, Format, OutputOption, columns, echo, emit_rows, hash_column
-from interlock.client import Client
+from interlock.client import Client, ClientError
 
 app = typer.Typer(no_args_is_help=True, help="Pending approvals: list them, approve or reject one.")
 approvers = typer.Typer(no_args_is_help=True,
@@ -28,18 +28,25 @@ def list_approvals(ctx: typer.Context, output: OutputOption = Format.table) -> N
 
 RunArg = Annotated[str, typer.Argument(metavar="RUN", help="run id")]
 StepArg = Annotated[str, typer.Argument(metavar="STEP", help="the step waiting for approval")]
-ByOption = Annotated[str, typer.Option("--by", metavar="NAME", help="who decides (default: $USER)")]
+ByOption = Annotated[str | None, typer.Option(
+    "--by", metavar="NAME", hidden=True,
+    help="deprecated: the approver is the principal you connect as (INTERLOCK_PRINCIPAL, else your creds' "
+         "user name, else $USER); given, it must equal that principal")]
 RoleOption = Annotated[str | None, typer.Option(
     "--role", help="the approver role you act in (default: the role the request asks for)")]
 JobHashOption = Annotated[str | None, typer.Option(
     "--job-hash", metavar="SHA256", help="decide for this job hash (default: the pending request's)")]
 
 
-def decide(ctx: typer.Context, run: str, step: str, *, grant: bool, by: str, role: str | None, reason: str,
+def decide(ctx: typer.Context, run: str, step: str, *, grant: bool, by: str | None, role: str | None, reason: str,
            job_hash: str | None) -> None:
     """Show the pending request, then send the decision bound to its job hash (or ``job_hash``)."""
 
-    async def work(client: Client) -> None:
+    async def work(client: Client) -> str:
+        if by is not None and by != client.principal:
+            raise ClientError(f"--by {by} is not the principal you are connected as ({client.principal}): the "
+                              f"approver is always the connected principal (set INTERLOCK_PRINCIPAL or use its "
+                              f"creds)")
         request = await client.pending_approval(run, step)
         echo(f"approval request: run {run} step {step}")
         echo(f"  job hash {request.job_hash}, policy snapshot {request.snapshot_id}, role {request.approver_role}")
@@ -48,12 +55,13 @@ def decide(ctx: typer.Context, run: str, step: str, *, grant: bool, by: str, rol
         bound = job_hash or request.job_hash
         bound_role = role or request.approver_role
         if grant:
-            await client.approve(run, step, approver=by, role=bound_role, job_hash=bound, reason=reason)
+            await client.approve(run, step, role=bound_role, job_hash=bound, reason=reason)
         else:
-            await client.reject(run, step, approver=by, role=bound_role, job_hash=bound, reason=reason)
+            await client.reject(run, step, role=bound_role, job_hash=bound, reason=reason)
+        return client.principal
 
-    connected(ctx, work)
-    echo(f"{'approved' if grant else 'rejected'} by {by}")
+    principal = connected(ctx, work)
+    echo(f"{'approved' if grant else 'rejected'} by {principal}")
 
 
 @app.command("approve")
@@ -62,7 +70,7 @@ def approve(
     ctx: typer.Context,
     run: RunArg,
     step: StepArg,
-    by: ByOption = user("operator"),
+    by: ByOption = None,
     role: RoleOption = None,
     reason: Annotated[str, typer.Option("--reason", help="why, recorded with the decision")] = "",
     job_hash: JobHashOption = None,
@@ -78,7 +86,7 @@ def reject(
     run: RunArg,
     step: StepArg,
     reason: Annotated[str, typer.Option("--reason", help="why (required), recorded with the decision")],
-    by: ByOption = user("operator"),
+    by: ByOption = None,
     role: RoleOption = None,
     job_hash: JobHashOption = None,
 ) -> None:
@@ -86,7 +94,7 @@ def reject(
     decide(ctx, run, step, grant=False, by=by, role=role, reason=reason, job_hash=job_hash)
 
 
-NameArg = Annotated[str, typer.Argument(metavar="NAME", help="the approver's name (what they pass as --by)")]
+NameArg = Annotated[str, typer.Argument(metavar="NAME", help="the approver's principal name (their creds' user name)")]
 
 
 def _holds(name: str, roles: set[str]) -> None:

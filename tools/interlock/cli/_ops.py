@@ -92,6 +92,8 @@ def worker(ctx: typer.Context, target: Annotated[str, typer.Argument(
         loaded.nats_url = globals_of(ctx).nats
     if globals_of(ctx).creds:
         loaded.creds = globals_of(ctx).creds
+    if globals_of(ctx).tenant:  # else the Worker's own, else INTERLOCK_TENANT
+        loaded.tenant = globals_of(ctx).tenant
 
     async def run() -> None:
         task = asyncio.ensure_future(loaded.run())

@@ -155,7 +155,7 @@ def cancel(
     reason: Annotated[str, typer.Option("--reason", help="why, recorded in the run's log")] = "",
 ) -> None:
     """Cancel a run: running jobs are told to stop, nothing new is dispatched."""
-    connected(ctx, lambda client: client.cancel(run, by=user(), reason=reason))
+    connected(ctx, lambda client: client.cancel(run, reason=reason))
     echo(f"run {run} cancelled")
 
 

@@ -30,7 +30,7 @@ def apply(ctx: typer.Context,
             echo(str(e))
             return 1
         echo(f"workflow {wf.id} v{wf.version} {'registered' if created else 'unchanged'} "
-             f"(hash {short_hash(wf.content_hash)}); trigger subject {s.trigger(wf.id)}")
+             f"(hash {short_hash(wf.content_hash)}); trigger subject {s.trigger(client.tenant, wf.id)}")
         return 0
 
     raise typer.Exit(connected(ctx, work))

@@ -63,7 +63,7 @@ async def _demo(url: str, creds: Path, *, auto_approve: bool, timeout: float, t0
                 return
             data = envelope["data"]
             if auto_approve:
-                await client.approve(run_id, data["step_id"], approver="demo-operator", role=data["approver_role"],
+                await client.approve(run_id, data["step_id"], role=data["approver_role"],
                                      job_hash=data["job_hash"], reason="demo --auto-approve")
             else:
                 out(f"\n  >>> waiting for approval. In another terminal run:\n"

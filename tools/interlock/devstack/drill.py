@@ -365,7 +365,9 @@ async def run_drill(*, runs: int = 200, kills: int = 20, cluster: bool = False, 
                          home=str(home), target=nats_url or "")
     t_start = time.monotonic()
     agents = f"{example_file('agents.py')}:worker"
-    env = {"INTERLOCK_SIDE_EFFECTS": str(effects_file), "INTERLOCK_AUDITOR_DB": str(home / "auditor.sqlite3")}
+    # the drill's workers take the drill tenant's jobs (INTERLOCK_TENANT is a worker setting)
+    env = {"INTERLOCK_SIDE_EFFECTS": str(effects_file), "INTERLOCK_AUDITOR_DB": str(home / "auditor.sqlite3"),
+           "INTERLOCK_TENANT": tenant}
     if nats_url:
         if cluster:
             report.notes.append("--cluster ignored with --nats: the drill kills only the workers it started")
@@ -408,8 +410,10 @@ async def _drill(stack: Stack, report: DrillReport, rng: random.Random, *, runs:
                  effects_file: Path, progress: Progress, own_stack: bool) -> None:
     tenant = report.tenant
     # node kills are the point of the drill: the client reconnects for as long as it lives
-    client = await Client.connect(stack.url, tenant=tenant, name="interlock-drill", patient=True,
-                                  creds=stack.admin_creds)
+    # the drill's client is an admin of the drill tenant named APPROVER: its decisions are the
+    # approver's (the server accepts a credential's commands only under its own name)
+    creds = await asyncio.to_thread(stack.identity.get_or_issue, "admin", tenant, name=APPROVER)
+    client = await Client.connect(stack.url, tenant=tenant, name="interlock-drill", patient=True, creds=creds)
     nc, js = client.nc, client.js
     monitor = Monitor(tenant)
     consumer = PullConsumer(nc, js, stream=s.EVENTS_STREAM, durable=f"drill_{tenant.replace('-', '_')}",
@@ -593,7 +597,7 @@ async def _decide(client: Client, a: Approval) -> None:
     a.sent_at = time.monotonic()
     a.tries += 1
     try:
-        await client.approve(a.run_id, a.step_id, approver=APPROVER, role=a.role, job_hash=a.job_hash,
+        await client.approve(a.run_id, a.step_id, role=a.role, job_hash=a.job_hash,
                              reason="chaos drill")
     except Refused as e:
         a.last_error = str(e)

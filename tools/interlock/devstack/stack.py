@@ -60,6 +60,7 @@ class Stack:
     nats_url: str | None = None
     services: tuple[str, ...] = SERVICES
     workers: list[str] = field(default_factory=list)
+    worker_tenants: tuple[str, ...] = ()  # each worker once per tenant; empty: INTERLOCK_TENANT, else default
     env: dict[str, str] = field(default_factory=dict)
     port: int | None = None
     procs: dict[str, Proc] = field(default_factory=dict)
@@ -80,10 +81,19 @@ class Stack:
             self._identity = IdentityHome(self.identity_dir or self.home / "identity")
         return self._identity
 
-    def _principal(self, name: str) -> str:
+    def _principal(self, name: str, tenant: str | None = None) -> str:
         # another tenant's stack on the same identity home (a drill against `interlock up`)
         # must not take over (and revoke) the default tenant's credentials
-        return name if self.tenant == DEFAULT_TENANT else f"{name}-{self.tenant}"
+        tenant = tenant or self.tenant
+        return name if tenant == DEFAULT_TENANT else f"{name}-{tenant}"
+
+    def worker_specs(self) -> list[tuple[str, str, str]]:
+        """(process name, target, tenant) of every worker process: each worker once per tenant of
+        ``worker_tenants``, else for INTERLOCK_TENANT (``env``, then this process's), else default."""
+        fallback = (self.env.get("INTERLOCK_TENANT") or os.environ.get("INTERLOCK_TENANT") or self.tenant)
+        tenants = self.worker_tenants or (fallback,)
+        specs = [(target, tenant) for target in self.workers for tenant in tenants]
+        return [(f"worker-{i}", target, tenant) for i, (target, tenant) in enumerate(specs)]
 
     @property
     def admin_creds(self) -> Path:
@@ -99,15 +109,14 @@ class Stack:
             if service not in self.creds:
                 self.creds[service] = self.identity.get_or_issue(service, name=service)
         topics: dict[str, tuple[str, ...]] = {}
-        for i, target in enumerate(self.workers):
-            name = f"worker-{i}"
+        for name, target, tenant in self.worker_specs():
             if name in self.creds:
                 continue
             if target not in topics:
                 topics[target] = worker_topics(target)
             # each worker process may pull its tenant's jobs of the topics it serves, and no other
-            self.creds[name] = self.identity.get_or_issue("worker", self.tenant, topics[target],
-                                                          name=self._principal(name))
+            self.creds[name] = self.identity.get_or_issue("worker", tenant, topics[target],
+                                                          name=self._principal(name, tenant))
         return self.creds
 
     @property
@@ -174,8 +183,8 @@ class Stack:
         URL_FILE.write_text(self.url)
         for service in self.services:
             self._spawn(service, [sys.executable, "-m", "interlock.cli", "serve", service])
-        for i, target in enumerate(self.workers):
-            self._spawn(f"worker-{i}", [sys.executable, "-m", "interlock.cli", "worker", target])
+        for name, target, tenant in self.worker_specs():
+            self._spawn(name, [sys.executable, "-m", "interlock.cli", "--tenant", tenant, "worker", target])
 
     def kill(self, name: str) -> None:
         """SIGKILL one process, or with a cluster one NATS node by name (crash drills)."""

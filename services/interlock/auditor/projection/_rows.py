@@ -81,7 +81,7 @@ def _h_comp_started(conn: sqlite3.Connection, e: RowEvent) -> None:
 
 
 def _h_nothing(conn: sqlite3.Connection, e: RowEvent) -> None:
-    """Evidence only (LateResultRecorded, CompensationFinished): the timeline row is the record."""
+    """Evidence only (LateResultRecorded, ApprovalRefused, CompensationFinished): the timeline row is the record."""
 
 
 def _h_step_ready(conn: sqlite3.Connection, e: RowEvent) -> None:
@@ -254,6 +254,7 @@ ROW_HANDLERS: dict[str, RowHandler] = ev.complete_table("auditor projection row 
     ev.StepTimedOut: _h_timed_out,
     ev.StepSkipped: _h_skipped,
     ev.LateResultRecorded: _h_nothing,
+    ev.ApprovalRefused: _h_nothing,
     ev.CompensationStarted: _h_comp_started,
     ev.CompensationFinished: _h_nothing,
 })

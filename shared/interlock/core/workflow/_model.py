@@ -20,10 +20,10 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     Strict,
     ValidationError,
     ValidationInfo,
-    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
@@ -240,7 +240,8 @@ class Workflow(BaseModel):
 
     @model_validator(mode="wrap")
     @classmethod
-    def _validate_everything(cls, data: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Workflow:
+    def _validate_everything(cls, data: Any, handler: ModelWrapValidatorHandler[Workflow],
+                             info: ValidationInfo) -> Workflow:
         # Collect pydantic's errors *and* the cross-field problems, so that one run reports all.
         if isinstance(data, Workflow):
             return data
