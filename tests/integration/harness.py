@@ -54,6 +54,7 @@ class Harness:
     nc: NATS
     tenant: str = "default"
     principals: Principals | None = None
+    _sessions: dict[tuple[str, str], NATS] = field(default_factory=dict)
     services: list[Service] = field(default_factory=list)
     workers: list[Worker] = field(default_factory=list)
 
@@ -95,6 +96,9 @@ class Harness:
             await service.stop()
         self.workers.clear()
         self.services.clear()
+        for nc in self._sessions.values():
+            await nc.close()
+        self._sessions.clear()
 
     async def apply(self, yaml_text: str) -> None:
         await WorkflowRegistry(self.nc.jetstream()).apply(yaml_text)
@@ -214,11 +218,24 @@ class Harness:
                                     role=role or approval.approver_role, reason=reason, **(body or {}))
         return await self.command("approve" if grant else "reject", decision, principal=approver)
 
+    async def as_principal(self, principal: str, tenant: str | None = None) -> NATS:
+        """A connection as ``principal`` of ``tenant`` (an admin credential named so, issued on first
+        use): the server lets a credential send commands only under its own name."""
+        tenant = tenant or self.tenant
+        if self.principals is None:
+            return self.nc
+        if (tenant, principal) not in self._sessions:
+            creds = self.principals.person("admin", tenant, name=principal)
+            self._sessions[(tenant, principal)] = await connect(self.url, creds)
+        return self._sessions[(tenant, principal)]
+
     async def command(self, name: str, request: Any, *, principal: str = "alice",
                       tenant: str | None = None) -> CommandReply:
-        """Send command ``name`` as ``principal`` of ``tenant`` (default: the harness's)."""
-        msg = await self.nc.request(s.command(tenant or self.tenant, name, principal),
-                                    request.model_dump_json(exclude_none=True).encode(), timeout=5)
+        """Send command ``name`` as ``principal`` of ``tenant`` (default: the harness's), on that
+        principal's own connection."""
+        nc = await self.as_principal(principal, tenant)
+        msg = await nc.request(s.command(tenant or self.tenant, name, principal),
+                               request.model_dump_json(exclude_none=True).encode(), timeout=5)
         return CommandReply.model_validate_json(msg.data)
 
 

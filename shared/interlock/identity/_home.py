@@ -255,8 +255,11 @@ class IdentityHome:
         tenant = tenant or ALL_TENANTS
         principal = name or (r.name if tenant == ALL_TENANTS else f"{r.name}-{tenant}")
         s.token(principal, "principal name")
-        if any(u.name == principal and u.active for u in self.list()):
-            raise IdentityError(f"an active credential named {principal!r} exists; revoke it or pick another name")
+        # a principal is a name within its tenant (subjects carry both): alice of acme and alice
+        # of globex are two credentials
+        if any(u.name == principal and u.tenant == tenant and u.active for u in self.list()):
+            raise IdentityError(f"an active credential named {principal!r} exists for tenant {tenant}; revoke it "
+                                "or pick another name")
         at = _expiry(expires)
         wanted = tuple(topics or ())
         permissions_for(r.name, tenant, principal, "check", wanted)  # bad scope fails before any file is written
@@ -279,7 +282,7 @@ class IdentityHome:
         principal = name or (r.name if tenant == ALL_TENANTS else f"{r.name}-{tenant}")
         wanted = tuple(topics or ())
         for u in reversed(self.list()):
-            if u.name != principal or not u.active:
+            if u.name != principal or u.tenant != tenant or not u.active:
                 continue
             if (u.role, u.tenant, u.topics) == (r.name, tenant, wanted) and u.creds and Path(u.creds).is_file():
                 return Path(u.creds)
@@ -311,22 +314,27 @@ class IdentityHome:
             out.append(Principal(**data))
         return sorted(out, key=lambda u: (u.issued_at, u.name))
 
-    def principal(self, user: str) -> Principal:
-        """The credential named ``user`` (its latest, if several), or with that public key."""
-        matches = [u for u in self.list() if user in (u.name, u.public_key)]
+    def principal(self, user: str, tenant: str | None = None) -> Principal:
+        """The credential named ``user`` (of ``tenant``, if given; its latest, if several), or with
+        that public key. A name active in several tenants is ambiguous without ``tenant``."""
+        matches = [u for u in self.list() if user in (u.name, u.public_key) and tenant in (None, u.tenant)]
         if not matches:
-            raise IdentityError(f"no credential named {user!r} was issued from {self.root}")
+            of = f" for tenant {tenant}" if tenant else ""
+            raise IdentityError(f"no credential named {user!r}{of} was issued from {self.root}")
         active = [u for u in matches if u.active]
+        if len({u.tenant for u in active}) > 1:
+            tenants = ", ".join(sorted({u.tenant for u in active}))
+            raise IdentityError(f"{user!r} is active in several tenants ({tenants}): give the tenant or the public key")
         return (active or matches)[-1]
 
     @_exclusive
-    def revoke(self, user: str) -> Principal:
-        """Revoke a credential (by name or public key) in the account JWT.
+    def revoke(self, user: str, tenant: str | None = None) -> Principal:
+        """Revoke a credential (by name, of ``tenant`` if given, or by public key) in the account JWT.
 
         The change reaches a running server only when pushed (:meth:`push`); then the server
         closes the user's connections and refuses it from then on.
         """
-        principal = self.principal(user)
+        principal = self.principal(user, tenant)
         account = self._account(principal.account)
         now = int(time.time())
         # the server refuses JWTs issued at or before the revocation time

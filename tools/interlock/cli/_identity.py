@@ -127,6 +127,7 @@ def revoke(
 ) -> None:
     """Revoke a credential and push the account to the running server (as the home's system user),
     which closes the user's connections within seconds and refuses it from then on; no restart.
+    A name issued in several tenants needs --tenant.
 
     The server is --nats, else INTERLOCK_NATS_URL, else the URL `interlock up` wrote.
     """
@@ -134,7 +135,7 @@ def revoke(
 
     identity = identity_home(home)
     try:
-        principal = identity.revoke(name)
+        principal = identity.revoke(name, globals_of(ctx).tenant)
     except IdentityError as e:
         fail(str(e))
     echo(f"revoked {principal.role} credential {principal.name!r} ({principal.public_key[:12]}…)")
