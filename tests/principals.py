@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from interlock.identity import IdentityHome
+from interlock.contracts import permissions as p
+from interlock.contracts import subjects as s
+from interlock.identity import IdentityHome, Permissions
 
 DEFAULT_TENANT = "default"
 
@@ -44,3 +46,10 @@ class Principals:
 
     def person(self, role: str, tenant: str = DEFAULT_TENANT, name: str | None = None) -> Path:
         return self._get(role, tenant, (), name)
+
+    def custom(self, name: str, *, publish: Sequence[str] = (), subscribe: Sequence[str] = ()) -> Path:
+        """A credential that may publish ``publish`` and subscribe ``subscribe`` (and its inbox),
+        nothing else: no Interlock role (an external system, a bare listener)."""
+        principal = f"{name}-{next(self._counter)}"
+        return self.home.issue_custom(principal, Permissions(
+            pub_allow=tuple(publish) or (s.JS_API_INFO,), sub_allow=(*subscribe, p.INBOX_ROOT + ".>")))

@@ -54,25 +54,31 @@ class Harness:
     nc: NATS
     tenant: str = "default"
     principals: Principals | None = None
+    writer: NATS | None = None
+    """A service's connection (the planner's credential): only services append to run logs."""
     _sessions: dict[tuple[str, str], NATS] = field(default_factory=dict)
     services: list[Service] = field(default_factory=list)
     workers: list[Worker] = field(default_factory=list)
 
     @property
     def store(self) -> EventStore:
-        return EventStore(self.nc, self.nc.jetstream(), service="test")
+        """The run logs, written as a service would (a test that appends itself stands in for one)."""
+        nc = self.writer or self.nc
+        return EventStore(nc, nc.jetstream(), service="test")
 
     def service_settings(self, service: str, settings: ServiceSettings | None = None, **values: Any
                          ) -> ServiceSettings:
         """Settings for a service of kind ``service`` on this harness's server, with its credential
         (``settings`` or ``values`` given win; no periodic reconciler unless asked for: sweeps over
         the session's shared server would make timings noisy)."""
-        base = settings or ServiceSettings(nats_url=self.url, provision=False, sweep_interval=0, **values)
+        base = settings or ServiceSettings(**{"nats_url": self.url, "provision": False, "sweep_interval": 0, **values})
         if base.creds is None and self.principals is not None:
             base = base.model_copy(update={"creds": self.principals.service(service)})
         return base
 
     async def start_services(self, copies: int = 1, settings: ServiceSettings | None = None) -> None:
+        if self.writer is None and self.principals is not None:
+            self.writer = await connect(self.url, self.principals.service("planner"))
         for cls in service_classes():
             for _ in range(copies):
                 service = cls(self.service_settings(cls.name, settings))
@@ -96,9 +102,10 @@ class Harness:
             await service.stop()
         self.workers.clear()
         self.services.clear()
-        for nc in self._sessions.values():
+        for nc in [*self._sessions.values(), *([self.writer] if self.writer else [])]:
             await nc.close()
         self._sessions.clear()
+        self.writer = None
 
     async def apply(self, yaml_text: str) -> None:
         await WorkflowRegistry(self.nc.jetstream()).apply(yaml_text)
@@ -228,6 +235,26 @@ class Harness:
             creds = self.principals.person("admin", tenant, name=principal)
             self._sessions[(tenant, principal)] = await connect(self.url, creds)
         return self._sessions[(tenant, principal)]
+
+    async def as_worker(self, topics: list[str], tenant: str | None = None) -> NATS:
+        """A connection with a worker credential of ``tenant`` for ``topics`` (a test's fake worker)."""
+        tenant = tenant or self.tenant
+        key = (tenant, "worker:" + ",".join(sorted(topics)))
+        if self.principals is None:
+            return self.nc
+        if key not in self._sessions:
+            self._sessions[key] = await connect(self.url, self.principals.worker(topics, tenant))
+        return self._sessions[key]
+
+    async def as_custom(self, name: str, *, publish: tuple[str, ...] = (), subscribe: tuple[str, ...] = ()) -> NATS:
+        """A connection allowed exactly ``publish`` and ``subscribe`` (and its inbox replies): what
+        no Interlock role is, e.g. an external system publishing to a workflow's own trigger subject."""
+        if self.principals is None:
+            return self.nc
+        if ("custom", name) not in self._sessions:
+            creds = self.principals.custom(name, publish=publish, subscribe=subscribe)
+            self._sessions[("custom", name)] = await connect(self.url, creds)
+        return self._sessions[("custom", name)]
 
     async def command(self, name: str, request: Any, *, principal: str = "alice",
                       tenant: str | None = None) -> CommandReply:

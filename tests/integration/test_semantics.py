@@ -156,7 +156,9 @@ steps:
     async def handle(ctx: JobContext) -> dict[str, str]:
         return {"name": ctx.input["who"].upper()}
 
-    sub = await harness.nc.subscribe(s.notify(harness.tenant, channel))
+    # a bare listener on the channel's subject (no Interlock role subscribes to it outside the stream)
+    listener = await harness.as_custom("notify-listener", subscribe=(s.notify(harness.tenant, channel),))
+    sub = await listener.subscribe(s.notify(harness.tenant, channel))
     try:
         await harness.start_worker(worker)
         run_id = await harness.trigger(wf, {"who": "ada"})
@@ -398,7 +400,9 @@ steps:
     await harness.start_worker(worker)
     payload = {"order": "o-17", "qty": 3, "extra": {"nested": [1, 2]}}
     msg_id = uuid.uuid4().hex
-    await harness.nc.jetstream().publish(subject, json.dumps(payload).encode(), headers={headers.MSG_ID: msg_id})
+    # an external system with its own credential, allowed to publish to its subject only
+    external = await harness.as_custom("orders-system", publish=(subject,))
+    await external.jetstream().publish(subject, json.dumps(payload).encode(), headers={headers.MSG_ID: msg_id})
     run_id = str(run_id_for(harness.tenant, wf, msg_id))
     events = await harness.wait_end(run_id)
     assert types(events)[-1] == "RunSucceeded", failures(events)[-4:]
