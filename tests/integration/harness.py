@@ -114,8 +114,9 @@ class Harness:
                       **extra: Any) -> str:
         key = key or uuid.uuid4().hex
         trigger = Trigger(workflow_id=workflow_id, input=run_input, idempotency_key=key, **extra)
-        await self.nc.jetstream().publish(s.trigger(self.tenant, workflow_id), trigger.model_dump_json().encode(),
-                                          headers={headers.MSG_ID: f"trigger:{self.tenant}:{workflow_id}:{key}"})
+        nc = await self.as_admin()  # the server lets a credential trigger its own tenant's runs only
+        await nc.jetstream().publish(s.trigger(self.tenant, workflow_id), trigger.model_dump_json().encode(),
+                                     headers={headers.MSG_ID: f"trigger:{self.tenant}:{workflow_id}:{key}"})
         return str(run_id_for(self.tenant, workflow_id, key))
 
     async def events(self, run_id: str) -> list[dict[str, Any]]:
@@ -235,6 +236,24 @@ class Harness:
             creds = self.principals.person("admin", tenant, name=principal)
             self._sessions[(tenant, principal)] = await connect(self.url, creds)
         return self._sessions[(tenant, principal)]
+
+    async def as_admin(self, tenant: str | None = None) -> NATS:
+        """A connection as the admin of ``tenant`` (default: the harness's; the default tenant's is
+        :attr:`nc`)."""
+        tenant = tenant or self.tenant
+        if self.principals is None or tenant == "default":
+            return self.nc
+        if (tenant, "admin") not in self._sessions:
+            self._sessions[(tenant, "admin")] = await connect(self.url, self.principals.admin(tenant))
+        return self._sessions[(tenant, "admin")]
+
+    async def as_service(self, service: str) -> NATS:
+        """A connection with ``service``'s credential (a test standing in for that service)."""
+        if self.principals is None:
+            return self.nc
+        if ("service", service) not in self._sessions:
+            self._sessions[("service", service)] = await connect(self.url, self.principals.service(service))
+        return self._sessions[("service", service)]
 
     async def as_worker(self, topics: list[str], tenant: str | None = None) -> NATS:
         """A connection with a worker credential of ``tenant`` for ``topics`` (a test's fake worker)."""
