@@ -5,6 +5,7 @@ within seconds on the running server."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from interlock.cli._app import app
+from interlock.client import Client, Unavailable
 from interlock.devstack.stack import Stack
 from interlock.identity import IdentityHome, read_creds
 from interlock.runtime.connect import ConnectRefused, connect
@@ -95,3 +97,23 @@ async def test_creds_revoke_cuts_a_connected_user_off_within_seconds(provisioned
     assert "revoked" in str(nc.last_error).lower()
     with pytest.raises(ConnectRefused, match=r"revoked|refused the connection's credentials"):
         await connect(provisioned, creds=creds, patient=False)
+
+
+async def test_the_client_and_cli_say_which_credential_was_refused(provisioned: str, admin_creds: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)  # no .interlock/identity/creds/admin.creds here: no default credential
+    monkeypatch.delenv("INTERLOCK_CREDS", raising=False)
+    with pytest.raises(Unavailable, match=rf"^an anonymous connection \(no creds given\) may not connect to "
+                                          rf"{provisioned}: the server refused"):
+        await Client.connect(provisioned)
+    result = await asyncio.to_thread(CliRunner().invoke, app, ["run", "list", "--nats", provisioned])
+    assert result.exit_code == 1 and result.stderr.startswith("interlock: an anonymous connection")
+    assert len(result.stderr.splitlines()) == 1
+    # the default: the admin credential `interlock up` wrote, when it is there
+    default = tmp_path / ".interlock" / "identity" / "creds" / "admin.creds"
+    default.parent.mkdir(parents=True)
+    await asyncio.to_thread(shutil.copyfile, admin_creds, default)
+    async with await Client.connect(provisioned) as client:
+        assert (client.creds, client.creds_source, client.principal) == (default.relative_to(tmp_path), "default",
+                                                                          "admin-default")

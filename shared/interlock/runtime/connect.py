@@ -86,11 +86,16 @@ async def connect(url: str | None = None, *, creds: Path | str | None = None, na
     loop = asyncio.get_running_loop()
     refused: asyncio.Future[BaseException] = loop.create_future()
 
+    theirs = options.pop("error_cb", None)
+
     async def on_error(e: Exception) -> None:
         if not nc.is_connected and is_refusal(e) and not refused.done():
             refused.set_result(e)
             return
-        log.warning("nats %s: %r", name, e)
+        if theirs is not None:
+            await theirs(e)
+        else:
+            log.warning("nats %s: %r", name, e)
 
     settings: dict[str, Any] = {
         "name": name, "max_reconnect_attempts": -1 if patient else 3, "reconnect_time_wait": 0.25,
