@@ -290,13 +290,16 @@ class IdentityHome:
         return self.issue(r.name, tenant, wanted, name=principal)
 
     @_exclusive
-    def issue_custom(self, name: str, permissions: Permissions, *, out: Path | str | None = None) -> Path:
-        """A credential with explicit ``permissions`` and no role (``Permissions()``: everything),
-        for tools that are not Interlock principals (the bench's raw-NATS floor); recorded with
-        role ``custom``. Never give one to a service, worker or person: use :meth:`issue`."""
+    def issue_custom(self, name: str, permissions: Permissions | Callable[[str], Permissions], *,
+                     out: Path | str | None = None) -> Path:
+        """A credential with explicit ``permissions`` and no role (``Permissions()``: everything; a
+        function gets the user's public key, for its inbox prefix), for tools that are not
+        Interlock principals (the bench's instruments); recorded with role ``custom``. Never give
+        one to a service, worker or person: use :meth:`issue`."""
         s.token(name, "principal name")
         path = Path(out) if out is not None else self._dir("creds") / f"{name}.creds"
-        user = self._issue_user(APP_ACCOUNT, name, lambda key: permissions, path)
+        grant = permissions if callable(permissions) else (lambda key: permissions)
+        user = self._issue_user(APP_ACCOUNT, name, grant, path)
         self._save_user(Principal(name, "custom", ALL_TENANTS, user.public_key, APP_ACCOUNT, int(time.time()),
                                   (), None, None, str(path)))
         return path
