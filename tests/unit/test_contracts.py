@@ -350,6 +350,9 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "StepTimedOut": {"step_id", "attempt"},
     "TimerFired": {"kind", "run_id", "tenant", "due_at"},
     "Trigger": {"workflow_id", "idempotency_key"},
+    # published by nats-server (the JetStream API audit advisory), not by Interlock
+    "JsApiAudit": {"type", "id", "timestamp", "server", "subject"},
+    "ApiAuditClient": set(),
 }
 
 

@@ -51,7 +51,8 @@ SERVICES: Mapping[str, str] = MappingProxyType({
     AUDITOR: "Reads run event logs and answers queries (runs, status, timeline, approvals).",
     WORKER: "An agent worker (any language): pulls jobs for its topic, heartbeats, reports results.",
     CLIENT: "The interlock CLI, API gateways, webhooks: start runs, send commands, ask queries.",
-    NATS_SERVER: "The NATS server itself: delivers scheduled messages (JetStream message schedules).",
+    NATS_SERVER: "The NATS server itself: delivers scheduled messages (JetStream message schedules) and "
+                 "reports every JetStream API request (API audit advisories).",
     INTEGRATION: "Anything that forwards notifications (chat, e-mail, paging).",
     OPERATOR: "People and tools (interlock CLI) that inspect dead letters.",
 })
@@ -366,6 +367,24 @@ DEAD_LETTERS = Channel(
 )
 
 
+ADMIN_AUDIT = Channel(
+    id="adminAudit",
+    title="JetStream API audit",
+    pattern=Pattern(s.js_api_audit),
+    message=msg.JsApiAudit,
+    description="The server's record of each JetStream API request it answered: who (client: account, user "
+                "public key, principal name), the API subject, request and response. Kept in an append-only "
+                "stream (no purge or message delete, a year), so every change to a stream or consumer, by "
+                "admin or anyone, is recorded; reads (INFO, LIST) are recorded too. "
+                "`interlock audit admin-changes` lists the changes.",
+    transport="jetstream",
+    stream=s.ADMIN_AUDIT_STREAM,
+    publishers=(NATS_SERVER,),
+    subscribers=(OPERATOR,),
+    filters=(s.JS_API_AUDIT,),
+)
+
+
 def _command(name: str, id: str, title: str, request: type[msg.Message], service: str,
              description: str) -> Channel:
     return Channel(
@@ -416,6 +435,7 @@ CHANNELS: tuple[Channel, ...] = (
     TIMER_SCHEDULES,
     TIMERS_FIRED,
     DEAD_LETTERS,
+    ADMIN_AUDIT,
     CMD_APPROVE,
     CMD_REJECT,
     CMD_CANCEL,
@@ -442,7 +462,8 @@ AGENT_REGISTRY = KeyValueEntry(
     bucket=s.AGENTS_BUCKET,
     key="{tenant}.{topic}.{worker_id}",
     value=msg.AgentRegistration,
-    description="Agent registry: a worker puts its registration when it starts and refreshes last_heartbeat "
+    description="Agent registry: a worker puts its registration (with its tenant) when it starts and refreshes "
+                "last_heartbeat "
                 "while it runs (the bucket drops entries not written for a day); it should delete its entry "
                 "on a clean shutdown.",
     writers=(WORKER,),

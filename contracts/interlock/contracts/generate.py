@@ -282,6 +282,7 @@ def info_description() -> str:
     """The protocol rules a worker or client in another language needs, as Markdown."""
     jobs, results, heartbeats = cat.JOBS.address, cat.RESULTS.address, cat.HEARTBEATS.address
     events = cat.RUN_EVENTS.address
+    cancels = cat.Pattern(s.tenant_control_cancel, (cat.TENANT,)).address
     return f"""\
 Interlock is a durable, auditable workflow orchestrator for AI agents on NATS JetStream. This document
 lists every subject (channel), the message on it (JSON, schemas under components.schemas, generated
@@ -297,6 +298,16 @@ for NATS request-reply whose answer arrives on the requester's inbox).
   `idempotency_key` (`run_id:step_id`) is the same for every attempt: use it for side effects.
   The item steps of a `for_each` step are named `{{step_id}}-{{index}}`.
 
+## Tenants and principals
+
+Every tenant-owned subject carries the tenant (`{jobs}`, `{cat.TRIGGERS.address}`, `{cat.CMD_APPROVE.address}`,
+`{cat.Q_RUNS.address}`, events, results, heartbeats, notifications, cancel notices). A service takes
+the tenant of a request, and the principal of a command, from the subject, never from the body: a body
+whose (deprecated) `tenant`, `approver` or `by` names another is refused (a trigger is dead-lettered).
+Runs started on a workflow's own trigger subjects (`triggers:`) run in tenant `default`.
+The approver of a decision is the command subject's principal; a decision by a principal without the
+step's role, in another role or for another job hash is refused and recorded as `ApprovalRefused`.
+
 ## Evolution
 
 Readers ignore unknown fields, and every field added to a message later has a default, so an older
@@ -307,17 +318,19 @@ Times are RFC 3339 strings with an offset (UTC, `Z`).
 ## Worker protocol
 
 1. Register (optional but recommended): put an `AgentRegistration` into KV bucket `{s.AGENTS_BUCKET}`
-   under key `{{topic}}.{{worker_id}}`, refresh `last_heartbeat` every few seconds while running, and
+   under key `{cat.AGENT_REGISTRY.key}`, refresh `last_heartbeat` every few seconds while running, and
    delete the key on a clean shutdown.
-2. Pull jobs from the durable pull consumer `worker_<topic with '.' replaced by '_'>` on stream
-   `{s.JOBS_STREAM}` with filter subject `{jobs}` (create it if missing: explicit ack). All copies of
-   a worker for one topic share that consumer, so each job goes to one of them.
+2. A worker serves one tenant. Pull jobs from the durable pull consumer
+   `worker_{{tenant}}_{{topic with '.' replaced by '_'}}_{{digest}}` (digest: the first 16 hex digits of
+   sha256 of tenant, a newline and topic) on stream `{s.JOBS_STREAM}` with filter subject `{jobs}`
+   (create it if missing: explicit ack). All copies of a worker for one tenant's topic share that
+   consumer, so each job goes to one of them; another tenant's jobs never reach it.
 3. Decode the `Job`; if `input_ref` is set, the input is the JSON object named `input_ref.key` in
    object store `{s.PAYLOADS_OBJECT_STORE}` (check `sha256`). Ack the job message: from then on the
    heartbeats are the job's lease. (An undecodable job: publish a `DeadLetter` to `{s.dead_letter(cat.WORKER)}`, ack.)
 4. Publish a `Heartbeat` to `{heartbeats}` when you start and then every `heartbeat_interval_ms` ms
    until the result is out. A job without heartbeats (or past `deadline`) is timed out and may be
-   retried as a new attempt. Subscribe to `{s.CONTROL_CANCEL_ALL}` (core NATS) and stop the jobs of a
+   retried as a new attempt. Subscribe to `{cancels}` (core NATS) and stop the jobs of a
    run when a `CancelNotice` for it arrives (their job ids start with `run_id:`); send no result.
 5. Publish one `JobResult` (JetStream publish, wait for the ack) to `{results}` with header
    `Nats-Msg-Id: result:<job_id>`, echoing job_id, run_id, tenant, step_id and attempt.

@@ -212,3 +212,38 @@ class QueryReply(Message):
     ok: bool
     error: str | None = None
     result: Any = None
+
+
+# -- published by nats-server, not by Interlock: the JetStream API audit advisory --------------
+class ApiAuditClient(Message):
+    """Who made a JetStream API request, as the server saw the connection (its ``ClientInfo``)."""
+
+    start: datetime | None = Field(default=None, description="When the connection was opened")
+    host: str = ""
+    id: int | None = Field(default=None, description="The connection id on that server")
+    acc: str = Field(default="", description="The account (its public key in operator mode)")
+    user: str = Field(default="", description="The user: in operator mode the user's public key")
+    name_tag: str = Field(default="", description="The user JWT's name: the Interlock principal")
+    name: str = Field(default="", description="The connection's name (a client option, not authenticated)")
+    lang: str = ""
+    ver: str = ""
+    server: str = ""
+    kind: str = ""
+    client_type: str = ""
+
+
+class JsApiAudit(Message):
+    """``io.nats.jetstream.advisory.v1.api_audit``: one JetStream API request and the answer.
+
+    ``request`` and ``response`` are the JSON bodies as strings (``request`` empty for requests
+    without a body, such as a stream delete)."""
+
+    type: str = Field(description="io.nats.jetstream.advisory.v1.api_audit")
+    id: str = Field(description="Unique id of the advisory")
+    timestamp: datetime
+    server: str = Field(description="The server that answered")
+    client: ApiAuditClient | None = None
+    subject: str = Field(description="The API subject, e.g. $JS.API.STREAM.UPDATE.IL_EVENTS")
+    request: str = ""
+    response: str = ""
+    domain: str = ""

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
+from typing import NamedTuple
 
 PREFIX = "il"
 
@@ -254,3 +255,61 @@ def js_consumer_next(stream: str, durable: str) -> str:
 
 CLUSTER_PROBE = f"{PREFIX}.cluster.probe"  # a throwaway stream's subject: is JetStream ready?
 
+
+# -- the record of JetStream API calls (admin changes to streams and consumers, issue 10) ----
+ADMIN_AUDIT_STREAM = "IL_ADMIN_AUDIT"
+"""Keeps the server's API audit advisories: who created, updated, purged or deleted which stream."""
+
+JS_API_AUDIT = "$JS.EVENT.ADVISORY.API"
+"""nats-server publishes a ``JSAPIAudit`` advisory here, in the caller's account, for every
+JetStream API request it answers (reads such as INFO included; not direct gets or pulls)."""
+
+JS_API_AUDIT_TYPE = "io.nats.jetstream.advisory.v1.api_audit"
+
+
+def js_api_audit() -> str:
+    """The API audit advisory subject (as a function, for a catalog channel's pattern)."""
+    return JS_API_AUDIT
+
+
+STREAM_CHANGES = ("CREATE", "UPDATE", "DELETE", "PURGE", "MSG.DELETE", "RESTORE")
+"""``$JS.API.STREAM.{action}.{stream}`` actions that change a stream's configuration or messages."""
+CONSUMER_CHANGES = ("CREATE", "DURABLE.CREATE", "DELETE", "PAUSE")
+"""``$JS.API.CONSUMER.{action}.{stream}.{consumer}…`` actions that add, change or remove a consumer."""
+
+
+class JsApiCall(NamedTuple):
+    """What a JetStream API subject asks for: ``kind`` (STREAM, CONSUMER, ACCOUNT), the action,
+    the stream (or account) and consumer it names."""
+
+    kind: str
+    action: str
+    stream: str = ""
+    consumer: str = ""
+
+    @property
+    def changes(self) -> bool:
+        """True for a request that changes a stream or consumer (not a read such as INFO)."""
+        if self.kind == "STREAM":
+            return self.action in STREAM_CHANGES
+        if self.kind == "CONSUMER":
+            return self.action in CONSUMER_CHANGES
+        return self.kind == "ACCOUNT" and self.action == "PURGE"
+
+
+def parse_js_api(subject: str) -> JsApiCall | None:
+    """``$JS.API.STREAM.UPDATE.IL_EVENTS`` -> ``JsApiCall("STREAM", "UPDATE", "IL_EVENTS")``;
+    None for a subject outside the JetStream API."""
+    prefix = JS_API_PREFIX + "."
+    if not subject.startswith(prefix):
+        return None
+    tokens = subject[len(prefix):].split(".")
+    kind, rest = tokens[0], tokens[1:]
+    if not rest:
+        return JsApiCall(kind, "")
+    # two-token actions: STREAM.MSG.DELETE, CONSUMER.DURABLE.CREATE, STREAM.LEADER.STEPDOWN, …
+    width = 2 if len(rest) > 1 and rest[0] in ("MSG", "DURABLE", "LEADER", "PEER") else 1
+    action, names = ".".join(rest[:width]), rest[width:]
+    stream = names[0] if names else ""
+    consumer = names[1] if kind == "CONSUMER" and len(names) > 1 else ""
+    return JsApiCall(kind, action, stream, consumer)

@@ -54,6 +54,7 @@ from interlock.core.topology import provision
 from interlock.core.verify import VerifyReport, verify_run
 from interlock.core.workflow import Workflow
 from interlock.identity import creds_permissions
+from interlock.runtime import tls as _tls
 from interlock.runtime.connect import ConnectRefused, connect
 from interlock.runtime.publish import publish
 from interlock.runtime.registry import VersionConflict, WorkflowNotFound, WorkflowRegistry
@@ -62,6 +63,16 @@ log = logging.getLogger(__name__)
 R = TypeVar("R", bound=BaseModel)
 OnEvent = Callable[[dict[str, Any]], Awaitable[None] | None]
 REQUEST_TIMEOUT = 5.0  # how long a service may take to answer, and how long we wait for one to appear
+
+
+def _tls_overrides(ca: str | Path | None, cert: str | Path | None, key: str | Path | None,
+                   hostname: str | None) -> dict[str, object]:
+    """TLS: the ``Client.connect`` arguments that were given, as settings overrides."""
+    given = {"tls_ca": ca, "tls_cert": cert, "tls_key": key}
+    overrides: dict[str, object] = {k: Path(v) for k, v in given.items() if v is not None}
+    if hostname is not None:
+        overrides["tls_hostname"] = hostname
+    return overrides
 
 
 class Client:
@@ -91,13 +102,18 @@ class Client:
     # -- connection --------------------------------------------------------------------------
     @classmethod
     async def connect(cls, url: str | None = None, *, creds: str | Path | None = None, tenant: str | None = None,
-                      principal: str | None = None, name: str = "interlock-cli", patient: bool = False) -> Client:
+                      principal: str | None = None, name: str = "interlock-cli", patient: bool = False,
+                      tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
+                      tls_key: str | Path | None = None, tls_hostname: str | None = None) -> Client:
         """Connect to NATS. ``url`` None: ``INTERLOCK_NATS_URL``, else ``.interlock/nats.url``, else
         the default; ``tenant`` None: ``INTERLOCK_TENANT``; ``creds`` None: ``INTERLOCK_CREDS``;
         ``principal`` None: ``INTERLOCK_PRINCIPAL``, else the creds file's user name, else ``$USER``.
-        ``patient``: keep reconnecting for as long as the client lives (a cluster's failover)."""
+        ``patient``: keep reconnecting for as long as the client lives (a cluster's failover).
+        ``tls_*`` None: ``INTERLOCK_TLS_CA``, ``…_CERT``, ``…_KEY``, ``…_HOSTNAME`` (a ``tls://`` URL
+        without a CA trusts the system's store)."""
         explicit = Path(creds) if creds is not None else None
-        settings = ClientSettings.load(tenant=tenant, creds=explicit, principal=principal)
+        settings = ClientSettings.load(tenant=tenant, creds=explicit, principal=principal,
+                                       **_tls_overrides(tls_ca, tls_cert, tls_key, tls_hostname))
         target, source = settings.resolve_url(url)
         creds_file, creds_source = settings.resolve_creds(explicit)
         who = settings.resolve_principal(creds_file)
@@ -107,10 +123,12 @@ class Client:
         async def on_error(e: Exception) -> None:  # reconnects are reported by the calls that fail
             pass
 
-        try:
-            nc = await connect(target, creds=creds_file, name=name, patient=patient, error_cb=on_error)
+        try:  # creds: the server refuses none or a wrong one at once; TLS: a tls:// URL or INTERLOCK_TLS_*
+            nc = await connect(target, creds=creds_file, name=name, patient=patient, error_cb=on_error, tls=settings)
         except ConnectRefused as e:
             raise Unavailable(str(e)) from None
+        except _tls.TlsError as e:
+            raise Unavailable(f"{e} (URL from {source})") from None
         except (OSError, nats.errors.Error, TimeoutError) as e:
             detail = str(e) or type(e).__name__
             raise Unavailable(f"cannot reach NATS at {target} (from {source}): {detail}; start the stack with "

@@ -13,14 +13,16 @@ from interlock.client._errors import Unavailable
 from interlock.contracts import subjects as s
 from interlock.identity import CredsError, JwtError, decode_jwt, read_creds
 from interlock.runtime.connect import ADMIN_CREDS_FILE, DEFAULT_URL, URL_FILE
+from interlock.runtime.tls import TlsSettings
 
 ENV_PREFIX = "INTERLOCK_"
 
 
-class ClientSettings(BaseSettings):
+class ClientSettings(BaseSettings, TlsSettings):
     """Where the client connects and as whom: ``INTERLOCK_NATS_URL``, ``INTERLOCK_TENANT``,
-    ``INTERLOCK_CREDS``, ``INTERLOCK_PRINCIPAL``. Other ``INTERLOCK_*`` variables belong to other
-    process kinds."""
+    ``INTERLOCK_CREDS``, ``INTERLOCK_PRINCIPAL``, and TLS: ``INTERLOCK_TLS_CA``, ``INTERLOCK_TLS_CERT``,
+    ``INTERLOCK_TLS_KEY``, ``INTERLOCK_TLS_HOSTNAME`` (see :mod:`interlock.runtime.tls`). Other
+    ``INTERLOCK_*`` variables belong to other process kinds."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
@@ -71,6 +73,8 @@ class ClientSettings(BaseSettings):
             first = e.errors()[0]
             field = str(first["loc"][0]) if first["loc"] else "?"
             message = str(first["msg"]).removeprefix("Value error, ")
+            if first["type"] == "tls_file":  # TLS: "is not a file (…)" reads with the value in front
+                message = f"{first['input']!r} {message}"
             if field in given:  # the caller's own argument: the message names the value
                 raise Unavailable(f"{field}: {message}") from None
             raise Unavailable(f"{ENV_PREFIX}{field.upper()}: {message}") from None

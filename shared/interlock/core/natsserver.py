@@ -71,6 +71,12 @@ class EmbeddedNats:
     max_payload: int = 8 * 1024 * 1024
     config: Mapping[str, Any] | None = None
     """Extra server settings merged into the config file (e.g. operator mode from interlock.identity)."""
+    tls_cert: Path | None = None
+    """TLS: the server's certificate (PEM); with ``tls_key``, clients must connect over TLS."""
+    tls_key: Path | None = None
+    """TLS: the server certificate's private key (PEM)."""
+    tls_ca: Path | None = None
+    """TLS: CA (PEM) of client certificates; set, a client must present one it signed (mutual TLS)."""
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _ports_dir: Path | None = field(default=None, repr=False)
     url: str = ""
@@ -80,7 +86,7 @@ class EmbeddedNats:
             nats_server_binary(), "-js", "-a", self.host, "-p", str(self.port if self.port else -1),
             "-sd", str(self.store_dir), "--ports_file_dir", str(ports_dir),
         ]
-        config: dict[str, Any] = {"max_payload": self.max_payload, **(self.config or {})}
+        config: dict[str, Any] = {"max_payload": self.max_payload, **self._tls_config(), **(self.config or {})}
         conf_path = ports_dir / "server.conf"
         conf_path.write_text(json.dumps(config))
         cmd += ["-c", str(conf_path)]
@@ -94,6 +100,17 @@ class EmbeddedNats:
         if self.log_file:
             cmd += ["-l", str(self.log_file)]
         return cmd
+
+    def _tls_config(self) -> dict[str, Any]:
+        """TLS: the server config's ``tls`` block, from ``tls_cert``/``tls_key``/``tls_ca``."""
+        if self.tls_cert is None and self.tls_key is None and self.tls_ca is None:
+            return {}
+        if self.tls_cert is None or self.tls_key is None:
+            raise NatsServerError("TLS needs both a server certificate (tls_cert) and its key (tls_key)")
+        tls: dict[str, Any] = {"cert_file": str(self.tls_cert.resolve()), "key_file": str(self.tls_key.resolve())}
+        if self.tls_ca is not None:
+            tls |= {"ca_file": str(self.tls_ca.resolve()), "verify": True}
+        return {"tls": tls}
 
     def start(self, timeout: float = 10.0) -> str:
         """Start the server and wait until it accepts connections; return its URL."""

@@ -22,6 +22,7 @@ from interlock.contracts import subjects as s
 log = logging.getLogger(__name__)
 
 DAY = 24 * 3600.0
+ADMIN_AUDIT_MAX_MSG = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,12 @@ class StreamSpec:
 
 
 STREAMS: tuple[StreamSpec, ...] = (
+    # the server's record of every JetStream API request (who changed which stream, and how); first,
+    # so that the creation of the others is in it. Reads (INFO) are recorded too; a stream info
+    # listing every run's subject (the reconciler's sweep) is large, so one record is capped: a
+    # change's advisory is a few KiB (~1000 subjects fit)
+    StreamSpec(s.ADMIN_AUDIT_STREAM, [s.JS_API_AUDIT], "JetStream API audit: every change to streams and consumers",
+               max_age=365 * DAY, audit=True, max_msg_size=ADMIN_AUDIT_MAX_MSG),
     StreamSpec(s.EVENTS_STREAM, [s.EVENTS_ALL], "Run event logs: the source of truth and the audit trail",
                audit=True, allow_atomic=True),
     StreamSpec(s.TRIGGERS_STREAM, [s.TRIGGERS_ALL], "Trigger events that start runs", max_age=7 * DAY),

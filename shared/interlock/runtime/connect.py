@@ -20,6 +20,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 
 from interlock.identity import CredsError, creds_inbox_prefix, describe_permission_error
+from interlock.runtime import tls as _tls
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,15 @@ def is_refusal(error: BaseException) -> bool:
 
 
 async def connect(url: str | None = None, *, creds: Path | str | None = None, name: str = "interlock",
-                  patient: bool = True, **options: Any) -> NATS:
+                  patient: bool = True, tls: _tls.TlsOptions | None = None, **options: Any) -> NATS:
     """Connect as ``creds``, and keep reconnecting for as long as the process lives (cluster
     failover). A refused credential raises :class:`ConnectRefused` at once: a patient client
-    would otherwise retry it for ever."""
+    would otherwise retry it for ever. ``tls``: the TLS settings (``INTERLOCK_TLS_*``), e.g. the
+    process's settings object; a failed handshake raises :class:`~interlock.runtime.tls.TlsError`."""
     target = resolve_url(url)
+    servers = target.split(",")
+    tls_options = _tls.connect_options(servers, tls)  # TLS: a tls:// URL or INTERLOCK_TLS_* files
+    starting = True
     nc = NATS()
     loop = asyncio.get_running_loop()
     refused: asyncio.Future[BaseException] = loop.create_future()
@@ -92,17 +97,20 @@ async def connect(url: str | None = None, *, creds: Path | str | None = None, na
         if not nc.is_connected and is_refusal(e) and not refused.done():
             refused.set_result(e)
             return
+        if starting:
+            _tls.raise_if_tls_failure(e)  # TLS: a failed handshake ends the first connect, never retried
         if theirs is not None:
             await theirs(e)
         else:
-            log.warning("nats %s: %r", name, e)
+            described = _tls.describe_failure(e, target, tls, tls_used=bool(tls_options))
+            log.warning("nats %s: %s", name, described or repr(e))
 
     settings: dict[str, Any] = {
         "name": name, "max_reconnect_attempts": -1 if patient else 3, "reconnect_time_wait": 0.25,
         "connect_timeout": 2, "allow_reconnect": True, "error_cb": on_error,
-        **creds_options(creds), **options,
+        **creds_options(creds), **tls_options, **options,
     }
-    connecting: asyncio.Future[Any] = asyncio.ensure_future(nc.connect(target.split(","), **settings))
+    connecting: asyncio.Future[Any] = asyncio.ensure_future(nc.connect(servers, **settings))
     try:
         await asyncio.wait([connecting, refused], return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
@@ -112,11 +120,18 @@ async def connect(url: str | None = None, *, creds: Path | str | None = None, na
     if error is None:
         try:
             connecting.result()
-            return nc
-        except (nats.errors.Error, OSError, TimeoutError) as e:
+        except Exception as e:
             if not is_refusal(e) and not is_refusal(nc.last_error or e):
-                raise
+                # TLS: a failed handshake becomes a sentence naming the setting to fix
+                described = _tls.describe_failure(e, target, tls, tls_used=bool(tls_options))
+                if described is None:
+                    raise
+                raise _tls.TlsError(described) from e
             error = e if is_refusal(e) else nc.last_error
+        else:
+            starting = False
+            await _tls.require_negotiated(nc, servers)
+            return nc
     connecting.cancel()
     with contextlib.suppress(BaseException):
         await connecting

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from faststream.nats import NatsBroker, NatsCredentials, NatsMessage
+from faststream.nats.security import NatsSecurity
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -36,6 +37,7 @@ from interlock.runtime.deadletter import dead_letter
 from interlock.runtime.payloads import PayloadStore
 from interlock.runtime.registry import WorkflowNotFound, WorkflowRegistry
 from interlock.runtime.settings import ServiceSettings
+from interlock.runtime.tls import connect_options as tls_connect_options
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +100,17 @@ class Service:
         # FastStream logs every message at INFO; our handlers log what matters themselves
         broker_log = logging.getLogger(f"interlock.{self.name}.broker")
         broker_log.setLevel(logging.WARNING)
-        # the broker's own connection (request-reply commands and queries) as the same credential
+        # the broker's own connection (request-reply commands and queries): the same credential and TLS
+        tls = tls_connect_options(self.settings.nats_url.split(","), self.settings)  # TLS: INTERLOCK_TLS_*
+        secure: dict[str, Any] = {"ssl_context": tls["tls"], "use_ssl": True,
+                                  "tls_hostname": tls.get("tls_hostname")} if tls else {}
+        security: NatsSecurity | None = NatsSecurity(**secure) if tls else None
         auth: dict[str, Any] = {}
         if self.settings.creds is not None:
-            auth = {"security": NatsCredentials(str(self.settings.creds)),
-                    "inbox_prefix": creds_options(self.settings.creds)["inbox_prefix"]}
+            security = NatsCredentials(str(self.settings.creds), **secure)
+            auth = {"inbox_prefix": creds_options(self.settings.creds)["inbox_prefix"]}
         self.broker = NatsBroker(self.settings.nats_url.split(","), logger=broker_log, log_level=logging.DEBUG,
-                                 max_reconnect_attempts=-1, reconnect_time_wait=1, **auth)
+                                 max_reconnect_attempts=-1, reconnect_time_wait=1, security=security, **auth)
         self._stopped = asyncio.Event()
         self._consumers: list[PullConsumer] = []
         self._sweeper: asyncio.Task[None] | None = None
@@ -112,7 +118,8 @@ class Service:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        self.nc = await connect(self.settings.nats_url, creds=self.settings.creds, name=f"interlock-{self.name}")
+        self.nc = await connect(self.settings.nats_url, creds=self.settings.creds, name=f"interlock-{self.name}",
+                                tls=self.settings)
         self.js = self.nc.jetstream()
         # whoever bootstraps provisions, with the admin credential (`interlock up`, `interlock
         # provision`); a service credential may not change streams, so only when told to

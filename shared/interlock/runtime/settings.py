@@ -19,6 +19,8 @@ number``. Keyword arguments override the environment (tests and embedding code u
 - ``INTERLOCK_WORKER_CONCURRENCY``: jobs a worker handles at once per topic (8)
 - ``INTERLOCK_TRACING``: a worker's span export, ``off`` or ``console`` (off)
 - ``INTERLOCK_TENANT``: the tenant whose jobs a worker takes (default)
+- ``INTERLOCK_TLS_CA``, ``INTERLOCK_TLS_CERT``, ``INTERLOCK_TLS_KEY``, ``INTERLOCK_TLS_HOSTNAME``
+  (both): TLS to NATS, see :mod:`interlock.runtime.tls`
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from interlock.contracts.messages import DEFAULT_TENANT
 from interlock.runtime.connect import resolve_url
 from interlock.runtime.payloads import DEFAULT_INLINE_LIMIT
+from interlock.runtime.tls import TlsSettings
 
 ENV_PREFIX = "INTERLOCK_"
 
@@ -71,7 +74,7 @@ class _Settings(BaseSettings):
         return alias if isinstance(alias, str) else f"{ENV_PREFIX}{field}".upper()
 
 
-class ServiceSettings(_Settings):
+class ServiceSettings(_Settings, TlsSettings):  # TLS: the INTERLOCK_TLS_* fields
     """Settings of a service process (planner, policy, approval, dispatcher, auditor)."""
 
     nats_url: str = Field(default_factory=resolve_url, description="server URL(s), comma-separated")
@@ -85,7 +88,7 @@ class ServiceSettings(_Settings):
                                   description="seconds between reconciler passes, 0 = off")
 
 
-class WorkerSettings(_Settings):
+class WorkerSettings(_Settings, TlsSettings):  # TLS: the INTERLOCK_TLS_* fields
     """Settings of an agent worker process (the worker SDK); :class:`Worker` arguments override them."""
 
     nats_url: str = Field(default_factory=resolve_url, description="server URL(s), comma-separated")

@@ -140,7 +140,7 @@ class Worker:
         tracing.configure(settings.tracing)
         self._stop.clear()
         self._nc = nc = await connect(self.nats_url or settings.nats_url, creds=self.creds or settings.creds,
-                                      name=f"interlock-worker-{self.name}")
+                                      name=f"interlock-worker-{self.name}", tls=settings)
         js = nc.jetstream()
         inline_limit = settings.inline_limit if self.inline_limit is None else self.inline_limit
         self._payloads = PayloadStore(js, inline_limit)

@@ -9,11 +9,14 @@ from typing import Annotated
 
 import typer
 
-from interlock.cli import _approval, _audit, _identity, _ops, _policy, _run, _workflow
+from interlock.cli import _admin_audit, _approval, _audit, _identity, _ops, _policy, _run, _workflow
 from interlock.cli._common import (
     CredsOption,
     NatsOption,
     TenantOption,
+    TlsCaOption,
+    TlsCertOption,
+    TlsKeyOption,
     VerboseOption,
     configure_logging,
     set_globals,
@@ -23,7 +26,7 @@ from interlock.cli._common import (
 app = typer.Typer(
     name="interlock",
     help="Durable, auditable orchestration of agent workflows on NATS JetStream.\n\n"
-         "The connection options (--nats, --creds, --tenant, -v) may also follow a command's name.",
+         "The connection options (--nats, --creds, --tenant, --tls-*, -v) may also follow a command's name.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,  # an unexpected error prints a plain traceback, never local variables
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -51,12 +54,16 @@ def root(
     creds: CredsOption = None,
     tenant: TenantOption = None,
     verbose: VerboseOption = False,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
     show_version: Annotated[bool, typer.Option(
         "--version", callback=_show_version, is_eager=True, help="print Interlock's version and exit")] = False,
 ) -> None:
     """Record the global options for the command that follows."""
     configure_logging(verbose)
-    set_globals(ctx, nats=nats, creds=creds, tenant=tenant, verbose=verbose)
+    set_globals(ctx, nats=nats, creds=creds, tenant=tenant, verbose=verbose, tls_ca=tls_ca, tls_cert=tls_cert,
+                tls_key=tls_key)
 
 
 # -- noun-verb groups ----------------------------------------------------------------------------
@@ -69,6 +76,7 @@ app.add_typer(_ops.agents, name="agent")
 app.add_typer(_ops.dlq, name="dlq")
 app.add_typer(_audit.app, name="audit")
 app.add_typer(_identity.app, name="creds")
+_admin_audit.register(_audit.app)
 
 # -- processes -----------------------------------------------------------------------------------
 PROCESSES = "Processes"

@@ -25,6 +25,9 @@ CONNECTION_PANEL = "Connection"
 
 NATS_HELP = "NATS URL, comma-separated for a cluster (default: INTERLOCK_NATS_URL, else the URL `interlock up` wrote)"
 CREDS_HELP = "NATS credentials (.creds) file (default: INTERLOCK_CREDS)"
+TLS_CA_HELP = "CA file (PEM) to verify the NATS server's certificate (default: INTERLOCK_TLS_CA, else the system's)"
+TLS_CERT_HELP = "client certificate file (PEM), for a server that verifies clients (default: INTERLOCK_TLS_CERT)"
+TLS_KEY_HELP = "the client certificate's private key file (PEM) (default: INTERLOCK_TLS_KEY)"
 TENANT_HELP = "tenant (default: INTERLOCK_TENANT, else 'default')"
 VERBOSE_HELP = "log at INFO level"
 
@@ -37,6 +40,17 @@ class Globals:
     creds: Path | None = None
     tenant: str | None = None
     verbose: bool = False
+    tls_ca: Path | None = None  # TLS: --tls-ca, --tls-cert, --tls-key
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def export_tls(self) -> None:
+        """TLS: put the --tls-* options in the environment as INTERLOCK_TLS_*, for a process command's
+        settings and the processes it starts."""
+        for name in ("tls_ca", "tls_cert", "tls_key"):
+            value = getattr(self, name)
+            if value is not None:
+                os.environ[f"INTERLOCK_{name.upper()}"] = str(value.resolve())
 
 
 def globals_of(ctx: typer.Context) -> Globals:
@@ -80,7 +94,8 @@ def connected(ctx: typer.Context, work: Callable[[Client], Awaitable[T]]) -> T:
     options = globals_of(ctx)
 
     async def session() -> T:
-        client = await Client.connect(options.nats, creds=options.creds, tenant=options.tenant)
+        client = await Client.connect(options.nats, creds=options.creds, tenant=options.tenant,
+                                      tls_ca=options.tls_ca, tls_cert=options.tls_cert, tls_key=options.tls_key)
         try:
             return await work(client)
         finally:
@@ -108,6 +123,12 @@ CredsOption = Annotated[str | None, typer.Option("--creds", metavar="FILE", help
                                                  rich_help_panel=CONNECTION_PANEL)]
 TenantOption = Annotated[str | None, typer.Option("--tenant", metavar="TENANT", help=TENANT_HELP,
                                                   rich_help_panel=CONNECTION_PANEL)]
+TlsCaOption = Annotated[str | None, typer.Option("--tls-ca", metavar="FILE", help=TLS_CA_HELP,
+                                                rich_help_panel=CONNECTION_PANEL)]
+TlsCertOption = Annotated[str | None, typer.Option("--tls-cert", metavar="FILE", help=TLS_CERT_HELP,
+                                                  rich_help_panel=CONNECTION_PANEL)]
+TlsKeyOption = Annotated[str | None, typer.Option("--tls-key", metavar="FILE", help=TLS_KEY_HELP,
+                                                 rich_help_panel=CONNECTION_PANEL)]
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP, rich_help_panel=CONNECTION_PANEL)]
 
 _GLOBAL_PARAMS = (
@@ -115,13 +136,20 @@ _GLOBAL_PARAMS = (
     inspect.Parameter("creds", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=CredsOption),
     inspect.Parameter("tenant", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=TenantOption),
     inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=VerboseOption),
+    inspect.Parameter("tls_ca", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=TlsCaOption),
+    inspect.Parameter("tls_cert", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=TlsCertOption),
+    inspect.Parameter("tls_key", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=TlsKeyOption),
 )
 
 
 def set_globals(ctx: typer.Context, *, nats: str | None = None, creds: str | None = None, tenant: str | None = None,
-                verbose: bool = False) -> None:
+                verbose: bool = False, tls_ca: str | None = None, tls_cert: str | None = None,
+                tls_key: str | None = None) -> None:
     """Record global options given at this level (later ones win over the root's)."""
     options = globals_of(ctx)
+    for name, value in (("tls_ca", tls_ca), ("tls_cert", tls_cert), ("tls_key", tls_key)):  # TLS
+        if value:
+            setattr(options, name, Path(value))
     if nats:
         options.nats = nats
     if creds:
@@ -151,7 +179,7 @@ def with_globals(fn: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-GLOBAL_NAMES = ("nats", "creds", "tenant", "verbose")
+GLOBAL_NAMES = ("nats", "creds", "tenant", "verbose", "tls_ca", "tls_cert", "tls_key")
 
 
 class DefaultGroup(typer.core.TyperGroup):

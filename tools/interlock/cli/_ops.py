@@ -60,6 +60,7 @@ def serve(ctx: typer.Context,
     from interlock.runtime.settings import ServiceSettings
 
     options = globals_of(ctx)
+    options.export_tls()  # TLS: --tls-* for ServiceSettings
     if not options.verbose:
         configure_logging(True)  # a service's log is its INFO lines
     module, _, cls = SERVICE_CLASSES[name].partition(":")
@@ -94,6 +95,7 @@ def worker(ctx: typer.Context, target: Annotated[str, typer.Argument(
         loaded.creds = globals_of(ctx).creds
     if globals_of(ctx).tenant:  # else the Worker's own, else INTERLOCK_TENANT
         loaded.tenant = globals_of(ctx).tenant
+    globals_of(ctx).export_tls()  # TLS: --tls-* for WorkerSettings
 
     async def run() -> None:
         task = asyncio.ensure_future(loaded.run())
@@ -170,6 +172,7 @@ def up(
     """
     from interlock.devstack.stack import Stack
 
+    globals_of(ctx).export_tls()  # TLS: --tls-* for the processes the stack starts
     try:
         url = ClientSettings.load(nats_url=globals_of(ctx).nats).nats_url
     except ClientError as e:

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from interlock.client import ClientSettings
 from interlock.core.natsserver import EmbeddedNats, free_port
 from interlock.core.topology import provision
 from interlock.devstack.cluster import LocalCluster
@@ -155,7 +156,8 @@ class Stack:
 
     async def provision(self) -> list[str]:
         """Create or update the streams and buckets, as admin (services do not provision)."""
-        nc = await connect(self.url, creds=self.admin_creds, name="interlock-stack-provision", patient=False)
+        nc = await connect(self.url, creds=self.admin_creds, name="interlock-stack-provision", patient=False,
+                           tls=ClientSettings())  # TLS: INTERLOCK_TLS_*
         try:
             return await provision(nc.jetstream(), self.replicas)
         finally:
