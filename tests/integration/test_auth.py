@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from interlock.cli._app import app
 from interlock.client import Client, Unavailable
@@ -117,3 +117,19 @@ async def test_the_client_and_cli_say_which_credential_was_refused(provisioned: 
     async with await Client.connect(provisioned) as client:
         assert (client.creds, client.creds_source, client.principal) == (default.relative_to(tmp_path), "default",
                                                                           "admin-default")
+
+
+async def test_interlock_provision_needs_the_admin_credential(provisioned: str, admin_creds: Path,
+                                                              principals: Principals) -> None:
+    viewer = principals.person("viewer")
+
+    def provision_as(creds: Path) -> Result:
+        return CliRunner().invoke(app, ["provision", "--nats", provisioned, "--creds", str(creds)])
+
+    refused = await asyncio.to_thread(provision_as, viewer)
+    assert refused.exit_code == 1
+    assert refused.stderr.startswith(f"interlock: viewer-default ({viewer}) may not provision: the credential lacks "
+                                     "permission to publish to '$JS.API.STREAM.CREATE.IL_EVENTS'")
+    done = await asyncio.to_thread(provision_as, admin_creds)
+    assert done.exit_code == 0, done.output
+    assert "stream IL_EVENTS (il.evt.>): ok" in done.stdout

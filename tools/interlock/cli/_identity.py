@@ -15,7 +15,9 @@ import typer
 from interlock.cli._common import connected, fail, globals_of, with_globals
 from interlock.cli._output import Column, Format, OutputOption, columns, echo, emit_rows
 from interlock.client import Client
-from interlock.identity import ROLE_NAMES, IdentityError, IdentityHome, RoleError
+from interlock.contracts import permissions as p
+from interlock.contracts import subjects as s
+from interlock.identity import ROLE_NAMES, IdentityError, IdentityHome, RoleError, creds_permissions
 from interlock.identity import role as lookup_role
 
 DEFAULT_HOME = Path(".interlock") / "identity"
@@ -109,11 +111,11 @@ def _when(at: int | None) -> str:
 def list_creds(output: OutputOption = Format.table, home: HomeOption = None) -> None:
     """Every credential issued from the identity home (revoked and expired ones too), oldest first."""
     rows = []
-    for p in identity_home(home).list():
-        status = "revoked" if p.revoked_at else ("active" if p.active else "expired")
-        rows.append({"name": p.name, "role": p.role, "tenant": p.tenant, "topics": list(p.topics),
-                     "status": status, "issued_at": _when(p.issued_at), "expires": _when(p.expires),
-                     "revoked_at": _when(p.revoked_at), "public_key": p.public_key, "creds": p.creds})
+    for u in identity_home(home).list():
+        status = "revoked" if u.revoked_at else ("active" if u.active else "expired")
+        rows.append({"name": u.name, "role": u.role, "tenant": u.tenant, "topics": list(u.topics),
+                     "status": status, "issued_at": _when(u.issued_at), "expires": _when(u.expires),
+                     "revoked_at": _when(u.revoked_at), "public_key": u.public_key, "creds": u.creds})
     emit_rows(rows, output, columns("name", "role", "tenant", Column("topics", show=", ".join), "status",
                                     "issued_at", "expires", Column("public_key", show=lambda k: f"{k[:12]}…")))
 
@@ -159,6 +161,10 @@ def provision(ctx: typer.Context) -> None:
     from interlock.core.topology import provision as provision_streams
 
     async def work(client: Client) -> list[str]:
+        create = p.js_stream("CREATE", s.EVENTS_STREAM)
+        if client.creds is not None and not creds_permissions(client.creds).allows_publish(create):
+            fail(f"{client.principal} ({client.creds}) may not provision: the credential lacks permission to "
+                 f"publish to {create!r} (streams are changed with the admin credential: --creds or INTERLOCK_CREDS)")
         try:
             return await provision_streams(client.js, int(os.environ.get("INTERLOCK_REPLICAS", "1")))
         except (nats.errors.Error, TimeoutError) as e:
