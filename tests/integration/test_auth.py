@@ -15,8 +15,9 @@ from typer.testing import CliRunner, Result
 from interlock.cli._app import app
 from interlock.client import Client, Unavailable
 from interlock.devstack.stack import Stack
-from interlock.identity import IdentityHome, read_creds
+from interlock.identity import IdentityHome, PermissionDenied, read_creds
 from interlock.runtime.connect import ConnectRefused, connect
+from interlock.worker import JobContext, Worker
 from tests.principals import Principals
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -133,3 +134,28 @@ async def test_interlock_provision_needs_the_admin_credential(provisioned: str, 
     done = await asyncio.to_thread(provision_as, admin_creds)
     assert done.exit_code == 0, done.output
     assert "stream IL_EVENTS (il.evt.>): ok" in done.stdout
+
+
+async def test_a_worker_whose_credential_lacks_a_topic_is_refused_at_once(provisioned: str,
+                                                                          principals: Principals) -> None:
+    creds = principals.worker(["auth.one"], "default")
+    worker = Worker("narrow", nats_url=provisioned, tenant="default", creds=creds)
+
+    @worker.job("auth.one")
+    async def one(ctx: JobContext) -> None:
+        return None
+
+    @worker.job("auth.two")
+    async def two(ctx: JobContext) -> None:
+        return None
+
+    started = time.monotonic()
+    with pytest.raises(PermissionDenied, match=rf"^worker narrow \({creds}\) may not pull tenant default's jobs "
+                                               r"of topic 'auth.two': the credential lacks permission to publish"):
+        await worker.start()
+    assert time.monotonic() - started < 1  # not after the server dropped a request and a timeout
+    # the topic it was issued for: it starts and serves
+    allowed = Worker("narrow", nats_url=provisioned, tenant="default", creds=creds)
+    allowed.job("auth.one")(one)
+    await allowed.start()
+    await allowed.stop()

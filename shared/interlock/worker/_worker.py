@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 from pydantic import ValidationError
 
 from interlock.contracts import headers as h
+from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import (
     AgentRegistration,
@@ -28,6 +29,7 @@ from interlock.contracts.messages import (
     JobError,
     JobResult,
 )
+from interlock.identity import PermissionDenied, creds_permissions
 from interlock.runtime import tracing
 from interlock.runtime.connect import connect
 from interlock.runtime.consumer import PullConsumer
@@ -139,7 +141,10 @@ class Worker:
         concurrency = settings.concurrency if self.concurrency is None else self.concurrency
         tracing.configure(settings.tracing)
         self._stop.clear()
-        self._nc = nc = await connect(self.nats_url or settings.nats_url, creds=self.creds or settings.creds,
+        creds = self.creds or settings.creds
+        if creds is not None:
+            self._check_creds(creds, tenant)
+        self._nc = nc = await connect(self.nats_url or settings.nats_url, creds=creds,
                                       name=f"interlock-worker-{self.name}", tls=settings)
         js = nc.jetstream()
         inline_limit = settings.inline_limit if self.inline_limit is None else self.inline_limit
@@ -155,6 +160,20 @@ class Worker:
             self._consumers.append(consumer)
         self._spawn(self._registry_loop(js))
         log.info("worker %s serving %s for tenant %s", self.worker_id, ", ".join(sorted(self.handlers)), tenant)
+
+    def _check_creds(self, creds: Path, tenant: str) -> None:
+        """Refuse at once, naming the topic and the permission, a credential that may not pull this
+        tenant's jobs of every topic served (the server would only drop the request, silently)."""
+        permissions = creds_permissions(creds)
+        for topic in sorted(self.handlers):
+            durable = s.worker_consumer(tenant, topic)
+            subject = p.js_filtered_consumer_create(s.JOBS_STREAM, s.job(tenant, topic), durable)
+            if not permissions.allows_publish(subject):
+                action = f"pull tenant {tenant}'s jobs of topic {topic!r}"
+                raise PermissionDenied(f"worker {self.name} ({creds}) may not {action}: the credential lacks "
+                                       f"permission to publish to {subject!r} (issue one for this tenant and topic: "
+                                       f"interlock creds issue --role worker --tenant {tenant} --topics {topic})",
+                                       principal=str(creds), action=action, subject=subject)
 
     async def stop(self) -> None:
         self._stop.set()
