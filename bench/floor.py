@@ -49,6 +49,9 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from bench.common import FIVE_STEP_DEPS, Clock, percentile, progress, summary
+from interlock.runtime.connect import creds_options
+
+CREDS_ENV = "BENCH_FLOOR_CREDS"
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: role processes import bench from it
 STREAM = "BENCH_FLOOR"
@@ -98,7 +101,8 @@ class Role:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
-        nc = await nats.connect(self.url, name=f"bench-floor-{self.role}")
+        nc = await nats.connect(self.url, name=f"bench-floor-{self.role}",
+                                **creds_options(os.environ.get(CREDS_ENV)))
         handlers: dict[str, Callable[[NATS, Msg], Awaitable[None]]] = {
             "floor.trigger": self._on_trigger, "floor.succeeded.>": self._on_succeeded,
             "floor.ready.>": self._on_ready, "floor.decided.>": self._on_decided,
@@ -212,14 +216,15 @@ def _role_main(role: str, url: str) -> None:
 class Floor:
     """The floor emulation on a NATS server at ``url``: role processes plus this client."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, creds: Path | None = None) -> None:
         self.url = url
+        self.creds = creds
         self.nc: NATS | None = None
         self.procs: list[subprocess.Popen[bytes]] = []
         self.done: dict[str, asyncio.Future[tuple[float, list[float]]]] = {}
 
     async def start(self) -> None:
-        self.nc = nc = await nats.connect(self.url, name="bench-floor-client")
+        self.nc = nc = await nats.connect(self.url, name="bench-floor-client", **creds_options(self.creds))
         js = nc.jetstream()
         with contextlib.suppress(Exception):
             await js.delete_stream(STREAM)
@@ -246,9 +251,10 @@ class Floor:
 
     def _spawn_roles(self) -> None:
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path, **({CREDS_ENV: str(self.creds)} if self.creds else {})}
         for role in ROLES:
             self.procs.append(subprocess.Popen([sys.executable, "-m", "bench.floor", role, self.url], cwd=ROOT,
-                                               env={**os.environ, "PYTHONPATH": path}, stdin=subprocess.DEVNULL))
+                                               env=env, stdin=subprocess.DEVNULL))
 
     async def stop(self) -> None:
         for proc in self.procs:
@@ -294,10 +300,11 @@ class Floor:
         return end - t0, overheads
 
 
-async def measure(url: str, *, w1: tuple[int, int] | None, w2_runs: int | None, w3_items: int | None
-                  ) -> dict[str, Any]:
-    """The floor of W1 (warm-up, runs), W2 (concurrent runs) and W3 (fan-out items)."""
-    floor = Floor(url)
+async def measure(url: str, *, w1: tuple[int, int] | None, w2_runs: int | None, w3_items: int | None,
+                  creds: Path | None = None) -> dict[str, Any]:
+    """The floor of W1 (warm-up, runs), W2 (concurrent runs) and W3 (fan-out items); ``creds``:
+    the credential every floor process connects with (the server has auth on, like the stack's)."""
+    floor = Floor(url, creds)
     await floor.start()
     results: dict[str, Any] = {"processes": len(ROLES), "roles": {r: list(s) for r, s in ROLES.items()}}
     try:

@@ -94,8 +94,8 @@ async def _raw_read_stream(js: Any, batch: int = 2000) -> int:
             await sub.unsubscribe()
 
 
-async def measure(url: str, *, load_events: int, rebuild_events: int) -> dict[str, Any]:
-    client = await Client.connect(url, tenant=TENANT_LOAD, name="bench-w4")
+async def measure(url: str, *, load_events: int, rebuild_events: int, creds: Path | None = None) -> dict[str, Any]:
+    client = await Client.connect(url, tenant=TENANT_LOAD, name="bench-w4", creds=creds)
     nc, js = client.nc, client.js
     await provision(js)
     store = EventStore(nc, js, service="bench")

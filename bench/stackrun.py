@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import tempfile
@@ -43,6 +44,8 @@ from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
 from interlock.core.ids import run_id_for
 from interlock.devstack.stack import Stack
+from interlock.devstack.targets import worker_topics
+from interlock.identity import Permissions, permissions_for
 
 HERE = Path(__file__).resolve().parent
 AGENTS = HERE / "agents.py"
@@ -172,12 +175,30 @@ class StackBench:
         self.nonce = uuid.uuid4().hex[:8]
         self.failures: list[dict[str, Any]] = []
 
+    def _instrumented_creds(self) -> Path:
+        """Auth is on as in production: services connect with their service credentials and the
+        bench workers with worker credentials of their tenant and topics, plus the one subject the
+        bench's receipt times travel on; the bench itself (a client of three tenants and a listener
+        on that subject, no Interlock principal) with a credential that may do anything."""
+        identity = self.stack.identity
+        for name, target, tenant in self.stack.worker_specs():
+            topics = worker_topics(target)
+
+            def grant(key: str, tenant: str = tenant, name: str = name, topics: tuple[str, ...] = topics
+                      ) -> Permissions:
+                base = permissions_for("worker", tenant, name, key, topics)
+                return dataclasses.replace(base, pub_allow=(*base.pub_allow, RECV_SUBJECT))
+
+            self.stack.creds[name] = identity.issue_custom(f"bench-{name}-{self.nonce}", grant)
+        return identity.issue_custom(f"bench-client-{self.nonce}", Permissions())
+
     async def start(self) -> None:
         with _cwd(self.home):
+            creds = self._instrumented_creds()
             self.stack.start_nats()
             await self.stack.provision()
             self.stack.start()
-        self.client = client = await Client.connect(self.stack.url, name="bench")
+        self.client = client = await Client.connect(self.stack.url, name="bench", creds=creds)
         await client.nc.subscribe(RECV_SUBJECT, cb=self._on_recv)
         await client.apply_workflow(FIVE_STEP_YAML)
         await client.apply_workflow(FAN_YAML)

@@ -21,6 +21,7 @@ from bench.common import machine, progress, ratio
 from bench.profiling import Profiler
 from bench.stackrun import RssSampler, StackBench, cpu_report, cpu_seconds, memory_report, new_home
 from interlock.core.natsserver import EmbeddedNats
+from interlock.identity import IdentityHome, Permissions
 
 WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -79,9 +80,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # -- running -------------------------------------------------------------------------------------
+def authenticated_server(home: Path) -> tuple[EmbeddedNats, Path]:
+    """A server with auth on (operator mode, anonymous refused, as the stack's) and the credential
+    of the bench's own raw-NATS processes: no Interlock role fits a scratch stream, so one with
+    every permission."""
+    identity = IdentityHome(home / "identity")
+    creds = identity.issue_custom("bench-tool", Permissions())
+    server = EmbeddedNats(store_dir=home / "nats", port=0, log_file=home / "nats.log",
+                          config=identity.server_config())
+    return server, creds
+
+
 async def run_floor(selected: set[str], sizes: Sizes, results: dict[str, Any]) -> None:
     home = new_home()
-    server = EmbeddedNats(store_dir=home / "nats", port=0, log_file=home / "nats.log")
+    server, creds = authenticated_server(home)
     try:
         url = server.start()
         progress("floor: raw nats-py JetStream hops on a scratch stream (4 role processes)")
@@ -89,7 +101,7 @@ async def run_floor(selected: set[str], sizes: Sizes, results: dict[str, Any]) -
             url,
             w1=(sizes.w1_warmup, sizes.w1_runs) if "W1" in selected else None,
             w2_runs=sizes.w2_runs if "W2" in selected else None,
-            w3_items=sizes.w3_items if "W3" in selected else None,
+            w3_items=sizes.w3_items if "W3" in selected else None, creds=creds,
         )
     finally:
         server.stop()
@@ -98,13 +110,13 @@ async def run_floor(selected: set[str], sizes: Sizes, results: dict[str, Any]) -
 
 async def run_w4(sizes: Sizes, results: dict[str, Any]) -> None:
     home = new_home()
-    server = EmbeddedNats(store_dir=home / "nats", port=0, log_file=home / "nats.log")
+    server, creds = authenticated_server(home)
     try:
         url = server.start()
         progress(f"W4: writing a {sizes.w4_load_events}-event run and a {sizes.w4_rebuild_events}-event stream "
                  f"with EventStore (no services)")
         results["workloads"]["W4"] = await replay.measure(url, load_events=sizes.w4_load_events,
-                                                          rebuild_events=sizes.w4_rebuild_events)
+                                                          rebuild_events=sizes.w4_rebuild_events, creds=creds)
     finally:
         server.stop()
         shutil.rmtree(home, ignore_errors=True)

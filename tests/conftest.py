@@ -1,22 +1,36 @@
-"""Shared fixtures: one throwaway nats-server per test session (port 0, temporary store)."""
+"""Shared fixtures: one throwaway nats-server per test session (port 0, temporary store), in
+operator mode with a temporary identity home: every connection needs a credential, and an
+anonymous one is refused. Provisioned with the admin credential."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import nats
 import pytest
 from nats.aio.client import Client as NATS
 
 from interlock.core.natsserver import EmbeddedNats
 from interlock.core.topology import provision
+from interlock.identity import IdentityHome
+from interlock.runtime.connect import connect
+from tests.principals import Principals
 
 
 @pytest.fixture(scope="session")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
+def identity_home(tmp_path_factory: pytest.TempPathFactory) -> IdentityHome:
+    return IdentityHome(tmp_path_factory.mktemp("identity"))
+
+
+@pytest.fixture(scope="session")
+def principals(identity_home: IdentityHome) -> Principals:
+    return Principals(identity_home)
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory, identity_home: IdentityHome) -> Iterator[EmbeddedNats]:
     store = tmp_path_factory.mktemp("nats-store")
-    server = EmbeddedNats(store_dir=store, port=0, log_file=store / "nats.log")
+    server = EmbeddedNats(store_dir=store, port=0, log_file=store / "nats.log", config=identity_home.server_config())
     server.start()
     yield server
     server.stop()
@@ -28,16 +42,30 @@ def nats_url(nats_server: EmbeddedNats) -> str:
 
 
 @pytest.fixture(scope="session")
-async def provisioned(nats_url: str) -> str:
-    nc = await nats.connect(nats_url)
+def admin_creds(principals: Principals) -> Path:
+    return principals.admin()
+
+
+@pytest.fixture(scope="session")
+async def provisioned(nats_url: str, admin_creds: Path) -> str:
+    nc = await connect(nats_url, creds=admin_creds, patient=False)
     await provision(nc.jetstream())
     await nc.close()
     return nats_url
 
 
 @pytest.fixture
-async def nc(provisioned: str) -> AsyncIterator[NATS]:
-    client = await nats.connect(provisioned)
+async def nc(provisioned: str, admin_creds: Path) -> AsyncIterator[NATS]:
+    client = await connect(provisioned, creds=admin_creds, patient=False)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def service_nc(provisioned: str, principals: Principals) -> AsyncIterator[NATS]:
+    """A service's connection (the planner's credential), for tests that append to run logs
+    themselves: only services may."""
+    client = await connect(provisioned, creds=principals.service("planner"), patient=False)
     yield client
     await client.close()
 

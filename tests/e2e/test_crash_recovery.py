@@ -47,7 +47,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
 
 def test_sigkill_each_service_mid_run(stack: Stack, tmp_path: Path) -> None:
     async def scenario() -> None:
-        client = await Client.connect(stack.url, tenant="default", name="e2e")
+        client = await Client.connect(stack.url, tenant="default", name="e2e", creds=stack.admin_creds)
         await client.apply_workflow(WORKFLOW)
         run_ids = []
         for victim in (*SERVICES, "worker-0"):

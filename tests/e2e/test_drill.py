@@ -84,7 +84,7 @@ def test_events_stream_leader_killed_mid_workload(tmp_path: Path) -> None:
 async def _leader_kill_scenario(stack: Stack) -> None:
     cluster = stack.local_cluster
     assert cluster is not None
-    client = await Client.connect(stack.url, tenant="default", name="e2e", patient=True)
+    client = await Client.connect(stack.url, tenant="default", name="e2e", patient=True, creds=stack.admin_creds)
     nc, js = client.nc, client.js
     try:
         info = await js.stream_info(s.EVENTS_STREAM)

@@ -1,5 +1,7 @@
 """An in-process Interlock for integration tests: the five services and workers as tasks on the
-test's event loop, against the session's real nats-server."""
+test's event loop, against the session's real nats-server (auth on: services connect with their
+service credential, workers with a worker credential of the harness's tenant and their topics,
+the harness's own connection is admin)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,9 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -22,10 +24,12 @@ from interlock.core.eventstore import EventStore
 from interlock.core.ids import run_id_for
 from interlock.core.run import Run
 from interlock.core.topology import STREAMS
+from interlock.runtime.connect import connect as connect_as
 from interlock.runtime.consumer import PullConsumer
 from interlock.runtime.registry import WorkflowRegistry
 from interlock.runtime.service import Service, ServiceSettings
 from interlock.worker import Worker
+from tests.principals import Principals
 
 TERMINAL = {"RunSucceeded", "RunFailed", "RunDenied", "RunCancelled", "RunTimedOut"}
 SETTLE_TIMEOUT_S = 20.0
@@ -49,19 +53,37 @@ class Harness:
     url: str
     nc: NATS
     tenant: str = "default"
+    principals: Principals | None = None
+    tls: Any = None
+    """TLS settings for the harness's own connections (a server that requires TLS)."""
+    writer: NATS | None = None
+    """A service's connection (the planner's credential): only services append to run logs."""
+    _sessions: dict[tuple[str, str], NATS] = field(default_factory=dict)
     services: list[Service] = field(default_factory=list)
     workers: list[Worker] = field(default_factory=list)
 
     @property
     def store(self) -> EventStore:
-        return EventStore(self.nc, self.nc.jetstream(), service="test")
+        """The run logs, written as a service would (a test that appends itself stands in for one)."""
+        nc = self.writer or self.nc
+        return EventStore(nc, nc.jetstream(), service="test")
+
+    def service_settings(self, service: str, settings: ServiceSettings | None = None, **values: Any
+                         ) -> ServiceSettings:
+        """Settings for a service of kind ``service`` on this harness's server, with its credential
+        (``settings`` or ``values`` given win; no periodic reconciler unless asked for: sweeps over
+        the session's shared server would make timings noisy)."""
+        base = settings or ServiceSettings(**{"nats_url": self.url, "provision": False, "sweep_interval": 0, **values})
+        if base.creds is None and self.principals is not None:
+            base = base.model_copy(update={"creds": self.principals.service(service)})
+        return base
 
     async def start_services(self, copies: int = 1, settings: ServiceSettings | None = None) -> None:
+        if self.writer is None and self.principals is not None:
+            self.writer = await connect(self.url, self.principals.service("planner"), self.tls)
         for cls in service_classes():
             for _ in range(copies):
-                # no periodic reconciler in tests unless a test asks for one: sweeps over the
-                # session's shared server would make timings noisy
-                service = cls(settings or ServiceSettings(nats_url=self.url, provision=False, sweep_interval=0))
+                service = cls(self.service_settings(cls.name, settings))
                 await service.start()
                 self.services.append(service)
 
@@ -69,6 +91,8 @@ class Harness:
         """Start ``worker`` on the test's server, for the harness's tenant unless it names its own."""
         worker.nats_url = self.url
         worker.tenant = worker.tenant or self.tenant
+        if worker.creds is None and self.principals is not None:
+            worker.creds = self.principals.worker(sorted(worker.handlers), worker.tenant)
         await worker.start()
         self.workers.append(worker)
         return worker
@@ -80,6 +104,10 @@ class Harness:
             await service.stop()
         self.workers.clear()
         self.services.clear()
+        for nc in [*self._sessions.values(), *([self.writer] if self.writer else [])]:
+            await nc.close()
+        self._sessions.clear()
+        self.writer = None
 
     async def apply(self, yaml_text: str) -> None:
         await WorkflowRegistry(self.nc.jetstream()).apply(yaml_text)
@@ -88,8 +116,9 @@ class Harness:
                       **extra: Any) -> str:
         key = key or uuid.uuid4().hex
         trigger = Trigger(workflow_id=workflow_id, input=run_input, idempotency_key=key, **extra)
-        await self.nc.jetstream().publish(s.trigger(self.tenant, workflow_id), trigger.model_dump_json().encode(),
-                                          headers={headers.MSG_ID: f"trigger:{self.tenant}:{workflow_id}:{key}"})
+        nc = await self.as_admin()  # the server lets a credential trigger its own tenant's runs only
+        await nc.jetstream().publish(s.trigger(self.tenant, workflow_id), trigger.model_dump_json().encode(),
+                                     headers={headers.MSG_ID: f"trigger:{self.tenant}:{workflow_id}:{key}"})
         return str(run_id_for(self.tenant, workflow_id, key))
 
     async def events(self, run_id: str) -> list[dict[str, Any]]:
@@ -200,11 +229,62 @@ class Harness:
                                     role=role or approval.approver_role, reason=reason, **(body or {}))
         return await self.command("approve" if grant else "reject", decision, principal=approver)
 
+    async def as_principal(self, principal: str, tenant: str | None = None) -> NATS:
+        """A connection as ``principal`` of ``tenant`` (an admin credential named so, issued on first
+        use): the server lets a credential send commands only under its own name."""
+        tenant = tenant or self.tenant
+        if self.principals is None:
+            return self.nc
+        if (tenant, principal) not in self._sessions:
+            creds = self.principals.person("admin", tenant, name=principal)
+            self._sessions[(tenant, principal)] = await connect(self.url, creds, self.tls)
+        return self._sessions[(tenant, principal)]
+
+    async def as_admin(self, tenant: str | None = None) -> NATS:
+        """A connection as the admin of ``tenant`` (default: the harness's; the default tenant's is
+        :attr:`nc`)."""
+        tenant = tenant or self.tenant
+        if self.principals is None or tenant == "default":
+            return self.nc
+        if (tenant, "admin") not in self._sessions:
+            self._sessions[(tenant, "admin")] = await connect(self.url, self.principals.admin(tenant), self.tls)
+        return self._sessions[(tenant, "admin")]
+
+    async def as_service(self, service: str) -> NATS:
+        """A connection with ``service``'s credential (a test standing in for that service)."""
+        if self.principals is None:
+            return self.nc
+        if ("service", service) not in self._sessions:
+            self._sessions[("service", service)] = await connect(self.url, self.principals.service(service), self.tls)
+        return self._sessions[("service", service)]
+
+    async def as_worker(self, topics: list[str], tenant: str | None = None) -> NATS:
+        """A connection with a worker credential of ``tenant`` for ``topics`` (a test's fake worker)."""
+        tenant = tenant or self.tenant
+        key = (tenant, "worker:" + ",".join(sorted(topics)))
+        if self.principals is None:
+            return self.nc
+        if key not in self._sessions:
+            self._sessions[key] = await connect(self.url, self.principals.worker(topics, tenant), self.tls)
+        return self._sessions[key]
+
+    async def as_custom(self, name: str, *, publish: tuple[str, ...] = (), subscribe: tuple[str, ...] = ()) -> NATS:
+        """A connection allowed exactly ``publish`` and ``subscribe`` (and its inbox replies): what
+        no Interlock role is, e.g. an external system publishing to a workflow's own trigger subject."""
+        if self.principals is None:
+            return self.nc
+        if ("custom", name) not in self._sessions:
+            creds = self.principals.custom(name, publish=publish, subscribe=subscribe)
+            self._sessions[("custom", name)] = await connect(self.url, creds, self.tls)
+        return self._sessions[("custom", name)]
+
     async def command(self, name: str, request: Any, *, principal: str = "alice",
                       tenant: str | None = None) -> CommandReply:
-        """Send command ``name`` as ``principal`` of ``tenant`` (default: the harness's)."""
-        msg = await self.nc.request(s.command(tenant or self.tenant, name, principal),
-                                    request.model_dump_json(exclude_none=True).encode(), timeout=5)
+        """Send command ``name`` as ``principal`` of ``tenant`` (default: the harness's), on that
+        principal's own connection."""
+        nc = await self.as_principal(principal, tenant)
+        msg = await nc.request(s.command(tenant or self.tenant, name, principal),
+                               request.model_dump_json(exclude_none=True).encode(), timeout=5)
         return CommandReply.model_validate_json(msg.data)
 
 
@@ -222,6 +302,7 @@ def outcome_counts(events: list[dict[str, Any]]) -> dict[tuple[str, int], int]:
     return counts
 
 
-async def connect(url: str) -> NATS:
-    return await nats.connect(url)
+async def connect(url: str, creds: Path | None = None, tls: Any = None) -> NATS:
+    """A test client's connection, as ``creds`` (the tests' fixtures give admin's); ``tls``: TLS settings."""
+    return await connect_as(url, creds=creds, name="interlock-test", patient=False, tls=tls)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,9 @@ from interlock.contracts.messages import JobError, QueryReply, RunQuery, RunsQue
 from interlock.core import codec
 from interlock.core.eventstore import EventStore
 from interlock.core.run import Run
+from interlock.runtime.connect import connect
 from interlock.runtime.settings import ServiceSettings
+from tests.principals import Principals
 
 pytestmark = pytest.mark.integration
 
@@ -123,11 +125,35 @@ def remove_files(folder: Path, pattern: str) -> None:
         path.unlink()
 
 
+@pytest.fixture
+def nc(service_nc: NATS) -> NATS:
+    """These tests write run logs as a service would (only services may)."""
+    return service_nc
+
+
+@pytest.fixture
+async def querier(provisioned: str, principals: Principals) -> AsyncIterator[NATS]:
+    """A client of every tenant (the HTTP API's credential): the queries name many tenants."""
+    client = await connect(provisioned, creds=principals.service("api"), patient=False)
+    yield client
+    await client.close()
+
+
+AUDITOR_CREDS: list[Path] = []  # the session's auditor credential, set by the autouse fixture below
+
+
+@pytest.fixture(autouse=True)
+def auditor_creds(principals: Principals) -> None:
+    AUDITOR_CREDS[:] = [principals.service("auditor")]
+
+
 def auditor(url: str, db_path: str | Path = ":memory:", instance: str | None = None) -> AuditorService:
-    return AuditorService(ServiceSettings(nats_url=url), db_path=db_path, instance=instance or unique("it"))
+    return AuditorService(ServiceSettings(nats_url=url, creds=AUDITOR_CREDS[0]), db_path=db_path,
+                          instance=instance or unique("it"))
 
 
-async def test_live_projection_answers_queries_and_matches_a_rebuild(provisioned: str, nc: NATS) -> None:
+async def test_live_projection_answers_queries_and_matches_a_rebuild(provisioned: str, nc: NATS,
+                                                                     querier: NATS) -> None:
     tenant = unique("t-aud")
     store = EventStore(nc, nc.jetstream(), service="test")
     service = auditor(provisioned)
@@ -137,7 +163,7 @@ async def test_live_projection_answers_queries_and_matches_a_rebuild(provisioned
         done, waiting, fresh = list(expected)
         await wait_projected(service.projection, expected)
 
-        reply = await ask(nc, s.query(tenant, "status"), RunQuery(run_id=done, tenant=tenant))
+        reply = await ask(querier, s.query(tenant, "status"), RunQuery(run_id=done, tenant=tenant))
         assert reply.ok, reply.error
         status = reply.result
         assert status["status"] == "succeeded" and status["chain_ok"] is True and status["tenant"] == tenant
@@ -147,7 +173,7 @@ async def test_live_projection_answers_queries_and_matches_a_rebuild(provisioned
         assert step["decision"] == {"decision": "allow", "snapshot_id": "builtin@1", "rule_ids": ["builtin.allow"]}
         assert step["output"] == {"ok": "a"}
 
-        reply = await ask(nc, s.query(tenant, "timeline"), RunQuery(run_id=done))
+        reply = await ask(querier, s.query(tenant, "timeline"), RunQuery(run_id=done))
         assert reply.ok
         summaries = [entry["summary"] for entry in reply.result]
         assert "policy allow (rules builtin.allow, snapshot builtin@1)" in summaries
@@ -157,12 +183,12 @@ async def test_live_projection_answers_queries_and_matches_a_rebuild(provisioned
         assert [entry["seq"] for entry in reply.result] == list(range(1, expected[done][0] + 1))
         assert all(entry["service"] == "test" for entry in reply.result)
 
-        reply = await ask(nc, s.query(tenant, "runs"), RunsQuery())
+        reply = await ask(querier, s.query(tenant, "runs"), RunsQuery())
         assert reply.ok and [r["run_id"] for r in reply.result] == [fresh, waiting, done]
-        reply = await ask(nc, s.query(tenant, "runs"), RunsQuery(status="succeeded"))
+        reply = await ask(querier, s.query(tenant, "runs"), RunsQuery(status="succeeded"))
         assert [r["run_id"] for r in reply.result] == [done]
 
-        reply = await ask(nc, s.query(tenant, "approvals"), RunsQuery())
+        reply = await ask(querier, s.query(tenant, "approvals"), RunsQuery())
         assert reply.ok and len(reply.result) == 1
         pending = reply.result[0]
         assert (pending["run_id"], pending["step_id"], pending["job_hash"], pending["approver_role"],
@@ -171,15 +197,15 @@ async def test_live_projection_answers_queries_and_matches_a_rebuild(provisioned
 
         missing = str(uuid.uuid4())
         for name in ("status", "timeline"):
-            reply = await ask(nc, s.query(tenant, name), RunQuery(run_id=missing))
+            reply = await ask(querier, s.query(tenant, name), RunQuery(run_id=missing))
             assert not reply.ok and reply.error == f"run {missing} not found"
             # another tenant's subject does not see this tenant's run
-            reply = await ask(nc, s.query("another-tenant", name), RunQuery(run_id=done))
+            reply = await ask(querier, s.query("another-tenant", name), RunQuery(run_id=done))
             assert not reply.ok and reply.error == f"run {done} not found"
         for bad in (b"not json", b'{"tenant": 5}'):
-            reply = await ask(nc, s.query(tenant, "status"), bad)
+            reply = await ask(querier, s.query(tenant, "status"), bad)
             assert not reply.ok and (reply.error or "").startswith("invalid RunQuery")
-        assert (await ask(nc, s.query(tenant, "runs"), b"")).ok  # an empty query is a query with defaults
+        assert (await ask(querier, s.query(tenant, "runs"), b"")).ok  # an empty query is a query with defaults
 
         live = await answers(service.projection, tenant, list(expected))
 
@@ -205,7 +231,7 @@ async def test_live_projection_answers_queries_and_matches_a_rebuild(provisioned
         await service.stop()
 
 
-async def test_a_query_is_answered_for_the_subjects_tenant_only(provisioned: str, nc: NATS) -> None:
+async def test_a_query_is_answered_for_the_subjects_tenant_only(provisioned: str, nc: NATS, querier: NATS) -> None:
     tenant_a, tenant_b = unique("t-a"), unique("t-b")
     store = EventStore(nc, nc.jetstream(), service="test")
     service = auditor(provisioned)
@@ -215,21 +241,21 @@ async def test_a_query_is_answered_for_the_subjects_tenant_only(provisioned: str
         runs_b = await write_runs(store, tenant_b)
         await wait_projected(service.projection, {**runs_a, **runs_b})
         for tenant, own, other in ((tenant_a, runs_a, runs_b), (tenant_b, runs_b, runs_a)):
-            reply = await ask(nc, s.query(tenant, "runs"), RunsQuery(limit=10_000))
+            reply = await ask(querier, s.query(tenant, "runs"), RunsQuery(limit=10_000))
             assert reply.ok and {r["run_id"] for r in reply.result} == set(own)  # none of the other's
-            reply = await ask(nc, s.query(tenant, "approvals"), RunsQuery())
+            reply = await ask(querier, s.query(tenant, "approvals"), RunsQuery())
             assert reply.ok and {a["run_id"] for a in reply.result} < set(own) and len(reply.result) == 1
             for run_id in other:
                 for name in ("status", "timeline"):
-                    reply = await ask(nc, s.query(tenant, name), RunQuery(run_id=run_id))
+                    reply = await ask(querier, s.query(tenant, name), RunQuery(run_id=run_id))
                     assert not reply.ok and reply.error == f"run {run_id} not found"
                     # naming the other tenant in the body does not help: it is refused
                     other_tenant = tenant_b if tenant == tenant_a else tenant_a
-                    reply = await ask(nc, s.query(tenant, name), RunQuery(run_id=run_id, tenant=other_tenant))
+                    reply = await ask(querier, s.query(tenant, name), RunQuery(run_id=run_id, tenant=other_tenant))
                     assert not reply.ok and reply.error == (
                         f"the request names tenant {other_tenant!r} but was sent as {tenant!r} (subject "
                         f"{s.query(tenant, name)}): the tenant is taken from the subject, never from the body")
-            reply = await ask(nc, s.query(tenant, "runs"), RunsQuery(tenant=tenant))  # agreeing: fine
+            reply = await ask(querier, s.query(tenant, "runs"), RunsQuery(tenant=tenant))  # agreeing: fine
             assert reply.ok and {r["run_id"] for r in reply.result} == set(own)
     finally:
         await service.stop()

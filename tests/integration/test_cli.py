@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import sys
 from collections.abc import AsyncIterator
@@ -22,7 +23,6 @@ from interlock.auditor.service import AuditorService
 from interlock.cli import app
 from interlock.client import Client
 from interlock.contracts import events as ev
-from interlock.runtime.settings import ServiceSettings
 from interlock.worker import JobContext, Worker
 from tests.integration.harness import Harness, types, unique
 
@@ -34,7 +34,7 @@ RUN_LINE = re.compile(r"^run (\S+) \(workflow ")
 @pytest.fixture
 async def stack(harness: Harness, tmp_path: Path) -> AsyncIterator[tuple[Harness, str]]:
     """The services, an auditor of its own, and a worker echoing its input on a fresh topic."""
-    auditor = AuditorService(ServiceSettings(nats_url=harness.url, provision=False, sweep_interval=0),
+    auditor = AuditorService(harness.service_settings("auditor"),
                              db_path=tmp_path / "auditor.sqlite3", instance=unique("cli"))
     await auditor.start()
     topic = f"cli.{unique('echo').replace('-', '_')}"
@@ -51,9 +51,21 @@ async def stack(harness: Harness, tmp_path: Path) -> AsyncIterator[tuple[Harness
         await auditor.stop()
 
 
+def creds_env(harness: Harness, env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` with INTERLOCK_CREDS: the admin's, or with INTERLOCK_PRINCIPAL a credential named so
+    (the server accepts a credential's commands only under its own name)."""
+    assert harness.principals is not None
+    env = dict(env or {})
+    principal = env.get("INTERLOCK_PRINCIPAL")
+    creds = (harness.principals.person("admin", harness.tenant, name=principal) if principal
+             else harness.principals.admin(harness.tenant))
+    return {"INTERLOCK_CREDS": str(creds), **env}
+
+
 async def cli(harness: Harness, *args: str, env: dict[str, str] | None = None) -> Result:
     """``interlock --nats URL ARGS…`` in a thread, so its own asyncio.run does not nest in the test's loop."""
-    return await asyncio.to_thread(CliRunner().invoke, app, ["--nats", harness.url, *args], env=env)
+    return await asyncio.to_thread(CliRunner().invoke, app, ["--nats", harness.url, *args],
+                                   env=creds_env(harness, env))
 
 
 def workflow_file(tmp_path: Path, wf: str, topic: str, *, gated: bool = False) -> Path:
@@ -75,7 +87,7 @@ def run_id_of(result: Result) -> str:
 
 
 async def projected(harness: Harness, run_id: str) -> dict[str, Any]:
-    async with await Client.connect(harness.url) as client:
+    async with await Client.connect(harness.url, creds=creds_env(harness)["INTERLOCK_CREDS"]) as client:
         return await client.wait_projected(run_id, timeout=20)
 
 
@@ -170,7 +182,7 @@ async def test_todays_run_spelling_then_approve_by_job_hash_and_cancel(stack: tu
             await harness.wait_for(run_id, lambda evs: ev.ApprovalRequested.type_name in types(evs))
         job_hash = (await harness.run_state(first)).steps["gate"].approval.job_hash  # type: ignore[union-attr]
 
-        async with await Client.connect(harness.url) as client:
+        async with await Client.connect(harness.url, creds=creds_env(harness)["INTERLOCK_CREDS"]) as client:
             for _ in range(200):  # the auditor projects asynchronously
                 pending = {(a["run_id"], a["step_id"]) for a in await client.approvals()}
                 if {(first, "gate"), (second, "gate")} <= pending:
@@ -232,7 +244,8 @@ async def test_the_installed_entry_point(stack: tuple[Harness, str], tmp_path: P
 
     async def interlock(*args: str) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(script, *args, stdout=asyncio.subprocess.PIPE,
-                                                    stderr=asyncio.subprocess.PIPE)
+                                                    stderr=asyncio.subprocess.PIPE,
+                                                    env={**os.environ, **creds_env(harness)})
         out, err = await proc.communicate()
         assert proc.returncode is not None
         return proc.returncode, out.decode(), err.decode()

@@ -25,6 +25,7 @@ from interlock.contracts import subjects as s
 from interlock.runtime.settings import ServiceSettings
 from interlock.worker import JobContext, Worker
 from tests.integration.harness import Harness, unique
+from tests.principals import Principals
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -52,8 +53,9 @@ steps:
 
 
 @pytest.fixture
-async def auditor(provisioned: str, tmp_path: Path) -> AsyncIterator[AuditorService]:
-    service = AuditorService(ServiceSettings(nats_url=provisioned, provision=False, sweep_interval=0),
+async def auditor(provisioned: str, tmp_path: Path, principals: Principals) -> AsyncIterator[AuditorService]:
+    service = AuditorService(ServiceSettings(nats_url=provisioned, provision=False, sweep_interval=0,
+                                             creds=principals.service("auditor")),
                              db_path=tmp_path / "auditor.sqlite3")
     await service.start()
     try:
@@ -63,8 +65,8 @@ async def auditor(provisioned: str, tmp_path: Path) -> AsyncIterator[AuditorServ
 
 
 @pytest.fixture
-async def client(provisioned: str) -> AsyncIterator[Client]:
-    async with await Client.connect(provisioned, name="client-test") as c:
+async def client(provisioned: str, admin_creds: Path) -> AsyncIterator[Client]:
+    async with await Client.connect(provisioned, name="client-test", creds=admin_creds) as c:
         yield c
 
 
@@ -98,7 +100,7 @@ async def test_an_unreachable_server_is_one_line_naming_the_url_and_where_it_cam
 
 
 async def test_bad_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch, provisioned: str,
-                                              tmp_path: Path) -> None:
+                                              tmp_path: Path, admin_creds: Path) -> None:
     monkeypatch.setenv("INTERLOCK_TENANT", "acme.eu")
     with pytest.raises(Unavailable, match=r"^INTERLOCK_TENANT: tenant 'acme.eu' is not a valid subject token"):
         await Client.connect(provisioned)
@@ -115,8 +117,10 @@ async def test_bad_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch, p
         await Client.connect(provisioned, tenant="a b")
     with pytest.raises(Unavailable, match=r"^creds: .*nope\.creds: no such file"):
         await Client.connect(provisioned, creds=tmp_path / "nope.creds")
+    monkeypatch.setenv("INTERLOCK_CREDS", str(admin_creds))
     async with await Client.connect(provisioned) as c:
         assert c.tenant == "acme" and c.url == provisioned and c.url_source == "argument"
+        assert (c.creds, c.creds_source) == (admin_creds, "INTERLOCK_CREDS")
 
 
 async def test_a_command_nobody_serves_is_unavailable_naming_the_service_and_subject(client: Client) -> None:

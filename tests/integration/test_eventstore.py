@@ -11,6 +11,11 @@ from interlock.core.run import Run
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture
+def nc(service_nc):  # only services append to run logs
+    return service_nc
+
+
 def started(tenant: str = "acme", key: str | None = None) -> ev.RunStarted:
     return ev.RunStarted(workflow_id="wf", workflow_version="1", definition_hash="h" * 64,
                          idempotency_key=key or uuid.uuid4().hex, tenant=tenant, input={"x": 1})

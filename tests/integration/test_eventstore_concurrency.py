@@ -17,9 +17,9 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.errors import BadRequestError
@@ -42,6 +42,9 @@ from interlock.core.natsserver import EmbeddedNats
 from interlock.core.run import Run
 from interlock.core.topology import provision
 from interlock.core.verify import render_report, verify_run
+from interlock.identity import IdentityHome
+from interlock.runtime.connect import connect
+from tests.principals import Principals
 
 pytestmark = pytest.mark.integration
 
@@ -63,26 +66,33 @@ def store_on(client: NATS, service: str) -> EventStore:
 
 
 @pytest.fixture(scope="module")
-def own_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
-    server = EmbeddedNats(store_dir=tmp_path_factory.mktemp("nats-eventstore-concurrency"), port=0)
+def own_server(tmp_path_factory: pytest.TempPathFactory, identity_home: IdentityHome) -> Iterator[EmbeddedNats]:
+    root = tmp_path_factory.mktemp("nats-eventstore-concurrency")
+    server = EmbeddedNats(store_dir=root, port=0, config=identity_home.server_config(root / "resolver"))
     server.start()
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
-async def provisioned(own_server: EmbeddedNats) -> str:
+async def provisioned(own_server: EmbeddedNats, admin_creds: Path) -> str:
     """This module's server, provisioned (overrides the session-wide fixture of the same name)."""
-    client = await nats.connect(own_server.url)
+    client = await connect(own_server.url, creds=admin_creds, patient=False)
     await provision(client.jetstream())
     await client.close()
     return own_server.url
 
 
 @pytest.fixture
-async def nc2(provisioned: str) -> AsyncIterator[NATS]:
+def nc(service_nc: NATS) -> NATS:
+    """A service's connection: these tests append to run logs as the services do."""
+    return service_nc
+
+
+@pytest.fixture
+async def nc2(provisioned: str, principals: Principals) -> AsyncIterator[NATS]:
     """A second, independent connection: another copy of a service."""
-    client = await nats.connect(provisioned)
+    client = await connect(provisioned, creds=principals.service("planner"), patient=False)
     yield client
     await client.close()
 

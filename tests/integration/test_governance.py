@@ -26,7 +26,6 @@ from interlock.core.policy.cedar import DEFAULT_BUNDLE, CedarPolicy, PolicyBundl
 from interlock.runtime.approvers import ApproverDirectory
 from interlock.runtime.policy import BundleRecord, BundleStore, LivePolicy, simulate
 from interlock.runtime.registry import WorkflowRegistry
-from interlock.runtime.settings import ServiceSettings
 from interlock.worker import JobContext, Worker
 from tests.integration.harness import Harness, types, unique
 
@@ -607,7 +606,7 @@ async def test_the_timeline_shows_snapshot_rules_and_the_matching_approval(
     record = await bundles.publish(with_rules(gate_rule(topic, rule)))
     snapshot = record.bundle.snapshot_id
 
-    auditor = AuditorService(ServiceSettings(nats_url=harness.url, provision=False),
+    auditor = AuditorService(harness.service_settings("auditor", sweep_interval=15.0),
                              db_path=str(tmp_path / "a.sqlite3"), instance=unique("gov"))
     await auditor.start()
     try:

@@ -255,7 +255,8 @@ steps:
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=30, max_ack_pending=20_000, deliver_policy=DeliverPolicy.ALL, max_deliver=-1))
     run_id = await harness.trigger(wf, {"x": 1})
-    sub = await js.pull_subscribe_bind(s.worker_consumer(harness.tenant, topic), s.JOBS_STREAM)
+    fake = (await harness.as_worker([topic])).jetstream()  # with a worker's credential
+    sub = await fake.pull_subscribe_bind(s.worker_consumer(harness.tenant, topic), s.JOBS_STREAM)
     try:
         msgs = await sub.fetch(1, timeout=10)
     finally:
@@ -265,7 +266,7 @@ steps:
     await msgs[0].ack_sync()
     beat = Heartbeat(job_id=job.job_id, run_id=run_id, tenant=job.tenant, step_id="work", attempt=1,
                      worker="doomed-worker", progress="started")
-    await js.publish(s.heartbeat(job.tenant, run_id), beat.model_dump_json().encode())
+    await fake.publish(s.heartbeat(job.tenant, run_id), beat.model_dump_json().encode())
     # ... and the fake worker is never heard of again
 
     events = await harness.wait_for(run_id, lambda evs: len(of_type(evs, "StepDispatched", "work")) == 2,
@@ -290,7 +291,7 @@ steps:
 
     late = JobResult(job_id=job.job_id, run_id=run_id, tenant=job.tenant, step_id="work", attempt=1, ok=True,
                      output={"attempt": 1, "by": "ghost"}, worker="doomed-worker")
-    await js.publish(s.result(job.tenant, run_id), late.model_dump_json().encode(),
+    await fake.publish(s.result(job.tenant, run_id), late.model_dump_json().encode(),
                      headers={headers.MSG_ID: f"result:{job.job_id}"})
     await harness.wait_for(run_id, lambda evs: "LateResultRecorded" in types(evs), timeout=10)
     await harness.settled()  # a redelivered late result would be recorded by now

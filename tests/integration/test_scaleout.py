@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from interlock.worker import JobContext, Worker
 from tests.integration.harness import Harness, connect, outcome_counts, types, unique
+from tests.principals import Principals
 
 pytestmark = pytest.mark.integration
 
@@ -18,9 +20,9 @@ WIDTH = 30
 
 
 @pytest.fixture
-async def two_copies(provisioned: str) -> AsyncIterator[Harness]:
-    nc = await connect(provisioned)
-    h = Harness(url=provisioned, nc=nc)
+async def two_copies(provisioned: str, admin_creds: Path, principals: Principals) -> AsyncIterator[Harness]:
+    nc = await connect(provisioned, admin_creds)
+    h = Harness(url=provisioned, nc=nc, principals=principals)
     await h.start_services(copies=2)
     try:
         yield h

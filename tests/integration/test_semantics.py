@@ -8,6 +8,7 @@ import base64
 import json
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from interlock.runtime.registry import WorkflowRegistry
 from interlock.runtime.settings import ServiceSettings
 from interlock.worker import JobContext, Worker
 from tests.integration.harness import Harness, connect, outcome_counts, types, unique
+from tests.principals import Principals
 
 pytestmark = pytest.mark.integration
 
@@ -154,7 +156,9 @@ steps:
     async def handle(ctx: JobContext) -> dict[str, str]:
         return {"name": ctx.input["who"].upper()}
 
-    sub = await harness.nc.subscribe(s.notify(harness.tenant, channel))
+    # a bare listener on the channel's subject (no Interlock role subscribes to it outside the stream)
+    listener = await harness.as_custom("notify-listener", subscribe=(s.notify(harness.tenant, channel),))
+    sub = await listener.subscribe(s.notify(harness.tenant, channel))
     try:
         await harness.start_worker(worker)
         run_id = await harness.trigger(wf, {"who": "ada"})
@@ -237,9 +241,9 @@ steps:
 
 # -- 9. large payloads -----------------------------------------------------------------------
 @pytest.fixture
-async def small_inline(provisioned: str) -> AsyncIterator[Harness]:
-    nc = await connect(provisioned)
-    h = Harness(url=provisioned, nc=nc)
+async def small_inline(provisioned: str, admin_creds: Path, principals: Principals) -> AsyncIterator[Harness]:
+    nc = await connect(provisioned, admin_creds)
+    h = Harness(url=provisioned, nc=nc, principals=principals)
     await h.start_services(settings=ServiceSettings(nats_url=provisioned, provision=False, inline_limit=1024))
     try:
         yield h
@@ -396,7 +400,9 @@ steps:
     await harness.start_worker(worker)
     payload = {"order": "o-17", "qty": 3, "extra": {"nested": [1, 2]}}
     msg_id = uuid.uuid4().hex
-    await harness.nc.jetstream().publish(subject, json.dumps(payload).encode(), headers={headers.MSG_ID: msg_id})
+    # an external system with its own credential, allowed to publish to its subject only
+    external = await harness.as_custom("orders-system", publish=(subject,))
+    await external.jetstream().publish(subject, json.dumps(payload).encode(), headers={headers.MSG_ID: msg_id})
     run_id = str(run_id_for(harness.tenant, wf, msg_id))
     events = await harness.wait_end(run_id)
     assert types(events)[-1] == "RunSucceeded", failures(events)[-4:]

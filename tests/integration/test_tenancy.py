@@ -79,7 +79,8 @@ async def test_a_trigger_naming_another_tenant_is_dead_lettered(harness: Harness
     dlq_before = (await js.stream_info(s.DLQ_STREAM)).state.last_seq
     forged = Trigger(workflow_id=wf, input={"n": 1, "marker": marker}, idempotency_key=key, tenant=tenant_b)
     subject = s.trigger(tenant_a, wf)
-    await js.publish(subject, forged.model_dump_json().encode(), headers={headers.MSG_ID: f"forged:{key}"})
+    admin_a = (await harness.as_admin(tenant_a)).jetstream()  # may trigger tenant A's runs only
+    await admin_a.publish(subject, forged.model_dump_json().encode(), headers={headers.MSG_ID: f"forged:{key}"})
 
     [letter] = await harness.dead_letters("planner", marker.encode(), want=1, after_seq=dlq_before)
     assert letter.subject == subject
@@ -94,7 +95,7 @@ async def test_a_trigger_naming_another_tenant_is_dead_lettered(harness: Harness
     await harness.start_worker(recording_worker("a", topic, tenant_a, []))
     in_a = dataclasses.replace(harness, tenant=tenant_a)
     agreeing = forged.model_copy(update={"tenant": tenant_a})
-    await js.publish(subject, agreeing.model_dump_json().encode(), headers={headers.MSG_ID: f"ok:{key}"})
+    await admin_a.publish(subject, agreeing.model_dump_json().encode(), headers={headers.MSG_ID: f"ok:{key}"})
     run_id = str(run_id_for(tenant_a, wf, key))
     events = await in_a.wait_end(run_id)
     assert types(events)[-1] == "RunSucceeded"
@@ -110,7 +111,8 @@ async def test_a_worker_dead_letters_a_job_of_another_tenant_on_its_subject(harn
     job = Job(job_id=f"{run_id}:work@1", run_id=run_id, tenant=tenant_b, workflow_id="wf", step_id="work",
               topic=topic, attempt=1, idempotency_key=f"{run_id}:work", input={"marker": marker}, job_hash="0" * 64)
     dlq_before = (await js.stream_info(s.DLQ_STREAM)).state.last_seq
-    await js.publish(s.job(tenant_a, topic), job.model_dump_json().encode())
+    dispatcher = (await harness.as_service("dispatcher")).jetstream()  # only the dispatcher publishes jobs
+    await dispatcher.publish(s.job(tenant_a, topic), job.model_dump_json().encode())
 
     [letter] = await harness.dead_letters("worker", marker.encode(), want=1, after_seq=dlq_before)
     assert (letter.service, letter.subject) == ("worker", s.job(tenant_a, topic))

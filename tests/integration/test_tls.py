@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -19,13 +20,30 @@ from nats.aio.client import Client as NATS
 from interlock.client import Client, Unavailable
 from interlock.core.natsserver import EmbeddedNats
 from interlock.core.topology import provision
-from interlock.runtime.connect import connect
+from interlock.identity import IdentityHome, Permissions
+from interlock.runtime.connect import connect as connect_as
 from interlock.runtime.settings import ServiceSettings, WorkerSettings
 from interlock.runtime.tls import TlsError, negotiated
 from interlock.worker import JobContext, Worker
 from tests.integration.harness import Harness, types, unique
+from tests.principals import Principals
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+ADMIN: list[Path] = []
+"""These servers have auth on, as every server: the tests' raw JetStream round trips (a scratch
+stream, no Interlock subjects) connect with a credential that may do anything."""
+
+
+@pytest.fixture(autouse=True)
+def tool_creds(identity_home: IdentityHome) -> None:
+    if not ADMIN:
+        ADMIN.append(identity_home.issue_custom("tls-tool", Permissions()))
+
+
+async def connect(url: str, **options: Any) -> NATS:
+    """The runtime's connect with that credential."""
+    return await connect_as(url, creds=ADMIN[0], **options)
 
 
 @dataclass
@@ -67,31 +85,35 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
                stranger_key=write("stranger.key", other.private_key_pem))
 
 
-def _server(tmp_path_factory: pytest.TempPathFactory, name: str, cert: Path, key: Path,
+def _server(tmp_path_factory: pytest.TempPathFactory, identity: IdentityHome, name: str, cert: Path, key: Path,
             ca: Path | None = None) -> Iterator[EmbeddedNats]:
     store = tmp_path_factory.mktemp(name)
-    server = EmbeddedNats(store_dir=store, port=0, log_file=store / "nats.log", tls_cert=cert, tls_key=key, tls_ca=ca)
+    server = EmbeddedNats(store_dir=store, port=0, log_file=store / "nats.log", tls_cert=cert, tls_key=key, tls_ca=ca,
+                          config=identity.server_config(store / "resolver"))
     server.start()
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
-def tls_server(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[EmbeddedNats]:
+def tls_server(tmp_path_factory: pytest.TempPathFactory, pki: Pki,
+               identity_home: IdentityHome) -> Iterator[EmbeddedNats]:
     """TLS required; clients are not asked for a certificate."""
-    yield from _server(tmp_path_factory, "tls", pki.server_cert, pki.server_key)
+    yield from _server(tmp_path_factory, identity_home, "tls", pki.server_cert, pki.server_key)
 
 
 @pytest.fixture(scope="module")
-def mtls_server(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[EmbeddedNats]:
+def mtls_server(tmp_path_factory: pytest.TempPathFactory, pki: Pki,
+               identity_home: IdentityHome) -> Iterator[EmbeddedNats]:
     """TLS required, and a client certificate signed by the CA (mutual TLS)."""
-    yield from _server(tmp_path_factory, "mtls", pki.server_cert, pki.server_key, ca=pki.ca)
+    yield from _server(tmp_path_factory, identity_home, "mtls", pki.server_cert, pki.server_key, ca=pki.ca)
 
 
 @pytest.fixture(scope="module")
-def localhost_server(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[EmbeddedNats]:
+def localhost_server(tmp_path_factory: pytest.TempPathFactory, pki: Pki,
+               identity_home: IdentityHome) -> Iterator[EmbeddedNats]:
     """TLS with a certificate for ``localhost`` only, reached via 127.0.0.1."""
-    yield from _server(tmp_path_factory, "localhost", pki.localhost_cert, pki.localhost_key)
+    yield from _server(tmp_path_factory, identity_home, "localhost", pki.localhost_cert, pki.localhost_key)
 
 
 async def publish_and_read(nc: NATS) -> None:
@@ -126,7 +148,7 @@ async def test_settings_read_the_ca_from_the_environment(tls_server: EmbeddedNat
         await publish_and_read(nc)
     finally:
         await nc.close()
-    client = await Client.connect(tls_server.url)  # the client reads INTERLOCK_TLS_CA too
+    client = await Client.connect(tls_server.url, creds=ADMIN[0])  # the client reads INTERLOCK_TLS_CA too
     try:
         assert negotiated(client.nc)
         await publish_and_read(client.nc)
@@ -143,9 +165,9 @@ async def test_without_the_ca_the_error_says_to_set_it(tls_server: EmbeddedNats,
     assert "not trusted by the system trust store" in message, message
     assert "INTERLOCK_TLS_CA" in message and tls_server.url in message, message
     with pytest.raises(Unavailable, match=r"not trusted.*INTERLOCK_TLS_CA"):
-        await Client.connect(tls_server.url)
+        await Client.connect(tls_server.url, creds=ADMIN[0])
     # the same server with the CA: allowed
-    client = await Client.connect(tls_server.url, tls_ca=pki.ca)
+    client = await Client.connect(tls_server.url, creds=ADMIN[0], tls_ca=pki.ca)
     await client.close()
 
 
@@ -161,7 +183,7 @@ async def test_plain_nats_url_to_a_tls_server(tls_server: EmbeddedNats, pki: Pki
     message = str(refused.value)
     assert "requires TLS" in message and "tls://" in message and "INTERLOCK_TLS_CA" in message, message
     with pytest.raises(Unavailable, match="requires TLS"):
-        await Client.connect(plain)
+        await Client.connect(plain, creds=ADMIN[0])
     # with the CA, nats-py upgrades a nats:// connection the server requires TLS on: still encrypted
     nc = await connect(plain, patient=False, tls=WorkerSettings(tls_ca=pki.ca))
     try:
@@ -175,7 +197,7 @@ async def test_tls_url_to_a_plain_server_is_refused(nats_url: str, pki: Pki) -> 
     with pytest.raises(TlsError, match="asks for TLS but the server"):
         await connect(nats_url.replace("nats://", "tls://"), patient=False, tls=WorkerSettings(tls_ca=pki.ca))
     with pytest.raises(Unavailable, match="asks for TLS but the server"):
-        await Client.connect(nats_url.replace("nats://", "tls://"), tls_ca=pki.ca)
+        await Client.connect(nats_url.replace("nats://", "tls://"), creds=ADMIN[0], tls_ca=pki.ca)
     nc = await connect(nats_url, patient=False)  # the plain URL to the plain server: allowed
     assert not negotiated(nc)
     await nc.close()
@@ -199,7 +221,7 @@ async def test_mutual_tls_needs_a_client_certificate(mtls_server: EmbeddedNats, 
     message = str(refused.value)
     assert "INTERLOCK_TLS_CERT" in message and "INTERLOCK_TLS_KEY" in message, message
     with pytest.raises(Unavailable, match="INTERLOCK_TLS_CERT"):
-        await Client.connect(mtls_server.url, tls_ca=pki.ca)
+        await Client.connect(mtls_server.url, creds=ADMIN[0], tls_ca=pki.ca)
     # a certificate from a CA the server does not trust: refused as well
     with pytest.raises(TlsError, match=r"refused the client certificate in INTERLOCK_TLS_CERT"):
         await connect(mtls_server.url, patient=False,
@@ -211,19 +233,22 @@ async def test_mutual_tls_needs_a_client_certificate(mtls_server: EmbeddedNats, 
         await publish_and_read(nc)
     finally:
         await nc.close()
-    client = await Client.connect(mtls_server.url, tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key)
+    client = await Client.connect(mtls_server.url, creds=ADMIN[0], tls_ca=pki.ca, tls_cert=pki.client_cert,
+                                  tls_key=pki.client_key)
     try:
         await publish_and_read(client.nc)
     finally:
         await client.close()
 
 
-async def test_a_run_end_to_end_over_mutual_tls(mtls_server: EmbeddedNats, pki: Pki) -> None:
+async def test_a_run_end_to_end_over_mutual_tls(mtls_server: EmbeddedNats, pki: Pki,
+                                                principals: Principals) -> None:
     """Services (their own connection and FastStream's) and a worker, all over mutual TLS."""
     tls = WorkerSettings(tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key)
     nc = await connect(mtls_server.url, patient=False, tls=tls)
     await provision(nc.jetstream())
-    harness = Harness(url=mtls_server.url, nc=nc)
+    # services and worker with their own credentials
+    harness = Harness(url=mtls_server.url, nc=nc, principals=principals, tls=tls)
     await harness.start_services(settings=ServiceSettings(nats_url=mtls_server.url, provision=False,
                                                           sweep_interval=0, tls_ca=pki.ca,
                                                           tls_cert=pki.client_cert, tls_key=pki.client_key))

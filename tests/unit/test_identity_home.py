@@ -98,8 +98,12 @@ def test_issue_refuses_bad_requests_before_writing_anything(tmp_path: Path) -> N
         home.issue("viewer", "acme", name="a b")
     assert home.list() == []
     home.issue("approver", "acme", name="alice")
-    with pytest.raises(IdentityError, match="an active credential named 'alice' exists"):
+    with pytest.raises(IdentityError, match="an active credential named 'alice' exists for tenant acme"):
         home.issue("approver", "acme", name="alice")
+    home.issue("approver", "globex", name="alice")  # a name within its tenant
+    with pytest.raises(IdentityError, match="'alice' is active in several tenants"):
+        home.revoke("alice")
+    assert home.revoke("alice", "globex").tenant == "globex"
 
 
 def test_revoke_records_the_user_in_the_account_jwt(tmp_path: Path) -> None:
@@ -164,3 +168,31 @@ def test_permission_errors_are_one_clear_line() -> None:
                                         subject=p.js_stream("DELETE", s.EVENTS_STREAM))
     assert timeout is not None and "missing permission to publish" in timeout
     assert describe_permission_error(ValueError("other"), principal="x", action="y") is None
+
+
+def test_get_or_issue_reuses_a_fitting_credential_and_replaces_one_that_no_longer_fits(tmp_path: Path) -> None:
+    home = IdentityHome(tmp_path / "identity")
+    first = home.get_or_issue("worker", "acme", ["triage"], name="worker-0")
+    key = read_creds(first)[1].public_key
+    # a second `interlock up` on the same home: the same credential, not a new one
+    again = IdentityHome(tmp_path / "identity").get_or_issue("worker", "acme", ["triage"], name="worker-0")
+    assert again == first and read_creds(again)[1].public_key == key
+    assert [u.name for u in home.list()] == ["worker-0"]
+    # the worker now serves another topic: the old credential is revoked, a new one issued
+    moved = home.get_or_issue("worker", "acme", ["triage", "fix"], name="worker-0")
+    assert read_creds(moved)[1].public_key != key
+    new_key = read_creds(moved)[1].public_key
+    by_key = {u.public_key: u for u in home.list()}
+    old, new = by_key[key], by_key[new_key]
+    assert (len(by_key), old.revoked_at is not None, new.topics, new.active) == (2, True, ("triage", "fix"), True)
+    assert key in decode_jwt(home.account_jwts()[home.account_public_key()], expect="account")["nats"]["revocations"]
+    # a deleted creds file is issued again
+    moved.unlink()
+    assert home.get_or_issue("worker", "acme", ["triage", "fix"], name="worker-0").is_file()
+
+
+def test_server_config_takes_a_resolver_dir_per_cluster_node(tmp_path: Path) -> None:
+    home = IdentityHome(tmp_path / "identity")
+    config = home.server_config(tmp_path / "n1" / "resolver")
+    assert config["resolver"]["dir"] == str(tmp_path / "n1" / "resolver")
+    assert (tmp_path / "n1" / "resolver").is_dir()

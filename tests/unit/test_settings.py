@@ -15,7 +15,7 @@ from interlock.runtime.settings import ServiceSettings, SettingsError, WorkerSet
 
 VARIABLES = ["INTERLOCK_NATS_URL", "INTERLOCK_REPLICAS", "INTERLOCK_INLINE_LIMIT", "INTERLOCK_SWEEP_S",
              "INTERLOCK_PROVISION", "INTERLOCK_INSTANCE", "INTERLOCK_CONCURRENCY", "INTERLOCK_WORKER_CONCURRENCY",
-             "INTERLOCK_TRACING"]
+             "INTERLOCK_TRACING", "INTERLOCK_CREDS"]
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +28,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
 def test_defaults() -> None:
     settings = ServiceSettings()
     assert settings.nats_url == "nats://127.0.0.1:4222"
-    assert (settings.provision, settings.replicas, settings.inline_limit) == (True, 1, DEFAULT_INLINE_LIMIT)
+    # services do not provision unless told to: a service credential may not change streams
+    assert (settings.provision, settings.replicas, settings.inline_limit) == (False, 1, DEFAULT_INLINE_LIMIT)
+    assert (settings.creds, WorkerSettings().creds) == (None, None)
     assert (settings.concurrency, settings.sweep_interval) == (64, 15.0)
     assert settings.instance.endswith(f"-{os.getpid()}")
     worker = WorkerSettings()
@@ -41,12 +43,14 @@ def test_values_come_from_the_variables(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("INTERLOCK_REPLICAS", "3")
     monkeypatch.setenv("INTERLOCK_INLINE_LIMIT", "1024")
     monkeypatch.setenv("INTERLOCK_SWEEP_S", "0.5")
-    monkeypatch.setenv("INTERLOCK_PROVISION", "false")
+    monkeypatch.setenv("INTERLOCK_PROVISION", "true")
+    monkeypatch.setenv("INTERLOCK_CREDS", "/run/secrets/planner.creds")
     monkeypatch.setenv("INTERLOCK_WORKER_CONCURRENCY", "3")
     settings = ServiceSettings()
     assert settings.nats_url == "nats://a:1,nats://b:2"
     assert (settings.replicas, settings.inline_limit, settings.sweep_interval, settings.provision) == (3, 1024, 0.5,
-                                                                                                       False)
+                                                                                                       True)
+    assert (str(settings.creds), str(WorkerSettings().creds)) == ("/run/secrets/planner.creds",) * 2
     assert settings.concurrency == 64  # INTERLOCK_WORKER_CONCURRENCY is the worker's
     assert (WorkerSettings().concurrency, WorkerSettings().inline_limit) == (3, 1024)
 

@@ -45,6 +45,8 @@ def pattern(build: Callable[..., str], *args: str) -> str:
 
 # -- the JetStream API ------------------------------------------------------------------------
 JS_API_ALL = f"{s.JS_API_PREFIX}.>"
+JS_STREAM_NAMES = f"{s.JS_API_PREFIX}.STREAM.NAMES"
+"""Listing stream names (nats-py finds a subject's stream so, e.g. reading an object store)."""
 JS_ACK_PREFIX = "$JS.ACK"
 JS_FLOW_CONTROL_PREFIX = "$JS.FC"
 

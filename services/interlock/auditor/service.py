@@ -262,7 +262,7 @@ class AuditorService(Service):
         """
         if getattr(self, "store", None) is not None:
             return await self.projection.rebuild(self.store, tenants, progress=progress, every=every)
-        nc = await connect(self.settings.nats_url, name=f"interlock-{self.name}-rebuild")
+        nc = await connect(self.settings.nats_url, creds=self.settings.creds, name=f"interlock-{self.name}-rebuild")
         try:
             store = EventStore(nc, nc.jetstream(), service=self.name)
             return await self.projection.rebuild(store, tenants, progress=progress, every=every)

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import inspect
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,6 +34,7 @@ from interlock.client._types import (
 )
 from interlock.contracts import events as ev
 from interlock.contracts import headers as h
+from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import (
     AgentRegistration,
@@ -51,10 +53,13 @@ from interlock.core.run import Run
 from interlock.core.topology import provision
 from interlock.core.verify import VerifyReport, verify_run
 from interlock.core.workflow import Workflow
+from interlock.identity import creds_permissions
 from interlock.runtime import tls as _tls
+from interlock.runtime.connect import ConnectRefused, connect
 from interlock.runtime.publish import publish
 from interlock.runtime.registry import VersionConflict, WorkflowNotFound, WorkflowRegistry
 
+log = logging.getLogger(__name__)
 R = TypeVar("R", bound=BaseModel)
 OnEvent = Callable[[dict[str, Any]], Awaitable[None] | None]
 REQUEST_TIMEOUT = 5.0  # how long a service may take to answer, and how long we wait for one to appear
@@ -88,6 +93,9 @@ class Client:
         self._store = EventStore(nc, self.js, service=name)
         self._registry = WorkflowRegistry(self.js)
         self._provisioned = False
+        self.creds: Path | None = None
+        """The credential this client connected with (None: anonymous)."""
+        self.creds_source = "none"
         self.request_timeout = REQUEST_TIMEOUT
         """Seconds a service may take to answer a request, and to appear if none is subscribed."""
 
@@ -103,42 +111,32 @@ class Client:
         ``patient``: keep reconnecting for as long as the client lives (a cluster's failover).
         ``tls_*`` None: ``INTERLOCK_TLS_CA``, ``…_CERT``, ``…_KEY``, ``…_HOSTNAME`` (a ``tls://`` URL
         without a CA trusts the system's store)."""
-        settings = ClientSettings.load(tenant=tenant, creds=Path(creds) if creds is not None else None,
-                                       principal=principal,
+        explicit = Path(creds) if creds is not None else None
+        settings = ClientSettings.load(tenant=tenant, creds=explicit, principal=principal,
                                        **_tls_overrides(tls_ca, tls_cert, tls_key, tls_hostname))
         target, source = settings.resolve_url(url)
-        who = settings.resolve_principal()
-
-        starting = True
+        creds_file, creds_source = settings.resolve_creds(explicit)
+        who = settings.resolve_principal(creds_file)
+        log.info("connecting to %s (from %s) as %s (from %s), principal %s", target, source,
+                 creds_file or "anonymous (no creds)", creds_source, who)
 
         async def on_error(e: Exception) -> None:  # reconnects are reported by the calls that fail
-            if starting:
-                _tls.raise_if_tls_failure(e)  # TLS: a failed handshake ends the connect, never retried
+            pass
 
-        options: dict[str, Any] = {}
-        if settings.creds is not None:
-            options["user_credentials"] = str(settings.creds)
-        try:  # TLS: a tls:// URL or INTERLOCK_TLS_* files give an ssl context
-            tls_options = _tls.connect_options(target.split(","), settings)
-        except _tls.TlsError as e:
+        try:  # creds: the server refuses none or a wrong one at once; TLS: a tls:// URL or INTERLOCK_TLS_*
+            nc = await connect(target, creds=creds_file, name=name, patient=patient, error_cb=on_error, tls=settings)
+        except ConnectRefused as e:
             raise Unavailable(str(e)) from None
-        try:
-            nc = await nats.connect(target.split(","), name=name, max_reconnect_attempts=-1 if patient else 3,
-                                    reconnect_time_wait=0.25, connect_timeout=2, allow_reconnect=True,
-                                    error_cb=on_error, **options, **tls_options)
+        except _tls.TlsError as e:
+            raise Unavailable(f"{e} (URL from {source})") from None
         except (OSError, nats.errors.Error, TimeoutError) as e:
-            described = _tls.describe_failure(e, target, settings, tls_used=bool(tls_options))
-            if described is not None:  # TLS: name the setting to fix
-                raise Unavailable(f"{described} (URL from {source})") from None
             detail = str(e) or type(e).__name__
             raise Unavailable(f"cannot reach NATS at {target} (from {source}): {detail}; start the stack with "
                               f"`interlock up` or set INTERLOCK_NATS_URL") from None
-        starting = False
-        try:
-            await _tls.require_negotiated(nc, target.split(","))
-        except _tls.TlsError as e:
-            raise Unavailable(f"{e} (URL from {source})") from None
-        return cls(nc, url=target, url_source=source, tenant=settings.tenant, name=name, principal=who)
+        client = cls(nc, url=target, url_source=source, tenant=settings.tenant, name=name, principal=who)
+        client.creds = creds_file
+        client.creds_source = creds_source
+        return client
 
     def with_tenant(self, tenant: str) -> Client:
         """The same connection acting for another tenant (closing either closes the connection)."""
@@ -160,8 +158,11 @@ class Client:
 
     async def _provision(self) -> None:
         # streams and buckets exist once anything ran; commands that write KV make sure of it
+        # (only a credential that may create streams does: whoever bootstrapped already did)
         if not self._provisioned:
-            await provision(self.js)
+            create = p.js_stream("CREATE", s.EVENTS_STREAM)
+            if self.creds is None or creds_permissions(self.creds).allows_publish(create):
+                await provision(self.js)
             self._provisioned = True
 
     async def _request(self, subject: str, message: BaseModel, reply_type: type[R], what: str) -> R:

@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from interlock.client._errors import Unavailable
 from interlock.contracts import subjects as s
 from interlock.identity import CredsError, JwtError, decode_jwt, read_creds
-from interlock.runtime.connect import DEFAULT_URL, URL_FILE
+from interlock.runtime.connect import ADMIN_CREDS_FILE, DEFAULT_URL, URL_FILE
 from interlock.runtime.tls import TlsSettings
 
 ENV_PREFIX = "INTERLOCK_"
@@ -30,7 +30,7 @@ class ClientSettings(BaseSettings, TlsSettings):
     """NATS URL, comma-separated for a cluster; unset: the URL file, else the default."""
     tenant: str = "default"
     creds: Path | None = None
-    """A NATS credentials (.creds) file."""
+    """A NATS credentials (.creds) file; unset: the admin creds `interlock up` wrote, if there."""
     principal: str | None = None
     """Who sends commands; unset: the creds file's user name, else $USER (see :func:`principal_of`)."""
 
@@ -79,20 +79,22 @@ class ClientSettings(BaseSettings, TlsSettings):
                 raise Unavailable(f"{field}: {message}") from None
             raise Unavailable(f"{ENV_PREFIX}{field.upper()}: {message}") from None
 
-    def resolve_principal(self) -> str:
+    def resolve_principal(self, creds: Path | None = None) -> str:
         """The principal of the client's commands: ``principal`` (argument or INTERLOCK_PRINCIPAL),
-        else the user name in the creds file (the server accepts a credential's commands only under
-        that name), else the login name (``$USER``…) made a subject token."""
+        else the user name in the creds file (``creds``, the one the client connects with; the
+        server accepts a credential's commands only under that name), else the login name
+        (``$USER``…) made a subject token."""
         if self.principal:
             return self.principal
-        if self.creds is not None:
+        creds = creds if creds is not None else self.creds
+        if creds is not None:
             try:
-                jwt, _ = read_creds(self.creds)
+                jwt, _ = read_creds(creds)
                 name = str(decode_jwt(jwt, expect="user").get("name") or "")
             except (CredsError, JwtError) as e:
-                raise Unavailable(f"{self.creds}: {e}") from None
+                raise Unavailable(f"{creds}: {e}") from None
             if name:
-                return s.token(name, f"user name in {self.creds}")
+                return s.token(name, f"user name in {creds}")
         try:
             user = getpass.getuser()  # $LOGNAME, $USER, $LNAME, $USERNAME, else the password database
         except (OSError, KeyError):
@@ -111,3 +113,14 @@ class ClientSettings(BaseSettings, TlsSettings):
             if text:
                 return text, str(URL_FILE)
         return DEFAULT_URL, "default"
+
+    def resolve_creds(self, explicit: Path | None = None) -> tuple[Path | None, str]:
+        """(creds file, where it came from): the argument, INTERLOCK_CREDS, the admin creds
+        `interlock up` wrote (``.interlock/identity/creds/admin.creds``), else none."""
+        if explicit is not None:
+            return explicit, "argument"
+        if self.creds is not None:
+            return self.creds, f"{ENV_PREFIX}CREDS"
+        if ADMIN_CREDS_FILE.is_file():
+            return ADMIN_CREDS_FILE, "default"
+        return None, "none"

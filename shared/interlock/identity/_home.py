@@ -17,6 +17,7 @@ subject permissions. An account per tenant can come later: everything here takes
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
 import fcntl
@@ -254,8 +255,11 @@ class IdentityHome:
         tenant = tenant or ALL_TENANTS
         principal = name or (r.name if tenant == ALL_TENANTS else f"{r.name}-{tenant}")
         s.token(principal, "principal name")
-        if any(u.name == principal and u.active for u in self.list()):
-            raise IdentityError(f"an active credential named {principal!r} exists; revoke it or pick another name")
+        # a principal is a name within its tenant (subjects carry both): alice of acme and alice
+        # of globex are two credentials
+        if any(u.name == principal and u.tenant == tenant and u.active for u in self.list()):
+            raise IdentityError(f"an active credential named {principal!r} exists for tenant {tenant}; revoke it "
+                                "or pick another name")
         at = _expiry(expires)
         wanted = tuple(topics or ())
         permissions_for(r.name, tenant, principal, "check", wanted)  # bad scope fails before any file is written
@@ -266,6 +270,38 @@ class IdentityHome:
                            wanted, at, None, str(path))
         self._save_user(record)
         log.info("issued %s credential %r for tenant %s (%s)", r.name, principal, tenant, user.public_key)
+        return path
+
+    def get_or_issue(self, role_name: str, tenant: str | None = None, topics: Sequence[str] | None = None, *,
+                     name: str | None = None) -> Path:
+        """The credential named ``name`` if one is active with this role, tenant and topics and its
+        file is still there (a second ``interlock up`` reuses what the first issued); else a new one
+        (an active one that no longer fits is revoked first: push the accounts if a server runs)."""
+        r = role(role_name)
+        tenant = tenant or ALL_TENANTS
+        principal = name or (r.name if tenant == ALL_TENANTS else f"{r.name}-{tenant}")
+        wanted = tuple(topics or ())
+        for u in reversed(self.list()):
+            if u.name != principal or u.tenant != tenant or not u.active:
+                continue
+            if (u.role, u.tenant, u.topics) == (r.name, tenant, wanted) and u.creds and Path(u.creds).is_file():
+                return Path(u.creds)
+            self.revoke(u.public_key)
+        return self.issue(r.name, tenant, wanted, name=principal)
+
+    @_exclusive
+    def issue_custom(self, name: str, permissions: Permissions | Callable[[str], Permissions], *,
+                     out: Path | str | None = None) -> Path:
+        """A credential with explicit ``permissions`` and no role (``Permissions()``: everything; a
+        function gets the user's public key, for its inbox prefix), for tools that are not
+        Interlock principals (the bench's instruments); recorded with role ``custom``. Never give
+        one to a service, worker or person: use :meth:`issue`."""
+        s.token(name, "principal name")
+        path = Path(out) if out is not None else self._dir("creds") / f"{name}.creds"
+        grant = permissions if callable(permissions) else (lambda key: permissions)
+        user = self._issue_user(APP_ACCOUNT, name, grant, path)
+        self._save_user(Principal(name, "custom", ALL_TENANTS, user.public_key, APP_ACCOUNT, int(time.time()),
+                                  (), None, None, str(path)))
         return path
 
     def _save_user(self, principal: Principal) -> None:
@@ -281,22 +317,27 @@ class IdentityHome:
             out.append(Principal(**data))
         return sorted(out, key=lambda u: (u.issued_at, u.name))
 
-    def principal(self, user: str) -> Principal:
-        """The credential named ``user`` (its latest, if several), or with that public key."""
-        matches = [u for u in self.list() if user in (u.name, u.public_key)]
+    def principal(self, user: str, tenant: str | None = None) -> Principal:
+        """The credential named ``user`` (of ``tenant``, if given; its latest, if several), or with
+        that public key. A name active in several tenants is ambiguous without ``tenant``."""
+        matches = [u for u in self.list() if user in (u.name, u.public_key) and tenant in (None, u.tenant)]
         if not matches:
-            raise IdentityError(f"no credential named {user!r} was issued from {self.root}")
+            of = f" for tenant {tenant}" if tenant else ""
+            raise IdentityError(f"no credential named {user!r}{of} was issued from {self.root}")
         active = [u for u in matches if u.active]
+        if len({u.tenant for u in active}) > 1:
+            tenants = ", ".join(sorted({u.tenant for u in active}))
+            raise IdentityError(f"{user!r} is active in several tenants ({tenants}): give the tenant or the public key")
         return (active or matches)[-1]
 
     @_exclusive
-    def revoke(self, user: str) -> Principal:
-        """Revoke a credential (by name or public key) in the account JWT.
+    def revoke(self, user: str, tenant: str | None = None) -> Principal:
+        """Revoke a credential (by name, of ``tenant`` if given, or by public key) in the account JWT.
 
         The change reaches a running server only when pushed (:meth:`push`); then the server
         closes the user's connections and refuses it from then on.
         """
-        principal = self.principal(user)
+        principal = self.principal(user, tenant)
         account = self._account(principal.account)
         now = int(time.time())
         # the server refuses JWTs issued at or before the revocation time
@@ -308,19 +349,22 @@ class IdentityHome:
         return revoked
 
     # -- the server -----------------------------------------------------------------------
-    def server_config(self) -> dict[str, Any]:
+    def server_config(self, resolver_dir: Path | str | None = None) -> dict[str, Any]:
         """nats-server settings for operator mode with this home's operator and accounts.
 
-        The ``full`` NATS resolver keeps the account JWTs it is sent in ``resolver/``, so an
-        account change pushed at run time (``push``) survives a restart; the preload seeds it.
+        The ``full`` NATS resolver keeps the account JWTs it is sent in ``resolver/`` (or
+        ``resolver_dir``: each node of a cluster needs its own), so an account change pushed at run
+        time (``push``) survives a restart; the preload seeds it.
         """
+        store = Path(resolver_dir) if resolver_dir is not None else self.resolver_dir
+        store.mkdir(mode=0o700, parents=True, exist_ok=True)
         return {
             # a client sends its user JWT in the CONNECT line; the default limit (4 KiB) is too
             # small for a role with many subjects
             "max_control_line": MAX_CONTROL_LINE,
             "operator": str(self.root / "operator.jwt"),
             "system_account": self.account_public_key(SYSTEM_ACCOUNT),
-            "resolver": {"type": "full", "dir": str(self.resolver_dir), "allow_delete": False,
+            "resolver": {"type": "full", "dir": str(store), "allow_delete": False,
                          "interval": "2m", "timeout": "1.9s"},
             "resolver_preload": self.account_jwts(),
         }
@@ -339,11 +383,23 @@ class IdentityHome:
         Returns the server's replies; raises :class:`IdentityError` if one is not ``code`` 200.
         """
         import nats  # here, so that issuing credentials needs no NATS client
+        import nats.errors
 
         read_creds(self.system_creds)  # a missing or damaged file fails here, clearly
-        nc = await nats.connect(url if isinstance(url, str) else list(url),
-                                user_credentials=str(self.system_creds), allow_reconnect=False,
-                                connect_timeout=timeout, **dict(connect_options or {}))
+        async def quiet(e: Exception) -> None:
+            pass
+
+        options: dict[str, Any] = {"allow_reconnect": False, "max_reconnect_attempts": 1, "reconnect_time_wait": 0.1,
+                                   "connect_timeout": timeout,
+                                   "error_cb": quiet, **dict(connect_options or {})}
+        servers = url.split(",") if isinstance(url, str) else list(url)
+        try:
+            # nats-py retries an unreachable server on its own: bound the whole connect
+            nc = await asyncio.wait_for(nats.connect(servers, user_credentials=str(self.system_creds), **options),
+                                        timeout * 2)
+        except (OSError, TimeoutError, nats.errors.Error) as e:
+            detail = str(e) or type(e).__name__
+            raise IdentityError(f"cannot reach the server at {url} as the system user: {detail}") from None
         replies: builtins.list[dict[str, Any]] = []
         try:
             for account_key, token in self.account_jwts().items():

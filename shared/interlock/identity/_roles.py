@@ -115,7 +115,7 @@ _NOT_ADMIN_DENY = p.js_stream_admin()
 def _service(name: str) -> Callable[[Scope], Grant]:
     def grant(scope: Scope) -> Grant:
         # stream info of every stream: a service checks at start that the topology is there
-        pub: list[str] = [s.JS_API_INFO, p.js_stream_info(p.ANY)]
+        pub: list[str] = [s.JS_API_INFO, p.JS_STREAM_NAMES, p.js_stream_info(p.ANY)]
         sub: list[str] = [p.inbox_all(scope.inbox_owner)]
         reads: list[str] = []
         responds = False
@@ -137,7 +137,7 @@ def _service(name: str) -> Callable[[Scope], Grant]:
 
 def _api(scope: Scope) -> Grant:
     """The HTTP API: a client for every tenant (it acts for the people who call it)."""
-    pub: list[str] = [s.JS_API_INFO]
+    pub: list[str] = [s.JS_API_INFO, p.JS_STREAM_NAMES]
     pub += [_wild(ch.pattern) for ch in c.CHANNELS if c.CLIENT in ch.publishers]
     pub += [p.pattern(s.command, p.ANY, "start", p.ANY), p.object_subjects(s.PAYLOADS_OBJECT_STORE)]
     return Grant(publish=_unique(pub), subscribe=(p.inbox_all(scope.inbox_owner),),
@@ -146,7 +146,7 @@ def _api(scope: Scope) -> Grant:
 
 def _worker(scope: Scope) -> Grant:
     t = scope.tenant
-    pub: list[str] = [s.JS_API_INFO, p.js_stream_info(s.JOBS_STREAM)]
+    pub: list[str] = [s.JS_API_INFO, p.JS_STREAM_NAMES, p.js_stream_info(s.JOBS_STREAM)]
     for topic in scope.topics:
         durable = s.worker_consumer(t, topic)
         pub += [p.js_filtered_consumer_create(s.JOBS_STREAM, s.job(t, topic), durable),
@@ -163,7 +163,7 @@ def _person(extra: Callable[[Scope], Sequence[str]], *, admin: bool = False) -> 
     (consumers held to the tenant's subjects) and reads the buckets; roles add to that."""
     def grant(scope: Scope) -> Grant:
         t = scope.tenant
-        pub = [s.JS_API_INFO, p.pattern(s.query, t, p.ANY), *extra(scope)]
+        pub = [s.JS_API_INFO, p.JS_STREAM_NAMES, p.pattern(s.query, t, p.ANY), *extra(scope)]
         reads = list(_BUCKET_STREAMS)
         if admin:
             pub += [p.JS_API_ALL, p.kv_keys(s.APPROVERS_BUCKET), p.kv_keys(s.WORKFLOWS_BUCKET)]

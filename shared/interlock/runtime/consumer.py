@@ -62,7 +62,11 @@ class PullConsumer:
         self._running = False
 
     async def start(self) -> None:
+        # a literal filter goes into the create request's subject (a consumer ``name``): a worker's
+        # credential may create only consumers held to its own tenant's jobs of its topics
+        literal = not any(token in ("*", ">") for token in self.subject.split("."))
         config = ConsumerConfig(
+            name=self.durable if literal else None,
             durable_name=self.durable, filter_subject=self.subject, ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.ack_wait, max_ack_pending=self.max_ack_pending, deliver_policy=DeliverPolicy.ALL,
             max_deliver=-1,

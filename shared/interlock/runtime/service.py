@@ -18,7 +18,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from faststream.nats import NatsBroker, NatsMessage
+from faststream.nats import NatsBroker, NatsCredentials, NatsMessage
 from faststream.nats.security import NatsSecurity
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -31,7 +31,7 @@ from interlock.core.eventstore import EventStore, EventStoreError, RunNotFound, 
 from interlock.core.retry import Backoff, retrying
 from interlock.core.run import IllegalTransition
 from interlock.core.topology import provision
-from interlock.runtime.connect import connect
+from interlock.runtime.connect import connect, creds_options
 from interlock.runtime.consumer import PullConsumer
 from interlock.runtime.deadletter import dead_letter
 from interlock.runtime.payloads import PayloadStore
@@ -100,11 +100,17 @@ class Service:
         # FastStream logs every message at INFO; our handlers log what matters themselves
         broker_log = logging.getLogger(f"interlock.{self.name}.broker")
         broker_log.setLevel(logging.WARNING)
+        # the broker's own connection (request-reply commands and queries): the same credential and TLS
         tls = tls_connect_options(self.settings.nats_url.split(","), self.settings)  # TLS: INTERLOCK_TLS_*
-        security = NatsSecurity(ssl_context=tls["tls"], use_ssl=True,
-                                tls_hostname=tls.get("tls_hostname")) if tls else None
+        secure: dict[str, Any] = {"ssl_context": tls["tls"], "use_ssl": True,
+                                  "tls_hostname": tls.get("tls_hostname")} if tls else {}
+        security: NatsSecurity | None = NatsSecurity(**secure) if tls else None
+        auth: dict[str, Any] = {}
+        if self.settings.creds is not None:
+            security = NatsCredentials(str(self.settings.creds), **secure)
+            auth = {"inbox_prefix": creds_options(self.settings.creds)["inbox_prefix"]}
         self.broker = NatsBroker(self.settings.nats_url.split(","), logger=broker_log, log_level=logging.DEBUG,
-                                 max_reconnect_attempts=-1, reconnect_time_wait=1, security=security)
+                                 max_reconnect_attempts=-1, reconnect_time_wait=1, security=security, **auth)
         self._stopped = asyncio.Event()
         self._consumers: list[PullConsumer] = []
         self._sweeper: asyncio.Task[None] | None = None
@@ -112,8 +118,11 @@ class Service:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        self.nc = await connect(self.settings.nats_url, name=f"interlock-{self.name}", tls=self.settings)
+        self.nc = await connect(self.settings.nats_url, creds=self.settings.creds, name=f"interlock-{self.name}",
+                                tls=self.settings)
         self.js = self.nc.jetstream()
+        # whoever bootstraps provisions, with the admin credential (`interlock up`, `interlock
+        # provision`); a service credential may not change streams, so only when told to
         if self.settings.provision:
             await self._provision()
         self.store = EventStore(self.nc, self.js, service=self.name)

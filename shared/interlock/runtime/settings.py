@@ -9,7 +9,10 @@ number``. Keyword arguments override the environment (tests and embedding code u
   wrote to ``.interlock/nats.url``, else ``nats://127.0.0.1:4222``
 - ``INTERLOCK_INLINE_LIMIT`` (both): largest payload kept inline, bytes (262144)
 - ``INTERLOCK_REPLICAS``: stream replicas, 1-5 (1)
-- ``INTERLOCK_PROVISION``: create streams and buckets at start (true)
+- ``INTERLOCK_CREDS`` (both): the NATS credentials (``.creds``) file to connect with (none: anonymous,
+  which a server with auth refuses)
+- ``INTERLOCK_PROVISION``: create streams and buckets at start (false: whoever bootstraps does it with
+  the admin credential, ``interlock provision``; a service credential may not change streams)
 - ``INTERLOCK_INSTANCE``: this copy's name in logs (``{hostname}-{pid}``)
 - ``INTERLOCK_CONCURRENCY``: messages a service handles at once per consumer (64)
 - ``INTERLOCK_SWEEP_S``: seconds between reconciler passes, 0 = off (15)
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Any, Literal, Self
 
 from pydantic import Field, ModelWrapValidatorHandler, ValidationError, field_validator, model_validator
@@ -74,7 +78,8 @@ class ServiceSettings(_Settings, TlsSettings):  # TLS: the INTERLOCK_TLS_* field
     """Settings of a service process (planner, policy, approval, dispatcher, auditor)."""
 
     nats_url: str = Field(default_factory=resolve_url, description="server URL(s), comma-separated")
-    provision: bool = Field(True, description="create or update streams and buckets at start")
+    creds: Path | None = Field(None, description="NATS credentials (.creds) file")
+    provision: bool = Field(False, description="create or update streams and buckets at start (needs admin creds)")
     replicas: int = Field(1, ge=1, le=5, description="replicas of each stream (a JetStream limit of 5)")
     inline_limit: int = Field(DEFAULT_INLINE_LIMIT, ge=0, description="largest payload kept inline, in bytes")
     instance: str = Field(default_factory=_default_instance, description="this copy's name in logs")
@@ -87,6 +92,7 @@ class WorkerSettings(_Settings, TlsSettings):  # TLS: the INTERLOCK_TLS_* fields
     """Settings of an agent worker process (the worker SDK); :class:`Worker` arguments override them."""
 
     nats_url: str = Field(default_factory=resolve_url, description="server URL(s), comma-separated")
+    creds: Path | None = Field(None, description="NATS credentials (.creds) file")
     concurrency: int = Field(8, ge=1, validation_alias="INTERLOCK_WORKER_CONCURRENCY",
                              description="jobs handled at once per topic")
     inline_limit: int = Field(DEFAULT_INLINE_LIMIT, ge=0, description="largest payload kept inline, in bytes")

@@ -10,6 +10,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -18,6 +19,7 @@ from nats.js import JetStreamContext
 from pydantic import ValidationError
 
 from interlock.contracts import headers as h
+from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import (
     AgentRegistration,
@@ -27,6 +29,7 @@ from interlock.contracts.messages import (
     JobError,
     JobResult,
 )
+from interlock.identity import PermissionDenied, creds_permissions
 from interlock.runtime import tracing
 from interlock.runtime.connect import connect
 from interlock.runtime.consumer import PullConsumer
@@ -95,13 +98,15 @@ class Worker:
 
     def __init__(self, name: str = "worker", *, nats_url: str | None = None, concurrency: int | None = None,
                  inline_limit: int | None = None, tenant: str | None = None,
-                 settings: WorkerSettings | None = None) -> None:
+                 settings: WorkerSettings | None = None, creds: Path | str | None = None) -> None:
         """Arguments left out (``None``) come from ``settings``, by default :class:`WorkerSettings`
         read from the environment when the worker starts (``tenant``: ``INTERLOCK_TENANT``, else
-        ``default``)."""
+        ``default``). ``creds``: the worker's ``.creds`` file (default ``INTERLOCK_CREDS``), a worker
+        credential of its tenant and topics."""
         self.name = name
         self.nats_url = nats_url
         self.tenant = s.token(tenant, "tenant") if tenant is not None else None
+        self.creds = Path(creds) if creds is not None else None
         self.concurrency = concurrency
         self.inline_limit = inline_limit
         self.settings = settings
@@ -136,8 +141,11 @@ class Worker:
         concurrency = settings.concurrency if self.concurrency is None else self.concurrency
         tracing.configure(settings.tracing)
         self._stop.clear()
-        self._nc = nc = await connect(self.nats_url or settings.nats_url, name=f"interlock-worker-{self.name}",
-                                       tls=settings)
+        creds = self.creds or settings.creds
+        if creds is not None:
+            self._check_creds(creds, tenant)
+        self._nc = nc = await connect(self.nats_url or settings.nats_url, creds=creds,
+                                      name=f"interlock-worker-{self.name}", tls=settings)
         js = nc.jetstream()
         inline_limit = settings.inline_limit if self.inline_limit is None else self.inline_limit
         self._payloads = PayloadStore(js, inline_limit)
@@ -152,6 +160,20 @@ class Worker:
             self._consumers.append(consumer)
         self._spawn(self._registry_loop(js))
         log.info("worker %s serving %s for tenant %s", self.worker_id, ", ".join(sorted(self.handlers)), tenant)
+
+    def _check_creds(self, creds: Path, tenant: str) -> None:
+        """Refuse at once, naming the topic and the permission, a credential that may not pull this
+        tenant's jobs of every topic served (the server would only drop the request, silently)."""
+        permissions = creds_permissions(creds)
+        for topic in sorted(self.handlers):
+            durable = s.worker_consumer(tenant, topic)
+            subject = p.js_filtered_consumer_create(s.JOBS_STREAM, s.job(tenant, topic), durable)
+            if not permissions.allows_publish(subject):
+                action = f"pull tenant {tenant}'s jobs of topic {topic!r}"
+                raise PermissionDenied(f"worker {self.name} ({creds}) may not {action}: the credential lacks "
+                                       f"permission to publish to {subject!r} (issue one for this tenant and topic: "
+                                       f"interlock creds issue --role worker --tenant {tenant} --topics {topic})",
+                                       principal=str(creds), action=action, subject=subject)
 
     async def stop(self) -> None:
         self._stop.set()

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from interlock.cli import _admin_audit, _approval, _audit, _ops, _policy, _run, _workflow
+from interlock.cli import _admin_audit, _approval, _audit, _identity, _ops, _policy, _run, _workflow
 from interlock.cli._common import (
     CredsOption,
     NatsOption,
@@ -75,6 +75,7 @@ app.add_typer(_approval.approvers, name="approver")
 app.add_typer(_ops.agents, name="agent")
 app.add_typer(_ops.dlq, name="dlq")
 app.add_typer(_audit.app, name="audit")
+app.add_typer(_identity.app, name="creds")
 _admin_audit.register(_audit.app)
 
 # -- processes -----------------------------------------------------------------------------------
@@ -85,6 +86,7 @@ app.command("worker", rich_help_panel=PROCESSES)(with_globals(_ops.worker))
 app.command("nats", rich_help_panel=PROCESSES)(_ops.nats)
 app.command("demo", rich_help_panel=PROCESSES)(_ops.demo)
 app.command("drill", rich_help_panel=PROCESSES)(_ops.drill)
+app.command("provision", rich_help_panel=PROCESSES)(_identity.provision)
 
 # -- today's spellings, hidden -------------------------------------------------------------------
 ALIASES = {

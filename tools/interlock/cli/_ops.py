@@ -8,7 +8,6 @@ import contextlib
 import importlib
 import importlib.util
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -66,32 +65,20 @@ def serve(ctx: typer.Context,
         configure_logging(True)  # a service's log is its INFO lines
     module, _, cls = SERVICE_CLASSES[name].partition(":")
     service_class = getattr(importlib.import_module(module), cls)
-    service = service_class(ServiceSettings(nats_url=options.nats)) if options.nats else service_class()
+    given: dict[str, Any] = {k: v for k, v in (("nats_url", options.nats), ("creds", options.creds)) if v}
+    service = service_class(ServiceSettings(**given)) if given else service_class()
     asyncio.run(service.run_forever())
 
 
 def load_target(target: str) -> Any:
     """``module:object`` or ``path/to/file.py:object`` (object defaults to ``worker``)."""
-    module_name, _, attr = target.partition(":")
-    attr = attr or "worker"
-    if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.is_file():
-            fail(f"{module_name}: no such file")
-        spec = importlib.util.spec_from_file_location(path.stem.replace("-", "_"), path)
-        if spec is None or spec.loader is None:
-            fail(f"{module_name}: cannot load it as a module")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            fail(f"cannot import {module_name}: {e}")
-    if not hasattr(module, attr):
-        fail(f"{module_name} has no attribute {attr!r}")
-    return getattr(module, attr)
+    from interlock.devstack.targets import TargetError
+    from interlock.devstack.targets import load_target as load
+
+    try:
+        return load(target)
+    except TargetError as e:
+        fail(str(e))
 
 
 def worker(ctx: typer.Context, target: Annotated[str, typer.Argument(
@@ -104,6 +91,8 @@ def worker(ctx: typer.Context, target: Annotated[str, typer.Argument(
         fail(f"{target} is not an interlock.worker.Worker")
     if globals_of(ctx).nats:
         loaded.nats_url = globals_of(ctx).nats
+    if globals_of(ctx).creds:
+        loaded.creds = globals_of(ctx).creds
     if globals_of(ctx).tenant:  # else the Worker's own, else INTERLOCK_TENANT
         loaded.tenant = globals_of(ctx).tenant
     globals_of(ctx).export_tls()  # TLS: --tls-* for WorkerSettings
@@ -134,22 +123,25 @@ def nats(
     store_dir: Annotated[Path, typer.Option("--store-dir", help="JetStream store directory")] = DEFAULT_STORE_DIR,
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="client port (0: any free one)")] = 4222,
 ) -> None:
-    """Run the embedded NATS server (JetStream) and provision Interlock's streams, until Ctrl-C."""
-    import nats as nats_py
-
+    """Run the embedded NATS server (JetStream, operator mode: credentials required) and provision
+    Interlock's streams, until Ctrl-C. The identity home is the store directory's sibling ``identity``."""
     from interlock.core.natsserver import EmbeddedNats, NatsServerError
     from interlock.core.topology import provision
+    from interlock.identity import IdentityHome
+    from interlock.runtime.connect import connect
 
-    server = EmbeddedNats(store_dir=store_dir, port=port)
+    identity = IdentityHome(store_dir.parent / "identity")
+    admin = identity.get_or_issue("admin", "default", name="admin")
+    server = EmbeddedNats(store_dir=store_dir, port=port, config=identity.server_config())
     stop_on_signals()
     try:
         url = server.start()
     except NatsServerError as e:
         fail(str(e))
-    echo(f"nats-server (JetStream) listening on {url}, store {store_dir}")
+    echo(f"nats-server (JetStream) listening on {url}, store {store_dir}; admin credential {admin}")
 
     async def provision_and_wait() -> None:
-        nc = await nats_py.connect(url)
+        nc = await connect(url, creds=admin, name="interlock-nats-provision", patient=False)
         for line in await provision(nc.jetstream()):
             echo(f"  {line}")
         await nc.close()
@@ -192,6 +184,8 @@ def up(
         asyncio.run(stack.provision())
         stack.start()
         echo(f"Interlock is up on {url}: {', '.join(stack.procs)} (logs in {home}/logs). Ctrl-C stops it.")
+        echo(f"Admin credential: {stack.admin_creds} (the CLI's default here; anonymous connections are "
+             f"refused). Issue others with `interlock creds issue`.")
         while True:
             time.sleep(1)
             for name in stack.dead():

@@ -23,6 +23,8 @@ from nats.js.api import StorageType, StreamConfig
 
 from interlock.contracts import subjects as s
 from interlock.core.natsserver import ClusterSpec, EmbeddedNats, NatsServerError, free_port
+from interlock.identity import IdentityHome
+from interlock.runtime.connect import creds_options
 
 CLUSTER_NAME = "interlock"
 PROBE_STREAM = "IL_CLUSTER_PROBE"
@@ -73,6 +75,10 @@ class LocalCluster:
     size: int = 3
     host: str = "127.0.0.1"
     name: str = CLUSTER_NAME
+    identity: IdentityHome | None = None
+    """Operator mode with this identity home (each node keeps its own account store)."""
+    creds: Path | None = None
+    """The credential :meth:`connect` uses (admin: :meth:`wait_ready` creates a probe stream)."""
     nodes: dict[str, ClusterNode] = field(default_factory=dict)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -90,6 +96,7 @@ class LocalCluster:
                 store_dir=self.home / name / "store", host=self.host, port=0, server_name=name,
                 cluster=ClusterSpec(self.name, cluster_ports[name], routes),
                 log_file=self.home / "logs" / f"nats-{name}.log", monitor_port=free_port(),
+                config=self.identity.server_config(self.home / name / "resolver") if self.identity else None,
             )
         try:
             for node in self.nodes.values():
@@ -145,7 +152,7 @@ class LocalCluster:
     # -- JetStream state -----------------------------------------------------------------------
     async def connect(self, **kwargs: Any) -> NATS:
         options: dict[str, Any] = {"max_reconnect_attempts": -1, "reconnect_time_wait": 0.25,
-                                   "connect_timeout": 2, **kwargs}
+                                   "connect_timeout": 2, **creds_options(self.creds), **kwargs}
         return await nats.connect(self.url_list, **options)
 
     async def wait_ready(self, timeout: float = 30.0) -> None:

@@ -34,8 +34,9 @@ def run_demo(*, auto_approve: bool = False, home: Path | str = Path(".interlock/
         url = stack.start_nats()
         asyncio.run(stack.provision())
         stack.start()
-        out(f"  nats {url}; processes: {', '.join(stack.procs)}")
-        code = asyncio.run(_demo(stack.url, auto_approve=auto_approve, timeout=timeout, t0=t0, out=out))
+        out(f"  nats {url} (auth on; admin credential {stack.admin_creds}); processes: {', '.join(stack.procs)}")
+        code = asyncio.run(_demo(stack.url, stack.admin_creds, auto_approve=auto_approve, timeout=timeout, t0=t0,
+                                 out=out))
     except ClientError as e:
         out(f"demo failed: {e}")
         for name in stack.dead():
@@ -46,8 +47,8 @@ def run_demo(*, auto_approve: bool = False, home: Path | str = Path(".interlock/
     return code
 
 
-async def _demo(url: str, *, auto_approve: bool, timeout: float, t0: float, out: Out) -> int:
-    async with await Client.connect(url, name="interlock-demo") as client:
+async def _demo(url: str, creds: Path, *, auto_approve: bool, timeout: float, t0: float, out: Out) -> int:
+    async with await Client.connect(url, name="interlock-demo", creds=creds) as client:
         await client.apply_workflow(example_file("workflow.yaml").read_text(), filename="workflow.yaml")
         alert = {"alert": {"id": f"INC-{int(time.time()) % 100000}", "host": "web-7", "service": "checkout",
                            "symptom": "5xx spike after deploy 2026.11.3"}}
@@ -66,7 +67,8 @@ async def _demo(url: str, *, auto_approve: bool, timeout: float, t0: float, out:
                                      job_hash=data["job_hash"], reason="demo --auto-approve")
             else:
                 out(f"\n  >>> waiting for approval. In another terminal run:\n"
-                    f"  >>>   .venv/bin/interlock approval approve {run_id} {data['step_id']} --reason 'looks good'\n")
+                    f"  >>>   .venv/bin/interlock --nats {url} --creds {creds} approval approve "
+                    f"{run_id} {data['step_id']} --reason 'looks good'\n")
 
         final = await client.wait(run_id, timeout=timeout, on_event=on_event)
         wall = time.monotonic() - run_started

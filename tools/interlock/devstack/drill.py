@@ -41,6 +41,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 import statistics
@@ -370,9 +371,12 @@ async def run_drill(*, runs: int = 200, kills: int = 20, cluster: bool = False, 
     if nats_url:
         if cluster:
             report.notes.append("--cluster ignored with --nats: the drill kills only the workers it started")
-        stack = Stack(home=home, nats_url=nats_url, services=(), workers=[agents, agents], env=env)
+        # the running stack's identity home issues the drill's credentials (its server trusts it)
+        stack = Stack(home=home, nats_url=nats_url, services=(), workers=[agents, agents], env=env, tenant=tenant,
+                      identity_dir=Path(os.environ.get("INTERLOCK_IDENTITY_HOME") or Path(".interlock") / "identity"))
     else:
-        stack = Stack(home=home, port=0, workers=[agents, agents], env=env, cluster=3 if cluster else 0)
+        stack = Stack(home=home, port=0, workers=[agents, agents], env=env, cluster=3 if cluster else 0,
+                      tenant=tenant)
     try:
         progress(f"drill: seed {seed}, {runs} runs, {kills} kills, "
                  f"{'target ' + nats_url if nats_url else ('3-node cluster' if cluster else 'single node')}, "
@@ -406,7 +410,10 @@ async def _drill(stack: Stack, report: DrillReport, rng: random.Random, *, runs:
                  effects_file: Path, progress: Progress, own_stack: bool) -> None:
     tenant = report.tenant
     # node kills are the point of the drill: the client reconnects for as long as it lives
-    client = await Client.connect(stack.url, tenant=tenant, principal=APPROVER, name="interlock-drill", patient=True)
+    # the drill's client is an admin of the drill tenant named APPROVER: its decisions are the
+    # approver's (the server accepts a credential's commands only under its own name)
+    creds = await asyncio.to_thread(stack.identity.get_or_issue, "admin", tenant, name=APPROVER)
+    client = await Client.connect(stack.url, tenant=tenant, name="interlock-drill", patient=True, creds=creds)
     nc, js = client.nc, client.js
     monitor = Monitor(tenant)
     consumer = PullConsumer(nc, js, stream=s.EVENTS_STREAM, durable=f"drill_{tenant.replace('-', '_')}",

@@ -4,6 +4,12 @@ Used by ``interlock up``, ``interlock demo``, the end-to-end tests and crash dri
 process can be SIGKILLed and started again). ``Stack(cluster=3)`` runs a 3-node JetStream
 cluster on loopback (:class:`interlock.devstack.cluster.LocalCluster`) instead of one server: services
 get every node's URL and R3 streams, and ``kill("n1")``/``restart("n1")`` take nodes down.
+
+Authentication is on: the stack's identity home is ``{home}/identity`` (created on first start),
+the embedded server runs in operator mode and refuses anonymous connections, and every process
+connects with its own credential, issued on first start and reused after (get-or-issue): one per
+service kind, one per worker process (role ``worker``, tenant ``default``, the topics that worker
+serves), and ``admin`` for the local CLI and for provisioning (``{home}/identity/creds/admin.creds``).
 """
 
 from __future__ import annotations
@@ -17,17 +23,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nats
-
 from interlock.client import ClientSettings
 from interlock.core.natsserver import EmbeddedNats, free_port
 from interlock.core.topology import provision
 from interlock.devstack.cluster import LocalCluster
-from interlock.runtime.connect import URL_FILE
-from interlock.runtime.tls import connect_options as tls_connect_options
+from interlock.devstack.targets import worker_topics
+from interlock.identity import IdentityHome
+from interlock.runtime.connect import URL_FILE, connect
 
 SERVICES = ("planner", "policy", "approval", "dispatcher", "auditor")
 DEFAULT_PORT = 4222
+DEFAULT_TENANT = "default"
+ADMIN = "admin"
 
 
 def _port_free(port: int) -> bool:
@@ -61,6 +68,57 @@ class Stack:
     nats: EmbeddedNats | None = None
     cluster: int = 0  # > 0: run a LocalCluster of this many nodes instead of one server
     local_cluster: LocalCluster | None = None
+    identity_dir: Path | None = None
+    """The identity home (default ``{home}/identity``); with ``nats_url``, the one that server trusts."""
+    tenant: str = DEFAULT_TENANT
+    creds: dict[str, Path] = field(default_factory=dict)
+    """The credential of each process by name, and ``admin``'s."""
+    _identity: IdentityHome | None = field(default=None, repr=False)
+
+    @property
+    def identity(self) -> IdentityHome:
+        """The identity home, created on first use."""
+        if self._identity is None:
+            self._identity = IdentityHome(self.identity_dir or self.home / "identity")
+        return self._identity
+
+    def _principal(self, name: str, tenant: str | None = None) -> str:
+        # another tenant's stack on the same identity home (a drill against `interlock up`)
+        # must not take over (and revoke) the default tenant's credentials
+        tenant = tenant or self.tenant
+        return name if tenant == DEFAULT_TENANT else f"{name}-{tenant}"
+
+    def worker_specs(self) -> list[tuple[str, str, str]]:
+        """(process name, target, tenant) of every worker process: each worker once per tenant of
+        ``worker_tenants``, else for INTERLOCK_TENANT (``env``, then this process's), else default."""
+        fallback = (self.env.get("INTERLOCK_TENANT") or os.environ.get("INTERLOCK_TENANT") or self.tenant)
+        tenants = self.worker_tenants or (fallback,)
+        specs = [(target, tenant) for target in self.workers for tenant in tenants]
+        return [(f"worker-{i}", target, tenant) for i, (target, tenant) in enumerate(specs)]
+
+    @property
+    def admin_creds(self) -> Path:
+        """The admin credential (provisioning, the local CLI): ``{identity}/creds/admin.creds``."""
+        if ADMIN not in self.creds:
+            self.creds[ADMIN] = self.identity.get_or_issue("admin", self.tenant, name=self._principal(ADMIN))
+        return self.creds[ADMIN]
+
+    def issue_creds(self) -> dict[str, Path]:
+        """Get or issue the credential of every service and worker process and the admin's."""
+        self.admin_creds  # noqa: B018 - issued first: the CLI's default
+        for service in self.services:
+            if service not in self.creds:
+                self.creds[service] = self.identity.get_or_issue(service, name=service)
+        topics: dict[str, tuple[str, ...]] = {}
+        for name, target, tenant in self.worker_specs():
+            if name in self.creds:
+                continue
+            if target not in topics:
+                topics[target] = worker_topics(target)
+            # each worker process may pull its tenant's jobs of the topics it serves, and no other
+            self.creds[name] = self.identity.get_or_issue("worker", tenant, topics[target],
+                                                          name=self._principal(name, tenant))
+        return self.creds
 
     @property
     def url(self) -> str:
@@ -82,20 +140,24 @@ class Stack:
     def start_nats(self) -> str:
         if self.nats_url:
             return self.nats_url
+        self.issue_creds()  # before the server starts: it preloads the accounts (and revocations)
         if self.cluster:
             (self.home / "logs").mkdir(parents=True, exist_ok=True)
-            self.local_cluster = LocalCluster(self.home / "cluster", self.cluster)
+            self.local_cluster = LocalCluster(self.home / "cluster", self.cluster, identity=self.identity,
+                                              creds=self.admin_creds)
             self.nats_url = self.local_cluster.start()
             return self.nats_url
         port = self.port if self.port is not None else (DEFAULT_PORT if _port_free(DEFAULT_PORT) else free_port())
-        self.nats = EmbeddedNats(store_dir=self.home / "nats", port=port, log_file=self.home / "logs" / "nats.log")
+        self.nats = EmbeddedNats(store_dir=self.home / "nats", port=port, log_file=self.home / "logs" / "nats.log",
+                                 config=self.identity.server_config())
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
         self.nats_url = self.nats.start()
         return self.nats_url
 
     async def provision(self) -> list[str]:
-        urls = self.url.split(",")
-        nc = await nats.connect(urls, **tls_connect_options(urls, ClientSettings()))  # TLS: INTERLOCK_TLS_*
+        """Create or update the streams and buckets, as admin (services do not provision)."""
+        nc = await connect(self.url, creds=self.admin_creds, name="interlock-stack-provision", patient=False,
+                           tls=ClientSettings())  # TLS: INTERLOCK_TLS_*
         try:
             return await provision(nc.jetstream(), self.replicas)
         finally:
@@ -105,7 +167,8 @@ class Stack:
         logs = self.home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         proc = self.procs.get(name) or Proc(name, argv, logs / f"{name}.log")
-        env = {**os.environ, **self.env, "INTERLOCK_NATS_URL": self.url, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.env, "INTERLOCK_NATS_URL": self.url, "PYTHONUNBUFFERED": "1",
+               "INTERLOCK_CREDS": str(self.creds[name]), "INTERLOCK_PROVISION": "false"}
         if self.cluster:
             env["INTERLOCK_REPLICAS"] = str(self.replicas)
         with proc.log_path.open("ab") as log:
@@ -117,15 +180,13 @@ class Stack:
     def start(self) -> None:
         """Start NATS (unless a URL was given) and every service and worker process."""
         self.start_nats()
+        self.issue_creds()  # (a no-op after start_nats, unless a URL was given)
         URL_FILE.parent.mkdir(parents=True, exist_ok=True)
         URL_FILE.write_text(self.url)
         for service in self.services:
             self._spawn(service, [sys.executable, "-m", "interlock.cli", "serve", service])
-        tenants: tuple[str | None, ...] = self.worker_tenants or (None,)
-        specs = [(target, tenant) for target in self.workers for tenant in tenants]
-        for i, (target, tenant) in enumerate(specs):
-            options = ["--tenant", tenant] if tenant else []
-            self._spawn(f"worker-{i}", [sys.executable, "-m", "interlock.cli", *options, "worker", target])
+        for name, target, tenant in self.worker_specs():
+            self._spawn(name, [sys.executable, "-m", "interlock.cli", "--tenant", tenant, "worker", target])
 
     def kill(self, name: str) -> None:
         """SIGKILL one process, or with a cluster one NATS node by name (crash drills)."""
