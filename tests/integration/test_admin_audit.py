@@ -41,7 +41,9 @@ from interlock.core.adminaudit import UNKNOWN_PRINCIPAL, AdminChange, admin_chan
 from interlock.core.natsserver import EmbeddedNats
 from interlock.core.topology import provision
 from interlock.identity import IdentityHome, creds_inbox_prefix, decode_jwt, read_creds
+from interlock.runtime.connect import connect
 from interlock.runtime.settings import ServiceSettings
+from tests.principals import Principals
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -53,14 +55,22 @@ def scratch_name(what: str) -> str:
     return f"ADMIN_AUDIT_{what}_{uuid.uuid4().hex[:8]}"
 
 
+AUDITOR_CREDS: list[Path] = []  # the session's auditor credential, set by the autouse fixture below
+
+
+@pytest.fixture(autouse=True)
+def auditor_creds(principals: Principals) -> None:
+    AUDITOR_CREDS[:] = [principals.service(c.AUDITOR)]
+
+
 @asynccontextmanager
 async def auditors(url: str, copies: int = 1) -> AsyncIterator[list[AuditorService]]:
     """``copies`` auditor services on the session's server (in-memory projections), stopped after."""
     running: list[AuditorService] = []
     try:
         for _ in range(copies):
-            service = AuditorService(ServiceSettings(nats_url=url, provision=False, sweep_interval=0),
-                                     db_path=":memory:", instance=f"adminaudit-{uuid.uuid4().hex[:8]}")
+            settings = ServiceSettings(nats_url=url, provision=False, sweep_interval=0, creds=AUDITOR_CREDS[0])
+            service = AuditorService(settings, db_path=":memory:", instance=f"adminaudit-{uuid.uuid4().hex[:8]}")
             await service.start()
             running.append(service)
         yield running
@@ -435,16 +445,20 @@ def test_an_advisory_too_large_is_stored_shortened_with_its_size_and_digest() ->
     assert change is not None and change.truncated == stored.truncated and change.what == "STREAM.UPDATE BIG"
 
 
-async def test_a_shortened_record_fits_the_stream_and_is_listed_as_such(nc: NATS) -> None:
+async def test_a_shortened_record_fits_the_stream_and_is_listed_as_such(provisioned: str, nc: NATS) -> None:
     stream = scratch_name("BIG")
     config = json.dumps({"name": stream, "subjects": [f"big.{i}" for i in range(20_000)]})
     raw = advisory(p.js_stream("UPDATE", stream), request=config, response=json.dumps({"config": config}))
     record = record_for(raw)
     assert record is not None and record.truncated
     service = AuditorService(ServiceSettings(nats_url="nats://unused:4222"), db_path=":memory:", instance="big")
-    service.js = nc.jetstream()
-    dead_before = (await nc.jetstream().stream_info(s.DLQ_STREAM)).state.messages
-    await service.record_change(record, raw)  # a larger body would be refused by the stream (and dead-lettered)
+    auditor_nc = await connect(provisioned, creds=AUDITOR_CREDS[0], patient=False)  # only the auditor may record
+    try:
+        service.js = auditor_nc.jetstream()
+        dead_before = (await nc.jetstream().stream_info(s.DLQ_STREAM)).state.messages
+        await service.record_change(record, raw)  # a larger body would be refused by the stream (and dead-lettered)
+    finally:
+        await auditor_nc.close()
     assert (await nc.jetstream().stream_info(s.DLQ_STREAM)).state.messages == dead_before
     change = next(c for c in await admin_changes(nc, stream=stream))
     assert change.truncated is not None and change.truncated.size == len(raw)
