@@ -1,4 +1,4 @@
-"""The principal × action matrix (issue 10), on the session's nats-server with auth and the real
+"""The principal-by-action matrix (issue 10), on the session's nats-server with auth and the real
 services: each cell asserts that the forbidden action is refused — with an error naming the
 principal, the action and the missing permission where the product gives one — that nothing was
 written by the refused attempt, and that the allowed action of the right principal works.
@@ -191,7 +191,7 @@ async def test_worker_pulls_other_tenant(matrix: Matrix) -> None:
                                                                           stream=s.JOBS_STREAM)
     violation = await session.violation()
     verb, denied = permission_violation(violation) or ("", "")
-    assert verb == "publish" and denied.startswith(f"$js.api.consumer.") and durable.lower() in denied
+    assert verb == "publish" and denied.startswith("$js.api.consumer.") and durable.lower() in denied
 
     # nothing taken: B's own worker gets the job, exactly once
     seen: list[tuple[str, str]] = []
@@ -547,8 +547,8 @@ async def test_revoke_worker(matrix: Matrix) -> None:
     home.revoke(doomed_name)
     await home.push(h.url)
     await asyncio.wait_for(doomed.closed.wait(), 5)  # cut off by the running server, no restart
-    assert describe_permission_error(doomed.nc.last_error or Exception(), principal=doomed_name,
-                                     action="pull jobs") == f"{doomed_name} may not pull jobs: the credential was revoked"
+    message = describe_permission_error(doomed.nc.last_error or Exception(), principal=doomed_name, action="pull jobs")
+    assert message == f"{doomed_name} may not pull jobs: the credential was revoked"
     with pytest.raises(ConnectRefused, match=rf"may not connect to {h.url}: "):
         await connect(h.url, creds=doomed_creds, patient=False)
 
