@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from interlock.auditor.service import AuditorService
+from interlock.runtime.service import ServiceSettings
 from tests.integration.harness import Harness, connect
 from tests.principals import Principals
 
@@ -19,3 +21,15 @@ async def harness(provisioned: str, admin_creds: Path, principals: Principals) -
     finally:
         await h.stop()
         await nc.close()
+
+
+@pytest.fixture
+async def auditor(provisioned: str, tmp_path: Path, principals: Principals) -> AsyncIterator[AuditorService]:
+    service = AuditorService(ServiceSettings(nats_url=provisioned, provision=False, sweep_interval=0,
+                                             creds=principals.service("auditor")),
+                             db_path=tmp_path / "auditor.sqlite3")
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.stop()

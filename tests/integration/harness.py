@@ -306,3 +306,40 @@ async def connect(url: str, creds: Path | None = None, tls: Any = None) -> NATS:
     """A test client's connection, as ``creds`` (the tests' fixtures give admin's); ``tls``: TLS settings."""
     return await connect_as(url, creds=creds, name="interlock-test", patient=False, tls=tls)
 
+
+
+@dataclass
+class Watched:
+    """A connection that keeps what the server reports to it: a denied core publish or subscribe
+    shows only here (the server tells the client through an -ERR, the call itself succeeds)."""
+
+    nc: NATS
+    errors: asyncio.Queue[Exception] = field(default_factory=asyncio.Queue)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def violation(self, timeout: float = 3.0) -> Exception:
+        """The next error the server reported (fails the test if none comes within ``timeout``)."""
+        try:
+            return await asyncio.wait_for(self.errors.get(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"the server reported no error within {timeout}s") from None
+
+
+async def watched(url: str, creds: Path, tls: Any = None) -> Watched:
+    """A test client's connection as ``creds`` that records the server's errors and does not reconnect."""
+    session: Watched | None = None
+    early: list[Exception] = []
+
+    async def on_error(e: Exception) -> None:
+        (session.errors.put_nowait(e) if session is not None else early.append(e))
+
+    async def on_closed() -> None:
+        if session is not None:
+            session.closed.set()
+
+    nc = await connect_as(url, creds=creds, name="interlock-test", patient=False, tls=tls, error_cb=on_error,
+                          closed_cb=on_closed, allow_reconnect=False)
+    session = Watched(nc)
+    for e in early:
+        session.errors.put_nowait(e)
+    return session

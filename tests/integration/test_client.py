@@ -22,10 +22,8 @@ from interlock.client import (
 )
 from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
-from interlock.runtime.settings import ServiceSettings
 from interlock.worker import JobContext, Worker
 from tests.integration.harness import Harness, unique
-from tests.principals import Principals
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -50,18 +48,6 @@ steps:
   gate: {{type: approval, depends_on: [prepare], approvers: finance, prompt: "go?"}}
   pay: {{topic: {topic}, depends_on: [gate], input: {{n: 1}}}}
 """
-
-
-@pytest.fixture
-async def auditor(provisioned: str, tmp_path: Path, principals: Principals) -> AsyncIterator[AuditorService]:
-    service = AuditorService(ServiceSettings(nats_url=provisioned, provision=False, sweep_interval=0,
-                                             creds=principals.service("auditor")),
-                             db_path=tmp_path / "auditor.sqlite3")
-    await service.start()
-    try:
-        yield service
-    finally:
-        await service.stop()
 
 
 @pytest.fixture

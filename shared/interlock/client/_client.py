@@ -56,6 +56,7 @@ from interlock.core.workflow import Workflow
 from interlock.identity import creds_permissions
 from interlock.runtime import tls as _tls
 from interlock.runtime.connect import ConnectRefused, connect
+from interlock.runtime.policy import ACTIVE as POLICY_KEY
 from interlock.runtime.publish import publish
 from interlock.runtime.registry import VersionConflict, WorkflowNotFound, WorkflowRegistry
 
@@ -165,6 +166,13 @@ class Client:
                 await provision(self.js)
             self._provisioned = True
 
+    def _may_publish(self, subject: str, action: str) -> None:
+        """Refuse at once, naming principal, action and permission, what this client's credential
+        may not publish (the server would drop it silently: a timeout, or nothing at all)."""
+        if self.creds is not None and not creds_permissions(self.creds).allows_publish(subject):
+            raise Refused(f"{self.principal} ({self.creds}) may not {action}: the credential lacks permission to "
+                          f"publish to {subject!r}")
+
     async def _request(self, subject: str, message: BaseModel, reply_type: type[R], what: str) -> R:
         timeout = self.request_timeout
         deadline = time.monotonic() + timeout
@@ -181,12 +189,16 @@ class Client:
                 raise Unavailable(f"the {what} service did not answer on {subject} within {timeout:g}s") from None
 
     async def _command(self, subject: str, message: BaseModel, what: str) -> CommandReply:
+        tenant, name, _ = s.parse_command(subject)
+        self._may_publish(subject, f"{name} in tenant {tenant}")
         reply = await self._request(subject, message, CommandReply, what)
         if not reply.ok:
             raise Refused(f"refused: {reply.error or 'no reason given'}")
         return reply
 
     async def _query(self, subject: str, message: BaseModel) -> Any:
+        tenant, name = s.parse_query(subject)
+        self._may_publish(subject, f"query {name} of tenant {tenant}")
         reply = await self._request(subject, message, QueryReply, "auditor")
         if not reply.ok:
             error = reply.error or "query failed"
@@ -421,11 +433,13 @@ class Client:
     # -- policy ------------------------------------------------------------------------------
     async def policy_publish(self, source: str, *, version: str | None = None, by: str) -> PolicyRevision:
         """Make a Cedar bundle the active policy in every service (no restart)."""
+        self._may_publish(p.kv_key(s.POLICIES_BUCKET, POLICY_KEY), "publish a policy bundle")
         await self._provision()
         return await _policy.publish(self.js, source, version=version, by=by)
 
     async def policy_rollback(self, *, to: str | None = None, by: str) -> PolicyRevision:
         """Make the previous bundle (or version ``to``) active again."""
+        self._may_publish(p.kv_key(s.POLICIES_BUCKET, POLICY_KEY), "roll back the policy")
         await self._provision()
         return await _policy.rollback(self.js, to=to, by=by)
 
