@@ -307,3 +307,38 @@ def test_no_unauthenticated_or_monitoring_port_is_published(compose: dict[str, A
             assert host == "127.0.0.1", f"{name} publishes the client port beyond the host's loopback"
         conf = confs[PurePosixPath(svc["command"][svc["command"].index("-c") + 1]).name]
         assert "no_auth_user" not in set(_all_keys(conf))
+
+
+def test_the_identity_init_command_makes_what_compose_and_the_nodes_use(compose: dict[str, Any],
+                                                                       tmp_path: Path) -> None:
+    # the compose `identity` one-shot, for real: `interlock creds init --home DIR` (twice: idempotent)
+    from typer.testing import CliRunner
+
+    from interlock.cli import app
+
+    home = tmp_path / "identity"
+    argv = compose["services"]["identity"]["command"][:3] + [str(home)]
+    first = CliRunner().invoke(app, argv)
+    assert first.exit_code == 0, first.output
+    keys_before = {p.name: p.read_text() for p in (home / "creds").iterdir()}
+    second = CliRunner().invoke(app, argv)
+    assert second.exit_code == 0, second.output
+    assert {p.name: p.read_text() for p in (home / "creds").iterdir()} == keys_before  # reused, not re-issued
+    # every INTERLOCK_CREDS file a compose service names exists, with the role that service needs
+    principals = {u.name: u for u in IdentityHome(home).list() if u.active}
+    for name, svc in _interlock_services(compose).items():
+        file = PurePosixPath(svc["environment"]["INTERLOCK_CREDS"]).name
+        assert (home / "creds" / file).is_file(), f"{name}: {file} not made by creds init"
+        stem = PurePosixPath(file).stem
+        wanted = {"admin": "admin", "example-agents": "worker"}.get(stem, stem)
+        assert principals[stem].role == wanted, name
+    # and the node configs accept the server.json it wrote
+    for conf in NATS_CONFS:
+        etc = tmp_path / conf.stem / "etc" / "nats"
+        etc.mkdir(parents=True)
+        (tmp_path / conf.stem / "identity").symlink_to(home)
+        target = etc / conf.name
+        target.write_text(conf.read_text().replace("/data/", f"{tmp_path / conf.stem}/data/"))
+        check = subprocess.run([nats_server_binary(), "-c", str(target), "-t"], capture_output=True, text=True,
+                               timeout=30)
+        assert check.returncode == 0, check.stdout + check.stderr

@@ -103,6 +103,39 @@ def issue(
     echo(f"connect with it: INTERLOCK_CREDS={path} (or --creds {path})")
 
 
+SERVICE_KINDS = ("planner", "policy", "approval", "dispatcher", "auditor")
+EXAMPLE_WORKER = "example-agents"
+SERVER_CONFIG = "server.json"
+
+
+@app.command("init")
+def init(
+    home: Annotated[Path, typer.Option("--home", metavar="DIR", help="the identity home to create or reuse")],
+    tenant: Annotated[str, typer.Option("--tenant", metavar="TENANT", help="tenant of admin and the example worker")
+                      ] = "default",
+) -> None:
+    """Bootstrap a deployment's identity home (deploy/, docker-compose): the operator and accounts,
+    the server config include ``server.json``, and ``creds/{name}.creds`` for each service kind,
+    ``admin`` and the example agents' worker.
+
+    Idempotent: a second run reuses every credential that still fits (get-or-issue)."""
+    from interlock.devstack import example_file
+    from interlock.devstack.targets import TargetError, worker_topics
+
+    try:
+        identity = IdentityHome(home)
+        issued = {kind: identity.get_or_issue(kind, name=kind) for kind in SERVICE_KINDS}
+        issued["admin"] = identity.get_or_issue("admin", tenant, name="admin")
+        topics = worker_topics(f"{example_file('agents.py')}:worker")
+        issued[EXAMPLE_WORKER] = identity.get_or_issue("worker", tenant, topics, name=EXAMPLE_WORKER)
+        config = identity.write_server_config(home / SERVER_CONFIG)
+    except (IdentityError, RoleError, TargetError, OSError) as e:
+        fail(f"{home}: {e}")
+    echo(f"identity home {home}: server config {config}")
+    for name, path in issued.items():
+        echo(f"  {name:<15} {path}")
+
+
 def _when(at: int | None) -> str:
     return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%SZ") if at else ""
 
