@@ -317,7 +317,7 @@ def test_the_identity_init_command_makes_what_compose_and_the_nodes_use(compose:
     from interlock.cli import app
 
     home = tmp_path / "identity"
-    argv = compose["services"]["identity"]["command"][:3] + [str(home)]
+    argv = [*compose["services"]["identity"]["command"][:3], str(home)]
     first = CliRunner().invoke(app, argv)
     assert first.exit_code == 0, first.output
     keys_before = {p.name: p.read_text() for p in (home / "creds").iterdir()}
