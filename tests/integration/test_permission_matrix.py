@@ -15,6 +15,7 @@ written by the refused attempt, and that the allowed action of the right princip
 | policy-publish-{role}        | a non-admin publishes a policy bundle     | policy-admin                     |
 | stream-{action}-{principal}  | update / shrink / delete of IL_EVENTS     | admin updates a scratch stream   |
 | read-other-tenant-{what}     | runs, timeline, events, notifications     | the tenant's own viewer          |
+| person-reads-run-log         | a read while every own consumer is in use | watch, load, approve by a person |
 | revoke-worker                | a revoked worker, connected and reconnect | another worker keeps working     |
 
 A denied core publish or subscribe shows only through the connection's error callback
@@ -38,7 +39,7 @@ import pytest
 from nats.js.api import ConsumerConfig, StreamConfig
 
 from interlock.auditor.service import AuditorService
-from interlock.client import Client, NotFound, Refused
+from interlock.client import Client, ClientError, NotFound, Refused
 from interlock.contracts import catalog as c
 from interlock.contracts import headers
 from interlock.contracts import permissions as p
@@ -46,7 +47,7 @@ from interlock.contracts import subjects as s
 from interlock.contracts.messages import ApprovalDecision, CancelRequest
 from interlock.core.eventstore import EventStore, RunNotFound
 from interlock.core.policy.cedar import DEFAULT_BUNDLE
-from interlock.identity import PermissionDenied, describe_permission_error, permission_violation
+from interlock.identity import PermissionDenied, creds_permissions, describe_permission_error, permission_violation
 from interlock.runtime.approvers import ApproverDirectory
 from interlock.runtime.connect import ConnectRefused, connect
 from interlock.runtime.policy import BundleStore
@@ -143,8 +144,8 @@ async def pending_approval(m: Matrix, tenant: str) -> tuple[Harness, str, list[t
 
 
 async def approve(client: Client, h: Harness, run_id: str) -> bool:
-    """``client``'s grant of the run's pending ``gate`` (role and job hash given: see
-    test_a_person_loads_a_run_through_the_client)."""
+    """``client``'s grant of the run's pending ``gate`` (role and job hash given: the refusal
+    cells test the decision, not the look-up of what is pending)."""
     approval = (await h.run_state(run_id)).steps["gate"].approval
     assert approval is not None
     return (await client.approve(run_id, "gate", role=approval.approver_role, job_hash=approval.job_hash)).ok
@@ -516,16 +517,45 @@ async def test_read_other_tenant_notifications(matrix: Matrix, finished_in_b: tu
     assert msg.subject == s.notify(in_b.tenant, "mx") and run_b in msg.data.decode()
 
 
-@pytest.mark.xfail(strict=True, raises=TimeoutError, reason=(
-    "hole: the client reads run logs by direct get, which only services, the api and admin may do; a "
-    "person's credential may read its tenant's logs only through its own consumers (principal_consumer), "
-    "so Client.load_run / events / watch, and approve or reject without --role and --hash, time out for "
-    "viewer, operator and approver"))
 async def test_a_person_loads_a_run_through_the_client(matrix: Matrix) -> None:
+    """A person's credential may not direct-get the run logs (a batch get cannot be held to a
+    tenant): the client reads them through the principal's own consumers, one per concurrent
+    read, deletes each after it, and says so clearly when every one is in use."""
     h, run_id, _ = await pending_approval(matrix, "default")
+    viewer = await matrix.client("viewer", h.tenant)
     approver = await matrix.client("approver", h.tenant)
-    pending = await asyncio.wait_for(approver.pending_approval(run_id, "gate"), 3 * DENIED_TIMEOUT)
-    assert pending.approver_role == "finance"
+    assert not creds_permissions(viewer.creds).allows_publish(s.js_direct_get(s.EVENTS_STREAM))  # type: ignore[arg-type]
+
+    run = await asyncio.wait_for(viewer.load_run(run_id), 5)
+    approval = run.steps["gate"].approval
+    assert approval is not None and approval.status == "requested" and approval.approver_role == "finance"
+    assert await asyncio.wait_for(viewer.events(run_id), 5) == await h.events(run_id)
+
+    # every slot held by a watch: another read is refused at once, naming why
+    seen: list[list[dict[str, Any]]] = [[] for _ in range(p.PRINCIPAL_CONSUMER_SLOTS)]
+    started_watching = [asyncio.Event() for _ in seen]
+
+    async def watch(i: int) -> None:
+        async for envelope in viewer.watch(run_id, timeout=30):
+            seen[i].append(envelope)
+            started_watching[i].set()
+
+    watches = [asyncio.create_task(watch(i)) for i in range(len(seen))]
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started_watching)), 10)
+    with pytest.raises(ClientError, match=rf"^{viewer.principal} \(.+\.creds\) cannot read a run's log now: all "
+                                          rf"{p.PRINCIPAL_CONSUMER_SLOTS} consumers this credential may read "
+                                          rf"{s.EVENTS_STREAM} through \(.+\) are in use"):
+        await viewer.load_run(run_id)
+
+    # the approver's slots are its own: it finds the pending approval and decides it without
+    # being told the role or the job hash
+    assert (await asyncio.wait_for(approver.pending_approval(run_id, "gate"), 5)).job_hash == approval.job_hash
+    assert (await asyncio.wait_for(approver.approve(run_id, "gate"), 5)).ok
+    await asyncio.wait_for(asyncio.gather(*watches), 20)
+    final = await viewer.events(run_id)  # the watches gave their slots back
+    assert types(final)[-1] == "RunSucceeded"
+    assert seen == [[e for e in final if e["type"] != "StepHeartbeat"]] * len(seen)
+    assert (await viewer.load_run(run_id)).status == "succeeded"
 
 
 # -- revocation ------------------------------------------------------------------------------

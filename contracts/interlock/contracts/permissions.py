@@ -104,6 +104,10 @@ def js_consumer_info(stream: str, consumer: str) -> str:
     return f"{s.JS_API_PREFIX}.CONSUMER.INFO.{_stream(stream)}.{s.token(consumer, 'consumer')}"
 
 
+def js_consumer_delete(stream: str, consumer: str) -> str:
+    return f"{s.JS_API_PREFIX}.CONSUMER.DELETE.{_stream(stream)}.{s.token(consumer, 'consumer')}"
+
+
 # -- key-value buckets and object stores (JetStream streams underneath) ------------------------
 def kv_stream(bucket: str) -> str:
     return f"KV_{s.token(bucket, 'bucket')}"

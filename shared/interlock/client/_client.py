@@ -10,7 +10,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -47,13 +47,13 @@ from interlock.contracts.messages import (
     RunsQuery,
     Trigger,
 )
-from interlock.core.eventstore import EventStore, RunNotFound, StoredCommit
+from interlock.core.eventstore import EventStore, RunNotFound, SlotsBusy, StoredCommit
 from interlock.core.ids import run_id_for
 from interlock.core.run import Run
 from interlock.core.topology import provision
 from interlock.core.verify import VerifyReport, verify_run
 from interlock.core.workflow import Workflow
-from interlock.identity import creds_permissions
+from interlock.identity import creds_inbox_prefix, creds_permissions
 from interlock.runtime import tls as _tls
 from interlock.runtime.connect import ConnectRefused, connect
 from interlock.runtime.policy import ACTIVE as POLICY_KEY
@@ -74,6 +74,15 @@ def _tls_overrides(ca: str | Path | None, cert: str | Path | None, key: str | Pa
     if hostname is not None:
         overrides["tls_hostname"] = hostname
     return overrides
+
+
+def _read_slots(creds: Path | None) -> tuple[str, ...]:
+    """The consumers through which a credential that may not direct-get the run logs (a person's:
+    a batch get cannot be held to a tenant) reads them: its own slots. Empty: direct gets."""
+    if creds is None or creds_permissions(creds).allows_publish(s.js_direct_get(s.EVENTS_STREAM)):
+        return ()
+    owner = creds_inbox_prefix(creds).removeprefix(f"{p.INBOX_ROOT}.")
+    return tuple(p.principal_consumer(owner, i) for i in range(p.PRINCIPAL_CONSUMER_SLOTS))
 
 
 class Client:
@@ -137,6 +146,7 @@ class Client:
         client = cls(nc, url=target, url_source=source, tenant=settings.tenant, name=name, principal=who)
         client.creds = creds_file
         client.creds_source = creds_source
+        client._store = EventStore(nc, client.js, service=name, slots=_read_slots(creds_file))
         return client
 
     def with_tenant(self, tenant: str) -> Client:
@@ -247,27 +257,48 @@ class Client:
                     heartbeats: bool = False) -> AsyncIterator[dict[str, Any]]:
         """Every event envelope of the run, from its first, as it is appended, until (and with)
         the terminal one. Raises :class:`ClientError` if the run has not ended by ``timeout``."""
-        sub = await self.js.subscribe(s.run_events(self.tenant, run_id), ordered_consumer=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         heartbeat = ev.StepHeartbeat.type_name
-        try:
-            while True:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
+        async with contextlib.aclosing(self._follow(run_id)) as commits:
+            async for commit in commits:
+                if deadline is not None and time.monotonic() >= deadline:
                     raise ClientError(f"run {run_id} did not finish within {timeout:g}s")
-                try:
-                    msg = await sub.next_msg(timeout=min(remaining or 1.0, 1.0))
-                except nats.errors.TimeoutError:
-                    continue
-                for envelope in json.loads(msg.data)["events"]:
+                for envelope in commit.envelopes if commit is not None else ():
                     if envelope["type"] == heartbeat and not heartbeats:
                         continue
                     yield envelope
                     if envelope["type"] in TERMINAL_EVENTS:
                         return
+
+    async def _follow(self, run_id: str) -> AsyncGenerator[StoredCommit | None, None]:
+        """The run's commits as they are appended; None after each idle second. An ordered
+        consumer, or (a credential that may not direct-get) one of its own slot consumers."""
+        subject = s.run_events(self.tenant, run_id)
+        if self._store.recorder.slots:
+            with self._slots_busy():
+                async with contextlib.aclosing(self._store.recorder.follow(subject)) as commits:
+                    async for commit in commits:
+                        yield commit
+            return
+        sub = await self.js.subscribe(subject, ordered_consumer=True)
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=1.0)
+                except nats.errors.TimeoutError:
+                    yield None
+                    continue
+                yield StoredCommit(msg.metadata.sequence.stream, json.loads(msg.data)["events"])
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    @contextlib.contextmanager
+    def _slots_busy(self) -> Iterator[None]:
+        try:
+            yield
+        except SlotsBusy as e:
+            raise ClientError(f"{self.principal} ({self.creds}) cannot read a run's log now: {e}") from None
 
     async def wait(self, run_id: str, *, timeout: float | None = None, on_event: OnEvent | None = None) -> str:
         """Wait for the run to end; return its final event type (e.g. ``RunSucceeded``).
@@ -284,13 +315,15 @@ class Client:
     async def load_run(self, run_id: str) -> Run:
         """The run as replaying its log gives it."""
         try:
-            return (await self._store.load(self.tenant, run_id, fresh=True)).run
+            with self._slots_busy():
+                return (await self._store.load(self.tenant, run_id, fresh=True)).run
         except RunNotFound as e:
             raise NotFound(str(e)) from None
 
     async def read_commits(self, run_id: str, after_seq: int = 0) -> list[StoredCommit]:
         """The run's commits after stream sequence ``after_seq``, in order, as stored."""
-        return await self._store.read_commits(self.tenant, run_id, after_seq)
+        with self._slots_busy():
+            return await self._store.read_commits(self.tenant, run_id, after_seq)
 
     async def events(self, run_id: str) -> list[dict[str, Any]]:
         """Every event envelope of the run, in order (empty if it has none)."""

@@ -94,7 +94,8 @@ class Grant:
             pub.append(p.js_stream_info(stream))
             for name in self.own_consumers:
                 pub += [p.js_filtered_consumer_create(stream, filter_subject, name),
-                        p.js_consumer_info(stream, name), s.js_consumer_next(stream, name),
+                        p.js_consumer_info(stream, name), p.js_consumer_delete(stream, name),
+                        s.js_consumer_next(stream, name),
                         p.js_ack(stream, name), p.js_flow_control(stream, name)]
         return Permissions(pub_allow=_unique(pub), pub_deny=self.deny, sub_allow=self.subscribe,
                            responses=1 if self.responds else 0)

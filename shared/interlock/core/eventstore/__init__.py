@@ -24,6 +24,7 @@ from interlock.core.eventstore.recorder import (
     DUPLICATE_IN_PROCESS,
     WRONG_LAST_SEQUENCE,
     JetStreamRecorder,
+    SlotsBusy,
     StoredCommit,
 )
 from interlock.core.eventstore.repository import MAX_COMMIT_EVENTS, Decide, EventStore, RunHandle
@@ -42,6 +43,7 @@ __all__ = [
     "RunExists",
     "RunHandle",
     "RunNotFound",
+    "SlotsBusy",
     "StaleState",
     "StoredCommit",
     "TooManyConflicts",

@@ -6,7 +6,10 @@
 - A lost ack (timeout, leader election, reconnect) is resolved by reading the subject's last
   message: if it carries our message id the append landed. Otherwise the recorder tries again
   for up to ``failover_patience`` seconds.
-- Reads are batched direct gets (one request for a whole run) on one shared reply inbox.
+- Reads are batched direct gets (one request for a whole run) on one shared reply inbox; a
+  credential that may not direct-get (a person's: a batch get cannot be held to a tenant) reads
+  through one of its own named consumers (``slots``), created for the read with the subject as
+  its filter and deleted after it.
 
 It knows subjects, payload bytes and sequences; runs, caches and hash chains are the
 repository's (:mod:`interlock.core.eventstore.repository`).
@@ -15,8 +18,11 @@ repository's (:mod:`interlock.core.eventstore.repository`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import uuid
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +34,7 @@ from nats.js.api import Header
 from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, ServiceUnavailableError
 
 from interlock.contracts import headers as h
+from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
 from interlock.core import codec
 from interlock.core.eventstore.errors import Conflict, EventStoreError
@@ -46,6 +53,10 @@ _SEQUENCE = h.SEQUENCE
 _NUM_PENDING = h.NUM_PENDING
 _LAST_SEQUENCE = h.LAST_SEQUENCE
 
+CONSUMER_EXISTS = 10148  # a create (action "create") of a name another reader holds
+SLOT_IDLE_SECONDS = 30.0  # a slot consumer its reader abandoned (crash) is removed after this
+_PULL_BATCH = 1000
+
 # No ack: a stream-leader election, a reconnect, or the write landed and the ack was lost.
 _NO_ACK = (nats.errors.TimeoutError, NoStreamResponseError, ServiceUnavailableError,
            nats.errors.NoRespondersError, nats.errors.ConnectionReconnectingError)
@@ -59,11 +70,23 @@ class StoredCommit:
     envelopes: list[dict[str, Any]]
 
 
+class SlotsBusy(EventStoreError):
+    """Every consumer slot of the credential is held by another read (a watch, a load)."""
+
+
+def _commit(seq: int, data: bytes) -> StoredCommit:
+    return StoredCommit(seq, codec.decode_commit_raw(data)["events"])
+
+
 class JetStreamRecorder:
-    """Appends to and reads from subjects of one stream. Safe for concurrent tasks."""
+    """Appends to and reads from subjects of one stream. Safe for concurrent tasks.
+
+    ``slots``: names of the consumers this credential may create (one filter each); given, reads
+    go through them instead of direct gets."""
 
     def __init__(self, nc: NATS, js: JetStreamContext, *, stream: str = s.EVENTS_STREAM,
-                 publish_timeout: float = 5.0, failover_patience: float = 30.0) -> None:
+                 publish_timeout: float = 5.0, failover_patience: float = 30.0,
+                 slots: Sequence[str] = ()) -> None:
         self.nc = nc
         self.js = js
         self.stream = stream
@@ -72,10 +95,14 @@ class JetStreamRecorder:
         self._inbox: str | None = None
         self._request_no = 0
         self._replies: dict[str, asyncio.Queue[Msg]] = {}
+        self.slots = tuple(slots)
 
     # -- reading -----------------------------------------------------------------------------
     async def read_commits(self, subject: str, after_seq: int = 0) -> list[StoredCommit]:
         """Every commit on ``subject`` after stream sequence ``after_seq``, in order."""
+        if self.slots:
+            async with contextlib.aclosing(self._through_slot(subject, after_seq, follow=False)) as read:
+                return [commit async for commit in read if commit is not None]
         commits: list[StoredCommit] = []
         start = after_seq + 1
         while True:
@@ -123,10 +150,71 @@ class JetStreamRecorder:
                                 int(headers.get(_LAST_SEQUENCE, "0")))
                     raise EventStoreError(f"direct get on {subject} failed: {status} "
                                           f"{headers.get(_DESCRIPTION, '')}")
-                raw = codec.decode_commit_raw(msg.data)
-                commits.append(StoredCommit(int(headers[_SEQUENCE]), raw["events"]))
+                commits.append(_commit(int(headers[_SEQUENCE]), msg.data))
         finally:
             del self._replies[inbox]
+
+    def follow(self, subject: str, after_seq: int = 0, idle: float = 1.0) -> AsyncGenerator[StoredCommit | None, None]:
+        """Every commit on ``subject`` after ``after_seq`` as it is appended, through a slot
+        consumer held until the caller closes the generator (``contextlib.aclosing``); None after
+        each ``idle`` seconds without one."""
+        return self._through_slot(subject, after_seq, follow=True, idle=idle)
+
+    async def _through_slot(self, subject: str, after_seq: int, *, follow: bool, idle: float = 1.0
+                            ) -> AsyncGenerator[StoredCommit | None, None]:
+        name, pending = await self._take_slot(subject, after_seq)
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        try:
+            while follow or pending:
+                expires = idle if follow else self.publish_timeout
+                request = {"batch": _PULL_BATCH, "expires": int(expires * 1e9)}
+                await self.nc.publish(s.js_consumer_next(self.stream, name), json.dumps(request).encode(), reply=inbox)
+                for _ in range(_PULL_BATCH):
+                    try:
+                        msg = await sub.next_msg(timeout=expires + self.publish_timeout)
+                    except nats.errors.TimeoutError:
+                        raise EventStoreError(f"consumer {name} on {self.stream} sent nothing for "
+                                              f"{expires + self.publish_timeout:g}s") from None
+                    status = (msg.headers or {}).get(_STATUS)
+                    if status:  # 408: the pull expired; 409: the consumer went away (deleted, idle)
+                        if status != "408" or not follow:
+                            raise EventStoreError(f"reading {subject} through consumer {name} failed: {status} "
+                                                  f"{(msg.headers or {}).get(_DESCRIPTION, '')}")
+                        yield None
+                        break
+                    meta = msg.metadata
+                    pending = meta.num_pending
+                    yield _commit(meta.sequence.stream, msg.data)
+                    if not (follow or pending):
+                        return
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            with contextlib.suppress(Exception):
+                await self.nc.request(p.js_consumer_delete(self.stream, name), b"", timeout=self.publish_timeout)
+
+    async def _take_slot(self, subject: str, after_seq: int) -> tuple[str, int]:
+        """Create a consumer of ``subject`` under the first free slot name: (name, commits pending).
+        A create with action "create" fails on a name in use, so concurrent readers never share one."""
+        tag = uuid.uuid4().hex  # two readers of the same subject must still differ in config
+        for name in self.slots:
+            config = {"name": name, "filter_subject": subject, "ack_policy": "none", "mem_storage": True,
+                      "inactive_threshold": int(SLOT_IDLE_SECONDS * 1e9), "description": f"read {tag}",
+                      **({"deliver_policy": "by_start_sequence", "opt_start_seq": after_seq + 1}
+                         if after_seq else {"deliver_policy": "all"})}
+            request = {"stream_name": self.stream, "config": config, "action": "create"}
+            reply = await self.nc.request(p.js_filtered_consumer_create(self.stream, subject, name),
+                                          json.dumps(request).encode(), timeout=self.publish_timeout)
+            info = json.loads(reply.data)
+            error = info.get("error")
+            if error is None:
+                return name, int(info.get("num_pending", 0))
+            if error.get("err_code") != CONSUMER_EXISTS:
+                raise EventStoreError(f"cannot create consumer {name} of {subject}: {error.get('description')}")
+        raise SlotsBusy(f"all {len(self.slots)} consumers this credential may read {self.stream} through "
+                        f"({', '.join(self.slots)}) are in use by other reads (watches, loads); end one, or wait "
+                        f"{SLOT_IDLE_SECONDS:g}s for an abandoned one to be removed")
 
     # -- writing -----------------------------------------------------------------------------
     async def append(self, subject: str, payload: bytes, msg_id: str, expected_seq: int) -> int:

@@ -69,9 +69,9 @@ class EventStore:
     """Load and append run events on JetStream. One per process; safe for concurrent tasks."""
 
     def __init__(self, nc: NATS, js: JetStreamContext, *, service: str, cache_size: int = 1024,
-                 publish_timeout: float = 5.0, failover_patience: float = 30.0) -> None:
+                 publish_timeout: float = 5.0, failover_patience: float = 30.0, slots: Sequence[str] = ()) -> None:
         self.recorder = JetStreamRecorder(nc, js, stream=s.EVENTS_STREAM, publish_timeout=publish_timeout,
-                                          failover_patience=failover_patience)
+                                          failover_patience=failover_patience, slots=slots)
         self.nc = nc
         self.js = js
         self.service = service
@@ -86,7 +86,8 @@ class EventStore:
 
     # -- reading -----------------------------------------------------------------------------
     async def read_commits(self, tenant: str, run_id: str, after_seq: int = 0) -> list[StoredCommit]:
-        """Every commit of a run after stream sequence ``after_seq``, in order (batched direct get)."""
+        """Every commit of a run after stream sequence ``after_seq``, in order (batched direct get,
+        or the recorder's slot consumers)."""
         return await self.recorder.read_commits(s.run_events(tenant, run_id), after_seq)
 
     def _replay(self, commits: list[StoredCommit], tenant: str, run_id: str,
