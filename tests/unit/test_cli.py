@@ -446,6 +446,26 @@ def test_workflow_list_and_apply(fake: FakeClient, group: str, examples_dir: Pat
     assert args[0] == Path(path).read_text() and kwargs == {"filename": path}
 
 
+@pytest.mark.parametrize("command", [["validate"], ["workflow", "apply"]])
+def test_bad_workflow_files_get_one_clear_line(fake: FakeClient, command: list[str], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"id: wf\nversion: 1\nname: caf\xe9\nsteps: {a: {topic: t}}\n")
+    binary = tmp_path / "blob.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00")
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"id: wf\nversion: 1\nsteps: {a: {topic: t}}\n" + b"#" * 200)
+    monkeypatch.setenv("INTERLOCK_WORKFLOW_MAX_BYTES", "100")
+    expected = {latin1: f"{latin1}:3: not UTF-8 text: invalid byte 0xe9 at byte offset 27",
+                binary: f"{binary}: not a text file: NUL byte at byte offset 8",
+                big: f"{big}: the workflow is {big.stat().st_size} bytes, over the limit of 100 bytes"}
+    for path, line in expected.items():
+        result = cli(*command, str(path))
+        assert result.exit_code == 1, result.output
+        assert result.stdout.startswith(line) and result.stdout.count("\n") == 1
+    assert fake.called("apply_workflow") == []
+
+
 # -- policy ----------------------------------------------------------------------------------------
 def decision(**extra: Any) -> PolicyDecision:
     return PolicyDecision(decision="require_approval", snapshot_id="4@" + JOB_HASH,

@@ -131,6 +131,20 @@ def test_notify_step_sends_its_message_and_succeeds() -> None:
     assert run.steps["tell"].output == {"subject": s.notify(run.tenant, "ops"), "message": "a said hi"}
 
 
+def test_notify_step_without_message_sends_a_run_summary() -> None:
+    wf = workflow(a={"topic": "t.a"}, b={"topic": "t.b"}, tell={"type": "notify", "depends_on": "a"})
+    run = released(wf)
+    rules.dispatch(run, wf, now())
+    run.succeed_step(ev.StepSucceeded(step_id="a", attempt=1, output={}))
+    run.collect_events()
+    advance(run, wf)
+    decide(run, "tell")
+    run.collect_events()
+    [note] = rules.dispatch(run, wf, now())
+    assert isinstance(note, Notification)
+    assert note.message == f"workflow wf run {run.run_id}: a=succeeded, b={run.steps['b'].status}"
+
+
 def test_cancel_notice_only_for_an_early_end() -> None:
     cancelled = {"type": ev.RunCancelled.type_name, "data": {"by": "ann", "reason": "enough"}}
     timed_out = {"type": ev.RunTimedOut.type_name, "data": {"timeout_ms": 5}}

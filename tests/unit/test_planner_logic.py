@@ -70,6 +70,17 @@ def test_roots_are_ready_and_dependents_wait_for_them() -> None:
     assert run.steps["b"].status == "ready" and run.steps["b"].input == {"got": "yes"}
 
 
+def test_a_job_step_without_input_gets_the_run_input() -> None:
+    wf = workflow(a={"topic": "t.a"}, b={"topic": "t.b", "input": None})
+    run = started_run(wf, {"x": 4})
+    a, b = run.steps["a"], run.steps["b"]
+    assert (a.input, b.input) == ({"x": 4}, None)  # an explicit `input: null` stays null
+    assert a.job_hash == codec.job_hash(workflow_id="wf", workflow_version="1", step_id="a", topic="t.a",
+                                        input={"x": 4})
+    again = started_run(wf, {"x": 4})
+    assert again.steps["a"].job_hash == a.job_hash  # deterministic: same run input, same hash
+
+
 def test_template_context_reads_workflow_steps_only() -> None:
     wf = workflow(fan={"topic": "t.f", "for_each": "{{ [1] }}"})
     run = started_run(wf, {"k": 1})
@@ -156,7 +167,8 @@ def test_compensation_undoes_the_latest_first_then_fails_the_run() -> None:
     assert [(d.failed_step, d.steps) for d in started] == [("c", ["b", "a"])]
     undo_b = run.steps[compensation_id("b")]
     assert (undo_b.topic, undo_b.compensation_of, undo_b.step_type) == ("t.undo_b", "b", "job")
-    assert undo_b.input == {"step": "b", "input": None, "output": {"id": "B"}}
+    # b names no input, so it received the run's input; its compensation sees the same.
+    assert undo_b.input == {"step": "b", "input": {"order": 7}, "output": {"id": "B"}}
     assert compensation_id("a") not in run.steps  # one at a time
     finish(run, wf, compensation_id("b"))
     assert run.steps[compensation_id("a")].status == "ready"

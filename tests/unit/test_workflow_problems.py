@@ -159,7 +159,7 @@ def test_invalid_topics() -> None:
 def test_fields_of_other_step_types_are_rejected() -> None:
     problems = steps_problems(
         """
-        gate: {type: approval, topic: x, channel: c}
+        gate: {type: approval, approvers: ops, topic: x, channel: c}
         tell: {type: notify, message: hi, approvers: ops}
         job: {topic: t, prompt: p}
         """
@@ -172,8 +172,73 @@ def test_fields_of_other_step_types_are_rejected() -> None:
     ]
 
 
-def test_notify_needs_message() -> None:
-    assert triples(steps_problems("tell: {type: notify}\n")) == [("steps.tell", "notify step needs a 'message'", 4)]
+def test_notify_without_message_is_accepted() -> None:
+    workflow = load_workflow(HEADER + "  tell: {type: notify}\n")
+    assert workflow.steps["tell"].message is None  # the dispatcher sends a run summary
+
+
+def test_approval_needs_approvers() -> None:
+    assert triples(steps_problems("gate: {type: approval}\n")) == [
+        ("steps.gate", "approval step needs 'approvers' (the role allowed to decide)", 4)]
+
+
+def test_version_must_start_with_a_digit() -> None:
+    problems = problems_of("id: wf\nversion: one\nsteps: {a: {topic: t}}\n")
+    assert triples(problems) == [
+        ("version", "invalid version 'one': start with a digit, e.g. 1, 2024.1 or 1.0.0", 2)]
+    assert load_workflow("id: wf\nversion: 1.0.0\nsteps: {a: {topic: t}}\n").version == "1.0.0"
+
+
+def test_unknown_filter_and_test_are_reported_with_their_line() -> None:
+    problems = steps_problems(
+        """
+        a: {topic: t, input: {x: "{{ input.x | nosuchfilter }}"}}
+        b: {topic: t, when: "input.x is nosuchtest"}
+        c: {type: notify, message: "{{ input.x | uper }}"}
+        """
+    )
+    assert triples(problems) == [
+        ("steps.a.input.x", "unknown filter 'nosuchfilter' (in '{{ input.x | nosuchfilter }}')", 4),
+        ("steps.b.when", "unknown test 'nosuchtest' (in 'input.x is nosuchtest')", 5),
+        ("steps.c.message", "unknown filter 'uper' (did you mean 'upper'?) (in '{{ input.x | uper }}')", 6),
+    ]
+
+
+def test_non_utf8_file_is_one_problem_naming_file_and_offset(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"id: wf\nversion: 1\nname: caf\xe9\nsteps: {a: {topic: t}}\n")
+    with pytest.raises(WorkflowInvalid) as info:
+        load_workflow(path)
+    assert str(info.value) == f"{path}:3: not UTF-8 text: invalid byte 0xe9 at byte offset 27"
+
+
+def test_binary_file_is_one_problem(tmp_path: Path) -> None:
+    path = tmp_path / "blob.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(WorkflowInvalid) as info:
+        load_workflow(path)
+    assert str(info.value) == f"{path}: not a text file: NUL byte at byte offset 8"
+
+
+def test_size_limit_is_checked_before_parsing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "big.yaml"
+    path.write_bytes(b"id: wf\nversion: 1\nsteps: {a: {topic: t}}\n#" + b"x" * (2 * 1024 * 1024))
+    size = path.stat().st_size
+    with pytest.raises(WorkflowInvalid) as info:
+        load_workflow(path)
+    assert str(info.value) == (f"{path}: the workflow is {size} bytes, over the limit of 1048576 bytes "
+                               f"(set INTERLOCK_WORKFLOW_MAX_BYTES to change it)")
+    with pytest.raises(WorkflowInvalid, match="over the limit of 10 bytes"):
+        load_workflow("id: wf\nversion: 1\nsteps: {a: {topic: t}}\n", max_bytes=10)  # text, as the registry gets it
+    monkeypatch.setenv("INTERLOCK_WORKFLOW_MAX_BYTES", str(size))
+    assert load_workflow(path).id == "wf"
+
+
+def test_design_document_workflow_validates_as_written() -> None:
+    path = DATA / "design_document.yaml"
+    workflow = load_workflow(path)
+    assert workflow.version == "1.0.0"
+    assert workflow.steps["notify"].type == "notify" and workflow.steps["notify"].message is None
 
 
 def test_max_parallel_needs_for_each() -> None:

@@ -32,7 +32,7 @@ from interlock.contracts.messages import (
 from interlock.core.eventstore import StaleState
 from interlock.core.ids import job_id
 from interlock.core.run import ACTIVE_ATTEMPT, Run, StepState
-from interlock.core.steps import base_step_id, output_schema_error, template_context
+from interlock.core.steps import base_step_id, is_workflow_step, output_schema_error, template_context
 from interlock.core.workflow import Step, Workflow, render_text
 from interlock.runtime import tracing
 
@@ -124,10 +124,20 @@ def publish_job(run: Run, workflow: Workflow, state: StepState) -> PublishJob:
     return PublishJob(job, deadline)
 
 
+def _run_summary(run: Run, step_id: str) -> str:
+    """One line for a notify step without a message: the run and each step's state."""
+    states = ", ".join(f"{sid}={st.status}" for sid, st in run.steps.items()
+                       if sid != step_id and is_workflow_step(sid))
+    return f"workflow {run.workflow_id} run {run.run_id}: {states or 'no steps'}"
+
+
 def _notify(run: Run, workflow: Workflow, state: StepState) -> Notification:
     spec = _spec(workflow, state)
-    text = render_text(spec.message or f"{run.workflow_id}: {state.step_id}", template_context(run, {}, run.input),
-                       location=f"steps.{state.step_id}.message")
+    if spec.message is None:
+        text = _run_summary(run, state.step_id)
+    else:
+        text = render_text(spec.message, template_context(run, {}, run.input),
+                           location=f"steps.{state.step_id}.message")
     subject = s.notify(run.tenant, spec.channel)
     run.succeed_step(ev.StepSucceeded(step_id=state.step_id, attempt=0, output={"subject": subject, "message": text}))
     return Notification(run_id=run.run_id, tenant=run.tenant, workflow_id=run.workflow_id, step_id=state.step_id,

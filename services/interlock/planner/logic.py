@@ -21,6 +21,7 @@ from interlock.core.steps import compensation_id, is_workflow_step, item_id, sch
 from interlock.core.workflow import (
     OnError,
     Step,
+    StepType,
     TemplateError,
     Workflow,
     evaluate_condition,
@@ -137,13 +138,20 @@ def _plan_step(run: Run, wf: Workflow, sid: str, spec: Step, context: dict[str, 
             run.expand_step(ev.StepExpanded(step_id=sid, count=len(items)))
             _plan_items(run, wf, sid, spec, run.steps[sid], context, items, spill=spill)
             return
-        value = render_input(spec.input, context, location=f"steps.{sid}.input")
+        value = _step_input(spec, context, sid)
     except TemplateError as e:
         run.mark_step_ready(ev.StepReady(step_id=sid, step_type=spec.type.value, topic=spec.topic,
                                          input=None, job_hash=""))
         _fail_now(run, sid, str(e), "template")
         return
     _ready(run, wf, sid, spec, value, spill=spill)
+
+
+def _step_input(spec: Step, context: dict[str, Any], sid: str) -> Any:
+    """The rendered ``input``; a job step that names none gets the run's input (not null)."""
+    if spec.type is StepType.JOB and "input" not in spec.model_fields_set:
+        return context["input"]
+    return render_input(spec.input, context, location=f"steps.{sid}.input")
 
 
 def _plan_items(run: Run, wf: Workflow, sid: str, spec: Step, parent: StepState, context: dict[str, Any],
@@ -173,7 +181,7 @@ def _plan_items(run: Run, wf: Workflow, sid: str, spec: Step, parent: StepState,
             continue
         item_context = {**context, "item": items[i] if i < len(items) else None, "index": i}
         try:
-            value = render_input(spec.input, item_context, location=f"steps.{sid}.input")
+            value = _step_input(spec, item_context, sid)
         except TemplateError as e:
             cid = item_id(sid, i)
             run.mark_step_ready(ev.StepReady(step_id=cid, topic=spec.topic, input=None, job_hash="", parent_id=sid))

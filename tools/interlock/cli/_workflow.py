@@ -7,11 +7,11 @@ from typing import Annotated
 
 import typer
 
-from interlock.cli._common import connected, read_text, with_globals
+from interlock.cli._common import connected, with_globals
 from interlock.cli._output import Column, Format, OutputOption, echo, emit_rows, short_hash
 from interlock.client import Client, WorkflowInvalid
 from interlock.contracts import subjects as s
-from interlock.core.workflow import load_workflow
+from interlock.core.workflow import load_workflow, read_workflow_file
 
 app = typer.Typer(no_args_is_help=True, help="Register, list and check workflow definitions.")
 
@@ -21,7 +21,11 @@ app = typer.Typer(no_args_is_help=True, help="Register, list and check workflow 
 def apply(ctx: typer.Context,
           file: Annotated[str, typer.Argument(metavar="FILE", help="workflow YAML file")]) -> None:
     """Register a workflow version from a YAML file (a version is immutable once registered)."""
-    text = read_text(file)
+    try:
+        text = read_workflow_file(file)  # size, UTF-8 and binary checks before anything is sent
+    except WorkflowInvalid as e:
+        echo(str(e))
+        raise typer.Exit(1) from None
 
     async def work(client: Client) -> int:
         try:

@@ -11,7 +11,7 @@ import difflib
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeGuard
 
-from jinja2 import TemplateSyntaxError, nodes
+from jinja2 import TemplateError, TemplateSyntaxError, nodes
 
 from ._problems import Issue, Path
 from ._templates import CONTEXT_VARIABLES, ENV, analyze, expression_source, is_template, parse_expression
@@ -106,8 +106,9 @@ def _check_step(sid: str, step: Mapping[str, Any], issues: list[Issue]) -> None:
                     issues.append(Issue((*base, field), f"'{field}' only applies to {other} steps"))
         if step_type == "job" and step.get("topic") is None:
             issues.append(Issue(base, "job step needs a 'topic'"))
-        if step_type == "notify" and step.get("message") is None:
-            issues.append(Issue(base, "notify step needs a 'message'"))
+        if step_type == "approval" and step.get("approvers") is None:
+            # No silent default role: whoever may approve must be written down.
+            issues.append(Issue(base, "approval step needs 'approvers' (the role allowed to decide)"))
     if "max_parallel" in step and step.get("for_each") is None:
         issues.append(Issue((*base, "max_parallel"), "max_parallel needs for_each"))
     heartbeat, timeout = step.get("heartbeat_timeout_ms"), step.get("timeout_ms")
@@ -168,7 +169,21 @@ def _check_template(
     except TemplateSyntaxError as exc:
         issues.append(Issue(path, f"template syntax error: {exc.message} (in {source!r})"))
         return
-    refs = analyze(tree)
+    # Parsing does not look filters and tests up; compiling (in analyze) raises on them.
+    unknown = False
+    for node in tree.find_all((nodes.Filter, nodes.Test)):
+        known = ENV.filters if isinstance(node, nodes.Filter) else ENV.tests
+        if node.name not in known:
+            kind = "filter" if isinstance(node, nodes.Filter) else "test"
+            issues.append(Issue(path, f"unknown {kind} {node.name!r}{did_you_mean(node.name, known)} (in {source!r})"))
+            unknown = True
+    if unknown:
+        return
+    try:
+        refs = analyze(tree)
+    except TemplateError as exc:  # anything else the compiler refuses
+        issues.append(Issue(path, f"template error: {exc.message} (in {source!r})"))
+        return
     for var in sorted(refs.variables):
         if var in ("item", "index"):
             if not item_ok:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -15,6 +17,71 @@ from ._problems import Path, Problem, WorkflowInvalid, format_path
 # Bounds the line-map walk: aliases can make a tiny file expand into a huge tree.
 _MAX_NODES = 200_000
 _TOO_DEEP = "the workflow is nested too deeply"
+
+
+DEFAULT_MAX_BYTES = 1024 * 1024
+MAX_BYTES_ENV = "INTERLOCK_WORKFLOW_MAX_BYTES"
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """Limits applied before a workflow file is parsed."""
+
+    # A 32 MB file once took minutes and gigabytes to reject: refuse by size first.
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+    @classmethod
+    def from_env(cls) -> LoadSettings:
+        """Read ``INTERLOCK_WORKFLOW_MAX_BYTES`` (bytes; unset or empty: 1 MiB)."""
+        raw = os.environ.get(MAX_BYTES_ENV, "").strip()
+        if not raw:
+            return cls()
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{MAX_BYTES_ENV} must be a positive integer (bytes), got {raw!r}") from None
+        if value <= 0:
+            raise ValueError(f"{MAX_BYTES_ENV} must be a positive integer (bytes), got {raw!r}")
+        return cls(max_bytes=value)
+
+
+def _too_large(size: int, limit: int) -> Problem:
+    message = f"the workflow is {size} bytes, over the limit of {limit} bytes (set {MAX_BYTES_ENV} to change it)"
+    return Problem("", message)
+
+
+def decode_workflow(data: bytes, filename: str | None = None, *, max_bytes: int | None = None) -> str:
+    """The text of a workflow file's bytes: UTF-8, no NUL bytes, within the size limit.
+
+    Raises ``WorkflowInvalid`` with one problem naming the file (and the byte offset).
+    """
+    limit = LoadSettings.from_env().max_bytes if max_bytes is None else max_bytes
+    if len(data) > limit:
+        raise WorkflowInvalid([_too_large(len(data), limit)], filename)
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise WorkflowInvalid([Problem("", f"not a text file: NUL byte at byte offset {nul}")], filename)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        message = f"not UTF-8 text: invalid byte 0x{data[exc.start]:02x} at byte offset {exc.start}"
+        raise WorkflowInvalid([Problem("", message, line)], filename) from None
+
+
+def read_workflow_file(path: str | pathlib.Path, *, max_bytes: int | None = None) -> str:
+    """Read a workflow file's text, checking its size before reading. Raises ``WorkflowInvalid``."""
+    path = pathlib.Path(path)
+    limit = LoadSettings.from_env().max_bytes if max_bytes is None else max_bytes
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(limit + 1)  # never read more than the limit allows
+            size = os.fstat(fh.fileno()).st_size
+    except OSError as exc:
+        raise WorkflowInvalid([Problem("", f"cannot read workflow: {exc.strerror or exc}")], str(path)) from None
+    if len(data) > limit:
+        raise WorkflowInvalid([_too_large(max(size, len(data)), limit)], str(path))
+    return decode_workflow(data, str(path), max_bytes=limit)
 
 
 class _Loader(yaml.SafeLoader):
@@ -109,19 +176,25 @@ def _read_yaml(text: str) -> tuple[Any, dict[Path, int], list[Problem]]:
     return data, lines, duplicates
 
 
-def load_workflow(source: str | pathlib.Path, *, filename: str | None = None) -> Workflow:
+def load_workflow(source: str | pathlib.Path, *, filename: str | None = None,
+                  max_bytes: int | None = None) -> Workflow:
     """Load and validate a workflow: a ``Path`` is read from disk, a ``str`` is YAML text.
 
-    Raises ``WorkflowInvalid`` listing every problem found.
+    ``max_bytes`` (default: ``INTERLOCK_WORKFLOW_MAX_BYTES``, else 1 MiB) is checked before
+    parsing. Raises ``WorkflowInvalid`` listing every problem found.
     """
     if isinstance(source, pathlib.Path):
         filename = filename or str(source)
         try:
-            text = source.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise WorkflowInvalid([Problem("", f"cannot read workflow: {exc}")], filename) from None
+            text = read_workflow_file(source, max_bytes=max_bytes)
+        except WorkflowInvalid as exc:
+            raise WorkflowInvalid(exc.problems, filename) from None
     else:
         text = source
+        limit = LoadSettings.from_env().max_bytes if max_bytes is None else max_bytes
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise WorkflowInvalid([_too_large(size, limit)], filename)
     try:
         data, lines, duplicate_problems = _read_yaml(text)
     except WorkflowInvalid as exc:

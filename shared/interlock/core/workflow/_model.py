@@ -36,6 +36,8 @@ _WORKFLOW_ID = re.compile(r"^[a-z0-9_-]+$")
 _STEP_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _TOPIC = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _SUBJECT_TOKEN = re.compile(r"^[^\s.*>]+$")
+# A digit first, then what semver and calendar versions use; words like "one" are typos.
+_VERSION = re.compile(r"^[0-9][0-9A-Za-z.+_-]*$")
 
 
 def _workflow_id(value: str) -> str:
@@ -78,6 +80,8 @@ def _version(value: Any) -> Any:
         raise ValueError(f"version was read as the number {value!r}; quote it to keep it as written")
     if isinstance(value, str) and not value.strip():
         raise ValueError("version must not be empty")
+    if isinstance(value, str) and not _VERSION.match(value):
+        raise ValueError(f"invalid version {value!r}: start with a digit, e.g. 1, 2024.1 or 1.0.0")
     return value
 
 
