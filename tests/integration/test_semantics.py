@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -376,6 +377,25 @@ steps:
     events = await harness.wait_end(run_id)
     assert types(events)[-1] == "RunSucceeded", failures(events)[-4:]
     assert (await harness.run_state(run_id)).steps["a"].output == {"v": "fine"}
+
+
+async def test_a_huge_poison_trigger_is_dead_lettered_once_with_its_size_and_hash(harness: Harness) -> None:
+    # base64 of ~3.9 MiB exceeds the stream's max message size: a whole copy could never be stored
+    wf = unique("huge")
+    js = harness.nc.jetstream()
+    marker = uuid.uuid4().hex.encode()
+    huge = marker + b" not json " + b"x" * (3900 * 1024)
+    dlq_before = (await js.stream_info(s.DLQ_STREAM)).state.last_seq
+    await js.publish(s.trigger(harness.tenant, wf), huge, timeout=10)
+
+    letters = await harness.dead_letters("planner", marker, want=2, after_seq=dlq_before, timeout=5)
+    assert len(letters) == 1, letters
+    letter = letters[0]
+    assert letter.truncated and letter.size == len(huge)
+    assert letter.sha256 == hashlib.sha256(huge).hexdigest()
+    prefix = base64.b64decode(letter.data_b64)
+    assert huge.startswith(prefix) and 0 < len(prefix) < len(huge)
+    await harness.settled()  # every consumer of the trigger is done with it: nothing pending, nothing redelivered
 
 
 # -- 15. a workflow's own trigger subject ----------------------------------------------------

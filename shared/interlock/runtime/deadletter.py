@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 from datetime import UTC, datetime
 
@@ -14,11 +15,28 @@ from interlock.runtime.publish import publish
 
 log = logging.getLogger(__name__)
 
+# A larger original keeps only this prefix (plus its size and hash): base64 of a whole ~4 MiB
+# message exceeds the stream's max message size, and a dead letter that cannot be stored would
+# leave the original redelivered without end.
+DATA_PREFIX_LIMIT = 64 * 1024
+HEADERS_LIMIT = 16 * 1024
+
+
+def letter_for(service: str, subject: str, data: bytes, reason: str,
+               headers: dict[str, str] | None = None) -> DeadLetter:
+    """The dead letter of ``data``: whole if small, else a bounded prefix with its size and hash."""
+    truncated = len(data) > DATA_PREFIX_LIMIT
+    kept = dict(headers or {})
+    if sum(len(k) + len(v) for k, v in kept.items()) > HEADERS_LIMIT:
+        kept = {k: v[:256] for k, v in list(kept.items())[:32]}
+    return DeadLetter(service=service, subject=subject, reason=reason[:2000],
+                      data_b64=base64.b64encode(data[:DATA_PREFIX_LIMIT]).decode(), headers=kept,
+                      at=datetime.now(UTC), size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                      truncated=truncated)
+
 
 async def dead_letter(js: JetStreamContext, service: str, subject: str, data: bytes, reason: str,
                       headers: dict[str, str] | None = None) -> None:
-    letter = DeadLetter(service=service, subject=subject, reason=reason[:2000],
-                        data_b64=base64.b64encode(data).decode(), headers=dict(headers or {}),
-                        at=datetime.now(UTC))
-    log.warning("%s: dead-lettered a message from %s: %s", service, subject, reason[:300])
+    letter = letter_for(service, subject, data, reason, headers)
+    log.warning("%s: dead-lettered a message from %s (%d bytes): %s", service, subject, len(data), reason[:300])
     await publish(js, s.dead_letter(service), letter.model_dump_json().encode())

@@ -305,7 +305,15 @@ class Service:
         await msg.nak(delay=REDELIVERY_BACKOFF.delay(deliveries))
 
     async def _dead_letter(self, msg: Msg, reason: str) -> None:
-        await dead_letter(self.js, self.name, msg.subject, msg.data, reason, dict(msg.headers or {}))
+        try:
+            await dead_letter(self.js, self.name, msg.subject, msg.data, reason, dict(msg.headers or {}))
+        except Exception:
+            # not even the bounded dead letter could be stored: stop redelivery rather than loop forever
+            log.exception("%s: could not dead-letter a message from %s (stream seq %s, %d bytes, reason: %s); "
+                          "terminating it", self.name, msg.subject, msg.metadata.sequence.stream, len(msg.data),
+                          reason[:300])
+            await msg.term()
+            return
         await msg.ack()
 
 
