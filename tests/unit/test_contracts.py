@@ -379,8 +379,8 @@ def test_new_fields_have_defaults(name: str) -> None:
 def test_dead_letter_size_hash_and_truncation_are_optional() -> None:
     # an older producer's dead letter (the whole original, no size or hash) still decodes
     model = CONTRACT_TYPES["DeadLetter"]
-    old = DeadLetter.model_validate({"service": "planner", "subject": "il.x", "reason": "r", "data_b64": "",
-                                "at": "2026-01-01T00:00:00Z"})
+    old = DeadLetter.model_validate({"service": "planner", "subject": s.trigger("acme", "wf"), "reason": "r",
+                                     "data_b64": "", "at": "2026-01-01T00:00:00Z"})
     assert (old.size, old.sha256, old.truncated) == (None, None, False)
     assert {"size", "sha256", "truncated"} <= set(generate.json_schema(model)["properties"])
 

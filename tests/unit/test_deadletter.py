@@ -15,14 +15,14 @@ from interlock.runtime.service import Service
 
 
 def test_a_small_original_is_kept_whole_with_its_size_and_hash() -> None:
-    letter = letter_for("planner", "il.x", b"not json", "invalid trigger")
+    letter = letter_for("planner", s.trigger("acme", "wf"), b"not json", "invalid trigger")
     assert base64.b64decode(letter.data_b64) == b"not json"
     assert (letter.size, letter.sha256, letter.truncated) == (8, hashlib.sha256(b"not json").hexdigest(), False)
 
 
 def test_a_large_original_keeps_a_bounded_prefix_its_size_and_hash() -> None:
     data = b"x" * (3900 * 1024)
-    letter = letter_for("planner", "il.x", data, "r" * 10_000, {"h": "v" * 100_000})
+    letter = letter_for("planner", s.trigger("acme", "wf"), data, "r" * 10_000, {"h": "v" * 100_000})
     assert letter.truncated and letter.size == len(data)
     assert letter.sha256 == hashlib.sha256(data).hexdigest()
     assert base64.b64decode(letter.data_b64) == data[:DATA_PREFIX_LIMIT]
@@ -31,7 +31,7 @@ def test_a_large_original_keeps_a_bounded_prefix_its_size_and_hash() -> None:
 
 
 class _Msg:
-    subject = "il.trigger.acme.wf"
+    subject = s.trigger("acme", "wf")
     data = b"x" * 10
     headers: dict[str, str] = {}
 
