@@ -10,7 +10,7 @@ from nats.js.errors import BadRequestError
 
 from interlock.contracts import subjects as s
 from interlock.core.topology import STREAMS
-from interlock.runtime.deadletter import DATA_PREFIX_LIMIT, letter_for
+from interlock.runtime.deadletter import DATA_PREFIX_LIMIT, letter_for, read_letter
 from interlock.runtime.service import Service
 
 
@@ -59,3 +59,12 @@ async def test_a_message_whose_dead_letter_cannot_be_stored_is_terminated_not_re
     service = SimpleNamespace(js=_RefusingJetStream(), name="planner")
     await Service._dead_letter(service, msg, "invalid trigger")  # type: ignore[arg-type]
     assert msg.settled == ["term"]
+
+
+def test_a_foreign_message_on_a_dead_letter_subject_reads_as_an_unreadable_entry() -> None:
+    entry = read_letter(s.dead_letter("planner"), b"\xff not a dead letter", 42)
+    assert entry.service == "planner" and entry.subject == s.dead_letter("planner")
+    assert "unreadable dead letter (stream seq 42, 19 bytes): (body): Invalid JSON" in entry.reason
+    assert entry.size == 19 and base64.b64decode(entry.data_b64) == b"\xff not a dead letter"
+    letter = letter_for("planner", s.trigger("acme", "wf"), b"x", "invalid trigger")
+    assert read_letter(s.dead_letter("planner"), letter.model_dump_json().encode(), 43) == letter

@@ -8,6 +8,7 @@ import logging
 from datetime import UTC, datetime
 
 from nats.js import JetStreamContext
+from pydantic import ValidationError
 
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import DeadLetter
@@ -40,3 +41,16 @@ async def dead_letter(js: JetStreamContext, service: str, subject: str, data: by
     letter = letter_for(service, subject, data, reason, headers)
     log.warning("%s: dead-lettered a message from %s (%d bytes): %s", service, subject, len(data), reason[:300])
     await publish(js, s.dead_letter(service), letter.model_dump_json().encode())
+
+
+def read_letter(subject: str, data: bytes, seq: int | None, at: datetime | None = None) -> DeadLetter:
+    """The dead letter stored as ``data``, or, for anything else found on a dead-letter subject
+    (a foreign message; the stream denies purge, so it stays), an entry saying it is unreadable,
+    with its stream sequence, size and hash: one stray message never hides the others."""
+    try:
+        return DeadLetter.model_validate_json(data)
+    except ValidationError as e:
+        problem = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(body)'}: {err['msg']}" for err in e.errors()[:2])
+        return letter_for(subject.rsplit(".", 1)[-1], subject, data,
+                          f"unreadable dead letter (stream seq {seq}, {len(data)} bytes): {problem}") \
+            .model_copy(update={"at": at or datetime.now(UTC)})
