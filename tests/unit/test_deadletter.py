@@ -6,10 +6,12 @@ import base64
 import hashlib
 from types import SimpleNamespace
 
+import pytest
 from nats.js.errors import BadRequestError
 
 from interlock.contracts import subjects as s
 from interlock.core.topology import STREAMS
+from interlock.runtime.consumer import MAX_UNHANDLED_DELIVERIES, PullConsumer
 from interlock.runtime.deadletter import DATA_PREFIX_LIMIT, letter_for, read_letter
 from interlock.runtime.service import Service
 
@@ -68,3 +70,23 @@ def test_a_foreign_message_on_a_dead_letter_subject_reads_as_an_unreadable_entry
     assert entry.size == 19 and base64.b64decode(entry.data_b64) == b"\xff not a dead letter"
     letter = letter_for("planner", s.trigger("acme", "wf"), b"x", "invalid trigger")
     assert read_letter(s.dead_letter("planner"), letter.model_dump_json().encode(), 43) == letter
+
+
+class _Delivered(_Msg):
+    def __init__(self, delivered: int) -> None:
+        super().__init__()
+        self.metadata = SimpleNamespace(num_delivered=delivered, sequence=SimpleNamespace(stream=7))  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize(("delivered", "settled"), [(1, []), (MAX_UNHANDLED_DELIVERIES - 1, []),
+                                                    (MAX_UNHANDLED_DELIVERIES, ["term"])])
+async def test_a_message_whose_handler_keeps_raising_is_terminated_after_a_bound(delivered: int,
+                                                                                 settled: list[str]) -> None:
+    async def failing(msg: object) -> None:
+        raise RuntimeError("a bug outside the handler's own error handling")
+
+    consumer = PullConsumer(None, None, stream=s.TRIGGERS_STREAM, durable="d", subject=s.TRIGGERS_ALL,  # type: ignore[arg-type]
+                            handler=failing)
+    msg = _Delivered(delivered)
+    await consumer._handle(msg)  # type: ignore[arg-type]
+    assert msg.settled == settled
