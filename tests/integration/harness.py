@@ -26,6 +26,7 @@ from interlock.core.run import Run
 from interlock.core.topology import STREAMS
 from interlock.runtime.connect import connect as connect_as
 from interlock.runtime.consumer import PullConsumer
+from interlock.runtime.deadletter import read_letter
 from interlock.runtime.registry import WorkflowRegistry
 from interlock.runtime.service import Service, ServiceSettings
 from interlock.worker import Worker
@@ -207,7 +208,7 @@ class Harness:
                     msg = await sub.next_msg(timeout=max(0.05, deadline - loop.time()))
                 except TimeoutError:
                     break
-                letter = DeadLetter.model_validate_json(msg.data)
+                letter = read_letter(msg.subject, msg.data, msg.metadata.sequence.stream)
                 if marker in base64.b64decode(letter.data_b64):
                     found.append(letter)
         finally:

@@ -258,6 +258,25 @@ async def test_dead_letters_show_what_a_service_could_not_process(harness: Harne
     assert len(await client.dead_letters(limit=1)) == 1
 
 
+async def test_a_foreign_message_on_a_dead_letter_subject_is_listed_as_unreadable(harness: Harness,
+                                                                                   client: Client) -> None:
+    foreign = b"\x00 not a dead letter " + uuid.uuid4().hex.encode()
+    planner = (await harness.as_service("planner")).jetstream()
+    ack = await planner.publish(s.dead_letter("planner"), foreign)
+    trigger = s.trigger(client.tenant, unique("dl"))
+    await client.js.publish(trigger, b"{not json")  # a real one after it
+    for _ in range(100):
+        letters = await client.dead_letters(limit=10_000)
+        if any(d.subject == trigger for d in letters):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the malformed trigger was not listed")
+    [unreadable] = [d for d in letters if d.subject == s.dead_letter("planner")]
+    assert f"unreadable dead letter (stream seq {ack.seq}, {len(foreign)} bytes)" in unreadable.reason
+    assert unreadable.size == len(foreign)
+
+
 async def test_policy_decisions_simulation_and_refused_bundles(harness: Harness, client: Client) -> None:
     wf, topic = unique("pol"), unique("t")
     await client.apply_workflow(chain(wf, topic))

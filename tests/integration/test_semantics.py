@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -15,7 +16,7 @@ import pytest
 
 from interlock.contracts import headers
 from interlock.contracts import subjects as s
-from interlock.contracts.messages import Notification, PayloadRef
+from interlock.contracts.messages import CommandReply, Notification, PayloadRef
 from interlock.core.ids import run_id_for
 from interlock.runtime.registry import WorkflowRegistry
 from interlock.runtime.settings import ServiceSettings
@@ -376,6 +377,48 @@ steps:
     events = await harness.wait_end(run_id)
     assert types(events)[-1] == "RunSucceeded", failures(events)[-4:]
     assert (await harness.run_state(run_id)).steps["a"].output == {"v": "fine"}
+
+
+@pytest.mark.parametrize(("command", "kind", "service"), [("approve", "ApprovalDecision", "approval"),
+                                                           ("reject", "ApprovalDecision", "approval"),
+                                                           ("cancel", "CancelRequest", "planner")])
+async def test_a_malformed_command_gets_a_clear_refusal_and_is_dead_lettered(harness: Harness, command: str,
+                                                                             kind: str, service: str) -> None:
+    js = harness.nc.jetstream()
+    nc = await harness.as_principal("alice")
+    subject = s.command(harness.tenant, command, "alice")
+    marker = uuid.uuid4().hex
+    not_json = f"{{not json {marker}".encode()
+    missing = json.dumps({"reason": marker}).encode()  # no run_id (nor step_id, job_hash, role)
+    dlq_before = (await js.stream_info(s.DLQ_STREAM)).state.last_seq
+    for body in (not_json, missing):
+        reply = CommandReply.model_validate_json((await nc.request(subject, body, timeout=5)).data)
+        assert not reply.ok
+        assert reply.error is not None and f"invalid {kind}" in reply.error, reply.error
+    assert reply.error is not None and "run_id" in reply.error and "Field required" in reply.error, reply.error
+
+    letters = await harness.dead_letters(service, marker.encode(), want=2, after_seq=dlq_before)
+    assert sorted(base64.b64decode(letter.data_b64) for letter in letters) == sorted([not_json, missing])
+    assert {letter.subject for letter in letters} == {subject}
+
+
+async def test_a_huge_poison_trigger_is_dead_lettered_once_with_its_size_and_hash(harness: Harness) -> None:
+    # base64 of ~3.9 MiB exceeds the stream's max message size: a whole copy could never be stored
+    wf = unique("huge")
+    js = harness.nc.jetstream()
+    marker = uuid.uuid4().hex.encode()
+    huge = marker + b" not json " + b"x" * (3900 * 1024)
+    dlq_before = (await js.stream_info(s.DLQ_STREAM)).state.last_seq
+    await js.publish(s.trigger(harness.tenant, wf), huge, timeout=10)
+
+    letters = await harness.dead_letters("planner", marker, want=2, after_seq=dlq_before, timeout=5)
+    assert len(letters) == 1, letters
+    letter = letters[0]
+    assert letter.truncated and letter.size == len(huge)
+    assert letter.sha256 == hashlib.sha256(huge).hexdigest()
+    prefix = base64.b64decode(letter.data_b64)
+    assert huge.startswith(prefix) and 0 < len(prefix) < len(huge)
+    await harness.settled()  # every consumer of the trigger is done with it: nothing pending, nothing redelivered
 
 
 # -- 15. a workflow's own trigger subject ----------------------------------------------------

@@ -22,6 +22,7 @@ from interlock.contracts import catalog as cat
 from interlock.contracts import events as ev
 from interlock.contracts import generate
 from interlock.contracts import subjects as s
+from interlock.contracts.messages import DeadLetter
 
 CONTRACT_TYPES = generate.contract_types()
 NAMES = sorted(CONTRACT_TYPES)
@@ -373,6 +374,15 @@ def test_new_fields_have_defaults(name: str) -> None:
     relaxed = REQUIRED_FIELDS[name] - required
     assert not relaxed, f"{name}: {sorted(relaxed)} are no longer required: update REQUIRED_FIELDS"
     assert set(generate.json_schema(model).get("required", [])) == required
+
+
+def test_dead_letter_size_hash_and_truncation_are_optional() -> None:
+    # an older producer's dead letter (the whole original, no size or hash) still decodes
+    model = CONTRACT_TYPES["DeadLetter"]
+    old = DeadLetter.model_validate({"service": "planner", "subject": s.trigger("acme", "wf"), "reason": "r",
+                                     "data_b64": "", "at": "2026-01-01T00:00:00Z"})
+    assert (old.size, old.sha256, old.truncated) == (None, None, False)
+    assert {"size", "sha256", "truncated"} <= set(generate.json_schema(model)["properties"])
 
 
 @pytest.mark.parametrize("name", NAMES)

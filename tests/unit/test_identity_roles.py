@@ -189,3 +189,11 @@ def test_only_the_auditor_hears_api_advisories_and_records_admin_changes() -> No
     assert hears == records == {c.AUDITOR}
     # nobody publishes the server's own stream action advisories
     assert not any(perms(n).allows_publish(s.js_stream_action("UPDATED", s.EVENTS_STREAM)) for n in ROLE_NAMES)
+
+
+@pytest.mark.parametrize("name", [n for n in ROLE_NAMES if n != "admin"])
+def test_roles_send_only_commands_that_a_service_answers(name: str) -> None:
+    # il.cmd.{tenant}.start was granted but never served (NoRespondersError): runs start with a trigger
+    served = {ch.pattern.args[1] for ch in c.CHANNELS if ch.id.startswith("cmd") and not ch.id.endswith("Reply")}
+    assert served == {"approve", "reject", "cancel"}
+    assert not perms(name).allows_publish(s.command("acme", "start", "alice"))

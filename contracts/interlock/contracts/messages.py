@@ -187,9 +187,13 @@ class DeadLetter(Message):
     service: str
     subject: str
     reason: str
-    data_b64: str = Field(description="The original payload, base64")
+    data_b64: str = Field(description="The original payload, base64; only its first bytes when ``truncated``")
     headers: dict[str, str] = Field(default_factory=dict)
     at: datetime
+    size: int | None = Field(default=None, description="The original payload's size in bytes")
+    sha256: str | None = Field(default=None, description="The original payload's SHA-256, hex")
+    truncated: bool = Field(default=False, description="``data_b64`` holds a bounded prefix of a larger original "
+                                                       "(a whole copy would exceed the stream's message size)")
 
 
 _QUERY_TENANT = ("Deprecated, ignored: the query is answered for the query subject's tenant. A query whose "

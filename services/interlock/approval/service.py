@@ -49,7 +49,7 @@ class ApprovalService(Service):
 
         for name, grant in (("approve", True), ("reject", False)):
             self.answer(broker, s.commands(name), ApprovalDecision, functools.partial(self.on_decision, grant=grant),
-                        lambda why: CommandReply(ok=False, error=why))
+                        lambda why: CommandReply(ok=False, error=why), keep_invalid=True)
 
     async def on_decision(self, subject: str, decision: ApprovalDecision, *, grant: bool) -> CommandReply:
         """A decision sent on ``il.cmd.{tenant}.{approve|reject}.{principal}``: the tenant and the

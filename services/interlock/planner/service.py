@@ -49,7 +49,7 @@ class PlannerService(Service):
         self.pull(broker, s.timer_fired("run_timeout"), s.TIMERS_STREAM, self.durable("timers"), self.on_timer)
 
         self.answer(broker, s.commands("cancel"), CancelRequest, self.on_cancel,
-                    lambda why: CommandReply(ok=False, error=why))
+                    lambda why: CommandReply(ok=False, error=why), keep_invalid=True)
 
     async def on_trigger(self, msg: Msg) -> None:
         tenant, trigger = await self.parse_trigger(msg)

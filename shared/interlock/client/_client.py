@@ -56,6 +56,7 @@ from interlock.core.workflow import Workflow
 from interlock.identity import creds_inbox_prefix, creds_permissions
 from interlock.runtime import tls as _tls
 from interlock.runtime.connect import ConnectRefused, connect
+from interlock.runtime.deadletter import read_letter
 from interlock.runtime.policy import ACTIVE as POLICY_KEY
 from interlock.runtime.publish import publish
 from interlock.runtime.registry import VersionConflict, WorkflowNotFound, WorkflowRegistry
@@ -445,7 +446,9 @@ class Client:
         return sorted(regs, key=lambda r: (r.topic, r.worker_id))
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        """The oldest ``limit`` dead letters: messages a service could not process."""
+        """The oldest ``limit`` dead letters: messages a service could not process. Anything else
+        on a dead-letter subject is listed as an unreadable entry (its reason names its stream
+        sequence and size) rather than failing the read."""
         sub = await self.js.subscribe(s.DLQ_ALL, ordered_consumer=True)
         letters: list[DeadLetter] = []
         try:
@@ -454,7 +457,8 @@ class Client:
                     msg = await sub.next_msg(timeout=0.5)
                 except nats.errors.TimeoutError:
                     break
-                letters.append(DeadLetter.model_validate_json(msg.data))
+                meta = msg.metadata
+                letters.append(read_letter(msg.subject, msg.data, meta.sequence.stream, meta.timestamp))
         finally:
             await sub.unsubscribe()
         return letters

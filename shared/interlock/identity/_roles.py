@@ -140,7 +140,7 @@ def _api(scope: Scope) -> Grant:
     """The HTTP API: a client for every tenant (it acts for the people who call it)."""
     pub: list[str] = [s.JS_API_INFO, p.JS_STREAM_NAMES]
     pub += [_wild(ch.pattern) for ch in c.CHANNELS if c.CLIENT in ch.publishers]
-    pub += [p.pattern(s.command, p.ANY, "start", p.ANY), p.object_subjects(s.PAYLOADS_OBJECT_STORE)]
+    pub += [p.object_subjects(s.PAYLOADS_OBJECT_STORE)]
     return Grant(publish=_unique(pub), subscribe=(p.inbox_all(scope.inbox_owner),),
                  reads=(s.EVENTS_STREAM, s.NOTIFY_STREAM, *_BUCKET_STREAMS, _PAYLOADS), deny=_NOT_ADMIN_DENY)
 
@@ -183,7 +183,8 @@ def _commands(scope: Scope, *names: str) -> list[str]:
 
 
 def _operator(scope: Scope) -> list[str]:
-    return [*_commands(scope, "start", "cancel"), p.pattern(s.trigger, scope.tenant, p.ANY)]
+    # runs start with a trigger: there is no start command (nothing would answer it)
+    return [*_commands(scope, "cancel"), p.pattern(s.trigger, scope.tenant, p.ANY)]
 
 
 def _approver(scope: Scope) -> list[str]:

@@ -34,6 +34,8 @@ REQUEST_EXPIRES_S = 5.0
 IDLE_HEARTBEAT_S = 1.0
 # creating the consumer rides through a leader election at start-up (~5 s in a cluster)
 CREATE_BACKOFF = Backoff(first=0.2, cap=2.0)
+# a handler that raises leaves its message to be redelivered (a passing fault); this many times at most
+MAX_UNHANDLED_DELIVERIES = 10
 _STATUS = Header.STATUS.value  # set on the server's status messages (no data): 100, 404, 408, 409
 
 
@@ -155,3 +157,14 @@ class PullConsumer:
                 await self.handler(msg)
             except Exception:
                 log.exception("consumer %s: unhandled error", self.durable)
+                await self._give_up_on(msg)
+
+    async def _give_up_on(self, msg: Msg) -> None:
+        """A message whose handler keeps failing outside its own error handling (it could not even
+        be dead-lettered) is terminated after ``MAX_UNHANDLED_DELIVERIES``: never redelivered forever."""
+        with contextlib.suppress(Exception):  # no metadata (not a JetStream message) or the term is lost
+            delivered = msg.metadata.num_delivered or 1
+            if delivered >= MAX_UNHANDLED_DELIVERIES:
+                log.error("consumer %s: terminating %s stream seq %s after %d failed deliveries", self.durable,
+                          msg.subject, msg.metadata.sequence.stream, delivered)
+                await msg.term()

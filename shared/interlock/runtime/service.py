@@ -262,15 +262,22 @@ class Service:
         self.pull(broker, s.EVENTS_ALL, s.EVENTS_STREAM, self.durable("events"), on_commit)
 
     def answer(self, broker: NatsBroker, subject: str, kind: type[M], handler: Callable[[str, M], Awaitable[R]],
-               refuse: Callable[[str], R]) -> None:
+               refuse: Callable[[str], R], *, keep_invalid: bool = False) -> None:
         """Answer requests on ``subject`` (a wildcard; the copies share a queue group): ``handler``
         gets the request's own subject (its tenant, its principal) and the parsed body. The body is
         parsed here rather than by FastStream, so a malformed request is answered with
-        ``refuse(why)`` instead of being dropped (the requester would time out)."""
+        ``refuse(why)`` instead of being dropped (the requester would time out). ``keep_invalid``
+        (commands): a malformed request is also dead-lettered, so an operator sees who sent what."""
 
         async def handle(body: Any, msg: NatsMessage) -> Any:
             request = parse_request(kind, msg.body)
             if isinstance(request, str):
+                if keep_invalid:
+                    raw = msg.raw_message
+                    try:
+                        await dead_letter(self.js, self.name, raw.subject, raw.data, request, dict(raw.headers or {}))
+                    except Exception:  # the refusal is the answer that matters; the dead letter is a record
+                        log.exception("%s: could not dead-letter an invalid request on %s", self.name, raw.subject)
                 return refuse(request)
             return await handler(msg.raw_message.subject, request)
 
@@ -305,7 +312,15 @@ class Service:
         await msg.nak(delay=REDELIVERY_BACKOFF.delay(deliveries))
 
     async def _dead_letter(self, msg: Msg, reason: str) -> None:
-        await dead_letter(self.js, self.name, msg.subject, msg.data, reason, dict(msg.headers or {}))
+        try:
+            await dead_letter(self.js, self.name, msg.subject, msg.data, reason, dict(msg.headers or {}))
+        except Exception:
+            # not even the bounded dead letter could be stored: stop redelivery rather than loop forever
+            log.exception("%s: could not dead-letter a message from %s (stream seq %s, %d bytes, reason: %s); "
+                          "terminating it", self.name, msg.subject, msg.metadata.sequence.stream, len(msg.data),
+                          reason[:300])
+            await msg.term()
+            return
         await msg.ack()
 
 
