@@ -182,11 +182,14 @@ def test_approval_needs_approvers() -> None:
         ("steps.gate", "approval step needs 'approvers' (the role allowed to decide)", 4)]
 
 
-def test_version_must_start_with_a_digit() -> None:
+def test_version_must_hold_a_digit() -> None:
     problems = problems_of("id: wf\nversion: one\nsteps: {a: {topic: t}}\n")
     assert triples(problems) == [
-        ("version", "invalid version 'one': start with a digit, e.g. 1, 2024.1 or 1.0.0", 2)]
+        ("version", "invalid version 'one': letters, digits and . + _ - with at least one digit, "
+                    "e.g. 1, 2024.1 or 1.0.0", 2)]
     assert load_workflow("id: wf\nversion: 1.0.0\nsteps: {a: {topic: t}}\n").version == "1.0.0"
+    # a content hash is a version too (the drill names its workflows' versions so)
+    assert load_workflow("id: wf\nversion: dbbe4d13ffe\nsteps: {a: {topic: t}}\n").version == "dbbe4d13ffe"
 
 
 def test_unknown_filter_and_test_are_reported_with_their_line() -> None:

@@ -37,7 +37,8 @@ _STEP_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _TOPIC = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _SUBJECT_TOKEN = re.compile(r"^[^\s.*>]+$")
 # A digit first, then what semver and calendar versions use; words like "one" are typos.
-_VERSION = re.compile(r"^[0-9][0-9A-Za-z.+_-]*$")
+# a version holds a digit (1, 2024.1, 1.0.0, a content hash): a word such as "one" is a mistake
+_VERSION = re.compile(r"^(?=[^0-9]*[0-9])[0-9A-Za-z.+_-]+$")
 
 
 def _workflow_id(value: str) -> str:
@@ -81,7 +82,8 @@ def _version(value: Any) -> Any:
     if isinstance(value, str) and not value.strip():
         raise ValueError("version must not be empty")
     if isinstance(value, str) and not _VERSION.match(value):
-        raise ValueError(f"invalid version {value!r}: start with a digit, e.g. 1, 2024.1 or 1.0.0")
+        raise ValueError(f"invalid version {value!r}: letters, digits and . + _ - with at least one digit, "
+                         "e.g. 1, 2024.1 or 1.0.0")
     return value
 
 
