@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -43,6 +44,31 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def stable_port() -> int:
+    """A free port outside the kernel's ephemeral range, for a port a node keeps across restarts
+    (cluster routes, monitoring): while the node is down, no outgoing connection can take it as
+    its local port, so the restarted node can always bind it again."""
+    low, high = _ephemeral_range()
+    below, above = range(10_000, low), range(high + 1, 65_536)
+    candidates = below if len(below) >= len(above) else above
+    for port in random.sample(candidates, min(200, len(candidates))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
 
 
 @dataclass

@@ -22,7 +22,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import StorageType, StreamConfig
 
 from interlock.contracts import subjects as s
-from interlock.core.natsserver import ClusterSpec, EmbeddedNats, NatsServerError, free_port
+from interlock.core.natsserver import ClusterSpec, EmbeddedNats, NatsServerError, stable_port
 from interlock.identity import IdentityHome
 from interlock.runtime.connect import creds_options
 
@@ -89,13 +89,14 @@ class LocalCluster:
         self.home = Path(self.home)
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
         names = [f"n{i}" for i in range(1, self.size + 1)]
-        cluster_ports = {name: free_port() for name in names}
+        # kept across restarts of a killed node: outside the ephemeral range, so nothing takes them meanwhile
+        cluster_ports = {name: stable_port() for name in names}
         routes = [f"nats://{self.host}:{port}" for port in cluster_ports.values()]
         for name in names:
             self.nodes[name] = ClusterNode(
                 store_dir=self.home / name / "store", host=self.host, port=0, server_name=name,
                 cluster=ClusterSpec(self.name, cluster_ports[name], routes),
-                log_file=self.home / "logs" / f"nats-{name}.log", monitor_port=free_port(),
+                log_file=self.home / "logs" / f"nats-{name}.log", monitor_port=stable_port(),
                 config=self.identity.server_config(self.home / name / "resolver") if self.identity else None,
             )
         try:
