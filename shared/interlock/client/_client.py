@@ -55,7 +55,7 @@ from interlock.core.verify import VerifyReport, verify_run
 from interlock.core.workflow import Workflow
 from interlock.identity import creds_inbox_prefix, creds_permissions
 from interlock.runtime import tls as _tls
-from interlock.runtime.connect import ConnectRefused, connect
+from interlock.runtime.connect import ConnectRefused, NoServerAnswered, connect, url_file
 from interlock.runtime.deadletter import read_letter
 from interlock.runtime.policy import ACTIVE as POLICY_KEY
 from interlock.runtime.publish import publish
@@ -64,6 +64,7 @@ from interlock.runtime.registry import VersionConflict, WorkflowNotFound, Workfl
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=BaseModel)
 OnEvent = Callable[[dict[str, Any]], Awaitable[None] | None]
+ENV_NATS_URL = "INTERLOCK_NATS_URL"
 REQUEST_TIMEOUT = 5.0  # how long a service may take to answer, and how long we wait for one to appear
 
 
@@ -115,19 +116,24 @@ class Client:
     async def connect(cls, url: str | None = None, *, creds: str | Path | None = None, tenant: str | None = None,
                       principal: str | None = None, name: str = "interlock-cli", patient: bool = False,
                       tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
-                      tls_key: str | Path | None = None, tls_hostname: str | None = None) -> Client:
+                      tls_key: str | Path | None = None, tls_hostname: str | None = None,
+                      url_from: str = "argument") -> Client:
         """Connect to NATS. ``url`` None: ``INTERLOCK_NATS_URL``, else ``.interlock/nats.url``, else
         the default; ``tenant`` None: ``INTERLOCK_TENANT``; ``creds`` None: ``INTERLOCK_CREDS``;
         ``principal`` None: ``INTERLOCK_PRINCIPAL``, else the creds file's user name, else ``$USER``.
         ``patient``: keep reconnecting for as long as the client lives (a cluster's failover).
         ``tls_*`` None: ``INTERLOCK_TLS_CA``, ``…_CERT``, ``…_KEY``, ``…_HOSTNAME`` (a ``tls://`` URL
-        without a CA trusts the system's store)."""
+        without a CA trusts the system's store). ``url_from``: what to call a given ``url``'s source
+        in messages (the CLI: ``--nats``). Not ``patient``: when no server answers within
+        ``INTERLOCK_CONNECT_TIMEOUT`` (1.5 s) the connect fails, naming the URL and its source."""
         explicit = Path(creds) if creds is not None else None
         settings = ClientSettings.load(tenant=tenant, creds=explicit, principal=principal,
                                        **_tls_overrides(tls_ca, tls_cert, tls_key, tls_hostname))
-        target, source = settings.resolve_url(url)
+        target, source = settings.resolve_url(url, url_from)
         creds_file, creds_source = settings.resolve_creds(explicit)
         who = settings.resolve_principal(creds_file)
+        if source == "default":  # say why: nothing named a server, and the default may be someone else's
+            source = f"default: no {url_from}, {ENV_NATS_URL} or {url_file()}"
         log.info("connecting to %s (from %s) as %s (from %s), principal %s", target, source,
                  creds_file or "anonymous (no creds)", creds_source, who)
 
@@ -135,9 +141,13 @@ class Client:
             pass
 
         try:  # creds: the server refuses none or a wrong one at once; TLS: a tls:// URL or INTERLOCK_TLS_*
-            nc = await connect(target, creds=creds_file, name=name, patient=patient, error_cb=on_error, tls=settings)
+            nc = await connect(target, creds=creds_file, name=name, patient=patient, error_cb=on_error, tls=settings,
+                               within=None if patient else settings.connect_timeout)
+        except NoServerAnswered as e:
+            raise Unavailable(f"{e} (URL from {source}); start the stack with `interlock up`, or name the server "
+                              f"with --nats or INTERLOCK_NATS_URL") from None
         except ConnectRefused as e:
-            raise Unavailable(str(e)) from None
+            raise Unavailable(f"{e} (URL from {source})") from None
         except _tls.TlsError as e:
             raise Unavailable(f"{e} (URL from {source})") from None
         except (OSError, nats.errors.Error, TimeoutError) as e:

@@ -95,7 +95,10 @@ def connected(ctx: typer.Context, work: Callable[[Client], Awaitable[T]]) -> T:
 
     async def session() -> T:
         client = await Client.connect(options.nats, creds=options.creds, tenant=options.tenant,
-                                      tls_ca=options.tls_ca, tls_cert=options.tls_cert, tls_key=options.tls_key)
+                                      tls_ca=options.tls_ca, tls_cert=options.tls_cert, tls_key=options.tls_key,
+                                      url_from="--nats")
+        if client.url_source.startswith("default"):  # nothing named a server: say which one this is
+            typer.echo(f"interlock: using the NATS server at {client.url} ({client.url_source})", err=True)
         try:
             return await work(client)
         finally:

@@ -112,11 +112,22 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 def stop_on_signals() -> None:
-    """SIGTERM (``kill PID``) stops a process command as Ctrl-C does, and so does SIGINT when a shell
-    started it in the background with SIGINT ignored: the child processes are never left running."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    """SIGTERM (``kill PID``, ``docker stop``, systemd) and SIGHUP (the terminal closed) stop a
+    process command as Ctrl-C does, and so does SIGINT when a shell started it in the background
+    with SIGINT ignored: the child processes are never left running."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _interrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def ignore_stop_signals() -> None:
+    """While stopping: a second signal must not interrupt the stop and leave children behind."""
+    for sig in (*STOP_SIGNALS, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def nats(
@@ -165,37 +176,62 @@ def up(
     home: HomeOption = Path(".interlock"),
     workers: Annotated[list[str] | None, typer.Option(
         "--worker", metavar="MODULE:OBJECT", help="also run this worker (repeatable)")] = None,
+    max_restarts: Annotated[int, typer.Option(
+        "--max-restarts", min=0, help="restarts in a row of a child that keeps exiting before giving up on it")] = 5,
+    restart_backoff: Annotated[float, typer.Option(
+        "--restart-backoff", metavar="SECONDS", min=0.01,
+        help="wait before the first restart of a child; doubles with each exit in a row (at most 30 s)")] = 0.5,
+    ready_timeout: Annotated[float, typer.Option(
+        "--ready-timeout", metavar="SECONDS", min=1, help="give up unless all services consume by then")] = 120.0,
 ) -> None:
-    """Run NATS and the five services, each as its own process; Ctrl-C stops them.
+    """Run NATS and the five services, each as its own process; Ctrl-C, SIGTERM or SIGHUP stops them all.
 
-    NATS is embedded unless --nats or INTERLOCK_NATS_URL names a server; a process that exits is restarted.
+    NATS is embedded unless --nats or INTERLOCK_NATS_URL names a server. Prints "ready" once every
+    service (and worker) consumes. A child that exits is restarted with exponential backoff, and
+    given up on after --max-restarts exits in a row. Everything the stack writes (NATS store,
+    identity, logs, the auditor's projection, the URL file) is under --home.
     """
-    from interlock.devstack.stack import Stack
+    from interlock.devstack.stack import NotReady, RestartPolicy, Stack
 
     globals_of(ctx).export_tls()  # TLS: --tls-* for the processes the stack starts
     try:
         url = ClientSettings.load(nats_url=globals_of(ctx).nats).nats_url
     except ClientError as e:
         fail(str(e))
-    stack = Stack(home=home, nats_url=url, workers=workers or [])
+    stack = Stack(home=home, nats_url=url, workers=workers or [],
+                  restart_policy=RestartPolicy(initial=restart_backoff, limit=max_restarts))
     stop_on_signals()
+    code = 0
     try:
         url = stack.start_nats()
         asyncio.run(stack.provision())
         stack.start()
-        echo(f"Interlock is up on {url}: {', '.join(stack.procs)} (logs in {home}/logs). Ctrl-C stops it.")
+        echo(f"starting on {url}: {', '.join(stack.procs)} (logs in {home}/logs) …")
+        try:
+            asyncio.run(stack.wait_ready(ready_timeout))
+        except NotReady as e:
+            echo(f"interlock up: {e}")
+            code = 1
+            raise KeyboardInterrupt from None
+        found = "" if home == Path(".interlock") else f" (other commands: INTERLOCK_HOME={home})"
+        echo(f"ready: Interlock is up on {url}{found}. Ctrl-C stops it.")
         echo(f"Admin credential: {stack.admin_creds} (the CLI's default here; anonymous connections are "
              f"refused). Issue others with `interlock creds issue`.")
         while True:
-            time.sleep(1)
-            for name in stack.dead():
-                echo(f"{name} exited; restarting it")
-                stack.restart(name)
+            time.sleep(0.2)
+            for line in stack.supervise():
+                echo(line)
+            if stack.procs and all(proc.given_up for proc in stack.procs.values()):
+                echo("every process was given up on; stopping")
+                code = 1
+                break
     except KeyboardInterrupt:
         echo("stopping…")
     finally:
+        ignore_stop_signals()
         stack.stop()
     echo("stopped")
+    raise typer.Exit(code)
 
 
 def demo(

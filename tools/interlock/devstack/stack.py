@@ -14,6 +14,7 @@ serves), and ``admin`` for the local CLI and for provisioning (``{home}/identity
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -23,18 +24,25 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nats.js import JetStreamContext
+
 from interlock.client import ClientSettings
+from interlock.contracts import subjects as s
 from interlock.core.natsserver import EmbeddedNats, free_port
 from interlock.core.topology import provision
 from interlock.devstack.cluster import LocalCluster
 from interlock.devstack.targets import worker_topics
 from interlock.identity import IdentityHome
-from interlock.runtime.connect import URL_FILE, connect
+from interlock.runtime.connect import HOME_ENV, connect, url_file
 
 SERVICES = ("planner", "policy", "approval", "dispatcher", "auditor")
 DEFAULT_PORT = 4222
 DEFAULT_TENANT = "default"
 ADMIN = "admin"
+
+
+class NotReady(RuntimeError):
+    """The stack did not become ready in time (str: what does not consume yet)."""
 
 
 def _port_free(port: int) -> bool:
@@ -44,12 +52,34 @@ def _port_free(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When ``interlock up`` restarts a child that exited: after ``initial`` seconds, doubling with
+    every exit in a row up to ``cap``; after ``limit`` restarts in a row it gives up on the child.
+    A child that stayed up ``stable`` seconds starts a new row (a crash an hour later is not a loop)."""
+
+    initial: float = 0.5
+    cap: float = 30.0
+    limit: int = 5
+    stable: float = 60.0
+
+    def delay(self, crashes: int) -> float:
+        """Seconds to wait before restart number ``crashes`` (1, 2, …) of a row."""
+        return min(self.cap, self.initial * 2 ** (crashes - 1))
+
+
 @dataclass
 class Proc:
     name: str
     argv: list[str]
     log_path: Path
     popen: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    crashes: int = 0
+    """Exits in a row (reset once the child stays up ``RestartPolicy.stable`` seconds)."""
+    restart_at: float | None = None
+    """When the supervisor restarts it (None: not scheduled)."""
+    given_up: bool = False
 
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
@@ -73,6 +103,8 @@ class Stack:
     tenant: str = DEFAULT_TENANT
     creds: dict[str, Path] = field(default_factory=dict)
     """The credential of each process by name, and ``admin``'s."""
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
+    _topics: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
     _identity: IdentityHome | None = field(default=None, repr=False)
 
     @property
@@ -109,16 +141,19 @@ class Stack:
         for service in self.services:
             if service not in self.creds:
                 self.creds[service] = self.identity.get_or_issue(service, name=service)
-        topics: dict[str, tuple[str, ...]] = {}
         for name, target, tenant in self.worker_specs():
             if name in self.creds:
                 continue
-            if target not in topics:
-                topics[target] = worker_topics(target)
             # each worker process may pull its tenant's jobs of the topics it serves, and no other
-            self.creds[name] = self.identity.get_or_issue("worker", tenant, topics[target],
+            self.creds[name] = self.identity.get_or_issue("worker", tenant, self.topics_of(target),
                                                           name=self._principal(name, tenant))
         return self.creds
+
+    def topics_of(self, target: str) -> tuple[str, ...]:
+        """The job topics of a worker target (loaded once)."""
+        if target not in self._topics:
+            self._topics[target] = worker_topics(target)
+        return self._topics[target]
 
     @property
     def url(self) -> str:
@@ -167,22 +202,39 @@ class Stack:
         logs = self.home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         proc = self.procs.get(name) or Proc(name, argv, logs / f"{name}.log")
-        env = {**os.environ, **self.env, "INTERLOCK_NATS_URL": self.url, "PYTHONUNBUFFERED": "1",
+        env = {**os.environ, **self.home_env(), **self.env, "INTERLOCK_NATS_URL": self.url, "PYTHONUNBUFFERED": "1",
                "INTERLOCK_CREDS": str(self.creds[name]), "INTERLOCK_PROVISION": "false"}
         if self.cluster:
             env["INTERLOCK_REPLICAS"] = str(self.replicas)
         with proc.log_path.open("ab") as log:
             proc.popen = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL)
+        proc.started_at = time.monotonic()
+        proc.restart_at = None
         self.procs[name] = proc
         return proc
+
+    def home_env(self) -> dict[str, str]:
+        """What keeps every child's state under ``home``: INTERLOCK_HOME (the URL file and admin
+        credential the CLI looks for) and the auditor's projection file, unless the caller's
+        environment names one."""
+        home = self.home.resolve()
+        env = {HOME_ENV: str(home)}
+        if not os.environ.get("INTERLOCK_AUDITOR_DB"):
+            env["INTERLOCK_AUDITOR_DB"] = str(home / "auditor.sqlite3")
+        return env
+
+    @property
+    def url_file(self) -> Path:
+        """Where the stack writes its server's URL for the other commands: ``{home}/nats.url``."""
+        return url_file(self.home)
 
     def start(self) -> None:
         """Start NATS (unless a URL was given) and every service and worker process."""
         self.start_nats()
         self.issue_creds()  # (a no-op after start_nats, unless a URL was given)
-        URL_FILE.parent.mkdir(parents=True, exist_ok=True)
-        URL_FILE.write_text(self.url)
+        self.url_file.parent.mkdir(parents=True, exist_ok=True)
+        self.url_file.write_text(self.url)
         for service in self.services:
             self._spawn(service, [sys.executable, "-m", "interlock.cli", "serve", service])
         for name, target, tenant in self.worker_specs():
@@ -209,6 +261,82 @@ class Stack:
     def dead(self) -> list[str]:
         return [name for name, proc in self.procs.items() if not proc.alive()]
 
+    def supervise(self, now: float | None = None) -> list[str]:
+        """One pass of ``interlock up``'s supervisor: schedule the restart of each child that exited
+        (exponential backoff, :attr:`restart_policy`), restart those whose time has come, give up
+        on a child that exited too many times in a row. Returns what to tell the user."""
+        now = time.monotonic() if now is None else now
+        policy, said = self.restart_policy, []
+        for name, proc in self.procs.items():
+            if proc.given_up or proc.alive():
+                continue
+            if proc.restart_at is None:  # exited since the last pass
+                code = proc.popen.returncode if proc.popen is not None else None
+                if now - proc.started_at >= policy.stable:
+                    proc.crashes = 0
+                proc.crashes += 1
+                if proc.crashes > policy.limit:
+                    proc.given_up = True
+                    said.append(f"{name} exited (code {code}) {proc.crashes} times in a row; giving up on it "
+                                f"after {policy.limit} restarts (see {proc.log_path})")
+                    continue
+                wait = policy.delay(proc.crashes)
+                proc.restart_at = now + wait
+                said.append(f"{name} exited (code {code}); restarting it in {wait:g} s "
+                            f"(restart {proc.crashes} of at most {policy.limit} in a row)")
+            elif now >= proc.restart_at:
+                self.restart(name)
+        return said
+
+    async def wait_ready(self, timeout: float = 60.0, interval: float = 0.2) -> None:
+        """Return once every service and worker consumes: each one's durable consumers exist and
+        hold a live pull request (requests expire within seconds, so a dead holder's do not count),
+        and the auditor answers a query. Raises :class:`NotReady` naming what is missing."""
+        from interlock.client import Client, ClientError
+
+        deadline = time.monotonic() + timeout
+        missing: list[str] = []
+        client = await Client.connect(self.url, creds=self.admin_creds, name="interlock-stack-ready")
+        try:
+            while True:
+                missing = [f"{name} is not running (see {proc.log_path})" for name, proc in self.procs.items()
+                           if not proc.alive() and proc.given_up]
+                missing += await self._not_consuming(client.js)
+                if not missing:
+                    try:
+                        await client.runs(limit=1)  # the readiness probe: the auditor answers queries
+                    except ClientError as e:
+                        missing.append(f"the auditor does not answer queries yet ({e})")
+                if not missing:
+                    return
+                if time.monotonic() >= deadline:
+                    raise NotReady(f"not ready after {timeout:g} s: {'; '.join(missing)}")
+                await asyncio.sleep(interval)
+        finally:
+            await client.close()
+
+    async def _not_consuming(self, js: JetStreamContext) -> list[str]:
+        """What does not consume yet: a service with no durable consumer, or a consumer (of a
+        service, or a worker's topic) without a live pull request."""
+        pulling: dict[str, bool] = {}
+        for stream in await js.streams_info():
+            for info in await js.consumers_info(stream.config.name or ""):
+                if info.config.durable_name:
+                    pulling[info.config.durable_name] = pulling.get(info.config.durable_name, False) or \
+                        bool(info.num_waiting)
+        missing = []
+        for service in self.services:
+            own = [n for n in pulling if n == service or n.startswith(f"{service}_")]
+            if not own:
+                missing.append(f"{service} has no consumer yet")
+            missing += [f"{service}'s consumer {n} is not pulling" for n in own if not pulling[n]]
+        for name, target, tenant in self.worker_specs():
+            for topic in self.topics_of(target):
+                durable = s.worker_consumer(tenant, topic)
+                if not pulling.get(durable):
+                    missing.append(f"{name} does not pull {topic} jobs yet")
+        return missing
+
     def stop(self, timeout: float = 10.0) -> None:
         for proc in self.procs.values():
             if proc.alive():
@@ -229,5 +357,5 @@ class Stack:
             if self.nats is not None:
                 self.nats.stop()
             with contextlib.suppress(FileNotFoundError):
-                if URL_FILE.read_text().strip() == self.nats_url:
-                    URL_FILE.unlink()
+                if self.url_file.read_text().strip() == self.nats_url:
+                    self.url_file.unlink()
