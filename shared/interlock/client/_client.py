@@ -125,7 +125,7 @@ class Client:
         ``tls_*`` None: ``INTERLOCK_TLS_CA``, ``…_CERT``, ``…_KEY``, ``…_HOSTNAME`` (a ``tls://`` URL
         without a CA trusts the system's store). ``url_from``: what to call a given ``url``'s source
         in messages (the CLI: ``--nats``). Not ``patient``: when no server answers within
-        ``INTERLOCK_CONNECT_TIMEOUT`` (1.5 s) the connect fails, naming the URL and its source."""
+        ``INTERLOCK_CONNECT_TIMEOUT`` (1.2 s) the connect fails, naming the URL and its source."""
         explicit = Path(creds) if creds is not None else None
         settings = ClientSettings.load(tenant=tenant, creds=explicit, principal=principal,
                                        **_tls_overrides(tls_ca, tls_cert, tls_key, tls_hostname))

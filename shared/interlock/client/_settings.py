@@ -31,7 +31,7 @@ class ClientSettings(BaseSettings, TlsSettings):
     tenant: str = "default"
     creds: Path | None = None
     """A NATS credentials (.creds) file; unset: the admin creds `interlock up` wrote, if there."""
-    connect_timeout: float = Field(1.5, gt=0)
+    connect_timeout: float = Field(1.2, gt=0)
     """Seconds the first connection may take in all (``INTERLOCK_CONNECT_TIMEOUT``): a client that is
     not ``patient`` fails within this long, naming the URL, when no server answers."""
     principal: str | None = None
