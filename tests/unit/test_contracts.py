@@ -321,6 +321,8 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "CompensationFinished": {"ok"},
     "CompensationStarted": {"failed_step", "steps"},
     "DeadLetter": {"service", "subject", "reason", "data_b64", "at"},
+    "DeadLetterAction": {"action", "by", "at"},
+    "DeadLetterStatus": {"seq", "status"},
     "EventEnvelope": {"run_id", "tenant", "seq", "type", "at", "service", "data", "prev_hash", "hash"},
     "Heartbeat": {"job_id", "run_id", "tenant", "step_id", "attempt"},
     "Job": {"job_id", "run_id", "tenant", "workflow_id", "step_id", "topic", "attempt", "idempotency_key",

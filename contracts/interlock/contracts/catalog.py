@@ -515,7 +515,22 @@ AGENT_REGISTRY = KeyValueEntry(
     readers=(CLIENT,),
 )
 
-KEY_VALUE: tuple[KeyValueEntry, ...] = (AGENT_REGISTRY,)
+DEAD_LETTER_STATUS = KeyValueEntry(
+    bucket=s.DLQ_STATUS_BUCKET,
+    key="{seq} (the dead letter's stream sequence in IL_DLQ)",
+    value=msg.DeadLetterStatus,
+    description="What operators did about each dead letter (interlock dlq resolve|replay): every action, oldest "
+                "first, updated with compare-and-set; the dead letters themselves stay in IL_DLQ.",
+    writers=(OPERATOR,),
+    readers=(OPERATOR,),
+)
+
+KEY_VALUE: tuple[KeyValueEntry, ...] = (AGENT_REGISTRY, DEAD_LETTER_STATUS)
+
+REPLAYABLE: tuple[Channel, ...] = (TRIGGERS, JOBS, RESULTS, HEARTBEATS, TIMERS_FIRED)
+"""Channels a dead letter's original may be published to again (``interlock dlq replay``): queues
+whose consumers handle a message once. Run events are not among them (a commit published again
+would stand twice in the run's log), nor are requests (their requester is gone)."""
 
 
 @dataclass(frozen=True)

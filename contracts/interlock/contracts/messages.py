@@ -196,6 +196,29 @@ class DeadLetter(Message):
                                                        "(a whole copy would exceed the stream's message size)")
 
 
+class DeadLetterAction(Message):
+    """One thing done about a dead letter: marked resolved, or its original published again."""
+
+    action: Literal["resolved", "replayed"]
+    by: str = Field(description="The principal who did it")
+    at: datetime
+    note: str = ""
+    msg_id: str | None = Field(default=None, description="replayed: the new Nats-Msg-Id of the republished original")
+    subject: str | None = Field(default=None, description="replayed: where the original was published again")
+    stream_seq: int | None = Field(default=None, description="replayed: the stream sequence the republished "
+                                                             "original got")
+
+
+class DeadLetterStatus(Message):
+    """What was done about the dead letter with stream sequence ``seq`` in ``IL_DLQ`` (bucket
+    ``il_dlq_status``, key ``{seq}``). The dead letter itself is never deleted; a dead letter without
+    an entry is open. ``status`` is the last action's."""
+
+    seq: int
+    status: Literal["resolved", "replayed"]
+    actions: list[DeadLetterAction] = Field(default_factory=list, description="Every action, oldest first")
+
+
 _QUERY_TENANT = ("Deprecated, ignored: the query is answered for the query subject's tenant. A query whose "
                  "tenant differs from the subject's is refused.")
 

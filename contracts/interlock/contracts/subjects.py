@@ -47,6 +47,7 @@ WORKFLOWS_BUCKET = "il_workflows"  # key: {workflow_id}.{version} and {workflow_
 AGENTS_BUCKET = "il_agents"  # key: {tenant}.{topic}.{worker_id} (agent_key)
 POLICIES_BUCKET = "il_policies"  # key: active (its history is the bundle history)
 APPROVERS_BUCKET = "il_approvers"  # key: approver id, value: the roles they hold
+DLQ_STATUS_BUCKET = "il_dlq_status"  # key: dead_letter_key(seq), value: what was done about that dead letter
 PAYLOADS_OBJECT_STORE = "il_payloads"  # large inputs and outputs, by sha256
 
 # -- wildcards a stream or consumer binds to ----------------------------------------------
@@ -183,6 +184,13 @@ def parse_query(subject: str) -> tuple[str, str]:
 
 def dead_letter(service: str) -> str:
     return f"{PREFIX}.dlq.{token(service, 'service')}"
+
+
+def dead_letter_key(seq: int) -> str:
+    """A dead letter's key in bucket ``DLQ_STATUS_BUCKET``: its ``IL_DLQ`` stream sequence (its id)."""
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+        raise SubjectError(f"dead letter id {seq!r} is not a stream sequence (a whole number from 1)")
+    return str(seq)
 
 
 def control_cancel(tenant: str, run_id: str) -> str:

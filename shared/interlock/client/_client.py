@@ -11,12 +11,14 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 import nats
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from pydantic import BaseModel
@@ -26,6 +28,7 @@ from interlock.client._errors import ClientError, NotFound, Refused, Unavailable
 from interlock.client._settings import ClientSettings
 from interlock.client._types import (
     TERMINAL_EVENTS,
+    DeadLetterEntry,
     PendingApproval,
     PolicyDecision,
     PolicyRevision,
@@ -42,6 +45,8 @@ from interlock.contracts.messages import (
     CancelRequest,
     CommandReply,
     DeadLetter,
+    DeadLetterAction,
+    DeadLetterStatus,
     QueryReply,
     RunQuery,
     RunsQuery,
@@ -56,7 +61,7 @@ from interlock.core.workflow import Workflow
 from interlock.identity import creds_inbox_prefix, creds_permissions
 from interlock.runtime import tls as _tls
 from interlock.runtime.connect import ConnectRefused, NoServerAnswered, connect, url_file
-from interlock.runtime.deadletter import read_letter
+from interlock.runtime.deadletter import CannotReplay, read_entry, replay_msg_id, replay_of, with_action
 from interlock.runtime.policy import ACTIVE as POLICY_KEY
 from interlock.runtime.publish import publish
 from interlock.runtime.registry import VersionConflict, WorkflowNotFound, WorkflowRegistry
@@ -459,19 +464,121 @@ class Client:
         """The oldest ``limit`` dead letters: messages a service could not process. Anything else
         on a dead-letter subject is listed as an unreadable entry (its reason names its stream
         sequence and size) rather than failing the read."""
-        sub = await self.js.subscribe(s.DLQ_ALL, ordered_consumer=True)
-        letters: list[DeadLetter] = []
+        return [entry.letter for entry in await self._scan_dead_letters(s.DLQ_ALL, limit, None, None)]
+
+    async def dead_letter_entries(self, limit: int = 100, *, status: str | None = None,
+                                  service: str | None = None) -> list[DeadLetterEntry]:
+        """Dead letters, oldest first, each with its id (its IL_DLQ stream sequence) and what was
+        done about it; ``status`` (open, resolved, replayed) and ``service`` filter, ``limit`` caps
+        what is returned. A foreign message is an unreadable entry, never an error."""
+        subject = s.dead_letter(service) if service else s.DLQ_ALL
+        return await self._scan_dead_letters(subject, limit, await self._dead_letter_records(), status)
+
+    async def _scan_dead_letters(self, subject: str, limit: int, records: dict[int, DeadLetterStatus] | None,
+                                 status: str | None) -> list[DeadLetterEntry]:
+        sub = await self.js.subscribe(subject, ordered_consumer=True)
+        entries: list[DeadLetterEntry] = []
         try:
-            while len(letters) < limit:
+            while len(entries) < limit:
                 try:
                     msg = await sub.next_msg(timeout=0.5)
                 except nats.errors.TimeoutError:
                     break
-                meta = msg.metadata
-                letters.append(read_letter(msg.subject, msg.data, meta.sequence.stream, meta.timestamp))
+                seq = msg.metadata.sequence.stream
+                letter, readable = read_entry(msg.subject, msg.data, seq, msg.metadata.timestamp)
+                entry = DeadLetterEntry(seq, letter, readable, (records or {}).get(seq))
+                if status is None or entry.status == status:
+                    entries.append(entry)
         finally:
             await sub.unsubscribe()
-        return letters
+        return entries
+
+    async def _dead_letter_records(self) -> dict[int, DeadLetterStatus]:
+        kv = await self._dead_letter_bucket()
+        records: dict[int, DeadLetterStatus] = {}
+        try:
+            keys = await kv.keys()
+        except nats.js.errors.NoKeysError:
+            return records
+        for key in keys:
+            with contextlib.suppress(Exception):  # a foreign value: the dead letter shows as open
+                entry = await kv.get(key)
+                record = DeadLetterStatus.model_validate_json(entry.value or b"")
+                records[record.seq] = record
+        return records
+
+    async def _dead_letter_bucket(self) -> Any:
+        try:
+            return await self.js.key_value(s.DLQ_STATUS_BUCKET)
+        except nats.js.errors.BucketNotFoundError:
+            await self._provision()  # a stack provisioned before dead letters had a status
+            try:
+                return await self.js.key_value(s.DLQ_STATUS_BUCKET)
+            except nats.js.errors.BucketNotFoundError:
+                raise Unavailable(f"bucket {s.DLQ_STATUS_BUCKET} does not exist: run `interlock provision` "
+                                  f"with the admin credential") from None
+
+    async def _dead_letter(self, seq: int) -> DeadLetterEntry:
+        key = s.dead_letter_key(seq)
+        try:
+            msg = await self.js.get_msg(s.DLQ_STREAM, seq)
+        except nats.js.errors.NotFoundError:
+            raise NotFound(f"dead letter {key} not found (ids are the numbers `interlock dlq` lists)") from None
+        if msg.subject is None or not msg.subject.startswith(s.DLQ_ALL.removesuffix(">")):
+            raise NotFound(f"dead letter {key} not found (stream {s.DLQ_STREAM} seq {key} is {msg.subject})")
+        letter, readable = read_entry(msg.subject, msg.data or b"", seq, msg.time)
+        return DeadLetterEntry(seq, letter, readable)
+
+    async def _record_dead_letter_action(self, seq: int, action: DeadLetterAction) -> DeadLetterStatus:
+        """Append ``action`` to the dead letter's record (compare-and-set: a concurrent action is
+        kept, and this one is appended after it)."""
+        kv = await self._dead_letter_bucket()
+        key = s.dead_letter_key(seq)
+        self._may_publish(p.kv_key(s.DLQ_STATUS_BUCKET, key), f"record what was done about dead letter {key}")
+        for _ in range(10):
+            try:
+                entry = await kv.get(key)
+                current, revision = DeadLetterStatus.model_validate_json(entry.value or b""), entry.revision
+            except nats.js.errors.KeyNotFoundError:
+                current, revision = None, None
+            record = with_action(current, seq, action)
+            try:
+                if revision is None:
+                    await kv.create(key, record.model_dump_json().encode())
+                else:
+                    await kv.update(key, record.model_dump_json().encode(), last=revision)
+                return record
+            except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.BadRequestError):
+                continue  # someone else acted on it meanwhile: read again, append after theirs
+        raise ClientError(f"dead letter {key}: could not record the {action.action} (kept changing); try again")
+
+    async def resolve_dead_letter(self, seq: int, *, note: str) -> DeadLetterStatus:
+        """Mark dead letter ``seq`` resolved, with a note saying how; recorded as by this client's
+        principal, now. The dead letter stays in IL_DLQ; its record keeps every action."""
+        await self._dead_letter(seq)  # it exists
+        action = DeadLetterAction(action="resolved", by=self.principal, at=datetime.now(UTC), note=note)
+        return await self._record_dead_letter_action(seq, action)
+
+    async def replay_dead_letter(self, seq: int, *, note: str = "") -> DeadLetterStatus:
+        """Publish dead letter ``seq``'s original again to its subject, with a new message id (and
+        header Interlock-Replay-Of: seq), and record who replayed it, when, and where it was stored.
+        Refused (:class:`Refused`) for a foreign message, a truncated original or a subject that is
+        not a queue (run events, requests)."""
+        entry = await self._dead_letter(seq)
+        try:
+            subject, data, headers = replay_of(entry.letter, entry.readable, seq)
+        except CannotReplay as e:
+            raise Refused(str(e)) from None
+        self._may_publish(subject, f"replay dead letter {seq} to {subject}")
+        kv = await self._dead_letter_bucket()
+        current: DeadLetterStatus | None = None
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+            current = DeadLetterStatus.model_validate_json((await kv.get(s.dead_letter_key(seq))).value or b"")
+        msg_id = replay_msg_id(seq, current)
+        ack = await publish(self.js, subject, data, headers={**headers, h.MSG_ID: msg_id})
+        action = DeadLetterAction(action="replayed", by=self.principal, at=datetime.now(UTC), note=note,
+                                  msg_id=msg_id, subject=subject, stream_seq=ack.seq)
+        return await self._record_dead_letter_action(seq, action)
 
     async def verify(self, run_id: str) -> VerifyReport:
         """Check the run's hash chain and sequence (render with ``core.verify.render_report``)."""

@@ -1,4 +1,4 @@
-"""Operations: ``interlock agent list``, ``interlock dlq list`` and the process commands
+"""Operations: ``interlock agent list``, ``interlock dlq list|resolve|replay`` and the process commands
 ``up``, ``serve``, ``worker``, ``nats``, ``demo`` and ``drill``."""
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Annotated, Any, Literal
 import typer
 
 from interlock.cli._common import ListGroup, configure_logging, connected, fail, globals_of, with_globals
-from interlock.cli._output import Column, Format, OutputOption, columns, echo, emit_rows
-from interlock.client import ClientError, ClientSettings
+from interlock.cli._output import Column, Format, OutputOption, columns, echo, emit_doc, emit_rows
+from interlock.client import ClientError, ClientSettings, DeadLetterEntry
+from interlock.contracts.messages import DeadLetterStatus
 from interlock.core.natsserver import DEFAULT_STORE_DIR
 
 agents = typer.Typer(no_args_is_help=True, help="The agent registry: which workers serve which topics.")
@@ -31,16 +32,69 @@ def list_agents(ctx: typer.Context, output: OutputOption = Format.table) -> None
               columns("topic", "version", "capabilities", "worker_id", "host", "last_heartbeat"))
 
 
+DlqStatus = Literal["open", "resolved", "replayed"]
+DLQ_COLUMNS = columns("id", "status", Column("at", show=lambda at: str(at or "")[:23]), "service", "subject", "reason")
+
+
+def _dlq_row(entry: DeadLetterEntry) -> dict[str, Any]:
+    """One dead letter as a row: the letter's fields, its id and status, and every action on it."""
+    return {"id": entry.id, "status": entry.status, **entry.letter.model_dump(mode="json"),
+            "readable": entry.readable,
+            "actions": [a.model_dump(mode="json") for a in (entry.record.actions if entry.record else [])]}
+
+
 @dlq.command("list")
 @with_globals
 def list_dead_letters(
     ctx: typer.Context,
     limit: Annotated[int, typer.Option("--limit", min=1, help="at most this many, oldest first")] = 100,
+    status: Annotated[DlqStatus | None, typer.Option("--status", help="only open, resolved or replayed ones")] = None,
+    service: Annotated[str | None, typer.Option("--service", help="only those of this service (or worker)")] = None,
     output: OutputOption = Format.table,
 ) -> None:
-    """Dead letters, oldest first."""
-    emit_rows(connected(ctx, lambda client: client.dead_letters(limit)), output,
-              columns(Column("at", show=lambda at: str(at or "")[:23]), "service", "subject", "reason"))
+    """Dead letters, oldest first, with their id and status (open, resolved, replayed)."""
+    entries = connected(ctx, lambda client: client.dead_letter_entries(limit, status=status, service=service))
+    emit_rows([_dlq_row(e) for e in entries], output, DLQ_COLUMNS)
+
+
+IdArgument = Annotated[int, typer.Argument(metavar="ID", min=1, help="the dead letter's id (as `interlock dlq` lists)")]
+
+
+def _said(record: DeadLetterStatus, output: Format) -> None:
+    last = record.actions[-1]
+    if output is not Format.table:
+        emit_doc(record, output, lambda _: None)
+    elif last.action == "replayed":
+        echo(f"dead letter {record.seq} replayed to {last.subject} (message id {last.msg_id}, stream seq "
+             f"{last.stream_seq}) by {last.by}")
+    else:
+        echo(f"dead letter {record.seq} resolved by {last.by}: {last.note}")
+
+
+@dlq.command("resolve")
+@with_globals
+def resolve_dead_letter(
+    ctx: typer.Context,
+    seq: IdArgument,
+    note: Annotated[str, typer.Option("--note", help="how it was dealt with (kept with the dead letter)")],
+    output: OutputOption = Format.table,
+) -> None:
+    """Mark a dead letter resolved, with a note; it stays listed (history is never deleted)."""
+    if not note.strip():
+        fail("--note must say how the dead letter was dealt with")
+    _said(connected(ctx, lambda client: client.resolve_dead_letter(seq, note=note)), output)
+
+
+@dlq.command("replay")
+@with_globals
+def replay_dead_letter(
+    ctx: typer.Context,
+    seq: IdArgument,
+    note: Annotated[str, typer.Option("--note", help="why it is replayed (kept with the dead letter)")] = "",
+    output: OutputOption = Format.table,
+) -> None:
+    """Publish a dead letter's original again to its subject, with a new message id; records who and when."""
+    _said(connected(ctx, lambda client: client.replay_dead_letter(seq, note=note)), output)
 
 
 # -- processes ---------------------------------------------------------------------------------
