@@ -70,7 +70,7 @@ def _start_up(cwd: Path, home: str) -> tuple[subprocess.Popen[str], list[str]]:
 def test_a_signal_stops_every_child_and_state_stays_under_home(tmp_path: Path, sig: signal.Signals) -> None:
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    proc, lines = _start_up(cwd, "state")
+    proc, _ = _start_up(cwd, "state")
     try:
         children = _children(proc.pid)
         kinds = " ".join(children.values())

@@ -58,7 +58,8 @@ def test_a_child_that_always_crashes_is_given_up_on_after_the_limit(stack: Stack
     said = _supervise_until(stack, lambda: proc.given_up)
     assert said[:3] == [f"crasher exited (code 3); restarting it in {d:g} s (restart {n} of at most 3 in a row)"
                         for n, d in ((1, 0.05), (2, 0.1), (3, 0.2))]
-    assert said[3] == f"crasher exited (code 3) 4 times in a row; giving up on it after 3 restarts (see {proc.log_path})"
+    assert said[3] == (f"crasher exited (code 3) 4 times in a row; giving up on it after 3 restarts "
+                       f"(see {proc.log_path})")
     assert len(said) == 4
     assert time.monotonic() - started >= 0.35  # the backoff was waited: 0.05 + 0.1 + 0.2
     assert stack.supervise() == [] and not proc.alive()  # given up: never restarted again
