@@ -529,7 +529,9 @@ def _letter_entry(seq: int, record: Any = None) -> Any:
     from interlock.client import DeadLetterEntry
     from interlock.contracts.messages import DeadLetter
 
-    letter = DeadLetter(service="planner", subject="il.trigger.default.wf", reason="bad input", data_b64="e30=",
+    from interlock.contracts import subjects as s
+
+    letter = DeadLetter(service="planner", subject=s.trigger("default", "wf"), reason="bad input", data_b64="e30=",
                         at=datetime(2026, 12, 2, tzinfo=UTC))
     return DeadLetterEntry(seq, letter, True, record)
 
@@ -555,6 +557,8 @@ def test_dlq_list_shows_id_and_status_and_filters(fake: FakeClient) -> None:
 def test_dlq_resolve_and_replay_call_the_client_and_say_what_happened(fake: FakeClient) -> None:
     from datetime import UTC, datetime
 
+    from interlock.contracts import subjects as s
+
     from interlock.contracts.messages import DeadLetterAction, DeadLetterStatus
 
     at = datetime(2026, 12, 2, tzinfo=UTC)
@@ -568,10 +572,10 @@ def test_dlq_resolve_and_replay_call_the_client_and_say_what_happened(fake: Fake
         "interlock: --note must say how the dead letter was dealt with\n"
     fake.answers["replay_dead_letter"] = lambda seq, note: DeadLetterStatus(
         seq=seq, status="replayed", actions=[DeadLetterAction(
-            action="replayed", by="bob", at=at, note=note, msg_id=f"dlq-replay:{seq}:1", subject="il.result.t.r",
+            action="replayed", by="bob", at=at, note=note, msg_id=f"dlq-replay:{seq}:1", subject=s.result("t", "r"),
             stream_seq=42)])
     assert cli("dlq", "replay", "7").stdout == \
-        "dead letter 7 replayed to il.result.t.r (message id dlq-replay:7:1, stream seq 42) by bob\n"
+        f"dead letter 7 replayed to {s.result('t', 'r')} (message id dlq-replay:7:1, stream seq 42) by bob\n"
     assert fake.called("replay_dead_letter")[-1] == ((7,), {"note": ""})
     assert cli("dlq", "replay", "0").exit_code == 2  # ids start at 1
 

@@ -100,25 +100,23 @@ def test_replay_publishes_the_original_to_its_subject_without_its_old_message_id
 
     original = b'{"job_id": "j1"}'
     letter = letter_for("dispatcher", s.result("acme", "r1"), original, "boom",
-                        {h.MSG_ID: "result:j1", "traceparent": "00-abc-def-01"})
+                        {h.MSG_ID: "result:j1", h.TRACEPARENT: "00-abc-def-01"})
     subject, data, headers = replay_of(letter, True, 12)
     assert (subject, data) == (s.result("acme", "r1"), original)
-    assert headers == {"traceparent": "00-abc-def-01", h.REPLAY_OF: "12"}  # the caller adds the new id
+    assert headers == {h.TRACEPARENT: "00-abc-def-01", h.REPLAY_OF: "12"}  # the caller adds the new id
 
 
-@pytest.mark.parametrize(("subject", "why"), [
-    ("il.evt.acme.r1", "not a queue a replay may publish to"),
-    ("il.cmd.acme.approve.bob", "not a queue a replay may publish to"),
-])
-def test_replay_refuses_what_must_not_be_published_again(subject: str, why: str) -> None:
+@pytest.mark.parametrize("subject", [s.run_events("acme", "r1"), s.command("acme", "approve", "bob")],
+                         ids=["run event", "command"])
+def test_replay_refuses_what_must_not_be_published_again(subject: str) -> None:
     from interlock.runtime.deadletter import CannotReplay, replay_of
 
-    with pytest.raises(CannotReplay, match=why):
+    with pytest.raises(CannotReplay, match="not a queue a replay may publish to"):
         replay_of(letter_for("planner", subject, b"{}", "x"), True, 3)
     with pytest.raises(CannotReplay, match="keeps only the first"):
-        replay_of(letter_for("planner", "il.trigger.acme.wf", b"x" * (DATA_PREFIX_LIMIT + 1), "x"), True, 3)
+        replay_of(letter_for("planner", s.trigger("acme", "wf"), b"x" * (DATA_PREFIX_LIMIT + 1), "x"), True, 3)
     with pytest.raises(CannotReplay, match="not a dead letter"):
-        replay_of(letter_for("planner", "il.dlq.planner", b"junk", "x"), False, 3)
+        replay_of(letter_for("planner", s.dead_letter("planner"), b"junk", "x"), False, 3)
 
 
 def test_actions_are_appended_never_replaced_and_each_replay_has_its_own_id() -> None:
