@@ -527,9 +527,8 @@ def _letter_entry(seq: int, record: Any = None) -> Any:
     from datetime import UTC, datetime
 
     from interlock.client import DeadLetterEntry
-    from interlock.contracts.messages import DeadLetter
-
     from interlock.contracts import subjects as s
+    from interlock.contracts.messages import DeadLetter
 
     letter = DeadLetter(service="planner", subject=s.trigger("default", "wf"), reason="bad input", data_b64="e30=",
                         at=datetime(2026, 12, 2, tzinfo=UTC))
@@ -558,7 +557,6 @@ def test_dlq_resolve_and_replay_call_the_client_and_say_what_happened(fake: Fake
     from datetime import UTC, datetime
 
     from interlock.contracts import subjects as s
-
     from interlock.contracts.messages import DeadLetterAction, DeadLetterStatus
 
     at = datetime(2026, 12, 2, tzinfo=UTC)
