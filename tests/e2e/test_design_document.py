@@ -101,3 +101,22 @@ def test_the_design_documents_workflow_runs_as_written(stack: Stack) -> None:
                 assert f"{step}=succeeded" in message, message
 
     asyncio.run(scenario())
+
+
+def test_a_consumer_an_earlier_copy_left_behind_delays_ready_only_briefly(stack: Stack,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from nats.js.api import ConsumerConfig
+
+    import interlock.devstack.stack as stack_module
+    from interlock.contracts import subjects as s
+
+    monkeypatch.setattr(stack_module, "ORPHAN_GRACE_S", 1.0)
+
+    async def scenario() -> list[str]:
+        async with await Client.connect(stack.url, creds=stack.admin_creds) as client:
+            await client.js.add_consumer(s.TRIGGERS_STREAM, ConsumerConfig(durable_name="planner_gone",
+                                                                           filter_subject=s.TRIGGERS_ALL))
+            return await stack.wait_ready(30)
+
+    assert asyncio.run(scenario()) == ["planner's consumer planner_gone is not pulled from (left by an earlier "
+                                       "copy? delete it if so)"]

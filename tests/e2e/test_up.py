@@ -4,6 +4,7 @@ SIGTERM (``docker stop``, systemd) and SIGHUP (the terminal closed) as on Ctrl-C
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -12,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from interlock.client import Client
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -66,6 +69,22 @@ def _start_up(cwd: Path, home: str) -> tuple[subprocess.Popen[str], list[str]]:
     return proc, lines
 
 
+def _pulling_at_ready(home: Path) -> set[str]:
+    """Which kinds of process hold a live pull request on a durable consumer, asked right after
+    "ready" (through the home's URL file and admin credential, as the CLI finds them)."""
+    async def ask() -> set[str]:
+        async with await Client.connect((home / "nats.url").read_text(),
+                                        creds=home / "identity" / "creds" / "admin.creds") as client:
+            kinds = set()
+            for stream in await client.js.streams_info():
+                for info in await client.js.consumers_info(stream.config.name or ""):
+                    if info.num_waiting and info.config.durable_name:
+                        kinds.add(info.config.durable_name.split("_", 1)[0])
+            return kinds
+
+    return asyncio.run(ask())
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_signal_stops_every_child_and_state_stays_under_home(tmp_path: Path, sig: signal.Signals) -> None:
     cwd = tmp_path / "cwd"
@@ -81,6 +100,7 @@ def test_a_signal_stops_every_child_and_state_stays_under_home(tmp_path: Path, s
         for name in ("nats", "identity", "logs", "auditor.sqlite3", "nats.url"):
             assert (home / name).exists(), (name, sorted(p.name for p in home.iterdir()))
         assert (home / "nats.url").read_text().startswith("nats://")
+        assert _pulling_at_ready(home) == {"planner", "policy", "approval", "dispatcher", "auditor", "worker"}
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=60)
     finally:

@@ -262,7 +262,8 @@ def up(
         stack.start()
         echo(f"starting on {url}: {', '.join(stack.procs)} (logs in {home}/logs) …")
         try:
-            asyncio.run(stack.wait_ready(ready_timeout))
+            for note in asyncio.run(stack.wait_ready(ready_timeout, supervise=echo)):
+                echo(f"note: {note}")
         except NotReady as e:
             echo(f"interlock up: {e}")
             code = 1

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,10 @@ SERVICES = ("planner", "policy", "approval", "dispatcher", "auditor")
 DEFAULT_PORT = 4222
 DEFAULT_TENANT = "default"
 ADMIN = "admin"
+
+
+ORPHAN_GRACE_S = 10.0
+"""How long ``wait_ready`` waits for a service consumer nobody pulls from, once each service pulls."""
 
 
 class NotReady(RuntimeError):
@@ -288,54 +293,75 @@ class Stack:
                 self.restart(name)
         return said
 
-    async def wait_ready(self, timeout: float = 60.0, interval: float = 0.2) -> None:
+    async def wait_ready(self, timeout: float = 60.0, *, interval: float = 0.2,
+                         supervise: Callable[[str], None] | None = None) -> list[str]:
         """Return once every service and worker consumes: each one's durable consumers exist and
         hold a live pull request (requests expire within seconds, so a dead holder's do not count),
-        and the auditor answers a query. Raises :class:`NotReady` naming what is missing."""
+        and the auditor answers a query (the readiness probe). Raises :class:`NotReady` naming what
+        is missing. ``supervise``: restart children that exit meanwhile (:meth:`supervise`) and
+        tell it what happened; else a child that exits fails the wait at once.
+
+        A service consumer nobody pulls from once every service pulls on some consumer is waited
+        for :data:`ORPHAN_GRACE_S` more, then taken for one an earlier copy left behind (a renamed
+        auditor instance, say): returned as a note instead of blocking forever."""
         from interlock.client import Client, ClientError
 
         deadline = time.monotonic() + timeout
-        missing: list[str] = []
+        all_pulling_since: float | None = None
         client = await Client.connect(self.url, creds=self.admin_creds, name="interlock-stack-ready")
         try:
             while True:
-                missing = [f"{name} is not running (see {proc.log_path})" for name, proc in self.procs.items()
-                           if not proc.alive() and proc.given_up]
-                missing += await self._not_consuming(client.js)
+                if supervise is not None:
+                    for line in self.supervise():
+                        supervise(line)
+                    missing = [f"{n} was given up on (see {p.log_path})" for n, p in self.procs.items() if p.given_up]
+                else:
+                    missing = [f"{n} exited (code {p.popen.returncode if p.popen else None}; see {p.log_path})"
+                               for n, p in self.procs.items() if not p.alive()]
+                    if missing:
+                        raise NotReady("; ".join(missing))
+                blocking, idle = await self._not_consuming(client.js)
+                missing += blocking
+                now = time.monotonic()
+                all_pulling_since = (all_pulling_since or now) if not blocking else None
+                if idle and all_pulling_since is not None and now - all_pulling_since >= ORPHAN_GRACE_S:
+                    notes, idle = [f"{i} (left by an earlier copy? delete it if so)" for i in idle], []
+                else:
+                    notes = []
+                missing += idle
                 if not missing:
                     try:
                         await client.runs(limit=1)  # the readiness probe: the auditor answers queries
                     except ClientError as e:
                         missing.append(f"the auditor does not answer queries yet ({e})")
                 if not missing:
-                    return
-                if time.monotonic() >= deadline:
+                    return notes
+                if now >= deadline:
                     raise NotReady(f"not ready after {timeout:g} s: {'; '.join(missing)}")
                 await asyncio.sleep(interval)
         finally:
             await client.close()
 
-    async def _not_consuming(self, js: JetStreamContext) -> list[str]:
-        """What does not consume yet: a service with no durable consumer, or a consumer (of a
-        service, or a worker's topic) without a live pull request."""
+    async def _not_consuming(self, js: JetStreamContext) -> tuple[list[str], list[str]]:
+        """(what does not consume yet: a service without a pulling consumer, a worker's topic
+        without a pulling consumer; service consumers that nobody pulls from)."""
         pulling: dict[str, bool] = {}
         for stream in await js.streams_info():
             for info in await js.consumers_info(stream.config.name or ""):
                 if info.config.durable_name:
                     pulling[info.config.durable_name] = pulling.get(info.config.durable_name, False) or \
                         bool(info.num_waiting)
-        missing = []
+        blocking, idle = [], []
         for service in self.services:
             own = [n for n in pulling if n == service or n.startswith(f"{service}_")]
-            if not own:
-                missing.append(f"{service} has no consumer yet")
-            missing += [f"{service}'s consumer {n} is not pulling" for n in own if not pulling[n]]
+            if not any(pulling[n] for n in own):
+                blocking.append(f"{service} does not consume yet")
+            idle += [f"{service}'s consumer {n} is not pulled from" for n in own if not pulling[n]]
         for name, target, tenant in self.worker_specs():
             for topic in self.topics_of(target):
-                durable = s.worker_consumer(tenant, topic)
-                if not pulling.get(durable):
-                    missing.append(f"{name} does not pull {topic} jobs yet")
-        return missing
+                if not pulling.get(s.worker_consumer(tenant, topic)):
+                    blocking.append(f"{name} does not pull {topic} jobs yet")
+        return blocking, idle
 
     def stop(self, timeout: float = 10.0) -> None:
         for proc in self.procs.values():
