@@ -20,14 +20,16 @@ ENV_PREFIX = "INTERLOCK_"
 
 class ClientSettings(BaseSettings, TlsSettings):
     """Where the client connects and as whom: ``INTERLOCK_NATS_URL``, ``INTERLOCK_TENANT``,
-    ``INTERLOCK_CREDS``, ``INTERLOCK_PRINCIPAL``, and TLS: ``INTERLOCK_TLS_CA``, ``INTERLOCK_TLS_CERT``,
-    ``INTERLOCK_TLS_KEY``, ``INTERLOCK_TLS_HOSTNAME`` (see :mod:`interlock.runtime.tls`). Other
+    ``INTERLOCK_CREDS``, ``INTERLOCK_PRINCIPAL``, ``INTERLOCK_CONNECT_TIMEOUT``, and TLS:
+    ``INTERLOCK_TLS_CA``, ``INTERLOCK_TLS_CERT``, ``INTERLOCK_TLS_KEY``, ``INTERLOCK_TLS_HOSTNAME`` (see
+    :mod:`interlock.runtime.tls`). Other
     ``INTERLOCK_*`` variables belong to other process kinds."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     nats_url: str | None = None
-    """NATS URL, comma-separated for a cluster; unset: the URL file, else the default."""
+    """NATS URL, comma-separated for a cluster; unset: the URL file (``$INTERLOCK_HOME/nats.url``,
+    else ``.interlock/nats.url``), else the default."""
     tenant: str = "default"
     creds: Path | None = None
     """A NATS credentials (.creds) file; unset: the admin creds `interlock up` wrote, if there."""

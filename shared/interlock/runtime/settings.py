@@ -6,7 +6,8 @@ import, so importing Interlock cannot fail on the environment. A value that does
 number``. Keyword arguments override the environment (tests and embedding code use them).
 
 - ``INTERLOCK_NATS_URL`` (both): server URL(s), comma-separated; default the URL ``interlock up``
-  wrote to ``.interlock/nats.url``, else ``nats://127.0.0.1:4222``
+  wrote to ``{home}/nats.url`` (home: ``INTERLOCK_HOME``, else ``.interlock``), else
+  ``nats://127.0.0.1:4222``
 - ``INTERLOCK_INLINE_LIMIT`` (both): largest payload kept inline, bytes (262144)
 - ``INTERLOCK_REPLICAS``: stream replicas, 1-5 (1)
 - ``INTERLOCK_CREDS`` (both): the NATS credentials (``.creds``) file to connect with (none: anonymous,
