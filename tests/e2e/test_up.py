@@ -69,6 +69,21 @@ def _start_up(cwd: Path, home: str) -> tuple[subprocess.Popen[str], list[str]]:
     return proc, lines
 
 
+def _clean_up(proc: subprocess.Popen[str], children: dict[int, str]) -> None:
+    """After a failed assertion: stop the stack as a user would, and kill whatever is left of it
+    (a SIGKILL of `up` alone would leave its children running)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+    for pid, cmdline in children.items():
+        if _alive(pid, cmdline):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _pulling_at_ready(home: Path) -> set[str]:
     """Which kinds of process hold a live pull request on a durable consumer, asked right after
     "ready" (through the home's URL file and admin credential, as the CLI finds them)."""
@@ -90,8 +105,8 @@ def test_a_signal_stops_every_child_and_state_stays_under_home(tmp_path: Path, s
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     proc, _ = _start_up(cwd, "state")
+    children = _children(proc.pid)
     try:
-        children = _children(proc.pid)
         kinds = " ".join(children.values())
         assert "nats-server" in kinds and kinds.count("interlock.cli serve") == 5 and "worker" in kinds, children
         home = cwd / "state"
@@ -104,8 +119,7 @@ def test_a_signal_stops_every_child_and_state_stays_under_home(tmp_path: Path, s
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _clean_up(proc, children)
     assert proc.returncode == 0, out
     assert "stopped" in out.splitlines()
     deadline = time.monotonic() + 10
