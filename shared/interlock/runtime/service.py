@@ -33,8 +33,8 @@ from interlock.core.run import IllegalTransition
 from interlock.core.topology import provision
 from interlock.runtime.connect import connect, creds_options
 from interlock.runtime.consumer import PullConsumer
-from interlock.runtime.deadletter import dead_letter
 from interlock.runtime.datakeys import PayloadSealer
+from interlock.runtime.deadletter import dead_letter
 from interlock.runtime.payloads import PayloadStore
 from interlock.runtime.registry import WorkflowNotFound, WorkflowRegistry
 from interlock.runtime.settings import ServiceSettings

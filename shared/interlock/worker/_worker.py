@@ -33,8 +33,8 @@ from interlock.core.sealed import SealedError
 from interlock.identity import PermissionDenied, creds_permissions
 from interlock.runtime import tracing
 from interlock.runtime.connect import connect
-from interlock.runtime.datakeys import DataKeyError, PayloadSealer
 from interlock.runtime.consumer import PullConsumer
+from interlock.runtime.datakeys import DataKeyError, PayloadSealer
 from interlock.runtime.deadletter import dead_letter
 from interlock.runtime.payloads import PayloadStore
 from interlock.runtime.publish import publish
