@@ -65,3 +65,30 @@ steps:
     assert run_id.encode() in stored  # the scan sees this run
     for clear in (b"pw-clear-42", b"session-clear-42", b"key-clear-42"):
         assert clear not in stored
+
+
+async def test_a_large_output_goes_to_the_object_store_sealed(harness: Harness, nats_server: EmbeddedNats) -> None:
+    wf, topic = unique("sensbig"), unique("t")
+    await harness.apply(f"""
+id: {wf}
+version: 1
+steps:
+  a: {{topic: {topic}, input: {{n: 1}}}}
+""")
+    worker = Worker("sensbig", inline_limit=64)  # any output over 64 bytes: the object store
+
+    @worker.job(topic)
+    async def handle(ctx: JobContext) -> dict[str, Any]:
+        return {"auth": {"Authorization": "Bearer big-clear-77"}, "filler": "x" * 200}
+
+    await harness.start_worker(worker)
+    run_id = await harness.trigger(wf, {})
+    events = await harness.wait_end(run_id)
+    assert types(events)[-1] == "RunSucceeded", types(events)
+    succeeded = next(e["data"] for e in events if e["type"] == "StepSucceeded")
+    assert succeeded["output"] is None and succeeded["output_ref"] is not None
+    state = await harness.run_state(run_id)
+    assert state.steps["a"].output_ref is not None
+    stored = _stored_bytes(nats_server, f"OBJ_{s.PAYLOADS_OBJECT_STORE}", s.RESULTS_STREAM)
+    assert b"x" * 200 in stored  # the scan sees the object
+    assert b"big-clear-77" not in stored
