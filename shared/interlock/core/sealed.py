@@ -17,8 +17,9 @@ import binascii
 import fnmatch
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -86,15 +87,15 @@ def aad(header: Header) -> bytes:
 
 
 def is_sealed(value: Any) -> bool:
-    """Whether ``value`` is an envelope (a mapping whose only key is ``$sealed``)."""
-    return isinstance(value, Mapping) and len(value) == 1 and isinstance(value.get(SEALED), Mapping)
+    """Whether ``value`` is an envelope (an object whose only key is ``$sealed``)."""
+    return isinstance(value, dict) and len(value) == 1 and isinstance(value.get(SEALED), dict)
 
 
 def contains_sealed(value: Any) -> bool:
-    """Whether an envelope is anywhere inside ``value``."""
-    if is_sealed(value):
-        return True
-    if isinstance(value, Mapping):
+    """Whether an envelope is anywhere inside ``value`` (a JSON value: dicts, lists, scalars)."""
+    if isinstance(value, dict):
+        if len(value) == 1 and isinstance(value.get(SEALED), dict):
+            return True
         return any(contains_sealed(v) for v in value.values())
     if isinstance(value, list | tuple):
         return any(contains_sealed(v) for v in value)
@@ -147,7 +148,7 @@ def redact(value: Any) -> Any:
 def _redact(value: Any) -> Any:
     if is_sealed(value):
         return REDACTED
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):
         return {k: _redact(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_redact(v) for v in value]
@@ -160,7 +161,7 @@ def open_tree(value: Any, opener: Callable[[Any], Any]) -> Any:
         return value
     if is_sealed(value):
         return opener(value)
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):
         return {k: open_tree(v, opener) for k, v in value.items()}
     return [open_tree(v, opener) for v in value]
 
@@ -172,15 +173,27 @@ def normalized_key(name: str) -> str:
 def key_matches(name: str, patterns: Iterable[str]) -> bool:
     """Whether a key name is sensitive: equal to a pattern or ending in ``_pattern`` (case-insensitive,
     ``-`` read as ``_``: ``X-Api-Key`` and ``db_password`` match), or matching a glob pattern (``*pass*``)."""
-    key = normalized_key(name)
-    for pattern in patterns:
-        p = normalized_key(pattern)
-        if any(c in p for c in "*?["):
-            if fnmatch.fnmatchcase(key, p):
-                return True
-        elif key == p or key.endswith("_" + p):
-            return True
-    return False
+    return _matcher_for(tuple(patterns))(name)
+
+
+class _KeyMatcher:
+    """:func:`key_matches` for fixed patterns, remembering each key name's answer (names repeat)."""
+
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        normalized = [normalized_key(p) for p in patterns]
+        self.globs = tuple(p for p in normalized if any(c in p for c in "*?["))
+        self.names = frozenset(p for p in normalized if p not in self.globs)
+        self.seen: dict[str, bool] = {}
+
+    def __call__(self, name: str) -> bool:
+        answer = self.seen.get(name)
+        if answer is None:
+            key = normalized_key(name)
+            answer = (key in self.names or any(key.endswith("_" + p) for p in self.names)
+                      or any(fnmatch.fnmatchcase(key, g) for g in self.globs))
+            if len(self.seen) < 10_000:
+                self.seen[name] = answer
+        return answer
 
 
 @dataclass(frozen=True)
@@ -191,24 +204,29 @@ class SensitiveRules:
 
     paths: frozenset[str] = frozenset()
     patterns: tuple[str, ...] = DEFAULT_SENSITIVE_KEYS
+    _matcher: _KeyMatcher = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_matcher", _matcher_for(self.patterns))
 
     def with_paths(self, paths: Iterable[str]) -> SensitiveRules:
         return SensitiveRules(self.paths | frozenset(paths), self.patterns)
 
     def sensitive(self, path: str, key: str | None) -> bool:
-        return path in self.paths or (key is not None and key_matches(key, self.patterns))
+        return path in self.paths or (key is not None and self._matcher(key))
 
     def needs_sealing(self, value: Any, root: str) -> bool:
         """Whether :meth:`seal_tree` would change anything in ``value`` (found at path ``root``)."""
-        found = False
-
-        def probe(v: Any) -> dict[str, Any]:
-            nonlocal found
-            found = True
-            return {}
-
-        self.seal_tree(value, root, probe)
-        return found
+        if value is None or is_sealed(value):
+            return False
+        if root in self.paths:
+            return True
+        if isinstance(value, dict):
+            return any(v is not None and not is_sealed(v) and self.sensitive(f"{root}.{k}", str(k))
+                       or self.needs_sealing(v, f"{root}.{k}") for k, v in value.items())
+        if isinstance(value, list | tuple):
+            return any(self.needs_sealing(v, root) for v in value)
+        return False
 
     def seal_tree(self, value: Any, root: str, sealer: Callable[[Any], dict[str, Any]]) -> Any:
         """``value`` (found at path ``root``, e.g. ``input``) with every sensitive value in clear
@@ -220,11 +238,16 @@ class SensitiveRules:
             return value
         if self.sensitive(path, key):
             return sealer(value)
-        if isinstance(value, Mapping):
+        if isinstance(value, dict):
             return {k: self._walk(v, f"{path}.{k}", str(k), sealer) for k, v in value.items()}
         if isinstance(value, list | tuple):
             return [self._walk(v, path, key, sealer) for v in value]
         return value
+
+
+@lru_cache(maxsize=64)
+def _matcher_for(patterns: tuple[str, ...]) -> _KeyMatcher:
+    return _KeyMatcher(patterns)
 
 
 __all__ = [

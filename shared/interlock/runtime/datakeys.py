@@ -197,6 +197,8 @@ class DataKeyring:
             entry = data["tenants"].setdefault(tenant, {"active": None, "keys": {}, "destroyed": []})
             if create_only and entry.get("active"):
                 return str(entry["active"])  # another process created it meanwhile
+            if create_only and entry.get("forgotten_at"):  # forgotten meanwhile: only a rotate revives it
+                raise DataKeyDestroyed(f"data key destroyed: tenant {tenant} was forgotten ({entry['forgotten_at']})")
             kid = new_kid()
             entry.setdefault("keys", {})[kid] = base64.b64encode(secrets.token_bytes(sealed.KEY_BYTES)).decode()
             entry["active"] = kid
@@ -240,6 +242,8 @@ class PayloadSealer:
                   ) -> Any:
         """``value`` (at path ``root``: ``input``, ``steps.ID.output``) with its sensitive values sealed."""
         rules = self.rules.with_paths(paths) if paths else self.rules
+        if not rules.needs_sealing(value, root):  # the common case: nothing to seal, nothing copied
+            return value
         return rules.seal_tree(value, root, lambda clear: self.seal_value(tenant, run, clear))
 
     def open(self, tenant: str, envelope: Any) -> Any:
