@@ -222,7 +222,7 @@ class SensitiveRules:
         if root in self.paths:
             return True
         if isinstance(value, dict):
-            return any(v is not None and not is_sealed(v) and self.sensitive(f"{root}.{k}", str(k))
+            return any((v is not None and not is_sealed(v) and self.sensitive(f"{root}.{k}", str(k)))
                        or self.needs_sealing(v, f"{root}.{k}") for k, v in value.items())
         if isinstance(value, list | tuple):
             return any(self.needs_sealing(v, root) for v in value)
