@@ -64,6 +64,9 @@ class Job(Message):
     job_hash: str
     constraints: dict[str, Any] = Field(default_factory=dict, description="Handed on by policy")
     trace_parent: str | None = None
+    sensitive_output: list[str] = Field(
+        default_factory=list, description="Paths in the output (output.token) to seal, besides keys named by the "
+                                          "sensitive key patterns; see contracts/README.md, Sensitive values")
 
 
 class JobError(Message):

@@ -116,6 +116,8 @@ def publish_job(run: Run, workflow: Workflow, state: StepState) -> PublishJob:
         deadline=state.deadline, heartbeat_interval_ms=max(100, heartbeat_timeout_ms(spec) // 3),
         job_hash=state.job_hash, constraints=state.decision.constraints if state.decision else {},
         trace_parent=tracing.traceparent(run.run_id, state.job_id),
+        sensitive_output=[] if state.compensation_of else list(workflow.sensitive_output_paths(
+            base_step_id(state.step_id))),
     )
     deadline = None
     if state.deadline is not None and spec.timeout_ms is not None:

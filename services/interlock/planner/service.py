@@ -19,8 +19,10 @@ from interlock.contracts.messages import DEFAULT_TENANT, CancelRequest, CommandR
 from interlock.core.eventstore import RunExists, RunNotFound
 from interlock.core.ids import run_id_for
 from interlock.core.run import IllegalTransition, Run
+from interlock.core.sealed import SealedError
 from interlock.planner.logic import Spill, plan
 from interlock.runtime import timers
+from interlock.runtime.datakeys import DataKeyError
 from interlock.runtime.policy import BundleStore, LivePolicy
 from interlock.runtime.registry import WorkflowNotFound
 from interlock.runtime.service import Poison, Service, body_disagrees, decode
@@ -58,6 +60,7 @@ class PlannerService(Service):
         except WorkflowNotFound as e:
             raise Poison(str(e)) from e
         run_id = run_id_for(tenant, workflow.id, trigger.idempotency_key)
+        trigger = self.seal_trigger(tenant, str(run_id), trigger, workflow.sensitive_paths("input"))
         run_input, input_ref = await self.payloads.offload(trigger.input)
         started = ev.RunStarted(
             workflow_id=workflow.id, workflow_version=workflow.version, definition_hash=workflow.content_hash,
@@ -92,6 +95,17 @@ class PlannerService(Service):
             log.info("trigger for existing run %s (idempotency key %r): nothing to start", run_id,
                      trigger.idempotency_key)
             await self.advance(tenant, str(run_id))
+
+    def seal_trigger(self, tenant: str, run_id: str, trigger: Trigger, paths: frozenset[str]) -> Trigger:
+        """The trigger with any sensitive value of its input that arrived in clear (a raw trigger
+        subject, a client without keys) sealed, so the run's log never holds it in clear."""
+        if not self.sealer.rules.with_paths(paths).needs_sealing(trigger.input, "input"):
+            return trigger
+        try:
+            sealed_input = self.sealer.seal_tree(tenant, run_id, trigger.input, "input", paths)
+        except (DataKeyError, SealedError) as e:
+            raise Poison(f"cannot seal the sensitive values of run {run_id}'s input: {e}") from e
+        return trigger.model_copy(update={"input": sealed_input})
 
     async def parse_trigger(self, msg: Msg) -> tuple[str, Trigger]:
         """(tenant, trigger): a Trigger on ``subjects.trigger(tenant, workflow_id)``, the tenant the

@@ -55,12 +55,14 @@ from interlock.contracts.messages import (
 from interlock.core.eventstore import EventStore, RunNotFound, SlotsBusy, StoredCommit
 from interlock.core.ids import run_id_for
 from interlock.core.run import Run
+from interlock.core.sealed import SealedError
 from interlock.core.topology import provision
 from interlock.core.verify import VerifyReport, verify_run
 from interlock.core.workflow import Workflow
 from interlock.identity import creds_inbox_prefix, creds_permissions
 from interlock.runtime import tls as _tls
 from interlock.runtime.connect import ConnectRefused, NoServerAnswered, connect, url_file
+from interlock.runtime.datakeys import DataKeyError, PayloadSealer
 from interlock.runtime.deadletter import CannotReplay, read_entry, replay_msg_id, replay_of, with_action
 from interlock.runtime.policy import ACTIVE as POLICY_KEY
 from interlock.runtime.publish import publish
@@ -115,6 +117,7 @@ class Client:
         self.creds_source = "none"
         self.request_timeout = REQUEST_TIMEOUT
         """Seconds a service may take to answer a request, and to appear if none is subscribed."""
+        self._sealer: PayloadSealer | None = None
 
     # -- connection --------------------------------------------------------------------------
     @classmethod
@@ -163,6 +166,7 @@ class Client:
         client.creds = creds_file
         client.creds_source = creds_source
         client._store = EventStore(nc, client.js, service=name, slots=_read_slots(creds_file))
+        client._sealer = PayloadSealer.from_settings(settings)
         return client
 
     def with_tenant(self, tenant: str) -> Client:
@@ -260,14 +264,41 @@ class Client:
         """Publish a trigger and return the run id. The same ``key`` never starts two runs (the id
         is derived from tenant, workflow and key). ``check``: first make sure the workflow exists;
         ``patience``: how long to keep publishing through a failover."""
+        paths: frozenset[str] = frozenset()
         if check:
-            await self.workflow(workflow_id, version)
+            paths = (await self.workflow(workflow_id, version)).sensitive_paths("input")
         key = key or uuid.uuid4().hex
+        run_id = str(run_id_for(self.tenant, workflow_id, key))
+        # sensitive values leave this process sealed: the trigger stream never holds them in clear
+        input = self._seal_input(run_id, input, paths)
         trigger = Trigger(workflow_id=workflow_id, workflow_version=version, input=input, idempotency_key=key,
                           tenant=self.tenant, requested_by=requested_by, rerun_of=rerun_of, reuse_outputs=reuse or {})
         await publish(self.js, s.trigger(self.tenant, workflow_id), trigger.model_dump_json().encode(),
                       headers={h.MSG_ID: f"trigger:{self.tenant}:{workflow_id}:{key}"}, patience=patience)
-        return str(run_id_for(self.tenant, workflow_id, key))
+        return run_id
+
+    def _payload_sealer(self) -> PayloadSealer:
+        if self._sealer is None:
+            self._sealer = PayloadSealer.from_settings(ClientSettings.load())
+        return self._sealer
+
+    def _seal_input(self, run_id: str, value: Any, paths: frozenset[str]) -> Any:
+        sealer = self._payload_sealer()
+        if not sealer.rules.with_paths(paths).needs_sealing(value, "input"):
+            return value
+        try:
+            return sealer.seal_tree(self.tenant, run_id, value, "input", paths)
+        except (DataKeyError, SealedError) as e:
+            raise ClientError(f"cannot seal the sensitive values of the run's input: {e}") from None
+
+    def unseal(self, value: Any) -> Any:
+        """``value`` (an input or output read from a run's log) with its sealed values opened with this
+        tenant's data keys (``INTERLOCK_DATA_KEYS_FILE``). Raises :class:`ClientError` ("data key
+        destroyed: …") for a value of a forgotten tenant."""
+        try:
+            return self._payload_sealer().open_tree(self.tenant, value)
+        except (DataKeyError, SealedError) as e:
+            raise ClientError(str(e)) from None
 
     async def watch(self, run_id: str, *, timeout: float | None = None,
                     heartbeats: bool = False) -> AsyncIterator[dict[str, Any]]:

@@ -13,16 +13,19 @@ from interlock.client._errors import Unavailable
 from interlock.contracts import subjects as s
 from interlock.identity import CredsError, JwtError, decode_jwt, read_creds
 from interlock.runtime.connect import DEFAULT_URL, admin_creds_file, url_file
+from interlock.runtime.datakeys import DataKeySettings
 from interlock.runtime.tls import TlsSettings
 
 ENV_PREFIX = "INTERLOCK_"
 
 
-class ClientSettings(BaseSettings, TlsSettings):
+class ClientSettings(BaseSettings, TlsSettings, DataKeySettings):
     """Where the client connects and as whom: ``INTERLOCK_NATS_URL``, ``INTERLOCK_TENANT``,
     ``INTERLOCK_CREDS``, ``INTERLOCK_PRINCIPAL``, ``INTERLOCK_CONNECT_TIMEOUT``, and TLS:
     ``INTERLOCK_TLS_CA``, ``INTERLOCK_TLS_CERT``, ``INTERLOCK_TLS_KEY``, ``INTERLOCK_TLS_HOSTNAME`` (see
-    :mod:`interlock.runtime.tls`). Other
+    :mod:`interlock.runtime.tls`), and the data keys a run's sensitive input is sealed with:
+    ``INTERLOCK_DATA_KEYS_FILE``, ``INTERLOCK_DATA_KEYS``, ``INTERLOCK_SENSITIVE_KEYS`` (see
+    :mod:`interlock.runtime.datakeys`). Other
     ``INTERLOCK_*`` variables belong to other process kinds."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")

@@ -33,6 +33,7 @@ from interlock.core.run import IllegalTransition
 from interlock.core.topology import provision
 from interlock.runtime.connect import connect, creds_options
 from interlock.runtime.consumer import PullConsumer
+from interlock.runtime.datakeys import PayloadSealer
 from interlock.runtime.deadletter import dead_letter
 from interlock.runtime.payloads import PayloadStore
 from interlock.runtime.registry import WorkflowNotFound, WorkflowRegistry
@@ -92,6 +93,9 @@ class Service:
 
     def __init__(self, settings: ServiceSettings | None = None) -> None:
         self.settings = settings or ServiceSettings()
+        self.sealer = PayloadSealer.from_settings(self.settings)
+        """Seals sensitive values that reach the service in clear (a raw trigger, a result from a
+        worker that does not use the SDK) before they are stored."""
         self.nc: NATS
         self.js: JetStreamContext
         self.store: EventStore

@@ -22,6 +22,8 @@ number``. Keyword arguments override the environment (tests and embedding code u
 - ``INTERLOCK_TENANT``: the tenant whose jobs a worker takes (default)
 - ``INTERLOCK_TLS_CA``, ``INTERLOCK_TLS_CERT``, ``INTERLOCK_TLS_KEY``, ``INTERLOCK_TLS_HOSTNAME``
   (both): TLS to NATS, see :mod:`interlock.runtime.tls`
+- ``INTERLOCK_DATA_KEYS_FILE``, ``INTERLOCK_DATA_KEYS``, ``INTERLOCK_SENSITIVE_KEYS`` (both): the
+  tenants' data keys and which key names are sensitive, see :mod:`interlock.runtime.datakeys`
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from interlock.contracts.messages import DEFAULT_TENANT
 from interlock.runtime.connect import resolve_url
+from interlock.runtime.datakeys import DataKeySettings
 from interlock.runtime.payloads import DEFAULT_INLINE_LIMIT
 from interlock.runtime.tls import TlsSettings
 
@@ -75,7 +78,7 @@ class _Settings(BaseSettings):
         return alias if isinstance(alias, str) else f"{ENV_PREFIX}{field}".upper()
 
 
-class ServiceSettings(_Settings, TlsSettings):  # TLS: the INTERLOCK_TLS_* fields
+class ServiceSettings(_Settings, TlsSettings, DataKeySettings):  # TLS: INTERLOCK_TLS_*; data keys
     """Settings of a service process (planner, policy, approval, dispatcher, auditor)."""
 
     nats_url: str = Field(default_factory=resolve_url, description="server URL(s), comma-separated")
@@ -89,7 +92,7 @@ class ServiceSettings(_Settings, TlsSettings):  # TLS: the INTERLOCK_TLS_* field
                                   description="seconds between reconciler passes, 0 = off")
 
 
-class WorkerSettings(_Settings, TlsSettings):  # TLS: the INTERLOCK_TLS_* fields
+class WorkerSettings(_Settings, TlsSettings, DataKeySettings):  # TLS: INTERLOCK_TLS_*; data keys
     """Settings of an agent worker process (the worker SDK); :class:`Worker` arguments override them."""
 
     nats_url: str = Field(default_factory=resolve_url, description="server URL(s), comma-separated")

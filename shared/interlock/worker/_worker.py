@@ -29,10 +29,12 @@ from interlock.contracts.messages import (
     JobError,
     JobResult,
 )
+from interlock.core.sealed import SealedError
 from interlock.identity import PermissionDenied, creds_permissions
 from interlock.runtime import tracing
 from interlock.runtime.connect import connect
 from interlock.runtime.consumer import PullConsumer
+from interlock.runtime.datakeys import DataKeyError, PayloadSealer
 from interlock.runtime.deadletter import dead_letter
 from interlock.runtime.payloads import PayloadStore
 from interlock.runtime.publish import publish
@@ -47,7 +49,8 @@ REGISTRY_REFRESH_S = 5.0
 
 @dataclass
 class JobContext:
-    """What a handler gets: the job and a way to report progress."""
+    """What a handler gets: the job, its input (sealed values opened: the clear values) and a way to
+    report progress. ``job.input`` keeps them sealed."""
 
     job: Job
     input: Any
@@ -149,6 +152,7 @@ class Worker:
         js = nc.jetstream()
         inline_limit = settings.inline_limit if self.inline_limit is None else self.inline_limit
         self._payloads = PayloadStore(js, inline_limit)
+        self._sealer = PayloadSealer.from_settings(settings)
         await nc.subscribe(s.tenant_control_cancel(tenant), cb=self._on_cancel)
         for registration in self.handlers.values():
             consumer = PullConsumer(
@@ -244,11 +248,12 @@ class Worker:
         beating = asyncio.ensure_future(keep_beating())
         result: JobResult
         try:
-            job_input = await self._payloads.resolve(job.input, job.input_ref)
+            # the handler gets sealed values in clear; what it returns leaves sealed
+            job_input = self._sealer.open_tree(job.tenant, await self._payloads.resolve(job.input, job.input_ref))
             ctx = JobContext(job=job, input=job_input, worker_id=self.worker_id, _beat=beat)
             task = asyncio.ensure_future(self._call(registration.handler, ctx, job))
             self._running[job.job_id] = task
-            output = await task
+            output = self._sealer.seal_tree(job.tenant, job.run_id, await task, "output", tuple(job.sensitive_output))
             output_value, output_ref = await self._payloads.offload(output)
             result = self._result(job, ok=True, output=output_value, output_ref=output_ref)
         except asyncio.CancelledError:
@@ -256,6 +261,9 @@ class Worker:
                 raise  # shutting down: no result; the dispatcher's lease retries the job
             log.info("job %s cancelled: its run ended", job.job_id)
             return
+        except (SealedError, DataKeyError) as e:  # e.g. "data key destroyed": no attempt can do better
+            log.warning("job %s: %s", job.job_id, e)
+            result = self._result(job, ok=False, error=JobError(message=str(e), retryable=False, kind="sealed"))
         except FatalError as e:
             result = self._result(job, ok=False, error=JobError(message=str(e) or type(e).__name__, retryable=False,
                                                                 kind="fatal"))

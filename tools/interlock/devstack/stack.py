@@ -35,6 +35,7 @@ from interlock.devstack.cluster import LocalCluster
 from interlock.devstack.targets import worker_topics
 from interlock.identity import IdentityHome
 from interlock.runtime.connect import HOME_ENV, connect, url_file
+from interlock.runtime.datakeys import FILE_ENV, DataKeyring
 
 SERVICES = ("planner", "policy", "approval", "dispatcher", "auditor")
 DEFAULT_PORT = 4222
@@ -161,6 +162,21 @@ class Stack:
         return self._topics[target]
 
     @property
+    def data_keys_file(self) -> Path:
+        """The tenants' data keys every process of the stack shares: ``INTERLOCK_DATA_KEYS_FILE``
+        (``env``, then this process's), else ``{home}/data-keys.json`` (mode 0600)."""
+        given = self.env.get(FILE_ENV) or os.environ.get(FILE_ENV)
+        return Path(given) if given else self.home / "data-keys.json"
+
+    def ensure_data_keys(self) -> None:
+        """Create the keyring with a key for the stack's tenants, unless they have one (or were forgotten)."""
+        ring = DataKeyring(self.data_keys_file)
+        known = ring.tenants()
+        for tenant in {self.tenant, *self.worker_tenants}:
+            if tenant not in known:
+                ring.rotate(tenant)
+
+    @property
     def url(self) -> str:
         assert self.nats_url, "the stack is not started"
         return self.nats_url
@@ -208,7 +224,8 @@ class Stack:
         logs.mkdir(parents=True, exist_ok=True)
         proc = self.procs.get(name) or Proc(name, argv, logs / f"{name}.log")
         env = {**os.environ, **self.home_env(), **self.env, "INTERLOCK_NATS_URL": self.url, "PYTHONUNBUFFERED": "1",
-               "INTERLOCK_CREDS": str(self.creds[name]), "INTERLOCK_PROVISION": "false"}
+               "INTERLOCK_CREDS": str(self.creds[name]), "INTERLOCK_PROVISION": "false",
+               FILE_ENV: str(self.data_keys_file)}
         if self.cluster:
             env["INTERLOCK_REPLICAS"] = str(self.replicas)
         with proc.log_path.open("ab") as log:
@@ -238,6 +255,7 @@ class Stack:
         """Start NATS (unless a URL was given) and every service and worker process."""
         self.start_nats()
         self.issue_creds()  # (a no-op after start_nats, unless a URL was given)
+        self.ensure_data_keys()
         self.url_file.parent.mkdir(parents=True, exist_ok=True)
         self.url_file.write_text(self.url)
         for service in self.services:

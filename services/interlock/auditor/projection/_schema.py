@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from interlock.contracts import subjects as s
+from interlock.core.sealed import redact
 
 # one logger for the whole projection, named as before the package split
 log = logging.getLogger("interlock.auditor.projection")
@@ -156,6 +157,7 @@ def dumps(value: Any) -> str | None:
     """A JSON column's text (``repr`` as a JSON string for what JSON cannot hold); None stays NULL."""
     if value is None:
         return None
+    value = redact(value)  # sensitive values: the marker (their ciphertext stays in the log only)
     try:
         return _encoder.encode(value).decode()
     except (TypeError, msgspec.EncodeError):

@@ -243,6 +243,9 @@ class Workflow(BaseModel):
     triggers: Annotated[tuple[Subject, ...], BeforeValidator(_none_to_empty)] = ()
     steps: dict[StepId, Step]
     timeout_ms: PositiveMs | None = None
+    sensitive: Annotated[tuple[Text, ...], BeforeValidator(_none_to_empty)] = ()
+    """Paths of sensitive values (``input.credentials.api_key``, ``steps.fetch.output.token``),
+    sealed wherever they are stored (besides the keys the sensitive key patterns name)."""
 
     @model_validator(mode="wrap")
     @classmethod
@@ -270,7 +273,9 @@ class Workflow(BaseModel):
     @cached_property
     def content_hash(self) -> str:
         """sha256 of the canonical JSON of the parsed definition (defaults filled in)."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        # without an empty `sensitive`: definitions written before it existed keep their hash
+        dumped = self.model_dump(mode="json", exclude={"sensitive"} if not self.sensitive else None)
+        canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     @cached_property
@@ -307,6 +312,15 @@ class Workflow(BaseModel):
         """All steps that depend on ``step_id``, directly or transitively."""
         self._require(step_id)
         return frozenset(transitive(self._dependents, step_id))
+
+    def sensitive_paths(self, root: str) -> frozenset[str]:
+        """The ``sensitive`` paths at or under ``root`` (``input``, ``steps.ID.output``)."""
+        return frozenset(p for p in self.sensitive if p == root or p.startswith(root + "."))
+
+    def sensitive_output_paths(self, step_id: str) -> tuple[str, ...]:
+        """The ``sensitive`` paths of a step's output, relative to it (``output.token``), for its jobs."""
+        root = f"steps.{step_id}."
+        return tuple(sorted(p.removeprefix(root) for p in self.sensitive if p.startswith(root)))
 
     def _require(self, step_id: str) -> None:
         if step_id not in self.steps:
