@@ -10,33 +10,70 @@ the worker SDK continues it around the handler. Export is off unless configured:
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor, SpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from interlock.contracts import headers as h
+from interlock.runtime.otel import otlp_protocol, resource
 
 _propagator = TraceContextTextMapPropagator()
 _configured = False
 
 
-def configure(export: str = "off") -> None:
+def _exporters(export: str) -> list[SpanExporter]:
+    """Span exporters asked for by INTERLOCK_TRACING and the standard OTEL_* variables."""
+    wanted = {e.strip() for e in os.environ.get("OTEL_TRACES_EXPORTER", "").split(",") if e.strip()}
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if not wanted and endpoint:
+        wanted = {"otlp"}
+    if export == "console":
+        wanted.add("console")
+    exporters: list[SpanExporter] = []
+    if "console" in wanted:
+        exporters.append(ConsoleSpanExporter())
+    if "otlp" in wanted:
+        if otlp_protocol("TRACES").startswith("http"):
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
+            exporters.append(HttpSpanExporter())
+        else:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
+            exporters.append(GrpcSpanExporter())
+    return exporters
+
+
+def configure(export: str = "off", *, service: str = "worker", instance: str = "") -> bool:
     """Install a tracer provider once per process (unless the application installed one).
 
-    ``export`` is ``"console"`` (print spans) or ``"off"``; processes pass their settings'
-    ``tracing`` (``INTERLOCK_TRACING``)."""
+    ``export`` is ``"console"`` (print spans) or ``"off"`` (``INTERLOCK_TRACING``); OTLP export
+    follows the standard variables (``OTEL_TRACES_EXPORTER=otlp``, ``OTEL_EXPORTER_OTLP_ENDPOINT``,
+    ``OTEL_EXPORTER_OTLP_PROTOCOL=grpc|http/protobuf``). Returns whether spans are exported."""
     global _configured
     if _configured:
-        return
+        return False
     _configured = True
-    if export == "console":
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
-        trace.set_tracer_provider(provider)
+    exporters = _exporters(export)
+    if not exporters:
+        return False
+    provider = TracerProvider(resource=resource(service, instance))
+    for exporter in exporters:
+        # console output is for people watching: print as spans end; OTLP batches
+        live = isinstance(exporter, ConsoleSpanExporter)
+        provider.add_span_processor(SimpleSpanProcessor(exporter) if live else BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return True
+
+
+def shutdown() -> None:
+    """Flush spans still batched before the process exits."""
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.shutdown()
 
 
 def traceparent(run_id: str, job_id: str) -> str:
