@@ -20,7 +20,7 @@ from interlock.core.eventstore import RunExists, RunNotFound
 from interlock.core.ids import run_id_for
 from interlock.core.run import IllegalTransition, Run
 from interlock.planner.logic import Spill, plan
-from interlock.runtime import timers
+from interlock.runtime import timers, tracing
 from interlock.runtime.policy import BundleStore, LivePolicy
 from interlock.runtime.registry import WorkflowNotFound
 from interlock.runtime.service import Poison, Service, body_disagrees, decode
@@ -81,17 +81,19 @@ class PlannerService(Service):
                 run.deny(ev.RunDenied(step_id=None, reason=admission.reason, rule_ids=admission.rule_ids,
                                       snapshot_id=admission.snapshot_id))
 
-        try:
-            await self.store.start_run(run_id, started, admit)
-            log.info("run %s started: %s v%s (%s)", run_id, workflow.id, workflow.version, admission.decision)
-            if workflow.timeout_ms:
-                await timers.schedule(self.js, TimerFired(
-                    kind="run_timeout", run_id=str(run_id), tenant=tenant,
-                    due_at=timers.due_in(workflow.timeout_ms)))
-        except RunExists:
-            log.info("trigger for existing run %s (idempotency key %r): nothing to start", run_id,
-                     trigger.idempotency_key)
-            await self.advance(tenant, str(run_id))
+        # the run's trace starts here: its root span's trace id is the run id
+        with tracing.run_root(self.name, "start run", str(run_id), tenant=tenant, workflow=workflow.id):
+            try:
+                await self.store.start_run(run_id, started, admit)
+                log.info("run %s started: %s v%s (%s)", run_id, workflow.id, workflow.version, admission.decision)
+                if workflow.timeout_ms:
+                    await timers.schedule(self.js, TimerFired(
+                        kind="run_timeout", run_id=str(run_id), tenant=tenant,
+                        due_at=timers.due_in(workflow.timeout_ms)))
+            except RunExists:
+                log.info("trigger for existing run %s (idempotency key %r): nothing to start", run_id,
+                         trigger.idempotency_key)
+                await self.advance(tenant, str(run_id))
 
     async def parse_trigger(self, msg: Msg) -> tuple[str, Trigger]:
         """(tenant, trigger): a Trigger on ``subjects.trigger(tenant, workflow_id)``, the tenant the

@@ -62,7 +62,8 @@ def add_trace_ids(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMa
 def _static(fields: dict[str, str]) -> structlog.types.Processor:
     def add(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         for key, value in fields.items():
-            event.setdefault(key, value)
+            if value:
+                event.setdefault(key, value)
         return event
     return add
 

@@ -31,6 +31,7 @@ from interlock.core.eventstore import EventStore, EventStoreError, RunNotFound, 
 from interlock.core.retry import Backoff, retrying
 from interlock.core.run import IllegalTransition
 from interlock.core.topology import provision
+from interlock.runtime import logs, tracing
 from interlock.runtime.connect import connect, creds_options
 from interlock.runtime.consumer import PullConsumer
 from interlock.runtime.deadletter import dead_letter
@@ -236,8 +237,13 @@ class Service:
         queries stay FastStream subscribers.
         """
 
+        what = durable.removeprefix(self.name).strip("_") or subject
+
         async def consume(msg: Msg) -> None:
-            await self.guarded(msg, handler)
+            tenant, run_id = s.run_of(msg.subject) or (None, None)
+            with tracing.handling(self.name, what, msg.headers, run_id=run_id, tenant=tenant,
+                                  instance=self.settings.instance), logs.bound(tenant=tenant, run_id=run_id):
+                await self.guarded(msg, handler)
 
         self._consumers.append(PullConsumer(
             self.nc, self.js, stream=stream, durable=durable, subject=subject, handler=consume,

@@ -17,7 +17,11 @@ number``. Keyword arguments override the environment (tests and embedding code u
 - ``INTERLOCK_CONCURRENCY``: messages a service handles at once per consumer (64)
 - ``INTERLOCK_SWEEP_S``: seconds between reconciler passes, 0 = off (15)
 - ``INTERLOCK_WORKER_CONCURRENCY``: jobs a worker handles at once per topic (8)
-- ``INTERLOCK_TRACING``: a worker's span export, ``off`` or ``console`` (off)
+- ``INTERLOCK_TRACING`` (both): span export to the terminal, ``off`` or ``console`` (off); OTLP
+  export follows the standard ``OTEL_*`` variables (``OTEL_EXPORTER_OTLP_ENDPOINT``, …)
+- ``INTERLOCK_LOG_FORMAT`` (both): ``text`` or ``json`` (text)
+- ``INTERLOCK_METRICS_PORT`` (both): serve Prometheus ``/metrics`` on this port (0 = any free
+  port, unset = no endpoint); ``INTERLOCK_METRICS_HOST`` its address (127.0.0.1)
 - ``INTERLOCK_TENANT``: the tenant whose jobs a worker takes (default)
 - ``INTERLOCK_TLS_CA``, ``INTERLOCK_TLS_CERT``, ``INTERLOCK_TLS_KEY``, ``INTERLOCK_TLS_HOSTNAME``
   (both): TLS to NATS, see :mod:`interlock.runtime.tls`
@@ -30,7 +34,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import Field, ModelWrapValidatorHandler, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ModelWrapValidatorHandler, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -74,7 +78,21 @@ class _Settings(BaseSettings):
         return alias if isinstance(alias, str) else f"{ENV_PREFIX}{field}".upper()
 
 
-class ServiceSettings(_Settings, TlsSettings):  # TLS: the INTERLOCK_TLS_* fields
+class TelemetrySettings(BaseModel):
+    """Traces, metrics and logs, the same for every process kind (mixed into a settings class)."""
+
+    tracing: Literal["off", "console"] = Field("off", description="span export to the terminal: off or console")
+    log_format: Literal["text", "json"] = Field("text", description="log lines as text or JSON")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port (0 = any free)")
+    metrics_host: str = Field("127.0.0.1", description="address the /metrics endpoint listens on")
+
+    @field_validator("tracing", "log_format", mode="before")
+    @classmethod
+    def _any_case(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class ServiceSettings(_Settings, TlsSettings, TelemetrySettings):  # TLS: the INTERLOCK_TLS_* fields
     """Settings of a service process (planner, policy, approval, dispatcher, auditor)."""
 
     nats_url: str = Field(default_factory=resolve_url, description="server URL(s), comma-separated")
@@ -88,7 +106,7 @@ class ServiceSettings(_Settings, TlsSettings):  # TLS: the INTERLOCK_TLS_* field
                                   description="seconds between reconciler passes, 0 = off")
 
 
-class WorkerSettings(_Settings, TlsSettings):  # TLS: the INTERLOCK_TLS_* fields
+class WorkerSettings(_Settings, TlsSettings, TelemetrySettings):  # TLS: the INTERLOCK_TLS_* fields
     """Settings of an agent worker process (the worker SDK); :class:`Worker` arguments override them."""
 
     nats_url: str = Field(default_factory=resolve_url, description="server URL(s), comma-separated")
@@ -96,13 +114,7 @@ class WorkerSettings(_Settings, TlsSettings):  # TLS: the INTERLOCK_TLS_* fields
     concurrency: int = Field(8, ge=1, validation_alias="INTERLOCK_WORKER_CONCURRENCY",
                              description="jobs handled at once per topic")
     inline_limit: int = Field(DEFAULT_INLINE_LIMIT, ge=0, description="largest payload kept inline, in bytes")
-    tracing: Literal["off", "console"] = Field("off", description="span export: off, or console (print)")
     tenant: str = Field(DEFAULT_TENANT, description="the tenant whose jobs the worker takes")
-
-    @field_validator("tracing", mode="before")
-    @classmethod
-    def _any_case(cls, value: Any) -> Any:
-        return value.lower() if isinstance(value, str) else value
 
 
 _PROBLEMS = {

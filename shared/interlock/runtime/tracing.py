@@ -9,21 +9,76 @@ the worker SDK continues it around the handler. Export is off unless configured:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import os
 import uuid
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from interlock.contracts import headers as h
+from interlock.core.eventstore.recorder import APPENDED
 from interlock.runtime.otel import otlp_protocol, resource
 
 _propagator = TraceContextTextMapPropagator()
 _configured = False
+_ours = False  # whether configure() installed the provider (and so the run-trace id generator)
+
+HANDLER = "interlock.handler"
+"""Attribute of a service's message-handling span; one that did nothing is not exported."""
+PUBLISHED = "published"
+PROJECTED = "projected"
+ACTED_EVENTS = frozenset({APPENDED, PUBLISHED, PROJECTED})
+"""Span events that mean a handler had an effect (the event store and publishers add them)."""
+
+_root_trace_id: contextvars.ContextVar[int | None] = contextvars.ContextVar("interlock_root_trace_id", default=None)
+
+
+class _RunTraceIds(IdGenerator):
+    """A run's first span starts the trace whose id is the run id; everything else is random."""
+
+    def __init__(self) -> None:
+        self._random = RandomIdGenerator()
+
+    def generate_span_id(self) -> int:
+        return self._random.generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        return _root_trace_id.get() or self._random.generate_trace_id()
+
+
+class _ActedOnly(SpanProcessor):
+    """Forwards ended spans except handler spans that had no effect.
+
+    Every commit reaches every service and a redelivered message is handled again; only the
+    handling that appended, published or projected something belongs in the run's trace, so a
+    redelivery or a replay adds no duplicate span."""
+
+    def __init__(self, inner: SpanProcessor) -> None:
+        self._inner = inner
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        self._inner.on_start(span, parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if (span.attributes or {}).get(HANDLER) and not any(e.name in ACTED_EVENTS for e in span.events):
+            return
+        self._inner.on_end(span)
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self._inner.force_flush(timeout_millis)
 
 
 def _exporters(export: str) -> list[SpanExporter]:
@@ -60,11 +115,13 @@ def configure(export: str = "off", *, service: str = "worker", instance: str = "
     exporters = _exporters(export)
     if not exporters:
         return False
-    provider = TracerProvider(resource=resource(service, instance))
+    global _ours
+    _ours = True
+    provider = TracerProvider(resource=resource(service, instance), id_generator=_RunTraceIds())
     for exporter in exporters:
         # console output is for people watching: print as spans end; OTLP batches
         live = isinstance(exporter, ConsoleSpanExporter)
-        provider.add_span_processor(SimpleSpanProcessor(exporter) if live else BatchSpanProcessor(exporter))
+        provider.add_span_processor(_ActedOnly(SimpleSpanProcessor(exporter) if live else BatchSpanProcessor(exporter)))
     trace.set_tracer_provider(provider)
     return True
 
@@ -86,6 +143,81 @@ def traceparent(run_id: str, job_id: str) -> str:
 def context_of(traceparent_value: str | None) -> Any:
     """The OpenTelemetry context a ``traceparent`` continues (empty context if absent)."""
     return _propagator.extract({h.TRACEPARENT: traceparent_value} if traceparent_value else {})
+
+
+def _run_trace_id(run_id: str | None) -> int | None:
+    try:
+        return uuid.UUID(run_id).int if run_id else None
+    except ValueError:
+        return None
+
+
+@contextlib.contextmanager
+def handling(service: str, what: str, message_headers: Mapping[str, str] | None, *,
+             run_id: str | None = None, **attributes: Any) -> Iterator[trace.Span]:
+    """A span around one message a service handles, continuing the trace in its ``traceparent``
+    (a run's message without one continues the run's trace, whose id is the run id).
+
+    Exported only if the handler appended, published or projected something (see ``_ActedOnly``)."""
+    parent = context_of((message_headers or {}).get(h.TRACEPARENT))
+    with _span(service, what, parent, run_id, attributes) as span:
+        yield span
+
+
+@contextlib.contextmanager
+def run_root(service: str, what: str, run_id: str, **attributes: Any) -> Iterator[trace.Span]:
+    """The first span of a run's trace (the planner starting it): trace id = run id, no parent."""
+    with _span(service, what, Context(), run_id, attributes) as span:
+        yield span
+
+
+@contextlib.contextmanager
+def _span(service: str, what: str, parent: Context, run_id: str | None, attributes: dict[str, Any]
+          ) -> Iterator[trace.Span]:
+    fields = {HANDLER: True, "messaging.system": "nats", "interlock.service": service,
+              **{f"interlock.{k}": v for k, v in attributes.items() if v is not None}}
+    if run_id:
+        fields["interlock.run_id"] = run_id
+    token = None
+    root = _run_trace_id(run_id)
+    if root is not None and not trace.get_current_span(parent).get_span_context().is_valid:
+        if isinstance(trace.get_tracer_provider(), TracerProvider) and _ours:
+            token = _root_trace_id.set(root)  # a true root span whose trace id is the run id
+        else:  # an application's own provider: keep trace id = run id through a remote parent
+            parent = trace.set_span_in_context(trace.NonRecordingSpan(trace.SpanContext(
+                root, root & 0xFFFF_FFFF_FFFF_FFFF or 1, is_remote=True, trace_flags=trace.TraceFlags(1))))
+    try:
+        with tracer.start_as_current_span(f"{service} {what}", context=parent, kind=SpanKind.CONSUMER,
+                                          attributes=fields) as span:
+            yield span
+    finally:
+        if token is not None:
+            _root_trace_id.reset(token)
+
+
+def annotate(**attributes: Any) -> None:
+    """Add ``interlock.*`` attributes (step_id, attempt, …) to the span being handled."""
+    span = trace.get_current_span()
+    for key, value in attributes.items():
+        if value is not None:
+            span.set_attribute(f"interlock.{key}", value)
+
+
+def acted(what: str, **attributes: Any) -> None:
+    """Record on the current span that the handler had an effect (``what`` in ACTED_EVENTS)."""
+    trace.get_current_span().add_event(what, {k: v for k, v in attributes.items() if v is not None})
+
+
+def current_traceparent() -> str | None:
+    """The current span's ``traceparent``, or None outside a span with a valid context."""
+    return inject({}).get(h.TRACEPARENT)
+
+
+def inject(carrier: dict[str, str]) -> dict[str, str]:
+    """``carrier`` with the current span's ``traceparent`` (unchanged outside a recording span)."""
+    if trace.get_current_span().get_span_context().is_valid:
+        _propagator.inject(carrier)
+    return carrier
 
 
 tracer = trace.get_tracer("interlock")

@@ -30,7 +30,7 @@ from interlock.contracts.messages import (
     JobResult,
 )
 from interlock.identity import PermissionDenied, creds_permissions
-from interlock.runtime import tracing
+from interlock.runtime import telemetry, tracing
 from interlock.runtime.connect import connect
 from interlock.runtime.consumer import PullConsumer
 from interlock.runtime.deadletter import dead_letter
@@ -115,6 +115,7 @@ class Worker:
         self._nc: NATS | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._running: dict[str, asyncio.Task[None]] = {}  # job id -> handler task
+        self._job_spans: dict[str, str] = {}  # job id -> traceparent of its handler's span
         self._consumers: list[PullConsumer] = []
         self._stop = asyncio.Event()
         self.started_at = datetime.now(UTC)
@@ -139,7 +140,7 @@ class Worker:
         settings = self.settings or WorkerSettings()
         tenant = self.tenant = s.token(self.tenant or settings.tenant, "tenant")
         concurrency = settings.concurrency if self.concurrency is None else self.concurrency
-        tracing.configure(settings.tracing)
+        telemetry.setup("worker", settings, instance=self.name, logging_too=False)
         self._stop.clear()
         creds = self.creds or settings.creds
         if creds is not None:
@@ -268,9 +269,11 @@ class Worker:
         finally:
             beating.cancel()
             self._running.pop(job.job_id, None)
+            span_of_job = self._job_spans.pop(job.job_id, None) or ""
         # the result must land even through a leader election: retried, deduplicated by id
+        # the dispatcher handles the result inside this job's span (its trace, its parent)
         await publish(js, s.result(job.tenant, job.run_id), result.model_dump_json().encode(),
-                      headers={h.MSG_ID: f"result:{job.job_id}"}, patience=120.0)
+                      headers={h.MSG_ID: f"result:{job.job_id}", h.TRACEPARENT: span_of_job}, patience=120.0)
 
     async def _call(self, handler: JobHandler, ctx: JobContext, job: Job) -> Any:
         # the handler runs inside the run's trace (continued from the job's traceparent)
@@ -280,6 +283,9 @@ class Worker:
                         "interlock.attempt": job.attempt, "interlock.job_id": job.job_id,
                         "interlock.tenant": job.tenant, "interlock.worker": self.worker_id},
         ):
+            traceparent = tracing.current_traceparent()
+            if traceparent:
+                self._job_spans[job.job_id] = traceparent
             if job.deadline is None:
                 return await handler(ctx)
             remaining = (job.deadline - datetime.now(UTC)).total_seconds()
