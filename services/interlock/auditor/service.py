@@ -22,6 +22,7 @@ from interlock.contracts import subjects as s
 from interlock.contracts.messages import QueryReply, RunQuery, RunsQuery
 from interlock.core import adminaudit, codec
 from interlock.core.eventstore import EventStore, EventStoreError
+from interlock.runtime import tracing
 from interlock.runtime.connect import connect
 from interlock.runtime.deadletter import dead_letter
 from interlock.runtime.publish import publish
@@ -63,6 +64,8 @@ async def catch_up(projection: Projection, store: EventStore, tenant: str, run_i
     really in the stored log is then recorded, and flags the run's chain.
     """
     result = await projection.apply_commit(tenant, run_id, envelopes, stream_seq=stream_seq, hold_gaps=True)
+    if result.applied:  # a redelivered commit projects nothing and leaves no span
+        tracing.acted(tracing.PROJECTED, events=result.applied)
     if not result.gap:
         return
     log.info("auditor: run %s: commit at stream seq %s does not follow seq %s, reading the log", run_id, stream_seq,
@@ -78,6 +81,7 @@ async def catch_up(projection: Projection, store: EventStore, tenant: str, run_i
         raise EventStoreError(f"run {run_id}: the log read after stream seq {result.last_stream_seq} does not hold "
                               f"the delivered commit at stream seq {stream_seq} yet")
     await projection.apply_commits(commits)
+    tracing.acted(tracing.PROJECTED, commits=len(commits))
 
 
 Q = TypeVar("Q", RunQuery, RunsQuery)

@@ -285,7 +285,11 @@ class Service:
                     except Exception:  # the refusal is the answer that matters; the dead letter is a record
                         log.exception("%s: could not dead-letter an invalid request on %s", self.name, raw.subject)
                 return refuse(request)
-            return await handler(msg.raw_message.subject, request)
+            raw = msg.raw_message
+            run_id = getattr(request, "run_id", None)
+            with tracing.handling(self.name, kind.__name__, raw.headers, run_id=str(run_id) if run_id else None,
+                                  instance=self.settings.instance):
+                return await handler(raw.subject, request)
 
         handle.__name__ = "answer_" + subject.replace(".", "_").replace("*", "any")
         broker.subscriber(subject, queue=self.name)(handle)

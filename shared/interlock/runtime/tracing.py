@@ -40,20 +40,23 @@ PROJECTED = "projected"
 ACTED_EVENTS = frozenset({APPENDED, PUBLISHED, PROJECTED})
 """Span events that mean a handler had an effect (the event store and publishers add them)."""
 
-_root_trace_id: contextvars.ContextVar[int | None] = contextvars.ContextVar("interlock_root_trace_id", default=None)
+_root_ids: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("interlock_root_ids", default=None)
 
 
 class _RunTraceIds(IdGenerator):
-    """A run's first span starts the trace whose id is the run id; everything else is random."""
+    """The run's root span gets trace id = run id and a span id derived from it (so any service
+    can parent a message that carries no trace context to it); everything else is random."""
 
     def __init__(self) -> None:
         self._random = RandomIdGenerator()
 
     def generate_span_id(self) -> int:
-        return self._random.generate_span_id()
+        ids = _root_ids.get()
+        return ids[1] if ids else self._random.generate_span_id()
 
     def generate_trace_id(self) -> int:
-        return _root_trace_id.get() or self._random.generate_trace_id()
+        ids = _root_ids.get()
+        return ids[0] if ids else self._random.generate_trace_id()
 
 
 class _ActedOnly(SpanProcessor):
@@ -152,11 +155,21 @@ def _run_trace_id(run_id: str | None) -> int | None:
         return None
 
 
+def _root_span_id(trace_id: int) -> int:
+    return (trace_id & 0xFFFF_FFFF_FFFF_FFFF) or 1
+
+
+def _run_context(trace_id: int) -> Context:
+    """A context whose parent is the run's root span (known from the run id alone)."""
+    return trace.set_span_in_context(trace.NonRecordingSpan(trace.SpanContext(
+        trace_id, _root_span_id(trace_id), is_remote=True, trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED))))
+
+
 @contextlib.contextmanager
 def handling(service: str, what: str, message_headers: Mapping[str, str] | None, *,
              run_id: str | None = None, **attributes: Any) -> Iterator[trace.Span]:
     """A span around one message a service handles, continuing the trace in its ``traceparent``
-    (a run's message without one continues the run's trace, whose id is the run id).
+    (a run's message without one, such as a person's command, is parented to the run's root span).
 
     Exported only if the handler appended, published or projected something (see ``_ActedOnly``)."""
     parent = context_of((message_headers or {}).get(h.TRACEPARENT))
@@ -167,32 +180,37 @@ def handling(service: str, what: str, message_headers: Mapping[str, str] | None,
 @contextlib.contextmanager
 def run_root(service: str, what: str, run_id: str, **attributes: Any) -> Iterator[trace.Span]:
     """The first span of a run's trace (the planner starting it): trace id = run id, no parent."""
-    with _span(service, what, Context(), run_id, attributes) as span:
+    with _span(service, what, None, run_id, attributes) as span:
         yield span
 
 
 @contextlib.contextmanager
-def _span(service: str, what: str, parent: Context, run_id: str | None, attributes: dict[str, Any]
+def _span(service: str, what: str, parent: Context | None, run_id: str | None, attributes: dict[str, Any]
           ) -> Iterator[trace.Span]:
+    """``parent`` None: the run's root span (ids from the run id where this module's provider
+    is installed; under an application's own provider, a child of the run's derived root)."""
     fields = {HANDLER: True, "messaging.system": "nats", "interlock.service": service,
               **{f"interlock.{k}": v for k, v in attributes.items() if v is not None}}
     if run_id:
         fields["interlock.run_id"] = run_id
+    run_trace = _run_trace_id(run_id)
     token = None
-    root = _run_trace_id(run_id)
-    if root is not None and not trace.get_current_span(parent).get_span_context().is_valid:
-        if isinstance(trace.get_tracer_provider(), TracerProvider) and _ours:
-            token = _root_trace_id.set(root)  # a true root span whose trace id is the run id
-        else:  # an application's own provider: keep trace id = run id through a remote parent
-            parent = trace.set_span_in_context(trace.NonRecordingSpan(trace.SpanContext(
-                root, root & 0xFFFF_FFFF_FFFF_FFFF or 1, is_remote=True, trace_flags=trace.TraceFlags(1))))
+    if parent is None:
+        parent = Context()
+        if run_trace is not None:
+            if _ours and isinstance(trace.get_tracer_provider(), TracerProvider):
+                token = _root_ids.set((run_trace, _root_span_id(run_trace)))
+            else:
+                parent = _run_context(run_trace)
+    elif run_trace is not None and not trace.get_current_span(parent).get_span_context().is_valid:
+        parent = _run_context(run_trace)  # e.g. a command from outside: under the run's root span
     try:
-        with tracer.start_as_current_span(f"{service} {what}", context=parent, kind=SpanKind.CONSUMER,
-                                          attributes=fields) as span:
-            yield span
+        span = tracer.start_span(f"{service} {what}", context=parent, kind=SpanKind.CONSUMER, attributes=fields)
     finally:
         if token is not None:
-            _root_trace_id.reset(token)
+            _root_ids.reset(token)  # only the root itself takes the derived ids
+    with trace.use_span(span, end_on_exit=True):
+        yield span
 
 
 def annotate(**attributes: Any) -> None:
