@@ -8,6 +8,7 @@ import logging
 import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -16,6 +17,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.errors import NotFoundError
 
+from interlock.auditor import metrics as log_metrics
 from interlock.auditor.projection import DEFAULT_PATH, Envelopes, ProgressCallback, Projection, RebuildStats
 from interlock.contracts import headers as h
 from interlock.contracts import subjects as s
@@ -54,8 +56,11 @@ def default_db_path(instance: str) -> str:
     return str(Path(DEFAULT_PATH).with_name(f"auditor-{instance}.sqlite3"))
 
 
+OnApplied = Callable[[str, str, Envelopes], None]
+
+
 async def catch_up(projection: Projection, store: EventStore, tenant: str, run_id: str, envelopes: Envelopes,
-                   stream_seq: int | None) -> None:
+                   stream_seq: int | None, on_applied: OnApplied | None = None) -> None:
     """Project one delivered commit; if events are missing before it, read them from the log first.
 
     Commits of one run normally arrive in order, but a redelivered (nak'd) commit can arrive
@@ -66,6 +71,8 @@ async def catch_up(projection: Projection, store: EventStore, tenant: str, run_i
     result = await projection.apply_commit(tenant, run_id, envelopes, stream_seq=stream_seq, hold_gaps=True)
     if result.applied:  # a redelivered commit projects nothing and leaves no span
         tracing.acted(tracing.PROJECTED, events=result.applied)
+        if on_applied is not None:
+            on_applied(tenant, run_id, envelopes[-result.applied:])
     if not result.gap:
         return
     log.info("auditor: run %s: commit at stream seq %s does not follow seq %s, reading the log", run_id, stream_seq,
@@ -82,6 +89,9 @@ async def catch_up(projection: Projection, store: EventStore, tenant: str, run_i
                               f"the delivered commit at stream seq {stream_seq} yet")
     await projection.apply_commits(commits)
     tracing.acted(tracing.PROJECTED, commits=len(commits))
+    if on_applied is not None:
+        for _, _, events, _ in commits:
+            on_applied(tenant, run_id, events)
 
 
 Q = TypeVar("Q", RunQuery, RunsQuery)
@@ -125,6 +135,7 @@ class AuditorService(Service):
         self.instance = instance_id(instance or os.environ.get(INSTANCE_ENV) or DEFAULT_INSTANCE)
         self.db_path = str(db_path or os.environ.get(DB_ENV) or default_db_path(self.instance))
         self.projection = Projection(self.db_path)
+        self.log_metrics = log_metrics.LogMetrics()
         self._recording: set[asyncio.Task[None]] = set()
         self._api_audit: Subscription | None = None
 
@@ -227,7 +238,13 @@ class AuditorService(Service):
         except ValueError as e:
             await self.projection.note_position(stream_seq)  # handled (dead-lettered): not a lost commit
             raise Poison(str(e)) from e
-        await catch_up(self.projection, self.store, tenant, run_id, envelopes, stream_seq)
+        await catch_up(self.projection, self.store, tenant, run_id, envelopes, stream_seq, self._measure)
+
+    def _measure(self, tenant: str, run_id: str, envelopes: Envelopes) -> None:
+        """The log's metrics (runs, steps, decisions, approvals) from newly projected events."""
+        for observation in self.log_metrics.observe(tenant, run_id, envelopes):
+            log_metrics.record(observation)
+        log_metrics.publish_gauges(self.log_metrics, datetime.now(UTC))
 
     # -- queries ---------------------------------------------------------------------------
     @staticmethod

@@ -20,7 +20,7 @@ from interlock.core.eventstore import RunExists, RunNotFound
 from interlock.core.ids import run_id_for
 from interlock.core.run import IllegalTransition, Run
 from interlock.planner.logic import Spill, plan
-from interlock.runtime import timers, tracing
+from interlock.runtime import logs, timers, tracing
 from interlock.runtime.policy import BundleStore, LivePolicy
 from interlock.runtime.registry import WorkflowNotFound
 from interlock.runtime.service import Poison, Service, body_disagrees, decode
@@ -83,7 +83,7 @@ class PlannerService(Service):
 
         # the run's trace starts here: its root span's trace id is the run id
         with tracing.run_root(self.name, "start run", str(run_id), tenant=tenant, workflow=workflow.id,
-                              instance=self.settings.instance):
+                              instance=self.settings.instance), logs.bound(tenant=tenant, run_id=str(run_id)):
             try:
                 await self.store.start_run(run_id, started, admit)
                 log.info("run %s started: %s v%s (%s)", run_id, workflow.id, workflow.version, admission.decision)

@@ -41,10 +41,27 @@ scheduling_delay = _seconds("interlock.step.scheduling_delay", "from a step beco
 retries = _counter("interlock.step.retries", "attempts scheduled after a failure, by topic")
 timeouts = _counter("interlock.step.timeouts", "attempts that ran out of time, by topic")
 dead_letters = _counter("interlock.dead_letters", "messages dead-lettered, by subject kind")
+approvals_requested = _counter("interlock.approvals.requested", "approval requests, by tenant and workflow")
+approval_wait = _seconds("interlock.approvals.wait", "from an approval request to its decision, by outcome")
 policy_decisions = _counter("interlock.policy.decisions", "policy decisions, by action, outcome and rule")
 messages_handled = _counter("interlock.messages.handled", "messages a service handled, by consumer and result")
 llm_tokens = _counter("interlock.llm.tokens", "model tokens, by tenant, workflow, topic, model, direction", "{token}")
 llm_cost = _counter("interlock.llm.cost", "model cost, by tenant, workflow and agent topic", "USD")
+
+
+@dataclass(frozen=True)
+class BoundCounter:
+    """A counter with its labels fixed (the hot path builds no label dict per message)."""
+
+    counter: metrics.Counter
+    labels: dict[str, str]
+
+    def add(self, amount: int = 1) -> None:
+        self.counter.add(amount, self.labels)
+
+
+def bound_counter(counter: metrics.Counter, labels: dict[str, str]) -> BoundCounter:
+    return BoundCounter(counter, labels)
 
 
 @dataclass
@@ -87,6 +104,11 @@ _meter.create_observable_gauge("interlock.approvals.oldest_age",
 
 
 _provider: MeterProvider | None = None
+
+
+def enabled() -> bool:
+    """Whether this process exports metrics (so pollers for gauges are worth running)."""
+    return _provider is not None
 
 
 def _otlp_wanted() -> bool:

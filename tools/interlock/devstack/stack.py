@@ -73,6 +73,9 @@ class Stack:
     tenant: str = DEFAULT_TENANT
     creds: dict[str, Path] = field(default_factory=dict)
     """The credential of each process by name, and ``admin``'s."""
+    metrics: bool = False
+    """Give every process a Prometheus ``/metrics`` endpoint on a free port (``metrics_ports``)."""
+    metrics_ports: dict[str, int] = field(default_factory=dict)
     _identity: IdentityHome | None = field(default=None, repr=False)
 
     @property
@@ -171,6 +174,8 @@ class Stack:
                "INTERLOCK_CREDS": str(self.creds[name]), "INTERLOCK_PROVISION": "false"}
         if self.cluster:
             env["INTERLOCK_REPLICAS"] = str(self.replicas)
+        if self.metrics:  # the same port across restarts, so a scraper keeps finding it
+            env["INTERLOCK_METRICS_PORT"] = str(self.metrics_ports.setdefault(name, free_port()))
         with proc.log_path.open("ab") as log:
             proc.popen = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL)
