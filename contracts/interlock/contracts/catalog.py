@@ -466,6 +466,9 @@ Q_TIMELINE = _query("timeline", "qTimeline", "Run timeline", msg.RunQuery,
                     "One run's events in order; result: a list of rows, one per event." + _TENANT_ONLY)
 Q_APPROVALS = _query("approvals", "qApprovals", "Pending approvals", msg.RunsQuery,
                      "Approvals waiting for a decision, filtered like the runs query." + _TENANT_ONLY)
+Q_USAGE = _query("usage", "qUsage", "Model usage", msg.UsageQuery,
+                 "Model calls, tokens and cost summed per run, workflow or tenant; result: a list of rows "
+                 "{key, runs, calls, input_tokens, output_tokens, cost_usd}, most expensive first." + _TENANT_ONLY)
 
 CHANNELS: tuple[Channel, ...] = (
     TRIGGERS,
@@ -488,6 +491,7 @@ CHANNELS: tuple[Channel, ...] = (
     Q_STATUS,
     Q_TIMELINE,
     Q_APPROVALS,
+    Q_USAGE,
 )
 
 # -- state kept outside subjects -----------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import Field
 
-from interlock.contracts.messages import JobError, Message, PayloadRef
+from interlock.contracts.messages import JobError, LlmCall, Message, PayloadRef
 
 GENESIS_HASH = "0" * 64
 
@@ -209,6 +209,7 @@ class StepSucceeded(StepEventData):
     output: Any = None
     output_ref: PayloadRef | None = None
     worker: str = ""
+    usage: list[LlmCall] = Field(default_factory=list, description="Model calls the attempt made")
 
 
 class StepFailed(StepEventData):
@@ -216,6 +217,16 @@ class StepFailed(StepEventData):
     error: JobError
     final: bool = Field(description="No further attempt will be made")
     worker: str = ""
+    usage: list[LlmCall] = Field(default_factory=list, description="Model calls the attempt made")
+
+
+class BudgetExceeded(EventData):
+    """A run's model spend went over its workflow's budget: the run ends (RunFailed follows)."""
+
+    scope: Literal["run"] = "run"
+    limit: str = Field(description="The limit crossed: max_cost_usd or max_tokens")
+    allowed: float
+    spent: float
 
 
 class RetryScheduled(StepEventData):

@@ -19,7 +19,7 @@ from interlock.contracts import events as ev
 from interlock.runtime import metrics as m
 
 Instrument = Literal["runs_started", "runs_ended", "step_duration", "scheduling_delay", "retries", "timeouts",
-                     "policy_decisions", "approval_requested", "approval_decided"]
+                     "policy_decisions", "approval_requested", "approval_decided", "llm_tokens", "llm_cost"]
 
 RUN_END_STATUS = {ev.RunSucceeded.type_name: "succeeded", ev.RunFailed.type_name: "failed",
                   ev.RunDenied.type_name: "denied", ev.RunCancelled.type_name: "cancelled",
@@ -131,8 +131,9 @@ class LogMetrics:
             attempt = int(data.get("attempt") or 0)
             status = "succeeded" if kind == ev.StepSucceeded.type_name else "failed"
             took = _seconds(run.dispatched_at.pop((step, attempt), None), at)
-            return [] if took is None else [Observation("step_duration", took, {**base, "topic": topic,
-                                                                                 "status": status})]
+            out = [] if took is None else [Observation("step_duration", took, {**base, "topic": topic,
+                                                                                "status": status})]
+            return out + _usage(data, {**base, "topic": topic})
         if kind == ev.RetryScheduled.type_name:
             return [Observation("retries", 1, {**base, "topic": topic})]
         if kind == ev.StepTimedOut.type_name:
@@ -148,6 +149,23 @@ class LogMetrics:
         return []
 
 
+def _usage(data: dict[str, Any], labels: dict[str, str]) -> list[Observation]:
+    """Tokens (by direction) and cost of an outcome's model calls, by model."""
+    out = []
+    for call in data.get("usage") or []:
+        if not isinstance(call, dict):
+            continue
+        model = {**labels, "model": str(call.get("model") or "unknown")}
+        for direction in ("input", "output"):
+            tokens = call.get(f"{direction}_tokens")
+            if isinstance(tokens, int) and tokens > 0:
+                out.append(Observation("llm_tokens", tokens, {**model, "direction": direction}))
+        cost = call.get("cost_usd")
+        if isinstance(cost, int | float) and cost > 0:
+            out.append(Observation("llm_cost", float(cost), model))
+    return out
+
+
 def record(observation: Observation) -> None:
     """Put one observation on its OpenTelemetry instrument."""
     o = observation
@@ -158,7 +176,8 @@ def record(observation: Observation) -> None:
         return
     counter = {"runs_started": m.runs_started, "runs_ended": m.runs_ended, "retries": m.retries,
                "timeouts": m.timeouts, "policy_decisions": m.policy_decisions,
-               "approval_requested": m.approvals_requested}[o.instrument]
+               "approval_requested": m.approvals_requested, "llm_tokens": m.llm_tokens,
+               "llm_cost": m.llm_cost}[o.instrument]
     counter.add(o.value, o.labels)
 
 

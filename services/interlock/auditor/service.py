@@ -21,7 +21,7 @@ from interlock.auditor import metrics as log_metrics
 from interlock.auditor.projection import DEFAULT_PATH, Envelopes, ProgressCallback, Projection, RebuildStats
 from interlock.contracts import headers as h
 from interlock.contracts import subjects as s
-from interlock.contracts.messages import QueryReply, RunQuery, RunsQuery
+from interlock.contracts.messages import QueryReply, RunQuery, RunsQuery, UsageQuery
 from interlock.core import adminaudit, codec
 from interlock.core.eventstore import EventStore, EventStoreError
 from interlock.runtime import tracing
@@ -94,7 +94,7 @@ async def catch_up(projection: Projection, store: EventStore, tenant: str, run_i
             on_applied(tenant, run_id, events)
 
 
-Q = TypeVar("Q", RunQuery, RunsQuery)
+Q = TypeVar("Q", RunQuery, RunsQuery, UsageQuery)
 
 
 class AuditorService(Service):
@@ -217,6 +217,7 @@ class AuditorService(Service):
         self._answer(broker, "status", RunQuery, self.answer_status)
         self._answer(broker, "timeline", RunQuery, self.answer_timeline)
         self._answer(broker, "approvals", RunsQuery, self.answer_approvals)
+        self._answer(broker, "usage", UsageQuery, self.answer_usage)
 
     def _answer(self, broker: NatsBroker, name: str, kind: type[Q],
                 answer: Callable[[str, Q], Awaitable[QueryReply]]) -> None:
@@ -271,6 +272,12 @@ class AuditorService(Service):
     async def answer_approvals(self, tenant: str, query: RunsQuery) -> QueryReply:
         pending = await self.projection.approvals(tenant=tenant, limit=self._limit(query.limit))
         return QueryReply(ok=True, result=pending)
+
+    async def answer_usage(self, tenant: str, query: UsageQuery) -> QueryReply:
+        rows = await self.projection.usage(tenant=tenant, group_by=query.group_by, run_id=query.run_id,
+                                           workflow_id=query.workflow_id, since=query.since,
+                                           limit=self._limit(query.limit))
+        return QueryReply(ok=True, result=rows)
 
     # -- rebuild ---------------------------------------------------------------------------
     async def rebuild(self, tenants: Sequence[str] | None = None, *, progress: ProgressCallback | None = None,

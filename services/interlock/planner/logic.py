@@ -15,6 +15,7 @@ from typing import Any
 from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import JobError, PayloadRef
+from interlock.core import usage
 from interlock.core.codec import canonical_json, job_hash, sha256_hex
 from interlock.core.run import Run, StepState
 from interlock.core.steps import compensation_id, is_workflow_step, item_id, schema_error, template_context
@@ -101,6 +102,8 @@ def plan(run: Run, wf: Workflow, outputs: dict[str, Any], run_input: Any, now: d
     if run.status == "compensating":
         _plan_compensation(run, wf, outputs, spill)
         return
+    if _over_budget(run, wf):
+        return
     failed = _first_unhandled_failure(run, wf)
     if failed is not None:
         _handle_failure(run, wf, failed, outputs, spill)
@@ -115,6 +118,18 @@ def plan(run: Run, wf: Workflow, outputs: dict[str, Any], run_input: Any, now: d
             context["steps"][sid] = {"output": outputs.get(sid, state.output), "status": state.status}
     if run.status == "running" and _first_unhandled_failure(run, wf) is None:
         _maybe_finish(run, wf, outputs)
+
+
+def _over_budget(run: Run, wf: Workflow) -> bool:
+    """End the run when its model spend crossed the workflow's budget (nothing more is dispatched)."""
+    if wf.budget is None or run.status != "running":
+        return False
+    over = usage.overrun(usage.total(run.usage), usage.parse_limits(wf.budget.model_dump()))
+    if over is None:
+        return False
+    run.exceed_budget(ev.BudgetExceeded(limit=over.limit, allowed=over.allowed, spent=over.spent))
+    run.fail(ev.RunFailed(reason=over.describe("the run")))
+    return True
 
 
 def _plan_step(run: Run, wf: Workflow, sid: str, spec: Step, context: dict[str, Any], spill: Spill | None) -> None:

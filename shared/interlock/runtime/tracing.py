@@ -26,6 +26,7 @@ from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from interlock.contracts import headers as h
+from interlock.contracts.messages import LlmCall
 from interlock.core.eventstore.recorder import APPENDED
 from interlock.runtime.otel import otlp_protocol, resource
 
@@ -239,3 +240,19 @@ def inject(carrier: dict[str, str]) -> dict[str, str]:
 
 
 tracer = trace.get_tracer("interlock")
+
+
+def llm_call_span(call: LlmCall) -> None:
+    """A span for one model call inside the job's span, with the OpenTelemetry GenAI attributes."""
+    attributes: dict[str, Any] = {
+        "gen_ai.operation.name": call.operation, "gen_ai.provider.name": call.provider,
+        "gen_ai.system": call.provider, "gen_ai.request.model": call.model,
+        "gen_ai.usage.input_tokens": call.input_tokens, "gen_ai.usage.output_tokens": call.output_tokens,
+        "interlock.cost_usd": call.cost_usd,
+    }
+    if call.temperature is not None:
+        attributes["gen_ai.request.temperature"] = call.temperature
+    if call.prompt_ref:
+        attributes["interlock.prompt_ref"] = call.prompt_ref
+    with tracer.start_as_current_span(f"{call.operation} {call.model}", kind=SpanKind.CLIENT, attributes=attributes):
+        pass

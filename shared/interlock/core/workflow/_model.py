@@ -195,6 +195,15 @@ class RetryPolicy(BaseModel):
         return int(min(jittered, self.max_backoff_ms))
 
 
+class Budget(BaseModel):
+    """What a whole run may spend on model calls; crossing a limit ends the run (BudgetExceeded)."""
+
+    model_config = _FROZEN
+
+    max_cost_usd: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = None
+    max_tokens: Annotated[int, Strict(), Field(ge=0)] | None = None
+
+
 class Step(BaseModel):
     """One step. Field types are checked here; rules across fields are checked by Workflow."""
 
@@ -243,6 +252,8 @@ class Workflow(BaseModel):
     triggers: Annotated[tuple[Subject, ...], BeforeValidator(_none_to_empty)] = ()
     steps: dict[StepId, Step]
     timeout_ms: PositiveMs | None = None
+    budget: Budget | None = None
+    record_prompts: Annotated[bool, Strict()] = False  # let agents keep prompts in the log (LlmCall.prompt)
 
     @model_validator(mode="wrap")
     @classmethod
