@@ -4,12 +4,15 @@ the usage query; budgets per step (policy constraints) and per run (workflow) ar
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import pytest
 
 from interlock.auditor.service import AuditorService
 from interlock.core.workflow import WorkflowInvalid, load_workflow
+from interlock.planner.service import PlannerService
+from interlock.runtime.settings import TenantBudget
 from interlock.worker import JobContext, Worker
 from tests.integration.harness import Harness, types, unique
 from tests.integration.test_governance import Bundles, bundles, quiet, with_rules
@@ -31,11 +34,11 @@ def llm_worker(topic: str, *, tokens: tuple[int, int] = (1200, 300), cost: float
     return worker
 
 
-async def projected(auditor: AuditorService, run_id: str, timeout: float = 15.0) -> None:
+async def projected(auditor: AuditorService, run_id: str, timeout: float = 15.0, tenant: str = "default") -> None:
     """Wait until the auditor's projection has the run's end."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        status = await auditor.projection.status(run_id, "default")
+        status = await auditor.projection.status(run_id, tenant)
         if status is not None and status["status"] not in ("running", "compensating"):
             return
         assert asyncio.get_running_loop().time() < deadline, f"run {run_id} not projected: {status}"
@@ -150,3 +153,40 @@ def test_a_budget_that_is_not_a_number_is_refused_at_validation() -> None:
         load_workflow("id: w\nversion: 1\nbudget: {max_cost_usd: lots}\nsteps:\n  a: {topic: t}\n",
                       filename="w.yaml")
     assert "w.yaml:3" in str(caught.value) and "budget.max_cost_usd" in str(caught.value)
+
+
+async def test_a_tenant_over_its_window_budget_gets_no_new_work(harness: Harness, auditor: AuditorService) -> None:
+    tenant = unique("budget-tenant")
+    in_tenant = dataclasses.replace(harness, tenant=tenant)
+    wf, topic = unique("tenantbudget"), unique("t")
+    await harness.apply(f"""
+id: {wf}
+version: 1
+steps:
+  a: {{topic: {topic}}}
+  b: {{topic: {topic}, depends_on: [a]}}
+""")
+    worker = llm_worker(topic, tokens=(1000, 500))
+    worker.tenant = tenant
+    await in_tenant.start_worker(worker)
+    first = await in_tenant.trigger(wf, {})
+    assert types(await in_tenant.wait_end(first))[-1] == "RunSucceeded"
+    await projected(auditor, first, tenant=tenant)
+    spent = await auditor.projection.usage(tenant=tenant, group_by="tenant")
+    assert spent[0]["input_tokens"] + spent[0]["output_tokens"] == 3000
+
+    planner = next(s for s in harness.services if isinstance(s, PlannerService))
+    planner.settings = planner.settings.model_copy(
+        update={"tenant_budgets": {tenant: TenantBudget(max_tokens=2000, window_s=3600)}})
+    second = await in_tenant.trigger(wf, {})
+    events = await in_tenant.wait_end(second)
+    assert types(events)[-2:] == ["BudgetExceeded", "RunFailed"], types(events)
+    exceeded = next(e for e in events if e["type"] == "BudgetExceeded")["data"]
+    assert (exceeded["scope"], exceeded["limit"], exceeded["spent"]) == ("tenant", "max_tokens", 3000)
+    reason = next(e for e in events if e["type"] == "RunFailed")["data"]["reason"]
+    assert reason == f"budget exceeded: tenant {tenant!r} spent 3000, over max_tokens 2000"
+    assert "StepDispatched" not in types(await quiet(harness, second))
+    # other tenants are not affected by this tenant's budget
+    other = await harness.trigger(wf, {})
+    await harness.start_worker(llm_worker(topic, tokens=(1, 1)))
+    assert types(await harness.wait_end(other))[-1] == "RunSucceeded"

@@ -438,10 +438,11 @@ def _command(name: str, id: str, title: str, request: type[msg.Message], service
     )
 
 
-def _query(name: str, id: str, title: str, request: type[msg.Message], description: str) -> Channel:
+def _query(name: str, id: str, title: str, request: type[msg.Message], description: str,
+           askers: tuple[str, ...] = ()) -> Channel:
     return Channel(
         id=id, title=title, pattern=Pattern(s.query, (TENANT, name)), message=request, reply=msg.QueryReply,
-        description=description, transport="request", publishers=(CLIENT,), subscribers=(AUDITOR,),
+        description=description, transport="request", publishers=(CLIENT, *askers), subscribers=(AUDITOR,),
         filters=(Pattern(s.queries, (name,)),),
     )
 
@@ -468,7 +469,8 @@ Q_APPROVALS = _query("approvals", "qApprovals", "Pending approvals", msg.RunsQue
                      "Approvals waiting for a decision, filtered like the runs query." + _TENANT_ONLY)
 Q_USAGE = _query("usage", "qUsage", "Model usage", msg.UsageQuery,
                  "Model calls, tokens and cost summed per run, workflow or tenant; result: a list of rows "
-                 "{key, runs, calls, input_tokens, output_tokens, cost_usd}, most expensive first." + _TENANT_ONLY)
+                 "{key, runs, calls, input_tokens, output_tokens, cost_usd}, most expensive first. The planner "
+                 "asks it for tenant budgets over a time window." + _TENANT_ONLY, askers=(PLANNER,))
 
 CHANNELS: tuple[Channel, ...] = (
     TRIGGERS,

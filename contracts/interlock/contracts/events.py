@@ -204,12 +204,18 @@ class StepHeartbeat(StepEventData):
     progress: str | None = None
 
 
+def _empty(value: Any) -> bool:
+    """A field added after logs were written is left out of the stored form while it is empty,
+    so an older event re-encodes (and hashes) exactly as it was written."""
+    return not value
+
+
 class StepSucceeded(StepEventData):
     attempt: int = Field(ge=0, description="0 for steps that need no job (approval, notify, fan-out)")
     output: Any = None
     output_ref: PayloadRef | None = None
     worker: str = ""
-    usage: list[LlmCall] = Field(default_factory=list, description="Model calls the attempt made")
+    usage: list[LlmCall] = Field(default_factory=list, exclude_if=_empty, description="Model calls the attempt made")
 
 
 class StepFailed(StepEventData):
@@ -217,13 +223,14 @@ class StepFailed(StepEventData):
     error: JobError
     final: bool = Field(description="No further attempt will be made")
     worker: str = ""
-    usage: list[LlmCall] = Field(default_factory=list, description="Model calls the attempt made")
+    usage: list[LlmCall] = Field(default_factory=list, exclude_if=_empty, description="Model calls the attempt made")
 
 
 class BudgetExceeded(EventData):
-    """A run's model spend went over its workflow's budget: the run ends (RunFailed follows)."""
+    """Model spend went over a budget (the run's, from its workflow, or its tenant's over a time
+    window, from the planner's settings): the run ends (RunFailed follows)."""
 
-    scope: Literal["run"] = "run"
+    scope: Literal["run", "tenant"] = "run"
     limit: str = Field(description="The limit crossed: max_cost_usd or max_tokens")
     allowed: float
     spent: float

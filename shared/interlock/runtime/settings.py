@@ -23,6 +23,7 @@ number``. Keyword arguments override the environment (tests and embedding code u
 - ``INTERLOCK_METRICS_PORT`` (both): serve Prometheus ``/metrics`` on this port (0 = any free
   port, unset = no endpoint); ``INTERLOCK_METRICS_HOST`` its address (127.0.0.1)
 - ``INTERLOCK_TENANT``: the tenant whose jobs a worker takes (default)
+- ``INTERLOCK_TENANT_BUDGETS``: per-tenant model budgets over a window, JSON (the planner enforces them)
 - ``INTERLOCK_TLS_CA``, ``INTERLOCK_TLS_CERT``, ``INTERLOCK_TLS_KEY``, ``INTERLOCK_TLS_HOSTNAME``
   (both): TLS to NATS, see :mod:`interlock.runtime.tls`
 """
@@ -34,7 +35,15 @@ import socket
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, Field, ModelWrapValidatorHandler, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -92,6 +101,17 @@ class TelemetrySettings(BaseModel):
         return value.lower() if isinstance(value, str) else value
 
 
+class TenantBudget(BaseModel):
+    """What one tenant's runs may spend on model calls together over a sliding window (the planner
+    ends a run that finds the tenant over it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_cost_usd: float | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=0)
+    window_s: int = Field(86_400, gt=0, description="the window, in seconds (a day)")
+
+
 class ServiceSettings(_Settings, TlsSettings, TelemetrySettings):  # TLS: the INTERLOCK_TLS_* fields
     """Settings of a service process (planner, policy, approval, dispatcher, auditor)."""
 
@@ -104,6 +124,9 @@ class ServiceSettings(_Settings, TlsSettings, TelemetrySettings):  # TLS: the IN
     concurrency: int = Field(64, ge=1, description="messages handled at once per consumer")
     sweep_interval: float = Field(15.0, ge=0, validation_alias="INTERLOCK_SWEEP_S",
                                   description="seconds between reconciler passes, 0 = off")
+    tenant_budgets: dict[str, TenantBudget] = Field(
+        default_factory=dict,
+        description='per-tenant model budgets, JSON: {"acme": {"max_cost_usd": 50, "window_s": 86400}}')
 
 
 class WorkerSettings(_Settings, TlsSettings, TelemetrySettings):  # TLS: the INTERLOCK_TLS_* fields
