@@ -46,7 +46,7 @@ approval_wait = _seconds("interlock.approvals.wait", "from an approval request t
 policy_decisions = _counter("interlock.policy.decisions", "policy decisions, by action, outcome and rule")
 messages_handled = _counter("interlock.messages.handled", "messages a service handled, by consumer and result")
 llm_tokens = _counter("interlock.llm.tokens", "model tokens, by tenant, workflow, topic, model, direction", "{token}")
-llm_cost = _counter("interlock.llm.cost", "model cost, by tenant, workflow and agent topic", "USD")
+llm_cost = _counter("interlock.llm.cost_usd", "model cost in US dollars, by tenant, workflow and agent topic")
 
 
 @dataclass(frozen=True)
