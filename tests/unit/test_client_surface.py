@@ -18,8 +18,8 @@ CLIENT_METHODS = [
     "dead_letter_entries", "dead_letters", "events", "grant_approver", "load_run", "pending_approval",
     "policy_active", "policy_decide", "policy_history", "policy_publish", "policy_rollback", "policy_simulate",
     "read_commits", "reject", "replay_dead_letter", "rerun", "rerun_plan", "resolve_dead_letter", "revoke_approver",
-    "runs", "start_run", "status", "timeline", "unseal", "verify", "wait", "wait_projected", "watch", "with_tenant",
-    "workflow", "workflows",
+    "runs", "start_run", "status", "timeline", "unseal", "usage", "verify", "wait", "wait_projected", "watch",
+    "with_tenant", "workflow", "workflows",
 ]
 
 

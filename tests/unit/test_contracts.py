@@ -237,6 +237,9 @@ def strategy_for(annotation: Any, metadata: list[Any]) -> st.SearchStrategy[Any]
     if annotation is int:
         return st.integers(min_value=bounds.get("min_value", -(2**53) + 1),
                            max_value=bounds.get("max_value", 2**53 - 1))
+    if annotation is float:  # finite: JSON has no NaN or infinity
+        return st.floats(min_value=bounds.get("min_value", -1e12), max_value=bounds.get("max_value", 1e12),
+                         allow_nan=False, allow_infinity=False)
     if annotation is str:
         return st.text(st.characters(codec="utf-8"), min_size=bounds.get("min_size", 0),
                        max_size=bounds.get("max_size", 12))
@@ -343,6 +346,9 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "RunSucceeded": set(),
     "RunTimedOut": {"timeout_ms"},
     "RunsQuery": set(),
+    "UsageQuery": set(),
+    "LlmCall": {"provider", "model"},
+    "BudgetExceeded": {"limit", "allowed", "spent"},
     "StepDispatched": {"step_id", "attempt", "job_id", "topic"},
     "StepExpanded": {"step_id", "count"},
     "StepFailed": {"step_id", "attempt", "error", "final"},
@@ -426,7 +432,7 @@ def test_every_wildcard_has_a_channel() -> None:
 
 
 COMMANDS = ("approve", "reject", "cancel")
-QUERIES = ("runs", "status", "timeline", "approvals")
+QUERIES = ("runs", "status", "timeline", "approvals", "usage")
 
 
 def test_commands_and_queries_carry_the_tenant_and_the_principal() -> None:

@@ -438,10 +438,11 @@ def _command(name: str, id: str, title: str, request: type[msg.Message], service
     )
 
 
-def _query(name: str, id: str, title: str, request: type[msg.Message], description: str) -> Channel:
+def _query(name: str, id: str, title: str, request: type[msg.Message], description: str,
+           askers: tuple[str, ...] = ()) -> Channel:
     return Channel(
         id=id, title=title, pattern=Pattern(s.query, (TENANT, name)), message=request, reply=msg.QueryReply,
-        description=description, transport="request", publishers=(CLIENT,), subscribers=(AUDITOR,),
+        description=description, transport="request", publishers=(CLIENT, *askers), subscribers=(AUDITOR,),
         filters=(Pattern(s.queries, (name,)),),
     )
 
@@ -466,6 +467,10 @@ Q_TIMELINE = _query("timeline", "qTimeline", "Run timeline", msg.RunQuery,
                     "One run's events in order; result: a list of rows, one per event." + _TENANT_ONLY)
 Q_APPROVALS = _query("approvals", "qApprovals", "Pending approvals", msg.RunsQuery,
                      "Approvals waiting for a decision, filtered like the runs query." + _TENANT_ONLY)
+Q_USAGE = _query("usage", "qUsage", "Model usage", msg.UsageQuery,
+                 "Model calls, tokens and cost summed per run, workflow or tenant; result: a list of rows "
+                 "{key, runs, calls, input_tokens, output_tokens, cost_usd}, most expensive first. The planner "
+                 "asks it for tenant budgets over a time window." + _TENANT_ONLY, askers=(PLANNER,))
 
 CHANNELS: tuple[Channel, ...] = (
     TRIGGERS,
@@ -488,6 +493,7 @@ CHANNELS: tuple[Channel, ...] = (
     Q_STATUS,
     Q_TIMELINE,
     Q_APPROVALS,
+    Q_USAGE,
 )
 
 # -- state kept outside subjects -----------------------------------------------------------

@@ -67,12 +67,28 @@ class Job(Message):
     sensitive_output: list[str] = Field(
         default_factory=list, description="Paths in the output (output.token) to seal, besides keys named by the "
                                           "sensitive key patterns; see contracts/README.md, Sensitive values")
+    record_prompts: bool = Field(False, description="The workflow lets the worker keep prompts in LlmCall.prompt")
 
 
 class JobError(Message):
     message: str
     retryable: bool = True
     kind: str = "error"
+
+
+class LlmCall(Message):
+    """One model call an agent made for a job (``ctx.record_llm``), named after the OpenTelemetry
+    GenAI conventions (``gen_ai.provider.name``, ``gen_ai.request.model``, ``gen_ai.usage.*``)."""
+
+    provider: str = Field(description="gen_ai.provider.name, e.g. openai, anthropic")
+    model: str = Field(description="gen_ai.request.model")
+    operation: str = Field("chat", description="gen_ai.operation.name")
+    input_tokens: int = Field(0, ge=0, description="gen_ai.usage.input_tokens")
+    output_tokens: int = Field(0, ge=0, description="gen_ai.usage.output_tokens")
+    cost_usd: float = Field(0.0, ge=0, description="What the call cost, in US dollars")
+    temperature: float | None = Field(None, description="gen_ai.request.temperature")
+    prompt_ref: str | None = Field(None, description="Where the prompt is kept (a template id, a hash)")
+    prompt: str | None = Field(None, description="The prompt itself, only when the workflow sets record_prompts")
 
 
 class JobResult(Message):
@@ -88,6 +104,7 @@ class JobResult(Message):
     output_ref: PayloadRef | None = None
     error: JobError | None = None
     worker: str = ""
+    usage: list[LlmCall] = Field(default_factory=list, description="Model calls made for this attempt")
 
 
 class Heartbeat(Message):
@@ -236,6 +253,17 @@ class RunsQuery(Message):
 class RunQuery(Message):
     run_id: str
     tenant: str | None = Field(default=None, description=_QUERY_TENANT)
+
+
+class UsageQuery(Message):
+    """Model usage summed per run, workflow or tenant (``interlock cost``)."""
+
+    tenant: str | None = Field(default=None, description=_QUERY_TENANT)
+    group_by: Literal["run", "workflow", "tenant"] = "workflow"
+    run_id: str | None = None
+    workflow_id: str | None = None
+    since: datetime | None = Field(default=None, description="Outcomes recorded at or after this time")
+    limit: int = 100
 
 
 class QueryReply(Message):

@@ -230,6 +230,17 @@ def parse_run_events(subject: str) -> tuple[str, str]:
     return tenant, run_id
 
 
+_PER_RUN = ("evt", "result", "hb")
+
+
+def run_of(subject: str) -> tuple[str, str] | None:
+    """(tenant, run_id) of a per-run subject (run events, results, heartbeats), else None."""
+    parts = subject.split(".")
+    if len(parts) == 4 and parts[0] == PREFIX and parts[1] in _PER_RUN:
+        return parts[2], parts[3]
+    return None
+
+
 def worker_consumer(tenant: str, topic: str) -> str:
     """Durable consumer shared by every worker copy of one tenant's topic.
 

@@ -36,7 +36,7 @@ from interlock.core.steps import base_step_id
 from interlock.core.workflow import Workflow
 from interlock.dispatcher import rules
 from interlock.dispatcher.rules import Effect, PublishJob
-from interlock.runtime import timers
+from interlock.runtime import timers, tracing
 from interlock.runtime.datakeys import DataKeyError
 from interlock.runtime.publish import publish
 from interlock.runtime.service import Poison, Service, decode
@@ -80,7 +80,8 @@ class DispatcherService(Service):
                                       effect.model_dump_json().encode())
 
     async def publish_job(self, effect: PublishJob) -> None:
-        job = effect.job
+        # the job continues the trace from this handler's span (the rules' traceparent when not tracing)
+        job = effect.job.model_copy(update={"trace_parent": tracing.current_traceparent() or effect.job.trace_parent})
         if job.input_ref is None:  # a large input travels as a reference
             job_input, input_ref = await self.payloads.offload(job.input)
             job = job.model_copy(update={"input": job_input, "input_ref": input_ref})

@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import nats
 import nats.errors
@@ -51,6 +51,7 @@ from interlock.contracts.messages import (
     RunQuery,
     RunsQuery,
     Trigger,
+    UsageQuery,
 )
 from interlock.core.eventstore import EventStore, RunNotFound, SlotsBusy, StoredCommit
 from interlock.core.ids import run_id_for
@@ -457,6 +458,13 @@ class Client:
     async def timeline(self, run_id: str) -> list[dict[str, Any]]:
         """The run's events in order, each with its one-line ``summary``."""
         return list(await self._query(self._query_subject("timeline"), RunQuery(run_id=run_id)))
+
+    async def usage(self, *, group_by: Literal["run", "workflow", "tenant"] = "workflow", run_id: str | None = None,
+                    workflow_id: str | None = None, since: datetime | None = None, limit: int = 100
+                    ) -> list[dict[str, Any]]:
+        """Model calls, tokens and cost of this tenant's runs, summed per ``group_by``, most expensive first."""
+        query = UsageQuery(group_by=group_by, run_id=run_id, workflow_id=workflow_id, since=since, limit=limit)
+        return list(await self._query(self._query_subject("usage"), query))
 
     async def approvals(self) -> list[dict[str, Any]]:
         """Pending approvals, oldest first."""

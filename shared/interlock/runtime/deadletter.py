@@ -15,6 +15,7 @@ from interlock.contracts import headers as h
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import DeadLetter, DeadLetterAction, DeadLetterStatus
 from interlock.identity import subject_matches
+from interlock.runtime import metrics
 from interlock.runtime.publish import publish
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,13 @@ async def dead_letter(js: JetStreamContext, service: str, subject: str, data: by
     letter = letter_for(service, subject, data, reason, headers)
     log.warning("%s: dead-lettered a message from %s (%d bytes): %s", service, subject, len(data), reason[:300])
     await publish(js, s.dead_letter(service), letter.model_dump_json().encode())
+    metrics.dead_letters.add(1, {"service": service, "kind": _subject_kind(subject)})
+
+
+def _subject_kind(subject: str) -> str:
+    """The second token of an Interlock subject (evt, job, result, …): a bounded metric label."""
+    parts = subject.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == s.PREFIX else "other"
 
 
 def read_letter(subject: str, data: bytes, seq: int | None, at: datetime | None = None) -> DeadLetter:

@@ -9,7 +9,18 @@ from typing import Annotated
 
 import typer
 
-from interlock.cli import _admin_audit, _approval, _audit, _identity, _ops, _policy, _run, _tenant, _workflow
+from interlock.cli import (
+    _admin_audit,
+    _approval,
+    _audit,
+    _identity,
+    _observe,
+    _ops,
+    _policy,
+    _run,
+    _tenant,
+    _workflow,
+)
 from interlock.cli._common import (
     CredsOption,
     NatsOption,
@@ -77,6 +88,7 @@ app.add_typer(_ops.dlq, name="dlq")
 app.add_typer(_audit.app, name="audit")
 app.add_typer(_identity.app, name="creds")
 app.add_typer(_tenant.app, name="tenant")
+app.command("cost")(_observe.cost)
 _admin_audit.register(_audit.app)
 
 # -- processes -----------------------------------------------------------------------------------

@@ -71,7 +71,9 @@ def configure_logging(verbose: bool) -> None:
     if _owns_logging is None:
         _owns_logging = not logging.getLogger().handlers
         if _owns_logging:
-            logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            from interlock.runtime import logs
+
+            logs.configure("text", service="cli")
     if _owns_logging:
         logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
         logging.getLogger("faststream").setLevel(logging.WARNING)

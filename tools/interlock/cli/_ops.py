@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import importlib
 import importlib.util
+import logging
 import signal
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from interlock.cli._common import ListGroup, configure_logging, connected, fail, globals_of, with_globals
+from interlock.cli._common import ListGroup, connected, fail, globals_of, with_globals
 from interlock.cli._output import Column, Format, OutputOption, columns, echo, emit_doc, emit_rows
 from interlock.client import ClientError, ClientSettings, DeadLetterEntry
 from interlock.contracts.messages import DeadLetterStatus
@@ -111,17 +112,22 @@ SERVICE_CLASSES: dict[str, str] = {
 def serve(ctx: typer.Context,
           name: Annotated[ServiceName, typer.Argument(metavar="NAME", help="the service to run")]) -> None:
     """Run one service in this process until interrupted (run more copies to scale it out)."""
+    from interlock.runtime import telemetry
     from interlock.runtime.settings import ServiceSettings
 
     options = globals_of(ctx)
     options.export_tls()  # TLS: --tls-* for ServiceSettings
-    if not options.verbose:
-        configure_logging(True)  # a service's log is its INFO lines
     module, _, cls = SERVICE_CLASSES[name].partition(":")
     service_class = getattr(importlib.import_module(module), cls)
     given: dict[str, Any] = {k: v for k, v in (("nats_url", options.nats), ("creds", options.creds)) if v}
-    service = service_class(ServiceSettings(**given)) if given else service_class()
-    asyncio.run(service.run_forever())
+    settings = ServiceSettings(**given)
+    # a service's log is its INFO lines, as text or JSON (INTERLOCK_LOG_FORMAT); traces and metrics per OTEL_*
+    telemetry.setup(name, settings, instance=settings.instance)
+    logging.getLogger("faststream").setLevel(logging.WARNING)
+    try:
+        asyncio.run(service_class(settings).run_forever())
+    finally:
+        telemetry.shutdown()
 
 
 def load_target(target: str) -> Any:
@@ -150,6 +156,12 @@ def worker(ctx: typer.Context, target: Annotated[str, typer.Argument(
     if globals_of(ctx).tenant:  # else the Worker's own, else INTERLOCK_TENANT
         loaded.tenant = globals_of(ctx).tenant
     globals_of(ctx).export_tls()  # TLS: --tls-* for WorkerSettings
+    from interlock.runtime import telemetry
+    from interlock.runtime.settings import WorkerSettings
+
+    settings = loaded.settings or WorkerSettings()
+    telemetry.setup("worker", settings, instance=loaded.name, level=logging.INFO if globals_of(ctx).verbose
+                    else logging.WARNING)
 
     async def run() -> None:
         task = asyncio.ensure_future(loaded.run())
@@ -159,7 +171,10 @@ def worker(ctx: typer.Context, target: Annotated[str, typer.Argument(
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        telemetry.shutdown()
 
 
 def _interrupt(signum: int, frame: object) -> None:

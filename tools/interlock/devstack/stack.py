@@ -111,6 +111,9 @@ class Stack:
     """The credential of each process by name, and ``admin``'s."""
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
     _topics: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
+    metrics: bool = False
+    """Give every process a Prometheus ``/metrics`` endpoint on a free port (``metrics_ports``)."""
+    metrics_ports: dict[str, int] = field(default_factory=dict)
     _identity: IdentityHome | None = field(default=None, repr=False)
 
     @property
@@ -228,6 +231,8 @@ class Stack:
                FILE_ENV: str(self.data_keys_file)}
         if self.cluster:
             env["INTERLOCK_REPLICAS"] = str(self.replicas)
+        if self.metrics:  # the same port across restarts, so a scraper keeps finding it
+            env["INTERLOCK_METRICS_PORT"] = str(self.metrics_ports.setdefault(name, free_port()))
         with proc.log_path.open("ab") as log:
             proc.popen = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL)
