@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from interlock.contracts import catalog as cat
 from interlock.contracts import events as ev
+from interlock.contracts import protocol
 from interlock.contracts import subjects as s
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -257,6 +258,7 @@ def asyncapi(schemas: dict[str, JsonObject] | None = None) -> JsonObject:
         "operations": operations,
         "components": {"schemas": components, "messages": dict(sorted(messages.items()))},
         "x-interlock-services": dict(cat.SERVICES),
+        "x-interlock-protocol": protocol.table(),
         "x-interlock-key-value": {
             entry.bucket: {
                 "key": entry.key,
@@ -362,30 +364,62 @@ a concurrent writer gets error 10071 and must reload, never fork the log.
 """
 
 
+# -- the protocol table in README.md -------------------------------------------------------
+README_FILE = "README.md"
+TABLE_BEGIN = "<!-- BEGIN GENERATED: protocol constants (python -m interlock.contracts.generate) -->"
+TABLE_END = "<!-- END GENERATED: protocol constants -->"
+
+
+def _flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        return [row for key, item in value.items() for row in _flatten(f"{prefix}.{key}" if prefix else key, item)]
+    return [(prefix, value)]
+
+
+def protocol_table() -> str:
+    """The Markdown table of ``x-interlock-protocol`` (between the markers in contracts/README.md)."""
+    rows = ["| `x-interlock-protocol` | value |", "| --- | --- |"]
+    rows += [f"| `{name}` | `{json.dumps(value)}` |" for name, value in _flatten("", protocol.table())]
+    return "\n".join([TABLE_BEGIN, *rows, TABLE_END])
+
+
+def readme_with_table(text: str, where: str = README_FILE) -> str:
+    """``text`` (contracts/README.md) with its generated table replaced by the current one."""
+    start, end = text.find(TABLE_BEGIN), text.find(TABLE_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{where}: the markers {TABLE_BEGIN!r} and {TABLE_END!r} are missing or out of order")
+    return text[:start] + protocol_table() + text[end + len(TABLE_END):]
+
+
 # -- files ---------------------------------------------------------------------------------
 def dumps(document: Any) -> str:
     return json.dumps(document, indent=2, sort_keys=True) + "\n"
 
 
-def render() -> dict[str, str]:
-    """Every generated file, by path relative to the contracts directory (POSIX separators)."""
+def render(root: Path = CONTRACTS_DIR) -> dict[str, str]:
+    """Every generated file, by path relative to the contracts directory (POSIX separators); the
+    README is ``root``'s with its protocol table brought up to date (absent: not generated)."""
     schemas = json_schemas()
     files = {f"{SCHEMAS_SUBDIR}/{name}.json": dumps(schema) for name, schema in schemas.items()}
     files[ASYNCAPI_FILE] = dumps(asyncapi(schemas))
+    readme = root / README_FILE
+    if readme.is_file():
+        files[README_FILE] = readme_with_table(readme.read_text(encoding="utf-8"), str(readme))
     return dict(sorted(files.items()))
 
 
 def _existing(root: Path) -> set[str]:
     schema_dir = root / SCHEMAS_SUBDIR
     found = {f"{SCHEMAS_SUBDIR}/{p.name}" for p in schema_dir.glob("*.json")} if schema_dir.is_dir() else set()
-    if (root / ASYNCAPI_FILE).is_file():
-        found.add(ASYNCAPI_FILE)
+    for name in (ASYNCAPI_FILE, README_FILE):
+        if (root / name).is_file():
+            found.add(name)
     return found
 
 
 def check(root: Path = CONTRACTS_DIR) -> list[str]:
     """Problems with the files under ``root``: 'missing: …', 'stale: …' or 'extra: …' (empty if up to date)."""
-    expected = render()
+    expected = render(root)
     existing = _existing(root)
     problems: list[str] = []
     for path, text in expected.items():
@@ -399,7 +433,7 @@ def check(root: Path = CONTRACTS_DIR) -> list[str]:
 
 def write(root: Path = CONTRACTS_DIR) -> list[str]:
     """Write every generated file under ``root`` and delete extra schema files; returns what changed."""
-    expected = render()
+    expected = render(root)
     changed: list[str] = []
     (root / SCHEMAS_SUBDIR).mkdir(parents=True, exist_ok=True)
     for path, text in expected.items():
@@ -425,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problems:
             print("contracts are out of date: run `python -m interlock.contracts.generate`", file=sys.stderr)
             return 1
-        print(f"contracts up to date ({len(render())} files)")
+        print(f"contracts up to date ({len(render(args.root))} files)")
         return 0
     changes = write(args.root)
     for line in changes:

@@ -10,9 +10,10 @@ from nats.js.object_store import ObjectStore
 
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import PayloadRef
+from interlock.contracts.protocol import INLINE_LIMIT_BYTES
 from interlock.core.codec import canonical_json, sha256_hex
 
-DEFAULT_INLINE_LIMIT = 256 * 1024
+DEFAULT_INLINE_LIMIT = INLINE_LIMIT_BYTES
 
 
 class PayloadError(ValueError):
