@@ -59,3 +59,43 @@ def test_readme_table_is_generated_and_checked(tmp_path: Path) -> None:
     (tmp_path / "README.md").write_text("no markers\n")
     with pytest.raises(ValueError, match="markers"):
         generate.check(tmp_path)
+
+
+# Each thing a worker written in another language had to guess (issue 14), and where
+# contracts/README.md now says it.
+DOCUMENTED = {
+    "consumer settings": ["worker_consumer", "ack_wait", "max_ack_pending", "$JS.API.CONSUMER.CREATE.IL_JOBS"],
+    "heartbeat publication": ["**JetStream** publish", "**no** `Nats-Msg-Id`", "heartbeat_interval_ms"],
+    "input/output and null": ["any JSON value", "`null` is a real value"],
+    "inline limit and output_ref": ["inline_limit_bytes", "output_ref"],
+    "worker id": ["Worker id", "`worker` field"],
+    "registry": ["registry.refresh_s", "registry.stale_after_s", "registry.ttl_s", "Clean shutdown"],
+    "after a deadline": ['"kind": "timeout"'],
+    "dead letters": ["il.dlq.worker", "dead_letter.prefix_limit_bytes", "truncated"],
+    "query results": ["RunsReply", "StatusReply", "TimelineReply", "ApprovalsReply"],
+    "run id": ["uuid5", "run_id.uuid5_namespace", "{tenant}/{workflow_id}/{idempotency_key}", "gets no reply"],
+    "run by idempotency key, timeline paging (api)": ["TO BE COMPLETED (api helper", "Timeline paging"],
+    "finding the server": ["INTERLOCK_NATS_URL", ".interlock/nats.url", "INTERLOCK_CREDS", "_INBOX.{user public key}",
+                           "INTERLOCK_TLS_CA"],
+}
+
+
+@pytest.mark.parametrize("point", sorted(DOCUMENTED))
+def test_readme_specifies_what_a_foreign_worker_needs(point: str) -> None:
+    readme = (CONTRACTS / "README.md").read_text()
+    missing = [needle for needle in DOCUMENTED[point] if needle not in readme]
+    assert not missing, f"contracts/README.md does not say ({point}): {missing}"
+
+
+def test_schemas_allow_null_and_any_json_for_input_and_output() -> None:
+    import jsonschema
+
+    job = json.loads((CONTRACTS / "schemas" / "Job.json").read_text())
+    result = json.loads((CONTRACTS / "schemas" / "JobResult.json").read_text())
+    base = {"job_id": "r:s@1", "run_id": "r", "tenant": "t", "step_id": "s", "attempt": 1}
+    for value in (None, 1, "x", [1, None], {"a": {"b": None}}, True):
+        jsonschema.validate({**base, "workflow_id": "w", "topic": "a.b", "idempotency_key": "r:s", "job_hash": "h",
+                             "input": value}, job)
+        jsonschema.validate({**base, "ok": True, "output": value}, result)
+    for schema, field in ((job, "input"), (result, "output")):
+        assert "null" in schema["properties"][field]["description"]
