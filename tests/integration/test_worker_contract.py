@@ -1,0 +1,45 @@
+"""The Python worker SDK does what contracts/ says a worker does: its topic consumer has the
+documented settings, its registry entries are there while it runs and gone after a clean stop."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from nats.aio.client import Client as NATS
+
+from interlock.contracts import protocol
+from interlock.contracts import subjects as s
+from interlock.worker import JobContext, Worker
+from tests.principals import Principals
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+async def test_worker_consumer_and_registry_follow_the_contract(provisioned: str, principals: Principals,
+                                                                 nc: NATS) -> None:
+    topic = f"contract.t{uuid.uuid4().hex[:8]}"
+    worker = Worker("contract", nats_url=provisioned, tenant="default", creds=principals.worker([topic]))
+
+    @worker.job(topic)
+    async def handle(ctx: JobContext) -> None:
+        return None
+
+    await worker.start()
+    js = nc.jetstream()
+    kv = await js.key_value(s.AGENTS_BUCKET)
+    key = s.agent_key("default", topic, worker.worker_id)
+    try:
+        info = await js.consumer_info(s.JOBS_STREAM, s.worker_consumer("default", topic))
+        expected = protocol.WORKER_CONSUMER
+        cfg = info.config
+        assert (str(getattr(cfg.ack_policy, "value", cfg.ack_policy)), cfg.ack_wait, cfg.max_ack_pending,
+                cfg.max_deliver, str(getattr(cfg.deliver_policy, "value", cfg.deliver_policy))) == (
+            expected.ack_policy, expected.ack_wait_s, expected.max_ack_pending, expected.max_deliver,
+            expected.deliver_policy)
+        assert cfg.filter_subject == s.job("default", topic)
+        assert (await kv.get(key)).value
+    finally:
+        await worker.stop()
+    with pytest.raises(Exception, match="(?i)not found|deleted"):
+        await kv.get(key)
