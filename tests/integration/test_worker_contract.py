@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 from nats.aio.client import Client as NATS
+from nats.js.errors import KeyNotFoundError
 
 from interlock.contracts import protocol
 from interlock.contracts import subjects as s
@@ -41,5 +42,5 @@ async def test_worker_consumer_and_registry_follow_the_contract(provisioned: str
         assert (await kv.get(key)).value
     finally:
         await worker.stop()
-    with pytest.raises(Exception, match="(?i)not found|deleted"):
+    with pytest.raises(KeyNotFoundError):  # KeyDeletedError is one
         await kv.get(key)
