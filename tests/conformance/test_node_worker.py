@@ -28,7 +28,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from interlock.client import Client
+from interlock.client import Client, ClientError
 from interlock.contracts import events as ev
 from interlock.contracts import headers as h
 from interlock.contracts import subjects as s
@@ -44,6 +44,15 @@ WORKER_DIR = Path(__file__).resolve().parent / "node-worker"
 CONTRACTS = ROOT / "contracts"
 TENANT = "default"
 WORKER_NAME = "node-worker"
+ECHO_TOPIC = "conformance.echo"  # the worker's one topic beyond the example's: returns its input
+LARGE_WORKFLOW = f"""
+id: conformance-large
+version: "1"
+steps:
+  echo:
+    topic: {ECHO_TOPIC}
+    input: "{{{{ input }}}}"
+"""
 
 
 def _need(tool: str) -> str:
@@ -139,7 +148,7 @@ class NodeWorker:
 
 
 def test_node_worker_runs_the_example_end_to_end(modules: Path, stack: Stack, tmp_path: Path) -> None:
-    topics = worker_topics(f"{example_file('agents.py')}:worker")
+    topics = [*worker_topics(f"{example_file('agents.py')}:worker"), ECHO_TOPIC]
     # a worker credential of its tenant and the example's topics, as `interlock creds issue` gives one
     creds = stack.identity.get_or_issue("worker", TENANT, topics, name=WORKER_NAME)
     effects = tmp_path / "effects.jsonl"
@@ -229,6 +238,7 @@ async def _scenario(stack: Stack, worker_id: str, topics: set[str], protocol: di
         assert report.ok, report.problems
         await _heartbeat_check(client, run_id, worker_id, by_type)
         await _dead_letter_check(stack, client, worker)
+        await _large_payload_check(client, protocol["inline_limit_bytes"], worker)
         return run_id
 
 
@@ -254,6 +264,30 @@ async def _heartbeat_check(client: Client, run_id: str, worker_id: str,
     assert {b["job_id"] for b in beats if b["progress"] == "started"} == dispatched
     assert {b["worker"] for b in beats} == {worker_id}
     assert any(b["progress"] == "connecting" for b in beats), "a handler's own progress beat arrives"
+
+
+async def _large_payload_check(client: Client, inline_limit: int, worker: NodeWorker) -> None:
+    """An input over the inline limit reaches the worker as input_ref, and its output over the limit
+    comes back as output_ref (stored under its sha256), which the dispatcher resolves."""
+    await client.apply_workflow(LARGE_WORKFLOW, filename="large.yaml")
+    blob = "x" * (inline_limit + 1000)
+    run_id = await client.start_run("conformance-large", {"blob": blob}, key=uuid.uuid4().hex)
+    try:
+        final = await client.wait(run_id, timeout=60)
+    except ClientError as e:
+        events = await client.events(run_id)
+        pytest.fail(f"{e}: {[(x['type'], x['data']) for x in events]}\nworker log:\n{worker.log()}")
+    events = await client.events(run_id)
+    assert final == ev.RunSucceeded.type_name, f"{[e['type'] for e in events]}\nworker log:\n{worker.log()}"
+    dispatched = next(e for e in events if e["type"] == ev.StepDispatched.type_name)
+    assert dispatched["data"]["step_id"] == "echo"
+    done = next(e["data"] for e in events if e["type"] == ev.StepSucceeded.type_name)
+    ref = done["output_ref"]
+    assert ref is not None and done["output"] is None, "a large output travels as output_ref"
+    store = await client.js.object_store(ref["object_store"])
+    data = (await store.get(ref["key"])).data or b""
+    assert hashlib.sha256(data).hexdigest() == ref["sha256"] == ref["key"] and len(data) == ref["size"]
+    assert json.loads(data) == {"echo": {"blob": blob}}
 
 
 async def _dead_letter_check(stack: Stack, client: Client, worker: NodeWorker) -> None:

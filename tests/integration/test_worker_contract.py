@@ -3,6 +3,7 @@ documented settings, its registry entries are there while it runs and gone after
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -11,6 +12,9 @@ from nats.js.errors import KeyNotFoundError
 
 from interlock.contracts import protocol
 from interlock.contracts import subjects as s
+from interlock.core.codec import canonical_json
+from interlock.runtime.connect import connect
+from interlock.runtime.payloads import PayloadStore
 from interlock.worker import JobContext, Worker
 from tests.principals import Principals
 
@@ -44,3 +48,19 @@ async def test_worker_consumer_and_registry_follow_the_contract(provisioned: str
         await worker.stop()
     with pytest.raises(KeyNotFoundError):  # KeyDeletedError is one
         await kv.get(key)
+
+
+async def test_a_payload_offloaded_twice_needs_no_purge(provisioned: str, principals: Principals) -> None:
+    """A step input equal to the run input (``input: "{{ input }}"``) is the same content-addressed
+    object: storing it again must not make the client purge old chunks, which a service may not."""
+    nc = await connect(provisioned, creds=principals.service("planner"), patient=False)
+    try:
+        store = PayloadStore(nc.jetstream(), inline_limit=1024)
+        value = {"blob": uuid.uuid4().hex * 300}
+        _, first = await store.offload(value)
+        _, again = await asyncio.wait_for(store.offload(value), 10)
+        await asyncio.wait_for(store.store_all({first.key: canonical_json(value)} if first else {}), 10)
+        assert first is not None and first == again
+        assert await store.resolve(None, again) == value
+    finally:
+        await nc.close()

@@ -36,7 +36,8 @@ def test_the_code_uses_the_documented_values() -> None:
     agents = next(b for b in topology.BUCKETS if b.name == s.AGENTS_BUCKET)
     assert agents.ttl == protocol.REGISTRY_TTL_S
     assert protocol.REGISTRY_STALE_AFTER_S > protocol.REGISTRY_REFRESH_S
-    letter = deadletter.letter_for("worker", "il.x", b"x" * (protocol.DEAD_LETTER_PREFIX_LIMIT + 1), "r" * 5000)
+    letter = deadletter.letter_for("worker", s.job("default", "x"), b"x" * (protocol.DEAD_LETTER_PREFIX_LIMIT + 1),
+                                   "r" * 5000)
     assert letter.truncated and len(letter.reason) == protocol.DEAD_LETTER_REASON_LIMIT
 
 
@@ -64,14 +65,15 @@ def test_readme_table_is_generated_and_checked(tmp_path: Path) -> None:
 # Each thing a worker written in another language had to guess (issue 14), and where
 # contracts/README.md now says it.
 DOCUMENTED = {
-    "consumer settings": ["worker_consumer", "ack_wait", "max_ack_pending", "$JS.API.CONSUMER.CREATE.IL_JOBS"],
+    "consumer settings": ["worker_consumer", "ack_wait", "max_ack_pending",
+                          f"{s.JS_API_PREFIX}.CONSUMER.CREATE.{s.JOBS_STREAM}"],
     "heartbeat publication": ["**JetStream** publish", "**no** `Nats-Msg-Id`", "heartbeat_interval_ms"],
     "input/output and null": ["any JSON value", "`null` is a real value"],
     "inline limit and output_ref": ["inline_limit_bytes", "output_ref"],
     "worker id": ["Worker id", "`worker` field"],
     "registry": ["registry.refresh_s", "registry.stale_after_s", "registry.ttl_s", "Clean shutdown"],
     "after a deadline": ['"kind": "timeout"'],
-    "dead letters": ["il.dlq.worker", "dead_letter.prefix_limit_bytes", "truncated"],
+    "dead letters": [s.dead_letter("worker"), "dead_letter.prefix_limit_bytes", "truncated"],
     "query results": ["RunsReply", "StatusReply", "TimelineReply", "ApprovalsReply"],
     "run id": ["uuid5", "run_id.uuid5_namespace", "{tenant}/{workflow_id}/{idempotency_key}", "gets no reply"],
     "run by idempotency key, timeline paging (api)": ["TO BE COMPLETED (api helper", "Timeline paging"],

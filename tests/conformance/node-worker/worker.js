@@ -4,7 +4,7 @@
 // the wire contract. Subjects, streams, buckets and protocol numbers are read from asyncapi.json,
 // never spelled here. It serves the example workflow's topics
 // (tools/interlock/devstack/examples/incident-remediation) with the same trivial behaviour as the
-// Python agents there.
+// Python agents there, and conformance.echo (returns its input: large payloads both ways).
 //
 // Environment: INTERLOCK_NATS_URL (comma-separated), INTERLOCK_CREDS (.creds file),
 // INTERLOCK_TENANT (default "default"), INTERLOCK_WORKER_NAME, INTERLOCK_WORKER_CONCURRENCY,
@@ -111,6 +111,13 @@ const HANDLERS = {
       if (ctx.job.attempt === 1) throw new RetryableError("ssh: connection reset by peer (simulated, first attempt only)");
       recordSideEffect(ctx, `applied ${ctx.input.plan.patch_id}`);
       return { applied: ctx.input.plan.patch_id, attempt: ctx.job.attempt };
+    },
+  },
+  // not in the example: returns its input, so the test can send a large payload both ways
+  "conformance.echo": {
+    version: "1", capabilities: [],
+    async run(ctx) {
+      return { echo: ctx.input };
     },
   },
   "incident.rollback": {
