@@ -142,7 +142,10 @@ async function open() {
   const credsFile = process.env.INTERLOCK_CREDS;
   if (!credsFile) throw new Error("INTERLOCK_CREDS is not set: a worker connects with its .creds file");
   const creds = readCreds(credsFile);
-  const servers = (process.env.INTERLOCK_NATS_URL || "nats://127.0.0.1:4222").split(",");
+  // README "Connecting": INTERLOCK_NATS_URL, else what `interlock up` wrote, else the default
+  const urlFile = path.join(".interlock", "nats.url");
+  const fromFile = fs.existsSync(urlFile) ? fs.readFileSync(urlFile, "utf8").trim() : "";
+  const servers = (process.env.INTERLOCK_NATS_URL || fromFile || "nats://127.0.0.1:4222").split(",");
   const options = {
     servers, name: `interlock-worker-${name}`, authenticator: credsAuthenticator(creds.bytes),
     inboxPrefix: `_INBOX.${creds.publicKey}`, maxReconnectAttempts: -1, reconnectTimeWait: 250,
