@@ -249,7 +249,8 @@ JOBS = Channel(
     consumer="One tenant's workers of one topic share the durable pull consumer "
              "'worker_{tenant}_{topic}_{digest}' ('.' in the topic replaced by '_'; digest: the first 16 hex "
              "digits of sha256 of tenant + newline + topic; subjects.worker_consumer) on stream IL_JOBS, "
-             "filter subject il.job.{tenant}.{topic}, explicit ack.",
+             "filter subject il.job.{tenant}.{topic}, created by whichever copy starts first with the "
+             "settings in x-interlock-protocol.worker_consumer (explicit ack).",
 )
 
 RESULTS = Channel(
@@ -438,10 +439,10 @@ def _command(name: str, id: str, title: str, request: type[msg.Message], service
     )
 
 
-def _query(name: str, id: str, title: str, request: type[msg.Message], description: str,
-           askers: tuple[str, ...] = ()) -> Channel:
+def _query(name: str, id: str, title: str, request: type[msg.Message], reply: type[msg.QueryReply],
+           description: str, askers: tuple[str, ...] = ()) -> Channel:
     return Channel(
-        id=id, title=title, pattern=Pattern(s.query, (TENANT, name)), message=request, reply=msg.QueryReply,
+        id=id, title=title, pattern=Pattern(s.query, (TENANT, name)), message=request, reply=reply,
         description=description, transport="request", publishers=(CLIENT, *askers), subscribers=(AUDITOR,),
         filters=(Pattern(s.queries, (name,)),),
     )
@@ -458,19 +459,19 @@ CMD_REJECT = _command("reject", "cmdReject", "Reject", msg.ApprovalDecision, APP
 CMD_CANCEL = _command("cancel", "cmdCancel", "Cancel", msg.CancelRequest, PLANNER,
                       "Cancel a run of the subject's tenant; the cancel is recorded as by the subject's principal.")
 _TENANT_ONLY = " Answered for the subject's tenant only (a body naming another tenant is refused)."
-Q_RUNS = _query("runs", "qRuns", "Runs", msg.RunsQuery,
+Q_RUNS = _query("runs", "qRuns", "Runs", msg.RunsQuery, msg.RunsReply,
                 "List runs, filtered by status and workflow (up to limit); result: a list of run summaries."
                 + _TENANT_ONLY)
-Q_STATUS = _query("status", "qStatus", "Run status", msg.RunQuery,
+Q_STATUS = _query("status", "qStatus", "Run status", msg.RunQuery, msg.StatusReply,
                   "One run's status and the status of each step." + _TENANT_ONLY)
-Q_TIMELINE = _query("timeline", "qTimeline", "Run timeline", msg.RunQuery,
+Q_TIMELINE = _query("timeline", "qTimeline", "Run timeline", msg.RunQuery, msg.TimelineReply,
                     "One run's events in order; result: a list of rows, one per event." + _TENANT_ONLY)
-Q_APPROVALS = _query("approvals", "qApprovals", "Pending approvals", msg.RunsQuery,
-                     "Approvals waiting for a decision, filtered like the runs query." + _TENANT_ONLY)
-Q_USAGE = _query("usage", "qUsage", "Model usage", msg.UsageQuery,
-                 "Model calls, tokens and cost summed per run, workflow or tenant; result: a list of rows "
-                 "{key, runs, calls, input_tokens, output_tokens, cost_usd}, most expensive first. The planner "
-                 "asks it for tenant budgets over a time window." + _TENANT_ONLY, askers=(PLANNER,))
+Q_APPROVALS = _query("approvals", "qApprovals", "Pending approvals", msg.RunsQuery, msg.ApprovalsReply,
+                     "Approvals waiting for a decision, oldest first, up to limit (status and workflow_id are "
+                     "ignored)." + _TENANT_ONLY)
+Q_USAGE = _query("usage", "qUsage", "Model usage", msg.UsageQuery, msg.UsageReply,
+                 "Model calls, tokens and cost summed per run, workflow or tenant, most expensive first. The "
+                 "planner asks it for tenant budgets over a time window." + _TENANT_ONLY, askers=(PLANNER,))
 
 CHANNELS: tuple[Channel, ...] = (
     TRIGGERS,

@@ -57,10 +57,18 @@ class Job(Message):
     topic: str
     attempt: int = Field(ge=1)
     idempotency_key: str = Field(description="Stable across attempts: run_id:step_id")
-    input: Any = None
-    input_ref: PayloadRef | None = None
-    deadline: datetime | None = None
-    heartbeat_interval_ms: int = 2000
+    input: Any = Field(default=None, description=(
+        "The step's input: any JSON value (object, array, string, number, boolean or null). null when the "
+        "step has no input, and when the input travels as input_ref instead"))
+    input_ref: PayloadRef | None = Field(default=None, description=(
+        "Set instead of input when the input is larger than the inline limit: the input is the JSON stored "
+        "in the object store under this reference (check its sha256)"))
+    deadline: datetime | None = Field(default=None, description=(
+        "When this attempt times out (RFC 3339, UTC). A worker still working then stops and reports "
+        "ok=false with error.kind 'timeout' (retryable)"))
+    heartbeat_interval_ms: int = Field(default=2000, description=(
+        "How often the worker sends a Heartbeat while it works on the job, in ms (the dispatcher derives it "
+        "from the step's lease; read it from each job)"))
     job_hash: str
     constraints: dict[str, Any] = Field(default_factory=dict, description="Handed on by policy")
     trace_parent: str | None = None
@@ -71,9 +79,12 @@ class Job(Message):
 
 
 class JobError(Message):
+    """Why an attempt failed."""
+
     message: str
-    retryable: bool = True
-    kind: str = "error"
+    retryable: bool = Field(default=True, description="false: fail the step now, no further attempts")
+    kind: str = Field(default="error", description=(
+        "Free text; 'timeout' (the worker stopped at the job's deadline) is recorded as a timed-out attempt"))
 
 
 class LlmCall(Message):
@@ -100,10 +111,14 @@ class JobResult(Message):
     step_id: str
     attempt: int = Field(ge=1)
     ok: bool
-    output: Any = None
-    output_ref: PayloadRef | None = None
-    error: JobError | None = None
-    worker: str = ""
+    output: Any = Field(default=None, description=(
+        "With ok=true: the step's output, any JSON value; null (or omitted) is a valid output. Ignored when "
+        "output_ref is set, and with ok=false"))
+    output_ref: PayloadRef | None = Field(default=None, description=(
+        "With ok=true, instead of output when the output's canonical JSON is larger than the inline limit: "
+        "where it is stored in the object store"))
+    error: JobError | None = Field(default=None, description="With ok=false: what went wrong")
+    worker: str = Field(default="", description="The reporting worker's worker_id (as in its AgentRegistration)")
     usage: list[LlmCall] = Field(default_factory=list, description="Model calls made for this attempt")
 
 
@@ -115,8 +130,8 @@ class Heartbeat(Message):
     tenant: str
     step_id: str
     attempt: int = Field(ge=1)
-    worker: str = ""
-    progress: str | None = None
+    worker: str = Field(default="", description="The worker's worker_id (as in its AgentRegistration)")
+    progress: str | None = Field(default=None, description="Free text shown in the run's timeline")
 
 
 class Notification(Message):
@@ -153,7 +168,10 @@ class TimerFired(Message):
 class AgentRegistration(Message):
     """An agent worker's entry in the agent registry."""
 
-    worker_id: str
+    worker_id: str = Field(description=(
+        "One subject token (letters, digits, '_' and '-'), unique per worker process and stable while it runs "
+        "(the SDK: '{name}-{hostname}-{pid}'); the same value goes into the worker field of its heartbeats "
+        "and results"))
     topic: str
     tenant: str = Field(default=DEFAULT_TENANT, description="The tenant whose jobs the worker takes")
     version: str = "0"
@@ -267,9 +285,175 @@ class UsageQuery(Message):
 
 
 class QueryReply(Message):
+    """The answer to a query: ``ok`` with a ``result`` (its schema is the query's reply type, e.g.
+    ``RunsReply``), or ``ok: false`` with an ``error``."""
+
     ok: bool
     error: str | None = None
     result: Any = None
+
+
+# -- query results (the auditor's projection) ---------------------------------------------------
+# Times in query results are the RFC 3339 strings of the events they come from. Projected from the
+# run's log, a field is null where the log has no value for it.
+class RunSummary(Message):
+    """One run, as the runs query lists it and the status query starts."""
+
+    run_id: str
+    tenant: str
+    workflow_id: str | None = None
+    workflow_version: str | None = None
+    definition_hash: str | None = None
+    status: str = Field(description="running, compensating, succeeded, failed, denied, cancelled or timed_out")
+    idempotency_key: str | None = None
+    requested_by: str | None = None
+    rerun_of: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    reason: str | None = Field(default=None, description="Why the run ended (failed, denied, cancelled, timed out)")
+    last_seq: int = Field(description="seq of the run's last event")
+    events: int = Field(description="Number of events (equals last_seq)")
+    head_hash: str = Field(description="hash of the run's last event")
+    chain_ok: bool = Field(description="false: the auditor found a problem in the hash chain")
+    problem_count: int = 0
+
+
+class StepAttempt(Message):
+    attempt: int
+    job_id: str | None = None
+    topic: str | None = None
+    dispatched_at: str | None = None
+    ended_at: str | None = None
+    outcome: str | None = Field(default=None,
+                                description="dispatched, running, succeeded, failed or timed_out")
+    worker: str | None = None
+    error: str | None = None
+
+
+class StepDecision(Message):
+    decision: str | None = Field(default=None, description="allow, deny or require_approval")
+    snapshot_id: str | None = None
+    rule_ids: list[str] = Field(default_factory=list)
+
+
+class StepApproval(Message):
+    """The latest approval request of a step and what became of it."""
+
+    status: str = Field(description="requested, granted, rejected, expired or invalidated")
+    job_hash: str | None = None
+    snapshot_id: str | None = None
+    approver_role: str | None = None
+    prompt: str | None = None
+    approver: str | None = None
+    reason: str | None = None
+    requested_at: str | None = None
+    expires_at: str | None = None
+    decided_at: str | None = None
+    seq: int
+
+
+class StepStatus(Message):
+    step_id: str
+    status: str = Field(description="ready, released, awaiting_approval, dispatched, running, retry_wait, "
+                                    "timed_out, succeeded, failed, skipped, denied, cancelled or expanded")
+    step_type: str | None = Field(default=None, description="job, approval, notify, ...")
+    topic: str | None = None
+    parent_id: str | None = None
+    compensation_of: str | None = None
+    item_count: int | None = None
+    attempt: int = Field(description="The current (latest) attempt, 0 before the first dispatch")
+    attempts: int = Field(description="Number of attempts in history")
+    history: list[StepAttempt] = Field(default_factory=list)
+    job_hash: str | None = None
+    decision: StepDecision | None = None
+    approval_status: str | None = None
+    approver: str | None = None
+    approval: StepApproval | None = None
+    output: Any = None
+    output_ref: PayloadRef | None = None
+    error: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+
+
+class RunStatus(RunSummary):
+    """One run and each of its steps (the status query)."""
+
+    problems: list[str] = Field(default_factory=list, description="Hash-chain problems the auditor found")
+    steps: list[StepStatus] = Field(default_factory=list)
+
+
+class TimelineEntry(Message):
+    """One event of a run, as the timeline query lists it (in seq order)."""
+
+    seq: int
+    at: str | None = None
+    service: str | None = None
+    type: str | None = None
+    step_id: str | None = None
+    attempt: int | None = None
+    summary: str = Field(description="One line for people")
+    details: dict[str, Any] = Field(default_factory=dict)
+    hash: str | None = None
+    problems: list[str] = Field(default_factory=list)
+    data: Any = Field(default=None, description="The event's data (only where the query asks for it)")
+
+
+class PendingApproval(Message):
+    """An approval waiting for a decision (the approvals query)."""
+
+    run_id: str
+    tenant: str
+    workflow_id: str | None = None
+    step_id: str
+    seq: int = Field(description="seq of the ApprovalRequested event")
+    job_hash: str | None = Field(default=None, description="Send it back in the ApprovalDecision")
+    snapshot_id: str | None = None
+    approver_role: str | None = None
+    prompt: str | None = None
+    requested_at: str | None = None
+    expires_at: str | None = None
+
+
+class RunsReply(QueryReply):
+    """Reply of the runs query: newest first, at most ``limit``."""
+
+    result: list[RunSummary] | None = None
+
+
+class StatusReply(QueryReply):
+    """Reply of the status query (``ok: false`` with an error naming the run when it is unknown)."""
+
+    result: RunStatus | None = None
+
+
+class TimelineReply(QueryReply):
+    """Reply of the timeline query: every event of the run in seq order."""
+
+    result: list[TimelineEntry] | None = None
+
+
+class UsageRow(Message):
+    """Model usage of one run, workflow or tenant (the usage query's ``group_by``)."""
+
+    key: str | None = Field(description="The run id, workflow id or tenant")
+    runs: int = Field(ge=0)
+    calls: int = Field(ge=0)
+    input_tokens: int = Field(ge=0)
+    output_tokens: int = Field(ge=0)
+    cost_usd: float = Field(ge=0)
+
+
+class UsageReply(QueryReply):
+    """Reply of the usage query: most expensive first, at most ``limit``."""
+
+    result: list[UsageRow] | None = None
+
+
+class ApprovalsReply(QueryReply):
+    """Reply of the approvals query: oldest request first, at most ``limit``."""
+
+    result: list[PendingApproval] | None = None
 
 
 # -- published by nats-server: the JetStream API audit and stream action advisories -----------

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from interlock.contracts import catalog as c
 from interlock.contracts import headers as h
+from interlock.contracts import protocol
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import DeadLetter, DeadLetterAction, DeadLetterStatus
 from interlock.identity import subject_matches
@@ -23,8 +24,8 @@ log = logging.getLogger(__name__)
 # A larger original keeps only this prefix (plus its size and hash): base64 of a whole ~4 MiB
 # message exceeds the stream's max message size, and a dead letter that cannot be stored would
 # leave the original redelivered without end.
-DATA_PREFIX_LIMIT = 64 * 1024
-HEADERS_LIMIT = 16 * 1024
+DATA_PREFIX_LIMIT = protocol.DEAD_LETTER_PREFIX_LIMIT
+HEADERS_LIMIT = protocol.DEAD_LETTER_HEADERS_LIMIT
 
 
 def letter_for(service: str, subject: str, data: bytes, reason: str,
@@ -34,7 +35,7 @@ def letter_for(service: str, subject: str, data: bytes, reason: str,
     kept = dict(headers or {})
     if sum(len(k) + len(v) for k, v in kept.items()) > HEADERS_LIMIT:
         kept = {k: v[:256] for k, v in list(kept.items())[:32]}
-    return DeadLetter(service=service, subject=subject, reason=reason[:2000],
+    return DeadLetter(service=service, subject=subject, reason=reason[:protocol.DEAD_LETTER_REASON_LIMIT],
                       data_b64=base64.b64encode(data[:DATA_PREFIX_LIMIT]).decode(), headers=kept,
                       at=datetime.now(UTC), size=len(data), sha256=hashlib.sha256(data).hexdigest(),
                       truncated=truncated)

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from interlock.contracts import headers as h
 from interlock.contracts import permissions as p
+from interlock.contracts import protocol
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import (
     AgentRegistration,
@@ -45,7 +46,7 @@ from interlock.worker._errors import FatalError
 log = logging.getLogger("interlock.worker")
 
 JobHandler = Callable[["JobContext"], Awaitable[Any]]
-REGISTRY_REFRESH_S = 5.0
+REGISTRY_REFRESH_S = protocol.REGISTRY_REFRESH_S
 
 
 @dataclass
@@ -178,7 +179,8 @@ class Worker:
         for registration in self.handlers.values():
             consumer = PullConsumer(
                 nc, js, stream=s.JOBS_STREAM, durable=s.worker_consumer(tenant, registration.topic),
-                subject=s.job(tenant, registration.topic), concurrency=concurrency, ack_wait=10,
+                subject=s.job(tenant, registration.topic), concurrency=concurrency,
+                ack_wait=protocol.WORKER_CONSUMER.ack_wait_s, max_ack_pending=protocol.WORKER_CONSUMER.max_ack_pending,
                 handler=functools.partial(self._handle, js, registration=registration),
             )
             await consumer.start()
