@@ -14,7 +14,7 @@ PUBLIC = [
 ]
 
 CLIENT_METHODS = [
-    "agents", "apply_workflow", "approvals", "approve", "approvers", "cancel", "close", "connect",
+    "agents", "alerts", "apply_workflow", "approvals", "approve", "approvers", "cancel", "close", "connect",
     "dead_letter_entries", "dead_letters", "events", "grant_approver", "load_run", "pending_approval",
     "policy_active", "policy_decide", "policy_history", "policy_publish", "policy_rollback", "policy_simulate",
     "read_commits", "reject", "replay_dead_letter", "rerun", "rerun_plan", "resolve_dead_letter", "revoke_approver",

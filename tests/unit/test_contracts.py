@@ -347,6 +347,7 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "RunTimedOut": {"timeout_ms"},
     "RunsQuery": set(),
     "UsageQuery": set(),
+    "Alert": {"alert_id", "rule", "state", "tenant", "summary", "at"},
     "LlmCall": {"provider", "model"},
     "BudgetExceeded": {"limit", "allowed", "spent"},
     "StepDispatched": {"step_id", "attempt", "job_id", "topic"},

@@ -299,6 +299,19 @@ RUN_EVENTS = Channel(
     event_data=MappingProxyType(dict(ev.EVENT_TYPES)),
 )
 
+ALERTS = Channel(
+    id="alerts",
+    title="Alerts",
+    pattern=Pattern(s.alerts, (TENANT,)),
+    message=msg.Alert,
+    description="Raised and resolved by the auditor: SLA breaches, retry and denial rates, dead-letter growth, "
+                "approvals waiting too long, step latency drifting from its baseline. Stored in IL_NOTIFY.",
+    transport="jetstream",
+    stream=s.NOTIFY_STREAM,
+    publishers=(AUDITOR,),
+    subscribers=(INTEGRATION, CLIENT),
+)
+
 NOTIFICATIONS = Channel(
     id="notifications",
     title="Notifications",
@@ -480,6 +493,7 @@ CHANNELS: tuple[Channel, ...] = (
     HEARTBEATS,
     RUN_EVENTS,
     NOTIFICATIONS,
+    ALERTS,
     CANCEL_NOTICES,
     TIMER_SCHEDULES,
     TIMERS_FIRED,

@@ -146,6 +146,28 @@ class Notification(Message):
     data: Any = None
 
 
+class Alert(Message):
+    """An alert raised or resolved by the auditor, on ``il.notify.{tenant}.alerts``.
+
+    An alert's history is its messages with the same ``alert_id``, in stream order: ``firing``,
+    then ``resolved`` (and firing again if the condition returns)."""
+
+    alert_id: str = Field(description="Stable per condition: rule and what it is about (run, step, topic)")
+    rule: str = Field(description="sla_run, sla_step, approval_waiting, retry_rate, denial_rate, "
+                                  "dead_letter_growth or latency_drift")
+    state: Literal["firing", "resolved"]
+    severity: Literal["warning", "critical"] = "warning"
+    tenant: str
+    workflow_id: str | None = None
+    run_id: str | None = None
+    step_id: str | None = None
+    topic: str | None = None
+    summary: str = Field(description="What is wrong, in one line")
+    context: dict[str, Any] = Field(default_factory=dict, description="The figures behind it")
+    first_fix: str = Field("", description="Where to look first")
+    at: datetime
+
+
 class CancelNotice(Message):
     """Tells running workers of a run that it was cancelled."""
 

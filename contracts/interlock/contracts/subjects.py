@@ -149,6 +149,15 @@ def notify(tenant: str, channel: str) -> str:
     return f"{PREFIX}.notify.{token(tenant, 'tenant')}.{token(channel, 'channel')}"
 
 
+ALERTS_CHANNEL = "alerts"  # reserved: a workflow's notify step may not use it
+SYSTEM_TENANT = "_all"  # alerts about the whole installation (dead-letter growth)
+
+
+def alerts(tenant: str) -> str:
+    """Where the auditor publishes a tenant's alerts (in IL_NOTIFY, beside notifications)."""
+    return notify(tenant, ALERTS_CHANNEL)
+
+
 def command(tenant: str, name: str, principal: str) -> str:
     """Command ``name`` (approve, reject, cancel) sent by ``principal`` for ``tenant``: the server
     lets a credential send only its own; the service reads who sent it from here."""

@@ -16,24 +16,31 @@ from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.errors import NotFoundError
+from pydantic import ValidationError
 
 from interlock.auditor import metrics as log_metrics
+from interlock.auditor.alerts import AlertEngine, AlertRules
 from interlock.auditor.projection import DEFAULT_PATH, Envelopes, ProgressCallback, Projection, RebuildStats
+from interlock.contracts import events as ev
 from interlock.contracts import headers as h
 from interlock.contracts import subjects as s
-from interlock.contracts.messages import QueryReply, RunQuery, RunsQuery, UsageQuery
+from interlock.contracts.messages import Alert, QueryReply, RunQuery, RunsQuery, UsageQuery
 from interlock.core import adminaudit, codec
 from interlock.core.eventstore import EventStore, EventStoreError
-from interlock.runtime import tracing
+from interlock.runtime import metrics, tracing
 from interlock.runtime.connect import connect
 from interlock.runtime.deadletter import dead_letter
 from interlock.runtime.publish import publish
 from interlock.runtime.service import Poison, Service, ServiceSettings, body_disagrees
+from interlock.runtime.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
 DB_ENV = "INTERLOCK_AUDITOR_DB"
 INSTANCE_ENV = "INTERLOCK_AUDITOR_INSTANCE"
+ALERT_RULES_ENV = "INTERLOCK_ALERT_RULES"  # JSON thresholds (interlock.auditor.alerts.AlertRules)
+ALERTS_ENV = "INTERLOCK_AUDITOR_ALERTS"  # "off": this copy evaluates no alerts (run them on one copy)
+ALERT_TICK_S = 2.0
 DEFAULT_INSTANCE = "auditor"
 MAX_QUERY_LIMIT = 10_000
 RECORD_PATIENCE_S = 60.0  # how long a change's record is retried (a leader election, a reconnect)
@@ -136,6 +143,13 @@ class AuditorService(Service):
         self.db_path = str(db_path or os.environ.get(DB_ENV) or default_db_path(self.instance))
         self.projection = Projection(self.db_path)
         self.log_metrics = log_metrics.LogMetrics()
+        self.alerts: AlertEngine | None = None
+        if os.environ.get(ALERTS_ENV, "on").lower() != "off":
+            try:
+                self.alerts = AlertEngine(AlertRules.model_validate_json(os.environ.get(ALERT_RULES_ENV) or "{}"))
+            except ValidationError as e:
+                raise SettingsError(f"{ALERT_RULES_ENV}: {e}") from None
+        self._alert_ticker: asyncio.Task[None] | None = None
         self._recording: set[asyncio.Task[None]] = set()
         self._api_audit: Subscription | None = None
 
@@ -151,8 +165,12 @@ class AuditorService(Service):
         await self._align_consumer()
         # core NATS, not a consumer: the advisories are not stored (see interlock.contracts.catalog)
         self._api_audit = await self.nc.subscribe(s.JS_API_AUDIT, queue=self.name, cb=self.on_api_audit)
+        if self.alerts is not None:
+            self._alert_ticker = asyncio.create_task(self._tick_alerts(), name="auditor-alerts")
 
     async def teardown(self) -> None:
+        if self._alert_ticker is not None:
+            self._alert_ticker.cancel()
         if self._api_audit is not None:
             await self._api_audit.unsubscribe()
             self._api_audit = None
@@ -246,6 +264,56 @@ class AuditorService(Service):
         for observation in self.log_metrics.observe(tenant, run_id, envelopes):
             log_metrics.record(observation)
         log_metrics.publish_gauges(self.log_metrics, datetime.now(UTC))
+        if self.alerts is not None:
+            self._spawn(self._alert_on(tenant, run_id, envelopes))
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
+
+    # -- alerts ----------------------------------------------------------------------------
+    async def _alert_on(self, tenant: str, run_id: str, envelopes: Envelopes) -> None:
+        """Alerts that follow from newly projected events (a run's SLA comes with its workflow)."""
+        engine = self.alerts
+        if engine is None:
+            return
+        raised = engine.observe(tenant, run_id, envelopes)
+        started = next((e for e in envelopes if e.get("type") == ev.RunStarted.type_name), None)
+        if started is not None and not engine.knows_workflow(run_id):
+            data = started.get("data") or {}
+            try:
+                workflow = await self.registry.get(str(data.get("workflow_id")), str(data.get("workflow_version")))
+                engine.set_workflow(run_id, workflow)
+            except Exception as e:  # a deleted workflow: no SLA to check
+                log.info("auditor: no workflow for run %s's SLA: %s", run_id, e)
+        await self._publish_alerts(raised)
+
+    async def _tick_alerts(self) -> None:
+        engine = self.alerts
+        while engine is not None:
+            await asyncio.sleep(ALERT_TICK_S)
+            now = datetime.now(UTC)
+            try:
+                raised = engine.tick(now)
+                info = await self.js.stream_info(s.DLQ_STREAM)
+                raised += engine.dead_letters(int(info.state.messages), now)
+                await self._publish_alerts(raised)
+            except Exception as e:  # an election, a reconnect: next tick
+                log.warning("auditor: alert evaluation failed: %r", e)
+
+    async def _publish_alerts(self, alerts: list[Alert]) -> None:
+        for alert in alerts:
+            level = logging.WARNING if alert.state == "firing" else logging.INFO
+            log.log(level, "alert %s %s: %s", alert.rule, alert.state, alert.summary)
+            await publish(self.js, s.alerts(alert.tenant), alert.model_dump_json().encode(),
+                          headers={h.MSG_ID: f"alert:{alert.alert_id}:{alert.state}:{alert.at.isoformat()}"})
+            metrics.alerts_raised.add(1, {"rule": alert.rule, "state": alert.state, "tenant": alert.tenant})
+        if alerts:
+            firing: dict[tuple[str, str], int] = {}
+            for alert in (self.alerts.firing.values() if self.alerts else ()):
+                firing[(alert.rule, alert.tenant)] = firing.get((alert.rule, alert.tenant), 0) + 1
+            metrics.gauges.alerts_firing = firing
 
     # -- queries ---------------------------------------------------------------------------
     @staticmethod

@@ -21,7 +21,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from interlock.client import _policy
 from interlock.client._errors import ClientError, NotFound, Refused, Unavailable
@@ -41,6 +41,7 @@ from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import (
     AgentRegistration,
+    Alert,
     ApprovalDecision,
     CancelRequest,
     CommandReply,
@@ -53,7 +54,7 @@ from interlock.contracts.messages import (
     Trigger,
     UsageQuery,
 )
-from interlock.core.eventstore import EventStore, RunNotFound, SlotsBusy, StoredCommit
+from interlock.core.eventstore import EventStore, JetStreamRecorder, RunNotFound, SlotsBusy, StoredCommit
 from interlock.core.ids import run_id_for
 from interlock.core.run import Run
 from interlock.core.sealed import SealedError
@@ -84,6 +85,15 @@ def _tls_overrides(ca: str | Path | None, cert: str | Path | None, key: str | Pa
     if hostname is not None:
         overrides["tls_hostname"] = hostname
     return overrides
+
+
+def _alert_message(seq: int, data: bytes) -> StoredCommit:
+    """A message of the alerts subject as a one-entry 'commit' (undecodable bytes: an empty one)."""
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return StoredCommit(seq, [])
+    return StoredCommit(seq, [value] if isinstance(value, dict) else [])
 
 
 def _read_slots(creds: Path | None) -> tuple[str, ...]:
@@ -465,6 +475,22 @@ class Client:
         """Model calls, tokens and cost of this tenant's runs, summed per ``group_by``, most expensive first."""
         query = UsageQuery(group_by=group_by, run_id=run_id, workflow_id=workflow_id, since=since, limit=limit)
         return list(await self._query(self._query_subject("usage"), query))
+
+    async def alerts(self, *, include_resolved: bool = False) -> list[Alert]:
+        """This tenant's alerts, newest change first: each alert's latest state (firing ones only,
+        unless ``include_resolved``). Read from the notify stream, where the auditor publishes them."""
+        recorder = JetStreamRecorder(self.nc, self.js, stream=s.NOTIFY_STREAM, slots=self._store.recorder.slots,
+                                     decode=_alert_message)
+        latest: dict[str, Alert] = {}
+        for stored in await recorder.read_commits(s.alerts(self.tenant)):
+            for raw in stored.envelopes:
+                try:
+                    alert = Alert.model_validate(raw)
+                except ValidationError:
+                    continue  # not an alert (a foreign message): skipped, never a crash
+                latest[alert.alert_id] = alert
+        shown = [a for a in latest.values() if include_resolved or a.state == "firing"]
+        return sorted(shown, key=lambda a: a.at, reverse=True)
 
     async def approvals(self) -> list[dict[str, Any]]:
         """Pending approvals, oldest first."""

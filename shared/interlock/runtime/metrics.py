@@ -46,6 +46,7 @@ approval_wait = _seconds("interlock.approvals.wait", "from an approval request t
 policy_decisions = _counter("interlock.policy.decisions", "policy decisions, by action, outcome and rule")
 messages_handled = _counter("interlock.messages.handled", "messages a service handled, by consumer and result")
 llm_tokens = _counter("interlock.llm.tokens", "model tokens, by tenant, workflow, topic, model, direction", "{token}")
+alerts_raised = _counter("interlock.alerts.changes", "alert state changes, by rule, state and tenant")
 llm_cost = _counter("interlock.llm.cost_usd", "model cost in US dollars, by tenant, workflow and agent topic")
 
 
@@ -74,6 +75,7 @@ class Gauges:
     consumer_ack_pending: dict[tuple[str, str], int] = field(default_factory=dict)
     approvals_pending: dict[str, int] = field(default_factory=dict)
     oldest_approval_age: dict[str, float] = field(default_factory=dict)
+    alerts_firing: dict[tuple[str, str], int] = field(default_factory=dict)  # (rule, tenant) -> firing
 
 
 gauges = Gauges()
@@ -102,6 +104,10 @@ _meter.create_observable_gauge("interlock.approvals.oldest_age",
                                [_observe(lambda: gauges.oldest_approval_age, lambda t: {"tenant": t})],
                                unit="s", description="age of the oldest waiting approval request")
 
+
+_meter.create_observable_gauge("interlock.alerts.firing",
+                               [_observe(lambda: gauges.alerts_firing, lambda k: {"rule": k[0], "tenant": k[1]})],
+                               unit="1", description="alerts firing now, by rule and tenant")
 
 _provider: MeterProvider | None = None
 

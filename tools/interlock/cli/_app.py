@@ -89,6 +89,7 @@ app.add_typer(_audit.app, name="audit")
 app.add_typer(_identity.app, name="creds")
 app.add_typer(_tenant.app, name="tenant")
 app.command("cost")(_observe.cost)
+app.command("alerts")(_observe.alerts)
 _admin_audit.register(_audit.app)
 
 # -- processes -----------------------------------------------------------------------------------

@@ -47,3 +47,19 @@ def cost(
                                                       limit=limit))
     emit_rows(rows, output, columns(Column("key", header=by.upper()), "runs", "calls", "input_tokens", "output_tokens",
                                     Column("cost_usd", show=lambda v: f"{float(v or 0):.4f}")))
+
+
+@with_globals
+def alerts(
+    ctx: typer.Context,
+    include_resolved: Annotated[bool, typer.Option("--all", help="resolved alerts too, not only firing ones")]
+    = False,
+    output: OutputOption = Format.table,
+) -> None:
+    """Alerts (SLA breaches, retry and denial rates, dead-letter growth, waiting approvals, latency
+    drift), newest first, each with what to look at first."""
+    found = connected(ctx, lambda client: client.alerts(include_resolved=include_resolved))
+    rows = [{**a.model_dump(mode="json"), "where": " ".join(x for x in (a.run_id, a.step_id, a.topic) if x) or a.tenant}
+            for a in found]
+    emit_rows(rows, output, columns(Column("at", show=lambda at: str(at or "")[:19]), "state", "rule",
+                                    Column("where", show=str), "summary", "first_fix"))

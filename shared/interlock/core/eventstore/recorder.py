@@ -22,7 +22,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,7 +92,10 @@ class JetStreamRecorder:
 
     def __init__(self, nc: NATS, js: JetStreamContext, *, stream: str = s.EVENTS_STREAM,
                  publish_timeout: float = 5.0, failover_patience: float = 30.0,
-                 slots: Sequence[str] = ()) -> None:
+                 slots: Sequence[str] = (), decode: Callable[[int, bytes], StoredCommit] | None = None) -> None:
+        """``decode``: how a stored message becomes a :class:`StoredCommit` (default: a run commit;
+        readers of other streams, such as alerts, pass their own)."""
+        self._decode = decode or _commit
         self.nc = nc
         self.js = js
         self.stream = stream
@@ -156,7 +159,7 @@ class JetStreamRecorder:
                                 int(headers.get(_LAST_SEQUENCE, "0")))
                     raise EventStoreError(f"direct get on {subject} failed: {status} "
                                           f"{headers.get(_DESCRIPTION, '')}")
-                commits.append(_commit(int(headers[_SEQUENCE]), msg.data))
+                commits.append(self._decode(int(headers[_SEQUENCE]), msg.data))
         finally:
             del self._replies[inbox]
 
@@ -191,7 +194,7 @@ class JetStreamRecorder:
                         break
                     meta = msg.metadata
                     pending = meta.num_pending
-                    yield _commit(meta.sequence.stream, msg.data)
+                    yield self._decode(meta.sequence.stream, msg.data)
                     if not (follow or pending):
                         return
         finally:

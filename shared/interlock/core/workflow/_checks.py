@@ -70,12 +70,27 @@ def semantic_issues(data: Mapping[str, Any]) -> list[Issue]:
     issues.extend(_cycle_issues(ids, deps))
     upstream = {sid: transitive(deps, sid) for sid in ids}
     sensitive = _check_sensitive(data.get("sensitive"), ids, issues)
+    _check_sla(data.get("sla"), ids, issues)
     for sid in ids:
         step = steps[sid]
         if isinstance(step, Mapping):
             _check_step(sid, step, issues)
             _check_step_templates(sid, step, ids, upstream[sid], issues, sensitive)
     return issues
+
+
+RESERVED_CHANNELS = ("alerts",)  # the auditor's: a notify step may not publish there
+
+
+def _check_sla(raw: Any, ids: list[str], issues: list[Issue]) -> None:
+    """An SLA may only name the workflow's steps."""
+    steps = raw.get("steps") if isinstance(raw, Mapping) else None
+    if not isinstance(steps, Mapping):
+        return
+    for name in steps:
+        if name not in ids:
+            hint = did_you_mean(str(name), ids)
+            issues.append(Issue(("sla", "steps", str(name)), f"no step {name!r} in this workflow{hint}"))
 
 
 _SENSITIVE_PATH = re.compile(r"^(input|steps\.([A-Za-z][A-Za-z0-9_-]*)\.output)(\.[A-Za-z0-9_$-]+)*$")
@@ -144,6 +159,8 @@ def _check_step(sid: str, step: Mapping[str, Any], issues: list[Issue]) -> None:
         if step_type == "approval" and step.get("approvers") is None:
             # No silent default role: whoever may approve must be written down.
             issues.append(Issue(base, "approval step needs 'approvers' (the role allowed to decide)"))
+        if step_type == "notify" and step.get("channel") in RESERVED_CHANNELS:
+            issues.append(Issue((*base, "channel"), f"channel {step.get('channel')!r} is reserved for alerts"))
     if "max_parallel" in step and step.get("for_each") is None:
         issues.append(Issue((*base, "max_parallel"), "max_parallel needs for_each"))
     heartbeat, timeout = step.get("heartbeat_timeout_ms"), step.get("timeout_ms")

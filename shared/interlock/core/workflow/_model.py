@@ -204,6 +204,15 @@ class Budget(BaseModel):
     max_tokens: Annotated[int, Strict(), Field(ge=0)] | None = None
 
 
+class Sla(BaseModel):
+    """How long a run and its steps should take; a breach raises an alert (the run goes on)."""
+
+    model_config = _FROZEN
+
+    run_ms: PositiveMs | None = None
+    steps: dict[Text, PositiveMs] = Field(default_factory=dict)
+
+
 class Step(BaseModel):
     """One step. Field types are checked here; rules across fields are checked by Workflow."""
 
@@ -240,7 +249,7 @@ class Step(BaseModel):
         return str(value).lower() if isinstance(value, bool) else value
 
 
-_ADDED_LATER = ("sensitive", "budget", "record_prompts")  # not in the content hash while at their default
+_ADDED_LATER = ("sensitive", "budget", "record_prompts", "sla")  # not in the content hash while at their default
 
 
 class Workflow(BaseModel):
@@ -259,6 +268,7 @@ class Workflow(BaseModel):
     """Paths of sensitive values (``input.credentials.api_key``, ``steps.fetch.output.token``),
     sealed wherever they are stored (besides the keys the sensitive key patterns name)."""
     budget: Budget | None = None
+    sla: Sla | None = None
     record_prompts: Annotated[bool, Strict()] = False  # let agents keep prompts in the log (LlmCall.prompt)
 
     @model_validator(mode="wrap")
