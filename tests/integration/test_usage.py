@@ -73,6 +73,10 @@ steps:
     assert timeline is not None
     lines = [row["summary"] for row in timeline if row["type"] == "StepSucceeded"]
     assert lines and all("gpt-test: 1200+300 tokens, $0.0200" in line for line in lines), lines
+    status = await auditor.projection.status(run_id, "default")
+    assert status is not None and status["usage"] == {"calls": 2, "input_tokens": 2400, "output_tokens": 600,
+                                                       "cost_usd": 0.04}
+    assert [s["usage"]["cost_usd"] for s in status["steps"]] == [0.02, 0.02]
     by_run = await auditor.projection.usage(tenant="default", group_by="run", run_id=run_id)
     assert by_run == [{"key": run_id, "runs": 1, "calls": 2, "input_tokens": 2400, "output_tokens": 600,
                        "cost_usd": 0.04}]

@@ -347,6 +347,7 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "RunTimedOut": {"timeout_ms"},
     "RunsQuery": set(),
     "UsageQuery": set(),
+    "UsageTotals": {"calls", "input_tokens", "output_tokens", "cost_usd"},
     "Alert": {"alert_id", "rule", "state", "tenant", "summary", "at"},
     "LlmCall": {"provider", "model"},
     "BudgetExceeded": {"limit", "allowed", "spent"},

@@ -374,6 +374,15 @@ class StepApproval(Message):
     seq: int
 
 
+class UsageTotals(Message):
+    """Model calls summed (a step's attempts, or a whole run)."""
+
+    calls: int = Field(ge=0)
+    input_tokens: int = Field(ge=0)
+    output_tokens: int = Field(ge=0)
+    cost_usd: float = Field(ge=0)
+
+
 class StepStatus(Message):
     step_id: str
     status: str = Field(description="ready, released, awaiting_approval, dispatched, running, retry_wait, "
@@ -396,6 +405,7 @@ class StepStatus(Message):
     error: str | None = None
     started_at: str | None = None
     ended_at: str | None = None
+    usage: UsageTotals | None = Field(default=None, description="Model calls of the step's attempts (ctx.record_llm)")
 
 
 class RunStatus(RunSummary):
@@ -403,6 +413,7 @@ class RunStatus(RunSummary):
 
     problems: list[str] = Field(default_factory=list, description="Hash-chain problems the auditor found")
     steps: list[StepStatus] = Field(default_factory=list)
+    usage: UsageTotals | None = Field(default=None, description="Model calls of the whole run")
 
 
 class TimelineEntry(Message):

@@ -67,6 +67,15 @@ def q_status(conn: sqlite3.Connection, run_id: str, tenant: str | None) -> dict[
             "approver_role": a["approver_role"], "prompt": a["prompt"], "approver": a["approver"],
             "reason": a["reason"], "requested_at": a["requested_at"], "expires_at": a["expires_at"],
             "decided_at": a["decided_at"], "seq": a["seq"]}
+    usage: dict[str, dict[str, Any]] = {}
+    for u in conn.execute("SELECT step_id, SUM(calls) AS calls, SUM(input_tokens) AS input_tokens, SUM(output_tokens) "
+                          "AS output_tokens, SUM(cost_usd) AS cost_usd FROM usage WHERE run_id = ? GROUP BY step_id",
+                          (run_id,)):
+        usage[u["step_id"]] = {"calls": u["calls"], "input_tokens": u["input_tokens"],
+                               "output_tokens": u["output_tokens"], "cost_usd": round(u["cost_usd"] or 0.0, 6)}
+    if usage:
+        out["usage"] = {key: sum(step[key] for step in usage.values())
+                        for key in ("calls", "input_tokens", "output_tokens", "cost_usd")}
     steps: list[dict[str, Any]] = []
     for st in conn.execute("SELECT * FROM steps WHERE run_id = ? ORDER BY first_seq, step_id", (run_id,)):
         attempts = history.get(st["step_id"], [])
@@ -81,7 +90,7 @@ def q_status(conn: sqlite3.Connection, run_id: str, tenant: str | None) -> dict[
             "decision": decision, "approval_status": st["approval_status"], "approver": st["approver"],
             "approval": approvals.get(st["step_id"]), "output": loads(st["output"]),
             "output_ref": loads(st["output_ref"]), "error": st["error"], "started_at": st["started_at"],
-            "ended_at": st["ended_at"],
+            "ended_at": st["ended_at"], "usage": usage.get(st["step_id"]),
         })
     out["steps"] = steps
     return out
