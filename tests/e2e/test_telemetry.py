@@ -61,6 +61,10 @@ def traced_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sta
 
 
 def _complete(spans: list[ReceivedSpan]) -> bool:
+    """Every service's spans arrived, and every parent too (processes export in their own batches)."""
+    ids = {s.span_id for s in spans}
+    if any(s.parent_id and s.parent_id not in ids for s in spans):
+        return False
     services = {s.service.removeprefix("interlock-") for s in spans}
     attempts = {s.attributes.get("interlock.attempt") for s in spans
                 if s.service == "interlock-worker" and s.attributes.get("interlock.step_id") == "b"}
