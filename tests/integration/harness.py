@@ -67,9 +67,14 @@ class Harness:
 
     @property
     def store(self) -> EventStore:
-        """The run logs, written as a service would (a test that appends itself stands in for one)."""
+        """The run logs, written as the planner would (a test that appends itself stands in for it)."""
+        return self.store_as("planner")
+
+    def store_as(self, service: str) -> EventStore:
+        """The run logs, written (and signed) as ``service``: the others act only on what the
+        keyring lets that service write."""
         nc = self.writer or self.nc
-        signer = Signer.from_creds(self.principals.service("planner")) if self.principals is not None else None
+        signer = Signer.from_creds(self.principals.service(service)) if self.principals is not None else None
         return EventStore(nc, nc.jetstream(), service="test", authenticity=Authenticity(signer))
 
     def service_settings(self, service: str, settings: ServiceSettings | None = None, **values: Any

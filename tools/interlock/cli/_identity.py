@@ -104,11 +104,12 @@ def issue(
     echo(_publish_if_up(identity))
 
 
-def _publish_if_up(identity: IdentityHome) -> str:
+def _publish_if_up(identity: IdentityHome, nats: str | None = None, creds: Path | None = None) -> str:
     """Publish the keyring to the server this machine's CLI reaches (with its default credential),
-    so its signatures (an approver's) are trusted at once; a hint when none is reachable."""
+    so a new key's signatures (an approver's) are trusted, and a revoked key's refused, at once;
+    a hint when that is not possible."""
     async def publish() -> str:
-        client = await Client.connect()
+        client = await Client.connect(nats, creds=creds)
         try:
             return await _publish_keyring(client, identity)
         finally:
@@ -199,7 +200,8 @@ def revoke(
         fail(f"revoked in {identity.root}, but the server at {url} (from {source}) was not told: {e}. "
              "A server started from this home picks it up at start; else run this again when it is up")
     echo(f"pushed to {url}: its connections are closed and it is refused from now on")
-    echo(connected(ctx, lambda client: _publish_keyring(client, identity)))
+    options = globals_of(ctx)
+    echo(_publish_if_up(identity, nats=options.nats, creds=options.creds))
 
 
 def _keyring_home(home: Path | None) -> IdentityHome | None:
