@@ -382,23 +382,33 @@ class Client:
 
     async def _decide(self, grant: bool, run_id: str, step_id: str, role: str | None,
                       job_hash: str | None, reason: str, signer: Signer | None, via: str) -> CommandReply:
-        pending = await self.pending_approval(run_id, step_id)
-        role = role if role is not None else pending.approver_role
-        job_hash = job_hash or pending.job_hash
+        subject = self._command_subject("approve" if grant else "reject")
+        self._may_publish(subject, f"{'approve' if grant else 'reject'} in tenant {self.tenant}")
+        snapshot_id = ""
+        try:
+            pending = await self.pending_approval(run_id, step_id)
+        except NotFound:
+            if role is None or job_hash is None:
+                raise
+            # the service answers for a run or request it cannot find, naming it
+        else:
+            role = role if role is not None else pending.approver_role
+            job_hash = job_hash or pending.job_hash
+            snapshot_id = pending.snapshot_id
         if signer is None and self.creds is not None:
             signer = Signer.from_creds(self.creds)  # the approver's own key: nobody else can sign for them
         signed = None
         if signer is not None:
             statement = ApprovalStatement(
                 tenant=self.tenant, run_id=run_id, step_id=step_id, job_hash=job_hash,
-                snapshot_id=pending.snapshot_id, decision="approve" if grant else "reject",
+                snapshot_id=snapshot_id, decision="approve" if grant else "reject",
                 principal=self.principal, role=role, reason=reason,
                 at=datetime.now(UTC).isoformat().replace("+00:00", "Z"), via=via)
             signed = SignedApproval(statement=statement, key_id=signer.key_id,
                                     signature=signer.sign_b64(approval_bytes(statement)))
         decision = ApprovalDecision(run_id=run_id, step_id=step_id, job_hash=job_hash, role=role, reason=reason,
                                     signed=signed)
-        return await self._command(self._command_subject("approve" if grant else "reject"), decision, "approval")
+        return await self._command(subject, decision, "approval")
 
     async def approve(self, run_id: str, step_id: str, *, role: str | None = None,
                       job_hash: str | None = None, reason: str = "", signer: Signer | None = None,

@@ -34,6 +34,7 @@ from interlock.contracts import subjects as s
 from interlock.contracts.messages import SignedApproval
 from interlock.core import codec
 from interlock.core.eventstore import EventStore, StoredCommit
+from interlock.core.eventstore.authenticity import structural_problem
 
 # Problem kinds
 MALFORMED = "malformed"  # not an object, or a field is missing or of the wrong type
@@ -276,25 +277,34 @@ def verify_commits(commits: Sequence[StoredCommit], *, run_id: str, tenant: str,
     accepted: list[dict[str, Any]] = []
     stream_seqs: list[int] = []
     signed_commits = 0
+    next_seq, last_hash = 1, ev.GENESIS_HASH
     for commit in commits:
         first = commit.envelopes[0].get("seq") if commit.envelopes else None
         seq = first if isinstance(first, int) and not isinstance(first, bool) else None
         if commit.problem is not None:
             problems.append(VerifyProblem(seq, UNDECODABLE, commit.problem, stream_seq=commit.stream_seq))
             continue
-        problem: tuple[str, str] | None = None
-        if commit.signer or commit.signature:
+        problem = structural_problem(subject, commit, run_id, tenant)
+        if problem is not None:
+            pass
+        elif commit.signer or commit.signature:
             signed_commits += 1
             if trust is not None:
                 problem = trust.commit_problem(subject, commit.envelopes, commit.signer, commit.signature, commit.at)
         elif require_signatures:
             problem = (UNSIGNED, "the commit is not signed")
+        if problem is None and (seq != next_seq or commit.envelopes[0].get("prev_hash") != last_hash):
+            # what the services do too: a commit that does not continue the run is not applied
+            kind = BROKEN_LINK if seq == next_seq else (SEQ_GAP if isinstance(seq, int) and seq > next_seq
+                                                        else SEQ_ORDER)
+            problem = (kind, f"does not continue the run (at seq {next_seq - 1}, head hash {last_hash[:12]}…)")
         if problem is not None:
             last = commit.envelopes[-1].get("seq")
             span = f"events {seq}..{last}" if last != seq else f"event {seq}"
             problems.append(VerifyProblem(seq, problem[0], f"{span} not applied: {problem[1]}",
                                           stream_seq=commit.stream_seq))
             continue
+        next_seq, last_hash = int(commit.envelopes[-1]["seq"]) + 1, str(commit.envelopes[-1]["hash"])
         for envelope in commit.envelopes:
             accepted.append(envelope)
             stream_seqs.append(commit.stream_seq)
