@@ -255,7 +255,7 @@ async def test_export_and_verify_offline_and_independently(harness: Harness, tmp
         path.write_text("\n".join(new_lines) + "\n")
         return path
 
-    def edit(index: int, change: Callable[[dict[str, Any]], None]) -> list[str]:
+    def edit(index: int, change: Callable[[dict[str, Any]], Any]) -> list[str]:
         out = list(lines)
         doc = json.loads(out[index])
         commit = json.loads(base64.b64decode(doc["data_b64"]))
