@@ -8,6 +8,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+import rfc8785
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from interlock.contracts import authorship as a
 from interlock.contracts import events as ev
@@ -41,7 +44,7 @@ def envelopes(run_id: str, *datas: ev.EventData, prev: str = ev.GENESIS_HASH, se
                     "attempt": body.get("attempt"), "data": body, "prev_hash": prev}
         envelope["hash"] = codec.event_hash(envelope)
         out.append(envelope)
-        prev, seq = envelope["hash"], seq + 1
+        prev, seq = str(envelope["hash"]), seq + 1
     return out
 
 
@@ -79,6 +82,13 @@ def test_signer_is_the_nkey_and_verification_never_raises() -> None:
 def test_commit_statement_is_rfc8785() -> None:
     statement = {"b": 1, "a": "é", "domain": a.COMMIT_DOMAIN}
     assert a.canonical(statement) == '{"a":"é","b":1,"domain":"interlock.commit.v1"}'.encode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(st.characters(max_codepoint=127), max_size=8),
+                       st.one_of(st.text(), st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1)), max_size=8))
+def test_the_fast_canonical_form_is_rfc8785(statement: dict[str, Any]) -> None:
+    assert a.canonical(statement) == rfc8785.dumps(statement)
 
 
 def test_keyring_judges_commits() -> None:

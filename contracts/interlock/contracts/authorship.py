@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal
@@ -86,8 +87,19 @@ def may_write(role: str, envelope: Mapping[str, Any]) -> bool:
     return True
 
 
+def _flat(statement: Mapping[str, Any]) -> bool:
+    return all(key.isascii() and (type(value) is str or (type(value) is int and -(2**53) < value < 2**53))
+               for key, value in statement.items())
+
+
 def canonical(statement: Mapping[str, Any]) -> bytes:
-    """The bytes a signature covers: RFC 8785 (JCS) canonical JSON of the statement."""
+    """The bytes a signature covers: RFC 8785 (JCS) canonical JSON of the statement.
+
+    A flat object of ASCII keys with string and safe-integer values (every commit statement)
+    takes the stdlib's encoder, whose output is then byte-for-byte RFC 8785 (sorted keys, no
+    whitespace, UTF-8, the same escapes) at a tenth of the cost; anything else goes to ``rfc8785``."""
+    if _flat(statement):
+        return json.dumps(statement, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     return rfc8785.dumps(dict(statement))
 
 
