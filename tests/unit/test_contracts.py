@@ -306,6 +306,10 @@ def test_unknown_fields_are_ignored(name: str, data: st.DataObject) -> None:
 REQUIRED_FIELDS: dict[str, set[str]] = {
     "AgentRegistration": {"worker_id", "topic", "started_at", "last_heartbeat"},
     "ApprovalDecision": {"run_id", "step_id", "job_hash", "role"},  # approver: the command subject's principal
+    # new types (signed approvals): what a signature covers is all required
+    "ApprovalStatement": {"tenant", "run_id", "step_id", "job_hash", "snapshot_id", "decision", "principal", "role",
+                          "at"},
+    "SignedApproval": {"statement", "key_id", "signature"},
     "ApprovalExpired": {"step_id", "job_hash"},
     "ApprovalInvalidated": {"step_id", "job_hash", "reason"},
     "ApprovalEscalated": {"step_id", "job_hash", "from_role", "to_role"},
