@@ -155,7 +155,8 @@ def test_headers_contract(doc: dict[str, Any]) -> None:
         (ref,) = doc["channels"][channel_id]["messages"].values()
         return set(_resolve(doc, ref["$ref"])["headers"]["required"])
 
-    assert header_names(cat.RUN_EVENTS.id) == {"Nats-Msg-Id", "Nats-Expected-Last-Subject-Sequence"}  # literal: pinned
+    assert header_names(cat.RUN_EVENTS.id) == {"Nats-Msg-Id", "Nats-Expected-Last-Subject-Sequence",  # literal: pinned
+                                               "Interlock-Signer", "Interlock-Signature"}
     assert "Nats-Msg-Id" in header_names(cat.RESULTS.id)  # literal: pinned
     commit = _resolve(doc, doc["channels"][cat.RUN_EVENTS.id]["messages"]["Commit"]["$ref"])
     assert set(commit["x-interlock-event-data"]) == set(ev.EVENT_TYPES)
