@@ -217,6 +217,10 @@ class EventStore:
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
 
+    def cached(self, tenant: str, run_id: str) -> bool:
+        """Whether a copy of the run is in the cache."""
+        return (tenant, run_id) in self._cache
+
     def forget(self, tenant: str, run_id: str) -> None:
         """Drop the cached copy of a run: the next load replays it."""
         self._cache.pop((tenant, run_id), None)
