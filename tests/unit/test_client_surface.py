@@ -15,7 +15,8 @@ PUBLIC = [
 
 CLIENT_METHODS = [
     "agents", "alerts", "apply_workflow", "approvals", "approve", "approvers", "cancel", "close", "connect",
-    "dead_letter_entries", "dead_letters", "events", "grant_approver", "load_run", "pending_approval",
+    "dead_letter_entries", "dead_letters", "events", "export_run", "grant_approver", "keyring", "load_run",
+    "pending_approval",
     "policy_active", "policy_decide", "policy_history", "policy_publish", "policy_rollback", "policy_simulate",
     "read_commits", "reject", "replay_dead_letter", "rerun", "rerun_plan", "resolve_dead_letter", "revoke_approver",
     "runs", "start_run", "status", "timeline", "unseal", "usage", "verify", "wait", "wait_projected", "watch",

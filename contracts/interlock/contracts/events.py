@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import Field
 
-from interlock.contracts.messages import JobError, LlmCall, Message, PayloadRef
+from interlock.contracts.messages import JobError, LlmCall, Message, PayloadRef, SignedApproval
 
 GENESIS_HASH = "0" * 64
 
@@ -40,6 +40,9 @@ class EventData(Message):
     type_name: ClassVar[str] = "EventData"
     # a base of event types (set in its class body), not an event type: not in EVENT_TYPES
     is_base: ClassVar[bool] = True
+    # fields added to a stored event type later: left out of the stored data while unset, so an
+    # event written before them encodes back to the very same bytes (and hash)
+    omit_when_none: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -146,17 +149,25 @@ class ApprovalRequested(StepEventData):
 
 
 class ApprovalGranted(StepEventData):
+    omit_when_none: ClassVar[frozenset[str]] = frozenset({"signed"})
+
     job_hash: str
     approver: str
     role: str
     reason: str = ""
+    signed: SignedApproval | None = Field(
+        default=None, description="The approver's signed statement of this decision (absent before signing)")
 
 
 class ApprovalRejected(StepEventData):
+    omit_when_none: ClassVar[frozenset[str]] = frozenset({"signed"})
+
     job_hash: str
     approver: str
     role: str
     reason: str = ""
+    signed: SignedApproval | None = Field(
+        default=None, description="The approver's signed statement of this decision (absent before signing)")
 
 
 class ApprovalRefused(StepEventData):

@@ -25,6 +25,9 @@ number``. Keyword arguments override the environment (tests and embedding code u
   port, unset = no endpoint); ``INTERLOCK_METRICS_HOST`` its address (127.0.0.1)
 - ``INTERLOCK_TENANT``: the tenant whose jobs a worker takes (default)
 - ``INTERLOCK_TENANT_BUDGETS``: per-tenant model budgets over a window, JSON (the planner enforces them)
+- ``INTERLOCK_SIGNING``: ``on`` (default) or ``off``: sign the commits a service appends and refuse
+  unsigned ones; ``off`` (benchmarks, logs from before signing) appends unsigned commits and accepts
+  them, with a warning at start
 - ``INTERLOCK_TLS_CA``, ``INTERLOCK_TLS_CERT``, ``INTERLOCK_TLS_KEY``, ``INTERLOCK_TLS_HOSTNAME``
   (both): TLS to NATS, see :mod:`interlock.runtime.tls`
 - ``INTERLOCK_DATA_KEYS_FILE``, ``INTERLOCK_DATA_KEYS``, ``INTERLOCK_SENSITIVE_KEYS`` (both): the
@@ -122,6 +125,7 @@ class ServiceSettings(_Settings, TlsSettings, DataKeySettings, TelemetrySettings
     nats_url: str = Field(default_factory=resolve_url, description="server URL(s), comma-separated")
     creds: Path | None = Field(None, description="NATS credentials (.creds) file")
     provision: bool = Field(False, description="create or update streams and buckets at start (needs admin creds)")
+    signing: Literal["on", "off"] = Field("on", description="sign appended commits and refuse unsigned ones")
     replicas: int = Field(1, ge=1, le=5, description="replicas of each stream (a JetStream limit of 5)")
     inline_limit: int = Field(DEFAULT_INLINE_LIMIT, ge=0, description="largest payload kept inline, in bytes")
     instance: str = Field(default_factory=_default_instance, description="this copy's name in logs")

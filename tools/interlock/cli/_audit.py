@@ -1,28 +1,87 @@
-"""``interlock audit verify|rebuild``."""
+"""``interlock audit verify|export|keyring|rebuild``."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from interlock.cli._common import connected, with_globals
+from interlock.cli._common import connected, fail, with_globals
 from interlock.cli._output import Format, OutputOption, echo, emit_doc
 from interlock.client import Client
-from interlock.core.verify import VerifyReport, render_report
+from interlock.core.auditexport import ExportError, read_export
+from interlock.core.verify import render_report, verify_commits
+from interlock.identity import Keyring
+from interlock.runtime.signing import signing_enabled
 
-app = typer.Typer(no_args_is_help=True, help="Verify hash chains; rebuild the auditor's projection.")
+app = typer.Typer(no_args_is_help=True, help=(
+    "Verify run logs (online or offline), export them and the keyring; rebuild the auditor's projection."))
 
 
 @app.command("verify")
 @with_globals
-def verify(ctx: typer.Context, run: Annotated[str, typer.Argument(metavar="RUN", help="run id")],
+def verify(ctx: typer.Context,
+           run: Annotated[str | None, typer.Argument(metavar="RUN", help="run id (not with --offline)")] = None,
+           offline: Annotated[Path | None, typer.Option(
+               "--offline", metavar="FILE", help="verify an export (`interlock audit export RUN > FILE`), no server")
+           ] = None,
+           keys: Annotated[Path | None, typer.Option(
+               "--keys", metavar="FILE", help="the keyring to trust (`interlock audit keyring > FILE`); "
+                                              "default online: the server's keyring bucket")] = None,
            output: OutputOption = Format.table) -> None:
-    """Verify a run's hash chain: any edited, dropped, inserted or reordered event is reported (exit 1)."""
-    report: VerifyReport = connected(ctx, lambda client: client.verify(run))
+    """Verify a run's log: the hash chain (any edited, dropped, inserted or reordered event), every
+    commit's signature and its signer's right to write what it holds, every approver's signature,
+    and bytes that are not a commit. Every problem is reported with its seq and stream seq (exit 1).
+
+    Online: RUN, from the server. Offline: --offline FILE --keys FILE, with no server at all."""
+    keyring = _load_keyring(keys) if keys is not None else None
+    if offline is not None:
+        if run is not None:
+            raise typer.BadParameter("give RUN or --offline FILE, not both", param_hint="RUN")
+        if keyring is None:
+            raise typer.BadParameter("--offline needs --keys FILE (the keyring to trust)", param_hint="--keys")
+        try:
+            with offline.open() as lines:
+                run_id, tenant, commits = read_export(lines, str(offline))
+        except OSError as e:
+            fail(f"{offline}: cannot read ({e.strerror})")
+        except ExportError as e:
+            fail(str(e))
+        report = verify_commits(commits, run_id=run_id, tenant=tenant, trust=keyring,
+                                require_signatures=signing_enabled())
+    else:
+        if run is None:
+            raise typer.BadParameter("give RUN (or --offline FILE --keys FILE)", param_hint="RUN")
+        report = connected(ctx, lambda client: client.verify(run, keyring=keyring))
     emit_doc(report, output, lambda _doc: echo(render_report(report)))
     raise typer.Exit(0 if report.ok else 1)
+
+
+def _load_keyring(path: Path) -> Keyring:
+    try:
+        return Keyring.load(path)
+    except ValueError as e:
+        fail(str(e))
+
+
+@app.command("export")
+@with_globals
+def export(ctx: typer.Context, run: Annotated[str, typer.Argument(metavar="RUN", help="run id")]) -> None:
+    """Write a run's log, exactly as stored (headers and signatures included), as JSON Lines to
+    stdout, for `interlock audit verify --offline FILE --keys keyring.json`."""
+    for line in connected(ctx, lambda client: client.export_run(run)):
+        typer.echo(line)
+
+
+@app.command("keyring")
+@with_globals
+def keyring(ctx: typer.Context) -> None:
+    """Write the trusted keys (who each is, its role, tenant, when valid and revoked) and which role
+    may write which event type, as JSON to stdout: the --keys file of an offline verify."""
+    ring = connected(ctx, lambda client: client.keyring())
+    typer.echo(ring.to_json())
 
 
 DEFAULT_DB = ".interlock/auditor.sqlite3"

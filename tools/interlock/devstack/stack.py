@@ -218,7 +218,19 @@ class Stack:
         nc = await connect(self.url, creds=self.admin_creds, name="interlock-stack-provision", patient=False,
                            tls=ClientSettings())  # TLS: INTERLOCK_TLS_*
         try:
-            return await provision(nc.jetstream(), self.replicas)
+            report = await provision(nc.jetstream(), self.replicas)
+            # services trust the signatures of the keys in the bucket: every credential issued here
+            written = await self.identity.publish_keyring(nc.jetstream())
+            return [*report, f"keyring {s.KEYRING_BUCKET}: {written} key(s) published"]
+        finally:
+            await nc.close()
+
+    async def publish_keyring(self) -> int:
+        """Publish the home's keyring (after issuing a credential while the stack runs), as admin."""
+        nc = await connect(self.url, creds=self.admin_creds, name="interlock-stack-keyring", patient=False,
+                           tls=ClientSettings())  # TLS: INTERLOCK_TLS_*
+        try:
+            return await self.identity.publish_keyring(nc.jetstream())
         finally:
             await nc.close()
 
