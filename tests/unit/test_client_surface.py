@@ -17,8 +17,8 @@ CLIENT_METHODS = [
     "agents", "apply_workflow", "approvals", "approve", "approvers", "cancel", "close", "connect", "dead_letters",
     "events", "grant_approver", "load_run", "pending_approval", "policy_active", "policy_decide", "policy_history",
     "policy_publish", "policy_rollback", "policy_simulate", "read_commits", "reject", "rerun", "rerun_plan",
-    "revoke_approver", "runs", "start_run", "status", "timeline", "verify", "wait", "wait_projected", "watch",
-    "with_tenant", "workflow", "workflows",
+    "revoke_approver", "runs", "seals", "start_run", "status", "timeline", "verify", "verify_seals", "wait",
+    "wait_projected", "watch", "with_tenant", "workflow", "workflows",
 ]
 
 

@@ -358,6 +358,10 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     # the auditor's record of an API audit advisory (il.admin.audit)
     "AdminAuditRecord": {"type", "id", "timestamp", "server", "subject"},
     "AdvisoryTruncation": {"size", "sha256"},
+    # the auditor's seals (il.seal.{stream}): every field is signed, so none may be left out
+    "Seal": {"number", "stream", "created", "first_seq", "last_seq", "messages", "runs", "heads_root", "heads",
+             "sealed_at", "prev", "reason", "signer", "signature"},
+    "SealHead": {"subject", "stream_seq", "seq", "hash"},
 }
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from typing import Any
 
 import pytest
 
+from interlock.contracts import subjects as s
 from interlock.core import seal as sl
 from interlock.core.seal import Head, Seal, StreamState
 from interlock.identity import KeyKind, NKey
@@ -33,7 +35,7 @@ def trusted(key_id: str, data: bytes, signature: bytes) -> bool:
 
 
 def subject(i: int) -> str:
-    return f"il.evt.acme.run{i:03d}"
+    return s.run_events("acme", f"run{i:03d}")
 
 
 def head(i: int, stream_seq: int, seq: int) -> Head:
@@ -53,11 +55,12 @@ def first_seal() -> tuple[Seal, dict[str, Head]]:
 
 
 def test_a_seal_round_trips_and_its_signature_covers_every_field() -> None:
-    seal, heads = first_seal()
+    seal, _heads = first_seal()
     assert seal.number == 1 and seal.prev == sl.GENESIS and seal.runs == 3 and seal.signer == SIGNER.key_id
     back = Seal.decode(seal.encode())
     assert back == seal and back.signature_ok(trusted)
-    for name, value in (("last_seq", 5), ("runs", 2), ("heads_root", "0" * 64), ("created", "x"), ("prev", "1" * 64)):
+    changed: dict[str, Any] = {"last_seq": 5, "runs": 2, "heads_root": "0" * 64, "created": "x", "prev": "1" * 64}
+    for name, value in changed.items():
         assert not dataclasses.replace(seal, **{name: value}).signature_ok(trusted), name
     forged = dataclasses.replace(seal, signature=seal.signature[:-4] + "AAAA")
     assert not forged.signature_ok(trusted)
@@ -138,20 +141,20 @@ def test_a_stream_that_only_grew_agrees_with_its_seal() -> None:
 
 
 def test_truncation_is_reported_with_the_sequence() -> None:
-    seal, heads = first_seal()
+    seal, _heads = first_seal()
     problems = sl.check_stream(seal, state(4))
     assert kinds(problems) == [sl.STREAM_TRUNCATED]
     assert problems[0].stream_seq == 5 and "ends at seq 4" in problems[0].message and "1..6" in problems[0].message
 
 
 def test_a_purged_head_of_the_stream_is_reported() -> None:
-    seal, heads = first_seal()
+    seal, _heads = first_seal()
     problems = sl.check_stream(seal, state(6, first=4))
     assert kinds(problems) == [sl.STREAM_PURGED] and "1..3 are gone" in problems[0].message
 
 
 def test_deleted_messages_are_listed() -> None:
-    seal, heads = first_seal()
+    seal, _heads = first_seal()
     problems = sl.check_stream(seal, state(9, messages=7, deleted=(2, 4)))
     assert kinds(problems) == [sl.MESSAGES_DELETED]
     assert "seq 2, 4" in problems[0].message and problems[0].stream_seq == 2
@@ -207,3 +210,15 @@ def test_the_scanner_keeps_the_sealed_event_when_the_run_grew() -> None:
     scan.add(4, "b", b"garbage")
     assert scan.heads == {"a": Head("a", 1, 2, "h2"), "b": Head("b", 2, 1, "h1")}
     assert scan.undecodable == [4] and scan.messages == 4 and scan.last_seq == 4
+
+
+def test_a_stored_seal_is_the_contract_message_and_validates_against_its_schema() -> None:
+    import jsonschema
+
+    from interlock.contracts import generate
+    from interlock.contracts import messages as msg
+
+    seal, _ = first_seal()
+    raw = json.loads(seal.encode())
+    assert msg.Seal.model_validate(raw).model_dump(mode="json") == raw
+    jsonschema.Draft202012Validator(generate.json_schema(msg.Seal)).validate(raw)

@@ -4,12 +4,13 @@ records who changed which stream (the admin audit)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
@@ -17,6 +18,7 @@ from nats.aio.subscription import Subscription
 from nats.js.errors import NotFoundError
 
 from interlock.auditor.projection import DEFAULT_PATH, Envelopes, ProgressCallback, Projection, RebuildStats
+from interlock.contracts import events as ev
 from interlock.contracts import headers as h
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import QueryReply, RunQuery, RunsQuery
@@ -25,6 +27,7 @@ from interlock.core.eventstore import EventStore, EventStoreError
 from interlock.runtime.connect import connect
 from interlock.runtime.deadletter import dead_letter
 from interlock.runtime.publish import publish
+from interlock.runtime.seals import DEFAULT_INTERVAL_S, INTERVAL_ENV, Sealer, seal_verifier
 from interlock.runtime.service import Poison, Service, ServiceSettings, body_disagrees
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,9 @@ INSTANCE_ENV = "INTERLOCK_AUDITOR_INSTANCE"
 DEFAULT_INSTANCE = "auditor"
 MAX_QUERY_LIMIT = 10_000
 RECORD_PATIENCE_S = 60.0  # how long a change's record is retried (a leader election, a reconnect)
+RUN_END_SEAL_DELAY_S = 0.2  # runs ending together share one seal
+RUN_ENDED = frozenset(t.type_name for t in (ev.RunSucceeded, ev.RunFailed, ev.RunDenied, ev.RunCancelled,
+                                            ev.RunTimedOut))
 
 _NOT_TOKEN = re.compile(r"[^A-Za-z0-9_\-]+")
 
@@ -80,6 +86,18 @@ async def catch_up(projection: Projection, store: EventStore, tenant: str, run_i
     await projection.apply_commits(commits)
 
 
+class _KeySigner:
+    """Signs seals with the auditor's own nkey (from its creds file)."""
+
+    def __init__(self, key: Any) -> None:
+        self._key = key
+        self.key_id: str = key.public_key
+
+    def sign(self, data: bytes) -> bytes:
+        signature: bytes = self._key.sign(data)
+        return signature
+
+
 Q = TypeVar("Q", RunQuery, RunsQuery)
 
 
@@ -116,8 +134,15 @@ class AuditorService(Service):
     name = "auditor"
 
     def __init__(self, settings: ServiceSettings | None = None, *, db_path: str | Path | None = None,
-                 instance: str | None = None) -> None:
+                 instance: str | None = None, seal_interval: float | None = None) -> None:
         super().__init__(settings)
+        self.seal_interval = float(seal_interval if seal_interval is not None
+                                   else os.environ.get(INTERVAL_ENV) or DEFAULT_INTERVAL_S)
+        if self.seal_interval <= 0:
+            raise ValueError(f"{INTERVAL_ENV} must be a positive number of seconds, not {self.seal_interval:g}")
+        self.sealer: Sealer | None = None
+        self._seal_soon = asyncio.Event()
+        self._sealing: asyncio.Task[None] | None = None
         self.instance = instance_id(instance or os.environ.get(INSTANCE_ENV) or DEFAULT_INSTANCE)
         self.db_path = str(db_path or os.environ.get(DB_ENV) or default_db_path(self.instance))
         self.projection = Projection(self.db_path)
@@ -136,8 +161,42 @@ class AuditorService(Service):
         await self._align_consumer()
         # core NATS, not a consumer: the advisories are not stored (see interlock.contracts.catalog)
         self._api_audit = await self.nc.subscribe(s.JS_API_AUDIT, queue=self.name, cb=self.on_api_audit)
+        self._start_sealing()
+
+    # -- seals -------------------------------------------------------------------------------
+    def _start_sealing(self) -> None:
+        if self.settings.creds is None:
+            log.warning("auditor %s: no credential, so no key to sign seals with: not sealing", self.instance)
+            return
+        from interlock.identity import read_creds
+
+        _, key = read_creds(self.settings.creds)
+        self.sealer = Sealer(self.nc, _KeySigner(key), seal_verifier())
+        self._sealing = asyncio.create_task(self._seal_loop(), name=f"auditor-{self.instance}-seals")
+
+    async def _seal_loop(self) -> None:
+        """Seal every ``seal_interval`` seconds, and soon after a run ends."""
+        assert self.sealer is not None
+        reason = "start"
+        while True:
+            try:
+                await self.sealer.seal(reason)
+            except Exception as e:  # a conflict with another copy, an election: the next round retries
+                log.warning("auditor %s: sealing failed (next try in %gs): %s", self.instance, self.seal_interval, e)
+            self._seal_soon.clear()
+            try:
+                await asyncio.wait_for(self._seal_soon.wait(), timeout=self.seal_interval)
+                await asyncio.sleep(RUN_END_SEAL_DELAY_S)
+                reason = "run_ended"
+            except TimeoutError:
+                reason = "interval"
 
     async def teardown(self) -> None:
+        if self._sealing is not None:
+            self._sealing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sealing
+            self._sealing = None
         if self._api_audit is not None:
             await self._api_audit.unsubscribe()
             self._api_audit = None
@@ -224,6 +283,8 @@ class AuditorService(Service):
             await self.projection.note_position(stream_seq)  # handled (dead-lettered): not a lost commit
             raise Poison(str(e)) from e
         await catch_up(self.projection, self.store, tenant, run_id, envelopes, stream_seq)
+        if any(isinstance(e, dict) and e.get("type") in RUN_ENDED for e in envelopes):
+            self._seal_soon.set()
 
     # -- queries ---------------------------------------------------------------------------
     @staticmethod

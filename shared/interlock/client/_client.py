@@ -50,16 +50,19 @@ from interlock.contracts.messages import (
 from interlock.core.eventstore import EventStore, RunNotFound, SlotsBusy, StoredCommit
 from interlock.core.ids import run_id_for
 from interlock.core.run import Run
+from interlock.core.seal import Seal
 from interlock.core.topology import provision
 from interlock.core.verify import VerifyReport, verify_run
 from interlock.core.workflow import Workflow
 from interlock.identity import creds_inbox_prefix, creds_permissions
+from interlock.runtime import seals as _seals
 from interlock.runtime import tls as _tls
 from interlock.runtime.connect import ConnectRefused, connect
 from interlock.runtime.deadletter import read_letter
 from interlock.runtime.policy import ACTIVE as POLICY_KEY
 from interlock.runtime.publish import publish
 from interlock.runtime.registry import VersionConflict, WorkflowNotFound, WorkflowRegistry
+from interlock.runtime.seals import SealReport
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=BaseModel)
@@ -466,6 +469,39 @@ class Client:
     async def verify(self, run_id: str) -> VerifyReport:
         """Check the run's hash chain and sequence (render with ``core.verify.render_report``)."""
         return await verify_run(self._store, self.tenant, run_id)
+
+    # -- seals -------------------------------------------------------------------------------
+    def _may_read(self, stream: str, what: str) -> None:
+        self._may_publish(s.js_direct_get(stream), f"{what} (reading {stream}; the admin credential may)")
+
+    async def seals(self) -> list[Seal]:
+        """The auditor's seals of the event stream, oldest first (an unreadable one: ClientError)."""
+        self._may_read(s.SEALS_STREAM, "list the seals")
+        stored = await _seals.read_seals(self.nc)
+        bad = [(n, x) for n, x in enumerate(stored.seals, start=1) if isinstance(x, ValueError)]
+        if bad:
+            raise ClientError(f"seal {bad[0][0]} in {s.SEALS_STREAM} is not a seal: {bad[0][1]}")
+        return [x for x in stored.seals if not isinstance(x, ValueError)]
+
+    async def verify_seals(self, run_id: str | None = None, *, seals_file: str | Path | None = None) -> SealReport:
+        """The event stream (or one run's log) against the latest seal: truncation, purges, deleted
+        messages, a re-created stream, a run rolled back or rewritten (render with
+        ``runtime.seals.render_seal_report``). ``seals_file``: an export to check against instead
+        of IL_SEALS (catches a re-created stream whose seals were wiped too)."""
+        seals = _seals.load_seal_file(Path(seals_file)) if seals_file is not None else None
+        source = str(seals_file) if seals_file is not None else s.SEALS_STREAM
+        if seals is None:
+            self._may_read(s.SEALS_STREAM, "check against the seals")
+        verify = _seals.seal_verifier()
+        try:
+            if run_id is None:
+                self._may_read(s.EVENTS_STREAM, "check the whole event stream")
+                return await _seals.verify_stream(self.nc, verify, seals=seals, source=source)
+            commits = [(c.stream_seq, c.envelopes) for c in await self.read_commits(run_id)]
+            return await _seals.verify_run_heads(self.nc, verify, s.run_events(self.tenant, run_id), commits,
+                                                 seals=seals, source=source)
+        except _seals.SealError as e:
+            raise ClientError(str(e)) from None
 
     # -- policy ------------------------------------------------------------------------------
     async def policy_publish(self, source: str, *, version: str | None = None, by: str) -> PolicyRevision:

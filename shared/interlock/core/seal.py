@@ -82,7 +82,8 @@ class Head:
         if not isinstance(raw, dict):
             raise ValueError(f"a head is an object, not {type(raw).__name__}")
         subject, stream_seq, seq, hash_ = (raw.get(k) for k in ("subject", "stream_seq", "seq", "hash"))
-        if not (isinstance(subject, str) and _is_int(stream_seq) and _is_int(seq) and isinstance(hash_, str)):
+        if not (isinstance(subject, str) and isinstance(stream_seq, int) and isinstance(seq, int)
+                and _is_int(stream_seq) and _is_int(seq) and isinstance(hash_, str)):
             raise ValueError(f"a head needs subject (string), stream_seq, seq (integers) and hash (string): {raw!r}")
         return cls(subject, stream_seq, seq, hash_)
 
@@ -418,7 +419,8 @@ def check_stream(seal: Seal, state: StreamState) -> list[SealProblem]:
     start = max(state.first_seq, seal.first_seq)
     end = min(state.last_seq, seal.last_seq)
     deleted = [d for d in state.deleted if start <= d <= end]
-    held = max(0, end - start + 1) - (len(deleted) if state.deleted else min(state.num_deleted, max(0, end - start + 1)))
+    span = max(0, end - start + 1)
+    held = span - (len(deleted) if state.deleted else min(state.num_deleted, span))
     # what the seal held in start..end (truncation and a purged head are reported above)
     sealed_held = (seal.messages - max(0, min(seal.last_seq, start - 1) - seal.first_seq + 1)
                    - max(0, seal.last_seq - max(end, start - 1)))

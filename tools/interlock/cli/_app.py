@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from interlock.cli import _admin_audit, _approval, _audit, _identity, _ops, _policy, _run, _workflow
+from interlock.cli import _admin_audit, _approval, _audit, _identity, _ops, _policy, _run, _seals, _workflow
 from interlock.cli._common import (
     CredsOption,
     NatsOption,
@@ -77,6 +77,7 @@ app.add_typer(_ops.dlq, name="dlq")
 app.add_typer(_audit.app, name="audit")
 app.add_typer(_identity.app, name="creds")
 _admin_audit.register(_audit.app)
+_seals.register(_audit.app)
 
 # -- processes -----------------------------------------------------------------------------------
 PROCESSES = "Processes"
