@@ -47,10 +47,14 @@ def admin_creds(principals: Principals) -> Path:
 
 
 @pytest.fixture(scope="session")
-async def provisioned(nats_url: str, admin_creds: Path) -> str:
+async def provisioned(nats_url: str, admin_creds: Path, principals: Principals) -> str:
     nc = await connect(nats_url, creds=admin_creds, patient=False)
     await provision(nc.jetstream())
+    for name in ("planner", "policy", "approval", "dispatcher", "auditor"):
+        principals.service(name)
+    await principals.home.publish_keyring(nc.jetstream())  # as `interlock up` and `provision` do
     await nc.close()
+    principals.publish_to = (nats_url, admin_creds)
     return nats_url
 
 

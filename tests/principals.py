@@ -3,11 +3,15 @@
 Services connect with their service credential, workers with a worker credential of their tenant
 and topics, test clients with admin (or a person's role, to test refusals). Credentials are
 issued on first use and reused (issuing is a key pair and a signature: about a millisecond).
+Once the server runs (``publish_to``), every credential issued is put in the keyring bucket at
+once, as ``interlock creds issue`` does, so the services trust its signatures.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +28,37 @@ class Principals:
     home: IdentityHome
     _issued: dict[tuple[str, str, tuple[str, ...], str], Path] = field(default_factory=dict)
     _counter: itertools.count[int] = field(default_factory=itertools.count)
+    publish_to: tuple[str, Path] | None = None
+    """(server URL, admin creds): where issued keys are published."""
+
+    def publish_keyring(self) -> None:
+        """Put the home's keyring in the bucket (from a thread: callers may be inside an event loop)."""
+        if self.publish_to is None:
+            return
+        url, admin = self.publish_to
+
+        async def publish() -> None:
+            from interlock.runtime.connect import connect
+
+            nc = await connect(url, creds=admin, patient=False)
+            try:
+                await self.home.publish_keyring(nc.jetstream())
+            finally:
+                await nc.close()
+
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                asyncio.run(publish())
+            except BaseException as e:
+                errors.append(e)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        if errors:
+            raise errors[0]
 
     def _get(self, role: str, tenant: str | None, topics: Sequence[str] = (), name: str | None = None) -> Path:
         key = (role, tenant or "*", tuple(sorted(topics)), name or "")
@@ -32,6 +67,7 @@ class Principals:
             if role == "worker":  # several tests serve different topics: one credential each
                 principal = f"{principal}-{next(self._counter)}"
             self._issued[key] = self.home.issue(role, tenant, key[2], name=principal)
+            self.publish_keyring()
         return self._issued[key]
 
     def admin(self, tenant: str = DEFAULT_TENANT) -> Path:

@@ -21,9 +21,11 @@ from interlock.contracts import headers
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import ApprovalDecision, CommandReply, DeadLetter, Trigger
 from interlock.core.eventstore import EventStore
+from interlock.core.eventstore.authenticity import Authenticity
 from interlock.core.ids import run_id_for
 from interlock.core.run import Run
 from interlock.core.topology import STREAMS
+from interlock.identity import Signer
 from interlock.runtime.connect import connect as connect_as
 from interlock.runtime.consumer import PullConsumer
 from interlock.runtime.deadletter import read_letter
@@ -67,7 +69,8 @@ class Harness:
     def store(self) -> EventStore:
         """The run logs, written as a service would (a test that appends itself stands in for one)."""
         nc = self.writer or self.nc
-        return EventStore(nc, nc.jetstream(), service="test")
+        signer = Signer.from_creds(self.principals.service("planner")) if self.principals is not None else None
+        return EventStore(nc, nc.jetstream(), service="test", authenticity=Authenticity(signer))
 
     def service_settings(self, service: str, settings: ServiceSettings | None = None, **values: Any
                          ) -> ServiceSettings:

@@ -195,5 +195,8 @@ def test_public_surface_is_pinned() -> None:
         "decode_jwt", "describe_permission_error",
         "format_creds", "operator_jwt", "permission_error", "permission_table", "permission_violation",
         "permissions_for", "public_key_kind", "read_creds", "role", "subject_matches", "user_jwt", "write_creds",
+        # signatures and the keyring
+        "BAD_SIGNATURE", "NOT_ENTITLED", "REVOKED_KEY", "UNKNOWN_KEY", "UNSIGNED", "Keyring", "Signer",
+        "key_entry", "publish_keyring", "raw_public_key", "read_keyring", "verify_signature",
     ])
     assert all(hasattr(identity, name) for name in identity.__all__)

@@ -33,3 +33,13 @@ NUM_PENDING = "Nats-Num-Pending"
 
 LAST_SEQUENCE = "Nats-Last-Sequence"
 """End of a batch: the stream sequence the batch stopped at."""
+
+# Authorship of a run commit (see contracts/README.md, "Signed commits").
+SIGNER = "Interlock-Signer"
+"""The key id (nkey public key, ``U…``) of the service instance that signed a run commit."""
+
+SIGNATURE = "Interlock-Signature"
+"""base64url (no padding) Ed25519 signature of the commit's canonical statement."""
+
+TIMESTAMP = "Nats-Time-Stamp"
+"""Set by the server on a direct-get reply: when the message was stored (RFC 3339)."""

@@ -49,6 +49,7 @@ WORKFLOWS_BUCKET = "il_workflows"  # key: {workflow_id}.{version} and {workflow_
 AGENTS_BUCKET = "il_agents"  # key: {tenant}.{topic}.{worker_id} (agent_key)
 POLICIES_BUCKET = "il_policies"  # key: active (its history is the bundle history)
 APPROVERS_BUCKET = "il_approvers"  # key: approver id, value: the roles they hold
+KEYRING_BUCKET = "il_keyring"  # key: a signing key id (nkey public key), value: its KeyEntry
 PAYLOADS_OBJECT_STORE = "il_payloads"  # large inputs and outputs, by sha256
 
 # -- wildcards a stream or consumer binds to ----------------------------------------------

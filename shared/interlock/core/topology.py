@@ -100,6 +100,7 @@ BUCKETS: tuple[BucketSpec, ...] = (
     BucketSpec(s.AGENTS_BUCKET, "Agent registry", ttl=DAY),
     BucketSpec(s.APPROVERS_BUCKET, "Approvers and the roles they hold", history=16),
     BucketSpec(s.POLICIES_BUCKET, "Policy bundles (the key's history is the bundle history)", history=64),
+    BucketSpec(s.KEYRING_BUCKET, "Trusted signing keys: who each is and when it was revoked", history=8),
 )
 
 

@@ -6,6 +6,8 @@
 - roles (:data:`ROLES`, :func:`permissions_for`, :func:`permission_table`) — the subject
   permissions of each principal, derived from the contracts;
 - keys, JWTs and ``.creds`` files (:class:`NKey`, :func:`decode_jwt`, :func:`write_creds`, …);
+- signatures (:class:`Signer`, :func:`verify_signature`) with the principals' own nkeys, and the
+  :class:`Keyring` of trusted keys (:meth:`IdentityHome.keyring`, :func:`publish_keyring`);
 - :func:`describe_permission_error` — a NATS authorization failure as one clear line.
 """
 
@@ -50,18 +52,38 @@ from interlock.identity._roles import (
     permissions_for,
     role,
 )
+from interlock.identity._signing import (
+    BAD_SIGNATURE,
+    NOT_ENTITLED,
+    REVOKED_KEY,
+    UNKNOWN_KEY,
+    UNSIGNED,
+    Keyring,
+    Signer,
+    key_entry,
+    publish_keyring,
+    raw_public_key,
+    read_keyring,
+    verify_signature,
+)
 
 __all__ = [
     "ALL_TENANTS",
     "APP_ACCOUNT",
+    "BAD_SIGNATURE",
+    "NOT_ENTITLED",
+    "REVOKED_KEY",
     "ROLES",
     "ROLE_NAMES",
     "SYSTEM_ACCOUNT",
+    "UNKNOWN_KEY",
+    "UNSIGNED",
     "CredsError",
     "IdentityError",
     "IdentityHome",
     "JwtError",
     "KeyKind",
+    "Keyring",
     "NKey",
     "NKeyError",
     "PermissionDenied",
@@ -69,21 +91,27 @@ __all__ = [
     "Principal",
     "Role",
     "RoleError",
+    "Signer",
     "account_jwt",
     "creds_inbox_prefix",
     "creds_permissions",
     "decode_jwt",
     "describe_permission_error",
     "format_creds",
+    "key_entry",
     "operator_jwt",
     "permission_error",
     "permission_table",
     "permission_violation",
     "permissions_for",
     "public_key_kind",
+    "publish_keyring",
+    "raw_public_key",
     "read_creds",
+    "read_keyring",
     "role",
     "subject_matches",
     "user_jwt",
+    "verify_signature",
     "write_creds",
 ]

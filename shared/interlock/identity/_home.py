@@ -29,14 +29,18 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
 from interlock.identity._creds import read_creds, write_creds, write_private
 from interlock.identity._jwt import Permissions, account_jwt, operator_jwt, user_jwt
 from interlock.identity._keys import KeyKind, NKey
-from interlock.identity._roles import ALL_TENANTS, permissions_for, role
+from interlock.identity._roles import ALL_TENANTS, ROLE_NAMES, permissions_for, role
+from interlock.identity._signing import Keyring, key_entry, publish_keyring
+
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +351,21 @@ class IdentityHome:
         self._save_user(revoked)
         log.info("revoked credential %r (%s)", principal.name, principal.public_key)
         return revoked
+
+    def keyring(self) -> Keyring:
+        """The trusted keys: every credential issued from this home, revoked and expired ones kept
+        (with when), so commits and approvals they signed before stay verifiable."""
+        entries = []
+        for u in self.list():
+            kind = role(u.role).kind if u.role in ROLE_NAMES else "custom"
+            entries.append(key_entry(key_id=u.public_key, principal=u.name, role=u.role, kind=kind, tenant=u.tenant,
+                                     valid_from=u.issued_at, revoked_at=u.revoked_at, expires=u.expires))
+        return Keyring(entries)
+
+    async def publish_keyring(self, js: JetStreamContext) -> int:
+        """Put the keyring into the KV bucket services read it from (``subjects.KEYRING_BUCKET``;
+        needs the admin credential). Only changed entries are written. Returns how many."""
+        return await publish_keyring(js, self.keyring())
 
     # -- the server -----------------------------------------------------------------------
     def server_config(self, resolver_dir: Path | str | None = None) -> dict[str, Any]:

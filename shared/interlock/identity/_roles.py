@@ -108,7 +108,7 @@ def _wild(pattern: c.Pattern) -> str:
 
 
 _BUCKET_STREAMS = tuple(p.kv_stream(b) for b in (s.WORKFLOWS_BUCKET, s.AGENTS_BUCKET, s.POLICIES_BUCKET,
-                                                  s.APPROVERS_BUCKET))
+                                                  s.APPROVERS_BUCKET, s.KEYRING_BUCKET))
 _PAYLOADS = p.object_stream(s.PAYLOADS_OBJECT_STORE)  # shared by tenants today (keys are content digests)
 _NOT_ADMIN_DENY = p.js_stream_admin()
 
@@ -167,7 +167,8 @@ def _person(extra: Callable[[Scope], Sequence[str]], *, admin: bool = False) -> 
         pub = [s.JS_API_INFO, p.JS_STREAM_NAMES, p.pattern(s.query, t, p.ANY), *extra(scope)]
         reads = list(_BUCKET_STREAMS)
         if admin:
-            pub += [p.JS_API_ALL, p.kv_keys(s.APPROVERS_BUCKET), p.kv_keys(s.WORKFLOWS_BUCKET)]
+            pub += [p.JS_API_ALL, p.kv_keys(s.APPROVERS_BUCKET), p.kv_keys(s.WORKFLOWS_BUCKET),
+                    p.kv_keys(s.KEYRING_BUCKET)]
             reads.append(s.DLQ_STREAM)
         return Grant(publish=_unique(pub), subscribe=(p.inbox_all(scope.inbox_owner),), reads=tuple(reads),
                      filtered_reads=((s.EVENTS_STREAM, p.pattern(s.run_events, t, p.ANY)),

@@ -26,8 +26,9 @@ from nats.js import JetStreamContext
 from pydantic import BaseModel, ValidationError
 
 from interlock.contracts import subjects as s
-from interlock.core import codec
 from interlock.core.eventstore import EventStore, EventStoreError, RunNotFound, StaleState
+from interlock.core.eventstore.authenticity import Refusal
+from interlock.core.eventstore.recorder import StoredCommit, stored_commit
 from interlock.core.retry import Backoff, retrying
 from interlock.core.run import IllegalTransition
 from interlock.core.topology import provision
@@ -37,6 +38,7 @@ from interlock.runtime.deadletter import dead_letter
 from interlock.runtime.payloads import PayloadStore
 from interlock.runtime.registry import WorkflowNotFound, WorkflowRegistry
 from interlock.runtime.settings import ServiceSettings
+from interlock.runtime.signing import KeyringWatch, authenticity_for
 from interlock.runtime.tls import connect_options as tls_connect_options
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,8 @@ class Service:
         self._consumers: list[PullConsumer] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._finished: set[tuple[str, str]] = set()  # runs known terminal: the sweep skips them
+        self._reports: set[asyncio.Task[None]] = set()
+        self.keyring: KeyringWatch
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -125,7 +129,11 @@ class Service:
         # provision`); a service credential may not change streams, so only when told to
         if self.settings.provision:
             await self._provision()
-        self.store = EventStore(self.nc, self.js, service=self.name)
+        self.keyring = KeyringWatch(self.js)
+        await self.keyring.start()
+        authenticity = authenticity_for(self.settings.creds, self.keyring, signing=self.settings.signing == "on",
+                                        on_refused=self._refused, who=self.name)
+        self.store = EventStore(self.nc, self.js, service=self.name, authenticity=authenticity)
         self.registry = WorkflowRegistry(self.js)
         self.payloads = PayloadStore(self.js, self.settings.inline_limit)
         await self.setup()
@@ -156,6 +164,9 @@ class Service:
         for consumer in self._consumers:
             await consumer.stop()
         await self.broker.stop()
+        await self.keyring.stop()
+        if self._reports:
+            await asyncio.wait(set(self._reports), timeout=5)
         await self.teardown()
         if not self.nc.is_closed:
             await self.nc.drain()
@@ -252,10 +263,18 @@ class Service:
         async def on_commit(msg: Msg) -> None:
             try:
                 tenant, run_id = s.parse_run_events(msg.subject)
-                envelopes = codec.decode_commit_raw(msg.data)["events"]
             except ValueError as e:
                 raise Poison(str(e)) from e
-            self.store.observe(tenant, run_id, msg.metadata.sequence.stream, msg.data)
+            meta = msg.metadata
+            commit = stored_commit(meta.sequence.stream, msg.data, dict(msg.headers or {}), meta.timestamp.timestamp())
+            # nothing acts on a commit the keyring does not vouch for (the refusal is reported,
+            # dead-lettered, once per process: see _refused)
+            await self.store.prepare([commit])
+            if self.store.authenticity.check(msg.subject, commit, run_id, tenant) is not None:
+                self.store.forget(tenant, run_id)
+                return
+            self.store.observe(tenant, run_id, meta.sequence.stream, commit)
+            envelopes = commit.envelopes
             if wants is None or any(wants(e) if callable(wants) else e.get("type") in wants for e in envelopes):
                 await handler(tenant, run_id, envelopes)
 
@@ -283,6 +302,20 @@ class Service:
 
         handle.__name__ = "answer_" + subject.replace(".", "_").replace("*", "any")
         broker.subscriber(subject, queue=self.name)(handle)
+
+    def _refused(self, refusal: Refusal, commit: StoredCommit) -> None:
+        """A commit the event store refused: an alert (an ERROR line on ``interlock.alert``, logged
+        by the store) and a dead letter with the reason and the original bytes and headers."""
+        async def record() -> None:
+            try:
+                await dead_letter(self.js, self.name, refusal.subject, commit.raw or b"", str(refusal),
+                                  dict(commit.headers or {}))
+            except Exception:
+                log.exception("%s: could not dead-letter %s", self.name, refusal)
+
+        task = asyncio.create_task(record(), name=f"{self.name}-refused")
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
 
     async def guarded(self, msg: Msg, handler: Callable[[Msg], Awaitable[None]]) -> None:
         """Run a handler; ack on success, redeliver on a passing fault, dead-letter poison."""

@@ -19,6 +19,9 @@ number``. Keyword arguments override the environment (tests and embedding code u
 - ``INTERLOCK_WORKER_CONCURRENCY``: jobs a worker handles at once per topic (8)
 - ``INTERLOCK_TRACING``: a worker's span export, ``off`` or ``console`` (off)
 - ``INTERLOCK_TENANT``: the tenant whose jobs a worker takes (default)
+- ``INTERLOCK_SIGNING``: ``on`` (default) or ``off``: sign the commits a service appends and refuse
+  unsigned ones; ``off`` (benchmarks, logs from before signing) appends unsigned commits and accepts
+  them, with a warning at start
 - ``INTERLOCK_TLS_CA``, ``INTERLOCK_TLS_CERT``, ``INTERLOCK_TLS_KEY``, ``INTERLOCK_TLS_HOSTNAME``
   (both): TLS to NATS, see :mod:`interlock.runtime.tls`
 """
@@ -80,6 +83,7 @@ class ServiceSettings(_Settings, TlsSettings):  # TLS: the INTERLOCK_TLS_* field
     nats_url: str = Field(default_factory=resolve_url, description="server URL(s), comma-separated")
     creds: Path | None = Field(None, description="NATS credentials (.creds) file")
     provision: bool = Field(False, description="create or update streams and buckets at start (needs admin creds)")
+    signing: Literal["on", "off"] = Field("on", description="sign appended commits and refuse unsigned ones")
     replicas: int = Field(1, ge=1, le=5, description="replicas of each stream (a JetStream limit of 5)")
     inline_limit: int = Field(DEFAULT_INLINE_LIMIT, ge=0, description="largest payload kept inline, in bytes")
     instance: str = Field(default_factory=_default_instance, description="this copy's name in logs")

@@ -23,7 +23,8 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import nats.errors
@@ -64,18 +65,55 @@ _NO_ACK = (nats.errors.TimeoutError, NoStreamResponseError, ServiceUnavailableEr
 
 @dataclass
 class StoredCommit:
-    """One stored message of a run's log: its stream sequence and the event envelopes it holds."""
+    """One stored message of a run's log: its stream sequence and the event envelopes it holds.
+
+    ``signer``/``signature``: its authorship headers; ``at``: when the server stored it (unix
+    seconds, when known); ``problem``: why its bytes are not a commit (then ``envelopes`` is
+    empty and ``raw`` holds them: an undecodable message is flagged, never fatal)."""
 
     stream_seq: int
     envelopes: list[dict[str, Any]]
+    signer: str | None = None
+    signature: str | None = None
+    at: float | None = None
+    problem: str | None = None
+    raw: bytes | None = field(default=None, repr=False)
+    headers: dict[str, str] | None = field(default=None, repr=False)
 
 
 class SlotsBusy(EventStoreError):
     """Every consumer slot of the credential is held by another read (a watch, a load)."""
 
 
-def _commit(seq: int, data: bytes) -> StoredCommit:
-    return StoredCommit(seq, codec.decode_commit_raw(data)["events"])
+def _stored_time(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:  # nanosecond precision (RFC 3339 with 9 digits): cut to microseconds
+        head, _, rest = value.partition(".")
+        digits = "".join(ch for ch in rest if ch.isdigit())[:6]
+        try:
+            return datetime.fromisoformat(f"{head}.{digits or '0'}+00:00").timestamp()
+        except ValueError:
+            return None
+
+
+def stored_commit(seq: int, data: bytes, headers: dict[str, str] | None, at: float | None = None) -> StoredCommit:
+    """A stored message as a commit; bytes that are not one become a flagged entry."""
+    headers = headers or {}
+    signer, signature = headers.get(h.SIGNER), headers.get(h.SIGNATURE)
+    if at is None:
+        at = _stored_time(headers.get(h.TIMESTAMP))
+    try:
+        envelopes = codec.decode_commit_raw(data)["events"]
+        if not all(isinstance(e, dict) for e in envelopes):
+            raise ValueError("an entry of 'events' is not an object")
+    except ValueError as e:  # msgspec's DecodeError is a ValueError
+        return StoredCommit(seq, [], signer, signature, at, f"undecodable ({len(data)} bytes): {e}", data, headers)
+    return StoredCommit(seq, envelopes, signer, signature, at, None, data, headers)
+
+
 
 
 class JetStreamRecorder:
@@ -150,7 +188,7 @@ class JetStreamRecorder:
                                 int(headers.get(_LAST_SEQUENCE, "0")))
                     raise EventStoreError(f"direct get on {subject} failed: {status} "
                                           f"{headers.get(_DESCRIPTION, '')}")
-                commits.append(_commit(int(headers[_SEQUENCE]), msg.data))
+                commits.append(stored_commit(int(headers[_SEQUENCE]), msg.data, dict(headers)))
         finally:
             del self._replies[inbox]
 
@@ -185,7 +223,8 @@ class JetStreamRecorder:
                         break
                     meta = msg.metadata
                     pending = meta.num_pending
-                    yield _commit(meta.sequence.stream, msg.data)
+                    yield stored_commit(meta.sequence.stream, msg.data, dict(msg.headers or {}),
+                                        meta.timestamp.timestamp())
                     if not (follow or pending):
                         return
         finally:
@@ -217,14 +256,15 @@ class JetStreamRecorder:
                         f"{SLOT_IDLE_SECONDS:g}s for an abandoned one to be removed")
 
     # -- writing -----------------------------------------------------------------------------
-    async def append(self, subject: str, payload: bytes, msg_id: str, expected_seq: int) -> int:
+    async def append(self, subject: str, payload: bytes, msg_id: str, expected_seq: int,
+                     extra_headers: dict[str, str] | None = None) -> int:
         """Publish ``payload`` if the subject's last message is still at ``expected_seq``.
 
         Returns the stream sequence it was stored at (also when an earlier try of the same
         ``msg_id`` landed and only its ack was lost). Raises :class:`Conflict` when another
         writer appended first, :class:`EventStoreError` when no ack came for ``failover_patience``.
         """
-        headers = {h.MSG_ID: msg_id, h.EXPECTED_LAST_SUBJECT_SEQ: str(expected_seq)}
+        headers = {h.MSG_ID: msg_id, h.EXPECTED_LAST_SUBJECT_SEQ: str(expected_seq), **(extra_headers or {})}
         retry = Retry(APPEND_BACKOFF, patience=self.failover_patience)
         while True:
             try:

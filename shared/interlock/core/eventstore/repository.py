@@ -4,7 +4,9 @@
   of events, appended through the :class:`~interlock.core.eventstore.recorder.JetStreamRecorder`
   (conditional on the run's last stream sequence, deduplicated by a message id derived from the
   run, the position and the content).
-- Loads replay the run's commits and check the hash chain. Recently used runs stay in an LRU
+- Loads replay the run's commits and check the hash chain and each commit's authorship
+  (:mod:`~interlock.core.eventstore.authenticity`): a commit that fails is skipped, never
+  applied, and never stops the run. Recently used runs stay in an LRU
   cache and are brought forward by the commits a service consumes (:meth:`EventStore.observe`);
   a conflict throws the cached copy away and replays.
 - Updates of one run that queue up while another is appending are decided together and appended
@@ -26,6 +28,7 @@ from nats.js import JetStreamContext
 from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
 from interlock.core import codec
+from interlock.core.eventstore.authenticity import BROKEN_LINK, Authenticity, Refusal
 from interlock.core.eventstore.errors import (
     ChainBroken,
     Conflict,
@@ -35,7 +38,7 @@ from interlock.core.eventstore.errors import (
     StaleState,
     TooManyConflicts,
 )
-from interlock.core.eventstore.recorder import JetStreamRecorder, StoredCommit
+from interlock.core.eventstore.recorder import JetStreamRecorder, StoredCommit, stored_commit
 from interlock.core.retry import Backoff, spread
 from interlock.core.run import IllegalTransition, Run
 
@@ -69,12 +72,14 @@ class EventStore:
     """Load and append run events on JetStream. One per process; safe for concurrent tasks."""
 
     def __init__(self, nc: NATS, js: JetStreamContext, *, service: str, cache_size: int = 1024,
-                 publish_timeout: float = 5.0, failover_patience: float = 30.0, slots: Sequence[str] = ()) -> None:
+                 publish_timeout: float = 5.0, failover_patience: float = 30.0, slots: Sequence[str] = (),
+                 authenticity: Authenticity | None = None) -> None:
         self.recorder = JetStreamRecorder(nc, js, stream=s.EVENTS_STREAM, publish_timeout=publish_timeout,
                                           failover_patience=failover_patience, slots=slots)
         self.nc = nc
         self.js = js
         self.service = service
+        self.authenticity = authenticity or Authenticity()
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str], RunHandle] = OrderedDict()
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -93,25 +98,41 @@ class EventStore:
     def _replay(self, commits: list[StoredCommit], tenant: str, run_id: str,
                 handle: RunHandle | None = None) -> RunHandle | None:
         """Apply commits in order; onto ``handle`` in place when given (skipping commits it has:
-        a consumer may have brought it forward while the read was in flight)."""
+        a consumer may have brought it forward while the read was in flight). A commit the
+        authenticity check refuses, or that does not continue the run, is skipped: it changes
+        no state, but the run's position moves past it (the next append follows it)."""
         if handle is not None:
             commits = [c for c in commits if c.stream_seq > handle.stream_seq]
+        subject = s.run_events(tenant, run_id)
         run = handle.run if handle else None
         last_hash = handle.last_hash if handle else ev.GENESIS_HASH
         stream_seq = handle.stream_seq if handle else 0
+        auth = self.authenticity
         for commit in commits:
-            for envelope in commit.envelopes:
-                expected = (run.version + 1) if run is not None else 1
-                if envelope.get("seq") != expected or envelope.get("prev_hash") != last_hash:
-                    raise ChainBroken(f"run {run_id}: event at stream seq {commit.stream_seq} has seq "
-                                      f"{envelope.get('seq')} / prev_hash {str(envelope.get('prev_hash'))[:12]}…,"
-                                      f" expected seq {expected} after hash {last_hash[:12]}…")
-                if run is None:
-                    run = codec.event_from_envelope(envelope).mutate(None)
-                else:
-                    codec.apply_envelope(run, envelope)
-                last_hash = envelope["hash"]
             stream_seq = commit.stream_seq
+            if auth.check(subject, commit, run_id, tenant) is not None:
+                continue
+            first = commit.envelopes[0]
+            expected = (run.version + 1) if run is not None else 1
+            if first.get("seq") != expected or first.get("prev_hash") != last_hash:
+                auth.remember(subject, commit.stream_seq, Refusal(
+                    subject, commit.stream_seq, BROKEN_LINK,
+                    f"starts at seq {first.get('seq')} after hash {str(first.get('prev_hash'))[:12]}…, the run is "
+                    f"at seq {expected - 1} with head hash {last_hash[:12]}…",
+                    first.get("seq") if isinstance(first.get("seq"), int) else None), commit)
+                continue
+            try:
+                for envelope in commit.envelopes:
+                    if run is None:
+                        run = codec.event_from_envelope(envelope).mutate(None)
+                    else:
+                        codec.apply_envelope(run, envelope)
+            except Exception as e:
+                # signed by a trusted writer yet not applicable (an unknown type, invalid data):
+                # the state may be half-changed, so the whole replay must not be used
+                raise ChainBroken(f"run {run_id}: commit at stream seq {commit.stream_seq} cannot be applied: "
+                                  f"{e}") from e
+            last_hash = commit.envelopes[-1]["hash"]
         if run is None:
             return None
         if handle is not None:
@@ -134,13 +155,27 @@ class EventStore:
             self._cache.pop(key, None)  # a half-applied copy must never be used
             raise
 
+    async def read_checked(self, tenant: str, run_id: str, after_seq: int = 0) -> list[StoredCommit]:
+        """:meth:`read_commits`, with every signer the trust does not know yet looked up first."""
+        commits = await self.read_commits(tenant, run_id, after_seq)
+        await self.prepare(commits)
+        return commits
+
+    async def prepare(self, commits: Sequence[StoredCommit]) -> None:
+        """Let the trust look up signers it does not know yet (a key issued a moment ago)."""
+        prepare = getattr(self.authenticity.trust, "prepare", None)
+        if prepare is not None:
+            signers = {c.signer for c in commits if c.signer}
+            if signers:
+                await prepare(signers)
+
     async def _load(self, key: tuple[str, str], handle: RunHandle | None) -> RunHandle:
         tenant, run_id = key
         if handle is not None:  # bring the cached copy forward
-            commits = await self.read_commits(tenant, run_id, handle.stream_seq)
+            commits = await self.read_checked(tenant, run_id, handle.stream_seq)
             handle = self._replay(commits, tenant, run_id, handle) if commits else handle
         else:
-            handle = self._replay(await self.read_commits(tenant, run_id), tenant, run_id)
+            handle = self._replay(await self.read_checked(tenant, run_id), tenant, run_id)
         if handle is None:
             raise RunNotFound(tenant, run_id)
         # a commit delivered while the read was in flight (observe found no cached run to bring
@@ -148,7 +183,7 @@ class EventStore:
         for _ in range(50):
             if handle.stream_seq >= self._seen.get(key, 0):
                 break
-            commits = await self.read_commits(tenant, run_id, handle.stream_seq)
+            commits = await self.read_checked(tenant, run_id, handle.stream_seq)
             if commits:
                 handle = self._replay(commits, tenant, run_id, handle) or handle
             else:  # a replica serving direct gets may lag a moment
@@ -178,7 +213,7 @@ class EventStore:
         """Drop the cached copy of a run: the next load replays it."""
         self._cache.pop((tenant, run_id), None)
 
-    def observe(self, tenant: str, run_id: str, stream_seq: int, payload: bytes) -> None:
+    def observe(self, tenant: str, run_id: str, stream_seq: int, payload: bytes | StoredCommit) -> None:
         """Bring a cached run forward with a commit a consumer delivered (no I/O).
 
         A commit that does not follow the cached state directly (another copy of the service
@@ -194,10 +229,14 @@ class EventStore:
         if handle is None or stream_seq <= handle.stream_seq:
             return
         try:
-            envelopes = codec.decode_commit_raw(payload)["events"]
-            if envelopes[0].get("seq") != handle.version + 1:
+            commit = payload if isinstance(payload, StoredCommit) else stored_commit(stream_seq, payload, None)
+            # refused: the next load replays from the log (a commit another copy of the service
+            # was delivered may lie between, so the position cannot simply move past this one)
+            if self.authenticity.check(s.run_events(tenant, run_id), commit, run_id, tenant) is not None:
+                raise ChainBroken("refused")
+            if commit.envelopes[0].get("seq") != handle.version + 1:
                 raise ChainBroken("gap")
-            self._replay([StoredCommit(stream_seq, envelopes)], tenant, run_id, handle)
+            self._replay([commit], tenant, run_id, handle)
             if handle.run.terminal:
                 self._cache.pop(key, None)
         except Exception:
@@ -342,7 +381,8 @@ class EventStore:
             chunk = envelopes[start:start + MAX_COMMIT_EVENTS]
             payload = codec.encode_commit(run_id, tenant, chunk)
             msg_id = f"{run_id}@{chunk[0]['seq']}:{chunk[-1]['hash'][:16]}"
-            stream_seq = await self.recorder.append(subject, payload, msg_id, stream_seq)
+            signed = self.authenticity.headers(subject, chunk)
+            stream_seq = await self.recorder.append(subject, payload, msg_id, stream_seq, signed)
             self.stats["appends"] += 1
         new_handle = RunHandle(run=handle.run, tenant=tenant, stream_seq=stream_seq, last_hash=prev)
         self._remember(new_handle)

@@ -1,0 +1,198 @@
+"""Who may write what, and the signed statements that prove it (see contracts/README.md).
+
+- :data:`WRITERS`: for every event type, the roles whose keys may sign a commit holding it
+  (derived from what each service appends; checked complete against the event registry).
+- :func:`commit_statement` / :func:`approval_statement`: the statements a commit's and an
+  approval's Ed25519 signatures cover, as plain dicts; :func:`canonical` turns one into the
+  signed bytes (RFC 8785 JSON Canonicalization Scheme).
+- :class:`KeyEntry` / :class:`KeyringDocument`: the trusted keys (KV bucket
+  ``subjects.KEYRING_BUCKET``, and ``interlock audit keyring`` / ``verify --keys``).
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, Literal
+
+import rfc8785
+from pydantic import Field
+
+from interlock.contracts import events as ev
+from interlock.contracts.messages import Message
+
+COMMIT_DOMAIN = "interlock.commit.v1"
+"""``domain`` of a commit statement: a signature made for one purpose is never valid for another."""
+
+APPROVAL_DOMAIN: Literal["interlock.approval.v1"] = "interlock.approval.v1"
+"""``domain`` of an approval statement."""
+
+KEYRING_VERSION = 1
+
+_PLANNER, _POLICY, _APPROVAL, _DISPATCHER = "planner", "policy", "approval", "dispatcher"
+
+# Who appends what today. The planner and the approval service complete steps themselves too
+# (reused outputs, for_each parents, failed inputs; approval steps), so they may write step
+# outcomes; a job's outcome after dispatch (attempt >= 1) only the dispatcher may write
+# (:data:`DISPATCHED_OUTCOMES`).
+_WRITERS: dict[type[ev.EventData], tuple[str, ...]] = {
+    ev.RunStarted: (_PLANNER,),
+    ev.RunAdmitted: (_PLANNER,),
+    ev.RunSucceeded: (_PLANNER,),
+    ev.RunFailed: (_PLANNER,),
+    ev.RunDenied: (_PLANNER, _POLICY),
+    ev.RunCancelled: (_PLANNER,),
+    ev.RunTimedOut: (_PLANNER,),
+    ev.StepReady: (_PLANNER,),
+    ev.StepExpanded: (_PLANNER,),
+    ev.PolicyDecided: (_POLICY,),
+    ev.ApprovalRequested: (_APPROVAL,),
+    ev.ApprovalGranted: (_APPROVAL,),
+    ev.ApprovalRejected: (_APPROVAL,),
+    ev.ApprovalRefused: (_APPROVAL,),
+    ev.ApprovalExpired: (_APPROVAL,),
+    ev.ApprovalInvalidated: (_APPROVAL,),
+    ev.ApprovalEscalated: (_APPROVAL,),
+    ev.StepDispatched: (_DISPATCHER,),
+    ev.StepHeartbeat: (_DISPATCHER,),
+    ev.StepSucceeded: (_PLANNER, _APPROVAL, _DISPATCHER),
+    ev.StepFailed: (_PLANNER, _APPROVAL, _DISPATCHER),
+    ev.RetryScheduled: (_DISPATCHER,),
+    ev.StepTimedOut: (_DISPATCHER,),
+    ev.StepSkipped: (_PLANNER,),
+    ev.LateResultRecorded: (_DISPATCHER,),
+    ev.CompensationStarted: (_PLANNER,),
+    ev.CompensationFinished: (_PLANNER,),
+}
+
+#: Event type name -> the roles that may write it. Fails at import when an event type has no entry.
+WRITERS: Mapping[str, frozenset[str]] = {
+    name: frozenset(roles) for name, roles in ev.complete_table("authorship.WRITERS", _WRITERS).items()}
+
+#: Step outcomes that, for an attempt >= 1 (a dispatched job), only the dispatcher may write.
+DISPATCHED_OUTCOMES: frozenset[str] = ev.kinds(ev.StepSucceeded, ev.StepFailed, ev.StepTimedOut)
+DISPATCHER_ROLE = _DISPATCHER
+
+
+def may_write(role: str, envelope: Mapping[str, Any]) -> bool:
+    """Whether a key of ``role`` may sign a commit holding ``envelope``."""
+    type_name = envelope.get("type")
+    if not isinstance(type_name, str) or role not in WRITERS.get(type_name, ()):
+        return False
+    attempt = envelope.get("attempt")
+    if type_name in DISPATCHED_OUTCOMES and isinstance(attempt, int) and attempt >= 1:
+        return role == _DISPATCHER
+    return True
+
+
+def canonical(statement: Mapping[str, Any]) -> bytes:
+    """The bytes a signature covers: RFC 8785 (JCS) canonical JSON of the statement."""
+    return rfc8785.dumps(dict(statement))
+
+
+def b64url(data: bytes) -> str:
+    """Base64url without padding: how signatures and raw public keys are written."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def commit_statement(subject: str, envelopes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What a commit's signature covers: its subject, its first and last ``seq``, the hash it
+    chains onto and the hash of its last event (which covers every event in it through
+    ``prev_hash``)."""
+    first, last = envelopes[0], envelopes[-1]
+    return {
+        "domain": COMMIT_DOMAIN,
+        "subject": subject,
+        "run_id": first.get("run_id"),
+        "tenant": first.get("tenant"),
+        "first_seq": first.get("seq"),
+        "last_seq": last.get("seq"),
+        "prev_hash": first.get("prev_hash"),
+        "head_hash": last.get("hash"),
+    }
+
+
+class ApprovalStatement(Message):
+    """A person's approval decision as they signed it (the ``statement`` of an approval event)."""
+
+    domain: Literal["interlock.approval.v1"] = APPROVAL_DOMAIN
+    tenant: str
+    run_id: str
+    step_id: str
+    job_hash: str
+    snapshot_id: str = Field(description="The policy snapshot the request was made under")
+    decision: Literal["approve", "reject"]
+    principal: str = Field(description="Who decides (the principal of the key that signs)")
+    role: str = Field(description="The approver role the decision is made in")
+    reason: str = ""
+    at: str = Field(description="When it was signed, RFC 3339 UTC")
+    via: str = Field(default="cli", description="How it was given: cli, api:<api key id>, …")
+
+    def signed_bytes(self) -> bytes:
+        return canonical(self.model_dump(mode="json"))
+
+
+class SignedApproval(Message):
+    """An approval statement with the approver's Ed25519 signature (base64url) and key id."""
+
+    statement: ApprovalStatement
+    key_id: str = Field(description="The approver's nkey public key (U…)")
+    signature: str = Field(description="base64url (no padding) Ed25519 signature of canonical(statement)")
+
+
+class KeyEntry(Message):
+    """One trusted key: whose it is and when it may sign (unix seconds)."""
+
+    key_id: str = Field(description="nkey public key (U…)")
+    public_key: str = Field(description="The raw 32-byte Ed25519 public key, base64url without padding")
+    principal: str
+    role: str
+    kind: str = Field(description="service, worker, person or custom")
+    tenant: str = Field(description="The principal's tenant, '*' for services")
+    valid_from: int
+    revoked_at: int | None = None
+    expires: int | None = None
+
+    def valid_at(self, at: float | None) -> bool:
+        """Whether the key may sign at unix time ``at`` (None: now is not known, only revocation counts)."""
+        if at is None:
+            return self.revoked_at is None
+        if at < self.valid_from - 300:  # clocks of the signer and the server may differ a little
+            return False
+        if self.revoked_at is not None and at >= self.revoked_at:
+            return False
+        return self.expires is None or at < self.expires
+
+
+class KeyringDocument(Message):
+    """The exported keyring: every key ever issued, and what each role may write."""
+
+    version: int = KEYRING_VERSION
+    generated_at: datetime | None = None
+    keys: list[KeyEntry] = Field(default_factory=list)
+    writers: dict[str, list[str]] = Field(
+        default_factory=lambda: {name: sorted(roles) for name, roles in WRITERS.items()},
+        description="Event type -> roles whose keys may write it")
+
+
+__all__ = [
+    "APPROVAL_DOMAIN",
+    "COMMIT_DOMAIN",
+    "DISPATCHED_OUTCOMES",
+    "KEYRING_VERSION",
+    "WRITERS",
+    "ApprovalStatement",
+    "KeyEntry",
+    "KeyringDocument",
+    "SignedApproval",
+    "b64url",
+    "b64url_decode",
+    "canonical",
+    "commit_statement",
+    "may_write",
+]
