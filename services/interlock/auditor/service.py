@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
@@ -24,6 +24,7 @@ from interlock.contracts import subjects as s
 from interlock.contracts.messages import QueryReply, RunQuery, RunsQuery
 from interlock.core import adminaudit, codec
 from interlock.core.eventstore import EventStore, EventStoreError
+from interlock.identity import Signer
 from interlock.runtime.connect import connect
 from interlock.runtime.deadletter import dead_letter
 from interlock.runtime.publish import publish
@@ -84,18 +85,6 @@ async def catch_up(projection: Projection, store: EventStore, tenant: str, run_i
         raise EventStoreError(f"run {run_id}: the log read after stream seq {result.last_stream_seq} does not hold "
                               f"the delivered commit at stream seq {stream_seq} yet")
     await projection.apply_commits(commits)
-
-
-class _KeySigner:
-    """Signs seals with the auditor's own nkey (from its creds file)."""
-
-    def __init__(self, key: Any) -> None:
-        self._key = key
-        self.key_id: str = key.public_key
-
-    def sign(self, data: bytes) -> bytes:
-        signature: bytes = self._key.sign(data)
-        return signature
 
 
 Q = TypeVar("Q", RunQuery, RunsQuery)
@@ -168,10 +157,8 @@ class AuditorService(Service):
         if self.settings.creds is None:
             log.warning("auditor %s: no credential, so no key to sign seals with: not sealing", self.instance)
             return
-        from interlock.identity import read_creds
-
-        _, key = read_creds(self.settings.creds)
-        self.sealer = Sealer(self.nc, _KeySigner(key), seal_verifier())
+        signer = Signer.from_creds(self.settings.creds)
+        self.sealer = Sealer(self.nc, signer, seal_verifier(self.keyring.keyring, also=signer.key_id))
         self._sealing = asyncio.create_task(self._seal_loop(), name=f"auditor-{self.instance}-seals")
 
     async def _seal_loop(self) -> None:

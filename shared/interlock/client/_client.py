@@ -54,7 +54,7 @@ from interlock.core.seal import Seal
 from interlock.core.topology import provision
 from interlock.core.verify import VerifyReport, verify_run
 from interlock.core.workflow import Workflow
-from interlock.identity import creds_inbox_prefix, creds_permissions
+from interlock.identity import Keyring, creds_inbox_prefix, creds_permissions, read_keyring
 from interlock.runtime import seals as _seals
 from interlock.runtime import tls as _tls
 from interlock.runtime.connect import ConnectRefused, connect
@@ -483,16 +483,18 @@ class Client:
             raise ClientError(f"seal {bad[0][0]} in {s.SEALS_STREAM} is not a seal: {bad[0][1]}")
         return [x for x in stored.seals if not isinstance(x, ValueError)]
 
-    async def verify_seals(self, run_id: str | None = None, *, seals_file: str | Path | None = None) -> SealReport:
+    async def verify_seals(self, run_id: str | None = None, *, seals_file: str | Path | None = None,
+                           keyring: Keyring | None = None) -> SealReport:
         """The event stream (or one run's log) against the latest seal: truncation, purges, deleted
         messages, a re-created stream, a run rolled back or rewritten (render with
         ``runtime.seals.render_seal_report``). ``seals_file``: an export to check against instead
-        of IL_SEALS (catches a re-created stream whose seals were wiped too)."""
+        of IL_SEALS (catches a re-created stream whose seals were wiped too). Seals must be signed
+        by an auditor key of ``keyring`` (None: the keyring bucket's)."""
         seals = _seals.load_seal_file(Path(seals_file)) if seals_file is not None else None
         source = str(seals_file) if seals_file is not None else s.SEALS_STREAM
         if seals is None:
             self._may_read(s.SEALS_STREAM, "check against the seals")
-        verify = _seals.seal_verifier()
+        verify = _seals.seal_verifier(keyring if keyring is not None else await read_keyring(self.js))
         try:
             if run_id is None:
                 self._may_read(s.EVENTS_STREAM, "check the whole event stream")

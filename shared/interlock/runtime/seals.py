@@ -33,6 +33,7 @@ from interlock.contracts import subjects as s
 from interlock.core import codec
 from interlock.core import seal as sl
 from interlock.core.eventstore import EventStoreError
+from interlock.identity import Keyring, verify_signature
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +56,20 @@ class StreamMissing(SealError):
     """The stream to read does not exist."""
 
 
-def seal_verifier() -> sl.Verify:
-    """Verifies a seal's Ed25519 signature by the nkey public key it names."""
-    from interlock.identity._keys import NKeyError
-    from interlock.identity._keys import verify as nkey_verify
+SEALER_ROLE = "auditor"
+"""The role whose keys may sign seals."""
 
+
+def seal_verifier(keyring: Keyring | None, *, also: str | None = None) -> sl.Verify:
+    """A seal's signature must be Ed25519 by a key the keyring holds for the auditor role, not
+    revoked (``also``: one more key id to accept, an auditor's own). ``keyring`` None: any key
+    whose signature verifies is accepted (integrity only: for a copy with no keyring at hand)."""
     def verify(key_id: str, data: bytes, signature: bytes) -> bool:
-        try:
-            return nkey_verify(key_id, data, signature)
-        except NKeyError:
-            return False
+        if keyring is not None and key_id != also:
+            entry = keyring.get(key_id)
+            if entry is None or entry.role != SEALER_ROLE or not entry.valid_at(None):
+                return False
+        return verify_signature(key_id, data, signature)
     return verify
 
 
