@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -175,7 +176,7 @@ async def test_a_clean_stack_is_sealed_when_runs_end_and_verifies_green(sealed: 
     assert seal.runs == 2 and seal.signer == Signer.from_creds(sealed.harness.principals.service("auditor")).key_id
     chain = await sealed.client.seals()
     assert [x.number for x in chain] == list(range(1, len(chain) + 1))
-    assert all(b.prev == a.hash for a, b in zip(chain, chain[1:], strict=False))
+    assert all(b.prev == a.hash for a, b in itertools.pairwise(chain))
 
     report = await sealed.client.verify_seals()
     assert report.ok, report.problems
