@@ -49,6 +49,7 @@ class Sealed:
     client: Client
     workflow: str
     tmp: Path
+    principals: Principals
 
     async def run(self, name: str) -> str:
         run_id = await self.harness.trigger(self.workflow, {"name": name})
@@ -106,7 +107,7 @@ async def sealed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
     monkeypatch.setenv("INTERLOCK_NATS_URL", server.url)
     monkeypatch.setenv("INTERLOCK_CREDS", str(admin_creds))
     try:
-        yield Sealed(harness, auditor, admin, client, workflow, tmp_path)
+        yield Sealed(harness, auditor, admin, client, workflow, tmp_path, principals)
     finally:
         await client.close()
         await auditor.stop()
@@ -128,7 +129,7 @@ async def stored_messages(nc: NATS) -> list[tuple[int, str, bytes, dict[str, str
             seq += 1
             continue
         kept = {k: v for k, v in (msg.headers or {}).items() if k in KEPT_HEADERS}
-        out.append((seq, msg.subject, msg.data or b"", kept))
+        out.append((seq, msg.subject or "", msg.data or b"", kept))
         seq += 1
     return out
 
@@ -173,7 +174,7 @@ async def test_a_clean_stack_is_sealed_when_runs_end_and_verifies_green(sealed: 
     second = await sealed.run("two")
     last = (await sealed.admin.jetstream().stream_info(s.EVENTS_STREAM)).state.last_seq
     seal = await wait_for_seal(sealed.client, last, "run_ended")
-    assert seal.runs == 2 and seal.signer == Signer.from_creds(sealed.harness.principals.service("auditor")).key_id
+    assert seal.runs == 2 and seal.signer == Signer.from_creds(sealed.principals.service("auditor")).key_id
     chain = await sealed.client.seals()
     assert [x.number for x in chain] == list(range(1, len(chain) + 1))
     assert all(b.prev == a.hash for a, b in itertools.pairwise(chain))
@@ -317,7 +318,7 @@ async def test_a_forged_seal_is_reported(sealed: Sealed) -> None:
     assert kinds(report.problems) == [sl.SEAL_SIGNATURE] and report.problems[0].seal == raw["number"]
     assert report.seal is not None and report.seal.number == raw["number"] - 1  # checked against the last good one
     # a well-formed seal signed by a key that is not an auditor's (a worker's)
-    worker_key = Signer.from_creds(sealed.harness.principals.worker(["x"]))
+    worker_key = Signer.from_creds(sealed.principals.worker(["x"]))
     resigned = Seal.decode(lines[-1]).signed(worker_key)
     other = sealed.tmp / "other.jsonl"
     other.write_text("\n".join([*lines[:-1], resigned.encode().decode()]) + "\n")
