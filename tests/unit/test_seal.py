@@ -222,3 +222,11 @@ def test_a_stored_seal_is_the_contract_message_and_validates_against_its_schema(
     raw = json.loads(seal.encode())
     assert msg.Seal.model_validate(raw).model_dump(mode="json") == raw
     jsonschema.Draft202012Validator(generate.json_schema(msg.Seal)).validate(raw)
+
+
+def test_the_signed_bytes_are_rfc8785() -> None:
+    import rfc8785
+
+    seal, _ = first_seal()
+    assert rfc8785.dumps(seal.body()) == seal.signed_bytes()
+    assert rfc8785.dumps(sl.Head("s", 1, 2, "h").to_json()) == b'{"hash":"h","seq":2,"stream_seq":1,"subject":"s"}'
