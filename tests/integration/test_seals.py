@@ -73,7 +73,7 @@ class Sealed:
 
 
 @pytest.fixture
-async def sealed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Sealed]:
+async def sealed(tmp_path: Path) -> AsyncIterator[Sealed]:
     home = IdentityHome(tmp_path / "home")
     server = EmbeddedNats(store_dir=tmp_path / "store", port=0, log_file=tmp_path / "nats.log",
                           config=home.server_config())
@@ -104,8 +104,6 @@ async def sealed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
     await harness.apply(f"id: {workflow}\nversion: 1\nsteps:\n  a: {{topic: {topic}}}\n"
                         f"  b: {{topic: {topic}, depends_on: [a]}}\n")
     client = await Client.connect(server.url, creds=admin_creds)
-    monkeypatch.setenv("INTERLOCK_NATS_URL", server.url)
-    monkeypatch.setenv("INTERLOCK_CREDS", str(admin_creds))
     try:
         yield Sealed(harness, auditor, admin, client, workflow, tmp_path, principals)
     finally:
@@ -324,3 +322,58 @@ async def test_a_forged_seal_is_reported(sealed: Sealed) -> None:
     other.write_text("\n".join([*lines[:-1], resigned.encode().decode()]) + "\n")
     report = await sealed.client.verify_seals(seals_file=other)
     assert kinds(report.problems) == [sl.SEAL_SIGNATURE] and worker_key.key_id[:8] in report.problems[0].message
+
+
+async def test_the_auditor_seals_on_its_interval_when_no_run_ends(sealed: Sealed) -> None:
+    # a run that never ends (nobody serves its topic): only the interval seals its commits
+    workflow = unique("stuck")
+    await sealed.harness.apply(f"id: {workflow}\nversion: 1\nsteps:\n  a: {{topic: {unique('nobody')}}}\n")
+    run_id = await sealed.harness.trigger(workflow)
+    await sealed.harness.wait_for(run_id, lambda events: "StepDispatched" in [e["type"] for e in events])
+    last = (await sealed.admin.jetstream().stream_info(s.EVENTS_STREAM)).state.last_seq
+    ticking = AuditorService(sealed.harness.service_settings("auditor"), db_path=":memory:", instance="tick",
+                             seal_interval=0.2)
+    await ticking.start()  # (the fixture's auditor seals only when asked or a run ends: neither happens here)
+    try:
+        await wait_for_seal(sealed.client, last, "start")
+        # another run starts and stays dispatched: no run ends, so the interval seals it
+        second = await sealed.harness.trigger(workflow)
+        await sealed.harness.wait_for(second, lambda events: "StepDispatched" in [e["type"] for e in events])
+        grown = (await sealed.admin.jetstream().stream_info(s.EVENTS_STREAM)).state.last_seq
+        seal = await wait_for_seal(sealed.client, grown, "interval")
+        assert seal.reason == "interval" and seal.runs >= 2
+    finally:
+        await ticking.stop()
+
+
+async def test_a_viewer_verifies_a_run_without_reading_the_seals(sealed: Sealed) -> None:
+    run_id = await sealed.run("one")
+    await sealed.seal()
+    exported = await sealed.export()
+    viewer = await Client.connect(sealed.harness.url, creds=sealed.principals.person("viewer", "default"))
+    try:
+        report = await viewer.verify_seals(run_id)
+        assert report.ok and report.seal is None and "IL_SEALS" in report.note
+        assert (await viewer.verify(run_id)).ok
+        with_file = await viewer.verify_seals(run_id, seals_file=exported)
+        assert with_file.ok and with_file.seal is not None and with_file.runs_checked == 1
+        with pytest.raises(Exception, match="IL_EVENTS"):
+            await viewer.verify_seals(seals_file=exported)  # the whole stream: the admin's
+    finally:
+        await viewer.close()
+
+
+async def test_an_accepted_recreation_starts_a_new_chain_once_the_old_one_is_removed(sealed: Sealed) -> None:
+    await sealed.run("one")
+    await sealed.seal()
+    await recreate_events(sealed, protected=True)
+    assert sealed.auditor.sealer is not None
+    assert await sealed.auditor.sealer.seal("test") == []  # refused: the stream was re-created
+    exported = await sealed.export()  # the evidence, kept
+    js = sealed.admin.jetstream()
+    await js.delete_stream(s.SEALS_STREAM)
+    await provision(js)
+    [first] = await sealed.auditor.sealer.seal("test")
+    assert first.number == 1 and first.runs == 1
+    assert (await sealed.client.verify_seals()).ok
+    assert kinds((await sealed.client.verify_seals(seals_file=exported)).problems) == [sl.STREAM_RECREATED]

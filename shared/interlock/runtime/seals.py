@@ -323,7 +323,9 @@ class Sealer:
         A stream that disagrees with the latest seal is not sealed: the problems are logged as
         errors and kept in :attr:`problems`, and every later call reports them again."""
         async with self._lock:
-            if not self._loaded:
+            if not self._loaded or self.problems:
+                # (again after a problem: once an admin accepted a re-created stream by exporting
+                # and then removing the old chain, the next seal starts a new one)
                 await self.load()
             if self.problems:
                 for problem in self.problems:
