@@ -12,15 +12,32 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
-from interlock.identity import IdentityHome, Permissions
+from interlock.contracts.authorship import may_write
+from interlock.core.eventstore.authenticity import Authenticity
+from interlock.identity import IdentityHome, Permissions, Signer
 
 DEFAULT_TENANT = "default"
+
+
+class SignedByTheirWriter(Authenticity):
+    """Signs each commit a test appends as the service that would have written it (the first role
+    the contracts let write every event in it): a test standing in for all the services."""
+
+    def __init__(self, principals: Principals) -> None:
+        super().__init__()
+        self.principals = principals
+
+    def headers(self, subject: str, envelopes: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+        roles = ("planner", "policy", "approval", "dispatcher")
+        role = next((r for r in roles if all(may_write(r, e) for e in envelopes)), "planner")
+        return Authenticity(Signer.from_creds(self.principals.service(role))).headers(subject, envelopes)
 
 
 @dataclass

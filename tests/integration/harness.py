@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,15 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from interlock.contracts import headers
 from interlock.contracts import subjects as s
-from interlock.contracts.messages import ApprovalDecision, CommandReply, DeadLetter, Trigger
+from interlock.contracts.authorship import approval_bytes
+from interlock.contracts.messages import (
+    ApprovalDecision,
+    ApprovalStatement,
+    CommandReply,
+    DeadLetter,
+    SignedApproval,
+    Trigger,
+)
 from interlock.core.eventstore import EventStore
 from interlock.core.eventstore.authenticity import Authenticity
 from interlock.core.ids import run_id_for
@@ -67,10 +76,18 @@ class Harness:
 
     @property
     def store(self) -> EventStore:
-        """The run logs, written as a service would (a test that appends itself stands in for one)."""
+        """The run logs, written as the planner would (a test that appends itself stands in for it)."""
+        return self.store_as("planner")
+
+    def store_as(self, service: str) -> EventStore:
+        """The run logs, written (and signed) as ``service``: the others act only on what the
+        keyring lets that service write."""
         nc = self.writer or self.nc
-        signer = Signer.from_creds(self.principals.service("planner")) if self.principals is not None else None
-        return EventStore(nc, nc.jetstream(), service="test", authenticity=Authenticity(signer))
+        if self.principals is None:
+            return EventStore(nc, nc.jetstream(), service="test")
+        # it sees what the services see: commits the keyring does not vouch for are skipped
+        authenticity = Authenticity(Signer.from_creds(self.principals.service(service)), self.principals.home.keyring())
+        return EventStore(nc, nc.jetstream(), service="test", authenticity=authenticity)
 
     def service_settings(self, service: str, settings: ServiceSettings | None = None, **values: Any
                          ) -> ServiceSettings:
@@ -223,14 +240,32 @@ class Harness:
 
     async def decide(self, run_id: str, step_id: str, *, grant: bool = True, job_hash: str | None = None,
                      role: str | None = None, approver: str = "alice", reason: str = "",
-                     body: dict[str, Any] | None = None) -> CommandReply:
-        """Send ``approver``'s decision (the principal of the command subject); ``body``: more fields
-        of the ApprovalDecision (e.g. a deprecated ``approver`` or ``tenant`` that disagrees)."""
+                     body: dict[str, Any] | None = None, signer: Signer | None = None,
+                     statement: dict[str, Any] | None = None, sign: bool = True) -> CommandReply:
+        """Send ``approver``'s decision (the principal of the command subject), signed with the
+        approver's own key (``signer``: another's; ``statement``: fields of the signed statement
+        that differ; ``sign=False``: unsigned); ``body``: more fields of the ApprovalDecision (e.g.
+        a deprecated ``approver`` or ``tenant`` that disagrees)."""
         run = await self.run_state(run_id)
         approval = run.steps[step_id].approval
         assert approval is not None, f"{step_id} has no approval request"
-        decision = ApprovalDecision(run_id=run_id, step_id=step_id, job_hash=job_hash or approval.job_hash,
-                                    role=role or approval.approver_role, reason=reason, **(body or {}))
+        job_hash = job_hash or approval.job_hash
+        role = role or approval.approver_role
+        signed = None
+        if sign:
+            if signer is None:
+                await self.as_principal(approver)  # issues the approver's credential on first use
+                assert self.principals is not None
+                signer = Signer.from_creds(self.principals.person("admin", self.tenant, name=approver))
+            said = ApprovalStatement(**{
+                "tenant": self.tenant, "run_id": run_id, "step_id": step_id, "job_hash": job_hash,
+                "snapshot_id": approval.snapshot_id, "decision": "approve" if grant else "reject",
+                "principal": approver, "role": role, "reason": reason,
+                "at": datetime.now(UTC).isoformat(), **(statement or {})})
+            signed = SignedApproval(statement=said, key_id=signer.key_id,
+                                    signature=signer.sign_b64(approval_bytes(said)))
+        decision = ApprovalDecision(run_id=run_id, step_id=step_id, job_hash=job_hash, role=role, reason=reason,
+                                    signed=signed, **(body or {}))
         return await self.command("approve" if grant else "reject", decision, principal=approver)
 
     async def as_principal(self, principal: str, tenant: str | None = None) -> NATS:

@@ -23,7 +23,7 @@ from interlock.core.eventstore import EventStore
 from interlock.core.run import Run
 from interlock.runtime.connect import connect
 from interlock.runtime.settings import ServiceSettings
-from tests.principals import Principals
+from tests.principals import Principals, SignedByTheirWriter
 
 pytestmark = pytest.mark.integration
 
@@ -152,10 +152,10 @@ def auditor(url: str, db_path: str | Path = ":memory:", instance: str | None = N
                           instance=instance or unique("it"))
 
 
-async def test_live_projection_answers_queries_and_matches_a_rebuild(provisioned: str, nc: NATS,
+async def test_live_projection_answers_queries_and_matches_a_rebuild(provisioned: str, nc: NATS, principals: Principals,
                                                                      querier: NATS) -> None:
     tenant = unique("t-aud")
-    store = EventStore(nc, nc.jetstream(), service="test")
+    store = EventStore(nc, nc.jetstream(), service="test", authenticity=SignedByTheirWriter(principals))
     service = auditor(provisioned)
     await service.start()
     try:
@@ -231,9 +231,10 @@ async def test_live_projection_answers_queries_and_matches_a_rebuild(provisioned
         await service.stop()
 
 
-async def test_a_query_is_answered_for_the_subjects_tenant_only(provisioned: str, nc: NATS, querier: NATS) -> None:
+async def test_a_query_is_answered_for_the_subjects_tenant_only(provisioned: str, nc: NATS, principals: Principals,
+                                                                querier: NATS) -> None:
     tenant_a, tenant_b = unique("t-a"), unique("t-b")
-    store = EventStore(nc, nc.jetstream(), service="test")
+    store = EventStore(nc, nc.jetstream(), service="test", authenticity=SignedByTheirWriter(principals))
     service = auditor(provisioned)
     await service.start()
     try:
@@ -261,9 +262,9 @@ async def test_a_query_is_answered_for_the_subjects_tenant_only(provisioned: str
         await service.stop()
 
 
-async def test_catch_up_reads_missing_commits_from_the_log(provisioned: str, nc: NATS) -> None:
+async def test_catch_up_reads_missing_commits_from_the_log(provisioned: str, nc: NATS, principals: Principals) -> None:
     tenant = unique("t-gap")
-    store = EventStore(nc, nc.jetstream(), service="test")
+    store = EventStore(nc, nc.jetstream(), service="test", authenticity=SignedByTheirWriter(principals))
     run_id, events, last_stream_seq = await write_run(store, tenant, ready("a"), allow("a"), dispatch("a", 1))
     commits = await store.read_commits(tenant, run_id)
     async with Projection(":memory:") as projection:
@@ -279,9 +280,9 @@ async def test_catch_up_reads_missing_commits_from_the_log(provisioned: str, nc:
 
 
 async def test_each_copy_has_its_own_consumer_and_a_lost_projection_is_replayed(
-        provisioned: str, nc: NATS, tmp_path: Path) -> None:
+        provisioned: str, nc: NATS, principals: Principals, tmp_path: Path) -> None:
     tenant = unique("t-copy")
-    store = EventStore(nc, nc.jetstream(), service="test")
+    store = EventStore(nc, nc.jetstream(), service="test", authenticity=SignedByTheirWriter(principals))
     js = nc.jetstream()
     name = unique("copy")
     db = tmp_path / "auditor.sqlite3"
@@ -316,9 +317,10 @@ async def test_each_copy_has_its_own_consumer_and_a_lost_projection_is_replayed(
         auditor(provisioned, instance="...")
 
 
-async def test_rebuild_without_starting_the_service(provisioned: str, nc: NATS, tmp_path: Path) -> None:
+async def test_rebuild_without_starting_the_service(provisioned: str, nc: NATS, principals: Principals,
+                                                    tmp_path: Path) -> None:
     tenant = unique("t-cli")
-    store = EventStore(nc, nc.jetstream(), service="test")
+    store = EventStore(nc, nc.jetstream(), service="test", authenticity=SignedByTheirWriter(principals))
     expected = await write_runs(store, tenant)
     service = auditor(provisioned, tmp_path / "cli.sqlite3")
     lines: list[str] = []

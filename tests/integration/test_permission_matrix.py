@@ -76,8 +76,11 @@ class Matrix:
         return self.harness.url
 
     def creds(self, role: str, tenant: str, name: str | None = None, topics: tuple[str, ...] = ()) -> Path:
-        assert self.harness.principals is not None
-        return self.harness.principals.home.issue(role, tenant, topics or None, name=name or unique(role))
+        principals = self.harness.principals
+        assert principals is not None
+        path = principals.home.issue(role, tenant, topics or None, name=name or unique(role))
+        principals.publish_keyring()  # as `interlock creds issue` does: its signatures are trusted at once
+        return path
 
     async def client(self, role: str, tenant: str, name: str | None = None) -> Client:
         """The Interlock client (what the CLI uses) as a new ``role`` principal of ``tenant``."""

@@ -247,6 +247,7 @@ async def test_a_run_end_to_end_over_mutual_tls(mtls_server: EmbeddedNats, pki: 
     tls = WorkerSettings(tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key)
     nc = await connect(mtls_server.url, patient=False, tls=tls)
     await provision(nc.jetstream())
+    await principals.home.publish_keyring(nc.jetstream())  # the services trust each other's signatures
     # services and worker with their own credentials
     harness = Harness(url=mtls_server.url, nc=nc, principals=principals, tls=tls)
     await harness.start_services(settings=ServiceSettings(nats_url=mtls_server.url, provision=False,

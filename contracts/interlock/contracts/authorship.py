@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal
@@ -20,7 +21,7 @@ import rfc8785
 from pydantic import Field
 
 from interlock.contracts import events as ev
-from interlock.contracts.messages import Message
+from interlock.contracts.messages import ApprovalStatement, Message, SignedApproval
 
 COMMIT_DOMAIN = "interlock.commit.v1"
 """``domain`` of a commit statement: a signature made for one purpose is never valid for another."""
@@ -86,8 +87,19 @@ def may_write(role: str, envelope: Mapping[str, Any]) -> bool:
     return True
 
 
+def _flat(statement: Mapping[str, Any]) -> bool:
+    return all(key.isascii() and (type(value) is str or (type(value) is int and -(2**53) < value < 2**53))
+               for key, value in statement.items())
+
+
 def canonical(statement: Mapping[str, Any]) -> bytes:
-    """The bytes a signature covers: RFC 8785 (JCS) canonical JSON of the statement."""
+    """The bytes a signature covers: RFC 8785 (JCS) canonical JSON of the statement.
+
+    A flat object of ASCII keys with string and safe-integer values (every commit statement)
+    takes the stdlib's encoder, whose output is then byte-for-byte RFC 8785 (sorted keys, no
+    whitespace, UTF-8, the same escapes) at a tenth of the cost; anything else goes to ``rfc8785``."""
+    if _flat(statement):
+        return json.dumps(statement, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     return rfc8785.dumps(dict(statement))
 
 
@@ -117,32 +129,9 @@ def commit_statement(subject: str, envelopes: Sequence[Mapping[str, Any]]) -> di
     }
 
 
-class ApprovalStatement(Message):
-    """A person's approval decision as they signed it (the ``statement`` of an approval event)."""
-
-    domain: Literal["interlock.approval.v1"] = APPROVAL_DOMAIN
-    tenant: str
-    run_id: str
-    step_id: str
-    job_hash: str
-    snapshot_id: str = Field(description="The policy snapshot the request was made under")
-    decision: Literal["approve", "reject"]
-    principal: str = Field(description="Who decides (the principal of the key that signs)")
-    role: str = Field(description="The approver role the decision is made in")
-    reason: str = ""
-    at: str = Field(description="When it was signed, RFC 3339 UTC")
-    via: str = Field(default="cli", description="How it was given: cli, api:<api key id>, …")
-
-    def signed_bytes(self) -> bytes:
-        return canonical(self.model_dump(mode="json"))
-
-
-class SignedApproval(Message):
-    """An approval statement with the approver's Ed25519 signature (base64url) and key id."""
-
-    statement: ApprovalStatement
-    key_id: str = Field(description="The approver's nkey public key (U…)")
-    signature: str = Field(description="base64url (no padding) Ed25519 signature of canonical(statement)")
+def approval_bytes(statement: ApprovalStatement) -> bytes:
+    """The bytes an approval's signature covers: canonical JSON of its statement."""
+    return canonical(statement.model_dump(mode="json"))
 
 
 class KeyEntry(Message):
@@ -190,6 +179,7 @@ __all__ = [
     "KeyEntry",
     "KeyringDocument",
     "SignedApproval",
+    "approval_bytes",
     "b64url",
     "b64url_decode",
     "canonical",

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import Field
 
-from interlock.contracts.messages import JobError, Message, PayloadRef
+from interlock.contracts.messages import JobError, Message, PayloadRef, SignedApproval
 
 GENESIS_HASH = "0" * 64
 
@@ -150,6 +150,8 @@ class ApprovalGranted(StepEventData):
     approver: str
     role: str
     reason: str = ""
+    signed: SignedApproval | None = Field(
+        default=None, description="The approver's signed statement of this decision (absent before signing)")
 
 
 class ApprovalRejected(StepEventData):
@@ -157,6 +159,8 @@ class ApprovalRejected(StepEventData):
     approver: str
     role: str
     reason: str = ""
+    signed: SignedApproval | None = Field(
+        default=None, description="The approver's signed statement of this decision (absent before signing)")
 
 
 class ApprovalRefused(StepEventData):

@@ -144,6 +144,31 @@ class AgentRegistration(Message):
     last_heartbeat: datetime
 
 
+class ApprovalStatement(Message):
+    """A person's approval decision as they signed it (the ``statement`` of an approval event)."""
+
+    domain: Literal["interlock.approval.v1"] = "interlock.approval.v1"
+    tenant: str
+    run_id: str
+    step_id: str
+    job_hash: str
+    snapshot_id: str = Field(description="The policy snapshot the request was made under")
+    decision: Literal["approve", "reject"]
+    principal: str = Field(description="Who decides (the principal of the key that signs)")
+    role: str = Field(description="The approver role the decision is made in")
+    reason: str = ""
+    at: str = Field(description="When it was signed, RFC 3339 UTC")
+    via: str = Field(default="cli", description="How it was given: cli, api:<api key id>, …")
+
+
+class SignedApproval(Message):
+    """An approval statement with the approver's Ed25519 signature (base64url) and key id."""
+
+    statement: ApprovalStatement
+    key_id: str = Field(description="The approver's nkey public key (U…)")
+    signature: str = Field(description="base64url (no padding) Ed25519 signature of canonical(statement)")
+
+
 class ApprovalDecision(Message):
     """A person's decision on a pending approval (command ``il.cmd.{tenant}.approve.{principal}`` /
     ``…reject…``): the run's tenant and the approver are the subject's."""
@@ -159,6 +184,9 @@ class ApprovalDecision(Message):
                                   "decision naming another approver is refused.")
     role: str
     reason: str = ""
+    signed: SignedApproval | None = Field(
+        default=None, description="The decision as the approver signed it (required while signing is on): "
+                                  "its statement must say the same run, step, job hash, role and decision")
 
 
 class CancelRequest(Message):

@@ -94,6 +94,49 @@ def refusal(run: Run, decision: ApprovalDecision, principal: str, roles: set[str
                               decision="approve" if grant else "reject")
 
 
+SIGNATURE_SKEW = timedelta(minutes=10)  # a statement signed longer ago (or ahead) than this is refused
+
+
+def statement_problem(run: Run, decision: ApprovalDecision, principal: str, tenant: str, *, grant: bool,
+                      now: datetime) -> str | None:
+    """Why the signed statement does not say what the decision says (run, step, job hash,
+    snapshot, role, decision, principal, tenant), or is stale; None if it does. The signature
+    itself is the keyring's to check."""
+    if decision.signed is None:
+        return "the decision is not signed (sign it with your own key: the CLI and the client do)"
+    statement = decision.signed.statement
+    state = run.steps.get(decision.step_id)
+    request = state.approval if state is not None else None
+    expected = {"tenant": tenant, "run_id": decision.run_id, "step_id": decision.step_id,
+                "job_hash": decision.job_hash, "role": decision.role, "principal": principal,
+                "decision": "approve" if grant else "reject", "reason": decision.reason}
+    if request is not None:
+        expected["snapshot_id"] = request.snapshot_id
+    wrong = [f"{name} {getattr(statement, name)!r} (expected {value!r})" for name, value in expected.items()
+             if getattr(statement, name) != value]
+    if wrong:
+        return f"the signed statement says {', '.join(wrong)}"
+    try:
+        at = datetime.fromisoformat(statement.at)
+    except ValueError:
+        return f"the signed statement's time {statement.at!r} is not RFC 3339"
+    if at.tzinfo is None or abs(now - at) > SIGNATURE_SKEW:
+        return f"the signed statement is from {statement.at}, not within {SIGNATURE_SKEW} of now"
+    return None
+
+
+def signature_refusal(run: Run, decision: ApprovalDecision, principal: str, reason: str, *,
+                      grant: bool) -> ev.ApprovalRefused | None:
+    """The event recording a decision refused for its signature, when a request is pending."""
+    state = run.steps.get(decision.step_id)
+    request = state.approval if state is not None else None
+    if request is None or request.status != "requested" or run.terminal:
+        return None
+    return ev.ApprovalRefused(step_id=decision.step_id, principal=principal, role=decision.role,
+                              job_hash=decision.job_hash, reason=reason, required_role=request.approver_role,
+                              decision="approve" if grant else "reject")
+
+
 def refusal_message(run_id: str, refused: ev.ApprovalRefused) -> str:
     """The reply to a refused decision: who, which step, what is missing."""
     return (f"{refused.principal!r} may not {refused.decision} step {refused.step_id!r} of run {run_id}: "
@@ -119,14 +162,14 @@ def apply_decision(run: Run, decision: ApprovalDecision, approver: str, *, grant
     if grant:
         run.grant_approval(ev.ApprovalGranted(
             step_id=decision.step_id, job_hash=decision.job_hash, approver=approver,
-            role=decision.role, reason=decision.reason), now)
+            role=decision.role, reason=decision.reason, signed=decision.signed), now)
         if state is not None and state.step_type == "approval":
             run.succeed_step(ev.StepSucceeded(step_id=decision.step_id, attempt=0, worker=approver,
                                               output={"approved_by": approver, "reason": decision.reason}))
         return None
     run.reject_approval(ev.ApprovalRejected(
         step_id=decision.step_id, job_hash=decision.job_hash, approver=approver,
-        role=decision.role, reason=decision.reason))
+        role=decision.role, reason=decision.reason, signed=decision.signed))
     run.fail_step(ev.StepFailed(step_id=decision.step_id, attempt=0, final=True, worker=approver,
                                 error=JobError(message=f"rejected by {approver}: "
                                                f"{decision.reason or 'no reason given'}",

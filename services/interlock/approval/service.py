@@ -87,11 +87,18 @@ class ApprovalService(Service):
         roles = await self.directory.roles(principal)  # None: nobody is registered, roles are not enforced
         invalidated: list[str] = []
         refused: list[ev.ApprovalRefused] = []
+        key_problem = await self._key_problem(decision, principal)
 
         def apply(run: Run) -> None:
             invalidated.clear()
             refused.clear()
-            refusal = rules.refusal(run, decision, principal, roles, grant=grant)
+            # nobody, not even a service, decides for a person without that person's key
+            why = key_problem or (rules.statement_problem(run, decision, principal, tenant, grant=grant,
+                                                          now=datetime.now(UTC)) if self.require_signed else None)
+            refusal = (rules.signature_refusal(run, decision, principal, why, grant=grant) if why is not None
+                       else rules.refusal(run, decision, principal, roles, grant=grant))
+            if why is not None and refusal is None:
+                raise IllegalTransition(run.run_id, "approve" if grant else "reject", why, decision.step_id)
             if refusal is not None:
                 run.refuse_approval(refusal)
                 refused.append(refusal)
@@ -116,6 +123,20 @@ class ApprovalService(Service):
         verb = "approved" if grant else "rejected"
         log.info("run %s step %s %s by %s", decision.run_id, decision.step_id, verb, principal)
         return CommandReply(ok=True, detail={"step_id": decision.step_id, "decision": verb})
+
+    @property
+    def require_signed(self) -> bool:
+        return self.settings.signing == "on"
+
+    async def _key_problem(self, decision: ApprovalDecision, principal: str) -> str | None:
+        """Why the decision's signature does not hold (the key is not the principal's, unknown,
+        revoked, or not a person's; the signature is not over this statement), or None."""
+        if decision.signed is None:
+            return "the decision is not signed (sign it with your own key: the CLI and the client do)" \
+                if self.require_signed else None
+        await self.keyring.prepare([decision.signed.key_id])
+        problem = self.keyring.approval_problem(decision.signed, principal=principal)
+        return None if problem is None else f"signature refused ({problem[0]}): {problem[1]}"
 
     async def on_escalation(self, msg: Msg) -> None:
         timer = decode(msg, TimerFired)

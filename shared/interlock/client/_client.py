@@ -6,11 +6,11 @@ import asyncio
 import contextlib
 import copy
 import inspect
-import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -36,25 +36,30 @@ from interlock.contracts import events as ev
 from interlock.contracts import headers as h
 from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
+from interlock.contracts.authorship import approval_bytes
 from interlock.contracts.messages import (
     AgentRegistration,
     ApprovalDecision,
+    ApprovalStatement,
     CancelRequest,
     CommandReply,
     DeadLetter,
     QueryReply,
     RunQuery,
     RunsQuery,
+    SignedApproval,
     Trigger,
 )
+from interlock.core.auditexport import export_lines
 from interlock.core.eventstore import EventStore, RunNotFound, SlotsBusy, StoredCommit
+from interlock.core.eventstore.recorder import stored_commit
 from interlock.core.ids import run_id_for
 from interlock.core.run import Run
 from interlock.core.seal import Seal
 from interlock.core.topology import provision
 from interlock.core.verify import VerifyReport, verify_run
 from interlock.core.workflow import Workflow
-from interlock.identity import Keyring, creds_inbox_prefix, creds_permissions, read_keyring
+from interlock.identity import Keyring, Signer, creds_inbox_prefix, creds_permissions, read_keyring
 from interlock.runtime import seals as _seals
 from interlock.runtime import tls as _tls
 from interlock.runtime.connect import ConnectRefused, connect
@@ -63,6 +68,7 @@ from interlock.runtime.policy import ACTIVE as POLICY_KEY
 from interlock.runtime.publish import publish
 from interlock.runtime.registry import VersionConflict, WorkflowNotFound, WorkflowRegistry
 from interlock.runtime.seals import SealReport
+from interlock.runtime.signing import signing_enabled
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=BaseModel)
@@ -292,7 +298,9 @@ class Client:
                 except nats.errors.TimeoutError:
                     yield None
                     continue
-                yield StoredCommit(msg.metadata.sequence.stream, json.loads(msg.data)["events"])
+                # bytes that are not a commit come as a flagged entry with no events, never an error
+                yield stored_commit(msg.metadata.sequence.stream, msg.data, dict(msg.headers or {}),
+                                    msg.metadata.timestamp.timestamp())
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -376,24 +384,48 @@ class Client:
         return s.query(self.tenant, name)
 
     async def _decide(self, grant: bool, run_id: str, step_id: str, role: str | None,
-                      job_hash: str | None, reason: str) -> CommandReply:
-        if role is None or job_hash is None:
+                      job_hash: str | None, reason: str, signer: Signer | None, via: str) -> CommandReply:
+        subject = self._command_subject("approve" if grant else "reject")
+        self._may_publish(subject, f"{'approve' if grant else 'reject'} in tenant {self.tenant}")
+        snapshot_id = ""
+        try:
             pending = await self.pending_approval(run_id, step_id)
+        except NotFound:
+            if role is None or job_hash is None:
+                raise
+            # the service answers for a run or request it cannot find, naming it
+        else:
             role = role if role is not None else pending.approver_role
             job_hash = job_hash or pending.job_hash
-        decision = ApprovalDecision(run_id=run_id, step_id=step_id, job_hash=job_hash, role=role, reason=reason)
-        return await self._command(self._command_subject("approve" if grant else "reject"), decision, "approval")
+            snapshot_id = pending.snapshot_id
+        if signer is None and self.creds is not None:
+            signer = Signer.from_creds(self.creds)  # the approver's own key: nobody else can sign for them
+        signed = None
+        if signer is not None:
+            statement = ApprovalStatement(
+                tenant=self.tenant, run_id=run_id, step_id=step_id, job_hash=job_hash,
+                snapshot_id=snapshot_id, decision="approve" if grant else "reject",
+                principal=self.principal, role=role, reason=reason,
+                at=datetime.now(UTC).isoformat().replace("+00:00", "Z"), via=via)
+            signed = SignedApproval(statement=statement, key_id=signer.key_id,
+                                    signature=signer.sign_b64(approval_bytes(statement)))
+        decision = ApprovalDecision(run_id=run_id, step_id=step_id, job_hash=job_hash, role=role, reason=reason,
+                                    signed=signed)
+        return await self._command(subject, decision, "approval")
 
     async def approve(self, run_id: str, step_id: str, *, role: str | None = None,
-                      job_hash: str | None = None, reason: str = "") -> CommandReply:
+                      job_hash: str | None = None, reason: str = "", signer: Signer | None = None,
+                      via: str = "cli") -> CommandReply:
         """Grant a pending approval as :attr:`principal` (bound to ``job_hash``; by default the one
-        asked for)."""
-        return await self._decide(True, run_id, step_id, role, job_hash, reason)
+        asked for). The decision is signed with ``signer`` (default: the key of the credential
+        this client connected with); ``via`` says how it was given (the HTTP API: ``api:<key id>``)."""
+        return await self._decide(True, run_id, step_id, role, job_hash, reason, signer, via)
 
     async def reject(self, run_id: str, step_id: str, *, reason: str, role: str | None = None,
-                     job_hash: str | None = None) -> CommandReply:
-        """Reject a pending approval as :attr:`principal`; the run fails with ``reason``."""
-        return await self._decide(False, run_id, step_id, role, job_hash, reason)
+                     job_hash: str | None = None, signer: Signer | None = None, via: str = "cli") -> CommandReply:
+        """Reject a pending approval as :attr:`principal`; the run fails with ``reason`` (signed as
+        :meth:`approve` is)."""
+        return await self._decide(False, run_id, step_id, role, job_hash, reason, signer, via)
 
     async def cancel(self, run_id: str, *, reason: str = "") -> CommandReply:
         """Cancel a run as :attr:`principal` (the planner refuses one that has ended)."""
@@ -466,9 +498,26 @@ class Client:
             await sub.unsubscribe()
         return letters
 
-    async def verify(self, run_id: str) -> VerifyReport:
-        """Check the run's hash chain and sequence (render with ``core.verify.render_report``)."""
-        return await verify_run(self._store, self.tenant, run_id)
+    async def verify(self, run_id: str, *, keyring: Keyring | None = None) -> VerifyReport:
+        """Check the run's hash chain and sequence, every commit's signature and entitlement and
+        every approver's signature against ``keyring`` (default: the keyring bucket's); render
+        with ``core.verify.render_report``. With ``INTERLOCK_SIGNING=off`` unsigned commits pass."""
+        trust = keyring if keyring is not None else await self.keyring()
+        return await verify_run(self._store, self.tenant, run_id, trust, require_signatures=signing_enabled())
+
+    async def keyring(self) -> Keyring:
+        """The trusted keys, as the keyring bucket holds them (``interlock audit keyring``)."""
+        try:
+            return await read_keyring(self.js)
+        except Exception as e:
+            raise Unavailable(f"cannot read the keyring ({s.KEYRING_BUCKET}): {e or type(e).__name__}") from None
+
+    async def export_run(self, run_id: str) -> list[str]:
+        """The run's stored messages as export lines (``interlock audit export``)."""
+        commits = await self.read_commits(run_id)
+        if not commits:
+            raise NotFound(f"run {run_id} has no events in tenant {self.tenant!r}")
+        return list(export_lines(run_id, self.tenant, commits))
 
     # -- seals -------------------------------------------------------------------------------
     def _may_read(self, stream: str, what: str) -> None:

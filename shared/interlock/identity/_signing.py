@@ -198,7 +198,7 @@ class Keyring:
                 at = datetime.fromisoformat(statement.at).timestamp()
             except ValueError:
                 return BAD_SIGNATURE, f"the statement's time {statement.at!r} is not RFC 3339"
-        kind, found = self._signer_problem(signed.key_id, signed.signature, statement.signed_bytes(), at)
+        kind, found = self._signer_problem(signed.key_id, signed.signature, a.approval_bytes(statement), at)
         if kind is not None:
             return kind, str(found)
         assert isinstance(found, a.KeyEntry)

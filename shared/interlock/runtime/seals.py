@@ -283,6 +283,23 @@ async def verify_run_heads(nc: NATS, verify: sl.Verify, subject: str, commits: S
     return report
 
 
+def verify_run_offline(subject: str, commits: Sequence[tuple[int, Any]], seals: Sequence[sl.Seal | ValueError],
+                       verify: sl.Verify, *, source: str) -> SealReport:
+    """An exported run's commits against a seal file, with no server: its head only (the stream's
+    state is not in an export)."""
+    chain = sl.fold_seals(seals, verify)
+    report = SealReport(chain.latest, list(chain.problems), chain.count, source=source,
+                        note="offline: the run's head only (the stream itself is checked online)")
+    if chain.latest is None:
+        return report
+    sealed = chain.heads.get(subject)
+    got = run_head(commits, subject, sealed, end=chain.latest.last_seq)
+    report.problems += sl.check_heads(chain.latest, chain.heads, {subject: got} if got else {}, recreated=False,
+                                      subjects=[subject])
+    report.runs_checked = 1
+    return report
+
+
 # -- sealing -----------------------------------------------------------------------------------
 def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
@@ -393,6 +410,6 @@ __all__ = [
     "scan_heads",
     "seal_verifier",
     "stream_state",
-    "verify_run_heads",
+    "verify_run_heads", "verify_run_offline",
     "verify_stream",
 ]

@@ -101,6 +101,25 @@ def issue(
     echo(f"issued {principal.role} credential {principal.name!r} (tenant {principal.tenant}, expires {until}) "
          f"to {path}")
     echo(f"connect with it: INTERLOCK_CREDS={path} (or --creds {path})")
+    echo(_publish_if_up(identity))
+
+
+def _publish_if_up(identity: IdentityHome, nats: str | None = None, creds: Path | None = None) -> str:
+    """Publish the keyring to the server this machine's CLI reaches (with its default credential),
+    so a new key's signatures (an approver's) are trusted, and a revoked key's refused, at once;
+    a hint when that is not possible."""
+    async def publish() -> str:
+        client = await Client.connect(nats, creds=creds)
+        try:
+            return await _publish_keyring(client, identity)
+        finally:
+            await client.close()
+
+    try:
+        return asyncio.run(publish())
+    except Exception as e:
+        return (f"the keyring was not published (no server reached: {e or type(e).__name__}); run `interlock "
+                f"provision --home {identity.root}` with the admin credential before its signatures are needed")
 
 
 SERVICE_KINDS = ("planner", "policy", "approval", "dispatcher", "auditor")
@@ -181,11 +200,28 @@ def revoke(
         fail(f"revoked in {identity.root}, but the server at {url} (from {source}) was not told: {e}. "
              "A server started from this home picks it up at start; else run this again when it is up")
     echo(f"pushed to {url}: its connections are closed and it is refused from now on")
+    options = globals_of(ctx)
+    echo(_publish_if_up(identity, nats=options.nats, creds=options.creds))
+
+
+def _keyring_home(home: Path | None) -> IdentityHome | None:
+    root = home or (Path(os.environ[HOME_ENV]) if os.environ.get(HOME_ENV) else DEFAULT_HOME)
+    return identity_home(root) if home is not None or (root / "operator.jwt").is_file() else None
+
+
+async def _publish_keyring(client: Client, identity: IdentityHome) -> str:
+    try:
+        written = await identity.publish_keyring(client.js)
+    except Exception as e:  # not the admin credential, or the bucket is not provisioned
+        return (f"the keyring was not published ({e or type(e).__name__}): services will not trust keys issued "
+                f"since the last publish; run `interlock provision --home {identity.root}` with the admin credential")
+    return f"keyring {s.KEYRING_BUCKET}: {written} key(s) published from {identity.root}"
 
 
 @with_globals
-def provision(ctx: typer.Context) -> None:
-    """Create or update Interlock's streams, buckets and object store on a deployed cluster.
+def provision(ctx: typer.Context, home: HomeOption = None) -> None:
+    """Create or update Interlock's streams, buckets and object store on a deployed cluster, and
+    publish the identity home's keyring (the keys whose signatures services trust).
 
     Needs the admin credential (services have no right to change streams). Safe to run again.
     """
@@ -199,10 +235,14 @@ def provision(ctx: typer.Context) -> None:
             fail(f"{client.principal} ({client.creds}) may not provision: the credential lacks permission to "
                  f"publish to {create!r} (streams are changed with the admin credential: --creds or INTERLOCK_CREDS)")
         try:
-            return await provision_streams(client.js, int(os.environ.get("INTERLOCK_REPLICAS", "1")))
+            report = await provision_streams(client.js, int(os.environ.get("INTERLOCK_REPLICAS", "1")))
         except (nats.errors.Error, TimeoutError) as e:
             fail(f"provisioning as {client.creds or 'anonymous'} failed: {e or type(e).__name__} "
                  "(it needs the admin credential: --creds or INTERLOCK_CREDS)")
+        identity = _keyring_home(home)
+        if identity is None:
+            return [*report, f"no identity home ({DEFAULT_HOME}, {HOME_ENV} or --home): keyring not published"]
+        return [*report, await _publish_keyring(client, identity)]
 
     for line in connected(ctx, work):
         echo(line)

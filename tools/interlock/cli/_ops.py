@@ -144,6 +144,7 @@ def nats(
         nc = await connect(url, creds=admin, name="interlock-nats-provision", patient=False)
         for line in await provision(nc.jetstream()):
             echo(f"  {line}")
+        echo(f"  keyring: {await identity.publish_keyring(nc.jetstream())} key(s) published")
         await nc.close()
         echo("Ctrl-C to stop")
         await asyncio.Event().wait()

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from interlock.cli._common import connected, with_globals
+from interlock.cli._common import connected, fail, with_globals
 from interlock.cli._output import Column, Format, OutputOption, echo, emit_rows, hash_column
 from interlock.client import Client
+from interlock.contracts import subjects as s
+from interlock.core.eventstore import StoredCommit
 from interlock.core.seal import Seal
-from interlock.runtime.seals import SealReport, render_seal_report
+from interlock.identity import Keyring
+from interlock.runtime.seals import (
+    SealError,
+    SealReport,
+    load_seal_file,
+    render_seal_report,
+    seal_verifier,
+    verify_run_offline,
+)
 
 SealsOption = Annotated[Path | None, typer.Option(
     "--seals", metavar="FILE", help="check against this seal export (`interlock audit seal export`) instead of "
@@ -46,9 +57,20 @@ def export(ctx: typer.Context) -> None:
         echo(seal.encode().decode())
 
 
-async def check(client: Client, run: str | None, seals_file: Path | None) -> SealReport:
+async def check(client: Client, run: str | None, seals_file: Path | None, keyring: Keyring | None = None
+                ) -> SealReport:
     """The seal check of ``audit verify``: the run's log (or, without a run, the whole stream)."""
-    return await client.verify_seals(run, seals_file=seals_file)
+    return await client.verify_seals(run, seals_file=seals_file, keyring=keyring)
+
+
+def check_offline(run_id: str, tenant: str, commits: Sequence[StoredCommit], seals_file: Path,
+                  keyring: Keyring) -> SealReport:
+    """The seal check of ``audit verify --offline``: the exported run's head against the seal file."""
+    try:
+        return verify_run_offline(s.run_events(tenant, run_id), [(c.stream_seq, c.envelopes) for c in commits],
+                                  load_seal_file(seals_file), seal_verifier(keyring), source=str(seals_file))
+    except SealError as e:
+        fail(str(e))
 
 
 def render(report: SealReport) -> str:

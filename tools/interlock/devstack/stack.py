@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from interlock.client import ClientSettings
+from interlock.contracts import subjects as s
 from interlock.core.natsserver import EmbeddedNats, free_port
 from interlock.core.topology import provision
 from interlock.devstack.cluster import LocalCluster
@@ -159,7 +160,10 @@ class Stack:
         nc = await connect(self.url, creds=self.admin_creds, name="interlock-stack-provision", patient=False,
                            tls=ClientSettings())  # TLS: INTERLOCK_TLS_*
         try:
-            return await provision(nc.jetstream(), self.replicas)
+            report = await provision(nc.jetstream(), self.replicas)
+            # services trust the signatures of the keys in the bucket: every credential issued here
+            written = await self.identity.publish_keyring(nc.jetstream())
+            return [*report, f"keyring {s.KEYRING_BUCKET}: {written} key(s) published"]
         finally:
             await nc.close()
 
