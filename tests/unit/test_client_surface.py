@@ -15,10 +15,10 @@ PUBLIC = [
 
 CLIENT_METHODS = [
     "agents", "apply_workflow", "approvals", "approve", "approvers", "cancel", "close", "connect", "dead_letters",
-    "events", "grant_approver", "load_run", "pending_approval", "policy_active", "policy_decide", "policy_history",
-    "policy_publish", "policy_rollback", "policy_simulate", "read_commits", "reject", "rerun", "rerun_plan",
-    "revoke_approver", "runs", "seals", "start_run", "status", "timeline", "verify", "verify_seals", "wait",
-    "wait_projected", "watch", "with_tenant", "workflow", "workflows",
+    "events", "export_run", "grant_approver", "keyring", "load_run", "pending_approval", "policy_active",
+    "policy_decide", "policy_history", "policy_publish", "policy_rollback", "policy_simulate", "read_commits",
+    "reject", "rerun", "rerun_plan", "revoke_approver", "runs", "seals", "start_run", "status", "timeline", "verify",
+    "verify_seals", "wait", "wait_projected", "watch", "with_tenant", "workflow", "workflows",
 ]
 
 
