@@ -377,3 +377,25 @@ async def test_an_accepted_recreation_starts_a_new_chain_once_the_old_one_is_rem
     assert first.number == 1 and first.runs == 1
     assert (await sealed.client.verify_seals()).ok
     assert kinds((await sealed.client.verify_seals(seals_file=exported)).problems) == [sl.STREAM_RECREATED]
+
+
+async def test_an_exported_run_cut_short_is_caught_offline_by_the_seal_file(sealed: Sealed) -> None:
+    from tests.integration.test_cli import cli
+
+    run_id = await sealed.run("one")
+    await sealed.seal()
+    seals = await sealed.export()
+    run_file, keys = sealed.tmp / "run.jsonl", sealed.tmp / "keyring.json"
+    exported = await cli(sealed.harness, "audit", "export", run_id)
+    assert exported.exit_code == 0, exported.output
+    run_file.write_text(exported.stdout)
+    keys.write_text((await cli(sealed.harness, "audit", "keyring")).stdout)
+    offline = ["audit", "verify", "--offline", str(run_file), "--keys", str(keys), "--seals", str(seals)]
+    intact = await cli(sealed.harness, *offline)
+    assert intact.exit_code == 0 and "agrees" in intact.stdout, intact.output
+    # the last commits cut off the export: the chain that is left is intact, the seal says it is short
+    lines = exported.stdout.splitlines(keepends=True)
+    run_file.write_text("".join(lines[:-2]))
+    short = await cli(sealed.harness, *offline)
+    assert short.exit_code == 1 and "run_rolled_back" in short.stdout, short.output
+    assert "chain intact" in short.stdout.splitlines()[0]  # what the hash chain alone cannot see
