@@ -399,3 +399,25 @@ async def test_an_exported_run_cut_short_is_caught_offline_by_the_seal_file(seal
     short = await cli(sealed.harness, *offline)
     assert short.exit_code == 1 and "run_rolled_back" in short.stdout, short.output
     assert "chain intact" in short.stdout.splitlines()[0]  # what the hash chain alone cannot see
+
+
+async def test_two_auditor_copies_never_fork_the_chain(sealed: Sealed) -> None:
+    from interlock.runtime.seals import SealError, Sealer, seal_verifier
+
+    await sealed.run("one")
+    nc = await connect(sealed.harness.url, sealed.principals.service("auditor"))
+    try:
+        signer = Signer.from_creds(sealed.principals.service("auditor"))
+        other = Sealer(nc, signer, seal_verifier(None))
+        await other.load()  # both copies know the same chain …
+        await sealed.run("two")
+        await sealed.seal()  # … one seals what the stream grew by first
+        with pytest.raises(SealError, match="failed"):
+            await other.seal("test")  # the other's append expects the old last seal: refused, not forked
+        [taken] = await other.seal("test")  # it reads the chain again and goes on from the latest
+        chain = await sealed.client.seals()
+        assert chain[-1] == taken and [x.number for x in chain] == list(range(1, len(chain) + 1))
+        assert all(b.prev == a.hash for a, b in itertools.pairwise(chain))
+        assert (await sealed.client.verify_seals()).ok
+    finally:
+        await nc.close()
