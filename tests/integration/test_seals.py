@@ -402,7 +402,7 @@ async def test_an_exported_run_cut_short_is_caught_offline_by_the_seal_file(seal
 
 
 async def test_two_auditor_copies_never_fork_the_chain(sealed: Sealed) -> None:
-    from interlock.runtime.seals import SealError, Sealer, seal_verifier
+    from interlock.runtime.seals import Sealer, SealError, seal_verifier
 
     await sealed.run("one")
     nc = await connect(sealed.harness.url, sealed.principals.service("auditor"))
@@ -414,7 +414,9 @@ async def test_two_auditor_copies_never_fork_the_chain(sealed: Sealed) -> None:
         await sealed.seal()  # … one seals what the stream grew by first
         with pytest.raises(SealError, match="failed"):
             await other.seal("test")  # the other's append expects the old last seal: refused, not forked
-        [taken] = await other.seal("test")  # it reads the chain again and goes on from the latest
+        assert await other.seal("test") == []  # it read the chain again: nothing new since the latest
+        await sealed.run("three")
+        [taken] = await other.seal("test")  # and goes on from it
         chain = await sealed.client.seals()
         assert chain[-1] == taken and [x.number for x in chain] == list(range(1, len(chain) + 1))
         assert all(b.prev == a.hash for a, b in itertools.pairwise(chain))
