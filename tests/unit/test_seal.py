@@ -230,3 +230,9 @@ def test_the_signed_bytes_are_rfc8785() -> None:
     seal, _ = first_seal()
     assert rfc8785.dumps(seal.body()) == seal.signed_bytes()
     assert rfc8785.dumps(sl.Head("s", 1, 2, "h").to_json()) == b'{"hash":"h","seq":2,"stream_seq":1,"subject":"s"}'
+
+
+def test_the_bottom_up_root_is_the_rfc6962_recursive_one() -> None:
+    for size in range(0, 40):
+        leaves = [hashlib.sha256(bytes([i])).digest() for i in range(size)]
+        assert sl._root_bottom_up(leaves) == sl._root(leaves), size

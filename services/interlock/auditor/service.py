@@ -39,7 +39,7 @@ INSTANCE_ENV = "INTERLOCK_AUDITOR_INSTANCE"
 DEFAULT_INSTANCE = "auditor"
 MAX_QUERY_LIMIT = 10_000
 RECORD_PATIENCE_S = 60.0  # how long a change's record is retried (a leader election, a reconnect)
-RUN_END_SEAL_DELAY_S = 0.2  # runs ending together share one seal
+RUN_END_SEAL_DELAY_S = 1.0  # runs ending within a second share one seal (a seal hashes every run head)
 RUN_ENDED = frozenset(t.type_name for t in (ev.RunSucceeded, ev.RunFailed, ev.RunDenied, ev.RunCancelled,
                                             ev.RunTimedOut))
 

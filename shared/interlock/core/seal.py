@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -190,6 +191,7 @@ def _b64(raw: bytes) -> str:
 
 
 # -- the Merkle tree of the heads (RFC 6962, section 2.1) ----------------------------------------
+@functools.lru_cache(maxsize=200_000)  # a seal recomputes the root over every head: most are unchanged
 def leaf_hash(head: Head) -> bytes:
     """SHA-256(0x00 || canonical JSON of the head)."""
     return hashlib.sha256(b"\x00" + canonical_json(head.to_json())).digest()
@@ -221,9 +223,23 @@ def sorted_heads(heads: Iterable[Head]) -> list[Head]:
     return sorted(heads, key=lambda h: h.subject.encode())
 
 
+def _root_bottom_up(leaves: Sequence[bytes]) -> bytes:
+    """The same tree hash as :func:`_root`, level by level (a last odd node moves up as it is):
+    no recursion, no slices, for the whole set of heads on every seal."""
+    if not leaves:
+        return hashlib.sha256(b"").digest()
+    level = list(leaves)
+    while len(level) > 1:
+        paired = [_node(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            paired.append(level[-1])
+        level = paired
+    return level[0]
+
+
 def heads_root(heads: Iterable[Head]) -> str:
     """Merkle root (hex) of the heads sorted by subject; SHA-256 of nothing for no heads."""
-    return _root([leaf_hash(h) for h in sorted_heads(heads)]).hex()
+    return _root_bottom_up([leaf_hash(h) for h in sorted_heads(heads)]).hex()
 
 
 def inclusion_proof(heads: Iterable[Head], subject: str) -> list[str]:

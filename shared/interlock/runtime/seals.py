@@ -25,6 +25,7 @@ from typing import Any
 
 import nats.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js.api import Header
 
 from interlock.contracts import headers as h
@@ -96,37 +97,43 @@ async def read_range(nc: NATS, stream: str, subjects: str, start: int, end: int 
                      ) -> AsyncIterator[tuple[int, str, bytes]]:
     """(stream seq, subject, data) of every message on ``subjects`` from ``start`` to ``end``
     (inclusive; None: to the end), in order, by batched direct gets."""
+    replies: asyncio.Queue[list[Msg]] = asyncio.Queue()
+    batch: list[Msg] = []
+
+    async def collect(msg: Msg) -> None:  # a whole batch is handed on at once (no wait per message)
+        batch.append(msg)
+        if (msg.headers or {}).get(_STATUS):
+            replies.put_nowait(batch.copy())
+            batch.clear()
+
     inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
+    sub = await nc.subscribe(inbox, cb=collect)
     try:
         seq = max(1, start)
         while end is None or seq <= end:
             size = PAGE if end is None else min(PAGE, end - seq + 1)
             request = json.dumps({"seq": seq, "next_by_subj": subjects, "batch": size}).encode()
             await nc.publish(s.js_direct_get(stream), request, reply=inbox)
+            try:
+                msgs = await asyncio.wait_for(replies.get(), timeout=REQUEST_TIMEOUT)
+            except TimeoutError:
+                raise SealError(f"direct get of {stream} from seq {seq}: no answer within {REQUEST_TIMEOUT:g}s "
+                                "(is the credential allowed to read it?)") from None
+            *found, last_msg = msgs
+            status = (last_msg.headers or {}).get(_STATUS)
+            if status == "503":
+                raise StreamMissing(f"{stream}: no stream answers direct gets (it does not exist)")
+            if status not in ("204", "404"):
+                raise SealError(f"direct get of {stream} from seq {seq} failed: {status} "
+                                f"{(last_msg.headers or {}).get(_DESCRIPTION, '')}")
             last = 0
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=REQUEST_TIMEOUT)
-                except nats.errors.TimeoutError:
-                    raise SealError(f"direct get of {stream} from seq {seq}: no answer within {REQUEST_TIMEOUT:g}s "
-                                    "(is the credential allowed to read it?)") from None
+            for msg in found:
                 headers = msg.headers or {}
-                status = headers.get(_STATUS)
-                if status == "404":
-                    return  # nothing more
-                if status == "204":
-                    break
-                if status == "503":
-                    raise StreamMissing(f"{stream}: no stream answers direct gets (it does not exist)")
-                if status:
-                    raise SealError(f"direct get of {stream} from seq {seq} failed: {status} "
-                                    f"{headers.get(_DESCRIPTION, '')}")
                 last = int(headers[h.SEQUENCE])
                 if end is not None and last > end:
                     return
                 yield last, headers.get(h.SUBJECT, ""), msg.data
-            if not last or (end is not None and last >= end):
+            if status == "404" or not last or (end is not None and last >= end):
                 return
             seq = last + 1
     finally:
