@@ -155,7 +155,8 @@ def test_headers_contract(doc: dict[str, Any]) -> None:
         (ref,) = doc["channels"][channel_id]["messages"].values()
         return set(_resolve(doc, ref["$ref"])["headers"]["required"])
 
-    assert header_names(cat.RUN_EVENTS.id) == {"Nats-Msg-Id", "Nats-Expected-Last-Subject-Sequence"}  # literal: pinned
+    assert header_names(cat.RUN_EVENTS.id) == {"Nats-Msg-Id", "Nats-Expected-Last-Subject-Sequence",  # literal: pinned
+                                               "Interlock-Signer", "Interlock-Signature"}
     assert "Nats-Msg-Id" in header_names(cat.RESULTS.id)  # literal: pinned
     commit = _resolve(doc, doc["channels"][cat.RUN_EVENTS.id]["messages"]["Commit"]["$ref"])
     assert set(commit["x-interlock-event-data"]) == set(ev.EVENT_TYPES)
@@ -306,6 +307,10 @@ def test_unknown_fields_are_ignored(name: str, data: st.DataObject) -> None:
 REQUIRED_FIELDS: dict[str, set[str]] = {
     "AgentRegistration": {"worker_id", "topic", "started_at", "last_heartbeat"},
     "ApprovalDecision": {"run_id", "step_id", "job_hash", "role"},  # approver: the command subject's principal
+    # new types (signed approvals): what a signature covers is all required
+    "ApprovalStatement": {"tenant", "run_id", "step_id", "job_hash", "snapshot_id", "decision", "principal", "role",
+                          "at"},
+    "SignedApproval": {"statement", "key_id", "signature"},
     "ApprovalExpired": {"step_id", "job_hash"},
     "ApprovalInvalidated": {"step_id", "job_hash", "reason"},
     "ApprovalEscalated": {"step_id", "job_hash", "from_role", "to_role"},

@@ -179,6 +179,17 @@ EXPECTED_LAST_SUBJECT_SEQ = Header(
     "error 10071 when another writer appended first (optimistic concurrency): reload and retry.",
     example="0",
 )
+COMMIT_SIGNER = Header(
+    h.SIGNER,
+    "Key id of the service instance that signed the commit: its nkey public key (U…), as in the keyring "
+    "(KV bucket il_keyring). See contracts/README.md, 'Signed commits'.",
+    example="UD54DHFVRMCS466ZD7LEDVLW7USRXQP6LXYDBEN2YY5FOD2EOJME4DCS",
+)
+COMMIT_SIGNATURE = Header(
+    h.SIGNATURE,
+    "base64url (no padding) Ed25519 signature of the RFC 8785 form of the commit statement (domain, subject, "
+    "run_id, tenant, first_seq, last_seq, prev_hash, head_hash). A commit without a valid one changes nothing.",
+)
 TRIGGER_MSG_ID = Header(
     h.MSG_ID,
     "Recommended: 'trigger:{tenant}:{workflow_id}:{idempotency_key}', so a re-sent trigger is stored once. "
@@ -293,7 +304,7 @@ RUN_EVENTS = Channel(
     stream=s.EVENTS_STREAM,
     publishers=SERVICES_APPENDING_EVENTS,
     subscribers=(*SERVICES_APPENDING_EVENTS, AUDITOR),
-    headers=(EVENT_MSG_ID, EXPECTED_LAST_SUBJECT_SEQ),
+    headers=(EVENT_MSG_ID, EXPECTED_LAST_SUBJECT_SEQ, COMMIT_SIGNER, COMMIT_SIGNATURE),
     filters=(s.EVENTS_ALL, Pattern(s.tenant_events, (TENANT,))),
     event_data=MappingProxyType(dict(ev.EVENT_TYPES)),
 )

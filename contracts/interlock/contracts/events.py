@@ -40,6 +40,9 @@ class EventData(Message):
     type_name: ClassVar[str] = "EventData"
     # a base of event types (set in its class body), not an event type: not in EVENT_TYPES
     is_base: ClassVar[bool] = True
+    # fields added to a stored event type later: left out of the stored data while unset, so an
+    # event written before them encodes back to the very same bytes (and hash)
+    omit_when_none: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -146,6 +149,8 @@ class ApprovalRequested(StepEventData):
 
 
 class ApprovalGranted(StepEventData):
+    omit_when_none: ClassVar[frozenset[str]] = frozenset({"signed"})
+
     job_hash: str
     approver: str
     role: str
@@ -155,6 +160,8 @@ class ApprovalGranted(StepEventData):
 
 
 class ApprovalRejected(StepEventData):
+    omit_when_none: ClassVar[frozenset[str]] = frozenset({"signed"})
+
     job_hash: str
     approver: str
     role: str

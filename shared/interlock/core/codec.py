@@ -42,6 +42,9 @@ def envelope_from_event(event: Any, *, tenant: str, service: str, prev_hash: str
     """Turn an aggregate event into its stored envelope (a plain dict, hash included)."""
     data: ev.EventData = event.data
     data_json = data.model_dump(mode="json")
+    for name in data.omit_when_none:
+        if data_json.get(name) is None:
+            data_json.pop(name, None)
     envelope: dict[str, Any] = {
         "run_id": str(event.originator_id),
         "tenant": tenant,

@@ -267,6 +267,12 @@ class Service:
                 raise Poison(str(e)) from e
             meta = msg.metadata
             commit = stored_commit(meta.sequence.stream, msg.data, dict(msg.headers or {}), meta.timestamp.timestamp())
+            envelopes = commit.envelopes
+            wanted = wants is None or any(wants(e) if callable(wants) else e.get("type") in wants for e in envelopes)
+            if not wanted and not self.store.cached(tenant, run_id):
+                # nothing here acts on it or keeps its run: no need to check it now (a load checks it)
+                self.store.observe(tenant, run_id, meta.sequence.stream, commit)
+                return
             # nothing acts on a commit the keyring does not vouch for (the refusal is reported,
             # dead-lettered, once per process: see _refused)
             await self.store.prepare([commit])
@@ -274,8 +280,7 @@ class Service:
                 self.store.forget(tenant, run_id)
                 return
             self.store.observe(tenant, run_id, meta.sequence.stream, commit)
-            envelopes = commit.envelopes
-            if wants is None or any(wants(e) if callable(wants) else e.get("type") in wants for e in envelopes):
+            if wanted:
                 await handler(tenant, run_id, envelopes)
 
         self.pull(broker, s.EVENTS_ALL, s.EVENTS_STREAM, self.durable("events"), on_commit)

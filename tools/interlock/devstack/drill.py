@@ -415,6 +415,8 @@ async def _drill(stack: Stack, report: DrillReport, rng: random.Random, *, runs:
     creds = await asyncio.to_thread(stack.identity.get_or_issue, "admin", tenant, name=APPROVER)
     client = await Client.connect(stack.url, tenant=tenant, name="interlock-drill", patient=True, creds=creds)
     nc, js = client.nc, client.js
+    # the approval service trusts the approver's signatures once its key is in the keyring
+    await _retrying("publishing the keyring", stack.publish_keyring, patience=timeout)
     monitor = Monitor(tenant)
     consumer = PullConsumer(nc, js, stream=s.EVENTS_STREAM, durable=f"drill_{tenant.replace('-', '_')}",
                             subject=s.tenant_events(tenant), handler=monitor.on_msg, concurrency=256, ack_wait=30)

@@ -167,6 +167,15 @@ class Stack:
         finally:
             await nc.close()
 
+    async def publish_keyring(self) -> int:
+        """Publish the home's keyring (after issuing a credential while the stack runs), as admin."""
+        nc = await connect(self.url, creds=self.admin_creds, name="interlock-stack-keyring", patient=False,
+                           tls=ClientSettings())  # TLS: INTERLOCK_TLS_*
+        try:
+            return await self.identity.publish_keyring(nc.jetstream())
+        finally:
+            await nc.close()
+
     def _spawn(self, name: str, argv: list[str]) -> Proc:
         logs = self.home / "logs"
         logs.mkdir(parents=True, exist_ok=True)

@@ -109,6 +109,7 @@ class Authenticity:
         self.on_refused = on_refused
         self.cache_size = cache_size
         self._verdicts: OrderedDict[tuple[str, int], object] = OrderedDict()
+        self._reported: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.stats = {"checked": 0, "cached": 0, "refused": 0, "signed": 0}
 
     def headers(self, subject: str, envelopes: Sequence[Mapping[str, Any]]) -> dict[str, str]:
@@ -144,7 +145,7 @@ class Authenticity:
         return refusal
 
     def remember(self, subject: str, stream_seq: int, refusal: Refusal | None, commit: StoredCommit) -> None:
-        """Record a verdict; a refusal is reported (once) as it is first recorded."""
+        """Record a verdict on a commit's own content; a refusal is reported (once) as it is first recorded."""
         key = (subject, stream_seq)
         if key in self._verdicts:
             return
@@ -152,13 +153,24 @@ class Authenticity:
         while len(self._verdicts) > self.cache_size:
             self._verdicts.popitem(last=False)
         if refusal is not None:
-            self.stats["refused"] += 1
-            log.error("%s", refusal)
-            if self.on_refused is not None:
-                try:
-                    self.on_refused(refusal, commit)
-                except Exception:  # reporting must never stop a replay
-                    log.exception("reporting a refused commit failed")
+            self.report(refusal, commit)
+
+    def report(self, refusal: Refusal, commit: StoredCommit) -> None:
+        """Report a refusal once per commit (also one that depends on the state it was read
+        onto, which is not remembered as a verdict: a later replay judges it again)."""
+        key = (refusal.subject, refusal.stream_seq)
+        if key in self._reported:
+            return
+        self._reported[key] = None
+        while len(self._reported) > self.cache_size:
+            self._reported.popitem(last=False)
+        self.stats["refused"] += 1
+        log.error("%s", refusal)
+        if self.on_refused is not None:
+            try:
+                self.on_refused(refusal, commit)
+            except Exception:  # reporting must never stop a replay
+                log.exception("reporting a refused commit failed")
 
 
 __all__ = [

@@ -115,7 +115,11 @@ class EventStore:
             first = commit.envelopes[0]
             expected = (run.version + 1) if run is not None else 1
             if first.get("seq") != expected or first.get("prev_hash") != last_hash:
-                auth.remember(subject, commit.stream_seq, Refusal(
+                if handle is not None:  # the cached copy may be what is behind: the caller replays afresh
+                    raise ChainBroken(f"run {run_id}: the commit at stream seq {commit.stream_seq} does not follow "
+                                      f"the cached state (seq {expected - 1})")
+                # from the start of the log: the commit itself does not continue the run (a fork)
+                auth.report(Refusal(
                     subject, commit.stream_seq, BROKEN_LINK,
                     f"starts at seq {first.get('seq')} after hash {str(first.get('prev_hash'))[:12]}…, the run is "
                     f"at seq {expected - 1} with head hash {last_hash[:12]}…",
@@ -173,8 +177,12 @@ class EventStore:
         tenant, run_id = key
         if handle is not None:  # bring the cached copy forward
             commits = await self.read_checked(tenant, run_id, handle.stream_seq)
-            handle = self._replay(commits, tenant, run_id, handle) if commits else handle
-        else:
+            try:
+                handle = self._replay(commits, tenant, run_id, handle) if commits else handle
+            except ChainBroken:
+                self._cache.pop(key, None)
+                handle = None
+        if handle is None:
             handle = self._replay(await self.read_checked(tenant, run_id), tenant, run_id)
         if handle is None:
             raise RunNotFound(tenant, run_id)
@@ -208,6 +216,10 @@ class EventStore:
         self._cache.move_to_end(key)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
+
+    def cached(self, tenant: str, run_id: str) -> bool:
+        """Whether a copy of the run is in the cache."""
+        return (tenant, run_id) in self._cache
 
     def forget(self, tenant: str, run_id: str) -> None:
         """Drop the cached copy of a run: the next load replays it."""
