@@ -423,3 +423,53 @@ async def test_two_auditor_copies_never_fork_the_chain(sealed: Sealed) -> None:
         assert (await sealed.client.verify_seals()).ok
     finally:
         await nc.close()
+
+
+async def test_a_server_restart_is_not_a_recreation(tmp_path: Path) -> None:
+    """The stream's creation time survives a restart of the server on the same store, so a seal
+    taken before still agrees after (else every restart would look like a re-created stream)."""
+    from interlock.runtime.seals import Sealer, seal_verifier, verify_stream
+
+    home = IdentityHome(tmp_path / "home")
+    principals = Principals(home)
+    admin_creds, auditor_creds = principals.admin(), principals.service("auditor")
+    writer_creds = principals.service("planner")
+
+    def start() -> EmbeddedNats:
+        server = EmbeddedNats(store_dir=tmp_path / "store", port=0, log_file=tmp_path / "nats.log",
+                              config=home.server_config())
+        server.start()
+        return server
+
+    server = start()
+    try:
+        admin = await connect(server.url, admin_creds)
+        await provision(admin.jetstream())
+        writer = await connect(server.url, writer_creds)
+        await writer.jetstream().publish(s.run_events("default", "r1"), commit_bytes("r1"))
+        auditor = await connect(server.url, auditor_creds)
+        [seal] = await Sealer(auditor, Signer.from_creds(auditor_creds), seal_verifier(None)).seal("test")
+        assert seal.runs == 1
+        for nc in (admin, writer, auditor):
+            await nc.close()
+    finally:
+        server.stop()
+    server = start()
+    try:
+        admin = await connect(server.url, admin_creds)
+        report = await verify_stream(admin, seal_verifier(None))
+        assert report.ok and report.seal == seal, report.problems
+        await admin.close()
+    finally:
+        server.stop()
+
+
+def commit_bytes(run_id: str) -> bytes:
+    from interlock.contracts import events as ev
+    from interlock.core import codec
+
+    envelope: dict[str, Any] = {"run_id": run_id, "tenant": "default", "seq": 1, "type": ev.RunStarted.type_name,
+                                "at": "2026-12-02T00:00:00+00:00", "service": "test", "step_id": None,
+                                "attempt": None, "data": {}, "prev_hash": ev.GENESIS_HASH}
+    envelope["hash"] = codec.event_hash(envelope)
+    return codec.encode_commit(run_id, "default", [envelope])
