@@ -236,3 +236,11 @@ def test_the_bottom_up_root_is_the_rfc6962_recursive_one() -> None:
     for size in range(0, 40):
         leaves = [hashlib.sha256(bytes([i])).digest() for i in range(size)]
         assert sl._root_bottom_up(leaves) == sl._root(leaves), size
+
+
+def test_many_runs_with_one_problem_are_listed_up_to_a_limit_then_counted() -> None:
+    heads = {h.subject: h for h in (head(i, i + 1, 1) for i in range(150))}
+    seal, _ = sl.next_seal(None, {}, heads.values(), state(150), sealed_at="t", reason="interval", signer=SIGNER)
+    problems = sl.check_against_seal(seal, heads, state(150, first=151, messages=0), {})
+    assert kinds(problems) == [sl.STREAM_PURGED] + [sl.RUN_DELETED] * (sl.MAX_PER_KIND + 1)
+    assert problems[-1].message == f"and {150 - sl.MAX_PER_KIND} more runs with this problem (150 in all)"

@@ -496,12 +496,32 @@ def check_heads(seal: Seal, sealed: Mapping[str, Head], observed: Mapping[str, H
     return problems
 
 
+MAX_PER_KIND = 100  # run problems of one kind listed one by one; the rest are counted
+
+
+def capped(problems: Sequence[SealProblem], limit: int = MAX_PER_KIND) -> list[SealProblem]:
+    """At most ``limit`` problems of each kind, then one that counts the rest (a purged stream of
+    100,000 runs is one story, not 100,000 lines)."""
+    kept: list[SealProblem] = []
+    seen: dict[str, int] = {}
+    for problem in problems:
+        seen[problem.kind] = seen.get(problem.kind, 0) + 1
+        if seen[problem.kind] <= limit:
+            kept.append(problem)
+    for kind, count in seen.items():
+        if count > limit:
+            seal = next(p.seal for p in problems if p.kind == kind)
+            kept.append(SealProblem(kind, f"and {count - limit} more runs with this problem ({count} in all)", seal))
+    return kept
+
+
 def check_against_seal(seal: Seal, sealed: Mapping[str, Head], state: StreamState, observed: Mapping[str, Head],
                        *, subjects: Iterable[str] | None = None) -> list[SealProblem]:
-    """Everything :func:`check_stream` and :func:`check_heads` find (see both)."""
+    """Everything :func:`check_stream` and :func:`check_heads` find (see both), run problems
+    :func:`capped`."""
     recreated = state.stream == seal.stream and state.created != seal.created
     return [*check_stream(seal, state),
-            *check_heads(seal, sealed, observed, recreated=recreated, subjects=subjects)]
+            *capped(check_heads(seal, sealed, observed, recreated=recreated, subjects=subjects))]
 
 
 def wanted_seqs(sealed: Mapping[str, Head]) -> dict[str, int]:
@@ -512,7 +532,7 @@ def wanted_seqs(sealed: Mapping[str, Head]) -> dict[str, int]:
 __all__ = [
     "GENESIS", "MESSAGES_DELETED", "RUN_DELETED", "RUN_INSERTED", "RUN_MOVED", "RUN_REWRITTEN", "RUN_ROLLED_BACK",
     "SEAL_CHAIN", "SEAL_DIGEST", "SEAL_MALFORMED", "SEAL_SIGNATURE", "SEAL_VERSION", "STREAM_PURGED",
-    "STREAM_RECREATED", "STREAM_TRUNCATED", "Head", "HeadScanner", "Seal", "SealChain", "SealProblem", "SealSigner",
+    "STREAM_RECREATED", "STREAM_TRUNCATED", "Head", "capped", "HeadScanner", "Seal", "SealChain", "SealProblem", "SealSigner",
     "StreamState", "Verify", "check_against_seal", "check_heads", "check_stream", "fold_seals", "heads_root",
     "inclusion_proof", "leaf_hash", "next_seal", "sorted_heads", "verify_inclusion", "wanted_seqs",
 ]
