@@ -24,6 +24,7 @@ import base64
 import binascii
 import functools
 import hashlib
+import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -163,8 +164,6 @@ class Seal:
     @classmethod
     def decode(cls, data: bytes | str | dict[str, Any]) -> Seal:
         """Parse a stored seal; ValueError naming what is wrong."""
-        import json
-
         try:
             raw = json.loads(data) if isinstance(data, (bytes, str)) else data
         except ValueError as e:
