@@ -19,8 +19,8 @@ CLIENT_METHODS = [
     "pending_approval",
     "policy_active", "policy_decide", "policy_history", "policy_publish", "policy_rollback", "policy_simulate",
     "read_commits", "reject", "replay_dead_letter", "rerun", "rerun_plan", "resolve_dead_letter", "revoke_approver",
-    "runs", "start_run", "status", "timeline", "unseal", "usage", "verify", "wait", "wait_projected", "watch",
-    "with_tenant", "workflow", "workflows",
+    "runs", "seals", "start_run", "status", "timeline", "unseal", "usage", "verify", "verify_seals", "wait",
+    "wait_projected", "watch", "with_tenant", "workflow", "workflows",
 ]
 
 

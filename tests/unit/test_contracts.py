@@ -388,6 +388,10 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "ApprovalsReply": {"ok"},
     "UsageReply": {"ok"},
     "UsageRow": {"key", "runs", "calls", "input_tokens", "output_tokens", "cost_usd"},
+    # the auditor's seals (il.seal.{stream}): every field is signed, so none may be left out
+    "Seal": {"number", "stream", "created", "first_seq", "last_seq", "messages", "runs", "heads_root", "heads",
+             "sealed_at", "prev", "reason", "signer", "signature"},
+    "SealHead": {"subject", "stream_seq", "seq", "hash"},
 }
 
 

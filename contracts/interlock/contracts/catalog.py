@@ -453,6 +453,33 @@ STREAM_ACTIONS = Channel(
 )
 
 
+SEALED_STREAM = Param("stream", "The sealed stream's name (IL_EVENTS).")
+
+SEALS = Channel(
+    id="seals",
+    title="Seals of a stream",
+    pattern=Pattern(s.seals, (SEALED_STREAM,)),
+    message=msg.Seal,
+    description="The auditor's signed seals of a stream, one chain per stream: its creation time, first and last "
+                "sequence, message count and the Merkle root of every run's head, plus the heads that changed "
+                "since the previous seal. Taken every INTERLOCK_SEAL_INTERVAL_S seconds (default 60) when the "
+                "stream grew, and soon after a run ends. Appended conditionally (the previous seal's stream "
+                "sequence as expected last subject sequence), so two auditor copies never fork the chain. Kept "
+                "in IL_SEALS (no purge, no message delete; only the auditor role may publish). `interlock audit "
+                "seals` lists them, `interlock audit seal export` writes them to a file, `interlock audit verify` "
+                "checks the stream against the latest.",
+    transport="jetstream",
+    stream=s.SEALS_STREAM,
+    publishers=(AUDITOR,),
+    subscribers=(AUDITOR, OPERATOR),
+    headers=(Header(h.MSG_ID, "'seal:' + the seal's hash (the next seal's prev).",
+                    example="seal:9460d2131eaf32de71339a636d703a38537565032491142e1d244dc998a5829f"),
+             Header(h.EXPECTED_LAST_SUBJECT_SEQ, "Stream sequence of the previous seal ('0' for the first).",
+                    example="0")),
+    filters=(s.SEALS_ALL,),
+)
+
+
 def _command(name: str, id: str, title: str, request: type[msg.Message], service: str,
              description: str) -> Channel:
     return Channel(
@@ -512,6 +539,7 @@ CHANNELS: tuple[Channel, ...] = (
     JS_API_AUDIT,
     ADMIN_AUDIT,
     STREAM_ACTIONS,
+    SEALS,
     CMD_APPROVE,
     CMD_REJECT,
     CMD_CANCEL,

@@ -26,6 +26,9 @@ TRACEPARENT = "traceparent"
 """W3C trace context of the message's run and step."""
 
 # Headers of a batched direct-get reply, set by the server.
+SUBJECT = "Nats-Subject"
+"""Subject of the message returned."""
+
 SEQUENCE = "Nats-Sequence"
 """Stream sequence of the message returned."""
 

@@ -307,6 +307,40 @@ class DeadLetterStatus(Message):
     actions: list[DeadLetterAction] = Field(default_factory=list, description="Every action, oldest first")
 
 
+class SealHead(Message):
+    """Where one run's log ended when it was sealed."""
+
+    subject: str = Field(description="The run's subject, il.evt.{tenant}.{run_id}")
+    stream_seq: int = Field(ge=1, description="Stream sequence of the run's last commit")
+    seq: int = Field(ge=1, description="seq of the run's last event")
+    hash: str = Field(description="hash of the run's last event (its chain head)")
+
+
+class Seal(Message):
+    """The auditor's signed statement of how far a stream went (see contracts/README.md, "Seals").
+
+    ``signature`` is Ed25519 by ``signer`` (an nkey public key) over the canonical JSON of every
+    other field; the next seal's ``prev`` is the SHA-256 (hex) of those same bytes."""
+
+    v: Literal[1] = 1
+    number: int = Field(ge=1, description="Position in the chain, 1 for the first seal")
+    stream: str = Field(description="The sealed stream (IL_EVENTS)")
+    created: str = Field(description="The stream's creation time as the server reports it: a re-created stream "
+                                     "has another")
+    first_seq: int = Field(ge=0, description="The stream's first sequence when sealed")
+    last_seq: int = Field(ge=0, description="The stream's last sequence when sealed: the seal point")
+    messages: int = Field(ge=0, description="Messages the stream held in first_seq..last_seq")
+    runs: int = Field(ge=0, description="Run subjects with at least one message up to last_seq")
+    heads_root: str = Field(description="RFC 6962 Merkle root (hex) of every run's head, sorted by subject")
+    heads: list[SealHead] = Field(description="The heads that changed since the previous seal (every head in "
+                                              "seal 1)")
+    sealed_at: str = Field(description="When the auditor sealed (RFC 3339 UTC)")
+    prev: str = Field(description="SHA-256 (hex) of the previous seal's signed bytes; 64 zeros for seal 1")
+    reason: str = Field(description="interval, run_ended or start")
+    signer: str = Field(description="Key id (nkey public key, U…) of the auditor that signed")
+    signature: str = Field(description="Ed25519 signature, base64url without padding")
+
+
 _QUERY_TENANT = ("Deprecated, ignored: the query is answered for the query subject's tenant. A query whose "
                  "tenant differs from the subject's is refused.")
 

@@ -17,6 +17,7 @@ Subject layout (``{…}`` is one token; tokens never contain dots, except job to
 - ``il.q.{tenant}.{name}``                auditor queries, request-reply
 - ``il.dlq.{service}``                    dead letters (stream ``IL_DLQ``)
 - ``il.control.cancel.{tenant}.{run_id}`` tells running workers their run was cancelled
+- ``il.seal.{stream}``                    the auditor's signed seals of a stream (stream ``IL_SEALS``)
 
 Every tenant-owned subject carries the tenant, and a command carries the principal who sends it:
 the server lets a credential publish only its own tenant's (and own principal's) subjects, so a
@@ -41,6 +42,7 @@ RESULTS_STREAM = "IL_RESULTS"
 TIMERS_STREAM = "IL_TIMERS"
 NOTIFY_STREAM = "IL_NOTIFY"
 DLQ_STREAM = "IL_DLQ"
+SEALS_STREAM = "IL_SEALS"
 
 # -- key-value buckets and object store ----------------------------------------------------
 WORKFLOWS_BUCKET = "il_workflows"  # key: {workflow_id}.{version} and {workflow_id}.latest
@@ -62,6 +64,7 @@ TIMERS_FIRED_ALL = f"{PREFIX}.timer.fire.>"
 NOTIFY_ALL = f"{PREFIX}.notify.>"
 DLQ_ALL = f"{PREFIX}.dlq.>"
 CONTROL_CANCEL_ALL = f"{PREFIX}.control.cancel.>"
+SEALS_ALL = f"{PREFIX}.seal.>"
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_\-]+$")
 _TOPIC = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
@@ -201,6 +204,11 @@ def dead_letter_key(seq: int) -> str:
     if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
         raise SubjectError(f"dead letter id {seq!r} is not a stream sequence (a whole number from 1)")
     return str(seq)
+
+
+def seals(stream: str) -> str:
+    """The chain of seals of ``stream`` (one subject per sealed stream, in ``SEALS_STREAM``)."""
+    return f"{PREFIX}.seal.{token(stream, 'stream')}"
 
 
 def control_cancel(tenant: str, run_id: str) -> str:

@@ -4,6 +4,7 @@ records who changed which stream (the admin audit)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -28,10 +29,12 @@ from interlock.contracts.messages import Alert, QueryReply, RunQuery, RunsQuery,
 from interlock.core import adminaudit, codec
 from interlock.core.eventstore import EventStore, EventStoreError
 from interlock.core.eventstore.recorder import stored_commit
+from interlock.identity import Signer
 from interlock.runtime import metrics, tracing
 from interlock.runtime.connect import connect
 from interlock.runtime.deadletter import dead_letter
 from interlock.runtime.publish import publish
+from interlock.runtime.seals import DEFAULT_INTERVAL_S, INTERVAL_ENV, Sealer, seal_verifier
 from interlock.runtime.service import Poison, Service, ServiceSettings, body_disagrees
 from interlock.runtime.settings import SettingsError
 
@@ -45,6 +48,9 @@ ALERT_TICK_S = 2.0
 DEFAULT_INSTANCE = "auditor"
 MAX_QUERY_LIMIT = 10_000
 RECORD_PATIENCE_S = 60.0  # how long a change's record is retried (a leader election, a reconnect)
+RUN_END_SEAL_DELAY_S = 1.0  # runs ending within a second share one seal (a seal hashes every run head)
+RUN_ENDED = frozenset(t.type_name for t in (ev.RunSucceeded, ev.RunFailed, ev.RunDenied, ev.RunCancelled,
+                                            ev.RunTimedOut))
 
 _NOT_TOKEN = re.compile(r"[^A-Za-z0-9_\-]+")
 
@@ -140,8 +146,15 @@ class AuditorService(Service):
     name = "auditor"
 
     def __init__(self, settings: ServiceSettings | None = None, *, db_path: str | Path | None = None,
-                 instance: str | None = None) -> None:
+                 instance: str | None = None, seal_interval: float | None = None) -> None:
         super().__init__(settings)
+        self.seal_interval = float(seal_interval if seal_interval is not None
+                                   else os.environ.get(INTERVAL_ENV) or DEFAULT_INTERVAL_S)
+        if self.seal_interval <= 0:
+            raise ValueError(f"{INTERVAL_ENV} must be a positive number of seconds, not {self.seal_interval:g}")
+        self.seal_writer: Sealer | None = None
+        self._seal_soon = asyncio.Event()
+        self._sealing: asyncio.Task[None] | None = None
         self.instance = instance_id(instance or os.environ.get(INSTANCE_ENV) or DEFAULT_INSTANCE)
         self.db_path = str(db_path or os.environ.get(DB_ENV) or default_db_path(self.instance))
         self.projection = Projection(self.db_path)
@@ -170,8 +183,40 @@ class AuditorService(Service):
         self._api_audit = await self.nc.subscribe(s.JS_API_AUDIT, queue=self.name, cb=self.on_api_audit)
         if self.alerts is not None:
             self._alert_ticker = asyncio.create_task(self._tick_alerts(), name="auditor-alerts")
+        self._start_sealing()
+
+    # -- seals -------------------------------------------------------------------------------
+    def _start_sealing(self) -> None:
+        if self.settings.creds is None:
+            log.warning("auditor %s: no credential, so no key to sign seals with: not sealing", self.instance)
+            return
+        signer = Signer.from_creds(self.settings.creds)
+        self.seal_writer = Sealer(self.nc, signer, seal_verifier(self.keyring.keyring, also=signer.key_id))
+        self._sealing = asyncio.create_task(self._seal_loop(), name=f"auditor-{self.instance}-seals")
+
+    async def _seal_loop(self) -> None:
+        """Seal every ``seal_interval`` seconds, and soon after a run ends."""
+        assert self.seal_writer is not None
+        reason = "start"
+        while True:
+            try:
+                await self.seal_writer.seal(reason)
+            except Exception as e:  # a conflict with another copy, an election: the next round retries
+                log.warning("auditor %s: sealing failed (next try in %gs): %s", self.instance, self.seal_interval, e)
+            self._seal_soon.clear()
+            try:
+                await asyncio.wait_for(self._seal_soon.wait(), timeout=self.seal_interval)
+                await asyncio.sleep(RUN_END_SEAL_DELAY_S)
+                reason = "run_ended"
+            except TimeoutError:
+                reason = "interval"
 
     async def teardown(self) -> None:
+        if self._sealing is not None:
+            self._sealing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sealing
+            self._sealing = None
         if self._alert_ticker is not None:
             self._alert_ticker.cancel()
         if self._api_audit is not None:
@@ -268,6 +313,8 @@ class AuditorService(Service):
             await self.projection.note_position(stream_seq)
             return
         await catch_up(self.projection, self.store, tenant, run_id, envelopes, stream_seq, self._measure)
+        if any(isinstance(e, dict) and e.get("type") in RUN_ENDED for e in envelopes):
+            self._seal_soon.set()
 
     def _measure(self, tenant: str, run_id: str, envelopes: Envelopes) -> None:
         """The log's metrics (runs, steps, decisions, approvals) from newly projected events."""

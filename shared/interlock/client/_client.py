@@ -62,11 +62,13 @@ from interlock.core.eventstore import EventStore, JetStreamRecorder, RunNotFound
 from interlock.core.eventstore.recorder import stored_commit
 from interlock.core.ids import run_id_for
 from interlock.core.run import Run
+from interlock.core.seal import Seal
 from interlock.core.sealed import SealedError
 from interlock.core.topology import provision
 from interlock.core.verify import VerifyReport, verify_run
 from interlock.core.workflow import Workflow
 from interlock.identity import Keyring, Signer, creds_inbox_prefix, creds_permissions, read_keyring
+from interlock.runtime import seals as _seals
 from interlock.runtime import tls as _tls
 from interlock.runtime.connect import ConnectRefused, NoServerAnswered, connect, url_file
 from interlock.runtime.datakeys import DataKeyError, PayloadSealer
@@ -74,6 +76,7 @@ from interlock.runtime.deadletter import CannotReplay, read_entry, replay_msg_id
 from interlock.runtime.policy import ACTIVE as POLICY_KEY
 from interlock.runtime.publish import publish
 from interlock.runtime.registry import VersionConflict, WorkflowNotFound, WorkflowRegistry
+from interlock.runtime.seals import SealReport
 from interlock.runtime.signing import signing_enabled
 
 log = logging.getLogger(__name__)
@@ -697,6 +700,48 @@ class Client:
         if not commits:
             raise NotFound(f"run {run_id} has no events in tenant {self.tenant!r}")
         return list(export_lines(run_id, self.tenant, commits))
+
+    # -- seals -------------------------------------------------------------------------------
+    def _may_read(self, stream: str, what: str) -> None:
+        self._may_publish(s.js_direct_get(stream), f"{what} (reading {stream}; the admin credential may)")
+
+    async def seals(self) -> list[Seal]:
+        """The auditor's seals of the event stream, oldest first (an unreadable one: ClientError)."""
+        self._may_read(s.SEALS_STREAM, "list the seals")
+        stored = await _seals.read_seals(self.nc)
+        bad = [(n, x) for n, x in enumerate(stored.seals, start=1) if isinstance(x, ValueError)]
+        if bad:
+            raise ClientError(f"seal {bad[0][0]} in {s.SEALS_STREAM} is not a seal: {bad[0][1]}")
+        return [x for x in stored.seals if not isinstance(x, ValueError)]
+
+    async def verify_seals(self, run_id: str | None = None, *, seals_file: str | Path | None = None,
+                           keyring: Keyring | None = None) -> SealReport:
+        """The event stream (or one run's log) against the latest seal: truncation, purges, deleted
+        messages, a re-created stream, a run rolled back or rewritten (render with
+        ``runtime.seals.render_seal_report``). ``seals_file``: an export to check against instead
+        of IL_SEALS (catches a re-created stream whose seals were wiped too). Seals must be signed
+        by an auditor key of ``keyring`` (None: the keyring bucket's)."""
+        seals = _seals.load_seal_file(Path(seals_file)) if seals_file is not None else None
+        source = str(seals_file) if seals_file is not None else s.SEALS_STREAM
+        if seals is None:
+            try:
+                self._may_read(s.SEALS_STREAM, "check against the seals")
+            except Refused as e:
+                if run_id is None:
+                    raise
+                # a person may verify a run's chain without seeing the seals (they name every tenant's runs)
+                return SealReport(None, note=f"not checked against a seal: {e}; check against an export an "
+                                             "admin made (`interlock audit seal export`) with --seals FILE")
+        verify = _seals.seal_verifier(keyring if keyring is not None else await read_keyring(self.js))
+        try:
+            if run_id is None:
+                self._may_read(s.EVENTS_STREAM, "check the whole event stream")
+                return await _seals.verify_stream(self.nc, verify, seals=seals, source=source)
+            commits = [(c.stream_seq, c.envelopes) for c in await self.read_commits(run_id)]
+            return await _seals.verify_run_heads(self.nc, verify, s.run_events(self.tenant, run_id), commits,
+                                                 seals=seals, source=source)
+        except _seals.SealError as e:
+            raise ClientError(str(e)) from None
 
     # -- policy ------------------------------------------------------------------------------
     async def policy_publish(self, source: str, *, version: str | None = None, by: str) -> PolicyRevision:

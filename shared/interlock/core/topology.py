@@ -72,6 +72,9 @@ STREAMS: tuple[StreamSpec, ...] = (
                max_age=365 * DAY, audit=True, max_msg_size=ADMIN_AUDIT_MAX_MSG, retired_subjects=(s.JS_API_AUDIT,)),
     StreamSpec(s.EVENTS_STREAM, [s.EVENTS_ALL], "Run event logs: the source of truth and the audit trail",
                audit=True, allow_atomic=True),
+    # the auditor's signed seals of IL_EVENTS: kept forever, like the log they seal
+    StreamSpec(s.SEALS_STREAM, [s.SEALS_ALL], "Seals: the auditor's signed heads of the event stream",
+               audit=True),
     StreamSpec(s.TRIGGERS_STREAM, [s.TRIGGERS_ALL], "Trigger events that start runs", max_age=7 * DAY),
     StreamSpec(s.JOBS_STREAM, [s.JOBS_ALL], "Jobs for agent workers (work queue)",
                retention=RetentionPolicy.WORK_QUEUE, max_age=7 * DAY),

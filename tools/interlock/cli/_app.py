@@ -18,6 +18,7 @@ from interlock.cli import (
     _ops,
     _policy,
     _run,
+    _seals,
     _tenant,
     _workflow,
 )
@@ -91,6 +92,7 @@ app.add_typer(_tenant.app, name="tenant")
 app.command("cost")(_observe.cost)
 app.command("alerts")(_observe.alerts)
 _admin_audit.register(_audit.app)
+_seals.register(_audit.app)
 
 # -- processes -----------------------------------------------------------------------------------
 PROCESSES = "Processes"
