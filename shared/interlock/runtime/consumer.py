@@ -5,6 +5,10 @@ which puts up to the timeout on every hop of a run. Here one pull request for a 
 on the server, which pushes each message to us as soon as it exists (the way the Go and JS
 clients' ``consume()`` works); a new request goes out when the previous one is used up or
 expires. Handlers run concurrently, bounded; each acks its own message.
+
+While a handler works on a message, the consumer sends a progress ack for it every
+``timing.PROGRESS_INTERVAL_S``, so the short ack wait (``timing.ACK_WAIT_S``) never takes work
+from a live holder, and work held by a killed process is redelivered to another copy within it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import contextlib
 import functools
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import nats.errors
@@ -26,6 +31,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header
 from nats.js.errors import BadRequestError, ServiceUnavailableError
 
 from interlock.contracts import subjects as s
+from interlock.contracts import timing
 from interlock.core.retry import Backoff, retrying
 
 log = logging.getLogger(__name__)
@@ -43,8 +49,12 @@ class PullConsumer:
     """One durable consumer of ``subject`` on ``stream``; ``handler`` gets each message (and acks it)."""
 
     def __init__(self, nc: NATS, js: JetStreamContext, *, stream: str, durable: str, subject: str,
-                 handler: Callable[[Msg], Awaitable[None]], concurrency: int = 64, ack_wait: float = 60.0,
-                 max_ack_pending: int = 20_000) -> None:
+                 handler: Callable[[Msg], Awaitable[None]], concurrency: int = 64,
+                 ack_wait: float = timing.ACK_WAIT_S, progress_interval: float | None = timing.PROGRESS_INTERVAL_S,
+                 max_ack_pending: int = 20_000, max_deliver: int = -1) -> None:
+        """``progress_interval``: how often a message still in its handler gets a progress ack
+        (None: never; then ``ack_wait`` must outlast every handler). ``max_deliver``: deliveries of
+        one message at most (-1: no limit)."""
         self.nc = nc
         self.js = js
         self.stream = stream
@@ -54,6 +64,10 @@ class PullConsumer:
         self.concurrency = concurrency
         self.ack_wait = ack_wait
         self.max_ack_pending = max_ack_pending
+        self.max_deliver = max_deliver
+        self.progress_interval = progress_interval
+        self._held: dict[int, tuple[Msg, float]] = {}  # id(msg) -> (msg, monotonic time of its last mark)
+        self._progress_task: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(concurrency)
         self._sub: Subscription | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -71,7 +85,7 @@ class PullConsumer:
             name=self.durable if literal else None,
             durable_name=self.durable, filter_subject=self.subject, ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.ack_wait, max_ack_pending=self.max_ack_pending, deliver_policy=DeliverPolicy.ALL,
-            max_deliver=-1,
+            max_deliver=self.max_deliver,
         )
         await retrying(functools.partial(self._create, config),
                        what=f"creating consumer {self.durable} on {self.stream}", backoff=CREATE_BACKOFF,
@@ -81,6 +95,9 @@ class PullConsumer:
         self._sub = await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
         self._running = True
         self._loop_task = asyncio.create_task(self._pull_loop(), name=f"pull-{self.durable}")
+        if self.progress_interval is not None:
+            self._progress_task = asyncio.create_task(self._progress_loop(self.progress_interval),
+                                                      name=f"progress-{self.durable}")
 
     async def _create(self, config: ConsumerConfig) -> None:
         try:
@@ -101,6 +118,28 @@ class PullConsumer:
                 await self._sub.unsubscribe()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=10)
+        if self._progress_task is not None:
+            self._progress_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._progress_task
+
+    @property
+    def handling(self) -> set[asyncio.Task[None]]:
+        """The handler tasks still running (after :meth:`stop`, those that outlasted its wait)."""
+        return set(self._tasks)
+
+    async def _progress_loop(self, interval: float) -> None:
+        # one timer per consumer, not one per message; a message is marked at most every
+        # interval and at least every 1.5 intervals, well inside the ack wait
+        while True:
+            await asyncio.sleep(interval)
+            due = time.monotonic() - interval / 2
+            for key, (msg, marked) in list(self._held.items()):
+                if marked > due or msg._ackd:
+                    continue
+                self._held[key] = (msg, time.monotonic())
+                with contextlib.suppress(Exception):  # reconnecting: the next one may get through
+                    await msg.in_progress()
 
     async def _pull_loop(self) -> None:
         api = s.js_consumer_next(self.stream, self.durable)
@@ -152,12 +191,16 @@ class PullConsumer:
             self._wake.set()
 
     async def _handle(self, msg: Msg) -> None:
-        async with self._slots:
-            try:
-                await self.handler(msg)
-            except Exception:
-                log.exception("consumer %s: unhandled error", self.durable)
-                await self._give_up_on(msg)
+        self._held[id(msg)] = (msg, time.monotonic())
+        try:
+            async with self._slots:
+                try:
+                    await self.handler(msg)
+                except Exception:
+                    log.exception("consumer %s: unhandled error", self.durable)
+                    await self._give_up_on(msg)
+        finally:
+            del self._held[id(msg)]
 
     async def _give_up_on(self, msg: Msg) -> None:
         """A message whose handler keeps failing outside its own error handling (it could not even

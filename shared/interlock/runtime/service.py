@@ -26,6 +26,7 @@ from nats.js import JetStreamContext
 from pydantic import BaseModel, ValidationError
 
 from interlock.contracts import subjects as s
+from interlock.contracts import timing
 from interlock.core import codec
 from interlock.core.eventstore import EventStore, EventStoreError, RunNotFound, StaleState
 from interlock.core.retry import Backoff, retrying
@@ -227,7 +228,7 @@ class Service:
         return f"{self.name}{'_' + suffix if suffix else ''}"
 
     def pull(self, broker: NatsBroker, subject: str, stream: str, durable: str,
-             handler: Callable[[Msg], Awaitable[None]], *, ack_wait: float = 15.0) -> None:
+             handler: Callable[[Msg], Awaitable[None]], *, ack_wait: float = timing.ACK_WAIT_S) -> None:
         """A durable pull consumer, shared by every copy of this service, with guarded handling.
 
         JetStream consumption uses :class:`PullConsumer` rather than a FastStream pull

@@ -21,8 +21,15 @@ Then it checks what the invariant promises:
   exactly one terminal event (only late results of abandoned attempts may follow it).
 
 The report gives kills by kind, the runs' outcomes, the time to resume after each kill (from
-the kill to the next event appended to any of the drill's runs; p50 and max) and every
-violation. The exit code is non-zero on any violation.
+the kill to the next event appended to any of the drill's runs; p50 and max), the time until
+every run in flight at the kill moved again (p50, p99 and max, separately for service and worker
+kills and for NATS node kills, judged against :data:`STALL_GOALS`) and every violation. The exit
+code is non-zero on any violation (a missed stall goal is reported, not an exit code).
+
+Each run-path service (planner, policy, approval, dispatcher) runs ``copies`` processes (default
+2; the auditor one): a kill takes one copy, and its held messages go to the others within the
+consumers' ack wait (:mod:`interlock.contracts.timing`). With ``--copies 1`` a killed service's
+work waits for its restart (the drill's pause of 0.2-1.5 s plus the process's start-up).
 
 With ``--nats URL`` the drill targets a stack that is already running: it starts its own two
 example-agent workers against it and kills only those (it never touches processes it did not
@@ -41,6 +48,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -71,7 +79,7 @@ from interlock.core.natsserver import NatsServerError
 from interlock.core.verify import verify_envelopes
 from interlock.core.workflow import Workflow, load_workflow
 from interlock.devstack import example_file
-from interlock.devstack.stack import SERVICES, Stack
+from interlock.devstack.stack import Stack
 from interlock.runtime.consumer import PullConsumer
 
 OUTCOMES = ev.kinds(ev.StepSucceeded, ev.StepFailed)
@@ -81,6 +89,10 @@ DRILL_RETRIES = {"max_attempts": 10, "backoff_ms": 100, "max_backoff_ms": 1000}
 HEARTBEAT_TIMEOUT_MS = 3000  # a killed worker's job times out and is retried after this
 JOB_TIMEOUT_MS = 20_000  # the backstop for an attempt that never heartbeats (see the report's stalls)
 STALL_S = 10.0  # a pause this long between two events of a running run is reported
+RUN_PATH_SERVICES = ("planner", "policy", "approval", "dispatcher")  # the auditor is not on a run's path
+DEFAULT_COPIES = 2
+# kill kind -> the p99 of "every in-flight run moving again" the drill should stay within (seconds)
+STALL_GOALS = {"service or worker": 2.0, "IL_EVENTS leader": 7.0, "other NATS node": 7.0}
 
 # -- the workload ------------------------------------------------------------------------------
 _RETRIES = "{" + ", ".join(f"{k}: {v}" for k, v in DRILL_RETRIES.items()) + "}"
@@ -218,9 +230,30 @@ class DrillReport:
     workload_s: float = 0.0
     total_s: float = 0.0
 
+    copies: int = 1  # processes per run-path service
+
     @property
     def ok(self) -> bool:
         return not self.violations and not self.crashes
+
+    def moving_by_goal(self) -> dict[str, list[float]]:
+        """Seconds until every run in flight at a kill moved again, per kind of kill of STALL_GOALS."""
+        groups: dict[str, list[float]] = {goal: [] for goal in STALL_GOALS}
+        for k in self.kills:
+            if k.all_moving_s is None:
+                continue
+            if k.kind != "nats":
+                groups["service or worker"].append(k.all_moving_s)
+            elif f"{s.EVENTS_STREAM} leader" in k.note:
+                groups["IL_EVENTS leader"].append(k.all_moving_s)
+            else:
+                groups["other NATS node"].append(k.all_moving_s)
+        return groups
+
+    def stall_goal_met(self) -> bool:
+        """Every kind of kill that happened stayed within its goal at the p99."""
+        return all(percentile(times, 99) <= STALL_GOALS[goal] for goal, times in self.moving_by_goal().items()
+                   if times)
 
     def resume_times(self) -> list[float]:
         return [k.resume_s for k in self.kills if k.resume_s is not None]
@@ -231,7 +264,8 @@ class DrillReport:
     def render(self) -> str:
         where = (f"running stack at {self.target} (only the drill's own workers are killed)" if self.target
                  else "3-node cluster, R3 streams" if self.cluster else "single NATS node")
-        lines = [f"interlock drill — {where}, "
+        copies = f", {self.copies} copies of {'/'.join(RUN_PATH_SERVICES)}" if not self.target else ""
+        lines = [f"interlock drill — {where}{copies}, "
                  f"seed {self.seed}, tenant {self.tenant}, home {self.home}"]
         by_kind = Counter(k.kind for k in self.kills)
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(by_kind.items())) or "none"
@@ -255,6 +289,15 @@ class DrillReport:
         if moving:
             lines.append(f"time until every run in flight at the kill moved again: p50 "
                          f"{statistics.median(moving):.1f}s, max {max(moving):.1f}s (n={len(moving)})")
+            for goal, times in self.moving_by_goal().items():
+                if not times:
+                    continue
+                p99 = percentile(times, 99)
+                verdict = "PASS" if p99 <= STALL_GOALS[goal] else "MISS"
+                lines.append(f"  after a {goal} kill: p50 {percentile(times, 50):.2f}s, p99 {p99:.2f}s, "
+                             f"max {max(times):.2f}s (n={len(times)}; goal p99 <= {STALL_GOALS[goal]:g}s: {verdict})")
+            lines.append(f"stall goal: {'PASS' if self.stall_goal_met() else 'MISS'} "
+                         f"(p99 by nearest rank: the max while n < 100)")
         outcome = ", ".join(f"{n} {t.removeprefix('Run').lower()}" for t, n in sorted(self.outcomes.items()))
         lines.append(f"runs: {self.runs} submitted (+1 warm-up); {outcome or 'none ended'}; "
                      f"workload {self.workload_s:.1f}s, drill {self.total_s:.1f}s")
@@ -287,6 +330,12 @@ class DrillReport:
         else:
             lines.append("no violations in the runs' logs, but processes crashed (above)")
         return "\n".join(lines)
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """The nearest-rank percentile (an observed value; the max while len(values) < 100 / (100 - pct))."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
 
 
 # -- live state, fed by a consumer of the drill tenant's events -------------------------------
@@ -353,7 +402,7 @@ def _print(text: str) -> None:
 
 async def run_drill(*, runs: int = 200, kills: int = 20, cluster: bool = False, seed: int | None = None,
                     timeout: float = 600.0, home: Path | str | None = None, nats_url: str | None = None,
-                    progress: Progress = _print) -> DrillReport:
+                    copies: int = DEFAULT_COPIES, progress: Progress = _print) -> DrillReport:
     """Run the drill and return its report (see the module docstring)."""
     seed = seed if seed is not None else random.randrange(1_000_000)
     rng = random.Random(seed)
@@ -362,7 +411,7 @@ async def run_drill(*, runs: int = 200, kills: int = 20, cluster: bool = False, 
     tenant = f"drill-{uuid.UUID(int=rng.getrandbits(128)).hex[:10]}"
     effects_file = home / f"side-effects-{tenant}.jsonl"
     report = DrillReport(runs=runs, kills_planned=kills, cluster=cluster and not nats_url, seed=seed, tenant=tenant,
-                         home=str(home), target=nats_url or "")
+                         home=str(home), target=nats_url or "", copies=copies)
     t_start = time.monotonic()
     agents = f"{example_file('agents.py')}:worker"
     # the drill's workers take the drill tenant's jobs (INTERLOCK_TENANT is a worker setting)
@@ -376,7 +425,7 @@ async def run_drill(*, runs: int = 200, kills: int = 20, cluster: bool = False, 
                       identity_dir=Path(os.environ.get("INTERLOCK_IDENTITY_HOME") or Path(".interlock") / "identity"))
     else:
         stack = Stack(home=home, port=0, workers=[agents, agents], env=env, cluster=3 if cluster else 0,
-                      tenant=tenant)
+                      tenant=tenant, copies=dict.fromkeys(RUN_PATH_SERVICES, copies))
     try:
         progress(f"drill: seed {seed}, {runs} runs, {kills} kills, "
                  f"{'target ' + nats_url if nats_url else ('3-node cluster' if cluster else 'single node')}, "
@@ -610,7 +659,7 @@ async def _decide(client: Client, a: Approval) -> None:
 async def _chaos(stack: Stack, report: DrillReport, rng: random.Random, kills: int, t0: float, window: float,
                  own_stack: bool, nc: NATS, progress: Progress, down: set[str]) -> None:
     workers = [name for name in stack.procs if name.startswith("worker-")]
-    services = [name for name in SERVICES if name in stack.procs] if own_stack else []
+    services = [name for name in stack.service_processes() if name in stack.procs] if own_stack else []
     nodes = stack.nodes if own_stack else []
     leader_kill = rng.randrange(kills) if nodes and kills else -1
     await asyncio.sleep(min(1.0, window / max(1, kills)))
@@ -804,6 +853,10 @@ def add_drill_parser(subparsers: Any) -> argparse.ArgumentParser:
                     help="give up on runs not ended this many seconds after the workload started "
                          "(default %(default)s)")
     sp.add_argument("--home", default=None, help="state and logs directory (default: a new temporary one)")
+    sp.add_argument("--copies", type=int, default=DEFAULT_COPIES,
+                    help=f"processes per run-path service ({', '.join(RUN_PATH_SERVICES)}; default %(default)s): a "
+                         "kill takes one copy while the others carry on; with 1 a killed service's work waits for "
+                         "its restart")
     sp.add_argument("--nats", default=None, metavar="URL",
                     help="target a stack that is already running (comma-separated URLs for a cluster): the drill "
                          "then starts its own two example-agent workers there and kills only those; it never "
@@ -815,20 +868,21 @@ def add_drill_parser(subparsers: Any) -> argparse.ArgumentParser:
 def cmd_drill(args: argparse.Namespace) -> int:
     """``interlock drill`` from parsed arguments (see :func:`add_drill_parser`)."""
     return drill_command(runs=args.runs, kills=args.kills, cluster=args.cluster, seed=args.seed,
-                         timeout=args.timeout, home=args.home, nats_url=args.nats)
+                         timeout=args.timeout, home=args.home, nats_url=args.nats, copies=args.copies)
 
 
 def drill_command(*, runs: int = 200, kills: int = 20, cluster: bool = False, seed: int | None = None,
-                  timeout: float = 600.0, home: Path | str | None = None, nats_url: str | None = None) -> int:
+                  timeout: float = 600.0, home: Path | str | None = None, nats_url: str | None = None,
+                  copies: int = DEFAULT_COPIES) -> int:
     """Run the drill, print its report; the exit code: 0 no violation, 1 violations or a failure, 2 bad arguments."""
-    if runs < 1 or kills < 0:
-        print("interlock drill: --runs must be at least 1 and --kills at least 0", file=sys.stderr)
+    if runs < 1 or kills < 0 or copies < 1:
+        print("interlock drill: --runs and --copies must be at least 1 and --kills at least 0", file=sys.stderr)
         return 2
     # the drill's own publishes retry through failovers on purpose: their warnings are noise here
     logging.getLogger("interlock").setLevel(logging.ERROR)
     try:
         report = asyncio.run(run_drill(runs=runs, kills=kills, cluster=cluster, seed=seed, timeout=timeout,
-                                       home=home, nats_url=nats_url))
+                                       home=home, nats_url=nats_url, copies=copies))
     except (RuntimeError, NatsServerError, ClientError) as e:
         print(f"interlock drill: {e}", file=sys.stderr)
         return 1
