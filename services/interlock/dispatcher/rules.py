@@ -159,6 +159,24 @@ def republish(run: Run, workflow: Workflow, envelopes: Sequence[dict[str, Any]],
     return jobs
 
 
+def retry_timers(run: Run, envelopes: Sequence[dict[str, Any]]) -> list[TimerFired]:
+    """The retry timers of this commit's RetryScheduled events whose retry is still waiting: their
+    scheduling again is dropped as a duplicate (same subject and due time), and it restores a
+    timer lost to a crash between the commit and its scheduling, within the consumer's ack wait
+    instead of at the next reconciler pass."""
+    timers = []
+    for envelope in envelopes:
+        if envelope["type"] != ev.RetryScheduled.type_name:
+            continue
+        data = ev.RetryScheduled.model_validate(envelope["data"])
+        state = run.steps.get(envelope["step_id"])
+        waiting = state is not None and state.status == "retry_wait" and state.attempt + 1 == data.attempt
+        if waiting and state is not None and not run.terminal:
+            timers.append(TimerFired(kind="retry", run_id=run.run_id, tenant=run.tenant, step_id=state.step_id,
+                                     attempt=data.attempt, due_at=data.due_at))
+    return timers
+
+
 def lost_jobs(run: Run, workflow: Workflow, published: Container[str]) -> list[PublishJob]:
     """Jobs still waiting for a worker that this process never published (the reconciler re-offers
     them; one still queued is deduplicated)."""

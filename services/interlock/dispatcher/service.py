@@ -106,6 +106,7 @@ class DispatcherService(Service):
         if any(e["type"] == ev.StepDispatched.type_name for e in envelopes):
             workflow = await self.registry.get(run.workflow_id, run.workflow_version)
             await self.carry_out(rules.republish(run, workflow, envelopes, self._published))
+        await self.carry_out(rules.retry_timers(run, envelopes))
 
     async def reconcile(self, tenant: str, run_id: str) -> None:
         """Dispatch what is due, re-offer jobs whose message may be lost, and time out attempts

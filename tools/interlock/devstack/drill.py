@@ -73,6 +73,7 @@ from nats.js.errors import NotFoundError
 from interlock.client import TERMINAL_EVENTS as TERMINAL
 from interlock.client import Client, ClientError, Refused
 from interlock.contracts import events as ev
+from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
 from interlock.core import codec
 from interlock.core.natsserver import NatsServerError
@@ -80,6 +81,7 @@ from interlock.core.verify import verify_envelopes
 from interlock.core.workflow import Workflow, load_workflow
 from interlock.devstack import example_file
 from interlock.devstack.stack import Stack
+from interlock.identity import creds_inbox_prefix
 from interlock.runtime.consumer import PullConsumer
 
 OUTCOMES = ev.kinds(ev.StepSucceeded, ev.StepFailed)
@@ -465,7 +467,11 @@ async def _drill(stack: Stack, report: DrillReport, rng: random.Random, *, runs:
     client = await Client.connect(stack.url, tenant=tenant, name="interlock-drill", patient=True, creds=creds)
     nc, js = client.nc, client.js
     monitor = Monitor(tenant)
-    consumer = PullConsumer(nc, js, stream=s.EVENTS_STREAM, durable=f"drill_{tenant.replace('-', '_')}",
+    # one of the drill principal's own consumer names: only those may it ack (an un-acked monitor
+    # would have every event redelivered to it, a load of its own on the server under test)
+    owner = creds_inbox_prefix(creds).removeprefix(f"{p.INBOX_ROOT}.")
+    durable = p.principal_consumer(owner, p.PRINCIPAL_CONSUMER_SLOTS - 1)
+    consumer = PullConsumer(nc, js, stream=s.EVENTS_STREAM, durable=durable,
                             subject=s.tenant_events(tenant), handler=monitor.on_msg, concurrency=256, ack_wait=30)
     tasks: list[asyncio.Task[Any]] = []
     try:
@@ -738,7 +744,7 @@ async def _check(report: DrillReport, client: Client, run_ids: dict[str, str], d
                 data = events[ends[0]]["data"]
                 violations.append(f"{where}: {final}: {data.get('reason') or data}")
         verified = verify_envelopes(events, run_id=run_id, tenant=tenant)
-        violations.extend(f"{where}: chain: {p}" for p in verified.problems)
+        violations.extend(f"{where}: chain: {problem}" for problem in verified.problems)
 
         outcomes = Counter((e["step_id"], e["data"].get("attempt")) for e in events if e["type"] in OUTCOMES)
         violations.extend(f"{where}: outcome of {step} attempt {attempt} recorded {n} times"
