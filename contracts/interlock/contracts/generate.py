@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from interlock.contracts import catalog as cat
 from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
+from interlock.contracts import timing
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 SCHEMA_ID_BASE = "urn:interlock:schema:"
@@ -326,8 +327,11 @@ Times are RFC 3339 strings with an offset (UTC, `Z`).
    (create it if missing: explicit ack). All copies of a worker for one tenant's topic share that
    consumer, so each job goes to one of them; another tenant's jobs never reach it.
 3. Decode the `Job`; if `input_ref` is set, the input is the JSON object named `input_ref.key` in
-   object store `{s.PAYLOADS_OBJECT_STORE}` (check `sha256`). Ack the job message: from then on the
-   heartbeats are the job's lease. (An undecodable job: publish a `DeadLetter` to `{s.dead_letter(cat.WORKER)}`, ack.)
+   object store `{s.PAYLOADS_OBJECT_STORE}` (check `sha256`). Keep the job message un-acked while you
+   work on it and send a progress ack (`+WPI`) for it every {timing.PROGRESS_INTERVAL_S:g} s; ack it once the result
+   is published (or the run was cancelled). The consumer's ack wait is {timing.ACK_WAIT_S:g} s and its
+   max_deliver {timing.JOB_MAX_DELIVER}: a job whose worker dies goes to another copy within {timing.ACK_WAIT_S:g} s.
+   (An undecodable job: publish a `DeadLetter` to `{s.dead_letter(cat.WORKER)}`, ack.)
 4. Publish a `Heartbeat` to `{heartbeats}` when you start and then every `heartbeat_interval_ms` ms
    until the result is out. A job without heartbeats (or past `deadline`) is timed out and may be
    retried as a new attempt. Subscribe to `{cancels}` (core NATS) and stop the jobs of a

@@ -75,6 +75,7 @@ from interlock.client import Client, ClientError, Refused
 from interlock.contracts import events as ev
 from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
+from interlock.contracts.messages import AgentRegistration
 from interlock.core import codec
 from interlock.core.natsserver import NatsServerError
 from interlock.core.verify import verify_envelopes
@@ -91,6 +92,8 @@ DRILL_RETRIES = {"max_attempts": 10, "backoff_ms": 100, "max_backoff_ms": 1000}
 HEARTBEAT_TIMEOUT_MS = 3000  # a killed worker's job times out and is retried after this
 JOB_TIMEOUT_MS = 20_000  # the backstop for an attempt that never heartbeats (see the report's stalls)
 STALL_S = 10.0  # a pause this long between two events of a running run is reported
+READY_TIMEOUT_S = 120.0  # how long a restarted process may take to serve again
+SERVICE_STARTED = " started ("  # what a service logs once it consumes (interlock.runtime.service)
 RUN_PATH_SERVICES = ("planner", "policy", "approval", "dispatcher")  # the auditor is not on a run's path
 DEFAULT_COPIES = 2
 # kill kind -> the p99 of "every in-flight run moving again" the drill should stay within (seconds)
@@ -201,6 +204,7 @@ class Kill:
     down_s: float = 0.0  # until the restart
     note: str = ""  # e.g. "IL_EVENTS leader"
     heal_s: float | None = None  # a NATS node: from its restart until every stream replica is current
+    ready_s: float | None = None  # a process: from its restart until it serves again
     resume_s: float | None = None  # kill -> next event appended to any drill run
     in_flight: int = 0  # runs started and not ended at the kill
     all_moving_s: float | None = None  # kill -> every run in flight at the kill has a new event
@@ -281,6 +285,8 @@ class DrillReport:
             extra = [k.note] if k.note else []
             if k.heal_s is not None:
                 extra.append(f"caught up {k.heal_s:.1f}s after restart")
+            if k.ready_s is not None:
+                extra.append(f"serving {k.ready_s:.1f}s after restart")
             lines.append(f"  +{k.offset:6.1f}s  {k.kind:<7} {k.victim:<11} down {k.down_s:4.1f}s  "
                          f"resume {resume}{'  (' + '; '.join(extra) + ')' if extra else ''}")
         times = self.resume_times()
@@ -695,9 +701,19 @@ async def _chaos(stack: Stack, report: DrillReport, rng: random.Random, kills: i
         progress(f"  +{kill.offset:5.1f}s  SIGKILL {victim} ({kind}{', ' + note if note else ''}); "
                  f"restart in {pause:.1f}s")
         await asyncio.sleep(pause)
+        log_path = stack.procs[victim].log_path if victim in stack.procs else None
+        logged = log_path.stat().st_size if log_path is not None and log_path.exists() else 0
         await asyncio.to_thread(stack.restart, victim)
         down.discard(victim)
         kill.down_s = time.time() - at
+        if kind in ("service", "worker"):
+            # one failure at a time: the next kill waits until the restarted process serves again
+            # (as a NATS node's kill waits for it to catch up); under load a start takes seconds
+            t = time.monotonic()
+            if await _serving(stack, victim, kind, logged, nc, report.tenant):
+                kill.ready_s = time.monotonic() - t
+            else:
+                report.notes.append(f"{victim} did not serve again within {READY_TIMEOUT_S:g}s of its restart")
         if kind == "nats" and stack.local_cluster is not None:
             # one node at a time: the restarted node must have caught up before the next kill
             t = time.monotonic()
@@ -710,6 +726,38 @@ async def _chaos(stack: Stack, report: DrillReport, rng: random.Random, kills: i
             progress(f"  +{time.monotonic() - t0:5.1f}s  {victim} back and current "
                      f"({kill.heal_s:.1f}s after restart)")
         await asyncio.sleep(rng.uniform(0.3, 1.6))
+
+
+async def _serving(stack: Stack, name: str, kind: str, log_offset: int, nc: NATS, tenant: str) -> bool:
+    """Whether the restarted process ``name`` serves again within READY_TIMEOUT_S: a service has
+    logged that it started (after ``log_offset``), a worker has put its pid in the agent registry."""
+    proc = stack.procs[name]
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    kv = await nc.jetstream().key_value(s.AGENTS_BUCKET) if kind == "worker" else None
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            return False  # the supervisor reports and restarts it
+        if kv is None:
+            if await asyncio.to_thread(_logged_since, proc.log_path, log_offset, SERVICE_STARTED):
+                return True
+        else:
+            with contextlib.suppress(Exception):
+                for key in await kv.keys():
+                    entry = await kv.get(key)
+                    if key.startswith(f"{tenant}.") and AgentRegistration.model_validate_json(
+                            entry.value or b"{}").pid == (proc.popen.pid if proc.popen else -1):
+                        return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+def _logged_since(path: Path, offset: int, marker: str) -> bool:
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return marker.encode() in f.read()
+    except OSError:
+        return False
 
 
 # -- checks ----------------------------------------------------------------------------------
