@@ -100,6 +100,21 @@ def dispatch(run: Run, workflow: Workflow, now: datetime) -> list[Effect]:
     return effects
 
 
+def retry_due(run: Run, workflow: Workflow, timer: TimerFired, now: datetime) -> list[Effect]:
+    """A retry timer fired: dispatch what is due (:func:`dispatch`). A retry timer is scheduled
+    only after its RetryScheduled is durable, so a run whose step has not reached that retry is
+    behind the log (a copy of the service whose cache missed the commit another copy got):
+    raises :class:`StaleState`, and the store reads the run forward, rather than deciding that
+    nothing is due and dropping the timer."""
+    state = run.steps.get(timer.step_id or "")
+    if not run.terminal and state is not None and timer.attempt is not None and (
+            state.attempt + 1 < timer.attempt
+            or (state.attempt + 1 == timer.attempt and state.status != "retry_wait")):
+        raise StaleState(f"retry timer for {timer.step_id!r} attempt {timer.attempt} is ahead of the run "
+                         f"(attempt {state.attempt}, {state.status})")
+    return dispatch(run, workflow, now)
+
+
 def publish_job(run: Run, workflow: Workflow, state: StepState) -> PublishJob:
     """The job message for the step's current attempt, and its deadline timer.
 
