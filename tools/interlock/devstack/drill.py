@@ -92,6 +92,7 @@ DRILL_RETRIES = {"max_attempts": 10, "backoff_ms": 100, "max_backoff_ms": 1000}
 HEARTBEAT_TIMEOUT_MS = 3000  # a killed worker's job times out and is retried after this
 JOB_TIMEOUT_MS = 20_000  # the backstop for an attempt that never heartbeats (see the report's stalls)
 STALL_S = 10.0  # a pause this long between two events of a running run is reported
+APPROVE_TIMEOUT_S = 1.5
 READY_TIMEOUT_S = 120.0  # how long a restarted process may take to serve again
 SERVICE_STARTED = " started ("  # what a service logs once it consumes (interlock.runtime.service)
 RUN_PATH_SERVICES = ("planner", "policy", "approval", "dispatcher")  # the auditor is not on a run's path
@@ -471,6 +472,9 @@ async def _drill(stack: Stack, report: DrillReport, rng: random.Random, *, runs:
     # approver's (the server accepts a credential's commands only under its own name)
     creds = await asyncio.to_thread(stack.identity.get_or_issue, "admin", tenant, name=APPROVER)
     client = await Client.connect(stack.url, tenant=tenant, name="interlock-drill", patient=True, creds=creds)
+    # an approval asked of a copy that is killed before it answers is asked again (of another
+    # copy) after this, not after the default 5 s; a repeated decision is refused, never recorded twice
+    client.request_timeout = APPROVE_TIMEOUT_S
     nc, js = client.nc, client.js
     monitor = Monitor(tenant)
     # one of the drill principal's own consumer names: only those may it ack (an un-acked monitor
