@@ -303,7 +303,7 @@ class DrillReport:
                     continue
                 p99 = percentile(times, 99)
                 verdict = "PASS" if p99 <= STALL_GOALS[goal] else "MISS"
-                lines.append(f"  after a {goal} kill: p50 {percentile(times, 50):.2f}s, p99 {p99:.2f}s, "
+                lines.append(f"  after {goal} kills: p50 {percentile(times, 50):.2f}s, p99 {p99:.2f}s, "
                              f"max {max(times):.2f}s (n={len(times)}; goal p99 <= {STALL_GOALS[goal]:g}s: {verdict})")
             lines.append(f"stall goal: {'PASS' if self.stall_goal_met() else 'MISS'} "
                          f"(p99 by nearest rank: the max while n < 100)")
