@@ -258,7 +258,12 @@ class Service:
                 raise Poison(str(e)) from e
             self.store.observe(tenant, run_id, msg.metadata.sequence.stream, msg.data)
             if wants is None or any(wants(e) if callable(wants) else e.get("type") in wants for e in envelopes):
-                await handler(tenant, run_id, envelopes)
+                try:
+                    await handler(tenant, run_id, envelopes)
+                except RunNotFound as e:
+                    # the commit shows the run exists: the read came from a replica that lags
+                    # (a node just restarted); a passing fault, retried, never dead-lettered
+                    raise EventStoreError(f"run {run_id} not readable yet: {e}") from e
 
         self.pull(broker, s.EVENTS_ALL, s.EVENTS_STREAM, self.durable("events"), on_commit)
 
