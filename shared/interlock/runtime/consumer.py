@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 REQUEST_EXPIRES_S = 5.0
 IDLE_HEARTBEAT_S = 1.0
+LOST_REQUEST_S = 2.5 * IDLE_HEARTBEAT_S  # silence after which an open pull request counts as lost
 # creating the consumer rides through a leader election at start-up (~5 s in a cluster)
 CREATE_BACKOFF = Backoff(first=0.2, cap=2.0)
 # a handler that raises leaves its message to be redelivered (a passing fault); this many times at most
@@ -75,6 +76,7 @@ class PullConsumer:
         self._request_id = 0
         self._outstanding = 0  # messages the open request may still bring
         self._wake = asyncio.Event()
+        self._heard = 0.0  # monotonic time the open request last showed it is alive (a message or heartbeat)
         self._running = False
 
     async def start(self) -> None:
@@ -153,6 +155,7 @@ class PullConsumer:
                     continue
                 self._request_id += 1
                 self._outstanding = free
+                self._heard = time.monotonic()
                 request = {"batch": free, "expires": int(REQUEST_EXPIRES_S * 1e9),
                            "idle_heartbeat": int(IDLE_HEARTBEAT_S * 1e9)}
                 try:
@@ -165,10 +168,12 @@ class PullConsumer:
                     continue
             self._wake.clear()
             try:
-                # a lost request (server restart, leader change) must not stall us forever
-                await asyncio.wait_for(self._wake.wait(), REQUEST_EXPIRES_S + 2 * IDLE_HEARTBEAT_S)
+                await asyncio.wait_for(self._wake.wait(), LOST_REQUEST_S)
             except TimeoutError:
-                self._outstanding = 0
+                # a request the server forgot (a consumer leader killed, a node restarted) sends
+                # no idle heartbeats: ask again at once rather than when it would have expired
+                if time.monotonic() - self._heard >= LOST_REQUEST_S:
+                    self._outstanding = 0
 
     async def _on_msg(self, msg: Msg) -> None:
         headers = msg.headers or {}
@@ -176,11 +181,14 @@ class PullConsumer:
         if status is not None:
             # status messages come on the request's own inbox; data messages keep their subject
             current = msg.subject.rsplit(".", 1)[-1] == str(self._request_id)
+            if current:
+                self._heard = time.monotonic()
             if status != "100" and current:  # 404/408: request over; 409: leader change etc.
                 self._outstanding = 0
                 self._wake.set()
             return
         self._outstanding -= 1
+        self._heard = time.monotonic()
         task = asyncio.create_task(self._handle(msg))
         self._tasks.add(task)
         task.add_done_callback(self._done)
