@@ -589,11 +589,12 @@ def test_drill_options_reach_the_drill(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(drill, "drill_command", drill_command)
     result = cli("drill", "--runs", "5", "--kills", "1", "--cluster", "--seed", "7", "--timeout", "30",
-                 "--home", "/tmp/d", "--nats", "nats://a:1,nats://b:2")
+                 "--home", "/tmp/d", "--nats", "nats://a:1,nats://b:2", "--copies", "3")
     assert result.exit_code == 3
     assert seen == {"runs": 5, "kills": 1, "cluster": True, "seed": 7, "timeout": 30.0, "home": Path("/tmp/d"),
-                    "nats_url": "nats://a:1,nats://b:2"}
+                    "nats_url": "nats://a:1,nats://b:2", "copies": 3}
     assert cli("drill", "--runs", "0").exit_code == 2
+    assert cli("drill", "--copies", "0").exit_code == 2
 
 
 def test_demo_passes_auto_approve(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -169,6 +169,42 @@ def test_republish_and_lost_jobs_skip_what_this_process_published() -> None:
     assert rules.republish(run, wf, [stale], set()) == []
 
 
+def test_a_retry_commit_brings_back_its_timer_while_the_retry_waits() -> None:
+    # a dispatcher killed between the RetryScheduled commit and scheduling its timer: the commit's
+    # (re)delivery schedules the same timer again (same due time: a duplicate when it was not lost)
+    wf = workflow(a={"topic": "t.a", "retries": RETRIES})
+    t0 = now()
+    run = dispatched(wf, t0)
+    [scheduled] = rules.record_result(run, wf, result(run, ok=False, error=JobError(message="flaky")), None, t0, 0.3)
+    assert isinstance(scheduled, TimerFired)
+    assert types(run) == [ev.StepFailed.type_name, ev.RetryScheduled.type_name]
+    data = ev.RetryScheduled(step_id="a", attempt=2, due_at=scheduled.due_at, delay_ms=1).model_dump(mode="json")
+    envelopes = [{"type": ev.StepFailed.type_name, "step_id": "a", "data": {}},
+                 {"type": ev.RetryScheduled.type_name, "step_id": "a", "data": data}]
+    assert rules.retry_timers(run, envelopes) == [scheduled]
+    rules.dispatch(run, wf, scheduled.due_at)  # the retry went out: nothing left to bring back
+    assert run.steps["a"].status == "dispatched"
+    assert rules.retry_timers(run, envelopes) == []
+
+
+def test_a_retry_timer_ahead_of_a_stale_run_asks_for_the_log_not_a_no_op() -> None:
+    # a copy of the dispatcher whose cached run missed the RetryScheduled another copy appended
+    wf = workflow(a={"topic": "t.a", "retries": RETRIES})
+    t0 = now()
+    stale = dispatched(wf, t0)
+    fired = timer(stale, "retry", t0, attempt=2)
+    with pytest.raises(StaleState):
+        rules.retry_due(stale, wf, fired, t0)
+    # the run as the log has it: the due retry is dispatched
+    run = dispatched(wf, t0)
+    [scheduled] = rules.record_result(run, wf, result(run, ok=False, error=JobError(message="flaky")), None, t0, 0.3)
+    assert isinstance(scheduled, TimerFired)
+    run.collect_events()
+    [job] = rules.retry_due(run, wf, scheduled, scheduled.due_at)
+    assert isinstance(job, PublishJob) and job.job.attempt == 2
+    assert rules.retry_due(run, wf, scheduled, scheduled.due_at) == []  # fired twice: nothing more to do
+
+
 # -- results ---------------------------------------------------------------------------------
 def test_success_records_the_output() -> None:
     wf = workflow(a={"topic": "t.a", "output_schema": {"type": "object", "required": ["ok"]}})

@@ -23,6 +23,7 @@ from interlock.contracts import events as ev
 from interlock.contracts import headers as h
 from interlock.contracts import messages as msg
 from interlock.contracts import subjects as s
+from interlock.contracts import timing
 
 CONTRACTS_VERSION = "0.1.0"
 
@@ -260,8 +261,11 @@ JOBS = Channel(
     consumer="One tenant's workers of one topic share the durable pull consumer "
              "'worker_{tenant}_{topic}_{digest}' ('.' in the topic replaced by '_'; digest: the first 16 hex "
              "digits of sha256 of tenant + newline + topic; subjects.worker_consumer) on stream IL_JOBS, "
-             "filter subject il.job.{tenant}.{topic}, created by whichever copy starts first with the "
-             "settings in x-interlock-protocol.worker_consumer (explicit ack).",
+             "filter subject il.job.{tenant}.{topic}, explicit ack, "
+             f"ack_wait {timing.ACK_WAIT_S:g} s, max_deliver {timing.JOB_MAX_DELIVER}. A worker holds a job "
+             f"un-acked while it works on it, sends a progress ack (+WPI) every {timing.PROGRESS_INTERVAL_S:g} s "
+             "and acks it once its result is published: a job held by a worker that died goes to another copy "
+             "within the ack wait.",
 )
 
 RESULTS = Channel(

@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from interlock.contracts import catalog as cat
 from interlock.contracts import events as ev
 from interlock.contracts import permissions as p
-from interlock.contracts import protocol
+from interlock.contracts import protocol, timing
 from interlock.contracts import subjects as s
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -348,12 +348,16 @@ refresh, staleness and TTL, and the dead-letter bounds, generated from the code.
    `name` = `durable_name`, and the settings of `x-interlock-protocol.worker_consumer`, through the
    create API whose subject carries the filter (the only one a worker credential may use); an existing
    one with other settings is used as it is. All copies of a worker for one tenant's topic share it.
-3. Decode the `Job` and ack it at once (wait for the ack's confirmation): from then on the
-   heartbeats are the job's lease. A job that does not decode, or of another tenant, is dead-lettered:
-   JetStream-publish a `DeadLetter` (`service` `worker`, the job's `subject`, `reason`, `data_b64` of the
-   original or of its first `dead_letter.prefix_limit_bytes` with `truncated`, `size`, `sha256`, `at`) to
-   `{s.dead_letter(cat.WORKER)}`, then ack. `input` is any JSON value, `null` included; if `input_ref` is
-   set, the input is the JSON object `input_ref.key` in object store `{s.PAYLOADS_OBJECT_STORE}` (check `sha256`).
+3. Decode the `Job`. `input` is any JSON value, `null` included; if `input_ref` is set, the input is
+   the JSON object `input_ref.key` in object store `{s.PAYLOADS_OBJECT_STORE}` (check `sha256`). Keep
+   the job message un-acked while you work on it and send a progress ack (`+WPI`) for it every
+   {timing.PROGRESS_INTERVAL_S:g} s; ack it once the result is published (or the run was cancelled). The
+   consumer's ack wait is {timing.ACK_WAIT_S:g} s and its max_deliver {timing.JOB_MAX_DELIVER}: a job whose
+   worker dies goes to another copy within {timing.ACK_WAIT_S:g} s. (A worker that acks at once still works:
+   its dead jobs then come back only through the heartbeat lease.) A job that does not decode, or of
+   another tenant, is dead-lettered: JetStream-publish a `DeadLetter` (`service` `worker`, the job's
+   `subject`, `reason`, `data_b64` of the original or of its first `dead_letter.prefix_limit_bytes` with
+   `truncated`, `size`, `sha256`, `at`) to `{s.dead_letter(cat.WORKER)}`, then ack.
 4. JetStream-publish a `Heartbeat` (no `Nats-Msg-Id`) to `{heartbeats}` when you start and then every
    `heartbeat_interval_ms` of the job until its result is acknowledged. A silent job is timed out and
    may be retried as a new attempt. At the job's `deadline`, stop and report `ok: false` with

@@ -14,6 +14,8 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+from interlock.contracts import timing
+
 # -- run ids ---------------------------------------------------------------------------------
 RUN_ID_NAMESPACE = uuid.UUID("6f1c2a8e-0d4b-5b7e-9a51-3c2d7e8f9a10")
 """uuid5 namespace of run ids: ``run_id = uuid5(RUN_ID_NAMESPACE, f"{tenant}/{workflow_id}/{idempotency_key}")``,
@@ -61,12 +63,13 @@ class ConsumerSettings:
                 "deliver_policy": self.deliver_policy}
 
 
-WORKER_CONSUMER = ConsumerSettings(ack_policy="explicit", ack_wait_s=10.0, max_ack_pending=20_000,
-                                   max_deliver=-1, deliver_policy="all")
+WORKER_CONSUMER = ConsumerSettings(ack_policy="explicit", ack_wait_s=timing.ACK_WAIT_S, max_ack_pending=20_000,
+                                   max_deliver=timing.JOB_MAX_DELIVER, deliver_policy="all")
 """Every copy of a worker creates the tenant's topic consumer (``subjects.worker_consumer``) with exactly
 these settings (plus ``name`` = ``durable_name`` and ``filter_subject``), so whichever copy creates it, it
-is the same consumer. A worker acks a job as soon as it has decoded it: ``ack_wait`` only bounds the
-time between delivery and that ack; from then on the job's lease is its heartbeats."""
+is the same consumer. A worker holds a job un-acked while it works on it, with a progress ack every
+``timing.PROGRESS_INTERVAL_S``, and acks it once its result is published: a dead worker's job goes to
+another copy within the ack wait (see :mod:`interlock.contracts.timing`)."""
 
 # -- the agent registry ----------------------------------------------------------------------
 REGISTRY_REFRESH_S = 5.0

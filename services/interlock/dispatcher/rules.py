@@ -102,6 +102,21 @@ def dispatch(run: Run, workflow: Workflow, now: datetime) -> list[Effect]:
     return effects
 
 
+def retry_due(run: Run, workflow: Workflow, timer: TimerFired, now: datetime) -> list[Effect]:
+    """A retry timer fired: dispatch what is due (:func:`dispatch`). A retry timer is scheduled
+    only after its RetryScheduled is durable, so a run whose step has not reached that retry is
+    behind the log (a copy of the service whose cache missed the commit another copy got):
+    raises :class:`StaleState`, and the store reads the run forward, rather than deciding that
+    nothing is due and dropping the timer."""
+    state = run.steps.get(timer.step_id or "")
+    if not run.terminal and state is not None and timer.attempt is not None and (
+            state.attempt + 1 < timer.attempt
+            or (state.attempt + 1 == timer.attempt and state.status != "retry_wait")):
+        raise StaleState(f"retry timer for {timer.step_id!r} attempt {timer.attempt} is ahead of the run "
+                         f"(attempt {state.attempt}, {state.status})")
+    return dispatch(run, workflow, now)
+
+
 def publish_job(run: Run, workflow: Workflow, state: StepState) -> PublishJob:
     """The job message for the step's current attempt, and its deadline timer.
 
@@ -161,6 +176,24 @@ def republish(run: Run, workflow: Workflow, envelopes: Sequence[dict[str, Any]],
         if state is not None and state.status in ACTIVE_ATTEMPT and state.job_id == envelope["data"]["job_id"]:
             jobs.append(publish_job(run, workflow, state))
     return jobs
+
+
+def retry_timers(run: Run, envelopes: Sequence[dict[str, Any]]) -> list[TimerFired]:
+    """The retry timers of this commit's RetryScheduled events whose retry is still waiting: their
+    scheduling again is dropped as a duplicate (same subject and due time), and it restores a
+    timer lost to a crash between the commit and its scheduling, within the consumer's ack wait
+    instead of at the next reconciler pass."""
+    timers = []
+    for envelope in envelopes:
+        if envelope["type"] != ev.RetryScheduled.type_name:
+            continue
+        data = ev.RetryScheduled.model_validate(envelope["data"])
+        state = run.steps.get(envelope["step_id"])
+        waiting = state is not None and state.status == "retry_wait" and state.attempt + 1 == data.attempt
+        if waiting and state is not None and not run.terminal:
+            timers.append(TimerFired(kind="retry", run_id=run.run_id, tenant=run.tenant, step_id=state.step_id,
+                                     attempt=data.attempt, due_at=data.due_at))
+    return timers
 
 
 def lost_jobs(run: Run, workflow: Workflow, published: Container[str]) -> list[PublishJob]:

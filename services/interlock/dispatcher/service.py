@@ -111,6 +111,7 @@ class DispatcherService(Service):
         if any(e["type"] == ev.StepDispatched.type_name for e in envelopes):
             workflow = await self.registry.get(run.workflow_id, run.workflow_version)
             await self.carry_out(rules.republish(run, workflow, envelopes, self._published))
+        await self.carry_out(rules.retry_timers(run, envelopes))
 
     async def reconcile(self, tenant: str, run_id: str) -> None:
         """Dispatch what is due, re-offer jobs whose message may be lost, and time out attempts
@@ -121,8 +122,9 @@ class DispatcherService(Service):
         for timer in rules.overdue_timers(run, workflow, datetime.now(UTC), self._heartbeats):
             await self.on_timer_fired(timer)
 
-    async def dispatch(self, tenant: str, run_id: str) -> Run:
-        """Dispatch every released job and every retry that is due; publish notifications."""
+    async def dispatch(self, tenant: str, run_id: str, retry: TimerFired | None = None) -> Run:
+        """Dispatch every released job and every retry that is due; publish notifications.
+        ``retry``: the retry timer that fired (the run must have reached its retry)."""
         effects: list[Effect] = []
 
         async def decide(run: Run) -> None:
@@ -130,7 +132,8 @@ class DispatcherService(Service):
             if run.terminal:
                 return
             workflow = await self.registry.get(run.workflow_id, run.workflow_version)
-            effects.extend(rules.dispatch(run, workflow, datetime.now(UTC)))
+            now = datetime.now(UTC)
+            effects.extend(rules.retry_due(run, workflow, retry, now) if retry else rules.dispatch(run, workflow, now))
             await self.send_notifications(effects)
 
         handle, _ = await self.store.update(tenant, run_id, decide)
@@ -193,7 +196,7 @@ class DispatcherService(Service):
 
     async def on_timer_fired(self, timer: TimerFired) -> None:
         if timer.kind == "retry":
-            await self.dispatch(timer.tenant, timer.run_id)
+            await self.dispatch(timer.tenant, timer.run_id, timer)
             return
         job = job_id(timer.run_id, timer.step_id, timer.attempt) if timer.step_id and timer.attempt else None
         if job in self._finished_jobs:

@@ -5,6 +5,10 @@ which puts up to the timeout on every hop of a run. Here one pull request for a 
 on the server, which pushes each message to us as soon as it exists (the way the Go and JS
 clients' ``consume()`` works); a new request goes out when the previous one is used up or
 expires. Handlers run concurrently, bounded; each acks its own message.
+
+While a handler works on a message, the consumer sends a progress ack for it every
+``timing.PROGRESS_INTERVAL_S``, so the short ack wait (``timing.ACK_WAIT_S``) never takes work
+from a live holder, and work held by a killed process is redelivered to another copy within it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import contextlib
 import functools
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import nats.errors
@@ -26,12 +31,14 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header
 from nats.js.errors import BadRequestError, ServiceUnavailableError
 
 from interlock.contracts import subjects as s
+from interlock.contracts import timing
 from interlock.core.retry import Backoff, retrying
 
 log = logging.getLogger(__name__)
 
 REQUEST_EXPIRES_S = 5.0
 IDLE_HEARTBEAT_S = 1.0
+LOST_REQUEST_S = 2.5 * IDLE_HEARTBEAT_S  # silence after which an open pull request counts as lost
 # creating the consumer rides through a leader election at start-up (~5 s in a cluster)
 CREATE_BACKOFF = Backoff(first=0.2, cap=2.0)
 # a handler that raises leaves its message to be redelivered (a passing fault); this many times at most
@@ -43,8 +50,12 @@ class PullConsumer:
     """One durable consumer of ``subject`` on ``stream``; ``handler`` gets each message (and acks it)."""
 
     def __init__(self, nc: NATS, js: JetStreamContext, *, stream: str, durable: str, subject: str,
-                 handler: Callable[[Msg], Awaitable[None]], concurrency: int = 64, ack_wait: float = 60.0,
-                 max_ack_pending: int = 20_000) -> None:
+                 handler: Callable[[Msg], Awaitable[None]], concurrency: int = 64,
+                 ack_wait: float = timing.ACK_WAIT_S, progress_interval: float | None = timing.PROGRESS_INTERVAL_S,
+                 max_ack_pending: int = 20_000, max_deliver: int = -1) -> None:
+        """``progress_interval``: how often a message still in its handler gets a progress ack
+        (None: never; then ``ack_wait`` must outlast every handler). ``max_deliver``: deliveries of
+        one message at most (-1: no limit)."""
         self.nc = nc
         self.js = js
         self.stream = stream
@@ -54,6 +65,10 @@ class PullConsumer:
         self.concurrency = concurrency
         self.ack_wait = ack_wait
         self.max_ack_pending = max_ack_pending
+        self.max_deliver = max_deliver
+        self.progress_interval = progress_interval
+        self._held: dict[int, tuple[Msg, float]] = {}  # id(msg) -> (msg, monotonic time of its last mark)
+        self._progress_task: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(concurrency)
         self._sub: Subscription | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -61,6 +76,7 @@ class PullConsumer:
         self._request_id = 0
         self._outstanding = 0  # messages the open request may still bring
         self._wake = asyncio.Event()
+        self._heard = 0.0  # monotonic time the open request last showed it is alive (a message or heartbeat)
         self._running = False
 
     async def start(self) -> None:
@@ -71,7 +87,7 @@ class PullConsumer:
             name=self.durable if literal else None,
             durable_name=self.durable, filter_subject=self.subject, ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.ack_wait, max_ack_pending=self.max_ack_pending, deliver_policy=DeliverPolicy.ALL,
-            max_deliver=-1,
+            max_deliver=self.max_deliver,
         )
         await retrying(functools.partial(self._create, config),
                        what=f"creating consumer {self.durable} on {self.stream}", backoff=CREATE_BACKOFF,
@@ -81,6 +97,9 @@ class PullConsumer:
         self._sub = await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
         self._running = True
         self._loop_task = asyncio.create_task(self._pull_loop(), name=f"pull-{self.durable}")
+        if self.progress_interval is not None:
+            self._progress_task = asyncio.create_task(self._progress_loop(self.progress_interval),
+                                                      name=f"progress-{self.durable}")
 
     async def _create(self, config: ConsumerConfig) -> None:
         try:
@@ -101,6 +120,28 @@ class PullConsumer:
                 await self._sub.unsubscribe()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=10)
+        if self._progress_task is not None:
+            self._progress_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._progress_task
+
+    @property
+    def handling(self) -> set[asyncio.Task[None]]:
+        """The handler tasks still running (after :meth:`stop`, those that outlasted its wait)."""
+        return set(self._tasks)
+
+    async def _progress_loop(self, interval: float) -> None:
+        # one timer per consumer, not one per message; a message is marked at most every
+        # interval and at least every 1.5 intervals, well inside the ack wait
+        while True:
+            await asyncio.sleep(interval)
+            due = time.monotonic() - interval / 2
+            for key, (msg, marked) in list(self._held.items()):
+                if marked > due or msg._ackd:
+                    continue
+                self._held[key] = (msg, time.monotonic())
+                with contextlib.suppress(Exception):  # reconnecting: the next one may get through
+                    await msg.in_progress()
 
     async def _pull_loop(self) -> None:
         api = s.js_consumer_next(self.stream, self.durable)
@@ -114,6 +155,7 @@ class PullConsumer:
                     continue
                 self._request_id += 1
                 self._outstanding = free
+                self._heard = time.monotonic()
                 request = {"batch": free, "expires": int(REQUEST_EXPIRES_S * 1e9),
                            "idle_heartbeat": int(IDLE_HEARTBEAT_S * 1e9)}
                 try:
@@ -126,10 +168,12 @@ class PullConsumer:
                     continue
             self._wake.clear()
             try:
-                # a lost request (server restart, leader change) must not stall us forever
-                await asyncio.wait_for(self._wake.wait(), REQUEST_EXPIRES_S + 2 * IDLE_HEARTBEAT_S)
+                await asyncio.wait_for(self._wake.wait(), LOST_REQUEST_S)
             except TimeoutError:
-                self._outstanding = 0
+                # a request the server forgot (a consumer leader killed, a node restarted) sends
+                # no idle heartbeats: ask again at once rather than when it would have expired
+                if time.monotonic() - self._heard >= LOST_REQUEST_S:
+                    self._outstanding = 0
 
     async def _on_msg(self, msg: Msg) -> None:
         headers = msg.headers or {}
@@ -137,11 +181,14 @@ class PullConsumer:
         if status is not None:
             # status messages come on the request's own inbox; data messages keep their subject
             current = msg.subject.rsplit(".", 1)[-1] == str(self._request_id)
+            if current:
+                self._heard = time.monotonic()
             if status != "100" and current:  # 404/408: request over; 409: leader change etc.
                 self._outstanding = 0
                 self._wake.set()
             return
         self._outstanding -= 1
+        self._heard = time.monotonic()
         task = asyncio.create_task(self._handle(msg))
         self._tasks.add(task)
         task.add_done_callback(self._done)
@@ -152,12 +199,16 @@ class PullConsumer:
             self._wake.set()
 
     async def _handle(self, msg: Msg) -> None:
-        async with self._slots:
-            try:
-                await self.handler(msg)
-            except Exception:
-                log.exception("consumer %s: unhandled error", self.durable)
-                await self._give_up_on(msg)
+        self._held[id(msg)] = (msg, time.monotonic())
+        try:
+            async with self._slots:
+                try:
+                    await self.handler(msg)
+                except Exception:
+                    log.exception("consumer %s: unhandled error", self.durable)
+                    await self._give_up_on(msg)
+        finally:
+            del self._held[id(msg)]
 
     async def _give_up_on(self, msg: Msg) -> None:
         """A message whose handler keeps failing outside its own error handling (it could not even

@@ -32,8 +32,10 @@ def _passing(error: BaseException) -> bool:
 
 
 async def publish(js: JetStreamContext, subject: str, payload: bytes, headers: dict[str, str] | None = None, *,
-                  patience: float = 30.0, timeout: float = 5.0) -> PubAck:
-    """``js.publish``, tried again on a passing failure for up to ``patience`` seconds.
+                  patience: float = 30.0, timeout: float = 2.0) -> PubAck:
+    """``js.publish``, tried again on a passing failure for up to ``patience`` seconds (an ack
+    that does not come within ``timeout``, e.g. from a killed stream leader, is a passing failure;
+    a caller that needs it stored once publishes with a msg id).
 
     The message carries the current span's ``traceparent`` unless ``headers`` set one."""
     headers = dict(headers or {})

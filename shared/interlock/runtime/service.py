@@ -26,6 +26,7 @@ from nats.js import JetStreamContext
 from pydantic import BaseModel, ValidationError
 
 from interlock.contracts import subjects as s
+from interlock.contracts import timing
 from interlock.core.eventstore import EventStore, EventStoreError, RunNotFound, StaleState
 from interlock.core.eventstore.authenticity import Refusal
 from interlock.core.eventstore.recorder import StoredCommit, stored_commit
@@ -263,7 +264,7 @@ class Service:
         return f"{self.name}{'_' + suffix if suffix else ''}"
 
     def pull(self, broker: NatsBroker, subject: str, stream: str, durable: str,
-             handler: Callable[[Msg], Awaitable[None]], *, ack_wait: float = 15.0) -> None:
+             handler: Callable[[Msg], Awaitable[None]], *, ack_wait: float = timing.ACK_WAIT_S) -> None:
         """A durable pull consumer, shared by every copy of this service, with guarded handling.
 
         JetStream consumption uses :class:`PullConsumer` rather than a FastStream pull
@@ -313,7 +314,12 @@ class Service:
                 return
             self.store.observe(tenant, run_id, meta.sequence.stream, commit)
             if wanted:
-                await handler(tenant, run_id, envelopes)
+                try:
+                    await handler(tenant, run_id, envelopes)
+                except RunNotFound as e:
+                    # the commit shows the run exists: the read came from a replica that lags
+                    # (a node just restarted); a passing fault, retried, never dead-lettered
+                    raise EventStoreError(f"run {run_id} not readable yet: {e}") from e
 
         self.pull(broker, s.EVENTS_ALL, s.EVENTS_STREAM, self.durable("events"), on_commit)
 

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from interlock.contracts import headers as h
 from interlock.contracts import permissions as p
-from interlock.contracts import protocol
+from interlock.contracts import protocol, timing
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import (
     AgentRegistration,
@@ -181,6 +181,7 @@ class Worker:
                 nc, js, stream=s.JOBS_STREAM, durable=s.worker_consumer(tenant, registration.topic),
                 subject=s.job(tenant, registration.topic), concurrency=concurrency,
                 ack_wait=protocol.WORKER_CONSUMER.ack_wait_s, max_ack_pending=protocol.WORKER_CONSUMER.max_ack_pending,
+                progress_interval=timing.PROGRESS_INTERVAL_S, max_deliver=protocol.WORKER_CONSUMER.max_deliver,
                 handler=functools.partial(self._handle, js, registration=registration),
             )
             await consumer.start()
@@ -204,11 +205,15 @@ class Worker:
 
     async def stop(self) -> None:
         self._stop.set()
+        handling: set[asyncio.Task[None]] = set()
         for consumer in self._consumers:
-            await consumer.stop()
+            await consumer.stop()  # running jobs get a while to finish
+            handling |= consumer.handling
         self._consumers.clear()
         for task in list(self._running.values()):
             task.cancel()
+        if handling:  # the jobs cancelled just now go back to the queue (nak) before we disconnect
+            await asyncio.wait(handling, timeout=5)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -249,9 +254,23 @@ class Worker:
                               f"tenant {self.tenant!r}")
             await msg.ack()
             return
-        # the job leaves the queue now; from here its lease is the heartbeat the dispatcher watches
-        await msg.ack_sync()
-        await self._run_job(js, job, registration)
+        running = self._running.get(job.job_id)
+        if running is not None:
+            # redelivered to the copy that still runs it (its progress acks were late): keep holding
+            # this delivery until that run ends, rather than doing the job twice here
+            await asyncio.wait([running])
+            await msg.ack()
+            return
+        # the job stays un-acked while it runs: the consumer's progress acks keep it ours, and if
+        # this process dies it goes to another copy within the ack wait (interlock.contracts.timing)
+        try:
+            await self._run_job(js, job, registration)
+        except asyncio.CancelledError:
+            if self._stop.is_set():
+                with contextlib.suppress(Exception):
+                    await msg.nak()  # shutting down: another copy takes the job at once
+            raise
+        await msg.ack()  # the result is durable (or the run was cancelled): the job leaves the queue
 
     async def _run_job(self, js: JetStreamContext, job: Job, registration: _Registration) -> None:
         async def beat(progress: str | None = None) -> None:
@@ -282,7 +301,7 @@ class Worker:
             result = self._result(job, ok=True, output=output_value, output_ref=output_ref)
         except asyncio.CancelledError:
             if self._stop.is_set():
-                raise  # shutting down: no result; the dispatcher's lease retries the job
+                raise  # shutting down: no result; the job goes back to the queue
             log.info("job %s cancelled: its run ended", job.job_id)
             return
         except (SealedError, DataKeyError) as e:  # e.g. "data key destroyed": no attempt can do better

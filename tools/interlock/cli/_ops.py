@@ -339,6 +339,10 @@ def drill(
         help="target a stack that is already running (comma-separated URLs for a cluster): the drill then starts "
              "its own two example-agent workers there and kills only those; it never kills services or NATS nodes "
              "it did not start")] = None,
+    copies: Annotated[int, typer.Option(
+        "--copies", min=1, help="processes per run-path service (planner, policy, approval, dispatcher): a kill "
+                                "takes one copy while the others carry on; with 1 a killed service's work waits "
+                                "for its restart")] = 2,
 ) -> None:
     """Chaos drill: SIGKILL services, workers (and cluster nodes) under load; check nothing is lost.
 
@@ -347,4 +351,4 @@ def drill(
     from interlock.devstack.drill import drill_command
 
     raise typer.Exit(drill_command(runs=runs, kills=kills, cluster=cluster, seed=seed, timeout=timeout, home=home,
-                                   nats_url=nats_url or globals_of(ctx).nats))
+                                   nats_url=nats_url or globals_of(ctx).nats, copies=copies))

@@ -21,8 +21,15 @@ Then it checks what the invariant promises:
   exactly one terminal event (only late results of abandoned attempts may follow it).
 
 The report gives kills by kind, the runs' outcomes, the time to resume after each kill (from
-the kill to the next event appended to any of the drill's runs; p50 and max) and every
-violation. The exit code is non-zero on any violation.
+the kill to the next event appended to any of the drill's runs; p50 and max), the time until
+every run in flight at the kill moved again (p50, p99 and max, separately for service and worker
+kills and for NATS node kills, judged against :data:`STALL_GOALS`) and every violation. The exit
+code is non-zero on any violation (a missed stall goal is reported, not an exit code).
+
+Each run-path service (planner, policy, approval, dispatcher) runs ``copies`` processes (default
+2; the auditor one): a kill takes one copy, and its held messages go to the others within the
+consumers' ack wait (:mod:`interlock.contracts.timing`). With ``--copies 1`` a killed service's
+work waits for its restart (the drill's pause of 0.2-1.5 s plus the process's start-up).
 
 With ``--nats URL`` the drill targets a stack that is already running: it starts its own two
 example-agent workers against it and kills only those (it never touches processes it did not
@@ -41,6 +48,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -65,13 +73,16 @@ from nats.js.errors import NotFoundError
 from interlock.client import TERMINAL_EVENTS as TERMINAL
 from interlock.client import Client, ClientError, Refused
 from interlock.contracts import events as ev
+from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
+from interlock.contracts.messages import AgentRegistration
 from interlock.core import codec
 from interlock.core.natsserver import NatsServerError
 from interlock.core.verify import verify_envelopes
 from interlock.core.workflow import Workflow, load_workflow
 from interlock.devstack import example_file
-from interlock.devstack.stack import SERVICES, Stack
+from interlock.devstack.stack import Stack
+from interlock.identity import creds_inbox_prefix
 from interlock.runtime.connect import home_dir
 from interlock.runtime.consumer import PullConsumer
 
@@ -82,6 +93,13 @@ DRILL_RETRIES = {"max_attempts": 10, "backoff_ms": 100, "max_backoff_ms": 1000}
 HEARTBEAT_TIMEOUT_MS = 3000  # a killed worker's job times out and is retried after this
 JOB_TIMEOUT_MS = 20_000  # the backstop for an attempt that never heartbeats (see the report's stalls)
 STALL_S = 10.0  # a pause this long between two events of a running run is reported
+APPROVE_TIMEOUT_S = 1.5
+READY_TIMEOUT_S = 120.0  # how long a restarted process may take to serve again
+SERVICE_STARTED = " started ("  # what a service logs once it consumes (interlock.runtime.service)
+RUN_PATH_SERVICES = ("planner", "policy", "approval", "dispatcher")  # the auditor is not on a run's path
+DEFAULT_COPIES = 2
+# kill kind -> the p99 of "every in-flight run moving again" the drill should stay within (seconds)
+STALL_GOALS = {"service or worker": 2.0, "IL_EVENTS leader": 7.0, "other NATS node": 7.0}
 
 # -- the workload ------------------------------------------------------------------------------
 _RETRIES = "{" + ", ".join(f"{k}: {v}" for k, v in DRILL_RETRIES.items()) + "}"
@@ -188,6 +206,7 @@ class Kill:
     down_s: float = 0.0  # until the restart
     note: str = ""  # e.g. "IL_EVENTS leader"
     heal_s: float | None = None  # a NATS node: from its restart until every stream replica is current
+    ready_s: float | None = None  # a process: from its restart until it serves again
     resume_s: float | None = None  # kill -> next event appended to any drill run
     in_flight: int = 0  # runs started and not ended at the kill
     all_moving_s: float | None = None  # kill -> every run in flight at the kill has a new event
@@ -219,9 +238,30 @@ class DrillReport:
     workload_s: float = 0.0
     total_s: float = 0.0
 
+    copies: int = 1  # processes per run-path service
+
     @property
     def ok(self) -> bool:
         return not self.violations and not self.crashes
+
+    def moving_by_goal(self) -> dict[str, list[float]]:
+        """Seconds until every run in flight at a kill moved again, per kind of kill of STALL_GOALS."""
+        groups: dict[str, list[float]] = {goal: [] for goal in STALL_GOALS}
+        for k in self.kills:
+            if k.all_moving_s is None:
+                continue
+            if k.kind != "nats":
+                groups["service or worker"].append(k.all_moving_s)
+            elif f"{s.EVENTS_STREAM} leader" in k.note:
+                groups["IL_EVENTS leader"].append(k.all_moving_s)
+            else:
+                groups["other NATS node"].append(k.all_moving_s)
+        return groups
+
+    def stall_goal_met(self) -> bool:
+        """Every kind of kill that happened stayed within its goal at the p99."""
+        return all(percentile(times, 99) <= STALL_GOALS[goal] for goal, times in self.moving_by_goal().items()
+                   if times)
 
     def resume_times(self) -> list[float]:
         return [k.resume_s for k in self.kills if k.resume_s is not None]
@@ -232,7 +272,8 @@ class DrillReport:
     def render(self) -> str:
         where = (f"running stack at {self.target} (only the drill's own workers are killed)" if self.target
                  else "3-node cluster, R3 streams" if self.cluster else "single NATS node")
-        lines = [f"interlock drill — {where}, "
+        copies = f", {self.copies} copies of {'/'.join(RUN_PATH_SERVICES)}" if not self.target else ""
+        lines = [f"interlock drill — {where}{copies}, "
                  f"seed {self.seed}, tenant {self.tenant}, home {self.home}"]
         by_kind = Counter(k.kind for k in self.kills)
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(by_kind.items())) or "none"
@@ -246,6 +287,8 @@ class DrillReport:
             extra = [k.note] if k.note else []
             if k.heal_s is not None:
                 extra.append(f"caught up {k.heal_s:.1f}s after restart")
+            if k.ready_s is not None:
+                extra.append(f"serving {k.ready_s:.1f}s after restart")
             lines.append(f"  +{k.offset:6.1f}s  {k.kind:<7} {k.victim:<11} down {k.down_s:4.1f}s  "
                          f"resume {resume}{'  (' + '; '.join(extra) + ')' if extra else ''}")
         times = self.resume_times()
@@ -256,6 +299,15 @@ class DrillReport:
         if moving:
             lines.append(f"time until every run in flight at the kill moved again: p50 "
                          f"{statistics.median(moving):.1f}s, max {max(moving):.1f}s (n={len(moving)})")
+            for goal, times in self.moving_by_goal().items():
+                if not times:
+                    continue
+                p99 = percentile(times, 99)
+                verdict = "PASS" if p99 <= STALL_GOALS[goal] else "MISS"
+                lines.append(f"  after {goal} kills: p50 {percentile(times, 50):.2f}s, p99 {p99:.2f}s, "
+                             f"max {max(times):.2f}s (n={len(times)}; goal p99 <= {STALL_GOALS[goal]:g}s: {verdict})")
+            lines.append(f"stall goal: {'PASS' if self.stall_goal_met() else 'MISS'} "
+                         f"(p99 by nearest rank: the max while n < 100)")
         outcome = ", ".join(f"{n} {t.removeprefix('Run').lower()}" for t, n in sorted(self.outcomes.items()))
         lines.append(f"runs: {self.runs} submitted (+1 warm-up); {outcome or 'none ended'}; "
                      f"workload {self.workload_s:.1f}s, drill {self.total_s:.1f}s")
@@ -288,6 +340,12 @@ class DrillReport:
         else:
             lines.append("no violations in the runs' logs, but processes crashed (above)")
         return "\n".join(lines)
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """The nearest-rank percentile (an observed value; the max while len(values) < 100 / (100 - pct))."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
 
 
 # -- live state, fed by a consumer of the drill tenant's events -------------------------------
@@ -354,7 +412,7 @@ def _print(text: str) -> None:
 
 async def run_drill(*, runs: int = 200, kills: int = 20, cluster: bool = False, seed: int | None = None,
                     timeout: float = 600.0, home: Path | str | None = None, nats_url: str | None = None,
-                    progress: Progress = _print) -> DrillReport:
+                    copies: int = DEFAULT_COPIES, progress: Progress = _print) -> DrillReport:
     """Run the drill and return its report (see the module docstring)."""
     seed = seed if seed is not None else random.randrange(1_000_000)
     rng = random.Random(seed)
@@ -363,7 +421,7 @@ async def run_drill(*, runs: int = 200, kills: int = 20, cluster: bool = False, 
     tenant = f"drill-{uuid.UUID(int=rng.getrandbits(128)).hex[:10]}"
     effects_file = home / f"side-effects-{tenant}.jsonl"
     report = DrillReport(runs=runs, kills_planned=kills, cluster=cluster and not nats_url, seed=seed, tenant=tenant,
-                         home=str(home), target=nats_url or "")
+                         home=str(home), target=nats_url or "", copies=copies)
     t_start = time.monotonic()
     agents = f"{example_file('agents.py')}:worker"
     # the drill's workers take the drill tenant's jobs (INTERLOCK_TENANT is a worker setting)
@@ -377,7 +435,7 @@ async def run_drill(*, runs: int = 200, kills: int = 20, cluster: bool = False, 
                       identity_dir=Path(os.environ.get("INTERLOCK_IDENTITY_HOME") or home_dir() / "identity"))
     else:
         stack = Stack(home=home, port=0, workers=[agents, agents], env=env, cluster=3 if cluster else 0,
-                      tenant=tenant)
+                      tenant=tenant, copies=dict.fromkeys(RUN_PATH_SERVICES, copies))
     try:
         progress(f"drill: seed {seed}, {runs} runs, {kills} kills, "
                  f"{'target ' + nats_url if nats_url else ('3-node cluster' if cluster else 'single node')}, "
@@ -415,11 +473,18 @@ async def _drill(stack: Stack, report: DrillReport, rng: random.Random, *, runs:
     # approver's (the server accepts a credential's commands only under its own name)
     creds = await asyncio.to_thread(stack.identity.get_or_issue, "admin", tenant, name=APPROVER)
     client = await Client.connect(stack.url, tenant=tenant, name="interlock-drill", patient=True, creds=creds)
+    # an approval asked of a copy that is killed before it answers is asked again (of another
+    # copy) after this, not after the default 5 s; a repeated decision is refused, never recorded twice
+    client.request_timeout = APPROVE_TIMEOUT_S
     nc, js = client.nc, client.js
     # the approval service trusts the approver's signatures once its key is in the keyring
     await _retrying("publishing the keyring", stack.publish_keyring, patience=timeout)
     monitor = Monitor(tenant)
-    consumer = PullConsumer(nc, js, stream=s.EVENTS_STREAM, durable=f"drill_{tenant.replace('-', '_')}",
+    # one of the drill principal's own consumer names: only those may it ack (an un-acked monitor
+    # would have every event redelivered to it, a load of its own on the server under test)
+    owner = creds_inbox_prefix(creds).removeprefix(f"{p.INBOX_ROOT}.")
+    durable = p.principal_consumer(owner, p.PRINCIPAL_CONSUMER_SLOTS - 1)
+    consumer = PullConsumer(nc, js, stream=s.EVENTS_STREAM, durable=durable,
                             subject=s.tenant_events(tenant), handler=monitor.on_msg, concurrency=256, ack_wait=30)
     tasks: list[asyncio.Task[Any]] = []
     try:
@@ -613,7 +678,7 @@ async def _decide(client: Client, a: Approval) -> None:
 async def _chaos(stack: Stack, report: DrillReport, rng: random.Random, kills: int, t0: float, window: float,
                  own_stack: bool, nc: NATS, progress: Progress, down: set[str]) -> None:
     workers = [name for name in stack.procs if name.startswith("worker-")]
-    services = [name for name in SERVICES if name in stack.procs] if own_stack else []
+    services = [name for name in stack.service_processes() if name in stack.procs] if own_stack else []
     nodes = stack.nodes if own_stack else []
     leader_kill = rng.randrange(kills) if nodes and kills else -1
     await asyncio.sleep(min(1.0, window / max(1, kills)))
@@ -643,9 +708,19 @@ async def _chaos(stack: Stack, report: DrillReport, rng: random.Random, kills: i
         progress(f"  +{kill.offset:5.1f}s  SIGKILL {victim} ({kind}{', ' + note if note else ''}); "
                  f"restart in {pause:.1f}s")
         await asyncio.sleep(pause)
+        log_path = stack.procs[victim].log_path if victim in stack.procs else None
+        logged = log_path.stat().st_size if log_path is not None and log_path.exists() else 0
         await asyncio.to_thread(stack.restart, victim)
         down.discard(victim)
         kill.down_s = time.time() - at
+        if kind in ("service", "worker"):
+            # one failure at a time: the next kill waits until the restarted process serves again
+            # (as a NATS node's kill waits for it to catch up); under load a start takes seconds
+            t = time.monotonic()
+            if await _serving(stack, victim, kind, logged, nc, report.tenant):
+                kill.ready_s = time.monotonic() - t
+            else:
+                report.notes.append(f"{victim} did not serve again within {READY_TIMEOUT_S:g}s of its restart")
         if kind == "nats" and stack.local_cluster is not None:
             # one node at a time: the restarted node must have caught up before the next kill
             t = time.monotonic()
@@ -658,6 +733,38 @@ async def _chaos(stack: Stack, report: DrillReport, rng: random.Random, kills: i
             progress(f"  +{time.monotonic() - t0:5.1f}s  {victim} back and current "
                      f"({kill.heal_s:.1f}s after restart)")
         await asyncio.sleep(rng.uniform(0.3, 1.6))
+
+
+async def _serving(stack: Stack, name: str, kind: str, log_offset: int, nc: NATS, tenant: str) -> bool:
+    """Whether the restarted process ``name`` serves again within READY_TIMEOUT_S: a service has
+    logged that it started (after ``log_offset``), a worker has put its pid in the agent registry."""
+    proc = stack.procs[name]
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    kv = await nc.jetstream().key_value(s.AGENTS_BUCKET) if kind == "worker" else None
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            return False  # the supervisor reports and restarts it
+        if kv is None:
+            if await asyncio.to_thread(_logged_since, proc.log_path, log_offset, SERVICE_STARTED):
+                return True
+        else:
+            with contextlib.suppress(Exception):
+                for key in await kv.keys():
+                    entry = await kv.get(key)
+                    if key.startswith(f"{tenant}.") and AgentRegistration.model_validate_json(
+                            entry.value or b"{}").pid == (proc.popen.pid if proc.popen else -1):
+                        return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+def _logged_since(path: Path, offset: int, marker: str) -> bool:
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return marker.encode() in f.read()
+    except OSError:
+        return False
 
 
 # -- checks ----------------------------------------------------------------------------------
@@ -692,7 +799,7 @@ async def _check(report: DrillReport, client: Client, run_ids: dict[str, str], d
                 data = events[ends[0]]["data"]
                 violations.append(f"{where}: {final}: {data.get('reason') or data}")
         verified = verify_envelopes(events, run_id=run_id, tenant=tenant)
-        violations.extend(f"{where}: chain: {p}" for p in verified.problems)
+        violations.extend(f"{where}: chain: {problem}" for problem in verified.problems)
 
         outcomes = Counter((e["step_id"], e["data"].get("attempt")) for e in events if e["type"] in OUTCOMES)
         violations.extend(f"{where}: outcome of {step} attempt {attempt} recorded {n} times"
@@ -807,6 +914,10 @@ def add_drill_parser(subparsers: Any) -> argparse.ArgumentParser:
                     help="give up on runs not ended this many seconds after the workload started "
                          "(default %(default)s)")
     sp.add_argument("--home", default=None, help="state and logs directory (default: a new temporary one)")
+    sp.add_argument("--copies", type=int, default=DEFAULT_COPIES,
+                    help=f"processes per run-path service ({', '.join(RUN_PATH_SERVICES)}; default %(default)s): a "
+                         "kill takes one copy while the others carry on; with 1 a killed service's work waits for "
+                         "its restart")
     sp.add_argument("--nats", default=None, metavar="URL",
                     help="target a stack that is already running (comma-separated URLs for a cluster): the drill "
                          "then starts its own two example-agent workers there and kills only those; it never "
@@ -818,20 +929,21 @@ def add_drill_parser(subparsers: Any) -> argparse.ArgumentParser:
 def cmd_drill(args: argparse.Namespace) -> int:
     """``interlock drill`` from parsed arguments (see :func:`add_drill_parser`)."""
     return drill_command(runs=args.runs, kills=args.kills, cluster=args.cluster, seed=args.seed,
-                         timeout=args.timeout, home=args.home, nats_url=args.nats)
+                         timeout=args.timeout, home=args.home, nats_url=args.nats, copies=args.copies)
 
 
 def drill_command(*, runs: int = 200, kills: int = 20, cluster: bool = False, seed: int | None = None,
-                  timeout: float = 600.0, home: Path | str | None = None, nats_url: str | None = None) -> int:
+                  timeout: float = 600.0, home: Path | str | None = None, nats_url: str | None = None,
+                  copies: int = DEFAULT_COPIES) -> int:
     """Run the drill, print its report; the exit code: 0 no violation, 1 violations or a failure, 2 bad arguments."""
-    if runs < 1 or kills < 0:
-        print("interlock drill: --runs must be at least 1 and --kills at least 0", file=sys.stderr)
+    if runs < 1 or kills < 0 or copies < 1:
+        print("interlock drill: --runs and --copies must be at least 1 and --kills at least 0", file=sys.stderr)
         return 2
     # the drill's own publishes retry through failovers on purpose: their warnings are noise here
     logging.getLogger("interlock").setLevel(logging.ERROR)
     try:
         report = asyncio.run(run_drill(runs=runs, kills=kills, cluster=cluster, seed=seed, timeout=timeout,
-                                       home=home, nats_url=nats_url))
+                                       home=home, nats_url=nats_url, copies=copies))
     except (RuntimeError, NatsServerError, ClientError) as e:
         print(f"interlock drill: {e}", file=sys.stderr)
         return 1

@@ -107,6 +107,9 @@ class Stack:
     identity_dir: Path | None = None
     """The identity home (default ``{home}/identity``); with ``nats_url``, the one that server trusts."""
     tenant: str = DEFAULT_TENANT
+    copies: dict[str, int] = field(default_factory=dict)
+    """Processes per service (default 1): copy 1 is named after the service, the others ``{service}-2``, …
+    (invariant 7: copies share the work; a drill kills one copy while the others carry on)."""
     creds: dict[str, Path] = field(default_factory=dict)
     """The credential of each process by name, and ``admin``'s."""
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
@@ -129,6 +132,12 @@ class Stack:
         tenant = tenant or self.tenant
         return name if tenant == DEFAULT_TENANT else f"{name}-{tenant}"
 
+    def service_processes(self, service: str | None = None) -> list[str]:
+        """Process names of every copy of ``service`` (of every service when None)."""
+        services = self.services if service is None else (service,)
+        return [name for svc in services
+                for name in [svc, *(f"{svc}-{i}" for i in range(2, self.copies.get(svc, 1) + 1))]]
+
     def worker_specs(self) -> list[tuple[str, str, str]]:
         """(process name, target, tenant) of every worker process: each worker once per tenant of
         ``worker_tenants``, else for INTERLOCK_TENANT (``env``, then this process's), else default."""
@@ -150,6 +159,8 @@ class Stack:
         for service in self.services:
             if service not in self.creds:
                 self.creds[service] = self.identity.get_or_issue(service, name=service)
+            for name in self.service_processes(service):  # the copies share their service's credential
+                self.creds.setdefault(name, self.creds[service])
         for name, target, tenant in self.worker_specs():
             if name in self.creds:
                 continue
@@ -276,7 +287,8 @@ class Stack:
         self.url_file.parent.mkdir(parents=True, exist_ok=True)
         self.url_file.write_text(self.url)
         for service in self.services:
-            self._spawn(service, [sys.executable, "-m", "interlock.cli", "serve", service])
+            for name in self.service_processes(service):
+                self._spawn(name, [sys.executable, "-m", "interlock.cli", "serve", service])
         for name, target, tenant in self.worker_specs():
             self._spawn(name, [sys.executable, "-m", "interlock.cli", "--tenant", tenant, "worker", target])
 

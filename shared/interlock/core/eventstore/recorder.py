@@ -46,8 +46,14 @@ from interlock.core.retry import Backoff, Retry
 log = logging.getLogger("interlock.core.eventstore")
 
 WRONG_LAST_SEQUENCE = 10071
+# a clustered stream says the same with a constant error of its own ("wrong last sequence", no
+# number): a conflict too, never a handler failure (which would wait for a redelivery backoff)
+WRONG_LAST_SEQUENCE_CLUSTERED = 10164
 DUPLICATE_IN_PROCESS = 10158  # a retry raced the first copy inside the cluster: try again
 APPEND_BACKOFF = Backoff(first=0.05, cap=1.0)
+# an append whose ack does not come in this long (its stream leader was killed) is checked and
+# tried again (same msg id: stored once) instead of waiting out a longer timeout on a dead leader
+APPEND_ACK_TIMEOUT_S = 2.0
 
 # Headers of a direct-get reply, set by the server.
 _STATUS = Header.STATUS.value
@@ -289,10 +295,11 @@ class JetStreamRecorder:
         retry = Retry(APPEND_BACKOFF, patience=self.failover_patience)
         while True:
             try:
-                ack = await self.js.publish(subject, payload, headers=headers, timeout=self.publish_timeout)
+                ack = await self.js.publish(subject, payload, headers=headers,
+                                            timeout=min(self.publish_timeout, APPEND_ACK_TIMEOUT_S))
                 return int(ack.seq)
             except BadRequestError as e:
-                if e.err_code == WRONG_LAST_SEQUENCE:
+                if e.err_code in (WRONG_LAST_SEQUENCE, WRONG_LAST_SEQUENCE_CLUSTERED):
                     # maybe our own earlier try landed (ambiguous timeout, then a retry)
                     landed = await self._landed(subject, msg_id)
                     if landed is not None:
