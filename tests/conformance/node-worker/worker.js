@@ -74,11 +74,15 @@ function recordSideEffect(ctx, what) {
   return true;
 }
 
+// A step written without `input:` gets the run's input ({"alert": {...}}); a wired step gets its fields.
+const given = (ctx) => (ctx.input && typeof ctx.input === "object" && !Array.isArray(ctx.input)) ? ctx.input : {};
+const alertOf = (ctx) => given(ctx).alert || {};
+
 const HANDLERS = {
   "incident.detect": {
     version: "1", capabilities: ["alerts"],
     async run(ctx) {
-      const alert = (ctx.input && ctx.input.alert) || {};
+      const alert = alertOf(ctx);
       return { host: alert.host || "web-1", service: alert.service || "checkout", symptom: alert.symptom || "5xx spike" };
     },
   },
@@ -86,7 +90,7 @@ const HANDLERS = {
     version: "1", capabilities: ["llm"],
     async run(ctx) {
       await sleep(50); // stands in for a model call
-      const symptom = ctx.input.signal.symptom;
+      const symptom = String((given(ctx).signal || alertOf(ctx)).symptom || "");
       return { severity: symptom.includes("5xx") ? "high" : "medium", category: "availability" };
     },
   },
@@ -94,14 +98,16 @@ const HANDLERS = {
     version: "1", capabilities: ["cmdb"],
     async run(ctx) {
       await sleep(50); // stands in for a CMDB lookup
-      return { host: ctx.input.host, service: "checkout", owner: "payments-team", region: "eu-west-1" };
+      const host = given(ctx).host || alertOf(ctx).host || "web-1";
+      return { host, service: "checkout", owner: "payments-team", region: "eu-west-1" };
     },
   },
   "incident.plan": {
     version: "1", capabilities: ["llm"],
     async run(ctx) {
       const digest = crypto.createHash("sha256").update(pythonDumps(ctx.input)).digest("hex").slice(0, 8);
-      return { patch_id: `PATCH-${digest}`, action: "rollback-deploy", host: ctx.input.host };
+      const host = given(ctx).host || alertOf(ctx).host || "web-1";
+      return { patch_id: `PATCH-${digest}`, action: "rollback-deploy", host };
     },
   },
   "incident.apply": {
@@ -109,8 +115,9 @@ const HANDLERS = {
     async run(ctx) {
       await ctx.heartbeat("connecting");
       if (ctx.job.attempt === 1) throw new RetryableError("ssh: connection reset by peer (simulated, first attempt only)");
-      recordSideEffect(ctx, `applied ${ctx.input.plan.patch_id}`);
-      return { applied: ctx.input.plan.patch_id, attempt: ctx.job.attempt };
+      const patchId = (given(ctx).plan || {}).patch_id || `PATCH-${alertOf(ctx).id || "unknown"}`;
+      recordSideEffect(ctx, `applied ${patchId}`);
+      return { applied: patchId, attempt: ctx.job.attempt };
     },
   },
   // not in the example: returns its input, so the test can send a large payload both ways
