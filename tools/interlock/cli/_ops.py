@@ -44,13 +44,14 @@ def list_dead_letters(
 
 
 # -- processes ---------------------------------------------------------------------------------
-ServiceName = Literal["planner", "policy", "approval", "dispatcher", "auditor"]
+ServiceName = Literal["planner", "policy", "approval", "dispatcher", "auditor", "api"]
 SERVICE_CLASSES: dict[str, str] = {
     "planner": "interlock.planner.service:PlannerService",
     "policy": "interlock.policy.service:PolicyService",
     "approval": "interlock.approval.service:ApprovalService",
     "dispatcher": "interlock.dispatcher.service:DispatcherService",
     "auditor": "interlock.auditor.service:AuditorService",
+    "api": "interlock.api.server:ApiService",
 }
 
 
