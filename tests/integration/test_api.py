@@ -19,7 +19,7 @@ from interlock.api.settings import ApiSettings
 from interlock.client import Client
 from interlock.contracts import events as ev
 from interlock.worker import JobContext, Worker
-from tests.integration.api_fixtures import Api, api  # noqa: F401 - the fixture
+from tests.integration.api_fixtures import Api
 from tests.integration.harness import Harness, unique
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
