@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 TOKEN = r"^[A-Za-z0-9_\-]+$"
+VERSION = r"^[0-9A-Za-z.+_\-]+$"  # a workflow or policy version (interlock.core.workflow: also a digit)
 
 
 class Body(BaseModel):
@@ -24,7 +25,8 @@ class Open(BaseModel):
 # -- runs ---------------------------------------------------------------------------------------
 class StartRun(Body):
     input: dict[str, Any] = Field(default_factory=dict, description="The run's input (the workflow's input schema)")
-    version: str | None = Field(default=None, max_length=128, description="Pin a workflow version; latest if omitted")
+    version: str | None = Field(default=None, max_length=128, pattern=VERSION,
+                                description="Pin a workflow version; latest if omitted")
 
 
 class RunLinks(BaseModel):
@@ -158,7 +160,7 @@ class PolicyEval(Body):
     workflow_id: str = Field(pattern=TOKEN, max_length=256)
     step_id: str = Field(min_length=1, max_length=256)
     input: Any = None
-    version: str | None = Field(default=None, max_length=128)
+    version: str | None = Field(default=None, max_length=128, pattern=VERSION)
 
 
 class PolicySource(Body):

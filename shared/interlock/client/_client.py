@@ -20,6 +20,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from nats.js.errors import InvalidKeyError
 from pydantic import BaseModel
 
 from interlock.client import _policy
@@ -265,6 +266,8 @@ class Client:
             return await self._registry.get(workflow_id, version)
         except WorkflowNotFound as e:
             raise NotFound(str(e)) from None
+        except InvalidKeyError:  # a version no registry key can hold was never registered
+            raise NotFound(f"workflow {workflow_id} has no version {version!r}") from None
 
     # -- runs --------------------------------------------------------------------------------
     async def start_run(self, workflow_id: str, input: Any = None, *, key: str | None = None,
