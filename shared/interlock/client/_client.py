@@ -132,7 +132,7 @@ class Client:
         self.creds: Path | None = None
         """The credential this client connected with (None: anonymous)."""
         self.creds_source = "none"
-        self._keys: ApiKeyStore | None = None
+        self._keys = ApiKeyStore(self.js)  # no I/O until used; shared by with_tenant views (one cache)
         self._known_workflows: dict[tuple[str, str | None], float] = {}
         self.request_timeout = REQUEST_TIMEOUT
         """Seconds a service may take to answer a request, and to appear if none is subscribed."""
@@ -542,8 +542,6 @@ class Client:
 
     # -- HTTP API keys -----------------------------------------------------------------------
     def _api_keys(self) -> ApiKeyStore:
-        if self._keys is None:
-            self._keys = ApiKeyStore(self.js)
         return self._keys
 
     async def create_api_key(self, role: str, *, principal: str | None = None, by: str = "") -> tuple[
