@@ -359,6 +359,18 @@ async def test_apply_workflow_as_yaml(api: Api) -> None:
                                        headers={"content-type": "application/yaml"}), 409, "bump the version")
 
 
+async def test_a_workflow_with_new_trigger_subjects_needs_an_admin_credential(api: Api) -> None:
+    wf = unique("api-trig")
+    source = plain(wf, unique("t")).replace("steps:", f"triggers: [api-test.{wf}]\nsteps:")
+    async with api.http(await api.key("admin")) as http:
+        refused = await http.post("/api/v1/workflows", json={"source": source})
+        assert_problem(refused, 409, "admin credential", f"api-test.{wf}")
+        assert_problem(await http.get(f"/api/v1/workflows/{wf}/versions"), 404)  # nothing was written
+        await api.admin.apply_workflow(source)  # an admin adds the subject to the stream
+        again = await http.post("/api/v1/workflows", json={"source": source})
+        assert again.status_code == 200 and again.json()["created"] is False, again.text
+
+
 async def test_policy_routes(api: Api, harness: Harness) -> None:
     wf, topic = unique("api-pol"), unique("api-t")
     async with api.http(await api.key("policy-admin")) as policy, api.http(await api.key("admin")) as admin, \

@@ -55,7 +55,7 @@ from interlock.core.ids import run_id_for
 from interlock.core.run import Run
 from interlock.core.topology import provision
 from interlock.core.verify import VerifyReport, verify_run
-from interlock.core.workflow import Workflow
+from interlock.core.workflow import Workflow, load_workflow
 from interlock.identity import creds_inbox_prefix, creds_permissions
 from interlock.runtime import tls as _tls
 from interlock.runtime.apikeys import ApiKeyError, ApiKeyStore
@@ -253,10 +253,29 @@ class Client:
         ``WorkflowInvalid`` listing every problem, or :class:`Refused` when the version exists
         with different content."""
         await self._provision()
+        await self._may_add_trigger_subjects(load_workflow(text, filename=filename))
         try:
             return await self._registry.apply(text, filename=filename)
         except VersionConflict as e:
             raise Refused(str(e)) from None
+
+    async def _may_add_trigger_subjects(self, workflow: Workflow) -> None:
+        """Refuse, before anything is written, a workflow whose own trigger subjects are not on
+        the triggers stream yet when this credential may not add them (a stream change: admin)."""
+        extra = [subject for subject in workflow.triggers if not s.is_trigger_subject(subject)]
+        if not extra or self.creds is None:
+            return
+        allowed = creds_permissions(self.creds)
+        if allowed.allows_publish(p.js_stream("UPDATE", s.TRIGGERS_STREAM)):
+            return
+        missing = extra
+        if allowed.allows_publish(p.js_stream_info(s.TRIGGERS_STREAM)):
+            info = await self.js.stream_info(s.TRIGGERS_STREAM)
+            missing = [subject for subject in extra if subject not in (info.config.subjects or [])]
+        if missing:
+            raise Refused(f"workflow {workflow.id} declares trigger subjects ({', '.join(missing)}) that stream "
+                          f"{s.TRIGGERS_STREAM} does not capture yet; adding them changes the stream, which takes "
+                          f"an admin credential: apply it once with `interlock workflow apply` as admin")
 
     async def workflows(self) -> list[tuple[str, str]]:
         """Every registered (workflow id, version)."""

@@ -144,7 +144,8 @@ def _api(scope: Scope) -> Grant:
     pub += [p.object_subjects(s.PAYLOADS_OBJECT_STORE)]
     # what the API's keys may ask of it (it checks each key's role itself): API keys, checked on every
     # request and administered by admin keys; workflows (admin keys); policy bundles (policy-admin keys)
-    pub += [p.kv_keys(s.APIKEYS_BUCKET), p.kv_keys(s.WORKFLOWS_BUCKET), p.kv_keys(s.POLICIES_BUCKET)]
+    pub += [p.kv_keys(s.APIKEYS_BUCKET), p.kv_keys(s.WORKFLOWS_BUCKET), p.kv_keys(s.POLICIES_BUCKET),
+            p.js_stream_info(s.TRIGGERS_STREAM)]  # a workflow's own trigger subjects: are they captured yet?
     return Grant(publish=_unique(pub), subscribe=(p.inbox_all(scope.inbox_owner),),
                  reads=(s.EVENTS_STREAM, s.NOTIFY_STREAM, s.DLQ_STREAM, *_BUCKET_STREAMS, _API_KEYS, _PAYLOADS),
                  deny=_NOT_ADMIN_DENY)
