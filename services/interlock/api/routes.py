@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
@@ -69,8 +70,6 @@ async def start_run(request: Request, response: Response, workflow_id: WorkflowI
                         alias="Idempotency-Key", min_length=1, max_length=200,
                         description="The same key never starts two runs: a repeat answers 200 with the same run "
                                     "(default: a new random key)")] = None) -> m.RunAccepted:
-    import uuid
-
     client = acting_client(request, who)
     key = idempotency_key or uuid.uuid4().hex
     run_id, created = await client.submit_run(workflow_id, body.input, key=key, version=body.version,
