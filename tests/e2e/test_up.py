@@ -56,7 +56,7 @@ def _alive(pid: int, cmdline: str) -> bool:
 
 def _start_up(cwd: Path, home: str) -> tuple[subprocess.Popen[str], list[str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("INTERLOCK_")}
-    proc = subprocess.Popen([sys.executable, "-m", "interlock.cli", "up", "--home", home,
+    proc = subprocess.Popen([sys.executable, "-m", "interlock.cli", "up", "--home", home, "--api-port", "0",
                              "--worker", f"{HERE / 'agents.py'}:worker"],
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -108,7 +108,7 @@ def test_a_signal_stops_every_child_and_state_stays_under_home(tmp_path: Path, s
     children = _children(proc.pid)
     try:
         kinds = " ".join(children.values())
-        assert "nats-server" in kinds and kinds.count("interlock.cli serve") == 5 and "worker" in kinds, children
+        assert "nats-server" in kinds and kinds.count("interlock.cli serve") == 6 and "worker" in kinds, children
         home = cwd / "state"
         # everything under --home: the server's store, identity, logs, the auditor's projection, the URL file
         assert sorted(p.name for p in cwd.iterdir()) == ["state"]

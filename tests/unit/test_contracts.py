@@ -309,6 +309,7 @@ def test_unknown_fields_are_ignored(name: str, data: st.DataObject) -> None:
 # producer's message still decodes: adding a name here is a breaking change to the wire contract.
 REQUIRED_FIELDS: dict[str, set[str]] = {
     "AgentRegistration": {"worker_id", "topic", "started_at", "last_heartbeat"},
+    "ApiKeyRecord": {"key_id", "tenant", "role", "principal", "sha256", "created_at"},
     "ApprovalDecision": {"run_id", "step_id", "job_hash", "role"},  # approver: the command subject's principal
     # new types (signed approvals): what a signature covers is all required
     "ApprovalStatement": {"tenant", "run_id", "step_id", "job_hash", "snapshot_id", "decision", "principal", "role",

@@ -198,5 +198,6 @@ def test_public_surface_is_pinned() -> None:
         # signatures and the keyring
         "BAD_SIGNATURE", "NOT_ENTITLED", "REVOKED_KEY", "UNKNOWN_KEY", "UNSIGNED", "Keyring", "Signer",
         "key_entry", "publish_keyring", "raw_public_key", "read_keyring", "verify_signature",
+        "write_private",
     ])
     assert all(hasattr(identity, name) for name in identity.__all__)

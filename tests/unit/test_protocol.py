@@ -76,7 +76,8 @@ DOCUMENTED = {
     "dead letters": [s.dead_letter("worker"), "dead_letter.prefix_limit_bytes", "truncated"],
     "query results": ["RunsReply", "StatusReply", "TimelineReply", "ApprovalsReply"],
     "run id": ["uuid5", "run_id.uuid5_namespace", "{tenant}/{workflow_id}/{idempotency_key}", "gets no reply"],
-    "run by idempotency key, timeline paging (api)": ["TO BE COMPLETED (api helper", "Timeline paging"],
+    "run by idempotency key, timeline paging (api)": ["Finding a run by idempotency key", "`idempotency_key` set",
+                                                      "Timeline paging", "`after_seq`"],
     "finding the server": ["INTERLOCK_NATS_URL", ".interlock/nats.url", "INTERLOCK_CREDS", "_INBOX.{user public key}",
                            "INTERLOCK_TLS_CA"],
 }

@@ -579,6 +579,17 @@ AGENT_REGISTRY = KeyValueEntry(
     readers=(CLIENT,),
 )
 
+API_KEYS = KeyValueEntry(
+    bucket=s.APIKEYS_BUCKET,
+    key="{key_id}",
+    value=msg.ApiKeyRecord,
+    description="HTTP API keys: `interlock apikeys create` and the api service's key administration put a record "
+                "(tenant, role, principal, the key's SHA-256, never the key); the api service reads it to check "
+                "each request's X-API-Key. Only the api service's and admin credentials may read or write it.",
+    writers=(CLIENT,),
+    readers=(CLIENT,),
+)
+
 DEAD_LETTER_STATUS = KeyValueEntry(
     bucket=s.DLQ_STATUS_BUCKET,
     key="{seq} (the dead letter's stream sequence in IL_DLQ)",
@@ -589,7 +600,7 @@ DEAD_LETTER_STATUS = KeyValueEntry(
     readers=(OPERATOR,),
 )
 
-KEY_VALUE: tuple[KeyValueEntry, ...] = (AGENT_REGISTRY, DEAD_LETTER_STATUS)
+KEY_VALUE: tuple[KeyValueEntry, ...] = (AGENT_REGISTRY, DEAD_LETTER_STATUS, API_KEYS)
 
 REPLAYABLE: tuple[Channel, ...] = (TRIGGERS, JOBS, RESULTS, HEARTBEATS, TIMERS_FIRED)
 """Channels a dead letter's original may be published to again (``interlock dlq replay``): queues

@@ -52,6 +52,7 @@ APPROVERS_BUCKET = "il_approvers"  # key: approver id, value: the roles they hol
 DLQ_STATUS_BUCKET = "il_dlq_status"  # key: dead_letter_key(seq), value: what was done about that dead letter
 KEYRING_BUCKET = "il_keyring"  # key: a signing key id (nkey public key), value: its KeyEntry
 PAYLOADS_OBJECT_STORE = "il_payloads"  # large inputs and outputs, by sha256
+APIKEYS_BUCKET = "il_apikeys"  # key: the API key's id; value: its tenant, role, principal and SHA-256 (never the key)
 
 # -- wildcards a stream or consumer binds to ----------------------------------------------
 EVENTS_ALL = f"{PREFIX}.evt.>"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import inspect
@@ -21,6 +22,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from nats.js.errors import InvalidKeyError
 from pydantic import BaseModel, ValidationError
 
 from interlock.client import _policy
@@ -43,6 +45,7 @@ from interlock.contracts.authorship import approval_bytes
 from interlock.contracts.messages import (
     AgentRegistration,
     Alert,
+    ApiKeyRecord,
     ApprovalDecision,
     ApprovalStatement,
     CancelRequest,
@@ -66,10 +69,11 @@ from interlock.core.seal import Seal
 from interlock.core.sealed import SealedError
 from interlock.core.topology import provision
 from interlock.core.verify import VerifyReport, verify_run
-from interlock.core.workflow import Workflow
+from interlock.core.workflow import Workflow, load_workflow
 from interlock.identity import Keyring, Signer, creds_inbox_prefix, creds_permissions, read_keyring
 from interlock.runtime import seals as _seals
 from interlock.runtime import tls as _tls
+from interlock.runtime.apikeys import ApiKeyError, ApiKeyStore
 from interlock.runtime.connect import ConnectRefused, NoServerAnswered, connect, url_file
 from interlock.runtime.datakeys import DataKeyError, PayloadSealer
 from interlock.runtime.deadletter import CannotReplay, read_entry, replay_msg_id, replay_of, with_action
@@ -81,7 +85,28 @@ from interlock.runtime.signing import signing_enabled
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=BaseModel)
+
+
+class _RunsCursor:
+    """A runs page cursor: the last row's (started_at, run_id), URL-safe base64, opaque to callers."""
+
+    @staticmethod
+    def encode(started_at: str, run_id: str) -> str:
+        return base64.urlsafe_b64encode(f"{started_at}\n{run_id}".encode()).decode().rstrip("=")
+
+    @staticmethod
+    def decode(cursor: str) -> tuple[str, str]:
+        try:
+            text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+            started_at, run_id = text.split("\n")
+        except (ValueError, UnicodeDecodeError):
+            raise ValueError(f"cursor {cursor!r} is not one this API returned") from None
+        return started_at, run_id
+
+
+_runs_cursor = _RunsCursor()
 OnEvent = Callable[[dict[str, Any]], Awaitable[None] | None]
+WORKFLOW_CHECK_S = 5.0  # submit_run: how long a workflow seen to exist is not looked up again
 ENV_NATS_URL = "INTERLOCK_NATS_URL"
 REQUEST_TIMEOUT = 5.0  # how long a service may take to answer, and how long we wait for one to appear
 
@@ -135,6 +160,8 @@ class Client:
         self.creds: Path | None = None
         """The credential this client connected with (None: anonymous)."""
         self.creds_source = "none"
+        self._keys = ApiKeyStore(self.js)  # no I/O until used; shared by with_tenant views (one cache)
+        self._known_workflows: dict[tuple[str, str | None], float] = {}
         self.request_timeout = REQUEST_TIMEOUT
         """Seconds a service may take to answer a request, and to appear if none is subscribed."""
         self._sealer: PayloadSealer | None = None
@@ -189,10 +216,14 @@ class Client:
         client._sealer = PayloadSealer.from_settings(settings)
         return client
 
-    def with_tenant(self, tenant: str) -> Client:
-        """The same connection acting for another tenant (closing either closes the connection)."""
+    def with_tenant(self, tenant: str, principal: str | None = None) -> Client:
+        """The same connection acting for another tenant (closing either closes the connection);
+        with ``principal``, its commands are sent as that principal (a credential that may: the
+        api service's, for its keys' principals)."""
         view = copy.copy(self)
         view.tenant = s.token(tenant, "tenant")
+        if principal is not None:
+            view.principal = s.token(principal, "principal")
         return view
 
     async def close(self) -> None:
@@ -261,10 +292,29 @@ class Client:
         ``WorkflowInvalid`` listing every problem, or :class:`Refused` when the version exists
         with different content."""
         await self._provision()
+        await self._may_add_trigger_subjects(load_workflow(text, filename=filename))
         try:
             return await self._registry.apply(text, filename=filename)
         except VersionConflict as e:
             raise Refused(str(e)) from None
+
+    async def _may_add_trigger_subjects(self, workflow: Workflow) -> None:
+        """Refuse, before anything is written, a workflow whose own trigger subjects are not on
+        the triggers stream yet when this credential may not add them (a stream change: admin)."""
+        extra = [subject for subject in workflow.triggers if not s.is_trigger_subject(subject)]
+        if not extra or self.creds is None:
+            return
+        allowed = creds_permissions(self.creds)
+        if allowed.allows_publish(p.js_stream("UPDATE", s.TRIGGERS_STREAM)):
+            return
+        missing = extra
+        if allowed.allows_publish(p.js_stream_info(s.TRIGGERS_STREAM)):
+            info = await self.js.stream_info(s.TRIGGERS_STREAM)
+            missing = [subject for subject in extra if subject not in (info.config.subjects or [])]
+        if missing:
+            raise Refused(f"workflow {workflow.id} declares trigger subjects ({', '.join(missing)}) that stream "
+                          f"{s.TRIGGERS_STREAM} does not capture yet; adding them changes the stream, which takes "
+                          f"an admin credential: apply it once with `interlock workflow apply` as admin")
 
     async def workflows(self) -> list[tuple[str, str]]:
         """Every registered (workflow id, version)."""
@@ -276,6 +326,8 @@ class Client:
             return await self._registry.get(workflow_id, version)
         except WorkflowNotFound as e:
             raise NotFound(str(e)) from None
+        except InvalidKeyError:  # a version no registry key can hold was never registered
+            raise NotFound(f"workflow {workflow_id} has no version {version!r}") from None
 
     # -- runs --------------------------------------------------------------------------------
     async def start_run(self, workflow_id: str, input: Any = None, *, key: str | None = None,
@@ -319,6 +371,28 @@ class Client:
             return self._payload_sealer().open_tree(self.tenant, value)
         except (DataKeyError, SealedError) as e:
             raise ClientError(str(e)) from None
+
+    async def submit_run(self, workflow_id: str, input: Any = None, *, key: str, version: str | None = None,
+                         requested_by: str = "") -> tuple[str, bool]:
+        """Start a run unless trigger ``key`` already started one: (run id, True if this call
+        started it). Raises :class:`NotFound` for an unknown workflow (or version)."""
+        known = self._known_workflows.get((workflow_id, version))
+        if known is None or time.monotonic() - known > WORKFLOW_CHECK_S:
+            await self.workflow(workflow_id, version)
+            self._known_workflows[(workflow_id, version)] = time.monotonic()
+        run_id = str(run_id_for(self.tenant, workflow_id, key))
+        trigger = Trigger(workflow_id=workflow_id, workflow_version=version, input=input, idempotency_key=key,
+                          tenant=self.tenant, requested_by=requested_by)
+        with self._slots_busy():
+            # both at once (one round trip): a trigger for a run that exists changes nothing (the
+            # planner starts a run id once), so publishing it whatever the log holds is safe; the
+            # log read goes out first on this connection, before the trigger the run could come from
+            existed, ack = await asyncio.gather(
+                self._store.exists(self.tenant, run_id),
+                publish(self.js, s.trigger(self.tenant, workflow_id), trigger.model_dump_json().encode(),
+                        headers={h.MSG_ID: f"trigger:{self.tenant}:{workflow_id}:{key}"}))
+        # a duplicate: the same key was triggered moments ago (inside the stream's duplicate window)
+        return run_id, not (existed or ack.duplicate)
 
     async def watch(self, run_id: str, *, timeout: float | None = None,
                     heartbeats: bool = False) -> AsyncIterator[dict[str, Any]]:
@@ -467,7 +541,7 @@ class Client:
             signed = SignedApproval(statement=statement, key_id=signer.key_id,
                                     signature=signer.sign_b64(approval_bytes(statement)))
         decision = ApprovalDecision(run_id=run_id, step_id=step_id, job_hash=job_hash, role=role, reason=reason,
-                                    signed=signed)
+                                    signed=signed, via=via)
         return await self._command(subject, decision, "approval")
 
     async def approve(self, run_id: str, step_id: str, *, role: str | None = None,
@@ -496,13 +570,30 @@ class Client:
         return list(await self._query(self._query_subject("runs"),
                                       RunsQuery(status=status, workflow_id=workflow_id, limit=limit)))
 
+    async def runs_page(self, *, status: str | None = None, workflow_id: str | None = None,
+                        idempotency_key: str | None = None, started_after: str | None = None,
+                        started_before: str | None = None, cursor: str | None = None,
+                        limit: int = 50) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of runs, newest first, and the cursor of the next page (None: this is the last).
+        ``started_*``: ISO 8601 times; ``cursor``: a previous page's (opaque). Raises ValueError
+        for a cursor this client did not make."""
+        before = _runs_cursor.decode(cursor) if cursor else (None, None)
+        query = RunsQuery(status=status, workflow_id=workflow_id, idempotency_key=idempotency_key,
+                          started_after=started_after, started_before=started_before, before_started_at=before[0],
+                          before_run_id=before[1], limit=limit)
+        rows = list(await self._query(self._query_subject("runs"), query))
+        last = rows[-1] if len(rows) >= limit > 0 else None
+        return rows, (_runs_cursor.encode(str(last.get("started_at") or ""), str(last["run_id"])) if last else None)
+
     async def status(self, run_id: str) -> dict[str, Any]:
         """The run's row (``status``, ``workflow_id``, …) and the state of each step (``steps``)."""
         return dict(await self._query(self._query_subject("status"), RunQuery(run_id=run_id)))
 
-    async def timeline(self, run_id: str) -> list[dict[str, Any]]:
-        """The run's events in order, each with its one-line ``summary``."""
-        return list(await self._query(self._query_subject("timeline"), RunQuery(run_id=run_id)))
+    async def timeline(self, run_id: str, *, after_seq: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+        """The run's events in order, each with its one-line ``summary``: those after run seq
+        ``after_seq``, at most ``limit`` (a page: the next starts after the last row's ``seq``)."""
+        return list(await self._query(self._query_subject("timeline"),
+                                      RunQuery(run_id=run_id, after_seq=after_seq, limit=limit)))
 
     async def usage(self, *, group_by: Literal["run", "workflow", "tenant"] = "workflow", run_id: str | None = None,
                     workflow_id: str | None = None, since: datetime | None = None, limit: int = 100
@@ -742,6 +833,43 @@ class Client:
                                                  seals=seals, source=source)
         except _seals.SealError as e:
             raise ClientError(str(e)) from None
+
+    # -- HTTP API keys -----------------------------------------------------------------------
+    def _api_keys(self) -> ApiKeyStore:
+        return self._keys
+
+    async def create_api_key(self, role: str, *, principal: str | None = None, by: str = "") -> tuple[
+            ApiKeyRecord, str]:
+        """A new HTTP API key of ``role`` for this client's tenant: (its record, the key). The key
+        is not stored anywhere (only its SHA-256): show it once."""
+        self._may_publish(p.kv_key(s.APIKEYS_BUCKET, "new"), "create API keys")
+        await self._provision()
+        try:
+            return await self._api_keys().create(self.tenant, role, principal=principal, by=by or self.principal)
+        except ApiKeyError as e:
+            raise Refused(str(e)) from None
+
+    async def api_keys(self, *, all_tenants: bool = False) -> list[ApiKeyRecord]:
+        """The records of this tenant's API keys (revoked ones too), oldest first."""
+        await self._provision()
+        return await self._api_keys().list(None if all_tenants else self.tenant)
+
+    async def check_api_key(self, key: str) -> ApiKeyRecord | None:
+        """The active record of an API key, None for an unknown, revoked or wrong one (any tenant)."""
+        return await self._api_keys().check(key)
+
+    async def api_key(self, key_id: str) -> ApiKeyRecord | None:
+        """The active record of key id ``key_id`` (any tenant), None if unknown or revoked."""
+        return await self._api_keys().record(key_id)
+
+    async def revoke_api_key(self, key_id: str, *, by: str = "") -> ApiKeyRecord:
+        """Revoke one of this tenant's API keys (it stops working within seconds)."""
+        self._may_publish(p.kv_key(s.APIKEYS_BUCKET, "new"), "revoke API keys")
+        store = self._api_keys()
+        record = await store.get(key_id)
+        if record is None or record.tenant != self.tenant:
+            raise NotFound(f"no API key {key_id!r} in tenant {self.tenant}")
+        return await store.revoke(key_id, by=by or self.principal)
 
     # -- policy ------------------------------------------------------------------------------
     async def policy_publish(self, source: str, *, version: str | None = None, by: str) -> PolicyRevision:

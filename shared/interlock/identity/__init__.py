@@ -18,6 +18,7 @@ from interlock.identity._creds import (
     format_creds,
     read_creds,
     write_creds,
+    write_private,
 )
 from interlock.identity._errors import (
     PermissionDenied,
@@ -114,4 +115,5 @@ __all__ = [
     "user_jwt",
     "verify_signature",
     "write_creds",
+    "write_private",
 ]

@@ -109,6 +109,7 @@ def _wild(pattern: c.Pattern) -> str:
 
 _BUCKET_STREAMS = tuple(p.kv_stream(b) for b in (s.WORKFLOWS_BUCKET, s.AGENTS_BUCKET, s.POLICIES_BUCKET,
                                                   s.APPROVERS_BUCKET, s.KEYRING_BUCKET))
+_API_KEYS = p.kv_stream(s.APIKEYS_BUCKET)  # not in _BUCKET_STREAMS: only the api service and admin read it
 _PAYLOADS = p.object_stream(s.PAYLOADS_OBJECT_STORE)  # shared by tenants today (keys are content digests)
 _NOT_ADMIN_DENY = p.js_stream_admin()
 
@@ -141,8 +142,15 @@ def _api(scope: Scope) -> Grant:
     pub: list[str] = [s.JS_API_INFO, p.JS_STREAM_NAMES]
     pub += [_wild(ch.pattern) for ch in c.CHANNELS if c.CLIENT in ch.publishers]
     pub += [p.object_subjects(s.PAYLOADS_OBJECT_STORE)]
+    # what the API's keys may ask of it (it checks each key's role itself): API keys, checked on every
+    # request and administered by admin keys; workflows (admin keys); policy bundles (policy-admin keys)
+    pub += [p.kv_keys(s.APIKEYS_BUCKET), p.kv_keys(s.WORKFLOWS_BUCKET), p.kv_keys(s.POLICIES_BUCKET),
+            p.js_stream_info(s.TRIGGERS_STREAM)]  # a workflow's own trigger subjects: are they captured yet?
+    # each API key's own signing key is put in the keyring when the key is created (and revoked with it)
+    pub += [p.kv_keys(s.KEYRING_BUCKET)]
     return Grant(publish=_unique(pub), subscribe=(p.inbox_all(scope.inbox_owner),),
-                 reads=(s.EVENTS_STREAM, s.NOTIFY_STREAM, *_BUCKET_STREAMS, _PAYLOADS), deny=_NOT_ADMIN_DENY)
+                 reads=(s.EVENTS_STREAM, s.NOTIFY_STREAM, s.DLQ_STREAM, *_BUCKET_STREAMS, _API_KEYS, _PAYLOADS),
+                 deny=_NOT_ADMIN_DENY)
 
 
 def _worker(scope: Scope) -> Grant:
@@ -168,8 +176,8 @@ def _person(extra: Callable[[Scope], Sequence[str]], *, admin: bool = False) -> 
         reads = list(_BUCKET_STREAMS)
         if admin:
             pub += [p.JS_API_ALL, p.kv_keys(s.APPROVERS_BUCKET), p.kv_keys(s.WORKFLOWS_BUCKET),
-                    p.kv_keys(s.KEYRING_BUCKET), *_dead_letter_admin()]
-            reads += [s.DLQ_STREAM, p.kv_stream(s.DLQ_STATUS_BUCKET)]
+                    p.kv_keys(s.KEYRING_BUCKET), *_dead_letter_admin(), p.kv_keys(s.APIKEYS_BUCKET)]
+            reads += [s.DLQ_STREAM, p.kv_stream(s.DLQ_STATUS_BUCKET), _API_KEYS]
         return Grant(publish=_unique(pub), subscribe=(p.inbox_all(scope.inbox_owner),), reads=tuple(reads),
                      filtered_reads=((s.EVENTS_STREAM, p.pattern(s.run_events, t, p.ANY)),
                                      (s.NOTIFY_STREAM, p.pattern(s.notify, t, p.ANY))),

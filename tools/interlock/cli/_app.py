@@ -11,6 +11,7 @@ import typer
 
 from interlock.cli import (
     _admin_audit,
+    _apikeys,
     _approval,
     _audit,
     _identity,
@@ -91,6 +92,7 @@ app.add_typer(_identity.app, name="creds")
 app.add_typer(_tenant.app, name="tenant")
 app.command("cost")(_observe.cost)
 app.command("alerts")(_observe.alerts)
+app.add_typer(_apikeys.app, name="apikeys")
 _admin_audit.register(_audit.app)
 _seals.register(_audit.app)
 

@@ -99,13 +99,14 @@ def replay_dead_letter(
 
 
 # -- processes ---------------------------------------------------------------------------------
-ServiceName = Literal["planner", "policy", "approval", "dispatcher", "auditor"]
+ServiceName = Literal["planner", "policy", "approval", "dispatcher", "auditor", "api"]
 SERVICE_CLASSES: dict[str, str] = {
     "planner": "interlock.planner.service:PlannerService",
     "policy": "interlock.policy.service:PolicyService",
     "approval": "interlock.approval.service:ApprovalService",
     "dispatcher": "interlock.dispatcher.service:DispatcherService",
     "auditor": "interlock.auditor.service:AuditorService",
+    "api": "interlock.api.server:ApiService",
 }
 
 
@@ -253,13 +254,16 @@ def up(
         help="wait before the first restart of a child; doubles with each exit in a row (at most 30 s)")] = 0.5,
     ready_timeout: Annotated[float, typer.Option(
         "--ready-timeout", metavar="SECONDS", min=1, help="give up unless all services consume by then")] = 120.0,
+    api_port: Annotated[int, typer.Option(
+        "--api-port", min=-1, max=65535, help="the HTTP API's port (0: any free one; -1: no HTTP API)")] = 8081,
 ) -> None:
-    """Run NATS and the five services, each as its own process; Ctrl-C, SIGTERM or SIGHUP stops them all.
+    """Run NATS, the five services and the HTTP API, each as its own process; Ctrl-C, SIGTERM or SIGHUP stops them all.
 
     NATS is embedded unless --nats or INTERLOCK_NATS_URL names a server. Prints "ready" once every
     service (and worker) consumes. A child that exits is restarted with exponential backoff, and
     given up on after --max-restarts exits in a row. Everything the stack writes (NATS store,
     identity, logs, the auditor's projection, the URL file) is under --home.
+    The first start creates an admin API key and prints it (once; it is kept in HOME/api-admin.key, 0600).
     """
     from interlock.devstack.stack import NotReady, RestartPolicy, Stack
 
@@ -268,7 +272,7 @@ def up(
         url = ClientSettings.load(nats_url=globals_of(ctx).nats).nats_url
     except ClientError as e:
         fail(str(e))
-    stack = Stack(home=home, nats_url=url, workers=workers or [],
+    stack = Stack(home=home, nats_url=url, workers=workers or [], api_port=None if api_port < 0 else api_port,
                   restart_policy=RestartPolicy(initial=restart_backoff, limit=max_restarts))
     stop_on_signals()
     code = 0
@@ -288,6 +292,17 @@ def up(
         echo(f"ready: Interlock is up on {url}{found}. Ctrl-C stops it.")
         echo(f"Admin credential: {stack.admin_creds} (the CLI's default here; anonymous connections are "
              f"refused). Issue others with `interlock creds issue`.")
+        if stack.api_url is not None:
+            key, key_file = asyncio.run(stack.first_api_key())
+            try:
+                asyncio.run(stack.wait_api(timeout=180))
+            except TimeoutError as e:
+                echo(f"warning: {e}")
+            echo(f"HTTP API: {stack.api_url}/api/v1 (docs {stack.api_url}/docs, console {stack.api_url}/)")
+            if key is not None:
+                echo(f"Admin API key (shown once; kept in {key_file}, mode 0600): {key}")
+            else:
+                echo(f"Admin API key: in {key_file} (export INTERLOCK_API_KEY=$(cat {key_file}))")
         while True:
             time.sleep(0.2)
             for line in stack.supervise():
