@@ -18,8 +18,9 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from fastapi.staticfiles import StaticFiles
+from fastapi.responses import FileResponse
 
+from interlock.api.auth import Sessions, client_of
 from interlock.api.console import _session as session
 from interlock.api.console._dag import render_dag
 from interlock.api.console._session import Who
@@ -33,10 +34,13 @@ templates = environment()
 PAGE_SIZE = 50
 AGENT_STALE_S = 60  # a registration whose heartbeat is older than this is shown as stale
 DEAD_LETTER_LIMIT = 200
+START_WAIT_S = 5.0
 EXAMPLE_INPUT = json.dumps({"alert": {"id": "INC-1", "host": "web-7", "service": "checkout",
                                       "symptom": "5xx spike after deploy"}}, indent=2)
 
-static_files = StaticFiles(directory=STATIC)
+ASSETS = {path.name: path for path in STATIC.iterdir() if path.is_file()}  # shipped in the package
+MEDIA_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml",
+               ".png": "image/png"}
 
 
 def static_url(name: str) -> str:
@@ -47,7 +51,7 @@ def _render(request: Request, name: str, who: Who | None, page: str, status_code
             **context: Any) -> HTMLResponse:
     template = templates.get_template(name)
     html = template.render(who=who, page=page, csrf=session.csrf_token(request), static=static_url,
-                           logout_url=session.LOGOUT_URL, login_url=session.LOGIN_URL,
+                           logout_url=session.LOGOUT_URL, login_url=session.LOGIN_PAGE,
                            flashes=session.pop_flashes(request), may=session.may(who), **context)
     response = HTMLResponse(html, status_code=status_code, headers={"Cache-Control": "no-store"})
     return session.carry_flashes(request, response)
@@ -68,15 +72,52 @@ def _error_page(request: Request, who: Who, title: str, detail: str, status_code
                    back=back)
 
 
+@router.get(session.STATIC_PREFIX + "/{name}")
+async def asset(name: str) -> Response:
+    path = ASSETS.get(name)  # only the files shipped: no path from the request reaches the file system
+    if path is None:
+        return Response("no such asset", status_code=404, media_type="text/plain")
+    return FileResponse(path, media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream"),
+                        headers={"Cache-Control": "public, max-age=300"})
+
+
 # -- sign-in ---------------------------------------------------------------------------------
 @router.get("/", response_class=HTMLResponse)
 async def home(request: Request) -> Response:
-    return _back(request, "/runs" if session.current(request) else session.LOGIN_PAGE)
+    return _back(request, "/runs")
 
 
 @router.get(session.LOGIN_PAGE, response_class=HTMLResponse)
-async def login_page(request: Request, next: str = "/runs", error: str = "") -> Response:
-    return _render(request, "login.html", None, "login", error=error, next=session.safe_next(next))
+async def login_page(request: Request, next: str = "/runs") -> Response:
+    return _render(request, "login.html", None, "login", error="", next=session.safe_next(next))
+
+
+@router.post(session.LOGIN_PAGE, response_class=HTMLResponse)
+async def login(request: Request, api_key: str = Form(""), next: str = Form("/runs")) -> Response:
+    """The sign-in form: the api's key check and session cookie, answered with pages (the JSON
+    sign-in for scripts is ``POST /console/login``)."""
+    origin = request.headers.get("origin")
+    if origin is not None and origin != f"{request.url.scheme}://{request.url.netloc}":
+        # a form posted from another site would sign this browser in as someone else
+        return _render(request, "login.html", None, "login", status_code=403, next="/runs",
+                       error=f"sign-in refused: the form came from {origin}, not from this console")
+    key = api_key.strip()
+    record = await client_of(request).check_api_key(key) if 0 < len(key) <= 512 else None
+    if record is None:
+        return _render(request, "login.html", None, "login", status_code=401, next=session.safe_next(next),
+                       error="That is not a valid API key (unknown, revoked or mistyped).")
+    sessions: Sessions = request.app.state.sessions
+    cookie, _ = sessions.issue(record)
+    response = RedirectResponse(session.safe_next(next), status_code=303)
+    sessions.set_cookie(response, cookie)
+    return response
+
+
+@router.post(session.LOGOUT_URL)
+async def logout(request: Request, who: Who = Depends(session.signed_in)) -> Response:
+    response = RedirectResponse(session.LOGIN_PAGE, status_code=303)
+    request.app.state.sessions.clear(response)
+    return response
 
 
 # -- runs ------------------------------------------------------------------------------------
@@ -127,7 +168,7 @@ async def runs_page(request: Request, who: Who = Depends(session.signed_in), sta
 
 
 @router.get("/runs/live")
-async def runs_live(request: Request, who: Who = Depends(session.signed_in), status: str = "", workflow: str = "",
+async def runs_live(request: Request, who: Who = Depends(session.signed_in_json), status: str = "", workflow: str = "",
                     q: str = "", after: str = "", before: str = "") -> Response:
     rows, _ = await _runs_rows(session.client(request, who), status, workflow, q, after, before, None)
     return JSONResponse({"html": {"runs-rows": _fragment("_runs_rows.html", who, request, runs=rows)},
@@ -135,9 +176,8 @@ async def runs_live(request: Request, who: Who = Depends(session.signed_in), sta
 
 
 @router.post("/runs/start")
-async def start_run(request: Request, who: Who = Depends(session.signed_in), csrf_token: str = Form(""),
+async def start_run(request: Request, who: Who = Depends(session.signed_in),
                     workflow_id: str = Form(...), input: str = Form(""), key: str = Form("")) -> Response:
-    session.check_csrf(request, csrf_token)
     session.require(who, "start")
     try:
         value = json.loads(input) if input.strip() else None
@@ -151,8 +191,24 @@ async def start_run(request: Request, who: Who = Depends(session.signed_in), csr
     except ClientError as e:
         session.flash(request, "error", f"could not start {workflow_id}: {e}")
         return _back(request, "/runs?start=1")
+    await _started(client, run_id)
     session.flash(request, "ok", f"run {run_id} of {workflow_id} started")
     return _back(request, f"/runs/{run_id}")
+
+
+async def _started(client: Client, run_id: str, timeout: float = START_WAIT_S) -> None:
+    """Wait until the planner has written the run's first event (so its page has something to
+    show); a slow planner only means the page says the run is not there yet."""
+    events = client.watch(run_id, timeout=timeout)
+    try:
+        with contextlib.suppress(TimeoutError, ClientError):
+            async with asyncio.timeout(timeout):
+                async for _ in events:
+                    return
+    finally:
+        close = getattr(events, "aclose", None)  # an async generator: stop its consumer now
+        if close is not None:
+            await close()
 
 
 # -- one run ---------------------------------------------------------------------------------
@@ -213,7 +269,7 @@ async def run_page(request: Request, run_id: str, who: Who = Depends(session.sig
 
 
 @router.get("/runs/{run_id}/live")
-async def run_live(request: Request, run_id: str, who: Who = Depends(session.signed_in)) -> Response:
+async def run_live(request: Request, run_id: str, who: Who = Depends(session.signed_in_json)) -> Response:
     context = await _load_run_or_page(request, who, run_id)
     if isinstance(context, HTMLResponse):
         return JSONResponse({"html": {}, "done": True, "error": "run unavailable"}, status_code=context.status_code)
@@ -231,8 +287,7 @@ async def run_live(request: Request, run_id: str, who: Who = Depends(session.sig
 
 @router.post("/runs/{run_id}/cancel")
 async def cancel_run(request: Request, run_id: str, who: Who = Depends(session.signed_in),
-                     csrf_token: str = Form(""), reason: str = Form("")) -> Response:
-    session.check_csrf(request, csrf_token)
+                     reason: str = Form("")) -> Response:
     session.require(who, "cancel")
     try:
         await session.client(request, who).cancel(run_id, reason=reason.strip() or f"cancelled by {who.principal}")
@@ -243,9 +298,8 @@ async def cancel_run(request: Request, run_id: str, who: Who = Depends(session.s
 
 
 @router.post("/runs/{run_id}/rerun", response_class=HTMLResponse)
-async def rerun(request: Request, run_id: str, who: Who = Depends(session.signed_in), csrf_token: str = Form(""),
+async def rerun(request: Request, run_id: str, who: Who = Depends(session.signed_in),
                 from_step: str = Form(...), dry_run: bool = Form(False)) -> Response:
-    session.check_csrf(request, csrf_token)
     session.require(who, "rerun")
     client = session.client(request, who)
     try:
@@ -294,7 +348,7 @@ async def approvals_page(request: Request, who: Who = Depends(session.signed_in)
 
 
 @router.get("/approvals/live")
-async def approvals_live(request: Request, who: Who = Depends(session.signed_in)) -> Response:
+async def approvals_live(request: Request, who: Who = Depends(session.signed_in_json)) -> Response:
     items = await _approval_items(session.client(request, who))
     return JSONResponse({"html": {"approvals-list": _fragment("_approvals_list.html", who, request, items=items)},
                          "done": False}, headers={"Cache-Control": "no-store"})
@@ -302,9 +356,8 @@ async def approvals_live(request: Request, who: Who = Depends(session.signed_in)
 
 @router.post("/approvals/{run_id}/{step_id}")
 async def decide(request: Request, run_id: str, step_id: str, who: Who = Depends(session.signed_in),
-                 csrf_token: str = Form(""), decision: str = Form(...), job_hash: str = Form(...),
+                 decision: str = Form(...), job_hash: str = Form(...),
                  reason: str = Form("")) -> Response:
-    session.check_csrf(request, csrf_token)
     session.require(who, "approve")
     client = session.client(request, who)
     reason = reason.strip()

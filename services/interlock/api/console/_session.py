@@ -1,77 +1,65 @@
-"""The console's view of the api service's session: who is signed in, their client, CSRF, roles.
+"""The console's use of the api service's session: who is signed in, their client, roles, flashes.
 
-The api service owns the session (``POST /console/login`` checks an API key and sets the signed,
-HttpOnly, SameSite=Strict cookie that carries the principal and its CSRF token); this module
-only reads it through the api's own dependencies, so there is one session and one key check.
+The api service owns the session and the key check (:mod:`interlock.api.auth`): a signed,
+HttpOnly, SameSite=Strict cookie naming the API key and the session's CSRF token, which
+:func:`~interlock.api.auth.current_principal` checks on every unsafe request (form field
+``csrf_token``). The console adds only what a browser needs: a redirect to the sign-in page
+instead of a 401, sign-in and sign-out forms that land on pages, and one-shot messages.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
-from fastapi import HTTPException, Request, Response
+from fastapi import Request, Response
 
+from interlock.api.access import Action, roles_allowed
+from interlock.api.auth import Principal, acting_client, current_principal, session_cookie
+from interlock.api.problems import ApiProblem
 from interlock.client import Client
 
+Who = Principal
+
 LOGIN_PAGE = "/login"
-LOGIN_URL = "/console/login"
-LOGOUT_URL = "/console/logout"
+LOGOUT_URL = "/logout"
 STATIC_PREFIX = "/static/console"
 VIA = "console"  # recorded in approval events: the decision came through the web console
-FLASH_COOKIE = "il_console_flash"
+FLASH_COOKIE = "interlock_console_flash"
 
-# what each console action needs (the API enforces the same roles on its own routes)
-ACTIONS: dict[str, frozenset[str]] = {
-    "start": frozenset({"operator", "admin"}),
-    "cancel": frozenset({"operator", "admin"}),
-    "rerun": frozenset({"operator", "admin"}),
-    "approve": frozenset({"approver", "admin"}),
+# each console action and the API action (role table: interlock.api.access) it needs
+ACTIONS: dict[str, Action] = {
+    "start": Action.OPERATE,
+    "cancel": Action.OPERATE,
+    "rerun": Action.OPERATE,
+    "approve": Action.APPROVE,
+    "dead_letters": Action.ADMIN,
 }
 
 
-@dataclass(frozen=True)
-class Who:
-    """The signed-in principal."""
-
-    principal: str
-    tenant: str
-    role: str
-
-
-@dataclass(frozen=True)
 class May:
-    """What the signed-in role may do: the pages show only these controls."""
+    """What the signed-in role may do: the pages show only these controls (and the POST
+    handlers check again with :func:`require`)."""
 
-    start: bool = False
-    cancel: bool = False
-    rerun: bool = False
-    approve: bool = False
+    def __init__(self, who: Who | None) -> None:
+        for name, action in ACTIONS.items():
+            setattr(self, name, who is not None and who.may(action))
 
     @property
     def operate(self) -> bool:
-        return self.cancel or self.rerun
+        return bool(getattr(self, "cancel", False) or getattr(self, "rerun", False))
 
 
 def may(who: Who | None) -> May:
-    if who is None:
-        return May()
-    return May(**{action: who.role in roles for action, roles in ACTIONS.items()})
+    return May(who)
 
 
 def require(who: Who, action: str) -> None:
-    """403 unless ``who``'s role may ``action`` (whatever the page showed)."""
-    if who.role not in ACTIONS[action]:
-        raise HTTPException(403, f"role {who.role} may not {action} (needs {' or '.join(sorted(ACTIONS[action]))})")
-
-
-class SignInRequired(Exception):
-    """Raised by :func:`signed_in`; the app turns it into a redirect to the sign-in page."""
-
-    def __init__(self, next_url: str) -> None:
-        super().__init__(next_url)
-        self.next_url = next_url
+    """403 unless ``who``'s role may ``action``, whatever the page showed."""
+    needed = ACTIONS[action]
+    if not who.may(needed):
+        raise ApiProblem(403, "forbidden", "Forbidden", f"role {who.role!r} may not {action.replace('_', ' ')}; "
+                         f"roles that may: {', '.join(roles_allowed(needed))}")
 
 
 def safe_next(url: str) -> str:
@@ -79,30 +67,32 @@ def safe_next(url: str) -> str:
     return url if url.startswith("/") and not url.startswith("//") and "\\" not in url else "/runs"
 
 
-def current(request: Request) -> Who | None:
-    """The session's principal, None when nobody is signed in."""
-    raise NotImplementedError  # wired to the api's session once it lands
-
-
 async def signed_in(request: Request) -> Who:
-    """Dependency: the signed-in principal, else a redirect to the sign-in page."""
-    who = current(request)
-    if who is None:
-        raise SignInRequired(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
-    return who
+    """Dependency of the pages: the signed-in principal (the api's session check, CSRF included
+    for a POST); nobody signed in: a redirect to the sign-in page, back here after."""
+    try:
+        return await current_principal(request, None, await session_cookie(request))
+    except ApiProblem as e:
+        if e.status != 401:
+            raise
+        here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        target = LOGIN_PAGE if request.method != "GET" else f"{LOGIN_PAGE}?next={here}"
+        raise ApiProblem(303, "sign-in", "See Other", "sign in first", headers={"Location": target}) from None
+
+
+async def signed_in_json(request: Request) -> Who:
+    """Dependency of the live fragments: the principal, or a 401 (the page reloads into the sign-in)."""
+    return await current_principal(request, None, await session_cookie(request))
 
 
 def client(request: Request, who: Who) -> Client:
-    """The shared client acting for ``who`` (their tenant; commands attributed to them)."""
-    raise NotImplementedError
+    """The api's client acting for ``who`` (their tenant; commands attributed to their principal)."""
+    return acting_client(request, who)
 
 
 def csrf_token(request: Request) -> str:
-    raise NotImplementedError
-
-
-def check_csrf(request: Request, token: str) -> None:
-    raise NotImplementedError
+    who: Principal | None = getattr(request.state, "principal", None)
+    return (who.csrf or "") if who is not None else ""
 
 
 # -- one-shot messages after a redirect (a cookie: only this origin can set it) ---------------
@@ -116,15 +106,19 @@ def pop_flashes(request: Request) -> list[tuple[str, str]]:
     except ValueError:
         return []
     request.state.flash_seen = True
-    return [(str(k), str(t)) for k, t in raw if k in ("ok", "error", "info")] if isinstance(raw, list) else []
+    if not isinstance(raw, list):
+        return []
+    return [(str(k), str(t)) for k, t in (item for item in raw if isinstance(item, list) and len(item) == 2)
+            if k in ("ok", "error", "info")]
 
 
 def carry_flashes(request: Request, response: Response) -> Response:
     """Set (after a POST) or clear (once shown) the flash cookie on ``response``."""
     out: list[Any] = getattr(request.state, "flash_out", [])
+    secure = bool(request.app.state.sessions.secure)
     if out:
         response.set_cookie(FLASH_COOKIE, json.dumps(out), max_age=60, httponly=True, samesite="strict",
-                            secure=request.url.scheme == "https")
+                            secure=secure, path="/")
     elif getattr(request.state, "flash_seen", False) and FLASH_COOKIE in request.cookies:
-        response.delete_cookie(FLASH_COOKIE, httponly=True, samesite="strict")
+        response.delete_cookie(FLASH_COOKIE, path="/", httponly=True, samesite="strict", secure=secure)
     return response

@@ -1,0 +1,214 @@
+"""The browser tests' stack: the session's nats-server (operator mode), the services, the
+auditor and the example agents in-process, the api service on uvicorn (port 0), and one
+headless Chromium per signed-in person, each with a fresh profile.
+
+Without Chromium (or playwright) the tests skip, saying why; under ``CI=true`` they fail
+instead: CI installs Chromium (``./dev chromium``) and must run them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from interlock.auditor.service import AuditorService
+from interlock.client import Client
+from interlock.devstack import example_file
+from interlock.devstack.targets import load_target
+from interlock.runtime.service import ServiceSettings
+from tests.browser.browser import browser_context, missing_reason
+from tests.integration.harness import Harness, connect
+from tests.principals import Principals
+
+if TYPE_CHECKING:
+    from playwright.async_api import APIResponse, BrowserContext, Page, Playwright
+
+    from interlock.api.app import FastAPI
+
+
+@pytest.fixture(scope="session")
+def chromium_ready() -> None:
+    reason = missing_reason()
+    if reason is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"browser tests cannot run under CI: {reason}")
+    print(f"\nskipping the browser tests: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+async def playwright_driver(chromium_ready: None) -> AsyncIterator[Playwright]:
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        yield pw
+
+
+@dataclass
+class ApiServer:
+    """The api service on uvicorn in this process, on a free port."""
+
+    app: FastAPI
+    server: Any = None
+    task: asyncio.Task[None] | None = None
+    base_url: str = ""
+
+    async def start(self) -> str:
+        import uvicorn
+
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
+                                ws="none", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.task = asyncio.create_task(self.server.serve(), name="api-uvicorn")
+        async with asyncio.timeout(20):
+            while not self.server.started:
+                if self.task.done():
+                    self.task.result()  # raises what stopped it
+                    raise RuntimeError("uvicorn stopped before it started")
+                await asyncio.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{port}"
+        return self.base_url
+
+    async def stop(self) -> None:
+        if self.server is not None and self.task is not None:
+            self.server.should_exit = True
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(self.task, timeout=10)
+
+
+@dataclass
+class Stack:
+    harness: Harness
+    admin: Client
+    api: ApiServer
+    keys: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    """(role, name) -> (principal, key)."""
+
+    async def key(self, role: str, name: str) -> tuple[str, str]:
+        """An API key of ``role`` for the tenant, acting as principal ``name``: (principal, key)."""
+        if (role, name) not in self.keys:
+            record, key = await self.admin.create_api_key(role, principal=name, by="browser-tests")
+            self.keys[(role, name)] = (record.principal, key)
+        return self.keys[(role, name)]
+
+
+@pytest.fixture(scope="module")
+async def browser_stack(chromium_ready: None, provisioned: str, admin_creds: Path, principals: Principals,
+                        tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    from interlock.api.app import create_app
+    from interlock.api.settings import ApiSettings
+
+    home = tmp_path_factory.mktemp("console-stack")
+    nc = await connect(provisioned, admin_creds)
+    harness = Harness(url=provisioned, nc=nc, principals=principals)
+    await harness.start_services()
+    auditor = AuditorService(ServiceSettings(nats_url=provisioned, provision=False, sweep_interval=0,
+                                             creds=principals.service("auditor")),
+                             db_path=home / "auditor.sqlite3")
+    await auditor.start()
+    admin = await Client.connect(provisioned, creds=admin_creds, name="browser-tests-admin")
+    api_client = await Client.connect(provisioned, creds=principals.service("api"), name="interlock-api")
+    api = ApiServer(create_app(ApiSettings.load(session_secret="browser-tests-" + "s" * 24,
+                                                session_secret_file=home / "session.secret"),
+                               client=api_client, connect=False))
+    try:
+        await harness.apply(example_file("workflow.yaml").read_text())
+        await harness.start_worker(load_target(f"{example_file('agents.py')}:worker"))
+        await api.start()
+        yield Stack(harness=harness, admin=admin, api=api)
+    finally:
+        await api.stop()
+        await api_client.close()
+        await admin.close()
+        await auditor.stop()
+        await harness.stop()
+        await nc.close()
+
+
+PEOPLE = {"operator": "olivia-ops", "approver": "sre-bob", "viewer": "victor-viewer", "admin": "ada-admin"}
+
+
+@dataclass
+class Person:
+    """Someone signed in (or about to) with their own browser."""
+
+    console: Console
+    role: str
+    principal: str
+    key: str
+    context: BrowserContext
+    page: Page
+
+    async def sign_in(self) -> None:
+        page = self.page
+        await page.goto(self.console.url("/login"))
+        await page.fill("#api_key", self.key)
+        await page.click("#sign-in")
+        await page.wait_for_url(lambda url: "/login" not in url)
+        assert self.principal in await page.inner_text("header.top"), "the header names who is signed in"
+
+    async def shot(self, name: str) -> Path:
+        """A full-page screenshot of what this person sees, in the test's output directory."""
+        self.console.shots.mkdir(parents=True, exist_ok=True)
+        self.console.shot_count += 1
+        path = self.console.shots / f"{self.console.shot_count:02d}-{self.role}-{name}.png"
+        await self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+    async def post(self, path: str, form: dict[str, str], *, csrf: bool = True) -> APIResponse:
+        """A form POST with this person's session (and the page's CSRF token), as a forged form would."""
+        data = dict(form)
+        if csrf:
+            token = await self.page.get_attribute("input[name=csrf_token]", "value")
+            assert token, "a signed-in page carries the session's CSRF token"
+            data["csrf_token"] = token
+        return await self.page.request.post(self.console.url(path), form=data, max_redirects=0)
+
+
+@dataclass
+class Console:
+    stack: Stack
+    driver: Playwright
+    out: Path
+    stack_exit: contextlib.AsyncExitStack
+    shot_count: int = 0
+
+    @property
+    def admin(self) -> Client:
+        return self.stack.admin
+
+    @property
+    def shots(self) -> Path:
+        return self.out / "screens"
+
+    def url(self, path: str) -> str:
+        return self.stack.api.base_url + path
+
+    @staticmethod
+    def json(value: Any) -> str:
+        return json.dumps(value, indent=2)
+
+    async def person(self, role: str, tmp_path: Path, name: str | None = None) -> Person:
+        principal, key = await self.stack.key(role, name or PEOPLE.get(role, f"{role}-person"))
+        context = await self.stack_exit.enter_async_context(
+            browser_context(self.driver, tmp_path / "profiles" / f"{role}-{principal}"))
+        page = context.pages[0] if context.pages else await context.new_page()
+        page.set_default_timeout(30_000)
+        return Person(self, role, principal, key, context, page)
+
+
+@pytest.fixture
+async def console(browser_stack: Stack, playwright_driver: Playwright, tmp_path: Path) -> AsyncIterator[Console]:
+    async with contextlib.AsyncExitStack() as stack:
+        yield Console(browser_stack, playwright_driver, tmp_path, stack)
+    print(f"\nscreenshots: {tmp_path / 'screens'}")
