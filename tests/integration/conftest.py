@@ -7,6 +7,7 @@ import pytest
 
 from interlock.auditor.service import AuditorService
 from interlock.runtime.service import ServiceSettings
+from tests.integration.api_fixtures import api  # noqa: F401 - the api service fixture (test_api*, bench)
 from tests.integration.harness import Harness, connect
 from tests.principals import Principals
 

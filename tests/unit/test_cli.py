@@ -25,7 +25,7 @@ from interlock.cli import _common, _ops, app, main
 from interlock.cli._output import short_hash
 from interlock.client import NotFound, PendingApproval, PolicyChange, PolicyDecision, PolicySimulation
 from interlock.core.run import RunStatus
-from interlock.devstack.stack import SERVICES
+from interlock.devstack.stack import API, SERVICES
 
 RUN = "6f1c2a3b-0000-5000-8000-000000000001"
 JOB_HASH = "3f2a9c0d1e2b" + "a" * 52
@@ -102,7 +102,7 @@ def test_help_shows_the_noun_groups_and_hides_todays_spellings() -> None:
     commands = _group().commands
     visible = {name for name, cmd in commands.items() if not cmd.hidden}
     hidden = {name for name, cmd in commands.items() if cmd.hidden}
-    assert visible == {"run", "approval", "workflow", "policy", "approver", "agent", "dlq", "audit", "creds",
+    assert visible == {"run", "approval", "workflow", "policy", "approver", "agent", "dlq", "audit", "creds", "apikeys",
                        "up", "serve", "worker", "nats", "demo", "drill", "provision"}
     assert hidden == {"runs", "status", "timeline", "cancel", "rerun", "approvals", "approve", "reject",
                       "validate", "agents", "workflows", "approvers"}
@@ -112,6 +112,7 @@ def test_help_shows_the_noun_groups_and_hides_todays_spellings() -> None:
     assert set(commands["policy"].commands) == {"publish", "rollback", "show", "history", "eval", "explain",
                                                 "simulate"}
     assert set(commands["approver"].commands) == {"grant", "revoke", "list"}
+    assert set(commands["apikeys"].commands) == {"create", "list", "revoke"}
     listed = set(re.findall(r"^│ ([a-z]\S*) ", cli("--help").stdout, re.MULTILINE))
     assert listed == visible
 
@@ -181,7 +182,7 @@ def test_an_unknown_service_is_a_usage_error_listing_them() -> None:
 
 
 def test_serve_knows_every_service_the_stack_runs() -> None:
-    assert tuple(_ops.SERVICE_CLASSES) == SERVICES == typing.get_args(_ops.ServiceName)
+    assert tuple(_ops.SERVICE_CLASSES) == (*SERVICES, API) == typing.get_args(_ops.ServiceName)
 
 
 def test_bad_input_json_names_the_option(fake: FakeClient) -> None:

@@ -14,11 +14,12 @@ PUBLIC = [
 ]
 
 CLIENT_METHODS = [
-    "agents", "apply_workflow", "approvals", "approve", "approvers", "cancel", "close", "connect", "dead_letters",
-    "events", "grant_approver", "load_run", "pending_approval", "policy_active", "policy_decide", "policy_history",
-    "policy_publish", "policy_rollback", "policy_simulate", "read_commits", "reject", "rerun", "rerun_plan",
-    "revoke_approver", "runs", "start_run", "status", "timeline", "verify", "wait", "wait_projected", "watch",
-    "with_tenant", "workflow", "workflows",
+    "agents", "api_key", "api_keys", "apply_workflow", "approvals", "approve", "approvers", "cancel", "check_api_key",
+    "close", "connect", "create_api_key", "dead_letters", "events", "grant_approver", "load_run", "pending_approval",
+    "policy_active", "policy_decide", "policy_history", "policy_publish", "policy_rollback", "policy_simulate",
+    "read_commits", "reject", "rerun", "rerun_plan", "revoke_api_key", "revoke_approver", "runs", "runs_page",
+    "start_run", "status", "submit_run", "timeline", "verify", "wait", "wait_projected", "watch", "with_tenant",
+    "workflow", "workflows",
 ]
 
 

@@ -305,6 +305,7 @@ def test_unknown_fields_are_ignored(name: str, data: st.DataObject) -> None:
 # producer's message still decodes: adding a name here is a breaking change to the wire contract.
 REQUIRED_FIELDS: dict[str, set[str]] = {
     "AgentRegistration": {"worker_id", "topic", "started_at", "last_heartbeat"},
+    "ApiKeyRecord": {"key_id", "tenant", "role", "principal", "sha256", "created_at"},
     "ApprovalDecision": {"run_id", "step_id", "job_hash", "role"},  # approver: the command subject's principal
     "ApprovalExpired": {"step_id", "job_hash"},
     "ApprovalInvalidated": {"step_id", "job_hash", "reason"},

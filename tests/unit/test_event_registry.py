@@ -55,7 +55,7 @@ def defined_event_classes() -> dict[str, type[ev.EventData]]:
 def test_the_registry_is_every_event_data_class_but_the_bases() -> None:
     classes = defined_event_classes()
     bases = {name for name, cls in classes.items() if cls.is_base}
-    assert bases == {"EventData", "StepEventData"}
+    assert bases == {"EventData", "StepEventData", "_Decided"}  # _Decided: approval decisions (via)
     assert dict(ev.EVENT_TYPES) == {name: cls for name, cls in classes.items() if name not in bases}
     assert all(cls.type_name == name for name, cls in ev.EVENT_TYPES.items())
     assert len(ev.EVENT_TYPES) == 27

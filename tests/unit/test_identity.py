@@ -195,5 +195,6 @@ def test_public_surface_is_pinned() -> None:
         "decode_jwt", "describe_permission_error",
         "format_creds", "operator_jwt", "permission_error", "permission_table", "permission_violation",
         "permissions_for", "public_key_kind", "read_creds", "role", "subject_matches", "user_jwt", "write_creds",
+        "write_private",
     ])
     assert all(hasattr(identity, name) for name in identity.__all__)

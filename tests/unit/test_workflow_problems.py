@@ -492,3 +492,9 @@ def test_alias_bomb_is_rejected() -> None:
     levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 7)]
     text = "id: wf\nversion: 1\nsteps: {a: {topic: t}}\nx:\n" + "".join(f"  {line}\n" for line in levels)
     assert "too large" in only(problems_of(text)).message
+
+
+def test_control_characters_are_a_yaml_problem_not_a_crash() -> None:
+    # the YAML reader refuses them before parsing: that must read as a problem too (the HTTP API's fuzzing found it)
+    problem = only(problems_of("\x1e"))
+    assert problem.message.startswith("invalid YAML:") and "#x001e" in problem.message

@@ -515,7 +515,18 @@ AGENT_REGISTRY = KeyValueEntry(
     readers=(CLIENT,),
 )
 
-KEY_VALUE: tuple[KeyValueEntry, ...] = (AGENT_REGISTRY,)
+API_KEYS = KeyValueEntry(
+    bucket=s.APIKEYS_BUCKET,
+    key="{key_id}",
+    value=msg.ApiKeyRecord,
+    description="HTTP API keys: `interlock apikeys create` and the api service's key administration put a record "
+                "(tenant, role, principal, the key's SHA-256, never the key); the api service reads it to check "
+                "each request's X-API-Key. Only the api service's and admin credentials may read or write it.",
+    writers=(CLIENT,),
+    readers=(CLIENT,),
+)
+
+KEY_VALUE: tuple[KeyValueEntry, ...] = (AGENT_REGISTRY, API_KEYS)
 
 
 @dataclass(frozen=True)

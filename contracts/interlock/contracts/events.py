@@ -21,7 +21,7 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import Field
+from pydantic import Field, SerializationInfo, SerializerFunctionWrapHandler, model_serializer
 
 from interlock.contracts.messages import JobError, Message, PayloadRef
 
@@ -145,18 +145,36 @@ class ApprovalRequested(StepEventData):
     escalate_to_role: str | None = None
 
 
-class ApprovalGranted(StepEventData):
+class _Decided(StepEventData):
+    """A decision's event: ``via`` is left out of the stored data when empty, so a log written
+    before the field existed encodes back to the same bytes (and hashes)."""
+
+    is_base: ClassVar[bool] = True
+
+    @model_serializer(mode="wrap")
+    def _omit_empty_via(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and not data.get("via"):
+            data.pop("via", None)
+        return data
+
+
+class ApprovalGranted(_Decided):
     job_hash: str
     approver: str
     role: str
     reason: str = ""
+    via: str = Field(default="", description="The channel the decision came through as its sender stated it "
+                                             "(\"api\": the HTTP API); empty: NATS directly (the CLI)")
 
 
-class ApprovalRejected(StepEventData):
+class ApprovalRejected(_Decided):
     job_hash: str
     approver: str
     role: str
     reason: str = ""
+    via: str = Field(default="", description="The channel the decision came through as its sender stated it "
+                                             "(\"api\": the HTTP API); empty: NATS directly (the CLI)")
 
 
 class ApprovalRefused(StepEventData):

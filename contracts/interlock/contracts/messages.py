@@ -159,6 +159,9 @@ class ApprovalDecision(Message):
                                   "decision naming another approver is refused.")
     role: str
     reason: str = ""
+    via: str = Field(default="", description="The channel the decision came through, as the sender states it "
+                                             "(\"api\": the HTTP API, for an API key's principal); recorded in "
+                                             "the decision's event")
 
 
 class CancelRequest(Message):
@@ -173,6 +176,21 @@ class CancelRequest(Message):
         default=None, description="Deprecated, ignored: who cancels is the command subject's principal. A "
                                   "request naming someone else is refused.")
     reason: str = ""
+
+
+class ApiKeyRecord(Message):
+    """An HTTP API key as stored in ``il_apikeys`` (key: ``key_id``): who it is and what it may do.
+    The key itself is never stored, only its SHA-256."""
+
+    key_id: str = Field(description="The key's public id (the second part of the key)")
+    tenant: str
+    role: str = Field(description="viewer, operator, approver, policy-admin or admin")
+    principal: str = Field(description="Who the key acts as: approvals and cancels are attributed to this name")
+    sha256: str = Field(description="SHA-256 of the whole key, hex")
+    created_at: datetime
+    created_by: str = ""
+    revoked_at: datetime | None = None
+    revoked_by: str = ""
 
 
 class CommandReply(Message):
@@ -205,11 +223,20 @@ class RunsQuery(Message):
     status: str | None = None
     workflow_id: str | None = None
     limit: int = 100
+    idempotency_key: str | None = Field(default=None, description="Only the run this trigger key started")
+    started_after: str | None = Field(default=None, description="Only runs started at or after (ISO 8601)")
+    started_before: str | None = Field(default=None, description="Only runs started before (ISO 8601)")
+    before_started_at: str | None = Field(
+        default=None, description="Page cursor: only runs after (older than) the run that started at this time "
+                                  "with id ``before_run_id``, in the newest-first order")
+    before_run_id: str | None = None
 
 
 class RunQuery(Message):
     run_id: str
     tenant: str | None = Field(default=None, description=_QUERY_TENANT)
+    after_seq: int = Field(default=0, ge=0, description="Timeline: only events after this run seq (a page cursor)")
+    limit: int | None = Field(default=None, ge=1, description="Timeline: at most this many events")
 
 
 class QueryReply(Message):

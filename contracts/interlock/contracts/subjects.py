@@ -48,6 +48,7 @@ AGENTS_BUCKET = "il_agents"  # key: {tenant}.{topic}.{worker_id} (agent_key)
 POLICIES_BUCKET = "il_policies"  # key: active (its history is the bundle history)
 APPROVERS_BUCKET = "il_approvers"  # key: approver id, value: the roles they hold
 PAYLOADS_OBJECT_STORE = "il_payloads"  # large inputs and outputs, by sha256
+APIKEYS_BUCKET = "il_apikeys"  # key: the API key's id; value: its tenant, role, principal and SHA-256 (never the key)
 
 # -- wildcards a stream or consumer binds to ----------------------------------------------
 EVENTS_ALL = f"{PREFIX}.evt.>"

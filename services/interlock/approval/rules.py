@@ -119,14 +119,14 @@ def apply_decision(run: Run, decision: ApprovalDecision, approver: str, *, grant
     if grant:
         run.grant_approval(ev.ApprovalGranted(
             step_id=decision.step_id, job_hash=decision.job_hash, approver=approver,
-            role=decision.role, reason=decision.reason), now)
+            role=decision.role, reason=decision.reason, via=decision.via), now)
         if state is not None and state.step_type == "approval":
             run.succeed_step(ev.StepSucceeded(step_id=decision.step_id, attempt=0, worker=approver,
                                               output={"approved_by": approver, "reason": decision.reason}))
         return None
     run.reject_approval(ev.ApprovalRejected(
         step_id=decision.step_id, job_hash=decision.job_hash, approver=approver,
-        role=decision.role, reason=decision.reason))
+        role=decision.role, reason=decision.reason, via=decision.via))
     run.fail_step(ev.StepFailed(step_id=decision.step_id, attempt=0, final=True, worker=approver,
                                 error=JobError(message=f"rejected by {approver}: "
                                                f"{decision.reason or 'no reason given'}",

@@ -231,8 +231,11 @@ class AuditorService(Service):
         return max(1, min(limit, MAX_QUERY_LIMIT))
 
     async def answer_runs(self, tenant: str, query: RunsQuery) -> QueryReply:
+        before = (query.before_started_at, query.before_run_id or "") if query.before_started_at else None
         runs = await self.projection.runs(tenant=tenant, status=query.status, workflow_id=query.workflow_id,
-                                          limit=self._limit(query.limit))
+                                          limit=self._limit(query.limit), idempotency_key=query.idempotency_key,
+                                          started_after=query.started_after, started_before=query.started_before,
+                                          before=before)
         return QueryReply(ok=True, result=runs)
 
     async def answer_status(self, tenant: str, query: RunQuery) -> QueryReply:
@@ -242,7 +245,8 @@ class AuditorService(Service):
         return QueryReply(ok=True, result=status)
 
     async def answer_timeline(self, tenant: str, query: RunQuery) -> QueryReply:
-        timeline = await self.projection.timeline(query.run_id, tenant)
+        limit = None if query.limit is None else self._limit(query.limit)
+        timeline = await self.projection.timeline(query.run_id, tenant, after_seq=query.after_seq, limit=limit)
         if timeline is None:
             return QueryReply(ok=False, error=f"run {query.run_id} not found")
         return QueryReply(ok=True, result=timeline)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import inspect
@@ -19,6 +20,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from nats.js.errors import InvalidKeyError
 from pydantic import BaseModel
 
 from interlock.client import _policy
@@ -38,6 +40,7 @@ from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import (
     AgentRegistration,
+    ApiKeyRecord,
     ApprovalDecision,
     CancelRequest,
     CommandReply,
@@ -55,6 +58,7 @@ from interlock.core.verify import VerifyReport, verify_run
 from interlock.core.workflow import Workflow
 from interlock.identity import creds_inbox_prefix, creds_permissions
 from interlock.runtime import tls as _tls
+from interlock.runtime.apikeys import ApiKeyError, ApiKeyStore
 from interlock.runtime.connect import ConnectRefused, connect
 from interlock.runtime.deadletter import read_letter
 from interlock.runtime.policy import ACTIVE as POLICY_KEY
@@ -63,6 +67,26 @@ from interlock.runtime.registry import VersionConflict, WorkflowNotFound, Workfl
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=BaseModel)
+
+
+class _RunsCursor:
+    """A runs page cursor: the last row's (started_at, run_id), URL-safe base64, opaque to callers."""
+
+    @staticmethod
+    def encode(started_at: str, run_id: str) -> str:
+        return base64.urlsafe_b64encode(f"{started_at}\n{run_id}".encode()).decode().rstrip("=")
+
+    @staticmethod
+    def decode(cursor: str) -> tuple[str, str]:
+        try:
+            text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+            started_at, run_id = text.split("\n")
+        except (ValueError, UnicodeDecodeError):
+            raise ValueError(f"cursor {cursor!r} is not one this API returned") from None
+        return started_at, run_id
+
+
+_runs_cursor = _RunsCursor()
 OnEvent = Callable[[dict[str, Any]], Awaitable[None] | None]
 REQUEST_TIMEOUT = 5.0  # how long a service may take to answer, and how long we wait for one to appear
 
@@ -107,6 +131,7 @@ class Client:
         self.creds: Path | None = None
         """The credential this client connected with (None: anonymous)."""
         self.creds_source = "none"
+        self._keys: ApiKeyStore | None = None
         self.request_timeout = REQUEST_TIMEOUT
         """Seconds a service may take to answer a request, and to appear if none is subscribed."""
 
@@ -150,10 +175,14 @@ class Client:
         client._store = EventStore(nc, client.js, service=name, slots=_read_slots(creds_file))
         return client
 
-    def with_tenant(self, tenant: str) -> Client:
-        """The same connection acting for another tenant (closing either closes the connection)."""
+    def with_tenant(self, tenant: str, principal: str | None = None) -> Client:
+        """The same connection acting for another tenant (closing either closes the connection);
+        with ``principal``, its commands are sent as that principal (a credential that may: the
+        api service's, for its keys' principals)."""
         view = copy.copy(self)
         view.tenant = s.token(tenant, "tenant")
+        if principal is not None:
+            view.principal = s.token(principal, "principal")
         return view
 
     async def close(self) -> None:
@@ -237,6 +266,8 @@ class Client:
             return await self._registry.get(workflow_id, version)
         except WorkflowNotFound as e:
             raise NotFound(str(e)) from None
+        except InvalidKeyError:  # a version no registry key can hold was never registered
+            raise NotFound(f"workflow {workflow_id} has no version {version!r}") from None
 
     # -- runs --------------------------------------------------------------------------------
     async def start_run(self, workflow_id: str, input: Any = None, *, key: str | None = None,
@@ -253,6 +284,22 @@ class Client:
         await publish(self.js, s.trigger(self.tenant, workflow_id), trigger.model_dump_json().encode(),
                       headers={h.MSG_ID: f"trigger:{self.tenant}:{workflow_id}:{key}"}, patience=patience)
         return str(run_id_for(self.tenant, workflow_id, key))
+
+    async def submit_run(self, workflow_id: str, input: Any = None, *, key: str, version: str | None = None,
+                         requested_by: str = "") -> tuple[str, bool]:
+        """Start a run unless trigger ``key`` already started one: (run id, True if this call
+        started it). Raises :class:`NotFound` for an unknown workflow (or version)."""
+        await self.workflow(workflow_id, version)
+        run_id = str(run_id_for(self.tenant, workflow_id, key))
+        with self._slots_busy():
+            if await self._store.exists(self.tenant, run_id):
+                return run_id, False
+        trigger = Trigger(workflow_id=workflow_id, workflow_version=version, input=input, idempotency_key=key,
+                          tenant=self.tenant, requested_by=requested_by)
+        ack = await publish(self.js, s.trigger(self.tenant, workflow_id), trigger.model_dump_json().encode(),
+                            headers={h.MSG_ID: f"trigger:{self.tenant}:{workflow_id}:{key}"})
+        # a duplicate: the same key was triggered moments ago (inside the stream's duplicate window)
+        return run_id, not ack.duplicate
 
     async def watch(self, run_id: str, *, timeout: float | None = None,
                     heartbeats: bool = False) -> AsyncIterator[dict[str, Any]]:
@@ -373,24 +420,25 @@ class Client:
         return s.query(self.tenant, name)
 
     async def _decide(self, grant: bool, run_id: str, step_id: str, role: str | None,
-                      job_hash: str | None, reason: str) -> CommandReply:
+                      job_hash: str | None, reason: str, via: str = "") -> CommandReply:
         if role is None or job_hash is None:
             pending = await self.pending_approval(run_id, step_id)
             role = role if role is not None else pending.approver_role
             job_hash = job_hash or pending.job_hash
-        decision = ApprovalDecision(run_id=run_id, step_id=step_id, job_hash=job_hash, role=role, reason=reason)
+        decision = ApprovalDecision(run_id=run_id, step_id=step_id, job_hash=job_hash, role=role, reason=reason,
+                                    via=via)
         return await self._command(self._command_subject("approve" if grant else "reject"), decision, "approval")
 
     async def approve(self, run_id: str, step_id: str, *, role: str | None = None,
-                      job_hash: str | None = None, reason: str = "") -> CommandReply:
+                      job_hash: str | None = None, reason: str = "", via: str = "") -> CommandReply:
         """Grant a pending approval as :attr:`principal` (bound to ``job_hash``; by default the one
-        asked for)."""
-        return await self._decide(True, run_id, step_id, role, job_hash, reason)
+        asked for). ``via``: the channel it came through, recorded in the event (``"api"``)."""
+        return await self._decide(True, run_id, step_id, role, job_hash, reason, via)
 
     async def reject(self, run_id: str, step_id: str, *, reason: str, role: str | None = None,
-                     job_hash: str | None = None) -> CommandReply:
+                     job_hash: str | None = None, via: str = "") -> CommandReply:
         """Reject a pending approval as :attr:`principal`; the run fails with ``reason``."""
-        return await self._decide(False, run_id, step_id, role, job_hash, reason)
+        return await self._decide(False, run_id, step_id, role, job_hash, reason, via)
 
     async def cancel(self, run_id: str, *, reason: str = "") -> CommandReply:
         """Cancel a run as :attr:`principal` (the planner refuses one that has ended)."""
@@ -404,13 +452,30 @@ class Client:
         return list(await self._query(self._query_subject("runs"),
                                       RunsQuery(status=status, workflow_id=workflow_id, limit=limit)))
 
+    async def runs_page(self, *, status: str | None = None, workflow_id: str | None = None,
+                        idempotency_key: str | None = None, started_after: str | None = None,
+                        started_before: str | None = None, cursor: str | None = None,
+                        limit: int = 50) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of runs, newest first, and the cursor of the next page (None: this is the last).
+        ``started_*``: ISO 8601 times; ``cursor``: a previous page's (opaque). Raises ValueError
+        for a cursor this client did not make."""
+        before = _runs_cursor.decode(cursor) if cursor else (None, None)
+        query = RunsQuery(status=status, workflow_id=workflow_id, idempotency_key=idempotency_key,
+                          started_after=started_after, started_before=started_before, before_started_at=before[0],
+                          before_run_id=before[1], limit=limit)
+        rows = list(await self._query(self._query_subject("runs"), query))
+        last = rows[-1] if len(rows) >= limit > 0 else None
+        return rows, (_runs_cursor.encode(str(last.get("started_at") or ""), str(last["run_id"])) if last else None)
+
     async def status(self, run_id: str) -> dict[str, Any]:
         """The run's row (``status``, ``workflow_id``, …) and the state of each step (``steps``)."""
         return dict(await self._query(self._query_subject("status"), RunQuery(run_id=run_id)))
 
-    async def timeline(self, run_id: str) -> list[dict[str, Any]]:
-        """The run's events in order, each with its one-line ``summary``."""
-        return list(await self._query(self._query_subject("timeline"), RunQuery(run_id=run_id)))
+    async def timeline(self, run_id: str, *, after_seq: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+        """The run's events in order, each with its one-line ``summary``: those after run seq
+        ``after_seq``, at most ``limit`` (a page: the next starts after the last row's ``seq``)."""
+        return list(await self._query(self._query_subject("timeline"),
+                                      RunQuery(run_id=run_id, after_seq=after_seq, limit=limit)))
 
     async def approvals(self) -> list[dict[str, Any]]:
         """Pending approvals, oldest first."""
@@ -466,6 +531,45 @@ class Client:
     async def verify(self, run_id: str) -> VerifyReport:
         """Check the run's hash chain and sequence (render with ``core.verify.render_report``)."""
         return await verify_run(self._store, self.tenant, run_id)
+
+    # -- HTTP API keys -----------------------------------------------------------------------
+    def _api_keys(self) -> ApiKeyStore:
+        if self._keys is None:
+            self._keys = ApiKeyStore(self.js)
+        return self._keys
+
+    async def create_api_key(self, role: str, *, principal: str | None = None, by: str = "") -> tuple[
+            ApiKeyRecord, str]:
+        """A new HTTP API key of ``role`` for this client's tenant: (its record, the key). The key
+        is not stored anywhere (only its SHA-256): show it once."""
+        self._may_publish(p.kv_key(s.APIKEYS_BUCKET, "new"), "create API keys")
+        await self._provision()
+        try:
+            return await self._api_keys().create(self.tenant, role, principal=principal, by=by or self.principal)
+        except ApiKeyError as e:
+            raise Refused(str(e)) from None
+
+    async def api_keys(self, *, all_tenants: bool = False) -> list[ApiKeyRecord]:
+        """The records of this tenant's API keys (revoked ones too), oldest first."""
+        await self._provision()
+        return await self._api_keys().list(None if all_tenants else self.tenant)
+
+    async def check_api_key(self, key: str) -> ApiKeyRecord | None:
+        """The active record of an API key, None for an unknown, revoked or wrong one (any tenant)."""
+        return await self._api_keys().check(key)
+
+    async def api_key(self, key_id: str) -> ApiKeyRecord | None:
+        """The active record of key id ``key_id`` (any tenant), None if unknown or revoked."""
+        return await self._api_keys().record(key_id)
+
+    async def revoke_api_key(self, key_id: str, *, by: str = "") -> ApiKeyRecord:
+        """Revoke one of this tenant's API keys (it stops working within seconds)."""
+        self._may_publish(p.kv_key(s.APIKEYS_BUCKET, "new"), "revoke API keys")
+        store = self._api_keys()
+        record = await store.get(key_id)
+        if record is None or record.tenant != self.tenant:
+            raise NotFound(f"no API key {key_id!r} in tenant {self.tenant}")
+        return await store.revoke(key_id, by=by or self.principal)
 
     # -- policy ------------------------------------------------------------------------------
     async def policy_publish(self, source: str, *, version: str | None = None, by: str) -> PolicyRevision:

@@ -154,9 +154,14 @@ def _d_approval_requested(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def _decided(verb: str) -> Describer:
     def summary(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         text = f"{verb} by {str_field(d, 'approver', '?')} ({str_field(d, 'role', '?')})"
+        if d.get("via"):
+            text += f" via {d['via']}"
         if d.get("reason"):
             text += f": {d['reason']}"
-        return text, {"job_hash": d.get("job_hash"), "approver": d.get("approver"), "role": d.get("role")}
+        details = {"job_hash": d.get("job_hash"), "approver": d.get("approver"), "role": d.get("role")}
+        if d.get("via"):
+            details["via"] = d.get("via")
+        return text, details
     return summary
 
 

@@ -97,6 +97,7 @@ BUCKETS: tuple[BucketSpec, ...] = (
     BucketSpec(s.AGENTS_BUCKET, "Agent registry", ttl=DAY),
     BucketSpec(s.APPROVERS_BUCKET, "Approvers and the roles they hold", history=16),
     BucketSpec(s.POLICIES_BUCKET, "Policy bundles (the key's history is the bundle history)", history=64),
+    BucketSpec(s.APIKEYS_BUCKET, "HTTP API keys: tenant, role, principal and SHA-256 (never the key)", history=8),
 )
 
 

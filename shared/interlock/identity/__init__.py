@@ -16,6 +16,7 @@ from interlock.identity._creds import (
     format_creds,
     read_creds,
     write_creds,
+    write_private,
 )
 from interlock.identity._errors import (
     PermissionDenied,
@@ -86,4 +87,5 @@ __all__ = [
     "subject_matches",
     "user_jwt",
     "write_creds",
+    "write_private",
 ]

@@ -109,6 +109,7 @@ def _wild(pattern: c.Pattern) -> str:
 
 _BUCKET_STREAMS = tuple(p.kv_stream(b) for b in (s.WORKFLOWS_BUCKET, s.AGENTS_BUCKET, s.POLICIES_BUCKET,
                                                   s.APPROVERS_BUCKET))
+_API_KEYS = p.kv_stream(s.APIKEYS_BUCKET)  # not in _BUCKET_STREAMS: only the api service and admin read it
 _PAYLOADS = p.object_stream(s.PAYLOADS_OBJECT_STORE)  # shared by tenants today (keys are content digests)
 _NOT_ADMIN_DENY = p.js_stream_admin()
 
@@ -141,8 +142,12 @@ def _api(scope: Scope) -> Grant:
     pub: list[str] = [s.JS_API_INFO, p.JS_STREAM_NAMES]
     pub += [_wild(ch.pattern) for ch in c.CHANNELS if c.CLIENT in ch.publishers]
     pub += [p.object_subjects(s.PAYLOADS_OBJECT_STORE)]
+    # what the API's keys may ask of it (it checks each key's role itself): API keys, checked on every
+    # request and administered by admin keys; workflows (admin keys); policy bundles (policy-admin keys)
+    pub += [p.kv_keys(s.APIKEYS_BUCKET), p.kv_keys(s.WORKFLOWS_BUCKET), p.kv_keys(s.POLICIES_BUCKET)]
     return Grant(publish=_unique(pub), subscribe=(p.inbox_all(scope.inbox_owner),),
-                 reads=(s.EVENTS_STREAM, s.NOTIFY_STREAM, *_BUCKET_STREAMS, _PAYLOADS), deny=_NOT_ADMIN_DENY)
+                 reads=(s.EVENTS_STREAM, s.NOTIFY_STREAM, s.DLQ_STREAM, *_BUCKET_STREAMS, _API_KEYS, _PAYLOADS),
+                 deny=_NOT_ADMIN_DENY)
 
 
 def _worker(scope: Scope) -> Grant:
@@ -167,8 +172,9 @@ def _person(extra: Callable[[Scope], Sequence[str]], *, admin: bool = False) -> 
         pub = [s.JS_API_INFO, p.JS_STREAM_NAMES, p.pattern(s.query, t, p.ANY), *extra(scope)]
         reads = list(_BUCKET_STREAMS)
         if admin:
-            pub += [p.JS_API_ALL, p.kv_keys(s.APPROVERS_BUCKET), p.kv_keys(s.WORKFLOWS_BUCKET)]
-            reads.append(s.DLQ_STREAM)
+            pub += [p.JS_API_ALL, p.kv_keys(s.APPROVERS_BUCKET), p.kv_keys(s.WORKFLOWS_BUCKET),
+                    p.kv_keys(s.APIKEYS_BUCKET)]
+            reads += [s.DLQ_STREAM, _API_KEYS]
         return Grant(publish=_unique(pub), subscribe=(p.inbox_all(scope.inbox_owner),), reads=tuple(reads),
                      filtered_reads=((s.EVENTS_STREAM, p.pattern(s.run_events, t, p.ANY)),
                                      (s.NOTIFY_STREAM, p.pattern(s.notify, t, p.ANY))),

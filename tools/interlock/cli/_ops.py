@@ -44,13 +44,14 @@ def list_dead_letters(
 
 
 # -- processes ---------------------------------------------------------------------------------
-ServiceName = Literal["planner", "policy", "approval", "dispatcher", "auditor"]
+ServiceName = Literal["planner", "policy", "approval", "dispatcher", "auditor", "api"]
 SERVICE_CLASSES: dict[str, str] = {
     "planner": "interlock.planner.service:PlannerService",
     "policy": "interlock.policy.service:PolicyService",
     "approval": "interlock.approval.service:ApprovalService",
     "dispatcher": "interlock.dispatcher.service:DispatcherService",
     "auditor": "interlock.auditor.service:AuditorService",
+    "api": "interlock.api.server:ApiService",
 }
 
 
@@ -165,10 +166,13 @@ def up(
     home: HomeOption = Path(".interlock"),
     workers: Annotated[list[str] | None, typer.Option(
         "--worker", metavar="MODULE:OBJECT", help="also run this worker (repeatable)")] = None,
+    api_port: Annotated[int, typer.Option(
+        "--api-port", min=-1, max=65535, help="the HTTP API's port (0: any free one; -1: no HTTP API)")] = 8081,
 ) -> None:
-    """Run NATS and the five services, each as its own process; Ctrl-C stops them.
+    """Run NATS, the five services and the HTTP API, each as its own process; Ctrl-C stops them.
 
     NATS is embedded unless --nats or INTERLOCK_NATS_URL names a server; a process that exits is restarted.
+    The first start creates an admin API key and prints it (once; it is kept in HOME/api-admin.key, 0600).
     """
     from interlock.devstack.stack import Stack
 
@@ -177,7 +181,7 @@ def up(
         url = ClientSettings.load(nats_url=globals_of(ctx).nats).nats_url
     except ClientError as e:
         fail(str(e))
-    stack = Stack(home=home, nats_url=url, workers=workers or [])
+    stack = Stack(home=home, nats_url=url, workers=workers or [], api_port=None if api_port < 0 else api_port)
     stop_on_signals()
     try:
         url = stack.start_nats()
@@ -186,6 +190,14 @@ def up(
         echo(f"Interlock is up on {url}: {', '.join(stack.procs)} (logs in {home}/logs). Ctrl-C stops it.")
         echo(f"Admin credential: {stack.admin_creds} (the CLI's default here; anonymous connections are "
              f"refused). Issue others with `interlock creds issue`.")
+        if stack.api_url is not None:
+            asyncio.run(stack.wait_api())
+            key, key_file = asyncio.run(stack.first_api_key())
+            echo(f"HTTP API: {stack.api_url}/api/v1 (docs {stack.api_url}/docs, console {stack.api_url}/)")
+            if key is not None:
+                echo(f"Admin API key (shown once; kept in {key_file}, mode 0600): {key}")
+            else:
+                echo(f"Admin API key: in {key_file} (export INTERLOCK_API_KEY=$(cat {key_file}))")
         while True:
             time.sleep(1)
             for name in stack.dead():

@@ -14,6 +14,7 @@ serves), and ``admin`` for the local CLI and for provisioning (``{home}/identity
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -28,10 +29,14 @@ from interlock.core.natsserver import EmbeddedNats, free_port
 from interlock.core.topology import provision
 from interlock.devstack.cluster import LocalCluster
 from interlock.devstack.targets import worker_topics
-from interlock.identity import IdentityHome
+from interlock.identity import IdentityHome, write_private
 from interlock.runtime.connect import URL_FILE, connect
 
 SERVICES = ("planner", "policy", "approval", "dispatcher", "auditor")
+API = "api"
+API_PORT = 8081
+API_KEY_FILE = "api-admin.key"
+API_SECRET_FILE = "api-session.secret"
 DEFAULT_PORT = 4222
 DEFAULT_TENANT = "default"
 ADMIN = "admin"
@@ -50,6 +55,7 @@ class Proc:
     argv: list[str]
     log_path: Path
     popen: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)  # this process's own settings, kept for restarts
 
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
@@ -73,6 +79,9 @@ class Stack:
     tenant: str = DEFAULT_TENANT
     creds: dict[str, Path] = field(default_factory=dict)
     """The credential of each process by name, and ``admin``'s."""
+    api_port: int | None = None
+    """Run the api service (HTTP API and console) on this port (0: a free one); None: no api."""
+    api_url: str | None = None
     _identity: IdentityHome | None = field(default=None, repr=False)
 
     @property
@@ -106,7 +115,7 @@ class Stack:
     def issue_creds(self) -> dict[str, Path]:
         """Get or issue the credential of every service and worker process and the admin's."""
         self.admin_creds  # noqa: B018 - issued first: the CLI's default
-        for service in self.services:
+        for service in (*self.services, *((API,) if self.api_port is not None else ())):
             if service not in self.creds:
                 self.creds[service] = self.identity.get_or_issue(service, name=service)
         topics: dict[str, tuple[str, ...]] = {}
@@ -163,11 +172,11 @@ class Stack:
         finally:
             await nc.close()
 
-    def _spawn(self, name: str, argv: list[str]) -> Proc:
+    def _spawn(self, name: str, argv: list[str], own_env: dict[str, str] | None = None) -> Proc:
         logs = self.home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        proc = self.procs.get(name) or Proc(name, argv, logs / f"{name}.log")
-        env = {**os.environ, **self.env, "INTERLOCK_NATS_URL": self.url, "PYTHONUNBUFFERED": "1",
+        proc = self.procs.get(name) or Proc(name, argv, logs / f"{name}.log", env=own_env or {})
+        env = {**os.environ, **self.env, **proc.env, "INTERLOCK_NATS_URL": self.url, "PYTHONUNBUFFERED": "1",
                "INTERLOCK_CREDS": str(self.creds[name]), "INTERLOCK_PROVISION": "false"}
         if self.cluster:
             env["INTERLOCK_REPLICAS"] = str(self.replicas)
@@ -185,8 +194,56 @@ class Stack:
         URL_FILE.write_text(self.url)
         for service in self.services:
             self._spawn(service, [sys.executable, "-m", "interlock.cli", "serve", service])
+        if self.api_port is not None:
+            self.start_api()
         for name, target, tenant in self.worker_specs():
             self._spawn(name, [sys.executable, "-m", "interlock.cli", "--tenant", tenant, "worker", target])
+
+    @property
+    def api_key_file(self) -> Path:
+        """Where the first admin API key is kept (0600): ``{home}/api-admin.key``."""
+        return self.home / API_KEY_FILE
+
+    def start_api(self) -> str:
+        """Start the api service (HTTP API and console); its URL."""
+        port = self.api_port or free_port()
+        self._spawn(API, [sys.executable, "-m", "interlock.cli", "serve", API],
+                    {"INTERLOCK_API_PORT": str(port),
+                     "INTERLOCK_API_SESSION_SECRET_FILE": str((self.home / API_SECRET_FILE).resolve())})
+        self.api_url = f"http://127.0.0.1:{port}"
+        return self.api_url
+
+    async def first_api_key(self) -> tuple[str | None, Path]:
+        """The admin API key of the stack's tenant: created once (shown in clear then: the first
+        element), kept in :attr:`api_key_file`; (None, file) when it exists and still works."""
+        from interlock.client import Client
+
+        path = self.api_key_file
+        async with await Client.connect(self.url, creds=self.admin_creds, tenant=self.tenant,
+                                        name="interlock-stack-keys") as client:
+            if path.is_file() and await client.check_api_key(path.read_text().strip()) is not None:
+                return None, path
+            _, key = await client.create_api_key("admin", principal=ADMIN, by="interlock up")
+        write_private(path, key + "\n")
+        return key, path
+
+    async def wait_api(self, timeout: float = 30.0) -> None:
+        """Until the api service answers (its OpenAPI document)."""
+        import urllib.request
+
+        assert self.api_url, "the api service was not started"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/openapi.json", timeout=2) as reply:  # noqa: ASYNC210
+                    if reply.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the api service did not answer on {self.api_url} within {timeout:g}s "
+                                   f"(see {self.home}/logs/{API}.log)")
+            await asyncio.sleep(0.2)
 
     def kill(self, name: str) -> None:
         """SIGKILL one process, or with a cluster one NATS node by name (crash drills)."""

@@ -355,18 +355,23 @@ class Projection:
 
     # -- queries ---------------------------------------------------------------------------
     async def runs(self, tenant: str | None = None, status: str | None = None, workflow_id: str | None = None,
-                   limit: int = 100) -> list[dict[str, Any]]:
-        """Runs, newest first."""
-        return await self._call(q_runs, tenant, status, workflow_id, limit)
+                   limit: int = 100, *, idempotency_key: str | None = None, started_after: str | None = None,
+                   started_before: str | None = None, before: tuple[str, str] | None = None
+                   ) -> list[dict[str, Any]]:
+        """Runs, newest first; ``before`` (started_at, run_id) continues after that run (a page cursor)."""
+        return await self._call(lambda conn: q_runs(
+            conn, tenant, status, workflow_id, limit, idempotency_key=idempotency_key, started_after=started_after,
+            started_before=started_before, before=before))
 
     async def status(self, run_id: str, tenant: str | None = None) -> dict[str, Any] | None:
         """The run and its steps (in order of first appearance); None if the run is unknown."""
         return await self._call(q_status, run_id, tenant)
 
-    async def timeline(self, run_id: str, tenant: str | None = None, *, with_data: bool = False
-                       ) -> list[dict[str, Any]] | None:
-        """Every event of the run in seq order, summarised; None if the run is unknown."""
-        return await self._call(q_timeline, run_id, tenant, with_data)
+    async def timeline(self, run_id: str, tenant: str | None = None, *, with_data: bool = False,
+                       after_seq: int = 0, limit: int | None = None) -> list[dict[str, Any]] | None:
+        """The run's events after seq ``after_seq`` (at most ``limit``) in seq order, summarised;
+        None if the run is unknown."""
+        return await self._call(q_timeline, run_id, tenant, with_data, after_seq, limit)
 
     async def approvals(self, tenant: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Pending approval requests of active runs, oldest first."""

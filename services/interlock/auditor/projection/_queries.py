@@ -21,13 +21,25 @@ def _run_dict(row: sqlite3.Row) -> dict[str, Any]:
 
 
 def q_runs(conn: sqlite3.Connection, tenant: str | None, status: str | None, workflow_id: str | None,
-            limit: int) -> list[dict[str, Any]]:
+           limit: int, *, idempotency_key: str | None = None, started_after: str | None = None,
+           started_before: str | None = None, before: tuple[str, str] | None = None) -> list[dict[str, Any]]:
+    """Runs newest first; ``before`` (started_at, run_id): the page after that run (a cursor)."""
     where: list[str] = []
     params: list[Any] = []
-    for column, value in (("tenant", tenant), ("status", status), ("workflow_id", workflow_id)):
+    for column, value in (("tenant", tenant), ("status", status), ("workflow_id", workflow_id),
+                          ("idempotency_key", idempotency_key)):
         if value is not None:
             where.append(f"{column} = ?")
             params.append(value)
+    if started_after is not None:
+        where.append("started_at >= ?")
+        params.append(started_after)
+    if started_before is not None:
+        where.append("started_at < ?")
+        params.append(started_before)
+    if before is not None:
+        where.append("(started_at < ? OR (started_at = ? AND run_id < ?))")
+        params += [before[0], before[0], before[1]]
     sql = f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs"
     if where:
         sql += " WHERE " + " AND ".join(where)
@@ -87,13 +99,14 @@ def q_status(conn: sqlite3.Connection, run_id: str, tenant: str | None) -> dict[
     return out
 
 
-def q_timeline(conn: sqlite3.Connection, run_id: str, tenant: str | None, with_data: bool
-                ) -> list[dict[str, Any]] | None:
+def q_timeline(conn: sqlite3.Connection, run_id: str, tenant: str | None, with_data: bool,
+               after_seq: int = 0, limit: int | None = None) -> list[dict[str, Any]] | None:
     if _find_run(conn, run_id, tenant) is None:
         return None
     entries: list[dict[str, Any]] = []
     for row in conn.execute("SELECT seq, at, service, type, step_id, attempt, summary, details, data, hash, problems "
-                            "FROM timeline WHERE run_id = ? ORDER BY seq", (run_id,)):
+                            "FROM timeline WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                            (run_id, after_seq, -1 if limit is None else max(0, limit))):
         entry = {"seq": row["seq"], "at": row["at"], "service": row["service"], "type": row["type"],
                  "step_id": row["step_id"], "attempt": row["attempt"], "summary": row["summary"],
                  "details": loads(row["details"]) or {}, "hash": row["hash"],

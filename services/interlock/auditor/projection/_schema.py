@@ -48,6 +48,7 @@ CREATE INDEX IF NOT EXISTS runs_started ON runs (started_at);
 CREATE INDEX IF NOT EXISTS runs_tenant ON runs (tenant, started_at);
 CREATE INDEX IF NOT EXISTS runs_status ON runs (status, started_at);
 CREATE INDEX IF NOT EXISTS runs_workflow ON runs (workflow_id, started_at);
+CREATE INDEX IF NOT EXISTS runs_key ON runs (idempotency_key);
 
 CREATE TABLE IF NOT EXISTS steps (
     run_id TEXT NOT NULL,

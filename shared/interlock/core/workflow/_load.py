@@ -147,7 +147,10 @@ def _line_map(root: Node) -> tuple[dict[Path, int], dict[int, Path]]:
 
 
 def _read_yaml(text: str) -> tuple[Any, dict[Path, int], list[Problem]]:
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)
+    except yaml.YAMLError as exc:  # the reader refuses control characters before parsing starts
+        raise WorkflowInvalid([Problem("", f"invalid YAML: {exc}")]) from None
     try:
         root = loader.get_single_node()
         if root is None:
