@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from playwright.async_api import BrowserContext, Playwright
+    from playwright.async_api import BrowserContext, Playwright, ViewportSize
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage"]
-VIEWPORT = {"width": 1400, "height": 1000}
+VIEWPORT: ViewportSize = {"width": 1400, "height": 1000}
 
 
 def chromium_path() -> str | None:
@@ -44,7 +44,6 @@ def missing_reason() -> str | None:
 @asynccontextmanager
 async def browser_context(pw: Playwright, profile_dir: Path, **options: Any) -> AsyncIterator[BrowserContext]:
     """A fresh Chromium with its own user-data dir (nothing shared between people or tests)."""
-    profile_dir.mkdir(parents=True, exist_ok=True)
     context = await pw.chromium.launch_persistent_context(
         str(profile_dir), executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS,
         viewport=VIEWPORT, **options)

@@ -167,7 +167,7 @@ class Person:
 
     async def post(self, path: str, form: dict[str, str], *, csrf: bool = True) -> APIResponse:
         """A form POST with this person's session (and the page's CSRF token), as a forged form would."""
-        data = dict(form)
+        data: dict[str, str | float | bool] = dict(form)
         if csrf:
             token = await self.page.get_attribute("input[name=csrf_token]", "value")
             assert token, "a signed-in page carries the session's CSRF token"

@@ -17,8 +17,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Form, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from interlock.api.auth import Sessions, client_of
 from interlock.api.console import _session as session
@@ -48,7 +47,7 @@ def static_url(name: str) -> str:
 
 
 def _render(request: Request, name: str, who: Who | None, page: str, status_code: int = 200,
-            **context: Any) -> HTMLResponse:
+            **context: Any) -> Response:
     template = templates.get_template(name)
     html = template.render(who=who, page=page, csrf=session.csrf_token(request), static=static_url,
                            logout_url=session.LOGOUT_URL, login_url=session.LOGIN_PAGE,
@@ -67,7 +66,7 @@ def _back(request: Request, url: str) -> Response:
 
 
 def _error_page(request: Request, who: Who, title: str, detail: str, status_code: int, back: str = "/runs"
-                ) -> HTMLResponse:
+                ) -> Response:
     return _render(request, "error.html", who, "error", status_code=status_code, title=title, detail=detail,
                    back=back)
 
@@ -251,7 +250,7 @@ async def _run_context(client: Client, run_id: str) -> dict[str, Any]:
             "started_at": projected.get("started_at") if projected else None}
 
 
-async def _load_run_or_page(request: Request, who: Who, run_id: str) -> dict[str, Any] | HTMLResponse:
+async def _load_run_or_page(request: Request, who: Who, run_id: str) -> dict[str, Any] | Response:
     try:
         return await _run_context(session.client(request, who), run_id)
     except NotFound:
@@ -263,7 +262,7 @@ async def _load_run_or_page(request: Request, who: Who, run_id: str) -> dict[str
 @router.get("/runs/{run_id}", response_class=HTMLResponse)
 async def run_page(request: Request, run_id: str, who: Who = Depends(session.signed_in)) -> Response:
     context = await _load_run_or_page(request, who, run_id)
-    if isinstance(context, HTMLResponse):
+    if isinstance(context, Response):
         return context
     return _render(request, "run.html", who, "run", plan=None, **context)
 
@@ -271,7 +270,7 @@ async def run_page(request: Request, run_id: str, who: Who = Depends(session.sig
 @router.get("/runs/{run_id}/live")
 async def run_live(request: Request, run_id: str, who: Who = Depends(session.signed_in_json)) -> Response:
     context = await _load_run_or_page(request, who, run_id)
-    if isinstance(context, HTMLResponse):
+    if isinstance(context, Response):
         return JSONResponse({"html": {}, "done": True, "error": "run unavailable"}, status_code=context.status_code)
     run: Run = context["run"]
     # done once the run has ended and the auditor has projected all of it (the timeline is complete)
