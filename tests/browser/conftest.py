@@ -148,6 +148,23 @@ class Person:
     key: str
     context: BrowserContext
     page: Page
+    requests: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    """Script errors and console errors (a CSP violation is one) the pages raised."""
+
+    def watch(self) -> None:
+        self.page.on("request", lambda request: self.requests.append(request.url))
+        self.page.on("pageerror", lambda error: self.problems.append(f"page error: {error}"))
+        # an expected 4xx answer is logged as "Failed to load resource"; anything else is a problem
+        self.page.on("console", lambda message: self.problems.append(f"console: {message.text}")
+                     if message.type == "error" and not message.text.startswith("Failed to load resource") else None)
+
+    def check(self) -> None:
+        """Nothing came from anywhere but the console, and no page raised an error."""
+        base = self.console.url("/")
+        foreign = [url for url in self.requests if not url.startswith((base, "data:", "about:"))]
+        assert not foreign, f"{self.role}'s browser fetched from elsewhere: {foreign}"
+        assert not self.problems, f"{self.role}'s pages raised: {self.problems}"
 
     async def sign_in(self) -> None:
         page = self.page
@@ -182,6 +199,7 @@ class Console:
     out: Path
     stack_exit: contextlib.AsyncExitStack
     shot_count: int = 0
+    people: list[Person] = field(default_factory=list)
 
     @property
     def admin(self) -> Client:
@@ -204,11 +222,17 @@ class Console:
             browser_context(self.driver, tmp_path / "profiles" / f"{role}-{principal}"))
         page = context.pages[0] if context.pages else await context.new_page()
         page.set_default_timeout(30_000)
-        return Person(self, role, principal, key, context, page)
+        person = Person(self, role, principal, key, context, page)
+        person.watch()
+        self.people.append(person)
+        return person
 
 
 @pytest.fixture
 async def console(browser_stack: Stack, playwright_driver: Playwright, tmp_path: Path) -> AsyncIterator[Console]:
     async with contextlib.AsyncExitStack() as stack:
-        yield Console(browser_stack, playwright_driver, tmp_path, stack)
+        console = Console(browser_stack, playwright_driver, tmp_path, stack)
+        yield console
     print(f"\nscreenshots: {tmp_path / 'screens'}")
+    for person in console.people:
+        person.check()

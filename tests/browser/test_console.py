@@ -273,6 +273,18 @@ async def test_a_viewer_sees_no_cancel_and_the_server_refuses_it_while_an_operat
     await op.wait_for_selector("#rerun-plan")
     plan = await op.inner_text("#rerun-plan")
     assert "apply_patch" in plan and "reuse output" in plan and "run again" in plan
-    assert op.url.endswith(f"/runs/{run_id}/rerun") or run_id in op.url
+    assert op.url.endswith(f"/runs/{run_id}/rerun")
     await operator.shot("rerun-plan")
+
+    # …and for real: a new run, linked to the old one, that reuses the outputs before apply_patch
+    await op.select_option("#rerun-from", "apply_patch")
+    await op.uncheck("#rerun-dry")
+    await op.click("#rerun-run")
+    await op.wait_for_url(lambda url: re.search(r"/runs/[0-9a-f-]{36}$", url) is not None and run_id not in url)
+    new_id = op.url.rsplit("/", 1)[-1]
+    assert run_id in await op.inner_text("#run-head"), "the re-run names the run it re-runs"
+    rerun = await console.admin.load_run(new_id)
+    assert rerun.rerun_of == run_id and set(rerun.reused_outputs) == {"detect", "classify", "enrich", "patch_plan"}
+    await operator.shot("rerun-started")
+    await console.admin.cancel(new_id, reason="test over")
 

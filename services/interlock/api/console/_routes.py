@@ -34,6 +34,15 @@ PAGE_SIZE = 50
 AGENT_STALE_S = 60  # a registration whose heartbeat is older than this is shown as stale
 DEAD_LETTER_LIMIT = 200
 START_WAIT_S = 5.0
+# the pages load only what the package ships, run no inline script and may not be framed
+PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "X-Frame-Options": "DENY",
+}
 EXAMPLE_INPUT = json.dumps({"alert": {"id": "INC-1", "host": "web-7", "service": "checkout",
                                       "symptom": "5xx spike after deploy"}}, indent=2)
 
@@ -52,7 +61,7 @@ def _render(request: Request, name: str, who: Who | None, page: str, status_code
     html = template.render(who=who, page=page, csrf=session.csrf_token(request), static=static_url,
                            logout_url=session.LOGOUT_URL, login_url=session.LOGIN_PAGE,
                            flashes=session.pop_flashes(request), may=session.may(who), **context)
-    response = HTMLResponse(html, status_code=status_code, headers={"Cache-Control": "no-store"})
+    response = HTMLResponse(html, status_code=status_code, headers=PAGE_HEADERS)
     return session.carry_flashes(request, response)
 
 
