@@ -52,7 +52,7 @@ def test_the_readme_curl_flow_works_against_interlock_up(tmp_path: Path) -> None
                            str(ROOT / "examples/incident-remediation/agents.py") + ":worker"],
                           cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        url_match, _ = read_until(up, r"HTTP API: (http://\S+)/api/v1", timeout=120)
+        url_match, _ = read_until(up, r"HTTP API: (http://\S+)/api/v1", timeout=240)
         key_match, _ = read_until(up, r"Admin API key \(shown once; kept in (\S+), mode 0600\): (ilk_\S+)", 30)
         api_url, key_file, printed_key = url_match.group(1), key_match.group(1), key_match.group(2)
         assert (tmp_path / key_file).read_text().strip() == printed_key

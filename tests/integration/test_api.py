@@ -339,3 +339,66 @@ async def test_openapi_is_3_1_with_docs(api: Api) -> None:
         assert {"201", "200", "404", "422"} <= set(start["responses"])
         assert "application/problem+json" in start["responses"]["404"]["content"]
         assert (await http.get("/docs")).status_code == 200
+
+
+async def test_policy_routes(api: Api, harness: Harness) -> None:
+    wf, topic = unique("api-pol"), unique("api-t")
+    async with api.http(await api.key("policy-admin")) as policy, api.http(await api.key("admin")) as admin, \
+            api.http(await api.key("viewer")) as viewer:
+        await apply(api, admin, plain(wf, topic))
+        versions = (await viewer.get(f"/api/v1/workflows/{wf}/versions")).json()
+        assert versions == {"workflow_id": wf, "versions": ["1"], "latest": "1"}
+        assert wf in [w["workflow_id"] for w in (await viewer.get("/api/v1/workflows")).json()]
+        decision = (await viewer.post("/api/v1/policy/eval", json={"workflow_id": wf, "step_id": "a",
+                                                                   "input": {"n": 1}})).json()
+        assert decision["decision"] in ("allow", "deny", "require_approval") and decision["explain"] == []
+        explained = (await viewer.post("/api/v1/policy/explain", json={"workflow_id": wf, "step_id": "a"})).json()
+        assert explained["explain"] and explained["decision"] == decision["decision"]
+        assert_problem(await viewer.post("/api/v1/policy/eval", json={"workflow_id": wf, "step_id": "zz"}), 404, "zz")
+        active = (await viewer.get("/api/v1/policy")).json()
+        # publish the active source again as a new version, then roll back: the policy in force is unchanged
+        version = unique("v1")
+        published = await policy.post("/api/v1/policy/publish", json={"source": active["source"], "version": version})
+        assert published.status_code == 200, published.text
+        assert published.json()["version"] == version and published.json()["published_by"].startswith("key-")
+        assert version in [r["version"] for r in (await viewer.get("/api/v1/policy/history")).json()]
+        simulated = await policy.post("/api/v1/policy/simulate", json={"source": active["source"], "limit": 20})
+        assert simulated.status_code == 200 and simulated.json()["changes"] == []
+        rolled = await policy.post("/api/v1/policy/rollback", json={})
+        if active["builtin"]:  # nothing was published before: nothing to roll back to
+            assert rolled.status_code in (200, 409), rolled.text
+        else:
+            assert rolled.status_code == 200 and rolled.json()["snapshot_id"] == active["snapshot_id"], rolled.text
+        assert_problem(await policy.post("/api/v1/policy/publish", json={"source": "permit(oops"}), 409, "policy")
+        assert_problem(await viewer.post("/api/v1/policy/publish", json={"source": "x"}), 403, "viewer")
+
+
+async def test_first_api_key_is_created_once_and_kept_0600(harness: Harness, tmp_path: Any,
+                                                           identity_home: Any) -> None:
+    from interlock.devstack.stack import Stack
+
+    stack = Stack(home=tmp_path, nats_url=harness.url, identity_dir=identity_home.root, tenant="default")
+    key, path = await stack.first_api_key()
+    assert key is not None and path.read_text().strip() == key and path.stat().st_mode & 0o777 == 0o600
+    again, same = await stack.first_api_key()
+    assert again is None and same == path and path.read_text().strip() == key
+
+
+async def test_cli_apikeys_create_list_revoke(api: Api, harness: Harness) -> None:
+    from tests.integration.test_cli import cli
+
+    principal = unique("carol")
+    created = await cli(harness, "apikeys", "create", "--tenant", "default", "--role", "approver",
+                        "--principal", principal)
+    assert created.exit_code == 0, created.output
+    key = created.output.strip().splitlines()[-1]
+    assert key.startswith("ilk_")
+    record = await api.client.check_api_key(key)
+    assert record is not None and (record.role, record.principal) == ("approver", principal)
+    listed = await cli(harness, "apikeys", "list", "-o", "json")
+    assert record.key_id in listed.output and key not in listed.output and record.sha256 not in listed.output
+    bad = await cli(harness, "apikeys", "create", "--role", "root")
+    assert bad.exit_code == 2 and "unknown role 'root'" in bad.output
+    revoked = await cli(harness, "apikeys", "revoke", record.key_id)
+    assert revoked.exit_code == 0 and "revoked" in revoked.output
+    assert any(r.key_id == record.key_id and r.revoked_at for r in await api.admin.api_keys())

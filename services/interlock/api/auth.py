@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request, Response
+from fastapi import Depends, Header, Request, Response
 from fastapi.security import APIKeyCookie, APIKeyHeader
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
@@ -110,7 +110,11 @@ async def _csrf_token_of(request: Request) -> str | None:
 
 
 async def current_principal(request: Request, api_key: Annotated[str | None, Depends(api_key_header)],
-                            session: Annotated[str | None, Depends(session_cookie)]) -> Principal:
+                            session: Annotated[str | None, Depends(session_cookie)],
+                            tenant: Annotated[str | None, Header(
+                                alias=TENANT_HEADER, max_length=128,
+                                description="The tenant the request is for: must be the key's (default: the key's)")
+                            ] = None) -> Principal:
     """The caller, from ``X-API-Key`` or the session cookie (401 if neither is valid); ``X-Tenant-ID``,
     when given, must be the key's tenant (403)."""
     cached: Principal | None = getattr(request.state, "principal", None)
@@ -136,7 +140,6 @@ async def current_principal(request: Request, api_key: Annotated[str | None, Dep
         who = Principal(record.tenant, record.principal, record.role, record.key_id, "session", csrf=read[1])
     else:
         raise _unauthorized("missing X-API-Key header (or a console session)")
-    tenant = request.headers.get(TENANT_HEADER)
     if tenant is not None and tenant != who.tenant:
         raise ApiProblem(403, "wrong-tenant", "Forbidden",
                          f"{TENANT_HEADER} {tenant!r} is not this key's tenant ({who.tenant!r})")

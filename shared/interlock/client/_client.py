@@ -88,6 +88,7 @@ class _RunsCursor:
 
 _runs_cursor = _RunsCursor()
 OnEvent = Callable[[dict[str, Any]], Awaitable[None] | None]
+WORKFLOW_CHECK_S = 5.0  # submit_run: how long a workflow seen to exist is not looked up again
 REQUEST_TIMEOUT = 5.0  # how long a service may take to answer, and how long we wait for one to appear
 
 
@@ -131,7 +132,8 @@ class Client:
         self.creds: Path | None = None
         """The credential this client connected with (None: anonymous)."""
         self.creds_source = "none"
-        self._keys: ApiKeyStore | None = None
+        self._keys = ApiKeyStore(self.js)  # no I/O until used; shared by with_tenant views (one cache)
+        self._known_workflows: dict[tuple[str, str | None], float] = {}
         self.request_timeout = REQUEST_TIMEOUT
         """Seconds a service may take to answer a request, and to appear if none is subscribed."""
 
@@ -289,17 +291,23 @@ class Client:
                          requested_by: str = "") -> tuple[str, bool]:
         """Start a run unless trigger ``key`` already started one: (run id, True if this call
         started it). Raises :class:`NotFound` for an unknown workflow (or version)."""
-        await self.workflow(workflow_id, version)
+        known = self._known_workflows.get((workflow_id, version))
+        if known is None or time.monotonic() - known > WORKFLOW_CHECK_S:
+            await self.workflow(workflow_id, version)
+            self._known_workflows[(workflow_id, version)] = time.monotonic()
         run_id = str(run_id_for(self.tenant, workflow_id, key))
-        with self._slots_busy():
-            if await self._store.exists(self.tenant, run_id):
-                return run_id, False
         trigger = Trigger(workflow_id=workflow_id, workflow_version=version, input=input, idempotency_key=key,
                           tenant=self.tenant, requested_by=requested_by)
-        ack = await publish(self.js, s.trigger(self.tenant, workflow_id), trigger.model_dump_json().encode(),
-                            headers={h.MSG_ID: f"trigger:{self.tenant}:{workflow_id}:{key}"})
+        with self._slots_busy():
+            # both at once (one round trip): a trigger for a run that exists changes nothing (the
+            # planner starts a run id once), so publishing it whatever the log holds is safe; the
+            # log read goes out first on this connection, before the trigger the run could come from
+            existed, ack = await asyncio.gather(
+                self._store.exists(self.tenant, run_id),
+                publish(self.js, s.trigger(self.tenant, workflow_id), trigger.model_dump_json().encode(),
+                        headers={h.MSG_ID: f"trigger:{self.tenant}:{workflow_id}:{key}"}))
         # a duplicate: the same key was triggered moments ago (inside the stream's duplicate window)
-        return run_id, not ack.duplicate
+        return run_id, not (existed or ack.duplicate)
 
     async def watch(self, run_id: str, *, timeout: float | None = None,
                     heartbeats: bool = False) -> AsyncIterator[dict[str, Any]]:
@@ -534,8 +542,6 @@ class Client:
 
     # -- HTTP API keys -----------------------------------------------------------------------
     def _api_keys(self) -> ApiKeyStore:
-        if self._keys is None:
-            self._keys = ApiKeyStore(self.js)
         return self._keys
 
     async def create_api_key(self, role: str, *, principal: str | None = None, by: str = "") -> tuple[

@@ -191,8 +191,11 @@ def up(
         echo(f"Admin credential: {stack.admin_creds} (the CLI's default here; anonymous connections are "
              f"refused). Issue others with `interlock creds issue`.")
         if stack.api_url is not None:
-            asyncio.run(stack.wait_api())
             key, key_file = asyncio.run(stack.first_api_key())
+            try:
+                asyncio.run(stack.wait_api(timeout=180))
+            except TimeoutError as e:
+                echo(f"warning: {e}")
             echo(f"HTTP API: {stack.api_url}/api/v1 (docs {stack.api_url}/docs, console {stack.api_url}/)")
             if key is not None:
                 echo(f"Admin API key (shown once; kept in {key_file}, mode 0600): {key}")
