@@ -8,7 +8,6 @@ instead: CI installs Chromium (``./dev chromium``) and must run them.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -31,7 +30,7 @@ from tests.principals import Principals
 if TYPE_CHECKING:
     from playwright.async_api import APIResponse, BrowserContext, Page, Playwright
 
-    from interlock.api.app import FastAPI
+    from interlock.api.server import ApiServer
 
 
 @pytest.fixture(scope="session")
@@ -54,39 +53,6 @@ async def playwright_driver(chromium_ready: None) -> AsyncIterator[Playwright]:
 
 
 @dataclass
-class ApiServer:
-    """The api service on uvicorn in this process, on a free port."""
-
-    app: FastAPI
-    server: Any = None
-    task: asyncio.Task[None] | None = None
-    base_url: str = ""
-
-    async def start(self) -> str:
-        import uvicorn
-
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
-                                ws="none", access_log=False)
-        self.server = uvicorn.Server(config)
-        self.task = asyncio.create_task(self.server.serve(), name="api-uvicorn")
-        async with asyncio.timeout(20):
-            while not self.server.started:
-                if self.task.done():
-                    self.task.result()  # raises what stopped it
-                    raise RuntimeError("uvicorn stopped before it started")
-                await asyncio.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.base_url = f"http://127.0.0.1:{port}"
-        return self.base_url
-
-    async def stop(self) -> None:
-        if self.server is not None and self.task is not None:
-            self.server.should_exit = True
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(self.task, timeout=10)
-
-
-@dataclass
 class Stack:
     harness: Harness
     admin: Client
@@ -105,7 +71,7 @@ class Stack:
 @pytest.fixture(scope="module")
 async def browser_stack(chromium_ready: None, provisioned: str, admin_creds: Path, principals: Principals,
                         tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    from interlock.api.app import create_app
+    from interlock.api.server import ApiServer
     from interlock.api.settings import ApiSettings
 
     home = tmp_path_factory.mktemp("console-stack")
@@ -118,9 +84,8 @@ async def browser_stack(chromium_ready: None, provisioned: str, admin_creds: Pat
     await auditor.start()
     admin = await Client.connect(provisioned, creds=admin_creds, name="browser-tests-admin")
     api_client = await Client.connect(provisioned, creds=principals.service("api"), name="interlock-api")
-    api = ApiServer(create_app(ApiSettings.load(session_secret="browser-tests-" + "s" * 24,
-                                                session_secret_file=home / "session.secret"),
-                               client=api_client, connect=False))
+    api = ApiServer(ApiSettings.load(port=0, session_secret="browser-tests-" + "s" * 24,
+                                     session_secret_file=home / "session.secret"), client=api_client)
     try:
         await harness.apply(example_file("workflow.yaml").read_text())
         await harness.start_worker(load_target(f"{example_file('agents.py')}:worker"))
@@ -210,7 +175,7 @@ class Console:
         return self.out / "screens"
 
     def url(self, path: str) -> str:
-        return self.stack.api.base_url + path
+        return self.stack.api.url + path
 
     @staticmethod
     def json(value: Any) -> str:

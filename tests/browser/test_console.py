@@ -127,6 +127,8 @@ async def test_sign_in_start_a_run_watch_the_dag_turn_green_live_approve_in_the_
         await page.wait_for_selector(node(step, "succeeded"), timeout=LIVE_TIMEOUT_MS)
     await page.wait_for_selector('body[data-live-done="true"]', timeout=LIVE_TIMEOUT_MS)
     assert not [u for u in navigations if "/runs/" in u], f"the run page reloaded: {navigations}"
+    assert console.url(f"/api/v1/workflow-runs/{run_id}/events") in operator.requests, \
+        "the run page follows the run's Server-Sent Events"
     attempts = await page.locator("#step-apply_patch table tbody tr").count()
     assert attempts == 2, "the example's apply_patch fails once, then succeeds: two attempts"
     step_text = await page.locator("#step-approval_gate").inner_text()

@@ -25,6 +25,7 @@ from interlock.api.console._dag import render_dag
 from interlock.api.console._session import Who
 from interlock.api.console._view import STATIC, environment, parse_time
 from interlock.client import Client, ClientError, NotFound, Refused
+from interlock.contracts import events as ev
 from interlock.core.run import Run
 from interlock.core.workflow import Workflow
 
@@ -34,6 +35,8 @@ PAGE_SIZE = 50
 AGENT_STALE_S = 60  # a registration whose heartbeat is older than this is shown as stale
 DEAD_LETTER_LIMIT = 200
 START_WAIT_S = 5.0
+# the run page refreshes on each of these Server-Sent Events (a heartbeat changes nothing it shows)
+LIVE_EVENT_TYPES = ",".join(sorted(set(ev.EVENT_TYPES) - {ev.StepHeartbeat.type_name}))
 # the pages load only what the package ships, run no inline script and may not be framed
 PAGE_HEADERS = {
     "Cache-Control": "no-store",
@@ -273,7 +276,7 @@ async def run_page(request: Request, run_id: str, who: Who = Depends(session.sig
     context = await _load_run_or_page(request, who, run_id)
     if isinstance(context, Response):
         return context
-    return _render(request, "run.html", who, "run", plan=None, **context)
+    return _render(request, "run.html", who, "run", plan=None, event_types=LIVE_EVENT_TYPES, **context)
 
 
 @router.get("/runs/{run_id}/live")
@@ -314,7 +317,7 @@ async def rerun(request: Request, run_id: str, who: Who = Depends(session.signed
         plan = await client.rerun_plan(run_id, from_step)
         if dry_run:
             context = await _run_context(client, run_id)
-            return _render(request, "run.html", who, "run", plan=plan, **context)
+            return _render(request, "run.html", who, "run", plan=plan, event_types=LIVE_EVENT_TYPES, **context)
         new_id = await client.rerun(plan, requested_by=who.principal)
     except NotFound as e:
         session.flash(request, "error", f"re-run failed: {e}")
