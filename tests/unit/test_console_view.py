@@ -34,13 +34,10 @@ def test_layout_puts_each_step_right_of_everything_it_depends_on_and_parallel_st
 def test_the_svg_colours_each_node_by_its_state_and_escapes_step_ids() -> None:
     wf = example()
     svg = str(render_dag(wf, {"detect": "succeeded", "classify": "running", "approval_gate": "awaiting_approval"}))
-    nodes = dict(re.findall(r'class="node st-(\w+)" data-step="(\w+)"', svg))
-    by_step = {step: css for css, step in nodes.items()}
     assert re.search(r'class="node st-succeeded" data-step="detect" data-state="succeeded"', svg)
     assert re.search(r'class="node st-running" data-step="classify"', svg)
     assert re.search(r'class="node st-waiting" data-step="approval_gate"', svg)
     assert re.search(r'class="node st-pending" data-step="notify" data-state="pending"', svg)
-    assert by_step  # parsed something
     assert svg.count('class="edge done"') == 2, "detect's two outgoing edges are done"
     assert svg.count("<path class=\"edge") == sum(len(s.depends_on) for s in wf.steps.values())
     hostile = load_workflow('id: x\nversion: 1\nsteps:\n  a: {topic: t.a}\n')

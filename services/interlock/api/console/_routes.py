@@ -2,8 +2,9 @@
 
 Every page needs a signed-in session (else a redirect to the sign-in page); every form posts
 its session's CSRF token; what a role may not do is neither shown nor accepted (the POST
-handlers check the role again, whatever the page showed). Live parts of a page poll a
-``…/live`` route that answers the same fragments as JSON (see ``static/console.js``).
+handlers check the role again, whatever the page showed). Live parts of a page fetch a
+``…/live`` route that answers the same fragments as JSON (see ``static/console.js``): the run
+page on each of the run's Server-Sent Events (the API's ``…/events``), the others by polling.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from interlock.api.console import _session as session
 from interlock.api.console._dag import render_dag
 from interlock.api.console._session import Who
 from interlock.api.console._view import STATIC, environment, parse_time
-from interlock.client import Client, ClientError, NotFound, Refused
+from interlock.client import Client, ClientError, NotFound
 from interlock.contracts import events as ev
 from interlock.core.run import Run
 from interlock.core.workflow import Workflow
@@ -319,10 +320,7 @@ async def rerun(request: Request, run_id: str, who: Who = Depends(session.signed
             context = await _run_context(client, run_id)
             return _render(request, "run.html", who, "run", plan=plan, event_types=LIVE_EVENT_TYPES, **context)
         new_id = await client.rerun(plan, requested_by=who.principal)
-    except NotFound as e:
-        session.flash(request, "error", f"re-run failed: {e}")
-        return _back(request, f"/runs/{run_id}")
-    except ClientError as e:
+    except ClientError as e:  # an unknown step, a run that is gone, the services unreachable
         session.flash(request, "error", f"re-run failed: {e}")
         return _back(request, f"/runs/{run_id}")
     session.flash(request, "ok", f"re-run of {run_id} from {from_step} started")
@@ -385,9 +383,7 @@ async def decide(request: Request, run_id: str, step_id: str, who: Who = Depends
             session.flash(request, "ok", f"rejected {step_id} of run {run_id}")
         else:
             session.flash(request, "error", f"unknown decision {decision!r} (approve or reject)")
-    except (Refused, NotFound) as e:
-        session.flash(request, "error", f"{decision} failed: {e}")
-    except ClientError as e:
+    except ClientError as e:  # refused (a changed job, an expired request, not an approver), gone, unreachable
         session.flash(request, "error", f"{decision} failed: {e}")
     return _back(request, "/approvals")
 
