@@ -1,4 +1,4 @@
-"""The browser tests' stack: the session's nats-server (operator mode), the services, the
+"""The browser tests' stack: a nats-server of their own (operator mode), the services, the
 auditor and the example agents in-process, the api service on uvicorn (port 0), and one
 headless Chromium per signed-in person, each with a fresh profile.
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,8 +20,11 @@ import pytest
 
 from interlock.auditor.service import AuditorService
 from interlock.client import Client
+from interlock.core.natsserver import EmbeddedNats
+from interlock.core.topology import provision
 from interlock.devstack import example_file
 from interlock.devstack.targets import load_target
+from interlock.identity import IdentityHome
 from interlock.runtime.service import ServiceSettings
 from tests.browser.browser import browser_context, missing_reason
 from tests.integration.harness import Harness, connect
@@ -69,13 +72,30 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-async def browser_stack(chromium_ready: None, provisioned: str, admin_creds: Path, principals: Principals,
+def browser_nats(chromium_ready: None, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[tuple[EmbeddedNats, Principals]]:
+    """A nats-server of the browser tests' own (operator mode, as the session's): what they
+    publish (a policy bundle, API keys, runs) never reaches the other tests' server."""
+    home = tmp_path_factory.mktemp("console-nats")
+    principals = Principals(IdentityHome(home / "identity"))
+    server = EmbeddedNats(store_dir=home / "store", port=0, log_file=home / "nats.log",
+                          config=principals.home.server_config())
+    server.start()
+    yield server, principals
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+async def browser_stack(browser_nats: tuple[EmbeddedNats, Principals],
                         tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     from interlock.api.server import ApiServer
     from interlock.api.settings import ApiSettings
 
+    server, principals = browser_nats
+    provisioned, admin_creds = server.url, principals.admin()
     home = tmp_path_factory.mktemp("console-stack")
     nc = await connect(provisioned, admin_creds)
+    await provision(nc.jetstream())
     harness = Harness(url=provisioned, nc=nc, principals=principals)
     await harness.start_services()
     auditor = AuditorService(ServiceSettings(nats_url=provisioned, provision=False, sweep_interval=0,
