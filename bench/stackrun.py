@@ -164,12 +164,17 @@ def _cwd(path: Path) -> Iterator[None]:
 
 
 class StackBench:
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, telemetry_endpoint: str | None = None) -> None:
+        """``telemetry_endpoint``: every process exports traces and metrics there over OTLP/HTTP,
+        serves /metrics and logs JSON (to measure what telemetry costs)."""
         self.home = home
+        env = {"INTERLOCK_AUDITOR_DB": str(home / "auditor.sqlite3"), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+        if telemetry_endpoint:
+            env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": telemetry_endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                    "INTERLOCK_LOG_FORMAT": "json"}
         # a worker serves one tenant: one bench worker process per tenant the workloads use
         self.stack = Stack(home=home, port=0, workers=[f"{AGENTS}:worker"], worker_tenants=(T1, T2, T3),
-                           env={"INTERLOCK_AUDITOR_DB": str(home / "auditor.sqlite3"),
-                                "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
+                           env=env, metrics=telemetry_endpoint is not None)
         self.client: Client | None = None
         self.recv: dict[str, tuple[float, float]] = {}  # job id -> (at the worker, handler called)
         self.nonce = uuid.uuid4().hex[:8]

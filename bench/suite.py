@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from typing import Any
 from bench import floor as floor_mod
 from bench import replay
 from bench.common import machine, progress, ratio
+from bench.otlp_sink import otlp_sink
 from bench.profiling import Profiler
 from bench.stackrun import RssSampler, StackBench, cpu_report, cpu_seconds, memory_report, new_home
 from interlock.core.natsserver import EmbeddedNats
@@ -65,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small sizes (CI smoke test; well under a minute)")
     p.add_argument("--only", help="comma-separated workloads to run, e.g. W1,W3 (default: all; W5 needs W2)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default: %(default)s)")
+    p.add_argument("--telemetry", action="store_true",
+                   help="run the stack with traces and metrics exported (OTLP to a local sink, /metrics on)")
     p.add_argument("--profile", action="store_true",
                    help="sample the services and the worker with py-spy during W2 (needs py-spy)")
     args = p.parse_args(argv)
@@ -124,8 +128,20 @@ async def run_w4(sizes: Sizes, results: dict[str, Any]) -> None:
 
 async def run_stack(selected: set[str], sizes: Sizes, results: dict[str, Any], errors: dict[str, str],
                     profile_dir: Path | None = None) -> None:
+    with contextlib.ExitStack() as cleanup:
+        endpoint = None
+        received: list[int] = []
+        if results.get("telemetry"):
+            endpoint, received = cleanup.enter_context(otlp_sink())
+        await _run_stack(selected, sizes, results, errors, profile_dir, endpoint)
+        if endpoint:
+            results["telemetry_export"] = {"otlp_requests": len(received), "otlp_bytes": sum(received)}
+
+
+async def _run_stack(selected: set[str], sizes: Sizes, results: dict[str, Any], errors: dict[str, str],
+                     profile_dir: Path | None, telemetry_endpoint: str | None) -> None:
     home = new_home()
-    bench = StackBench(home)
+    bench = StackBench(home, telemetry_endpoint)
     sampler: RssSampler | None = None
     workloads = results["workloads"]
     try:
@@ -377,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         "started_at": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
         "quick": args.quick,
+        "telemetry": args.telemetry,
         "only": args.only,
         "sizes": sizes.__dict__,
         "machine": machine(),

@@ -17,6 +17,16 @@ from interlock.runtime.connect import connect
 from tests.principals import Principals
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_keys_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The tenants' data keys of every in-process client, service and worker of the session (never
+    the checkout's .interlock/data-keys.json); a test's own stack sets its own."""
+    path = tmp_path_factory.mktemp("data-keys") / "data-keys.json"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("INTERLOCK_DATA_KEYS_FILE", str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def identity_home(tmp_path_factory: pytest.TempPathFactory) -> IdentityHome:
     return IdentityHome(tmp_path_factory.mktemp("identity"))

@@ -243,6 +243,11 @@ async def test_errors_are_problem_documents_never_5xx(api: Api) -> None:
         assert_problem(await http.get("/api/v1/workflow-runs/not-a-run"), 404, "not-a-run")
         assert_problem(await http.get("/api/v1/nothing-here"), 404, "no such route")
         assert_problem(await http.post("/api/v1/workflows", json={"source": "id: [unclosed"}), 422)
+        assert_problem(await http.post("/api/v1/workflows", json=["not", "an", "object"]), 422, "body")
+        assert_problem(await http.post("/api/v1/workflows", content=b"{nope",
+                                       headers={"content-type": "application/json"}), 400, "not valid JSON")
+        assert_problem(await http.post("/api/v1/workflows", content=b"\xff\xfe",
+                                       headers={"content-type": "application/yaml"}), 400, "UTF-8")
     async with api.http() as anonymous:
         assert_problem(await anonymous.get("/api/v1/workflow-runs"), 401, "X-API-Key")
     async with api.http("ilk_000000000000_" + "A" * 43) as forged, api.http("nonsense") as bad:
@@ -339,6 +344,31 @@ async def test_openapi_is_3_1_with_docs(api: Api) -> None:
         assert {"201", "200", "404", "422"} <= set(start["responses"])
         assert "application/problem+json" in start["responses"]["404"]["content"]
         assert (await http.get("/docs")).status_code == 200
+
+
+async def test_apply_workflow_as_yaml(api: Api) -> None:
+    wf = unique("api-yaml")
+    async with api.http(await api.key("admin")) as http:
+        source = plain(wf, unique("t")).encode()
+        first = await http.post("/api/v1/workflows", content=source, headers={"content-type": "application/yaml"})
+        assert first.status_code == 201 and first.json() == {"workflow_id": wf, "version": "1", "created": True}
+        again = await http.post("/api/v1/workflows", content=source, headers={"content-type": "application/yaml"})
+        assert again.status_code == 200 and again.json()["created"] is False
+        changed = source.replace(b"steps.a.output.n", b"input.n")
+        assert_problem(await http.post("/api/v1/workflows", content=changed,
+                                       headers={"content-type": "application/yaml"}), 409, "bump the version")
+
+
+async def test_a_workflow_with_new_trigger_subjects_needs_an_admin_credential(api: Api) -> None:
+    wf = unique("api-trig")
+    source = plain(wf, unique("t")).replace("steps:", f"triggers: [api-test.{wf}]\nsteps:")
+    async with api.http(await api.key("admin")) as http:
+        refused = await http.post("/api/v1/workflows", json={"source": source})
+        assert_problem(refused, 409, "admin credential", f"api-test.{wf}")
+        assert_problem(await http.get(f"/api/v1/workflows/{wf}/versions"), 404)  # nothing was written
+        await api.admin.apply_workflow(source)  # an admin adds the subject to the stream
+        again = await http.post("/api/v1/workflows", json={"source": source})
+        assert again.status_code == 200 and again.json()["created"] is False, again.text
 
 
 async def test_policy_routes(api: Api, harness: Harness) -> None:

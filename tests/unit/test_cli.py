@@ -42,6 +42,7 @@ class FakeClient:
         self.connected: dict[str, Any] = {}
         self.tenant = "default"
         self.principal = "bob"  # who the client's commands are from
+        self.url, self.url_source = "nats://127.0.0.1:4222", "--nats"
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         async def method(*args: Any, **kwargs: Any) -> Any:
@@ -102,8 +103,8 @@ def test_help_shows_the_noun_groups_and_hides_todays_spellings() -> None:
     commands = _group().commands
     visible = {name for name, cmd in commands.items() if not cmd.hidden}
     hidden = {name for name, cmd in commands.items() if cmd.hidden}
-    assert visible == {"run", "approval", "workflow", "policy", "approver", "agent", "dlq", "audit", "creds", "apikeys",
-                       "up", "serve", "worker", "nats", "demo", "drill", "provision"}
+    assert visible == {"run", "approval", "workflow", "policy", "approver", "agent", "dlq", "audit", "creds",
+                       "tenant", "cost", "apikeys", "up", "serve", "worker", "nats", "demo", "drill", "provision"}
     assert hidden == {"runs", "status", "timeline", "cancel", "rerun", "approvals", "approve", "reject",
                       "validate", "agents", "workflows", "approvers"}
     assert set(commands["run"].commands) == {"start", "list", "describe", "timeline", "cancel", "rerun"}
@@ -518,9 +519,64 @@ def test_policy_simulate(fake: FakeClient, tmp_path: Path) -> None:
 # -- operations ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("spelling", [["dlq"], ["dlq", "list"]])
 def test_dlq_lists_by_default(fake: FakeClient, spelling: list[str]) -> None:
-    fake.answers["dead_letters"] = []
+    fake.answers["dead_letter_entries"] = []
     assert cli(*spelling, "--limit", "5").stdout == "(none)\n"
-    assert fake.called("dead_letters")[-1][0] == (5,)
+    assert fake.called("dead_letter_entries")[-1] == ((5,), {"status": None, "service": None})
+
+
+def _letter_entry(seq: int, record: Any = None) -> Any:
+    from datetime import UTC, datetime
+
+    from interlock.client import DeadLetterEntry
+    from interlock.contracts import subjects as s
+    from interlock.contracts.messages import DeadLetter
+
+    letter = DeadLetter(service="planner", subject=s.trigger("default", "wf"), reason="bad input", data_b64="e30=",
+                        at=datetime(2026, 12, 2, tzinfo=UTC))
+    return DeadLetterEntry(seq, letter, True, record)
+
+
+def test_dlq_list_shows_id_and_status_and_filters(fake: FakeClient) -> None:
+    from datetime import UTC, datetime
+
+    from interlock.contracts.messages import DeadLetterAction, DeadLetterStatus
+
+    done = DeadLetterStatus(seq=8, status="resolved", actions=[DeadLetterAction(
+        action="resolved", by="bob", at=datetime(2026, 12, 2, tzinfo=UTC), note="fixed the sender")])
+    fake.answers["dead_letter_entries"] = [_letter_entry(7), _letter_entry(8, done)]
+    rows = cli("dlq", "--status", "open", "--service", "planner").stdout.splitlines()
+    assert fake.called("dead_letter_entries")[-1] == ((100,), {"status": "open", "service": "planner"})
+    assert rows[0].split()[:3] == ["ID", "STATUS", "AT"]
+    assert rows[2].split()[:2] == ["7", "open"] and rows[3].split()[:2] == ["8", "resolved"]
+    [_, resolved] = json.loads(cli("dlq", "-o", "json").stdout)
+    assert resolved["id"] == 8 and resolved["status"] == "resolved" and resolved["actions"][0]["note"] == \
+        "fixed the sender"
+    assert cli("dlq", "--status", "gone").exit_code == 2  # not a status
+
+
+def test_dlq_resolve_and_replay_call_the_client_and_say_what_happened(fake: FakeClient) -> None:
+    from datetime import UTC, datetime
+
+    from interlock.contracts import subjects as s
+    from interlock.contracts.messages import DeadLetterAction, DeadLetterStatus
+
+    at = datetime(2026, 12, 2, tzinfo=UTC)
+    fake.answers["resolve_dead_letter"] = lambda seq, note: DeadLetterStatus(
+        seq=seq, status="resolved", actions=[DeadLetterAction(action="resolved", by="bob", at=at, note=note)])
+    result = cli("dlq", "resolve", "7", "--note", "sender fixed")
+    assert result.stdout == "dead letter 7 resolved by bob: sender fixed\n"
+    assert fake.called("resolve_dead_letter")[-1] == ((7,), {"note": "sender fixed"})
+    assert cli("dlq", "resolve", "7").exit_code == 2  # --note is required
+    assert cli("dlq", "resolve", "7", "--note", " ").stderr == \
+        "interlock: --note must say how the dead letter was dealt with\n"
+    fake.answers["replay_dead_letter"] = lambda seq, note: DeadLetterStatus(
+        seq=seq, status="replayed", actions=[DeadLetterAction(
+            action="replayed", by="bob", at=at, note=note, msg_id=f"dlq-replay:{seq}:1", subject=s.result("t", "r"),
+            stream_seq=42)])
+    assert cli("dlq", "replay", "7").stdout == \
+        f"dead letter 7 replayed to {s.result('t', 'r')} (message id dlq-replay:7:1, stream seq 42) by bob\n"
+    assert fake.called("replay_dead_letter")[-1] == ((7,), {"note": ""})
+    assert cli("dlq", "replay", "0").exit_code == 2  # ids start at 1
 
 
 def test_drill_options_reach_the_drill(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,17 +8,18 @@ import interlock.client as client_pkg
 from interlock.client import Client
 
 PUBLIC = [
-    "TERMINAL_EVENTS", "Client", "ClientError", "ClientSettings", "NotFound", "PendingApproval", "PolicyChange",
-    "PolicyDecision", "PolicyRevision", "PolicyRuleMatch", "PolicySimulation", "Refused", "RerunPlan", "Unavailable",
-    "WorkflowInvalid", "describe_event", "progress_line", "timeline_line",
+    "TERMINAL_EVENTS", "Client", "ClientError", "ClientSettings", "DeadLetterEntry", "NotFound", "PendingApproval",
+    "PolicyChange", "PolicyDecision", "PolicyRevision", "PolicyRuleMatch", "PolicySimulation", "Refused", "RerunPlan",
+    "Unavailable", "WorkflowInvalid", "describe_event", "progress_line", "timeline_line",
 ]
 
 CLIENT_METHODS = [
     "agents", "api_key", "api_keys", "apply_workflow", "approvals", "approve", "approvers", "cancel", "check_api_key",
-    "close", "connect", "create_api_key", "dead_letters", "events", "grant_approver", "load_run", "pending_approval",
-    "policy_active", "policy_decide", "policy_history", "policy_publish", "policy_rollback", "policy_simulate",
-    "read_commits", "reject", "rerun", "rerun_plan", "revoke_api_key", "revoke_approver", "runs", "runs_page",
-    "start_run", "status", "submit_run", "timeline", "verify", "wait", "wait_projected", "watch", "with_tenant",
+    "close", "connect", "create_api_key", "dead_letter_entries", "dead_letters", "events", "grant_approver",
+    "load_run", "pending_approval", "policy_active", "policy_decide", "policy_history", "policy_publish",
+    "policy_rollback", "policy_simulate", "read_commits", "reject", "replay_dead_letter", "rerun", "rerun_plan",
+    "resolve_dead_letter", "revoke_api_key", "revoke_approver", "runs", "runs_page", "start_run", "status",
+    "submit_run", "timeline", "unseal", "usage", "verify", "wait", "wait_projected", "watch", "with_tenant",
     "workflow", "workflows",
 ]
 

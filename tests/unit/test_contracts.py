@@ -237,6 +237,9 @@ def strategy_for(annotation: Any, metadata: list[Any]) -> st.SearchStrategy[Any]
     if annotation is int:
         return st.integers(min_value=bounds.get("min_value", -(2**53) + 1),
                            max_value=bounds.get("max_value", 2**53 - 1))
+    if annotation is float:  # finite: JSON has no NaN or infinity
+        return st.floats(min_value=bounds.get("min_value", -1e12), max_value=bounds.get("max_value", 1e12),
+                         allow_nan=False, allow_infinity=False)
     if annotation is str:
         return st.text(st.characters(codec="utf-8"), min_size=bounds.get("min_size", 0),
                        max_size=bounds.get("max_size", 12))
@@ -322,6 +325,8 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "CompensationFinished": {"ok"},
     "CompensationStarted": {"failed_step", "steps"},
     "DeadLetter": {"service", "subject", "reason", "data_b64", "at"},
+    "DeadLetterAction": {"action", "by", "at"},
+    "DeadLetterStatus": {"seq", "status"},
     "EventEnvelope": {"run_id", "tenant", "seq", "type", "at", "service", "data", "prev_hash", "hash"},
     "Heartbeat": {"job_id", "run_id", "tenant", "step_id", "attempt"},
     "Job": {"job_id", "run_id", "tenant", "workflow_id", "step_id", "topic", "attempt", "idempotency_key",
@@ -342,6 +347,9 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "RunSucceeded": set(),
     "RunTimedOut": {"timeout_ms"},
     "RunsQuery": set(),
+    "UsageQuery": set(),
+    "LlmCall": {"provider", "model"},
+    "BudgetExceeded": {"limit", "allowed", "spent"},
     "StepDispatched": {"step_id", "attempt", "job_id", "topic"},
     "StepExpanded": {"step_id", "count"},
     "StepFailed": {"step_id", "attempt", "error", "final"},
@@ -359,6 +367,21 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     # the auditor's record of an API audit advisory (il.admin.audit)
     "AdminAuditRecord": {"type", "id", "timestamp", "server", "subject"},
     "AdvisoryTruncation": {"size", "sha256"},
+    # query results (the auditor's projection) and the typed query replies
+    "RunSummary": {"run_id", "tenant", "status", "last_seq", "events", "head_hash", "chain_ok"},
+    "RunStatus": {"run_id", "tenant", "status", "last_seq", "events", "head_hash", "chain_ok"},
+    "StepAttempt": {"attempt"},
+    "StepDecision": set(),
+    "StepApproval": {"status", "seq"},
+    "StepStatus": {"step_id", "status", "attempt", "attempts"},
+    "TimelineEntry": {"seq", "summary"},
+    "PendingApproval": {"run_id", "tenant", "step_id", "seq"},
+    "RunsReply": {"ok"},
+    "StatusReply": {"ok"},
+    "TimelineReply": {"ok"},
+    "ApprovalsReply": {"ok"},
+    "UsageReply": {"ok"},
+    "UsageRow": {"key", "runs", "calls", "input_tokens", "output_tokens", "cost_usd"},
 }
 
 
@@ -425,7 +448,7 @@ def test_every_wildcard_has_a_channel() -> None:
 
 
 COMMANDS = ("approve", "reject", "cancel")
-QUERIES = ("runs", "status", "timeline", "approvals")
+QUERIES = ("runs", "status", "timeline", "approvals", "usage")
 
 
 def test_commands_and_queries_carry_the_tenant_and_the_principal() -> None:
@@ -465,4 +488,7 @@ def test_every_message_type_is_reachable_from_the_catalog(doc: dict[str, Any]) -
     reachable = {ref.rsplit("/", 1)[1] for ref in _refs(doc) if ref.startswith("#/components/schemas/")}
     for component in doc["components"]["schemas"].values():
         reachable |= {ref.rsplit("/", 1)[1] for ref in _refs(component)}
+    # a base type (QueryReply: the shape every typed query reply refines) is reached through its subclasses
+    reachable |= {base.__name__ for name in list(reachable) if name in cat.MESSAGE_TYPES
+                  for base in cat.MESSAGE_TYPES[name].__mro__}
     assert set(cat.MESSAGE_TYPES) <= reachable, sorted(set(cat.MESSAGE_TYPES) - reachable)

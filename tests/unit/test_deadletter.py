@@ -90,3 +90,45 @@ async def test_a_message_whose_handler_keeps_raising_is_terminated_after_a_bound
     msg = _Delivered(delivered)
     await consumer._handle(msg)  # type: ignore[arg-type]
     assert msg.settled == settled
+
+
+# -- resolve and replay -------------------------------------------------------------------------
+def test_replay_publishes_the_original_to_its_subject_without_its_old_message_id() -> None:
+    from interlock.contracts import headers as h
+    from interlock.contracts import subjects as s
+    from interlock.runtime.deadletter import replay_of
+
+    original = b'{"job_id": "j1"}'
+    letter = letter_for("dispatcher", s.result("acme", "r1"), original, "boom",
+                        {h.MSG_ID: "result:j1", h.TRACEPARENT: "00-abc-def-01"})
+    subject, data, headers = replay_of(letter, True, 12)
+    assert (subject, data) == (s.result("acme", "r1"), original)
+    assert headers == {h.TRACEPARENT: "00-abc-def-01", h.REPLAY_OF: "12"}  # the caller adds the new id
+
+
+@pytest.mark.parametrize("subject", [s.run_events("acme", "r1"), s.command("acme", "approve", "bob")],
+                         ids=["run event", "command"])
+def test_replay_refuses_what_must_not_be_published_again(subject: str) -> None:
+    from interlock.runtime.deadletter import CannotReplay, replay_of
+
+    with pytest.raises(CannotReplay, match="not a queue a replay may publish to"):
+        replay_of(letter_for("planner", subject, b"{}", "x"), True, 3)
+    with pytest.raises(CannotReplay, match="keeps only the first"):
+        replay_of(letter_for("planner", s.trigger("acme", "wf"), b"x" * (DATA_PREFIX_LIMIT + 1), "x"), True, 3)
+    with pytest.raises(CannotReplay, match="not a dead letter"):
+        replay_of(letter_for("planner", s.dead_letter("planner"), b"junk", "x"), False, 3)
+
+
+def test_actions_are_appended_never_replaced_and_each_replay_has_its_own_id() -> None:
+    from datetime import UTC, datetime
+
+    from interlock.contracts.messages import DeadLetterAction
+    from interlock.runtime.deadletter import replay_msg_id, status_of, with_action
+
+    at = datetime(2026, 12, 2, tzinfo=UTC)
+    assert status_of(None) == "open" and replay_msg_id(5, None) == "dlq-replay:5:1"
+    replayed = with_action(None, 5, DeadLetterAction(action="replayed", by="ann", at=at, msg_id="dlq-replay:5:1"))
+    assert replay_msg_id(5, replayed) == "dlq-replay:5:2"
+    resolved = with_action(replayed, 5, DeadLetterAction(action="resolved", by="bob", at=at, note="done"))
+    assert status_of(resolved) == "resolved" and [a.by for a in resolved.actions] == ["ann", "bob"]
+    assert replay_msg_id(5, resolved) == "dlq-replay:5:2"  # a resolve is not a replay

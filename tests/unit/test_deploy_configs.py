@@ -298,6 +298,12 @@ def test_no_unauthenticated_or_monitoring_port_is_published(compose: dict[str, A
         if "expose" in svc:
             assert not svc["expose"], name
         published = _published(svc)
+        if name == "grafana":  # the observability profile's UI: a password sign-in, loopback only
+            env = svc["environment"]
+            assert published == [("127.0.0.1", 3000)], published
+            assert env["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?"), "no default password"
+            assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false" and svc["profiles"] == ["observability"]
+            continue
         if name not in nats_services:
             assert not published, f"{name} publishes {published}"
             continue
@@ -342,3 +348,37 @@ def test_the_identity_init_command_makes_what_compose_and_the_nodes_use(compose:
         check = subprocess.run([nats_server_binary(), "-c", str(target), "-t"], capture_output=True, text=True,
                                timeout=30)
         assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_the_dashboard_queries_metrics_the_services_export(tmp_path: Path) -> None:
+    """Every metric deploy/grafana's dashboard plots is one a process serves on /metrics."""
+    import json
+    import re
+    import subprocess
+    import sys
+    import textwrap
+
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "interlock.json").read_text())
+    wanted = {name for panel in dashboard["panels"] for target in panel["targets"]
+              for name in re.findall(r"interlock_[a-z_]+", target["expr"])}
+    assert len(wanted) >= 10, wanted
+    script = textwrap.dedent("""
+        import urllib.request
+        from interlock.runtime import metrics as m, otel
+        port = m.configure(otel.resource("dashboard-test"), prometheus_port=0)
+        for counter in (m.runs_started, m.runs_ended, m.retries, m.timeouts, m.dead_letters, m.policy_decisions,
+                        m.messages_handled, m.llm_tokens, m.llm_cost, m.approvals_requested):
+            counter.add(1, {})
+        for histogram in (m.step_duration, m.scheduling_delay, m.approval_wait):
+            histogram.record(0.1, {})
+        m.gauges.consumer_pending[("S", "c")] = 1
+        m.gauges.consumer_ack_pending[("S", "c")] = 1
+        m.gauges.approvals_pending["t"] = 1
+        m.gauges.oldest_approval_age["t"] = 1.0
+        print(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+    """)
+    body = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          timeout=60).stdout
+    served = {line.split("{")[0].split(" ")[0] for line in body.splitlines() if line.startswith("interlock_")}
+    missing = {name for name in wanted if name not in served}
+    assert not missing, f"the dashboard plots metrics nothing serves: {sorted(missing)}"

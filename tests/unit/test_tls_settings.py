@@ -169,6 +169,8 @@ def test_the_cli_passes_tls_options_before_or_after_the_command(monkeypatch: pyt
     seen: list[dict[str, Any]] = []
 
     class Fake:
+        url, url_source = "tls://127.0.0.1:4222", "--nats"
+
         async def runs(self, **_: Any) -> list[Any]:
             return []
 

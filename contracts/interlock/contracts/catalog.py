@@ -249,7 +249,8 @@ JOBS = Channel(
     consumer="One tenant's workers of one topic share the durable pull consumer "
              "'worker_{tenant}_{topic}_{digest}' ('.' in the topic replaced by '_'; digest: the first 16 hex "
              "digits of sha256 of tenant + newline + topic; subjects.worker_consumer) on stream IL_JOBS, "
-             "filter subject il.job.{tenant}.{topic}, explicit ack.",
+             "filter subject il.job.{tenant}.{topic}, created by whichever copy starts first with the "
+             "settings in x-interlock-protocol.worker_consumer (explicit ack).",
 )
 
 RESULTS = Channel(
@@ -438,10 +439,11 @@ def _command(name: str, id: str, title: str, request: type[msg.Message], service
     )
 
 
-def _query(name: str, id: str, title: str, request: type[msg.Message], description: str) -> Channel:
+def _query(name: str, id: str, title: str, request: type[msg.Message], reply: type[msg.QueryReply],
+           description: str, askers: tuple[str, ...] = ()) -> Channel:
     return Channel(
-        id=id, title=title, pattern=Pattern(s.query, (TENANT, name)), message=request, reply=msg.QueryReply,
-        description=description, transport="request", publishers=(CLIENT,), subscribers=(AUDITOR,),
+        id=id, title=title, pattern=Pattern(s.query, (TENANT, name)), message=request, reply=reply,
+        description=description, transport="request", publishers=(CLIENT, *askers), subscribers=(AUDITOR,),
         filters=(Pattern(s.queries, (name,)),),
     )
 
@@ -457,15 +459,19 @@ CMD_REJECT = _command("reject", "cmdReject", "Reject", msg.ApprovalDecision, APP
 CMD_CANCEL = _command("cancel", "cmdCancel", "Cancel", msg.CancelRequest, PLANNER,
                       "Cancel a run of the subject's tenant; the cancel is recorded as by the subject's principal.")
 _TENANT_ONLY = " Answered for the subject's tenant only (a body naming another tenant is refused)."
-Q_RUNS = _query("runs", "qRuns", "Runs", msg.RunsQuery,
+Q_RUNS = _query("runs", "qRuns", "Runs", msg.RunsQuery, msg.RunsReply,
                 "List runs, filtered by status and workflow (up to limit); result: a list of run summaries."
                 + _TENANT_ONLY)
-Q_STATUS = _query("status", "qStatus", "Run status", msg.RunQuery,
+Q_STATUS = _query("status", "qStatus", "Run status", msg.RunQuery, msg.StatusReply,
                   "One run's status and the status of each step." + _TENANT_ONLY)
-Q_TIMELINE = _query("timeline", "qTimeline", "Run timeline", msg.RunQuery,
+Q_TIMELINE = _query("timeline", "qTimeline", "Run timeline", msg.RunQuery, msg.TimelineReply,
                     "One run's events in order; result: a list of rows, one per event." + _TENANT_ONLY)
-Q_APPROVALS = _query("approvals", "qApprovals", "Pending approvals", msg.RunsQuery,
-                     "Approvals waiting for a decision, filtered like the runs query." + _TENANT_ONLY)
+Q_APPROVALS = _query("approvals", "qApprovals", "Pending approvals", msg.RunsQuery, msg.ApprovalsReply,
+                     "Approvals waiting for a decision, oldest first, up to limit (status and workflow_id are "
+                     "ignored)." + _TENANT_ONLY)
+Q_USAGE = _query("usage", "qUsage", "Model usage", msg.UsageQuery, msg.UsageReply,
+                 "Model calls, tokens and cost summed per run, workflow or tenant, most expensive first. The "
+                 "planner asks it for tenant budgets over a time window." + _TENANT_ONLY, askers=(PLANNER,))
 
 CHANNELS: tuple[Channel, ...] = (
     TRIGGERS,
@@ -488,6 +494,7 @@ CHANNELS: tuple[Channel, ...] = (
     Q_STATUS,
     Q_TIMELINE,
     Q_APPROVALS,
+    Q_USAGE,
 )
 
 # -- state kept outside subjects -----------------------------------------------------------
@@ -526,7 +533,22 @@ API_KEYS = KeyValueEntry(
     readers=(CLIENT,),
 )
 
-KEY_VALUE: tuple[KeyValueEntry, ...] = (AGENT_REGISTRY, API_KEYS)
+DEAD_LETTER_STATUS = KeyValueEntry(
+    bucket=s.DLQ_STATUS_BUCKET,
+    key="{seq} (the dead letter's stream sequence in IL_DLQ)",
+    value=msg.DeadLetterStatus,
+    description="What operators did about each dead letter (interlock dlq resolve|replay): every action, oldest "
+                "first, updated with compare-and-set; the dead letters themselves stay in IL_DLQ.",
+    writers=(OPERATOR,),
+    readers=(OPERATOR,),
+)
+
+KEY_VALUE: tuple[KeyValueEntry, ...] = (AGENT_REGISTRY, DEAD_LETTER_STATUS, API_KEYS)
+
+REPLAYABLE: tuple[Channel, ...] = (TRIGGERS, JOBS, RESULTS, HEARTBEATS, TIMERS_FIRED)
+"""Channels a dead letter's original may be published to again (``interlock dlq replay``): queues
+whose consumers handle a message once. Run events are not among them (a commit published again
+would stand twice in the run's log), nor are requests (their requester is gone)."""
 
 
 @dataclass(frozen=True)

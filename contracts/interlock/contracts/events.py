@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import Field, SerializationInfo, SerializerFunctionWrapHandler, model_serializer
 
-from interlock.contracts.messages import JobError, Message, PayloadRef
+from interlock.contracts.messages import JobError, LlmCall, Message, PayloadRef
 
 GENESIS_HASH = "0" * 64
 
@@ -222,11 +222,18 @@ class StepHeartbeat(StepEventData):
     progress: str | None = None
 
 
+def _empty(value: Any) -> bool:
+    """A field added after logs were written is left out of the stored form while it is empty,
+    so an older event re-encodes (and hashes) exactly as it was written."""
+    return not value
+
+
 class StepSucceeded(StepEventData):
     attempt: int = Field(ge=0, description="0 for steps that need no job (approval, notify, fan-out)")
     output: Any = None
     output_ref: PayloadRef | None = None
     worker: str = ""
+    usage: list[LlmCall] = Field(default_factory=list, exclude_if=_empty, description="Model calls the attempt made")
 
 
 class StepFailed(StepEventData):
@@ -234,6 +241,17 @@ class StepFailed(StepEventData):
     error: JobError
     final: bool = Field(description="No further attempt will be made")
     worker: str = ""
+    usage: list[LlmCall] = Field(default_factory=list, exclude_if=_empty, description="Model calls the attempt made")
+
+
+class BudgetExceeded(EventData):
+    """Model spend went over a budget (the run's, from its workflow, or its tenant's over a time
+    window, from the planner's settings): the run ends (RunFailed follows)."""
+
+    scope: Literal["run", "tenant"] = "run"
+    limit: str = Field(description="The limit crossed: max_cost_usd or max_tokens")
+    allowed: float
+    spent: float
 
 
 class RetryScheduled(StepEventData):

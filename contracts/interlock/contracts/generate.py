@@ -26,6 +26,8 @@ from pydantic import BaseModel
 
 from interlock.contracts import catalog as cat
 from interlock.contracts import events as ev
+from interlock.contracts import permissions as p
+from interlock.contracts import protocol
 from interlock.contracts import subjects as s
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -257,6 +259,7 @@ def asyncapi(schemas: dict[str, JsonObject] | None = None) -> JsonObject:
         "operations": operations,
         "components": {"schemas": components, "messages": dict(sorted(messages.items()))},
         "x-interlock-services": dict(cat.SERVICES),
+        "x-interlock-protocol": protocol.table(),
         "x-interlock-key-value": {
             entry.bucket: {
                 "key": entry.key,
@@ -315,31 +318,57 @@ reader understands a newer message. Send every field a schema lists as required 
 may still allow `null`); the others may be omitted and take their default.
 Times are RFC 3339 strings with an offset (UTC, `Z`).
 
+## Connecting
+
+Server URL: the one given, else `INTERLOCK_NATS_URL` (comma-separated for a cluster), else the URL
+`interlock up` wrote to `.interlock/nats.url`, else `nats://127.0.0.1:4222`; `tls://` or
+`INTERLOCK_TLS_CA`/`_CERT`/`_KEY`/`_HOSTNAME` for TLS. Every connection authenticates with a `.creds`
+file (user JWT + nkey seed; anonymous connections are refused) and must use the inbox prefix
+`{p.INBOX_ROOT}.{{user public key}}` (the seed's public key, the JWT's `sub`): a credential may subscribe to
+its own inboxes only, so replies to any other inbox never arrive.
+
+## Identifiers and numbers
+
+`run_id` = uuid5(`x-interlock-protocol.run_id.uuid5_namespace`, UTF-8 name `"{protocol.RUN_ID_NAME_FORMAT}"`,
+lower-case hex with dashes): a trigger gets no reply, so a client computes the run id of its own
+trigger (a worked example is in `x-interlock-protocol.run_id.example`). `worker_id`: one subject
+token, unique per worker process; the `worker` field of heartbeats and results carries it.
+`x-interlock-protocol` holds the worker consumer's settings, the inline payload limit, the registry's
+refresh, staleness and TTL, and the dead-letter bounds, generated from the code.
+
 ## Worker protocol
 
-1. Register (optional but recommended): put an `AgentRegistration` into KV bucket `{s.AGENTS_BUCKET}`
-   under key `{cat.AGENT_REGISTRY.key}`, refresh `last_heartbeat` every few seconds while running, and
-   delete the key on a clean shutdown.
-2. A worker serves one tenant. Pull jobs from the durable pull consumer
+1. Register: put an `AgentRegistration` into KV bucket `{s.AGENTS_BUCKET}` under key
+   `{cat.AGENT_REGISTRY.key}` (one per topic) when you start, rewrite it (new `last_heartbeat`) every
+   `registry.refresh_s`, and delete it on a clean shutdown. Readers take an entry older than
+   `registry.stale_after_s` as a worker that is gone.
+2. A worker serves one tenant. Create (or bind to) the durable pull consumer
    `worker_{{tenant}}_{{topic with '.' replaced by '_'}}_{{digest}}` (digest: the first 16 hex digits of
-   sha256 of tenant, a newline and topic) on stream `{s.JOBS_STREAM}` with filter subject `{jobs}`
-   (create it if missing: explicit ack). All copies of a worker for one tenant's topic share that
-   consumer, so each job goes to one of them; another tenant's jobs never reach it.
-3. Decode the `Job`; if `input_ref` is set, the input is the JSON object named `input_ref.key` in
-   object store `{s.PAYLOADS_OBJECT_STORE}` (check `sha256`). Ack the job message: from then on the
-   heartbeats are the job's lease. (An undecodable job: publish a `DeadLetter` to `{s.dead_letter(cat.WORKER)}`, ack.)
-4. Publish a `Heartbeat` to `{heartbeats}` when you start and then every `heartbeat_interval_ms` ms
-   until the result is out. A job without heartbeats (or past `deadline`) is timed out and may be
-   retried as a new attempt. Subscribe to `{cancels}` (core NATS) and stop the jobs of a
+   sha256 of tenant, a newline and topic) on stream `{s.JOBS_STREAM}` with filter subject `{jobs}`,
+   `name` = `durable_name`, and the settings of `x-interlock-protocol.worker_consumer`, through the
+   create API whose subject carries the filter (the only one a worker credential may use); an existing
+   one with other settings is used as it is. All copies of a worker for one tenant's topic share it.
+3. Decode the `Job` and ack it at once (wait for the ack's confirmation): from then on the
+   heartbeats are the job's lease. A job that does not decode, or of another tenant, is dead-lettered:
+   JetStream-publish a `DeadLetter` (`service` `worker`, the job's `subject`, `reason`, `data_b64` of the
+   original or of its first `dead_letter.prefix_limit_bytes` with `truncated`, `size`, `sha256`, `at`) to
+   `{s.dead_letter(cat.WORKER)}`, then ack. `input` is any JSON value, `null` included; if `input_ref` is
+   set, the input is the JSON object `input_ref.key` in object store `{s.PAYLOADS_OBJECT_STORE}` (check `sha256`).
+4. JetStream-publish a `Heartbeat` (no `Nats-Msg-Id`) to `{heartbeats}` when you start and then every
+   `heartbeat_interval_ms` of the job until its result is acknowledged. A silent job is timed out and
+   may be retried as a new attempt. At the job's `deadline`, stop and report `ok: false` with
+   `error.kind` `timeout` (retryable). Subscribe to `{cancels}` (core NATS) and stop the jobs of a
    run when a `CancelNotice` for it arrives (their job ids start with `run_id:`); send no result.
-5. Publish one `JobResult` (JetStream publish, wait for the ack) to `{results}` with header
-   `Nats-Msg-Id: result:<job_id>`, echoing job_id, run_id, tenant, step_id and attempt.
-   `ok: true` with `output`, or `ok: false` with `error` (`retryable: false` stops retries; `kind`
-   is free text such as `error`, `timeout`, `fatal`).
+5. Publish exactly one `JobResult` (JetStream publish; retry with the same id until acked) to `{results}`
+   with header `Nats-Msg-Id: result:<job_id>`, echoing job_id, run_id, tenant, step_id and attempt, and
+   `worker`. `ok: true` with `output` (any JSON value, `null` included), or `ok: false` with `error`
+   (`retryable: false` stops retries; `kind` is free text such as `error`, `timeout`, `fatal`).
    A result for an attempt that is no longer current is recorded and ignored.
-6. Large payloads: put the JSON in object store `{s.PAYLOADS_OBJECT_STORE}` under its sha256 hex digest
-   and send a `PayloadRef` (`object_store`, `key`, `sha256`, `size` in bytes) as `output_ref`
-   instead of `output`.
+6. Large payloads: an output whose canonical JSON exceeds `inline_limit_bytes` goes into object store
+   `{s.PAYLOADS_OBJECT_STORE}` under its sha256 hex digest, and a `PayloadRef` (`object_store`, `key`,
+   `sha256`, `size` in bytes) is sent as `output_ref` instead of `output`.
+7. Clean shutdown: stop pulling, stop the jobs in hand without results (their leases run out and they
+   are retried), delete the registry entries, drain.
 
 ## Run events and the hash chain
 
@@ -362,30 +391,62 @@ a concurrent writer gets error 10071 and must reload, never fork the log.
 """
 
 
+# -- the protocol table in README.md -------------------------------------------------------
+README_FILE = "README.md"
+TABLE_BEGIN = "<!-- BEGIN GENERATED: protocol constants (python -m interlock.contracts.generate) -->"
+TABLE_END = "<!-- END GENERATED: protocol constants -->"
+
+
+def _flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        return [row for key, item in value.items() for row in _flatten(f"{prefix}.{key}" if prefix else key, item)]
+    return [(prefix, value)]
+
+
+def protocol_table() -> str:
+    """The Markdown table of ``x-interlock-protocol`` (between the markers in contracts/README.md)."""
+    rows = ["| `x-interlock-protocol` | value |", "| --- | --- |"]
+    rows += [f"| `{name}` | `{json.dumps(value)}` |" for name, value in _flatten("", protocol.table())]
+    return "\n".join([TABLE_BEGIN, *rows, TABLE_END])
+
+
+def readme_with_table(text: str, where: str = README_FILE) -> str:
+    """``text`` (contracts/README.md) with its generated table replaced by the current one."""
+    start, end = text.find(TABLE_BEGIN), text.find(TABLE_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{where}: the markers {TABLE_BEGIN!r} and {TABLE_END!r} are missing or out of order")
+    return text[:start] + protocol_table() + text[end + len(TABLE_END):]
+
+
 # -- files ---------------------------------------------------------------------------------
 def dumps(document: Any) -> str:
     return json.dumps(document, indent=2, sort_keys=True) + "\n"
 
 
-def render() -> dict[str, str]:
-    """Every generated file, by path relative to the contracts directory (POSIX separators)."""
+def render(root: Path = CONTRACTS_DIR) -> dict[str, str]:
+    """Every generated file, by path relative to the contracts directory (POSIX separators); the
+    README is ``root``'s with its protocol table brought up to date (absent: not generated)."""
     schemas = json_schemas()
     files = {f"{SCHEMAS_SUBDIR}/{name}.json": dumps(schema) for name, schema in schemas.items()}
     files[ASYNCAPI_FILE] = dumps(asyncapi(schemas))
+    readme = root / README_FILE
+    if readme.is_file():
+        files[README_FILE] = readme_with_table(readme.read_text(encoding="utf-8"), str(readme))
     return dict(sorted(files.items()))
 
 
 def _existing(root: Path) -> set[str]:
     schema_dir = root / SCHEMAS_SUBDIR
     found = {f"{SCHEMAS_SUBDIR}/{p.name}" for p in schema_dir.glob("*.json")} if schema_dir.is_dir() else set()
-    if (root / ASYNCAPI_FILE).is_file():
-        found.add(ASYNCAPI_FILE)
+    for name in (ASYNCAPI_FILE, README_FILE):
+        if (root / name).is_file():
+            found.add(name)
     return found
 
 
 def check(root: Path = CONTRACTS_DIR) -> list[str]:
     """Problems with the files under ``root``: 'missing: …', 'stale: …' or 'extra: …' (empty if up to date)."""
-    expected = render()
+    expected = render(root)
     existing = _existing(root)
     problems: list[str] = []
     for path, text in expected.items():
@@ -399,7 +460,7 @@ def check(root: Path = CONTRACTS_DIR) -> list[str]:
 
 def write(root: Path = CONTRACTS_DIR) -> list[str]:
     """Write every generated file under ``root`` and delete extra schema files; returns what changed."""
-    expected = render()
+    expected = render(root)
     changed: list[str] = []
     (root / SCHEMAS_SUBDIR).mkdir(parents=True, exist_ok=True)
     for path, text in expected.items():
@@ -425,7 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problems:
             print("contracts are out of date: run `python -m interlock.contracts.generate`", file=sys.stderr)
             return 1
-        print(f"contracts up to date ({len(render())} files)")
+        print(f"contracts up to date ({len(render(args.root))} files)")
         return 0
     changes = write(args.root)
     for line in changes:

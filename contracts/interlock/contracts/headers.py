@@ -18,6 +18,10 @@ SCHEDULE = "Nats-Schedule"
 SCHEDULE_TARGET = "Nats-Schedule-Target"
 """JetStream message schedules: the subject the fired message is published to."""
 
+REPLAY_OF = "Interlock-Replay-Of"
+"""On a dead letter's original published again (``interlock dlq replay``): the dead letter's id
+(its ``IL_DLQ`` stream sequence)."""
+
 TRACEPARENT = "traceparent"
 """W3C trace context of the message's run and step."""
 

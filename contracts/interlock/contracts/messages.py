@@ -57,19 +57,49 @@ class Job(Message):
     topic: str
     attempt: int = Field(ge=1)
     idempotency_key: str = Field(description="Stable across attempts: run_id:step_id")
-    input: Any = None
-    input_ref: PayloadRef | None = None
-    deadline: datetime | None = None
-    heartbeat_interval_ms: int = 2000
+    input: Any = Field(default=None, description=(
+        "The step's input: any JSON value (object, array, string, number, boolean or null). null when the "
+        "step has no input, and when the input travels as input_ref instead"))
+    input_ref: PayloadRef | None = Field(default=None, description=(
+        "Set instead of input when the input is larger than the inline limit: the input is the JSON stored "
+        "in the object store under this reference (check its sha256)"))
+    deadline: datetime | None = Field(default=None, description=(
+        "When this attempt times out (RFC 3339, UTC). A worker still working then stops and reports "
+        "ok=false with error.kind 'timeout' (retryable)"))
+    heartbeat_interval_ms: int = Field(default=2000, description=(
+        "How often the worker sends a Heartbeat while it works on the job, in ms (the dispatcher derives it "
+        "from the step's lease; read it from each job)"))
     job_hash: str
     constraints: dict[str, Any] = Field(default_factory=dict, description="Handed on by policy")
     trace_parent: str | None = None
+    sensitive_output: list[str] = Field(
+        default_factory=list, description="Paths in the output (output.token) to seal, besides keys named by the "
+                                          "sensitive key patterns; see contracts/README.md, Sensitive values")
+    record_prompts: bool = Field(False, description="The workflow lets the worker keep prompts in LlmCall.prompt")
 
 
 class JobError(Message):
+    """Why an attempt failed."""
+
     message: str
-    retryable: bool = True
-    kind: str = "error"
+    retryable: bool = Field(default=True, description="false: fail the step now, no further attempts")
+    kind: str = Field(default="error", description=(
+        "Free text; 'timeout' (the worker stopped at the job's deadline) is recorded as a timed-out attempt"))
+
+
+class LlmCall(Message):
+    """One model call an agent made for a job (``ctx.record_llm``), named after the OpenTelemetry
+    GenAI conventions (``gen_ai.provider.name``, ``gen_ai.request.model``, ``gen_ai.usage.*``)."""
+
+    provider: str = Field(description="gen_ai.provider.name, e.g. openai, anthropic")
+    model: str = Field(description="gen_ai.request.model")
+    operation: str = Field("chat", description="gen_ai.operation.name")
+    input_tokens: int = Field(0, ge=0, description="gen_ai.usage.input_tokens")
+    output_tokens: int = Field(0, ge=0, description="gen_ai.usage.output_tokens")
+    cost_usd: float = Field(0.0, ge=0, description="What the call cost, in US dollars")
+    temperature: float | None = Field(None, description="gen_ai.request.temperature")
+    prompt_ref: str | None = Field(None, description="Where the prompt is kept (a template id, a hash)")
+    prompt: str | None = Field(None, description="The prompt itself, only when the workflow sets record_prompts")
 
 
 class JobResult(Message):
@@ -81,10 +111,15 @@ class JobResult(Message):
     step_id: str
     attempt: int = Field(ge=1)
     ok: bool
-    output: Any = None
-    output_ref: PayloadRef | None = None
-    error: JobError | None = None
-    worker: str = ""
+    output: Any = Field(default=None, description=(
+        "With ok=true: the step's output, any JSON value; null (or omitted) is a valid output. Ignored when "
+        "output_ref is set, and with ok=false"))
+    output_ref: PayloadRef | None = Field(default=None, description=(
+        "With ok=true, instead of output when the output's canonical JSON is larger than the inline limit: "
+        "where it is stored in the object store"))
+    error: JobError | None = Field(default=None, description="With ok=false: what went wrong")
+    worker: str = Field(default="", description="The reporting worker's worker_id (as in its AgentRegistration)")
+    usage: list[LlmCall] = Field(default_factory=list, description="Model calls made for this attempt")
 
 
 class Heartbeat(Message):
@@ -95,8 +130,8 @@ class Heartbeat(Message):
     tenant: str
     step_id: str
     attempt: int = Field(ge=1)
-    worker: str = ""
-    progress: str | None = None
+    worker: str = Field(default="", description="The worker's worker_id (as in its AgentRegistration)")
+    progress: str | None = Field(default=None, description="Free text shown in the run's timeline")
 
 
 class Notification(Message):
@@ -133,7 +168,10 @@ class TimerFired(Message):
 class AgentRegistration(Message):
     """An agent worker's entry in the agent registry."""
 
-    worker_id: str
+    worker_id: str = Field(description=(
+        "One subject token (letters, digits, '_' and '-'), unique per worker process and stable while it runs "
+        "(the SDK: '{name}-{hostname}-{pid}'); the same value goes into the worker field of its heartbeats "
+        "and results"))
     topic: str
     tenant: str = Field(default=DEFAULT_TENANT, description="The tenant whose jobs the worker takes")
     version: str = "0"
@@ -214,6 +252,29 @@ class DeadLetter(Message):
                                                        "(a whole copy would exceed the stream's message size)")
 
 
+class DeadLetterAction(Message):
+    """One thing done about a dead letter: marked resolved, or its original published again."""
+
+    action: Literal["resolved", "replayed"]
+    by: str = Field(description="The principal who did it")
+    at: datetime
+    note: str = ""
+    msg_id: str | None = Field(default=None, description="replayed: the new Nats-Msg-Id of the republished original")
+    subject: str | None = Field(default=None, description="replayed: where the original was published again")
+    stream_seq: int | None = Field(default=None, description="replayed: the stream sequence the republished "
+                                                             "original got")
+
+
+class DeadLetterStatus(Message):
+    """What was done about the dead letter with stream sequence ``seq`` in ``IL_DLQ`` (bucket
+    ``il_dlq_status``, key ``{seq}``). The dead letter itself is never deleted; a dead letter without
+    an entry is open. ``status`` is the last action's."""
+
+    seq: int
+    status: Literal["resolved", "replayed"]
+    actions: list[DeadLetterAction] = Field(default_factory=list, description="Every action, oldest first")
+
+
 _QUERY_TENANT = ("Deprecated, ignored: the query is answered for the query subject's tenant. A query whose "
                  "tenant differs from the subject's is refused.")
 
@@ -239,10 +300,187 @@ class RunQuery(Message):
     limit: int | None = Field(default=None, ge=1, description="Timeline: at most this many events")
 
 
+class UsageQuery(Message):
+    """Model usage summed per run, workflow or tenant (``interlock cost``)."""
+
+    tenant: str | None = Field(default=None, description=_QUERY_TENANT)
+    group_by: Literal["run", "workflow", "tenant"] = "workflow"
+    run_id: str | None = None
+    workflow_id: str | None = None
+    since: datetime | None = Field(default=None, description="Outcomes recorded at or after this time")
+    limit: int = 100
+
+
 class QueryReply(Message):
+    """The answer to a query: ``ok`` with a ``result`` (its schema is the query's reply type, e.g.
+    ``RunsReply``), or ``ok: false`` with an ``error``."""
+
     ok: bool
     error: str | None = None
     result: Any = None
+
+
+# -- query results (the auditor's projection) ---------------------------------------------------
+# Times in query results are the RFC 3339 strings of the events they come from. Projected from the
+# run's log, a field is null where the log has no value for it.
+class RunSummary(Message):
+    """One run, as the runs query lists it and the status query starts."""
+
+    run_id: str
+    tenant: str
+    workflow_id: str | None = None
+    workflow_version: str | None = None
+    definition_hash: str | None = None
+    status: str = Field(description="running, compensating, succeeded, failed, denied, cancelled or timed_out")
+    idempotency_key: str | None = None
+    requested_by: str | None = None
+    rerun_of: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    reason: str | None = Field(default=None, description="Why the run ended (failed, denied, cancelled, timed out)")
+    last_seq: int = Field(description="seq of the run's last event")
+    events: int = Field(description="Number of events (equals last_seq)")
+    head_hash: str = Field(description="hash of the run's last event")
+    chain_ok: bool = Field(description="false: the auditor found a problem in the hash chain")
+    problem_count: int = 0
+
+
+class StepAttempt(Message):
+    attempt: int
+    job_id: str | None = None
+    topic: str | None = None
+    dispatched_at: str | None = None
+    ended_at: str | None = None
+    outcome: str | None = Field(default=None,
+                                description="dispatched, running, succeeded, failed or timed_out")
+    worker: str | None = None
+    error: str | None = None
+
+
+class StepDecision(Message):
+    decision: str | None = Field(default=None, description="allow, deny or require_approval")
+    snapshot_id: str | None = None
+    rule_ids: list[str] = Field(default_factory=list)
+
+
+class StepApproval(Message):
+    """The latest approval request of a step and what became of it."""
+
+    status: str = Field(description="requested, granted, rejected, expired or invalidated")
+    job_hash: str | None = None
+    snapshot_id: str | None = None
+    approver_role: str | None = None
+    prompt: str | None = None
+    approver: str | None = None
+    reason: str | None = None
+    requested_at: str | None = None
+    expires_at: str | None = None
+    decided_at: str | None = None
+    seq: int
+
+
+class StepStatus(Message):
+    step_id: str
+    status: str = Field(description="ready, released, awaiting_approval, dispatched, running, retry_wait, "
+                                    "timed_out, succeeded, failed, skipped, denied, cancelled or expanded")
+    step_type: str | None = Field(default=None, description="job, approval, notify, ...")
+    topic: str | None = None
+    parent_id: str | None = None
+    compensation_of: str | None = None
+    item_count: int | None = None
+    attempt: int = Field(description="The current (latest) attempt, 0 before the first dispatch")
+    attempts: int = Field(description="Number of attempts in history")
+    history: list[StepAttempt] = Field(default_factory=list)
+    job_hash: str | None = None
+    decision: StepDecision | None = None
+    approval_status: str | None = None
+    approver: str | None = None
+    approval: StepApproval | None = None
+    output: Any = None
+    output_ref: PayloadRef | None = None
+    error: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+
+
+class RunStatus(RunSummary):
+    """One run and each of its steps (the status query)."""
+
+    problems: list[str] = Field(default_factory=list, description="Hash-chain problems the auditor found")
+    steps: list[StepStatus] = Field(default_factory=list)
+
+
+class TimelineEntry(Message):
+    """One event of a run, as the timeline query lists it (in seq order)."""
+
+    seq: int
+    at: str | None = None
+    service: str | None = None
+    type: str | None = None
+    step_id: str | None = None
+    attempt: int | None = None
+    summary: str = Field(description="One line for people")
+    details: dict[str, Any] = Field(default_factory=dict)
+    hash: str | None = None
+    problems: list[str] = Field(default_factory=list)
+    data: Any = Field(default=None, description="The event's data (only where the query asks for it)")
+
+
+class PendingApproval(Message):
+    """An approval waiting for a decision (the approvals query)."""
+
+    run_id: str
+    tenant: str
+    workflow_id: str | None = None
+    step_id: str
+    seq: int = Field(description="seq of the ApprovalRequested event")
+    job_hash: str | None = Field(default=None, description="Send it back in the ApprovalDecision")
+    snapshot_id: str | None = None
+    approver_role: str | None = None
+    prompt: str | None = None
+    requested_at: str | None = None
+    expires_at: str | None = None
+
+
+class RunsReply(QueryReply):
+    """Reply of the runs query: newest first, at most ``limit``."""
+
+    result: list[RunSummary] | None = None
+
+
+class StatusReply(QueryReply):
+    """Reply of the status query (``ok: false`` with an error naming the run when it is unknown)."""
+
+    result: RunStatus | None = None
+
+
+class TimelineReply(QueryReply):
+    """Reply of the timeline query: every event of the run in seq order."""
+
+    result: list[TimelineEntry] | None = None
+
+
+class UsageRow(Message):
+    """Model usage of one run, workflow or tenant (the usage query's ``group_by``)."""
+
+    key: str | None = Field(description="The run id, workflow id or tenant")
+    runs: int = Field(ge=0)
+    calls: int = Field(ge=0)
+    input_tokens: int = Field(ge=0)
+    output_tokens: int = Field(ge=0)
+    cost_usd: float = Field(ge=0)
+
+
+class UsageReply(QueryReply):
+    """Reply of the usage query: most expensive first, at most ``limit``."""
+
+    result: list[UsageRow] | None = None
+
+
+class ApprovalsReply(QueryReply):
+    """Reply of the approvals query: oldest request first, at most ``limit``."""
+
+    result: list[PendingApproval] | None = None
 
 
 # -- published by nats-server: the JetStream API audit and stream action advisories -----------

@@ -47,6 +47,7 @@ WORKFLOWS_BUCKET = "il_workflows"  # key: {workflow_id}.{version} and {workflow_
 AGENTS_BUCKET = "il_agents"  # key: {tenant}.{topic}.{worker_id} (agent_key)
 POLICIES_BUCKET = "il_policies"  # key: active (its history is the bundle history)
 APPROVERS_BUCKET = "il_approvers"  # key: approver id, value: the roles they hold
+DLQ_STATUS_BUCKET = "il_dlq_status"  # key: dead_letter_key(seq), value: what was done about that dead letter
 PAYLOADS_OBJECT_STORE = "il_payloads"  # large inputs and outputs, by sha256
 APIKEYS_BUCKET = "il_apikeys"  # key: the API key's id; value: its tenant, role, principal and SHA-256 (never the key)
 
@@ -186,6 +187,13 @@ def dead_letter(service: str) -> str:
     return f"{PREFIX}.dlq.{token(service, 'service')}"
 
 
+def dead_letter_key(seq: int) -> str:
+    """A dead letter's key in bucket ``DLQ_STATUS_BUCKET``: its ``IL_DLQ`` stream sequence (its id)."""
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+        raise SubjectError(f"dead letter id {seq!r} is not a stream sequence (a whole number from 1)")
+    return str(seq)
+
+
 def control_cancel(tenant: str, run_id: str) -> str:
     return f"{PREFIX}.control.cancel.{token(tenant, 'tenant')}.{token(run_id, 'run id')}"
 
@@ -221,6 +229,17 @@ def parse_run_events(subject: str) -> tuple[str, str]:
     """``il.evt.{tenant}.{run_id}`` -> (tenant, run_id)."""
     tenant, run_id = _parse(subject, ("evt",), 2, "run event", "il.evt.{tenant}.{run_id}")
     return tenant, run_id
+
+
+_PER_RUN = ("evt", "result", "hb")
+
+
+def run_of(subject: str) -> tuple[str, str] | None:
+    """(tenant, run_id) of a per-run subject (run events, results, heartbeats), else None."""
+    parts = subject.split(".")
+    if len(parts) == 4 and parts[0] == PREFIX and parts[1] in _PER_RUN:
+        return parts[2], parts[3]
+    return None
 
 
 def worker_consumer(tenant: str, topic: str) -> str:

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from pydantic import ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from interlock.api import models as m
@@ -29,9 +32,10 @@ StepId = Annotated[str, Path(min_length=1, max_length=256, description="A step i
 router = APIRouter(prefix=PREFIX, responses=ERROR_RESPONSES)
 
 
-def route(method: str, path: str, action: Action, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def route(method: str, path: str, action: Action, *, openapi_extra: dict[str, Any] | None = None,
+          **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``router.<method>(path)`` that requires ``action`` of the caller's role."""
-    extra = {"x-interlock-action": action.value}
+    extra = {**(openapi_extra or {}), "x-interlock-action": action.value}
     return router.api_route(path, methods=[method], dependencies=[Depends(allow(action))], openapi_extra=extra,
                             **kwargs)
 
@@ -66,8 +70,6 @@ async def start_run(request: Request, response: Response, workflow_id: WorkflowI
                         alias="Idempotency-Key", min_length=1, max_length=200,
                         description="The same key never starts two runs: a repeat answers 200 with the same run "
                                     "(default: a new random key)")] = None) -> m.RunAccepted:
-    import uuid
-
     client = acting_client(request, who)
     key = idempotency_key or uuid.uuid4().hex
     run_id, created = await client.submit_run(workflow_id, body.input, key=key, version=body.version,
@@ -205,11 +207,33 @@ async def reject(request: Request, run_id: RunId, step_id: StepId, body: m.Rejec
 
 
 # -- workflows ----------------------------------------------------------------------------------
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/plain")
+_APPLY_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": m.ApplyWorkflow.model_json_schema()},
+    "application/yaml": {"schema": {"type": "string", "description": "The workflow's YAML"}}}}}
+
+
 @route("POST", "/workflows", Action.ADMIN, status_code=201, response_model=m.WorkflowApplied,
        responses={200: {"model": m.WorkflowApplied, "description": "This version was registered already"}},
-       summary="Register a workflow version from its YAML")
-async def apply_workflow(request: Request, response: Response, body: m.ApplyWorkflow,
-                         who: Principal = Caller(Action.ADMIN)) -> m.WorkflowApplied:
+       openapi_extra=_APPLY_BODY, summary="Register a workflow version from its YAML (JSON or the YAML itself)")
+async def apply_workflow(request: Request, response: Response, who: Principal = Caller(Action.ADMIN)
+                         ) -> m.WorkflowApplied:
+    """The body is ``{"source": "<YAML>"}``, or the YAML itself with ``Content-Type: application/yaml``
+    (``curl --data-binary @workflow.yaml``)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    raw = await request.body()
+    if kind in YAML_TYPES:
+        try:
+            body = m.ApplyWorkflow(source=raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ApiProblem(400, "bad-request", "Bad request", "body: the YAML is not UTF-8 text") from None
+        except ValidationError as e:
+            raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
+    else:
+        try:
+            body = m.ApplyWorkflow.model_validate_json(raw)
+        except ValidationError as e:
+            raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
     workflow, created = await acting_client(request, who).apply_workflow(body.source, filename=body.filename)
     if not created:
         response.status_code = 200

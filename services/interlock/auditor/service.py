@@ -8,6 +8,7 @@ import logging
 import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -16,12 +17,14 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.errors import NotFoundError
 
+from interlock.auditor import metrics as log_metrics
 from interlock.auditor.projection import DEFAULT_PATH, Envelopes, ProgressCallback, Projection, RebuildStats
 from interlock.contracts import headers as h
 from interlock.contracts import subjects as s
-from interlock.contracts.messages import QueryReply, RunQuery, RunsQuery
+from interlock.contracts.messages import QueryReply, RunQuery, RunsQuery, UsageQuery
 from interlock.core import adminaudit, codec
 from interlock.core.eventstore import EventStore, EventStoreError
+from interlock.runtime import tracing
 from interlock.runtime.connect import connect
 from interlock.runtime.deadletter import dead_letter
 from interlock.runtime.publish import publish
@@ -53,8 +56,11 @@ def default_db_path(instance: str) -> str:
     return str(Path(DEFAULT_PATH).with_name(f"auditor-{instance}.sqlite3"))
 
 
+OnApplied = Callable[[str, str, Envelopes], None]
+
+
 async def catch_up(projection: Projection, store: EventStore, tenant: str, run_id: str, envelopes: Envelopes,
-                   stream_seq: int | None) -> None:
+                   stream_seq: int | None, on_applied: OnApplied | None = None) -> None:
     """Project one delivered commit; if events are missing before it, read them from the log first.
 
     Commits of one run normally arrive in order, but a redelivered (nak'd) commit can arrive
@@ -63,6 +69,10 @@ async def catch_up(projection: Projection, store: EventStore, tenant: str, run_i
     really in the stored log is then recorded, and flags the run's chain.
     """
     result = await projection.apply_commit(tenant, run_id, envelopes, stream_seq=stream_seq, hold_gaps=True)
+    if result.applied:  # a redelivered commit projects nothing and leaves no span
+        tracing.acted(tracing.PROJECTED, events=result.applied)
+        if on_applied is not None:
+            on_applied(tenant, run_id, envelopes[-result.applied:])
     if not result.gap:
         return
     log.info("auditor: run %s: commit at stream seq %s does not follow seq %s, reading the log", run_id, stream_seq,
@@ -78,9 +88,13 @@ async def catch_up(projection: Projection, store: EventStore, tenant: str, run_i
         raise EventStoreError(f"run {run_id}: the log read after stream seq {result.last_stream_seq} does not hold "
                               f"the delivered commit at stream seq {stream_seq} yet")
     await projection.apply_commits(commits)
+    tracing.acted(tracing.PROJECTED, commits=len(commits))
+    if on_applied is not None:
+        for _, _, events, _ in commits:
+            on_applied(tenant, run_id, events)
 
 
-Q = TypeVar("Q", RunQuery, RunsQuery)
+Q = TypeVar("Q", RunQuery, RunsQuery, UsageQuery)
 
 
 class AuditorService(Service):
@@ -121,6 +135,7 @@ class AuditorService(Service):
         self.instance = instance_id(instance or os.environ.get(INSTANCE_ENV) or DEFAULT_INSTANCE)
         self.db_path = str(db_path or os.environ.get(DB_ENV) or default_db_path(self.instance))
         self.projection = Projection(self.db_path)
+        self.log_metrics = log_metrics.LogMetrics()
         self._recording: set[asyncio.Task[None]] = set()
         self._api_audit: Subscription | None = None
 
@@ -202,6 +217,7 @@ class AuditorService(Service):
         self._answer(broker, "status", RunQuery, self.answer_status)
         self._answer(broker, "timeline", RunQuery, self.answer_timeline)
         self._answer(broker, "approvals", RunsQuery, self.answer_approvals)
+        self._answer(broker, "usage", UsageQuery, self.answer_usage)
 
     def _answer(self, broker: NatsBroker, name: str, kind: type[Q],
                 answer: Callable[[str, Q], Awaitable[QueryReply]]) -> None:
@@ -223,7 +239,13 @@ class AuditorService(Service):
         except ValueError as e:
             await self.projection.note_position(stream_seq)  # handled (dead-lettered): not a lost commit
             raise Poison(str(e)) from e
-        await catch_up(self.projection, self.store, tenant, run_id, envelopes, stream_seq)
+        await catch_up(self.projection, self.store, tenant, run_id, envelopes, stream_seq, self._measure)
+
+    def _measure(self, tenant: str, run_id: str, envelopes: Envelopes) -> None:
+        """The log's metrics (runs, steps, decisions, approvals) from newly projected events."""
+        for observation in self.log_metrics.observe(tenant, run_id, envelopes):
+            log_metrics.record(observation)
+        log_metrics.publish_gauges(self.log_metrics, datetime.now(UTC))
 
     # -- queries ---------------------------------------------------------------------------
     @staticmethod
@@ -254,6 +276,12 @@ class AuditorService(Service):
     async def answer_approvals(self, tenant: str, query: RunsQuery) -> QueryReply:
         pending = await self.projection.approvals(tenant=tenant, limit=self._limit(query.limit))
         return QueryReply(ok=True, result=pending)
+
+    async def answer_usage(self, tenant: str, query: UsageQuery) -> QueryReply:
+        rows = await self.projection.usage(tenant=tenant, group_by=query.group_by, run_id=query.run_id,
+                                           workflow_id=query.workflow_id, since=query.since,
+                                           limit=self._limit(query.limit))
+        return QueryReply(ok=True, result=rows)
 
     # -- rebuild ---------------------------------------------------------------------------
     async def rebuild(self, tenants: Sequence[str] | None = None, *, progress: ProgressCallback | None = None,

@@ -26,9 +26,11 @@ from interlock.contracts.messages import (
     Job,
     JobError,
     JobResult,
+    LlmCall,
     Notification,
     TimerFired,
 )
+from interlock.core import usage
 from interlock.core.eventstore import StaleState
 from interlock.core.ids import job_id
 from interlock.core.run import ACTIVE_ATTEMPT, Run, StepState
@@ -115,7 +117,9 @@ def publish_job(run: Run, workflow: Workflow, state: StepState) -> PublishJob:
         idempotency_key=f"{run.run_id}:{state.step_id}", input=state.input, input_ref=state.input_ref,
         deadline=state.deadline, heartbeat_interval_ms=max(100, heartbeat_timeout_ms(spec) // 3),
         job_hash=state.job_hash, constraints=state.decision.constraints if state.decision else {},
-        trace_parent=tracing.traceparent(run.run_id, state.job_id),
+        trace_parent=tracing.traceparent(run.run_id, state.job_id), record_prompts=workflow.record_prompts,
+        sensitive_output=[] if state.compensation_of else list(workflow.sensitive_output_paths(
+            base_step_id(state.step_id))),
     )
     deadline = None
     if state.deadline is not None and spec.timeout_ms is not None:
@@ -209,12 +213,16 @@ def record_result(run: Run, workflow: Workflow, result: JobResult, output: Any, 
     if result.ok:
         # a compensation job's output is whatever undoing returns: the step's schema is not for it
         problem = output_schema_error(output, spec.output_schema) if state.compensation_of is None else None
-        if problem is None:
+        over = step_overrun(state, result)
+        if problem is None and over is None:
             run.succeed_step(ev.StepSucceeded(step_id=state.step_id, attempt=result.attempt, output=result.output,
-                                              output_ref=result.output_ref, worker=result.worker))
+                                              output_ref=result.output_ref, worker=result.worker, usage=result.usage))
             return []
-        error = JobError(message=f"output does not match output_schema: {problem}", retryable=False,
-                         kind="output_schema")
+        if over is not None:  # spent is spent: a retry would spend again
+            error = JobError(message=over.describe(f"step {state.step_id!r}"), retryable=False, kind="budget")
+        else:
+            error = JobError(message=f"output does not match output_schema: {problem}", retryable=False,
+                             kind="output_schema")
     else:
         error = result.error or JobError(message="the worker reported a failure without a reason")
         if error.kind == "timeout" and state.status in IN_FLIGHT and state.deadline is not None \
@@ -222,18 +230,31 @@ def record_result(run: Run, workflow: Workflow, result: JobResult, output: Any, 
             # the worker stopped at the deadline before our deadline timer fired: the log
             # records the same StepTimedOut whichever side noticed first
             run.time_out_step(ev.StepTimedOut(step_id=state.step_id, attempt=state.attempt, reason="deadline"))
-    return _fail_attempt(run, state, spec, error, result.worker, now, jitter)
+    return _fail_attempt(run, state, spec, error, result.worker, now, jitter, result.usage)
+
+
+def step_overrun(state: StepState, result: JobResult) -> usage.Overrun | None:
+    """A result whose model usage (this attempt and the step's earlier ones) exceeds the budget
+    policy handed the step (``max_cost_usd``, ``max_tokens`` constraints)."""
+    constraints = state.decision.constraints if state.decision else {}
+    try:
+        limits = usage.parse_limits(constraints)
+    except usage.BudgetError as e:  # a policy's bad constraint fails closed
+        return usage.Overrun(f"a policy constraint ({e})", 0.0, 0.0)
+    if not limits:
+        return None
+    return usage.overrun(usage.total([*state.usage, *result.usage]), limits)
 
 
 def _fail_attempt(run: Run, state: StepState, spec: Step, error: JobError, worker: str, now: datetime,
-                  jitter: float) -> list[Effect]:
+                  jitter: float, calls: Sequence[LlmCall] = ()) -> list[Effect]:
     """Fail the current attempt: retry it after a backoff while attempts are left, else finally."""
     policy = spec.retries
     if error.retryable and state.attempt < policy.max_attempts:
         delay = policy.delay_ms(state.attempt, jitter)
         due = now + timedelta(milliseconds=delay)
         run.fail_step(ev.StepFailed(step_id=state.step_id, attempt=state.attempt, error=error, final=False,
-                                    worker=worker))
+                                    worker=worker, usage=list(calls)))
         run.schedule_retry(ev.RetryScheduled(step_id=state.step_id, attempt=state.attempt + 1, due_at=due,
                                              delay_ms=delay))
         return [TimerFired(kind="retry", run_id=run.run_id, tenant=run.tenant, step_id=state.step_id,
@@ -241,7 +262,7 @@ def _fail_attempt(run: Run, state: StepState, spec: Step, error: JobError, worke
     if error.retryable and policy.max_attempts > 1:
         error = error.model_copy(update={"message": f"{error.message} (after {state.attempt} attempts)"})
     run.fail_step(ev.StepFailed(step_id=state.step_id, attempt=state.attempt, error=error, final=True,
-                                worker=worker))
+                                worker=worker, usage=list(calls)))
     return []
 
 

@@ -31,9 +31,13 @@ from interlock.contracts import subjects as s
 from interlock.contracts.messages import CancelNotice, Heartbeat, JobResult, Notification, TimerFired
 from interlock.core.ids import job_id
 from interlock.core.run import Run
+from interlock.core.sealed import SealedError
+from interlock.core.steps import base_step_id
+from interlock.core.workflow import Workflow
 from interlock.dispatcher import rules
 from interlock.dispatcher.rules import Effect, PublishJob
-from interlock.runtime import timers
+from interlock.runtime import timers, tracing
+from interlock.runtime.datakeys import DataKeyError
 from interlock.runtime.publish import publish
 from interlock.runtime.service import Poison, Service, decode
 
@@ -76,7 +80,8 @@ class DispatcherService(Service):
                                       effect.model_dump_json().encode())
 
     async def publish_job(self, effect: PublishJob) -> None:
-        job = effect.job
+        # the job continues the trace from this handler's span (the rules' traceparent when not tracing)
+        job = effect.job.model_copy(update={"trace_parent": tracing.current_traceparent() or effect.job.trace_parent})
         if job.input_ref is None:  # a large input travels as a reference
             job_input, input_ref = await self.payloads.offload(job.input)
             job = job.model_copy(update={"input": job_input, "input_ref": input_ref})
@@ -144,13 +149,28 @@ class DispatcherService(Service):
         async def decide(run: Run) -> None:
             effects.clear()
             workflow = await self.registry.get(run.workflow_id, run.workflow_version)
-            effects.extend(rules.record_result(run, workflow, result, output, datetime.now(UTC), self._rng.random()))
+            sealed, sealed_output = await self.seal_result(workflow, result, output)
+            effects.extend(rules.record_result(run, workflow, sealed, sealed_output, datetime.now(UTC),
+                                               self._rng.random()))
 
         await self.store.update(result.tenant, result.run_id, decide)
         self._finished_jobs[result.job_id] = None  # only once the outcome is durable
         while len(self._finished_jobs) > MEMORY_LIMIT:
             self._finished_jobs.popitem(last=False)
         await self.carry_out(effects)
+
+    async def seal_result(self, workflow: Workflow, result: JobResult, output: Any) -> tuple[JobResult, Any]:
+        """The result with any sensitive output value that arrived in clear (a worker that does not
+        use the SDK) sealed before it is recorded."""
+        paths = workflow.sensitive_output_paths(base_step_id(result.step_id))
+        if not result.ok or not self.sealer.rules.with_paths(paths).needs_sealing(output, "output"):
+            return result, output
+        try:
+            sealed = self.sealer.seal_tree(result.tenant, result.run_id, output, "output", paths)
+        except (DataKeyError, SealedError) as e:
+            raise Poison(f"cannot seal the sensitive output of job {result.job_id}: {e}") from e
+        value, ref = await self.payloads.offload(sealed)
+        return result.model_copy(update={"output": value, "output_ref": ref}), sealed
 
     async def on_heartbeat(self, msg: Msg) -> None:
         beat = decode(msg, Heartbeat)

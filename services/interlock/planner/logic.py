@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import JobError, PayloadRef
+from interlock.core import usage
 from interlock.core.codec import canonical_json, job_hash, sha256_hex
 from interlock.core.run import Run, StepState
 from interlock.core.steps import compensation_id, is_workflow_step, item_id, schema_error, template_context
@@ -93,13 +94,16 @@ def _dependency_verdict(run: Run, wf: Workflow, spec: Step) -> str:
 
 
 def plan(run: Run, wf: Workflow, outputs: dict[str, Any], run_input: Any, now: datetime,
-         spill: Spill | None = None) -> None:
+         spill: Spill | None = None, tenant_over: usage.Overrun | None = None) -> None:
     """Append what follows from the run's state. ``outputs`` holds resolved large outputs;
-    ``spill`` (when given) moves large step inputs to the object store."""
+    ``spill`` (when given) moves large step inputs to the object store; ``tenant_over`` is the
+    tenant's budget overrun in its window, if it has one (the run then ends)."""
     if run.terminal:
         return
     if run.status == "compensating":
         _plan_compensation(run, wf, outputs, spill)
+        return
+    if _over_budget(run, wf, tenant_over):
         return
     failed = _first_unhandled_failure(run, wf)
     if failed is not None:
@@ -115,6 +119,24 @@ def plan(run: Run, wf: Workflow, outputs: dict[str, Any], run_input: Any, now: d
             context["steps"][sid] = {"output": outputs.get(sid, state.output), "status": state.status}
     if run.status == "running" and _first_unhandled_failure(run, wf) is None:
         _maybe_finish(run, wf, outputs)
+
+
+def _over_budget(run: Run, wf: Workflow, tenant_over: usage.Overrun | None) -> bool:
+    """End the run when its model spend crossed the workflow's budget, or its tenant's spend the
+    tenant's budget (nothing more is dispatched)."""
+    if run.status != "running":
+        return False
+    over = None
+    if wf.budget is not None:
+        over = usage.overrun(usage.total(run.usage), usage.parse_limits(wf.budget.model_dump()))
+    scope: Literal["run", "tenant"] = "run"
+    if over is None and tenant_over is not None:
+        over, scope = tenant_over, "tenant"
+    if over is None:
+        return False
+    run.exceed_budget(ev.BudgetExceeded(scope=scope, limit=over.limit, allowed=over.allowed, spent=over.spent))
+    run.fail(ev.RunFailed(reason=over.describe("the run" if scope == "run" else f"tenant {run.tenant!r}")))
+    return True
 
 
 def _plan_step(run: Run, wf: Workflow, sid: str, spec: Step, context: dict[str, Any], spill: Spill | None) -> None:

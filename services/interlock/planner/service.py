@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from datetime import UTC, datetime
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from faststream.nats import NatsBroker
@@ -15,17 +16,30 @@ from pydantic import ValidationError
 from interlock.contracts import events as ev
 from interlock.contracts import headers
 from interlock.contracts import subjects as s
-from interlock.contracts.messages import DEFAULT_TENANT, CancelRequest, CommandReply, TimerFired, Trigger
+from interlock.contracts.messages import (
+    DEFAULT_TENANT,
+    CancelRequest,
+    CommandReply,
+    QueryReply,
+    TimerFired,
+    Trigger,
+    UsageQuery,
+)
+from interlock.core import usage
 from interlock.core.eventstore import RunExists, RunNotFound
 from interlock.core.ids import run_id_for
 from interlock.core.run import IllegalTransition, Run
+from interlock.core.sealed import SealedError
 from interlock.planner.logic import Spill, plan
-from interlock.runtime import timers
+from interlock.runtime import logs, timers, tracing
+from interlock.runtime.datakeys import DataKeyError
 from interlock.runtime.policy import BundleStore, LivePolicy
 from interlock.runtime.registry import WorkflowNotFound
 from interlock.runtime.service import Poison, Service, body_disagrees, decode
 
 log = logging.getLogger(__name__)
+
+SPEND_CACHE_S = 2.0  # how long a tenant's spend read from the auditor is reused
 
 PROGRESS_EVENTS = ev.kinds(
     ev.RunStarted, ev.StepSucceeded, ev.StepFailed, ev.StepSkipped, ev.StepExpanded, ev.CompensationStarted,
@@ -35,6 +49,7 @@ class PlannerService(Service):
     name = "planner"
 
     async def setup(self) -> None:
+        self._spend: dict[str, tuple[float, usage.Usage]] = {}  # tenant -> (read at, spend in its window)
         self.policy = LivePolicy(BundleStore(self.js))
         await self.policy.start()
 
@@ -58,6 +73,7 @@ class PlannerService(Service):
         except WorkflowNotFound as e:
             raise Poison(str(e)) from e
         run_id = run_id_for(tenant, workflow.id, trigger.idempotency_key)
+        trigger = self.seal_trigger(tenant, str(run_id), trigger, workflow.sensitive_paths("input"))
         run_input, input_ref = await self.payloads.offload(trigger.input)
         started = ev.RunStarted(
             workflow_id=workflow.id, workflow_version=workflow.version, definition_hash=workflow.content_hash,
@@ -69,29 +85,45 @@ class PlannerService(Service):
             run_input=trigger.input, idempotency_key=trigger.idempotency_key, requested_by=trigger.requested_by,
             now=datetime.now(UTC))
 
+        tenant_over = await self.tenant_overrun(tenant)
+
         async def admit(run: Run) -> None:
             # the admission decision is recorded with the run's first event, before anything
             # runs, and the first steps are planned into the same commit (one append, not two)
             if admission.decision == "allow":
                 run.admit(ev.RunAdmitted(snapshot_id=admission.snapshot_id, rule_ids=admission.rule_ids))
                 spill = Spill(self.settings.inline_limit)
-                plan(run, workflow, {}, trigger.input, datetime.now(UTC), spill)
+                plan(run, workflow, {}, trigger.input, datetime.now(UTC), spill, tenant_over)
                 await self.payloads.store_all(spill.uploads)
             else:
                 run.deny(ev.RunDenied(step_id=None, reason=admission.reason, rule_ids=admission.rule_ids,
                                       snapshot_id=admission.snapshot_id))
 
+        # the run's trace starts here: its root span's trace id is the run id
+        with tracing.run_root(self.name, "start run", str(run_id), tenant=tenant, workflow=workflow.id,
+                              instance=self.settings.instance), logs.bound(tenant=tenant, run_id=str(run_id)):
+            try:
+                await self.store.start_run(run_id, started, admit)
+                log.info("run %s started: %s v%s (%s)", run_id, workflow.id, workflow.version, admission.decision)
+                if workflow.timeout_ms:
+                    await timers.schedule(self.js, TimerFired(
+                        kind="run_timeout", run_id=str(run_id), tenant=tenant,
+                        due_at=timers.due_in(workflow.timeout_ms)))
+            except RunExists:
+                log.info("trigger for existing run %s (idempotency key %r): nothing to start", run_id,
+                         trigger.idempotency_key)
+                await self.advance(tenant, str(run_id))
+
+    def seal_trigger(self, tenant: str, run_id: str, trigger: Trigger, paths: frozenset[str]) -> Trigger:
+        """The trigger with any sensitive value of its input that arrived in clear (a raw trigger
+        subject, a client without keys) sealed, so the run's log never holds it in clear."""
+        if not self.sealer.rules.with_paths(paths).needs_sealing(trigger.input, "input"):
+            return trigger
         try:
-            await self.store.start_run(run_id, started, admit)
-            log.info("run %s started: %s v%s (%s)", run_id, workflow.id, workflow.version, admission.decision)
-            if workflow.timeout_ms:
-                await timers.schedule(self.js, TimerFired(
-                    kind="run_timeout", run_id=str(run_id), tenant=tenant,
-                    due_at=timers.due_in(workflow.timeout_ms)))
-        except RunExists:
-            log.info("trigger for existing run %s (idempotency key %r): nothing to start", run_id,
-                     trigger.idempotency_key)
-            await self.advance(tenant, str(run_id))
+            sealed_input = self.sealer.seal_tree(tenant, run_id, trigger.input, "input", paths)
+        except (DataKeyError, SealedError) as e:
+            raise Poison(f"cannot seal the sensitive values of run {run_id}'s input: {e}") from e
+        return trigger.model_copy(update={"input": sealed_input})
 
     async def parse_trigger(self, msg: Msg) -> tuple[str, Trigger]:
         """(tenant, trigger): a Trigger on ``subjects.trigger(tenant, workflow_id)``, the tenant the
@@ -177,7 +209,37 @@ class PlannerService(Service):
                        for sid, st in run.steps.items() if st.output_ref is not None}
             run_input = await self.payloads.resolve(run.input, run.input_ref)
             spill = Spill(self.settings.inline_limit)
-            plan(run, workflow, outputs, run_input, datetime.now(UTC), spill)
+            plan(run, workflow, outputs, run_input, datetime.now(UTC), spill, tenant_over)
             await self.payloads.store_all(spill.uploads)  # before the events that refer to them
 
+        tenant_over = await self.tenant_overrun(tenant)
         await self.store.update(tenant, run_id, decide)
+
+    async def tenant_overrun(self, tenant: str) -> usage.Overrun | None:
+        """The tenant's spend over its budget in its window (INTERLOCK_TENANT_BUDGETS), if it is.
+
+        The spend comes from the auditor's usage query, cached for a few seconds. When the auditor
+        does not answer the check is skipped (with a warning): a budget is a cost control, and
+        failing open keeps runs moving through an auditor outage."""
+        budget = self.settings.tenant_budgets.get(tenant)
+        if budget is None:
+            return None
+        cached = self._spend.get(tenant)
+        now = time.monotonic()
+        if cached is None or now - cached[0] > SPEND_CACHE_S:
+            since = datetime.now(UTC) - timedelta(seconds=budget.window_s)
+            query = UsageQuery(group_by="tenant", since=since, limit=1)
+            try:
+                msg = await self.nc.request(s.query(tenant, "usage"), query.model_dump_json().encode(), timeout=2)
+                reply = QueryReply.model_validate_json(msg.data)
+                if not reply.ok:
+                    raise RuntimeError(reply.error)
+            except Exception as e:
+                log.warning("tenant %s: budget not checked, the usage query failed: %r", tenant, e)
+                return None
+            rows = reply.result or []
+            spent = usage.Usage(sum(int(r["input_tokens"] or 0) for r in rows),
+                                sum(int(r["output_tokens"] or 0) for r in rows),
+                                sum(float(r["cost_usd"] or 0) for r in rows))
+            cached = self._spend[tenant] = (now, spent)
+        return usage.overrun(cached[1], usage.parse_limits(budget.model_dump()))

@@ -18,6 +18,7 @@ from interlock.client._errors import ClientError, NotFound, Refused, Unavailable
 from interlock.client._settings import ClientSettings
 from interlock.client._types import (
     TERMINAL_EVENTS,
+    DeadLetterEntry,
     PendingApproval,
     PolicyChange,
     PolicyDecision,
@@ -33,6 +34,7 @@ __all__ = [
     "Client",
     "ClientError",
     "ClientSettings",
+    "DeadLetterEntry",
     "NotFound",
     "PendingApproval",
     "PolicyChange",

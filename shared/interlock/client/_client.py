@@ -12,12 +12,14 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import nats
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import InvalidKeyError
@@ -28,6 +30,7 @@ from interlock.client._errors import ClientError, NotFound, Refused, Unavailable
 from interlock.client._settings import ClientSettings
 from interlock.client._types import (
     TERMINAL_EVENTS,
+    DeadLetterEntry,
     PendingApproval,
     PolicyDecision,
     PolicyRevision,
@@ -45,22 +48,27 @@ from interlock.contracts.messages import (
     CancelRequest,
     CommandReply,
     DeadLetter,
+    DeadLetterAction,
+    DeadLetterStatus,
     QueryReply,
     RunQuery,
     RunsQuery,
     Trigger,
+    UsageQuery,
 )
 from interlock.core.eventstore import EventStore, RunNotFound, SlotsBusy, StoredCommit
 from interlock.core.ids import run_id_for
 from interlock.core.run import Run
+from interlock.core.sealed import SealedError
 from interlock.core.topology import provision
 from interlock.core.verify import VerifyReport, verify_run
-from interlock.core.workflow import Workflow
+from interlock.core.workflow import Workflow, load_workflow
 from interlock.identity import creds_inbox_prefix, creds_permissions
 from interlock.runtime import tls as _tls
 from interlock.runtime.apikeys import ApiKeyError, ApiKeyStore
-from interlock.runtime.connect import ConnectRefused, connect
-from interlock.runtime.deadletter import read_letter
+from interlock.runtime.connect import ConnectRefused, NoServerAnswered, connect, url_file
+from interlock.runtime.datakeys import DataKeyError, PayloadSealer
+from interlock.runtime.deadletter import CannotReplay, read_entry, replay_msg_id, replay_of, with_action
 from interlock.runtime.policy import ACTIVE as POLICY_KEY
 from interlock.runtime.publish import publish
 from interlock.runtime.registry import VersionConflict, WorkflowNotFound, WorkflowRegistry
@@ -89,6 +97,7 @@ class _RunsCursor:
 _runs_cursor = _RunsCursor()
 OnEvent = Callable[[dict[str, Any]], Awaitable[None] | None]
 WORKFLOW_CHECK_S = 5.0  # submit_run: how long a workflow seen to exist is not looked up again
+ENV_NATS_URL = "INTERLOCK_NATS_URL"
 REQUEST_TIMEOUT = 5.0  # how long a service may take to answer, and how long we wait for one to appear
 
 
@@ -136,25 +145,31 @@ class Client:
         self._known_workflows: dict[tuple[str, str | None], float] = {}
         self.request_timeout = REQUEST_TIMEOUT
         """Seconds a service may take to answer a request, and to appear if none is subscribed."""
+        self._sealer: PayloadSealer | None = None
 
     # -- connection --------------------------------------------------------------------------
     @classmethod
     async def connect(cls, url: str | None = None, *, creds: str | Path | None = None, tenant: str | None = None,
                       principal: str | None = None, name: str = "interlock-cli", patient: bool = False,
                       tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
-                      tls_key: str | Path | None = None, tls_hostname: str | None = None) -> Client:
+                      tls_key: str | Path | None = None, tls_hostname: str | None = None,
+                      url_from: str = "argument") -> Client:
         """Connect to NATS. ``url`` None: ``INTERLOCK_NATS_URL``, else ``.interlock/nats.url``, else
         the default; ``tenant`` None: ``INTERLOCK_TENANT``; ``creds`` None: ``INTERLOCK_CREDS``;
         ``principal`` None: ``INTERLOCK_PRINCIPAL``, else the creds file's user name, else ``$USER``.
         ``patient``: keep reconnecting for as long as the client lives (a cluster's failover).
         ``tls_*`` None: ``INTERLOCK_TLS_CA``, ``…_CERT``, ``…_KEY``, ``…_HOSTNAME`` (a ``tls://`` URL
-        without a CA trusts the system's store)."""
+        without a CA trusts the system's store). ``url_from``: what to call a given ``url``'s source
+        in messages (the CLI: ``--nats``). Not ``patient``: when no server answers within
+        ``INTERLOCK_CONNECT_TIMEOUT`` (1.2 s) the connect fails, naming the URL and its source."""
         explicit = Path(creds) if creds is not None else None
         settings = ClientSettings.load(tenant=tenant, creds=explicit, principal=principal,
                                        **_tls_overrides(tls_ca, tls_cert, tls_key, tls_hostname))
-        target, source = settings.resolve_url(url)
+        target, source = settings.resolve_url(url, url_from)
         creds_file, creds_source = settings.resolve_creds(explicit)
         who = settings.resolve_principal(creds_file)
+        if source == "default":  # say why: nothing named a server, and the default may be someone else's
+            source = f"default: no {url_from}, {ENV_NATS_URL} or {url_file()}"
         log.info("connecting to %s (from %s) as %s (from %s), principal %s", target, source,
                  creds_file or "anonymous (no creds)", creds_source, who)
 
@@ -162,9 +177,13 @@ class Client:
             pass
 
         try:  # creds: the server refuses none or a wrong one at once; TLS: a tls:// URL or INTERLOCK_TLS_*
-            nc = await connect(target, creds=creds_file, name=name, patient=patient, error_cb=on_error, tls=settings)
+            nc = await connect(target, creds=creds_file, name=name, patient=patient, error_cb=on_error, tls=settings,
+                               within=None if patient else settings.connect_timeout)
+        except NoServerAnswered as e:
+            raise Unavailable(f"{e} (URL from {source}); start the stack with `interlock up`, or name the server "
+                              f"with --nats or INTERLOCK_NATS_URL") from None
         except ConnectRefused as e:
-            raise Unavailable(str(e)) from None
+            raise Unavailable(f"{e} (URL from {source})") from None
         except _tls.TlsError as e:
             raise Unavailable(f"{e} (URL from {source})") from None
         except (OSError, nats.errors.Error, TimeoutError) as e:
@@ -175,6 +194,7 @@ class Client:
         client.creds = creds_file
         client.creds_source = creds_source
         client._store = EventStore(nc, client.js, service=name, slots=_read_slots(creds_file))
+        client._sealer = PayloadSealer.from_settings(settings)
         return client
 
     def with_tenant(self, tenant: str, principal: str | None = None) -> Client:
@@ -253,10 +273,29 @@ class Client:
         ``WorkflowInvalid`` listing every problem, or :class:`Refused` when the version exists
         with different content."""
         await self._provision()
+        await self._may_add_trigger_subjects(load_workflow(text, filename=filename))
         try:
             return await self._registry.apply(text, filename=filename)
         except VersionConflict as e:
             raise Refused(str(e)) from None
+
+    async def _may_add_trigger_subjects(self, workflow: Workflow) -> None:
+        """Refuse, before anything is written, a workflow whose own trigger subjects are not on
+        the triggers stream yet when this credential may not add them (a stream change: admin)."""
+        extra = [subject for subject in workflow.triggers if not s.is_trigger_subject(subject)]
+        if not extra or self.creds is None:
+            return
+        allowed = creds_permissions(self.creds)
+        if allowed.allows_publish(p.js_stream("UPDATE", s.TRIGGERS_STREAM)):
+            return
+        missing = extra
+        if allowed.allows_publish(p.js_stream_info(s.TRIGGERS_STREAM)):
+            info = await self.js.stream_info(s.TRIGGERS_STREAM)
+            missing = [subject for subject in extra if subject not in (info.config.subjects or [])]
+        if missing:
+            raise Refused(f"workflow {workflow.id} declares trigger subjects ({', '.join(missing)}) that stream "
+                          f"{s.TRIGGERS_STREAM} does not capture yet; adding them changes the stream, which takes "
+                          f"an admin credential: apply it once with `interlock workflow apply` as admin")
 
     async def workflows(self) -> list[tuple[str, str]]:
         """Every registered (workflow id, version)."""
@@ -278,14 +317,41 @@ class Client:
         """Publish a trigger and return the run id. The same ``key`` never starts two runs (the id
         is derived from tenant, workflow and key). ``check``: first make sure the workflow exists;
         ``patience``: how long to keep publishing through a failover."""
+        paths: frozenset[str] = frozenset()
         if check:
-            await self.workflow(workflow_id, version)
+            paths = (await self.workflow(workflow_id, version)).sensitive_paths("input")
         key = key or uuid.uuid4().hex
+        run_id = str(run_id_for(self.tenant, workflow_id, key))
+        # sensitive values leave this process sealed: the trigger stream never holds them in clear
+        input = self._seal_input(run_id, input, paths)
         trigger = Trigger(workflow_id=workflow_id, workflow_version=version, input=input, idempotency_key=key,
                           tenant=self.tenant, requested_by=requested_by, rerun_of=rerun_of, reuse_outputs=reuse or {})
         await publish(self.js, s.trigger(self.tenant, workflow_id), trigger.model_dump_json().encode(),
                       headers={h.MSG_ID: f"trigger:{self.tenant}:{workflow_id}:{key}"}, patience=patience)
-        return str(run_id_for(self.tenant, workflow_id, key))
+        return run_id
+
+    def _payload_sealer(self) -> PayloadSealer:
+        if self._sealer is None:
+            self._sealer = PayloadSealer.from_settings(ClientSettings.load())
+        return self._sealer
+
+    def _seal_input(self, run_id: str, value: Any, paths: frozenset[str]) -> Any:
+        sealer = self._payload_sealer()
+        if not sealer.rules.with_paths(paths).needs_sealing(value, "input"):
+            return value
+        try:
+            return sealer.seal_tree(self.tenant, run_id, value, "input", paths)
+        except (DataKeyError, SealedError) as e:
+            raise ClientError(f"cannot seal the sensitive values of the run's input: {e}") from None
+
+    def unseal(self, value: Any) -> Any:
+        """``value`` (an input or output read from a run's log) with its sealed values opened with this
+        tenant's data keys (``INTERLOCK_DATA_KEYS_FILE``). Raises :class:`ClientError` ("data key
+        destroyed: …") for a value of a forgotten tenant."""
+        try:
+            return self._payload_sealer().open_tree(self.tenant, value)
+        except (DataKeyError, SealedError) as e:
+            raise ClientError(str(e)) from None
 
     async def submit_run(self, workflow_id: str, input: Any = None, *, key: str, version: str | None = None,
                          requested_by: str = "") -> tuple[str, bool]:
@@ -485,6 +551,13 @@ class Client:
         return list(await self._query(self._query_subject("timeline"),
                                       RunQuery(run_id=run_id, after_seq=after_seq, limit=limit)))
 
+    async def usage(self, *, group_by: Literal["run", "workflow", "tenant"] = "workflow", run_id: str | None = None,
+                    workflow_id: str | None = None, since: datetime | None = None, limit: int = 100
+                    ) -> list[dict[str, Any]]:
+        """Model calls, tokens and cost of this tenant's runs, summed per ``group_by``, most expensive first."""
+        query = UsageQuery(group_by=group_by, run_id=run_id, workflow_id=workflow_id, since=since, limit=limit)
+        return list(await self._query(self._query_subject("usage"), query))
+
     async def approvals(self) -> list[dict[str, Any]]:
         """Pending approvals, oldest first."""
         return list(await self._query(self._query_subject("approvals"), RunsQuery()))
@@ -522,19 +595,121 @@ class Client:
         """The oldest ``limit`` dead letters: messages a service could not process. Anything else
         on a dead-letter subject is listed as an unreadable entry (its reason names its stream
         sequence and size) rather than failing the read."""
-        sub = await self.js.subscribe(s.DLQ_ALL, ordered_consumer=True)
-        letters: list[DeadLetter] = []
+        return [entry.letter for entry in await self._scan_dead_letters(s.DLQ_ALL, limit, None, None)]
+
+    async def dead_letter_entries(self, limit: int = 100, *, status: str | None = None,
+                                  service: str | None = None) -> list[DeadLetterEntry]:
+        """Dead letters, oldest first, each with its id (its IL_DLQ stream sequence) and what was
+        done about it; ``status`` (open, resolved, replayed) and ``service`` filter, ``limit`` caps
+        what is returned. A foreign message is an unreadable entry, never an error."""
+        subject = s.dead_letter(service) if service else s.DLQ_ALL
+        return await self._scan_dead_letters(subject, limit, await self._dead_letter_records(), status)
+
+    async def _scan_dead_letters(self, subject: str, limit: int, records: dict[int, DeadLetterStatus] | None,
+                                 status: str | None) -> list[DeadLetterEntry]:
+        sub = await self.js.subscribe(subject, ordered_consumer=True)
+        entries: list[DeadLetterEntry] = []
         try:
-            while len(letters) < limit:
+            while len(entries) < limit:
                 try:
                     msg = await sub.next_msg(timeout=0.5)
                 except nats.errors.TimeoutError:
                     break
-                meta = msg.metadata
-                letters.append(read_letter(msg.subject, msg.data, meta.sequence.stream, meta.timestamp))
+                seq = msg.metadata.sequence.stream
+                letter, readable = read_entry(msg.subject, msg.data, seq, msg.metadata.timestamp)
+                entry = DeadLetterEntry(seq, letter, readable, (records or {}).get(seq))
+                if status is None or entry.status == status:
+                    entries.append(entry)
         finally:
             await sub.unsubscribe()
-        return letters
+        return entries
+
+    async def _dead_letter_records(self) -> dict[int, DeadLetterStatus]:
+        kv = await self._dead_letter_bucket()
+        records: dict[int, DeadLetterStatus] = {}
+        try:
+            keys = await kv.keys()
+        except nats.js.errors.NoKeysError:
+            return records
+        for key in keys:
+            with contextlib.suppress(Exception):  # a foreign value: the dead letter shows as open
+                entry = await kv.get(key)
+                record = DeadLetterStatus.model_validate_json(entry.value or b"")
+                records[record.seq] = record
+        return records
+
+    async def _dead_letter_bucket(self) -> Any:
+        try:
+            return await self.js.key_value(s.DLQ_STATUS_BUCKET)
+        except nats.js.errors.BucketNotFoundError:
+            await self._provision()  # a stack provisioned before dead letters had a status
+            try:
+                return await self.js.key_value(s.DLQ_STATUS_BUCKET)
+            except nats.js.errors.BucketNotFoundError:
+                raise Unavailable(f"bucket {s.DLQ_STATUS_BUCKET} does not exist: run `interlock provision` "
+                                  f"with the admin credential") from None
+
+    async def _dead_letter(self, seq: int) -> DeadLetterEntry:
+        key = s.dead_letter_key(seq)
+        try:
+            msg = await self.js.get_msg(s.DLQ_STREAM, seq)
+        except nats.js.errors.NotFoundError:
+            raise NotFound(f"dead letter {key} not found (ids are the numbers `interlock dlq` lists)") from None
+        if msg.subject is None or not msg.subject.startswith(s.DLQ_ALL.removesuffix(">")):
+            raise NotFound(f"dead letter {key} not found (stream {s.DLQ_STREAM} seq {key} is {msg.subject})")
+        letter, readable = read_entry(msg.subject, msg.data or b"", seq, msg.time)
+        return DeadLetterEntry(seq, letter, readable)
+
+    async def _record_dead_letter_action(self, seq: int, action: DeadLetterAction) -> DeadLetterStatus:
+        """Append ``action`` to the dead letter's record (compare-and-set: a concurrent action is
+        kept, and this one is appended after it)."""
+        kv = await self._dead_letter_bucket()
+        key = s.dead_letter_key(seq)
+        self._may_publish(p.kv_key(s.DLQ_STATUS_BUCKET, key), f"record what was done about dead letter {key}")
+        for _ in range(10):
+            try:
+                entry = await kv.get(key)
+                current, revision = DeadLetterStatus.model_validate_json(entry.value or b""), entry.revision
+            except nats.js.errors.KeyNotFoundError:
+                current, revision = None, None
+            record = with_action(current, seq, action)
+            try:
+                if revision is None:
+                    await kv.create(key, record.model_dump_json().encode())
+                else:
+                    await kv.update(key, record.model_dump_json().encode(), last=revision)
+                return record
+            except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.BadRequestError):
+                continue  # someone else acted on it meanwhile: read again, append after theirs
+        raise ClientError(f"dead letter {key}: could not record the {action.action} (kept changing); try again")
+
+    async def resolve_dead_letter(self, seq: int, *, note: str) -> DeadLetterStatus:
+        """Mark dead letter ``seq`` resolved, with a note saying how; recorded as by this client's
+        principal, now. The dead letter stays in IL_DLQ; its record keeps every action."""
+        await self._dead_letter(seq)  # it exists
+        action = DeadLetterAction(action="resolved", by=self.principal, at=datetime.now(UTC), note=note)
+        return await self._record_dead_letter_action(seq, action)
+
+    async def replay_dead_letter(self, seq: int, *, note: str = "") -> DeadLetterStatus:
+        """Publish dead letter ``seq``'s original again to its subject, with a new message id (and
+        header Interlock-Replay-Of: seq), and record who replayed it, when, and where it was stored.
+        Refused (:class:`Refused`) for a foreign message, a truncated original or a subject that is
+        not a queue (run events, requests)."""
+        entry = await self._dead_letter(seq)
+        try:
+            subject, data, headers = replay_of(entry.letter, entry.readable, seq)
+        except CannotReplay as e:
+            raise Refused(str(e)) from None
+        self._may_publish(subject, f"replay dead letter {seq} to {subject}")
+        kv = await self._dead_letter_bucket()
+        current: DeadLetterStatus | None = None
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+            current = DeadLetterStatus.model_validate_json((await kv.get(s.dead_letter_key(seq))).value or b"")
+        msg_id = replay_msg_id(seq, current)
+        ack = await publish(self.js, subject, data, headers={**headers, h.MSG_ID: msg_id})
+        action = DeadLetterAction(action="replayed", by=self.principal, at=datetime.now(UTC), note=note,
+                                  msg_id=msg_id, subject=subject, stream_seq=ack.seq)
+        return await self._record_dead_letter_action(seq, action)
 
     async def verify(self, run_id: str) -> VerifyReport:
         """Check the run's hash chain and sequence (render with ``core.verify.render_report``)."""

@@ -6,31 +6,39 @@ import getpass
 import re
 from pathlib import Path
 
-from pydantic import ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from interlock.client._errors import Unavailable
 from interlock.contracts import subjects as s
 from interlock.identity import CredsError, JwtError, decode_jwt, read_creds
-from interlock.runtime.connect import ADMIN_CREDS_FILE, DEFAULT_URL, URL_FILE
+from interlock.runtime.connect import DEFAULT_URL, admin_creds_file, url_file
+from interlock.runtime.datakeys import DataKeySettings
 from interlock.runtime.tls import TlsSettings
 
 ENV_PREFIX = "INTERLOCK_"
 
 
-class ClientSettings(BaseSettings, TlsSettings):
+class ClientSettings(BaseSettings, TlsSettings, DataKeySettings):
     """Where the client connects and as whom: ``INTERLOCK_NATS_URL``, ``INTERLOCK_TENANT``,
-    ``INTERLOCK_CREDS``, ``INTERLOCK_PRINCIPAL``, and TLS: ``INTERLOCK_TLS_CA``, ``INTERLOCK_TLS_CERT``,
-    ``INTERLOCK_TLS_KEY``, ``INTERLOCK_TLS_HOSTNAME`` (see :mod:`interlock.runtime.tls`). Other
+    ``INTERLOCK_CREDS``, ``INTERLOCK_PRINCIPAL``, ``INTERLOCK_CONNECT_TIMEOUT``, and TLS:
+    ``INTERLOCK_TLS_CA``, ``INTERLOCK_TLS_CERT``, ``INTERLOCK_TLS_KEY``, ``INTERLOCK_TLS_HOSTNAME`` (see
+    :mod:`interlock.runtime.tls`), and the data keys a run's sensitive input is sealed with:
+    ``INTERLOCK_DATA_KEYS_FILE``, ``INTERLOCK_DATA_KEYS``, ``INTERLOCK_SENSITIVE_KEYS`` (see
+    :mod:`interlock.runtime.datakeys`). Other
     ``INTERLOCK_*`` variables belong to other process kinds."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     nats_url: str | None = None
-    """NATS URL, comma-separated for a cluster; unset: the URL file, else the default."""
+    """NATS URL, comma-separated for a cluster; unset: the URL file (``$INTERLOCK_HOME/nats.url``,
+    else ``.interlock/nats.url``), else the default."""
     tenant: str = "default"
     creds: Path | None = None
     """A NATS credentials (.creds) file; unset: the admin creds `interlock up` wrote, if there."""
+    connect_timeout: float = Field(1.2, gt=0)
+    """Seconds the first connection may take in all (``INTERLOCK_CONNECT_TIMEOUT``): a client that is
+    not ``patient`` fails within this long, naming the URL, when no server answers."""
     principal: str | None = None
     """Who sends commands; unset: the creds file's user name, else $USER (see :func:`principal_of`)."""
 
@@ -101,26 +109,28 @@ class ClientSettings(BaseSettings, TlsSettings):
             user = ""
         return re.sub(r"[^A-Za-z0-9_\-]+", "-", user).strip("-") or "anonymous"
 
-    def resolve_url(self, explicit: str | None = None) -> tuple[str, str]:
-        """(url, where it came from): the argument, INTERLOCK_NATS_URL, the file `interlock up`
-        wrote, else the default."""
+    def resolve_url(self, explicit: str | None = None, explicit_from: str = "argument") -> tuple[str, str]:
+        """(url, where it came from): the argument (``explicit_from`` names it, e.g. ``--nats``),
+        INTERLOCK_NATS_URL, the file `interlock up` wrote, else the default."""
         if explicit:
-            return explicit, "argument"
+            return explicit, explicit_from
         if self.nats_url:
             return self.nats_url, f"{ENV_PREFIX}NATS_URL"
-        if URL_FILE.exists():
-            text = URL_FILE.read_text().strip()
+        found = url_file()  # in $INTERLOCK_HOME, else .interlock
+        if found.exists():
+            text = found.read_text().strip()
             if text:
-                return text, str(URL_FILE)
+                return text, str(found)
         return DEFAULT_URL, "default"
 
     def resolve_creds(self, explicit: Path | None = None) -> tuple[Path | None, str]:
         """(creds file, where it came from): the argument, INTERLOCK_CREDS, the admin creds
-        `interlock up` wrote (``.interlock/identity/creds/admin.creds``), else none."""
+        `interlock up` wrote (``{home}/identity/creds/admin.creds``, home ``$INTERLOCK_HOME`` else
+        ``.interlock``), else none."""
         if explicit is not None:
             return explicit, "argument"
         if self.creds is not None:
             return self.creds, f"{ENV_PREFIX}CREDS"
-        if ADMIN_CREDS_FILE.is_file():
-            return ADMIN_CREDS_FILE, "default"
+        if admin_creds_file().is_file():
+            return admin_creds_file(), "default"
         return None, "none"

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from interlock.contracts import events as ev
+from interlock.contracts.messages import DeadLetter, DeadLetterStatus
 from interlock.core.run import Run
 from interlock.core.workflow import Workflow
 
@@ -96,3 +97,21 @@ class PolicySimulation:
 
     checked: int
     changes: list[PolicyChange]
+
+
+@dataclass(frozen=True)
+class DeadLetterEntry:
+    """A dead letter as ``interlock dlq`` lists it: its id (its ``IL_DLQ`` stream sequence), the
+    letter (an unreadable one for a foreign message), and what was done about it."""
+
+    id: int
+    letter: DeadLetter
+    readable: bool
+    """False: the message on the dead-letter subject was not a DeadLetter (it cannot be replayed)."""
+    record: DeadLetterStatus | None = None
+    """Every resolve and replay, oldest first; None: nothing done yet (open)."""
+
+    @property
+    def status(self) -> str:
+        """``open``, ``resolved`` or ``replayed`` (the last action's)."""
+        return self.record.status if self.record is not None else "open"

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
+from interlock.contracts.protocol import RUN_ID_NAMESPACE, run_id_for
 
-# Fixed namespace: run ids are uuid5(namespace, tenant/workflow/idempotency key), so the same
-# trigger always names the same run and can never start a second one.
-RUN_NAMESPACE = uuid.UUID("6f1c2a8e-0d4b-5b7e-9a51-3c2d7e8f9a10")
+# Run ids are uuid5(namespace, tenant/workflow/idempotency key), so the same trigger always names
+# the same run and can never start a second one; part of the wire contract (clients compute it).
+RUN_NAMESPACE = RUN_ID_NAMESPACE
 
-
-def run_id_for(tenant: str, workflow_id: str, idempotency_key: str) -> uuid.UUID:
-    return uuid.uuid5(RUN_NAMESPACE, f"{tenant}/{workflow_id}/{idempotency_key}")
+__all__ = ["RUN_NAMESPACE", "job_id", "parse_job_id", "run_id_for"]
 
 
 def job_id(run_id: str, step_id: str, attempt: int) -> str:

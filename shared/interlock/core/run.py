@@ -20,7 +20,7 @@ from uuid import UUID
 from eventsourcing.domain import Aggregate
 
 from interlock.contracts import events as ev
-from interlock.contracts.messages import JobError, PayloadRef
+from interlock.contracts.messages import JobError, LlmCall, PayloadRef
 
 RunStatus = Literal["running", "compensating", "succeeded", "failed", "denied", "cancelled", "timed_out"]
 StepStatus = Literal[
@@ -91,6 +91,7 @@ class StepState:
     error: JobError | None = None
     item_count: int | None = None
     updated_at: datetime | None = None
+    usage: list[LlmCall] = field(default_factory=list)  # every attempt's model calls
 
     @property
     def terminal(self) -> bool:
@@ -356,6 +357,15 @@ class Run(Aggregate):
         self._require_running("fail", compensating_ok=True)
         self._trigger(data)
 
+    def exceed_budget(self, data: ev.BudgetExceeded) -> None:
+        self._require_running("exceed_budget", compensating_ok=True)
+        self._trigger(data)
+
+    @property
+    def usage(self) -> list[LlmCall]:
+        """Every model call of the run so far, step by step."""
+        return [call for step in self.steps.values() for call in step.usage]
+
     def deny(self, data: ev.RunDenied) -> None:
         self._require_running("deny", compensating_ok=True)
         self._trigger(data)
@@ -463,6 +473,7 @@ class Run(Aggregate):
 
     def _on_StepSucceeded(self, d: ev.StepSucceeded, at: datetime) -> None:
         step = self._touch(d.step_id, at)
+        step.usage.extend(d.usage)
         step.status = "succeeded"
         step.output = d.output
         step.output_ref = d.output_ref
@@ -470,6 +481,7 @@ class Run(Aggregate):
 
     def _on_StepFailed(self, d: ev.StepFailed, at: datetime) -> None:
         step = self._touch(d.step_id, at)
+        step.usage.extend(d.usage)
         step.error = d.error
         if d.final:
             step.status = "failed"
@@ -484,6 +496,9 @@ class Run(Aggregate):
 
     def _on_StepSkipped(self, d: ev.StepSkipped, at: datetime) -> None:
         self.steps[d.step_id] = StepState(step_id=d.step_id, status="skipped", updated_at=at)
+
+    def _on_BudgetExceeded(self, d: ev.BudgetExceeded, at: datetime) -> None:
+        """Evidence: the RunFailed that follows ends the run."""
 
     def _on_LateResultRecorded(self, d: ev.LateResultRecorded, at: datetime) -> None:
         """Evidence only: a stale attempt never changes the step."""
@@ -582,6 +597,7 @@ _STATE_CHANGES: dict[str, _StateChange] = ev.complete_table("Run state changes",
     ev.StepDispatched: Run._on_StepDispatched,
     ev.StepHeartbeat: Run._on_StepHeartbeat,
     ev.StepSucceeded: Run._on_StepSucceeded,
+    ev.BudgetExceeded: Run._on_BudgetExceeded,
     ev.StepFailed: Run._on_StepFailed,
     ev.RetryScheduled: Run._on_RetryScheduled,
     ev.StepTimedOut: Run._on_StepTimedOut,

@@ -12,6 +12,7 @@ from typing import Any
 import jsonschema
 
 from interlock.core.run import Run
+from interlock.core.sealed import redact
 
 COMPENSATE_SUFFIX = "~compensate"
 
@@ -54,9 +55,10 @@ def template_context(run: Run, outputs: dict[str, Any], run_input: Any) -> dict[
 
 
 def schema_error(value: Any, schema: dict[str, Any]) -> str | None:
-    """Why ``value`` does not match the JSON Schema (the most relevant error), or None."""
+    """Why ``value`` does not match the JSON Schema (the most relevant error), or None. A sealed
+    value is checked as the string ``"[sensitive]"`` (the services never open one)."""
     validator = jsonschema.Draft202012Validator(schema)
-    best = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    best = jsonschema.exceptions.best_match(validator.iter_errors(redact(value)))
     if best is None:
         return None
     where = "/".join(str(p) for p in best.absolute_path) or "(root)"

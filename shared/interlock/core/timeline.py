@@ -206,6 +206,32 @@ def _d_heartbeat(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return text, {"worker": d.get("worker")}
 
 
+def usage_summary(d: dict[str, Any]) -> dict[str, Any] | None:
+    """Totals of an outcome's ``usage`` (model calls), read leniently; None when there is none."""
+    calls = [c for c in d.get("usage") or [] if isinstance(c, dict)] if isinstance(d.get("usage"), list) else []
+    if not calls:
+        return None
+
+    def number(call: dict[str, Any], key: str) -> float:
+        value = call.get(key)
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+    models = sorted({str(c.get("model")) for c in calls if c.get("model")})
+    return {"calls": len(calls), "models": models,
+            "input_tokens": int(sum(number(c, "input_tokens") for c in calls)),
+            "output_tokens": int(sum(number(c, "output_tokens") for c in calls)),
+            "cost_usd": round(sum(number(c, "cost_usd") for c in calls), 6)}
+
+
+def _with_usage(text: str, details: dict[str, Any], d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    usage = usage_summary(d)
+    if usage is None:
+        return text, details
+    text += (f"; {', '.join(usage['models']) or 'model'}: {usage['input_tokens']}+{usage['output_tokens']} tokens, "
+             f"${usage['cost_usd']:.4f}")
+    return text, {**details, "usage": usage}
+
+
 def _d_succeeded(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     attempt = int_field(d, "attempt")
     text = f"succeeded attempt {attempt}" if attempt else "succeeded"
@@ -214,14 +240,20 @@ def _d_succeeded(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     details: dict[str, Any] = {"worker": d.get("worker")}
     if d.get("output_ref") is not None:
         details["output_ref"] = d.get("output_ref")
-    return text, details
+    return _with_usage(text, details, d)
 
 
 def _d_failed(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     attempt = int_field(d, "attempt")
     head = f"failed attempt {attempt}" if attempt else "failed"
     text = f"{head}: {error_message(d) or 'no message'} ({'final' if d.get('final') else 'retry'})"
-    return text, {"error": d.get("error"), "final": bool(d.get("final")), "worker": d.get("worker")}
+    return _with_usage(text, {"error": d.get("error"), "final": bool(d.get("final")), "worker": d.get("worker")}, d)
+
+
+def _d_budget(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    limit = str_field(d, "limit", "?")
+    return (f"budget exceeded: spent {d.get('spent')} over {limit} {d.get('allowed')}",
+            {"limit": limit, "allowed": d.get("allowed"), "spent": d.get("spent")})
 
 
 def _d_retry(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -260,6 +292,7 @@ _DESCRIBE: dict[str, Describer] = ev.complete_table("timeline descriptions", {
     ev.RunStarted: _d_run_started,
     ev.RunSucceeded: _d_run_succeeded,
     ev.RunFailed: _d_run_failed,
+    ev.BudgetExceeded: _d_budget,
     ev.RunDenied: _d_run_denied,
     ev.RunCancelled: _d_run_cancelled,
     ev.RunTimedOut: _d_run_timed_out,

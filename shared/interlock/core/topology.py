@@ -17,6 +17,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
+from interlock.contracts import protocol
 from interlock.contracts import subjects as s
 
 log = logging.getLogger(__name__)
@@ -94,9 +95,10 @@ class BucketSpec:
 
 BUCKETS: tuple[BucketSpec, ...] = (
     BucketSpec(s.WORKFLOWS_BUCKET, "Registered workflow versions", history=64),
-    BucketSpec(s.AGENTS_BUCKET, "Agent registry", ttl=DAY),
+    BucketSpec(s.AGENTS_BUCKET, "Agent registry", ttl=protocol.REGISTRY_TTL_S),
     BucketSpec(s.APPROVERS_BUCKET, "Approvers and the roles they hold", history=16),
     BucketSpec(s.POLICIES_BUCKET, "Policy bundles (the key's history is the bundle history)", history=64),
+    BucketSpec(s.DLQ_STATUS_BUCKET, "What was done about each dead letter (resolved, replayed)", history=64),
     BucketSpec(s.APIKEYS_BUCKET, "HTTP API keys: tenant, role, principal and SHA-256 (never the key)", history=8),
 )
 

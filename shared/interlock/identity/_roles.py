@@ -144,7 +144,8 @@ def _api(scope: Scope) -> Grant:
     pub += [p.object_subjects(s.PAYLOADS_OBJECT_STORE)]
     # what the API's keys may ask of it (it checks each key's role itself): API keys, checked on every
     # request and administered by admin keys; workflows (admin keys); policy bundles (policy-admin keys)
-    pub += [p.kv_keys(s.APIKEYS_BUCKET), p.kv_keys(s.WORKFLOWS_BUCKET), p.kv_keys(s.POLICIES_BUCKET)]
+    pub += [p.kv_keys(s.APIKEYS_BUCKET), p.kv_keys(s.WORKFLOWS_BUCKET), p.kv_keys(s.POLICIES_BUCKET),
+            p.js_stream_info(s.TRIGGERS_STREAM)]  # a workflow's own trigger subjects: are they captured yet?
     return Grant(publish=_unique(pub), subscribe=(p.inbox_all(scope.inbox_owner),),
                  reads=(s.EVENTS_STREAM, s.NOTIFY_STREAM, s.DLQ_STREAM, *_BUCKET_STREAMS, _API_KEYS, _PAYLOADS),
                  deny=_NOT_ADMIN_DENY)
@@ -172,9 +173,9 @@ def _person(extra: Callable[[Scope], Sequence[str]], *, admin: bool = False) -> 
         pub = [s.JS_API_INFO, p.JS_STREAM_NAMES, p.pattern(s.query, t, p.ANY), *extra(scope)]
         reads = list(_BUCKET_STREAMS)
         if admin:
-            pub += [p.JS_API_ALL, p.kv_keys(s.APPROVERS_BUCKET), p.kv_keys(s.WORKFLOWS_BUCKET),
+            pub += [p.JS_API_ALL, p.kv_keys(s.APPROVERS_BUCKET), p.kv_keys(s.WORKFLOWS_BUCKET), *_dead_letter_admin(),
                     p.kv_keys(s.APIKEYS_BUCKET)]
-            reads += [s.DLQ_STREAM, _API_KEYS]
+            reads += [s.DLQ_STREAM, p.kv_stream(s.DLQ_STATUS_BUCKET), _API_KEYS]
         return Grant(publish=_unique(pub), subscribe=(p.inbox_all(scope.inbox_owner),), reads=tuple(reads),
                      filtered_reads=((s.EVENTS_STREAM, p.pattern(s.run_events, t, p.ANY)),
                                      (s.NOTIFY_STREAM, p.pattern(s.notify, t, p.ANY))),
@@ -182,6 +183,13 @@ def _person(extra: Callable[[Scope], Sequence[str]], *, admin: bool = False) -> 
                                          for i in range(p.PRINCIPAL_CONSUMER_SLOTS)),
                      deny=() if admin else _NOT_ADMIN_DENY)
     return grant
+
+
+def _dead_letter_admin() -> list[str]:
+    """Dead letters (`interlock dlq`): record what was done about one (resolve, replay), and publish
+    a dead letter's original again to its subject. Admins only: dead letters are not per tenant
+    (``il.dlq.{service}`` holds every tenant's), so reading them is not a tenant operator's right."""
+    return [p.kv_keys(s.DLQ_STATUS_BUCKET), *(_wild(ch.pattern) for ch in c.REPLAYABLE)]
 
 
 def _commands(scope: Scope, *names: str) -> list[str]:

@@ -27,8 +27,30 @@ log = logging.getLogger(__name__)
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
 
-URL_FILE = Path(".interlock") / "nats.url"  # written by `interlock up` for the other commands
-ADMIN_CREDS_FILE = Path(".interlock") / "identity" / "creds" / "admin.creds"  # written by `interlock up`
+HOME_ENV = "INTERLOCK_HOME"
+DEFAULT_HOME = Path(".interlock")
+URL_FILE = DEFAULT_HOME / "nats.url"  # written by `interlock up` for the other commands
+ADMIN_CREDS_FILE = DEFAULT_HOME / "identity" / "creds" / "admin.creds"  # written by `interlock up`
+
+
+def home_dir() -> Path:
+    """The state directory of `interlock up` that the other commands look in: ``INTERLOCK_HOME``,
+    else ``.interlock`` (relative to the working directory)."""
+    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME)
+
+
+def url_file(home: Path | None = None) -> Path:
+    """The file `interlock up --home HOME` writes its server's URL to: ``{home}/nats.url``."""
+    return (home if home is not None else home_dir()) / "nats.url"
+
+
+def admin_creds_file(home: Path | None = None) -> Path:
+    """The admin credential `interlock up --home HOME` issues: ``{home}/identity/creds/admin.creds``."""
+    return (home if home is not None else home_dir()) / "identity" / "creds" / "admin.creds"
+
+
+class NoServerAnswered(ConnectionError):
+    """No server accepted the first connection within the time allowed (str: one line with the URL)."""
 
 
 class ConnectRefused(ConnectionError):
@@ -36,13 +58,14 @@ class ConnectRefused(ConnectionError):
 
 
 def resolve_url(url: str | None = None) -> str:
-    """An explicit URL, else INTERLOCK_NATS_URL, else the one `interlock up` wrote, else the default."""
+    """An explicit URL, else INTERLOCK_NATS_URL, else the one `interlock up` wrote (in
+    ``$INTERLOCK_HOME``, else ``.interlock``), else the default."""
     if url:
         return url
     if os.environ.get("INTERLOCK_NATS_URL"):
         return os.environ["INTERLOCK_NATS_URL"]
-    if URL_FILE.exists():
-        return URL_FILE.read_text().strip() or DEFAULT_URL
+    if url_file().exists():
+        return url_file().read_text().strip() or DEFAULT_URL
     return DEFAULT_URL
 
 
@@ -78,10 +101,13 @@ def is_refusal(error: BaseException) -> bool:
 
 
 async def connect(url: str | None = None, *, creds: Path | str | None = None, name: str = "interlock",
-                  patient: bool = True, tls: _tls.TlsOptions | None = None, **options: Any) -> NATS:
+                  patient: bool = True, tls: _tls.TlsOptions | None = None, within: float | None = None,
+                  **options: Any) -> NATS:
     """Connect as ``creds``, and keep reconnecting for as long as the process lives (cluster
     failover). A refused credential raises :class:`ConnectRefused` at once: a patient client
-    would otherwise retry it for ever. ``tls``: the TLS settings (``INTERLOCK_TLS_*``), e.g. the
+    would otherwise retry it for ever. ``within``: seconds the first connection may take in all
+    (every URL, every attempt) before :class:`NoServerAnswered`; None: as many attempts as
+    ``patient`` allows, each up to 2 s. ``tls``: the TLS settings (``INTERLOCK_TLS_*``), e.g. the
     process's settings object; a failed handshake raises :class:`~interlock.runtime.tls.TlsError`."""
     target = resolve_url(url)
     servers = target.split(",")
@@ -112,10 +138,17 @@ async def connect(url: str | None = None, *, creds: Path | str | None = None, na
     }
     connecting: asyncio.Future[Any] = asyncio.ensure_future(nc.connect(servers, **settings))
     try:
-        await asyncio.wait([connecting, refused], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([connecting, refused], timeout=within, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
         connecting.cancel()
         raise
+    if not connecting.done() and not refused.done():  # ``within`` ran out: nobody answered in time
+        connecting.cancel()
+        with contextlib.suppress(BaseException):
+            await connecting
+        with contextlib.suppress(Exception):
+            await nc.close()
+        raise NoServerAnswered(f"no NATS server answered at {target} within {within:g} s")
     error: BaseException | None = refused.result() if refused.done() else None
     if error is None:
         try:
@@ -141,5 +174,6 @@ async def connect(url: str | None = None, *, creds: Path | str | None = None, na
     raise ConnectRefused(describe_refusal(error, target, creds) or f"cannot connect to {target}: {error}")
 
 
-__all__ = ["ADMIN_CREDS_FILE", "DEFAULT_URL", "URL_FILE", "ConnectRefused", "connect", "creds_options",
-           "describe_refusal", "is_refusal", "resolve_url"]
+__all__ = ["ADMIN_CREDS_FILE", "DEFAULT_HOME", "DEFAULT_URL", "HOME_ENV", "URL_FILE", "ConnectRefused",
+           "NoServerAnswered", "admin_creds_file", "connect", "creds_options", "describe_refusal", "home_dir",
+           "is_refusal", "resolve_url", "url_file"]

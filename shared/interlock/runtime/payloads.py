@@ -6,13 +6,15 @@ from typing import Any
 
 import msgspec
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import PayloadRef
+from interlock.contracts.protocol import INLINE_LIMIT_BYTES
 from interlock.core.codec import canonical_json, sha256_hex
 
-DEFAULT_INLINE_LIMIT = 256 * 1024
+DEFAULT_INLINE_LIMIT = INLINE_LIMIT_BYTES
 
 
 class PayloadError(ValueError):
@@ -36,16 +38,26 @@ class PayloadStore:
         if len(data) <= self.inline_limit:
             return value, None
         digest = sha256_hex(data)
-        store = await self.store()
-        await store.put(digest, data)
+        await self._put(digest, data)
         return None, PayloadRef(object_store=s.PAYLOADS_OBJECT_STORE, key=digest, sha256=digest, size=len(data))
 
     async def store_all(self, blobs: dict[str, bytes]) -> None:
         """Store payloads by their sha256 (idempotent: the same content is the same object)."""
-        if blobs:
-            store = await self.store()
-            for digest, data in blobs.items():
-                await store.put(digest, data)
+        for digest, data in blobs.items():
+            await self._put(digest, data)
+
+    async def _put(self, digest: str, data: bytes) -> None:
+        """Store ``data`` under its digest unless it is there already. Content-addressed, an
+        existing object is the same bytes; and putting a name again makes the client purge the
+        old chunks, which a service or worker credential may not do (stream purge is admin's)."""
+        store = await self.store()
+        try:
+            info = await store.get_info(digest)
+        except NotFoundError:
+            info = None
+        if info is not None and not info.deleted and info.size == len(data):
+            return
+        await store.put(digest, data)
 
     async def resolve(self, value: Any, ref: PayloadRef | None) -> Any:
         if ref is None:

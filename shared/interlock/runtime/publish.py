@@ -14,8 +14,10 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 
+from interlock.contracts import headers as h
 from interlock.core.eventstore import DUPLICATE_IN_PROCESS
 from interlock.core.retry import Backoff, retrying
+from interlock.runtime import tracing
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,15 @@ def _passing(error: BaseException) -> bool:
 
 async def publish(js: JetStreamContext, subject: str, payload: bytes, headers: dict[str, str] | None = None, *,
                   patience: float = 30.0, timeout: float = 5.0) -> PubAck:
-    """``js.publish``, tried again on a passing failure for up to ``patience`` seconds."""
-    call = functools.partial(js.publish, subject, payload, headers=headers, timeout=timeout)
-    return await retrying(call, what=f"publish to {subject}", backoff=PUBLISH_BACKOFF, passing=_passing,
-                          patience=patience, logger=log)
+    """``js.publish``, tried again on a passing failure for up to ``patience`` seconds.
+
+    The message carries the current span's ``traceparent`` unless ``headers`` set one."""
+    headers = dict(headers or {})
+    if not headers.get(h.TRACEPARENT):
+        headers.pop(h.TRACEPARENT, None)
+        tracing.inject(headers)
+    call = functools.partial(js.publish, subject, payload, headers=headers or None, timeout=timeout)
+    ack = await retrying(call, what=f"publish to {subject}", backoff=PUBLISH_BACKOFF, passing=_passing,
+                         patience=patience, logger=log)
+    tracing.acted(tracing.PUBLISHED, subject=subject)
+    return ack

@@ -31,8 +31,10 @@ from interlock.core.eventstore import EventStore, EventStoreError, RunNotFound, 
 from interlock.core.retry import Backoff, retrying
 from interlock.core.run import IllegalTransition
 from interlock.core.topology import provision
+from interlock.runtime import logs, metrics, tracing
 from interlock.runtime.connect import connect, creds_options
 from interlock.runtime.consumer import PullConsumer
+from interlock.runtime.datakeys import PayloadSealer
 from interlock.runtime.deadletter import dead_letter
 from interlock.runtime.payloads import PayloadStore
 from interlock.runtime.registry import WorkflowNotFound, WorkflowRegistry
@@ -42,6 +44,7 @@ from interlock.runtime.tls import connect_options as tls_connect_options
 log = logging.getLogger(__name__)
 
 MAX_DELIVERIES_BEFORE_DLQ = 8
+LAG_POLL_SECONDS = 5.0
 PROVISION_BACKOFF = Backoff(first=0.2, cap=5.0)
 REDELIVERY_BACKOFF = Backoff(first=0.2, cap=10.0)  # a failed message comes back after 0.4 s, 0.8 s, …
 
@@ -92,6 +95,9 @@ class Service:
 
     def __init__(self, settings: ServiceSettings | None = None) -> None:
         self.settings = settings or ServiceSettings()
+        self.sealer = PayloadSealer.from_settings(self.settings)
+        """Seals sensitive values that reach the service in clear (a raw trigger, a result from a
+        worker that does not use the SDK) before they are stored."""
         self.nc: NATS
         self.js: JetStreamContext
         self.store: EventStore
@@ -114,6 +120,7 @@ class Service:
         self._stopped = asyncio.Event()
         self._consumers: list[PullConsumer] = []
         self._sweeper: asyncio.Task[None] | None = None
+        self._lag_poller: asyncio.Task[None] | None = None
         self._finished: set[tuple[str, str]] = set()  # runs known terminal: the sweep skips them
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -135,6 +142,8 @@ class Service:
             await consumer.start()
         if self.settings.sweep_interval > 0 and type(self).reconcile is not Service.reconcile:
             self._sweeper = asyncio.create_task(self._sweep_loop(), name=f"{self.name}-sweep")
+        if metrics.enabled():
+            self._lag_poller = asyncio.create_task(self._poll_lag(), name=f"{self.name}-lag")
         log.info("%s started (%s)", self.name, self.settings.instance)
 
     async def _provision(self, patience: float = 120.0) -> None:
@@ -149,6 +158,8 @@ class Service:
         raise NotImplementedError
 
     async def stop(self) -> None:
+        if self._lag_poller is not None:
+            self._lag_poller.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -174,6 +185,20 @@ class Service:
         await stop.wait()
         log.info("%s stopping", self.name)
         await self.stop()
+
+    async def _poll_lag(self, every: float = LAG_POLL_SECONDS) -> None:
+        """Each consumer's backlog and unacknowledged messages, for the metrics endpoint."""
+        while True:
+            for consumer in self._consumers:
+                try:
+                    info = await self.js.consumer_info(consumer.stream, consumer.durable)
+                except Exception as e:  # an election, a reconnect: next time
+                    log.debug("%s: consumer info of %s failed: %r", self.name, consumer.durable, e)
+                    continue
+                key = (consumer.stream, consumer.durable)
+                metrics.gauges.consumer_pending[key] = int(info.num_pending or 0)
+                metrics.gauges.consumer_ack_pending[key] = int(info.num_ack_pending or 0)
+            await asyncio.sleep(every)
 
     # -- reconciler ----------------------------------------------------------------------------
     async def reconcile(self, tenant: str, run_id: str) -> None:
@@ -236,8 +261,15 @@ class Service:
         queries stay FastStream subscribers.
         """
 
+        what = durable.removeprefix(self.name).strip("_") or subject
+        handled = metrics.bound_counter(metrics.messages_handled, {"service": self.name, "consumer": durable})
+
         async def consume(msg: Msg) -> None:
-            await self.guarded(msg, handler)
+            tenant, run_id = s.run_of(msg.subject) or (None, None)
+            with tracing.handling(self.name, what, msg.headers, run_id=run_id, tenant=tenant,
+                                  instance=self.settings.instance), logs.bound(tenant=tenant, run_id=run_id):
+                await self.guarded(msg, handler)
+            handled.add(1)
 
         self._consumers.append(PullConsumer(
             self.nc, self.js, stream=stream, durable=durable, subject=subject, handler=consume,
@@ -279,7 +311,11 @@ class Service:
                     except Exception:  # the refusal is the answer that matters; the dead letter is a record
                         log.exception("%s: could not dead-letter an invalid request on %s", self.name, raw.subject)
                 return refuse(request)
-            return await handler(msg.raw_message.subject, request)
+            raw = msg.raw_message
+            run_id = getattr(request, "run_id", None)
+            with tracing.handling(self.name, kind.__name__, raw.headers, run_id=str(run_id) if run_id else None,
+                                  instance=self.settings.instance):
+                return await handler(raw.subject, request)
 
         handle.__name__ = "answer_" + subject.replace(".", "_").replace("*", "any")
         broker.subscriber(subject, queue=self.name)(handle)

@@ -6,7 +6,8 @@ import, so importing Interlock cannot fail on the environment. A value that does
 number``. Keyword arguments override the environment (tests and embedding code use them).
 
 - ``INTERLOCK_NATS_URL`` (both): server URL(s), comma-separated; default the URL ``interlock up``
-  wrote to ``.interlock/nats.url``, else ``nats://127.0.0.1:4222``
+  wrote to ``{home}/nats.url`` (home: ``INTERLOCK_HOME``, else ``.interlock``), else
+  ``nats://127.0.0.1:4222``
 - ``INTERLOCK_INLINE_LIMIT`` (both): largest payload kept inline, bytes (262144)
 - ``INTERLOCK_REPLICAS``: stream replicas, 1-5 (1)
 - ``INTERLOCK_CREDS`` (both): the NATS credentials (``.creds``) file to connect with (none: anonymous,
@@ -17,10 +18,17 @@ number``. Keyword arguments override the environment (tests and embedding code u
 - ``INTERLOCK_CONCURRENCY``: messages a service handles at once per consumer (64)
 - ``INTERLOCK_SWEEP_S``: seconds between reconciler passes, 0 = off (15)
 - ``INTERLOCK_WORKER_CONCURRENCY``: jobs a worker handles at once per topic (8)
-- ``INTERLOCK_TRACING``: a worker's span export, ``off`` or ``console`` (off)
+- ``INTERLOCK_TRACING`` (both): span export to the terminal, ``off`` or ``console`` (off); OTLP
+  export follows the standard ``OTEL_*`` variables (``OTEL_EXPORTER_OTLP_ENDPOINT``, …)
+- ``INTERLOCK_LOG_FORMAT`` (both): ``text`` or ``json`` (text)
+- ``INTERLOCK_METRICS_PORT`` (both): serve Prometheus ``/metrics`` on this port (0 = any free
+  port, unset = no endpoint); ``INTERLOCK_METRICS_HOST`` its address (127.0.0.1)
 - ``INTERLOCK_TENANT``: the tenant whose jobs a worker takes (default)
+- ``INTERLOCK_TENANT_BUDGETS``: per-tenant model budgets over a window, JSON (the planner enforces them)
 - ``INTERLOCK_TLS_CA``, ``INTERLOCK_TLS_CERT``, ``INTERLOCK_TLS_KEY``, ``INTERLOCK_TLS_HOSTNAME``
   (both): TLS to NATS, see :mod:`interlock.runtime.tls`
+- ``INTERLOCK_DATA_KEYS_FILE``, ``INTERLOCK_DATA_KEYS``, ``INTERLOCK_SENSITIVE_KEYS`` (both): the
+  tenants' data keys and which key names are sensitive, see :mod:`interlock.runtime.datakeys`
 """
 
 from __future__ import annotations
@@ -30,12 +38,21 @@ import socket
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import Field, ModelWrapValidatorHandler, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from interlock.contracts.messages import DEFAULT_TENANT
 from interlock.runtime.connect import resolve_url
+from interlock.runtime.datakeys import DataKeySettings
 from interlock.runtime.payloads import DEFAULT_INLINE_LIMIT
 from interlock.runtime.tls import TlsSettings
 
@@ -74,7 +91,32 @@ class _Settings(BaseSettings):
         return alias if isinstance(alias, str) else f"{ENV_PREFIX}{field}".upper()
 
 
-class ServiceSettings(_Settings, TlsSettings):  # TLS: the INTERLOCK_TLS_* fields
+class TelemetrySettings(BaseModel):
+    """Traces, metrics and logs, the same for every process kind (mixed into a settings class)."""
+
+    tracing: Literal["off", "console"] = Field("off", description="span export to the terminal: off or console")
+    log_format: Literal["text", "json"] = Field("text", description="log lines as text or JSON")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port (0 = any free)")
+    metrics_host: str = Field("127.0.0.1", description="address the /metrics endpoint listens on")
+
+    @field_validator("tracing", "log_format", mode="before")
+    @classmethod
+    def _any_case(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class TenantBudget(BaseModel):
+    """What one tenant's runs may spend on model calls together over a sliding window (the planner
+    ends a run that finds the tenant over it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_cost_usd: float | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=0)
+    window_s: int = Field(86_400, gt=0, description="the window, in seconds (a day)")
+
+
+class ServiceSettings(_Settings, TlsSettings, DataKeySettings, TelemetrySettings):  # TLS, data keys, telemetry
     """Settings of a service process (planner, policy, approval, dispatcher, auditor)."""
 
     nats_url: str = Field(default_factory=resolve_url, description="server URL(s), comma-separated")
@@ -86,9 +128,12 @@ class ServiceSettings(_Settings, TlsSettings):  # TLS: the INTERLOCK_TLS_* field
     concurrency: int = Field(64, ge=1, description="messages handled at once per consumer")
     sweep_interval: float = Field(15.0, ge=0, validation_alias="INTERLOCK_SWEEP_S",
                                   description="seconds between reconciler passes, 0 = off")
+    tenant_budgets: dict[str, TenantBudget] = Field(
+        default_factory=dict,
+        description='per-tenant model budgets, JSON: {"acme": {"max_cost_usd": 50, "window_s": 86400}}')
 
 
-class WorkerSettings(_Settings, TlsSettings):  # TLS: the INTERLOCK_TLS_* fields
+class WorkerSettings(_Settings, TlsSettings, DataKeySettings, TelemetrySettings):  # TLS, data keys, telemetry
     """Settings of an agent worker process (the worker SDK); :class:`Worker` arguments override them."""
 
     nats_url: str = Field(default_factory=resolve_url, description="server URL(s), comma-separated")
@@ -96,13 +141,7 @@ class WorkerSettings(_Settings, TlsSettings):  # TLS: the INTERLOCK_TLS_* fields
     concurrency: int = Field(8, ge=1, validation_alias="INTERLOCK_WORKER_CONCURRENCY",
                              description="jobs handled at once per topic")
     inline_limit: int = Field(DEFAULT_INLINE_LIMIT, ge=0, description="largest payload kept inline, in bytes")
-    tracing: Literal["off", "console"] = Field("off", description="span export: off, or console (print)")
     tenant: str = Field(DEFAULT_TENANT, description="the tenant whose jobs the worker takes")
-
-    @field_validator("tracing", mode="before")
-    @classmethod
-    def _any_case(cls, value: Any) -> Any:
-        return value.lower() if isinstance(value, str) else value
 
 
 _PROBLEMS = {

@@ -9,34 +9,132 @@ the worker SDK continues it around the handler. Export is off unless configured:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
+import os
 import uuid
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from interlock.contracts import headers as h
+from interlock.contracts.messages import LlmCall
+from interlock.core.eventstore.recorder import APPENDED
+from interlock.runtime.otel import otlp_protocol, resource
 
 _propagator = TraceContextTextMapPropagator()
 _configured = False
+_ours = False  # whether configure() installed the provider (and so the run-trace id generator)
+
+HANDLER = "interlock.handler"
+"""Attribute of a service's message-handling span; one that did nothing is not exported."""
+PUBLISHED = "published"
+PROJECTED = "projected"
+ACTED_EVENTS = frozenset({APPENDED, PUBLISHED, PROJECTED})
+"""Span events that mean a handler had an effect (the event store and publishers add them)."""
+
+_root_ids: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("interlock_root_ids", default=None)
 
 
-def configure(export: str = "off") -> None:
+class _RunTraceIds(IdGenerator):
+    """The run's root span gets trace id = run id and a span id derived from it (so any service
+    can parent a message that carries no trace context to it); everything else is random."""
+
+    def __init__(self) -> None:
+        self._random = RandomIdGenerator()
+
+    def generate_span_id(self) -> int:
+        ids = _root_ids.get()
+        return ids[1] if ids else self._random.generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        ids = _root_ids.get()
+        return ids[0] if ids else self._random.generate_trace_id()
+
+
+class _ActedOnly(SpanProcessor):
+    """Forwards ended spans except handler spans that had no effect.
+
+    Every commit reaches every service and a redelivered message is handled again; only the
+    handling that appended, published or projected something belongs in the run's trace, so a
+    redelivery or a replay adds no duplicate span."""
+
+    def __init__(self, inner: SpanProcessor) -> None:
+        self._inner = inner
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        self._inner.on_start(span, parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if (span.attributes or {}).get(HANDLER) and not any(e.name in ACTED_EVENTS for e in span.events):
+            return
+        self._inner.on_end(span)
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+def _exporters(export: str) -> list[SpanExporter]:
+    """Span exporters asked for by INTERLOCK_TRACING and the standard OTEL_* variables."""
+    wanted = {e.strip() for e in os.environ.get("OTEL_TRACES_EXPORTER", "").split(",") if e.strip()}
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if not wanted and endpoint:
+        wanted = {"otlp"}
+    if export == "console":
+        wanted.add("console")
+    exporters: list[SpanExporter] = []
+    if "console" in wanted:
+        exporters.append(ConsoleSpanExporter())
+    if "otlp" in wanted:
+        if otlp_protocol("TRACES").startswith("http"):
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
+            exporters.append(HttpSpanExporter())
+        else:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
+            exporters.append(GrpcSpanExporter())
+    return exporters
+
+
+def configure(export: str = "off", *, service: str = "worker", instance: str = "") -> bool:
     """Install a tracer provider once per process (unless the application installed one).
 
-    ``export`` is ``"console"`` (print spans) or ``"off"``; processes pass their settings'
-    ``tracing`` (``INTERLOCK_TRACING``)."""
+    ``export`` is ``"console"`` (print spans) or ``"off"`` (``INTERLOCK_TRACING``); OTLP export
+    follows the standard variables (``OTEL_TRACES_EXPORTER=otlp``, ``OTEL_EXPORTER_OTLP_ENDPOINT``,
+    ``OTEL_EXPORTER_OTLP_PROTOCOL=grpc|http/protobuf``). Returns whether spans are exported."""
     global _configured
     if _configured:
-        return
+        return False
     _configured = True
-    if export == "console":
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
-        trace.set_tracer_provider(provider)
+    exporters = _exporters(export)
+    if not exporters:
+        return False
+    global _ours
+    _ours = True
+    provider = TracerProvider(resource=resource(service, instance), id_generator=_RunTraceIds())
+    for exporter in exporters:
+        # console output is for people watching: print as spans end; OTLP batches
+        live = isinstance(exporter, ConsoleSpanExporter)
+        provider.add_span_processor(_ActedOnly(SimpleSpanProcessor(exporter) if live else BatchSpanProcessor(exporter)))
+    trace.set_tracer_provider(provider)
+    return True
+
+
+def shutdown() -> None:
+    """Flush spans still batched before the process exits."""
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.shutdown()
 
 
 def traceparent(run_id: str, job_id: str) -> str:
@@ -51,4 +149,110 @@ def context_of(traceparent_value: str | None) -> Any:
     return _propagator.extract({h.TRACEPARENT: traceparent_value} if traceparent_value else {})
 
 
+def _run_trace_id(run_id: str | None) -> int | None:
+    try:
+        return uuid.UUID(run_id).int if run_id else None
+    except ValueError:
+        return None
+
+
+def _root_span_id(trace_id: int) -> int:
+    return (trace_id & 0xFFFF_FFFF_FFFF_FFFF) or 1
+
+
+def _run_context(trace_id: int) -> Context:
+    """A context whose parent is the run's root span (known from the run id alone)."""
+    return trace.set_span_in_context(trace.NonRecordingSpan(trace.SpanContext(
+        trace_id, _root_span_id(trace_id), is_remote=True, trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED))))
+
+
+@contextlib.contextmanager
+def handling(service: str, what: str, message_headers: Mapping[str, str] | None, *,
+             run_id: str | None = None, **attributes: Any) -> Iterator[trace.Span]:
+    """A span around one message a service handles, continuing the trace in its ``traceparent``
+    (a run's message without one, such as a person's command, is parented to the run's root span).
+
+    Exported only if the handler appended, published or projected something (see ``_ActedOnly``)."""
+    parent = context_of((message_headers or {}).get(h.TRACEPARENT))
+    with _span(service, what, parent, run_id, attributes) as span:
+        yield span
+
+
+@contextlib.contextmanager
+def run_root(service: str, what: str, run_id: str, **attributes: Any) -> Iterator[trace.Span]:
+    """The first span of a run's trace (the planner starting it): trace id = run id, no parent."""
+    with _span(service, what, None, run_id, attributes) as span:
+        yield span
+
+
+@contextlib.contextmanager
+def _span(service: str, what: str, parent: Context | None, run_id: str | None, attributes: dict[str, Any]
+          ) -> Iterator[trace.Span]:
+    """``parent`` None: the run's root span (ids from the run id where this module's provider
+    is installed; under an application's own provider, a child of the run's derived root)."""
+    fields = {HANDLER: True, "messaging.system": "nats", "interlock.service": service,
+              **{f"interlock.{k}": v for k, v in attributes.items() if v is not None}}
+    if run_id:
+        fields["interlock.run_id"] = run_id
+    run_trace = _run_trace_id(run_id)
+    token = None
+    if parent is None:
+        parent = Context()
+        if run_trace is not None:
+            if _ours and isinstance(trace.get_tracer_provider(), TracerProvider):
+                token = _root_ids.set((run_trace, _root_span_id(run_trace)))
+            else:
+                parent = _run_context(run_trace)
+    elif run_trace is not None and not trace.get_current_span(parent).get_span_context().is_valid:
+        parent = _run_context(run_trace)  # e.g. a command from outside: under the run's root span
+    try:
+        span = tracer.start_span(f"{service} {what}", context=parent, kind=SpanKind.CONSUMER, attributes=fields)
+    finally:
+        if token is not None:
+            _root_ids.reset(token)  # only the root itself takes the derived ids
+    with trace.use_span(span, end_on_exit=True):
+        yield span
+
+
+def annotate(**attributes: Any) -> None:
+    """Add ``interlock.*`` attributes (step_id, attempt, …) to the span being handled."""
+    span = trace.get_current_span()
+    for key, value in attributes.items():
+        if value is not None:
+            span.set_attribute(f"interlock.{key}", value)
+
+
+def acted(what: str, **attributes: Any) -> None:
+    """Record on the current span that the handler had an effect (``what`` in ACTED_EVENTS)."""
+    trace.get_current_span().add_event(what, {k: v for k, v in attributes.items() if v is not None})
+
+
+def current_traceparent() -> str | None:
+    """The current span's ``traceparent``, or None outside a span with a valid context."""
+    return inject({}).get(h.TRACEPARENT)
+
+
+def inject(carrier: dict[str, str]) -> dict[str, str]:
+    """``carrier`` with the current span's ``traceparent`` (unchanged outside a recording span)."""
+    if trace.get_current_span().get_span_context().is_valid:
+        _propagator.inject(carrier)
+    return carrier
+
+
 tracer = trace.get_tracer("interlock")
+
+
+def llm_call_span(call: LlmCall) -> None:
+    """A span for one model call inside the job's span, with the OpenTelemetry GenAI attributes."""
+    attributes: dict[str, Any] = {
+        "gen_ai.operation.name": call.operation, "gen_ai.provider.name": call.provider,
+        "gen_ai.system": call.provider, "gen_ai.request.model": call.model,
+        "gen_ai.usage.input_tokens": call.input_tokens, "gen_ai.usage.output_tokens": call.output_tokens,
+        "interlock.cost_usd": call.cost_usd,
+    }
+    if call.temperature is not None:
+        attributes["gen_ai.request.temperature"] = call.temperature
+    if call.prompt_ref:
+        attributes["interlock.prompt_ref"] = call.prompt_ref
+    with tracer.start_as_current_span(f"{call.operation} {call.model}", kind=SpanKind.CLIENT, attributes=attributes):
+        pass

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from interlock.contracts import headers as h
 from interlock.contracts import permissions as p
+from interlock.contracts import protocol
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import (
     AgentRegistration,
@@ -28,11 +29,14 @@ from interlock.contracts.messages import (
     Job,
     JobError,
     JobResult,
+    LlmCall,
 )
+from interlock.core.sealed import SealedError
 from interlock.identity import PermissionDenied, creds_permissions
-from interlock.runtime import tracing
+from interlock.runtime import telemetry, tracing
 from interlock.runtime.connect import connect
 from interlock.runtime.consumer import PullConsumer
+from interlock.runtime.datakeys import DataKeyError, PayloadSealer
 from interlock.runtime.deadletter import dead_letter
 from interlock.runtime.payloads import PayloadStore
 from interlock.runtime.publish import publish
@@ -42,12 +46,13 @@ from interlock.worker._errors import FatalError
 log = logging.getLogger("interlock.worker")
 
 JobHandler = Callable[["JobContext"], Awaitable[Any]]
-REGISTRY_REFRESH_S = 5.0
+REGISTRY_REFRESH_S = protocol.REGISTRY_REFRESH_S
 
 
 @dataclass
 class JobContext:
-    """What a handler gets: the job and a way to report progress."""
+    """What a handler gets: the job, its input (sealed values opened: the clear values) and a way to
+    report progress. ``job.input`` keeps them sealed."""
 
     job: Job
     input: Any
@@ -75,9 +80,27 @@ class JobContext:
     def constraints(self) -> dict[str, Any]:
         return self.job.constraints
 
+    usage: list[LlmCall] = field(default_factory=list)
+    """Model calls recorded with :meth:`record_llm`; they travel in the job's result."""
+
     async def heartbeat(self, progress: str | None = None) -> None:
         """Report progress now (heartbeats are also sent automatically while the handler runs)."""
         await self._beat(progress)
+
+    def record_llm(self, *, provider: str, model: str, input_tokens: int = 0, output_tokens: int = 0,
+                   cost_usd: float = 0.0, temperature: float | None = None, prompt_ref: str | None = None,
+                   prompt: str | None = None, operation: str = "chat") -> LlmCall:
+        """Record one model call: it is stored in the step's outcome event, shown in the timeline,
+        summed by ``interlock cost`` and checked against the step's and the run's budgets.
+
+        ``prompt`` is kept only when the workflow sets ``record_prompts: true``; otherwise give a
+        ``prompt_ref`` (a template id or a hash) and keep the prompt where it belongs."""
+        call = LlmCall(provider=provider, model=model, operation=operation, input_tokens=input_tokens,
+                       output_tokens=output_tokens, cost_usd=cost_usd, temperature=temperature,
+                       prompt_ref=prompt_ref, prompt=prompt if self.job.record_prompts else None)
+        self.usage.append(call)
+        tracing.llm_call_span(call)
+        return call
 
 
 @dataclass
@@ -115,6 +138,8 @@ class Worker:
         self._nc: NATS | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._running: dict[str, asyncio.Task[None]] = {}  # job id -> handler task
+        self._job_spans: dict[str, str] = {}  # job id -> traceparent of its handler's span
+        self._contexts: dict[str, JobContext] = {}  # job id -> its handler's context (model usage)
         self._consumers: list[PullConsumer] = []
         self._stop = asyncio.Event()
         self.started_at = datetime.now(UTC)
@@ -139,7 +164,7 @@ class Worker:
         settings = self.settings or WorkerSettings()
         tenant = self.tenant = s.token(self.tenant or settings.tenant, "tenant")
         concurrency = settings.concurrency if self.concurrency is None else self.concurrency
-        tracing.configure(settings.tracing)
+        telemetry.setup("worker", settings, instance=self.name, logging_too=False)
         self._stop.clear()
         creds = self.creds or settings.creds
         if creds is not None:
@@ -149,11 +174,13 @@ class Worker:
         js = nc.jetstream()
         inline_limit = settings.inline_limit if self.inline_limit is None else self.inline_limit
         self._payloads = PayloadStore(js, inline_limit)
+        self._sealer = PayloadSealer.from_settings(settings)
         await nc.subscribe(s.tenant_control_cancel(tenant), cb=self._on_cancel)
         for registration in self.handlers.values():
             consumer = PullConsumer(
                 nc, js, stream=s.JOBS_STREAM, durable=s.worker_consumer(tenant, registration.topic),
-                subject=s.job(tenant, registration.topic), concurrency=concurrency, ack_wait=10,
+                subject=s.job(tenant, registration.topic), concurrency=concurrency,
+                ack_wait=protocol.WORKER_CONSUMER.ack_wait_s, max_ack_pending=protocol.WORKER_CONSUMER.max_ack_pending,
                 handler=functools.partial(self._handle, js, registration=registration),
             )
             await consumer.start()
@@ -244,11 +271,13 @@ class Worker:
         beating = asyncio.ensure_future(keep_beating())
         result: JobResult
         try:
-            job_input = await self._payloads.resolve(job.input, job.input_ref)
-            ctx = JobContext(job=job, input=job_input, worker_id=self.worker_id, _beat=beat)
+            # the handler gets sealed values in clear; what it returns leaves sealed
+            job_input = self._sealer.open_tree(job.tenant, await self._payloads.resolve(job.input, job.input_ref))
+            ctx = self._contexts[job.job_id] = JobContext(job=job, input=job_input, worker_id=self.worker_id,
+                                                          _beat=beat)
             task = asyncio.ensure_future(self._call(registration.handler, ctx, job))
             self._running[job.job_id] = task
-            output = await task
+            output = self._sealer.seal_tree(job.tenant, job.run_id, await task, "output", tuple(job.sensitive_output))
             output_value, output_ref = await self._payloads.offload(output)
             result = self._result(job, ok=True, output=output_value, output_ref=output_ref)
         except asyncio.CancelledError:
@@ -256,6 +285,9 @@ class Worker:
                 raise  # shutting down: no result; the dispatcher's lease retries the job
             log.info("job %s cancelled: its run ended", job.job_id)
             return
+        except (SealedError, DataKeyError) as e:  # e.g. "data key destroyed": no attempt can do better
+            log.warning("job %s: %s", job.job_id, e)
+            result = self._result(job, ok=False, error=JobError(message=str(e), retryable=False, kind="sealed"))
         except FatalError as e:
             result = self._result(job, ok=False, error=JobError(message=str(e) or type(e).__name__, retryable=False,
                                                                 kind="fatal"))
@@ -268,9 +300,12 @@ class Worker:
         finally:
             beating.cancel()
             self._running.pop(job.job_id, None)
+            span_of_job = self._job_spans.pop(job.job_id, None) or ""
+            self._contexts.pop(job.job_id, None)
         # the result must land even through a leader election: retried, deduplicated by id
+        # the dispatcher handles the result inside this job's span (its trace, its parent)
         await publish(js, s.result(job.tenant, job.run_id), result.model_dump_json().encode(),
-                      headers={h.MSG_ID: f"result:{job.job_id}"}, patience=120.0)
+                      headers={h.MSG_ID: f"result:{job.job_id}", h.TRACEPARENT: span_of_job}, patience=120.0)
 
     async def _call(self, handler: JobHandler, ctx: JobContext, job: Job) -> Any:
         # the handler runs inside the run's trace (continued from the job's traceparent)
@@ -280,6 +315,9 @@ class Worker:
                         "interlock.attempt": job.attempt, "interlock.job_id": job.job_id,
                         "interlock.tenant": job.tenant, "interlock.worker": self.worker_id},
         ):
+            traceparent = tracing.current_traceparent()
+            if traceparent:
+                self._job_spans[job.job_id] = traceparent
             if job.deadline is None:
                 return await handler(ctx)
             remaining = (job.deadline - datetime.now(UTC)).total_seconds()
@@ -288,9 +326,10 @@ class Worker:
 
     def _result(self, job: Job, *, ok: bool, output: Any = None, output_ref: Any = None,
                 error: JobError | None = None) -> JobResult:
+        ctx = self._contexts.get(job.job_id)
         return JobResult(job_id=job.job_id, run_id=job.run_id, tenant=job.tenant, step_id=job.step_id,
                          attempt=job.attempt, ok=ok, output=output, output_ref=output_ref, error=error,
-                         worker=self.worker_id)
+                         worker=self.worker_id, usage=list(ctx.usage) if ctx else [])
 
     async def _on_cancel(self, msg: Msg) -> None:
         try:

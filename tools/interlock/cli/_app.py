@@ -9,7 +9,19 @@ from typing import Annotated
 
 import typer
 
-from interlock.cli import _admin_audit, _apikeys, _approval, _audit, _identity, _ops, _policy, _run, _workflow
+from interlock.cli import (
+    _admin_audit,
+    _apikeys,
+    _approval,
+    _audit,
+    _identity,
+    _observe,
+    _ops,
+    _policy,
+    _run,
+    _tenant,
+    _workflow,
+)
 from interlock.cli._common import (
     CredsOption,
     NatsOption,
@@ -76,6 +88,8 @@ app.add_typer(_ops.agents, name="agent")
 app.add_typer(_ops.dlq, name="dlq")
 app.add_typer(_audit.app, name="audit")
 app.add_typer(_identity.app, name="creds")
+app.add_typer(_tenant.app, name="tenant")
+app.command("cost")(_observe.cost)
 app.add_typer(_apikeys.app, name="apikeys")
 _admin_audit.register(_audit.app)
 

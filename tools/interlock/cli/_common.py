@@ -71,7 +71,9 @@ def configure_logging(verbose: bool) -> None:
     if _owns_logging is None:
         _owns_logging = not logging.getLogger().handlers
         if _owns_logging:
-            logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            from interlock.runtime import logs
+
+            logs.configure("text", service="cli")
     if _owns_logging:
         logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
         logging.getLogger("faststream").setLevel(logging.WARNING)
@@ -95,7 +97,10 @@ def connected(ctx: typer.Context, work: Callable[[Client], Awaitable[T]]) -> T:
 
     async def session() -> T:
         client = await Client.connect(options.nats, creds=options.creds, tenant=options.tenant,
-                                      tls_ca=options.tls_ca, tls_cert=options.tls_cert, tls_key=options.tls_key)
+                                      tls_ca=options.tls_ca, tls_cert=options.tls_cert, tls_key=options.tls_key,
+                                      url_from="--nats")
+        if client.url_source.startswith("default"):  # nothing named a server: say which one this is
+            typer.echo(f"interlock: using the NATS server at {client.url} ({client.url_source})", err=True)
         try:
             return await work(client)
         finally:

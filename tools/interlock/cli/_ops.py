@@ -1,4 +1,4 @@
-"""Operations: ``interlock agent list``, ``interlock dlq list`` and the process commands
+"""Operations: ``interlock agent list``, ``interlock dlq list|resolve|replay`` and the process commands
 ``up``, ``serve``, ``worker``, ``nats``, ``demo`` and ``drill``."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import importlib
 import importlib.util
+import logging
 import signal
 import time
 from pathlib import Path
@@ -14,9 +15,10 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from interlock.cli._common import ListGroup, configure_logging, connected, fail, globals_of, with_globals
-from interlock.cli._output import Column, Format, OutputOption, columns, echo, emit_rows
-from interlock.client import ClientError, ClientSettings
+from interlock.cli._common import ListGroup, connected, fail, globals_of, with_globals
+from interlock.cli._output import Column, Format, OutputOption, columns, echo, emit_doc, emit_rows
+from interlock.client import ClientError, ClientSettings, DeadLetterEntry
+from interlock.contracts.messages import DeadLetterStatus
 from interlock.core.natsserver import DEFAULT_STORE_DIR
 
 agents = typer.Typer(no_args_is_help=True, help="The agent registry: which workers serve which topics.")
@@ -31,16 +33,69 @@ def list_agents(ctx: typer.Context, output: OutputOption = Format.table) -> None
               columns("topic", "version", "capabilities", "worker_id", "host", "last_heartbeat"))
 
 
+DlqStatus = Literal["open", "resolved", "replayed"]
+DLQ_COLUMNS = columns("id", "status", Column("at", show=lambda at: str(at or "")[:23]), "service", "subject", "reason")
+
+
+def _dlq_row(entry: DeadLetterEntry) -> dict[str, Any]:
+    """One dead letter as a row: the letter's fields, its id and status, and every action on it."""
+    return {"id": entry.id, "status": entry.status, **entry.letter.model_dump(mode="json"),
+            "readable": entry.readable,
+            "actions": [a.model_dump(mode="json") for a in (entry.record.actions if entry.record else [])]}
+
+
 @dlq.command("list")
 @with_globals
 def list_dead_letters(
     ctx: typer.Context,
     limit: Annotated[int, typer.Option("--limit", min=1, help="at most this many, oldest first")] = 100,
+    status: Annotated[DlqStatus | None, typer.Option("--status", help="only open, resolved or replayed ones")] = None,
+    service: Annotated[str | None, typer.Option("--service", help="only those of this service (or worker)")] = None,
     output: OutputOption = Format.table,
 ) -> None:
-    """Dead letters, oldest first."""
-    emit_rows(connected(ctx, lambda client: client.dead_letters(limit)), output,
-              columns(Column("at", show=lambda at: str(at or "")[:23]), "service", "subject", "reason"))
+    """Dead letters, oldest first, with their id and status (open, resolved, replayed)."""
+    entries = connected(ctx, lambda client: client.dead_letter_entries(limit, status=status, service=service))
+    emit_rows([_dlq_row(e) for e in entries], output, DLQ_COLUMNS)
+
+
+IdArgument = Annotated[int, typer.Argument(metavar="ID", min=1, help="the dead letter's id (as `interlock dlq` lists)")]
+
+
+def _said(record: DeadLetterStatus, output: Format) -> None:
+    last = record.actions[-1]
+    if output is not Format.table:
+        emit_doc(record, output, lambda _: None)
+    elif last.action == "replayed":
+        echo(f"dead letter {record.seq} replayed to {last.subject} (message id {last.msg_id}, stream seq "
+             f"{last.stream_seq}) by {last.by}")
+    else:
+        echo(f"dead letter {record.seq} resolved by {last.by}: {last.note}")
+
+
+@dlq.command("resolve")
+@with_globals
+def resolve_dead_letter(
+    ctx: typer.Context,
+    seq: IdArgument,
+    note: Annotated[str, typer.Option("--note", help="how it was dealt with (kept with the dead letter)")],
+    output: OutputOption = Format.table,
+) -> None:
+    """Mark a dead letter resolved, with a note; it stays listed (history is never deleted)."""
+    if not note.strip():
+        fail("--note must say how the dead letter was dealt with")
+    _said(connected(ctx, lambda client: client.resolve_dead_letter(seq, note=note)), output)
+
+
+@dlq.command("replay")
+@with_globals
+def replay_dead_letter(
+    ctx: typer.Context,
+    seq: IdArgument,
+    note: Annotated[str, typer.Option("--note", help="why it is replayed (kept with the dead letter)")] = "",
+    output: OutputOption = Format.table,
+) -> None:
+    """Publish a dead letter's original again to its subject, with a new message id; records who and when."""
+    _said(connected(ctx, lambda client: client.replay_dead_letter(seq, note=note)), output)
 
 
 # -- processes ---------------------------------------------------------------------------------
@@ -58,17 +113,22 @@ SERVICE_CLASSES: dict[str, str] = {
 def serve(ctx: typer.Context,
           name: Annotated[ServiceName, typer.Argument(metavar="NAME", help="the service to run")]) -> None:
     """Run one service in this process until interrupted (run more copies to scale it out)."""
+    from interlock.runtime import telemetry
     from interlock.runtime.settings import ServiceSettings
 
     options = globals_of(ctx)
     options.export_tls()  # TLS: --tls-* for ServiceSettings
-    if not options.verbose:
-        configure_logging(True)  # a service's log is its INFO lines
     module, _, cls = SERVICE_CLASSES[name].partition(":")
     service_class = getattr(importlib.import_module(module), cls)
     given: dict[str, Any] = {k: v for k, v in (("nats_url", options.nats), ("creds", options.creds)) if v}
-    service = service_class(ServiceSettings(**given)) if given else service_class()
-    asyncio.run(service.run_forever())
+    settings = ServiceSettings(**given)
+    # a service's log is its INFO lines, as text or JSON (INTERLOCK_LOG_FORMAT); traces and metrics per OTEL_*
+    telemetry.setup(name, settings, instance=settings.instance)
+    logging.getLogger("faststream").setLevel(logging.WARNING)
+    try:
+        asyncio.run(service_class(settings).run_forever())
+    finally:
+        telemetry.shutdown()
 
 
 def load_target(target: str) -> Any:
@@ -97,6 +157,12 @@ def worker(ctx: typer.Context, target: Annotated[str, typer.Argument(
     if globals_of(ctx).tenant:  # else the Worker's own, else INTERLOCK_TENANT
         loaded.tenant = globals_of(ctx).tenant
     globals_of(ctx).export_tls()  # TLS: --tls-* for WorkerSettings
+    from interlock.runtime import telemetry
+    from interlock.runtime.settings import WorkerSettings
+
+    settings = loaded.settings or WorkerSettings()
+    telemetry.setup("worker", settings, instance=loaded.name, level=logging.INFO if globals_of(ctx).verbose
+                    else logging.WARNING)
 
     async def run() -> None:
         task = asyncio.ensure_future(loaded.run())
@@ -106,18 +172,32 @@ def worker(ctx: typer.Context, target: Annotated[str, typer.Argument(
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        telemetry.shutdown()
 
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 def stop_on_signals() -> None:
-    """SIGTERM (``kill PID``) stops a process command as Ctrl-C does, and so does SIGINT when a shell
-    started it in the background with SIGINT ignored: the child processes are never left running."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    """SIGTERM (``kill PID``, ``docker stop``, systemd) and SIGHUP (the terminal closed) stop a
+    process command as Ctrl-C does, and so does SIGINT when a shell started it in the background
+    with SIGINT ignored: the child processes are never left running."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _interrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def ignore_stop_signals() -> None:
+    """While stopping: a second signal must not interrupt the stop and leave children behind."""
+    for sig in (*STOP_SIGNALS, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def nats(
@@ -166,28 +246,49 @@ def up(
     home: HomeOption = Path(".interlock"),
     workers: Annotated[list[str] | None, typer.Option(
         "--worker", metavar="MODULE:OBJECT", help="also run this worker (repeatable)")] = None,
+    max_restarts: Annotated[int, typer.Option(
+        "--max-restarts", min=0, help="restarts in a row of a child that keeps exiting before giving up on it")] = 5,
+    restart_backoff: Annotated[float, typer.Option(
+        "--restart-backoff", metavar="SECONDS", min=0.01,
+        help="wait before the first restart of a child; doubles with each exit in a row (at most 30 s)")] = 0.5,
+    ready_timeout: Annotated[float, typer.Option(
+        "--ready-timeout", metavar="SECONDS", min=1, help="give up unless all services consume by then")] = 120.0,
     api_port: Annotated[int, typer.Option(
         "--api-port", min=-1, max=65535, help="the HTTP API's port (0: any free one; -1: no HTTP API)")] = 8081,
 ) -> None:
-    """Run NATS, the five services and the HTTP API, each as its own process; Ctrl-C stops them.
+    """Run NATS, the five services and the HTTP API, each as its own process; Ctrl-C, SIGTERM or SIGHUP stops them all.
 
-    NATS is embedded unless --nats or INTERLOCK_NATS_URL names a server; a process that exits is restarted.
+    NATS is embedded unless --nats or INTERLOCK_NATS_URL names a server. Prints "ready" once every
+    service (and worker) consumes. A child that exits is restarted with exponential backoff, and
+    given up on after --max-restarts exits in a row. Everything the stack writes (NATS store,
+    identity, logs, the auditor's projection, the URL file) is under --home.
     The first start creates an admin API key and prints it (once; it is kept in HOME/api-admin.key, 0600).
     """
-    from interlock.devstack.stack import Stack
+    from interlock.devstack.stack import NotReady, RestartPolicy, Stack
 
     globals_of(ctx).export_tls()  # TLS: --tls-* for the processes the stack starts
     try:
         url = ClientSettings.load(nats_url=globals_of(ctx).nats).nats_url
     except ClientError as e:
         fail(str(e))
-    stack = Stack(home=home, nats_url=url, workers=workers or [], api_port=None if api_port < 0 else api_port)
+    stack = Stack(home=home, nats_url=url, workers=workers or [], api_port=None if api_port < 0 else api_port,
+                  restart_policy=RestartPolicy(initial=restart_backoff, limit=max_restarts))
     stop_on_signals()
+    code = 0
     try:
         url = stack.start_nats()
         asyncio.run(stack.provision())
         stack.start()
-        echo(f"Interlock is up on {url}: {', '.join(stack.procs)} (logs in {home}/logs). Ctrl-C stops it.")
+        echo(f"starting on {url}: {', '.join(stack.procs)} (logs in {home}/logs) …")
+        try:
+            for note in asyncio.run(stack.wait_ready(ready_timeout, supervise=echo)):
+                echo(f"note: {note}")
+        except NotReady as e:
+            echo(f"interlock up: {e}")
+            code = 1
+            raise KeyboardInterrupt from None
+        found = "" if home == Path(".interlock") else f" (other commands: INTERLOCK_HOME={home})"
+        echo(f"ready: Interlock is up on {url}{found}. Ctrl-C stops it.")
         echo(f"Admin credential: {stack.admin_creds} (the CLI's default here; anonymous connections are "
              f"refused). Issue others with `interlock creds issue`.")
         if stack.api_url is not None:
@@ -202,15 +303,20 @@ def up(
             else:
                 echo(f"Admin API key: in {key_file} (export INTERLOCK_API_KEY=$(cat {key_file}))")
         while True:
-            time.sleep(1)
-            for name in stack.dead():
-                echo(f"{name} exited; restarting it")
-                stack.restart(name)
+            time.sleep(0.2)
+            for line in stack.supervise():
+                echo(line)
+            if stack.procs and all(proc.given_up for proc in stack.procs.values()):
+                echo("every process was given up on; stopping")
+                code = 1
+                break
     except KeyboardInterrupt:
         echo("stopping…")
     finally:
+        ignore_stop_signals()
         stack.stop()
     echo("stopped")
+    raise typer.Exit(code)
 
 
 def demo(

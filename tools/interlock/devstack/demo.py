@@ -12,7 +12,7 @@ from interlock.client import Client, ClientError, progress_line, timeline_line
 from interlock.contracts import events as ev
 from interlock.core.verify import render_report
 from interlock.devstack import example_file
-from interlock.devstack.stack import Stack
+from interlock.devstack.stack import NotReady, Stack
 
 Out = Callable[[str], None]
 
@@ -35,9 +35,11 @@ def run_demo(*, auto_approve: bool = False, home: Path | str = Path(".interlock/
         asyncio.run(stack.provision())
         stack.start()
         out(f"  nats {url} (auth on; admin credential {stack.admin_creds}); processes: {', '.join(stack.procs)}")
+        asyncio.run(stack.wait_ready(timeout))  # start-up is not run time
+        out(f"  ready in {time.monotonic() - t0:.1f}s: every service and worker consumes")
         code = asyncio.run(_demo(stack.url, stack.admin_creds, auto_approve=auto_approve, timeout=timeout, t0=t0,
                                  out=out))
-    except ClientError as e:
+    except (ClientError, NotReady) as e:
         out(f"demo failed: {e}")
         for name in stack.dead():
             out(f"  {name} is not running; see {home}/logs/{name}.log")

@@ -72,6 +72,7 @@ from interlock.core.verify import verify_envelopes
 from interlock.core.workflow import Workflow, load_workflow
 from interlock.devstack import example_file
 from interlock.devstack.stack import SERVICES, Stack
+from interlock.runtime.connect import home_dir
 from interlock.runtime.consumer import PullConsumer
 
 OUTCOMES = ev.kinds(ev.StepSucceeded, ev.StepFailed)
@@ -373,7 +374,7 @@ async def run_drill(*, runs: int = 200, kills: int = 20, cluster: bool = False, 
             report.notes.append("--cluster ignored with --nats: the drill kills only the workers it started")
         # the running stack's identity home issues the drill's credentials (its server trusts it)
         stack = Stack(home=home, nats_url=nats_url, services=(), workers=[agents, agents], env=env, tenant=tenant,
-                      identity_dir=Path(os.environ.get("INTERLOCK_IDENTITY_HOME") or Path(".interlock") / "identity"))
+                      identity_dir=Path(os.environ.get("INTERLOCK_IDENTITY_HOME") or home_dir() / "identity"))
     else:
         stack = Stack(home=home, port=0, workers=[agents, agents], env=env, cluster=3 if cluster else 0,
                       tenant=tenant)

@@ -21,16 +21,21 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nats.js import JetStreamContext
+
 from interlock.client import ClientSettings
+from interlock.contracts import subjects as s
 from interlock.core.natsserver import EmbeddedNats, free_port
 from interlock.core.topology import provision
 from interlock.devstack.cluster import LocalCluster
 from interlock.devstack.targets import worker_topics
 from interlock.identity import IdentityHome, write_private
-from interlock.runtime.connect import URL_FILE, connect
+from interlock.runtime.connect import HOME_ENV, connect, url_file
+from interlock.runtime.datakeys import FILE_ENV, DataKeyring
 
 SERVICES = ("planner", "policy", "approval", "dispatcher", "auditor")
 API = "api"
@@ -42,11 +47,35 @@ DEFAULT_TENANT = "default"
 ADMIN = "admin"
 
 
+ORPHAN_GRACE_S = 10.0
+"""How long ``wait_ready`` waits for a service consumer nobody pulls from, once each service pulls."""
+
+
+class NotReady(RuntimeError):
+    """The stack did not become ready in time (str: what does not consume yet)."""
+
+
 def _port_free(port: int) -> bool:
     import socket
 
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When ``interlock up`` restarts a child that exited: after ``initial`` seconds, doubling with
+    every exit in a row up to ``cap``; after ``limit`` restarts in a row it gives up on the child.
+    A child that stayed up ``stable`` seconds starts a new row (a crash an hour later is not a loop)."""
+
+    initial: float = 0.5
+    cap: float = 30.0
+    limit: int = 5
+    stable: float = 60.0
+
+    def delay(self, crashes: int) -> float:
+        """Seconds to wait before restart number ``crashes`` (1, 2, …) of a row."""
+        return min(self.cap, self.initial * 2 ** (crashes - 1))
 
 
 @dataclass
@@ -56,6 +85,12 @@ class Proc:
     log_path: Path
     popen: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)  # this process's own settings, kept for restarts
+    started_at: float = 0.0
+    crashes: int = 0
+    """Exits in a row (reset once the child stays up ``RestartPolicy.stable`` seconds)."""
+    restart_at: float | None = None
+    """When the supervisor restarts it (None: not scheduled)."""
+    given_up: bool = False
 
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
@@ -79,6 +114,11 @@ class Stack:
     tenant: str = DEFAULT_TENANT
     creds: dict[str, Path] = field(default_factory=dict)
     """The credential of each process by name, and ``admin``'s."""
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
+    _topics: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
+    metrics: bool = False
+    """Give every process a Prometheus ``/metrics`` endpoint on a free port (``metrics_ports``)."""
+    metrics_ports: dict[str, int] = field(default_factory=dict)
     api_port: int | None = None
     """Run the api service (HTTP API and console) on this port (0: a free one); None: no api."""
     api_url: str | None = None
@@ -118,16 +158,34 @@ class Stack:
         for service in (*self.services, *((API,) if self.api_port is not None else ())):
             if service not in self.creds:
                 self.creds[service] = self.identity.get_or_issue(service, name=service)
-        topics: dict[str, tuple[str, ...]] = {}
         for name, target, tenant in self.worker_specs():
             if name in self.creds:
                 continue
-            if target not in topics:
-                topics[target] = worker_topics(target)
             # each worker process may pull its tenant's jobs of the topics it serves, and no other
-            self.creds[name] = self.identity.get_or_issue("worker", tenant, topics[target],
+            self.creds[name] = self.identity.get_or_issue("worker", tenant, self.topics_of(target),
                                                           name=self._principal(name, tenant))
         return self.creds
+
+    def topics_of(self, target: str) -> tuple[str, ...]:
+        """The job topics of a worker target (loaded once)."""
+        if target not in self._topics:
+            self._topics[target] = worker_topics(target)
+        return self._topics[target]
+
+    @property
+    def data_keys_file(self) -> Path:
+        """The tenants' data keys every process of the stack shares: ``INTERLOCK_DATA_KEYS_FILE``
+        (``env``, then this process's), else ``{home}/data-keys.json`` (mode 0600)."""
+        given = self.env.get(FILE_ENV) or os.environ.get(FILE_ENV)
+        return Path(given) if given else self.home / "data-keys.json"
+
+    def ensure_data_keys(self) -> None:
+        """Create the keyring with a key for the stack's tenants, unless they have one (or were forgotten)."""
+        ring = DataKeyring(self.data_keys_file)
+        known = ring.tenants()
+        for tenant in {self.tenant, *self.worker_tenants}:
+            if tenant not in known:
+                ring.rotate(tenant)
 
     @property
     def url(self) -> str:
@@ -176,22 +234,43 @@ class Stack:
         logs = self.home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         proc = self.procs.get(name) or Proc(name, argv, logs / f"{name}.log", env=own_env or {})
-        env = {**os.environ, **self.env, **proc.env, "INTERLOCK_NATS_URL": self.url, "PYTHONUNBUFFERED": "1",
-               "INTERLOCK_CREDS": str(self.creds[name]), "INTERLOCK_PROVISION": "false"}
+        env = {**os.environ, **self.home_env(), **self.env, **proc.env, "INTERLOCK_NATS_URL": self.url,
+               "PYTHONUNBUFFERED": "1", "INTERLOCK_CREDS": str(self.creds[name]), "INTERLOCK_PROVISION": "false",
+               FILE_ENV: str(self.data_keys_file)}
         if self.cluster:
             env["INTERLOCK_REPLICAS"] = str(self.replicas)
+        if self.metrics:  # the same port across restarts, so a scraper keeps finding it
+            env["INTERLOCK_METRICS_PORT"] = str(self.metrics_ports.setdefault(name, free_port()))
         with proc.log_path.open("ab") as log:
             proc.popen = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL)
+        proc.started_at = time.monotonic()
+        proc.restart_at = None
         self.procs[name] = proc
         return proc
+
+    def home_env(self) -> dict[str, str]:
+        """What keeps every child's state under ``home``: INTERLOCK_HOME (the URL file and admin
+        credential the CLI looks for) and the auditor's projection file, unless the caller's
+        environment names one."""
+        home = self.home.resolve()
+        env = {HOME_ENV: str(home)}
+        if not os.environ.get("INTERLOCK_AUDITOR_DB"):
+            env["INTERLOCK_AUDITOR_DB"] = str(home / "auditor.sqlite3")
+        return env
+
+    @property
+    def url_file(self) -> Path:
+        """Where the stack writes its server's URL for the other commands: ``{home}/nats.url``."""
+        return url_file(self.home)
 
     def start(self) -> None:
         """Start NATS (unless a URL was given) and every service and worker process."""
         self.start_nats()
         self.issue_creds()  # (a no-op after start_nats, unless a URL was given)
-        URL_FILE.parent.mkdir(parents=True, exist_ok=True)
-        URL_FILE.write_text(self.url)
+        self.ensure_data_keys()
+        self.url_file.parent.mkdir(parents=True, exist_ok=True)
+        self.url_file.write_text(self.url)
         for service in self.services:
             self._spawn(service, [sys.executable, "-m", "interlock.cli", "serve", service])
         if self.api_port is not None:
@@ -266,6 +345,103 @@ class Stack:
     def dead(self) -> list[str]:
         return [name for name, proc in self.procs.items() if not proc.alive()]
 
+    def supervise(self, now: float | None = None) -> list[str]:
+        """One pass of ``interlock up``'s supervisor: schedule the restart of each child that exited
+        (exponential backoff, :attr:`restart_policy`), restart those whose time has come, give up
+        on a child that exited too many times in a row. Returns what to tell the user."""
+        now = time.monotonic() if now is None else now
+        policy, said = self.restart_policy, []
+        for name, proc in self.procs.items():
+            if proc.given_up or proc.alive():
+                continue
+            if proc.restart_at is None:  # exited since the last pass
+                code = proc.popen.returncode if proc.popen is not None else None
+                if now - proc.started_at >= policy.stable:
+                    proc.crashes = 0
+                proc.crashes += 1
+                if proc.crashes > policy.limit:
+                    proc.given_up = True
+                    said.append(f"{name} exited (code {code}) {proc.crashes} times in a row; giving up on it "
+                                f"after {policy.limit} restarts (see {proc.log_path})")
+                    continue
+                wait = policy.delay(proc.crashes)
+                proc.restart_at = now + wait
+                said.append(f"{name} exited (code {code}); restarting it in {wait:g} s "
+                            f"(restart {proc.crashes} of at most {policy.limit} in a row)")
+            elif now >= proc.restart_at:
+                self.restart(name)
+        return said
+
+    async def wait_ready(self, timeout: float = 60.0, *, interval: float = 0.2,
+                         supervise: Callable[[str], None] | None = None) -> list[str]:
+        """Return once every service and worker consumes: each one's durable consumers exist and
+        hold a live pull request (requests expire within seconds, so a dead holder's do not count),
+        and the auditor answers a query (the readiness probe). Raises :class:`NotReady` naming what
+        is missing. ``supervise``: restart children that exit meanwhile (:meth:`supervise`) and
+        tell it what happened; else a child that exits fails the wait at once.
+
+        A service consumer nobody pulls from once every service pulls on some consumer is waited
+        for :data:`ORPHAN_GRACE_S` more, then taken for one an earlier copy left behind (a renamed
+        auditor instance, say): returned as a note instead of blocking forever."""
+        from interlock.client import Client, ClientError
+
+        deadline = time.monotonic() + timeout
+        all_pulling_since: float | None = None
+        client = await Client.connect(self.url, creds=self.admin_creds, name="interlock-stack-ready")
+        try:
+            while True:
+                if supervise is not None:
+                    for line in self.supervise():
+                        supervise(line)
+                    missing = [f"{n} was given up on (see {p.log_path})" for n, p in self.procs.items() if p.given_up]
+                else:
+                    missing = [f"{n} exited (code {p.popen.returncode if p.popen else None}; see {p.log_path})"
+                               for n, p in self.procs.items() if not p.alive()]
+                    if missing:
+                        raise NotReady("; ".join(missing))
+                blocking, idle = await self._not_consuming(client.js)
+                missing += blocking
+                now = time.monotonic()
+                all_pulling_since = (all_pulling_since or now) if not blocking else None
+                if idle and all_pulling_since is not None and now - all_pulling_since >= ORPHAN_GRACE_S:
+                    notes, idle = [f"{i} (left by an earlier copy? delete it if so)" for i in idle], []
+                else:
+                    notes = []
+                missing += idle
+                if not missing:
+                    try:
+                        await client.runs(limit=1)  # the readiness probe: the auditor answers queries
+                    except ClientError as e:
+                        missing.append(f"the auditor does not answer queries yet ({e})")
+                if not missing:
+                    return notes
+                if now >= deadline:
+                    raise NotReady(f"not ready after {timeout:g} s: {'; '.join(missing)}")
+                await asyncio.sleep(interval)
+        finally:
+            await client.close()
+
+    async def _not_consuming(self, js: JetStreamContext) -> tuple[list[str], list[str]]:
+        """(what does not consume yet: a service without a pulling consumer, a worker's topic
+        without a pulling consumer; service consumers that nobody pulls from)."""
+        pulling: dict[str, bool] = {}
+        for stream in await js.streams_info():
+            for info in await js.consumers_info(stream.config.name or ""):
+                if info.config.durable_name:
+                    pulling[info.config.durable_name] = pulling.get(info.config.durable_name, False) or \
+                        bool(info.num_waiting)
+        blocking, idle = [], []
+        for service in self.services:
+            own = [n for n in pulling if n == service or n.startswith(f"{service}_")]
+            if not any(pulling[n] for n in own):
+                blocking.append(f"{service} does not consume yet")
+            idle += [f"{service}'s consumer {n} is not pulled from" for n in own if not pulling[n]]
+        for name, target, tenant in self.worker_specs():
+            for topic in self.topics_of(target):
+                if not pulling.get(s.worker_consumer(tenant, topic)):
+                    blocking.append(f"{name} does not pull {topic} jobs yet")
+        return blocking, idle
+
     def stop(self, timeout: float = 10.0) -> None:
         for proc in self.procs.values():
             if proc.alive():
@@ -286,5 +462,5 @@ class Stack:
             if self.nats is not None:
                 self.nats.stop()
             with contextlib.suppress(FileNotFoundError):
-                if URL_FILE.read_text().strip() == self.nats_url:
-                    URL_FILE.unlink()
+                if self.url_file.read_text().strip() == self.nats_url:
+                    self.url_file.unlink()

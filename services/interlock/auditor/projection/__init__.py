@@ -50,7 +50,15 @@ from interlock.auditor.projection._apply import (
     mark_rebuilt,
     wipe,
 )
-from interlock.auditor.projection._queries import q_approvals, q_counts, q_position, q_runs, q_status, q_timeline
+from interlock.auditor.projection._queries import (
+    q_approvals,
+    q_counts,
+    q_position,
+    q_runs,
+    q_status,
+    q_timeline,
+    q_usage,
+)
 from interlock.auditor.projection._schema import advance_position, init_schema, log, transaction
 from interlock.contracts import subjects as s
 from interlock.core import codec
@@ -376,6 +384,13 @@ class Projection:
     async def approvals(self, tenant: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Pending approval requests of active runs, oldest first."""
         return await self._call(q_approvals, tenant, limit)
+
+    async def usage(self, *, tenant: str | None = None, group_by: str = "workflow", run_id: str | None = None,
+                    workflow_id: str | None = None, since: datetime | None = None, limit: int = 100
+                    ) -> list[dict[str, Any]]:
+        """Model usage summed per ``group_by`` (run, workflow or tenant), most expensive first."""
+        return await self._call(q_usage, tenant, group_by, run_id, workflow_id,
+                                since.isoformat() if since is not None else None, limit)
 
     async def last_seq(self, run_id: str) -> int:
         row = await self._call(lambda conn: conn.execute("SELECT last_seq FROM runs WHERE run_id = ?",

@@ -133,6 +133,31 @@ def q_approvals(conn: sqlite3.Connection, tenant: str | None, limit: int) -> lis
              "expires_at": r["expires_at"]} for r in conn.execute(sql, params)]
 
 
+USAGE_KEYS = {"run": "u.run_id", "workflow": "r.workflow_id", "tenant": "r.tenant"}
+
+
+def q_usage(conn: sqlite3.Connection, tenant: str | None, group_by: str, run_id: str | None,
+            workflow_id: str | None, since: str | None, limit: int) -> list[dict[str, Any]]:
+    """Model usage summed per run, workflow or tenant, most expensive first."""
+    key = USAGE_KEYS[group_by]
+    sql = (f"SELECT {key} AS key, COUNT(DISTINCT u.run_id) AS runs, SUM(u.calls) AS calls, "
+           "SUM(u.input_tokens) AS input_tokens, SUM(u.output_tokens) AS output_tokens, SUM(u.cost_usd) AS cost_usd "
+           "FROM usage u JOIN runs r ON r.run_id = u.run_id WHERE 1 = 1")
+    params: list[Any] = []
+    for column, value in (("r.tenant", tenant), ("u.run_id", run_id), ("r.workflow_id", workflow_id)):
+        if value is not None:
+            sql += f" AND {column} = ?"
+            params.append(value)
+    if since is not None:
+        sql += " AND julianday(u.at) >= julianday(?)"  # both ISO 8601, with Z or an offset
+        params.append(since)
+    sql += f" GROUP BY {key} ORDER BY cost_usd DESC, key LIMIT ?"
+    params.append(max(0, limit))
+    return [{"key": r["key"], "runs": r["runs"], "calls": r["calls"], "input_tokens": r["input_tokens"],
+             "output_tokens": r["output_tokens"], "cost_usd": round(r["cost_usd"] or 0.0, 6)}
+            for r in conn.execute(sql, params)]
+
+
 def q_position(conn: sqlite3.Connection) -> dict[str, Any]:
     row = conn.execute("SELECT stream_seq, commits, events, rebuilt_at, stream_created FROM projection_position "
                        "WHERE stream = ?", (POSITION_KEY,)).fetchone()

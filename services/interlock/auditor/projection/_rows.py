@@ -12,7 +12,7 @@ from typing import Any
 
 from interlock.auditor.projection._schema import dumps
 from interlock.contracts import events as ev
-from interlock.core.timeline import error_message, int_field, is_int64, opt_field, rule_ids, str_field
+from interlock.core.timeline import error_message, int_field, is_int64, opt_field, rule_ids, str_field, usage_summary
 
 TERMINAL_STEP = ("succeeded", "failed", "skipped", "denied", "cancelled")
 
@@ -182,9 +182,21 @@ def _h_heartbeat(conn: sqlite3.Connection, e: RowEvent) -> None:
                  "AND status IN ('dispatched', 'running')", (e.run_id, step_id))
 
 
+def _record_usage(conn: sqlite3.Connection, e: RowEvent, step_id: str) -> None:
+    """An outcome's model calls, one row per outcome event (summed by the cost queries)."""
+    usage = usage_summary(e.data)
+    if usage is None:
+        return
+    conn.execute("INSERT OR REPLACE INTO usage (run_id, seq, step_id, attempt, at, calls, models, input_tokens, "
+                 "output_tokens, cost_usd) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (e.run_id, e.seq, step_id, e.attempt, e.at, usage["calls"], dumps(usage["models"]),
+                  usage["input_tokens"], usage["output_tokens"], usage["cost_usd"]))
+
+
 def _h_succeeded(conn: sqlite3.Connection, e: RowEvent) -> None:
     d = e.data
     step_id = _ensure_step(conn, e)
+    _record_usage(conn, e, step_id)
     attempt = int_field(d, "attempt")
     if attempt:
         conn.execute("UPDATE attempts SET outcome = 'succeeded', ended_at = ?, worker = COALESCE(NULLIF(?, ''), "
@@ -197,6 +209,7 @@ def _h_succeeded(conn: sqlite3.Connection, e: RowEvent) -> None:
 def _h_failed(conn: sqlite3.Connection, e: RowEvent) -> None:
     d = e.data
     step_id = _ensure_step(conn, e)
+    _record_usage(conn, e, step_id)
     attempt = int_field(d, "attempt")
     message = error_message(d)
     if attempt:
@@ -254,6 +267,7 @@ ROW_HANDLERS: dict[str, RowHandler] = ev.complete_table("auditor projection row 
     ev.StepTimedOut: _h_timed_out,
     ev.StepSkipped: _h_skipped,
     ev.LateResultRecorded: _h_nothing,
+    ev.BudgetExceeded: _h_nothing,  # the RunFailed that follows carries the reason
     ev.ApprovalRefused: _h_nothing,
     ev.CompensationStarted: _h_comp_started,
     ev.CompensationFinished: _h_nothing,

@@ -10,11 +10,12 @@ from typing import Any, TypeVar
 import msgspec
 
 from interlock.contracts import subjects as s
+from interlock.core.sealed import redact
 
 # one logger for the whole projection, named as before the package split
 log = logging.getLogger("interlock.auditor.projection")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 POSITION_KEY = s.EVENTS_STREAM  # the projection_position row of the stream projected
 
 _encoder = msgspec.json.Encoder()
@@ -49,6 +50,20 @@ CREATE INDEX IF NOT EXISTS runs_tenant ON runs (tenant, started_at);
 CREATE INDEX IF NOT EXISTS runs_status ON runs (status, started_at);
 CREATE INDEX IF NOT EXISTS runs_workflow ON runs (workflow_id, started_at);
 CREATE INDEX IF NOT EXISTS runs_key ON runs (idempotency_key);
+
+CREATE TABLE IF NOT EXISTS usage (
+    run_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    step_id TEXT NOT NULL,
+    attempt INTEGER,
+    at TEXT,
+    calls INTEGER NOT NULL,
+    models TEXT NOT NULL DEFAULT '[]',
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    cost_usd REAL NOT NULL,
+    PRIMARY KEY (run_id, seq)
+);
 
 CREATE TABLE IF NOT EXISTS steps (
     run_id TEXT NOT NULL,
@@ -149,14 +164,15 @@ CREATE TABLE IF NOT EXISTS projection_position (
 );
 """
 
-TABLES = ("runs", "steps", "attempts", "decisions", "approvals", "timeline", "projection_position")
-RUN_CHILDREN = ("steps", "attempts", "decisions", "approvals", "timeline")
+TABLES = ("runs", "steps", "attempts", "decisions", "approvals", "timeline", "usage", "projection_position")
+RUN_CHILDREN = ("steps", "attempts", "decisions", "approvals", "timeline", "usage")
 
 
 def dumps(value: Any) -> str | None:
     """A JSON column's text (``repr`` as a JSON string for what JSON cannot hold); None stays NULL."""
     if value is None:
         return None
+    value = redact(value)  # sensitive values: the marker (their ciphertext stays in the log only)
     try:
         return _encoder.encode(value).decode()
     except (TypeError, msgspec.EncodeError):

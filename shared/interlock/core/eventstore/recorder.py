@@ -32,6 +32,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import Header
 from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, ServiceUnavailableError
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from interlock.contracts import headers as h
 from interlock.contracts import permissions as p
@@ -52,6 +54,10 @@ _DESCRIPTION = Header.DESCRIPTION.value
 _SEQUENCE = h.SEQUENCE
 _NUM_PENDING = h.NUM_PENDING
 _LAST_SEQUENCE = h.LAST_SEQUENCE
+
+APPENDED = "appended"
+"""Span event an append adds to the handler span it happened in (tracing exports such spans)."""
+_trace_context = TraceContextTextMapPropagator()
 
 CONSUMER_EXISTS = 10148  # a create (action "create") of a name another reader holds
 SLOT_IDLE_SECONDS = 30.0  # a slot consumer its reader abandoned (crash) is removed after this
@@ -225,6 +231,14 @@ class JetStreamRecorder:
         writer appended first, :class:`EventStoreError` when no ack came for ``failover_patience``.
         """
         headers = {h.MSG_ID: msg_id, h.EXPECTED_LAST_SUBJECT_SEQ: str(expected_seq)}
+        span = trace.get_current_span()
+        if span.get_span_context().is_valid:  # services that read the commit continue this span's trace
+            _trace_context.inject(headers)
+        seq = await self._append(subject, payload, msg_id, headers)
+        span.add_event(APPENDED, {"subject": subject, "seq": seq})
+        return seq
+
+    async def _append(self, subject: str, payload: bytes, msg_id: str, headers: dict[str, str]) -> int:
         retry = Retry(APPEND_BACKOFF, patience=self.failover_patience)
         while True:
             try:

@@ -8,13 +8,24 @@ skipped here: pydantic reports it.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeGuard
 
 from jinja2 import TemplateError, TemplateSyntaxError, nodes
 
+from interlock.core.sealed import DEFAULT_SENSITIVE_KEYS, key_matches
+
 from ._problems import Issue, Path
-from ._templates import CONTEXT_VARIABLES, ENV, analyze, expression_source, is_template, parse_expression
+from ._templates import (
+    CONTEXT_VARIABLES,
+    ENV,
+    analyze,
+    expression_source,
+    is_template,
+    parse_expression,
+    single_expression,
+)
 
 STEP_TYPES = ("job", "approval", "notify")
 
@@ -58,12 +69,36 @@ def semantic_issues(data: Mapping[str, Any]) -> list[Issue]:
     deps = {sid: _check_depends_on(sid, steps[sid], ids, issues) for sid in ids}
     issues.extend(_cycle_issues(ids, deps))
     upstream = {sid: transitive(deps, sid) for sid in ids}
+    sensitive = _check_sensitive(data.get("sensitive"), ids, issues)
     for sid in ids:
         step = steps[sid]
         if isinstance(step, Mapping):
             _check_step(sid, step, issues)
-            _check_step_templates(sid, step, ids, upstream[sid], issues)
+            _check_step_templates(sid, step, ids, upstream[sid], issues, sensitive)
     return issues
+
+
+_SENSITIVE_PATH = re.compile(r"^(input|steps\.([A-Za-z][A-Za-z0-9_-]*)\.output)(\.[A-Za-z0-9_$-]+)*$")
+
+
+def _check_sensitive(raw: Any, ids: list[str], issues: list[Issue]) -> frozenset[str]:
+    """Report bad ``sensitive`` entries; return the usable paths."""
+    if not isinstance(raw, list):
+        return frozenset()  # absent, or the wrong shape (pydantic reports that)
+    good: set[str] = set()
+    for i, path in enumerate(raw):
+        if not isinstance(path, str):
+            continue
+        match = _SENSITIVE_PATH.match(path)
+        if match is None:
+            issues.append(Issue(("sensitive", i), f"invalid sensitive path {path!r}: write input.NAME… or "
+                                                  "steps.STEP.output.NAME… (dotted keys, no templates)"))
+        elif match.group(2) is not None and match.group(2) not in ids:
+            step = match.group(2)
+            issues.append(Issue(("sensitive", i), f"unknown step {step!r} in {path!r}{did_you_mean(step, ids)}"))
+        else:
+            good.add(path)
+    return frozenset(good)
 
 
 def _check_depends_on(sid: str, step: Any, ids: list[str], issues: list[Issue]) -> list[str]:
@@ -124,7 +159,8 @@ def _is_int(value: Any) -> TypeGuard[int]:
 
 
 def _check_step_templates(
-    sid: str, step: Mapping[str, Any], ids: list[str], upstream: set[str], issues: list[Issue]
+    sid: str, step: Mapping[str, Any], ids: list[str], upstream: set[str], issues: list[Issue],
+    sensitive: frozenset[str] = frozenset(),
 ) -> None:
     base: Path = ("steps", sid)
     in_loop = step.get("for_each") is not None
@@ -132,6 +168,8 @@ def _check_step_templates(
     def check(source: Any, path: Path, *, expression: bool, item_ok: bool) -> None:
         if isinstance(source, str):
             _check_template(source, path, sid, expression, item_ok, ids, upstream, issues)
+            if not expression and single_expression_or_none(source) is None:
+                _check_interpolation(source, path, sensitive, issues)
 
     for path, text in _strings(step.get("input"), (*base, "input")):
         if is_template(text):
@@ -204,6 +242,49 @@ def _check_template(
             issues.append(Issue(path, f"unknown step {ref!r} in steps.{ref}{did_you_mean(ref, ids)}"))
         elif ref not in upstream:
             issues.append(Issue(path, f"step {ref!r} is not upstream of {sid!r}; add it to depends_on"))
+
+
+def single_expression_or_none(source: str) -> str | None:
+    try:
+        return single_expression(source)
+    except TemplateSyntaxError:
+        return None  # reported by _check_template
+
+
+def _chain(node: nodes.Node) -> list[str] | None:
+    """``input.a.b`` / ``steps['x'].output`` as its names, or None if not rooted at input/steps."""
+    names: list[str] = []
+    while isinstance(node, nodes.Getattr | nodes.Getitem):
+        if isinstance(node, nodes.Getattr):
+            names.append(node.attr)
+        elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+            names.append(node.arg.value)
+        else:
+            return None
+        node = node.node
+    if not (isinstance(node, nodes.Name) and node.name in ("input", "steps")):
+        return None
+    return [node.name, *reversed(names)]
+
+
+def _check_interpolation(source: str, path: Path, sensitive: frozenset[str], issues: list[Issue]) -> None:
+    """A sensitive value written into a larger string would leave its envelope: refused."""
+    try:
+        tree = ENV.parse(source)
+    except TemplateSyntaxError:
+        return  # reported by _check_template
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+        names = _chain(node)
+        if names is None:
+            continue
+        dotted = ".".join(names)
+        hit = (any(dotted == p or dotted.startswith(p + ".") or p.startswith(dotted + ".") for p in sensitive)
+               or any(key_matches(name, DEFAULT_SENSITIVE_KEYS) for name in names[1:]))
+        if hit:
+            issues.append(Issue(path, f"{dotted} is sensitive and cannot be interpolated into a string (it stays "
+                                      f"sealed); pass it as a whole value, e.g. key: \"{{{{ {dotted} }}}}\" "
+                                      f"(in {source!r})"))
+            return
 
 
 # --- cycles ----------------------------------------------------------------------------------

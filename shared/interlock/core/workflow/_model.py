@@ -195,6 +195,15 @@ class RetryPolicy(BaseModel):
         return int(min(jittered, self.max_backoff_ms))
 
 
+class Budget(BaseModel):
+    """What a whole run may spend on model calls; crossing a limit ends the run (BudgetExceeded)."""
+
+    model_config = _FROZEN
+
+    max_cost_usd: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = None
+    max_tokens: Annotated[int, Strict(), Field(ge=0)] | None = None
+
+
 class Step(BaseModel):
     """One step. Field types are checked here; rules across fields are checked by Workflow."""
 
@@ -231,6 +240,9 @@ class Step(BaseModel):
         return str(value).lower() if isinstance(value, bool) else value
 
 
+_ADDED_LATER = ("sensitive", "budget", "record_prompts")  # not in the content hash while at their default
+
+
 class Workflow(BaseModel):
     """A validated workflow definition. Construct with ``parse_workflow``/``load_workflow``."""
 
@@ -243,6 +255,11 @@ class Workflow(BaseModel):
     triggers: Annotated[tuple[Subject, ...], BeforeValidator(_none_to_empty)] = ()
     steps: dict[StepId, Step]
     timeout_ms: PositiveMs | None = None
+    sensitive: Annotated[tuple[Text, ...], BeforeValidator(_none_to_empty)] = ()
+    """Paths of sensitive values (``input.credentials.api_key``, ``steps.fetch.output.token``),
+    sealed wherever they are stored (besides the keys the sensitive key patterns name)."""
+    budget: Budget | None = None
+    record_prompts: Annotated[bool, Strict()] = False  # let agents keep prompts in the log (LlmCall.prompt)
 
     @model_validator(mode="wrap")
     @classmethod
@@ -270,7 +287,10 @@ class Workflow(BaseModel):
     @cached_property
     def content_hash(self) -> str:
         """sha256 of the canonical JSON of the parsed definition (defaults filled in)."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        # fields added later are left out while unset: definitions written before them keep their hash
+        unset = {name for name in _ADDED_LATER if getattr(self, name) == type(self).model_fields[name].default}
+        dumped = self.model_dump(mode="json", exclude=unset or None)
+        canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     @cached_property
@@ -307,6 +327,15 @@ class Workflow(BaseModel):
         """All steps that depend on ``step_id``, directly or transitively."""
         self._require(step_id)
         return frozenset(transitive(self._dependents, step_id))
+
+    def sensitive_paths(self, root: str) -> frozenset[str]:
+        """The ``sensitive`` paths at or under ``root`` (``input``, ``steps.ID.output``)."""
+        return frozenset(p for p in self.sensitive if p == root or p.startswith(root + "."))
+
+    def sensitive_output_paths(self, step_id: str) -> tuple[str, ...]:
+        """The ``sensitive`` paths of a step's output, relative to it (``output.token``), for its jobs."""
+        root = f"steps.{step_id}."
+        return tuple(sorted(p.removeprefix(root) for p in self.sensitive if p.startswith(root)))
 
     def _require(self, step_id: str) -> None:
         if step_id not in self.steps:

@@ -18,10 +18,13 @@ from jinja2.environment import TemplateExpression
 from jinja2.parser import Parser
 from jinja2.sandbox import SandboxedEnvironment
 
+from interlock.core.sealed import redact
+
 CONTEXT_VARIABLES = ("input", "steps", "item", "index", "run")
 """Names a template may use (plus Jinja's own globals such as ``range``)."""
 
-ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+# a sealed value written into text (a notify message, a prompt) shows as the redaction marker
+ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True, finalize=redact)
 
 
 class TemplateError(Exception):

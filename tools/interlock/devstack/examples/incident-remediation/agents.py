@@ -46,9 +46,19 @@ def record_side_effect(ctx: JobContext, what: str) -> bool:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _given(ctx: JobContext) -> dict[str, Any]:
+    """The job's input as a mapping (``input: null`` sends nothing)."""
+    return ctx.input if isinstance(ctx.input, dict) else {}
+
+
+def _alert(ctx: JobContext) -> dict[str, Any]:
+    """The alert: a step without ``input:`` gets the run's input, ``{"alert": {...}}``."""
+    return dict(_given(ctx).get("alert") or {})
+
+
 @worker.job("incident.detect", version="1", capabilities=["alerts"])
 async def detect(ctx: JobContext) -> dict[str, Any]:
-    alert = ctx.input.get("alert") or {}
+    alert = _alert(ctx)
     return {"host": alert.get("host", "web-1"), "service": alert.get("service", "checkout"),
             "symptom": alert.get("symptom", "5xx spike")}
 
@@ -56,21 +66,23 @@ async def detect(ctx: JobContext) -> dict[str, Any]:
 @worker.job("incident.classify", version="1", capabilities=["llm"])
 async def classify(ctx: JobContext) -> dict[str, Any]:
     await asyncio.sleep(0.05)  # stands in for a model call
-    symptom = ctx.input["signal"]["symptom"]
+    signal = _given(ctx).get("signal") or _alert(ctx)  # wired `signal:`, else the run's alert
+    symptom = str(signal.get("symptom", ""))
     return {"severity": "high" if "5xx" in symptom else "medium", "category": "availability"}
 
 
 @worker.job("incident.enrich", version="1", capabilities=["cmdb"])
 async def enrich(ctx: JobContext) -> dict[str, Any]:
     await asyncio.sleep(0.05)  # stands in for a CMDB lookup, in parallel with classify
-    host = ctx.input["host"]
+    host = _given(ctx).get("host") or _alert(ctx).get("host", "web-1")  # wired `host:`, else the alert's
     return {"host": host, "service": "checkout", "owner": "payments-team", "region": "eu-west-1"}
 
 
 @worker.job("incident.plan", version="1", capabilities=["llm"])
 async def plan(ctx: JobContext) -> dict[str, Any]:
     digest = hashlib.sha256(json.dumps(ctx.input, sort_keys=True).encode()).hexdigest()[:8]
-    return {"patch_id": f"PATCH-{digest}", "action": "rollback-deploy", "host": ctx.input["host"]}
+    host = _given(ctx).get("host") or _alert(ctx).get("host", "web-1")  # wired `host:`, else the alert's
+    return {"patch_id": f"PATCH-{digest}", "action": "rollback-deploy", "host": host}
 
 
 @worker.job("incident.apply", version="1", capabilities=["ssh"])
@@ -78,8 +90,10 @@ async def apply(ctx: JobContext) -> dict[str, Any]:
     await ctx.heartbeat("connecting")
     if ctx.attempt == 1:
         raise RetryableError("ssh: connection reset by peer (simulated, first attempt only)")
-    record_side_effect(ctx, f"applied {ctx.input['plan']['patch_id']}")
-    return {"applied": ctx.input["plan"]["patch_id"], "attempt": ctx.attempt}
+    # a wired `plan:`, else (the run's input only) a patch named after the alert
+    patch_id = (_given(ctx).get("plan") or {}).get("patch_id") or f"PATCH-{_alert(ctx).get('id', 'unknown')}"
+    record_side_effect(ctx, f"applied {patch_id}")
+    return {"applied": patch_id, "attempt": ctx.attempt}
 
 
 @worker.job("incident.rollback", version="1", capabilities=["ssh"])
