@@ -8,6 +8,7 @@ instead: CI installs Chromium (``./dev chromium``) and must run them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -96,6 +97,9 @@ async def browser_stack(browser_nats: tuple[EmbeddedNats, Principals],
     home = tmp_path_factory.mktemp("console-stack")
     nc = await connect(provisioned, admin_creds)
     await provision(nc.jetstream())
+    # every credential issued from now on (and those issued so far) is trusted by the services' keyring
+    principals.publish_to = (provisioned, admin_creds)
+    await asyncio.to_thread(principals.publish_keyring)
     harness = Harness(url=provisioned, nc=nc, principals=principals)
     await harness.start_services()
     auditor = AuditorService(ServiceSettings(nats_url=provisioned, provision=False, sweep_interval=0,

@@ -24,7 +24,8 @@ from interlock.api.access import Action, allows, roles_allowed
 from interlock.api.problems import ApiProblem
 from interlock.client import Client
 from interlock.contracts.messages import ApiKeyRecord
-from interlock.runtime.apikeys import wrap_key
+from interlock.identity import Signer
+from interlock.runtime.apikeys import signer_of, wrap_key
 
 SESSION_COOKIE = "interlock_session"
 CSRF_HEADER = "X-CSRF-Token"
@@ -175,6 +176,14 @@ def allow(action: Action) -> Callable[..., Awaitable[Principal]]:
         return who
     check.action = action  # type: ignore[attr-defined]  # read by the route table (interlock.api.routes)
     return check
+
+
+async def decision_signer(request: Request, who: Principal) -> Signer | None:
+    """The signer of ``who``'s approvals: their API key's own signing key, opened by the key they
+    presented (or signed in with). None when the key has none or the caller did not present it:
+    the API cannot decide for a principal whose key it was not given."""
+    record = await client_of(request).api_key(who.key_id)
+    return signer_of(record, who.signer_wrap) if record is not None else None
 
 
 def acting_client(request: Request, who: Principal) -> Client:

@@ -18,11 +18,10 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from interlock.api import models as m
 from interlock.api.access import Action
-from interlock.api.auth import Principal, acting_client, allow
+from interlock.api.auth import Principal, acting_client, allow, decision_signer
 from interlock.api.problems import ERROR_RESPONSES, ApiProblem
 from interlock.client import TERMINAL_EVENTS, Client, NotFound
 from interlock.contracts.messages import AgentRegistration, ApiKeyRecord, DeadLetter
-from interlock.runtime.apikeys import signer_of
 
 PREFIX = "/api/v1"
 MAX_PAGE = 500
@@ -186,10 +185,7 @@ async def approvals(request: Request, who: Principal = Caller(Action.READ)) -> m
 async def _decide(request: Request, who: Principal, run_id: str, step_id: str, grant: bool, reason: str,
                   job_hash: str | None) -> m.CommandResult:
     client = acting_client(request, who)
-    record = await client.api_key(who.key_id)
-    # signed with the key's own signing key, opened by the key the caller presented: the API
-    # cannot decide for a principal whose key it was not given
-    signer = signer_of(record, who.signer_wrap) if record is not None else None
+    signer = await decision_signer(request, who)
     if signer is None:
         raise ApiProblem(409, "no-signing-key", "Conflict",
                          f"API key {who.key_id} cannot sign approvals (it has no signing key, or this session "

@@ -20,7 +20,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from interlock.api.auth import Sessions, client_of
+from interlock.api.auth import Sessions, client_of, decision_signer
 from interlock.api.console import _session as session
 from interlock.api.console._dag import render_dag
 from interlock.api.console._session import Who
@@ -29,6 +29,7 @@ from interlock.client import Client, ClientError, NotFound
 from interlock.contracts import events as ev
 from interlock.core.run import Run
 from interlock.core.workflow import Workflow
+from interlock.runtime.apikeys import wrap_key
 
 router = APIRouter(include_in_schema=False)
 templates = environment()
@@ -119,7 +120,7 @@ async def login(request: Request, api_key: str = Form(""), next: str = Form("/ru
         return _render(request, "login.html", None, "login", status_code=401, next=session.safe_next(next),
                        error="That is not a valid API key (unknown, revoked or mistyped).")
     sessions: Sessions = request.app.state.sessions
-    cookie, _ = sessions.issue(record)
+    cookie, _ = sessions.issue(record, wrap_key(key))
     response = RedirectResponse(session.safe_next(next), status_code=303)
     sessions.set_cookie(response, cookie)
     return response
@@ -370,16 +371,21 @@ async def decide(request: Request, run_id: str, step_id: str, who: Who = Depends
     session.require(who, "approve")
     client = session.client(request, who)
     reason = reason.strip()
+    signer = await decision_signer(request, who)  # the key's own: signed as theirs, never the service's
+    if signer is None:
+        session.flash(request, "error", "this session cannot sign decisions: sign out and sign in again with your key")
+        return _back(request, "/approvals")
+    via = f"{session.VIA}:{who.key_id}"
     try:
         if decision == "approve":
             # bound to the job hash the page showed: a job that changed since is not released
-            await client.approve(run_id, step_id, job_hash=job_hash, reason=reason, via=session.VIA)
+            await client.approve(run_id, step_id, job_hash=job_hash, reason=reason, signer=signer, via=via)
             session.flash(request, "ok", f"approved {step_id} of run {run_id}")
         elif decision == "reject":
             if not reason:
                 session.flash(request, "error", "a rejection needs a reason")
                 return _back(request, "/approvals")
-            await client.reject(run_id, step_id, job_hash=job_hash, reason=reason, via=session.VIA)
+            await client.reject(run_id, step_id, job_hash=job_hash, reason=reason, signer=signer, via=via)
             session.flash(request, "ok", f"rejected {step_id} of run {run_id}")
         else:
             session.flash(request, "error", f"unknown decision {decision!r} (approve or reject)")
