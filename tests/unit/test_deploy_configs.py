@@ -247,7 +247,7 @@ def _mounts(svc: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
 def test_every_interlock_service_has_its_credentials(compose: dict[str, Any]) -> None:
     services = _interlock_services(compose)
     assert {"provision", "planner", "policy", "approval", "dispatcher", "auditor-1", "auditor-2",
-            "example-agents"} <= set(services)
+            "example-agents", "api"} <= set(services)
     for name, svc in services.items():
         env = svc.get("environment") or {}
         creds = env.get("INTERLOCK_CREDS")
@@ -298,6 +298,9 @@ def test_no_unauthenticated_or_monitoring_port_is_published(compose: dict[str, A
         if "expose" in svc:
             assert not svc["expose"], name
         published = _published(svc)
+        if name == "api":  # every route needs an API key or a signed session: loopback only
+            assert published == [("127.0.0.1", 8081)], published
+            continue
         if name == "grafana":  # the observability profile's UI: a password sign-in, loopback only
             env = svc["environment"]
             assert published == [("127.0.0.1", 3000)], published

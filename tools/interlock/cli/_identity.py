@@ -122,7 +122,7 @@ def _publish_if_up(identity: IdentityHome, nats: str | None = None, creds: Path 
                 f"provision --home {identity.root}` with the admin credential before its signatures are needed")
 
 
-SERVICE_KINDS = ("planner", "policy", "approval", "dispatcher", "auditor")
+SERVICE_KINDS = ("planner", "policy", "approval", "dispatcher", "auditor", "api")
 EXAMPLE_WORKER = "example-agents"
 SERVER_CONFIG = "server.json"
 
