@@ -72,7 +72,7 @@ def test_the_readme_curl_flow_works_against_interlock_up(tmp_path: Path) -> None
             print("curl or jq is not installed: running the README's requests with httpx instead")
             out = httpx_flow(f"{api_url}/api/v1", printed_key, tmp_path)
         assert "event: RunSucceeded" in out and "event: end" in out, out
-        assert re.search(r"approved by admin \(\S+\) via api: patch reviewed", out), out
+        assert re.search(r"approved by admin \(\S+\) via api:[0-9a-f]{12}: patch reviewed", out), out
         assert '"run_id"' in out.splitlines()[-1] and '"dry_run":false' in out.splitlines()[-1], out
     finally:
         up.send_signal(signal.SIGINT)
