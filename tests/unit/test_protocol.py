@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from interlock.contracts import generate, protocol
+from interlock.contracts import generate, protocol, timing
 from interlock.contracts import subjects as s
 from interlock.core import ids, topology
 from interlock.runtime import deadletter, payloads
@@ -43,9 +43,10 @@ def test_the_code_uses_the_documented_values() -> None:
 
 def test_worker_consumer_settings_are_jetstream_fields() -> None:
     cfg = protocol.WORKER_CONSUMER.as_jetstream()
-    assert cfg == {"ack_policy": "explicit", "ack_wait": int(protocol.WORKER_CONSUMER.ack_wait_s * 1e9),
-                   "max_ack_pending": protocol.WORKER_CONSUMER.max_ack_pending, "max_deliver": -1,
+    assert cfg == {"ack_policy": "explicit", "ack_wait": int(timing.ACK_WAIT_S * 1e9),
+                   "max_ack_pending": protocol.WORKER_CONSUMER.max_ack_pending, "max_deliver": timing.JOB_MAX_DELIVER,
                    "deliver_policy": "all"}
+    assert cfg["ack_wait"] == 1_500_000_000, "the ack wait a dead worker's job comes back within (contracts/timing.py)"
 
 
 def test_readme_table_is_generated_and_checked(tmp_path: Path) -> None:
