@@ -63,11 +63,17 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def decode(msg: Msg, model: type[M]) -> M:
-    """A message as its contract type; one that does not validate is poison (dead-lettered)."""
+    """A message as its contract type; one that does not validate is poison (dead-lettered).
+
+    The span handling it is labelled with the run, step and attempt the message names (a timer's
+    subject carries none of them)."""
     try:
-        return model.model_validate_json(msg.data)
+        decoded = model.model_validate_json(msg.data)
     except ValidationError as e:
         raise Poison(f"invalid {model.__name__} on {msg.subject}: {e}") from e
+    tracing.annotate(**{k: getattr(decoded, k) for k in ("run_id", "step_id", "attempt")
+                        if getattr(decoded, k, None) is not None})
+    return decoded
 
 
 R = TypeVar("R", bound=BaseModel)
