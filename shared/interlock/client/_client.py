@@ -61,7 +61,14 @@ from interlock.contracts.messages import (
     UsageQuery,
 )
 from interlock.core.auditexport import export_lines
-from interlock.core.eventstore import EventStore, JetStreamRecorder, RunNotFound, SlotsBusy, StoredCommit
+from interlock.core.eventstore import (
+    EventStore,
+    EventStoreError,
+    JetStreamRecorder,
+    RunNotFound,
+    SlotsBusy,
+    StoredCommit,
+)
 from interlock.core.eventstore.recorder import stored_commit
 from interlock.core.ids import run_id_for
 from interlock.core.run import Run
@@ -462,6 +469,8 @@ class Client:
                 return (await self._store.load(self.tenant, run_id, fresh=True)).run
         except RunNotFound as e:
             raise NotFound(str(e)) from None
+        except (TimeoutError, EventStoreError) as e:  # no answer: a leader election, a restarting server
+            raise Unavailable(f"run {run_id}'s log could not be read: {e or type(e).__name__} (try again)") from None
 
     async def read_commits(self, run_id: str, after_seq: int = 0) -> list[StoredCommit]:
         """The run's commits after stream sequence ``after_seq``, in order, as stored."""
