@@ -16,6 +16,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from interlock.contracts import headers as h
@@ -186,7 +187,10 @@ class Worker:
             )
             await consumer.start()
             self._consumers.append(consumer)
-        self._spawn(self._registry_loop(js))
+        # registered before start() returns: an operator listing agents right after sees this one
+        registry = await js.key_value(s.AGENTS_BUCKET)
+        await self._register(registry)
+        self._spawn(self._registry_loop(registry))
         log.info("worker %s serving %s for tenant %s", self.worker_id, ", ".join(sorted(self.handlers)), tenant)
 
     def _check_creds(self, creds: Path, tenant: str) -> None:
@@ -360,16 +364,19 @@ class Worker:
                 task.cancel()
 
     # -- agent registry ----------------------------------------------------------------------
-    async def _registry_loop(self, js: JetStreamContext) -> None:
-        kv = await js.key_value(s.AGENTS_BUCKET)
+    async def _register(self, kv: KeyValue) -> None:
+        now = datetime.now(UTC)
+        for reg in self.handlers.values():
+            entry = AgentRegistration(worker_id=self.worker_id, topic=reg.topic, tenant=self.tenant or "",
+                                      version=reg.version,
+                                      capabilities=reg.capabilities, host=socket.gethostname(), pid=os.getpid(),
+                                      started_at=self.started_at, last_heartbeat=now)
+            with contextlib.suppress(Exception):
+                await kv.put(s.agent_key(entry.tenant, reg.topic, self.worker_id), entry.model_dump_json().encode())
+
+    async def _registry_loop(self, kv: KeyValue) -> None:
         while not self._stop.is_set():
-            now = datetime.now(UTC)
-            for reg in self.handlers.values():
-                entry = AgentRegistration(worker_id=self.worker_id, topic=reg.topic, tenant=self.tenant or "",
-                                          version=reg.version,
-                                          capabilities=reg.capabilities, host=socket.gethostname(), pid=os.getpid(),
-                                          started_at=self.started_at, last_heartbeat=now)
-                with contextlib.suppress(Exception):
-                    await kv.put(s.agent_key(entry.tenant, reg.topic, self.worker_id), entry.model_dump_json().encode())
             with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), REGISTRY_REFRESH_S)
+            if not self._stop.is_set():
+                await self._register(kv)
