@@ -25,6 +25,7 @@ from interlock.contracts.messages import AgentRegistration, ApiKeyRecord, DeadLe
 
 PREFIX = "/api/v1"
 MAX_PAGE = 500
+START_WAIT_S = 5.0  # how long POST .../runs waits for the planner to start the run before answering
 RunId = Annotated[str, Path(pattern=m.TOKEN, max_length=128, description="A run id")]
 WorkflowId = Annotated[str, Path(pattern=m.TOKEN, max_length=256, description="A workflow id")]
 StepId = Annotated[str, Path(min_length=1, max_length=256, description="A step id")]
@@ -72,8 +73,10 @@ async def start_run(request: Request, response: Response, workflow_id: WorkflowI
                                     "(default: a new random key)")] = None) -> m.RunAccepted:
     client = acting_client(request, who)
     key = idempotency_key or uuid.uuid4().hex
+    # answered once the run exists (or after a few seconds, the trigger being durable): a GET of
+    # the Location right after finds it
     run_id, created = await client.submit_run(workflow_id, body.input, key=key, version=body.version,
-                                              requested_by=who.principal)
+                                              requested_by=who.principal, wait_started=START_WAIT_S)
     links = _links(run_id)
     if created:
         response.headers["Location"] = links.self

@@ -380,9 +380,13 @@ class Client:
             raise ClientError(str(e)) from None
 
     async def submit_run(self, workflow_id: str, input: Any = None, *, key: str, version: str | None = None,
-                         requested_by: str = "") -> tuple[str, bool]:
+                         requested_by: str = "", wait_started: float = 0.0) -> tuple[str, bool]:
         """Start a run unless trigger ``key`` already started one: (run id, True if this call
-        started it). Raises :class:`NotFound` for an unknown workflow (or version)."""
+        started it). Raises :class:`NotFound` for an unknown workflow (or version).
+
+        ``wait_started``: wait up to this many seconds for the run's first commit, so that a read
+        right after (an HTTP client following the Location) finds it; on timeout it returns anyway
+        (the trigger is durable: the planner starts the run when it gets to it)."""
         known = self._known_workflows.get((workflow_id, version))
         if known is None or time.monotonic() - known > WORKFLOW_CHECK_S:
             await self.workflow(workflow_id, version)
@@ -399,7 +403,22 @@ class Client:
                 publish(self.js, s.trigger(self.tenant, workflow_id), trigger.model_dump_json().encode(),
                         headers={h.MSG_ID: f"trigger:{self.tenant}:{workflow_id}:{key}"}))
         # a duplicate: the same key was triggered moments ago (inside the stream's duplicate window)
-        return run_id, not (existed or ack.duplicate)
+        created = not (existed or ack.duplicate)
+        if wait_started > 0 and not existed:
+            await self._until_started(run_id, wait_started)
+        return run_id, created
+
+    async def _until_started(self, run_id: str, patience: float) -> bool:
+        deadline = time.monotonic() + patience
+        delay = 0.002
+        while True:
+            with self._slots_busy():
+                if await self._store.exists(self.tenant, run_id):
+                    return True
+            if time.monotonic() + delay > deadline:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
     async def watch(self, run_id: str, *, timeout: float | None = None,
                     heartbeats: bool = False) -> AsyncIterator[dict[str, Any]]:
