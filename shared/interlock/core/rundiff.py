@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from interlock.contracts import events as ev
@@ -23,6 +23,7 @@ from interlock.core.codec import apply_envelope, event_from_envelope
 from interlock.core.run import Run, StepState
 from interlock.core.sealed import REDACTED, SEALED, SensitiveRules, contains_sealed, redact
 from interlock.core.steps import base_step_id
+from interlock.core.workflow import duration_ms
 
 COMPARED = ("status", "attempts", "input", "output", "error", "decision", "rules", "approval", "cache")
 """The step fields a divergence is looked for in, in the order they are reported. Durations
@@ -221,6 +222,20 @@ def diff_runs(envelopes_a: Sequence[Mapping[str, Any]], envelopes_b: Sequence[Ma
 
 
 # -- failures ----------------------------------------------------------------------------------
+def since_time(raw: str, now: datetime) -> datetime:
+    """``--since`` / ``?since=``: a duration back from ``now`` (``7d``, ``12h``, ``30m``) or an ISO
+    8601 time (UTC when it names no offset). Raises ValueError naming what is wrong."""
+    try:
+        return now - timedelta(milliseconds=duration_ms(raw))
+    except ValueError:
+        pass
+    try:
+        at = datetime.fromisoformat(raw)
+    except ValueError:
+        raise ValueError(f"{raw!r} is neither a duration (7d, 12h, 30m) nor an ISO 8601 time") from None
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
 @dataclass
 class FailureGroup:
     """Failed runs that broke at the same step with the same error."""
