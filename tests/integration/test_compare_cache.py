@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,7 @@ from interlock.contracts.messages import CacheEntry
 from interlock.worker import FatalError, JobContext, Worker
 from tests.integration.api_fixtures import Api
 from tests.integration.harness import Harness, types, unique
+from tests.integration.test_cli import cli
 from tests.integration.test_governance import Bundles, bundles, with_rules
 from tests.principals import Principals
 
@@ -105,6 +107,16 @@ steps:
     same = await viewer.run_diff(run_a, run_a)
     assert same.first_divergence is None
 
+    shown = await cli(harness, "run", "diff", run_a, run_b)
+    assert shown.exit_code == 1, shown.output  # 1: the runs differ
+    assert "first divergence: step plan (input, output)" in shown.stdout
+    assert '  plan.input: a={"size": 3}' in shown.stdout and "hunter2" not in shown.stdout
+    marked = [line for line in shown.stdout.splitlines() if line.lstrip().startswith("▶")]
+    assert len(marked) == 1 and " plan " in marked[0], shown.stdout
+    as_json = await cli(harness, "run", "diff", run_a, run_b, "--json")
+    assert json.loads(as_json.stdout)["first_divergence"] == {"step_id": "plan", "fields": ["input", "output"]}
+    assert (await cli(harness, "run", "diff", run_a, run_a)).exit_code == 0
+
     viewer_key = await api.key("viewer", harness.tenant)
     async with api.http(viewer_key) as http:
         by_path = await http.get(f"/api/v1/workflow-runs/{run_a}/diff/{run_b}")
@@ -145,6 +157,13 @@ steps:
         ("first", "disk broke", 3), ("second", "quota broke", 1)]
     assert set(groups[0]["run_ids"]) == {runs[0], runs[1], runs[3]}
     assert await viewer.failures(wf, since=datetime.now(UTC) + timedelta(minutes=1)) == []
+
+    table = await cli(harness, "run", "failures", wf, "--since", "7d")
+    assert table.exit_code == 0, table.output
+    lines = [line.split() for line in table.stdout.splitlines() if "broke" in line]
+    assert [line[:2] for line in lines] == [["3", "first"], ["1", "second"]], table.stdout
+    bad_since = await cli(harness, "run", "failures", wf, "--since", "a week")
+    assert bad_since.exit_code != 0 and "--since" in bad_since.output
 
     viewer_key = await api.key("viewer", harness.tenant)
     async with api.http(viewer_key) as http:
