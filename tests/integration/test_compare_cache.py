@@ -12,16 +12,19 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import nats.errors
 import pytest
 from nats.js.errors import KeyNotFoundError
 
 from interlock.auditor.service import AuditorService
 from interlock.client import Client
+from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import CacheEntry
+from interlock.identity import permission_violation
 from interlock.worker import FatalError, JobContext, Worker
 from tests.integration.api_fixtures import Api
-from tests.integration.harness import Harness, types, unique
+from tests.integration.harness import Harness, types, unique, watched
 from tests.integration.test_cli import cli
 from tests.integration.test_governance import Bundles, bundles, with_rules
 from tests.principals import Principals
@@ -299,3 +302,21 @@ forbid(principal, action == Action::"dispatch", resource) when {{ resource.topic
     events = await harness.events(second)
     assert "StepCacheHit" not in types(events) and "StepSucceeded" not in types(events, "lookup")
     assert [c for c in calls if c[0] == second] == []
+
+
+@pytest.mark.parametrize("who", ["operator", "worker", "planner"])
+async def test_only_the_dispatcher_writes_the_result_cache(harness: Harness, principals: Principals,
+                                                           who: str) -> None:
+    """Nobody but the dispatcher (and admin) may put an entry: a person, a worker or another service
+    that could would plant outputs for jobs that never ran."""
+    creds = {"operator": lambda: principals.person("operator", harness.tenant),
+             "worker": lambda: principals.worker(["t.any"], harness.tenant),
+             "planner": lambda: principals.service("planner")}[who]()
+    session = await watched(harness.url, creds)
+    subject = p.kv_key(s.CACHE_BUCKET, s.cache_entry_key(harness.tenant, "0" * 64))
+    try:
+        with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
+            await session.nc.jetstream(timeout=1.0).publish(subject, b"{}")
+        assert permission_violation(await session.violation()) == ("publish", subject.lower())
+    finally:
+        await session.nc.close()
