@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -205,3 +205,24 @@ def test_a_job_that_succeeded_is_stored_once_its_outcome_is_in_the_run() -> None
     (lookup,) = cache.lookups(released_run(wf), wf)
     assert key == lookup.entry_key and entry.expires_at == NOW + timedelta(minutes=30)
     assert (entry.tenant, entry.run_id, entry.output) == (TENANT, run.run_id, {"v": 1})
+
+
+class _NoBucket:
+    """A JetStream context whose cache bucket cannot be reached."""
+
+    async def key_value(self, bucket: str) -> Any:
+        raise TimeoutError(f"no answer for {bucket}")
+
+
+async def test_a_cache_that_cannot_be_read_answers_nothing_and_the_job_is_dispatched() -> None:
+    wf = two_steps(cache={"key": "{{ input.n }}", "ttl": "1h"})
+    run = released_run(wf)
+    run.collect_events()
+    result_cache = cache.ResultCache(cast(Any, _NoBucket()))
+    assert await result_cache.use_cached(run, wf, NOW) == []
+    assert appended(run) == [] and run.steps["a"].status == "released"
+    assert [type(e).__name__ for e in rules.dispatch(run, wf, NOW)] == ["PublishJob"]
+    rules_run = released_run(wf)
+    rules.dispatch(rules_run, wf, NOW)
+    rules_run.succeed_step(ev.StepSucceeded(step_id="a", attempt=1, output={"v": 1}))
+    assert await result_cache.remember(rules_run, wf, "a", NOW) is False, "a failed write is only logged"

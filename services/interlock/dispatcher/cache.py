@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
@@ -160,7 +160,7 @@ class ResultCache:
         for lookup in lookups(run, workflow):
             try:
                 entry = await self._get(lookup.entry_key)
-            except (BucketNotFoundError, TimeoutError, OSError) as e:  # no bucket, or the server is busy
+            except Exception as e:  # no bucket, a busy server, a refused read: an optimisation never blocks a job
                 log.warning("result cache unavailable, dispatching run %s step %s: %s", run.run_id, lookup.step_id,
                             e or type(e).__name__)
                 return answered
