@@ -34,6 +34,9 @@ def test_routes_name_their_actions() -> None:
     assert table[("POST", "/api/v1/api-keys")] is Action.ADMIN
     assert table[("GET", "/api/v1/workflow-runs")] is Action.READ
     assert table[("GET", "/api/v1/workflow-runs/{run_id}/events")] is Action.READ
+    assert table[("GET", "/api/v1/workflow-runs/{run_id}/diff/{other_id}")] is Action.READ
+    assert table[("GET", "/api/v1/workflow-runs/{run_id}/diff")] is Action.READ
+    assert table[("GET", "/api/v1/workflows/{workflow_id}/failures")] is Action.READ
 
 
 def test_key_format() -> None:

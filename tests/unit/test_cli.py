@@ -108,7 +108,8 @@ def test_help_shows_the_noun_groups_and_hides_todays_spellings() -> None:
                        "provision"}
     assert hidden == {"runs", "status", "timeline", "cancel", "rerun", "approvals", "approve", "reject",
                       "validate", "agents", "workflows", "approvers"}
-    assert set(commands["run"].commands) == {"start", "list", "describe", "timeline", "cancel", "rerun"}
+    assert set(commands["run"].commands) == {"start", "list", "describe", "timeline", "cancel", "rerun", "diff",
+                                            "failures"}
     assert set(commands["approval"].commands) == {"list", "approve", "reject"}
     assert set(commands["workflow"].commands) == {"apply", "list", "validate"}
     assert set(commands["policy"].commands) == {"publish", "rollback", "show", "history", "eval", "explain",

@@ -353,6 +353,7 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "RunTimedOut": {"timeout_ms"},
     "RunsQuery": set(),
     "UsageQuery": set(),
+    "FailuresQuery": {"workflow_id"},
     "UsageTotals": {"calls", "input_tokens", "output_tokens", "cost_usd"},
     "Alert": {"alert_id", "rule", "state", "tenant", "summary", "at"},
     "LlmCall": {"provider", "model"},
@@ -363,6 +364,7 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "StepHeartbeat": {"step_id", "attempt"},
     "StepReady": {"step_id", "job_hash"},
     "StepSkipped": {"step_id", "reason"},
+    "StepCacheHit": {"step_id", "job_hash", "cache_key", "source_run_id", "source_step_id"},
     "StepSucceeded": {"step_id", "attempt"},
     "StepTimedOut": {"step_id", "attempt"},
     "TimerFired": {"kind", "run_id", "tenant", "due_at"},
@@ -388,6 +390,11 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "TimelineReply": {"ok"},
     "ApprovalsReply": {"ok"},
     "UsageReply": {"ok"},
+    "FailuresReply": {"ok"},
+    "FailedRun": {"run_id"},
+    # the result cache (bucket il_cache)
+    "CacheEntry": {"tenant", "workflow_id", "step_id", "run_id", "source_step_id", "job_hash", "cache_key",
+                   "stored_at", "expires_at"},
     "UsageRow": {"key", "runs", "calls", "input_tokens", "output_tokens", "cost_usd"},
     # the auditor's seals (il.seal.{stream}): every field is signed, so none may be left out
     "Seal": {"number", "stream", "created", "first_seq", "last_seq", "messages", "runs", "heads_root", "heads",
@@ -459,7 +466,7 @@ def test_every_wildcard_has_a_channel() -> None:
 
 
 COMMANDS = ("approve", "reject", "cancel")
-QUERIES = ("runs", "status", "timeline", "approvals", "usage")
+QUERIES = ("runs", "status", "timeline", "approvals", "usage", "failures")
 
 
 def test_commands_and_queries_carry_the_tenant_and_the_principal() -> None:

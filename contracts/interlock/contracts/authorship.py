@@ -63,6 +63,7 @@ _WRITERS: dict[type[ev.EventData], tuple[str, ...]] = {
     ev.RetryScheduled: (_DISPATCHER,),
     ev.StepTimedOut: (_DISPATCHER,),
     ev.StepSkipped: (_PLANNER,),
+    ev.StepCacheHit: (_DISPATCHER,),
     ev.LateResultRecorded: (_DISPATCHER,),
     ev.CompensationStarted: (_PLANNER,),
     ev.CompensationFinished: (_PLANNER,),

@@ -527,6 +527,9 @@ Q_APPROVALS = _query("approvals", "qApprovals", "Pending approvals", msg.RunsQue
 Q_USAGE = _query("usage", "qUsage", "Model usage", msg.UsageQuery, msg.UsageReply,
                  "Model calls, tokens and cost summed per run, workflow or tenant, most expensive first. The "
                  "planner asks it for tenant budgets over a time window." + _TENANT_ONLY, askers=(PLANNER,))
+Q_FAILURES = _query("failures", "qFailures", "Failed runs", msg.FailuresQuery, msg.FailuresReply,
+                    "A workflow's failed runs since a time, newest first, each with the step and error where it "
+                    "broke (interlock run failures groups them)." + _TENANT_ONLY)
 
 CHANNELS: tuple[Channel, ...] = (
     TRIGGERS,
@@ -552,6 +555,7 @@ CHANNELS: tuple[Channel, ...] = (
     Q_TIMELINE,
     Q_APPROVALS,
     Q_USAGE,
+    Q_FAILURES,
 )
 
 # -- state kept outside subjects -----------------------------------------------------------
@@ -600,7 +604,19 @@ DEAD_LETTER_STATUS = KeyValueEntry(
     readers=(OPERATOR,),
 )
 
-KEY_VALUE: tuple[KeyValueEntry, ...] = (AGENT_REGISTRY, DEAD_LETTER_STATUS, API_KEYS)
+RESULT_CACHE = KeyValueEntry(
+    bucket=s.CACHE_BUCKET,
+    key="{tenant}.{digest} (sha256 of the step's rendered cache key and job hash)",
+    value=msg.CacheEntry,
+    description="The result cache (a step's cache: key and ttl): the dispatcher puts a successful job's output, "
+                "and before dispatching a released job whose step has cache: it reads the entry and, when it is "
+                "the tenant's, for the same job hash and key and not expired, records StepCacheHit and the "
+                "output instead of a job. Only the dispatcher and admin may read or write it.",
+    writers=(DISPATCHER,),
+    readers=(DISPATCHER,),
+)
+
+KEY_VALUE: tuple[KeyValueEntry, ...] = (AGENT_REGISTRY, DEAD_LETTER_STATUS, API_KEYS, RESULT_CACHE)
 
 REPLAYABLE: tuple[Channel, ...] = (TRIGGERS, JOBS, RESULTS, HEARTBEATS, TIMERS_FIRED)
 """Channels a dead letter's original may be published to again (``interlock dlq replay``): queues

@@ -276,6 +276,21 @@ class StepTimedOut(StepEventData):
     reason: Literal["deadline", "heartbeat"] = "deadline"
 
 
+class StepCacheHit(StepEventData):
+    """A released job's output was taken from the result cache (its step's ``cache:``): an earlier
+    successful job with the same cache key and job hash, in the same tenant. No job is dispatched;
+    the StepSucceeded (attempt 0, worker ``cache``) that uses the output follows in the same commit.
+    Written by the dispatcher, after the step's allow decision (and approval) is durable; consumed
+    by nobody but the auditor's projection and the timeline (the planner acts on the StepSucceeded)."""
+
+    job_hash: str
+    cache_key: str = Field(description="sha256 hex digest of the rendered cache key (never the key itself)")
+    source_run_id: str = Field(description="The run whose job produced the output")
+    source_step_id: str = Field(description="The step of that run")
+    source_at: datetime | None = Field(default=None, description="When the source job succeeded")
+    expires_at: datetime | None = Field(default=None, description="When the cache entry expires")
+
+
 class StepSkipped(StepEventData):
     reason: str
 

@@ -399,6 +399,15 @@ class UsageQuery(Message):
     limit: int = 100
 
 
+class FailuresQuery(Message):
+    """Failed runs of a workflow grouped by the step and error where they broke (``interlock run failures``)."""
+
+    tenant: str | None = Field(default=None, description=_QUERY_TENANT)
+    workflow_id: str
+    since: datetime | None = Field(default=None, description="Runs started at or after this time")
+    limit: int = Field(default=1000, ge=1, le=10_000, description="At most this many failed runs, newest first")
+
+
 class QueryReply(Message):
     """The answer to a query: ``ok`` with a ``result`` (its schema is the query's reply type, e.g.
     ``RunsReply``), or ``ok: false`` with an ``error``."""
@@ -568,6 +577,38 @@ class UsageRow(Message):
     input_tokens: int = Field(ge=0)
     output_tokens: int = Field(ge=0)
     cost_usd: float = Field(ge=0)
+
+
+class FailedRun(Message):
+    """One failed run and the step it broke at (the failures query)."""
+
+    run_id: str
+    started_at: str | None = None
+    step_id: str | None = Field(default=None, description="Its first failed step; null: no step failed")
+    error: str | None = Field(default=None, description="That step's error message (sensitive values redacted)")
+    reason: str | None = Field(default=None, description="The run's own reason (RunFailed)")
+
+
+class FailuresReply(QueryReply):
+    """Reply of the failures query: the failed runs, newest first (the client groups them)."""
+
+    result: list[FailedRun] | None = None
+
+
+class CacheEntry(Message):
+    """A successful job's output in the result cache (bucket ``il_cache``), written by the dispatcher."""
+
+    tenant: str
+    workflow_id: str
+    step_id: str = Field(description="The workflow step (for_each items share their step's entries)")
+    run_id: str = Field(description="The run whose job produced the output")
+    source_step_id: str = Field(description="The run step that produced it (``fan[2]`` for an item)")
+    job_hash: str
+    cache_key: str = Field(description="sha256 hex digest of the rendered cache key")
+    output: Any = None
+    output_ref: PayloadRef | None = None
+    stored_at: datetime
+    expires_at: datetime
 
 
 class UsageReply(QueryReply):

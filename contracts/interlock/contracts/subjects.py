@@ -53,6 +53,7 @@ DLQ_STATUS_BUCKET = "il_dlq_status"  # key: dead_letter_key(seq), value: what wa
 KEYRING_BUCKET = "il_keyring"  # key: a signing key id (nkey public key), value: its KeyEntry
 PAYLOADS_OBJECT_STORE = "il_payloads"  # large inputs and outputs, by sha256
 APIKEYS_BUCKET = "il_apikeys"  # key: the API key's id; value: its tenant, role, principal and SHA-256 (never the key)
+CACHE_BUCKET = "il_cache"  # key: cache_entry_key(tenant, digest); value: a CacheEntry (the result cache)
 
 # -- wildcards a stream or consumer binds to ----------------------------------------------
 EVENTS_ALL = f"{PREFIX}.evt.>"
@@ -274,6 +275,13 @@ def worker_consumer(tenant: str, topic: str) -> str:
 def agent_key(tenant: str, topic: str, worker_id: str) -> str:
     """A worker's key in the agent registry (bucket ``AGENTS_BUCKET``)."""
     return f"{token(tenant, 'tenant')}.{topic_tokens(topic)}.{token(worker_id, 'worker id')}"
+
+
+def cache_entry_key(tenant: str, digest: str) -> str:
+    """A result's key in the result cache (bucket ``CACHE_BUCKET``): the tenant first, so no
+    lookup of one tenant can ever name another's entry; ``digest`` (hex) covers the cache key and
+    the job hash."""
+    return f"{token(tenant, 'tenant')}.{token(digest, 'cache digest')}"
 
 
 # -- the JetStream API (subjects of the server's own API that Interlock calls directly) -------

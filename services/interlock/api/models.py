@@ -77,6 +77,38 @@ class TimelinePage(BaseModel):
     next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null: no more (for now)")
 
 
+class StepDiffRow(BaseModel):
+    step_id: str
+    a: dict[str, Any] | None = Field(description="The step in run a (null: run a has no such step)")
+    b: dict[str, Any] | None = Field(description="The step in run b (null: run b has no such step)")
+    differs: list[str] = Field(description="Fields that differ: status, attempts, input, output, error, decision, "
+                                           "rules, approval, cache")
+    first_divergence: bool
+
+
+class RunDiff(BaseModel):
+    """Two runs aligned step by step (sensitive values redacted, never compared)."""
+
+    a: dict[str, Any]
+    b: dict[str, Any]
+    run_differs: list[str]
+    first_divergence: dict[str, Any] | None = Field(description="{step_id, fields} of the first step that differs")
+    steps: list[StepDiffRow]
+
+
+class FailureGroupRow(BaseModel):
+    step_id: str = Field(description="Where the runs broke; (run): no step failed")
+    error: str
+    runs: int
+    first_at: str | None = None
+    last_at: str | None = None
+    run_ids: list[str] = Field(description="The latest of them, newest first")
+
+
+class FailuresPage(BaseModel):
+    items: list[FailureGroupRow]
+
+
 class Rerun(Body):
     from_step: str = Field(min_length=1, max_length=256, description="Run this step and everything downstream again")
     dry_run: bool = Field(default=False, description="Only show what would run again")

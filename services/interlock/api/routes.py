@@ -8,6 +8,7 @@ import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
@@ -22,6 +23,7 @@ from interlock.api.auth import Principal, acting_client, allow, decision_signer
 from interlock.api.problems import ERROR_RESPONSES, ApiProblem
 from interlock.client import TERMINAL_EVENTS, Client, NotFound
 from interlock.contracts.messages import AgentRegistration, ApiKeyRecord, DeadLetter
+from interlock.core.rundiff import since_time
 
 PREFIX = "/api/v1"
 MAX_PAGE = 500
@@ -168,6 +170,43 @@ async def rerun(request: Request, run_id: RunId, body: m.Rerun, who: Principal =
     new_id = None if body.dry_run else await client.rerun(plan, requested_by=who.principal)
     return m.RerunResult(source_run_id=run_id, from_step=body.from_step, dry_run=body.dry_run, run_id=new_id,
                          steps=[m.RerunStep(step_id=sid, runs_again=again) for sid, again in plan.steps()])
+
+
+# -- compare runs (issue 17) --------------------------------------------------------------------
+async def _diff(request: Request, who: Principal, run_a: str, run_b: str) -> m.RunDiff:
+    result = await acting_client(request, who).run_diff(run_a, run_b)
+    return m.RunDiff(**result.as_dict())
+
+
+@route("GET", "/workflow-runs/{run_id}/diff/{other_id}", Action.READ, response_model=m.RunDiff,
+       summary="Compare two runs step by step; the first divergence is marked")
+async def run_diff(request: Request, run_id: RunId, other_id: Annotated[str, Path(
+                       pattern=m.TOKEN, max_length=128, description="The run to compare with")],
+                   who: Principal = Caller(Action.READ)) -> m.RunDiff:
+    return await _diff(request, who, run_id, other_id)
+
+
+@route("GET", "/workflow-runs/{run_id}/diff", Action.READ, response_model=m.RunDiff,
+       summary="Compare a run with ?against=RUN step by step")
+async def run_diff_against(request: Request, run_id: RunId,
+                           against: Annotated[str, Query(pattern=m.TOKEN, max_length=128,
+                                                         description="The run to compare with")],
+                           who: Principal = Caller(Action.READ)) -> m.RunDiff:
+    return await _diff(request, who, run_id, against)
+
+
+@route("GET", "/workflows/{workflow_id}/failures", Action.READ, response_model=m.FailuresPage,
+       summary="Failed runs grouped by the step and error where they broke, most frequent first")
+async def failures(request: Request, workflow_id: WorkflowId, who: Principal = Caller(Action.READ),
+                   since: Annotated[str | None, Query(max_length=64, description="7d, 12h, 30m or ISO 8601")] = None,
+                   limit: Annotated[int, Query(ge=1, le=10_000, description="Failed runs looked at")] = 1000
+                   ) -> m.FailuresPage:
+    try:
+        after = None if since is None else since_time(since, datetime.now(UTC))
+    except ValueError as e:
+        raise ApiProblem(422, "invalid-request", "Invalid request", f"query since: {e}") from None
+    groups = await acting_client(request, who).failures(workflow_id, since=after, limit=limit)
+    return m.FailuresPage(items=[m.FailureGroupRow(**g.as_dict()) for g in groups])
 
 
 @route("POST", "/workflow-runs/{run_id}/cancel", Action.OPERATE, response_model=m.CommandResult,

@@ -25,7 +25,7 @@ from interlock.auditor.projection import DEFAULT_PATH, Envelopes, ProgressCallba
 from interlock.contracts import events as ev
 from interlock.contracts import headers as h
 from interlock.contracts import subjects as s
-from interlock.contracts.messages import Alert, QueryReply, RunQuery, RunsQuery, UsageQuery
+from interlock.contracts.messages import Alert, FailuresQuery, QueryReply, RunQuery, RunsQuery, UsageQuery
 from interlock.core import adminaudit, codec
 from interlock.core.eventstore import EventStore, EventStoreError
 from interlock.core.eventstore.recorder import stored_commit
@@ -110,7 +110,7 @@ async def catch_up(projection: Projection, store: EventStore, tenant: str, run_i
             on_applied(tenant, run_id, events)
 
 
-Q = TypeVar("Q", RunQuery, RunsQuery, UsageQuery)
+Q = TypeVar("Q", RunQuery, RunsQuery, UsageQuery, FailuresQuery)
 
 
 class AuditorService(Service):
@@ -284,6 +284,7 @@ class AuditorService(Service):
         self._answer(broker, "timeline", RunQuery, self.answer_timeline)
         self._answer(broker, "approvals", RunsQuery, self.answer_approvals)
         self._answer(broker, "usage", UsageQuery, self.answer_usage)
+        self._answer(broker, "failures", FailuresQuery, self.answer_failures)
 
     def _answer(self, broker: NatsBroker, name: str, kind: type[Q],
                 answer: Callable[[str, Q], Awaitable[QueryReply]]) -> None:
@@ -406,6 +407,11 @@ class AuditorService(Service):
         rows = await self.projection.usage(tenant=tenant, group_by=query.group_by, run_id=query.run_id,
                                            workflow_id=query.workflow_id, since=query.since,
                                            limit=self._limit(query.limit))
+        return QueryReply(ok=True, result=rows)
+
+    async def answer_failures(self, tenant: str, query: FailuresQuery) -> QueryReply:
+        rows = await self.projection.failures(tenant=tenant, workflow_id=query.workflow_id, since=query.since,
+                                              limit=self._limit(query.limit))
         return QueryReply(ok=True, result=rows)
 
     # -- rebuild ---------------------------------------------------------------------------

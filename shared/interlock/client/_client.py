@@ -53,6 +53,7 @@ from interlock.contracts.messages import (
     DeadLetter,
     DeadLetterAction,
     DeadLetterStatus,
+    FailuresQuery,
     QueryReply,
     RunQuery,
     RunsQuery,
@@ -72,6 +73,7 @@ from interlock.core.eventstore import (
 from interlock.core.eventstore.recorder import stored_commit
 from interlock.core.ids import run_id_for
 from interlock.core.run import Run
+from interlock.core.rundiff import FailureGroup, RunDiff, diff_runs, group_failures
 from interlock.core.seal import Seal
 from interlock.core.sealed import SealedError
 from interlock.core.topology import provision
@@ -629,6 +631,26 @@ class Client:
         """Model calls, tokens and cost of this tenant's runs, summed per ``group_by``, most expensive first."""
         query = UsageQuery(group_by=group_by, run_id=run_id, workflow_id=workflow_id, since=since, limit=limit)
         return list(await self._query(self._query_subject("usage"), query))
+
+    # -- compare runs (issue 17) ----------------------------------------------------------------
+    async def run_diff(self, run_a: str, run_b: str) -> RunDiff:
+        """Runs ``run_a`` and ``run_b`` aligned step by step, from their logs (sensitive values
+        redacted), with the first divergence marked."""
+        logs = []
+        for run_id in (run_a, run_b):
+            envelopes = await self.events(run_id)
+            if not envelopes:
+                raise NotFound(f"run {run_id} not found in tenant {self.tenant}")
+            logs.append(envelopes)
+        return diff_runs(logs[0], logs[1])
+
+    async def failures(self, workflow_id: str, *, since: datetime | None = None,
+                       limit: int = 1000) -> list[FailureGroup]:
+        """This tenant's failed runs of ``workflow_id`` (started at or after ``since``; at most
+        ``limit``, newest first) grouped by the step and error where they broke, most frequent first."""
+        rows = await self._query(self._query_subject("failures"),
+                                 FailuresQuery(workflow_id=workflow_id, since=since, limit=limit))
+        return group_failures(rows or [])
 
     async def alerts(self, *, include_resolved: bool = False) -> list[Alert]:
         """This tenant's alerts, newest change first: each alert's latest state (firing ones only,

@@ -92,6 +92,7 @@ class StepState:
     item_count: int | None = None
     updated_at: datetime | None = None
     usage: list[LlmCall] = field(default_factory=list)  # every attempt's model calls
+    cache_hit: ev.StepCacheHit | None = None  # result cache (issue 17): the output reused instead of a job
 
     @property
     def terminal(self) -> bool:
@@ -293,6 +294,8 @@ class Run(Aggregate):
         self._require_running("succeed_step", compensating_ok=True)
         step = self._step("succeed_step", data.step_id)
         reused = step.status == "ready" and data.step_id in self.reused_outputs
+        # result cache (issue 17): a released job whose cache hit is recorded succeeds without a job
+        reused = reused or (step.status == "released" and step.cache_hit is not None and data.attempt == 0)
         if step.step_type == "job" and step.item_count is None and not reused:
             if step.status not in ACTIVE_ATTEMPT or data.attempt != step.attempt:
                 raise self._refuse("succeed_step", f"attempt {data.attempt} is not running", data.step_id)
@@ -327,6 +330,17 @@ class Run(Aggregate):
         self._require_running("skip_step")
         if data.step_id in self.steps:
             raise self._refuse("skip_step", f"step is {self.steps[data.step_id].status}", data.step_id)
+        self._trigger(data)
+
+    def record_cache_hit(self, data: ev.StepCacheHit) -> None:
+        """The result cache (issue 17) has this released job's output: no job is dispatched."""
+        self._require_running("record_cache_hit", compensating_ok=True)
+        step = self._step("record_cache_hit", data.step_id, "released")
+        if step.step_type != "job" or step.attempt != 0:
+            raise self._refuse("record_cache_hit", "only a job not yet dispatched can use a cached output",
+                               data.step_id)
+        if data.job_hash != step.job_hash:
+            raise self._refuse("record_cache_hit", "the cached output is for another job hash", data.step_id)
         self._trigger(data)
 
     def record_late_result(self, data: ev.LateResultRecorded) -> None:
@@ -497,6 +511,9 @@ class Run(Aggregate):
     def _on_StepSkipped(self, d: ev.StepSkipped, at: datetime) -> None:
         self.steps[d.step_id] = StepState(step_id=d.step_id, status="skipped", updated_at=at)
 
+    def _on_StepCacheHit(self, d: ev.StepCacheHit, at: datetime) -> None:
+        self._touch(d.step_id, at).cache_hit = d
+
     def _on_BudgetExceeded(self, d: ev.BudgetExceeded, at: datetime) -> None:
         """Evidence: the RunFailed that follows ends the run."""
 
@@ -602,6 +619,7 @@ _STATE_CHANGES: dict[str, _StateChange] = ev.complete_table("Run state changes",
     ev.RetryScheduled: Run._on_RetryScheduled,
     ev.StepTimedOut: Run._on_StepTimedOut,
     ev.StepSkipped: Run._on_StepSkipped,
+    ev.StepCacheHit: Run._on_StepCacheHit,
     ev.LateResultRecorded: Run._on_LateResultRecorded,
     ev.ApprovalRefused: Run._on_ApprovalRefused,
     ev.CompensationStarted: Run._on_CompensationStarted,

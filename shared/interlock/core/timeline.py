@@ -269,6 +269,13 @@ def _d_skipped(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return f"skipped: {str_field(d, 'reason', 'no reason given')}", {}
 
 
+def _d_cache_hit(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    source = f"run {str_field(d, 'source_run_id', '?')} step {str_field(d, 'source_step_id', '?')}"
+    return (f"cache hit: output of {source} reused, no job dispatched",
+            {"source_run_id": d.get("source_run_id"), "source_step_id": d.get("source_step_id"),
+             "cache_key": d.get("cache_key")})
+
+
 def _d_late(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     outcome = "ok" if d.get("ok") else "failed"
     text = f"late result for attempt {int_field(d, 'attempt')} ({outcome}) recorded, changes nothing"
@@ -314,6 +321,7 @@ _DESCRIBE: dict[str, Describer] = ev.complete_table("timeline descriptions", {
     ev.RetryScheduled: _d_retry,
     ev.StepTimedOut: _d_timed_out,
     ev.StepSkipped: _d_skipped,
+    ev.StepCacheHit: _d_cache_hit,
     ev.LateResultRecorded: _d_late,
     ev.CompensationStarted: _d_comp_started,
     ev.CompensationFinished: _d_comp_finished,

@@ -132,6 +132,9 @@ def _service(name: str) -> Callable[[Scope], Grant]:
                     sub.append(subject)
                     responds = responds or ch.transport == "request"
         pub.append(p.object_subjects(s.PAYLOADS_OBJECT_STORE))
+        if name == c.DISPATCHER:  # the result cache (issue 17): no other principal but admin sees it
+            pub.append(p.kv_keys(s.CACHE_BUCKET))
+            reads.append(p.kv_stream(s.CACHE_BUCKET))
         return Grant(publish=_unique(pub), subscribe=_unique(sub), reads=_unique([*reads, *_BUCKET_STREAMS, _PAYLOADS]),
                      deny=_NOT_ADMIN_DENY, responds=responds)
     return grant

@@ -19,6 +19,7 @@ from interlock.cli import (
     _ops,
     _policy,
     _run,
+    _rundiff,  # noqa: F401  (adds `run diff` and `run failures` to the run group)
     _seals,
     _tenant,
     _workflow,

@@ -183,3 +183,29 @@ def q_counts(conn: sqlite3.Connection, tenants: Sequence[str] | None) -> tuple[i
         sql += f" WHERE tenant IN ({', '.join('?' * len(tenants))})"
     row = conn.execute(sql, params).fetchone()
     return int(row[0]), int(row[1])
+
+
+FAILED_RUN_STATUSES = ("failed", "timed_out")
+
+
+def q_failures(conn: sqlite3.Connection, tenant: str | None, workflow_id: str, since: str | None,
+               limit: int) -> list[dict[str, Any]]:
+    """A workflow's failed runs, newest first, each with its first failed step and that step's error
+    (the failures query; ``interlock run failures`` groups them by step and error)."""
+    where = ["r.workflow_id = ?", f"r.status IN ({', '.join('?' for _ in FAILED_RUN_STATUSES)})"]
+    params: list[Any] = [workflow_id, *FAILED_RUN_STATUSES]
+    if tenant is not None:
+        where.append("r.tenant = ?")
+        params.append(tenant)
+    if since is not None:
+        where.append("r.started_at >= ?")
+        params.append(since)
+    sql = ("SELECT r.run_id, r.started_at, r.reason, "
+           "(SELECT st.step_id FROM steps st WHERE st.run_id = r.run_id AND st.status = 'failed' "
+           " ORDER BY st.first_seq LIMIT 1) AS step_id, "
+           "(SELECT st.error FROM steps st WHERE st.run_id = r.run_id AND st.status = 'failed' "
+           " ORDER BY st.first_seq LIMIT 1) AS error "
+           f"FROM runs r WHERE {' AND '.join(where)} ORDER BY r.started_at DESC, r.run_id DESC LIMIT ?")
+    params.append(max(0, limit))
+    return [{"run_id": row["run_id"], "started_at": row["started_at"], "reason": row["reason"],
+             "step_id": row["step_id"], "error": row["error"]} for row in conn.execute(sql, params)]

@@ -266,6 +266,7 @@ ROW_HANDLERS: dict[str, RowHandler] = ev.complete_table("auditor projection row 
     ev.RetryScheduled: _h_retry,
     ev.StepTimedOut: _h_timed_out,
     ev.StepSkipped: _h_skipped,
+    ev.StepCacheHit: _h_nothing,  # the StepSucceeded in the same commit records the output
     ev.LateResultRecorded: _h_nothing,
     ev.BudgetExceeded: _h_nothing,  # the RunFailed that follows carries the reason
     ev.ApprovalRefused: _h_nothing,

@@ -1,11 +1,12 @@
 """Workflow definitions: YAML loader, validated model and Jinja2 templates."""
 
 from ._load import LoadSettings, decode_workflow, load_workflow, parse_workflow, read_workflow_file
-from ._model import OnError, RetryPolicy, Step, StepType, Workflow
+from ._model import Cache, OnError, RetryPolicy, Step, StepType, Workflow, duration_ms
 from ._problems import Problem, WorkflowInvalid, format_problems
 from ._templates import TemplateError, evaluate_condition, evaluate_for_each, render_input, render_text
 
 __all__ = [
+    "Cache",
     "LoadSettings",
     "OnError",
     "Problem",
@@ -16,6 +17,7 @@ __all__ = [
     "Workflow",
     "WorkflowInvalid",
     "decode_workflow",
+    "duration_ms",
     "evaluate_condition",
     "evaluate_for_each",
     "format_problems",
