@@ -104,7 +104,7 @@ def test_help_shows_the_noun_groups_and_hides_todays_spellings() -> None:
     visible = {name for name, cmd in commands.items() if not cmd.hidden}
     hidden = {name for name, cmd in commands.items() if cmd.hidden}
     assert visible == {"run", "approval", "workflow", "policy", "approver", "agent", "dlq", "audit", "creds",
-                       "tenant", "cost", "alerts", "apikeys", "up", "serve", "worker", "nats", "demo", "drill",
+                       "tenant", "cost", "alerts", "schedules", "apikeys", "up", "serve", "worker", "nats", "demo", "drill",
                        "provision"}
     assert hidden == {"runs", "status", "timeline", "cancel", "rerun", "approvals", "approve", "reject",
                       "validate", "agents", "workflows", "approvers"}

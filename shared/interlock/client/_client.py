@@ -56,6 +56,8 @@ from interlock.contracts.messages import (
     QueryReply,
     RunQuery,
     RunsQuery,
+    ScheduleRow,
+    SchedulesQuery,
     SignedApproval,
     Trigger,
     UsageQuery,
@@ -284,10 +286,10 @@ class Client:
             raise Refused(f"refused: {reply.error or 'no reason given'}")
         return reply
 
-    async def _query(self, subject: str, message: BaseModel) -> Any:
+    async def _query(self, subject: str, message: BaseModel, service: str = "auditor") -> Any:
         tenant, name = s.parse_query(subject)
         self._may_publish(subject, f"query {name} of tenant {tenant}")
-        reply = await self._request(subject, message, QueryReply, "auditor")
+        reply = await self._request(subject, message, QueryReply, service)
         if not reply.ok:
             error = reply.error or "query failed"
             raise (NotFound if error.endswith("not found") else ClientError)(error)
@@ -610,6 +612,13 @@ class Client:
         """Model calls, tokens and cost of this tenant's runs, summed per ``group_by``, most expensive first."""
         query = UsageQuery(group_by=group_by, run_id=run_id, workflow_id=workflow_id, since=since, limit=limit)
         return list(await self._query(self._query_subject("usage"), query))
+
+    async def schedules(self, *, workflow_id: str | None = None) -> list[ScheduleRow]:
+        """This tenant's workflow schedules (``schedule:`` in a workflow's latest version), by workflow id:
+        cron or every, time zone, missed-tick policy, next tick and the run of the latest tick. The
+        planner answers (it keeps the schedules)."""
+        rows = await self._query(self._query_subject("schedules"), SchedulesQuery(workflow_id=workflow_id), "planner")
+        return [ScheduleRow.model_validate(row) for row in rows or []]
 
     async def alerts(self, *, include_resolved: bool = False) -> list[Alert]:
         """This tenant's alerts, newest change first: each alert's latest state (firing ones only,

@@ -19,6 +19,7 @@ from interlock.cli import (
     _ops,
     _policy,
     _run,
+    _schedules,
     _seals,
     _tenant,
     _workflow,
@@ -92,6 +93,7 @@ app.add_typer(_identity.app, name="creds")
 app.add_typer(_tenant.app, name="tenant")
 app.command("cost")(_observe.cost)
 app.command("alerts")(_observe.alerts)
+app.command("schedules")(_schedules.schedules)
 app.add_typer(_apikeys.app, name="apikeys")
 _admin_audit.register(_audit.app)
 _seals.register(_audit.app)

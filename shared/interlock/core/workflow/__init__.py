@@ -3,13 +3,16 @@
 from ._load import LoadSettings, decode_workflow, load_workflow, parse_workflow, read_workflow_file
 from ._model import OnError, RetryPolicy, Step, StepType, Workflow
 from ._problems import Problem, WorkflowInvalid, format_problems
+from ._schedule import Missed, Schedule, every_seconds, zone
 from ._templates import TemplateError, evaluate_condition, evaluate_for_each, render_input, render_text
 
 __all__ = [
     "LoadSettings",
+    "Missed",
     "OnError",
     "Problem",
     "RetryPolicy",
+    "Schedule",
     "Step",
     "StepType",
     "TemplateError",
@@ -18,10 +21,12 @@ __all__ = [
     "decode_workflow",
     "evaluate_condition",
     "evaluate_for_each",
+    "every_seconds",
     "format_problems",
     "load_workflow",
     "parse_workflow",
     "read_workflow_file",
     "render_input",
     "render_text",
+    "zone",
 ]
