@@ -104,8 +104,8 @@ def test_help_shows_the_noun_groups_and_hides_todays_spellings() -> None:
     visible = {name for name, cmd in commands.items() if not cmd.hidden}
     hidden = {name for name, cmd in commands.items() if cmd.hidden}
     assert visible == {"run", "approval", "workflow", "policy", "approver", "agent", "dlq", "audit", "creds",
-                       "tenant", "cost", "alerts", "schedules", "apikeys", "up", "serve", "worker", "nats", "demo", "drill",
-                       "provision"}
+                       "tenant", "cost", "alerts", "schedules", "apikeys", "up", "serve", "worker", "nats", "demo",
+                       "drill", "provision"}
     assert hidden == {"runs", "status", "timeline", "cancel", "rerun", "approvals", "approve", "reject",
                       "validate", "agents", "workflows", "approvers"}
     assert set(commands["run"].commands) == {"start", "list", "describe", "timeline", "cancel", "rerun"}

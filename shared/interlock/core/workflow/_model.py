@@ -256,7 +256,8 @@ class Step(BaseModel):
         return str(value).lower() if isinstance(value, bool) else value
 
 
-_ADDED_LATER = ("sensitive", "budget", "record_prompts", "sla", "schedule")  # not in the content hash while at their default
+# not in the content hash while at their default
+_ADDED_LATER = ("sensitive", "budget", "record_prompts", "sla", "schedule")
 
 
 class Workflow(BaseModel):
