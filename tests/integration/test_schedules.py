@@ -22,6 +22,7 @@ from interlock.contracts.messages import ScheduleTimer
 from interlock.core.ids import run_id_for
 from interlock.core.schedule import tick_key
 from interlock.planner.service import PlannerService
+from tests.integration.api_fixtures import Api
 from tests.integration.harness import Harness, connect, unique
 from tests.principals import Principals
 
@@ -246,3 +247,29 @@ steps:
         assert "bad.yaml:7: schedule.missed: unknown value 'later'; allowed: 'skip', 'catch_up_once'" in text
         with pytest.raises(NotFound):
             await admin.workflow("bad-schedule")  # nothing was registered
+
+
+async def test_the_api_lists_the_callers_tenants_schedules(api: Api, harness: Harness) -> None:
+    tenant, wf = unique("sched"), unique("api")
+    await harness.apply(scheduled(wf, tenant, f'{{cron: "0 0 1 1 *", missed: catch_up_once, tenant: {tenant}}}'))
+    try:
+        async with api.http(await api.key("viewer", tenant)) as http:
+            deadline = time.monotonic() + 10
+            while True:
+                r = await http.get("/api/v1/schedules")
+                assert r.status_code == 200, r.text
+                if r.json() and r.json()[0]["armed"]:
+                    break
+                assert time.monotonic() < deadline, f"the schedule was not set: {r.json()}"
+                await asyncio.sleep(0.05)
+            (row,) = r.json()
+            assert (row["workflow_id"], row["tenant"], row["cron"], row["timezone"], row["missed"]) == (
+                wf, tenant, "0 0 1 1 *", "UTC", "catch_up_once")
+            assert row["next_tick"].startswith(f"{datetime.now(UTC).year + 1}-01-01T00:00:00")
+            assert (await http.get("/api/v1/schedules", params={"workflow": "nope"})).json() == []
+            bad = await http.get("/api/v1/schedules", params={"workflow": "not a token"})
+            assert bad.status_code == 422 and bad.headers["content-type"].startswith("application/problem+json")
+        async with api.http(await api.key("viewer")) as other:  # tenant default: not its schedule
+            assert wf not in [row["workflow_id"] for row in (await other.get("/api/v1/schedules")).json()]
+    finally:
+        await unschedule(harness, tenant, wf, 2)
