@@ -273,3 +273,30 @@ async def test_the_api_lists_the_callers_tenants_schedules(api: Api, harness: Ha
             assert wf not in [row["workflow_id"] for row in (await other.get("/api/v1/schedules")).json()]
     finally:
         await unschedule(harness, tenant, wf, 2)
+
+
+async def test_a_tick_delivered_twice_starts_one_run_and_a_stale_tick_none(two_copies: Harness) -> None:
+    harness = two_copies
+    tenant, wf = unique("sched"), unique("hourly")
+    await harness.apply(scheduled(wf, tenant, f"{{every: 1h, tenant: {tenant}}}"))
+    try:
+        deadline = time.monotonic() + 10
+        while (timer := await pending(harness, tenant, wf)) is None:
+            assert time.monotonic() < deadline, "the schedule was not set"
+            await asyncio.sleep(0.05)
+        this_hour = timer.tick - timedelta(hours=1)  # due already, the next one is not: on time
+        due = timer.model_copy(update={"tick": this_hour})
+        # a tick of a schedule that changed since (another hash), early: without the check it would run
+        stale = timer.model_copy(update={"schedule_hash": "0" * 64})
+        js = harness.nc.jetstream()  # the server's part, played by the admin: the tick comes due (twice)
+        for message in (due, due, stale):
+            await js.publish(s.schedule_fired(), message.model_dump_json().encode())
+        await wait_runs(harness, tenant, 1)
+        await harness.settled()
+        runs = await scheduled_runs(harness, tenant)
+        assert [r["key"] for r in runs] == [tick_key(this_hour)], "a stale tick started a run, or one ran twice"
+        assert_one_run_per_tick(runs, tenant, wf)
+        after = await pending(harness, tenant, wf)
+        assert after is not None and after.tick == timer.tick  # the next tick is still the one set before
+    finally:
+        await unschedule(harness, tenant, wf, 2)

@@ -11,8 +11,8 @@ so a tick handled twice still starts one run) and sets the next tick.
 Applying, updating or removing a workflow changes its schedule: every planner copy watches the
 workflows bucket's ``{workflow_id}.latest`` keys and sets the latest version's next tick (or cancels
 the pending one). A tick of a schedule that changed since it was set is dropped. Nothing here is
-kept only in memory: after a restart the watch sets every schedule's next tick again (the same
-tick: replacing it changes nothing) and ticks that came due meanwhile wait in the stream.
+kept only in memory: after a restart the watch finds every schedule's pending tick (and sets the
+next one where none is pending), and ticks that came due meanwhile wait in the stream.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from interlock.runtime.service import decode
 log = logging.getLogger(__name__)
 
 LATEST_SUFFIX = ".latest"  # the registry's key naming a workflow's latest version
+RESYNC_S = 60.0  # how often each copy checks every schedule's pending tick besides the watch
 
 StartRun = Callable[[str, Trigger], Awaitable[None]]
 Clock = Callable[[], datetime]
@@ -55,14 +56,16 @@ class Schedules:
     """Sets, fires and lists the schedules of the registered workflows (one per planner copy)."""
 
     def __init__(self, js: JetStreamContext, registry: WorkflowRegistry, store: EventStore, start_run: StartRun,
-                 clock: Clock = _now) -> None:
+                 clock: Clock = _now, resync_s: float = RESYNC_S) -> None:
         self.js = js
         self.registry = registry
         self.store = store
         self.start_run = start_run
         self.clock = clock
+        self.resync_s = resync_s
         self._armed: dict[str, str] = {}  # workflow id -> the tenant whose tick this copy set last
         self._task: asyncio.Task[None] | None = None
+        self._resync: asyncio.Task[None] | None = None
 
     # -- following the registry ------------------------------------------------------------------
     async def start(self) -> None:
@@ -91,12 +94,25 @@ class Schedules:
         self._task = asyncio.create_task(follow(), name="schedules-watch")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(loaded), 10)
+        if self.resync_s > 0:
+            self._resync = asyncio.create_task(self._resync_loop(), name="schedules-resync")
+
+    async def _resync_loop(self) -> None:
+        """Every ``resync_s``, every schedule's tick again (a watch that ended, a tick dead-lettered)."""
+        while True:
+            await asyncio.sleep(self.resync_s)
+            try:
+                for workflow_id in sorted({wf for wf, _ in await self.registry.list()}):
+                    await self.ensure(workflow_id)
+            except Exception as e:  # a reconnect or an election: next time
+                log.warning("schedules: resync failed: %r", e)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        for task in (self._task, self._resync):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
     async def ensure(self, workflow_id: str, *, deleted: bool = False) -> None:
         """Make the pending tick of ``workflow_id`` match its latest version's schedule."""
@@ -111,8 +127,15 @@ class Schedules:
         previous = self._armed.get(workflow_id)
         if previous is not None and (schedule is None or schedule.tenant != previous):
             await self._cancel(previous, workflow_id)
-        if workflow is not None and schedule is not None:
-            await self._arm(workflow, sc.next_after(schedule, self.clock()))
+        if workflow is None or schedule is None:
+            return
+        pending = await self._pending(schedule.tenant, workflow_id)
+        if pending is not None and pending.schedule_hash == sc.schedule_hash(schedule):
+            # already set (by another copy, before a restart): left alone, so a clock a little ahead of
+            # the server's can never replace a tick that is about to fire with the one after it
+            self._armed[workflow_id] = schedule.tenant
+            return
+        await self._arm(workflow, sc.next_after(schedule, self.clock()))
 
     async def _arm(self, workflow: Workflow, tick: datetime) -> None:
         schedule = workflow.schedule
