@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from nats.js.errors import NotFoundError
 
-from interlock.client import Client, NotFound, WorkflowInvalid
+from interlock.client import Client, NotFound, Refused, WorkflowInvalid
 from interlock.contracts import events as ev
 from interlock.contracts import headers as h
 from interlock.contracts import subjects as s
@@ -247,6 +247,12 @@ steps:
         assert "bad.yaml:7: schedule.missed: unknown value 'later'; allowed: 'skip', 'catch_up_once'" in text
         with pytest.raises(NotFound):
             await admin.workflow("bad-schedule")  # nothing was registered
+        # a valid schedule of another tenant than the one the admin acts for: refused, nothing registered
+        elsewhere = unique("elsewhere")
+        with pytest.raises(Refused, match=f"schedule.tenant is '{elsewhere}', but you act for tenant 'default'"):
+            await admin.apply_workflow(scheduled(elsewhere, elsewhere, f"{{every: 1s, tenant: {elsewhere}}}"))
+        with pytest.raises(NotFound):
+            await admin.workflow(elsewhere)
 
 
 async def test_the_api_lists_the_callers_tenants_schedules(api: Api, harness: Harness) -> None:
@@ -271,6 +277,9 @@ async def test_the_api_lists_the_callers_tenants_schedules(api: Api, harness: Ha
             assert bad.status_code == 422 and bad.headers["content-type"].startswith("application/problem+json")
         async with api.http(await api.key("viewer")) as other:  # tenant default: not its schedule
             assert wf not in [row["workflow_id"] for row in (await other.get("/api/v1/schedules")).json()]
+        async with api.http(await api.key("admin", tenant)) as admin:  # its admin may not schedule another's runs
+            r = await admin.post("/api/v1/workflows", json={"source": scheduled(unique("x"), "default", "{every: 1s}")})
+            assert r.status_code == 409 and "schedule.tenant is 'default'" in r.json()["detail"], r.text
     finally:
         await unschedule(harness, tenant, wf, 2)
 

@@ -35,7 +35,7 @@ from interlock.core import schedule as sc
 from interlock.core.eventstore import EventStore, RunNotFound
 from interlock.core.ids import run_id_for
 from interlock.core.workflow import Workflow
-from interlock.runtime.publish import publish
+from interlock.runtime import timers
 from interlock.runtime.registry import WorkflowNotFound, WorkflowRegistry
 from interlock.runtime.service import decode
 
@@ -142,9 +142,10 @@ class Schedules:
         assert schedule is not None
         timer = ScheduleTimer(tenant=schedule.tenant, workflow_id=workflow.id, workflow_version=workflow.version,
                               schedule_hash=sc.schedule_hash(schedule), tick=tick)
-        # no msg id: setting the same tick twice (two copies, a retry) just replaces it with itself
-        await publish(self.js, s.schedule_timer(schedule.tenant, workflow.id), timer.model_dump_json().encode(),
-                      headers={h.SCHEDULE: f"@at {sc.iso(tick)}", h.SCHEDULE_TARGET: s.schedule_fired()})
+        # no msg id: setting the same tick twice (two copies, a retry) just replaces it with itself, and a
+        # schedule removed and added back within the duplicate window must be set again
+        await timers.set_at(self.js, s.schedule_timer(schedule.tenant, workflow.id), timer.model_dump_json().encode(),
+                            tick, s.schedule_fired())
         self._armed[workflow.id] = schedule.tenant
         log.debug("schedules: %s (%s) next tick %s", workflow.id, schedule.tenant, sc.iso(tick))
 
@@ -152,7 +153,7 @@ class Schedules:
         """Replace the pending tick with a message the server never fires (no schedule header)."""
         timer = ScheduleTimer(tenant=tenant, workflow_id=workflow_id, workflow_version="", schedule_hash="",
                               tick=self.clock(), cancelled=True)
-        await publish(self.js, s.schedule_timer(tenant, workflow_id), timer.model_dump_json().encode())
+        await timers.cancel(self.js, s.schedule_timer(tenant, workflow_id), timer.model_dump_json().encode())
         self._armed.pop(workflow_id, None)
         log.info("schedules: %s (%s) unscheduled", workflow_id, tenant)
 

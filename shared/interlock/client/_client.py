@@ -301,11 +301,22 @@ class Client:
         ``WorkflowInvalid`` listing every problem, or :class:`Refused` when the version exists
         with different content."""
         await self._provision()
-        await self._may_add_trigger_subjects(load_workflow(text, filename=filename))
+        workflow = load_workflow(text, filename=filename)
+        await self._may_add_trigger_subjects(workflow)
+        self._may_schedule(workflow)
         try:
             return await self._registry.apply(text, filename=filename)
         except VersionConflict as e:
             raise Refused(str(e)) from None
+
+    def _may_schedule(self, workflow: Workflow) -> None:
+        """Refuse a schedule that would start runs in another tenant than this client's: whoever
+        applies a workflow (an admin, an API admin key) acts for one tenant, and so do its schedules."""
+        schedule = workflow.schedule
+        if schedule is not None and schedule.tenant != self.tenant:
+            raise Refused(f"workflow {workflow.id}: schedule.tenant is {schedule.tenant!r}, but you act for tenant "
+                          f"{self.tenant!r}; a schedule starts runs in the tenant of whoever applies it (apply it "
+                          f"as a principal of tenant {schedule.tenant!r}, e.g. with --tenant {schedule.tenant})")
 
     async def _may_add_trigger_subjects(self, workflow: Workflow) -> None:
         """Refuse, before anything is written, a workflow whose own trigger subjects are not on
