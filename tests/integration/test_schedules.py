@@ -309,3 +309,21 @@ async def test_a_tick_delivered_twice_starts_one_run_and_a_stale_tick_none(two_c
         assert after is not None and after.tick == timer.tick  # the next tick is still the one set before
     finally:
         await unschedule(harness, tenant, wf, 2)
+
+
+async def test_deleting_a_workflow_cancels_its_schedule(two_copies: Harness) -> None:
+    harness = two_copies
+    tenant, wf = unique("sched"), unique("gone")
+    await harness.apply(scheduled(wf, tenant, f"{{every: 1h, tenant: {tenant}}}"))
+    deadline = time.monotonic() + 10
+    while await pending(harness, tenant, wf) is None:
+        assert time.monotonic() < deadline, "the schedule was not set"
+        await asyncio.sleep(0.05)
+    kv = await harness.nc.jetstream().key_value(s.WORKFLOWS_BUCKET)
+    await kv.delete(f"{wf}.latest")  # what deleting the workflow does to the registry
+    await kv.delete(f"{wf}.1")
+    deadline = time.monotonic() + 10
+    while await pending(harness, tenant, wf) is not None:
+        assert time.monotonic() < deadline, "the deleted workflow's tick is still set"
+        await asyncio.sleep(0.05)
+    await harness.settled()
