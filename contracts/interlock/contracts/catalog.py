@@ -44,7 +44,8 @@ INTEGRATION = "integration"
 OPERATOR = "operator"
 
 SERVICES: Mapping[str, str] = MappingProxyType({
-    PLANNER: "Starts runs from triggers, advances them as steps finish, cancels and times out runs.",
+    PLANNER: "Starts runs from triggers and workflow schedules, advances them as steps finish, cancels and times "
+             "out runs; answers the schedules query.",
     POLICY: "Decides every ready job (allow, deny, require approval) before any side effect.",
     APPROVAL: "Records approval decisions and expires approvals nobody decided in time.",
     DISPATCHER: "Publishes released jobs, turns results and heartbeats into outcomes, schedules retries, "

@@ -26,8 +26,10 @@ from cronsim import CronSim
 from interlock.core.workflow import Missed, Schedule, every_seconds, zone
 
 KEY_PREFIX = "schedule:"
-MAX_COUNTED = 100_000
-"""Missed ticks are counted up to this many (a per-second schedule after a day's downtime)."""
+MAX_COUNTED = 10_000
+"""Missed cron ticks are counted up to this many (a week of per-minute ticks): counting walks them
+one by one, and the handler should not spend seconds on a number. ``every`` ticks are counted by
+arithmetic, up to the same bound."""
 
 
 def tick_key(tick: datetime) -> str:
