@@ -160,8 +160,8 @@ def test_schedule_times_must_carry_a_time_zone() -> None:
 
 
 def test_one_pending_tick_per_tenant_and_workflow() -> None:
-    assert s.schedule_timer("acme", "nightly") == "il.timer.at.schedule.acme.nightly"
-    assert s.schedule_fired() == "il.timer.fire.schedule"
+    assert s.schedule_timer("acme", "nightly") == "il.timer.at.schedule.acme.nightly"  # literal: pinned
+    assert s.schedule_fired() == "il.timer.fire.schedule"  # literal: pinned
     with pytest.raises(s.SubjectError, match="tenant"):
         s.schedule_timer("a.b", "nightly")
     assert sc.next_after(Schedule(every="1d"), at("2026-12-02T04:00:00Z")) - at("2026-12-02T00:00:00Z") == \
