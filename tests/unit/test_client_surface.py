@@ -19,9 +19,9 @@ CLIENT_METHODS = [
     "export_run", "failures", "grant_approver", "keyring", "load_run", "pending_approval", "policy_active",
     "policy_decide", "policy_history", "policy_publish", "policy_rollback", "policy_simulate", "read_commits",
     "reject", "replay_dead_letter", "rerun", "rerun_plan", "resolve_dead_letter", "revoke_api_key",
-    "revoke_approver", "run_diff", "runs", "runs_page", "seals", "start_run", "status", "submit_run", "timeline",
-    "unseal", "usage", "verify", "verify_seals", "wait", "wait_projected", "watch", "with_tenant", "workflow",
-    "workflows",
+    "revoke_approver", "run_diff", "runs", "runs_page", "schedules", "seals", "start_run", "status", "submit_run",
+    "timeline", "unseal", "usage", "verify", "verify_seals", "wait", "wait_projected", "watch", "with_tenant",
+    "workflow", "workflows",
 ]
 
 

@@ -354,6 +354,10 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "RunsQuery": set(),
     "UsageQuery": set(),
     "FailuresQuery": {"workflow_id"},
+    "SchedulesQuery": set(),
+    "SchedulesReply": {"ok"},
+    "ScheduleRow": {"workflow_id", "workflow_version", "tenant", "timezone", "missed", "next_tick", "armed"},
+    "ScheduleTimer": {"tenant", "workflow_id", "workflow_version", "schedule_hash", "tick"},
     "UsageTotals": {"calls", "input_tokens", "output_tokens", "cost_usd"},
     "Alert": {"alert_id", "rule", "state", "tenant", "summary", "at"},
     "LlmCall": {"provider", "model"},
@@ -466,7 +470,7 @@ def test_every_wildcard_has_a_channel() -> None:
 
 
 COMMANDS = ("approve", "reject", "cancel")
-QUERIES = ("runs", "status", "timeline", "approvals", "usage", "failures")
+QUERIES = ("runs", "status", "timeline", "approvals", "usage", "failures", "schedules")
 
 
 def test_commands_and_queries_carry_the_tenant_and_the_principal() -> None:

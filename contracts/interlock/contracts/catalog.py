@@ -44,7 +44,8 @@ INTEGRATION = "integration"
 OPERATOR = "operator"
 
 SERVICES: Mapping[str, str] = MappingProxyType({
-    PLANNER: "Starts runs from triggers, advances them as steps finish, cancels and times out runs.",
+    PLANNER: "Starts runs from triggers and workflow schedules, advances them as steps finish, cancels and times "
+             "out runs; answers the schedules query.",
     POLICY: "Decides every ready job (allow, deny, require approval) before any side effect.",
     APPROVAL: "Records approval decisions and expires approvals nobody decided in time.",
     DISPATCHER: "Publishes released jobs, turns results and heartbeats into outcomes, schedules retries, "
@@ -384,6 +385,39 @@ TIMERS_FIRED = Channel(
     filters=(s.TIMERS_FIRED_ALL,),
 )
 
+SCHEDULE_TIMERS = Channel(
+    id="scheduleTimers",
+    title="Schedule ticks",
+    pattern=Pattern(s.schedule_timer, (TENANT, WORKFLOW_ID)),
+    message=msg.ScheduleTimer,
+    description="The next tick of a workflow's schedule (`schedule:` in its definition): one scheduled message per "
+                "(tenant, workflow), which the server publishes to il.timer.fire.schedule when due. Publishing "
+                "again replaces it (the planner does whenever a workflow is applied and after every tick); a "
+                "message without a schedule header (cancelled: true) cancels it. Internal to Interlock.",
+    transport="jetstream",
+    stream=s.TIMERS_STREAM,
+    publishers=(PLANNER,),
+    subscribers=(NATS_SERVER,),
+    headers=(Header(h.SCHEDULE, "When the tick is due: '@at ' + RFC 3339 UTC time; absent on a cancellation.",
+                    required=False, example="@at 2030-01-01T00:05:00Z"),
+             Header(h.SCHEDULE_TARGET, "il.timer.fire.schedule", required=False, example="il.timer.fire.schedule")),
+    filters=(s.TIMERS_SCHEDULED_ALL,),
+)
+
+SCHEDULE_TICKS = Channel(
+    id="scheduleTicks",
+    title="Schedule ticks due",
+    pattern=Pattern(s.schedule_fired),
+    message=msg.ScheduleTimer,
+    description="A workflow schedule's tick that came due: the planner (one copy, a shared durable consumer) "
+                "starts its run, keyed by the tick, and sets the next tick. Internal to Interlock.",
+    transport="jetstream",
+    stream=s.TIMERS_STREAM,
+    publishers=(NATS_SERVER,),
+    subscribers=(PLANNER,),
+    filters=(s.schedule_fired(),),
+)
+
 DEAD_LETTERS = Channel(
     id="deadLetters",
     title="Dead letters",
@@ -495,10 +529,10 @@ def _command(name: str, id: str, title: str, request: type[msg.Message], service
 
 
 def _query(name: str, id: str, title: str, request: type[msg.Message], reply: type[msg.QueryReply],
-           description: str, askers: tuple[str, ...] = ()) -> Channel:
+           description: str, askers: tuple[str, ...] = (), answerer: str = AUDITOR) -> Channel:
     return Channel(
         id=id, title=title, pattern=Pattern(s.query, (TENANT, name)), message=request, reply=reply,
-        description=description, transport="request", publishers=(CLIENT, *askers), subscribers=(AUDITOR,),
+        description=description, transport="request", publishers=(CLIENT, *askers), subscribers=(answerer,),
         filters=(Pattern(s.queries, (name,)),),
     )
 
@@ -531,6 +565,11 @@ Q_FAILURES = _query("failures", "qFailures", "Failed runs", msg.FailuresQuery, m
                     "A workflow's failed runs since a time, newest first, each with the step and error where it "
                     "broke (interlock run failures groups them)." + _TENANT_ONLY)
 
+Q_SCHEDULES = _query("schedules", "qSchedules", "Workflow schedules", msg.SchedulesQuery, msg.SchedulesReply,
+                     "The tenant's workflow schedules with their next tick and the run of the latest tick, by "
+                     "workflow id. Answered by the planner, which keeps the schedules." + _TENANT_ONLY,
+                     answerer=PLANNER)
+
 CHANNELS: tuple[Channel, ...] = (
     TRIGGERS,
     JOBS,
@@ -542,6 +581,8 @@ CHANNELS: tuple[Channel, ...] = (
     CANCEL_NOTICES,
     TIMER_SCHEDULES,
     TIMERS_FIRED,
+    SCHEDULE_TIMERS,
+    SCHEDULE_TICKS,
     DEAD_LETTERS,
     JS_API_AUDIT,
     ADMIN_AUDIT,
@@ -556,6 +597,7 @@ CHANNELS: tuple[Channel, ...] = (
     Q_APPROVALS,
     Q_USAGE,
     Q_FAILURES,
+    Q_SCHEDULES,
 )
 
 # -- state kept outside subjects -----------------------------------------------------------

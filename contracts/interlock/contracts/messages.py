@@ -187,6 +187,22 @@ class TimerFired(Message):
     due_at: datetime
 
 
+class ScheduleTimer(Message):
+    """A workflow schedule's next tick, on ``il.timer.at.schedule.{tenant}.{workflow_id}``; it fires on
+    ``il.timer.fire.schedule`` at ``tick``, where the planner starts the tick's run (idempotency key
+    ``schedule:{tick}``, so a tick never starts two runs) and schedules the tick after it."""
+
+    tenant: str = Field(description="The tenant whose runs the schedule starts")
+    workflow_id: str
+    workflow_version: str = Field(description="The version whose schedule this is (the latest when it was set)")
+    schedule_hash: str = Field(description="sha256 of the schedule as defined: a tick of a schedule that has "
+                                           "changed since is dropped (the new schedule has its own)")
+    tick: datetime = Field(description="The tick (UTC): when it is due, and what the run's input names")
+    cancelled: bool = Field(default=False, description="Published without a schedule header when a workflow's "
+                                                       "schedule is removed: replaces the pending tick, so it "
+                                                       "never fires")
+
+
 class AgentRegistration(Message):
     """An agent worker's entry in the agent registry."""
 
@@ -408,6 +424,12 @@ class FailuresQuery(Message):
     limit: int = Field(default=1000, ge=1, le=10_000, description="At most this many failed runs, newest first")
 
 
+class SchedulesQuery(Message):
+    """The workflow schedules of the query subject's tenant (``interlock schedules``); the planner answers."""
+
+    workflow_id: str | None = Field(default=None, description="Only this workflow's schedule")
+
+
 class QueryReply(Message):
     """The answer to a query: ``ok`` with a ``result`` (its schema is the query's reply type, e.g.
     ``RunsReply``), or ``ok: false`` with an ``error``."""
@@ -615,6 +637,32 @@ class UsageReply(QueryReply):
     """Reply of the usage query: most expensive first, at most ``limit``."""
 
     result: list[UsageRow] | None = None
+
+
+class ScheduleRow(Message):
+    """One workflow schedule, as the schedules query lists it."""
+
+    workflow_id: str
+    workflow_version: str = Field(description="The latest version, whose schedule this is")
+    tenant: str
+    cron: str | None = None
+    every: str | None = None
+    timezone: str = Field(description="The cron expression's time zone (UTC for every)")
+    missed: str = Field(description="What happens to ticks missed while no planner ran: skip or catch_up_once")
+    next_tick: datetime = Field(description="When the next run starts (UTC)")
+    armed: bool = Field(description="True when the next tick is set as a durable timer; false for a moment after "
+                                    "a tick fired, or when no planner has seen the schedule yet")
+    last_tick: datetime | None = Field(default=None, description="The latest tick due so far (UTC)")
+    last_run_id: str | None = Field(default=None, description="The run of the latest tick (its id is derived "
+                                                              "from tenant, workflow and tick)")
+    last_run_status: str | None = Field(default=None, description="That run's status; null when the tick started "
+                                                                  "no run (skipped, or not yet handled)")
+
+
+class SchedulesReply(QueryReply):
+    """Reply of the schedules query: one row per scheduled workflow of the tenant, by workflow id."""
+
+    result: list[ScheduleRow] | None = None
 
 
 class ApprovalsReply(QueryReply):

@@ -12,6 +12,7 @@ Subject layout (``{…}`` is one token; tokens never contain dots, except job to
 - ``il.hb.{tenant}.{run_id}``             worker heartbeats (stream ``IL_RESULTS``)
 - ``il.timer.at.{kind}.{run_id}.{key}``   durable timer schedules (stream ``IL_TIMERS``)
 - ``il.timer.fire.{kind}``                fired timers
+- ``il.timer.at.schedule.{tenant}.{workflow_id}``  a workflow schedule's next tick (one per schedule)
 - ``il.notify.{tenant}.{channel}``        notifications from notify steps (stream ``IL_NOTIFY``)
 - ``il.cmd.{tenant}.{name}.{principal}``  commands (approve, reject, cancel), request-reply
 - ``il.q.{tenant}.{name}``                auditor queries, request-reply
@@ -149,6 +150,21 @@ def timer_schedule(kind: str, run_id: str, key: str) -> str:
 
 def timer_fired(kind: str) -> str:
     return f"{PREFIX}.timer.fire.{token(kind, 'timer kind')}"
+
+
+SCHEDULE_TIMER_KIND = "schedule"
+"""The timer kind of workflow schedules (``schedule:`` in a workflow): one pending tick per schedule."""
+
+
+def schedule_timer(tenant: str, workflow_id: str) -> str:
+    """The one pending tick of ``workflow_id``'s schedule in ``tenant``: publishing here replaces it
+    (the server keeps one schedule per subject), a message without a schedule header cancels it."""
+    return timer_schedule(SCHEDULE_TIMER_KIND, token(tenant, "tenant"), token(workflow_id, "workflow id"))
+
+
+def schedule_fired() -> str:
+    """Where the server publishes a schedule's tick when it comes due (the planner consumes it)."""
+    return timer_fired(SCHEDULE_TIMER_KIND)
 
 
 def notify(tenant: str, channel: str) -> str:

@@ -22,7 +22,7 @@ from interlock.api.access import Action
 from interlock.api.auth import Principal, acting_client, allow, decision_signer
 from interlock.api.problems import ERROR_RESPONSES, ApiProblem
 from interlock.client import TERMINAL_EVENTS, Client, NotFound
-from interlock.contracts.messages import AgentRegistration, ApiKeyRecord, DeadLetter
+from interlock.contracts.messages import AgentRegistration, ApiKeyRecord, DeadLetter, ScheduleRow
 from interlock.core.rundiff import since_time
 
 PREFIX = "/api/v1"
@@ -369,6 +369,14 @@ async def policy_rollback(request: Request, body: m.PolicyRollback, who: Princip
 @route("GET", "/agents", Action.READ, response_model=list[AgentRegistration], summary="Registered agent workers")
 async def agents(request: Request, who: Principal = Caller(Action.READ)) -> list[AgentRegistration]:
     return await acting_client(request, who).agents()
+
+
+@route("GET", "/schedules", Action.READ, response_model=list[ScheduleRow],
+       summary="The tenant's workflow schedules, with their next tick and the run of the latest tick")
+async def schedules(request: Request, who: Principal = Caller(Action.READ),
+                    workflow: Annotated[str | None, Query(pattern=m.TOKEN, max_length=256)] = None
+                    ) -> list[ScheduleRow]:
+    return await acting_client(request, who).schedules(workflow_id=workflow)
 
 
 @route("GET", "/dead-letters", Action.ADMIN, response_model=list[DeadLetter],

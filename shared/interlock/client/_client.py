@@ -57,6 +57,8 @@ from interlock.contracts.messages import (
     QueryReply,
     RunQuery,
     RunsQuery,
+    ScheduleRow,
+    SchedulesQuery,
     SignedApproval,
     Trigger,
     UsageQuery,
@@ -286,10 +288,10 @@ class Client:
             raise Refused(f"refused: {reply.error or 'no reason given'}")
         return reply
 
-    async def _query(self, subject: str, message: BaseModel) -> Any:
+    async def _query(self, subject: str, message: BaseModel, service: str = "auditor") -> Any:
         tenant, name = s.parse_query(subject)
         self._may_publish(subject, f"query {name} of tenant {tenant}")
-        reply = await self._request(subject, message, QueryReply, "auditor")
+        reply = await self._request(subject, message, QueryReply, service)
         if not reply.ok:
             error = reply.error or "query failed"
             raise (NotFound if error.endswith("not found") else ClientError)(error)
@@ -301,11 +303,22 @@ class Client:
         ``WorkflowInvalid`` listing every problem, or :class:`Refused` when the version exists
         with different content."""
         await self._provision()
-        await self._may_add_trigger_subjects(load_workflow(text, filename=filename))
+        workflow = load_workflow(text, filename=filename)
+        await self._may_add_trigger_subjects(workflow)
+        self._may_schedule(workflow)
         try:
             return await self._registry.apply(text, filename=filename)
         except VersionConflict as e:
             raise Refused(str(e)) from None
+
+    def _may_schedule(self, workflow: Workflow) -> None:
+        """Refuse a schedule that would start runs in another tenant than this client's: whoever
+        applies a workflow (an admin, an API admin key) acts for one tenant, and so do its schedules."""
+        schedule = workflow.schedule
+        if schedule is not None and schedule.tenant != self.tenant:
+            raise Refused(f"workflow {workflow.id}: schedule.tenant is {schedule.tenant!r}, but you act for tenant "
+                          f"{self.tenant!r}; a schedule starts runs in the tenant of whoever applies it (apply it "
+                          f"as a principal of tenant {schedule.tenant!r}, e.g. with --tenant {schedule.tenant})")
 
     async def _may_add_trigger_subjects(self, workflow: Workflow) -> None:
         """Refuse, before anything is written, a workflow whose own trigger subjects are not on
@@ -651,6 +664,13 @@ class Client:
         rows = await self._query(self._query_subject("failures"),
                                  FailuresQuery(workflow_id=workflow_id, since=since, limit=limit))
         return group_failures(rows or [])
+
+    async def schedules(self, *, workflow_id: str | None = None) -> list[ScheduleRow]:
+        """This tenant's workflow schedules (``schedule:`` in a workflow's latest version), by workflow id:
+        cron or every, time zone, missed-tick policy, next tick and the run of the latest tick. The
+        planner answers (it keeps the schedules)."""
+        rows = await self._query(self._query_subject("schedules"), SchedulesQuery(workflow_id=workflow_id), "planner")
+        return [ScheduleRow.model_validate(row) for row in rows or []]
 
     async def alerts(self, *, include_resolved: bool = False) -> list[Alert]:
         """This tenant's alerts, newest change first: each alert's latest state (firing ones only,

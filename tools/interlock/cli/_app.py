@@ -20,6 +20,7 @@ from interlock.cli import (
     _policy,
     _run,
     _rundiff,  # noqa: F401  (adds `run diff` and `run failures` to the run group)
+    _schedules,
     _seals,
     _tenant,
     _workflow,
@@ -93,6 +94,7 @@ app.add_typer(_identity.app, name="creds")
 app.add_typer(_tenant.app, name="tenant")
 app.command("cost")(_observe.cost)
 app.command("alerts")(_observe.alerts)
+app.command("schedules")(_schedules.schedules)
 app.add_typer(_apikeys.app, name="apikeys")
 _admin_audit.register(_audit.app)
 _seals.register(_audit.app)

@@ -31,6 +31,7 @@ from pydantic_core import ErrorDetails
 
 from ._checks import STEP_TYPES, did_you_mean, semantic_issues, transitive
 from ._problems import Issue, Path, WorkflowInvalid, to_problems
+from ._schedule import Schedule
 
 _WORKFLOW_ID = re.compile(r"^[a-z0-9_-]+$")
 _STEP_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
@@ -113,6 +114,12 @@ def _json_schema(value: dict[str, Any]) -> dict[str, Any]:
     except SchemaError as exc:
         where = "/".join(str(p) for p in exc.absolute_path)
         raise ValueError(f"invalid JSON Schema{f' at {where}' if where else ''}: {exc.message}") from None
+    return value
+
+
+def _json_like_schedule(value: Schedule | None) -> Schedule | None:
+    if value is not None and value.input is not None:
+        _json_like(value.input, "input")
     return value
 
 
@@ -283,7 +290,8 @@ class Step(BaseModel):
         return str(value).lower() if isinstance(value, bool) else value
 
 
-_ADDED_LATER = ("sensitive", "budget", "record_prompts", "sla")  # not in the content hash while at their default
+# not in the content hash while at their default
+_ADDED_LATER = ("sensitive", "budget", "record_prompts", "sla", "schedule")
 _STEP_ADDED_LATER = ("cache",)  # step fields likewise: a definition without them keeps its hash
 
 
@@ -297,6 +305,8 @@ class Workflow(BaseModel):
     version: Annotated[Text, BeforeValidator(_version)]
     description: Text | None = None
     triggers: Annotated[tuple[Subject, ...], BeforeValidator(_none_to_empty)] = ()
+    schedule: Annotated[Schedule, AfterValidator(_json_like_schedule)] | None = None
+    """Start a run at every tick (cron in a time zone, or every N): see ``_schedule``."""
     steps: dict[StepId, Step]
     timeout_ms: PositiveMs | None = None
     sensitive: Annotated[tuple[Text, ...], BeforeValidator(_none_to_empty)] = ()
@@ -398,6 +408,7 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "step": tuple(Step.model_fields),
     "retries": tuple(RetryPolicy.model_fields),
     "cache": ("key", "ttl"),
+    "schedule": tuple(Schedule.model_fields),
 }
 
 _YAML_BOOL_HINT = " (YAML reads yes/no/on/off/true/false as booleans; quote it)"
@@ -418,6 +429,8 @@ def _fields_at(parent: Path) -> tuple[str, ...]:
         return _FIELDS["step"]
     if len(parent) == 3 and parent[0] == "steps" and parent[2] in ("retries", "cache"):
         return _FIELDS[str(parent[2])]
+    if parent == ("schedule",):
+        return _FIELDS["schedule"]
     return ()
 
 
