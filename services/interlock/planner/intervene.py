@@ -255,7 +255,8 @@ class Interventions:
         handle, _ = await self.planner.store.update(tenant, run_id, apply, fresh=True)
         return handle.run
 
-    def _seal(self, tenant: str, run_id: str, value: Any, root: str, paths: frozenset[str] = frozenset()) -> Any:
+    def _seal(self, tenant: str, run_id: str, value: Any, root: str, paths: tuple[str, ...] | frozenset[str] = ()
+              ) -> Any:
         """A value a person typed, with its sensitive parts sealed before it reaches the log."""
         try:
             return self.planner.sealer.seal_tree(tenant, run_id, value, root, paths)

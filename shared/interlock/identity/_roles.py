@@ -229,9 +229,11 @@ ROLES: tuple[Role, ...] = (
     Role("viewer", "person", "Reads the tenant's runs, timelines, events and notifications; asks queries.",
          _person(lambda scope: ())),
     Role("operator", "person", "A viewer who may also start, cancel and rerun the tenant's runs, "
-         "intervene in them (retry or skip a step, resume, pause) and give feedback on step outputs.", _person(_operator)),
+         "intervene in them (retry or skip a step, resume, pause) and give feedback on step outputs.",
+         _person(_operator)),
     Role("approver", "person", "A viewer who may also approve and reject the tenant's pending approvals "
-         "(as the principal named in the credential) and give feedback on step outputs.", _person(_approver)),
+         "(as the principal named in the credential) and give feedback on step outputs.",
+         _person(_approver)),
     Role("policy-admin", "person", "A viewer who may also publish and roll back policy bundles.",
          _person(_policy_admin)),
     Role("admin", "person", "Everything the other people may do, plus streams, consumers, buckets, the approver "

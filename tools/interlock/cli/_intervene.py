@@ -17,7 +17,8 @@ from interlock.core.codec import canonical_json
 
 RunArg = Annotated[str, typer.Argument(metavar="RUN", help="run id")]
 StepArg = Annotated[str, typer.Argument(metavar="STEP", help="step id (a for_each item: STEP[INDEX])")]
-ReasonOption = Annotated[str, typer.Option("--reason", help="why (required): recorded in the run's log with who you are")]
+ReasonOption = Annotated[str, typer.Option("--reason",
+                                           help="why (required): recorded in the run's log with who you are")]
 WaitOption = Annotated[bool, typer.Option("--wait", help="then print each event until the run ends again; exit 0 "
                                                          "only if it succeeded")]
 TimeoutOption = Annotated[float | None, typer.Option(
