@@ -6,6 +6,8 @@ a projection rebuild, and a viewer or another tenant's operator may not interven
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -17,14 +19,16 @@ from interlock.contracts.messages import RetryStepRequest, RunControlRequest
 from interlock.core.codec import canonical_json, sha256_hex
 from interlock.worker import FatalError, JobContext, Worker
 from tests.integration.harness import Harness, types, unique
-from tests.integration.test_permission_matrix import (  # noqa: F401 - matrix: the fixture
-    Matrix,
-    assert_request_dropped,
-    matrix,
-    refused_at_once,
-)
+from tests.integration.test_permission_matrix import Matrix, assert_request_dropped, refused_at_once
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+
+@pytest.fixture
+async def matrix(harness: Harness) -> AsyncIterator[Matrix]:
+    """The harness, and clients as new principals of any role and tenant (closed at the end)."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield Matrix(harness, stack)
 
 
 def of_type(events: list[dict[str, Any]], type_name: str, step: str | None = None) -> list[dict[str, Any]]:

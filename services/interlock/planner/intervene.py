@@ -35,6 +35,7 @@ from interlock.core.sealed import SealedError
 from interlock.core.steps import base_step_id, is_workflow_step, schema_error
 from interlock.core.workflow import OnError, Workflow
 from interlock.runtime.datakeys import DataKeyError
+from interlock.runtime.registry import WorkflowNotFound
 from interlock.runtime.service import body_disagrees
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ def _retry_one(run: Run, step_id: str, who: dict[str, str], *, patched: bool = F
                ref: PayloadRef | None = None, new_hash: str | None = None) -> None:
     state = run.steps[step_id]
     run.retry_step(ev.StepRetryRequested(
-        step_id=step_id, attempt=state.attempt, patched=patched, input=value if patched else None,
+        step_id=step_id, attempt=state.attempt, patched=patched, input=value if patched and ref is None else None,
         input_ref=ref if patched else None, job_hash=new_hash or state.job_hash,
         previous_job_hash=state.job_hash, **who))
 
@@ -243,7 +244,7 @@ class Interventions:
                 return CommandReply(ok=False, error=refusal)
             try:
                 return await act(tenant, principal, request)
-            except (Refusal, IllegalTransition, RunNotFound) as e:
+            except (Refusal, IllegalTransition, RunNotFound, WorkflowNotFound) as e:
                 return CommandReply(ok=False, error=str(e))
         return handle
 
