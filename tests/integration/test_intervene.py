@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -297,3 +298,33 @@ async def test_a_viewer_or_another_tenant_may_not_intervene(matrix: Matrix) -> N
                                  .model_dump_json().encode(), principal=other.principal, action="resume")
     await h.settled()
     assert await h.events(run_id) == failed, "a refused act wrote nothing"
+
+
+async def test_the_http_api_intervenes_and_takes_feedback_as_the_keys_principal(matrix: Matrix, api: Any) -> None:
+    h, run_id, failed = await failing_run(matrix)
+    workflow_id = failed[0]["data"]["workflow_id"]
+    base = f"/api/v1/workflow-runs/{run_id}"
+    async with api.http(await api.key("viewer")) as viewer:
+        r = await viewer.post(f"{base}/steps/a/skip", json={"output": {"value": 3}, "reason": "mine"})
+        assert r.status_code == 403, r.text
+    async with api.http(await api.key("operator", principal="olga")) as operator:
+        r = await operator.post(f"{base}/steps/a/skip", json={"output": {"value": 3}})
+        assert r.status_code == 422 and "reason" in r.text, r.text
+        r = await operator.post(f"{base}/steps/a/skip", json={"output": {"value": 3}, "reason": "by hand"})
+        assert r.status_code == 200, r.text
+        events = await h.wait_for(run_id, lambda evs: ended_again(evs, failed[-1]["seq"]))
+        assert types(events)[-1] == "RunSucceeded"
+        supplied = of_type(events, "StepOutputSupplied", "a")[0]["data"]
+        assert supplied["by"] == "olga" and supplied["via"].startswith("api:")
+        r = await operator.post(f"{base}/steps/b/feedback", json={"score": 3, "note": "fine"})
+        assert r.status_code == 201, r.text
+        for _ in range(200):
+            r = await operator.get(f"/api/v1/workflows/{workflow_id}/feedback")
+            lines = [line for line in r.text.splitlines() if line]
+            if lines:
+                break
+            await asyncio.sleep(0.05)
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        assert [json.loads(line)["by"] for line in lines] == ["olga"]
+        listed = (await operator.get(f"{base}/feedback")).json()["items"]
+        assert [(row["step_id"], row["score"], row["note"]) for row in listed] == [("b", 3.0, "fine")]

@@ -10,15 +10,32 @@ import pytest
 
 from interlock.contracts import events as ev
 from interlock.contracts.messages import FeedbackRequest, JobError, RetryStepRequest, RunControlRequest, SkipStepRequest
-from interlock.core.codec import canonical_json, job_hash, sha256_hex
+from interlock.core.codec import canonical_json, envelope_from_event, job_hash, sha256_hex
 from interlock.core.run import IllegalTransition, Run
+from interlock.core.verify import verify_envelopes
 from interlock.dispatcher import rules as dispatcher_rules
 from interlock.planner import intervene
 from interlock.planner.intervene import Refusal
 from tests.unit.run_builders import advance, appended, decide, started_run, types, workflow
-from tests.unit.test_run_aggregate import assert_replays, chain
+from tests.unit.test_run_aggregate import replay, state
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def chain(run: Run, envelopes: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The run's pending events appended to ``envelopes`` as a hash chain (what the store does)."""
+    envelopes = [] if envelopes is None else envelopes
+    prev = envelopes[-1]["hash"] if envelopes else ev.GENESIS_HASH
+    for domain_event in run.collect_events():
+        envelopes.append(envelope_from_event(domain_event, tenant=run.tenant, service="unit", prev_hash=prev))
+        prev = envelopes[-1]["hash"]
+    return envelopes
+
+
+def assert_replays(run: Run, envelopes: list[dict[str, Any]]) -> None:
+    assert state(replay(envelopes)) == state(run)
+    report = verify_envelopes(envelopes)
+    assert report.ok, report.problems
 
 
 def two_steps(**a: Any) -> Any:

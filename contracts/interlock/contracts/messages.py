@@ -302,7 +302,7 @@ class FeedbackRequest(Message):
 
     run_id: str
     step_id: str
-    score: float | None = Field(default=None, allow_inf_nan=False)
+    score: float | None = Field(default=None, description="A rating of the output (a finite number)")
     has_correction: bool = Field(default=False, description="``correction`` is given (it may be null)")
     correction: Any = None
     note: str = Field(default="", max_length=10_000)

@@ -12,6 +12,7 @@ Run and its Workflow; :class:`Interventions` does the I/O around them for the pl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -194,6 +195,8 @@ def feedback(run: Run, by: str, request: FeedbackRequest) -> ev.FeedbackGiven:
     """A person's rating or correction of a step's output, bound to the output's hash."""
     if request.score is None and not request.has_correction and not request.note.strip():
         raise Refusal("feedback needs a score, a correction or a note")
+    if request.score is not None and not math.isfinite(request.score):
+        raise Refusal(f"score: {request.score} is not a finite number")
     state = run.steps.get(request.step_id)
     if state is None:
         raise Refusal(f"step {request.step_id!r} of run {run.run_id} has no output (it has not run)")
