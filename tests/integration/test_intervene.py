@@ -1,5 +1,5 @@
 """Intervening in a run and feedback on step outputs (issue 17), on the session's nats-server with
-auth and the real services: a patched retry is decided and approved again for its new job hash,
+auth and two copies of every service: a patched retry is decided and approved again for its new job hash,
 skip unblocks downstream, resume finishes the same run, pause holds dispatching, feedback survives
 a projection rebuild, and a viewer or another tenant's operator may not intervene."""
 
@@ -20,6 +20,7 @@ from interlock.contracts.messages import RetryStepRequest, RunControlRequest
 from interlock.core.codec import canonical_json, sha256_hex
 from interlock.worker import FatalError, JobContext, Worker
 from tests.integration.harness import Harness, types, unique
+from tests.integration.test_cli import cli
 from tests.integration.test_permission_matrix import Matrix, assert_request_dropped, refused_at_once
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -27,7 +28,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
 @pytest.fixture
 async def matrix(harness: Harness) -> AsyncIterator[Matrix]:
-    """The harness, and clients as new principals of any role and tenant (closed at the end)."""
+    """The harness with two copies of every service (any copy may answer a command or handle the
+    commit that follows it), and clients as new principals of any role and tenant."""
+    await harness.start_services(copies=1)  # the fixture started the first copies
     async with contextlib.AsyncExitStack() as stack:
         yield Matrix(harness, stack)
 
@@ -328,3 +331,27 @@ async def test_the_http_api_intervenes_and_takes_feedback_as_the_keys_principal(
         assert [json.loads(line)["by"] for line in lines] == ["olga"]
         listed = (await operator.get(f"{base}/feedback")).json()["items"]
         assert [(row["step_id"], row["score"], row["note"]) for row in listed] == [("b", 3.0, "fine")]
+
+
+async def test_the_cli_skips_waits_and_exports_feedback(matrix: Matrix, auditor: AuditorService) -> None:
+    h, run_id, failed = await failing_run(matrix)
+    workflow_id = failed[0]["data"]["workflow_id"]
+    no_reason = await cli(h, "step", "skip", run_id, "a", "--output", '{"value": 1}')
+    assert no_reason.exit_code == 1 and "--reason: say why" in no_reason.output, no_reason.output
+    done = await cli(h, "step", "skip", run_id, "a", "--output", '{"value": 1}', "--reason", "by hand", "--wait",
+                     "--timeout", "30", env={"INTERLOCK_PRINCIPAL": "olga"})
+    assert done.exit_code == 0, done.output
+    assert f"step a of run {run_id} skipped" in done.output and f"run {run_id}: RunSucceeded" in done.output
+    given = await cli(h, "feedback", run_id, "b", "--score", "4", "--correction", '{"value": 2}', "--note", "meh",
+                      env={"INTERLOCK_PRINCIPAL": "olga"})
+    assert given.exit_code == 0 and "recorded (output " in given.output, given.output
+    for _ in range(200):
+        exported = await cli(h, "feedback", "export", "--workflow", workflow_id)
+        if exported.output.strip():
+            break
+        await asyncio.sleep(0.05)
+    rows = [json.loads(line) for line in exported.output.splitlines()]
+    assert [(r["run_id"], r["step_id"], r["by"], r["score"], r["correction"], r["note"]) for r in rows] == [
+        (run_id, "b", "olga", 4.0, {"value": 2}, "meh")]
+    listed = await cli(h, "feedback", "list", run_id, "--output", "json")
+    assert [r["by"] for r in json.loads(listed.output)] == ["olga"]
