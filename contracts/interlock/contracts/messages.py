@@ -552,6 +552,7 @@ class RunStatus(RunSummary):
     problems: list[str] = Field(default_factory=list, description="Hash-chain problems the auditor found")
     steps: list[StepStatus] = Field(default_factory=list)
     usage: UsageTotals | None = Field(default=None, description="Model calls of the whole run")
+    paused: bool = Field(default=False, description="A person paused dispatching (``run pause``; issue 17)")
 
 
 class TimelineEntry(Message):

@@ -63,6 +63,10 @@ def q_status(conn: sqlite3.Connection, run_id: str, tenant: str | None) -> dict[
     out = _run_dict(row)
     problems = loads(row["problems"])
     out["problems"] = problems if isinstance(problems, list) else []
+    # paused (issue 17): the latest pause or unpause in the run's timeline says
+    last = conn.execute("SELECT type FROM timeline WHERE run_id = ? AND type IN ('RunPaused', 'RunUnpaused') "
+                        "ORDER BY seq DESC LIMIT 1", (run_id,)).fetchone()
+    out["paused"] = last is not None and last["type"] == "RunPaused"
 
     history: dict[str, list[dict[str, Any]]] = {}
     for a in conn.execute("SELECT step_id, attempt, job_id, topic, dispatched_at, ended_at, outcome, worker, error "
