@@ -491,7 +491,9 @@ async def test_interventions_and_feedback_are_projected_and_replay_the_same(proj
         ("olga", 4.0, {"v": 2}, {"v": 1}, digest, 2)]
     assert await proj.feedback(workflow_id="wf", tenant=TENANT) == rows
     assert await proj.feedback(run_id=log.run_id, tenant="t-other") == []
-    summaries = [row["summary"] for row in await proj.timeline(log.run_id)]
+    timeline = await proj.timeline(log.run_id)
+    assert timeline is not None
+    summaries = [row["summary"] for row in timeline]
     assert "run resumed from a by olga (via cli): because" in summaries
     await proj.wipe()
     assert await proj.feedback(run_id=log.run_id) == []
