@@ -106,11 +106,13 @@ def test_help_shows_the_noun_groups_and_hides_todays_spellings() -> None:
     hidden = {name for name, cmd in commands.items() if cmd.hidden}
     assert visible == {"run", "approval", "workflow", "policy", "approver", "agent", "dlq", "audit", "creds",
                        "tenant", "cost", "alerts", "schedules", "apikeys", "up", "serve", "worker", "nats", "demo",
-                       "drill", "provision"}
+                       "drill", "provision", "step", "feedback"}
     assert hidden == {"runs", "status", "timeline", "cancel", "rerun", "approvals", "approve", "reject",
                       "validate", "agents", "workflows", "approvers"}
     assert set(commands["run"].commands) == {"start", "list", "describe", "timeline", "cancel", "rerun", "diff",
-                                            "failures"}
+                                             "failures", "resume", "pause", "unpause"}
+    assert set(commands["step"].commands) == {"retry", "skip"}
+    assert set(commands["feedback"].commands) == {"give", "list", "export"}
     assert set(commands["approval"].commands) == {"list", "approve", "reject"}
     assert set(commands["workflow"].commands) == {"apply", "list", "validate"}
     assert set(commands["policy"].commands) == {"publish", "rollback", "show", "history", "eval", "explain",

@@ -404,6 +404,21 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "Seal": {"number", "stream", "created", "first_seq", "last_seq", "messages", "runs", "heads_root", "heads",
              "sealed_at", "prev", "reason", "signer", "signature"},
     "SealHead": {"subject", "stream_seq", "seq", "hash"},
+    # issue 17: a person's interventions (who, why) and feedback, and their commands and query
+    "RunResumed": {"by", "reason", "steps"},
+    "StepRetryRequested": {"by", "reason", "step_id", "attempt", "job_hash"},
+    "StepOutputSupplied": {"by", "reason", "step_id", "output_hash"},
+    "RunPaused": {"by", "reason"},
+    "RunUnpaused": {"by", "reason"},
+    "FeedbackGiven": {"step_id", "by", "output_hash"},
+    "Intervention": {"run_id", "reason"},
+    "RetryStepRequest": {"run_id", "reason", "step_id"},
+    "SkipStepRequest": {"run_id", "reason", "step_id"},
+    "RunControlRequest": {"run_id", "reason"},
+    "FeedbackRequest": {"run_id", "step_id"},
+    "FeedbackQuery": set(),
+    "FeedbackRow": {"run_id", "seq", "step_id", "output_hash", "by"},
+    "FeedbackReply": {"ok"},
 }
 
 
@@ -469,8 +484,8 @@ def test_every_wildcard_has_a_channel() -> None:
     assert wildcards <= filters, sorted(wildcards - filters)
 
 
-COMMANDS = ("approve", "reject", "cancel")
-QUERIES = ("runs", "status", "timeline", "approvals", "usage", "failures", "schedules")
+COMMANDS = ("approve", "reject", "cancel", "retry", "skip", "resume", "pause", "unpause", "feedback")
+QUERIES = ("runs", "status", "timeline", "approvals", "usage", "failures", "schedules", "feedback")
 
 
 def test_commands_and_queries_carry_the_tenant_and_the_principal() -> None:

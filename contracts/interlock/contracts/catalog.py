@@ -547,6 +547,24 @@ CMD_REJECT = _command("reject", "cmdReject", "Reject", msg.ApprovalDecision, APP
                       f"Reject a pending approval of a run of the subject's tenant. {_DECISION}")
 CMD_CANCEL = _command("cancel", "cmdCancel", "Cancel", msg.CancelRequest, PLANNER,
                       "Cancel a run of the subject's tenant; the cancel is recorded as by the subject's principal.")
+_ACT = (" Recorded in the run's log as by the subject's principal, with the request's reason and via; "
+        "refused (ok: false, naming the problem) when the run or step is not in a state for it.")
+CMD_RETRY = _command("retry", "cmdRetry", "Retry a step", msg.RetryStepRequest, PLANNER,
+                     "Retry a failed, timed-out or waiting step of a run of the subject's tenant now, optionally "
+                     "with a new input (its job hash is recomputed: policy and approvals decide again); a failed "
+                     "run is resumed." + _ACT)
+CMD_SKIP = _command("skip", "cmdSkip", "Skip a step", msg.SkipStepRequest, PLANNER,
+                    "Complete a step with a supplied output, so its dependants proceed; a failed run is resumed."
+                    + _ACT)
+CMD_RESUME = _command("resume", "cmdResume", "Resume a run", msg.RunControlRequest, PLANNER,
+                      "Resume a failed run from its failed steps (the same run id)." + _ACT)
+CMD_PAUSE = _command("pause", "cmdPause", "Pause a run", msg.RunControlRequest, PLANNER,
+                     "Stop dispatching a running run's jobs (those already out finish)." + _ACT)
+CMD_UNPAUSE = _command("unpause", "cmdUnpause", "Unpause a run", msg.RunControlRequest, PLANNER,
+                       "Dispatch a paused run's jobs again." + _ACT)
+CMD_FEEDBACK = _command("feedback", "cmdFeedback", "Feedback on a step's output", msg.FeedbackRequest, PLANNER,
+                        "Rate or correct a step's output: a FeedbackGiven event bound to the output's hash, "
+                        "by the subject's principal.")
 _TENANT_ONLY = " Answered for the subject's tenant only (a body naming another tenant is refused)."
 Q_RUNS = _query("runs", "qRuns", "Runs", msg.RunsQuery, msg.RunsReply,
                 "List runs, filtered by status and workflow (up to limit); result: a list of run summaries."
@@ -570,6 +588,10 @@ Q_SCHEDULES = _query("schedules", "qSchedules", "Workflow schedules", msg.Schedu
                      "workflow id. Answered by the planner, which keeps the schedules." + _TENANT_ONLY,
                      answerer=PLANNER)
 
+Q_FEEDBACK = _query("feedback", "qFeedback", "Feedback", msg.FeedbackQuery, msg.FeedbackReply,
+                    "Feedback given on step outputs, of one run or one workflow, oldest first, up to limit."
+                    + _TENANT_ONLY)
+
 CHANNELS: tuple[Channel, ...] = (
     TRIGGERS,
     JOBS,
@@ -591,6 +613,12 @@ CHANNELS: tuple[Channel, ...] = (
     CMD_APPROVE,
     CMD_REJECT,
     CMD_CANCEL,
+    CMD_RETRY,
+    CMD_SKIP,
+    CMD_RESUME,
+    CMD_PAUSE,
+    CMD_UNPAUSE,
+    CMD_FEEDBACK,
     Q_RUNS,
     Q_STATUS,
     Q_TIMELINE,
@@ -598,6 +626,7 @@ CHANNELS: tuple[Channel, ...] = (
     Q_USAGE,
     Q_FAILURES,
     Q_SCHEDULES,
+    Q_FEEDBACK,
 )
 
 # -- state kept outside subjects -----------------------------------------------------------

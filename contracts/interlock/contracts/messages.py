@@ -282,6 +282,51 @@ class CancelRequest(Message):
     reason: str = ""
 
 
+class Intervention(Message):
+    """Base of a person's act on a run (issue 17): the run's tenant and who acts are the command
+    subject's; ``reason`` (required) and ``via`` are recorded with the act's event."""
+
+    run_id: str
+    reason: str = Field(min_length=1, max_length=2000, description="Why (required): recorded in the run's log")
+    via: str = Field(default="cli", max_length=200, description="How the act came: cli, or api:<key id>")
+
+
+class RetryStepRequest(Intervention):
+    """Retry a failed, timed-out or waiting step now (command ``il.cmd.{tenant}.retry.{principal}``)."""
+
+    step_id: str
+    patched: bool = Field(default=False, description="Run the retry with ``input`` instead of the step's input")
+    input: Any = Field(default=None, description="The new input (when ``patched``): its job hash is recomputed, "
+                                                 "so policy and approvals decide again for it")
+
+
+class SkipStepRequest(Intervention):
+    """Complete a step with a supplied output (command ``il.cmd.{tenant}.skip.{principal}``)."""
+
+    step_id: str
+    output: Any = None
+
+
+class RunControlRequest(Intervention):
+    """Resume a failed run, or pause / unpause dispatching of a running one (commands
+    ``il.cmd.{tenant}.{resume,pause,unpause}.{principal}``)."""
+
+
+class FeedbackRequest(Message):
+    """Rate or correct a step's output (command ``il.cmd.{tenant}.feedback.{principal}``): at least
+    one of ``score``, ``correction`` (``has_correction``) and ``note``."""
+
+    run_id: str
+    step_id: str
+    score: float | None = Field(default=None, description="A rating of the output (a finite number)")
+    has_correction: bool = Field(default=False, description="``correction`` is given (it may be null)")
+    correction: Any = None
+    note: str = Field(default="", max_length=10_000)
+    output_hash: str | None = Field(default=None, description="The output the feedback is about, when the "
+                                                              "sender knows it: refused if the step's differs")
+    via: str = Field(default="cli", max_length=200)
+
+
 class ApiKeyRecord(Message):
     """An HTTP API key as stored in ``il_apikeys`` (key: ``key_id``): who it is and what it may do.
     The key itself is never stored, only its SHA-256."""
@@ -538,6 +583,7 @@ class RunStatus(RunSummary):
     problems: list[str] = Field(default_factory=list, description="Hash-chain problems the auditor found")
     steps: list[StepStatus] = Field(default_factory=list)
     usage: UsageTotals | None = Field(default=None, description="Model calls of the whole run")
+    paused: bool = Field(default=False, description="A person paused dispatching (``run pause``; issue 17)")
 
 
 class TimelineEntry(Message):
@@ -663,6 +709,40 @@ class SchedulesReply(QueryReply):
     """Reply of the schedules query: one row per scheduled workflow of the tenant, by workflow id."""
 
     result: list[ScheduleRow] | None = None
+
+
+class FeedbackQuery(Message):
+    """Feedback on a run's step outputs, or on a workflow's (``interlock feedback list|export``)."""
+
+    tenant: str | None = Field(default=None, description=_QUERY_TENANT)
+    run_id: str | None = None
+    workflow_id: str | None = None
+    limit: int = 1000
+
+
+class FeedbackRow(Message):
+    """One piece of feedback, with the output it is about."""
+
+    run_id: str
+    seq: int = Field(description="The FeedbackGiven event's seq in the run")
+    workflow_id: str | None = None
+    workflow_version: str | None = None
+    step_id: str
+    attempt: int = 0
+    output_hash: str
+    output: Any = Field(default=None, description="The step's output as projected ([sensitive] where sealed)")
+    by: str
+    via: str = ""
+    score: float | None = None
+    correction: Any = None
+    note: str = ""
+    at: str | None = None
+
+
+class FeedbackReply(QueryReply):
+    """Reply of the feedback query: oldest first, at most ``limit``."""
+
+    result: list[FeedbackRow] | None = None
 
 
 class ApprovalsReply(QueryReply):

@@ -131,6 +131,34 @@ class Cancel(Body):
     reason: str = Field(default="", max_length=2000)
 
 
+# -- intervening in a run, feedback (issue 17) ----------------------------------------------------
+class Intervene(Body):
+    reason: str = Field(min_length=1, max_length=2000, description="Why (required): recorded in the run's log")
+
+
+class RetryStep(Intervene):
+    input: Any = Field(default=None, description="Retry with this input instead (given, even null: the job hash is "
+                                                 "recomputed and policy and approvals decide again); absent: the "
+                                                 "step's input")
+
+
+class SkipStep(Intervene):
+    output: Any = Field(description="The step's output: what its dependants see")
+
+
+class Feedback(Body):
+    score: float | None = Field(default=None, allow_inf_nan=False, description="A rating of the output")
+    correction: Any = Field(default=None, description="The output as it should have been (given, even null)")
+    note: str = Field(default="", max_length=10_000)
+    output_hash: str | None = Field(default=None, max_length=128,
+                                    description="Refuse unless the step's output has this hash")
+
+
+class FeedbackPage(BaseModel):
+    items: list[dict[str, Any]] = Field(description="Oldest first: run, step, attempt, output and its hash, score, "
+                                                    "correction, note, by, via, at")
+
+
 class CommandResult(BaseModel):
     ok: bool
     detail: Any = None

@@ -217,6 +217,82 @@ async def cancel(request: Request, run_id: RunId, body: m.Cancel, who: Principal
     return m.CommandResult(ok=reply.ok, detail=reply.detail)
 
 
+# -- intervening in a run, feedback (issue 17) ----------------------------------------------------
+def _result(reply: Any) -> m.CommandResult:
+    return m.CommandResult(ok=reply.ok, detail=reply.detail)
+
+
+@route("POST", "/workflow-runs/{run_id}/steps/{step_id}/retry", Action.OPERATE, response_model=m.CommandResult,
+       summary="Retry a failed, timed-out or waiting step now, optionally with a new input")
+async def retry_step(request: Request, run_id: RunId, step_id: StepId, body: m.RetryStep,
+                     who: Principal = Caller(Action.OPERATE)) -> m.CommandResult:
+    client, via = acting_client(request, who), f"api:{who.key_id}"
+    if "input" in body.model_fields_set:
+        return _result(await client.retry_step(run_id, step_id, reason=body.reason, input=body.input, via=via))
+    return _result(await client.retry_step(run_id, step_id, reason=body.reason, via=via))
+
+
+@route("POST", "/workflow-runs/{run_id}/steps/{step_id}/skip", Action.OPERATE, response_model=m.CommandResult,
+       summary="Complete a step with a supplied output, so its dependants proceed")
+async def skip_step(request: Request, run_id: RunId, step_id: StepId, body: m.SkipStep,
+                    who: Principal = Caller(Action.OPERATE)) -> m.CommandResult:
+    return _result(await acting_client(request, who).skip_step(run_id, step_id, output=body.output,
+                                                               reason=body.reason, via=f"api:{who.key_id}"))
+
+
+@route("POST", "/workflow-runs/{run_id}/resume", Action.OPERATE, response_model=m.CommandResult,
+       summary="Resume a failed run from its failed steps (the same run)")
+async def resume_run(request: Request, run_id: RunId, body: m.Intervene, who: Principal = Caller(Action.OPERATE)
+                     ) -> m.CommandResult:
+    return _result(await acting_client(request, who).resume_run(run_id, reason=body.reason, via=f"api:{who.key_id}"))
+
+
+@route("POST", "/workflow-runs/{run_id}/pause", Action.OPERATE, response_model=m.CommandResult,
+       summary="Pause dispatching (jobs already out finish)")
+async def pause_run(request: Request, run_id: RunId, body: m.Intervene, who: Principal = Caller(Action.OPERATE)
+                    ) -> m.CommandResult:
+    return _result(await acting_client(request, who).pause_run(run_id, reason=body.reason, via=f"api:{who.key_id}"))
+
+
+@route("POST", "/workflow-runs/{run_id}/unpause", Action.OPERATE, response_model=m.CommandResult,
+       summary="Dispatch a paused run's jobs again")
+async def unpause_run(request: Request, run_id: RunId, body: m.Intervene, who: Principal = Caller(Action.OPERATE)
+                      ) -> m.CommandResult:
+    return _result(await acting_client(request, who).unpause_run(run_id, reason=body.reason,
+                                                                 via=f"api:{who.key_id}"))
+
+
+@route("POST", "/workflow-runs/{run_id}/steps/{step_id}/feedback", Action.FEEDBACK, status_code=201,
+       response_model=m.CommandResult, summary="Rate or correct a step's output (bound to the output's hash)")
+async def give_feedback(request: Request, run_id: RunId, step_id: StepId, body: m.Feedback,
+                        who: Principal = Caller(Action.FEEDBACK)) -> m.CommandResult:
+    if body.score is None and "correction" not in body.model_fields_set and not body.note.strip():
+        raise ApiProblem(422, "invalid-request", "Invalid request", "body: give a score, a correction or a note")
+    client, via = acting_client(request, who), f"api:{who.key_id}"
+    if "correction" in body.model_fields_set:
+        reply = await client.give_feedback(run_id, step_id, score=body.score, correction=body.correction,
+                                           note=body.note, output_hash=body.output_hash, via=via)
+    else:
+        reply = await client.give_feedback(run_id, step_id, score=body.score, note=body.note,
+                                           output_hash=body.output_hash, via=via)
+    return _result(reply)
+
+
+@route("GET", "/workflow-runs/{run_id}/feedback", Action.READ, response_model=m.FeedbackPage,
+       summary="Feedback on a run's step outputs, oldest first")
+async def run_feedback(request: Request, run_id: RunId, who: Principal = Caller(Action.READ)) -> m.FeedbackPage:
+    return m.FeedbackPage(items=await acting_client(request, who).feedback(run_id=run_id))
+
+
+@route("GET", "/workflows/{workflow_id}/feedback", Action.READ, summary="A workflow's feedback as JSON lines",
+       response_class=Response, responses={200: {"content": {"application/x-ndjson": {}}}})
+async def export_feedback(request: Request, workflow_id: WorkflowId, who: Principal = Caller(Action.READ)
+                          ) -> Response:
+    rows = await acting_client(request, who).feedback(workflow_id=workflow_id, limit=100_000)
+    text = "".join(json.dumps(row, sort_keys=True, separators=(",", ":")) + "\n" for row in rows)
+    return Response(text, media_type="application/x-ndjson")
+
+
 # -- approvals ----------------------------------------------------------------------------------
 @route("GET", "/approvals", Action.READ, response_model=m.ApprovalsPage, summary="Pending approvals, oldest first")
 async def approvals(request: Request, who: Principal = Caller(Action.READ)) -> m.ApprovalsPage:

@@ -67,6 +67,7 @@ class DispatcherService(Service):
         self.pull_commits(broker, self.on_commit, wants=ev.kinds(
             ev.PolicyDecided, ev.ApprovalGranted, ev.StepDispatched, ev.RunCancelled, ev.RunTimedOut, ev.RunFailed,
             ev.RunDenied, ev.RetryScheduled,
+            ev.RunUnpaused,  # issue 17: what waited while the run was paused is dispatched now
         ))
         self.pull(broker, s.RESULTS_ALL, s.RESULTS_STREAM, self.durable("results"), self.on_result)
         self.pull(broker, s.HEARTBEATS_ALL, s.RESULTS_STREAM, self.durable("heartbeats"), self.on_heartbeat)

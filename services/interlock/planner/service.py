@@ -32,6 +32,7 @@ from interlock.core.eventstore import RunExists, RunNotFound
 from interlock.core.ids import run_id_for
 from interlock.core.run import IllegalTransition, Run
 from interlock.core.sealed import SealedError
+from interlock.planner.intervene import Interventions
 from interlock.planner.logic import Spill, plan
 from interlock.planner.schedules import Schedules
 from interlock.runtime import logs, timers, tracing
@@ -46,6 +47,7 @@ SPEND_CACHE_S = 2.0  # how long a tenant's spend read from the auditor is reused
 
 PROGRESS_EVENTS = ev.kinds(
     ev.RunStarted, ev.StepSucceeded, ev.StepFailed, ev.StepSkipped, ev.StepExpanded, ev.CompensationStarted,
+    ev.StepOutputSupplied,  # a person completed a step (issue 17): its dependants may be ready
 )
 
 class PlannerService(Service):
@@ -75,6 +77,7 @@ class PlannerService(Service):
 
         self.answer(broker, s.commands("cancel"), CancelRequest, self.on_cancel,
                     lambda why: CommandReply(ok=False, error=why), keep_invalid=True)
+        Interventions(self).register(broker)  # retry, skip, resume, pause, unpause, feedback (issue 17)
 
     async def on_trigger(self, msg: Msg) -> None:
         tenant, trigger = await self.parse_trigger(msg)

@@ -54,12 +54,17 @@ from interlock.contracts.messages import (
     DeadLetterAction,
     DeadLetterStatus,
     FailuresQuery,
+    FeedbackQuery,
+    FeedbackRequest,
     QueryReply,
+    RetryStepRequest,
+    RunControlRequest,
     RunQuery,
     RunsQuery,
     ScheduleRow,
     SchedulesQuery,
     SignedApproval,
+    SkipStepRequest,
     Trigger,
     UsageQuery,
 )
@@ -119,6 +124,9 @@ _runs_cursor = _RunsCursor()
 OnEvent = Callable[[dict[str, Any]], Awaitable[None] | None]
 WORKFLOW_CHECK_S = 5.0  # submit_run: how long a workflow seen to exist is not looked up again
 ENV_NATS_URL = "INTERLOCK_NATS_URL"
+KEEP_INPUT: Any = object()
+"""Default of :meth:`Client.retry_step`'s ``input`` (and ``give_feedback``'s ``correction``): none given
+(``None`` is a JSON null, a value like any other)."""
 REQUEST_TIMEOUT = 5.0  # how long a service may take to answer, and how long we wait for one to appear
 
 
@@ -436,9 +444,11 @@ class Client:
             delay = min(delay * 2, 0.1)
 
     async def watch(self, run_id: str, *, timeout: float | None = None,
-                    heartbeats: bool = False) -> AsyncIterator[dict[str, Any]]:
+                    heartbeats: bool = False, after_seq: int = 0) -> AsyncIterator[dict[str, Any]]:
         """Every event envelope of the run, from its first, as it is appended, until (and with)
-        the terminal one. Raises :class:`ClientError` if the run has not ended by ``timeout``."""
+        the terminal one. Raises :class:`ClientError` if the run has not ended by ``timeout``.
+        ``after_seq``: a terminal event up to that seq does not end the watch (a run resumed
+        after it failed: wait for its next end)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         heartbeat = ev.StepHeartbeat.type_name
         async with contextlib.aclosing(self._follow(run_id)) as commits:
@@ -449,7 +459,7 @@ class Client:
                     if envelope["type"] == heartbeat and not heartbeats:
                         continue
                     yield envelope
-                    if envelope["type"] in TERMINAL_EVENTS:
+                    if envelope["type"] in TERMINAL_EVENTS and envelope["seq"] > after_seq:
                         return
 
     async def _follow(self, run_id: str) -> AsyncGenerator[StoredCommit | None, None]:
@@ -484,15 +494,16 @@ class Client:
         except SlotsBusy as e:
             raise ClientError(f"{self.principal} ({self.creds}) cannot read a run's log now: {e}") from None
 
-    async def wait(self, run_id: str, *, timeout: float | None = None, on_event: OnEvent | None = None) -> str:
+    async def wait(self, run_id: str, *, timeout: float | None = None, on_event: OnEvent | None = None,
+                   after_seq: int = 0) -> str:
         """Wait for the run to end; return its final event type (e.g. ``RunSucceeded``).
-        ``on_event`` (sync or async) sees every envelope first."""
-        async for envelope in self.watch(run_id, timeout=timeout):
+        ``on_event`` (sync or async) sees every envelope first; ``after_seq`` as for :meth:`watch`."""
+        async for envelope in self.watch(run_id, timeout=timeout, after_seq=after_seq):
             if on_event is not None:
                 result = on_event(envelope)
                 if inspect.isawaitable(result):
                     await result
-            if envelope["type"] in TERMINAL_EVENTS:
+            if envelope["type"] in TERMINAL_EVENTS and envelope["seq"] > after_seq:
                 return str(envelope["type"])
         raise ClientError(f"run {run_id}: the event stream ended before the run did")
 
@@ -605,6 +616,59 @@ class Client:
         """Cancel a run as :attr:`principal` (the planner refuses one that has ended)."""
         return await self._command(self._command_subject("cancel"), CancelRequest(run_id=run_id, reason=reason),
                                    "planner")
+
+    # -- intervening in a run, and feedback (issue 17) -----------------------------------------
+    async def retry_step(self, run_id: str, step_id: str, *, reason: str, input: Any = KEEP_INPUT,
+                         via: str = "cli") -> CommandReply:
+        """Retry a failed, timed-out or waiting step now, as :attr:`principal` (a failed run resumes).
+        ``input``: run the retry with this input instead (the step's job hash is recomputed, so
+        policy and approvals decide again for it); by default the step's input is kept."""
+        patched = input is not KEEP_INPUT
+        request = RetryStepRequest(run_id=run_id, step_id=step_id, reason=reason, via=via, patched=patched,
+                                   input=input if patched else None)
+        return await self._command(self._command_subject("retry"), request, "planner")
+
+    async def skip_step(self, run_id: str, step_id: str, *, output: Any, reason: str, via: str = "cli"
+                        ) -> CommandReply:
+        """Complete a step with ``output`` as :attr:`principal`, so its dependants proceed."""
+        request = SkipStepRequest(run_id=run_id, step_id=step_id, output=output, reason=reason, via=via)
+        return await self._command(self._command_subject("skip"), request, "planner")
+
+    async def resume_run(self, run_id: str, *, reason: str, via: str = "cli") -> CommandReply:
+        """Resume a failed run from its failed steps (the same run id goes on)."""
+        return await self._command(self._command_subject("resume"),
+                                   RunControlRequest(run_id=run_id, reason=reason, via=via), "planner")
+
+    async def pause_run(self, run_id: str, *, reason: str, via: str = "cli") -> CommandReply:
+        """Stop dispatching a running run's jobs (those already out finish) until :meth:`unpause_run`."""
+        return await self._command(self._command_subject("pause"),
+                                   RunControlRequest(run_id=run_id, reason=reason, via=via), "planner")
+
+    async def unpause_run(self, run_id: str, *, reason: str, via: str = "cli") -> CommandReply:
+        """Dispatch a paused run's jobs again."""
+        return await self._command(self._command_subject("unpause"),
+                                   RunControlRequest(run_id=run_id, reason=reason, via=via), "planner")
+
+    async def give_feedback(self, run_id: str, step_id: str, *, score: float | None = None,
+                            correction: Any = KEEP_INPUT, note: str = "", output_hash: str | None = None,
+                            via: str = "cli") -> CommandReply:
+        """Rate (``score``) or correct (``correction``, any JSON) a step's output, with a ``note``, as
+        :attr:`principal`: recorded in the run's log bound to the output's hash (``output_hash``:
+        refused if the step's output is not that one)."""
+        given = correction is not KEEP_INPUT
+        request = FeedbackRequest(run_id=run_id, step_id=step_id, score=score, has_correction=given,
+                                  correction=correction if given else None, note=note, output_hash=output_hash,
+                                  via=via)
+        return await self._command(self._command_subject("feedback"), request, "planner")
+
+    async def feedback(self, *, run_id: str | None = None, workflow_id: str | None = None,
+                       limit: int = 1000) -> list[dict[str, Any]]:
+        """Feedback on step outputs of a run, or of a workflow's runs, oldest first (the auditor's
+        projection: each row has the output it is about, ``[sensitive]`` where sealed)."""
+        if run_id is None and workflow_id is None:
+            raise ValueError("name a run or a workflow")
+        query = FeedbackQuery(run_id=run_id, workflow_id=workflow_id, limit=limit)
+        return list(await self._query(self._query_subject("feedback"), query))
 
     # -- queries (the auditor's projection) --------------------------------------------------
     async def runs(self, *, status: str | None = None, workflow_id: str | None = None,

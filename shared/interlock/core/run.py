@@ -144,6 +144,7 @@ class Run(Aggregate):
         self.reason: str = ""
         self.ended_at: datetime | None = None
         self.admission: ev.RunAdmitted | None = None
+        self.paused = False  # a person paused dispatching (issue 17); jobs already out finish
         self.data = data
 
     # -- identity ----------------------------------------------------------------------------
@@ -394,6 +395,66 @@ class Run(Aggregate):
             raise self._refuse("time_out", f"run is already {self.status}")
         self._trigger(data)
 
+    # -- a person's interventions (issue 17); the planner appends them on their command --------
+    RETRYABLE_STEP: ClassVar[tuple[str, ...]] = ("failed", "timed_out", "retry_wait")
+    NOT_SKIPPABLE_STEP: ClassVar[tuple[str, ...]] = ("succeeded", "skipped", "cancelled", "denied", "expanded",
+                                                     "awaiting_approval")
+
+    def resume(self, data: ev.RunResumed) -> None:
+        """The one way out of a terminal state, and only out of ``failed``: a run that succeeded,
+        was cancelled, denied or timed out stays ended, and so does one whose failure was
+        compensated (its completed steps were undone)."""
+        if self.status != "failed":
+            raise self._refuse("resume", f"run is {self.status}; only a failed run can be resumed")
+        if self.compensation is not None:
+            raise self._refuse("resume", "the run's completed steps were compensated; rerun it instead")
+        if not data.steps:
+            raise self._refuse("resume", "no failed step to go on from")
+        self._trigger(data)
+
+    def retry_step(self, data: ev.StepRetryRequested) -> None:
+        self._require_running("retry_step")
+        step = self._step("retry_step", data.step_id, *self.RETRYABLE_STEP)
+        if step.compensation_of is not None:
+            raise self._refuse("retry_step", "a compensation job is not retried by hand", data.step_id)
+        if step.item_count is not None:
+            raise self._refuse("retry_step", "a for_each step is retried through its items", data.step_id)
+        if data.attempt != step.attempt:
+            raise self._refuse("retry_step", f"attempt {data.attempt} is not the step's last ({step.attempt})",
+                               data.step_id)
+        self._trigger(data)
+
+    def supply_output(self, data: ev.StepOutputSupplied) -> None:
+        self._require_running("supply_output")
+        step = self.steps.get(data.step_id)
+        if step is not None:
+            if step.status in self.NOT_SKIPPABLE_STEP:
+                raise self._refuse("supply_output", f"step is {step.status}", data.step_id)
+            if step.step_type == "approval" or step.compensation_of is not None:
+                raise self._refuse("supply_output", f"a {'compensation' if step.compensation_of else 'approval'} "
+                                   "step cannot be skipped", data.step_id)
+        self._trigger(data)
+
+    def pause(self, data: ev.RunPaused) -> None:
+        self._require_running("pause", compensating_ok=True)
+        if self.paused:
+            raise self._refuse("pause", "run is already paused")
+        self._trigger(data)
+
+    def unpause(self, data: ev.RunUnpaused) -> None:
+        if not self.paused:
+            raise self._refuse("unpause", "run is not paused")
+        self._require_running("unpause", compensating_ok=True)
+        self._trigger(data)
+
+    def give_feedback(self, data: ev.FeedbackGiven) -> None:
+        """Feedback is evidence about an output: it may come any time after the output, also
+        after the run ended."""
+        step = self._step("give_feedback", data.step_id)
+        if step.status != "succeeded":
+            raise self._refuse("give_feedback", f"step is {step.status}: it has no output to rate", data.step_id)
+        self._trigger(data)
+
     # -- state changes (no rules here: replay must never fail) ---------------------------------
     def _when(self, data: ev.EventData, at: datetime) -> None:
         _STATE_CHANGES[data.type_name](self, data, at)
@@ -533,6 +594,53 @@ class Run(Aggregate):
         self.compensation.ok = d.ok
         self.compensation.failed_steps = list(d.failed_steps)
 
+    # -- interventions (issue 17) -------------------------------------------------------------
+    def _reopen_parent(self, step: StepState) -> None:
+        """An item tried again (or completed by hand) makes its failed for_each parent wait again."""
+        parent = self.steps.get(step.parent_id) if step.parent_id else None
+        if parent is not None and parent.status == "failed":
+            parent.status = "expanded"
+            parent.error = None
+
+    def _on_RunResumed(self, d: ev.RunResumed, at: datetime) -> None:
+        self.status = "running"
+        self.reason = ""
+        self.ended_at = None
+
+    def _on_StepRetryRequested(self, d: ev.StepRetryRequested, at: datetime) -> None:
+        step = self._touch(d.step_id, at)
+        # ready again: policy decides anew, for this job hash; an earlier decision or approval is void
+        step.status = "ready"
+        if d.patched:
+            step.input = d.input
+            step.input_ref = d.input_ref
+        step.job_hash = d.job_hash
+        step.decision = None
+        step.approval = None
+        step.error = None
+        step.retry_due_at = None
+        self._reopen_parent(step)
+
+    def _on_StepOutputSupplied(self, d: ev.StepOutputSupplied, at: datetime) -> None:
+        step = self.steps.get(d.step_id)
+        if step is None:
+            step = self.steps[d.step_id] = StepState(step_id=d.step_id, status="succeeded")
+        step.updated_at = at
+        step.status = "succeeded"
+        step.output = d.output
+        step.output_ref = d.output_ref
+        step.error = None
+        self._reopen_parent(step)
+
+    def _on_RunPaused(self, d: ev.RunPaused, at: datetime) -> None:
+        self.paused = True
+
+    def _on_RunUnpaused(self, d: ev.RunUnpaused, at: datetime) -> None:
+        self.paused = False
+
+    def _on_FeedbackGiven(self, d: ev.FeedbackGiven, at: datetime) -> None:
+        """Evidence only: the auditor keeps it for evaluation."""
+
     def _end(self, status: RunStatus, at: datetime, reason: str = "") -> None:
         self.status = status
         self.reason = reason
@@ -624,5 +732,11 @@ _STATE_CHANGES: dict[str, _StateChange] = ev.complete_table("Run state changes",
     ev.ApprovalRefused: Run._on_ApprovalRefused,
     ev.CompensationStarted: Run._on_CompensationStarted,
     ev.CompensationFinished: Run._on_CompensationFinished,
+    ev.RunResumed: Run._on_RunResumed,
+    ev.StepRetryRequested: Run._on_StepRetryRequested,
+    ev.StepOutputSupplied: Run._on_StepOutputSupplied,
+    ev.RunPaused: Run._on_RunPaused,
+    ev.RunUnpaused: Run._on_RunUnpaused,
+    ev.FeedbackGiven: Run._on_FeedbackGiven,
 })
 Run.EVENT_CLASSES = _event_classes()

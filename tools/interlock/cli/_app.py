@@ -15,6 +15,7 @@ from interlock.cli import (
     _approval,
     _audit,
     _identity,
+    _intervene,
     _observe,
     _ops,
     _policy,
@@ -98,6 +99,9 @@ app.command("schedules")(_schedules.schedules)
 app.add_typer(_apikeys.app, name="apikeys")
 _admin_audit.register(_audit.app)
 _seals.register(_audit.app)
+app.add_typer(_intervene.step, name="step")  # issue 17: intervene in a run, feedback on outputs
+app.add_typer(_intervene.feedback, name="feedback")
+_intervene.register(_run.app)
 
 # -- processes -----------------------------------------------------------------------------------
 PROCESSES = "Processes"

@@ -63,6 +63,10 @@ def q_status(conn: sqlite3.Connection, run_id: str, tenant: str | None) -> dict[
     out = _run_dict(row)
     problems = loads(row["problems"])
     out["problems"] = problems if isinstance(problems, list) else []
+    # paused (issue 17): the latest pause or unpause in the run's timeline says
+    last = conn.execute("SELECT type FROM timeline WHERE run_id = ? AND type IN ('RunPaused', 'RunUnpaused') "
+                        "ORDER BY seq DESC LIMIT 1", (run_id,)).fetchone()
+    out["paused"] = last is not None and last["type"] == "RunPaused"
 
     history: dict[str, list[dict[str, Any]]] = {}
     for a in conn.execute("SELECT step_id, attempt, job_id, topic, dispatched_at, ended_at, outcome, worker, error "
@@ -140,6 +144,27 @@ def q_approvals(conn: sqlite3.Connection, tenant: str | None, limit: int) -> lis
              "seq": r["seq"], "job_hash": r["job_hash"], "snapshot_id": r["snapshot_id"],
              "approver_role": r["approver_role"], "prompt": r["prompt"], "requested_at": r["requested_at"],
              "expires_at": r["expires_at"]} for r in conn.execute(sql, params)]
+
+
+def q_feedback(conn: sqlite3.Connection, tenant: str | None, run_id: str | None, workflow_id: str | None,
+               limit: int) -> list[dict[str, Any]]:
+    """Feedback on step outputs, oldest first, with the output it is about (issue 17)."""
+    sql = ("SELECT f.run_id, f.seq, r.workflow_id, r.workflow_version, f.step_id, f.attempt, f.output_hash, "
+           "s.output, f.by_principal, f.via, f.score, f.correction, f.note, f.at FROM feedback f "
+           "JOIN runs r ON r.run_id = f.run_id LEFT JOIN steps s ON s.run_id = f.run_id AND s.step_id = f.step_id "
+           "WHERE 1 = 1")
+    params: list[Any] = []
+    for column, value in (("r.tenant", tenant), ("f.run_id", run_id), ("r.workflow_id", workflow_id)):
+        if value is not None:
+            sql += f" AND {column} = ?"
+            params.append(value)
+    sql += " ORDER BY f.at, f.run_id, f.seq LIMIT ?"
+    params.append(max(0, limit))
+    return [{"run_id": r["run_id"], "seq": r["seq"], "workflow_id": r["workflow_id"],
+             "workflow_version": r["workflow_version"], "step_id": r["step_id"], "attempt": r["attempt"],
+             "output_hash": r["output_hash"], "output": loads(r["output"]), "by": r["by_principal"],
+             "via": r["via"] or "", "score": r["score"], "correction": loads(r["correction"]), "note": r["note"] or "",
+             "at": r["at"]} for r in conn.execute(sql, params)]
 
 
 USAGE_KEYS = {"run": "u.run_id", "workflow": "r.workflow_id", "tenant": "r.tenant"}
