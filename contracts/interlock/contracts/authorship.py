@@ -64,6 +64,7 @@ _WRITERS: dict[type[ev.EventData], tuple[str, ...]] = {
     ev.StepTimedOut: (_DISPATCHER,),
     ev.StepSkipped: (_PLANNER,),
     ev.LateResultRecorded: (_DISPATCHER,),
+    ev.GuardChecked: (_DISPATCHER,),
     ev.CompensationStarted: (_PLANNER,),
     ev.CompensationFinished: (_PLANNER,),
 }

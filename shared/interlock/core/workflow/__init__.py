@@ -1,11 +1,16 @@
 """Workflow definitions: YAML loader, validated model and Jinja2 templates."""
 
-from ._load import LoadSettings, decode_workflow, load_workflow, parse_workflow, read_workflow_file
+from ._guard import ContentRules, Guard, OnViolation, Rule
+from ._load import LoadSettings, decode_workflow, load_workflow, parse_workflow, read_workflow_file, workflow_files
 from ._model import OnError, RetryPolicy, Step, StepType, Workflow
 from ._problems import Problem, WorkflowInvalid, format_problems
 from ._templates import TemplateError, evaluate_condition, evaluate_for_each, render_input, render_text
 
 __all__ = [
+    "ContentRules",
+    "Guard",
+    "OnViolation",
+    "Rule",
     "LoadSettings",
     "OnError",
     "Problem",
@@ -24,4 +29,5 @@ __all__ = [
     "read_workflow_file",
     "render_input",
     "render_text",
+    "workflow_files",
 ]
