@@ -92,6 +92,9 @@ class StepState:
     item_count: int | None = None
     updated_at: datetime | None = None
     usage: list[LlmCall] = field(default_factory=list)  # every attempt's model calls
+    # guard (#17): the role that may release an output a guard held for approval (it is in
+    # ``output``); once granted the step is "released" and the dispatcher succeeds it with it
+    guard_hold: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -293,11 +296,24 @@ class Run(Aggregate):
         self._require_running("succeed_step", compensating_ok=True)
         step = self._step("succeed_step", data.step_id)
         reused = step.status == "ready" and data.step_id in self.reused_outputs
-        if step.step_type == "job" and step.item_count is None and not reused:
+        released_hold = step.guard_hold is not None and step.status == "released"  # guard (#17)
+        if step.step_type == "job" and step.item_count is None and not reused and not released_hold:
             if step.status not in ACTIVE_ATTEMPT or data.attempt != step.attempt:
                 raise self._refuse("succeed_step", f"attempt {data.attempt} is not running", data.step_id)
         elif step.terminal:
             raise self._refuse("succeed_step", f"step is {step.status}", data.step_id)
+        self._trigger(data)
+
+    def check_guard(self, data: ev.GuardChecked) -> None:
+        """Record a guard check's verdict on the current attempt's output (a job step) or on the
+        value a released guardrail step checks (#17)."""
+        self._require_running("check_guard", compensating_ok=True)
+        step = self._step("check_guard", data.step_id)
+        if step.step_type == "guardrail":
+            if step.status != "released":
+                raise self._refuse("check_guard", f"step is {step.status}, expected released", data.step_id)
+        elif step.status not in ACTIVE_ATTEMPT or data.attempt != step.attempt:
+            raise self._refuse("check_guard", f"attempt {data.attempt} is not running", data.step_id)
         self._trigger(data)
 
     def fail_step(self, data: ev.StepFailed) -> None:
@@ -478,6 +494,7 @@ class Run(Aggregate):
         step.output = d.output
         step.output_ref = d.output_ref
         step.error = None
+        step.guard_hold = None
 
     def _on_StepFailed(self, d: ev.StepFailed, at: datetime) -> None:
         step = self._touch(d.step_id, at)
@@ -485,6 +502,7 @@ class Run(Aggregate):
         step.error = d.error
         if d.final:
             step.status = "failed"
+            step.guard_hold = None
 
     def _on_RetryScheduled(self, d: ev.RetryScheduled, at: datetime) -> None:
         step = self._touch(d.step_id, at)
@@ -505,6 +523,14 @@ class Run(Aggregate):
 
     def _on_ApprovalRefused(self, d: ev.ApprovalRefused, at: datetime) -> None:
         """Evidence only: a refused decision leaves the request pending."""
+
+    def _on_GuardChecked(self, d: ev.GuardChecked, at: datetime) -> None:
+        step = self._touch(d.step_id, at)
+        if d.held:  # the output waits for a person; the approval service asks for one
+            step.status = "awaiting_approval"
+            step.guard_hold = d.approver_role or "approver"
+            step.output = d.held_output
+            step.output_ref = d.held_output_ref
 
     def _on_CompensationStarted(self, d: ev.CompensationStarted, at: datetime) -> None:
         self.status = "compensating"
@@ -606,5 +632,6 @@ _STATE_CHANGES: dict[str, _StateChange] = ev.complete_table("Run state changes",
     ev.ApprovalRefused: Run._on_ApprovalRefused,
     ev.CompensationStarted: Run._on_CompensationStarted,
     ev.CompensationFinished: Run._on_CompensationFinished,
+    ev.GuardChecked: Run._on_GuardChecked,
 })
 Run.EVENT_CLASSES = _event_classes()

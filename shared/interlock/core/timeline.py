@@ -288,6 +288,16 @@ def _d_comp_finished(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return f"compensation finished with failures: {', '.join(map(str, failed or [])) or '?'}", {}
 
 
+def _d_guard(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    findings = d.get("findings") if isinstance(d.get("findings"), list) else []
+    kinds = sorted({str(f.get("kind")) for f in findings or [] if isinstance(f, dict)})
+    check, verdict, action = str_field(d, "check", "?"), str_field(d, "verdict", "?"), str_field(d, "action", "none")
+    text = f"guard {check}: {verdict}" + (f" ({', '.join(kinds)})" if kinds else "")
+    if action != "none":
+        text += {"fail": ", the step fails", "approve": ", held for approval", "redact": ", redacted"}.get(action, "")
+    return text, {"check": check, "verdict": verdict, "action": action, "findings": findings}
+
+
 _DESCRIBE: dict[str, Describer] = ev.complete_table("timeline descriptions", {
     ev.RunStarted: _d_run_started,
     ev.RunSucceeded: _d_run_succeeded,
@@ -317,6 +327,7 @@ _DESCRIBE: dict[str, Describer] = ev.complete_table("timeline descriptions", {
     ev.LateResultRecorded: _d_late,
     ev.CompensationStarted: _d_comp_started,
     ev.CompensationFinished: _d_comp_finished,
+    ev.GuardChecked: _d_guard,
 })
 
 

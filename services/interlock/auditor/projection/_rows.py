@@ -241,6 +241,12 @@ def _h_skipped(conn: sqlite3.Connection, e: RowEvent) -> None:
     _set_step(conn, e, status="skipped", ended_at=e.at)
 
 
+def _h_guard(conn: sqlite3.Connection, e: RowEvent) -> None:
+    # the verdict itself is in the timeline; a held output makes the step wait for a person
+    if e.data.get("action") == "approve":
+        _set_step(conn, e, status="awaiting_approval")
+
+
 # the rows each event type changes; checked complete against the registry at import
 ROW_HANDLERS: dict[str, RowHandler] = ev.complete_table("auditor projection row handlers", {
     ev.RunStarted: _h_run_started,
@@ -271,4 +277,5 @@ ROW_HANDLERS: dict[str, RowHandler] = ev.complete_table("auditor projection row 
     ev.ApprovalRefused: _h_nothing,
     ev.CompensationStarted: _h_comp_started,
     ev.CompensationFinished: _h_nothing,
+    ev.GuardChecked: _h_guard,
 })

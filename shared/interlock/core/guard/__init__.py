@@ -7,7 +7,7 @@ checks found with ``[redacted:KIND]``. Findings name the kind of thing found and
 offsets), never the text: a secret found in an output does not reach the log through its report.
 """
 
-from ._check import SECRET_KINDS, Verdict, check, outcome, redact, summary
+from ._check import SECRET_KINDS, Outcome, Verdict, check, outcome, redact, summary
 from ._text import Match
 from .injection import find_injection
 from .pii import find_pii
@@ -16,6 +16,7 @@ from .secrets import find_secrets
 __all__ = [
     "SECRET_KINDS",
     "Match",
+    "Outcome",
     "Verdict",
     "check",
     "find_injection",

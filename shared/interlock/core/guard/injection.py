@@ -20,8 +20,8 @@ _ANY = r"(?:all|any|the|your|my|these|those|every)?\s*"
 _PRIOR = r"(?:previous|prior|preceding|above|earlier|foregoing|original|initial|system)"
 _RULES = r"(?:instructions?|prompts?|rules|directions|guidelines|context|messages?|constraints)"
 
-#: (name, pattern): the name appears in findings as ``injection:NAME``.
-PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((name, re.compile(source, re.IGNORECASE | re.MULTILINE)) for name, source in (
+#: (name, regex): the name appears in findings as ``injection:NAME``.
+_SOURCES: tuple[tuple[str, str], ...] = (
     ("ignore_instructions", rf"\b(?:ignore|disregard|forget|skip|override|bypass)\s+{_ANY}(?:of\s+)?{_ANY}{_PRIOR}?\s*"
                             rf"{_RULES}"),
     ("new_instructions", r"\b(?:new|updated|real|actual)\s+(?:system\s+)?instructions?\s*(?::|are\b|follow\b)"),
@@ -35,7 +35,9 @@ PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((name, re.compile(sour
                     r"|\[/?INST\]|<</?SYS>>|^\s*#{2,}\s*(?:system|instruction)s?\s*:?\s*$"),
     ("exfiltrate", r"\b(?:send|post|upload|forward|exfiltrate)\s+(?:all\s+|the\s+|your\s+)*(?:data|secrets?|"
                    r"credentials|api\s+keys?|passwords?|conversation)\s+to\b"),
-))
+)
+PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (name, re.compile(source, re.IGNORECASE | re.MULTILINE)) for name, source in _SOURCES)
 
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
 

@@ -41,7 +41,7 @@ _DETECTORS = (
 
 # (kind, pattern): each detector's own denylist, compiled once
 PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
-    (str(cls.secret_type), pattern) for cls in _DETECTORS for pattern in cls.denylist)  # type: ignore[attr-defined]
+    (str(cls.secret_type), pattern) for cls in _DETECTORS for pattern in cls.denylist)
 
 
 def find_secrets(text: str, path: str) -> Iterator[Match]:

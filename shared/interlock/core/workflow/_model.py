@@ -27,8 +27,8 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-from ._guard import Guard, json_schema
 from ._checks import STEP_TYPES, did_you_mean, semantic_issues, transitive
+from ._guard import Guard, json_schema
 from ._problems import Issue, Path, WorkflowInvalid, to_problems
 
 _WORKFLOW_ID = re.compile(r"^[a-z0-9_-]+$")
