@@ -218,3 +218,13 @@ def test_a_workflow_without_guards_keeps_its_hash() -> None:
     wf = parse_workflow({"id": "g", "version": 1, "steps": {"a": {"topic": "t"}}})
     assert "guard" not in json.dumps(wf.model_dump(mode="json"))
     assert wf.rule_files == {}
+
+
+def test_the_example_loads_with_its_rule_file() -> None:
+    from pathlib import Path
+    example = Path(__file__).resolve().parents[2] / "examples" / "guardrails" / "workflow.yaml"
+    wf = load_workflow(example)
+    assert list(wf.rule_files) == ["rules/deny.yaml"]
+    screen = wf.steps["screen"].guard
+    assert screen is not None and screen.content is not None
+    assert [r.id for r in screen.content.deny_rules] == ["codename", "internal", "rules_deny.yaml:words0"]
