@@ -7,7 +7,7 @@ from typing import Any
 
 from interlock.approval import rules as approval_rules
 from interlock.contracts import events as ev
-from interlock.contracts.messages import ApprovalDecision, JobResult
+from interlock.contracts.messages import ApprovalDecision, JobResult, LlmCall
 from interlock.core import guard as checks
 from interlock.core.run import Run
 from interlock.core.workflow import Workflow
@@ -157,3 +157,28 @@ def test_a_guardrail_step_passes_a_clean_value_on() -> None:
     rules.dispatch(run, wf, now(), {"g": checked(wf, "g", {"text": "fine"}, "input")})
     assert types(run) == ["GuardChecked", "StepSucceeded"]
     assert run.steps["g"].output == {"text": "fine"}
+
+
+def test_a_hold_comes_after_the_passing_verdicts() -> None:
+    wf = workflow(a={"topic": "t.a", "guard": {"secrets": True, "injection": True, "pii": True,
+                                               "on_violation": "approve"}})
+    run = running(wf)
+    rules.record_result(run, wf, result(run, LEAKY), LEAKY, now(), 0.5, checked(wf, "a", LEAKY))
+    verdicts = appended(run)
+    assert [(v.check, v.verdict, v.held) for v in verdicts if isinstance(v, ev.GuardChecked)] == [
+        ("pii", "pass", False), ("injection", "pass", False), ("secrets", "violation", True)]
+    assert run.steps["a"].status == "awaiting_approval"
+
+
+def test_a_held_attempts_model_calls_are_kept_once() -> None:
+    wf = guarded_job("approve")
+    run = running(wf)
+    call = LlmCall(provider="openai", model="m", input_tokens=10, output_tokens=5, cost_usd=0.01)
+    leaky = result(run, LEAKY).model_copy(update={"usage": [call]})
+    rules.record_result(run, wf, leaky, LEAKY, now(), 0.5, checked(wf, "a", LEAKY))
+    [verdict] = appended(run)
+    assert isinstance(verdict, ev.GuardChecked) and verdict.usage == [call]
+    approval_rules.request_approvals(run, wf, now())
+    approval_rules.apply_decision(run, decision(run), "ann", grant=True, snapshot_id="snap-1", now=now())
+    rules.dispatch(run, wf, now())
+    assert run.usage == [call]

@@ -283,6 +283,8 @@ class GuardChecked(StepEventData):
     held_output: Any = None
     held_output_ref: PayloadRef | None = None
     approver_role: str | None = Field(default=None, description="Who may release a held output")
+    usage: list[LlmCall] = Field(default_factory=list, exclude_if=_empty,
+                                 description="A held attempt's model calls (its success, later, carries none)")
 
 
 class BudgetExceeded(EventData):

@@ -44,16 +44,17 @@ def record(run: Run, state: StepState, guarded: Guarded, *, attempt: int, worker
     """Append the verdicts and act on them; returns the error to fail the attempt with (``fail``),
     else None (the step succeeded, or its value waits for approval)."""
     outcome = guarded.outcome
-    verdicts = outcome.verdicts
-    last_violation = max((i for i, v in enumerate(verdicts) if v.violation), default=-1)
+    # passes first: the last event is a violation, and a held output goes with it (the step then
+    # waits for a person, and takes no more verdicts)
+    verdicts = sorted(outcome.verdicts, key=lambda v: v.violation)
     for i, verdict in enumerate(verdicts):
-        held = outcome.action == "approve" and i == last_violation
+        held = outcome.action == "approve" and i == len(verdicts) - 1
         run.check_guard(ev.GuardChecked(
             step_id=state.step_id, attempt=attempt, check=verdict.check,
             verdict="violation" if verdict.violation else "pass", findings=verdict.findings,
             action=outcome.action if verdict.violation else "none", held=held,
             held_output=guarded.output if held else None, held_output_ref=guarded.output_ref if held else None,
-            approver_role=guarded.approvers if held else None))
+            approver_role=guarded.approvers if held else None, usage=list(calls) if held else []))
     if outcome.action == "fail":
         return JobError(message=f"guard: {summary(verdicts)}", retryable=False, kind="guard")
     if outcome.action in ("none", "redact"):

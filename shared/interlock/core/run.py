@@ -531,6 +531,7 @@ class Run(Aggregate):
             step.guard_hold = d.approver_role or "approver"
             step.output = d.held_output
             step.output_ref = d.held_output_ref
+            step.usage.extend(d.usage)
 
     def _on_CompensationStarted(self, d: ev.CompensationStarted, at: datetime) -> None:
         self.status = "compensating"

@@ -243,8 +243,9 @@ def _h_skipped(conn: sqlite3.Connection, e: RowEvent) -> None:
 
 def _h_guard(conn: sqlite3.Connection, e: RowEvent) -> None:
     # the verdict itself is in the timeline; a held output makes the step wait for a person
-    if e.data.get("action") == "approve":
+    if e.data.get("held"):
         _set_step(conn, e, status="awaiting_approval")
+        _record_usage(conn, e, e.step_id or "?")  # the held attempt's model calls
 
 
 # the rows each event type changes; checked complete against the registry at import
