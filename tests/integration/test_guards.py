@@ -14,6 +14,7 @@ import pytest
 from interlock.auditor.projection import Projection
 from interlock.runtime.registry import WorkflowRegistry
 from interlock.worker import JobContext, Worker
+from tests.integration.api_fixtures import Api
 from tests.integration.harness import Harness, types, unique
 
 pytestmark = pytest.mark.integration
@@ -173,3 +174,31 @@ async def test_on_violation_fail_redact_and_approve_on_a_jobs_output(two_copies:
     for run_id in runs.values():
         never_in_clear(await harness.events(run_id))
     await projected_without_the_key(harness, list(runs.values()), tmp_path)
+
+
+async def test_the_api_registers_a_version_with_its_rule_files(api: Api, harness: Harness) -> None:
+    wf = unique("guard-api")
+    source = f"""
+id: {wf}
+version: 1
+steps:
+  a: {{topic: t.a, guard: {{content: {{deny_file: rules/deny.yaml}}}}}}
+"""
+    admin_key = await api.key("admin")
+    async with api.http(admin_key, **{"X-Tenant-ID": "default"}) as http:
+        missing = await http.post("/api/v1/workflows", json={"source": source})
+        assert missing.status_code == 422, missing.text
+        assert "steps.a.guard.content.deny_file: rules file 'rules/deny.yaml' was not shipped" in \
+            missing.json()["detail"]
+        ok = await http.post("/api/v1/workflows", json={"source": source, "files": {"rules/deny.yaml": DENY_RULES}})
+        assert ok.status_code == 201, ok.text
+        again = await http.post("/api/v1/workflows", json={"source": source,
+                                                           "files": {"rules/deny.yaml": DENY_RULES}})
+        assert again.status_code == 200 and again.json()["created"] is False
+        changed = await http.post("/api/v1/workflows", json={"source": source, "files": {
+            "rules/deny.yaml": DENY_RULES.replace("bluebird", "redbird")}})
+        assert changed.status_code == 409 and "bump the version" in changed.json()["detail"], changed.text
+    # the services load the version with its files (the registry keeps them)
+    loaded = await WorkflowRegistry(harness.nc.jetstream()).get(wf, "1")
+    step = loaded.steps["a"].guard
+    assert step is not None and step.content is not None and [r.id for r in step.content.deny_rules] == ["codename"]
