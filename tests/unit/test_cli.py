@@ -450,7 +450,18 @@ def test_workflow_list_and_apply(fake: FakeClient, group: str, examples_dir: Pat
     assert result.exit_code == 0
     assert result.stdout.startswith(f"workflow incident-remediation v1 registered (hash {'e' * 12}…); trigger subject ")
     [(args, kwargs)] = fake.called("apply_workflow")
-    assert args[0] == Path(path).read_text() and kwargs == {"filename": path}
+    assert args[0] == Path(path).read_text() and kwargs == {"filename": path, "files": {}}
+
+
+def test_workflow_apply_sends_the_guard_rule_files_it_names(fake: FakeClient, tmp_path: Path) -> None:
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "deny.yaml").write_text("words: [bluebird]\n")
+    path = tmp_path / "wf.yaml"
+    path.write_text("id: g\nversion: 1\nsteps:\n  a: {topic: t, guard: {content: {deny_file: rules/deny.yaml}}}\n")
+    fake.answers["apply_workflow"] = (types.SimpleNamespace(id="g", version="1", content_hash="e" * 64), True)
+    assert cli("workflow", "apply", str(path)).exit_code == 0
+    [(_, kwargs)] = fake.called("apply_workflow")
+    assert kwargs["files"] == {"rules/deny.yaml": "words: [bluebird]\n"}
 
 
 @pytest.mark.parametrize("command", [["validate"], ["workflow", "apply"]])

@@ -339,6 +339,7 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "JobError": {"message"},
     "JobResult": {"job_id", "run_id", "tenant", "step_id", "attempt", "ok"},
     "LateResultRecorded": {"step_id", "attempt", "ok"},
+    "GuardChecked": {"step_id", "attempt", "check", "verdict"},
     "Notification": {"run_id", "tenant", "workflow_id", "step_id", "channel", "message"},
     "PayloadRef": {"object_store", "key", "sha256", "size"},
     "PolicyDecided": {"step_id", "decision", "snapshot_id", "job_hash"},

@@ -65,6 +65,7 @@ _WRITERS: dict[type[ev.EventData], tuple[str, ...]] = {
     ev.StepSkipped: (_PLANNER,),
     ev.StepCacheHit: (_DISPATCHER,),
     ev.LateResultRecorded: (_DISPATCHER,),
+    ev.GuardChecked: (_DISPATCHER,),
     ev.CompensationStarted: (_PLANNER,),
     ev.CompensationFinished: (_PLANNER,),
     # a person's interventions and feedback, appended by the planner on their command (issue 17)

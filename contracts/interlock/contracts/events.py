@@ -109,7 +109,7 @@ class RunTimedOut(EventData):
 class StepReady(StepEventData):
     """A step whose dependencies are met, with its resolved input and job hash."""
 
-    step_type: Literal["job", "approval", "notify"] = "job"
+    step_type: Literal["job", "approval", "notify", "guardrail"] = "job"
     topic: str | None = None
     input: Any = None
     input_ref: PayloadRef | None = None
@@ -126,7 +126,7 @@ class StepExpanded(StepEventData):
 
 class PolicyDecided(StepEventData):
     decision: Decision
-    step_type: Literal["job", "approval", "notify"] = "job"
+    step_type: Literal["job", "approval", "notify", "guardrail"] = "job"
     snapshot_id: str
     rule_ids: list[str] = Field(default_factory=list)
     job_hash: str
@@ -253,6 +253,38 @@ class StepFailed(StepEventData):
     final: bool = Field(description="No further attempt will be made")
     worker: str = ""
     usage: list[LlmCall] = Field(default_factory=list, exclude_if=_empty, description="Model calls the attempt made")
+
+
+class GuardFinding(Message):
+    """One thing a guard check found: its kind and where, never the matched text itself."""
+
+    kind: str = Field(description="What was found: 'AWS Access Key', 'email', 'iban', 'deny:RULE', "
+                                  "'injection:PATTERN', 'schema'…")
+    path: str = Field(description="Where in the checked value: output.text, output.items[2]")
+    start: int | None = Field(default=None, description="Offset of the match in that string (characters)")
+    end: int | None = Field(default=None, description="End offset of the match (exclusive)")
+    detail: str = Field(default="", description="A schema error's message (never for text matches)")
+
+
+class GuardChecked(StepEventData):
+    """The verdict of one guard check on a step's output (a job step's ``guard:``) or on the
+    value a ``type: guardrail`` step checks, and what the step does about a violation.
+
+    Written by the dispatcher, before the step's outcome (in the same commit). ``action``
+    ``approve`` holds the (redacted where secret) value for a person: the step waits for
+    approval, and the approval service asks for one (it consumes these events)."""
+
+    attempt: int = Field(ge=0, description="The job attempt checked (0 for a guardrail step)")
+    check: Literal["schema", "content", "secrets", "pii", "injection"]
+    verdict: Literal["pass", "violation"]
+    findings: list[GuardFinding] = Field(default_factory=list)
+    action: Literal["none", "fail", "approve", "redact"] = "none"
+    held: bool = Field(default=False, description="This event carries the output held for approval")
+    held_output: Any = None
+    held_output_ref: PayloadRef | None = None
+    approver_role: str | None = Field(default=None, description="Who may release a held output")
+    usage: list[LlmCall] = Field(default_factory=list, exclude_if=_empty,
+                                 description="A held attempt's model calls (its success, later, carries none)")
 
 
 class BudgetExceeded(EventData):

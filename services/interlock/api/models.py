@@ -196,6 +196,8 @@ class Reject(Body):
 class ApplyWorkflow(Body):
     source: str = Field(min_length=1, description="The workflow's YAML text")
     filename: str | None = Field(default=None, max_length=256, description="Shown in error messages")
+    files: dict[str, str] = Field(default_factory=dict, max_length=64, description=(
+        "The guard rule files the workflow names (deny_file, allow_file): relative path -> text"))
 
 
 class WorkflowApplied(BaseModel):

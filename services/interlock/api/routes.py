@@ -358,7 +358,8 @@ async def apply_workflow(request: Request, response: Response, who: Principal = 
             body = m.ApplyWorkflow.model_validate_json(raw)
         except ValidationError as e:
             raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
-    workflow, created = await acting_client(request, who).apply_workflow(body.source, filename=body.filename)
+    workflow, created = await acting_client(request, who).apply_workflow(body.source, filename=body.filename,
+                                                                         files=body.files)
     if not created:
         response.status_code = 200
     return m.WorkflowApplied(workflow_id=workflow.id, version=workflow.version, created=created)

@@ -13,7 +13,7 @@ after a conflict or a redelivery decides from the state it is given.
 
 from __future__ import annotations
 
-from collections.abc import Container, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -36,6 +36,7 @@ from interlock.core.ids import job_id
 from interlock.core.run import ACTIVE_ATTEMPT, Run, StepState
 from interlock.core.steps import base_step_id, is_workflow_step, output_schema_error, template_context
 from interlock.core.workflow import Step, Workflow, render_text
+from interlock.dispatcher import guard
 from interlock.runtime import tracing
 
 DEFAULT_TIMEOUT_MS = 5 * 60 * 1000
@@ -79,13 +80,23 @@ def cancel_notice(tenant: str, run_id: str, envelopes: Sequence[dict[str, Any]])
     return CancelNotice(run_id=run_id, tenant=tenant, reason=(ending.get("data") or {}).get("reason", ""))
 
 
-def dispatch(run: Run, workflow: Workflow, now: datetime) -> list[Effect]:
+def dispatch(run: Run, workflow: Workflow, now: datetime,
+             guarded: Mapping[str, guard.Guarded] | None = None) -> list[Effect]:
     """Dispatch every released job and every retry that is due; a released notify step is sent
-    (its Notification) and succeeds at once."""
+    (its Notification) and succeeds at once. ``guarded``: the checked values of released
+    guardrail steps (the service ran their checks, see :func:`guardrails_due`)."""
     effects: list[Effect] = []
     if run.terminal or run.paused:  # paused (issue 17): nothing new goes out until it is unpaused
         return effects
     for state in list(run.steps.values()):
+        # guard (#17): an approved held output goes on; a guardrail step decides on its value
+        if state.status == "released" and state.guard_hold is not None:
+            guard.release_held(run, state)
+            continue
+        if state.status == "released" and state.step_type == "guardrail":
+            if guarded is not None and state.step_id in guarded:
+                guard.check_guardrail(run, state, guarded[state.step_id])
+            continue
         if state.status == "released" and state.step_type == "notify":
             effects.append(_notify(run, workflow, state))
             continue
@@ -225,9 +236,10 @@ def overdue_timers(run: Run, workflow: Workflow, now: datetime, heard_from: Cont
 
 # -- outcomes --------------------------------------------------------------------------------
 def record_result(run: Run, workflow: Workflow, result: JobResult, output: Any, now: datetime,
-                  jitter: float) -> list[Effect]:
+                  jitter: float, guarded: guard.Guarded | None = None) -> list[Effect]:
     """A worker's result: the attempt succeeds, fails (maybe retrying) or, when it is not the
-    current attempt, is kept as evidence only. ``output`` is the result's resolved output.
+    current attempt, is kept as evidence only. ``output`` is the result's resolved output;
+    ``guarded``: its step's guard verdicts (the service ran the checks), which decide instead.
 
     Raises :class:`StaleState` for an attempt the run never dispatched (the run is behind).
     """
@@ -247,11 +259,19 @@ def record_result(run: Run, workflow: Workflow, result: JobResult, output: Any, 
         # a compensation job's output is whatever undoing returns: the step's schema is not for it
         problem = output_schema_error(output, spec.output_schema) if state.compensation_of is None else None
         over = step_overrun(state, result)
-        if problem is None and over is None:
+        guard_error = None
+        if problem is None and over is None and guarded is not None:  # guard (#17): its verdicts decide
+            guard_error = guard.record(run, state, guarded, attempt=result.attempt, worker=result.worker,
+                                       calls=result.usage)
+            if guard_error is None:
+                return []
+        elif problem is None and over is None:
             run.succeed_step(ev.StepSucceeded(step_id=state.step_id, attempt=result.attempt, output=result.output,
                                               output_ref=result.output_ref, worker=result.worker, usage=result.usage))
             return []
-        if over is not None:  # spent is spent: a retry would spend again
+        if guard_error is not None:
+            error = guard_error
+        elif over is not None:  # spent is spent: a retry would spend again
             error = JobError(message=over.describe(f"step {state.step_id!r}"), retryable=False, kind="budget")
         else:
             error = JobError(message=f"output does not match output_schema: {problem}", retryable=False,

@@ -28,14 +28,16 @@ from nats.aio.msg import Msg
 from interlock.contracts import events as ev
 from interlock.contracts import headers
 from interlock.contracts import subjects as s
-from interlock.contracts.messages import CancelNotice, Heartbeat, JobResult, Notification, TimerFired
+from interlock.contracts.messages import CancelNotice, Heartbeat, JobResult, Notification, PayloadRef, TimerFired
+from interlock.core import guard as guard_checks
 from interlock.core.ids import job_id
-from interlock.core.run import Run
+from interlock.core.run import ACTIVE_ATTEMPT, Run
 from interlock.core.sealed import SealedError
 from interlock.core.steps import base_step_id
-from interlock.core.workflow import Workflow
+from interlock.core.workflow import Step, Workflow
 from interlock.dispatcher import rules
 from interlock.dispatcher.cache import ResultCache
+from interlock.dispatcher.guard import Guarded, guardrails_due
 from interlock.dispatcher.rules import Effect, PublishJob
 from interlock.runtime import timers, tracing
 from interlock.runtime.datakeys import DataKeyError
@@ -141,7 +143,9 @@ class DispatcherService(Service):
             now = datetime.now(UTC)
             if retry is None:  # result cache (issue 17): a cached job's output instead of a dispatch
                 await self.cache.use_cached(run, workflow, now)
-            effects.extend(rules.retry_due(run, workflow, retry, now) if retry else rules.dispatch(run, workflow, now))
+            guarded = await self.check_guardrails(run, workflow)  # guard (#17)
+            effects.extend(rules.retry_due(run, workflow, retry, now) if retry
+                           else rules.dispatch(run, workflow, now, guarded))
             await self.send_notifications(effects)
 
         handle, _ = await self.store.update(tenant, run_id, decide)
@@ -161,8 +165,9 @@ class DispatcherService(Service):
             effects.clear()
             workflow = await self.registry.get(run.workflow_id, run.workflow_version)
             sealed, sealed_output = await self.seal_result(workflow, result, output)
+            guarded = await self.check_output(run, workflow, sealed, sealed_output)  # guard (#17)
             effects.extend(rules.record_result(run, workflow, sealed, sealed_output, datetime.now(UTC),
-                                               self._rng.random()))
+                                               self._rng.random(), guarded))
 
         handle, _ = await self.store.update(result.tenant, result.run_id, decide)
         if result.ok:  # result cache (issue 17): the output, now durable, for later runs
@@ -185,6 +190,39 @@ class DispatcherService(Service):
             raise Poison(f"cannot seal the sensitive output of job {result.job_id}: {e}") from e
         value, ref = await self.payloads.offload(sealed)
         return result.model_copy(update={"output": value, "output_ref": ref}), sealed
+
+    # -- guard checks (#17) -------------------------------------------------------------------
+    async def _guarded(self, spec: Step, value: Any, root: str, value_ref: PayloadRef | None,
+                       recorded: Any) -> Guarded:
+        """Run ``spec``'s guard on ``value``; a changed (redacted) value is offloaded when large."""
+        assert spec.guard is not None
+        outcome = guard_checks.outcome(spec.guard, value, root)
+        if outcome.action == "fail":
+            return Guarded(outcome, spec.guard.approvers)
+        if outcome.action == "none":
+            return Guarded(outcome, spec.guard.approvers, recorded, value_ref)
+        changed, ref = await self.payloads.offload(outcome.value)
+        return Guarded(outcome, spec.guard.approvers, changed, ref)
+
+    async def check_output(self, run: Run, workflow: Workflow, result: JobResult, output: Any) -> Guarded | None:
+        """The guard verdicts on a successful result of the current attempt of a guarded job."""
+        spec = workflow.steps.get(base_step_id(result.step_id))
+        state = run.steps.get(result.step_id)
+        if not result.ok or spec is None or spec.guard is None or state is None or state.compensation_of \
+                or state.attempt != result.attempt or state.status not in ACTIVE_ATTEMPT or run.terminal:
+            return None
+        return await self._guarded(spec, output, "output", result.output_ref, result.output)
+
+    async def check_guardrails(self, run: Run, workflow: Workflow) -> dict[str, Guarded]:
+        """The verdicts of the released guardrail steps, on their (resolved) inputs."""
+        checked: dict[str, Guarded] = {}
+        for state in guardrails_due(run):
+            spec = workflow.steps[base_step_id(state.step_id)]
+            if spec.guard is None:
+                continue
+            value = await self.payloads.resolve(state.input, state.input_ref)
+            checked[state.step_id] = await self._guarded(spec, value, "input", state.input_ref, state.input)
+        return checked
 
     async def on_heartbeat(self, msg: Msg) -> None:
         beat = decode(msg, Heartbeat)

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -306,16 +306,18 @@ class Client:
         return reply.result
 
     # -- workflows ---------------------------------------------------------------------------
-    async def apply_workflow(self, text: str, filename: str | None = None) -> tuple[Workflow, bool]:
-        """Register a workflow version from its YAML text: (workflow, created). Raises
-        ``WorkflowInvalid`` listing every problem, or :class:`Refused` when the version exists
-        with different content."""
+    async def apply_workflow(self, text: str, filename: str | None = None,
+                             files: Mapping[str, str] | None = None) -> tuple[Workflow, bool]:
+        """Register a workflow version from its YAML text: (workflow, created). ``files``: the
+        guard rule files it names (relative path -> text; ``workflow_files(path)`` reads them
+        beside a workflow file), registered with the version. Raises ``WorkflowInvalid`` listing
+        every problem, or :class:`Refused` when the version exists with different content."""
         await self._provision()
-        workflow = load_workflow(text, filename=filename)
+        workflow = load_workflow(text, filename=filename, files=files or {})
         await self._may_add_trigger_subjects(workflow)
         self._may_schedule(workflow)
         try:
-            return await self._registry.apply(text, filename=filename)
+            return await self._registry.apply(text, filename=filename, files=files)
         except VersionConflict as e:
             raise Refused(str(e)) from None
 

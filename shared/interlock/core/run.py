@@ -93,6 +93,9 @@ class StepState:
     updated_at: datetime | None = None
     usage: list[LlmCall] = field(default_factory=list)  # every attempt's model calls
     cache_hit: ev.StepCacheHit | None = None  # result cache (issue 17): the output reused instead of a job
+    # guard (#17): the role that may release an output a guard held for approval (it is in
+    # ``output``); once granted the step is "released" and the dispatcher succeeds it with it
+    guard_hold: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -297,11 +300,24 @@ class Run(Aggregate):
         reused = step.status == "ready" and data.step_id in self.reused_outputs
         # result cache (issue 17): a released job whose cache hit is recorded succeeds without a job
         reused = reused or (step.status == "released" and step.cache_hit is not None and data.attempt == 0)
-        if step.step_type == "job" and step.item_count is None and not reused:
+        released_hold = step.guard_hold is not None and step.status == "released"  # guard (#17)
+        if step.step_type == "job" and step.item_count is None and not reused and not released_hold:
             if step.status not in ACTIVE_ATTEMPT or data.attempt != step.attempt:
                 raise self._refuse("succeed_step", f"attempt {data.attempt} is not running", data.step_id)
         elif step.terminal:
             raise self._refuse("succeed_step", f"step is {step.status}", data.step_id)
+        self._trigger(data)
+
+    def check_guard(self, data: ev.GuardChecked) -> None:
+        """Record a guard check's verdict on the current attempt's output (a job step) or on the
+        value a released guardrail step checks (#17)."""
+        self._require_running("check_guard", compensating_ok=True)
+        step = self._step("check_guard", data.step_id)
+        if step.step_type == "guardrail":
+            if step.status != "released":
+                raise self._refuse("check_guard", f"step is {step.status}, expected released", data.step_id)
+        elif step.status not in ACTIVE_ATTEMPT or data.attempt != step.attempt:
+            raise self._refuse("check_guard", f"attempt {data.attempt} is not running", data.step_id)
         self._trigger(data)
 
     def fail_step(self, data: ev.StepFailed) -> None:
@@ -553,6 +569,7 @@ class Run(Aggregate):
         step.output = d.output
         step.output_ref = d.output_ref
         step.error = None
+        step.guard_hold = None
 
     def _on_StepFailed(self, d: ev.StepFailed, at: datetime) -> None:
         step = self._touch(d.step_id, at)
@@ -560,6 +577,7 @@ class Run(Aggregate):
         step.error = d.error
         if d.final:
             step.status = "failed"
+            step.guard_hold = None
 
     def _on_RetryScheduled(self, d: ev.RetryScheduled, at: datetime) -> None:
         step = self._touch(d.step_id, at)
@@ -583,6 +601,15 @@ class Run(Aggregate):
 
     def _on_ApprovalRefused(self, d: ev.ApprovalRefused, at: datetime) -> None:
         """Evidence only: a refused decision leaves the request pending."""
+
+    def _on_GuardChecked(self, d: ev.GuardChecked, at: datetime) -> None:
+        step = self._touch(d.step_id, at)
+        if d.held:  # the output waits for a person; the approval service asks for one
+            step.status = "awaiting_approval"
+            step.guard_hold = d.approver_role or "approver"
+            step.output = d.held_output
+            step.output_ref = d.held_output_ref
+            step.usage.extend(d.usage)
 
     def _on_CompensationStarted(self, d: ev.CompensationStarted, at: datetime) -> None:
         self.status = "compensating"
@@ -738,5 +765,6 @@ _STATE_CHANGES: dict[str, _StateChange] = ev.complete_table("Run state changes",
     ev.RunPaused: Run._on_RunPaused,
     ev.RunUnpaused: Run._on_RunUnpaused,
     ev.FeedbackGiven: Run._on_FeedbackGiven,
+    ev.GuardChecked: Run._on_GuardChecked,
 })
 Run.EVENT_CLASSES = _event_classes()

@@ -339,6 +339,16 @@ def _d_feedback(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return text, {"by": d.get("by"), "score": d.get("score"), "output_hash": d.get("output_hash")}
 
 
+def _d_guard(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    findings = d.get("findings") if isinstance(d.get("findings"), list) else []
+    kinds = sorted({str(f.get("kind")) for f in findings or [] if isinstance(f, dict)})
+    check, verdict, action = str_field(d, "check", "?"), str_field(d, "verdict", "?"), str_field(d, "action", "none")
+    text = f"guard {check}: {verdict}" + (f" ({', '.join(kinds)})" if kinds else "")
+    if action != "none":
+        text += {"fail": ", the step fails", "approve": ", held for approval", "redact": ", redacted"}.get(action, "")
+    return text, {"check": check, "verdict": verdict, "action": action, "findings": findings}
+
+
 _DESCRIBE: dict[str, Describer] = ev.complete_table("timeline descriptions", {
     ev.RunStarted: _d_run_started,
     ev.RunSucceeded: _d_run_succeeded,
@@ -375,6 +385,7 @@ _DESCRIBE: dict[str, Describer] = ev.complete_table("timeline descriptions", {
     ev.RunPaused: _d_paused,
     ev.RunUnpaused: _d_unpaused,
     ev.FeedbackGiven: _d_feedback,
+    ev.GuardChecked: _d_guard,
 })
 
 

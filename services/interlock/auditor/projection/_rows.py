@@ -277,6 +277,13 @@ def _h_feedback(conn: sqlite3.Connection, e: RowEvent) -> None:
          str_field(d, "note"), e.at))
 
 
+def _h_guard(conn: sqlite3.Connection, e: RowEvent) -> None:
+    # the verdict itself is in the timeline; a held output makes the step wait for a person
+    if e.data.get("held"):
+        _set_step(conn, e, status="awaiting_approval")
+        _record_usage(conn, e, e.step_id or "?")  # the held attempt's model calls
+
+
 # the rows each event type changes; checked complete against the registry at import
 ROW_HANDLERS: dict[str, RowHandler] = ev.complete_table("auditor projection row handlers", {
     ev.RunStarted: _h_run_started,
@@ -314,4 +321,5 @@ ROW_HANDLERS: dict[str, RowHandler] = ev.complete_table("auditor projection row 
     ev.RunPaused: _h_nothing,  # the timeline row is the record
     ev.RunUnpaused: _h_nothing,
     ev.FeedbackGiven: _h_feedback,
+    ev.GuardChecked: _h_guard,
 })

@@ -1,6 +1,7 @@
 """Workflow definitions: YAML loader, validated model and Jinja2 templates."""
 
-from ._load import LoadSettings, decode_workflow, load_workflow, parse_workflow, read_workflow_file
+from ._guard import ContentRules, Guard, OnViolation, Rule
+from ._load import LoadSettings, decode_workflow, load_workflow, parse_workflow, read_workflow_file, workflow_files
 from ._model import Cache, OnError, RetryPolicy, Step, StepType, Workflow, duration_ms
 from ._problems import Problem, WorkflowInvalid, format_problems
 from ._schedule import Missed, Schedule, every_seconds, zone
@@ -8,11 +9,15 @@ from ._templates import TemplateError, evaluate_condition, evaluate_for_each, re
 
 __all__ = [
     "Cache",
+    "ContentRules",
+    "Guard",
     "LoadSettings",
     "Missed",
     "OnError",
+    "OnViolation",
     "Problem",
     "RetryPolicy",
+    "Rule",
     "Schedule",
     "Step",
     "StepType",
@@ -30,5 +35,6 @@ __all__ = [
     "read_workflow_file",
     "render_input",
     "render_text",
+    "workflow_files",
     "zone",
 ]

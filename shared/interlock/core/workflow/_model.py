@@ -12,8 +12,6 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Annotated, Any
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -30,6 +28,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from ._checks import STEP_TYPES, did_you_mean, semantic_issues, transitive
+from ._guard import Guard, json_schema
 from ._problems import Issue, Path, WorkflowInvalid, to_problems
 from ._schedule import Schedule
 
@@ -108,15 +107,6 @@ def _json_like(value: Any, path: str = "") -> Any:
     raise ValueError(f"{path or 'value'}: {type(value).__name__} is not JSON-like (quote it in YAML)")
 
 
-def _json_schema(value: dict[str, Any]) -> dict[str, Any]:
-    try:
-        Draft202012Validator.check_schema(value)
-    except SchemaError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path)
-        raise ValueError(f"invalid JSON Schema{f' at {where}' if where else ''}: {exc.message}") from None
-    return value
-
-
 def _json_like_schedule(value: Schedule | None) -> Schedule | None:
     if value is not None and value.input is not None:
         _json_like(value.input, "input")
@@ -138,13 +128,14 @@ Topic = Annotated[str, Strict(), AfterValidator(_topic)]
 Subject = Annotated[str, Strict(), AfterValidator(_subject)]
 PositiveMs = Annotated[int, Strict(), Field(gt=0)]
 Text = Annotated[str, Strict()]
-JsonSchema = Annotated[dict[str, Any], AfterValidator(_json_schema)]
+JsonSchema = Annotated[dict[str, Any], AfterValidator(json_schema)]
 
 
 class StepType(StrEnum):
     JOB = "job"
     APPROVAL = "approval"
     NOTIFY = "notify"
+    GUARDRAIL = "guardrail"  # checks the output of the step it depends on (its input)
 
 
 class OnError(StrEnum):
@@ -275,6 +266,8 @@ class Step(BaseModel):
     output_schema: JsonSchema | None = None
     labels: dict[Text, Text] = Field(default_factory=dict)
     cache: Cache | None = None  # job steps: the result cache (added later: not hashed while unset)
+    # checks on a job's output, or what a guardrail step checks (left out of the hash while unset)
+    guard: Annotated[Guard | None, Field(exclude_if=lambda v: v is None)] = None
     # approval steps
     approvers: Text = "approver"
     prompt: Text | None = None
@@ -282,6 +275,17 @@ class Step(BaseModel):
     # notify steps
     channel: Text = "default"
     message: Text | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _guardrail_input(cls, data: Any) -> Any:
+        # a guardrail step checks its one dependency's output unless it says what to check
+        if isinstance(data, Mapping) and data.get("type") == "guardrail" and data.get("input") is None:
+            deps = data.get("depends_on")
+            dep = deps if isinstance(deps, str) else deps[0] if isinstance(deps, list) and len(deps) == 1 else None
+            if isinstance(dep, str):
+                return {**data, "input": f"{{{{ steps.{dep}.output }}}}"}
+        return data
 
     @field_validator("when", mode="before")
     @classmethod
@@ -349,8 +353,17 @@ class Workflow(BaseModel):
             for name in _STEP_ADDED_LATER:
                 if getattr(step, name) is None:
                     dumped["steps"][sid].pop(name, None)
+        files = self.rule_files
+        if files:  # the rule files shipped with the version are part of it
+            dumped["rule_files"] = files
         canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @cached_property
+    def rule_files(self) -> dict[str, str]:
+        """The guard rule files this version ships (path -> sha256 of the text)."""
+        return {path: digest for step in self.steps.values() if step.guard is not None
+                for path, digest in step.guard.file_hashes.items()}
 
     @cached_property
     def _dependents(self) -> dict[str, tuple[str, ...]]:
@@ -409,6 +422,7 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "retries": tuple(RetryPolicy.model_fields),
     "cache": ("key", "ttl"),
     "schedule": tuple(Schedule.model_fields),
+    "guard": ("schema", *(f for f in Guard.model_fields if f != "schema_")),
 }
 
 _YAML_BOOL_HINT = " (YAML reads yes/no/on/off/true/false as booleans; quote it)"
@@ -427,7 +441,7 @@ def _fields_at(parent: Path) -> tuple[str, ...]:
         return _FIELDS["workflow"]
     if len(parent) == 2 and parent[0] == "steps":
         return _FIELDS["step"]
-    if len(parent) == 3 and parent[0] == "steps" and parent[2] in ("retries", "cache"):
+    if len(parent) == 3 and parent[0] == "steps" and parent[2] in ("retries", "cache", "guard"):
         return _FIELDS[str(parent[2])]
     if parent == ("schedule",):
         return _FIELDS["schedule"]
