@@ -36,6 +36,7 @@ from interlock.core.steps import base_step_id
 from interlock.core.workflow import Workflow
 from interlock.dispatcher import rules
 from interlock.dispatcher.rules import Effect, PublishJob
+from interlock.dispatcher.workload import WorkloadControl
 from interlock.runtime import timers, tracing
 from interlock.runtime.datakeys import DataKeyError
 from interlock.runtime.publish import publish
@@ -57,6 +58,14 @@ class DispatcherService(Service):
         # long after, are dropped without reloading the (by then finished) run
         self._finished_jobs: OrderedDict[str, None] = OrderedDict()
         self._rng = random.Random()
+        self._workload: WorkloadControl | None = None
+
+    @property
+    def workload(self) -> WorkloadControl:
+        """Circuit breakers and agent-version routing (issue 16), once connected."""
+        if self._workload is None:
+            self._workload = WorkloadControl(self.js, self.settings.instance)
+        return self._workload
 
     def register(self, broker: NatsBroker) -> None:
         self.pull_commits(broker, self.on_commit, wants=ev.kinds(
@@ -65,7 +74,8 @@ class DispatcherService(Service):
         ))
         self.pull(broker, s.RESULTS_ALL, s.RESULTS_STREAM, self.durable("results"), self.on_result)
         self.pull(broker, s.HEARTBEATS_ALL, s.RESULTS_STREAM, self.durable("heartbeats"), self.on_heartbeat)
-        for kind in ("retry", "deadline", "lease"):
+        # "breaker": a held job's re-check (circuit breaker open, no live agent version)
+        for kind in ("retry", "deadline", "lease", "breaker"):
             self.pull(broker, s.timer_fired(kind), s.TIMERS_STREAM, self.durable(f"timer_{kind}"), self.on_timer)
 
     # -- effects -----------------------------------------------------------------------------
@@ -86,7 +96,9 @@ class DispatcherService(Service):
             job_input, input_ref = await self.payloads.offload(job.input)
             job = job.model_copy(update={"input": job_input, "input_ref": input_ref})
         # a re-publish after a crash carries the same id: JetStream's duplicate window drops it
-        await publish(self.js, s.job(job.tenant, job.topic), job.model_dump_json().encode(),
+        subject = s.versioned_job(job.tenant, job.agent_version, job.topic) if job.agent_version \
+            else s.job(job.tenant, job.topic)
+        await publish(self.js, subject, job.model_dump_json().encode(),
                       headers={headers.MSG_ID: job.job_id, headers.TRACEPARENT: job.trace_parent or ""})
         self._published.add(job.job_id)
         if len(self._published) > MEMORY_LIMIT:
@@ -133,7 +145,10 @@ class DispatcherService(Service):
                 return
             workflow = await self.registry.get(run.workflow_id, run.workflow_version)
             now = datetime.now(UTC)
-            effects.extend(rules.retry_due(run, workflow, retry, now) if retry else rules.dispatch(run, workflow, now))
+            due = rules.due_jobs(run, now)
+            control = await self.workload.decide(run, workflow, due, now) if due else None
+            effects.extend(rules.retry_due(run, workflow, retry, now, control) if retry
+                           else rules.dispatch(run, workflow, now, control))
             await self.send_notifications(effects)
 
         handle, _ = await self.store.update(tenant, run_id, decide)
@@ -156,8 +171,9 @@ class DispatcherService(Service):
             effects.extend(rules.record_result(run, workflow, sealed, sealed_output, datetime.now(UTC),
                                                self._rng.random()))
 
-        await self.store.update(result.tenant, result.run_id, decide)
+        handle, _ = await self.store.update(result.tenant, result.run_id, decide)
         self._finished_jobs[result.job_id] = None  # only once the outcome is durable
+        await self.count_outcome(handle.run, result.step_id, result.job_id, result.ok)
         while len(self._finished_jobs) > MEMORY_LIMIT:
             self._finished_jobs.popitem(last=False)
         await self.carry_out(effects)
@@ -194,9 +210,19 @@ class DispatcherService(Service):
         timer = decode(msg, TimerFired)
         await self.on_timer_fired(timer)
 
+    async def count_outcome(self, run: Run, step_id: str, job: str, ok: bool) -> None:
+        """The circuit breaker and rollout of the step's topic count the outcome (issue 16)."""
+        state = run.steps.get(step_id)
+        if state is not None and state.job_id == job:
+            workflow = await self.registry.get(run.workflow_id, run.workflow_version)
+            await self.workload.record_outcome(run, workflow, state, job, ok, datetime.now(UTC))
+
     async def on_timer_fired(self, timer: TimerFired) -> None:
         if timer.kind == "retry":
             await self.dispatch(timer.tenant, timer.run_id, timer)
+            return
+        if timer.kind == "breaker":  # a held job looks again
+            await self.dispatch(timer.tenant, timer.run_id)
             return
         job = job_id(timer.run_id, timer.step_id, timer.attempt) if timer.step_id and timer.attempt else None
         if job in self._finished_jobs:
@@ -212,5 +238,9 @@ class DispatcherService(Service):
             effects.extend(rules.timer_fired(run, workflow, timer, now, heartbeat_seen_at=seen_at,
                                              jitter=self._rng.random()))
 
-        await self.store.update(timer.tenant, timer.run_id, decide)
+        handle, _ = await self.store.update(timer.tenant, timer.run_id, decide)
+        state = handle.run.steps.get(timer.step_id or "")
+        if job is not None and state is not None and state.attempt == timer.attempt and state.error is not None \
+                and state.error.kind == "timeout":  # the attempt timed out (now or before): a failure
+            await self.count_outcome(handle.run, state.step_id, job, False)
         await self.carry_out(effects)

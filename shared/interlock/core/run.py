@@ -92,6 +92,8 @@ class StepState:
     item_count: int | None = None
     updated_at: datetime | None = None
     usage: list[LlmCall] = field(default_factory=list)  # every attempt's model calls
+    agent_version: str = ""  # the version the current attempt was routed to ('' = any worker)
+    held: ev.StepHeld | None = None  # the dispatcher's latest hold of the next attempt (issue 16)
 
     @property
     def terminal(self) -> bool:
@@ -282,6 +284,13 @@ class Run(Aggregate):
                                data.step_id)
         self._trigger(data)
 
+    def hold_step(self, data: ev.StepHeld) -> None:
+        self._require_running("hold_step", compensating_ok=True)
+        step = self._step("hold_step", data.step_id, "released", "retry_wait")
+        if data.attempt != step.attempt + 1:
+            raise self._refuse("hold_step", f"attempt {data.attempt} is not next ({step.attempt + 1})", data.step_id)
+        self._trigger(data)
+
     def record_heartbeat(self, data: ev.StepHeartbeat) -> None:
         self._require_running("record_heartbeat", compensating_ok=True)
         step = self._step("record_heartbeat", data.step_id, "dispatched", "running")
@@ -465,6 +474,12 @@ class Run(Aggregate):
         step.dispatched_at = at
         step.last_heartbeat_at = None
         step.retry_due_at = None
+        step.agent_version = d.agent_version
+        step.held = None
+
+    def _on_StepHeld(self, d: ev.StepHeld, at: datetime) -> None:
+        """The step keeps its status (released or retry_wait): only the hold is remembered."""
+        self._touch(d.step_id, at).held = d
 
     def _on_StepHeartbeat(self, d: ev.StepHeartbeat, at: datetime) -> None:
         step = self._touch(d.step_id, at)
@@ -596,6 +611,7 @@ _STATE_CHANGES: dict[str, _StateChange] = ev.complete_table("Run state changes",
     ev.ApprovalEscalated: Run._on_ApprovalEscalated,
     ev.StepDispatched: Run._on_StepDispatched,
     ev.StepHeartbeat: Run._on_StepHeartbeat,
+    ev.StepHeld: Run._on_StepHeld,
     ev.StepSucceeded: Run._on_StepSucceeded,
     ev.BudgetExceeded: Run._on_BudgetExceeded,
     ev.StepFailed: Run._on_StepFailed,

@@ -1,11 +1,12 @@
 """Workflow definitions: YAML loader, validated model and Jinja2 templates."""
 
 from ._load import LoadSettings, decode_workflow, load_workflow, parse_workflow, read_workflow_file
-from ._model import OnError, RetryPolicy, Step, StepType, Workflow
+from ._model import BreakerSpec, OnError, RetryPolicy, Step, StepType, WhenOpen, Workflow
 from ._problems import Problem, WorkflowInvalid, format_problems
 from ._templates import TemplateError, evaluate_condition, evaluate_for_each, render_input, render_text
 
 __all__ = [
+    "BreakerSpec",
     "LoadSettings",
     "OnError",
     "Problem",
@@ -13,6 +14,7 @@ __all__ = [
     "Step",
     "StepType",
     "TemplateError",
+    "WhenOpen",
     "Workflow",
     "WorkflowInvalid",
     "decode_workflow",
