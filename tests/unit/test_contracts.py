@@ -393,6 +393,13 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "Seal": {"number", "stream", "created", "first_seq", "last_seq", "messages", "runs", "heads_root", "heads",
              "sealed_at", "prev", "reason", "signer", "signature"},
     "SealHead": {"subject", "stream_seq", "seq", "hash"},
+    # workload control (issue 16): KV values written and read by the dispatchers and the client
+    "BreakerOutcome": {"job_id", "ok", "at"},
+    "BreakerState": {"tenant", "topic"},
+    "BreakerChange": {"tenant", "topic", "seq", "from_state", "to_state", "at"},
+    "RolloutStats": {"version"},
+    "Rollout": {"tenant", "topic", "stable", "canary", "share", "started_at", "canary_stats", "stable_stats"},
+    "StepHeld": {"step_id", "attempt", "topic", "reason"},
 }
 
 

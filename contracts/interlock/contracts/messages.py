@@ -356,6 +356,7 @@ class BreakerState(Message):
     changed_at: datetime | None = None
     reason: str = Field(default="", description="Why it last changed state")
     transitions: int = Field(default=0, description="State changes so far (the change log's sequence)")
+    last_change: BreakerChange | None = Field(default=None, description="The latest state change (also in the log)")
 
 
 class BreakerChange(Message):

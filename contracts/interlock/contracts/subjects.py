@@ -168,8 +168,8 @@ def worker_version_consumer(tenant: str, topic: str, slot: int) -> str:
     """Durable consumer number ``slot`` of one tenant's topic for versioned jobs. A worker takes
     the slot whose filter is its version's subject, or a free one (its filter then fixes the
     version): names are known in advance, so a worker credential can be held to them."""
-    if not 0 <= slot < VERSION_SLOTS:
-        raise SubjectError(f"version slot {slot} out of range 0..{VERSION_SLOTS - 1}")
+    if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < VERSION_SLOTS:
+        raise SubjectError(f"version slot {slot!r} is not a whole number in 0..{VERSION_SLOTS - 1}")
     return f"{worker_consumer(tenant, topic)}_v{slot}"
 
 

@@ -165,6 +165,9 @@ class Breakers:
         it first (read it again and decide again). A state change also goes to the log."""
         kv = await self.kv()
         key = s.breaker_key(after.tenant, after.topic)
+        change = change_of(before, after, self.instance)
+        if change is not None:
+            after = after.model_copy(update={"last_change": change})
         try:
             if revision:
                 await kv.update(key, after.model_dump_json().encode(), last=revision)
@@ -172,7 +175,6 @@ class Breakers:
                 await kv.create(key, after.model_dump_json().encode())
         except KeyWrongLastSequenceError:
             return False
-        change = change_of(before, after, self.instance)
         if change is not None:
             log.info("breaker %s/%s: %s -> %s (%s)", after.tenant, after.topic, change.from_state, change.to_state,
                      change.reason)

@@ -129,30 +129,6 @@ def choose(job_id: str, wanted: str | None, rollout: Rollout | None, live: Itera
     return Route(_newest(fitting), "range")
 
 
-def start(tenant: str, topic: str, to: str, share: float, live: Iterable[str], *, stable: str | None = None,
-          now: datetime, by: str = "", window_s: float = 300.0, min_jobs: int = 20, max_failure_delta: float = 0.05,
-          max_latency_ratio: float = 1.5) -> Rollout:
-    """A new rollout of version ``to``; ``stable`` defaults to the one other live version.
-    Raises ValueError naming the problem."""
-    if not 0.0 < share <= 1.0:
-        raise ValueError(f"the canary share must be above 0% and at most 100%, got {share:.0%}")
-    live = set(live)
-    if stable is None:
-        others = sorted(live - {to})
-        if len(others) != 1:
-            raise ValueError(f"cannot tell the stable version of {topic!r}: live versions are "
-                             f"{', '.join(sorted(live)) or 'none'}; give it with --from")
-        stable = others[0]
-    if stable == to:
-        raise ValueError(f"the canary version and the stable version are both {to!r}")
-    if s.version_token(stable) == s.version_token(to):
-        raise ValueError(f"versions {stable!r} and {to!r} share a subject token ({s.version_token(to)!r})")
-    return Rollout(tenant=tenant, topic=topic, stable=stable, canary=to, share=share, started_at=now, started_by=by,
-                   window_s=window_s, min_jobs=min_jobs, max_failure_delta=max_failure_delta,
-                   max_latency_ratio=max_latency_ratio, canary_stats=RolloutStats(version=to),
-                   stable_stats=RolloutStats(version=stable))
-
-
 def record(rollout: Rollout, job_id: str, version: str, ok: bool, latency_ms: float, now: datetime) -> Rollout | None:
     """The rollout after one job's outcome, judged (:func:`judge`); None when the job does not
     count (the rollout ended, another version, counted already)."""
