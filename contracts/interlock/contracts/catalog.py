@@ -164,7 +164,8 @@ TOPIC = Param(
 )
 AGENT_VERSION = Param("version", "Agent version as one token (subjects.version_token): '.' becomes '_', e.g. "
                       "'2_1_0' for 2.1.0.")
-TIMER_KIND = Param("kind", "Timer kind: retry, deadline, lease, approval_expiry or run_timeout.")
+TIMER_KIND = Param("kind", "Timer kind: retry, deadline, lease, breaker (a held job's re-check), approval_expiry "
+                           "or run_timeout.")
 TIMER_KEY = Param("key", "Timer key, unique within the run and kind (one subject token).")
 NOTIFY_CHANNEL = Param("channel", "Notification channel name from the workflow's notify step (one token).")
 SERVICE = Param("service", "Name of the service that gave up on the message (one token).")
@@ -399,7 +400,7 @@ TIMERS_FIRED = Channel(
     pattern=Pattern(s.timer_fired, (TIMER_KIND,)),
     message=msg.TimerFired,
     description="A durable timer that came due: run_timeout goes to the planner, approval_expiry to the "
-                "approval service, retry, deadline and lease to the dispatcher. Internal to Interlock.",
+                "approval service, retry, deadline, lease and breaker to the dispatcher. Internal to Interlock.",
     transport="jetstream",
     stream=s.TIMERS_STREAM,
     publishers=(NATS_SERVER,),

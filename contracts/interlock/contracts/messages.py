@@ -181,7 +181,7 @@ class CancelNotice(Message):
 class TimerFired(Message):
     """A durable timer's payload; it fires on ``il.timer.fire.{kind}`` at its due time."""
 
-    kind: Literal["retry", "deadline", "lease", "approval_expiry", "approval_escalation", "run_timeout"]
+    kind: Literal["retry", "deadline", "lease", "approval_expiry", "approval_escalation", "run_timeout", "breaker"]
     run_id: str
     tenant: str
     step_id: str | None = None

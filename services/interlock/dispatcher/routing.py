@@ -33,6 +33,7 @@ from interlock.contracts import permissions as p
 from interlock.contracts import protocol
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import AgentRegistration, Rollout, RolloutStats
+from interlock.runtime.kvkeys import matching_keys
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +179,9 @@ def judge(rollout: Rollout, now: datetime) -> Rollout:
 # -- the buckets -------------------------------------------------------------------------------
 class Rollouts:
     """Rollouts (``il_rollouts``) and the live agent versions (``il_agents``) of each tenant's
-    topics, each read at most once a second per topic: routing is a share, a second late is
-    fine. Outcomes are counted with compare-and-set against the bucket itself."""
+    topics. A topic without an active rollout is looked up at most once a second (a rollout
+    started takes up to a second to be seen); an active one on every job. Outcomes are counted
+    with compare-and-set against the bucket itself."""
 
     TTL_S = 1.0
 
@@ -210,8 +212,11 @@ class Rollouts:
         return rollout, revision
 
     async def get(self, tenant: str, topic: str) -> Rollout | None:
+        """The topic's rollout: read fresh while one is active (another copy may have just rolled it
+        back or promoted it), else at most once a second (no rollout, or a finished one)."""
         cached = self._rollouts.get(s.rollout_key(tenant, topic))
-        if cached is not None and time.monotonic() - cached[0] < self.TTL_S:
+        if cached is not None and time.monotonic() - cached[0] < self.TTL_S and (
+                cached[1] is None or cached[1].status != "active"):
             return cached[1]
         return (await self.read(tenant, topic))[0]
 
@@ -224,10 +229,7 @@ class Rollouts:
         if self._agents_kv is None:
             self._agents_kv = await self.js.key_value(s.AGENTS_BUCKET)
         versions: set[str] = set()
-        try:
-            keys = await self._agents_kv.keys(filters=[p.pattern(s.agent_key, tenant, topic, p.ANY)])
-        except Exception:  # nats-py raises NoKeysError when nothing matches
-            keys = []
+        keys = await matching_keys(self._agents_kv, p.pattern(s.agent_key, tenant, topic, p.ANY))
         fresh_after = datetime.now(UTC) - timedelta(seconds=protocol.REGISTRY_STALE_AFTER_S)
         for k in keys:
             try:

@@ -20,13 +20,7 @@ from interlock.contracts import permissions as p
 from interlock.contracts import protocol
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import AgentRegistration, BreakerChange, BreakerState, Rollout, RolloutStats
-
-
-async def _keys(kv: KeyValue, pattern: str) -> list[str]:
-    try:
-        return sorted(await kv.keys(filters=[pattern]))
-    except NoKeysError:
-        return []
+from interlock.runtime.kvkeys import matching_keys
 
 
 async def breakers(js: JetStreamContext, tenant: str, topic: str | None) -> list[BreakerState]:
@@ -34,7 +28,7 @@ async def breakers(js: JetStreamContext, tenant: str, topic: str | None) -> list
     kv = await js.key_value(s.BREAKERS_BUCKET)
     pattern = s.breaker_key(tenant, topic) if topic else p.pattern(s.breaker_key, tenant, p.REST)
     found = []
-    for key in await _keys(kv, pattern):
+    for key in await matching_keys(kv, pattern):
         with contextlib.suppress(KeyNotFoundError):
             entry = await kv.get(key)
             if entry.value:
@@ -101,7 +95,7 @@ async def rollouts(js: JetStreamContext, tenant: str, topic: str | None) -> list
         rollout, _ = await _get(kv, tenant, topic)
         return [rollout] if rollout else []
     found = []
-    for key in await _keys(kv, p.pattern(s.rollout_key, tenant, p.REST)):
+    for key in await matching_keys(kv, p.pattern(s.rollout_key, tenant, p.REST)):
         with contextlib.suppress(KeyNotFoundError):
             entry = await kv.get(key)
             if entry.value:
