@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
@@ -191,6 +191,7 @@ class Rollouts:
         self._agents_kv: KeyValue | None = None
         self._rollouts: dict[str, tuple[float, Rollout | None, int]] = {}
         self._live: dict[str, tuple[float, set[str]]] = {}
+        self._warned = False
 
     async def _kv(self) -> KeyValue:
         if self._rollouts_kv is None:
@@ -198,11 +199,17 @@ class Rollouts:
         return self._rollouts_kv
 
     async def read(self, tenant: str, topic: str) -> tuple[Rollout | None, int]:
-        """The rollout and its revision, from the bucket."""
-        kv = await self._kv()
+        """The rollout and its revision, from the bucket (none while the bucket is missing: an
+        installation not provisioned since rollouts exist dispatches as before)."""
         key = s.rollout_key(tenant, topic)
         try:
+            kv = await self._kv()
             entry = await kv.get(key)
+        except BucketNotFoundError:
+            if not self._warned:
+                log.warning("bucket %s is missing (run `interlock provision`): no canary rollouts", s.ROLLOUTS_BUCKET)
+                self._warned = True
+            rollout, revision = None, 0
         except KeyNotFoundError:
             rollout, revision = None, 0
         else:
@@ -250,7 +257,6 @@ class Rollouts:
         if cached is not None and time.monotonic() - cached[0] < self.TTL_S and (
                 cached[1] is None or cached[1].status != "active"):
             return None
-        kv = await self._kv()
         for _ in range(20):
             rollout, revision = await self.read(tenant, topic)
             if rollout is None:
@@ -258,6 +264,7 @@ class Rollouts:
             after = record(rollout, job_id, version, ok, latency_ms, now)
             if after is None:
                 return None
+            kv = await self._kv()
             try:
                 new_revision = await kv.update(s.rollout_key(tenant, topic), after.model_dump_json().encode(),
                                                last=revision)
