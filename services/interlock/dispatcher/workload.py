@@ -33,6 +33,8 @@ class WorkloadControl:
         """A decision per due job step that is not simply 'any worker, now'."""
         decisions: dict[str, Decision] = {}
         for state in due:
+            if state.compensation_of is not None:
+                continue  # undoing goes out whatever the step's breaker or version range says
             spec = workflow.steps[base_step_id(state.step_id)]
             topic = state.topic or ""
             job = job_id(run.run_id, state.step_id, state.attempt + 1)
@@ -61,7 +63,7 @@ class WorkloadControl:
                              now: datetime) -> None:
         """Count the outcome of the step's current attempt (``job``) in its breaker and its
         topic's rollout. Called once the outcome is durable; counting is idempotent by job id."""
-        if state.job_id != job or not state.topic:
+        if state.job_id != job or not state.topic or state.compensation_of is not None:
             return
         spec = workflow.steps[base_step_id(state.step_id)]
         # raising leaves the result to be redelivered: the outcome is recorded once, counted again (idempotent)
