@@ -277,7 +277,7 @@ async def test_nats_failures_are_503(api: Api, harness: Harness, principals: Any
 
 def _fill(path: str) -> str:
     return (path.replace("{workflow_id}", "no-such-workflow").replace("{run_id}", "no-such-run")
-            .replace("{step_id}", "s").replace("{key_id}", "000000000000"))
+            .replace("{step_id}", "s").replace("{key_id}", "000000000000").replace("{topic}", "no.such.topic"))
 
 
 async def test_every_role_may_do_exactly_what_the_table_says(api: Api) -> None:

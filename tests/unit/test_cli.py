@@ -104,9 +104,9 @@ def test_help_shows_the_noun_groups_and_hides_todays_spellings() -> None:
     commands = _group().commands
     visible = {name for name, cmd in commands.items() if not cmd.hidden}
     hidden = {name for name, cmd in commands.items() if cmd.hidden}
-    assert visible == {"run", "approval", "workflow", "policy", "approver", "agent", "dlq", "audit", "creds",
-                       "tenant", "cost", "alerts", "schedules", "apikeys", "up", "serve", "worker", "nats", "demo",
-                       "drill", "provision", "step", "feedback"}
+    assert visible == {"run", "approval", "workflow", "policy", "approver", "agent", "dlq", "breakers", "audit",
+                       "creds", "tenant", "cost", "alerts", "schedules", "apikeys", "up", "serve", "worker", "nats",
+                       "demo", "drill", "provision", "step", "feedback"}
     assert hidden == {"runs", "status", "timeline", "cancel", "rerun", "approvals", "approve", "reject",
                       "validate", "agents", "workflows", "approvers"}
     assert set(commands["run"].commands) == {"start", "list", "describe", "timeline", "cancel", "rerun", "diff",
@@ -119,6 +119,9 @@ def test_help_shows_the_noun_groups_and_hides_todays_spellings() -> None:
                                                 "simulate"}
     assert set(commands["approver"].commands) == {"grant", "revoke", "list"}
     assert set(commands["apikeys"].commands) == {"create", "list", "revoke"}
+    assert set(commands["agent"].commands) == {"list", "rollout", "rollout-status", "rollout-abort", "rollout-clear"}
+    assert set(commands["agents"].commands) == set(commands["agent"].commands)
+    assert set(commands["breakers"].commands) == {"list", "log"}
     listed = set(re.findall(r"^│ ([a-z]\S*) ", cli("--help").stdout, re.MULTILINE))
     assert listed == visible
 
@@ -142,7 +145,7 @@ def test_every_command_argument_and_option_has_help() -> None:
 
 
 LIST_OR_DESCRIBE = {"list", "describe", "timeline", "history", "show", "eval", "explain", "simulate", "verify",
-                    "runs", "status", "approvals", "agents"}
+                    "runs", "status", "approvals", "agents", "log", "rollout-status"}
 
 
 def test_list_and_describe_commands_take_output() -> None:

@@ -420,6 +420,13 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "FeedbackQuery": set(),
     "FeedbackRow": {"run_id", "seq", "step_id", "output_hash", "by"},
     "FeedbackReply": {"ok"},
+    # workload control (issue 16): KV values written and read by the dispatchers and the client
+    "BreakerOutcome": {"job_id", "ok", "at"},
+    "BreakerState": {"tenant", "topic"},
+    "BreakerChange": {"tenant", "topic", "seq", "from_state", "to_state", "at"},
+    "RolloutStats": {"version"},
+    "Rollout": {"tenant", "topic", "stable", "canary", "share", "started_at", "canary_stats", "stable_stats"},
+    "StepHeld": {"step_id", "attempt", "topic", "reason"},
 }
 
 

@@ -58,6 +58,7 @@ _WRITERS: dict[type[ev.EventData], tuple[str, ...]] = {
     ev.ApprovalEscalated: (_APPROVAL,),
     ev.StepDispatched: (_DISPATCHER,),
     ev.StepHeartbeat: (_DISPATCHER,),
+    ev.StepHeld: (_DISPATCHER,),
     ev.StepSucceeded: (_PLANNER, _APPROVAL, _DISPATCHER),
     ev.StepFailed: (_PLANNER, _APPROVAL, _DISPATCHER),
     ev.RetryScheduled: (_DISPATCHER,),

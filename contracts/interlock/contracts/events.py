@@ -225,6 +225,25 @@ class StepDispatched(StepEventData):
     job_id: str
     topic: str
     deadline: datetime | None = None
+    # the routing decision (issue 16), empty for a job any worker of the topic may take
+    agent_version: str = Field(default="", exclude_if=lambda v: not v, description=(
+        "The agent version the job was sent to (its versioned subject), '' for any worker of the topic"))
+    route: str = Field(default="", exclude_if=lambda v: not v, description=(
+        "Why that version: 'canary' or 'stable' (a rollout), 'range' (the step's agent_version)"))
+
+
+class StepHeld(StepEventData):
+    """The dispatcher held a released job back (it stays released and is dispatched later): the
+    circuit breaker of its topic is open, or no live worker runs an agent version it may go to.
+    Written once per hold, not on every re-check. Consumed by nobody but the dispatcher itself
+    (which re-checks on a ``breaker`` timer), the auditor and the timeline."""
+
+    attempt: int = Field(ge=1, description="The attempt that waits")
+    topic: str
+    reason: Literal["breaker_open", "breaker_probing", "no_agent_version"]
+    until: datetime | None = Field(default=None, description="When the dispatcher looks again")
+    breaker_opened_at: datetime | None = Field(default=None, description="The opening of the breaker that holds it")
+    message: str = ""
 
 
 class StepHeartbeat(StepEventData):

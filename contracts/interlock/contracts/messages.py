@@ -76,6 +76,8 @@ class Job(Message):
         default_factory=list, description="Paths in the output (output.token) to seal, besides keys named by the "
                                           "sensitive key patterns; see contracts/README.md, Sensitive values")
     record_prompts: bool = Field(False, description="The workflow lets the worker keep prompts in LlmCall.prompt")
+    agent_version: str = Field("", description=(
+        "Set on a job routed to one agent version (subject il.vjob.{tenant}.{version}.{topic}); '' for any worker"))
 
 
 class JobError(Message):
@@ -179,7 +181,7 @@ class CancelNotice(Message):
 class TimerFired(Message):
     """A durable timer's payload; it fires on ``il.timer.fire.{kind}`` at its due time."""
 
-    kind: Literal["retry", "deadline", "lease", "approval_expiry", "approval_escalation", "run_timeout"]
+    kind: Literal["retry", "deadline", "lease", "approval_expiry", "approval_escalation", "run_timeout", "breaker"]
     run_id: str
     tenant: str
     step_id: str | None = None
@@ -388,6 +390,94 @@ class DeadLetterStatus(Message):
     seq: int
     status: Literal["resolved", "replayed"]
     actions: list[DeadLetterAction] = Field(default_factory=list, description="Every action, oldest first")
+
+
+class BreakerOutcome(Message):
+    """One job outcome a circuit breaker counted."""
+
+    job_id: str
+    ok: bool
+    at: datetime
+
+
+class BreakerState(Message):
+    """The circuit breaker of one tenant's jobs of one topic (bucket ``il_breakers``, key
+    ``state.{tenant}.{topic}``), updated by the dispatchers with compare-and-set."""
+
+    tenant: str
+    topic: str
+    state: Literal["closed", "open", "half_open"] = "closed"
+    consecutive_failures: int = 0
+    recent: list[BreakerOutcome] = Field(default_factory=list, description=(
+        "Outcomes inside the failure-rate window, oldest first (bounded); their job ids make counting idempotent"))
+    opened_at: datetime | None = Field(default=None, description="When it last opened")
+    retry_at: datetime | None = Field(default=None, description="Open: when the cooldown ends and a probe may go")
+    probe_job: str | None = Field(default=None, description="Half-open: the one job let through to test the topic")
+    probe_started_at: datetime | None = None
+    changed_at: datetime | None = None
+    reason: str = Field(default="", description="Why it last changed state")
+    transitions: int = Field(default=0, description="State changes so far (the change log's sequence)")
+    last_change: BreakerChange | None = Field(default=None, description="The latest state change (also in the log)")
+
+
+class BreakerChange(Message):
+    """One state change of a breaker: the revisions of key ``log.{tenant}.{topic}`` are its log."""
+
+    tenant: str
+    topic: str
+    seq: int
+    from_state: str
+    to_state: str
+    at: datetime
+    reason: str = ""
+    by: str = Field(default="", description="The dispatcher instance that changed it")
+
+
+class RolloutStats(Message):
+    """What one side of a rollout (stable or canary) did."""
+
+    version: str
+    jobs: int = 0
+    failures: int = 0
+    latency_ms: list[float] = Field(default_factory=list, description="Recent job latencies (dispatch to result)")
+    job_ids: list[str] = Field(default_factory=list, description="Recent job ids counted (idempotent counting)")
+
+    @property
+    def failure_rate(self) -> float:
+        return self.failures / self.jobs if self.jobs else 0.0
+
+
+class Rollout(Message):
+    """A canary rollout of one tenant's agents of one topic (bucket ``il_rollouts``, key
+    ``{tenant}.{topic}``): ``share`` of the jobs go to version ``canary``, the rest to ``stable``,
+    until the dispatcher promotes or rolls it back (or an operator aborts it)."""
+
+    tenant: str
+    topic: str
+    stable: str
+    canary: str
+    share: float = Field(ge=0.0, le=1.0, description="Share of the jobs sent to the canary")
+    status: Literal["active", "promoted", "rolled_back", "aborted"] = "active"
+    started_at: datetime
+    started_by: str = ""
+    window_s: float = Field(default=300.0, ge=0, description="Promote once this long has passed (and min_jobs ran)")
+    min_jobs: int = Field(default=20, ge=1, description="Canary jobs needed before any verdict")
+    max_failure_delta: float = Field(default=0.05, ge=0.0, description=(
+        "Roll back when the canary's failure rate exceeds the stable one's by more than this"))
+    max_latency_ratio: float = Field(default=1.5, ge=0.0, description=(
+        "Roll back when the canary's median latency exceeds the stable one's times this"))
+    canary_stats: RolloutStats
+    stable_stats: RolloutStats
+    decided_at: datetime | None = None
+    decided_by: str = ""
+    reason: str = ""
+
+    @property
+    def routing_version(self) -> str | None:
+        """The one version every job goes to once the rollout ended (None while it is active)."""
+        if self.status == "promoted":
+            return self.canary
+        return None if self.status == "active" else self.stable
 
 
 class SealHead(Message):

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 TOKEN = r"^[A-Za-z0-9_\-]+$"
+TOPIC = r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$"  # a job topic: dotted tokens
 VERSION = r"^[0-9A-Za-z.+_\-]+$"  # a workflow or policy version (interlock.core.workflow: also a digit)
 
 
@@ -323,3 +324,21 @@ class ApiKeyCreated(BaseModel):
 
 class ApiKeysPage(BaseModel):
     items: list[ApiKeyOut]
+
+
+class RolloutStart(Body):
+    """A canary rollout of one agent version of a topic (``interlock agents rollout``)."""
+
+    topic: str = Field(pattern=TOPIC, max_length=256, description="The job topic, e.g. llm.summarize")
+    to: str = Field(pattern=VERSION, max_length=128, description="The agent version to roll out")
+    share: float = Field(gt=0.0, le=1.0, description="The share of jobs it gets (0.1 = 10%)")
+    stable: str | None = Field(default=None, pattern=VERSION, max_length=128,
+                               description="The stable version (default: the one other live version)")
+    window_s: float = Field(default=300.0, gt=0, description="Promote after this long within the thresholds")
+    min_jobs: int = Field(default=20, ge=1, description="Canary jobs needed before any verdict")
+    max_failure_delta: float = Field(default=0.05, ge=0.0)
+    max_latency_ratio: float = Field(default=1.5, gt=0.0)
+
+
+class RolloutAbort(Body):
+    reason: str = Field(default="", max_length=1000)

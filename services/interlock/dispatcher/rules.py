@@ -37,6 +37,7 @@ from interlock.core.run import ACTIVE_ATTEMPT, Run, StepState
 from interlock.core.steps import base_step_id, is_workflow_step, output_schema_error, template_context
 from interlock.core.workflow import Step, Workflow, render_text
 from interlock.dispatcher import guard
+from interlock.dispatcher.routing import Decision, FailFast, Hold, Route
 from interlock.runtime import tracing
 
 DEFAULT_TIMEOUT_MS = 5 * 60 * 1000
@@ -80,11 +81,24 @@ def cancel_notice(tenant: str, run_id: str, envelopes: Sequence[dict[str, Any]])
     return CancelNotice(run_id=run_id, tenant=tenant, reason=(ending.get("data") or {}).get("reason", ""))
 
 
-def dispatch(run: Run, workflow: Workflow, now: datetime,
+def _job_due(state: StepState, now: datetime) -> bool:
+    retry_due = state.status == "retry_wait" and (state.retry_due_at is None
+                                                  or state.retry_due_at <= now + RETRY_EARLY_TOLERANCE)
+    return (state.status == "released" and state.step_type == "job") or retry_due
+
+
+def due_jobs(run: Run, now: datetime) -> list[StepState]:
+    """The job steps :func:`dispatch` would dispatch now (released, or a retry that is due)."""
+    return [] if run.terminal else [state for state in run.steps.values() if _job_due(state, now)]
+
+
+def dispatch(run: Run, workflow: Workflow, now: datetime, control: Mapping[str, Decision] | None = None,
              guarded: Mapping[str, guard.Guarded] | None = None) -> list[Effect]:
     """Dispatch every released job and every retry that is due; a released notify step is sent
-    (its Notification) and succeeds at once. ``guarded``: the checked values of released
-    guardrail steps (the service ran their checks, see :func:`guardrails_due`)."""
+    (its Notification) and succeeds at once. ``control``: the workload controls' decision per
+    step (interlock.dispatcher.workload; a step without one goes to any worker now).
+    ``guarded``: the checked values of released guardrail steps (the service ran their checks,
+    see :func:`guardrails_due`)."""
     effects: list[Effect] = []
     if run.terminal or run.paused:  # paused (issue 17): nothing new goes out until it is unpaused
         return effects
@@ -100,20 +114,45 @@ def dispatch(run: Run, workflow: Workflow, now: datetime,
         if state.status == "released" and state.step_type == "notify":
             effects.append(_notify(run, workflow, state))
             continue
-        due = state.status == "retry_wait" and (state.retry_due_at is None
-                                                or state.retry_due_at <= now + RETRY_EARLY_TOLERANCE)
-        if (state.status == "released" and state.step_type == "job") or due:
+        if _job_due(state, now):
+            # -- workload controls (issue 16): hold, fail fast or route to an agent version
+            decision = (control or {}).get(state.step_id, Route())
+            if isinstance(decision, Hold):
+                effects.extend(hold(run, state, decision))
+                continue
+            if isinstance(decision, FailFast):
+                run.fail_step(ev.StepFailed(step_id=state.step_id, attempt=state.attempt, final=True,
+                                            error=JobError(message=decision.message, retryable=False,
+                                                           kind="circuit_open")))
+                continue
             spec = _spec(workflow, state)
             attempt = state.attempt + 1
             run.dispatch_step(ev.StepDispatched(
                 step_id=state.step_id, attempt=attempt, job_id=job_id(run.run_id, state.step_id, attempt),
                 topic=state.topic or "",
-                deadline=now + timedelta(milliseconds=spec.timeout_ms or DEFAULT_TIMEOUT_MS)))
+                deadline=now + timedelta(milliseconds=spec.timeout_ms or DEFAULT_TIMEOUT_MS),
+                agent_version=decision.version, route=decision.route))
             effects.append(publish_job(run, workflow, run.steps[state.step_id]))
     return effects
 
 
-def retry_due(run: Run, workflow: Workflow, timer: TimerFired, now: datetime) -> list[Effect]:
+def hold(run: Run, state: StepState, decision: Hold) -> list[Effect]:
+    """Keep a due job back: a StepHeld when this hold is new (not on every re-check), and a
+    ``breaker`` timer that makes the dispatcher look again at ``decision.until``."""
+    attempt = state.attempt + 1
+    held = state.held
+    if held is None or held.attempt != attempt or held.reason != decision.reason \
+            or held.breaker_opened_at != decision.breaker_opened_at:
+        run.hold_step(ev.StepHeld(step_id=state.step_id, attempt=attempt, topic=state.topic or "",
+                                  reason=decision.reason,
+                                  until=decision.until, breaker_opened_at=decision.breaker_opened_at,
+                                  message=decision.message))
+    return [TimerFired(kind="breaker", run_id=run.run_id, tenant=run.tenant, step_id=state.step_id,
+                       attempt=attempt, due_at=decision.until)]
+
+
+def retry_due(run: Run, workflow: Workflow, timer: TimerFired, now: datetime,
+              control: Mapping[str, Decision] | None = None) -> list[Effect]:
     """A retry timer fired: dispatch what is due (:func:`dispatch`). A retry timer is scheduled
     only after its RetryScheduled is durable, so a run whose step has not reached that retry is
     behind the log (a copy of the service whose cache missed the commit another copy got):
@@ -125,7 +164,7 @@ def retry_due(run: Run, workflow: Workflow, timer: TimerFired, now: datetime) ->
             or (state.attempt + 1 == timer.attempt and state.status != "retry_wait")):
         raise StaleState(f"retry timer for {timer.step_id!r} attempt {timer.attempt} is ahead of the run "
                          f"(attempt {state.attempt}, {state.status})")
-    return dispatch(run, workflow, now)
+    return dispatch(run, workflow, now, control)
 
 
 def publish_job(run: Run, workflow: Workflow, state: StepState) -> PublishJob:
@@ -146,6 +185,7 @@ def publish_job(run: Run, workflow: Workflow, state: StepState) -> PublishJob:
         trace_parent=tracing.traceparent(run.run_id, state.job_id), record_prompts=workflow.record_prompts,
         sensitive_output=[] if state.compensation_of else list(workflow.sensitive_output_paths(
             base_step_id(state.step_id))),
+        agent_version=state.agent_version,
     )
     deadline = None
     if state.deadline is not None and spec.timeout_ms is not None:

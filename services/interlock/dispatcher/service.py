@@ -39,6 +39,7 @@ from interlock.dispatcher import rules
 from interlock.dispatcher.cache import ResultCache
 from interlock.dispatcher.guard import Guarded, guardrails_due
 from interlock.dispatcher.rules import Effect, PublishJob
+from interlock.dispatcher.workload import WorkloadControl
 from interlock.runtime import timers, tracing
 from interlock.runtime.datakeys import DataKeyError
 from interlock.runtime.publish import publish
@@ -61,6 +62,14 @@ class DispatcherService(Service):
         self._finished_jobs: OrderedDict[str, None] = OrderedDict()
         self._rng = random.Random()
         self.cache: ResultCache  # the result cache (issue 17), once connected
+        self._workload: WorkloadControl | None = None
+
+    @property
+    def workload(self) -> WorkloadControl:
+        """Circuit breakers and agent-version routing (issue 16), once connected."""
+        if self._workload is None:
+            self._workload = WorkloadControl(self.js, self.settings.instance)
+        return self._workload
 
     async def setup(self) -> None:
         self.cache = ResultCache(self.js)
@@ -73,7 +82,8 @@ class DispatcherService(Service):
         ))
         self.pull(broker, s.RESULTS_ALL, s.RESULTS_STREAM, self.durable("results"), self.on_result)
         self.pull(broker, s.HEARTBEATS_ALL, s.RESULTS_STREAM, self.durable("heartbeats"), self.on_heartbeat)
-        for kind in ("retry", "deadline", "lease"):
+        # "breaker": a held job's re-check (circuit breaker open, no live agent version)
+        for kind in ("retry", "deadline", "lease", "breaker"):
             self.pull(broker, s.timer_fired(kind), s.TIMERS_STREAM, self.durable(f"timer_{kind}"), self.on_timer)
 
     # -- effects -----------------------------------------------------------------------------
@@ -94,7 +104,9 @@ class DispatcherService(Service):
             job_input, input_ref = await self.payloads.offload(job.input)
             job = job.model_copy(update={"input": job_input, "input_ref": input_ref})
         # a re-publish after a crash carries the same id: JetStream's duplicate window drops it
-        await publish(self.js, s.job(job.tenant, job.topic), job.model_dump_json().encode(),
+        subject = s.versioned_job(job.tenant, job.agent_version, job.topic) if job.agent_version \
+            else s.job(job.tenant, job.topic)
+        await publish(self.js, subject, job.model_dump_json().encode(),
                       headers={headers.MSG_ID: job.job_id, headers.TRACEPARENT: job.trace_parent or ""})
         self._published.add(job.job_id)
         if len(self._published) > MEMORY_LIMIT:
@@ -144,8 +156,10 @@ class DispatcherService(Service):
             if retry is None:  # result cache (issue 17): a cached job's output instead of a dispatch
                 await self.cache.use_cached(run, workflow, now)
             guarded = await self.check_guardrails(run, workflow)  # guard (#17)
-            effects.extend(rules.retry_due(run, workflow, retry, now) if retry
-                           else rules.dispatch(run, workflow, now, guarded))
+            due = rules.due_jobs(run, now)
+            control = await self.workload.decide(run, workflow, due, now) if due else None
+            effects.extend(rules.retry_due(run, workflow, retry, now, control) if retry
+                           else rules.dispatch(run, workflow, now, control, guarded))
             await self.send_notifications(effects)
 
         handle, _ = await self.store.update(tenant, run_id, decide)
@@ -174,6 +188,7 @@ class DispatcherService(Service):
             workflow = await self.registry.get(handle.run.workflow_id, handle.run.workflow_version)
             await self.cache.remember(handle.run, workflow, result.step_id, datetime.now(UTC))
         self._finished_jobs[result.job_id] = None  # only once the outcome is durable
+        await self.count_outcome(handle.run, result.step_id, result.job_id, result.ok)
         while len(self._finished_jobs) > MEMORY_LIMIT:
             self._finished_jobs.popitem(last=False)
         await self.carry_out(effects)
@@ -243,9 +258,19 @@ class DispatcherService(Service):
         timer = decode(msg, TimerFired)
         await self.on_timer_fired(timer)
 
+    async def count_outcome(self, run: Run, step_id: str, job: str, ok: bool) -> None:
+        """The circuit breaker and rollout of the step's topic count the outcome (issue 16)."""
+        state = run.steps.get(step_id)
+        if state is not None and state.job_id == job:
+            workflow = await self.registry.get(run.workflow_id, run.workflow_version)
+            await self.workload.record_outcome(run, workflow, state, job, ok, datetime.now(UTC))
+
     async def on_timer_fired(self, timer: TimerFired) -> None:
         if timer.kind == "retry":
             await self.dispatch(timer.tenant, timer.run_id, timer)
+            return
+        if timer.kind == "breaker":  # a held job looks again
+            await self.dispatch(timer.tenant, timer.run_id)
             return
         job = job_id(timer.run_id, timer.step_id, timer.attempt) if timer.step_id and timer.attempt else None
         if job in self._finished_jobs:
@@ -261,5 +286,9 @@ class DispatcherService(Service):
             effects.extend(rules.timer_fired(run, workflow, timer, now, heartbeat_seen_at=seen_at,
                                              jitter=self._rng.random()))
 
-        await self.store.update(timer.tenant, timer.run_id, decide)
+        handle, _ = await self.store.update(timer.tenant, timer.run_id, decide)
+        state = handle.run.steps.get(timer.step_id or "")
+        if job is not None and state is not None and state.attempt == timer.attempt and state.error is not None \
+                and state.error.kind == "timeout":  # the attempt timed out (now or before): a failure
+            await self.count_outcome(handle.run, state.step_id, job, False)
         await self.carry_out(effects)

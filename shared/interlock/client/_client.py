@@ -25,7 +25,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import InvalidKeyError
 from pydantic import BaseModel, ValidationError
 
-from interlock.client import _policy
+from interlock.client import _policy, _workload
 from interlock.client._errors import ClientError, NotFound, Refused, Unavailable
 from interlock.client._settings import ClientSettings
 from interlock.client._types import (
@@ -48,6 +48,8 @@ from interlock.contracts.messages import (
     ApiKeyRecord,
     ApprovalDecision,
     ApprovalStatement,
+    BreakerChange,
+    BreakerState,
     CancelRequest,
     CommandReply,
     DeadLetter,
@@ -58,6 +60,7 @@ from interlock.contracts.messages import (
     FeedbackRequest,
     QueryReply,
     RetryStepRequest,
+    Rollout,
     RunControlRequest,
     RunQuery,
     RunsQuery,
@@ -769,6 +772,50 @@ class Client:
             if time.monotonic() > deadline:
                 raise ClientError(f"the auditor did not project the end of run {run_id} within {timeout:g}s")
             await asyncio.sleep(0.1)
+
+    # -- workload control (issue 16) ---------------------------------------------------------
+    async def breakers(self, topic: str | None = None) -> list[BreakerState]:
+        """This tenant's circuit breakers (of one ``topic``), by topic: state, counts, last change."""
+        await self._provision()
+        return await _workload.breakers(self.js, self.tenant, s.topic_tokens(topic) if topic else None)
+
+    async def breaker_log(self, topic: str) -> list[BreakerChange]:
+        """The state changes of one topic's breaker, oldest first."""
+        await self._provision()
+        return await _workload.breaker_log(self.js, self.tenant, s.topic_tokens(topic))
+
+    async def rollouts(self, topic: str | None = None) -> list[Rollout]:
+        """This tenant's canary rollouts (of one ``topic``), active and finished."""
+        await self._provision()
+        return await _workload.rollouts(self.js, self.tenant, s.topic_tokens(topic) if topic else None)
+
+    async def rollout_start(self, topic: str, to: str, share: float, *, stable: str | None = None,
+                            window_s: float = 300.0, min_jobs: int = 20, max_failure_delta: float = 0.05,
+                            max_latency_ratio: float = 1.5) -> Rollout:
+        """Send ``share`` (0 to 1) of ``topic``'s jobs to agent version ``to`` and the rest to the stable
+        version (``stable``, default the one other live version); the dispatchers compare the two
+        and promote ``to`` or roll it back."""
+        topic = s.topic_tokens(topic)
+        self._may_publish(p.kv_key(s.ROLLOUTS_BUCKET, s.rollout_key(self.tenant, topic)), "start a rollout")
+        await self._provision()
+        now = datetime.now(UTC)
+        live = _workload.live_versions(await self.agents(), topic, now)
+        rollout = _workload.new_rollout(self.tenant, topic, to, share, live, stable=stable, now=now, by=self.principal,
+                                        window_s=window_s, min_jobs=min_jobs, max_failure_delta=max_failure_delta,
+                                        max_latency_ratio=max_latency_ratio)
+        return await _workload.start(self.js, rollout)
+
+    async def rollout_abort(self, topic: str, *, reason: str = "") -> Rollout:
+        """Stop an active rollout: every job of the topic goes to the stable version."""
+        topic = s.topic_tokens(topic)
+        self._may_publish(p.kv_key(s.ROLLOUTS_BUCKET, s.rollout_key(self.tenant, topic)), "abort a rollout")
+        return await _workload.abort(self.js, self.tenant, topic, by=self.principal, reason=reason)
+
+    async def rollout_clear(self, topic: str) -> Rollout:
+        """Remove a finished rollout (the topic's jobs go to any worker again); returns it."""
+        topic = s.topic_tokens(topic)
+        self._may_publish(p.kv_key(s.ROLLOUTS_BUCKET, s.rollout_key(self.tenant, topic)), "clear a rollout")
+        return await _workload.clear(self.js, self.tenant, topic)
 
     # -- operations --------------------------------------------------------------------------
     async def agents(self) -> list[AgentRegistration]:

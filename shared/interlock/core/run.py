@@ -96,6 +96,8 @@ class StepState:
     # guard (#17): the role that may release an output a guard held for approval (it is in
     # ``output``); once granted the step is "released" and the dispatcher succeeds it with it
     guard_hold: str | None = None
+    agent_version: str = ""  # the version the current attempt was routed to ('' = any worker)
+    held: ev.StepHeld | None = None  # the dispatcher's latest hold of the next attempt (issue 16)
 
     @property
     def terminal(self) -> bool:
@@ -285,6 +287,13 @@ class Run(Aggregate):
         if data.attempt != step.attempt + 1:
             raise self._refuse("dispatch_step", f"attempt {data.attempt} is not next ({step.attempt + 1})",
                                data.step_id)
+        self._trigger(data)
+
+    def hold_step(self, data: ev.StepHeld) -> None:
+        self._require_running("hold_step", compensating_ok=True)
+        step = self._step("hold_step", data.step_id, "released", "retry_wait")
+        if data.attempt != step.attempt + 1:
+            raise self._refuse("hold_step", f"attempt {data.attempt} is not next ({step.attempt + 1})", data.step_id)
         self._trigger(data)
 
     def record_heartbeat(self, data: ev.StepHeartbeat) -> None:
@@ -556,6 +565,12 @@ class Run(Aggregate):
         step.dispatched_at = at
         step.last_heartbeat_at = None
         step.retry_due_at = None
+        step.agent_version = d.agent_version
+        step.held = None
+
+    def _on_StepHeld(self, d: ev.StepHeld, at: datetime) -> None:
+        """The step keeps its status (released or retry_wait): only the hold is remembered."""
+        self._touch(d.step_id, at).held = d
 
     def _on_StepHeartbeat(self, d: ev.StepHeartbeat, at: datetime) -> None:
         step = self._touch(d.step_id, at)
@@ -748,6 +763,7 @@ _STATE_CHANGES: dict[str, _StateChange] = ev.complete_table("Run state changes",
     ev.ApprovalEscalated: Run._on_ApprovalEscalated,
     ev.StepDispatched: Run._on_StepDispatched,
     ev.StepHeartbeat: Run._on_StepHeartbeat,
+    ev.StepHeld: Run._on_StepHeld,
     ev.StepSucceeded: Run._on_StepSucceeded,
     ev.BudgetExceeded: Run._on_BudgetExceeded,
     ev.StepFailed: Run._on_StepFailed,

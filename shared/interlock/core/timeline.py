@@ -193,8 +193,22 @@ def _d_approval_escalated(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def _d_dispatched(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    return (f"dispatched attempt {int_field(d, 'attempt')} (job {str_field(d, 'job_id', '?')})",
-            {"job_id": d.get("job_id"), "topic": d.get("topic"), "deadline": d.get("deadline")})
+    text = f"dispatched attempt {int_field(d, 'attempt')} (job {str_field(d, 'job_id', '?')})"
+    details: dict[str, Any] = {"job_id": d.get("job_id"), "topic": d.get("topic"), "deadline": d.get("deadline")}
+    if d.get("agent_version"):
+        text += f" to agent version {str_field(d, 'agent_version')}"
+        if d.get("route"):
+            text += f" ({str_field(d, 'route')})"
+        details.update(agent_version=d.get("agent_version"), route=d.get("route"))
+    return text, details
+
+
+def _d_held(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    reason = str_field(d, "reason", "?")
+    text = f"attempt {int_field(d, 'attempt')} held: {reason.replace('_', ' ')}"
+    if d.get("message"):
+        text += f" ({str_field(d, 'message')})"
+    return text, {"topic": d.get("topic"), "reason": reason, "until": d.get("until")}
 
 
 def _d_heartbeat(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -370,6 +384,7 @@ _DESCRIBE: dict[str, Describer] = ev.complete_table("timeline descriptions", {
     ev.RunAdmitted: _d_run_admitted,
     ev.StepDispatched: _d_dispatched,
     ev.StepHeartbeat: _d_heartbeat,
+    ev.StepHeld: _d_held,
     ev.StepSucceeded: _d_succeeded,
     ev.StepFailed: _d_failed,
     ev.RetryScheduled: _d_retry,

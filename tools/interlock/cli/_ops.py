@@ -21,7 +21,7 @@ from interlock.client import ClientError, ClientSettings, DeadLetterEntry
 from interlock.contracts.messages import DeadLetterStatus
 from interlock.core.natsserver import DEFAULT_STORE_DIR
 
-agents = typer.Typer(no_args_is_help=True, help="The agent registry: which workers serve which topics.")
+agents = typer.Typer(cls=ListGroup, help="The agent registry (which workers serve which topics) and canary rollouts.")
 dlq = typer.Typer(cls=ListGroup, help="Dead letters: messages a service could not process, with the reason.")
 
 

@@ -304,6 +304,7 @@ ROW_HANDLERS: dict[str, RowHandler] = ev.complete_table("auditor projection row 
     ev.RunAdmitted: _h_nothing,
     ev.StepDispatched: _h_dispatched,
     ev.StepHeartbeat: _h_heartbeat,
+    ev.StepHeld: _h_nothing,  # the step's status does not change; the timeline row is the record
     ev.StepSucceeded: _h_succeeded,
     ev.StepFailed: _h_failed,
     ev.RetryScheduled: _h_retry,

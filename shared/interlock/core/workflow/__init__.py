@@ -2,12 +2,13 @@
 
 from ._guard import ContentRules, Guard, OnViolation, Rule
 from ._load import LoadSettings, decode_workflow, load_workflow, parse_workflow, read_workflow_file, workflow_files
-from ._model import Cache, OnError, RetryPolicy, Step, StepType, Workflow, duration_ms
+from ._model import BreakerSpec, Cache, OnError, RetryPolicy, Step, StepType, WhenOpen, Workflow, duration_ms
 from ._problems import Problem, WorkflowInvalid, format_problems
 from ._schedule import Missed, Schedule, every_seconds, zone
 from ._templates import TemplateError, evaluate_condition, evaluate_for_each, render_input, render_text
 
 __all__ = [
+    "BreakerSpec",
     "Cache",
     "ContentRules",
     "Guard",
@@ -22,6 +23,7 @@ __all__ = [
     "Step",
     "StepType",
     "TemplateError",
+    "WhenOpen",
     "Workflow",
     "WorkflowInvalid",
     "decode_workflow",

@@ -32,7 +32,7 @@ STEP_TYPES = ("job", "approval", "notify", "guardrail")
 # Fields that only mean something for one step type; elsewhere they would be silently ignored,
 # so they are reported instead.
 _ONLY_FOR: dict[str, tuple[str, ...]] = {
-    "job": ("topic", "require_approval", "heartbeat_timeout_ms", "compensate", "cache"),
+    "job": ("topic", "require_approval", "heartbeat_timeout_ms", "compensate", "cache", "breaker", "agent_version"),
     "approval": ("approvers", "prompt", "expires_ms"),
     "notify": ("channel", "message"),
 }

@@ -12,6 +12,7 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Annotated, Any
 
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -123,7 +124,36 @@ def _one_or_many(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_DURATION_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
+
+
+def _duration_ms(value: Any) -> Any:
+    """``"60s"``, ``"500ms"``, ``"5m"``, ``"1h"`` (or a whole number of milliseconds) -> milliseconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration such as '30s', got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return int(float(match.group(1)) * _DURATION_UNITS_MS[match.group(2)])
+    raise ValueError(f"invalid duration {value!r}: write a number and a unit (ms, s, m, h), e.g. '30s'")
+
+
+def _version_range(value: str) -> str:
+    try:
+        SpecifierSet(value)
+    except InvalidSpecifier as e:
+        raise ValueError(f"invalid agent version range {value!r}: {e} (write e.g. '>=2,<3')") from None
+    if not value.strip():
+        raise ValueError("an empty agent version range matches every version: leave agent_version out instead")
+    return value
+
+
 StepId = Annotated[str, Strict(), AfterValidator(_step_id)]
+DurationMs = Annotated[int, BeforeValidator(_duration_ms), Field(gt=0)]
+VersionRange = Annotated[str, Strict(), AfterValidator(_version_range)]
 Topic = Annotated[str, Strict(), AfterValidator(_topic)]
 Subject = Annotated[str, Strict(), AfterValidator(_subject)]
 PositiveMs = Annotated[int, Strict(), Field(gt=0)]
@@ -191,6 +221,35 @@ class RetryPolicy(BaseModel):
             base = float(self.max_backoff_ms)
         jittered = base * (1.0 - self.jitter + 2.0 * self.jitter * rand)
         return int(min(jittered, self.max_backoff_ms))
+
+
+class WhenOpen(StrEnum):
+    WAIT = "wait"
+    FAIL = "fail"
+
+
+class BreakerSpec(BaseModel):
+    """A circuit breaker around a job step's topic (shared per tenant and topic by every step that
+    declares one): it opens after ``failures`` consecutive failures or timeouts, or when at least
+    ``min_calls`` outcomes inside ``window`` fail at ``rate`` or more; while open, jobs wait (or
+    fail, ``when_open: fail``); after ``cooldown`` one probe job goes, and its outcome closes the
+    breaker or opens it again."""
+
+    model_config = _FROZEN
+
+    failures: Annotated[int, Strict(), Field(ge=1)] | None = 5
+    rate: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    window: DurationMs = 60_000
+    min_calls: Annotated[int, Strict(), Field(ge=1)] = 10
+    cooldown: DurationMs = 30_000
+    when_open: WhenOpen = WhenOpen.WAIT
+    probe_timeout: DurationMs = 120_000
+
+    @model_validator(mode="after")
+    def _opens_somehow(self) -> BreakerSpec:
+        if self.failures is None and self.rate is None:
+            raise ValueError("a breaker needs 'failures' or 'rate' (else it never opens)")
+        return self
 
 
 class Budget(BaseModel):
@@ -268,6 +327,9 @@ class Step(BaseModel):
     cache: Cache | None = None  # job steps: the result cache (added later: not hashed while unset)
     # checks on a job's output, or what a guardrail step checks (left out of the hash while unset)
     guard: Annotated[Guard | None, Field(exclude_if=lambda v: v is None)] = None
+    # workload control (issue 16): left out of the content hash while unset
+    breaker: BreakerSpec | None = None
+    agent_version: VersionRange | None = None
     # approval steps
     approvers: Text = "approver"
     prompt: Text | None = None
@@ -296,7 +358,7 @@ class Step(BaseModel):
 
 # not in the content hash while at their default
 _ADDED_LATER = ("sensitive", "budget", "record_prompts", "sla", "schedule")
-_STEP_ADDED_LATER = ("cache",)  # step fields likewise: a definition without them keeps its hash
+_STEP_ADDED_LATER = ("cache", "breaker", "agent_version")  # step fields likewise: unset, not hashed
 
 
 class Workflow(BaseModel):
@@ -423,6 +485,7 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "cache": ("key", "ttl"),
     "schedule": tuple(Schedule.model_fields),
     "guard": ("schema", *(f for f in Guard.model_fields if f != "schema_")),
+    "breaker": tuple(BreakerSpec.model_fields),
 }
 
 _YAML_BOOL_HINT = " (YAML reads yes/no/on/off/true/false as booleans; quote it)"
@@ -441,7 +504,7 @@ def _fields_at(parent: Path) -> tuple[str, ...]:
         return _FIELDS["workflow"]
     if len(parent) == 2 and parent[0] == "steps":
         return _FIELDS["step"]
-    if len(parent) == 3 and parent[0] == "steps" and parent[2] in ("retries", "cache", "guard"):
+    if len(parent) == 3 and parent[0] == "steps" and parent[2] in ("retries", "cache", "guard", "breaker"):
         return _FIELDS[str(parent[2])]
     if parent == ("schedule",):
         return _FIELDS["schedule"]
