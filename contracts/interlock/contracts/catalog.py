@@ -162,7 +162,7 @@ TOPIC = Param(
     "Job topic: one or more dot-separated tokens (letters, digits, '_' and '-'), no wildcards, "
     "e.g. 'llm.summarize'. The address therefore has as many tokens as the topic has.",
 )
-TIMER_KIND = Param("kind", "Timer kind: retry, deadline, lease, approval_expiry or run_timeout.")
+TIMER_KIND = Param("kind", "Timer kind: retry, deadline, lease, approval_expiry, run_timeout or gate.")
 TIMER_KEY = Param("key", "Timer key, unique within the run and kind (one subject token).")
 NOTIFY_CHANNEL = Param("channel", "Notification channel name from the workflow's notify step (one token).")
 SERVICE = Param("service", "Name of the service that gave up on the message (one token).")
@@ -376,7 +376,8 @@ TIMERS_FIRED = Channel(
     pattern=Pattern(s.timer_fired, (TIMER_KIND,)),
     message=msg.TimerFired,
     description="A durable timer that came due: run_timeout goes to the planner, approval_expiry to the "
-                "approval service, retry, deadline and lease to the dispatcher. Internal to Interlock.",
+                "approval service, retry, deadline, lease and gate (a rate-limited job's token) "
+                "to the dispatcher. Internal to Interlock.",
     transport="jetstream",
     stream=s.TIMERS_STREAM,
     publishers=(NATS_SERVER,),
@@ -600,7 +601,18 @@ DEAD_LETTER_STATUS = KeyValueEntry(
     readers=(OPERATOR,),
 )
 
-KEY_VALUE: tuple[KeyValueEntry, ...] = (AGENT_REGISTRY, DEAD_LETTER_STATUS, API_KEYS)
+WORKLOAD_GATE = KeyValueEntry(
+    bucket=s.GATE_BUCKET,
+    key="{kind}.{scope}.{digest} (subjects.gate_key: concurrency.topic.llm…, rate.tenant.acme…)",
+    value=msg.GateScope,
+    description="Workload limits (concurrency, rate): the jobs holding a slot, the jobs waiting for one and a rate "
+                "limit's tokens, updated with compare-and-set by every dispatcher copy, so a limit holds across "
+                "copies, kills and restarts. Internal to the dispatcher.",
+    writers=(DISPATCHER,),
+    readers=(DISPATCHER,),
+)
+
+KEY_VALUE: tuple[KeyValueEntry, ...] = (AGENT_REGISTRY, DEAD_LETTER_STATUS, API_KEYS, WORKLOAD_GATE)
 
 REPLAYABLE: tuple[Channel, ...] = (TRIGGERS, JOBS, RESULTS, HEARTBEATS, TIMERS_FIRED)
 """Channels a dead letter's original may be published to again (``interlock dlq replay``): queues

@@ -70,6 +70,8 @@ class RunStarted(EventData):
     requested_by: str = ""
     rerun_of: str | None = None
     reused_outputs: dict[str, Any] = Field(default_factory=dict)
+    priority: int | None = Field(default=None, description="The priority the trigger asked for (1-5), if any")
+    omit_when_none: ClassVar[frozenset[str]] = frozenset({"priority"})
 
 
 class RunAdmitted(EventData):
@@ -225,6 +227,17 @@ class StepDispatched(StepEventData):
     job_id: str
     topic: str
     deadline: datetime | None = None
+
+
+class StepThrottled(StepEventData):
+    """A released job (or a due retry) waits: a workload limit is reached. It is dispatched, in
+    priority and fair-share order, when a slot frees or the rate allows (a StepDispatched follows).
+    Written once per attempt, by the dispatcher (the only service that consumes it)."""
+
+    attempt: int = Field(ge=1, description="The attempt that waits to be dispatched")
+    scope: str = Field(description="The limit that holds it: concurrency.topic.llm, rate.tenant.acme, backpressure…")
+    reason: str = ""
+    priority: int = 3
 
 
 class StepHeartbeat(StepEventData):

@@ -53,6 +53,7 @@ DLQ_STATUS_BUCKET = "il_dlq_status"  # key: dead_letter_key(seq), value: what wa
 KEYRING_BUCKET = "il_keyring"  # key: a signing key id (nkey public key), value: its KeyEntry
 PAYLOADS_OBJECT_STORE = "il_payloads"  # large inputs and outputs, by sha256
 APIKEYS_BUCKET = "il_apikeys"  # key: the API key's id; value: its tenant, role, principal and SHA-256 (never the key)
+GATE_BUCKET = "il_gate"  # key: gate_key(kind, scope); value: a limit's slot holders, waiting jobs and tokens
 
 # -- wildcards a stream or consumer binds to ----------------------------------------------
 EVENTS_ALL = f"{PREFIX}.evt.>"
@@ -274,6 +275,16 @@ def worker_consumer(tenant: str, topic: str) -> str:
 def agent_key(tenant: str, topic: str, worker_id: str) -> str:
     """A worker's key in the agent registry (bucket ``AGENTS_BUCKET``)."""
     return f"{token(tenant, 'tenant')}.{topic_tokens(topic)}.{token(worker_id, 'worker id')}"
+
+
+def gate_key(kind: str, scope: str) -> str:
+    """The key of one workload limit in bucket ``GATE_BUCKET`` (``concurrency.topic.llm``).
+
+    ``scope`` may hold anything (a value computed from a run's input): characters a key may not
+    hold are replaced and a digest of the exact scope follows, so two scopes never share a key."""
+    readable = re.sub(r"[^A-Za-z0-9_=-]", "_", scope)[:64]
+    digest = hashlib.sha256(scope.encode()).hexdigest()[:12]
+    return f"{token(kind, 'gate kind')}.{readable}.{digest}"
 
 
 # -- the JetStream API (subjects of the server's own API that Interlock calls directly) -------

@@ -13,7 +13,7 @@ after a conflict or a redelivery decides from the state it is given.
 
 from __future__ import annotations
 
-from collections.abc import Container, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -36,6 +36,8 @@ from interlock.core.ids import job_id
 from interlock.core.run import ACTIVE_ATTEMPT, Run, StepState
 from interlock.core.steps import base_step_id, is_workflow_step, output_schema_error, template_context
 from interlock.core.workflow import Step, Workflow, render_text
+from interlock.dispatcher import gate
+from interlock.dispatcher.gate import Hold
 from interlock.runtime import tracing
 
 DEFAULT_TIMEOUT_MS = 5 * 60 * 1000
@@ -79,9 +81,23 @@ def cancel_notice(tenant: str, run_id: str, envelopes: Sequence[dict[str, Any]])
     return CancelNotice(run_id=run_id, tenant=tenant, reason=(ending.get("data") or {}).get("reason", ""))
 
 
-def dispatch(run: Run, workflow: Workflow, now: datetime) -> list[Effect]:
+def _due(state: StepState, now: datetime) -> bool:
+    """A released job, or a retry whose time has come: what :func:`dispatch` dispatches."""
+    if state.status == "released":
+        return state.step_type == "job"
+    return state.status == "retry_wait" and (state.retry_due_at is None
+                                             or state.retry_due_at <= now + RETRY_EARLY_TOLERANCE)
+
+
+def dispatchable(run: Run, now: datetime) -> list[StepState]:
+    """The jobs :func:`dispatch` would dispatch now, for the gate to decide on first."""
+    return [] if run.terminal else [state for state in run.steps.values() if _due(state, now)]
+
+
+def dispatch(run: Run, workflow: Workflow, now: datetime, held: Mapping[str, Hold] | None = None) -> list[Effect]:
     """Dispatch every released job and every retry that is due; a released notify step is sent
-    (its Notification) and succeeds at once."""
+    (its Notification) and succeeds at once. ``held``: the jobs the gate holds back (step id ->
+    why): each is recorded as throttled, once per attempt, instead (#16)."""
     effects: list[Effect] = []
     if run.terminal:
         return effects
@@ -89,9 +105,11 @@ def dispatch(run: Run, workflow: Workflow, now: datetime) -> list[Effect]:
         if state.status == "released" and state.step_type == "notify":
             effects.append(_notify(run, workflow, state))
             continue
-        due = state.status == "retry_wait" and (state.retry_due_at is None
-                                                or state.retry_due_at <= now + RETRY_EARLY_TOLERANCE)
-        if (state.status == "released" and state.step_type == "job") or due:
+        if _due(state, now):
+            hold = (held or {}).get(state.step_id)
+            if hold is not None:
+                effects.extend(_throttle(run, workflow, state, hold, now))
+                continue
             spec = _spec(workflow, state)
             attempt = state.attempt + 1
             run.dispatch_step(ev.StepDispatched(
@@ -102,7 +120,25 @@ def dispatch(run: Run, workflow: Workflow, now: datetime) -> list[Effect]:
     return effects
 
 
-def retry_due(run: Run, workflow: Workflow, timer: TimerFired, now: datetime) -> list[Effect]:
+def _throttle(run: Run, workflow: Workflow, state: StepState, hold: Hold, now: datetime) -> list[Effect]:
+    """A job the gate holds back: StepThrottled (once per attempt), and for a rate limit a gate
+    timer when its token is due; a job that can never pass (its limit key fails) fails."""
+    attempt = state.attempt + 1
+    if hold.fail:
+        run.fail_step(ev.StepFailed(step_id=state.step_id, attempt=state.attempt, final=True,
+                                    error=JobError(message=hold.reason, retryable=False, kind="limit")))
+        return []
+    if state.throttled != attempt:
+        run.throttle_step(ev.StepThrottled(step_id=state.step_id, attempt=attempt, scope=hold.scope,
+                                           reason=hold.reason, priority=gate.priority_of(run, workflow)))
+    if hold.retry_in is None:
+        return []
+    return [TimerFired(kind="gate", run_id=run.run_id, tenant=run.tenant, step_id=state.step_id, attempt=attempt,
+                       due_at=now + timedelta(seconds=hold.retry_in))]
+
+
+def retry_due(run: Run, workflow: Workflow, timer: TimerFired, now: datetime,
+              held: Mapping[str, Hold] | None = None) -> list[Effect]:
     """A retry timer fired: dispatch what is due (:func:`dispatch`). A retry timer is scheduled
     only after its RetryScheduled is durable, so a run whose step has not reached that retry is
     behind the log (a copy of the service whose cache missed the commit another copy got):
@@ -114,7 +150,7 @@ def retry_due(run: Run, workflow: Workflow, timer: TimerFired, now: datetime) ->
             or (state.attempt + 1 == timer.attempt and state.status != "retry_wait")):
         raise StaleState(f"retry timer for {timer.step_id!r} attempt {timer.attempt} is ahead of the run "
                          f"(attempt {state.attempt}, {state.status})")
-    return dispatch(run, workflow, now)
+    return dispatch(run, workflow, now, held)
 
 
 def publish_job(run: Run, workflow: Workflow, state: StepState) -> PublishJob:

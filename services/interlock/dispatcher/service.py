@@ -9,11 +9,17 @@ Order of effects, so a crash anywhere repeats nothing and loses nothing:
 2. the job is published with its job id as the message id (a re-publish after a crash is dropped
    by JetStream's duplicate window);
 3. deadline and lease timers are scheduled durably; when they fire, the run's state decides.
+
+The dispatch gate (#16, :mod:`interlock.dispatcher.gate`, :mod:`interlock.dispatcher.slots`)
+sits before step 1: a job under a concurrency or rate limit first takes a slot (or token) in the
+gate bucket, else it is recorded as throttled (StepThrottled, consumed by the dispatcher only) and
+waits; its slot is given back once its outcome is durable, which wakes the next waiting run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -28,14 +34,25 @@ from nats.aio.msg import Msg
 from interlock.contracts import events as ev
 from interlock.contracts import headers
 from interlock.contracts import subjects as s
-from interlock.contracts.messages import CancelNotice, Heartbeat, JobResult, Notification, TimerFired
+from interlock.contracts.messages import (
+    CancelNotice,
+    GateScope,
+    GateWaiter,
+    Heartbeat,
+    JobResult,
+    Notification,
+    TimerFired,
+)
+from interlock.core.eventstore import RunNotFound
 from interlock.core.ids import job_id
-from interlock.core.run import Run
+from interlock.core.run import ACTIVE_ATTEMPT, Run
 from interlock.core.sealed import SealedError
 from interlock.core.steps import base_step_id
 from interlock.core.workflow import Workflow
-from interlock.dispatcher import rules
+from interlock.dispatcher import gate, rules
+from interlock.dispatcher.gate import Hold, LimitError
 from interlock.dispatcher.rules import Effect, PublishJob
+from interlock.dispatcher.slots import Gatekeeper, QueueDepth
 from interlock.runtime import timers, tracing
 from interlock.runtime.datakeys import DataKeyError
 from interlock.runtime.publish import publish
@@ -44,6 +61,11 @@ from interlock.runtime.service import Poison, Service, decode
 log = logging.getLogger(__name__)
 
 MEMORY_LIMIT = 100_000  # job ids remembered per process (published, finished)
+GATE_SWEEP_GRACE_S = 10.0  # a gate entry younger than this may belong to a dispatch in progress
+
+
+def _released(state: GateScope, job: str) -> tuple[GateScope, None]:
+    return gate.release(state, job), None
 
 
 class DispatcherService(Service):
@@ -57,6 +79,17 @@ class DispatcherService(Service):
         # long after, are dropped without reloading the (by then finished) run
         self._finished_jobs: OrderedDict[str, None] = OrderedDict()
         self._rng = random.Random()
+        self._wakes: set[asyncio.Task[None]] = set()
+
+    async def setup(self) -> None:
+        self.gatekeeper = Gatekeeper(self.js, self.settings.gate_limits)
+        self.queue = QueueDepth(self.js, self.settings.gate_limits.max_in_flight, self.wake)
+        self.queue.start()
+
+    async def teardown(self) -> None:
+        await self.queue.stop()
+        for task in list(self._wakes):
+            task.cancel()
 
     def register(self, broker: NatsBroker) -> None:
         self.pull_commits(broker, self.on_commit, wants=ev.kinds(
@@ -65,7 +98,7 @@ class DispatcherService(Service):
         ))
         self.pull(broker, s.RESULTS_ALL, s.RESULTS_STREAM, self.durable("results"), self.on_result)
         self.pull(broker, s.HEARTBEATS_ALL, s.RESULTS_STREAM, self.durable("heartbeats"), self.on_heartbeat)
-        for kind in ("retry", "deadline", "lease"):
+        for kind in ("retry", "deadline", "lease", "gate"):
             self.pull(broker, s.timer_fired(kind), s.TIMERS_STREAM, self.durable(f"timer_{kind}"), self.on_timer)
 
     # -- effects -----------------------------------------------------------------------------
@@ -88,6 +121,7 @@ class DispatcherService(Service):
         # a re-publish after a crash carries the same id: JetStream's duplicate window drops it
         await publish(self.js, s.job(job.tenant, job.topic), job.model_dump_json().encode(),
                       headers={headers.MSG_ID: job.job_id, headers.TRACEPARENT: job.trace_parent or ""})
+        self.queue.published(job.tenant, job.topic)
         self._published.add(job.job_id)
         if len(self._published) > MEMORY_LIMIT:
             self._published.clear()
@@ -106,6 +140,8 @@ class DispatcherService(Service):
         notice = rules.cancel_notice(tenant, run_id, envelopes)
         if notice is not None:
             await self.carry_out([notice])
+            handle = await self.store.load(tenant, run_id)
+            await self.release_ended(handle.run)  # the run's slots and places in queues are free
             return
         run = await self.dispatch(tenant, run_id)
         if any(e["type"] == ev.StepDispatched.type_name for e in envelopes):
@@ -133,12 +169,116 @@ class DispatcherService(Service):
                 return
             workflow = await self.registry.get(run.workflow_id, run.workflow_version)
             now = datetime.now(UTC)
-            effects.extend(rules.retry_due(run, workflow, retry, now) if retry else rules.dispatch(run, workflow, now))
+            held = await self.admit(run, workflow, now)
+            effects.extend(rules.retry_due(run, workflow, retry, now, held) if retry
+                           else rules.dispatch(run, workflow, now, held))
             await self.send_notifications(effects)
 
         handle, _ = await self.store.update(tenant, run_id, decide)
         await self.carry_out(effects)
         return handle.run
+
+    # -- the gate (#16) ----------------------------------------------------------------------
+    async def admit(self, run: Run, workflow: Workflow, now: datetime) -> dict[str, Hold]:
+        """The jobs due now that a limit holds back (step id -> why); every other one took its
+        slots (and tokens). Costs nothing for a workflow no limit can apply to."""
+        held: dict[str, Hold] = {}
+        limited = gate.gated(workflow, self.gatekeeper.config)
+        for state in rules.dispatchable(run, now):
+            if self.queue.full(run.tenant, state.topic or ""):
+                held[state.step_id] = self.queue.hold(run.tenant, state.topic or "", run.run_id,
+                                                      gate.priority_of(run, workflow))
+                continue
+            if not limited:
+                continue
+            try:
+                limits = gate.limits_for(run, workflow, state, self.gatekeeper.config)
+            except LimitError as e:
+                held[state.step_id] = Hold("key", f"cannot compute the step's limit key: {e}", fail=True)
+                continue
+            if not limits:
+                continue
+            waiter = GateWaiter(tenant=run.tenant, run_id=run.run_id, step_id=state.step_id,
+                                priority=gate.priority_of(run, workflow), since=time.time())
+            hold = await self.gatekeeper.admit(job_id(run.run_id, state.step_id, state.attempt + 1), waiter, limits)
+            if hold is not None:
+                held[state.step_id] = hold
+        return held
+
+    async def release_ended(self, run: Run, step_ids: Sequence[str] | None = None) -> None:
+        """Give back the slots of jobs whose attempt has ended (and, for an ended run, the places
+        its jobs held in queues), after the outcome is durable; wake the runs whose jobs may go."""
+        if not gate.gated(workflow := await self.registry.get(run.workflow_id, run.workflow_version),
+                          self.gatekeeper.config):
+            return
+        for sid in step_ids if step_ids is not None else list(run.steps):
+            state = run.steps.get(sid)
+            if state is None or state.step_type != "job":
+                continue
+            jobs = []
+            if state.job_id and (run.terminal or state.status not in ACTIVE_ATTEMPT):
+                jobs.append(state.job_id)
+            if run.terminal and state.throttled:
+                jobs.append(job_id(run.run_id, sid, state.throttled))
+            if not jobs:
+                continue
+            try:
+                limits = gate.limits_for(run, workflow, state, self.gatekeeper.config)
+            except LimitError:
+                continue
+            for job in jobs:
+                woken = await self.gatekeeper.release(job, [lim for lim in limits if lim.kind == "concurrency"])
+                self.wake([(w.tenant, w.run_id) for _, w in woken])
+
+    async def sweep(self) -> int:
+        await self.sweep_gate()
+        return await super().sweep()
+
+    async def sweep_gate(self, grace: float = GATE_SWEEP_GRACE_S) -> int:
+        """Give back slots held by jobs that are not in flight and places held by jobs that no
+        longer wait (a copy killed between taking a slot and recording the dispatch, or between
+        the outcome and the release); the run's log decides. Returns the entries removed."""
+        removed = 0
+        now = time.time()
+        for key in await self.gatekeeper.keys():
+            state, _ = await self.gatekeeper.read(key)
+            entries = [(job, h.tenant, h.run_id, h.step_id, True) for job, h in state.holders.items()
+                       if now - h.at > grace]
+            entries += [(job, w.tenant, w.run_id, w.step_id, False) for job, w in state.waiting.items()
+                        if now - w.since > grace]
+            for job, tenant, run_id, step_id, holding in entries:
+                try:
+                    run = (await self.store.load(tenant, run_id, fresh=True)).run
+                except RunNotFound:
+                    run = None
+                step = run.steps.get(step_id) if run is not None else None
+                live = run is not None and not run.terminal and step is not None and (
+                    (step.job_id == job and step.status in ACTIVE_ATTEMPT) if holding
+                    else (rules._due(step, datetime.now(UTC)) or step.status == "retry_wait")
+                    and job == job_id(run_id, step_id, step.attempt + 1))
+                if live:
+                    continue
+                await self.gatekeeper.change(key, functools.partial(_released, job=job))
+                removed += 1
+                log.info("dispatcher: gate %s: %s %s of run %s, which the log shows %s", key,
+                         "gave back the slot of" if holding else "dropped", job, run_id,
+                         "ended" if run is None or run.terminal else (step.status if step else "unknown"))
+        return removed
+
+    def wake(self, runs: Sequence[tuple[str, str]]) -> None:
+        """Dispatch what is due in these runs (their jobs may go now), in the background."""
+        for tenant, run_id in dict.fromkeys(runs):
+            task = asyncio.create_task(self._wake(tenant, run_id), name=f"dispatcher-wake-{run_id}")
+            self._wakes.add(task)
+            task.add_done_callback(self._wakes.discard)
+
+    async def _wake(self, tenant: str, run_id: str) -> None:
+        try:
+            run = await self.dispatch(tenant, run_id)
+            if run.terminal:
+                await self.release_ended(run)
+        except Exception as e:  # the sweep dispatches it later
+            log.warning("dispatcher: waking run %s failed: %r", run_id, e)
 
     # -- outcomes ----------------------------------------------------------------------------
     async def on_result(self, msg: Msg) -> None:
@@ -156,11 +296,12 @@ class DispatcherService(Service):
             effects.extend(rules.record_result(run, workflow, sealed, sealed_output, datetime.now(UTC),
                                                self._rng.random()))
 
-        await self.store.update(result.tenant, result.run_id, decide)
+        handle, _ = await self.store.update(result.tenant, result.run_id, decide)
         self._finished_jobs[result.job_id] = None  # only once the outcome is durable
         while len(self._finished_jobs) > MEMORY_LIMIT:
             self._finished_jobs.popitem(last=False)
         await self.carry_out(effects)
+        await self.release_ended(handle.run, [result.step_id])
 
     async def seal_result(self, workflow: Workflow, result: JobResult, output: Any) -> tuple[JobResult, Any]:
         """The result with any sensitive output value that arrived in clear (a worker that does not
@@ -198,6 +339,9 @@ class DispatcherService(Service):
         if timer.kind == "retry":
             await self.dispatch(timer.tenant, timer.run_id, timer)
             return
+        if timer.kind == "gate":  # a rate-limited job's token is due
+            await self.dispatch(timer.tenant, timer.run_id)
+            return
         job = job_id(timer.run_id, timer.step_id, timer.attempt) if timer.step_id and timer.attempt else None
         if job in self._finished_jobs:
             return  # the attempt ended here already: nothing for the timer to do
@@ -212,5 +356,7 @@ class DispatcherService(Service):
             effects.extend(rules.timer_fired(run, workflow, timer, now, heartbeat_seen_at=seen_at,
                                              jitter=self._rng.random()))
 
-        await self.store.update(timer.tenant, timer.run_id, decide)
+        handle, _ = await self.store.update(timer.tenant, timer.run_id, decide)
         await self.carry_out(effects)
+        if timer.step_id:
+            await self.release_ended(handle.run, [timer.step_id])

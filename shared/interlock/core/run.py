@@ -92,6 +92,7 @@ class StepState:
     item_count: int | None = None
     updated_at: datetime | None = None
     usage: list[LlmCall] = field(default_factory=list)  # every attempt's model calls
+    throttled: int | None = None  # the attempt a workload limit holds back (StepThrottled), until dispatched
 
     @property
     def terminal(self) -> bool:
@@ -153,6 +154,11 @@ class Run(Aggregate):
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL_RUN
+
+    @property
+    def priority(self) -> int:
+        """The priority the run was started with (1-5), 0 when it named none (the workflow's applies)."""
+        return self.data.priority or 0
 
     # -- commands ----------------------------------------------------------------------------
     @classmethod
@@ -280,6 +286,16 @@ class Run(Aggregate):
         if data.attempt != step.attempt + 1:
             raise self._refuse("dispatch_step", f"attempt {data.attempt} is not next ({step.attempt + 1})",
                                data.step_id)
+        self._trigger(data)
+
+    def throttle_step(self, data: ev.StepThrottled) -> None:
+        self._require_running("throttle_step", compensating_ok=True)
+        step = self._step("throttle_step", data.step_id, "released", "retry_wait")
+        if data.attempt != step.attempt + 1:
+            raise self._refuse("throttle_step", f"attempt {data.attempt} is not next ({step.attempt + 1})",
+                               data.step_id)
+        if step.throttled == data.attempt:
+            raise self._refuse("throttle_step", f"attempt {data.attempt} is throttled already", data.step_id)
         self._trigger(data)
 
     def record_heartbeat(self, data: ev.StepHeartbeat) -> None:
@@ -465,6 +481,10 @@ class Run(Aggregate):
         step.dispatched_at = at
         step.last_heartbeat_at = None
         step.retry_due_at = None
+        step.throttled = None
+
+    def _on_StepThrottled(self, d: ev.StepThrottled, at: datetime) -> None:
+        self._touch(d.step_id, at).throttled = d.attempt
 
     def _on_StepHeartbeat(self, d: ev.StepHeartbeat, at: datetime) -> None:
         step = self._touch(d.step_id, at)
@@ -595,6 +615,7 @@ _STATE_CHANGES: dict[str, _StateChange] = ev.complete_table("Run state changes",
     ev.ApprovalInvalidated: Run._on_ApprovalInvalidated,
     ev.ApprovalEscalated: Run._on_ApprovalEscalated,
     ev.StepDispatched: Run._on_StepDispatched,
+    ev.StepThrottled: Run._on_StepThrottled,
     ev.StepHeartbeat: Run._on_StepHeartbeat,
     ev.StepSucceeded: Run._on_StepSucceeded,
     ev.BudgetExceeded: Run._on_BudgetExceeded,

@@ -197,6 +197,11 @@ def _d_dispatched(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             {"job_id": d.get("job_id"), "topic": d.get("topic"), "deadline": d.get("deadline")})
 
 
+def _d_throttled(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    text = f"throttled, attempt {int_field(d, 'attempt')} waits: {str_field(d, 'reason') or str_field(d, 'scope', '?')}"
+    return text, {"scope": d.get("scope"), "priority": d.get("priority")}
+
+
 def _d_heartbeat(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     text = f"heartbeat, attempt {int_field(d, 'attempt')}"
     if d.get("worker"):
@@ -308,6 +313,7 @@ _DESCRIBE: dict[str, Describer] = ev.complete_table("timeline descriptions", {
     ev.ApprovalEscalated: _d_approval_escalated,
     ev.RunAdmitted: _d_run_admitted,
     ev.StepDispatched: _d_dispatched,
+    ev.StepThrottled: _d_throttled,
     ev.StepHeartbeat: _d_heartbeat,
     ev.StepSucceeded: _d_succeeded,
     ev.StepFailed: _d_failed,

@@ -104,6 +104,7 @@ BUCKETS: tuple[BucketSpec, ...] = (
     BucketSpec(s.DLQ_STATUS_BUCKET, "What was done about each dead letter (resolved, replayed)", history=64),
     BucketSpec(s.KEYRING_BUCKET, "Trusted signing keys: who each is and when it was revoked", history=8),
     BucketSpec(s.APIKEYS_BUCKET, "HTTP API keys: tenant, role, principal and SHA-256 (never the key)", history=8),
+    BucketSpec(s.GATE_BUCKET, "Workload limits: slot holders, waiting jobs and rate tokens (compare-and-set)"),
 )
 
 

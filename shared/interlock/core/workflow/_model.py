@@ -31,6 +31,7 @@ from pydantic_core import ErrorDetails
 
 from ._checks import STEP_TYPES, did_you_mean, semantic_issues, transitive
 from ._problems import Issue, Path, WorkflowInvalid, to_problems
+from ._templates import checked_template
 
 _WORKFLOW_ID = re.compile(r"^[a-z0-9_-]+$")
 _STEP_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
@@ -213,6 +214,39 @@ class Sla(BaseModel):
     steps: dict[Text, PositiveMs] = Field(default_factory=dict)
 
 
+class Concurrency(BaseModel):
+    """At most ``limit`` jobs in flight at once. With ``key`` (a template such as
+    ``"customer-{{ input.customer }}"``) the limit is per rendered value, shared by every
+    workflow whose key renders the same; without, per workflow (or per step, on a step)."""
+
+    model_config = _FROZEN
+
+    limit: Annotated[int, Strict(), Field(ge=1)]
+    key: Annotated[str, Strict(), AfterValidator(checked_template)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_int(cls, data: Any) -> Any:
+        if isinstance(data, int) and not isinstance(data, bool):
+            return {"limit": data}
+        return data
+
+
+class Rate(BaseModel):
+    """At most ``per_s`` jobs a second on average, ``burst`` at once (a token bucket). With ``key``
+    (a template), per rendered value, shared across workflows; without, per step."""
+
+    model_config = _FROZEN
+
+    per_s: Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+    burst: Annotated[int, Strict(), Field(ge=1)] = 1
+    key: Annotated[str, Strict(), AfterValidator(checked_template)] | None = None
+
+
+Priority = Annotated[int, Strict(), Field(ge=1, le=5)]
+"""A run priority: 1 (lowest) to 5 (highest)."""
+
+
 class Step(BaseModel):
     """One step. Field types are checked here; rules across fields are checked by Workflow."""
 
@@ -234,6 +268,8 @@ class Step(BaseModel):
     input_schema: JsonSchema | None = None
     output_schema: JsonSchema | None = None
     labels: dict[Text, Text] = Field(default_factory=dict)
+    concurrency: Concurrency | None = None  # workload limits (see interlock.dispatcher.gate)
+    rate: Rate | None = None
     # approval steps
     approvers: Text = "approver"
     prompt: Text | None = None
@@ -249,7 +285,9 @@ class Step(BaseModel):
         return str(value).lower() if isinstance(value, bool) else value
 
 
-_ADDED_LATER = ("sensitive", "budget", "record_prompts", "sla")  # not in the content hash while at their default
+# not in the content hash while at their default
+_ADDED_LATER = ("sensitive", "budget", "record_prompts", "sla", "priority", "concurrency")
+_STEP_ADDED_LATER = ("concurrency", "rate")  # a step's, likewise
 
 
 class Workflow(BaseModel):
@@ -270,6 +308,8 @@ class Workflow(BaseModel):
     budget: Budget | None = None
     sla: Sla | None = None
     record_prompts: Annotated[bool, Strict()] = False  # let agents keep prompts in the log (LlmCall.prompt)
+    priority: Priority | None = None  # the default priority of its runs (3 when unset)
+    concurrency: Concurrency | None = None  # jobs of all its runs in flight at once
 
     @model_validator(mode="wrap")
     @classmethod
@@ -300,6 +340,10 @@ class Workflow(BaseModel):
         # fields added later are left out while unset: definitions written before them keep their hash
         unset = {name for name in _ADDED_LATER if getattr(self, name) == type(self).model_fields[name].default}
         dumped = self.model_dump(mode="json", exclude=unset or None)
+        for step in dumped["steps"].values():
+            for name in _STEP_ADDED_LATER:
+                if step.get(name) is None:
+                    step.pop(name, None)
         canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -358,6 +402,8 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "workflow": tuple(Workflow.model_fields),
     "step": tuple(Step.model_fields),
     "retries": tuple(RetryPolicy.model_fields),
+    "concurrency": tuple(Concurrency.model_fields),
+    "rate": tuple(Rate.model_fields),
 }
 
 _YAML_BOOL_HINT = " (YAML reads yes/no/on/off/true/false as booleans; quote it)"
@@ -376,8 +422,10 @@ def _fields_at(parent: Path) -> tuple[str, ...]:
         return _FIELDS["workflow"]
     if len(parent) == 2 and parent[0] == "steps":
         return _FIELDS["step"]
-    if len(parent) == 3 and parent[0] == "steps" and parent[2] == "retries":
-        return _FIELDS["retries"]
+    if len(parent) == 3 and parent[0] == "steps" and parent[2] in ("retries", "concurrency", "rate"):
+        return _FIELDS[str(parent[2])]
+    if parent == ("concurrency",):
+        return _FIELDS["concurrency"]
     return ()
 
 
