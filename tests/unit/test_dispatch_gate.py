@@ -47,6 +47,22 @@ def test_a_burst_of_one_tenant_does_not_starve_another() -> None:
     assert order.index("b0") == 1  # even when nobody holds one, b is served second, not eleventh
 
 
+def test_fair_share_remembers_who_was_served_when_one_slot_turns_over() -> None:
+    # concurrency 1: after every release nobody holds a slot, so only the shares tell who had more
+    state = gate.take(GateScope(), ONE, "a0", waiter("a", since=0), now=0)
+    for i in range(1, 9):
+        state = gate.wait(state, f"a{i}", waiter("a", since=i))
+    state = gate.wait(state, "b0", waiter("b", since=100))
+    order = []
+    state = gate.release(state, "a0")
+    while state.waiting:
+        [(job, w)] = gate.next_up(state, ONE, even, now=200)
+        order.append(job)
+        state = gate.release(gate.take(state, ONE, job, w, now=200), job)
+    assert order.index("b0") <= 1, order  # first come, first served would make it the ninth
+    assert not state.shares  # nobody waits or holds: nothing is remembered
+
+
 def test_weights_share_slots_in_proportion() -> None:
     waiting = {f"a{i}": waiter("a", since=i) for i in range(30)} | {f"b{i}": waiter("b", since=i) for i in range(30)}
     first = list(gate.ranked(waiting, {}, lambda t: 2.0 if t == "a" else 1.0))[:30]

@@ -221,6 +221,9 @@ class GateScope(Message):
     waiting: dict[str, GateWaiter] = Field(default_factory=dict, description="job id -> the job that waits")
     tokens: float | None = Field(default=None, description="A rate limit's tokens at refilled_at")
     refilled_at: float | None = None
+    shares: dict[str, float] = Field(default_factory=dict, description=(
+        "tenant -> slots handed out per unit of weight (fair share's virtual time; a tenant that starts "
+        "waiting starts at the least share of those already there)"))
 
 
 class AgentRegistration(Message):

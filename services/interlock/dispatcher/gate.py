@@ -133,25 +133,49 @@ def gated(workflow: Workflow, config: GateLimits) -> bool:
 
 
 # -- ordering --------------------------------------------------------------------------------
-def ranked(waiting: Mapping[str, GateWaiter], holders: Mapping[str, GateHolder], weights: Weights
-           ) -> Iterator[str]:
-    """Waiting job ids in the order they may go: priority, then weighted fair share between
-    tenants (slots held plus those handed out so far, per unit of weight), then arrival."""
-    served: Counter[str] = Counter(h.tenant for h in holders.values())
+def _active(state: GateScope) -> set[str]:
+    return {h.tenant for h in state.holders.values()} | {w.tenant for w in state.waiting.values()}
+
+
+def _floor(state: GateScope) -> float:
+    """The least share among tenants with jobs here: where a tenant that (re)starts waiting begins,
+    so an idle tenant neither loses its turn nor saves up a burst."""
+    shares = [state.shares.get(t, 0.0) for t in _active(state)]
+    return min(shares) if shares else 0.0
+
+
+def ranked(waiting: Mapping[str, GateWaiter], holders: Mapping[str, GateHolder], weights: Weights,
+           shares: Mapping[str, float] | None = None) -> Iterator[str]:
+    """Waiting job ids in the order they may go: priority first; within a priority, weighted fair
+    share between tenants (the least slots handed out per unit of weight, ``shares``, counting
+    those this ranking hands out; then the fewest held now); then arrival."""
+    shares = shares or {}
+    held: Counter[str] = Counter(h.tenant for h in holders.values())
+    picked: Counter[str] = Counter()
     levels: dict[int, dict[str, list[tuple[float, str]]]] = defaultdict(lambda: defaultdict(list))
     for job, w in waiting.items():
         levels[w.priority][w.tenant].append((w.since, job))
+
+    def key(tenant: str, since: float) -> tuple[float, float, float, str]:
+        weight = weights(tenant)
+        return (shares.get(tenant, 0.0) + picked[tenant] / weight, (held[tenant] + picked[tenant]) / weight,
+                since, tenant)
+
     for priority in sorted(levels, reverse=True):
         queues = {tenant: sorted(jobs, reverse=True) for tenant, jobs in levels[priority].items()}
-        heap = [(served[t] / weights(t), q[-1][0], t) for t, q in queues.items()]
+        heap = [key(t, q[-1][0]) for t, q in queues.items()]
         heapq.heapify(heap)
         while heap:
-            _, _, tenant = heapq.heappop(heap)
+            tenant = heapq.heappop(heap)[-1]
             queue = queues[tenant]
             yield queue.pop()[1]
-            served[tenant] += 1
+            picked[tenant] += 1
             if queue:
-                heapq.heappush(heap, (served[tenant] / weights(tenant), queue[-1][0], tenant))
+                heapq.heappush(heap, key(tenant, queue[-1][0]))
+
+
+def _ranked(state: GateScope, weights: Weights, waiting: Mapping[str, GateWaiter] | None = None) -> Iterator[str]:
+    return ranked(state.waiting if waiting is None else waiting, state.holders, weights, state.shares)
 
 
 def tokens_at(state: GateScope, limit: Limit, now: float) -> float:
@@ -176,8 +200,8 @@ def may_go(state: GateScope, limit: Limit, job: str, waiter: GateWaiter, weights
     free = capacity(state, limit, now)
     if free <= 0:
         return False
-    waiting = {**state.waiting, job: state.waiting.get(job, waiter)}
-    for i, candidate in enumerate(ranked(waiting, state.holders, weights)):
+    joined = wait(state, job, waiter)
+    for i, candidate in enumerate(_ranked(joined, weights)):
         if candidate == job:
             return True
         if i + 1 >= free:
@@ -185,36 +209,59 @@ def may_go(state: GateScope, limit: Limit, job: str, waiter: GateWaiter, weights
     return False
 
 
-def take(state: GateScope, limit: Limit, job: str, waiter: GateWaiter, now: float) -> GateScope:
-    """The state once ``job`` passed: it holds a slot (concurrency) or spent a token (rate)."""
-    waiting = {k: v for k, v in state.waiting.items() if k != job}
+def take(state: GateScope, limit: Limit, job: str, waiter: GateWaiter, now: float,
+         weights: Weights | None = None) -> GateScope:
+    """The state once ``job`` passed: it holds a slot (concurrency) or spent a token (rate), and
+    its tenant's share grew by one slot per unit of weight."""
+    joined = wait(state, job, waiter)
+    share = joined.shares.get(waiter.tenant, 0.0) + 1.0 / (weights or _even)(waiter.tenant)
+    waiting = {k: v for k, v in joined.waiting.items() if k != job}
+    update: dict[str, object] = {"waiting": waiting, "shares": {**joined.shares, waiter.tenant: share}}
     if limit.kind == "concurrency":
         holder = GateHolder(tenant=waiter.tenant, run_id=waiter.run_id, step_id=waiter.step_id, at=now)
-        return state.model_copy(update={"waiting": waiting, "holders": {**state.holders, job: holder}})
-    return state.model_copy(update={"waiting": waiting, "tokens": tokens_at(state, limit, now) - 1.0,
-                                    "refilled_at": now})
+        update["holders"] = {**joined.holders, job: holder}
+    else:
+        update.update(tokens=tokens_at(joined, limit, now) - 1.0, refilled_at=now)
+    return _forget_idle(joined.model_copy(update=update))
+
+
+def _even(_: str) -> float:
+    return 1.0
 
 
 def wait(state: GateScope, job: str, waiter: GateWaiter) -> GateScope:
-    """The state with ``job`` waiting (a job that waits already keeps its place)."""
+    """The state with ``job`` waiting (a job that waits already keeps its place). A tenant with no
+    other job here starts at the least share of those that have (:func:`_floor`)."""
     if job in state.waiting:
         return state
-    return state.model_copy(update={"waiting": {**state.waiting, job: waiter}})
+    shares = state.shares
+    if waiter.tenant not in _active(state):
+        shares = {**shares, waiter.tenant: max(shares.get(waiter.tenant, 0.0), _floor(state))}
+    return state.model_copy(update={"waiting": {**state.waiting, job: waiter}, "shares": shares})
+
+
+def _forget_idle(state: GateScope) -> GateScope:
+    """Shares of tenants with no job here are dropped (they would start at the floor anyway)."""
+    active = _active(state)
+    if all(t in active for t in state.shares):
+        return state
+    return state.model_copy(update={"shares": {t: v for t, v in state.shares.items() if t in active}})
 
 
 def release(state: GateScope, job: str) -> GateScope:
     """The state once ``job`` gave its slot back (or stopped waiting)."""
     if job not in state.holders and job not in state.waiting:
         return state
-    return state.model_copy(update={"holders": {k: v for k, v in state.holders.items() if k != job},
-                                    "waiting": {k: v for k, v in state.waiting.items() if k != job}})
+    return _forget_idle(state.model_copy(update={
+        "holders": {k: v for k, v in state.holders.items() if k != job},
+        "waiting": {k: v for k, v in state.waiting.items() if k != job}}))
 
 
 def next_up(state: GateScope, limit: Limit, weights: Weights, now: float) -> list[tuple[str, GateWaiter]]:
     """The waiting jobs that may go now, in order: the dispatcher wakes their runs."""
     free = capacity(state, limit, now)
     out: list[tuple[str, GateWaiter]] = []
-    for job in ranked(state.waiting, state.holders, weights):
+    for job in _ranked(state, weights):
         if len(out) >= free:
             break
         out.append((job, state.waiting[job]))
@@ -229,7 +276,7 @@ def next_token_in(state: GateScope, limit: Limit, now: float, place: int = 0) ->
 
 def place_of(state: GateScope, job: str, weights: Weights) -> int:
     """How many waiting jobs are ranked ahead of ``job`` (all of them when it does not wait)."""
-    for i, candidate in enumerate(ranked(state.waiting, state.holders, weights)):
+    for i, candidate in enumerate(_ranked(state, weights)):
         if candidate == job:
             return i
     return len(state.waiting)

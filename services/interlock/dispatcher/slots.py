@@ -89,7 +89,7 @@ class Gatekeeper:
             def decide(state: GateScope, limit: Limit = limit) -> tuple[GateScope, Hold | None]:
                 now = time.time()
                 if gate.may_go(state, limit, job, waiter, self.config.weight, now):
-                    return gate.take(state, limit, job, waiter, now), None
+                    return gate.take(state, limit, job, waiter, now, self.config.weight), None
                 new = gate.wait(state, job, waiter)
                 retry_in = None
                 if limit.kind == "rate":
