@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from interlock.client import Client
 from interlock.core.workload import GateLimits, ScopeLimits
 from interlock.core.workflow import Rate
 from interlock.runtime.settings import ServiceSettings
@@ -170,6 +171,31 @@ async def test_a_rate_limit_spaces_dispatches(bare: Harness) -> None:
         earliest = max(0.0, (k - burst + 1) / per_s)
         assert (when - start).total_seconds() >= earliest - 0.02, (k, [(t - start).total_seconds() for t in times])
     assert sum("StepThrottled" in types(evs) for evs in logs) >= runs - burst - 1
+
+
+async def test_backpressure_bounds_the_queue_of_a_topic_without_workers(bare: Harness, principals: Principals) -> None:
+    wf, topic, bound, runs = unique("bp"), unique("t"), 2, 5
+    await bare.start_services(copies=2, settings=settings_with(bare, GateLimits(max_in_flight=bound)))
+    await bare.apply(one_step(wf, topic))
+    run_ids = [await bare.trigger(wf, {"n": n}, priority=1 + n % 5) for n in range(runs)]
+    logs = [await bare.wait_for(run, lambda evs: bool({"StepDispatched", "StepThrottled"} & set(types(evs))))
+            for run in run_ids]
+    await bare.settled()
+    logs = [await bare.events(run) for run in run_ids]
+    queued = [evs for evs in logs if "StepDispatched" in types(evs)]
+    held = [evs for evs in logs if "StepDispatched" not in types(evs)]
+    # two copies may each publish up to the bound before either reads the queue again
+    assert bound <= len(queued) <= 2 * bound, [types(evs) for evs in logs]
+    assert held and all(e["data"]["scope"] == "backpressure" for evs in held for e in evs
+                        if e["type"] == "StepThrottled")
+    operator = principals.person("operator", "default", name=unique("op"))
+    async with await Client.connect(bare.url, creds=operator) as client:
+        assert (await client.queue_depth()).get(topic) == len(queued)
+    opened = asyncio.Event()
+    opened.set()
+    await bare.start_worker(blocking_worker("late", topic, opened))
+    ends = [await bare.wait_end(run, timeout=30) for run in run_ids]  # the held ones go as the queue drains
+    assert all(types(evs)[-1] == "RunSucceeded" for evs in ends)
 
 
 # -- a concurrency limit while a dispatcher copy is SIGKILLed ----------------------------------------

@@ -17,7 +17,7 @@ CLIENT_METHODS = [
     "agents", "alerts", "api_key", "api_keys", "apply_workflow", "approvals", "approve", "approvers", "cancel",
     "check_api_key", "close", "connect", "create_api_key", "dead_letter_entries", "dead_letters", "events",
     "export_run", "grant_approver", "keyring", "load_run", "pending_approval", "policy_active", "policy_decide",
-    "policy_history", "policy_publish", "policy_rollback", "policy_simulate", "read_commits", "reject",
+    "policy_history", "policy_publish", "policy_rollback", "policy_simulate", "queue_depth", "read_commits", "reject",
     "replay_dead_letter", "rerun", "rerun_plan", "resolve_dead_letter", "revoke_api_key", "revoke_approver", "runs",
     "runs_page", "seals", "start_run", "status", "submit_run", "timeline", "unseal", "usage", "verify",
     "verify_seals", "wait", "wait_projected", "watch", "with_tenant", "workflow", "workflows",

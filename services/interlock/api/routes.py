@@ -73,7 +73,7 @@ async def start_run(request: Request, response: Response, workflow_id: WorkflowI
     client = acting_client(request, who)
     key = idempotency_key or uuid.uuid4().hex
     run_id, created = await client.submit_run(workflow_id, body.input, key=key, version=body.version,
-                                              requested_by=who.principal)
+                                              requested_by=who.principal, priority=body.priority)
     links = _links(run_id)
     if created:
         response.headers["Location"] = links.self
@@ -327,6 +327,12 @@ async def policy_rollback(request: Request, body: m.PolicyRollback, who: Princip
 @route("GET", "/agents", Action.READ, response_model=list[AgentRegistration], summary="Registered agent workers")
 async def agents(request: Request, who: Principal = Caller(Action.READ)) -> list[AgentRegistration]:
     return await acting_client(request, who).agents()
+
+
+@route("GET", "/queues", Action.READ, response_model=dict[str, int],
+       summary="Jobs queued per topic (published, not yet finished by a worker)")
+async def queues(request: Request, who: Principal = Caller(Action.READ)) -> dict[str, int]:
+    return await acting_client(request, who).queue_depth()
 
 
 @route("GET", "/dead-letters", Action.ADMIN, response_model=list[DeadLetter],

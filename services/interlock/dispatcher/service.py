@@ -121,7 +121,6 @@ class DispatcherService(Service):
         # a re-publish after a crash carries the same id: JetStream's duplicate window drops it
         await publish(self.js, s.job(job.tenant, job.topic), job.model_dump_json().encode(),
                       headers={headers.MSG_ID: job.job_id, headers.TRACEPARENT: job.trace_parent or ""})
-        self.queue.published(job.tenant, job.topic)
         self._published.add(job.job_id)
         if len(self._published) > MEMORY_LIMIT:
             self._published.clear()
@@ -189,6 +188,8 @@ class DispatcherService(Service):
                 held[state.step_id] = self.queue.hold(run.tenant, state.topic or "", run.run_id,
                                                       gate.priority_of(run, workflow))
                 continue
+            # counted before it is published, so a burst of decisions cannot all see room
+            self.queue.published(run.tenant, state.topic or "")
             if not limited:
                 continue
             try:

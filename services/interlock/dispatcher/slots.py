@@ -128,8 +128,8 @@ class QueueDepth:
     queue a worker acks once its result is durable), read from the stream every second: the
     backpressure bound, ``interlock agents`` and the ``interlock.queue.depth`` metric.
 
-    Between two reads this copy counts the jobs it published itself, so a burst cannot overshoot
-    the bound by more than what other copies publish in one poll."""
+    Between two reads this copy counts the jobs it let through itself, so a burst cannot overshoot
+    the bound by more than what other copies let through in one poll."""
 
     def __init__(self, js: JetStreamContext, bound: int, wake: Callable[[list[tuple[str, str]]], None]) -> None:
         self.js = js
