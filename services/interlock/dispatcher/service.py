@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 
 MEMORY_LIMIT = 100_000  # job ids remembered per process (published, finished)
 GATE_SWEEP_GRACE_S = 10.0  # a gate entry younger than this may belong to a dispatch in progress
+WAITING = Hold("waiting", "waits in the gate already")  # a throttled job that nothing woke: it stays
 
 
 def _released(state: GateScope, job: str) -> tuple[GateScope, None]:
@@ -151,15 +152,17 @@ class DispatcherService(Service):
     async def reconcile(self, tenant: str, run_id: str) -> None:
         """Dispatch what is due, re-offer jobs whose message may be lost, and time out attempts
         whose timers never fired (a backstop: the durable timers normally do this)."""
-        run = await self.dispatch(tenant, run_id)
+        run = await self.dispatch(tenant, run_id, woken=True)
         workflow = await self.registry.get(run.workflow_id, run.workflow_version)
         await self.carry_out(rules.lost_jobs(run, workflow, self._published))
         for timer in rules.overdue_timers(run, workflow, datetime.now(UTC), self._heartbeats):
             await self.on_timer_fired(timer)
 
-    async def dispatch(self, tenant: str, run_id: str, retry: TimerFired | None = None) -> Run:
+    async def dispatch(self, tenant: str, run_id: str, retry: TimerFired | None = None, *,
+                       woken: bool = False) -> Run:
         """Dispatch every released job and every retry that is due; publish notifications.
-        ``retry``: the retry timer that fired (the run must have reached its retry)."""
+        ``retry``: the retry timer that fired (the run must have reached its retry); ``woken``:
+        jobs that wait in the gate try again (a slot freed, a token is due, the sweep)."""
         effects: list[Effect] = []
 
         async def decide(run: Run) -> None:
@@ -168,7 +171,7 @@ class DispatcherService(Service):
                 return
             workflow = await self.registry.get(run.workflow_id, run.workflow_version)
             now = datetime.now(UTC)
-            held = await self.admit(run, workflow, now)
+            held = await self.admit(run, workflow, now, woken=woken)
             effects.extend(rules.retry_due(run, workflow, retry, now, held) if retry
                            else rules.dispatch(run, workflow, now, held))
             await self.send_notifications(effects)
@@ -178,12 +181,16 @@ class DispatcherService(Service):
         return handle.run
 
     # -- the gate (#16) ----------------------------------------------------------------------
-    async def admit(self, run: Run, workflow: Workflow, now: datetime) -> dict[str, Hold]:
+    async def admit(self, run: Run, workflow: Workflow, now: datetime, *, woken: bool = False) -> dict[str, Hold]:
         """The jobs due now that a limit holds back (step id -> why); every other one took its
-        slots (and tokens). Costs nothing for a workflow no limit can apply to."""
+        slots (and tokens). Costs nothing for a workflow no limit can apply to. A job that waits
+        already (its StepThrottled is in the log) tries again only when ``woken``."""
         held: dict[str, Hold] = {}
         limited = gate.gated(workflow, self.gatekeeper.config)
         for state in rules.dispatchable(run, now):
+            if state.throttled == state.attempt + 1 and not woken:
+                held[state.step_id] = WAITING
+                continue
             if self.queue.full(run.tenant, state.topic or ""):
                 held[state.step_id] = self.queue.hold(run.tenant, state.topic or "", run.run_id,
                                                       gate.priority_of(run, workflow))
@@ -275,7 +282,7 @@ class DispatcherService(Service):
 
     async def _wake(self, tenant: str, run_id: str) -> None:
         try:
-            run = await self.dispatch(tenant, run_id)
+            run = await self.dispatch(tenant, run_id, woken=True)
             if run.terminal:
                 await self.release_ended(run)
         except Exception as e:  # the sweep dispatches it later
@@ -341,7 +348,7 @@ class DispatcherService(Service):
             await self.dispatch(timer.tenant, timer.run_id, timer)
             return
         if timer.kind == "gate":  # a rate-limited job's token is due
-            await self.dispatch(timer.tenant, timer.run_id)
+            await self.dispatch(timer.tenant, timer.run_id, woken=True)
             return
         job = job_id(timer.run_id, timer.step_id, timer.attempt) if timer.step_id and timer.attempt else None
         if job in self._finished_jobs:

@@ -15,8 +15,9 @@ import asyncio
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -46,6 +47,13 @@ class Gatekeeper:
         self.config = config
         self._kv: KeyValue | None = None
         self._rng = random.Random()
+        self._pending: dict[str, list[tuple[Callable[[GateScope], tuple[GateScope, Any]], asyncio.Future[Any]]]] = {}
+        self._flushing: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        # the last state this process wrote or read per key, with its revision: a write goes out
+        # against it at once (compare-and-set catches a stale one), saving a read on the hot path
+        self._cache: dict[str, tuple[GateScope, int | None]] = {}
+        self.stats: Counter[str] = Counter()  # changes asked for, writes, conflicts
 
     async def bucket(self) -> KeyValue:
         if self._kv is None:
@@ -62,22 +70,66 @@ class Gatekeeper:
 
     async def change(self, key: str, decide: Callable[[GateScope], tuple[GateScope, R]]) -> R:
         """Apply ``decide`` to the limit's current state and write the result if it changed,
-        compare-and-set on the entry's revision (retried when another copy wrote first)."""
+        compare-and-set on the entry's revision (retried when another copy wrote first).
+
+        Changes of one key that arrive while a write is out are applied together, in order, and
+        written once (group commit): the key's throughput is a batch per round trip, not one change."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(key, []).append((decide, future))
+        self.stats["changes"] += 1
+        if key not in self._flushing:
+            self._flushing.add(key)
+            task = asyncio.create_task(self._flush(key), name=f"gate-{key}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        result: R = await future
+        return result
+
+    async def _flush(self, key: str) -> None:
+        try:
+            while batch := self._pending.pop(key, None):
+                try:
+                    await self._apply(key, batch)
+                except Exception as e:  # every change of the batch fails with it (the caller retries)
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(e)
+        finally:
+            self._flushing.discard(key)
+
+    async def _apply(self, key: str, batch: list[tuple[Callable[[GateScope], tuple[GateScope, Any]],
+                                                       asyncio.Future[Any]]]) -> None:
         kv = await self.bucket()
+        fresh = False
         for attempt in range(CAS_ATTEMPTS):
-            state, revision = await self.read(key)
-            new, result = decide(state)
-            if new == state:
-                return result
-            data = new.model_dump_json(exclude_none=True).encode()
-            try:
-                if revision is None:
-                    await kv.create(key, data)
-                else:
-                    await kv.update(key, data, last=revision)
-                return result
-            except KeyWrongLastSequenceError:
-                await asyncio.sleep(self._rng.random() * 0.002 * (attempt + 1))
+            cached = None if fresh else self._cache.pop(key, None)
+            state, revision = cached if cached is not None else await self.read(key)
+            fresh = cached is None
+            new, results = state, []
+            for decide, _ in batch:
+                new, result = decide(new)
+                results.append(result)
+            if new == state and not fresh:
+                fresh = True  # decided on a state another copy may have changed meanwhile: read it
+                continue
+            if new != state:
+                data = new.model_dump_json(exclude_none=True).encode()
+                try:
+                    if revision is None:
+                        revision = await kv.create(key, data)
+                    else:
+                        revision = await kv.update(key, data, last=revision)
+                except KeyWrongLastSequenceError:
+                    self.stats["conflicts"] += 1
+                    fresh = True
+                    await asyncio.sleep(self._rng.random() * 0.002 * (attempt + 1))
+                    continue
+                self.stats["writes"] += 1
+            self._cache[key] = (new, revision)
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+            return
         raise EventStoreError(f"gate limit {key} changed by others {CAS_ATTEMPTS} times in a row")
 
     # -- a job passing, waiting, finishing ------------------------------------------------------
