@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 
 from interlock.client import Client
-from interlock.core.workload import GateLimits, ScopeLimits
+from interlock.core.inflight import peak_in_flight
 from interlock.core.workflow import Rate
+from interlock.core.workload import GateLimits, ScopeLimits
 from interlock.runtime.settings import ServiceSettings
 from interlock.worker import JobContext, Worker
 from tests.integration.harness import Harness, connect, service_classes, types, unique
@@ -29,7 +30,6 @@ from tests.principals import Principals
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-OUTCOMES = {"StepSucceeded", "StepFailed", "StepTimedOut"}
 
 
 def at(event: dict[str, Any]) -> datetime:
@@ -37,25 +37,8 @@ def at(event: dict[str, Any]) -> datetime:
 
 
 def max_in_flight(logs: Iterable[list[dict[str, Any]]]) -> int:
-    """The most jobs in flight at any instant, read from run logs: an attempt is in flight from its
-    StepDispatched to its first outcome (StepSucceeded, StepFailed or StepTimedOut); at a tie a
-    dispatch counts before an outcome (the worst case)."""
-    points: list[tuple[datetime, int]] = []
-    for events in logs:
-        open_attempts: set[tuple[str, int]] = set()
-        for e in events:
-            attempt = (e.get("step_id"), e.get("attempt"))
-            if e["type"] == "StepDispatched":
-                open_attempts.add(attempt)
-                points.append((at(e), +1))
-            elif e["type"] in OUTCOMES and attempt in open_attempts:
-                open_attempts.discard(attempt)
-                points.append((at(e), -1))
-    level = peak = 0
-    for _, delta in sorted(points, key=lambda p: (p[0], -p[1])):
-        level += delta
-        peak = max(peak, level)
-    return peak
+    """The most jobs in flight at any instant, read from the run logs (interlock.core.inflight)."""
+    return max(peak_in_flight(logs).values(), default=0)
 
 
 def dispatched_at(events: list[dict[str, Any]]) -> datetime:

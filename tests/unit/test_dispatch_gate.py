@@ -211,3 +211,21 @@ def test_a_rate_hold_asks_for_a_gate_timer_and_a_bad_key_fails_the_step() -> Non
     rules.dispatch(run, wf, now, {"a": Hold("key", "cannot compute", fail=True)})
     assert types(run) == ["StepFailed"]
     assert run.steps["a"].status == "failed" and run.steps["a"].error.kind == "limit"  # type: ignore[union-attr]
+
+
+# -- checking a limit from the log -------------------------------------------------------------
+def _e(kind: str, at: float, step: str = "a", attempt: int = 1, topic: str = "t") -> dict[str, Any]:
+    return {"type": kind, "at": datetime.fromtimestamp(at, UTC).isoformat(), "step_id": step, "attempt": attempt,
+            "data": {"topic": topic}}
+
+
+def test_jobs_in_flight_are_read_from_dispatches_and_outcomes() -> None:
+    from interlock.core.inflight import peak_in_flight
+
+    one = [_e("StepDispatched", 0), _e("StepTimedOut", 2), _e("StepFailed", 2.5), _e("StepDispatched", 3, attempt=2),
+           _e("StepSucceeded", 4, attempt=2)]
+    two = [_e("StepDispatched", 1, topic="u"), _e("RunCancelled", 3.5)]  # the run's end ends its attempt
+    three = [_e("StepDispatched", 3.5)]  # while the second attempt of `one` runs
+    assert peak_in_flight([one, two]) == {None: 2}
+    assert peak_in_flight([one, two, three], lambda e: e["data"]["topic"]) == {"t": 2, "u": 1}
+    assert peak_in_flight([one[:1], [_e("StepDispatched", 5)]]) == {None: 2}  # never ended: still in flight
