@@ -239,7 +239,10 @@ class DispatcherService(Service):
                 self.wake([(w.tenant, w.run_id) for _, w in woken])
 
     async def sweep(self) -> int:
-        await self.sweep_gate()
+        try:
+            await self.sweep_gate()
+        except Exception as e:  # a reconnect, an election: the next pass; the runs' sweep still goes
+            log.warning("dispatcher: gate sweep failed: %r", e)
         return await super().sweep()
 
     async def sweep_gate(self, grace: float = GATE_SWEEP_GRACE_S) -> int:

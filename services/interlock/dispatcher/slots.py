@@ -168,8 +168,8 @@ class Gatekeeper:
         return list(dict(woken).items())
 
     async def keys(self) -> list[str]:
-        kv = await self.bucket()
         try:
+            kv = await self.bucket()
             return list(await kv.keys())
         except Exception:  # nats-py raises NoKeysError (or a timeout on an empty bucket): none
             return []
