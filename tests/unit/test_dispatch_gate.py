@@ -210,7 +210,8 @@ def test_a_rate_hold_asks_for_a_gate_timer_and_a_bad_key_fails_the_step() -> Non
     types(run)
     rules.dispatch(run, wf, now, {"a": Hold("key", "cannot compute", fail=True)})
     assert types(run) == ["StepFailed"]
-    assert run.steps["a"].status == "failed" and run.steps["a"].error.kind == "limit"  # type: ignore[union-attr]
+    error = run.steps["a"].error
+    assert run.steps["a"].status == "failed" and error is not None and error.kind == "limit"
 
 
 # -- checking a limit from the log -------------------------------------------------------------
