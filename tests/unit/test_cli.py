@@ -12,6 +12,7 @@ import re
 import types
 import typing
 from collections.abc import Callable
+from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,12 @@ import interlock.cli
 from interlock.cli import _common, _ops, app, main
 from interlock.cli._output import short_hash
 from interlock.client import NotFound, PendingApproval, PolicyChange, PolicyDecision, PolicySimulation
-from interlock.contracts.messages import ScheduleRow
+from interlock.contracts.messages import AgentRegistration, ScheduleRow
 from interlock.core.run import RunStatus
 from interlock.devstack.stack import API, SERVICES
 
 RUN = "6f1c2a3b-0000-5000-8000-000000000001"
+NOW = datetime(2026, 12, 2, tzinfo=UTC)
 JOB_HASH = "3f2a9c0d1e2b" + "a" * 52
 STATUSES = typing.get_args(RunStatus)
 
@@ -236,6 +238,25 @@ def test_start_and_todays_run_workflow(fake: FakeClient, spelling: list[str], tm
     assert kwargs["key"] == "k1" and kwargs["version"] == "2"
     assert result.stdout == f"run {RUN} (workflow incident-remediation, idempotency key k1)\n"
     assert fake.called("wait") == []
+
+
+def test_start_with_a_priority_and_a_bad_one(fake: FakeClient) -> None:
+    fake.answers["start_run"] = RUN
+    assert cli("run", "start", "wf", "--priority", "5").exit_code == 0
+    [(_, kwargs)] = fake.called("start_run")
+    assert kwargs["priority"] == 5
+    result = cli("run", "start", "wf", "--priority", "9")
+    assert result.exit_code == 2 and "--priority" in result.stderr
+    assert len(fake.called("start_run")) == 1
+
+
+def test_agents_show_each_topics_queue_depth(fake: FakeClient) -> None:
+    fake.answers["agents"] = [AgentRegistration(worker_id="w1", topic="llm", started_at=NOW, last_heartbeat=NOW)]
+    fake.answers["queue_depth"] = {"llm": 3, "nobody.serves": 7}
+    result = cli("agents", "--output", "json")
+    assert result.exit_code == 0, result.output
+    rows = {(r["topic"], r["worker_id"]): r["queued"] for r in json.loads(result.stdout)}
+    assert rows == {("llm", "w1"): 3, ("nobody.serves", "(none)"): 7}
 
 
 def test_start_wait_prints_progress_and_exits_by_the_outcome(fake: FakeClient) -> None:

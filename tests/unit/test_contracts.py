@@ -309,6 +309,9 @@ def test_unknown_fields_are_ignored(name: str, data: st.DataObject) -> None:
 # producer's message still decodes: adding a name here is a breaking change to the wire contract.
 REQUIRED_FIELDS: dict[str, set[str]] = {
     "AgentRegistration": {"worker_id", "topic", "started_at", "last_heartbeat"},
+    "GateHolder": {"tenant", "run_id", "step_id", "at"},
+    "GateScope": set(),
+    "GateWaiter": {"tenant", "run_id", "step_id", "since"},
     "ApiKeyRecord": {"key_id", "tenant", "role", "principal", "sha256", "created_at"},
     "ApprovalDecision": {"run_id", "step_id", "job_hash", "role"},  # approver: the command subject's principal
     # new types (signed approvals): what a signature covers is all required
@@ -364,6 +367,7 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "LlmCall": {"provider", "model"},
     "BudgetExceeded": {"limit", "allowed", "spent"},
     "StepDispatched": {"step_id", "attempt", "job_id", "topic"},
+    "StepThrottled": {"step_id", "attempt", "scope"},
     "StepExpanded": {"step_id", "count"},
     "StepFailed": {"step_id", "attempt", "error", "final"},
     "StepHeartbeat": {"step_id", "attempt"},

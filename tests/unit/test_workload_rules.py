@@ -242,6 +242,7 @@ def test_breaker_and_version_range_parse_and_leave_older_definitions_hashes_alon
 def _hash_without_new_fields(wf: object) -> str:
     import hashlib
     import json
+
     from interlock.core.workflow._model import _ADDED_LATER, _STEP_ADDED_LATER
     dumped = wf.model_dump(mode="json", exclude=set(_ADDED_LATER), by_alias=True)  # type: ignore
     for step in dumped["steps"].values():

@@ -57,6 +57,7 @@ _WRITERS: dict[type[ev.EventData], tuple[str, ...]] = {
     ev.ApprovalInvalidated: (_APPROVAL,),
     ev.ApprovalEscalated: (_APPROVAL,),
     ev.StepDispatched: (_DISPATCHER,),
+    ev.StepThrottled: (_DISPATCHER,),
     ev.StepHeartbeat: (_DISPATCHER,),
     ev.StepHeld: (_DISPATCHER,),
     ev.StepSucceeded: (_PLANNER, _APPROVAL, _DISPATCHER),

@@ -165,8 +165,8 @@ TOPIC = Param(
 )
 AGENT_VERSION = Param("version", "Agent version as one token (subjects.version_token): '.' becomes '_', e.g. "
                       "'2_1_0' for 2.1.0.")
-TIMER_KIND = Param("kind", "Timer kind: retry, deadline, lease, breaker (a held job's re-check), approval_expiry "
-                           "or run_timeout.")
+TIMER_KIND = Param("kind", "Timer kind: retry, deadline, lease, breaker (a held job's re-check), gate (a "
+                           "rate-limited job's token), approval_expiry or run_timeout.")
 TIMER_KEY = Param("key", "Timer key, unique within the run and kind (one subject token).")
 NOTIFY_CHANNEL = Param("channel", "Notification channel name from the workflow's notify step (one token).")
 SERVICE = Param("service", "Name of the service that gave up on the message (one token).")
@@ -401,7 +401,8 @@ TIMERS_FIRED = Channel(
     pattern=Pattern(s.timer_fired, (TIMER_KIND,)),
     message=msg.TimerFired,
     description="A durable timer that came due: run_timeout goes to the planner, approval_expiry to the "
-                "approval service, retry, deadline, lease and breaker to the dispatcher. Internal to Interlock.",
+                "approval service, retry, deadline, lease, breaker and gate (a rate-limited job's token) "
+                "to the dispatcher. Internal to Interlock.",
     transport="jetstream",
     stream=s.TIMERS_STREAM,
     publishers=(NATS_SERVER,),
@@ -712,6 +713,17 @@ RESULT_CACHE = KeyValueEntry(
     readers=(DISPATCHER,),
 )
 
+WORKLOAD_GATE = KeyValueEntry(
+    bucket=s.GATE_BUCKET,
+    key="{kind}.{scope}.{digest} (subjects.gate_key: concurrency.topic.llm…, rate.tenant.acme…)",
+    value=msg.GateScope,
+    description="Workload limits (concurrency, rate): the jobs holding a slot, the jobs waiting for one and a rate "
+                "limit's tokens, updated with compare-and-set by every dispatcher copy, so a limit holds across "
+                "copies, kills and restarts. Internal to the dispatcher.",
+    writers=(DISPATCHER,),
+    readers=(DISPATCHER,),
+)
+
 BREAKERS = KeyValueEntry(
     bucket=s.BREAKERS_BUCKET,
     key="state.{tenant}.{topic} (the state) and log.{tenant}.{topic} (one revision per state change)",
@@ -735,7 +747,7 @@ ROLLOUTS = KeyValueEntry(
 )
 
 KEY_VALUE: tuple[KeyValueEntry, ...] = (AGENT_REGISTRY, DEAD_LETTER_STATUS, API_KEYS, RESULT_CACHE, BREAKERS,
-                                       ROLLOUTS)
+                                       ROLLOUTS, WORKLOAD_GATE)
 
 REPLAYABLE: tuple[Channel, ...] = (TRIGGERS, JOBS, RESULTS, HEARTBEATS, TIMERS_FIRED)
 """Channels a dead letter's original may be published to again (``interlock dlq replay``): queues

@@ -70,6 +70,8 @@ class RunStarted(EventData):
     requested_by: str = ""
     rerun_of: str | None = None
     reused_outputs: dict[str, Any] = Field(default_factory=dict)
+    priority: int | None = Field(default=None, description="The priority the trigger asked for (1-5), if any")
+    omit_when_none: ClassVar[frozenset[str]] = frozenset({"priority"})
 
 
 class RunAdmitted(EventData):
@@ -244,6 +246,17 @@ class StepHeld(StepEventData):
     until: datetime | None = Field(default=None, description="When the dispatcher looks again")
     breaker_opened_at: datetime | None = Field(default=None, description="The opening of the breaker that holds it")
     message: str = ""
+
+
+class StepThrottled(StepEventData):
+    """A released job (or a due retry) waits: a workload limit is reached. It is dispatched, in
+    priority and fair-share order, when a slot frees or the rate allows (a StepDispatched follows).
+    Written once per attempt, by the dispatcher (the only service that consumes it)."""
+
+    attempt: int = Field(ge=1, description="The attempt that waits to be dispatched")
+    scope: str = Field(description="The limit that holds it: concurrency.topic.llm, rate.tenant.acme, backpressure…")
+    reason: str = ""
+    priority: int = 3
 
 
 class StepHeartbeat(StepEventData):

@@ -29,6 +29,10 @@ class PayloadRef(Message):
     size: int
 
 
+PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT = 1, 5, 3
+"""Run priorities: 1 is the lowest, 5 the highest; a run that names none has the workflow's, else 3."""
+
+
 class Trigger(Message):
     """Starts a run. The same (tenant, workflow_id, idempotency_key) never starts two runs."""
 
@@ -44,6 +48,9 @@ class Trigger(Message):
     reuse_outputs: dict[str, Any] = Field(
         default_factory=dict, description="Step outputs copied from the re-run run (step id -> output)"
     )
+    priority: int | None = Field(default=None, ge=PRIORITY_MIN, le=PRIORITY_MAX, description=(
+        "The run's priority, 1 (lowest) to 5 (highest): when a topic is saturated its jobs are handed out "
+        "first. Default: the workflow's priority, else 3"))
 
 
 class Job(Message):
@@ -181,7 +188,8 @@ class CancelNotice(Message):
 class TimerFired(Message):
     """A durable timer's payload; it fires on ``il.timer.fire.{kind}`` at its due time."""
 
-    kind: Literal["retry", "deadline", "lease", "approval_expiry", "approval_escalation", "run_timeout", "breaker"]
+    kind: Literal["retry", "deadline", "lease", "approval_expiry", "approval_escalation", "run_timeout", "breaker",
+                  "gate"]
     run_id: str
     tenant: str
     step_id: str | None = None
@@ -203,6 +211,38 @@ class ScheduleTimer(Message):
     cancelled: bool = Field(default=False, description="Published without a schedule header when a workflow's "
                                                        "schedule is removed: replaces the pending tick, so it "
                                                        "never fires")
+
+
+class GateHolder(Message):
+    """A job that holds a slot of a concurrency limit (from before its StepDispatched until after
+    its outcome is durable)."""
+
+    tenant: str
+    run_id: str
+    step_id: str
+    at: float = Field(description="When it took the slot (Unix seconds)")
+
+
+class GateWaiter(Message):
+    """A job that waits for a slot or a token (its StepThrottled is in the run's log)."""
+
+    tenant: str
+    run_id: str
+    step_id: str
+    priority: int = PRIORITY_DEFAULT
+    since: float = Field(description="When it began to wait (Unix seconds): first come, first served")
+
+
+class GateScope(Message):
+    """One workload limit's state in bucket il_gate, changed only with compare-and-set."""
+
+    holders: dict[str, GateHolder] = Field(default_factory=dict, description="job id -> the slot it holds")
+    waiting: dict[str, GateWaiter] = Field(default_factory=dict, description="job id -> the job that waits")
+    tokens: float | None = Field(default=None, description="A rate limit's tokens at refilled_at")
+    refilled_at: float | None = None
+    shares: dict[str, float] = Field(default_factory=dict, description=(
+        "tenant -> slots handed out per unit of weight (fair share's virtual time; a tenant that starts "
+        "waiting starts at the least share of those already there)"))
 
 
 class AgentRegistration(Message):

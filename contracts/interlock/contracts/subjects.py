@@ -58,6 +58,7 @@ APIKEYS_BUCKET = "il_apikeys"  # key: the API key's id; value: its tenant, role,
 CACHE_BUCKET = "il_cache"  # key: cache_entry_key(tenant, digest); value: a CacheEntry (the result cache)
 BREAKERS_BUCKET = "il_breakers"  # key: breaker_key / breaker_log_key (the log key's history is the change log)
 ROLLOUTS_BUCKET = "il_rollouts"  # key: rollout_key(tenant, topic); value: the topic's canary rollout
+GATE_BUCKET = "il_gate"  # key: gate_key(kind, scope); value: a limit's slot holders, waiting jobs and tokens
 
 # -- wildcards a stream or consumer binds to ----------------------------------------------
 EVENTS_ALL = f"{PREFIX}.evt.>"
@@ -360,6 +361,16 @@ def cache_entry_key(tenant: str, digest: str) -> str:
     lookup of one tenant can ever name another's entry; ``digest`` (hex) covers the cache key and
     the job hash."""
     return f"{token(tenant, 'tenant')}.{token(digest, 'cache digest')}"
+
+
+def gate_key(kind: str, scope: str) -> str:
+    """The key of one workload limit in bucket ``GATE_BUCKET`` (``concurrency.topic.llm``).
+
+    ``scope`` may hold anything (a value computed from a run's input): characters a key may not
+    hold are replaced and a digest of the exact scope follows, so two scopes never share a key."""
+    readable = re.sub(r"[^A-Za-z0-9_=-]", "_", scope)[:64]
+    digest = hashlib.sha256(scope.encode()).hexdigest()[:12]
+    return f"{token(kind, 'gate kind')}.{readable}.{digest}"
 
 
 # -- the JetStream API (subjects of the server's own API that Interlock calls directly) -------

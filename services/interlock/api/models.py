@@ -28,6 +28,8 @@ class StartRun(Body):
     input: dict[str, Any] = Field(default_factory=dict, description="The run's input (the workflow's input schema)")
     version: str | None = Field(default=None, max_length=128, pattern=VERSION,
                                 description="Pin a workflow version; latest if omitted")
+    priority: int | None = Field(default=None, ge=1, le=5, description=(
+        "1 (lowest) to 5 (highest): a saturated topic hands out higher ones first; default the workflow's, else 3"))
 
 
 class RunLinks(BaseModel):

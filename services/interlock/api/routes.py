@@ -87,7 +87,8 @@ async def start_run(request: Request, response: Response, workflow_id: WorkflowI
     # answered once the run exists (or after a few seconds, the trigger being durable): a GET of
     # the Location right after finds it
     run_id, created = await client.submit_run(workflow_id, body.input, key=key, version=body.version,
-                                              requested_by=who.principal, wait_started=START_WAIT_S)
+                                              requested_by=who.principal, wait_started=START_WAIT_S,
+                                              priority=body.priority)
     links = _links(run_id)
     if created:
         response.headers["Location"] = links.self
@@ -502,6 +503,12 @@ async def rollout_abort(request: Request, topic: Topic, body: m.RolloutAbort,
        summary="Remove a finished rollout (the topic's jobs go to any worker again)")
 async def rollout_clear(request: Request, topic: Topic, who: Principal = Caller(Action.OPERATE)) -> Rollout:
     return await acting_client(request, who).rollout_clear(topic)
+
+
+@route("GET", "/queues", Action.READ, response_model=dict[str, int],
+       summary="Jobs queued per topic (published, not yet finished by a worker)")
+async def queues(request: Request, who: Principal = Caller(Action.READ)) -> dict[str, int]:
+    return await acting_client(request, who).queue_depth()
 
 
 @route("GET", "/dead-letters", Action.ADMIN, response_model=list[DeadLetter],

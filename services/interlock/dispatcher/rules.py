@@ -36,7 +36,7 @@ from interlock.core.ids import job_id
 from interlock.core.run import ACTIVE_ATTEMPT, Run, StepState
 from interlock.core.steps import base_step_id, is_workflow_step, output_schema_error, template_context
 from interlock.core.workflow import Step, Workflow, render_text
-from interlock.dispatcher import guard
+from interlock.dispatcher import gate, guard
 from interlock.dispatcher.routing import Decision, FailFast, Hold, Route
 from interlock.runtime import tracing
 
@@ -81,24 +81,27 @@ def cancel_notice(tenant: str, run_id: str, envelopes: Sequence[dict[str, Any]])
     return CancelNotice(run_id=run_id, tenant=tenant, reason=(ending.get("data") or {}).get("reason", ""))
 
 
-def _job_due(state: StepState, now: datetime) -> bool:
+def job_due(state: StepState, now: datetime) -> bool:
     retry_due = state.status == "retry_wait" and (state.retry_due_at is None
                                                   or state.retry_due_at <= now + RETRY_EARLY_TOLERANCE)
     return (state.status == "released" and state.step_type == "job") or retry_due
 
 
 def due_jobs(run: Run, now: datetime) -> list[StepState]:
-    """The job steps :func:`dispatch` would dispatch now (released, or a retry that is due)."""
-    return [] if run.terminal else [state for state in run.steps.values() if _job_due(state, now)]
+    """The job steps :func:`dispatch` would dispatch now (released, or a retry that is due), for
+    the workload controls and the gate to decide on first."""
+    return [] if run.terminal else [state for state in run.steps.values() if job_due(state, now)]
 
 
 def dispatch(run: Run, workflow: Workflow, now: datetime, control: Mapping[str, Decision] | None = None,
-             guarded: Mapping[str, guard.Guarded] | None = None) -> list[Effect]:
+             guarded: Mapping[str, guard.Guarded] | None = None,
+             held: Mapping[str, gate.Hold] | None = None) -> list[Effect]:
     """Dispatch every released job and every retry that is due; a released notify step is sent
     (its Notification) and succeeds at once. ``control``: the workload controls' decision per
-    step (interlock.dispatcher.workload; a step without one goes to any worker now).
-    ``guarded``: the checked values of released guardrail steps (the service ran their checks,
-    see :func:`guardrails_due`)."""
+    step (interlock.dispatcher.workload: breakers and agent versions; a step without one goes to
+    any worker now). ``guarded``: the checked values of released guardrail steps (the service
+    ran their checks, see :func:`guardrails_due`). ``held``: the jobs the gate holds back (step
+    id -> why): each is recorded as throttled, once per attempt, instead (#16)."""
     effects: list[Effect] = []
     if run.terminal or run.paused:  # paused (issue 17): nothing new goes out until it is unpaused
         return effects
@@ -114,7 +117,7 @@ def dispatch(run: Run, workflow: Workflow, now: datetime, control: Mapping[str, 
         if state.status == "released" and state.step_type == "notify":
             effects.append(_notify(run, workflow, state))
             continue
-        if _job_due(state, now):
+        if job_due(state, now):
             # -- workload controls (issue 16): hold, fail fast or route to an agent version
             decision = (control or {}).get(state.step_id, Route())
             if isinstance(decision, Hold):
@@ -124,6 +127,10 @@ def dispatch(run: Run, workflow: Workflow, now: datetime, control: Mapping[str, 
                 run.fail_step(ev.StepFailed(step_id=state.step_id, attempt=state.attempt, final=True,
                                             error=JobError(message=decision.message, retryable=False,
                                                            kind="circuit_open")))
+                continue
+            throttle = (held or {}).get(state.step_id)
+            if throttle is not None:  # the gate (#16): a concurrency or rate limit holds it back
+                effects.extend(_throttle(run, workflow, state, throttle, now))
                 continue
             spec = _spec(workflow, state)
             attempt = state.attempt + 1
@@ -151,8 +158,28 @@ def hold(run: Run, state: StepState, decision: Hold) -> list[Effect]:
                        attempt=attempt, due_at=decision.until)]
 
 
+
+
+def _throttle(run: Run, workflow: Workflow, state: StepState, hold: gate.Hold, now: datetime) -> list[Effect]:
+    """A job the gate holds back: StepThrottled (once per attempt), and for a rate limit a gate
+    timer when its token is due; a job that can never pass (its limit key fails) fails."""
+    attempt = state.attempt + 1
+    if hold.fail:
+        run.fail_step(ev.StepFailed(step_id=state.step_id, attempt=state.attempt, final=True,
+                                    error=JobError(message=hold.reason, retryable=False, kind="limit")))
+        return []
+    if state.throttled != attempt:
+        run.throttle_step(ev.StepThrottled(step_id=state.step_id, attempt=attempt, scope=hold.scope,
+                                           reason=hold.reason, priority=gate.priority_of(run, workflow)))
+    if hold.retry_in is None:
+        return []
+    return [TimerFired(kind="gate", run_id=run.run_id, tenant=run.tenant, step_id=state.step_id, attempt=attempt,
+                       due_at=now + timedelta(seconds=hold.retry_in))]
+
+
 def retry_due(run: Run, workflow: Workflow, timer: TimerFired, now: datetime,
-              control: Mapping[str, Decision] | None = None) -> list[Effect]:
+              control: Mapping[str, Decision] | None = None,
+              held: Mapping[str, gate.Hold] | None = None) -> list[Effect]:
     """A retry timer fired: dispatch what is due (:func:`dispatch`). A retry timer is scheduled
     only after its RetryScheduled is durable, so a run whose step has not reached that retry is
     behind the log (a copy of the service whose cache missed the commit another copy got):
@@ -164,7 +191,7 @@ def retry_due(run: Run, workflow: Workflow, timer: TimerFired, now: datetime,
             or (state.attempt + 1 == timer.attempt and state.status != "retry_wait")):
         raise StaleState(f"retry timer for {timer.step_id!r} attempt {timer.attempt} is ahead of the run "
                          f"(attempt {state.attempt}, {state.status})")
-    return dispatch(run, workflow, now, control)
+    return dispatch(run, workflow, now, control, held=held)
 
 
 def publish_job(run: Run, workflow: Workflow, state: StepState) -> PublishJob:

@@ -9,16 +9,22 @@ Order of effects, so a crash anywhere repeats nothing and loses nothing:
 2. the job is published with its job id as the message id (a re-publish after a crash is dropped
    by JetStream's duplicate window);
 3. deadline and lease timers are scheduled durably; when they fire, the run's state decides.
+
+The dispatch gate (#16, :mod:`interlock.dispatcher.gate`, :mod:`interlock.dispatcher.slots`)
+sits before step 1: a job under a concurrency or rate limit first takes a slot (or token) in the
+gate bucket, else it is recorded as throttled (StepThrottled, consumed by the dispatcher only) and
+waits; its slot is given back once its outcome is durable, which wakes the next waiting run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,17 +34,30 @@ from nats.aio.msg import Msg
 from interlock.contracts import events as ev
 from interlock.contracts import headers
 from interlock.contracts import subjects as s
-from interlock.contracts.messages import CancelNotice, Heartbeat, JobResult, Notification, PayloadRef, TimerFired
+from interlock.contracts.messages import (
+    CancelNotice,
+    GateScope,
+    GateWaiter,
+    Heartbeat,
+    JobResult,
+    Notification,
+    PayloadRef,
+    TimerFired,
+)
 from interlock.core import guard as guard_checks
+from interlock.core.eventstore import RunNotFound
 from interlock.core.ids import job_id
 from interlock.core.run import ACTIVE_ATTEMPT, Run
 from interlock.core.sealed import SealedError
 from interlock.core.steps import base_step_id
 from interlock.core.workflow import Step, Workflow
-from interlock.dispatcher import rules
+from interlock.dispatcher import gate, rules
 from interlock.dispatcher.cache import ResultCache
+from interlock.dispatcher.gate import LimitError
 from interlock.dispatcher.guard import Guarded, guardrails_due
+from interlock.dispatcher.routing import Route
 from interlock.dispatcher.rules import Effect, PublishJob
+from interlock.dispatcher.slots import Gatekeeper, QueueDepth
 from interlock.dispatcher.workload import WorkloadControl
 from interlock.runtime import timers, tracing
 from interlock.runtime.datakeys import DataKeyError
@@ -48,6 +67,12 @@ from interlock.runtime.service import Poison, Service, decode
 log = logging.getLogger(__name__)
 
 MEMORY_LIMIT = 100_000  # job ids remembered per process (published, finished)
+GATE_SWEEP_GRACE_S = 10.0  # a gate entry younger than this may belong to a dispatch in progress
+WAITING = gate.Hold("waiting", "waits in the gate already")  # a throttled job that nothing woke: it stays
+
+
+def _released(state: GateScope, job: str) -> tuple[GateScope, None]:
+    return gate.release(state, job), None
 
 
 class DispatcherService(Service):
@@ -71,8 +96,18 @@ class DispatcherService(Service):
             self._workload = WorkloadControl(self.js, self.settings.instance)
         return self._workload
 
+        self._wakes: set[asyncio.Task[None]] = set()
+
     async def setup(self) -> None:
         self.cache = ResultCache(self.js)
+        self.gatekeeper = Gatekeeper(self.js, self.settings.gate_limits)
+        self.queue = QueueDepth(self.js, self.settings.gate_limits.max_in_flight, self.wake)
+        self.queue.start()
+
+    async def teardown(self) -> None:
+        await self.queue.stop()
+        for task in list(self._wakes):
+            task.cancel()
 
     def register(self, broker: NatsBroker) -> None:
         self.pull_commits(broker, self.on_commit, wants=ev.kinds(
@@ -82,8 +117,9 @@ class DispatcherService(Service):
         ))
         self.pull(broker, s.RESULTS_ALL, s.RESULTS_STREAM, self.durable("results"), self.on_result)
         self.pull(broker, s.HEARTBEATS_ALL, s.RESULTS_STREAM, self.durable("heartbeats"), self.on_heartbeat)
-        # "breaker": a held job's re-check (circuit breaker open, no live agent version)
-        for kind in ("retry", "deadline", "lease", "breaker"):
+        # "breaker": a held job's re-check (circuit breaker open, no live agent version); "gate": a
+        # rate-limited job's token is due
+        for kind in ("retry", "deadline", "lease", "breaker", "gate"):
             self.pull(broker, s.timer_fired(kind), s.TIMERS_STREAM, self.durable(f"timer_{kind}"), self.on_timer)
 
     # -- effects -----------------------------------------------------------------------------
@@ -126,6 +162,8 @@ class DispatcherService(Service):
         notice = rules.cancel_notice(tenant, run_id, envelopes)
         if notice is not None:
             await self.carry_out([notice])
+            handle = await self.store.load(tenant, run_id)
+            await self.release_ended(handle.run)  # the run's slots and places in queues are free
             return
         run = await self.dispatch(tenant, run_id)
         if any(e["type"] == ev.StepDispatched.type_name for e in envelopes):
@@ -136,15 +174,17 @@ class DispatcherService(Service):
     async def reconcile(self, tenant: str, run_id: str) -> None:
         """Dispatch what is due, re-offer jobs whose message may be lost, and time out attempts
         whose timers never fired (a backstop: the durable timers normally do this)."""
-        run = await self.dispatch(tenant, run_id)
+        run = await self.dispatch(tenant, run_id, woken=True)
         workflow = await self.registry.get(run.workflow_id, run.workflow_version)
         await self.carry_out(rules.lost_jobs(run, workflow, self._published))
         for timer in rules.overdue_timers(run, workflow, datetime.now(UTC), self._heartbeats):
             await self.on_timer_fired(timer)
 
-    async def dispatch(self, tenant: str, run_id: str, retry: TimerFired | None = None) -> Run:
+    async def dispatch(self, tenant: str, run_id: str, retry: TimerFired | None = None, *,
+                       woken: bool = False) -> Run:
         """Dispatch every released job and every retry that is due; publish notifications.
-        ``retry``: the retry timer that fired (the run must have reached its retry)."""
+        ``retry``: the retry timer that fired (the run must have reached its retry); ``woken``:
+        jobs that wait in the gate try again (a slot freed, a token is due, the sweep)."""
         effects: list[Effect] = []
 
         async def decide(run: Run) -> None:
@@ -158,13 +198,130 @@ class DispatcherService(Service):
             guarded = await self.check_guardrails(run, workflow)  # guard (#17)
             due = rules.due_jobs(run, now)
             control = await self.workload.decide(run, workflow, due, now) if due else None
-            effects.extend(rules.retry_due(run, workflow, retry, now, control) if retry
-                           else rules.dispatch(run, workflow, now, control, guarded))
+            # the gate (#16) takes slots only for the jobs the breakers and versions let go
+            stopped = {sid for sid, d in (control or {}).items() if not isinstance(d, Route)}
+            held = await self.admit(run, workflow, now, woken=woken, skip=stopped)
+            effects.extend(rules.retry_due(run, workflow, retry, now, control, held) if retry
+                           else rules.dispatch(run, workflow, now, control, guarded, held))
             await self.send_notifications(effects)
 
         handle, _ = await self.store.update(tenant, run_id, decide)
         await self.carry_out(effects)
         return handle.run
+
+    # -- the gate (#16) ----------------------------------------------------------------------
+    async def admit(self, run: Run, workflow: Workflow, now: datetime, *, woken: bool = False,
+                    skip: Container[str] = ()) -> dict[str, gate.Hold]:
+        """The jobs due now that a limit holds back (step id -> why); every other one took its
+        slots (and tokens). Costs nothing for a workflow no limit can apply to. A job that waits
+        already (its StepThrottled is in the log) tries again only when ``woken``."""
+        held: dict[str, gate.Hold] = {}
+        limited = gate.gated(workflow, self.gatekeeper.config)
+        for state in rules.due_jobs(run, now):
+            if state.step_id in skip:  # a breaker holds it, or it fails fast: no slot
+                continue
+            if state.throttled == state.attempt + 1 and not woken:
+                held[state.step_id] = WAITING
+                continue
+            if self.queue.full(run.tenant, state.topic or ""):
+                held[state.step_id] = self.queue.hold(run.tenant, state.topic or "", run.run_id,
+                                                      gate.priority_of(run, workflow))
+                continue
+            # counted before it is published, so a burst of decisions cannot all see room
+            self.queue.published(run.tenant, state.topic or "")
+            if not limited:
+                continue
+            try:
+                limits = gate.limits_for(run, workflow, state, self.gatekeeper.config)
+            except LimitError as e:
+                held[state.step_id] = gate.Hold("key", f"cannot compute the step's limit key: {e}", fail=True)
+                continue
+            if not limits:
+                continue
+            waiter = GateWaiter(tenant=run.tenant, run_id=run.run_id, step_id=state.step_id,
+                                priority=gate.priority_of(run, workflow), since=time.time())
+            hold = await self.gatekeeper.admit(job_id(run.run_id, state.step_id, state.attempt + 1), waiter, limits)
+            if hold is not None:
+                held[state.step_id] = hold
+        return held
+
+    async def release_ended(self, run: Run, step_ids: Sequence[str] | None = None) -> None:
+        """Give back the slots of jobs whose attempt has ended (and, for an ended run, the places
+        its jobs held in queues), after the outcome is durable; wake the runs whose jobs may go."""
+        if not gate.gated(workflow := await self.registry.get(run.workflow_id, run.workflow_version),
+                          self.gatekeeper.config):
+            return
+        for sid in step_ids if step_ids is not None else list(run.steps):
+            state = run.steps.get(sid)
+            if state is None or state.step_type != "job":
+                continue
+            jobs = []
+            if state.job_id and (run.terminal or state.status not in ACTIVE_ATTEMPT):
+                jobs.append(state.job_id)
+            if run.terminal and state.throttled:
+                jobs.append(job_id(run.run_id, sid, state.throttled))
+            if not jobs:
+                continue
+            try:
+                limits = gate.limits_for(run, workflow, state, self.gatekeeper.config)
+            except LimitError:
+                continue
+            for job in jobs:
+                woken = await self.gatekeeper.release(job, [lim for lim in limits if lim.kind == "concurrency"])
+                self.wake([(w.tenant, w.run_id) for _, w in woken])
+
+    async def sweep(self) -> int:
+        try:
+            await self.sweep_gate()
+        except Exception as e:  # a reconnect, an election: the next pass; the runs' sweep still goes
+            log.warning("dispatcher: gate sweep failed: %r", e)
+        return await super().sweep()
+
+    async def sweep_gate(self, grace: float = GATE_SWEEP_GRACE_S) -> int:
+        """Give back slots held by jobs that are not in flight and places held by jobs that no
+        longer wait (a copy killed between taking a slot and recording the dispatch, or between
+        the outcome and the release); the run's log decides. Returns the entries removed."""
+        removed = 0
+        now = time.time()
+        for key in await self.gatekeeper.keys():
+            state, _ = await self.gatekeeper.read(key)
+            entries = [(job, h.tenant, h.run_id, h.step_id, True) for job, h in state.holders.items()
+                       if now - h.at > grace]
+            entries += [(job, w.tenant, w.run_id, w.step_id, False) for job, w in state.waiting.items()
+                        if now - w.since > grace]
+            for job, tenant, run_id, step_id, holding in entries:
+                try:
+                    run = (await self.store.load(tenant, run_id, fresh=True)).run
+                except RunNotFound:
+                    run = None
+                step = run.steps.get(step_id) if run is not None else None
+                live = run is not None and not run.terminal and step is not None and (
+                    (step.job_id == job and step.status in ACTIVE_ATTEMPT) if holding
+                    else (rules.job_due(step, datetime.now(UTC)) or step.status == "retry_wait")
+                    and job == job_id(run_id, step_id, step.attempt + 1))
+                if live:
+                    continue
+                await self.gatekeeper.change(key, functools.partial(_released, job=job))
+                removed += 1
+                log.info("dispatcher: gate %s: %s %s of run %s, which the log shows %s", key,
+                         "gave back the slot of" if holding else "dropped", job, run_id,
+                         "ended" if run is None or run.terminal else (step.status if step else "unknown"))
+        return removed
+
+    def wake(self, runs: Sequence[tuple[str, str]]) -> None:
+        """Dispatch what is due in these runs (their jobs may go now), in the background."""
+        for tenant, run_id in dict.fromkeys(runs):
+            task = asyncio.create_task(self._wake(tenant, run_id), name=f"dispatcher-wake-{run_id}")
+            self._wakes.add(task)
+            task.add_done_callback(self._wakes.discard)
+
+    async def _wake(self, tenant: str, run_id: str) -> None:
+        try:
+            run = await self.dispatch(tenant, run_id, woken=True)
+            if run.terminal:
+                await self.release_ended(run)
+        except Exception as e:  # the sweep dispatches it later
+            log.warning("dispatcher: waking run %s failed: %r", run_id, e)
 
     # -- outcomes ----------------------------------------------------------------------------
     async def on_result(self, msg: Msg) -> None:
@@ -192,6 +349,7 @@ class DispatcherService(Service):
         while len(self._finished_jobs) > MEMORY_LIMIT:
             self._finished_jobs.popitem(last=False)
         await self.carry_out(effects)
+        await self.release_ended(handle.run, [result.step_id])
 
     async def seal_result(self, workflow: Workflow, result: JobResult, output: Any) -> tuple[JobResult, Any]:
         """The result with any sensitive output value that arrived in clear (a worker that does not
@@ -271,6 +429,8 @@ class DispatcherService(Service):
             return
         if timer.kind == "breaker":  # a held job looks again
             await self.dispatch(timer.tenant, timer.run_id)
+        if timer.kind == "gate":  # a rate-limited job's token is due
+            await self.dispatch(timer.tenant, timer.run_id, woken=True)
             return
         job = job_id(timer.run_id, timer.step_id, timer.attempt) if timer.step_id and timer.attempt else None
         if job in self._finished_jobs:
@@ -292,3 +452,5 @@ class DispatcherService(Service):
                 and state.error.kind == "timeout":  # the attempt timed out (now or before): a failure
             await self.count_outcome(handle.run, state.step_id, job, False)
         await self.carry_out(effects)
+        if timer.step_id:
+            await self.release_ended(handle.run, [timer.step_id])

@@ -43,6 +43,8 @@ from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
 from interlock.contracts.authorship import approval_bytes
 from interlock.contracts.messages import (
+    PRIORITY_MAX,
+    PRIORITY_MIN,
     AgentRegistration,
     Alert,
     ApiKeyRecord,
@@ -131,6 +133,13 @@ KEEP_INPUT: Any = object()
 """Default of :meth:`Client.retry_step`'s ``input`` (and ``give_feedback``'s ``correction``): none given
 (``None`` is a JSON null, a value like any other)."""
 REQUEST_TIMEOUT = 5.0  # how long a service may take to answer, and how long we wait for one to appear
+
+
+def _priority(priority: int | None) -> int | None:
+    """A run priority as asked for, checked here so a bad one is a clear error, not a dead letter."""
+    if priority is not None and not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise ClientError(f"priority must be {PRIORITY_MIN} (lowest) to {PRIORITY_MAX} (highest), not {priority}")
+    return priority
 
 
 def _tls_overrides(ca: str | Path | None, cert: str | Path | None, key: str | Path | None,
@@ -367,10 +376,12 @@ class Client:
     # -- runs --------------------------------------------------------------------------------
     async def start_run(self, workflow_id: str, input: Any = None, *, key: str | None = None,
                         version: str | None = None, requested_by: str = "", rerun_of: str | None = None,
-                        reuse: dict[str, Any] | None = None, check: bool = True, patience: float = 30.0) -> str:
+                        reuse: dict[str, Any] | None = None, check: bool = True, patience: float = 30.0,
+                        priority: int | None = None) -> str:
         """Publish a trigger and return the run id. The same ``key`` never starts two runs (the id
         is derived from tenant, workflow and key). ``check``: first make sure the workflow exists;
-        ``patience``: how long to keep publishing through a failover."""
+        ``patience``: how long to keep publishing through a failover; ``priority``: 1 (lowest) to 5
+        (highest), default the workflow's (else 3): a saturated topic hands out higher ones first."""
         paths: frozenset[str] = frozenset()
         if check:
             paths = (await self.workflow(workflow_id, version)).sensitive_paths("input")
@@ -379,7 +390,8 @@ class Client:
         # sensitive values leave this process sealed: the trigger stream never holds them in clear
         input = self._seal_input(run_id, input, paths)
         trigger = Trigger(workflow_id=workflow_id, workflow_version=version, input=input, idempotency_key=key,
-                          tenant=self.tenant, requested_by=requested_by, rerun_of=rerun_of, reuse_outputs=reuse or {})
+                          tenant=self.tenant, requested_by=requested_by, rerun_of=rerun_of, reuse_outputs=reuse or {},
+                          priority=_priority(priority))
         await publish(self.js, s.trigger(self.tenant, workflow_id), trigger.model_dump_json().encode(),
                       headers={h.MSG_ID: f"trigger:{self.tenant}:{workflow_id}:{key}"}, patience=patience)
         return run_id
@@ -408,9 +420,11 @@ class Client:
             raise ClientError(str(e)) from None
 
     async def submit_run(self, workflow_id: str, input: Any = None, *, key: str, version: str | None = None,
-                         requested_by: str = "", wait_started: float = 0.0) -> tuple[str, bool]:
+                         requested_by: str = "", wait_started: float = 0.0, priority: int | None = None
+                         ) -> tuple[str, bool]:
         """Start a run unless trigger ``key`` already started one: (run id, True if this call
-        started it). Raises :class:`NotFound` for an unknown workflow (or version).
+        started it). Raises :class:`NotFound` for an unknown workflow (or version). ``priority``:
+        as for :meth:`start_run`.
 
         ``wait_started``: wait up to this many seconds for the run's first commit, so that a read
         right after (an HTTP client following the Location) finds it; on timeout it returns anyway
@@ -421,7 +435,7 @@ class Client:
             self._known_workflows[(workflow_id, version)] = time.monotonic()
         run_id = str(run_id_for(self.tenant, workflow_id, key))
         trigger = Trigger(workflow_id=workflow_id, workflow_version=version, input=input, idempotency_key=key,
-                          tenant=self.tenant, requested_by=requested_by)
+                          tenant=self.tenant, requested_by=requested_by, priority=_priority(priority))
         with self._slots_busy():
             # both at once (one round trip): a trigger for a run that exists changes nothing (the
             # planner starts a run id once), so publishing it whatever the log holds is safe; the
@@ -833,6 +847,20 @@ class Client:
                 entry = await kv.get(key)
                 regs.append(AgentRegistration.model_validate_json(entry.value or b"{}"))
         return sorted(regs, key=lambda r: (r.topic, r.worker_id))
+
+    async def queue_depth(self) -> dict[str, int]:
+        """Jobs queued per topic of this tenant: published by the dispatcher and not yet finished by a
+        worker (the jobs stream is a work queue). Jobs a workload limit holds back are not queued yet:
+        they wait in the dispatcher's gate (StepThrottled in their runs' logs)."""
+        try:
+            info = await self.js.stream_info(s.JOBS_STREAM, subjects_filter=s.tenant_jobs(self.tenant))
+        except Exception as e:
+            raise Unavailable(f"cannot read the jobs stream: {e!r}") from None
+        depth = {}
+        for subject, count in (info.state.subjects or {}).items():
+            with contextlib.suppress(ValueError):
+                depth[s.parse_job(subject)[1]] = int(count)
+        return dict(sorted(depth.items()))
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """The oldest ``limit`` dead letters: messages a service could not process. Anything else

@@ -98,6 +98,7 @@ class StepState:
     guard_hold: str | None = None
     agent_version: str = ""  # the version the current attempt was routed to ('' = any worker)
     held: ev.StepHeld | None = None  # the dispatcher's latest hold of the next attempt (issue 16)
+    throttled: int | None = None  # the attempt a workload limit holds back (StepThrottled), until dispatched
 
     @property
     def terminal(self) -> bool:
@@ -160,6 +161,11 @@ class Run(Aggregate):
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL_RUN
+
+    @property
+    def priority(self) -> int:
+        """The priority the run was started with (1-5), 0 when it named none (the workflow's applies)."""
+        return self.data.priority or 0
 
     # -- commands ----------------------------------------------------------------------------
     @classmethod
@@ -294,6 +300,16 @@ class Run(Aggregate):
         step = self._step("hold_step", data.step_id, "released", "retry_wait")
         if data.attempt != step.attempt + 1:
             raise self._refuse("hold_step", f"attempt {data.attempt} is not next ({step.attempt + 1})", data.step_id)
+        self._trigger(data)
+
+    def throttle_step(self, data: ev.StepThrottled) -> None:
+        self._require_running("throttle_step", compensating_ok=True)
+        step = self._step("throttle_step", data.step_id, "released", "retry_wait")
+        if data.attempt != step.attempt + 1:
+            raise self._refuse("throttle_step", f"attempt {data.attempt} is not next ({step.attempt + 1})",
+                               data.step_id)
+        if step.throttled == data.attempt:
+            raise self._refuse("throttle_step", f"attempt {data.attempt} is throttled already", data.step_id)
         self._trigger(data)
 
     def record_heartbeat(self, data: ev.StepHeartbeat) -> None:
@@ -567,10 +583,14 @@ class Run(Aggregate):
         step.retry_due_at = None
         step.agent_version = d.agent_version
         step.held = None
+        step.throttled = None
 
     def _on_StepHeld(self, d: ev.StepHeld, at: datetime) -> None:
         """The step keeps its status (released or retry_wait): only the hold is remembered."""
         self._touch(d.step_id, at).held = d
+
+    def _on_StepThrottled(self, d: ev.StepThrottled, at: datetime) -> None:
+        self._touch(d.step_id, at).throttled = d.attempt
 
     def _on_StepHeartbeat(self, d: ev.StepHeartbeat, at: datetime) -> None:
         step = self._touch(d.step_id, at)
@@ -762,6 +782,7 @@ _STATE_CHANGES: dict[str, _StateChange] = ev.complete_table("Run state changes",
     ev.ApprovalInvalidated: Run._on_ApprovalInvalidated,
     ev.ApprovalEscalated: Run._on_ApprovalEscalated,
     ev.StepDispatched: Run._on_StepDispatched,
+    ev.StepThrottled: Run._on_StepThrottled,
     ev.StepHeartbeat: Run._on_StepHeartbeat,
     ev.StepHeld: Run._on_StepHeld,
     ev.StepSucceeded: Run._on_StepSucceeded,

@@ -211,6 +211,11 @@ def _d_held(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return text, {"topic": d.get("topic"), "reason": reason, "until": d.get("until")}
 
 
+def _d_throttled(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    text = f"throttled, attempt {int_field(d, 'attempt')} waits: {str_field(d, 'reason') or str_field(d, 'scope', '?')}"
+    return text, {"scope": d.get("scope"), "priority": d.get("priority")}
+
+
 def _d_heartbeat(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     text = f"heartbeat, attempt {int_field(d, 'attempt')}"
     if d.get("worker"):
@@ -383,6 +388,7 @@ _DESCRIBE: dict[str, Describer] = ev.complete_table("timeline descriptions", {
     ev.ApprovalEscalated: _d_approval_escalated,
     ev.RunAdmitted: _d_run_admitted,
     ev.StepDispatched: _d_dispatched,
+    ev.StepThrottled: _d_throttled,
     ev.StepHeartbeat: _d_heartbeat,
     ev.StepHeld: _d_held,
     ev.StepSucceeded: _d_succeeded,

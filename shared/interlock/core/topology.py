@@ -110,6 +110,7 @@ BUCKETS: tuple[BucketSpec, ...] = (
     BucketSpec(s.BREAKERS_BUCKET, "Circuit breakers per tenant and topic (the log keys' history is each one's log)",
                history=64),
     BucketSpec(s.ROLLOUTS_BUCKET, "Canary rollouts of agent versions per tenant and topic", history=16),
+    BucketSpec(s.GATE_BUCKET, "Workload limits: slot holders, waiting jobs and rate tokens (compare-and-set)"),
 )
 
 

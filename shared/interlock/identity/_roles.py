@@ -138,6 +138,9 @@ def _service(name: str) -> Callable[[Scope], Grant]:
             reads.append(p.kv_stream(s.CACHE_BUCKET))
         # buckets the catalog says this service writes (breakers, rollouts: the dispatcher)
         pub += [p.kv_keys(entry.bucket) for entry in c.KEY_VALUE if name in entry.writers]
+        if name == c.DISPATCHER:  # the workload gate's slots and tokens (catalog.WORKLOAD_GATE)
+            pub.append(p.kv_keys(s.GATE_BUCKET))
+            reads.append(p.kv_stream(s.GATE_BUCKET))
         return Grant(publish=_unique(pub), subscribe=_unique(sub), reads=_unique([*reads, *_BUCKET_STREAMS, _PAYLOADS]),
                      deny=_NOT_ADMIN_DENY, responds=responds)
     return grant
@@ -151,7 +154,8 @@ def _api(scope: Scope) -> Grant:
     # what the API's keys may ask of it (it checks each key's role itself): API keys, checked on every
     # request and administered by admin keys; workflows (admin keys); policy bundles (policy-admin keys)
     pub += [p.kv_keys(s.APIKEYS_BUCKET), p.kv_keys(s.WORKFLOWS_BUCKET), p.kv_keys(s.POLICIES_BUCKET),
-            p.js_stream_info(s.TRIGGERS_STREAM)]  # a workflow's own trigger subjects: are they captured yet?
+            p.js_stream_info(s.TRIGGERS_STREAM),  # a workflow's own trigger subjects: are they captured yet?
+            p.js_stream_info(s.JOBS_STREAM)]  # queue depth per topic (`interlock agents`), as workers may read it
     # each API key's own signing key is put in the keyring when the key is created (and revoked with it)
     pub += [p.kv_keys(s.KEYRING_BUCKET)]
     # canary rollouts started and aborted through the API (operator keys, checked per tenant by the API)
@@ -186,7 +190,9 @@ def _person(extra: Callable[[Scope], Sequence[str]], *, admin: bool = False) -> 
     (consumers held to the tenant's subjects) and reads the buckets; roles add to that."""
     def grant(scope: Scope) -> Grant:
         t = scope.tenant
-        pub = [s.JS_API_INFO, p.JS_STREAM_NAMES, p.pattern(s.query, t, p.ANY), *extra(scope)]
+        # the jobs stream's info: queue depth per topic (`interlock agents`), as every worker may read it
+        pub = [s.JS_API_INFO, p.JS_STREAM_NAMES, p.js_stream_info(s.JOBS_STREAM), p.pattern(s.query, t, p.ANY),
+               *extra(scope)]
         reads = list(_BUCKET_STREAMS)
         if admin:
             pub += [p.JS_API_ALL, p.kv_keys(s.APPROVERS_BUCKET), p.kv_keys(s.WORKFLOWS_BUCKET),

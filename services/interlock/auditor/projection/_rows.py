@@ -303,6 +303,7 @@ ROW_HANDLERS: dict[str, RowHandler] = ev.complete_table("auditor projection row 
     ev.ApprovalEscalated: _h_approval_escalated,
     ev.RunAdmitted: _h_nothing,
     ev.StepDispatched: _h_dispatched,
+    ev.StepThrottled: _h_nothing,  # evidence: the step stays released until it is dispatched
     ev.StepHeartbeat: _h_heartbeat,
     ev.StepHeld: _h_nothing,  # the step's status does not change; the timeline row is the record
     ev.StepSucceeded: _h_succeeded,

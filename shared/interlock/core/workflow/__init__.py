@@ -2,7 +2,19 @@
 
 from ._guard import ContentRules, Guard, OnViolation, Rule
 from ._load import LoadSettings, decode_workflow, load_workflow, parse_workflow, read_workflow_file, workflow_files
-from ._model import BreakerSpec, Cache, OnError, RetryPolicy, Step, StepType, WhenOpen, Workflow, duration_ms
+from ._model import (
+    BreakerSpec,
+    Cache,
+    Concurrency,
+    OnError,
+    Rate,
+    RetryPolicy,
+    Step,
+    StepType,
+    WhenOpen,
+    Workflow,
+    duration_ms,
+)
 from ._problems import Problem, WorkflowInvalid, format_problems
 from ._schedule import Missed, Schedule, every_seconds, zone
 from ._templates import TemplateError, evaluate_condition, evaluate_for_each, render_input, render_text
@@ -10,6 +22,7 @@ from ._templates import TemplateError, evaluate_condition, evaluate_for_each, re
 __all__ = [
     "BreakerSpec",
     "Cache",
+    "Concurrency",
     "ContentRules",
     "Guard",
     "LoadSettings",
@@ -17,6 +30,7 @@ __all__ = [
     "OnError",
     "OnViolation",
     "Problem",
+    "Rate",
     "RetryPolicy",
     "Rule",
     "Schedule",

@@ -32,6 +32,7 @@ from ._checks import STEP_TYPES, did_you_mean, semantic_issues, transitive
 from ._guard import Guard, json_schema
 from ._problems import Issue, Path, WorkflowInvalid, to_problems
 from ._schedule import Schedule
+from ._templates import checked_template
 
 _WORKFLOW_ID = re.compile(r"^[a-z0-9_-]+$")
 _STEP_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
@@ -303,6 +304,39 @@ class Cache(BaseModel):
     ttl_ms: Annotated[int, BeforeValidator(_cache_ttl)] = Field(alias="ttl")
 
 
+class Concurrency(BaseModel):
+    """At most ``limit`` jobs in flight at once. With ``key`` (a template such as
+    ``"customer-{{ input.customer }}"``) the limit is per rendered value, shared by every
+    workflow whose key renders the same; without, per workflow (or per step, on a step)."""
+
+    model_config = _FROZEN
+
+    limit: Annotated[int, Strict(), Field(ge=1)]
+    key: Annotated[str, Strict(), AfterValidator(checked_template)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_int(cls, data: Any) -> Any:
+        if isinstance(data, int) and not isinstance(data, bool):
+            return {"limit": data}
+        return data
+
+
+class Rate(BaseModel):
+    """At most ``per_s`` jobs a second on average, ``burst`` at once (a token bucket). With ``key``
+    (a template), per rendered value, shared across workflows; without, per step."""
+
+    model_config = _FROZEN
+
+    per_s: Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+    burst: Annotated[int, Strict(), Field(ge=1)] = 1
+    key: Annotated[str, Strict(), AfterValidator(checked_template)] | None = None
+
+
+Priority = Annotated[int, Strict(), Field(ge=1, le=5)]
+"""A run priority: 1 (lowest) to 5 (highest)."""
+
+
 class Step(BaseModel):
     """One step. Field types are checked here; rules across fields are checked by Workflow."""
 
@@ -330,6 +364,8 @@ class Step(BaseModel):
     # workload control (issue 16): left out of the content hash while unset
     breaker: BreakerSpec | None = None
     agent_version: VersionRange | None = None
+    concurrency: Concurrency | None = None  # workload limits (see interlock.dispatcher.gate)
+    rate: Rate | None = None
     # approval steps
     approvers: Text = "approver"
     prompt: Text | None = None
@@ -357,8 +393,8 @@ class Step(BaseModel):
 
 
 # not in the content hash while at their default
-_ADDED_LATER = ("sensitive", "budget", "record_prompts", "sla", "schedule")
-_STEP_ADDED_LATER = ("cache", "breaker", "agent_version")  # step fields likewise: unset, not hashed
+_ADDED_LATER = ("sensitive", "budget", "record_prompts", "sla", "schedule", "priority", "concurrency")
+_STEP_ADDED_LATER = ("cache", "breaker", "agent_version", "concurrency", "rate")  # step fields likewise
 
 
 class Workflow(BaseModel):
@@ -381,6 +417,8 @@ class Workflow(BaseModel):
     budget: Budget | None = None
     sla: Sla | None = None
     record_prompts: Annotated[bool, Strict()] = False  # let agents keep prompts in the log (LlmCall.prompt)
+    priority: Priority | None = None  # the default priority of its runs (3 when unset)
+    concurrency: Concurrency | None = None  # jobs of all its runs in flight at once
 
     @model_validator(mode="wrap")
     @classmethod
@@ -486,6 +524,8 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "schedule": tuple(Schedule.model_fields),
     "guard": ("schema", *(f for f in Guard.model_fields if f != "schema_")),
     "breaker": tuple(BreakerSpec.model_fields),
+    "concurrency": tuple(Concurrency.model_fields),
+    "rate": tuple(Rate.model_fields),
 }
 
 _YAML_BOOL_HINT = " (YAML reads yes/no/on/off/true/false as booleans; quote it)"
@@ -504,10 +544,11 @@ def _fields_at(parent: Path) -> tuple[str, ...]:
         return _FIELDS["workflow"]
     if len(parent) == 2 and parent[0] == "steps":
         return _FIELDS["step"]
-    if len(parent) == 3 and parent[0] == "steps" and parent[2] in ("retries", "cache", "guard", "breaker"):
+    nested = ("retries", "cache", "guard", "breaker", "concurrency", "rate")
+    if len(parent) == 3 and parent[0] == "steps" and parent[2] in nested:
         return _FIELDS[str(parent[2])]
-    if parent == ("schedule",):
-        return _FIELDS["schedule"]
+    if parent in (("schedule",), ("concurrency",)):
+        return _FIELDS[str(parent[0])]
     return ()
 
 
