@@ -88,6 +88,7 @@ class DispatcherService(Service):
         self._rng = random.Random()
         self.cache: ResultCache  # the result cache (issue 17), once connected
         self._workload: WorkloadControl | None = None
+        self._wakes: set[asyncio.Task[None]] = set()
 
     @property
     def workload(self) -> WorkloadControl:
@@ -95,8 +96,6 @@ class DispatcherService(Service):
         if self._workload is None:
             self._workload = WorkloadControl(self.js, self.settings.instance)
         return self._workload
-
-        self._wakes: set[asyncio.Task[None]] = set()
 
     async def setup(self) -> None:
         self.cache = ResultCache(self.js)
