@@ -18,7 +18,7 @@ import pytest
 from interlock.contracts import events as ev
 from interlock.core.rundiff import since_time
 from tests.browser.conftest import Console
-from tests.browser.test_console import ALERT, LIVE_TIMEOUT_MS, awaiting_approval
+from tests.browser.test_console import ALERT, LIVE_TIMEOUT_MS, awaiting_approval, wait_status
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.timeout(240)]
 
@@ -145,3 +145,30 @@ async def test_the_compare_page_marks_the_first_divergence_of_two_runs_and_the_f
     bad = await page.goto(console.url("/workflows/incident-remediation/failures?since=yesterday-ish"))
     assert bad is not None and bad.status == 400
     await asyncio.gather(*(console.admin.cancel(r, reason="test over") for r in (run_a, run_b)))
+
+
+async def test_an_operator_resumes_a_failed_run_from_its_page_and_the_same_run_goes_on(
+        console: Console, tmp_path: Path) -> None:
+    approver = await console.person("approver", tmp_path)
+    operator = await console.person("operator", tmp_path)
+    run_id = await parked_run(console)
+    await approver.sign_in()
+    inbox = approver.page
+    await inbox.goto(console.url("/approvals"))
+    card = inbox.locator(f"#approval-{run_id}-approval_gate")
+    await card.locator("input[name=reason]").fill("not today")
+    await card.locator("button.reject").click()
+    await inbox.wait_for_selector(".flash.ok")
+    await wait_status(console.admin, run_id, "failed")
+
+    await operator.sign_in()
+    page = operator.page
+    await page.goto(console.url(f"/runs/{run_id}"))
+    assert await page.locator("#pause-run").count() == 0, "a failed run cannot be paused"
+    await page.fill("#resume-reason", "the change window opened")
+    await page.click("#resume-run")
+    await page.wait_for_selector(event_row(ev.RunResumed), timeout=LIVE_TIMEOUT_MS)
+    await awaiting_approval(console.admin, run_id)  # the same run asks again
+    assert (await console.admin.load_run(run_id)).status == "running"
+    await operator.shot("run-resumed")
+    await console.admin.cancel(run_id, reason="test over")

@@ -32,7 +32,7 @@ function restoreForms(root, kept) {
 }
 
 function startLive(el) {
-  const url = el.dataset.live;
+  const url = el.dataset.live || el.dataset.liveIdle;
   const every = parseInt(el.dataset.liveEvery || "2000", 10);
   let stopped = false, failures = 0, timer = null, busy = false, again = false;
   let source = null, streaming = false;
@@ -136,7 +136,7 @@ async function sendToApi(form) {
     if (!res.ok) { say(reply.detail ? (typeof reply.detail === "string" ? reply.detail : JSON.stringify(reply.detail)) : "HTTP " + res.status, false); return; }
     say(reply.detail && typeof reply.detail === "string" ? "done: " + reply.detail : "done", true);
     form.querySelectorAll("input:not([type=hidden]), textarea").forEach(f => { f.value = ""; });
-    document.querySelectorAll("[data-live]").forEach(live => live.dispatchEvent(new Event("interlock:refresh")));
+    document.querySelectorAll("[data-live], [data-live-idle]").forEach(live => live.dispatchEvent(new Event("interlock:refresh")));
   } catch (err) {
     say("could not reach the API: " + err.message, false);
   } finally {
@@ -146,6 +146,8 @@ async function sendToApi(form) {
 
 document.addEventListener("DOMContentLoaded", () => {
   document.querySelectorAll("[data-live]").forEach(startLive);
+  // data-live-idle: the same, started by the first intervention on the page
+  document.querySelectorAll("[data-live-idle]").forEach(el => el.addEventListener("interlock:refresh", () => startLive(el), { once: true }));
   document.addEventListener("submit", (event) => {
     const form = event.target;
     if (form.dataset.api) { event.preventDefault(); sendToApi(form); return; }
