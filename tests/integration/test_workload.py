@@ -206,6 +206,17 @@ async def _run_until(harness: Harness, wf: str, done: Callable[[], Awaitable[Any
     raise AssertionError(f"not done after {limit} runs")
 
 
+async def _until_live(client: Client, topic: str, versions: set[str], patience: float = 15.0) -> None:
+    """Until the registry lists a worker of each version (a busy server may answer a listing late)."""
+    deadline = asyncio.get_running_loop().time() + patience
+    while True:
+        live = {a.version for a in await client.agents() if a.topic == topic}
+        if versions <= live:
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"versions live for {topic}: {sorted(live)}"
+        await asyncio.sleep(0.1)
+
+
 async def _routes(harness: Harness, runs: list[str]) -> list[dict[str, Any]]:
     return [e["data"] for run in runs for e in of_type(await harness.events(run), "StepDispatched")]
 
@@ -217,6 +228,7 @@ async def test_a_canary_of_a_failing_version_is_rolled_back(two_copies: Harness,
     served: list[tuple[str, str, str]] = []
     await harness.start_worker(versioned_worker(topic, "1.4", served))
     await harness.start_worker(versioned_worker(topic, "2.0", served, fail=True))
+    await _until_live(operator, topic, {"1.4", "2.0"})
     rollout = await operator.rollout_start(topic, "2.0", 0.5, min_jobs=3, window_s=600)
     assert (rollout.stable, rollout.canary, rollout.status) == ("1.4", "2.0", "active")
 
@@ -225,7 +237,10 @@ async def test_a_canary_of_a_failing_version_is_rolled_back(two_copies: Harness,
     assert ended.canary_stats.jobs >= 3 and ended.canary_stats.failures == ended.canary_stats.jobs
     assert "failure rate" in ended.reason and ended.decided_by == "dispatcher"
     routes = await _routes(harness, runs)
-    assert {(r["agent_version"], r["route"]) for r in routes} == {("1.4", "stable"), ("2.0", "canary")}
+    # the share is by a hash of each (random) job id: the stable side may get none before three
+    # canary jobs have failed, so only the canary's routing is certain here (stable is checked below)
+    seen = {(r["agent_version"], r["route"]) for r in routes}
+    assert ("2.0", "canary") in seen and seen <= {("1.4", "stable"), ("2.0", "canary")}
     # every job reached a worker of the version it was routed to, and only that one
     assert served and all(mine == routed for _, mine, routed in served)
 
@@ -244,6 +259,7 @@ async def test_a_healthy_canary_is_promoted(two_copies: Harness, operator: Clien
     served: list[tuple[str, str, str]] = []
     await harness.start_worker(versioned_worker(topic, "1", served))
     await harness.start_worker(versioned_worker(topic, "2", served))
+    await _until_live(operator, topic, {"1", "2"})
     await operator.rollout_start(topic, "2", 0.5, min_jobs=3, window_s=1.0, max_latency_ratio=20)
 
     runs = await _run_until(harness, wf, lambda: _rollout(operator, topic, "promoted"))

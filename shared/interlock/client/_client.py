@@ -834,10 +834,17 @@ class Client:
     # -- operations --------------------------------------------------------------------------
     async def agents(self) -> list[AgentRegistration]:
         """This tenant's registered agent workers, by topic and worker id."""
-        try:
-            kv = await self.js.key_value(s.AGENTS_BUCKET)
-            keys = await kv.keys()
-        except Exception:  # no bucket, or no keys: nobody registered
+        keys: list[str] = []
+        for attempt in range(3):
+            try:
+                kv = await self.js.key_value(s.AGENTS_BUCKET)
+                keys = await kv.keys()
+                break
+            except nats.js.errors.NoKeysError:  # nobody registered
+                return []
+            except Exception:  # no bucket yet, or a listing a busy server let time out: ask again
+                await asyncio.sleep(0.1 * (attempt + 1))
+        else:
             return []
         regs = []
         for key in keys:
