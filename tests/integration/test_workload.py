@@ -8,7 +8,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -16,7 +15,7 @@ import pytest
 from interlock.client import Client
 from interlock.dispatcher.service import DispatcherService
 from interlock.worker import JobContext, Worker
-from tests.integration.harness import Harness, connect, unique
+from tests.integration.harness import Harness, unique
 from tests.principals import Principals
 
 pytestmark = pytest.mark.integration
@@ -24,16 +23,6 @@ pytestmark = pytest.mark.integration
 T = TypeVar("T")
 
 
-@pytest.fixture
-async def two_copies(provisioned: str, admin_creds: Path, principals: Principals) -> AsyncIterator[Harness]:
-    nc = await connect(provisioned, admin_creds)
-    h = Harness(url=provisioned, nc=nc, principals=principals)
-    await h.start_services(copies=2)
-    try:
-        yield h
-    finally:
-        await h.stop()
-        await nc.close()
 
 
 @pytest.fixture
