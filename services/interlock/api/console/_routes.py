@@ -28,6 +28,7 @@ from interlock.api.console._view import STATIC, environment, parse_time
 from interlock.client import Client, ClientError, NotFound
 from interlock.contracts import events as ev
 from interlock.core.run import Run
+from interlock.core.rundiff import since_time
 from interlock.core.workflow import Workflow
 from interlock.runtime.apikeys import wrap_key
 
@@ -294,6 +295,9 @@ async def run_live(request: Request, run_id: str, who: Who = Depends(session.sig
             "timeline": _fragment("_timeline.html", who, request, **context)}
     if run.terminal:
         html["run-actions"] = _fragment("_run_actions.html", who, request, plan=None, **context)
+    # pause/unpause/resume: which buttons show follows the run's state (their reason fields are
+    # re-rendered only when that changes: innerHTML is compared first)
+    html["run-control"] = _fragment("_run_control.html", who, request, **context)
     return JSONResponse({"html": html, "done": run.terminal and projected_all, "status": run.status},
                         headers={"Cache-Control": "no-store"})
 
@@ -326,6 +330,45 @@ async def rerun(request: Request, run_id: str, who: Who = Depends(session.signed
         return _back(request, f"/runs/{run_id}")
     session.flash(request, "ok", f"re-run of {run_id} from {from_step} started")
     return _back(request, f"/runs/{new_id}")
+
+
+# -- compare runs, failures (issue 17: the pages over the client's run_diff and failures) -------
+@router.get("/runs/{run_id}/diff", response_class=HTMLResponse)
+async def diff_form(request: Request, run_id: str, against: str = "", who: Who = Depends(session.signed_in)
+                    ) -> Response:
+    """The run page's "compare with run …" form lands here: on to the diff page."""
+    other = against.strip()
+    if not other:
+        session.flash(request, "error", "name the run to compare with")
+        return _back(request, f"/runs/{run_id}")
+    return _back(request, f"/runs/{run_id}/diff/{other}")
+
+
+@router.get("/runs/{run_id}/diff/{other_id}", response_class=HTMLResponse)
+async def diff_page(request: Request, run_id: str, other_id: str, who: Who = Depends(session.signed_in)
+                    ) -> Response:
+    try:
+        diff = (await session.client(request, who).run_diff(run_id, other_id)).as_dict()
+    except NotFound as e:
+        return _error_page(request, who, "No such run", str(e), 404)
+    except ClientError as e:
+        return _error_page(request, who, "Runs unavailable", str(e), 503)
+    return _render(request, "diff.html", who, "run", diff=diff)
+
+
+@router.get("/workflows/{workflow_id}/failures", response_class=HTMLResponse)
+async def failures_page(request: Request, workflow_id: str, since: str = "7d",
+                        who: Who = Depends(session.signed_in)) -> Response:
+    try:
+        after = since_time(since.strip(), datetime.now(UTC)) if since.strip() else None
+    except ValueError as e:
+        return _error_page(request, who, "Bad time", f"since: {e}", 400, back=request.url.path)
+    try:
+        groups = await session.client(request, who).failures(workflow_id, since=after)
+    except ClientError as e:
+        return _error_page(request, who, "Failures unavailable", str(e), 503)
+    return _render(request, "failures.html", who, "runs", workflow_id=workflow_id, since=since,
+                   groups=[g.as_dict() for g in groups])
 
 
 # -- approvals -------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ ACTIONS: dict[str, Action] = {
     "cancel": Action.OPERATE,
     "rerun": Action.OPERATE,
     "approve": Action.APPROVE,
+    "intervene": Action.OPERATE,  # pause, unpause, resume a run; retry, skip a step (issue 17)
+    "feedback": Action.FEEDBACK,
     "dead_letters": Action.ADMIN,
 }
 
