@@ -6,29 +6,58 @@
 // once done is true the refresh stops (a finished run changes no more). With data-events="URL"
 // (a run's Server-Sent Events) each event of the types in data-event-types triggers a refresh at
 // once, and polling slows down to a safety net while the stream is open.
-// What a person typed into an API form, and the outcome shown in it, survive a refresh.
-function keptForms(root) {
-  const kept = new Map();
-  root.querySelectorAll("form[data-api]").forEach(form => {
-    const values = {};
-    form.querySelectorAll("input:not([type=hidden]), textarea").forEach(f => { if (f.value) values[f.name] = f.value; });
-    const out = form.querySelector("output.api-result");
-    kept.set(form.dataset.api, { values, text: out ? out.textContent : "", cls: out ? out.className : "" });
-  });
-  return kept;
+// A live refresh never takes a form away from someone using it: one holding the focus, a value
+// they typed, a submission on its way or its outcome (inUse). Such a form stays the very node it
+// was (text, caret and focus untouched) while everything around it is redrawn, as long as the
+// fresh HTML still offers a form of the same key (a form's content is fixed by its key: the
+// same template, session and target); a form the server no longer offers goes.
+function formKey(form) {
+  return form.dataset.api || form.getAttribute("action") || form.id || "";
 }
 
-function restoreForms(root, kept) {
-  root.querySelectorAll("form[data-api]").forEach(form => {
-    const was = kept.get(form.dataset.api);
-    if (!was) return;
-    for (const [name, value] of Object.entries(was.values)) {
-      const f = form.querySelector(`[name="${name}"]`);
-      if (f && !f.value) f.value = value;
-    }
-    const out = form.querySelector("output.api-result");
-    if (out && was.text) { out.textContent = was.text; out.className = was.cls; }
+function inUse(form) {
+  if (form.contains(document.activeElement) || form.dataset.sending) return true;
+  if (form.querySelector("output.api-result")?.textContent) return true;
+  return [...form.elements].some(f => {
+    if (f.type === "checkbox" || f.type === "radio") return f.checked !== f.defaultChecked;
+    if (f.tagName === "SELECT") return [...f.options].some(o => o.selected !== o.defaultSelected);
+    return (f.tagName === "TEXTAREA" || (f.tagName === "INPUT" && f.type !== "hidden")) && f.value !== f.defaultValue;
   });
+}
+
+function offers(node, key) {
+  if (node.nodeType !== Node.ELEMENT_NODE) return false;
+  return (node.matches("form") && formKey(node) === key) || [...node.querySelectorAll("form")].some(f => formKey(f) === key);
+}
+
+// live's children become fresh's, except each child holding a kept form: that one stays in the
+// document (moving it would blur the field being typed in) and is patched the same way. The
+// open state of a <details> that holds a kept form is left as the person set it.
+function patchChildren(live, fresh, kept) {
+  const freshKids = [...fresh.childNodes];
+  const stays = new Map();  // fresh child -> the live child that stands in for it
+  for (const child of live.children) {
+    const form = kept.find(f => child === f || child.contains(f));
+    if (!form) continue;
+    const twin = freshKids.find(n => !stays.has(n) && n.nodeType === Node.ELEMENT_NODE
+                                     && n.tagName === child.tagName && offers(n, formKey(form)));
+    if (twin) stays.set(twin, child);
+  }
+  const staying = new Set(stays.values());
+  [...live.childNodes].forEach(n => { if (!staying.has(n)) n.remove(); });
+  let next = live.firstChild;  // the next staying child
+  for (const n of freshKids) {
+    const old = stays.get(n);
+    if (!old) { live.insertBefore(n, next); continue; }
+    if (old !== next) live.insertBefore(old, next);  // the server reordered them (not seen so far)
+    next = old.nextSibling;
+    if (kept.includes(old)) continue;
+    for (const a of [...old.attributes]) {
+      if (!n.hasAttribute(a.name) && !(old.tagName === "DETAILS" && a.name === "open")) old.removeAttribute(a.name);
+    }
+    for (const a of [...n.attributes]) old.setAttribute(a.name, a.value);
+    patchChildren(old, n, kept);
+  }
 }
 
 function startLive(el) {
@@ -53,10 +82,10 @@ function startLive(el) {
       if (before === inner) continue;
       const key = d => (d.closest("[id]")?.id || "") + "|" + (d.querySelector("summary")?.textContent || "");
       const open = new Set([...target.querySelectorAll("details[open]")].map(key));
-      const kept = keptForms(target);
-      target.innerHTML = inner;
+      const fresh = document.createElement("template");
+      fresh.innerHTML = inner;
+      patchChildren(target, fresh.content, [...target.querySelectorAll("form")].filter(inUse));
       target.querySelectorAll("details").forEach(d => { if (open.has(key(d))) d.open = true; });
-      restoreForms(target, kept);
     }
   }
 
@@ -127,6 +156,7 @@ async function sendToApi(form) {
   }
   const button = form.querySelector("button[type=submit]");
   if (button) button.disabled = true;
+  form.dataset.sending = "true";  // in use until the outcome is shown (see inUse)
   try {
     const res = await fetch(form.dataset.api, {
       method: "POST", credentials: "same-origin", body: JSON.stringify(body),
@@ -140,6 +170,7 @@ async function sendToApi(form) {
   } catch (err) {
     say("could not reach the API: " + err.message, false);
   } finally {
+    delete form.dataset.sending;
     if (button) button.disabled = false;
   }
 }
