@@ -108,7 +108,7 @@ class DispatcherService(Service):
             await self.carry_out([notice])
             return
         run = await self.dispatch(tenant, run_id)
-        if any(e["type"] == ev.StepDispatched.type_name for e in envelopes):
+        if not run.terminal:
             workflow = await self.registry.get(run.workflow_id, run.workflow_version)
             await self.carry_out(rules.republish(run, workflow, envelopes, self._published))
         await self.carry_out(rules.retry_timers(run, envelopes))

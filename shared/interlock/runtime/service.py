@@ -15,7 +15,7 @@ import functools
 import logging
 import random
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from faststream.nats import NatsBroker, NatsCredentials, NatsMessage
@@ -25,8 +25,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from pydantic import BaseModel, ValidationError
 
+from interlock.contracts import routing, timing
 from interlock.contracts import subjects as s
-from interlock.contracts import timing
 from interlock.core.eventstore import EventStore, EventStoreError, RunNotFound, StaleState
 from interlock.core.eventstore.authenticity import Refusal
 from interlock.core.eventstore.recorder import StoredCommit, stored_commit
@@ -269,7 +269,7 @@ class Service:
     def durable(self, suffix: str = "") -> str:
         return f"{self.name}{'_' + suffix if suffix else ''}"
 
-    def pull(self, broker: NatsBroker, subject: str, stream: str, durable: str,
+    def pull(self, broker: NatsBroker, subject: str | Sequence[str], stream: str, durable: str,
              handler: Callable[[Msg], Awaitable[None]], *, ack_wait: float = timing.ACK_WAIT_S) -> None:
         """A durable pull consumer, shared by every copy of this service, with guarded handling.
 
@@ -279,7 +279,7 @@ class Service:
         queries stay FastStream subscribers.
         """
 
-        what = durable.removeprefix(self.name).strip("_") or subject
+        what = durable.removeprefix(self.name).strip("_") or str(subject)
         handled = metrics.bound_counter(metrics.messages_handled, {"service": self.name, "consumer": durable})
 
         async def consume(msg: Msg) -> None:
@@ -297,7 +297,8 @@ class Service:
     def pull_commits(self, broker: NatsBroker, handler: CommitHandler, *,
                      wants: frozenset[str] | Callable[[dict[str, Any]], bool] | None = None
                      ) -> None:
-        """Consume every run commit; keep the run cache current; call ``handler`` when relevant."""
+        """Consume the run commits routed to this service (:func:`routing.consumer_filters`: what
+        it acts on, or what keeps its cached runs whole); call ``handler`` when relevant."""
 
         async def on_commit(msg: Msg) -> None:
             try:
@@ -315,7 +316,7 @@ class Service:
             # nothing acts on a commit the keyring does not vouch for (the refusal is reported,
             # dead-lettered, once per process: see _refused)
             await self.store.prepare([commit])
-            if self.store.authenticity.check(msg.subject, commit, run_id, tenant) is not None:
+            if self.store.authenticity.check(s.run_events(tenant, run_id), commit, run_id, tenant) is not None:
                 self.store.forget(tenant, run_id)
                 return
             self.store.observe(tenant, run_id, meta.sequence.stream, commit)
@@ -327,7 +328,7 @@ class Service:
                     # (a node just restarted); a passing fault, retried, never dead-lettered
                     raise EventStoreError(f"run {run_id} not readable yet: {e}") from e
 
-        self.pull(broker, s.EVENTS_ALL, s.EVENTS_STREAM, self.durable("events"), on_commit)
+        self.pull(broker, routing.consumer_filters(self.name), s.EVENTS_STREAM, self.durable("events"), on_commit)
 
     def answer(self, broker: NatsBroker, subject: str, kind: type[M], handler: Callable[[str, M], Awaitable[R]],
                refuse: Callable[[str], R], *, keep_invalid: bool = False) -> None:

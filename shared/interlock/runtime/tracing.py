@@ -173,7 +173,8 @@ def handling(service: str, what: str, message_headers: Mapping[str, str] | None,
     (a run's message without one, such as a person's command, is parented to the run's root span).
 
     Exported only if the handler appended, published or projected something (see ``_ActedOnly``)."""
-    parent = context_of((message_headers or {}).get(h.TRACEPARENT))
+    traceparent_value = (message_headers or {}).get(h.TRACEPARENT)
+    parent = context_of(traceparent_value) if traceparent_value else Context()
     with _span(service, what, parent, run_id, attributes) as span:
         yield span
 
@@ -190,6 +191,11 @@ def _span(service: str, what: str, parent: Context | None, run_id: str | None, a
           ) -> Iterator[trace.Span]:
     """``parent`` None: the run's root span (ids from the run id where this module's provider
     is installed; under an application's own provider, a child of the run's derived root)."""
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        # nobody records spans (no exporter configured, no application provider): skip the
+        # context work a no-op span would cost on every message
+        yield trace.INVALID_SPAN
+        return
     fields = {HANDLER: True, "messaging.system": "nats", "interlock.service": service,
               **{f"interlock.{k}": v for k, v in attributes.items() if v is not None}}
     if run_id:

@@ -276,22 +276,26 @@ class JetStreamRecorder:
 
     # -- writing -----------------------------------------------------------------------------
     async def append(self, subject: str, payload: bytes, msg_id: str, expected_seq: int,
-                     extra_headers: dict[str, str] | None = None) -> int:
-        """Publish ``payload`` if the subject's last message is still at ``expected_seq``.
+                     extra_headers: dict[str, str] | None = None, *, condition_on: str | None = None) -> int:
+        """Publish ``payload`` if the subject's last message is still at ``expected_seq``
+        (``condition_on``: the last message of that subject filter instead, e.g. a run's log).
 
         Returns the stream sequence it was stored at (also when an earlier try of the same
         ``msg_id`` landed and only its ack was lost). Raises :class:`Conflict` when another
         writer appended first, :class:`EventStoreError` when no ack came for ``failover_patience``.
         """
         headers = {h.MSG_ID: msg_id, h.EXPECTED_LAST_SUBJECT_SEQ: str(expected_seq), **(extra_headers or {})}
+        if condition_on is not None:
+            headers[h.EXPECTED_LAST_SUBJECT_SEQ_SUBJECT] = condition_on
         span = trace.get_current_span()
         if span.get_span_context().is_valid:  # services that read the commit continue this span's trace
             _trace_context.inject(headers)
-        seq = await self._append(subject, payload, msg_id, headers)
+        seq = await self._append(subject, payload, msg_id, headers, condition_on or subject)
         span.add_event(APPENDED, {"subject": subject, "seq": seq})
         return seq
 
-    async def _append(self, subject: str, payload: bytes, msg_id: str, headers: dict[str, str]) -> int:
+    async def _append(self, subject: str, payload: bytes, msg_id: str, headers: dict[str, str],
+                      condition_on: str) -> int:
         retry = Retry(APPEND_BACKOFF, patience=self.failover_patience)
         while True:
             try:
@@ -301,7 +305,7 @@ class JetStreamRecorder:
             except BadRequestError as e:
                 if e.err_code in (WRONG_LAST_SEQUENCE, WRONG_LAST_SEQUENCE_CLUSTERED):
                     # maybe our own earlier try landed (ambiguous timeout, then a retry)
-                    landed = await self._landed(subject, msg_id)
+                    landed = await self._landed(condition_on, msg_id)
                     if landed is not None:
                         return landed
                     raise Conflict() from None
@@ -310,7 +314,7 @@ class JetStreamRecorder:
                 # our first copy is still being stored: ask again
             except _NO_ACK as e:
                 # find out whether it landed before trying again
-                landed = await self._landed(subject, msg_id)
+                landed = await self._landed(condition_on, msg_id)
                 if landed is not None:
                     return landed
                 if retry.exhausted:
