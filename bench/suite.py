@@ -190,7 +190,8 @@ async def _run_stack(selected: set[str], sizes: Sizes, results: dict[str, Any], 
             sampler.stop()
         await bench.close()
         bench.stop()
-        shutil.rmtree(home, ignore_errors=True)
+        if not os.environ.get("BENCH_KEEP_HOME"):
+            shutil.rmtree(home, ignore_errors=True)
 
 
 def _profiler(bench: StackBench, profile_dir: Path | None, workload: str) -> Profiler | None:

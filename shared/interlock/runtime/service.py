@@ -309,7 +309,8 @@ class Service:
             commit = stored_commit(meta.sequence.stream, msg.data, dict(msg.headers or {}), meta.timestamp.timestamp())
             envelopes = commit.envelopes
             wanted = wants is None or any(wants(e) if callable(wants) else e.get("type") in wants for e in envelopes)
-            if not wanted and not self.store.cached(tenant, run_id):
+            starts_run = bool(envelopes) and envelopes[0].get("seq") == 1
+            if not wanted and not starts_run and not self.store.cached(tenant, run_id):
                 # nothing here acts on it or keeps its run: no need to check it now (a load checks it)
                 self.store.observe(tenant, run_id, meta.sequence.stream, commit)
                 return
@@ -319,7 +320,8 @@ class Service:
             if self.store.authenticity.check(s.run_events(tenant, run_id), commit, run_id, tenant) is not None:
                 self.store.forget(tenant, run_id)
                 return
-            self.store.observe(tenant, run_id, meta.sequence.stream, commit)
+            # a run's first commit starts its cached copy: acting on the run later reads nothing
+            self.store.observe(tenant, run_id, meta.sequence.stream, commit, adopt=True)
             if wanted:
                 try:
                     await handler(tenant, run_id, envelopes)

@@ -229,11 +229,14 @@ class EventStore:
         """Drop the cached copy of a run: the next load replays it."""
         self._cache.pop((tenant, run_id), None)
 
-    def observe(self, tenant: str, run_id: str, stream_seq: int, payload: bytes | StoredCommit) -> None:
+    def observe(self, tenant: str, run_id: str, stream_seq: int, payload: bytes | StoredCommit, *,
+                adopt: bool = False) -> None:
         """Bring a cached run forward with a commit a consumer delivered (no I/O).
 
         A commit that does not follow the cached state directly (another copy of the service
-        took the one in between) drops the cached run; the next load replays.
+        took the one in between) drops the cached run; the next load replays. ``adopt``: a run's
+        first commit (its signers looked up: :meth:`prepare`) starts a cached copy, so the run's
+        next load reads nothing.
         """
         key = (tenant, run_id)
         if stream_seq > self._seen.get(key, 0):
@@ -242,6 +245,15 @@ class EventStore:
             while len(self._seen) > 4 * self.cache_size:
                 self._seen.popitem(last=False)
         handle = self._cache.get(key)
+        if handle is None and adopt and isinstance(payload, StoredCommit) and payload.envelopes \
+                and payload.envelopes[0].get("seq") == 1:
+            try:
+                started = self._replay([payload], tenant, run_id)
+            except Exception:
+                return  # the next load replays from the log
+            if started is not None:
+                self._remember(started)
+            return
         if handle is None or stream_seq <= handle.stream_seq:
             return
         try:
