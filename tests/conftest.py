@@ -4,6 +4,7 @@ anonymous one is refused. Provisioned with the admin credential."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from interlock.core.topology import provision
 from interlock.identity import IdentityHome
 from interlock.runtime.connect import connect
 from tests.principals import Principals
+
+# clients the tests connect to a running server: a loaded CI machine may take more than the
+# 1.2 s a person waits (tests of that default clear it)
+os.environ.setdefault("INTERLOCK_CONNECT_TIMEOUT", "10")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -16,8 +16,8 @@ def test_key_roles_are_the_person_roles_and_each_has_actions() -> None:
 def test_the_table() -> None:
     expected = {
         "viewer": {Action.READ},
-        "operator": {Action.READ, Action.OPERATE},
-        "approver": {Action.READ, Action.APPROVE},
+        "operator": {Action.READ, Action.OPERATE, Action.FEEDBACK},
+        "approver": {Action.READ, Action.APPROVE, Action.FEEDBACK},
         "policy-admin": {Action.READ, Action.POLICY},
         "admin": set(Action),
     }
@@ -34,6 +34,15 @@ def test_routes_name_their_actions() -> None:
     assert table[("POST", "/api/v1/api-keys")] is Action.ADMIN
     assert table[("GET", "/api/v1/workflow-runs")] is Action.READ
     assert table[("GET", "/api/v1/workflow-runs/{run_id}/events")] is Action.READ
+    assert table[("GET", "/api/v1/workflow-runs/{run_id}/diff/{other_id}")] is Action.READ
+    assert table[("GET", "/api/v1/workflow-runs/{run_id}/diff")] is Action.READ
+    assert table[("GET", "/api/v1/workflows/{workflow_id}/failures")] is Action.READ
+    for act in ("retry", "skip"):  # issue 17: intervening is operating, feedback its own action
+        assert table[("POST", f"/api/v1/workflow-runs/{{run_id}}/steps/{{step_id}}/{act}")] is Action.OPERATE
+    for act in ("resume", "pause", "unpause"):
+        assert table[("POST", f"/api/v1/workflow-runs/{{run_id}}/{act}")] is Action.OPERATE
+    assert table[("POST", "/api/v1/workflow-runs/{run_id}/steps/{step_id}/feedback")] is Action.FEEDBACK
+    assert table[("GET", "/api/v1/workflows/{workflow_id}/feedback")] is Action.READ
 
 
 def test_key_format() -> None:

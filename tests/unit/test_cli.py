@@ -24,6 +24,7 @@ import interlock.cli
 from interlock.cli import _common, _ops, app, main
 from interlock.cli._output import short_hash
 from interlock.client import NotFound, PendingApproval, PolicyChange, PolicyDecision, PolicySimulation
+from interlock.contracts.messages import ScheduleRow
 from interlock.core.run import RunStatus
 from interlock.devstack.stack import API, SERVICES
 
@@ -104,11 +105,14 @@ def test_help_shows_the_noun_groups_and_hides_todays_spellings() -> None:
     visible = {name for name, cmd in commands.items() if not cmd.hidden}
     hidden = {name for name, cmd in commands.items() if cmd.hidden}
     assert visible == {"run", "approval", "workflow", "policy", "approver", "agent", "dlq", "audit", "creds",
-                       "tenant", "cost", "alerts", "apikeys", "up", "serve", "worker", "nats", "demo", "drill",
-                       "provision"}
+                       "tenant", "cost", "alerts", "schedules", "apikeys", "up", "serve", "worker", "nats", "demo",
+                       "drill", "provision", "step", "feedback"}
     assert hidden == {"runs", "status", "timeline", "cancel", "rerun", "approvals", "approve", "reject",
                       "validate", "agents", "workflows", "approvers"}
-    assert set(commands["run"].commands) == {"start", "list", "describe", "timeline", "cancel", "rerun"}
+    assert set(commands["run"].commands) == {"start", "list", "describe", "timeline", "cancel", "rerun", "diff",
+                                             "failures", "resume", "pause", "unpause"}
+    assert set(commands["step"].commands) == {"retry", "skip"}
+    assert set(commands["feedback"].commands) == {"give", "list", "export"}
     assert set(commands["approval"].commands) == {"list", "approve", "reject"}
     assert set(commands["workflow"].commands) == {"apply", "list", "validate"}
     assert set(commands["policy"].commands) == {"publish", "rollback", "show", "history", "eval", "explain",
@@ -631,3 +635,24 @@ def test_a_mistyped_run_verb_is_pointed_out(fake: FakeClient) -> None:
     assert result.stderr == "interlock: workflow lst is not registered; did you mean `interlock run list`?\n"
     fake.answers["start_run"] = NotFound("workflow deploy is not registered")
     assert cli("run", "deploy").stderr == "interlock: workflow deploy is not registered\n"
+
+
+def test_schedules_lists_next_tick_and_last_run(fake: FakeClient) -> None:
+    fake.answers["schedules"] = [
+        ScheduleRow(workflow_id="nightly", workflow_version="3", tenant="default", cron="30 2 * * *",
+                    timezone="Europe/Berlin", missed="catch_up_once", next_tick="2026-12-03T01:30:00Z", armed=True,
+                    last_tick="2026-12-02T01:30:00Z", last_run_id=RUN, last_run_status="succeeded"),
+        ScheduleRow(workflow_id="poll", workflow_version="1", tenant="default", every="10m", timezone="UTC",
+                    missed="skip", next_tick="2026-12-02T04:20:00Z", armed=False, last_tick="2026-12-02T04:10:00Z")]
+    result = cli("schedules", "--workflow", "nightly")
+    assert result.exit_code == 0, result.output
+    assert fake.called("schedules") == [((), {"workflow_id": "nightly"})]
+    lines = result.stdout.splitlines()
+    nightly = next(line for line in lines if "nightly" in line)
+    for cell in ("cron 30 2 * * *", "Europe/Berlin", "catch_up_once", "2026-12-03 01:30:00 UTC", "yes",
+                 f"{RUN} (succeeded)"):
+        assert cell in nightly, (cell, nightly)
+    poll = next(line for line in lines if "poll" in line)
+    assert "every 10m" in poll and "not yet" in poll and "—" in poll
+    as_json = json.loads(cli("schedules", "-o", "json").stdout)
+    assert as_json[0]["cron"] == "30 2 * * *" and "last_run" not in as_json[0]  # the rows as the query gives them

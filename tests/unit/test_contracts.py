@@ -354,6 +354,11 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "RunTimedOut": {"timeout_ms"},
     "RunsQuery": set(),
     "UsageQuery": set(),
+    "FailuresQuery": {"workflow_id"},
+    "SchedulesQuery": set(),
+    "SchedulesReply": {"ok"},
+    "ScheduleRow": {"workflow_id", "workflow_version", "tenant", "timezone", "missed", "next_tick", "armed"},
+    "ScheduleTimer": {"tenant", "workflow_id", "workflow_version", "schedule_hash", "tick"},
     "UsageTotals": {"calls", "input_tokens", "output_tokens", "cost_usd"},
     "Alert": {"alert_id", "rule", "state", "tenant", "summary", "at"},
     "LlmCall": {"provider", "model"},
@@ -364,6 +369,7 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "StepHeartbeat": {"step_id", "attempt"},
     "StepReady": {"step_id", "job_hash"},
     "StepSkipped": {"step_id", "reason"},
+    "StepCacheHit": {"step_id", "job_hash", "cache_key", "source_run_id", "source_step_id"},
     "StepSucceeded": {"step_id", "attempt"},
     "StepTimedOut": {"step_id", "attempt"},
     "TimerFired": {"kind", "run_id", "tenant", "due_at"},
@@ -389,11 +395,31 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "TimelineReply": {"ok"},
     "ApprovalsReply": {"ok"},
     "UsageReply": {"ok"},
+    "FailuresReply": {"ok"},
+    "FailedRun": {"run_id"},
+    # the result cache (bucket il_cache)
+    "CacheEntry": {"tenant", "workflow_id", "step_id", "run_id", "source_step_id", "job_hash", "cache_key",
+                   "stored_at", "expires_at"},
     "UsageRow": {"key", "runs", "calls", "input_tokens", "output_tokens", "cost_usd"},
     # the auditor's seals (il.seal.{stream}): every field is signed, so none may be left out
     "Seal": {"number", "stream", "created", "first_seq", "last_seq", "messages", "runs", "heads_root", "heads",
              "sealed_at", "prev", "reason", "signer", "signature"},
     "SealHead": {"subject", "stream_seq", "seq", "hash"},
+    # issue 17: a person's interventions (who, why) and feedback, and their commands and query
+    "RunResumed": {"by", "reason", "steps"},
+    "StepRetryRequested": {"by", "reason", "step_id", "attempt", "job_hash"},
+    "StepOutputSupplied": {"by", "reason", "step_id", "output_hash"},
+    "RunPaused": {"by", "reason"},
+    "RunUnpaused": {"by", "reason"},
+    "FeedbackGiven": {"step_id", "by", "output_hash"},
+    "Intervention": {"run_id", "reason"},
+    "RetryStepRequest": {"run_id", "reason", "step_id"},
+    "SkipStepRequest": {"run_id", "reason", "step_id"},
+    "RunControlRequest": {"run_id", "reason"},
+    "FeedbackRequest": {"run_id", "step_id"},
+    "FeedbackQuery": set(),
+    "FeedbackRow": {"run_id", "seq", "step_id", "output_hash", "by"},
+    "FeedbackReply": {"ok"},
 }
 
 
@@ -461,8 +487,8 @@ def test_every_wildcard_has_a_channel() -> None:
     assert wildcards <= filters, sorted(wildcards - filters)
 
 
-COMMANDS = ("approve", "reject", "cancel")
-QUERIES = ("runs", "status", "timeline", "approvals", "usage")
+COMMANDS = ("approve", "reject", "cancel", "retry", "skip", "resume", "pause", "unpause", "feedback")
+QUERIES = ("runs", "status", "timeline", "approvals", "usage", "failures", "schedules", "feedback")
 
 
 def test_commands_and_queries_carry_the_tenant_and_the_principal() -> None:

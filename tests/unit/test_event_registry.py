@@ -37,6 +37,10 @@ LIFECYCLE_TOPICS = {
     "RunDenied": "interlock.core.run:Run.Denied",
     "RunCancelled": "interlock.core.run:Run.Cancelled",
     "RunTimedOut": "interlock.core.run:Run.TimedOut",
+    # issue 17: a person's acts on a whole run follow the same naming
+    "RunResumed": "interlock.core.run:Run.Resumed",
+    "RunPaused": "interlock.core.run:Run.Paused",
+    "RunUnpaused": "interlock.core.run:Run.Unpaused",
 }
 
 # module -> the name its completeness error gives the table
@@ -55,10 +59,11 @@ def defined_event_classes() -> dict[str, type[ev.EventData]]:
 def test_the_registry_is_every_event_data_class_but_the_bases() -> None:
     classes = defined_event_classes()
     bases = {name for name, cls in classes.items() if cls.is_base}
-    assert bases == {"EventData", "StepEventData", "_Decided"}  # _Decided: approval decisions (via)
+    # _Decided: approval decisions (via); _Intervention: a person's acts on a run (by, via, reason)
+    assert bases == {"EventData", "StepEventData", "_Decided", "_Intervention"}
     assert dict(ev.EVENT_TYPES) == {name: cls for name, cls in classes.items() if name not in bases}
     assert all(cls.type_name == name for name, cls in ev.EVENT_TYPES.items())
-    assert len(ev.EVENT_TYPES) == 28
+    assert len(ev.EVENT_TYPES) == 35  # 28, StepCacheHit and issue 17's six (interventions, feedback)
 
 
 def test_the_registry_cannot_be_changed_by_accident() -> None:

@@ -121,6 +121,12 @@ def test_people_act_only_in_their_tenant_and_role() -> None:
     approve = s.command("acme", "approve", "alice")
     assert {n for n in PEOPLE if can(n, cancel)} == {"operator", "admin"}
     assert {n for n in PEOPLE if can(n, approve)} == {"approver", "admin"}
+    # intervening in a run is an operator's (issue 17); rating an output also an approver's
+    for act in ("retry", "skip", "resume", "pause", "unpause"):
+        assert {n for n in PEOPLE if can(n, s.command("acme", act, "alice"))} == {"operator", "admin"}, act
+        assert not can("operator", s.command("globex", act, "alice"))
+        assert not can("operator", s.command("acme", act, "mallory"))
+    assert {n for n in PEOPLE if can(n, s.command("acme", "feedback", "alice"))} == {"operator", "approver", "admin"}
     # an approver approves only as itself, only in its tenant
     assert not can("approver", s.command("acme", "approve", "mallory"))
     assert not can("approver", s.command("globex", "approve", "alice"))
@@ -195,5 +201,5 @@ def test_only_the_auditor_hears_api_advisories_and_records_admin_changes() -> No
 def test_roles_send_only_commands_that_a_service_answers(name: str) -> None:
     # il.cmd.{tenant}.start was granted but never served (NoRespondersError): runs start with a trigger
     served = {ch.pattern.args[1] for ch in c.CHANNELS if ch.id.startswith("cmd") and not ch.id.endswith("Reply")}
-    assert served == {"approve", "reject", "cancel"}
+    assert served == {"approve", "reject", "cancel", "retry", "skip", "resume", "pause", "unpause", "feedback"}
     assert not perms(name).allows_publish(s.command("acme", "start", "alice"))

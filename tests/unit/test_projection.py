@@ -463,3 +463,39 @@ async def test_an_unstorable_event_does_not_fail_the_commits_written_with_it(pro
     # the run's log goes on after them
     status = await proj.status(odd.run_id)
     assert status is not None and status["last_seq"] == 4 and status["head_hash"] == "h"
+
+
+# -- a person's interventions and feedback (issue 17) ---------------------------------------------
+async def test_interventions_and_feedback_are_projected_and_replay_the_same(proj: Projection) -> None:
+    who = {"by": "olga", "via": "cli", "reason": "because"}
+    log = Log()
+    log.commit(ready("a"), allow("a"), dispatch("a", 1), fail("a", 1, final=True),
+               lambda run: run.fail(ev.RunFailed(reason="a failed", step_id="a")))
+    log.commit(lambda run: run.resume(ev.RunResumed(steps=["a"], **who)),
+               lambda run: run.retry_step(ev.StepRetryRequested(step_id="a", attempt=1, job_hash=jh("a"), **who)),
+               lambda run: run.pause(ev.RunPaused(**who)))
+    await log.apply(proj)
+    status = await proj.status(log.run_id)
+    assert status is not None and status["status"] == "running" and status["paused"] and not status["ended_at"]
+    assert {st["step_id"]: st["status"] for st in status["steps"]} == {"a": "ready"}
+    log.commit(lambda run: run.unpause(ev.RunUnpaused(**who)), allow("a"), dispatch("a", 2), succeed("a", 2, {"v": 1}),
+               lambda run: run.succeed(ev.RunSucceeded()))
+    digest = codec.sha256_hex(codec.canonical_json({"v": 1}))
+    log.commit(lambda run: run.give_feedback(ev.FeedbackGiven(step_id="a", by="olga", output_hash=digest, attempt=2,
+                                                              score=4, correction={"v": 2}, note="close")))
+    await log.apply(proj, log.commits[-2:])
+    status = await proj.status(log.run_id)
+    assert status is not None and status["status"] == "succeeded" and not status["paused"]
+    rows = await proj.feedback(run_id=log.run_id)
+    assert [(r["by"], r["score"], r["correction"], r["output"], r["output_hash"], r["attempt"]) for r in rows] == [
+        ("olga", 4.0, {"v": 2}, {"v": 1}, digest, 2)]
+    assert await proj.feedback(workflow_id="wf", tenant=TENANT) == rows
+    assert await proj.feedback(run_id=log.run_id, tenant="t-other") == []
+    timeline = await proj.timeline(log.run_id)
+    assert timeline is not None
+    summaries = [row["summary"] for row in timeline]
+    assert "run resumed from a by olga (via cli): because" in summaries
+    await proj.wipe()
+    assert await proj.feedback(run_id=log.run_id) == []
+    await log.apply(proj)
+    assert await proj.feedback(run_id=log.run_id) == rows

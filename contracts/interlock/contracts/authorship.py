@@ -63,9 +63,17 @@ _WRITERS: dict[type[ev.EventData], tuple[str, ...]] = {
     ev.RetryScheduled: (_DISPATCHER,),
     ev.StepTimedOut: (_DISPATCHER,),
     ev.StepSkipped: (_PLANNER,),
+    ev.StepCacheHit: (_DISPATCHER,),
     ev.LateResultRecorded: (_DISPATCHER,),
     ev.CompensationStarted: (_PLANNER,),
     ev.CompensationFinished: (_PLANNER,),
+    # a person's interventions and feedback, appended by the planner on their command (issue 17)
+    ev.RunResumed: (_PLANNER,),
+    ev.StepRetryRequested: (_PLANNER,),
+    ev.StepOutputSupplied: (_PLANNER,),
+    ev.RunPaused: (_PLANNER,),
+    ev.RunUnpaused: (_PLANNER,),
+    ev.FeedbackGiven: (_PLANNER,),
 }
 
 #: Event type name -> the roles that may write it. Fails at import when an event type has no entry.

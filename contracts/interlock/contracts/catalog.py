@@ -44,7 +44,8 @@ INTEGRATION = "integration"
 OPERATOR = "operator"
 
 SERVICES: Mapping[str, str] = MappingProxyType({
-    PLANNER: "Starts runs from triggers, advances them as steps finish, cancels and times out runs.",
+    PLANNER: "Starts runs from triggers and workflow schedules, advances them as steps finish, cancels and times "
+             "out runs; answers the schedules query.",
     POLICY: "Decides every ready job (allow, deny, require approval) before any side effect.",
     APPROVAL: "Records approval decisions and expires approvals nobody decided in time.",
     DISPATCHER: "Publishes released jobs, turns results and heartbeats into outcomes, schedules retries, "
@@ -395,6 +396,39 @@ TIMERS_FIRED = Channel(
     filters=(s.TIMERS_FIRED_ALL,),
 )
 
+SCHEDULE_TIMERS = Channel(
+    id="scheduleTimers",
+    title="Schedule ticks",
+    pattern=Pattern(s.schedule_timer, (TENANT, WORKFLOW_ID)),
+    message=msg.ScheduleTimer,
+    description="The next tick of a workflow's schedule (`schedule:` in its definition): one scheduled message per "
+                "(tenant, workflow), which the server publishes to il.timer.fire.schedule when due. Publishing "
+                "again replaces it (the planner does whenever a workflow is applied and after every tick); a "
+                "message without a schedule header (cancelled: true) cancels it. Internal to Interlock.",
+    transport="jetstream",
+    stream=s.TIMERS_STREAM,
+    publishers=(PLANNER,),
+    subscribers=(NATS_SERVER,),
+    headers=(Header(h.SCHEDULE, "When the tick is due: '@at ' + RFC 3339 UTC time; absent on a cancellation.",
+                    required=False, example="@at 2030-01-01T00:05:00Z"),
+             Header(h.SCHEDULE_TARGET, "il.timer.fire.schedule", required=False, example="il.timer.fire.schedule")),
+    filters=(s.TIMERS_SCHEDULED_ALL,),
+)
+
+SCHEDULE_TICKS = Channel(
+    id="scheduleTicks",
+    title="Schedule ticks due",
+    pattern=Pattern(s.schedule_fired),
+    message=msg.ScheduleTimer,
+    description="A workflow schedule's tick that came due: the planner (one copy, a shared durable consumer) "
+                "starts its run, keyed by the tick, and sets the next tick. Internal to Interlock.",
+    transport="jetstream",
+    stream=s.TIMERS_STREAM,
+    publishers=(NATS_SERVER,),
+    subscribers=(PLANNER,),
+    filters=(s.schedule_fired(),),
+)
+
 DEAD_LETTERS = Channel(
     id="deadLetters",
     title="Dead letters",
@@ -506,10 +540,10 @@ def _command(name: str, id: str, title: str, request: type[msg.Message], service
 
 
 def _query(name: str, id: str, title: str, request: type[msg.Message], reply: type[msg.QueryReply],
-           description: str, askers: tuple[str, ...] = ()) -> Channel:
+           description: str, askers: tuple[str, ...] = (), answerer: str = AUDITOR) -> Channel:
     return Channel(
         id=id, title=title, pattern=Pattern(s.query, (TENANT, name)), message=request, reply=reply,
-        description=description, transport="request", publishers=(CLIENT, *askers), subscribers=(AUDITOR,),
+        description=description, transport="request", publishers=(CLIENT, *askers), subscribers=(answerer,),
         filters=(Pattern(s.queries, (name,)),),
     )
 
@@ -524,6 +558,24 @@ CMD_REJECT = _command("reject", "cmdReject", "Reject", msg.ApprovalDecision, APP
                       f"Reject a pending approval of a run of the subject's tenant. {_DECISION}")
 CMD_CANCEL = _command("cancel", "cmdCancel", "Cancel", msg.CancelRequest, PLANNER,
                       "Cancel a run of the subject's tenant; the cancel is recorded as by the subject's principal.")
+_ACT = (" Recorded in the run's log as by the subject's principal, with the request's reason and via; "
+        "refused (ok: false, naming the problem) when the run or step is not in a state for it.")
+CMD_RETRY = _command("retry", "cmdRetry", "Retry a step", msg.RetryStepRequest, PLANNER,
+                     "Retry a failed, timed-out or waiting step of a run of the subject's tenant now, optionally "
+                     "with a new input (its job hash is recomputed: policy and approvals decide again); a failed "
+                     "run is resumed." + _ACT)
+CMD_SKIP = _command("skip", "cmdSkip", "Skip a step", msg.SkipStepRequest, PLANNER,
+                    "Complete a step with a supplied output, so its dependants proceed; a failed run is resumed."
+                    + _ACT)
+CMD_RESUME = _command("resume", "cmdResume", "Resume a run", msg.RunControlRequest, PLANNER,
+                      "Resume a failed run from its failed steps (the same run id)." + _ACT)
+CMD_PAUSE = _command("pause", "cmdPause", "Pause a run", msg.RunControlRequest, PLANNER,
+                     "Stop dispatching a running run's jobs (those already out finish)." + _ACT)
+CMD_UNPAUSE = _command("unpause", "cmdUnpause", "Unpause a run", msg.RunControlRequest, PLANNER,
+                       "Dispatch a paused run's jobs again." + _ACT)
+CMD_FEEDBACK = _command("feedback", "cmdFeedback", "Feedback on a step's output", msg.FeedbackRequest, PLANNER,
+                        "Rate or correct a step's output: a FeedbackGiven event bound to the output's hash, "
+                        "by the subject's principal.")
 _TENANT_ONLY = " Answered for the subject's tenant only (a body naming another tenant is refused)."
 Q_RUNS = _query("runs", "qRuns", "Runs", msg.RunsQuery, msg.RunsReply,
                 "List runs, filtered by status and workflow (up to limit); result: a list of run summaries."
@@ -538,6 +590,18 @@ Q_APPROVALS = _query("approvals", "qApprovals", "Pending approvals", msg.RunsQue
 Q_USAGE = _query("usage", "qUsage", "Model usage", msg.UsageQuery, msg.UsageReply,
                  "Model calls, tokens and cost summed per run, workflow or tenant, most expensive first. The "
                  "planner asks it for tenant budgets over a time window." + _TENANT_ONLY, askers=(PLANNER,))
+Q_FAILURES = _query("failures", "qFailures", "Failed runs", msg.FailuresQuery, msg.FailuresReply,
+                    "A workflow's failed runs since a time, newest first, each with the step and error where it "
+                    "broke (interlock run failures groups them)." + _TENANT_ONLY)
+
+Q_SCHEDULES = _query("schedules", "qSchedules", "Workflow schedules", msg.SchedulesQuery, msg.SchedulesReply,
+                     "The tenant's workflow schedules with their next tick and the run of the latest tick, by "
+                     "workflow id. Answered by the planner, which keeps the schedules." + _TENANT_ONLY,
+                     answerer=PLANNER)
+
+Q_FEEDBACK = _query("feedback", "qFeedback", "Feedback", msg.FeedbackQuery, msg.FeedbackReply,
+                    "Feedback given on step outputs, of one run or one workflow, oldest first, up to limit."
+                    + _TENANT_ONLY)
 
 CHANNELS: tuple[Channel, ...] = (
     TRIGGERS,
@@ -550,6 +614,8 @@ CHANNELS: tuple[Channel, ...] = (
     CANCEL_NOTICES,
     TIMER_SCHEDULES,
     TIMERS_FIRED,
+    SCHEDULE_TIMERS,
+    SCHEDULE_TICKS,
     DEAD_LETTERS,
     JS_API_AUDIT,
     ADMIN_AUDIT,
@@ -558,11 +624,20 @@ CHANNELS: tuple[Channel, ...] = (
     CMD_APPROVE,
     CMD_REJECT,
     CMD_CANCEL,
+    CMD_RETRY,
+    CMD_SKIP,
+    CMD_RESUME,
+    CMD_PAUSE,
+    CMD_UNPAUSE,
+    CMD_FEEDBACK,
     Q_RUNS,
     Q_STATUS,
     Q_TIMELINE,
     Q_APPROVALS,
     Q_USAGE,
+    Q_FAILURES,
+    Q_SCHEDULES,
+    Q_FEEDBACK,
 )
 
 # -- state kept outside subjects -----------------------------------------------------------
@@ -611,7 +686,19 @@ DEAD_LETTER_STATUS = KeyValueEntry(
     readers=(OPERATOR,),
 )
 
-KEY_VALUE: tuple[KeyValueEntry, ...] = (AGENT_REGISTRY, DEAD_LETTER_STATUS, API_KEYS)
+RESULT_CACHE = KeyValueEntry(
+    bucket=s.CACHE_BUCKET,
+    key="{tenant}.{digest} (sha256 of the step's rendered cache key and job hash)",
+    value=msg.CacheEntry,
+    description="The result cache (a step's cache: key and ttl): the dispatcher puts a successful job's output, "
+                "and before dispatching a released job whose step has cache: it reads the entry and, when it is "
+                "the tenant's, for the same job hash and key and not expired, records StepCacheHit and the "
+                "output instead of a job. Only the dispatcher and admin may read or write it.",
+    writers=(DISPATCHER,),
+    readers=(DISPATCHER,),
+)
+
+KEY_VALUE: tuple[KeyValueEntry, ...] = (AGENT_REGISTRY, DEAD_LETTER_STATUS, API_KEYS, RESULT_CACHE)
 
 REPLAYABLE: tuple[Channel, ...] = (TRIGGERS, JOBS, RESULTS, HEARTBEATS, TIMERS_FIRED)
 """Channels a dead letter's original may be published to again (``interlock dlq replay``): queues

@@ -276,6 +276,21 @@ class StepTimedOut(StepEventData):
     reason: Literal["deadline", "heartbeat"] = "deadline"
 
 
+class StepCacheHit(StepEventData):
+    """A released job's output was taken from the result cache (its step's ``cache:``): an earlier
+    successful job with the same cache key and job hash, in the same tenant. No job is dispatched;
+    the StepSucceeded (attempt 0, worker ``cache``) that uses the output follows in the same commit.
+    Written by the dispatcher, after the step's allow decision (and approval) is durable; consumed
+    by nobody but the auditor's projection and the timeline (the planner acts on the StepSucceeded)."""
+
+    job_hash: str
+    cache_key: str = Field(description="sha256 hex digest of the rendered cache key (never the key itself)")
+    source_run_id: str = Field(description="The run whose job produced the output")
+    source_step_id: str = Field(description="The step of that run")
+    source_at: datetime | None = Field(default=None, description="When the source job succeeded")
+    expires_at: datetime | None = Field(default=None, description="When the cache entry expires")
+
+
 class StepSkipped(StepEventData):
     reason: str
 
@@ -296,6 +311,72 @@ class CompensationStarted(EventData):
 class CompensationFinished(EventData):
     ok: bool
     failed_steps: list[str] = Field(default_factory=list)
+
+
+# -- operator interventions and feedback (issue 17) ----------------------------------------
+# Written by the planner when a person asks (commands il.cmd.{tenant}.{retry,skip,resume,pause,
+# unpause,feedback}.{principal}); ``by`` is the command subject's principal, ``via`` the surface
+# (cli, api:<key id>), ``reason`` why. Who consumes which:
+#   RunResumed, StepRetryRequested, StepOutputSupplied -> planner (plans on), auditor
+#   StepRetryRequested -> policy (decides the step again, for its new job hash)
+#   RunPaused, RunUnpaused -> dispatcher (holds / releases dispatching), auditor
+#   FeedbackGiven -> auditor only (its feedback table; evidence for the run)
+class _Intervention(EventData):
+    is_base: ClassVar[bool] = True
+
+    by: str = Field(description="The principal who asked (the command subject's)")
+    via: str = Field(default="cli", description="How: cli, or api:<key id>")
+    reason: str = Field(description="Why, as the person gave it")
+
+
+class RunResumed(_Intervention):
+    """A failed run goes on from its failed steps (the same run id): the one way a terminal run
+    becomes running again, and only from ``failed`` (not compensated). Each step in ``steps``
+    is retried by a StepRetryRequested in the same commit."""
+
+    steps: list[str] = Field(description="The failed steps retried")
+
+
+class StepRetryRequested(_Intervention, StepEventData):
+    """A failed, timed-out or waiting step is tried again now: it is ready again under
+    ``job_hash`` (policy decides again; an earlier decision or approval no longer counts)."""
+
+    attempt: int = Field(ge=0, description="The step's last attempt so far (the retry dispatches attempt + 1)")
+    patched: bool = Field(default=False, description="The person supplied a new input (``input``)")
+    input: Any = Field(default=None, description="The input the retry runs with (the patch, when patched)")
+    input_ref: PayloadRef | None = None
+    job_hash: str = Field(description="The job hash of the retried job (recomputed from a patched input)")
+    previous_job_hash: str = ""
+
+
+class StepOutputSupplied(_Intervention, StepEventData):
+    """A person completed the step with ``output`` (``step skip``): it counts as succeeded, so
+    its dependants proceed; a result of an attempt still out is then late."""
+
+    output: Any = None
+    output_ref: PayloadRef | None = None
+    output_hash: str = Field(description="sha256 of the canonical JSON of the output")
+    previous_status: str = ""
+
+
+class RunPaused(_Intervention):
+    """Nothing new is dispatched until RunUnpaused; jobs already out finish."""
+
+
+class RunUnpaused(_Intervention):
+    """Dispatching goes on."""
+
+
+class FeedbackGiven(StepEventData):
+    """A person's rating or correction of a step's output, bound to the output's hash."""
+
+    by: str
+    via: str = "cli"
+    output_hash: str = Field(description="sha256 of the canonical JSON of the output it is about")
+    attempt: int = Field(default=0, ge=0, description="The attempt that produced the output (0: none)")
+    score: float | None = None
+    correction: Any = Field(default=None, description="The output as it should have been (null: none)")
+    note: str = ""
 
 
 def _event_types() -> dict[str, type[EventData]]:

@@ -187,6 +187,22 @@ class TimerFired(Message):
     due_at: datetime
 
 
+class ScheduleTimer(Message):
+    """A workflow schedule's next tick, on ``il.timer.at.schedule.{tenant}.{workflow_id}``; it fires on
+    ``il.timer.fire.schedule`` at ``tick``, where the planner starts the tick's run (idempotency key
+    ``schedule:{tick}``, so a tick never starts two runs) and schedules the tick after it."""
+
+    tenant: str = Field(description="The tenant whose runs the schedule starts")
+    workflow_id: str
+    workflow_version: str = Field(description="The version whose schedule this is (the latest when it was set)")
+    schedule_hash: str = Field(description="sha256 of the schedule as defined: a tick of a schedule that has "
+                                           "changed since is dropped (the new schedule has its own)")
+    tick: datetime = Field(description="The tick (UTC): when it is due, and what the run's input names")
+    cancelled: bool = Field(default=False, description="Published without a schedule header when a workflow's "
+                                                       "schedule is removed: replaces the pending tick, so it "
+                                                       "never fires")
+
+
 class AgentRegistration(Message):
     """An agent worker's entry in the agent registry."""
 
@@ -264,6 +280,51 @@ class CancelRequest(Message):
         default=None, description="Deprecated, ignored: who cancels is the command subject's principal. A "
                                   "request naming someone else is refused.")
     reason: str = ""
+
+
+class Intervention(Message):
+    """Base of a person's act on a run (issue 17): the run's tenant and who acts are the command
+    subject's; ``reason`` (required) and ``via`` are recorded with the act's event."""
+
+    run_id: str
+    reason: str = Field(min_length=1, max_length=2000, description="Why (required): recorded in the run's log")
+    via: str = Field(default="cli", max_length=200, description="How the act came: cli, or api:<key id>")
+
+
+class RetryStepRequest(Intervention):
+    """Retry a failed, timed-out or waiting step now (command ``il.cmd.{tenant}.retry.{principal}``)."""
+
+    step_id: str
+    patched: bool = Field(default=False, description="Run the retry with ``input`` instead of the step's input")
+    input: Any = Field(default=None, description="The new input (when ``patched``): its job hash is recomputed, "
+                                                 "so policy and approvals decide again for it")
+
+
+class SkipStepRequest(Intervention):
+    """Complete a step with a supplied output (command ``il.cmd.{tenant}.skip.{principal}``)."""
+
+    step_id: str
+    output: Any = None
+
+
+class RunControlRequest(Intervention):
+    """Resume a failed run, or pause / unpause dispatching of a running one (commands
+    ``il.cmd.{tenant}.{resume,pause,unpause}.{principal}``)."""
+
+
+class FeedbackRequest(Message):
+    """Rate or correct a step's output (command ``il.cmd.{tenant}.feedback.{principal}``): at least
+    one of ``score``, ``correction`` (``has_correction``) and ``note``."""
+
+    run_id: str
+    step_id: str
+    score: float | None = Field(default=None, description="A rating of the output (a finite number)")
+    has_correction: bool = Field(default=False, description="``correction`` is given (it may be null)")
+    correction: Any = None
+    note: str = Field(default="", max_length=10_000)
+    output_hash: str | None = Field(default=None, description="The output the feedback is about, when the "
+                                                              "sender knows it: refused if the step's differs")
+    via: str = Field(default="cli", max_length=200)
 
 
 class ApiKeyRecord(Message):
@@ -399,6 +460,21 @@ class UsageQuery(Message):
     limit: int = 100
 
 
+class FailuresQuery(Message):
+    """Failed runs of a workflow grouped by the step and error where they broke (``interlock run failures``)."""
+
+    tenant: str | None = Field(default=None, description=_QUERY_TENANT)
+    workflow_id: str
+    since: datetime | None = Field(default=None, description="Runs started at or after this time")
+    limit: int = Field(default=1000, ge=1, le=10_000, description="At most this many failed runs, newest first")
+
+
+class SchedulesQuery(Message):
+    """The workflow schedules of the query subject's tenant (``interlock schedules``); the planner answers."""
+
+    workflow_id: str | None = Field(default=None, description="Only this workflow's schedule")
+
+
 class QueryReply(Message):
     """The answer to a query: ``ok`` with a ``result`` (its schema is the query's reply type, e.g.
     ``RunsReply``), or ``ok: false`` with an ``error``."""
@@ -507,6 +583,7 @@ class RunStatus(RunSummary):
     problems: list[str] = Field(default_factory=list, description="Hash-chain problems the auditor found")
     steps: list[StepStatus] = Field(default_factory=list)
     usage: UsageTotals | None = Field(default=None, description="Model calls of the whole run")
+    paused: bool = Field(default=False, description="A person paused dispatching (``run pause``; issue 17)")
 
 
 class TimelineEntry(Message):
@@ -570,10 +647,102 @@ class UsageRow(Message):
     cost_usd: float = Field(ge=0)
 
 
+class FailedRun(Message):
+    """One failed run and the step it broke at (the failures query)."""
+
+    run_id: str
+    started_at: str | None = None
+    step_id: str | None = Field(default=None, description="Its first failed step; null: no step failed")
+    error: str | None = Field(default=None, description="That step's error message (sensitive values redacted)")
+    reason: str | None = Field(default=None, description="The run's own reason (RunFailed)")
+
+
+class FailuresReply(QueryReply):
+    """Reply of the failures query: the failed runs, newest first (the client groups them)."""
+
+    result: list[FailedRun] | None = None
+
+
+class CacheEntry(Message):
+    """A successful job's output in the result cache (bucket ``il_cache``), written by the dispatcher."""
+
+    tenant: str
+    workflow_id: str
+    step_id: str = Field(description="The workflow step (for_each items share their step's entries)")
+    run_id: str = Field(description="The run whose job produced the output")
+    source_step_id: str = Field(description="The run step that produced it (``fan[2]`` for an item)")
+    job_hash: str
+    cache_key: str = Field(description="sha256 hex digest of the rendered cache key")
+    output: Any = None
+    output_ref: PayloadRef | None = None
+    stored_at: datetime
+    expires_at: datetime
+
+
 class UsageReply(QueryReply):
     """Reply of the usage query: most expensive first, at most ``limit``."""
 
     result: list[UsageRow] | None = None
+
+
+class ScheduleRow(Message):
+    """One workflow schedule, as the schedules query lists it."""
+
+    workflow_id: str
+    workflow_version: str = Field(description="The latest version, whose schedule this is")
+    tenant: str
+    cron: str | None = None
+    every: str | None = None
+    timezone: str = Field(description="The cron expression's time zone (UTC for every)")
+    missed: str = Field(description="What happens to ticks missed while no planner ran: skip or catch_up_once")
+    next_tick: datetime = Field(description="When the next run starts (UTC)")
+    armed: bool = Field(description="True when the next tick is set as a durable timer; false for a moment after "
+                                    "a tick fired, or when no planner has seen the schedule yet")
+    last_tick: datetime | None = Field(default=None, description="The latest tick due so far (UTC)")
+    last_run_id: str | None = Field(default=None, description="The run of the latest tick (its id is derived "
+                                                              "from tenant, workflow and tick)")
+    last_run_status: str | None = Field(default=None, description="That run's status; null when the tick started "
+                                                                  "no run (skipped, or not yet handled)")
+
+
+class SchedulesReply(QueryReply):
+    """Reply of the schedules query: one row per scheduled workflow of the tenant, by workflow id."""
+
+    result: list[ScheduleRow] | None = None
+
+
+class FeedbackQuery(Message):
+    """Feedback on a run's step outputs, or on a workflow's (``interlock feedback list|export``)."""
+
+    tenant: str | None = Field(default=None, description=_QUERY_TENANT)
+    run_id: str | None = None
+    workflow_id: str | None = None
+    limit: int = 1000
+
+
+class FeedbackRow(Message):
+    """One piece of feedback, with the output it is about."""
+
+    run_id: str
+    seq: int = Field(description="The FeedbackGiven event's seq in the run")
+    workflow_id: str | None = None
+    workflow_version: str | None = None
+    step_id: str
+    attempt: int = 0
+    output_hash: str
+    output: Any = Field(default=None, description="The step's output as projected ([sensitive] where sealed)")
+    by: str
+    via: str = ""
+    score: float | None = None
+    correction: Any = None
+    note: str = ""
+    at: str | None = None
+
+
+class FeedbackReply(QueryReply):
+    """Reply of the feedback query: oldest first, at most ``limit``."""
+
+    result: list[FeedbackRow] | None = None
 
 
 class ApprovalsReply(QueryReply):

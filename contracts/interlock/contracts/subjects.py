@@ -15,6 +15,7 @@ Subject layout (``{…}`` is one token; tokens never contain dots, except job to
 - ``il.hb.{tenant}.{run_id}``             worker heartbeats (stream ``IL_RESULTS``)
 - ``il.timer.at.{kind}.{run_id}.{key}``   durable timer schedules (stream ``IL_TIMERS``)
 - ``il.timer.fire.{kind}``                fired timers
+- ``il.timer.at.schedule.{tenant}.{workflow_id}``  a workflow schedule's next tick (one per schedule)
 - ``il.notify.{tenant}.{channel}``        notifications from notify steps (stream ``IL_NOTIFY``)
 - ``il.cmd.{tenant}.{name}.{principal}``  commands (approve, reject, cancel), request-reply
 - ``il.q.{tenant}.{name}``                auditor queries, request-reply
@@ -56,6 +57,7 @@ DLQ_STATUS_BUCKET = "il_dlq_status"  # key: dead_letter_key(seq), value: what wa
 KEYRING_BUCKET = "il_keyring"  # key: a signing key id (nkey public key), value: its KeyEntry
 PAYLOADS_OBJECT_STORE = "il_payloads"  # large inputs and outputs, by sha256
 APIKEYS_BUCKET = "il_apikeys"  # key: the API key's id; value: its tenant, role, principal and SHA-256 (never the key)
+CACHE_BUCKET = "il_cache"  # key: cache_entry_key(tenant, digest); value: a CacheEntry (the result cache)
 
 # -- wildcards a stream or consumer binds to ----------------------------------------------
 EVENTS_ALL = f"{PREFIX}.evt.>"
@@ -164,6 +166,21 @@ def timer_schedule(kind: str, run_id: str, key: str) -> str:
 
 def timer_fired(kind: str) -> str:
     return f"{PREFIX}.timer.fire.{token(kind, 'timer kind')}"
+
+
+SCHEDULE_TIMER_KIND = "schedule"
+"""The timer kind of workflow schedules (``schedule:`` in a workflow): one pending tick per schedule."""
+
+
+def schedule_timer(tenant: str, workflow_id: str) -> str:
+    """The one pending tick of ``workflow_id``'s schedule in ``tenant``: publishing here replaces it
+    (the server keeps one schedule per subject), a message without a schedule header cancels it."""
+    return timer_schedule(SCHEDULE_TIMER_KIND, token(tenant, "tenant"), token(workflow_id, "workflow id"))
+
+
+def schedule_fired() -> str:
+    """Where the server publishes a schedule's tick when it comes due (the planner consumes it)."""
+    return timer_fired(SCHEDULE_TIMER_KIND)
 
 
 def notify(tenant: str, channel: str) -> str:
@@ -299,6 +316,13 @@ def worker_consumer(tenant: str, topic: str) -> str:
 def agent_key(tenant: str, topic: str, worker_id: str) -> str:
     """A worker's key in the agent registry (bucket ``AGENTS_BUCKET``)."""
     return f"{token(tenant, 'tenant')}.{topic_tokens(topic)}.{token(worker_id, 'worker id')}"
+
+
+def cache_entry_key(tenant: str, digest: str) -> str:
+    """A result's key in the result cache (bucket ``CACHE_BUCKET``): the tenant first, so no
+    lookup of one tenant can ever name another's entry; ``digest`` (hex) covers the cache key and
+    the job hash."""
+    return f"{token(tenant, 'tenant')}.{token(digest, 'cache digest')}"
 
 
 # -- the JetStream API (subjects of the server's own API that Interlock calls directly) -------

@@ -11,16 +11,17 @@ from enum import StrEnum
 
 class Action(StrEnum):
     READ = "read"  # runs, timelines, events, approvals, workflows, policy (active, history, eval), agents, audit
-    OPERATE = "operate"  # start, cancel and rerun runs
+    OPERATE = "operate"  # start, cancel and rerun runs; retry and skip steps, resume, pause and unpause runs
     APPROVE = "approve"  # approve and reject pending approvals
+    FEEDBACK = "feedback"  # rate and correct step outputs
     POLICY = "policy"  # publish, roll back and simulate policy bundles
     ADMIN = "admin"  # apply workflows, dead letters, API keys
 
 
 ROLE_ACTIONS: dict[str, frozenset[Action]] = {
     "viewer": frozenset({Action.READ}),
-    "operator": frozenset({Action.READ, Action.OPERATE}),
-    "approver": frozenset({Action.READ, Action.APPROVE}),
+    "operator": frozenset({Action.READ, Action.OPERATE, Action.FEEDBACK}),
+    "approver": frozenset({Action.READ, Action.APPROVE, Action.FEEDBACK}),
     "policy-admin": frozenset({Action.READ, Action.POLICY}),
     "admin": frozenset(Action),
 }

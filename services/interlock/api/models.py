@@ -77,6 +77,38 @@ class TimelinePage(BaseModel):
     next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null: no more (for now)")
 
 
+class StepDiffRow(BaseModel):
+    step_id: str
+    a: dict[str, Any] | None = Field(description="The step in run a (null: run a has no such step)")
+    b: dict[str, Any] | None = Field(description="The step in run b (null: run b has no such step)")
+    differs: list[str] = Field(description="Fields that differ: status, attempts, input, output, error, decision, "
+                                           "rules, approval, cache")
+    first_divergence: bool
+
+
+class RunDiff(BaseModel):
+    """Two runs aligned step by step (sensitive values redacted, never compared)."""
+
+    a: dict[str, Any]
+    b: dict[str, Any]
+    run_differs: list[str]
+    first_divergence: dict[str, Any] | None = Field(description="{step_id, fields} of the first step that differs")
+    steps: list[StepDiffRow]
+
+
+class FailureGroupRow(BaseModel):
+    step_id: str = Field(description="Where the runs broke; (run): no step failed")
+    error: str
+    runs: int
+    first_at: str | None = None
+    last_at: str | None = None
+    run_ids: list[str] = Field(description="The latest of them, newest first")
+
+
+class FailuresPage(BaseModel):
+    items: list[FailureGroupRow]
+
+
 class Rerun(Body):
     from_step: str = Field(min_length=1, max_length=256, description="Run this step and everything downstream again")
     dry_run: bool = Field(default=False, description="Only show what would run again")
@@ -97,6 +129,34 @@ class RerunResult(BaseModel):
 
 class Cancel(Body):
     reason: str = Field(default="", max_length=2000)
+
+
+# -- intervening in a run, feedback (issue 17) ----------------------------------------------------
+class Intervene(Body):
+    reason: str = Field(min_length=1, max_length=2000, description="Why (required): recorded in the run's log")
+
+
+class RetryStep(Intervene):
+    input: Any = Field(default=None, description="Retry with this input instead (given, even null: the job hash is "
+                                                 "recomputed and policy and approvals decide again); absent: the "
+                                                 "step's input")
+
+
+class SkipStep(Intervene):
+    output: Any = Field(description="The step's output: what its dependants see")
+
+
+class Feedback(Body):
+    score: float | None = Field(default=None, allow_inf_nan=False, description="A rating of the output")
+    correction: Any = Field(default=None, description="The output as it should have been (given, even null)")
+    note: str = Field(default="", max_length=10_000)
+    output_hash: str | None = Field(default=None, max_length=128,
+                                    description="Refuse unless the step's output has this hash")
+
+
+class FeedbackPage(BaseModel):
+    items: list[dict[str, Any]] = Field(description="Oldest first: run, step, attempt, output and its hash, score, "
+                                                    "correction, note, by, via, at")
 
 
 class CommandResult(BaseModel):

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
@@ -21,10 +22,12 @@ from interlock.api.access import Action
 from interlock.api.auth import Principal, acting_client, allow, decision_signer
 from interlock.api.problems import ERROR_RESPONSES, ApiProblem
 from interlock.client import TERMINAL_EVENTS, Client, NotFound
-from interlock.contracts.messages import AgentRegistration, ApiKeyRecord, DeadLetter
+from interlock.contracts.messages import AgentRegistration, ApiKeyRecord, DeadLetter, ScheduleRow
+from interlock.core.rundiff import since_time
 
 PREFIX = "/api/v1"
 MAX_PAGE = 500
+START_WAIT_S = 5.0  # how long POST .../runs waits for the planner to start the run before answering
 RunId = Annotated[str, Path(pattern=m.TOKEN, max_length=128, description="A run id")]
 WorkflowId = Annotated[str, Path(pattern=m.TOKEN, max_length=256, description="A workflow id")]
 StepId = Annotated[str, Path(min_length=1, max_length=256, description="A step id")]
@@ -72,8 +75,10 @@ async def start_run(request: Request, response: Response, workflow_id: WorkflowI
                                     "(default: a new random key)")] = None) -> m.RunAccepted:
     client = acting_client(request, who)
     key = idempotency_key or uuid.uuid4().hex
+    # answered once the run exists (or after a few seconds, the trigger being durable): a GET of
+    # the Location right after finds it
     run_id, created = await client.submit_run(workflow_id, body.input, key=key, version=body.version,
-                                              requested_by=who.principal)
+                                              requested_by=who.principal, wait_started=START_WAIT_S)
     links = _links(run_id)
     if created:
         response.headers["Location"] = links.self
@@ -167,12 +172,125 @@ async def rerun(request: Request, run_id: RunId, body: m.Rerun, who: Principal =
                          steps=[m.RerunStep(step_id=sid, runs_again=again) for sid, again in plan.steps()])
 
 
+# -- compare runs (issue 17) --------------------------------------------------------------------
+async def _diff(request: Request, who: Principal, run_a: str, run_b: str) -> m.RunDiff:
+    result = await acting_client(request, who).run_diff(run_a, run_b)
+    return m.RunDiff(**result.as_dict())
+
+
+@route("GET", "/workflow-runs/{run_id}/diff/{other_id}", Action.READ, response_model=m.RunDiff,
+       summary="Compare two runs step by step; the first divergence is marked")
+async def run_diff(request: Request, run_id: RunId, other_id: Annotated[str, Path(
+                       pattern=m.TOKEN, max_length=128, description="The run to compare with")],
+                   who: Principal = Caller(Action.READ)) -> m.RunDiff:
+    return await _diff(request, who, run_id, other_id)
+
+
+@route("GET", "/workflow-runs/{run_id}/diff", Action.READ, response_model=m.RunDiff,
+       summary="Compare a run with ?against=RUN step by step")
+async def run_diff_against(request: Request, run_id: RunId,
+                           against: Annotated[str, Query(pattern=m.TOKEN, max_length=128,
+                                                         description="The run to compare with")],
+                           who: Principal = Caller(Action.READ)) -> m.RunDiff:
+    return await _diff(request, who, run_id, against)
+
+
+@route("GET", "/workflows/{workflow_id}/failures", Action.READ, response_model=m.FailuresPage,
+       summary="Failed runs grouped by the step and error where they broke, most frequent first")
+async def failures(request: Request, workflow_id: WorkflowId, who: Principal = Caller(Action.READ),
+                   since: Annotated[str | None, Query(max_length=64, description="7d, 12h, 30m or ISO 8601")] = None,
+                   limit: Annotated[int, Query(ge=1, le=10_000, description="Failed runs looked at")] = 1000
+                   ) -> m.FailuresPage:
+    try:
+        after = None if since is None else since_time(since, datetime.now(UTC))
+    except ValueError as e:
+        raise ApiProblem(422, "invalid-request", "Invalid request", f"query since: {e}") from None
+    groups = await acting_client(request, who).failures(workflow_id, since=after, limit=limit)
+    return m.FailuresPage(items=[m.FailureGroupRow(**g.as_dict()) for g in groups])
+
+
 @route("POST", "/workflow-runs/{run_id}/cancel", Action.OPERATE, response_model=m.CommandResult,
        summary="Cancel a run")
 async def cancel(request: Request, run_id: RunId, body: m.Cancel, who: Principal = Caller(Action.OPERATE)
                  ) -> m.CommandResult:
     reply = await acting_client(request, who).cancel(run_id, reason=body.reason)
     return m.CommandResult(ok=reply.ok, detail=reply.detail)
+
+
+# -- intervening in a run, feedback (issue 17) ----------------------------------------------------
+def _result(reply: Any) -> m.CommandResult:
+    return m.CommandResult(ok=reply.ok, detail=reply.detail)
+
+
+@route("POST", "/workflow-runs/{run_id}/steps/{step_id}/retry", Action.OPERATE, response_model=m.CommandResult,
+       summary="Retry a failed, timed-out or waiting step now, optionally with a new input")
+async def retry_step(request: Request, run_id: RunId, step_id: StepId, body: m.RetryStep,
+                     who: Principal = Caller(Action.OPERATE)) -> m.CommandResult:
+    client, via = acting_client(request, who), f"api:{who.key_id}"
+    if "input" in body.model_fields_set:
+        return _result(await client.retry_step(run_id, step_id, reason=body.reason, input=body.input, via=via))
+    return _result(await client.retry_step(run_id, step_id, reason=body.reason, via=via))
+
+
+@route("POST", "/workflow-runs/{run_id}/steps/{step_id}/skip", Action.OPERATE, response_model=m.CommandResult,
+       summary="Complete a step with a supplied output, so its dependants proceed")
+async def skip_step(request: Request, run_id: RunId, step_id: StepId, body: m.SkipStep,
+                    who: Principal = Caller(Action.OPERATE)) -> m.CommandResult:
+    return _result(await acting_client(request, who).skip_step(run_id, step_id, output=body.output,
+                                                               reason=body.reason, via=f"api:{who.key_id}"))
+
+
+@route("POST", "/workflow-runs/{run_id}/resume", Action.OPERATE, response_model=m.CommandResult,
+       summary="Resume a failed run from its failed steps (the same run)")
+async def resume_run(request: Request, run_id: RunId, body: m.Intervene, who: Principal = Caller(Action.OPERATE)
+                     ) -> m.CommandResult:
+    return _result(await acting_client(request, who).resume_run(run_id, reason=body.reason, via=f"api:{who.key_id}"))
+
+
+@route("POST", "/workflow-runs/{run_id}/pause", Action.OPERATE, response_model=m.CommandResult,
+       summary="Pause dispatching (jobs already out finish)")
+async def pause_run(request: Request, run_id: RunId, body: m.Intervene, who: Principal = Caller(Action.OPERATE)
+                    ) -> m.CommandResult:
+    return _result(await acting_client(request, who).pause_run(run_id, reason=body.reason, via=f"api:{who.key_id}"))
+
+
+@route("POST", "/workflow-runs/{run_id}/unpause", Action.OPERATE, response_model=m.CommandResult,
+       summary="Dispatch a paused run's jobs again")
+async def unpause_run(request: Request, run_id: RunId, body: m.Intervene, who: Principal = Caller(Action.OPERATE)
+                      ) -> m.CommandResult:
+    return _result(await acting_client(request, who).unpause_run(run_id, reason=body.reason,
+                                                                 via=f"api:{who.key_id}"))
+
+
+@route("POST", "/workflow-runs/{run_id}/steps/{step_id}/feedback", Action.FEEDBACK, status_code=201,
+       response_model=m.CommandResult, summary="Rate or correct a step's output (bound to the output's hash)")
+async def give_feedback(request: Request, run_id: RunId, step_id: StepId, body: m.Feedback,
+                        who: Principal = Caller(Action.FEEDBACK)) -> m.CommandResult:
+    if body.score is None and "correction" not in body.model_fields_set and not body.note.strip():
+        raise ApiProblem(422, "invalid-request", "Invalid request", "body: give a score, a correction or a note")
+    client, via = acting_client(request, who), f"api:{who.key_id}"
+    if "correction" in body.model_fields_set:
+        reply = await client.give_feedback(run_id, step_id, score=body.score, correction=body.correction,
+                                           note=body.note, output_hash=body.output_hash, via=via)
+    else:
+        reply = await client.give_feedback(run_id, step_id, score=body.score, note=body.note,
+                                           output_hash=body.output_hash, via=via)
+    return _result(reply)
+
+
+@route("GET", "/workflow-runs/{run_id}/feedback", Action.READ, response_model=m.FeedbackPage,
+       summary="Feedback on a run's step outputs, oldest first")
+async def run_feedback(request: Request, run_id: RunId, who: Principal = Caller(Action.READ)) -> m.FeedbackPage:
+    return m.FeedbackPage(items=await acting_client(request, who).feedback(run_id=run_id))
+
+
+@route("GET", "/workflows/{workflow_id}/feedback", Action.READ, summary="A workflow's feedback as JSON lines",
+       response_class=Response, responses={200: {"content": {"application/x-ndjson": {}}}})
+async def export_feedback(request: Request, workflow_id: WorkflowId, who: Principal = Caller(Action.READ)
+                          ) -> Response:
+    rows = await acting_client(request, who).feedback(workflow_id=workflow_id, limit=100_000)
+    text = "".join(json.dumps(row, sort_keys=True, separators=(",", ":")) + "\n" for row in rows)
+    return Response(text, media_type="application/x-ndjson")
 
 
 # -- approvals ----------------------------------------------------------------------------------
@@ -327,6 +445,14 @@ async def policy_rollback(request: Request, body: m.PolicyRollback, who: Princip
 @route("GET", "/agents", Action.READ, response_model=list[AgentRegistration], summary="Registered agent workers")
 async def agents(request: Request, who: Principal = Caller(Action.READ)) -> list[AgentRegistration]:
     return await acting_client(request, who).agents()
+
+
+@route("GET", "/schedules", Action.READ, response_model=list[ScheduleRow],
+       summary="The tenant's workflow schedules, with their next tick and the run of the latest tick")
+async def schedules(request: Request, who: Principal = Caller(Action.READ),
+                    workflow: Annotated[str | None, Query(pattern=m.TOKEN, max_length=256)] = None
+                    ) -> list[ScheduleRow]:
+    return await acting_client(request, who).schedules(workflow_id=workflow)
 
 
 @route("GET", "/dead-letters", Action.ADMIN, response_model=list[DeadLetter],

@@ -25,7 +25,15 @@ from interlock.auditor.projection import DEFAULT_PATH, Envelopes, ProgressCallba
 from interlock.contracts import events as ev
 from interlock.contracts import headers as h
 from interlock.contracts import subjects as s
-from interlock.contracts.messages import Alert, QueryReply, RunQuery, RunsQuery, UsageQuery
+from interlock.contracts.messages import (
+    Alert,
+    FailuresQuery,
+    FeedbackQuery,
+    QueryReply,
+    RunQuery,
+    RunsQuery,
+    UsageQuery,
+)
 from interlock.core import adminaudit, codec
 from interlock.core.eventstore import EventStore, EventStoreError
 from interlock.core.eventstore.recorder import stored_commit
@@ -110,7 +118,7 @@ async def catch_up(projection: Projection, store: EventStore, tenant: str, run_i
             on_applied(tenant, run_id, events)
 
 
-Q = TypeVar("Q", RunQuery, RunsQuery, UsageQuery)
+Q = TypeVar("Q", RunQuery, RunsQuery, UsageQuery, FailuresQuery, FeedbackQuery)
 
 
 class AuditorService(Service):
@@ -284,6 +292,8 @@ class AuditorService(Service):
         self._answer(broker, "timeline", RunQuery, self.answer_timeline)
         self._answer(broker, "approvals", RunsQuery, self.answer_approvals)
         self._answer(broker, "usage", UsageQuery, self.answer_usage)
+        self._answer(broker, "failures", FailuresQuery, self.answer_failures)
+        self._answer(broker, "feedback", FeedbackQuery, self.answer_feedback)  # issue 17
 
     def _answer(self, broker: NatsBroker, name: str, kind: type[Q],
                 answer: Callable[[str, Q], Awaitable[QueryReply]]) -> None:
@@ -408,7 +418,19 @@ class AuditorService(Service):
                                            limit=self._limit(query.limit))
         return QueryReply(ok=True, result=rows)
 
+    async def answer_failures(self, tenant: str, query: FailuresQuery) -> QueryReply:
+        rows = await self.projection.failures(tenant=tenant, workflow_id=query.workflow_id, since=query.since,
+                                              limit=self._limit(query.limit))
+        return QueryReply(ok=True, result=rows)
+
     # -- rebuild ---------------------------------------------------------------------------
+    async def answer_feedback(self, tenant: str, query: FeedbackQuery) -> QueryReply:
+        if query.run_id is None and query.workflow_id is None:
+            return QueryReply(ok=False, error="the feedback query needs a run_id or a workflow_id")
+        rows = await self.projection.feedback(tenant=tenant, run_id=query.run_id, workflow_id=query.workflow_id,
+                                              limit=max(0, min(query.limit, 100_000)))
+        return QueryReply(ok=True, result=rows)
+
     async def rebuild(self, tenants: Sequence[str] | None = None, *, progress: ProgressCallback | None = None,
                       every: int = 10_000) -> RebuildStats:
         """Wipe this copy's projection and replay ``IL_EVENTS`` into it (``interlock audit rebuild``).

@@ -83,7 +83,7 @@ def dispatch(run: Run, workflow: Workflow, now: datetime) -> list[Effect]:
     """Dispatch every released job and every retry that is due; a released notify step is sent
     (its Notification) and succeeds at once."""
     effects: list[Effect] = []
-    if run.terminal:
+    if run.terminal or run.paused:  # paused (issue 17): nothing new goes out until it is unpaused
         return effects
     for state in list(run.steps.values()):
         if state.status == "released" and state.step_type == "notify":

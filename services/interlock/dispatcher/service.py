@@ -35,6 +35,7 @@ from interlock.core.sealed import SealedError
 from interlock.core.steps import base_step_id
 from interlock.core.workflow import Workflow
 from interlock.dispatcher import rules
+from interlock.dispatcher.cache import ResultCache
 from interlock.dispatcher.rules import Effect, PublishJob
 from interlock.runtime import timers, tracing
 from interlock.runtime.datakeys import DataKeyError
@@ -57,11 +58,16 @@ class DispatcherService(Service):
         # long after, are dropped without reloading the (by then finished) run
         self._finished_jobs: OrderedDict[str, None] = OrderedDict()
         self._rng = random.Random()
+        self.cache: ResultCache  # the result cache (issue 17), once connected
+
+    async def setup(self) -> None:
+        self.cache = ResultCache(self.js)
 
     def register(self, broker: NatsBroker) -> None:
         self.pull_commits(broker, self.on_commit, wants=ev.kinds(
             ev.PolicyDecided, ev.ApprovalGranted, ev.StepDispatched, ev.RunCancelled, ev.RunTimedOut, ev.RunFailed,
             ev.RunDenied, ev.RetryScheduled,
+            ev.RunUnpaused,  # issue 17: what waited while the run was paused is dispatched now
         ))
         self.pull(broker, s.RESULTS_ALL, s.RESULTS_STREAM, self.durable("results"), self.on_result)
         self.pull(broker, s.HEARTBEATS_ALL, s.RESULTS_STREAM, self.durable("heartbeats"), self.on_heartbeat)
@@ -133,6 +139,8 @@ class DispatcherService(Service):
                 return
             workflow = await self.registry.get(run.workflow_id, run.workflow_version)
             now = datetime.now(UTC)
+            if retry is None:  # result cache (issue 17): a cached job's output instead of a dispatch
+                await self.cache.use_cached(run, workflow, now)
             effects.extend(rules.retry_due(run, workflow, retry, now) if retry else rules.dispatch(run, workflow, now))
             await self.send_notifications(effects)
 
@@ -156,7 +164,10 @@ class DispatcherService(Service):
             effects.extend(rules.record_result(run, workflow, sealed, sealed_output, datetime.now(UTC),
                                                self._rng.random()))
 
-        await self.store.update(result.tenant, result.run_id, decide)
+        handle, _ = await self.store.update(result.tenant, result.run_id, decide)
+        if result.ok:  # result cache (issue 17): the output, now durable, for later runs
+            workflow = await self.registry.get(handle.run.workflow_id, handle.run.workflow_version)
+            await self.cache.remember(handle.run, workflow, result.step_id, datetime.now(UTC))
         self._finished_jobs[result.job_id] = None  # only once the outcome is durable
         while len(self._finished_jobs) > MEMORY_LIMIT:
             self._finished_jobs.popitem(last=False)

@@ -21,6 +21,8 @@ from interlock.contracts.messages import (
     CancelRequest,
     CommandReply,
     QueryReply,
+    SchedulesQuery,
+    SchedulesReply,
     TimerFired,
     Trigger,
     UsageQuery,
@@ -30,7 +32,9 @@ from interlock.core.eventstore import RunExists, RunNotFound
 from interlock.core.ids import run_id_for
 from interlock.core.run import IllegalTransition, Run
 from interlock.core.sealed import SealedError
+from interlock.planner.intervene import Interventions
 from interlock.planner.logic import Spill, plan
+from interlock.planner.schedules import Schedules
 from interlock.runtime import logs, timers, tracing
 from interlock.runtime.datakeys import DataKeyError
 from interlock.runtime.policy import BundleStore, LivePolicy
@@ -43,6 +47,7 @@ SPEND_CACHE_S = 2.0  # how long a tenant's spend read from the auditor is reused
 
 PROGRESS_EVENTS = ev.kinds(
     ev.RunStarted, ev.StepSucceeded, ev.StepFailed, ev.StepSkipped, ev.StepExpanded, ev.CompensationStarted,
+    ev.StepOutputSupplied,  # a person completed a step (issue 17): its dependants may be ready
 )
 
 class PlannerService(Service):
@@ -52,8 +57,12 @@ class PlannerService(Service):
         self._spend: dict[str, tuple[float, usage.Usage]] = {}  # tenant -> (read at, spend in its window)
         self.policy = LivePolicy(BundleStore(self.js))
         await self.policy.start()
+        # workflow schedules (issue 16): ticks on IL_TIMERS, each run started by start_from_trigger
+        self.schedules = Schedules(self.js, self.registry, self.store, self.start_from_trigger)
+        await self.schedules.start()
 
     async def teardown(self) -> None:
+        await self.schedules.stop()
         await self.policy.stop()
 
     def register(self, broker: NatsBroker) -> None:
@@ -62,12 +71,20 @@ class PlannerService(Service):
         self.pull(broker, ">", s.TRIGGERS_STREAM, self.durable("triggers"), self.on_trigger)
         self.pull_commits(broker, self.on_commit, wants=PROGRESS_EVENTS)
         self.pull(broker, s.timer_fired("run_timeout"), s.TIMERS_STREAM, self.durable("timers"), self.on_timer)
+        self.pull(broker, s.schedule_fired(), s.TIMERS_STREAM, self.durable("schedules"), self.schedules.on_tick)
+        self.answer(broker, s.queries("schedules"), SchedulesQuery, self.schedules.on_query,
+                    lambda why: SchedulesReply(ok=False, error=why))
 
         self.answer(broker, s.commands("cancel"), CancelRequest, self.on_cancel,
                     lambda why: CommandReply(ok=False, error=why), keep_invalid=True)
+        Interventions(self).register(broker)  # retry, skip, resume, pause, unpause, feedback (issue 17)
 
     async def on_trigger(self, msg: Msg) -> None:
         tenant, trigger = await self.parse_trigger(msg)
+        await self.start_from_trigger(tenant, trigger)
+
+    async def start_from_trigger(self, tenant: str, trigger: Trigger) -> None:
+        """Start the run ``trigger`` names in ``tenant`` (a trigger message's, or a schedule's tick)."""
         try:
             workflow = await self.registry.get(trigger.workflow_id, trigger.workflow_version)
         except WorkflowNotFound as e:

@@ -41,7 +41,8 @@ class PolicyService(Service):
         return self.fixed_engine or self.live.engine
 
     def register(self, broker: NatsBroker) -> None:
-        self.pull_commits(broker, self.on_commit, wants=ev.kinds(ev.StepReady, ev.ApprovalInvalidated))
+        self.pull_commits(broker, self.on_commit, wants=ev.kinds(ev.StepReady, ev.ApprovalInvalidated,
+                                                                   ev.StepRetryRequested))  # issue 17: decide again
 
     async def agents(self, tenant: str, topic: str | None) -> tuple[tuple[str, ...], str]:
         """Capabilities and version ``tenant``'s agents registered for ``topic`` offer (cached briefly)."""

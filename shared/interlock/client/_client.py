@@ -53,10 +53,18 @@ from interlock.contracts.messages import (
     DeadLetter,
     DeadLetterAction,
     DeadLetterStatus,
+    FailuresQuery,
+    FeedbackQuery,
+    FeedbackRequest,
     QueryReply,
+    RetryStepRequest,
+    RunControlRequest,
     RunQuery,
     RunsQuery,
+    ScheduleRow,
+    SchedulesQuery,
     SignedApproval,
+    SkipStepRequest,
     Trigger,
     UsageQuery,
 )
@@ -72,6 +80,7 @@ from interlock.core.eventstore import (
 from interlock.core.eventstore.recorder import stored_commit
 from interlock.core.ids import run_id_for
 from interlock.core.run import Run
+from interlock.core.rundiff import FailureGroup, RunDiff, diff_runs, group_failures
 from interlock.core.seal import Seal
 from interlock.core.sealed import SealedError
 from interlock.core.topology import provision
@@ -115,6 +124,9 @@ _runs_cursor = _RunsCursor()
 OnEvent = Callable[[dict[str, Any]], Awaitable[None] | None]
 WORKFLOW_CHECK_S = 5.0  # submit_run: how long a workflow seen to exist is not looked up again
 ENV_NATS_URL = "INTERLOCK_NATS_URL"
+KEEP_INPUT: Any = object()
+"""Default of :meth:`Client.retry_step`'s ``input`` (and ``give_feedback``'s ``correction``): none given
+(``None`` is a JSON null, a value like any other)."""
 REQUEST_TIMEOUT = 5.0  # how long a service may take to answer, and how long we wait for one to appear
 
 
@@ -284,10 +296,10 @@ class Client:
             raise Refused(f"refused: {reply.error or 'no reason given'}")
         return reply
 
-    async def _query(self, subject: str, message: BaseModel) -> Any:
+    async def _query(self, subject: str, message: BaseModel, service: str = "auditor") -> Any:
         tenant, name = s.parse_query(subject)
         self._may_publish(subject, f"query {name} of tenant {tenant}")
-        reply = await self._request(subject, message, QueryReply, "auditor")
+        reply = await self._request(subject, message, QueryReply, service)
         if not reply.ok:
             error = reply.error or "query failed"
             raise (NotFound if error.endswith("not found") else ClientError)(error)
@@ -299,11 +311,22 @@ class Client:
         ``WorkflowInvalid`` listing every problem, or :class:`Refused` when the version exists
         with different content."""
         await self._provision()
-        await self._may_add_trigger_subjects(load_workflow(text, filename=filename))
+        workflow = load_workflow(text, filename=filename)
+        await self._may_add_trigger_subjects(workflow)
+        self._may_schedule(workflow)
         try:
             return await self._registry.apply(text, filename=filename)
         except VersionConflict as e:
             raise Refused(str(e)) from None
+
+    def _may_schedule(self, workflow: Workflow) -> None:
+        """Refuse a schedule that would start runs in another tenant than this client's: whoever
+        applies a workflow (an admin, an API admin key) acts for one tenant, and so do its schedules."""
+        schedule = workflow.schedule
+        if schedule is not None and schedule.tenant != self.tenant:
+            raise Refused(f"workflow {workflow.id}: schedule.tenant is {schedule.tenant!r}, but you act for tenant "
+                          f"{self.tenant!r}; a schedule starts runs in the tenant of whoever applies it (apply it "
+                          f"as a principal of tenant {schedule.tenant!r}, e.g. with --tenant {schedule.tenant})")
 
     async def _may_add_trigger_subjects(self, workflow: Workflow) -> None:
         """Refuse, before anything is written, a workflow whose own trigger subjects are not on
@@ -380,9 +403,13 @@ class Client:
             raise ClientError(str(e)) from None
 
     async def submit_run(self, workflow_id: str, input: Any = None, *, key: str, version: str | None = None,
-                         requested_by: str = "") -> tuple[str, bool]:
+                         requested_by: str = "", wait_started: float = 0.0) -> tuple[str, bool]:
         """Start a run unless trigger ``key`` already started one: (run id, True if this call
-        started it). Raises :class:`NotFound` for an unknown workflow (or version)."""
+        started it). Raises :class:`NotFound` for an unknown workflow (or version).
+
+        ``wait_started``: wait up to this many seconds for the run's first commit, so that a read
+        right after (an HTTP client following the Location) finds it; on timeout it returns anyway
+        (the trigger is durable: the planner starts the run when it gets to it)."""
         known = self._known_workflows.get((workflow_id, version))
         if known is None or time.monotonic() - known > WORKFLOW_CHECK_S:
             await self.workflow(workflow_id, version)
@@ -399,12 +426,29 @@ class Client:
                 publish(self.js, s.trigger(self.tenant, workflow_id), trigger.model_dump_json().encode(),
                         headers={h.MSG_ID: f"trigger:{self.tenant}:{workflow_id}:{key}"}))
         # a duplicate: the same key was triggered moments ago (inside the stream's duplicate window)
-        return run_id, not (existed or ack.duplicate)
+        created = not (existed or ack.duplicate)
+        if wait_started > 0 and not existed:
+            await self._until_started(run_id, wait_started)
+        return run_id, created
+
+    async def _until_started(self, run_id: str, patience: float) -> bool:
+        deadline = time.monotonic() + patience
+        delay = 0.002
+        while True:
+            with self._slots_busy():
+                if await self._store.exists(self.tenant, run_id):
+                    return True
+            if time.monotonic() + delay > deadline:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
     async def watch(self, run_id: str, *, timeout: float | None = None,
-                    heartbeats: bool = False) -> AsyncIterator[dict[str, Any]]:
+                    heartbeats: bool = False, after_seq: int = 0) -> AsyncIterator[dict[str, Any]]:
         """Every event envelope of the run, from its first, as it is appended, until (and with)
-        the terminal one. Raises :class:`ClientError` if the run has not ended by ``timeout``."""
+        the terminal one. Raises :class:`ClientError` if the run has not ended by ``timeout``.
+        ``after_seq``: a terminal event up to that seq does not end the watch (a run resumed
+        after it failed: wait for its next end)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         heartbeat = ev.StepHeartbeat.type_name
         async with contextlib.aclosing(self._follow(run_id)) as commits:
@@ -415,7 +459,7 @@ class Client:
                     if envelope["type"] == heartbeat and not heartbeats:
                         continue
                     yield envelope
-                    if envelope["type"] in TERMINAL_EVENTS:
+                    if envelope["type"] in TERMINAL_EVENTS and envelope["seq"] > after_seq:
                         return
 
     async def _follow(self, run_id: str) -> AsyncGenerator[StoredCommit | None, None]:
@@ -450,15 +494,16 @@ class Client:
         except SlotsBusy as e:
             raise ClientError(f"{self.principal} ({self.creds}) cannot read a run's log now: {e}") from None
 
-    async def wait(self, run_id: str, *, timeout: float | None = None, on_event: OnEvent | None = None) -> str:
+    async def wait(self, run_id: str, *, timeout: float | None = None, on_event: OnEvent | None = None,
+                   after_seq: int = 0) -> str:
         """Wait for the run to end; return its final event type (e.g. ``RunSucceeded``).
-        ``on_event`` (sync or async) sees every envelope first."""
-        async for envelope in self.watch(run_id, timeout=timeout):
+        ``on_event`` (sync or async) sees every envelope first; ``after_seq`` as for :meth:`watch`."""
+        async for envelope in self.watch(run_id, timeout=timeout, after_seq=after_seq):
             if on_event is not None:
                 result = on_event(envelope)
                 if inspect.isawaitable(result):
                     await result
-            if envelope["type"] in TERMINAL_EVENTS:
+            if envelope["type"] in TERMINAL_EVENTS and envelope["seq"] > after_seq:
                 return str(envelope["type"])
         raise ClientError(f"run {run_id}: the event stream ended before the run did")
 
@@ -572,6 +617,59 @@ class Client:
         return await self._command(self._command_subject("cancel"), CancelRequest(run_id=run_id, reason=reason),
                                    "planner")
 
+    # -- intervening in a run, and feedback (issue 17) -----------------------------------------
+    async def retry_step(self, run_id: str, step_id: str, *, reason: str, input: Any = KEEP_INPUT,
+                         via: str = "cli") -> CommandReply:
+        """Retry a failed, timed-out or waiting step now, as :attr:`principal` (a failed run resumes).
+        ``input``: run the retry with this input instead (the step's job hash is recomputed, so
+        policy and approvals decide again for it); by default the step's input is kept."""
+        patched = input is not KEEP_INPUT
+        request = RetryStepRequest(run_id=run_id, step_id=step_id, reason=reason, via=via, patched=patched,
+                                   input=input if patched else None)
+        return await self._command(self._command_subject("retry"), request, "planner")
+
+    async def skip_step(self, run_id: str, step_id: str, *, output: Any, reason: str, via: str = "cli"
+                        ) -> CommandReply:
+        """Complete a step with ``output`` as :attr:`principal`, so its dependants proceed."""
+        request = SkipStepRequest(run_id=run_id, step_id=step_id, output=output, reason=reason, via=via)
+        return await self._command(self._command_subject("skip"), request, "planner")
+
+    async def resume_run(self, run_id: str, *, reason: str, via: str = "cli") -> CommandReply:
+        """Resume a failed run from its failed steps (the same run id goes on)."""
+        return await self._command(self._command_subject("resume"),
+                                   RunControlRequest(run_id=run_id, reason=reason, via=via), "planner")
+
+    async def pause_run(self, run_id: str, *, reason: str, via: str = "cli") -> CommandReply:
+        """Stop dispatching a running run's jobs (those already out finish) until :meth:`unpause_run`."""
+        return await self._command(self._command_subject("pause"),
+                                   RunControlRequest(run_id=run_id, reason=reason, via=via), "planner")
+
+    async def unpause_run(self, run_id: str, *, reason: str, via: str = "cli") -> CommandReply:
+        """Dispatch a paused run's jobs again."""
+        return await self._command(self._command_subject("unpause"),
+                                   RunControlRequest(run_id=run_id, reason=reason, via=via), "planner")
+
+    async def give_feedback(self, run_id: str, step_id: str, *, score: float | None = None,
+                            correction: Any = KEEP_INPUT, note: str = "", output_hash: str | None = None,
+                            via: str = "cli") -> CommandReply:
+        """Rate (``score``) or correct (``correction``, any JSON) a step's output, with a ``note``, as
+        :attr:`principal`: recorded in the run's log bound to the output's hash (``output_hash``:
+        refused if the step's output is not that one)."""
+        given = correction is not KEEP_INPUT
+        request = FeedbackRequest(run_id=run_id, step_id=step_id, score=score, has_correction=given,
+                                  correction=correction if given else None, note=note, output_hash=output_hash,
+                                  via=via)
+        return await self._command(self._command_subject("feedback"), request, "planner")
+
+    async def feedback(self, *, run_id: str | None = None, workflow_id: str | None = None,
+                       limit: int = 1000) -> list[dict[str, Any]]:
+        """Feedback on step outputs of a run, or of a workflow's runs, oldest first (the auditor's
+        projection: each row has the output it is about, ``[sensitive]`` where sealed)."""
+        if run_id is None and workflow_id is None:
+            raise ValueError("name a run or a workflow")
+        query = FeedbackQuery(run_id=run_id, workflow_id=workflow_id, limit=limit)
+        return list(await self._query(self._query_subject("feedback"), query))
+
     # -- queries (the auditor's projection) --------------------------------------------------
     async def runs(self, *, status: str | None = None, workflow_id: str | None = None,
                    limit: int = 50) -> list[dict[str, Any]]:
@@ -610,6 +708,33 @@ class Client:
         """Model calls, tokens and cost of this tenant's runs, summed per ``group_by``, most expensive first."""
         query = UsageQuery(group_by=group_by, run_id=run_id, workflow_id=workflow_id, since=since, limit=limit)
         return list(await self._query(self._query_subject("usage"), query))
+
+    # -- compare runs (issue 17) ----------------------------------------------------------------
+    async def run_diff(self, run_a: str, run_b: str) -> RunDiff:
+        """Runs ``run_a`` and ``run_b`` aligned step by step, from their logs (sensitive values
+        redacted), with the first divergence marked."""
+        logs = []
+        for run_id in (run_a, run_b):
+            envelopes = await self.events(run_id)
+            if not envelopes:
+                raise NotFound(f"run {run_id} not found in tenant {self.tenant}")
+            logs.append(envelopes)
+        return diff_runs(logs[0], logs[1])
+
+    async def failures(self, workflow_id: str, *, since: datetime | None = None,
+                       limit: int = 1000) -> list[FailureGroup]:
+        """This tenant's failed runs of ``workflow_id`` (started at or after ``since``; at most
+        ``limit``, newest first) grouped by the step and error where they broke, most frequent first."""
+        rows = await self._query(self._query_subject("failures"),
+                                 FailuresQuery(workflow_id=workflow_id, since=since, limit=limit))
+        return group_failures(rows or [])
+
+    async def schedules(self, *, workflow_id: str | None = None) -> list[ScheduleRow]:
+        """This tenant's workflow schedules (``schedule:`` in a workflow's latest version), by workflow id:
+        cron or every, time zone, missed-tick policy, next tick and the run of the latest tick. The
+        planner answers (it keeps the schedules)."""
+        rows = await self._query(self._query_subject("schedules"), SchedulesQuery(workflow_id=workflow_id), "planner")
+        return [ScheduleRow.model_validate(row) for row in rows or []]
 
     async def alerts(self, *, include_resolved: bool = False) -> list[Alert]:
         """This tenant's alerts, newest change first: each alert's latest state (firing ones only,

@@ -92,6 +92,7 @@ class StepState:
     item_count: int | None = None
     updated_at: datetime | None = None
     usage: list[LlmCall] = field(default_factory=list)  # every attempt's model calls
+    cache_hit: ev.StepCacheHit | None = None  # result cache (issue 17): the output reused instead of a job
 
     @property
     def terminal(self) -> bool:
@@ -143,6 +144,7 @@ class Run(Aggregate):
         self.reason: str = ""
         self.ended_at: datetime | None = None
         self.admission: ev.RunAdmitted | None = None
+        self.paused = False  # a person paused dispatching (issue 17); jobs already out finish
         self.data = data
 
     # -- identity ----------------------------------------------------------------------------
@@ -293,6 +295,8 @@ class Run(Aggregate):
         self._require_running("succeed_step", compensating_ok=True)
         step = self._step("succeed_step", data.step_id)
         reused = step.status == "ready" and data.step_id in self.reused_outputs
+        # result cache (issue 17): a released job whose cache hit is recorded succeeds without a job
+        reused = reused or (step.status == "released" and step.cache_hit is not None and data.attempt == 0)
         if step.step_type == "job" and step.item_count is None and not reused:
             if step.status not in ACTIVE_ATTEMPT or data.attempt != step.attempt:
                 raise self._refuse("succeed_step", f"attempt {data.attempt} is not running", data.step_id)
@@ -327,6 +331,17 @@ class Run(Aggregate):
         self._require_running("skip_step")
         if data.step_id in self.steps:
             raise self._refuse("skip_step", f"step is {self.steps[data.step_id].status}", data.step_id)
+        self._trigger(data)
+
+    def record_cache_hit(self, data: ev.StepCacheHit) -> None:
+        """The result cache (issue 17) has this released job's output: no job is dispatched."""
+        self._require_running("record_cache_hit", compensating_ok=True)
+        step = self._step("record_cache_hit", data.step_id, "released")
+        if step.step_type != "job" or step.attempt != 0:
+            raise self._refuse("record_cache_hit", "only a job not yet dispatched can use a cached output",
+                               data.step_id)
+        if data.job_hash != step.job_hash:
+            raise self._refuse("record_cache_hit", "the cached output is for another job hash", data.step_id)
         self._trigger(data)
 
     def record_late_result(self, data: ev.LateResultRecorded) -> None:
@@ -378,6 +393,66 @@ class Run(Aggregate):
     def time_out(self, data: ev.RunTimedOut) -> None:
         if self.terminal:
             raise self._refuse("time_out", f"run is already {self.status}")
+        self._trigger(data)
+
+    # -- a person's interventions (issue 17); the planner appends them on their command --------
+    RETRYABLE_STEP: ClassVar[tuple[str, ...]] = ("failed", "timed_out", "retry_wait")
+    NOT_SKIPPABLE_STEP: ClassVar[tuple[str, ...]] = ("succeeded", "skipped", "cancelled", "denied", "expanded",
+                                                     "awaiting_approval")
+
+    def resume(self, data: ev.RunResumed) -> None:
+        """The one way out of a terminal state, and only out of ``failed``: a run that succeeded,
+        was cancelled, denied or timed out stays ended, and so does one whose failure was
+        compensated (its completed steps were undone)."""
+        if self.status != "failed":
+            raise self._refuse("resume", f"run is {self.status}; only a failed run can be resumed")
+        if self.compensation is not None:
+            raise self._refuse("resume", "the run's completed steps were compensated; rerun it instead")
+        if not data.steps:
+            raise self._refuse("resume", "no failed step to go on from")
+        self._trigger(data)
+
+    def retry_step(self, data: ev.StepRetryRequested) -> None:
+        self._require_running("retry_step")
+        step = self._step("retry_step", data.step_id, *self.RETRYABLE_STEP)
+        if step.compensation_of is not None:
+            raise self._refuse("retry_step", "a compensation job is not retried by hand", data.step_id)
+        if step.item_count is not None:
+            raise self._refuse("retry_step", "a for_each step is retried through its items", data.step_id)
+        if data.attempt != step.attempt:
+            raise self._refuse("retry_step", f"attempt {data.attempt} is not the step's last ({step.attempt})",
+                               data.step_id)
+        self._trigger(data)
+
+    def supply_output(self, data: ev.StepOutputSupplied) -> None:
+        self._require_running("supply_output")
+        step = self.steps.get(data.step_id)
+        if step is not None:
+            if step.status in self.NOT_SKIPPABLE_STEP:
+                raise self._refuse("supply_output", f"step is {step.status}", data.step_id)
+            if step.step_type == "approval" or step.compensation_of is not None:
+                raise self._refuse("supply_output", f"a {'compensation' if step.compensation_of else 'approval'} "
+                                   "step cannot be skipped", data.step_id)
+        self._trigger(data)
+
+    def pause(self, data: ev.RunPaused) -> None:
+        self._require_running("pause", compensating_ok=True)
+        if self.paused:
+            raise self._refuse("pause", "run is already paused")
+        self._trigger(data)
+
+    def unpause(self, data: ev.RunUnpaused) -> None:
+        if not self.paused:
+            raise self._refuse("unpause", "run is not paused")
+        self._require_running("unpause", compensating_ok=True)
+        self._trigger(data)
+
+    def give_feedback(self, data: ev.FeedbackGiven) -> None:
+        """Feedback is evidence about an output: it may come any time after the output, also
+        after the run ended."""
+        step = self._step("give_feedback", data.step_id)
+        if step.status != "succeeded":
+            raise self._refuse("give_feedback", f"step is {step.status}: it has no output to rate", data.step_id)
         self._trigger(data)
 
     # -- state changes (no rules here: replay must never fail) ---------------------------------
@@ -497,6 +572,9 @@ class Run(Aggregate):
     def _on_StepSkipped(self, d: ev.StepSkipped, at: datetime) -> None:
         self.steps[d.step_id] = StepState(step_id=d.step_id, status="skipped", updated_at=at)
 
+    def _on_StepCacheHit(self, d: ev.StepCacheHit, at: datetime) -> None:
+        self._touch(d.step_id, at).cache_hit = d
+
     def _on_BudgetExceeded(self, d: ev.BudgetExceeded, at: datetime) -> None:
         """Evidence: the RunFailed that follows ends the run."""
 
@@ -515,6 +593,53 @@ class Run(Aggregate):
         self.compensation.finished = True
         self.compensation.ok = d.ok
         self.compensation.failed_steps = list(d.failed_steps)
+
+    # -- interventions (issue 17) -------------------------------------------------------------
+    def _reopen_parent(self, step: StepState) -> None:
+        """An item tried again (or completed by hand) makes its failed for_each parent wait again."""
+        parent = self.steps.get(step.parent_id) if step.parent_id else None
+        if parent is not None and parent.status == "failed":
+            parent.status = "expanded"
+            parent.error = None
+
+    def _on_RunResumed(self, d: ev.RunResumed, at: datetime) -> None:
+        self.status = "running"
+        self.reason = ""
+        self.ended_at = None
+
+    def _on_StepRetryRequested(self, d: ev.StepRetryRequested, at: datetime) -> None:
+        step = self._touch(d.step_id, at)
+        # ready again: policy decides anew, for this job hash; an earlier decision or approval is void
+        step.status = "ready"
+        if d.patched:
+            step.input = d.input
+            step.input_ref = d.input_ref
+        step.job_hash = d.job_hash
+        step.decision = None
+        step.approval = None
+        step.error = None
+        step.retry_due_at = None
+        self._reopen_parent(step)
+
+    def _on_StepOutputSupplied(self, d: ev.StepOutputSupplied, at: datetime) -> None:
+        step = self.steps.get(d.step_id)
+        if step is None:
+            step = self.steps[d.step_id] = StepState(step_id=d.step_id, status="succeeded")
+        step.updated_at = at
+        step.status = "succeeded"
+        step.output = d.output
+        step.output_ref = d.output_ref
+        step.error = None
+        self._reopen_parent(step)
+
+    def _on_RunPaused(self, d: ev.RunPaused, at: datetime) -> None:
+        self.paused = True
+
+    def _on_RunUnpaused(self, d: ev.RunUnpaused, at: datetime) -> None:
+        self.paused = False
+
+    def _on_FeedbackGiven(self, d: ev.FeedbackGiven, at: datetime) -> None:
+        """Evidence only: the auditor keeps it for evaluation."""
 
     def _end(self, status: RunStatus, at: datetime, reason: str = "") -> None:
         self.status = status
@@ -602,9 +727,16 @@ _STATE_CHANGES: dict[str, _StateChange] = ev.complete_table("Run state changes",
     ev.RetryScheduled: Run._on_RetryScheduled,
     ev.StepTimedOut: Run._on_StepTimedOut,
     ev.StepSkipped: Run._on_StepSkipped,
+    ev.StepCacheHit: Run._on_StepCacheHit,
     ev.LateResultRecorded: Run._on_LateResultRecorded,
     ev.ApprovalRefused: Run._on_ApprovalRefused,
     ev.CompensationStarted: Run._on_CompensationStarted,
     ev.CompensationFinished: Run._on_CompensationFinished,
+    ev.RunResumed: Run._on_RunResumed,
+    ev.StepRetryRequested: Run._on_StepRetryRequested,
+    ev.StepOutputSupplied: Run._on_StepOutputSupplied,
+    ev.RunPaused: Run._on_RunPaused,
+    ev.RunUnpaused: Run._on_RunUnpaused,
+    ev.FeedbackGiven: Run._on_FeedbackGiven,
 })
 Run.EVENT_CLASSES = _event_classes()

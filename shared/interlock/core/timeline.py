@@ -269,6 +269,13 @@ def _d_skipped(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return f"skipped: {str_field(d, 'reason', 'no reason given')}", {}
 
 
+def _d_cache_hit(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    source = f"run {str_field(d, 'source_run_id', '?')} step {str_field(d, 'source_step_id', '?')}"
+    return (f"cache hit: output of {source} reused, no job dispatched",
+            {"source_run_id": d.get("source_run_id"), "source_step_id": d.get("source_step_id"),
+             "cache_key": d.get("cache_key")})
+
+
 def _d_late(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     outcome = "ok" if d.get("ok") else "failed"
     text = f"late result for attempt {int_field(d, 'attempt')} ({outcome}) recorded, changes nothing"
@@ -286,6 +293,50 @@ def _d_comp_finished(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if d.get("ok"):
         return "compensation finished ok", {}
     return f"compensation finished with failures: {', '.join(map(str, failed or [])) or '?'}", {}
+
+
+# -- a person's interventions and feedback (issue 17) ------------------------------------------
+def _by(d: dict[str, Any]) -> str:
+    """' by alice (via api:k1): why' for an intervention's event."""
+    text = f" by {str_field(d, 'by', '?')}"
+    if d.get("via"):
+        text += f" (via {d['via']})"
+    if d.get("reason"):
+        text += f": {d['reason']}"
+    return text
+
+
+def _d_run_resumed(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    steps = [str(x) for x in d.get("steps") or []] if isinstance(d.get("steps"), list) else []
+    return f"run resumed from {', '.join(steps) or '?'}{_by(d)}", {"by": d.get("by"), "steps": steps}
+
+
+def _d_retry_requested(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    patched = bool(d.get("patched"))
+    text = f"retry{' with a new input' if patched else ''} (hash {short_hash(d.get('job_hash'))}){_by(d)}"
+    return text, {"by": d.get("by"), "patched": patched, "job_hash": d.get("job_hash")}
+
+
+def _d_output_supplied(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    text = f"skipped with a supplied output (hash {short_hash(d.get('output_hash'))}){_by(d)}"
+    return text, {"by": d.get("by"), "output_hash": d.get("output_hash")}
+
+
+def _d_paused(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return f"dispatching paused{_by(d)}", {"by": d.get("by")}
+
+
+def _d_unpaused(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return f"dispatching unpaused{_by(d)}", {"by": d.get("by")}
+
+
+def _d_feedback(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    parts = [f"score {d['score']}"] if d.get("score") is not None else []
+    parts += ["a correction"] if d.get("correction") is not None else []
+    parts += [f"note {d['note']!r}"] if d.get("note") else []
+    text = (f"feedback on output {short_hash(d.get('output_hash'))} by {str_field(d, 'by', '?')}: "
+            f"{', '.join(parts) or 'nothing'}")
+    return text, {"by": d.get("by"), "score": d.get("score"), "output_hash": d.get("output_hash")}
 
 
 _DESCRIBE: dict[str, Describer] = ev.complete_table("timeline descriptions", {
@@ -314,9 +365,16 @@ _DESCRIBE: dict[str, Describer] = ev.complete_table("timeline descriptions", {
     ev.RetryScheduled: _d_retry,
     ev.StepTimedOut: _d_timed_out,
     ev.StepSkipped: _d_skipped,
+    ev.StepCacheHit: _d_cache_hit,
     ev.LateResultRecorded: _d_late,
     ev.CompensationStarted: _d_comp_started,
     ev.CompensationFinished: _d_comp_finished,
+    ev.RunResumed: _d_run_resumed,
+    ev.StepRetryRequested: _d_retry_requested,
+    ev.StepOutputSupplied: _d_output_supplied,
+    ev.RunPaused: _d_paused,
+    ev.RunUnpaused: _d_unpaused,
+    ev.FeedbackGiven: _d_feedback,
 })
 
 

@@ -104,6 +104,9 @@ BUCKETS: tuple[BucketSpec, ...] = (
     BucketSpec(s.DLQ_STATUS_BUCKET, "What was done about each dead letter (resolved, replayed)", history=64),
     BucketSpec(s.KEYRING_BUCKET, "Trusted signing keys: who each is and when it was revoked", history=8),
     BucketSpec(s.APIKEYS_BUCKET, "HTTP API keys: tenant, role, principal and SHA-256 (never the key)", history=8),
+    # entries also carry their own expiry (a step's ttl); the bucket drops anything past the longest
+    BucketSpec(s.CACHE_BUCKET, "Result cache: successful job outputs by tenant, cache key and job hash",
+               ttl=30 * DAY),
 )
 
 

@@ -132,6 +132,9 @@ def _service(name: str) -> Callable[[Scope], Grant]:
                     sub.append(subject)
                     responds = responds or ch.transport == "request"
         pub.append(p.object_subjects(s.PAYLOADS_OBJECT_STORE))
+        if name == c.DISPATCHER:  # the result cache (issue 17): no other principal but admin sees it
+            pub.append(p.kv_keys(s.CACHE_BUCKET))
+            reads.append(p.kv_stream(s.CACHE_BUCKET))
         return Grant(publish=_unique(pub), subscribe=_unique(sub), reads=_unique([*reads, *_BUCKET_STREAMS, _PAYLOADS]),
                      deny=_NOT_ADMIN_DENY, responds=responds)
     return grant
@@ -194,17 +197,22 @@ def _dead_letter_admin() -> list[str]:
     return [p.kv_keys(s.DLQ_STATUS_BUCKET), *(_wild(ch.pattern) for ch in c.REPLAYABLE)]
 
 
+INTERVENTIONS = ("retry", "skip", "resume", "pause", "unpause")
+"""The commands with which an operator intervenes in a run."""
+
+
 def _commands(scope: Scope, *names: str) -> list[str]:
     return [s.command(scope.tenant, n, scope.principal) for n in names]
 
 
 def _operator(scope: Scope) -> list[str]:
     # runs start with a trigger: there is no start command (nothing would answer it)
-    return [*_commands(scope, "cancel"), p.pattern(s.trigger, scope.tenant, p.ANY)]
+    # intervening in a run (issue 17): retry or skip a step, resume, pause and unpause; rate outputs
+    return [*_commands(scope, "cancel", *INTERVENTIONS, "feedback"), p.pattern(s.trigger, scope.tenant, p.ANY)]
 
 
 def _approver(scope: Scope) -> list[str]:
-    return _commands(scope, "approve", "reject")
+    return _commands(scope, "approve", "reject", "feedback")  # a reviewer rates what they review
 
 
 def _policy_admin(scope: Scope) -> list[str]:
@@ -223,9 +231,12 @@ ROLES: tuple[Role, ...] = (
          "reports results and heartbeats for that tenant.", _worker),
     Role("viewer", "person", "Reads the tenant's runs, timelines, events and notifications; asks queries.",
          _person(lambda scope: ())),
-    Role("operator", "person", "A viewer who may also start, cancel and rerun the tenant's runs.", _person(_operator)),
+    Role("operator", "person", "A viewer who may also start, cancel and rerun the tenant's runs, "
+         "intervene in them (retry or skip a step, resume, pause) and give feedback on step outputs.",
+         _person(_operator)),
     Role("approver", "person", "A viewer who may also approve and reject the tenant's pending approvals "
-         "(as the principal named in the credential).", _person(_approver)),
+         "(as the principal named in the credential) and give feedback on step outputs.",
+         _person(_approver)),
     Role("policy-admin", "person", "A viewer who may also publish and roll back policy bundles.",
          _person(_policy_admin)),
     Role("admin", "person", "Everything the other people may do, plus streams, consumers, buckets, the approver "

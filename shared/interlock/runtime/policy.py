@@ -192,7 +192,11 @@ async def recent_decisions(nc: NATS, limit: int = 500) -> list[RecordedDecision]
                 msg = await sub.next_msg(timeout=0.5)
             except nats.errors.TimeoutError:
                 break
-            for e in json.loads(msg.data)["events"]:
+            try:
+                envelopes = json.loads(msg.data)["events"]
+            except (ValueError, KeyError, TypeError):
+                continue  # bytes that are no commit (refused by every reader): nothing was decided in them
+            for e in envelopes:
                 data = e["data"]
                 if e["type"] == ev.RunStarted.type_name:
                     started[e["run_id"]] = data

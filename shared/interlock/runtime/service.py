@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from pydantic import BaseModel, ValidationError
 
+from interlock.contracts import events as ev
 from interlock.contracts import routing, timing
 from interlock.contracts import subjects as s
 from interlock.core.eventstore import EventStore, EventStoreError, RunNotFound, StaleState
@@ -50,6 +51,9 @@ MAX_DELIVERIES_BEFORE_DLQ = 8
 LAG_POLL_SECONDS = 5.0
 PROVISION_BACKOFF = Backoff(first=0.2, cap=5.0)
 REDELIVERY_BACKOFF = Backoff(first=0.2, cap=10.0)  # a failed message comes back after 0.4 s, 0.8 s, …
+
+
+RESUMED = ev.RunResumed.type_name
 
 
 class Poison(Exception):
@@ -308,6 +312,8 @@ class Service:
             meta = msg.metadata
             commit = stored_commit(meta.sequence.stream, msg.data, dict(msg.headers or {}), meta.timestamp.timestamp())
             envelopes = commit.envelopes
+            if (tenant, run_id) in self._finished and any(e.get("type") == RESUMED for e in envelopes):
+                self._finished.discard((tenant, run_id))  # a failed run resumed (issue 17): sweep it again
             wanted = wants is None or any(wants(e) if callable(wants) else e.get("type") in wants for e in envelopes)
             starts_run = bool(envelopes) and envelopes[0].get("seq") == 1
             if not wanted and not starts_run and not self.store.cached(tenant, run_id):

@@ -26,13 +26,27 @@ def _key(step_id: str | None, attempt: int | None) -> str:
 
 async def schedule(js: JetStreamContext, timer: TimerFired) -> None:
     """Schedule ``timer`` to fire at its due time (once per run, step, attempt and due time)."""
-    due = timer.due_at.astimezone(UTC).isoformat().replace("+00:00", "Z")
     subject = s.timer_schedule(timer.kind, timer.run_id, _key(timer.step_id, timer.attempt))
-    await publish(js, subject, timer.model_dump_json().encode(), headers={
-        h.SCHEDULE: f"@at {due}",
-        h.SCHEDULE_TARGET: s.timer_fired(timer.kind),
-        h.MSG_ID: f"{subject}@{due}",
-    })
+    await set_at(js, subject, timer.model_dump_json().encode(), timer.due_at, s.timer_fired(timer.kind),
+                 dedupe=True)
+
+
+async def set_at(js: JetStreamContext, subject: str, payload: bytes, due: datetime, target: str, *,
+                 dedupe: bool = False) -> None:
+    """Have the server publish ``payload`` to ``target`` at ``due``. The server keeps one schedule
+    per subject: this replaces whatever ``subject`` held. ``dedupe``: stored once per subject and
+    due time (a msg id), for timers that are never set again for the same time after a cancel."""
+    at = due.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    headers = {h.SCHEDULE: f"@at {at}", h.SCHEDULE_TARGET: target}
+    if dedupe:
+        headers[h.MSG_ID] = f"{subject}@{at}"
+    await publish(js, subject, payload, headers=headers)
+
+
+async def cancel(js: JetStreamContext, subject: str, payload: bytes) -> None:
+    """Cancel the schedule ``subject`` holds: a message without a schedule header replaces it, and
+    the server never fires it."""
+    await publish(js, subject, payload)
 
 
 def due_in(ms: float) -> datetime:

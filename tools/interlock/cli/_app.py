@@ -15,10 +15,13 @@ from interlock.cli import (
     _approval,
     _audit,
     _identity,
+    _intervene,
     _observe,
     _ops,
     _policy,
     _run,
+    _rundiff,  # noqa: F401  (adds `run diff` and `run failures` to the run group)
+    _schedules,
     _seals,
     _tenant,
     _workflow,
@@ -92,9 +95,13 @@ app.add_typer(_identity.app, name="creds")
 app.add_typer(_tenant.app, name="tenant")
 app.command("cost")(_observe.cost)
 app.command("alerts")(_observe.alerts)
+app.command("schedules")(_schedules.schedules)
 app.add_typer(_apikeys.app, name="apikeys")
 _admin_audit.register(_audit.app)
 _seals.register(_audit.app)
+app.add_typer(_intervene.step, name="step")  # issue 17: intervene in a run, feedback on outputs
+app.add_typer(_intervene.feedback, name="feedback")
+_intervene.register(_run.app)
 
 # -- processes -----------------------------------------------------------------------------------
 PROCESSES = "Processes"

@@ -114,7 +114,7 @@ STEP_COLUMNS = columns("step_id", "status", "attempt", Column("decision", show=d
 
 def _render_status(run: dict[str, Any]) -> None:
     echo(f"run {run.get('run_id')}  {run.get('workflow_id')} v{run.get('workflow_version')}  {run.get('status')}"
-         + (f" — {run['reason']}" if run.get("reason") else ""))
+         + (" (paused)" if run.get("paused") else "") + (f" — {run['reason']}" if run.get("reason") else ""))
     emit_rows(run.get("steps", []), Format.table, STEP_COLUMNS)
 
 

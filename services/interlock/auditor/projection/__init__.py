@@ -53,6 +53,8 @@ from interlock.auditor.projection._apply import (
 from interlock.auditor.projection._queries import (
     q_approvals,
     q_counts,
+    q_failures,
+    q_feedback,
     q_position,
     q_runs,
     q_status,
@@ -391,6 +393,17 @@ class Projection:
         """Model usage summed per ``group_by`` (run, workflow or tenant), most expensive first."""
         return await self._call(q_usage, tenant, group_by, run_id, workflow_id,
                                 since.isoformat() if since is not None else None, limit)
+
+    async def failures(self, *, tenant: str | None = None, workflow_id: str, since: datetime | None = None,
+                       limit: int = 1000) -> list[dict[str, Any]]:
+        """A workflow's failed runs, newest first, with the step and error each broke at."""
+        return await self._call(q_failures, tenant, workflow_id, since.isoformat() if since is not None else None,
+                                limit)
+
+    async def feedback(self, *, tenant: str | None = None, run_id: str | None = None,
+                       workflow_id: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        """Feedback on step outputs (of a run, or a workflow's runs), oldest first."""
+        return await self._call(q_feedback, tenant, run_id, workflow_id, limit)
 
     async def last_seq(self, run_id: str) -> int:
         row = await self._call(lambda conn: conn.execute("SELECT last_seq FROM runs WHERE run_id = ?",

@@ -63,6 +63,10 @@ def q_status(conn: sqlite3.Connection, run_id: str, tenant: str | None) -> dict[
     out = _run_dict(row)
     problems = loads(row["problems"])
     out["problems"] = problems if isinstance(problems, list) else []
+    # paused (issue 17): the latest pause or unpause in the run's timeline says
+    last = conn.execute("SELECT type FROM timeline WHERE run_id = ? AND type IN ('RunPaused', 'RunUnpaused') "
+                        "ORDER BY seq DESC LIMIT 1", (run_id,)).fetchone()
+    out["paused"] = last is not None and last["type"] == "RunPaused"
 
     history: dict[str, list[dict[str, Any]]] = {}
     for a in conn.execute("SELECT step_id, attempt, job_id, topic, dispatched_at, ended_at, outcome, worker, error "
@@ -142,6 +146,27 @@ def q_approvals(conn: sqlite3.Connection, tenant: str | None, limit: int) -> lis
              "expires_at": r["expires_at"]} for r in conn.execute(sql, params)]
 
 
+def q_feedback(conn: sqlite3.Connection, tenant: str | None, run_id: str | None, workflow_id: str | None,
+               limit: int) -> list[dict[str, Any]]:
+    """Feedback on step outputs, oldest first, with the output it is about (issue 17)."""
+    sql = ("SELECT f.run_id, f.seq, r.workflow_id, r.workflow_version, f.step_id, f.attempt, f.output_hash, "
+           "s.output, f.by_principal, f.via, f.score, f.correction, f.note, f.at FROM feedback f "
+           "JOIN runs r ON r.run_id = f.run_id LEFT JOIN steps s ON s.run_id = f.run_id AND s.step_id = f.step_id "
+           "WHERE 1 = 1")
+    params: list[Any] = []
+    for column, value in (("r.tenant", tenant), ("f.run_id", run_id), ("r.workflow_id", workflow_id)):
+        if value is not None:
+            sql += f" AND {column} = ?"
+            params.append(value)
+    sql += " ORDER BY f.at, f.run_id, f.seq LIMIT ?"
+    params.append(max(0, limit))
+    return [{"run_id": r["run_id"], "seq": r["seq"], "workflow_id": r["workflow_id"],
+             "workflow_version": r["workflow_version"], "step_id": r["step_id"], "attempt": r["attempt"],
+             "output_hash": r["output_hash"], "output": loads(r["output"]), "by": r["by_principal"],
+             "via": r["via"] or "", "score": r["score"], "correction": loads(r["correction"]), "note": r["note"] or "",
+             "at": r["at"]} for r in conn.execute(sql, params)]
+
+
 USAGE_KEYS = {"run": "u.run_id", "workflow": "r.workflow_id", "tenant": "r.tenant"}
 
 
@@ -183,3 +208,29 @@ def q_counts(conn: sqlite3.Connection, tenants: Sequence[str] | None) -> tuple[i
         sql += f" WHERE tenant IN ({', '.join('?' * len(tenants))})"
     row = conn.execute(sql, params).fetchone()
     return int(row[0]), int(row[1])
+
+
+FAILED_RUN_STATUSES = ("failed", "timed_out")
+
+
+def q_failures(conn: sqlite3.Connection, tenant: str | None, workflow_id: str, since: str | None,
+               limit: int) -> list[dict[str, Any]]:
+    """A workflow's failed runs, newest first, each with its first failed step and that step's error
+    (the failures query; ``interlock run failures`` groups them by step and error)."""
+    where = ["r.workflow_id = ?", f"r.status IN ({', '.join('?' for _ in FAILED_RUN_STATUSES)})"]
+    params: list[Any] = [workflow_id, *FAILED_RUN_STATUSES]
+    if tenant is not None:
+        where.append("r.tenant = ?")
+        params.append(tenant)
+    if since is not None:
+        where.append("r.started_at >= ?")
+        params.append(since)
+    sql = ("SELECT r.run_id, r.started_at, r.reason, "
+           "(SELECT st.step_id FROM steps st WHERE st.run_id = r.run_id AND st.status = 'failed' "
+           " ORDER BY st.first_seq LIMIT 1) AS step_id, "
+           "(SELECT st.error FROM steps st WHERE st.run_id = r.run_id AND st.status = 'failed' "
+           " ORDER BY st.first_seq LIMIT 1) AS error "
+           f"FROM runs r WHERE {' AND '.join(where)} ORDER BY r.started_at DESC, r.run_id DESC LIMIT ?")
+    params.append(max(0, limit))
+    return [{"run_id": row["run_id"], "started_at": row["started_at"], "reason": row["reason"],
+             "step_id": row["step_id"], "error": row["error"]} for row in conn.execute(sql, params)]

@@ -241,6 +241,42 @@ def _h_skipped(conn: sqlite3.Connection, e: RowEvent) -> None:
     _set_step(conn, e, status="skipped", ended_at=e.at)
 
 
+# -- a person's interventions and feedback (issue 17) ------------------------------------------
+def _reopen_parent(conn: sqlite3.Connection, e: RowEvent) -> None:
+    """An item retried or completed by hand: its failed for_each parent waits again."""
+    conn.execute("UPDATE steps SET status = 'expanded', error = NULL, ended_at = NULL WHERE run_id = ? AND "
+                 "status = 'failed' AND step_id = (SELECT parent_id FROM steps WHERE run_id = ? AND step_id = ?)",
+                 (e.run_id, e.run_id, e.step_id or "?"))
+
+
+def _h_run_resumed(conn: sqlite3.Connection, e: RowEvent) -> None:
+    conn.execute("UPDATE runs SET status = 'running', reason = NULL, ended_at = NULL WHERE run_id = ?", (e.run_id,))
+
+
+def _h_retry_requested(conn: sqlite3.Connection, e: RowEvent) -> None:
+    _set_step(conn, e, status="ready", job_hash=opt_field(e.data, "job_hash"), decision=None, snapshot_id=None,
+              rule_ids=None, approval_status=None, approver=None, error=None, ended_at=None)
+    _reopen_parent(conn, e)
+
+
+def _h_output_supplied(conn: sqlite3.Connection, e: RowEvent) -> None:
+    d = e.data
+    _set_step(conn, e, status="succeeded", output=dumps(d.get("output")), output_ref=dumps(d.get("output_ref")),
+              error=None, ended_at=e.at)
+    _reopen_parent(conn, e)
+
+
+def _h_feedback(conn: sqlite3.Connection, e: RowEvent) -> None:
+    d = e.data
+    score = d.get("score")
+    conn.execute(
+        "INSERT OR REPLACE INTO feedback (run_id, seq, step_id, attempt, output_hash, by_principal, via, score, "
+        "correction, note, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (e.run_id, e.seq, e.step_id or "?", int_field(d, "attempt"), str_field(d, "output_hash"), str_field(d, "by"),
+         opt_field(d, "via"), float(score) if isinstance(score, int | float) else None, dumps(d.get("correction")),
+         str_field(d, "note"), e.at))
+
+
 # the rows each event type changes; checked complete against the registry at import
 ROW_HANDLERS: dict[str, RowHandler] = ev.complete_table("auditor projection row handlers", {
     ev.RunStarted: _h_run_started,
@@ -266,9 +302,16 @@ ROW_HANDLERS: dict[str, RowHandler] = ev.complete_table("auditor projection row 
     ev.RetryScheduled: _h_retry,
     ev.StepTimedOut: _h_timed_out,
     ev.StepSkipped: _h_skipped,
+    ev.StepCacheHit: _h_nothing,  # the StepSucceeded in the same commit records the output
     ev.LateResultRecorded: _h_nothing,
     ev.BudgetExceeded: _h_nothing,  # the RunFailed that follows carries the reason
     ev.ApprovalRefused: _h_nothing,
     ev.CompensationStarted: _h_comp_started,
     ev.CompensationFinished: _h_nothing,
+    ev.RunResumed: _h_run_resumed,
+    ev.StepRetryRequested: _h_retry_requested,
+    ev.StepOutputSupplied: _h_output_supplied,
+    ev.RunPaused: _h_nothing,  # the timeline row is the record
+    ev.RunUnpaused: _h_nothing,
+    ev.FeedbackGiven: _h_feedback,
 })

@@ -154,6 +154,22 @@ CREATE TABLE IF NOT EXISTS timeline (
     PRIMARY KEY (run_id, seq)
 ) WITHOUT ROWID;
 
+-- a person's feedback on step outputs (issue 17), one row per FeedbackGiven event
+CREATE TABLE IF NOT EXISTS feedback (
+    run_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    step_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    output_hash TEXT NOT NULL,
+    by_principal TEXT NOT NULL,
+    via TEXT,
+    score REAL,
+    correction TEXT,
+    note TEXT,
+    at TEXT,
+    PRIMARY KEY (run_id, seq)
+);
+
 CREATE TABLE IF NOT EXISTS projection_position (
     stream TEXT PRIMARY KEY,
     stream_seq INTEGER NOT NULL DEFAULT 0,
@@ -164,8 +180,9 @@ CREATE TABLE IF NOT EXISTS projection_position (
 );
 """
 
-TABLES = ("runs", "steps", "attempts", "decisions", "approvals", "timeline", "usage", "projection_position")
-RUN_CHILDREN = ("steps", "attempts", "decisions", "approvals", "timeline", "usage")
+TABLES = ("runs", "steps", "attempts", "decisions", "approvals", "timeline", "usage", "feedback",
+          "projection_position")
+RUN_CHILDREN = ("steps", "attempts", "decisions", "approvals", "timeline", "usage", "feedback")
 
 
 def dumps(value: Any) -> str | None:

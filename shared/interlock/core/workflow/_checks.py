@@ -32,7 +32,7 @@ STEP_TYPES = ("job", "approval", "notify")
 # Fields that only mean something for one step type; elsewhere they would be silently ignored,
 # so they are reported instead.
 _ONLY_FOR: dict[str, tuple[str, ...]] = {
-    "job": ("topic", "require_approval", "heartbeat_timeout_ms", "compensate"),
+    "job": ("topic", "require_approval", "heartbeat_timeout_ms", "compensate", "cache"),
     "approval": ("approvers", "prompt", "expires_ms"),
     "notify": ("channel", "message"),
 }
@@ -196,6 +196,10 @@ def _check_step_templates(
     check(step.get("for_each"), (*base, "for_each"), expression=True, item_ok=False)
     check(step.get("message"), (*base, "message"), expression=False, item_ok=in_loop)
     check(step.get("prompt"), (*base, "prompt"), expression=False, item_ok=in_loop)
+    cache = step.get("cache")
+    if isinstance(cache, Mapping):
+        # rendered by the dispatcher for the step (not per for_each item: the job hash tells items apart)
+        check(cache.get("key"), (*base, "cache", "key"), expression=False, item_ok=False)
 
 
 def _strings(value: Any, path: Path) -> Iterable[tuple[Path, str]]:

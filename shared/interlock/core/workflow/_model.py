@@ -31,6 +31,7 @@ from pydantic_core import ErrorDetails
 
 from ._checks import STEP_TYPES, did_you_mean, semantic_issues, transitive
 from ._problems import Issue, Path, WorkflowInvalid, to_problems
+from ._schedule import Schedule
 
 _WORKFLOW_ID = re.compile(r"^[a-z0-9_-]+$")
 _STEP_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
@@ -113,6 +114,12 @@ def _json_schema(value: dict[str, Any]) -> dict[str, Any]:
     except SchemaError as exc:
         where = "/".join(str(p) for p in exc.absolute_path)
         raise ValueError(f"invalid JSON Schema{f' at {where}' if where else ''}: {exc.message}") from None
+    return value
+
+
+def _json_like_schedule(value: Schedule | None) -> Schedule | None:
+    if value is not None and value.input is not None:
+        _json_like(value.input, "input")
     return value
 
 
@@ -213,6 +220,39 @@ class Sla(BaseModel):
     steps: dict[Text, PositiveMs] = Field(default_factory=dict)
 
 
+MAX_CACHE_TTL_MS = 30 * 24 * 3600 * 1000  # the result cache bucket keeps nothing longer
+_DURATION = re.compile(r"^\s*([0-9]+)\s*(ms|s|m|h|d)\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def duration_ms(value: Any) -> int:
+    """``1h``, ``30m``, ``45s``, ``500ms``, ``7d`` (or a whole number of seconds) in milliseconds.
+    A five-unit grammar: a library (pytimeparse, isodate) would accept far more than we document."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value * 1000
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"invalid duration {value!r}: write a number and a unit (ms, s, m, h, d), e.g. 1h or 30m")
+    return int(match.group(1)) * _UNIT_MS[match.group(2)]
+
+
+def _cache_ttl(value: Any) -> int:
+    ms = duration_ms(value)
+    if not 1000 <= ms <= MAX_CACHE_TTL_MS:
+        raise ValueError(f"ttl {value!r} must be between 1s and 30d")
+    return ms
+
+
+class Cache(BaseModel):
+    """``cache:`` on a job step: reuse the output of an earlier successful job of this tenant with
+    the same rendered ``key`` and job hash, for ``ttl`` after it succeeded (issue 17)."""
+
+    model_config = _FROZEN
+
+    key: Text = Field(description="A template (``{{ input.customer }}``) rendered like the step's input")
+    ttl_ms: Annotated[int, BeforeValidator(_cache_ttl)] = Field(alias="ttl")
+
+
 class Step(BaseModel):
     """One step. Field types are checked here; rules across fields are checked by Workflow."""
 
@@ -234,6 +274,7 @@ class Step(BaseModel):
     input_schema: JsonSchema | None = None
     output_schema: JsonSchema | None = None
     labels: dict[Text, Text] = Field(default_factory=dict)
+    cache: Cache | None = None  # job steps: the result cache (added later: not hashed while unset)
     # approval steps
     approvers: Text = "approver"
     prompt: Text | None = None
@@ -249,7 +290,9 @@ class Step(BaseModel):
         return str(value).lower() if isinstance(value, bool) else value
 
 
-_ADDED_LATER = ("sensitive", "budget", "record_prompts", "sla")  # not in the content hash while at their default
+# not in the content hash while at their default
+_ADDED_LATER = ("sensitive", "budget", "record_prompts", "sla", "schedule")
+_STEP_ADDED_LATER = ("cache",)  # step fields likewise: a definition without them keeps its hash
 
 
 class Workflow(BaseModel):
@@ -262,6 +305,8 @@ class Workflow(BaseModel):
     version: Annotated[Text, BeforeValidator(_version)]
     description: Text | None = None
     triggers: Annotated[tuple[Subject, ...], BeforeValidator(_none_to_empty)] = ()
+    schedule: Annotated[Schedule, AfterValidator(_json_like_schedule)] | None = None
+    """Start a run at every tick (cron in a time zone, or every N): see ``_schedule``."""
     steps: dict[StepId, Step]
     timeout_ms: PositiveMs | None = None
     sensitive: Annotated[tuple[Text, ...], BeforeValidator(_none_to_empty)] = ()
@@ -299,7 +344,11 @@ class Workflow(BaseModel):
         """sha256 of the canonical JSON of the parsed definition (defaults filled in)."""
         # fields added later are left out while unset: definitions written before them keep their hash
         unset = {name for name in _ADDED_LATER if getattr(self, name) == type(self).model_fields[name].default}
-        dumped = self.model_dump(mode="json", exclude=unset or None)
+        dumped = self.model_dump(mode="json", exclude=unset or None, by_alias=True)
+        for sid, step in self.steps.items():
+            for name in _STEP_ADDED_LATER:
+                if getattr(step, name) is None:
+                    dumped["steps"][sid].pop(name, None)
         canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -358,6 +407,8 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "workflow": tuple(Workflow.model_fields),
     "step": tuple(Step.model_fields),
     "retries": tuple(RetryPolicy.model_fields),
+    "cache": ("key", "ttl"),
+    "schedule": tuple(Schedule.model_fields),
 }
 
 _YAML_BOOL_HINT = " (YAML reads yes/no/on/off/true/false as booleans; quote it)"
@@ -376,8 +427,10 @@ def _fields_at(parent: Path) -> tuple[str, ...]:
         return _FIELDS["workflow"]
     if len(parent) == 2 and parent[0] == "steps":
         return _FIELDS["step"]
-    if len(parent) == 3 and parent[0] == "steps" and parent[2] == "retries":
-        return _FIELDS["retries"]
+    if len(parent) == 3 and parent[0] == "steps" and parent[2] in ("retries", "cache"):
+        return _FIELDS[str(parent[2])]
+    if parent == ("schedule",):
+        return _FIELDS["schedule"]
     return ()
 
 
