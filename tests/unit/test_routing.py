@@ -23,7 +23,7 @@ def _matches(filter_subject: str, subject: str) -> bool:
 
 
 def _receivers(writer: str, envelopes: Sequence[Mapping[str, Any]]) -> set[str]:
-    subject = s.commit_subject("acme", "run-1", writer, routing.route_of(envelopes))
+    subject = s.commit_subject("acme", "run-1", writer, routing.route_of(envelopes, writer))
     services = (*routing.WRITERS, "auditor")
     return {svc for svc in services if any(_matches(f, subject) for f in routing.consumer_filters(svc))}
 
@@ -44,10 +44,15 @@ def test_only_decisions_that_wait_for_a_person_reach_the_approval_service() -> N
     assert "approval" in _receivers("policy", [decided("allow", step_type="approval")])
 
 
-def test_the_dispatcher_gets_back_its_own_retries() -> None:
+def test_a_writer_gets_back_what_it_acts_on_in_a_later_pass() -> None:
     retry = [{"type": ev.StepFailed.type_name}, {"type": ev.RetryScheduled.type_name}]
-    assert routing.route_of(retry) == routing.RETRY
+    assert routing.route_of(retry, "dispatcher") == routing.AGAIN
     assert "dispatcher" in _receivers("dispatcher", retry)
+    assert "dispatcher" not in _receivers("dispatcher", [{"type": ev.StepDispatched.type_name}])
+    # an input the step's schema refuses fails it in the planner: the planner then ends the run
+    failed = [{"type": ev.StepReady.type_name}, {"type": ev.StepFailed.type_name}]
+    assert "planner" in _receivers("planner", failed)
+    assert "planner" not in _receivers("planner", [{"type": ev.StepReady.type_name}])
 
 
 def test_every_filter_list_is_valid_for_one_consumer() -> None:
@@ -57,7 +62,7 @@ def test_every_filter_list_is_valid_for_one_consumer() -> None:
         ConsumerConfig(filter_subjects=list(filters))  # the shape nats-py sends
         # non-overlapping: no commit subject matches two filters of one consumer
         for writer in routing.WRITERS:
-            for route in (routing.APPROVAL, routing.RETRY, routing.FLOW):
+            for route in (routing.APPROVAL, routing.AGAIN, routing.FLOW):
                 subject = s.commit_subject("t", "r", writer, route)
                 assert sum(_matches(f, subject) for f in filters) <= 1
 

@@ -7,9 +7,13 @@ runs whole, so a commit is decoded, checked and applied only where it matters:
 - planner, policy and dispatcher: every commit another writer appended (their own commits they
   applied as they appended them; a copy that misses one another copy wrote replays the gap);
 - approval: only commits whose route is :data:`APPROVAL` (a decision that waits for a person);
-- the dispatcher also gets its own commits whose route is :data:`RETRY` (a retry it scheduled:
-  the timer it schedules after the commit is restored on delivery if a crash lost it);
+- a writer also gets back its own commits whose route is :data:`AGAIN`: those holding an event it
+  acts on in a later pass (:data:`ACTS_ON_OWN`: the planner plans again after a step it failed,
+  skipped or completed itself; the dispatcher restores the timer of a retry it scheduled);
 - auditor: everything.
+
+:data:`ACTS_ON` says which event types each service acts on (its handler is called for a commit
+holding one); the rest of what it is delivered only keeps its cached runs current.
 
 The tokens are routing, not trust: who wrote a commit is proven by its signature, and a commit
 with a misleading route only reaches the wrong consumers (each still checks it before acting).
@@ -28,8 +32,26 @@ WRITERS = ("planner", "policy", "approval", "dispatcher")
 
 APPROVAL = "approval"
 """Route of a commit the approval service acts on."""
-RETRY = "retry"
-"""Route of a commit that schedules a retry (its writer, the dispatcher, gets it back)."""
+AGAIN = "again"
+"""Route of a commit its writer acts on again (:data:`ACTS_ON_OWN`)."""
+
+ACTS_ON: dict[str, frozenset[str]] = {
+    "planner": ev.kinds(ev.RunStarted, ev.StepSucceeded, ev.StepFailed, ev.StepSkipped, ev.StepExpanded,
+                        ev.CompensationStarted,
+                        ev.StepOutputSupplied),  # a person completed a step (issue 17): its dependants may be ready
+    "policy": ev.kinds(ev.StepReady, ev.ApprovalInvalidated,
+                       ev.StepRetryRequested),  # issue 17: decide again for the new input
+    "dispatcher": ev.kinds(ev.PolicyDecided, ev.ApprovalGranted, ev.RunCancelled, ev.RunTimedOut, ev.RunFailed,
+                           ev.RunDenied, ev.RetryScheduled,
+                           ev.RunUnpaused),  # issue 17: what waited while the run was paused is dispatched now
+}
+"""The event types each service's commit handler acts on (the approval service: :func:`needs_a_person`)."""
+
+ACTS_ON_OWN: dict[str, frozenset[str]] = {
+    "planner": ACTS_ON["planner"] - ev.kinds(ev.RunStarted),  # a run's first plan is in its first commit
+    "dispatcher": ev.kinds(ev.RetryScheduled),
+}
+"""Of those, the ones a service acts on when it wrote them itself (in a later pass)."""
 FLOW = "flow"
 """Route of every other commit."""
 
@@ -45,12 +67,13 @@ def needs_a_person(envelope: Mapping[str, Any]) -> bool:
     return bool(data.get("decision") == "require_approval" or data.get("step_type", "approval") == "approval")
 
 
-def route_of(envelopes: Iterable[Mapping[str, Any]]) -> str:
-    """The route token of a commit holding ``envelopes``."""
+def route_of(envelopes: Iterable[Mapping[str, Any]], writer: str = "") -> str:
+    """The route token of a commit holding ``envelopes`` appended by ``writer``."""
     events = list(envelopes)
     if any(needs_a_person(e) for e in events):
         return APPROVAL
-    return RETRY if any(e.get("type") == ev.RetryScheduled.type_name for e in events) else FLOW
+    again = ACTS_ON_OWN.get(writer, frozenset())
+    return AGAIN if any(e.get("type") in again for e in events) else FLOW
 
 
 def _commits(writer: str = _ANY, route: str = _ANY) -> str:
@@ -62,9 +85,10 @@ def consumer_filters(service: str) -> tuple[str, ...]:
     if service == "approval":
         return (_commits(route=APPROVAL),)
     if service in WRITERS:
-        own = (_commits(writer=service, route=RETRY),) if service == "dispatcher" else ()
+        own = (_commits(writer=service, route=AGAIN),) if service in ACTS_ON_OWN else ()
         return (*(_commits(writer=w) for w in WRITERS if w != service), *own)
     return (s.EVENTS_ALL,)
 
 
-__all__ = ["APPROVAL", "FLOW", "RETRY", "WRITERS", "consumer_filters", "needs_a_person", "route_of"]
+__all__ = ["ACTS_ON", "ACTS_ON_OWN", "AGAIN", "APPROVAL", "FLOW", "WRITERS", "consumer_filters", "needs_a_person",
+           "route_of"]

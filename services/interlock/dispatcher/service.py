@@ -25,8 +25,7 @@ from typing import Any
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 
-from interlock.contracts import events as ev
-from interlock.contracts import headers
+from interlock.contracts import headers, routing
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import CancelNotice, Heartbeat, JobResult, Notification, TimerFired
 from interlock.core.ids import job_id
@@ -64,11 +63,7 @@ class DispatcherService(Service):
         self.cache = ResultCache(self.js)
 
     def register(self, broker: NatsBroker) -> None:
-        self.pull_commits(broker, self.on_commit, wants=ev.kinds(
-            ev.PolicyDecided, ev.ApprovalGranted, ev.StepDispatched, ev.RunCancelled, ev.RunTimedOut, ev.RunFailed,
-            ev.RunDenied, ev.RetryScheduled,
-            ev.RunUnpaused,  # issue 17: what waited while the run was paused is dispatched now
-        ))
+        self.pull_commits(broker, self.on_commit, wants=routing.ACTS_ON[self.name])
         self.pull(broker, s.RESULTS_ALL, s.RESULTS_STREAM, self.durable("results"), self.on_result)
         self.pull(broker, s.HEARTBEATS_ALL, s.RESULTS_STREAM, self.durable("heartbeats"), self.on_heartbeat)
         for kind in ("retry", "deadline", "lease"):

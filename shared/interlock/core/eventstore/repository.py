@@ -412,7 +412,7 @@ class EventStore:
             signed = self.authenticity.headers(subject, chunk)
             # below the run's log, named for who wrote it and who must act on it: each service's
             # consumer gets only the commits it needs (contracts.routing)
-            where = s.commit_subject(tenant, run_id, self.writer, routing.route_of(chunk))
+            where = s.commit_subject(tenant, run_id, self.writer, routing.route_of(chunk, self.writer))
             stream_seq = await self.recorder.append(where, payload, msg_id, stream_seq, signed,
                                                     condition_on=s.run_log(tenant, run_id))
             self.stats["appends"] += 1
