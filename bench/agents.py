@@ -15,6 +15,7 @@ from the ``bench`` package.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -24,6 +25,7 @@ from typing import Any
 from interlock.worker import JobContext, Worker
 
 TOPIC = "bench.step"
+SLOW_TOPIC = "bench.slow"  # the PRIO workload: an agent that takes BENCH_SLOW_MS per job (a saturated topic)
 RECV_SUBJECT = "bench.recv"
 
 # set by _handle in the task that handles one job message; the handler task inherits it
@@ -51,3 +53,9 @@ async def step(ctx: JobContext) -> dict[str, int]:
         await nc.publish(RECV_SUBJECT, json.dumps(record).encode())
     value = ctx.input.get("n", 0) if isinstance(ctx.input, dict) else 0
     return {"n": int(value or 0) + 1}
+
+
+@worker.job(SLOW_TOPIC)
+async def slow(ctx: JobContext) -> dict[str, int]:
+    await asyncio.sleep(int(os.environ.get("BENCH_SLOW_MS", "20")) / 1000)
+    return {"n": 1}

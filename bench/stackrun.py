@@ -74,6 +74,7 @@ steps:
     input: {{n: "{{{{ item }}}}"}}
 """
 T1, T2, T3 = "bw1", "bw2", "bw3"
+TP = "bwp"  # the PRIO workload's tenant
 
 # stages of one step, named by who does the work between two instants (see README)
 STAGES = (
@@ -164,17 +165,23 @@ def _cwd(path: Path) -> Iterator[None]:
 
 
 class StackBench:
-    def __init__(self, home: Path, telemetry_endpoint: str | None = None) -> None:
+    def __init__(self, home: Path, telemetry_endpoint: str | None = None, gate_limits: str | None = None,
+                 prio: bool = False) -> None:
         """``telemetry_endpoint``: every process exports traces and metrics there over OTLP/HTTP,
-        serves /metrics and logs JSON (to measure what telemetry costs)."""
+        serves /metrics and logs JSON (to measure what telemetry costs); ``gate_limits``: the
+        dispatcher's workload limits (``INTERLOCK_GATE_LIMITS``, JSON); ``prio``: a worker for the
+        PRIO workload's tenant too."""
         self.home = home
         env = {"INTERLOCK_AUDITOR_DB": str(home / "auditor.sqlite3"), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+        if gate_limits:
+            env["INTERLOCK_GATE_LIMITS"] = gate_limits
         if telemetry_endpoint:
             env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": telemetry_endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
                     "INTERLOCK_LOG_FORMAT": "json"}
         # a worker serves one tenant: one bench worker process per tenant the workloads use
-        self.stack = Stack(home=home, port=0, workers=[f"{AGENTS}:worker"], worker_tenants=(T1, T2, T3),
-                           env=env, metrics=telemetry_endpoint is not None)
+        tenants = (T1, T2, T3, TP) if prio else (T1, T2, T3)
+        self.stack = Stack(home=home, port=0, workers=[f"{AGENTS}:worker"], worker_tenants=tenants, env=env,
+                           metrics=telemetry_endpoint is not None)
         self.client: Client | None = None
         self.recv: dict[str, tuple[float, float]] = {}  # job id -> (at the worker, handler called)
         self.nonce = uuid.uuid4().hex[:8]
@@ -256,8 +263,8 @@ class StackBench:
         return [e for c in commits for e in c.envelopes], len(commits)
 
     # -- W1 --------------------------------------------------------------------------------
-    async def one_run(self, workflow: str, run_input: Any, tenant: str, key: str, timeout: float
-                      ) -> tuple[str, float, float, str]:
+    async def one_run(self, workflow: str, run_input: Any, tenant: str, key: str, timeout: float,
+                      priority: int | None = None) -> tuple[str, float, float, str]:
         """Trigger one run; (run id, submit wall time, seconds to its terminal event, terminal type).
 
         A run that does not succeed is reported in ``self.failures`` with its terminal event's data.
@@ -284,7 +291,7 @@ class StackBench:
             wall = time.time()
             t0 = time.perf_counter()
             # check=False: no registry read inside the measured interval (the workflows are applied)
-            await client.start_run(workflow, run_input, key=key, check=False)
+            await client.start_run(workflow, run_input, key=key, check=False, priority=priority)
             try:
                 end, kind = await asyncio.wait_for(ended, timeout)
             except TimeoutError:

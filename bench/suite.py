@@ -17,15 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from bench import floor as floor_mod
+from bench import prio as prio_mod
 from bench import replay
 from bench.common import machine, progress, ratio
 from bench.otlp_sink import otlp_sink
 from bench.profiling import Profiler
-from bench.stackrun import RssSampler, StackBench, cpu_report, cpu_seconds, memory_report, new_home
+from bench.stackrun import T2, RssSampler, StackBench, cpu_report, cpu_seconds, memory_report, new_home
 from interlock.core.natsserver import EmbeddedNats
 from interlock.identity import IdentityHome, Permissions
 
 WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
+EXTRA_WORKLOADS = ("PRIO",)  # run only when named (--only PRIO): see bench/prio.py
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 SCHEMA = 1
 
@@ -35,6 +37,7 @@ TARGETS = {
     "W3": "<= 2 s",
     "W4": "10,000-event load <= 100 ms; 100,000-event rebuild <= 20 s",
     "W5": "flat after load (back within 20 % of baseline 5 s after W2)",
+    "PRIO": "high-priority run through a 1,000-run backlog: p50 <= 2x its idle p50",
     "floor": "every ratio to the floor <= 4",
 }
 MAX_RATIO = 4.0
@@ -54,12 +57,14 @@ class Sizes:
     w4_rebuild_events: int
     w5_baseline_s: float
     w5_after_s: float = 5.0
+    prio_backlog: int = 1000
+    prio_samples: int = 10
 
 
 FULL = Sizes(w1_warmup=10, w1_runs=50, w2_runs=1000, w3_items=500, w4_load_events=10_000,
              w4_rebuild_events=100_000, w5_baseline_s=2.0)
 QUICK = Sizes(w1_warmup=2, w1_runs=5, w2_runs=50, w3_items=50, w4_load_events=1_000, w4_rebuild_events=5_000,
-              w5_baseline_s=1.0)
+              w5_baseline_s=1.0, prio_backlog=50, prio_samples=3)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,12 +76,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="run the stack with traces and metrics exported (OTLP to a local sink, /metrics on)")
     p.add_argument("--profile", action="store_true",
                    help="sample the services and the worker with py-spy during W2 (needs py-spy)")
+    p.add_argument("--w2-limit", type=int, default=0, metavar="N",
+                   help="run W1-W3 with a workload limit on: at most N jobs of W2's tenant in flight (the "
+                        "dispatcher's gate takes a slot in its bucket for every job); 0 = off (default)")
     args = p.parse_args(argv)
     if args.only:
         only = [w.strip().upper() for w in args.only.split(",") if w.strip()]
-        unknown = [w for w in only if w not in WORKLOADS]
+        unknown = [w for w in only if w not in WORKLOADS + EXTRA_WORKLOADS]
         if unknown:
-            p.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
+            p.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS + EXTRA_WORKLOADS)}")
         args.only = only
     else:
         args.only = list(WORKLOADS)
@@ -126,6 +134,26 @@ async def run_w4(sizes: Sizes, results: dict[str, Any]) -> None:
         shutil.rmtree(home, ignore_errors=True)
 
 
+async def run_prio(sizes: Sizes, results: dict[str, Any]) -> None:
+    home = new_home()
+    bench = StackBench(home, gate_limits=prio_mod.GATE_LIMITS, prio=True)
+    try:
+        progress(f"PRIO: starting the stack with the gate limiting tenant {prio_mod.TP} to {prio_mod.SLOTS} jobs")
+        await bench.start()
+        await bench.w1(sizes.w1_warmup, 0)
+        results["workloads"]["PRIO"] = await prio_mod.measure(bench, sizes.prio_backlog, sizes.prio_samples)
+        bench.check_alive()
+    finally:
+        await bench.close()
+        bench.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def w2_gate_limits(limit: int) -> str | None:
+    """``--w2-limit N``: W2's tenant may have N jobs in flight (every job passes the gate)."""
+    return json.dumps({"tenants": {T2: {"concurrency": limit}}}) if limit > 0 else None
+
+
 async def run_stack(selected: set[str], sizes: Sizes, results: dict[str, Any], errors: dict[str, str],
                     profile_dir: Path | None = None) -> None:
     with contextlib.ExitStack() as cleanup:
@@ -141,7 +169,7 @@ async def run_stack(selected: set[str], sizes: Sizes, results: dict[str, Any], e
 async def _run_stack(selected: set[str], sizes: Sizes, results: dict[str, Any], errors: dict[str, str],
                      profile_dir: Path | None, telemetry_endpoint: str | None) -> None:
     home = new_home()
-    bench = StackBench(home, telemetry_endpoint)
+    bench = StackBench(home, telemetry_endpoint, gate_limits=w2_gate_limits(results.get("w2_limit", 0)))
     sampler: RssSampler | None = None
     workloads = results["workloads"]
     try:
@@ -232,6 +260,11 @@ async def run_all(args: argparse.Namespace, sizes: Sizes, results: dict[str, Any
             await run_w4(sizes, results)
         except Exception as e:
             errors["W4"] = _error(e)
+    if "PRIO" in selected:
+        try:
+            await run_prio(sizes, results)
+        except Exception as e:
+            errors["PRIO"] = _error(e)
 
 
 # -- the table -----------------------------------------------------------------------------------
@@ -266,6 +299,8 @@ def build_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                       "overhead_p50": ratio(r["overhead_p50_ms"], f.get("overhead_p50_ms")),
                       "overhead_p99": ratio(r["overhead_p99_ms"], f.get("overhead_p99_ms"))}
         runs = r["runs"]
+        if results.get("w2_limit"):  # --w2-limit: every job passed the dispatcher's gate
+            runs = f"{runs} (tenant concurrency limit {results['w2_limit']})"
         rows.append(_row("W2", f"throughput, {runs} runs at once", r["steps_per_s"], "steps/s", ">= 1500 steps/s",
                          r["steps_per_s"] >= 1500, f.get("steps_per_s"), r["ratio"]["steps_per_s"],
                          f"{r['runs_per_s']} runs/s"))
@@ -291,6 +326,13 @@ def build_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(_row("W4", f"rebuild projection, {rebuild['events']} ev.", rebuild["seconds"], "s", "<= 20 s",
                          rebuild["seconds"] <= 20, rebuild["floor_seconds"], r["ratio"]["rebuild"],
                          f"{rebuild['events_per_s']:.0f} events/s; floor = raw ordered read"))
+    if "PRIO" in w:
+        r = w["PRIO"]
+        rows.append(_row("PRIO", f"high-priority run, idle (p50 of {r['samples']})", r["idle_p50_ms"], "ms"))
+        rows.append(_row("PRIO", f"… through a {r['backlog']}-run backlog", r["loaded_p50_ms"], "ms",
+                         f"<= {r['target_ratio']:g}x idle", r["target_ok"],
+                         note=f"{r['ratio_p50']}x idle; {r['slots']} slots; backlog still running: "
+                              f"{r['backlog_still_running']}"))
     if "W5" in w and "baseline_mb" in w["W5"]:
         r = w["W5"]
         rows.append(_row("W5", "stack RSS baseline", r["baseline_mb"], "MB"))
@@ -395,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
         "quick": args.quick,
         "telemetry": args.telemetry,
+        "w2_limit": args.w2_limit,
         "only": args.only,
         "sizes": sizes.__dict__,
         "machine": machine(),

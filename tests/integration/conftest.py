@@ -34,3 +34,16 @@ async def auditor(provisioned: str, tmp_path: Path, principals: Principals) -> A
         yield service
     finally:
         await service.stop()
+
+
+@pytest.fixture
+async def two_copies(provisioned: str, admin_creds: Path, principals: Principals) -> AsyncIterator[Harness]:
+    """Two copies of every service on the session's server (scale-out, schedules, workload)."""
+    nc = await connect(provisioned, admin_creds)
+    h = Harness(url=provisioned, nc=nc, principals=principals)
+    await h.start_services(copies=2)
+    try:
+        yield h
+    finally:
+        await h.stop()
+        await nc.close()

@@ -20,7 +20,7 @@ from interlock.client import Client
 from interlock.contracts import events as ev
 from interlock.worker import JobContext, Worker
 from tests.integration.api_fixtures import Api
-from tests.integration.harness import Harness, unique
+from tests.integration.harness import Harness, types, unique
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -277,7 +277,7 @@ async def test_nats_failures_are_503(api: Api, harness: Harness, principals: Any
 
 def _fill(path: str) -> str:
     return (path.replace("{workflow_id}", "no-such-workflow").replace("{run_id}", "no-such-run")
-            .replace("{step_id}", "s").replace("{key_id}", "000000000000"))
+            .replace("{step_id}", "s").replace("{key_id}", "000000000000").replace("{topic}", "no.such.topic"))
 
 
 async def test_every_role_may_do_exactly_what_the_table_says(api: Api) -> None:
@@ -436,3 +436,26 @@ async def test_cli_apikeys_create_list_revoke(api: Api, harness: Harness) -> Non
     revoked = await cli(harness, "apikeys", "revoke", record.key_id)
     assert revoked.exit_code == 0 and "revoked" in revoked.output
     assert any(r.key_id == record.key_id and r.revoked_at for r in await api.admin.api_keys())
+
+
+async def test_a_run_started_with_a_priority_carries_it_and_queues_are_listed(api: Api, harness: Harness) -> None:
+    wf, topic = unique("api-prio"), unique("api-t")
+    admin_key = await api.key("admin")
+    async with api.http(admin_key, **{"X-Tenant-ID": "default"}) as http:
+        await apply(api, http, f"id: {wf}\nversion: 1\nsteps:\n  work: {{topic: {topic}}}\n")
+        bad = await http.post(f"/api/v1/workflows/{wf}/runs", json={"input": {}, "priority": 6})
+        assert_problem(bad, 422, "priority")
+        r = await http.post(f"/api/v1/workflows/{wf}/runs", json={"input": {}, "priority": 5})
+        assert r.status_code == 201, r.text
+        run_id = r.json()["run_id"]
+        events = await harness.wait_for(run_id, lambda evs: "StepDispatched" in types(evs))
+        assert events[0]["data"]["priority"] == 5
+        # nobody serves the topic: its job waits in the queue
+        queues = await until(lambda: _queued(http, topic), what="the job counted in its topic's queue")
+        assert queues[topic] == 1
+
+
+async def _queued(http: httpx.AsyncClient, topic: str) -> dict[str, int] | None:
+    r = await http.get("/api/v1/queues")
+    assert r.status_code == 200, r.text
+    return r.json() if r.json().get(topic) else None

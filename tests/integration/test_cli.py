@@ -264,3 +264,39 @@ async def test_the_installed_entry_point(stack: tuple[Harness, str], tmp_path: P
     assert [r["run_id"] for r in json.loads(out)] == [match.group(1)]
     code, out, err = await interlock("--nats", harness.url, "runs", "--status", "bogus")
     assert code == 2 and "timed_out" in err
+
+
+async def test_agents_rollout_status_abort_clear_and_breakers(stack: tuple[Harness, str]) -> None:
+    harness, _ = stack
+    topic = f"cli.{unique('canary').replace('-', '_')}"
+    for version in ("1", "2"):
+        worker = Worker(unique(f"cli-v{version}"))
+
+        @worker.job(topic, version=version)
+        async def echo(ctx: JobContext) -> dict[str, Any]:
+            return {}
+
+        await harness.start_worker(worker)
+    listed = await cli(harness, "agents", "--output", "json")  # `interlock agents` still lists
+    assert listed.exit_code == 0, listed.output
+    assert {a["version"] for a in json.loads(listed.stdout) if a["topic"] == topic} == {"1", "2"}
+    bad = await cli(harness, "agents", "rollout", topic, "--to", "2", "--canary", "150%")
+    assert bad.exit_code != 0 and "at most 100%" in bad.stderr
+    started = await cli(harness, "agents", "rollout", topic, "--to", "2", "--canary", "10%", "--window", "10m")
+    assert started.exit_code == 0, started.output
+    assert started.stdout.strip() == f"rollout of {topic}: started (stable 1, canary 2 at 10%; status active)"
+    again = await cli(harness, "agents", "rollout", topic, "--to", "2")
+    assert again.exit_code == 1 and "already has an active rollout" in again.stderr
+    status = await cli(harness, "agents", "rollout-status", topic, "--output", "json")
+    [row] = json.loads(status.stdout)
+    assert (row["status"], row["stable"], row["canary"], row["share"], row["window_s"]) == ("active", "1", "2", 0.1,
+                                                                                          600.0)
+    early = await cli(harness, "agents", "rollout-clear", topic)
+    assert early.exit_code == 1 and "still active" in early.stderr
+    aborted = await cli(harness, "agents", "rollout-abort", topic, "--reason", "cli test")
+    assert aborted.exit_code == 0 and "aborted" in aborted.stdout
+    cleared = await cli(harness, "agents", "rollout-clear", topic)
+    assert cleared.exit_code == 0, cleared.output
+    assert json.loads((await cli(harness, "agents", "rollout-status", topic, "--output", "json")).stdout) == []
+    breakers = await cli(harness, "breakers", topic, "--output", "json")
+    assert breakers.exit_code == 0 and json.loads(breakers.stdout) == []

@@ -4,31 +4,18 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from interlock.worker import JobContext, Worker
-from tests.integration.harness import Harness, connect, outcome_counts, types, unique
-from tests.principals import Principals
+from tests.integration.harness import Harness, outcome_counts, types, unique
 
 pytestmark = pytest.mark.integration
 
 WIDTH = 30
 
 
-@pytest.fixture
-async def two_copies(provisioned: str, admin_creds: Path, principals: Principals) -> AsyncIterator[Harness]:
-    nc = await connect(provisioned, admin_creds)
-    h = Harness(url=provisioned, nc=nc, principals=principals)
-    await h.start_services(copies=2)
-    try:
-        yield h
-    finally:
-        await h.stop()
-        await nc.close()
 
 
 async def test_two_copies_of_every_service_run_each_job_once(two_copies: Harness) -> None:

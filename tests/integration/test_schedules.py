@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from interlock.core.ids import run_id_for
 from interlock.core.schedule import tick_key
 from interlock.planner.service import PlannerService
 from tests.integration.api_fixtures import Api
-from tests.integration.harness import Harness, connect, unique
+from tests.integration.harness import Harness, unique
 from tests.principals import Principals
 
 pytestmark = pytest.mark.integration
@@ -31,16 +30,6 @@ pytestmark = pytest.mark.integration
 DOWNTIME_S = 3.2  # the planners are away for at least three ticks of an `every: 1s` schedule
 
 
-@pytest.fixture
-async def two_copies(provisioned: str, admin_creds: Path, principals: Principals) -> AsyncIterator[Harness]:
-    nc = await connect(provisioned, admin_creds)
-    h = Harness(url=provisioned, nc=nc, principals=principals)
-    await h.start_services(copies=2)
-    try:
-        yield h
-    finally:
-        await h.stop()
-        await nc.close()
 
 
 def scheduled(wf: str, tenant: str, schedule: str, version: int = 1) -> str:

@@ -12,6 +12,7 @@ import re
 import types
 import typing
 from collections.abc import Callable
+from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,12 @@ import interlock.cli
 from interlock.cli import _common, _ops, app, main
 from interlock.cli._output import short_hash
 from interlock.client import NotFound, PendingApproval, PolicyChange, PolicyDecision, PolicySimulation
-from interlock.contracts.messages import ScheduleRow
+from interlock.contracts.messages import AgentRegistration, ScheduleRow
 from interlock.core.run import RunStatus
 from interlock.devstack.stack import API, SERVICES
 
 RUN = "6f1c2a3b-0000-5000-8000-000000000001"
+NOW = datetime(2026, 12, 2, tzinfo=UTC)
 JOB_HASH = "3f2a9c0d1e2b" + "a" * 52
 STATUSES = typing.get_args(RunStatus)
 
@@ -104,9 +106,9 @@ def test_help_shows_the_noun_groups_and_hides_todays_spellings() -> None:
     commands = _group().commands
     visible = {name for name, cmd in commands.items() if not cmd.hidden}
     hidden = {name for name, cmd in commands.items() if cmd.hidden}
-    assert visible == {"run", "approval", "workflow", "policy", "approver", "agent", "dlq", "audit", "creds",
-                       "tenant", "cost", "alerts", "schedules", "apikeys", "up", "serve", "worker", "nats", "demo",
-                       "drill", "provision", "step", "feedback"}
+    assert visible == {"run", "approval", "workflow", "policy", "approver", "agent", "dlq", "breakers", "audit",
+                       "creds", "tenant", "cost", "alerts", "schedules", "apikeys", "up", "serve", "worker", "nats",
+                       "demo", "drill", "provision", "step", "feedback"}
     assert hidden == {"runs", "status", "timeline", "cancel", "rerun", "approvals", "approve", "reject",
                       "validate", "agents", "workflows", "approvers"}
     assert set(commands["run"].commands) == {"start", "list", "describe", "timeline", "cancel", "rerun", "diff",
@@ -119,6 +121,9 @@ def test_help_shows_the_noun_groups_and_hides_todays_spellings() -> None:
                                                 "simulate"}
     assert set(commands["approver"].commands) == {"grant", "revoke", "list"}
     assert set(commands["apikeys"].commands) == {"create", "list", "revoke"}
+    assert set(commands["agent"].commands) == {"list", "rollout", "rollout-status", "rollout-abort", "rollout-clear"}
+    assert set(commands["agents"].commands) == set(commands["agent"].commands)
+    assert set(commands["breakers"].commands) == {"list", "log"}
     listed = set(re.findall(r"^│ ([a-z]\S*) ", cli("--help").stdout, re.MULTILINE))
     assert listed == visible
 
@@ -142,7 +147,7 @@ def test_every_command_argument_and_option_has_help() -> None:
 
 
 LIST_OR_DESCRIBE = {"list", "describe", "timeline", "history", "show", "eval", "explain", "simulate", "verify",
-                    "runs", "status", "approvals", "agents"}
+                    "runs", "status", "approvals", "agents", "log", "rollout-status"}
 
 
 def test_list_and_describe_commands_take_output() -> None:
@@ -233,6 +238,25 @@ def test_start_and_todays_run_workflow(fake: FakeClient, spelling: list[str], tm
     assert kwargs["key"] == "k1" and kwargs["version"] == "2"
     assert result.stdout == f"run {RUN} (workflow incident-remediation, idempotency key k1)\n"
     assert fake.called("wait") == []
+
+
+def test_start_with_a_priority_and_a_bad_one(fake: FakeClient) -> None:
+    fake.answers["start_run"] = RUN
+    assert cli("run", "start", "wf", "--priority", "5").exit_code == 0
+    [(_, kwargs)] = fake.called("start_run")
+    assert kwargs["priority"] == 5
+    result = cli("run", "start", "wf", "--priority", "9")
+    assert result.exit_code == 2 and "--priority" in result.stderr
+    assert len(fake.called("start_run")) == 1
+
+
+def test_agents_show_each_topics_queue_depth(fake: FakeClient) -> None:
+    fake.answers["agents"] = [AgentRegistration(worker_id="w1", topic="llm", started_at=NOW, last_heartbeat=NOW)]
+    fake.answers["queue_depth"] = {"llm": 3, "nobody.serves": 7}
+    result = cli("agents", "--output", "json")
+    assert result.exit_code == 0, result.output
+    rows = {(r["topic"], r["worker_id"]): r["queued"] for r in json.loads(result.stdout)}
+    assert rows == {("llm", "w1"): 3, ("nobody.serves", "(none)"): 7}
 
 
 def test_start_wait_prints_progress_and_exits_by_the_outcome(fake: FakeClient) -> None:
@@ -450,7 +474,18 @@ def test_workflow_list_and_apply(fake: FakeClient, group: str, examples_dir: Pat
     assert result.exit_code == 0
     assert result.stdout.startswith(f"workflow incident-remediation v1 registered (hash {'e' * 12}…); trigger subject ")
     [(args, kwargs)] = fake.called("apply_workflow")
-    assert args[0] == Path(path).read_text() and kwargs == {"filename": path}
+    assert args[0] == Path(path).read_text() and kwargs == {"filename": path, "files": {}}
+
+
+def test_workflow_apply_sends_the_guard_rule_files_it_names(fake: FakeClient, tmp_path: Path) -> None:
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "deny.yaml").write_text("words: [bluebird]\n")
+    path = tmp_path / "wf.yaml"
+    path.write_text("id: g\nversion: 1\nsteps:\n  a: {topic: t, guard: {content: {deny_file: rules/deny.yaml}}}\n")
+    fake.answers["apply_workflow"] = (types.SimpleNamespace(id="g", version="1", content_hash="e" * 64), True)
+    assert cli("workflow", "apply", str(path)).exit_code == 0
+    [(_, kwargs)] = fake.called("apply_workflow")
+    assert kwargs["files"] == {"rules/deny.yaml": "words: [bluebird]\n"}
 
 
 @pytest.mark.parametrize("command", [["validate"], ["workflow", "apply"]])

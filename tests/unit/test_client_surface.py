@@ -14,14 +14,16 @@ PUBLIC = [
 ]
 
 CLIENT_METHODS = [
-    "agents", "alerts", "api_key", "api_keys", "apply_workflow", "approvals", "approve", "approvers", "cancel",
+    "agents", "alerts", "api_key", "api_keys", "apply_workflow", "approvals", "approve", "approvers", "breaker_log",
+    "breakers", "cancel",
     "check_api_key", "close", "connect", "create_api_key", "dead_letter_entries", "dead_letters", "events",
     "export_run", "failures", "feedback", "give_feedback", "grant_approver", "keyring", "load_run", "pause_run",
     "pending_approval", "policy_active", "policy_decide", "policy_history", "policy_publish", "policy_rollback",
-    "policy_simulate", "read_commits", "reject", "replay_dead_letter", "rerun", "rerun_plan", "resolve_dead_letter",
-    "resume_run", "retry_step", "revoke_api_key", "revoke_approver", "run_diff", "runs", "runs_page", "schedules",
-    "seals", "skip_step", "start_run", "status", "submit_run", "timeline", "unpause_run", "unseal", "usage",
-    "verify", "verify_seals", "wait", "wait_projected", "watch", "with_tenant", "workflow", "workflows",
+    "policy_simulate", "queue_depth", "read_commits", "reject", "replay_dead_letter", "rerun", "rerun_plan",
+    "resolve_dead_letter", "resume_run", "retry_step", "revoke_api_key", "revoke_approver", "rollout_abort",
+    "rollout_clear", "rollout_start", "rollouts", "run_diff", "runs", "runs_page", "schedules", "seals",
+    "skip_step", "start_run", "status", "submit_run", "timeline", "unpause_run", "unseal", "usage", "verify",
+    "verify_seals", "wait", "wait_projected", "watch", "with_tenant", "workflow", "workflows",
 ]
 
 

@@ -310,6 +310,9 @@ def test_unknown_fields_are_ignored(name: str, data: st.DataObject) -> None:
 # producer's message still decodes: adding a name here is a breaking change to the wire contract.
 REQUIRED_FIELDS: dict[str, set[str]] = {
     "AgentRegistration": {"worker_id", "topic", "started_at", "last_heartbeat"},
+    "GateHolder": {"tenant", "run_id", "step_id", "at"},
+    "GateScope": set(),
+    "GateWaiter": {"tenant", "run_id", "step_id", "since"},
     "ApiKeyRecord": {"key_id", "tenant", "role", "principal", "sha256", "created_at"},
     "ApprovalDecision": {"run_id", "step_id", "job_hash", "role"},  # approver: the command subject's principal
     # new types (signed approvals): what a signature covers is all required
@@ -340,6 +343,7 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "JobError": {"message"},
     "JobResult": {"job_id", "run_id", "tenant", "step_id", "attempt", "ok"},
     "LateResultRecorded": {"step_id", "attempt", "ok"},
+    "GuardChecked": {"step_id", "attempt", "check", "verdict"},
     "Notification": {"run_id", "tenant", "workflow_id", "step_id", "channel", "message"},
     "PayloadRef": {"object_store", "key", "sha256", "size"},
     "PolicyDecided": {"step_id", "decision", "snapshot_id", "job_hash"},
@@ -364,6 +368,7 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "LlmCall": {"provider", "model"},
     "BudgetExceeded": {"limit", "allowed", "spent"},
     "StepDispatched": {"step_id", "attempt", "job_id", "topic"},
+    "StepThrottled": {"step_id", "attempt", "scope"},
     "StepExpanded": {"step_id", "count"},
     "StepFailed": {"step_id", "attempt", "error", "final"},
     "StepHeartbeat": {"step_id", "attempt"},
@@ -420,6 +425,13 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "FeedbackQuery": set(),
     "FeedbackRow": {"run_id", "seq", "step_id", "output_hash", "by"},
     "FeedbackReply": {"ok"},
+    # workload control (issue 16): KV values written and read by the dispatchers and the client
+    "BreakerOutcome": {"job_id", "ok", "at"},
+    "BreakerState": {"tenant", "topic"},
+    "BreakerChange": {"tenant", "topic", "seq", "from_state", "to_state", "at"},
+    "RolloutStats": {"version"},
+    "Rollout": {"tenant", "topic", "stable", "canary", "share", "started_at", "canary_stats", "stable_stats"},
+    "StepHeld": {"step_id", "attempt", "topic", "reason"},
 }
 
 

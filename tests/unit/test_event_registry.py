@@ -63,7 +63,7 @@ def test_the_registry_is_every_event_data_class_but_the_bases() -> None:
     assert bases == {"EventData", "StepEventData", "_Decided", "_Intervention"}
     assert dict(ev.EVENT_TYPES) == {name: cls for name, cls in classes.items() if name not in bases}
     assert all(cls.type_name == name for name, cls in ev.EVENT_TYPES.items())
-    assert len(ev.EVENT_TYPES) == 35  # 28, StepCacheHit and issue 17's six (interventions, feedback)
+    assert len(ev.EVENT_TYPES) == 38  # 28, StepCacheHit, GuardChecked, StepHeld, StepThrottled, issue 17's six
 
 
 def test_the_registry_cannot_be_changed_by_accident() -> None:

@@ -144,7 +144,7 @@ def test_invalid_step_ids() -> None:
 def test_unknown_step_type_lists_allowed() -> None:
     problem = only(steps_problems("a: {type: jobb, topic: t}\n"))
     assert (problem.location, problem.line) == ("steps.a.type", 4)
-    assert problem.message == "unknown step type 'jobb'; allowed: 'job', 'approval', 'notify'"
+    assert problem.message == "unknown step type 'jobb'; allowed: 'job', 'approval', 'notify', 'guardrail'"
 
 
 def test_job_without_topic() -> None:
@@ -454,7 +454,7 @@ def test_all_problems_reported_together_sorted_by_line() -> None:
         ("steps.fetch", "unknown field 'dependz_on' (did you mean 'depends_on'?)", 6),
         ("steps.transform.depends_on[1]", "unknown step 'missing'", 9),
         ("steps.transform.input.rows", "step 'report' is not upstream of 'transform'; add it to depends_on", 11),
-        ("steps.report.type", "unknown step type 'report'; allowed: 'job', 'approval', 'notify'", 13),
+        ("steps.report.type", "unknown step type 'report'; allowed: 'job', 'approval', 'notify', 'guardrail'", 13),
     ]
     filename = str(DATA / "broken.yaml")
     lines = str(error).splitlines()

@@ -57,7 +57,9 @@ _WRITERS: dict[type[ev.EventData], tuple[str, ...]] = {
     ev.ApprovalInvalidated: (_APPROVAL,),
     ev.ApprovalEscalated: (_APPROVAL,),
     ev.StepDispatched: (_DISPATCHER,),
+    ev.StepThrottled: (_DISPATCHER,),
     ev.StepHeartbeat: (_DISPATCHER,),
+    ev.StepHeld: (_DISPATCHER,),
     ev.StepSucceeded: (_PLANNER, _APPROVAL, _DISPATCHER),
     ev.StepFailed: (_PLANNER, _APPROVAL, _DISPATCHER),
     ev.RetryScheduled: (_DISPATCHER,),
@@ -65,6 +67,7 @@ _WRITERS: dict[type[ev.EventData], tuple[str, ...]] = {
     ev.StepSkipped: (_PLANNER,),
     ev.StepCacheHit: (_DISPATCHER,),
     ev.LateResultRecorded: (_DISPATCHER,),
+    ev.GuardChecked: (_DISPATCHER,),
     ev.CompensationStarted: (_PLANNER,),
     ev.CompensationFinished: (_PLANNER,),
     # a person's interventions and feedback, appended by the planner on their command (issue 17)

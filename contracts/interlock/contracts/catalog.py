@@ -163,7 +163,10 @@ TOPIC = Param(
     "Job topic: one or more dot-separated tokens (letters, digits, '_' and '-'), no wildcards, "
     "e.g. 'llm.summarize'. The address therefore has as many tokens as the topic has.",
 )
-TIMER_KIND = Param("kind", "Timer kind: retry, deadline, lease, approval_expiry or run_timeout.")
+AGENT_VERSION = Param("version", "Agent version as one token (subjects.version_token): '.' becomes '_', e.g. "
+                      "'2_1_0' for 2.1.0.")
+TIMER_KIND = Param("kind", "Timer kind: retry, deadline, lease, breaker (a held job's re-check), gate (a "
+                           "rate-limited job's token), approval_expiry or run_timeout.")
 TIMER_KEY = Param("key", "Timer key, unique within the run and kind (one subject token).")
 NOTIFY_CHANNEL = Param("channel", "Notification channel name from the workflow's notify step (one token).")
 SERVICE = Param("service", "Name of the service that gave up on the message (one token).")
@@ -279,6 +282,27 @@ JOBS = Channel(
              "within the ack wait.",
 )
 
+VERSIONED_JOBS = Channel(
+    id="versionedJobs",
+    title="Jobs for one agent version",
+    pattern=Pattern(s.versioned_job, (TENANT, AGENT_VERSION, TOPIC)),
+    message=msg.Job,
+    description="A job that only workers of one agent version may take: a canary rollout's share (or its "
+                "stable rest) and the jobs of steps with an agent_version range. The dispatcher records the "
+                "version in the step's StepDispatched (agent_version, route). Same body as il.job.",
+    transport="jetstream",
+    stream=s.JOBS_STREAM,
+    publishers=(DISPATCHER,),
+    subscribers=(WORKER,),
+    headers=(JOB_MSG_ID,),
+    filters=(s.VERSIONED_JOBS_ALL, Pattern(s.tenant_versioned_jobs, (TENANT,))),
+    consumer=f"A worker of version V takes one of {s.VERSION_SLOTS} durable pull consumers of its tenant's topic, "
+             "'worker_{tenant}_{topic}_{digest}_v{slot}' (subjects.worker_version_consumer): the slot whose filter "
+             "subject is il.vjob.{tenant}.{V}.{topic}, else a free one it creates with that filter. Same settings "
+             "as the topic's consumer plus an inactive_threshold (protocol.VERSION_SLOT_IDLE_S), which frees a "
+             "slot no worker pulls from. Workers that do not subscribe to it (any version) take il.job only.",
+)
+
 RESULTS = Channel(
     id="results",
     title="Job results",
@@ -388,7 +412,8 @@ TIMERS_FIRED = Channel(
     pattern=Pattern(s.timer_fired, (TIMER_KIND,)),
     message=msg.TimerFired,
     description="A durable timer that came due: run_timeout goes to the planner, approval_expiry to the "
-                "approval service, retry, deadline and lease to the dispatcher. Internal to Interlock.",
+                "approval service, retry, deadline, lease, breaker and gate (a rate-limited job's token) "
+                "to the dispatcher. Internal to Interlock.",
     transport="jetstream",
     stream=s.TIMERS_STREAM,
     publishers=(NATS_SERVER,),
@@ -606,6 +631,7 @@ Q_FEEDBACK = _query("feedback", "qFeedback", "Feedback", msg.FeedbackQuery, msg.
 CHANNELS: tuple[Channel, ...] = (
     TRIGGERS,
     JOBS,
+    VERSIONED_JOBS,
     RESULTS,
     HEARTBEATS,
     RUN_EVENTS,
@@ -698,7 +724,41 @@ RESULT_CACHE = KeyValueEntry(
     readers=(DISPATCHER,),
 )
 
-KEY_VALUE: tuple[KeyValueEntry, ...] = (AGENT_REGISTRY, DEAD_LETTER_STATUS, API_KEYS, RESULT_CACHE)
+WORKLOAD_GATE = KeyValueEntry(
+    bucket=s.GATE_BUCKET,
+    key="{kind}.{scope}.{digest} (subjects.gate_key: concurrency.topic.llm…, rate.tenant.acme…)",
+    value=msg.GateScope,
+    description="Workload limits (concurrency, rate): the jobs holding a slot, the jobs waiting for one and a rate "
+                "limit's tokens, updated with compare-and-set by every dispatcher copy, so a limit holds across "
+                "copies, kills and restarts. Internal to the dispatcher.",
+    writers=(DISPATCHER,),
+    readers=(DISPATCHER,),
+)
+
+BREAKERS = KeyValueEntry(
+    bucket=s.BREAKERS_BUCKET,
+    key="state.{tenant}.{topic} (the state) and log.{tenant}.{topic} (one revision per state change)",
+    value=msg.BreakerState,
+    description="Circuit breakers of the topics whose steps declare `breaker:`: the dispatchers count outcomes and "
+                "change the state with compare-and-set, and put a BreakerChange under the log key on every state "
+                "change (the key's history is the log). Read by `interlock breakers` and GET /v1/breakers.",
+    writers=(DISPATCHER,),
+    readers=(DISPATCHER, CLIENT),
+)
+
+ROLLOUTS = KeyValueEntry(
+    bucket=s.ROLLOUTS_BUCKET,
+    key="{tenant}.{topic}",
+    value=msg.Rollout,
+    description="Canary rollouts of agent versions: `interlock agents rollout` puts one (and aborts it); the "
+                "dispatchers route by it, count each side's outcomes and promote or roll it back, with "
+                "compare-and-set.",
+    writers=(OPERATOR, DISPATCHER),
+    readers=(DISPATCHER, CLIENT),
+)
+
+KEY_VALUE: tuple[KeyValueEntry, ...] = (AGENT_REGISTRY, DEAD_LETTER_STATUS, API_KEYS, RESULT_CACHE, BREAKERS,
+                                       ROLLOUTS, WORKLOAD_GATE)
 
 REPLAYABLE: tuple[Channel, ...] = (TRIGGERS, JOBS, RESULTS, HEARTBEATS, TIMERS_FIRED)
 """Channels a dead letter's original may be published to again (``interlock dlq replay``): queues

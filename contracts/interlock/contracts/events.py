@@ -70,6 +70,8 @@ class RunStarted(EventData):
     requested_by: str = ""
     rerun_of: str | None = None
     reused_outputs: dict[str, Any] = Field(default_factory=dict)
+    priority: int | None = Field(default=None, description="The priority the trigger asked for (1-5), if any")
+    omit_when_none: ClassVar[frozenset[str]] = frozenset({"priority"})
 
 
 class RunAdmitted(EventData):
@@ -109,7 +111,7 @@ class RunTimedOut(EventData):
 class StepReady(StepEventData):
     """A step whose dependencies are met, with its resolved input and job hash."""
 
-    step_type: Literal["job", "approval", "notify"] = "job"
+    step_type: Literal["job", "approval", "notify", "guardrail"] = "job"
     topic: str | None = None
     input: Any = None
     input_ref: PayloadRef | None = None
@@ -126,7 +128,7 @@ class StepExpanded(StepEventData):
 
 class PolicyDecided(StepEventData):
     decision: Decision
-    step_type: Literal["job", "approval", "notify"] = "job"
+    step_type: Literal["job", "approval", "notify", "guardrail"] = "job"
     snapshot_id: str
     rule_ids: list[str] = Field(default_factory=list)
     job_hash: str
@@ -225,6 +227,36 @@ class StepDispatched(StepEventData):
     job_id: str
     topic: str
     deadline: datetime | None = None
+    # the routing decision (issue 16), empty for a job any worker of the topic may take
+    agent_version: str = Field(default="", exclude_if=lambda v: not v, description=(
+        "The agent version the job was sent to (its versioned subject), '' for any worker of the topic"))
+    route: str = Field(default="", exclude_if=lambda v: not v, description=(
+        "Why that version: 'canary' or 'stable' (a rollout), 'range' (the step's agent_version)"))
+
+
+class StepHeld(StepEventData):
+    """The dispatcher held a released job back (it stays released and is dispatched later): the
+    circuit breaker of its topic is open, or no live worker runs an agent version it may go to.
+    Written once per hold, not on every re-check. Consumed by nobody but the dispatcher itself
+    (which re-checks on a ``breaker`` timer), the auditor and the timeline."""
+
+    attempt: int = Field(ge=1, description="The attempt that waits")
+    topic: str
+    reason: Literal["breaker_open", "breaker_probing", "no_agent_version"]
+    until: datetime | None = Field(default=None, description="When the dispatcher looks again")
+    breaker_opened_at: datetime | None = Field(default=None, description="The opening of the breaker that holds it")
+    message: str = ""
+
+
+class StepThrottled(StepEventData):
+    """A released job (or a due retry) waits: a workload limit is reached. It is dispatched, in
+    priority and fair-share order, when a slot frees or the rate allows (a StepDispatched follows).
+    Written once per attempt, by the dispatcher (the only service that consumes it)."""
+
+    attempt: int = Field(ge=1, description="The attempt that waits to be dispatched")
+    scope: str = Field(description="The limit that holds it: concurrency.topic.llm, rate.tenant.acme, backpressure…")
+    reason: str = ""
+    priority: int = 3
 
 
 class StepHeartbeat(StepEventData):
@@ -253,6 +285,38 @@ class StepFailed(StepEventData):
     final: bool = Field(description="No further attempt will be made")
     worker: str = ""
     usage: list[LlmCall] = Field(default_factory=list, exclude_if=_empty, description="Model calls the attempt made")
+
+
+class GuardFinding(Message):
+    """One thing a guard check found: its kind and where, never the matched text itself."""
+
+    kind: str = Field(description="What was found: 'AWS Access Key', 'email', 'iban', 'deny:RULE', "
+                                  "'injection:PATTERN', 'schema'…")
+    path: str = Field(description="Where in the checked value: output.text, output.items[2]")
+    start: int | None = Field(default=None, description="Offset of the match in that string (characters)")
+    end: int | None = Field(default=None, description="End offset of the match (exclusive)")
+    detail: str = Field(default="", description="A schema error's message (never for text matches)")
+
+
+class GuardChecked(StepEventData):
+    """The verdict of one guard check on a step's output (a job step's ``guard:``) or on the
+    value a ``type: guardrail`` step checks, and what the step does about a violation.
+
+    Written by the dispatcher, before the step's outcome (in the same commit). ``action``
+    ``approve`` holds the (redacted where secret) value for a person: the step waits for
+    approval, and the approval service asks for one (it consumes these events)."""
+
+    attempt: int = Field(ge=0, description="The job attempt checked (0 for a guardrail step)")
+    check: Literal["schema", "content", "secrets", "pii", "injection"]
+    verdict: Literal["pass", "violation"]
+    findings: list[GuardFinding] = Field(default_factory=list)
+    action: Literal["none", "fail", "approve", "redact"] = "none"
+    held: bool = Field(default=False, description="This event carries the output held for approval")
+    held_output: Any = None
+    held_output_ref: PayloadRef | None = None
+    approver_role: str | None = Field(default=None, description="Who may release a held output")
+    usage: list[LlmCall] = Field(default_factory=list, exclude_if=_empty,
+                                 description="A held attempt's model calls (its success, later, carries none)")
 
 
 class BudgetExceeded(EventData):

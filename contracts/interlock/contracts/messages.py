@@ -29,6 +29,10 @@ class PayloadRef(Message):
     size: int
 
 
+PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT = 1, 5, 3
+"""Run priorities: 1 is the lowest, 5 the highest; a run that names none has the workflow's, else 3."""
+
+
 class Trigger(Message):
     """Starts a run. The same (tenant, workflow_id, idempotency_key) never starts two runs."""
 
@@ -44,6 +48,9 @@ class Trigger(Message):
     reuse_outputs: dict[str, Any] = Field(
         default_factory=dict, description="Step outputs copied from the re-run run (step id -> output)"
     )
+    priority: int | None = Field(default=None, ge=PRIORITY_MIN, le=PRIORITY_MAX, description=(
+        "The run's priority, 1 (lowest) to 5 (highest): when a topic is saturated its jobs are handed out "
+        "first. Default: the workflow's priority, else 3"))
 
 
 class Job(Message):
@@ -76,6 +83,8 @@ class Job(Message):
         default_factory=list, description="Paths in the output (output.token) to seal, besides keys named by the "
                                           "sensitive key patterns; see contracts/README.md, Sensitive values")
     record_prompts: bool = Field(False, description="The workflow lets the worker keep prompts in LlmCall.prompt")
+    agent_version: str = Field("", description=(
+        "Set on a job routed to one agent version (subject il.vjob.{tenant}.{version}.{topic}); '' for any worker"))
 
 
 class JobError(Message):
@@ -179,7 +188,8 @@ class CancelNotice(Message):
 class TimerFired(Message):
     """A durable timer's payload; it fires on ``il.timer.fire.{kind}`` at its due time."""
 
-    kind: Literal["retry", "deadline", "lease", "approval_expiry", "approval_escalation", "run_timeout"]
+    kind: Literal["retry", "deadline", "lease", "approval_expiry", "approval_escalation", "run_timeout", "breaker",
+                  "gate"]
     run_id: str
     tenant: str
     step_id: str | None = None
@@ -201,6 +211,38 @@ class ScheduleTimer(Message):
     cancelled: bool = Field(default=False, description="Published without a schedule header when a workflow's "
                                                        "schedule is removed: replaces the pending tick, so it "
                                                        "never fires")
+
+
+class GateHolder(Message):
+    """A job that holds a slot of a concurrency limit (from before its StepDispatched until after
+    its outcome is durable)."""
+
+    tenant: str
+    run_id: str
+    step_id: str
+    at: float = Field(description="When it took the slot (Unix seconds)")
+
+
+class GateWaiter(Message):
+    """A job that waits for a slot or a token (its StepThrottled is in the run's log)."""
+
+    tenant: str
+    run_id: str
+    step_id: str
+    priority: int = PRIORITY_DEFAULT
+    since: float = Field(description="When it began to wait (Unix seconds): first come, first served")
+
+
+class GateScope(Message):
+    """One workload limit's state in bucket il_gate, changed only with compare-and-set."""
+
+    holders: dict[str, GateHolder] = Field(default_factory=dict, description="job id -> the slot it holds")
+    waiting: dict[str, GateWaiter] = Field(default_factory=dict, description="job id -> the job that waits")
+    tokens: float | None = Field(default=None, description="A rate limit's tokens at refilled_at")
+    refilled_at: float | None = None
+    shares: dict[str, float] = Field(default_factory=dict, description=(
+        "tenant -> slots handed out per unit of weight (fair share's virtual time; a tenant that starts "
+        "waiting starts at the least share of those already there)"))
 
 
 class AgentRegistration(Message):
@@ -388,6 +430,94 @@ class DeadLetterStatus(Message):
     seq: int
     status: Literal["resolved", "replayed"]
     actions: list[DeadLetterAction] = Field(default_factory=list, description="Every action, oldest first")
+
+
+class BreakerOutcome(Message):
+    """One job outcome a circuit breaker counted."""
+
+    job_id: str
+    ok: bool
+    at: datetime
+
+
+class BreakerState(Message):
+    """The circuit breaker of one tenant's jobs of one topic (bucket ``il_breakers``, key
+    ``state.{tenant}.{topic}``), updated by the dispatchers with compare-and-set."""
+
+    tenant: str
+    topic: str
+    state: Literal["closed", "open", "half_open"] = "closed"
+    consecutive_failures: int = 0
+    recent: list[BreakerOutcome] = Field(default_factory=list, description=(
+        "Outcomes inside the failure-rate window, oldest first (bounded); their job ids make counting idempotent"))
+    opened_at: datetime | None = Field(default=None, description="When it last opened")
+    retry_at: datetime | None = Field(default=None, description="Open: when the cooldown ends and a probe may go")
+    probe_job: str | None = Field(default=None, description="Half-open: the one job let through to test the topic")
+    probe_started_at: datetime | None = None
+    changed_at: datetime | None = None
+    reason: str = Field(default="", description="Why it last changed state")
+    transitions: int = Field(default=0, description="State changes so far (the change log's sequence)")
+    last_change: BreakerChange | None = Field(default=None, description="The latest state change (also in the log)")
+
+
+class BreakerChange(Message):
+    """One state change of a breaker: the revisions of key ``log.{tenant}.{topic}`` are its log."""
+
+    tenant: str
+    topic: str
+    seq: int
+    from_state: str
+    to_state: str
+    at: datetime
+    reason: str = ""
+    by: str = Field(default="", description="The dispatcher instance that changed it")
+
+
+class RolloutStats(Message):
+    """What one side of a rollout (stable or canary) did."""
+
+    version: str
+    jobs: int = 0
+    failures: int = 0
+    latency_ms: list[float] = Field(default_factory=list, description="Recent job latencies (dispatch to result)")
+    job_ids: list[str] = Field(default_factory=list, description="Recent job ids counted (idempotent counting)")
+
+    @property
+    def failure_rate(self) -> float:
+        return self.failures / self.jobs if self.jobs else 0.0
+
+
+class Rollout(Message):
+    """A canary rollout of one tenant's agents of one topic (bucket ``il_rollouts``, key
+    ``{tenant}.{topic}``): ``share`` of the jobs go to version ``canary``, the rest to ``stable``,
+    until the dispatcher promotes or rolls it back (or an operator aborts it)."""
+
+    tenant: str
+    topic: str
+    stable: str
+    canary: str
+    share: float = Field(ge=0.0, le=1.0, description="Share of the jobs sent to the canary")
+    status: Literal["active", "promoted", "rolled_back", "aborted"] = "active"
+    started_at: datetime
+    started_by: str = ""
+    window_s: float = Field(default=300.0, ge=0, description="Promote once this long has passed (and min_jobs ran)")
+    min_jobs: int = Field(default=20, ge=1, description="Canary jobs needed before any verdict")
+    max_failure_delta: float = Field(default=0.05, ge=0.0, description=(
+        "Roll back when the canary's failure rate exceeds the stable one's by more than this"))
+    max_latency_ratio: float = Field(default=1.5, ge=0.0, description=(
+        "Roll back when the canary's median latency exceeds the stable one's times this"))
+    canary_stats: RolloutStats
+    stable_stats: RolloutStats
+    decided_at: datetime | None = None
+    decided_by: str = ""
+    reason: str = ""
+
+    @property
+    def routing_version(self) -> str | None:
+        """The one version every job goes to once the rollout ended (None while it is active)."""
+        if self.status == "promoted":
+            return self.canary
+        return None if self.status == "active" else self.stable
 
 
 class SealHead(Message):

@@ -71,6 +71,11 @@ is the same consumer. A worker holds a job un-acked while it works on it, with a
 ``timing.PROGRESS_INTERVAL_S``, and acks it once its result is published: a dead worker's job goes to
 another copy within the ack wait (see :mod:`interlock.contracts.timing`)."""
 
+VERSION_SLOT_IDLE_S = 3600.0
+"""A versioned worker consumer (``subjects.worker_version_consumer``) nobody pulled from for this long
+is removed by the server (its ``inactive_threshold``): the slot is free for another version. Jobs left
+for that version stay in the stream until a worker of the version takes a slot again."""
+
 # -- the agent registry ----------------------------------------------------------------------
 REGISTRY_REFRESH_S = 5.0
 """A worker rewrites its ``AgentRegistration`` (new ``last_heartbeat``) this often."""
@@ -106,6 +111,8 @@ def table() -> dict[str, object]:
                    "example": {**_EXAMPLE_TRIGGER, "run_id": str(run_id_for(**_EXAMPLE_TRIGGER))}},
         "inline_limit_bytes": INLINE_LIMIT_BYTES,
         "worker_consumer": WORKER_CONSUMER.as_jetstream(),
+        "versioned_worker_consumer": {**WORKER_CONSUMER.as_jetstream(),
+                                      "inactive_threshold": int(VERSION_SLOT_IDLE_S * 1e9)},
         "registry": {"refresh_s": REGISTRY_REFRESH_S, "stale_after_s": REGISTRY_STALE_AFTER_S,
                      "ttl_s": REGISTRY_TTL_S},
         "dead_letter": {"prefix_limit_bytes": DEAD_LETTER_PREFIX_LIMIT,

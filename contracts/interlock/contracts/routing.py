@@ -59,10 +59,13 @@ _ANY = "*"
 
 
 def needs_a_person(envelope: Mapping[str, Any]) -> bool:
-    """Whether the approval service acts on this event: a decision that waits for a person."""
+    """Whether the approval service acts on this event: a decision that waits for a person (policy's,
+    or a guard's verdict that holds a step's output for approval)."""
+    data = envelope.get("data") or {}
+    if envelope.get("type") == ev.GuardChecked.type_name:
+        return bool(data.get("held"))
     if envelope.get("type") != ev.PolicyDecided.type_name:
         return False
-    data = envelope.get("data") or {}
     # decisions recorded before step_type existed carry none: look at those runs to be safe
     return bool(data.get("decision") == "require_approval" or data.get("step_type", "approval") == "approval")
 

@@ -11,6 +11,7 @@ Subject layout (``{…}`` is one token; tokens never contain dots, except job to
   service's consumer is filtered to the commits it acts on
 - ``il.trigger.{tenant}.{workflow_id}``   start a run (stream ``IL_TRIGGERS``)
 - ``il.job.{tenant}.{topic}``             jobs for agent workers (stream ``IL_JOBS``, work queue)
+- ``il.vjob.{tenant}.{version}.{topic}``  jobs for one agent version only (canary rollouts, version ranges)
 - ``il.result.{tenant}.{run_id}``         job results from workers (stream ``IL_RESULTS``)
 - ``il.hb.{tenant}.{run_id}``             worker heartbeats (stream ``IL_RESULTS``)
 - ``il.timer.at.{kind}.{run_id}.{key}``   durable timer schedules (stream ``IL_TIMERS``)
@@ -58,11 +59,15 @@ KEYRING_BUCKET = "il_keyring"  # key: a signing key id (nkey public key), value:
 PAYLOADS_OBJECT_STORE = "il_payloads"  # large inputs and outputs, by sha256
 APIKEYS_BUCKET = "il_apikeys"  # key: the API key's id; value: its tenant, role, principal and SHA-256 (never the key)
 CACHE_BUCKET = "il_cache"  # key: cache_entry_key(tenant, digest); value: a CacheEntry (the result cache)
+BREAKERS_BUCKET = "il_breakers"  # key: breaker_key / breaker_log_key (the log key's history is the change log)
+ROLLOUTS_BUCKET = "il_rollouts"  # key: rollout_key(tenant, topic); value: the topic's canary rollout
+GATE_BUCKET = "il_gate"  # key: gate_key(kind, scope); value: a limit's slot holders, waiting jobs and tokens
 
 # -- wildcards a stream or consumer binds to ----------------------------------------------
 EVENTS_ALL = f"{PREFIX}.evt.>"
 TRIGGERS_ALL = f"{PREFIX}.trigger.>"
 JOBS_ALL = f"{PREFIX}.job.>"
+VERSIONED_JOBS_ALL = f"{PREFIX}.vjob.>"
 RESULTS_ALL = f"{PREFIX}.result.>"
 HEARTBEATS_ALL = f"{PREFIX}.hb.>"
 TIMERS_SCHEDULED_ALL = f"{PREFIX}.timer.at.>"
@@ -150,6 +155,64 @@ def parse_job(subject: str) -> tuple[str, str]:
         raise SubjectError(f"{subject!r} is not a job subject (expected il.job.{{tenant}}.{{topic}})")
     tenant, topic = parts[2], ".".join(parts[3:])
     return _checked(lambda v: token(v, "tenant"), tenant, subject), _checked(topic_tokens, topic, subject)
+
+
+def version_token(version: str) -> str:
+    """An agent version as one subject token: '.' becomes '_' and anything else outside
+    letters, digits, '_' and '-' becomes '-' (versions such as ``2.1.0``, ``2.0+build``).
+    Two versions that differ only there (``2.1`` and ``2_1``) share a token: the dispatcher
+    refuses to route between such a pair."""
+    if not version:
+        raise SubjectError("an agent version must not be empty")
+    return re.sub(r"[^A-Za-z0-9_-]", "-", version.replace(".", "_"))
+
+
+def versioned_job(tenant: str, version: str, topic: str) -> str:
+    """A job for ``tenant``'s workers of ``topic`` that run agent ``version`` only (the worker
+    SDK subscribes to its own version's subject beside the topic's)."""
+    return f"{PREFIX}.vjob.{token(tenant, 'tenant')}.{version_token(version)}.{topic_tokens(topic)}"
+
+
+def tenant_versioned_jobs(tenant: str) -> str:
+    return f"{PREFIX}.vjob.{token(tenant, 'tenant')}.>"
+
+
+VERSION_SLOTS = 4
+"""Versioned consumers per tenant and topic: how many agent versions of one topic can be served
+(and routed to) at once. A slot held by a version nobody serves is freed after
+``protocol.VERSION_SLOT_IDLE_S``."""
+
+
+def worker_version_consumer(tenant: str, topic: str, slot: int) -> str:
+    """Durable consumer number ``slot`` of one tenant's topic for versioned jobs. A worker takes
+    the slot whose filter is its version's subject, or a free one (its filter then fixes the
+    version): names are known in advance, so a worker credential can be held to them."""
+    if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < VERSION_SLOTS:
+        raise SubjectError(f"version slot {slot!r} is not a whole number in 0..{VERSION_SLOTS - 1}")
+    return f"{worker_consumer(tenant, topic)}_v{slot}"
+
+
+def breaker_key(tenant: str, topic: str) -> str:
+    """The circuit breaker of ``tenant``'s jobs of ``topic`` in ``BREAKERS_BUCKET`` (its state)."""
+    return f"state.{token(tenant, 'tenant')}.{topic_tokens(topic)}"
+
+
+def breaker_log_key(tenant: str, topic: str) -> str:
+    """The breaker's change log: one revision per state change (the key's history)."""
+    return f"log.{token(tenant, 'tenant')}.{topic_tokens(topic)}"
+
+
+def parse_breaker_key(key: str) -> tuple[str, str]:
+    """``state.{tenant}.{topic}`` -> (tenant, topic)."""
+    parts = key.split(".")
+    if len(parts) < 3 or parts[0] != "state":
+        raise SubjectError(f"{key!r} is not a breaker key (expected state.{{tenant}}.{{topic}})")
+    return _checked(lambda v: token(v, "tenant"), parts[1], key), _checked(topic_tokens, ".".join(parts[2:]), key)
+
+
+def rollout_key(tenant: str, topic: str) -> str:
+    """The canary rollout of ``tenant``'s agents of ``topic`` in ``ROLLOUTS_BUCKET``."""
+    return f"{token(tenant, 'tenant')}.{topic_tokens(topic)}"
 
 
 def result(tenant: str, run_id: str) -> str:
@@ -323,6 +386,16 @@ def cache_entry_key(tenant: str, digest: str) -> str:
     lookup of one tenant can ever name another's entry; ``digest`` (hex) covers the cache key and
     the job hash."""
     return f"{token(tenant, 'tenant')}.{token(digest, 'cache digest')}"
+
+
+def gate_key(kind: str, scope: str) -> str:
+    """The key of one workload limit in bucket ``GATE_BUCKET`` (``concurrency.topic.llm``).
+
+    ``scope`` may hold anything (a value computed from a run's input): characters a key may not
+    hold are replaced and a digest of the exact scope follows, so two scopes never share a key."""
+    readable = re.sub(r"[^A-Za-z0-9_=-]", "_", scope)[:64]
+    digest = hashlib.sha256(scope.encode()).hexdigest()[:12]
+    return f"{token(kind, 'gate kind')}.{readable}.{digest}"
 
 
 # -- the JetStream API (subjects of the server's own API that Interlock calls directly) -------

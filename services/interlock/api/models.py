@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 TOKEN = r"^[A-Za-z0-9_\-]+$"
+TOPIC = r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$"  # a job topic: dotted tokens
 VERSION = r"^[0-9A-Za-z.+_\-]+$"  # a workflow or policy version (interlock.core.workflow: also a digit)
 
 
@@ -27,6 +28,8 @@ class StartRun(Body):
     input: dict[str, Any] = Field(default_factory=dict, description="The run's input (the workflow's input schema)")
     version: str | None = Field(default=None, max_length=128, pattern=VERSION,
                                 description="Pin a workflow version; latest if omitted")
+    priority: int | None = Field(default=None, ge=1, le=5, description=(
+        "1 (lowest) to 5 (highest): a saturated topic hands out higher ones first; default the workflow's, else 3"))
 
 
 class RunLinks(BaseModel):
@@ -196,6 +199,8 @@ class Reject(Body):
 class ApplyWorkflow(Body):
     source: str = Field(min_length=1, description="The workflow's YAML text")
     filename: str | None = Field(default=None, max_length=256, description="Shown in error messages")
+    files: dict[str, str] = Field(default_factory=dict, max_length=64, description=(
+        "The guard rule files the workflow names (deny_file, allow_file): relative path -> text"))
 
 
 class WorkflowApplied(BaseModel):
@@ -321,3 +326,21 @@ class ApiKeyCreated(BaseModel):
 
 class ApiKeysPage(BaseModel):
     items: list[ApiKeyOut]
+
+
+class RolloutStart(Body):
+    """A canary rollout of one agent version of a topic (``interlock agents rollout``)."""
+
+    topic: str = Field(pattern=TOPIC, max_length=256, description="The job topic, e.g. llm.summarize")
+    to: str = Field(pattern=VERSION, max_length=128, description="The agent version to roll out")
+    share: float = Field(gt=0.0, le=1.0, description="The share of jobs it gets (0.1 = 10%)")
+    stable: str | None = Field(default=None, pattern=VERSION, max_length=128,
+                               description="The stable version (default: the one other live version)")
+    window_s: float = Field(default=300.0, gt=0, description="Promote after this long within the thresholds")
+    min_jobs: int = Field(default=20, ge=1, description="Canary jobs needed before any verdict")
+    max_failure_delta: float = Field(default=0.05, ge=0.0)
+    max_latency_ratio: float = Field(default=1.5, gt=0.0)
+
+
+class RolloutAbort(Body):
+    reason: str = Field(default="", max_length=1000)

@@ -22,7 +22,15 @@ from interlock.api.access import Action
 from interlock.api.auth import Principal, acting_client, allow, decision_signer
 from interlock.api.problems import ERROR_RESPONSES, ApiProblem
 from interlock.client import TERMINAL_EVENTS, Client, NotFound
-from interlock.contracts.messages import AgentRegistration, ApiKeyRecord, DeadLetter, ScheduleRow
+from interlock.contracts.messages import (
+    AgentRegistration,
+    ApiKeyRecord,
+    BreakerChange,
+    BreakerState,
+    DeadLetter,
+    Rollout,
+    ScheduleRow,
+)
 from interlock.core.rundiff import since_time
 
 PREFIX = "/api/v1"
@@ -31,6 +39,7 @@ START_WAIT_S = 5.0  # how long POST .../runs waits for the planner to start the 
 RunId = Annotated[str, Path(pattern=m.TOKEN, max_length=128, description="A run id")]
 WorkflowId = Annotated[str, Path(pattern=m.TOKEN, max_length=256, description="A workflow id")]
 StepId = Annotated[str, Path(min_length=1, max_length=256, description="A step id")]
+Topic = Annotated[str, Path(pattern=m.TOPIC, max_length=256, description="A job topic, e.g. llm.summarize")]
 
 router = APIRouter(prefix=PREFIX, responses=ERROR_RESPONSES)
 
@@ -78,7 +87,8 @@ async def start_run(request: Request, response: Response, workflow_id: WorkflowI
     # answered once the run exists (or after a few seconds, the trigger being durable): a GET of
     # the Location right after finds it
     run_id, created = await client.submit_run(workflow_id, body.input, key=key, version=body.version,
-                                              requested_by=who.principal, wait_started=START_WAIT_S)
+                                              requested_by=who.principal, wait_started=START_WAIT_S,
+                                              priority=body.priority)
     links = _links(run_id)
     if created:
         response.headers["Location"] = links.self
@@ -358,7 +368,8 @@ async def apply_workflow(request: Request, response: Response, who: Principal = 
             body = m.ApplyWorkflow.model_validate_json(raw)
         except ValidationError as e:
             raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
-    workflow, created = await acting_client(request, who).apply_workflow(body.source, filename=body.filename)
+    workflow, created = await acting_client(request, who).apply_workflow(body.source, filename=body.filename,
+                                                                         files=body.files)
     if not created:
         response.status_code = 200
     return m.WorkflowApplied(workflow_id=workflow.id, version=workflow.version, created=created)
@@ -453,6 +464,51 @@ async def schedules(request: Request, who: Principal = Caller(Action.READ),
                     workflow: Annotated[str | None, Query(pattern=m.TOKEN, max_length=256)] = None
                     ) -> list[ScheduleRow]:
     return await acting_client(request, who).schedules(workflow_id=workflow)
+
+
+# -- workload control (issue 16) -----------------------------------------------------------------
+@route("GET", "/breakers", Action.READ, response_model=list[BreakerState], summary="Circuit breakers of the topics")
+async def breakers(request: Request, who: Principal = Caller(Action.READ),
+                   topic: Annotated[str | None, Query(pattern=m.TOPIC, max_length=256)] = None) -> list[BreakerState]:
+    return await acting_client(request, who).breakers(topic)
+
+
+@route("GET", "/breakers/{topic}/log", Action.READ, response_model=list[BreakerChange],
+       summary="One breaker's state changes, oldest first")
+async def breaker_log(request: Request, topic: Topic, who: Principal = Caller(Action.READ)) -> list[BreakerChange]:
+    return await acting_client(request, who).breaker_log(topic)
+
+
+@route("GET", "/rollouts", Action.READ, response_model=list[Rollout], summary="Canary rollouts of agent versions")
+async def rollouts(request: Request, who: Principal = Caller(Action.READ)) -> list[Rollout]:
+    return await acting_client(request, who).rollouts()
+
+
+@route("POST", "/rollouts", Action.OPERATE, response_model=Rollout, status_code=201,
+       summary="Start a canary rollout of an agent version")
+async def rollout_start(request: Request, body: m.RolloutStart, who: Principal = Caller(Action.OPERATE)) -> Rollout:
+    return await acting_client(request, who).rollout_start(
+        body.topic, body.to, body.share, stable=body.stable, window_s=body.window_s, min_jobs=body.min_jobs,
+        max_failure_delta=body.max_failure_delta, max_latency_ratio=body.max_latency_ratio)
+
+
+@route("POST", "/rollouts/{topic}/abort", Action.OPERATE, response_model=Rollout,
+       summary="Stop an active rollout (every job to the stable version)")
+async def rollout_abort(request: Request, topic: Topic, body: m.RolloutAbort,
+                        who: Principal = Caller(Action.OPERATE)) -> Rollout:
+    return await acting_client(request, who).rollout_abort(topic, reason=body.reason)
+
+
+@route("DELETE", "/rollouts/{topic}", Action.OPERATE, response_model=Rollout,
+       summary="Remove a finished rollout (the topic's jobs go to any worker again)")
+async def rollout_clear(request: Request, topic: Topic, who: Principal = Caller(Action.OPERATE)) -> Rollout:
+    return await acting_client(request, who).rollout_clear(topic)
+
+
+@route("GET", "/queues", Action.READ, response_model=dict[str, int],
+       summary="Jobs queued per topic (published, not yet finished by a worker)")
+async def queues(request: Request, who: Principal = Caller(Action.READ)) -> dict[str, int]:
+    return await acting_client(request, who).queue_depth()
 
 
 @route("GET", "/dead-letters", Action.ADMIN, response_model=list[DeadLetter],

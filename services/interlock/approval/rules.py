@@ -40,10 +40,12 @@ def request_approvals(run: Run, workflow: Workflow, now: datetime) -> list[Timer
         expires_at = now + timedelta(milliseconds=expires_ms) if expires_ms else None
         escalate_at = (now + timedelta(milliseconds=decision.escalate_after_ms)
                        if decision.escalate_after_ms and decision.escalate_to_role else None)
+        held = state.guard_hold is not None  # guard (#17): a held output, not the job, is to approve
         run.request_approval(ev.ApprovalRequested(
             step_id=state.step_id, job_hash=state.job_hash, snapshot_id=decision.snapshot_id,
-            approver_role=decision.approver_role or spec.approvers,
-            prompt=prompt(run, spec.prompt, state.step_id), expires_at=expires_at,
+            approver_role=state.guard_hold or decision.approver_role or spec.approvers,
+            prompt=(f"release the output of {state.step_id}, held by its guard (see its GuardChecked findings)"
+                    if held else prompt(run, spec.prompt, state.step_id)), expires_at=expires_at,
             escalate_at=escalate_at, escalate_to_role=decision.escalate_to_role if escalate_at else None,
         ))
         # the run's version names the request: a timer left from an earlier one is told apart
@@ -146,7 +148,9 @@ def apply_decision(run: Run, decision: ApprovalDecision, approver: str, *, grant
     does not allow (another job hash, an expired request, the wrong role)."""
     state = run.steps.get(decision.step_id)
     request = state.approval if state is not None else None
-    if grant and request is not None and request.status == "requested" \
+    # a guard's hold (#17) is about an output already made, not a job to start: policy is not asked again
+    if grant and request is not None and request.status == "requested" and state is not None \
+            and state.guard_hold is None \
             and decision.job_hash == request.job_hash and request.snapshot_id != snapshot_id:
         # this approval was given for rules no longer in force, so the job goes back to policy
         # and is asked again if needed

@@ -13,7 +13,7 @@ after a conflict or a redelivery decides from the state it is given.
 
 from __future__ import annotations
 
-from collections.abc import Container, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -36,6 +36,8 @@ from interlock.core.ids import job_id
 from interlock.core.run import ACTIVE_ATTEMPT, Run, StepState
 from interlock.core.steps import base_step_id, is_workflow_step, output_schema_error, template_context
 from interlock.core.workflow import Step, Workflow, render_text
+from interlock.dispatcher import gate, guard
+from interlock.dispatcher.routing import Decision, FailFast, Hold, Route
 from interlock.runtime import tracing
 
 DEFAULT_TIMEOUT_MS = 5 * 60 * 1000
@@ -79,30 +81,105 @@ def cancel_notice(tenant: str, run_id: str, envelopes: Sequence[dict[str, Any]])
     return CancelNotice(run_id=run_id, tenant=tenant, reason=(ending.get("data") or {}).get("reason", ""))
 
 
-def dispatch(run: Run, workflow: Workflow, now: datetime) -> list[Effect]:
+def job_due(state: StepState, now: datetime) -> bool:
+    retry_due = state.status == "retry_wait" and (state.retry_due_at is None
+                                                  or state.retry_due_at <= now + RETRY_EARLY_TOLERANCE)
+    return (state.status == "released" and state.step_type == "job") or retry_due
+
+
+def due_jobs(run: Run, now: datetime) -> list[StepState]:
+    """The job steps :func:`dispatch` would dispatch now (released, or a retry that is due), for
+    the workload controls and the gate to decide on first."""
+    return [] if run.terminal else [state for state in run.steps.values() if job_due(state, now)]
+
+
+def dispatch(run: Run, workflow: Workflow, now: datetime, control: Mapping[str, Decision] | None = None,
+             guarded: Mapping[str, guard.Guarded] | None = None,
+             held: Mapping[str, gate.Hold] | None = None) -> list[Effect]:
     """Dispatch every released job and every retry that is due; a released notify step is sent
-    (its Notification) and succeeds at once."""
+    (its Notification) and succeeds at once. ``control``: the workload controls' decision per
+    step (interlock.dispatcher.workload: breakers and agent versions; a step without one goes to
+    any worker now). ``guarded``: the checked values of released guardrail steps (the service
+    ran their checks, see :func:`guardrails_due`). ``held``: the jobs the gate holds back (step
+    id -> why): each is recorded as throttled, once per attempt, instead (#16)."""
     effects: list[Effect] = []
     if run.terminal or run.paused:  # paused (issue 17): nothing new goes out until it is unpaused
         return effects
     for state in list(run.steps.values()):
+        # guard (#17): an approved held output goes on; a guardrail step decides on its value
+        if state.status == "released" and state.guard_hold is not None:
+            guard.release_held(run, state)
+            continue
+        if state.status == "released" and state.step_type == "guardrail":
+            if guarded is not None and state.step_id in guarded:
+                guard.check_guardrail(run, state, guarded[state.step_id])
+            continue
         if state.status == "released" and state.step_type == "notify":
             effects.append(_notify(run, workflow, state))
             continue
-        due = state.status == "retry_wait" and (state.retry_due_at is None
-                                                or state.retry_due_at <= now + RETRY_EARLY_TOLERANCE)
-        if (state.status == "released" and state.step_type == "job") or due:
+        if job_due(state, now):
+            # -- workload controls (issue 16): hold, fail fast or route to an agent version
+            decision = (control or {}).get(state.step_id, Route())
+            if isinstance(decision, Hold):
+                effects.extend(hold(run, state, decision))
+                continue
+            if isinstance(decision, FailFast):
+                run.fail_step(ev.StepFailed(step_id=state.step_id, attempt=state.attempt, final=True,
+                                            error=JobError(message=decision.message, retryable=False,
+                                                           kind="circuit_open")))
+                continue
+            throttle = (held or {}).get(state.step_id)
+            if throttle is not None:  # the gate (#16): a concurrency or rate limit holds it back
+                effects.extend(_throttle(run, workflow, state, throttle, now))
+                continue
             spec = _spec(workflow, state)
             attempt = state.attempt + 1
             run.dispatch_step(ev.StepDispatched(
                 step_id=state.step_id, attempt=attempt, job_id=job_id(run.run_id, state.step_id, attempt),
                 topic=state.topic or "",
-                deadline=now + timedelta(milliseconds=spec.timeout_ms or DEFAULT_TIMEOUT_MS)))
+                deadline=now + timedelta(milliseconds=spec.timeout_ms or DEFAULT_TIMEOUT_MS),
+                agent_version=decision.version, route=decision.route))
             effects.append(publish_job(run, workflow, run.steps[state.step_id]))
     return effects
 
 
-def retry_due(run: Run, workflow: Workflow, timer: TimerFired, now: datetime) -> list[Effect]:
+def hold(run: Run, state: StepState, decision: Hold) -> list[Effect]:
+    """Keep a due job back: a StepHeld when this hold is new (not on every re-check), and a
+    ``breaker`` timer that makes the dispatcher look again at ``decision.until``."""
+    attempt = state.attempt + 1
+    held = state.held
+    if held is None or held.attempt != attempt or held.reason != decision.reason \
+            or held.breaker_opened_at != decision.breaker_opened_at:
+        run.hold_step(ev.StepHeld(step_id=state.step_id, attempt=attempt, topic=state.topic or "",
+                                  reason=decision.reason,
+                                  until=decision.until, breaker_opened_at=decision.breaker_opened_at,
+                                  message=decision.message))
+    return [TimerFired(kind="breaker", run_id=run.run_id, tenant=run.tenant, step_id=state.step_id,
+                       attempt=attempt, due_at=decision.until)]
+
+
+
+
+def _throttle(run: Run, workflow: Workflow, state: StepState, hold: gate.Hold, now: datetime) -> list[Effect]:
+    """A job the gate holds back: StepThrottled (once per attempt), and for a rate limit a gate
+    timer when its token is due; a job that can never pass (its limit key fails) fails."""
+    attempt = state.attempt + 1
+    if hold.fail:
+        run.fail_step(ev.StepFailed(step_id=state.step_id, attempt=state.attempt, final=True,
+                                    error=JobError(message=hold.reason, retryable=False, kind="limit")))
+        return []
+    if state.throttled != attempt:
+        run.throttle_step(ev.StepThrottled(step_id=state.step_id, attempt=attempt, scope=hold.scope,
+                                           reason=hold.reason, priority=gate.priority_of(run, workflow)))
+    if hold.retry_in is None:
+        return []
+    return [TimerFired(kind="gate", run_id=run.run_id, tenant=run.tenant, step_id=state.step_id, attempt=attempt,
+                       due_at=now + timedelta(seconds=hold.retry_in))]
+
+
+def retry_due(run: Run, workflow: Workflow, timer: TimerFired, now: datetime,
+              control: Mapping[str, Decision] | None = None,
+              held: Mapping[str, gate.Hold] | None = None) -> list[Effect]:
     """A retry timer fired: dispatch what is due (:func:`dispatch`). A retry timer is scheduled
     only after its RetryScheduled is durable, so a run whose step has not reached that retry is
     behind the log (a copy of the service whose cache missed the commit another copy got):
@@ -114,7 +191,7 @@ def retry_due(run: Run, workflow: Workflow, timer: TimerFired, now: datetime) ->
             or (state.attempt + 1 == timer.attempt and state.status != "retry_wait")):
         raise StaleState(f"retry timer for {timer.step_id!r} attempt {timer.attempt} is ahead of the run "
                          f"(attempt {state.attempt}, {state.status})")
-    return dispatch(run, workflow, now)
+    return dispatch(run, workflow, now, control, held=held)
 
 
 def publish_job(run: Run, workflow: Workflow, state: StepState) -> PublishJob:
@@ -135,6 +212,7 @@ def publish_job(run: Run, workflow: Workflow, state: StepState) -> PublishJob:
         trace_parent=tracing.traceparent(run.run_id, state.job_id), record_prompts=workflow.record_prompts,
         sensitive_output=[] if state.compensation_of else list(workflow.sensitive_output_paths(
             base_step_id(state.step_id))),
+        agent_version=state.agent_version,
     )
     deadline = None
     if state.deadline is not None and spec.timeout_ms is not None:
@@ -226,9 +304,10 @@ def overdue_timers(run: Run, workflow: Workflow, now: datetime, heard_from: Cont
 
 # -- outcomes --------------------------------------------------------------------------------
 def record_result(run: Run, workflow: Workflow, result: JobResult, output: Any, now: datetime,
-                  jitter: float) -> list[Effect]:
+                  jitter: float, guarded: guard.Guarded | None = None) -> list[Effect]:
     """A worker's result: the attempt succeeds, fails (maybe retrying) or, when it is not the
-    current attempt, is kept as evidence only. ``output`` is the result's resolved output.
+    current attempt, is kept as evidence only. ``output`` is the result's resolved output;
+    ``guarded``: its step's guard verdicts (the service ran the checks), which decide instead.
 
     Raises :class:`StaleState` for an attempt the run never dispatched (the run is behind).
     """
@@ -248,11 +327,19 @@ def record_result(run: Run, workflow: Workflow, result: JobResult, output: Any, 
         # a compensation job's output is whatever undoing returns: the step's schema is not for it
         problem = output_schema_error(output, spec.output_schema) if state.compensation_of is None else None
         over = step_overrun(state, result)
-        if problem is None and over is None:
+        guard_error = None
+        if problem is None and over is None and guarded is not None:  # guard (#17): its verdicts decide
+            guard_error = guard.record(run, state, guarded, attempt=result.attempt, worker=result.worker,
+                                       calls=result.usage)
+            if guard_error is None:
+                return []
+        elif problem is None and over is None:
             run.succeed_step(ev.StepSucceeded(step_id=state.step_id, attempt=result.attempt, output=result.output,
                                               output_ref=result.output_ref, worker=result.worker, usage=result.usage))
             return []
-        if over is not None:  # spent is spent: a retry would spend again
+        if guard_error is not None:
+            error = guard_error
+        elif over is not None:  # spent is spent: a retry would spend again
             error = JobError(message=over.describe(f"step {state.step_id!r}"), retryable=False, kind="budget")
         else:
             error = JobError(message=f"output does not match output_schema: {problem}", retryable=False,

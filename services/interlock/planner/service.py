@@ -93,6 +93,7 @@ class PlannerService(Service):
             workflow_id=workflow.id, workflow_version=workflow.version, definition_hash=workflow.content_hash,
             input=run_input, input_ref=input_ref, idempotency_key=trigger.idempotency_key, tenant=tenant,
             requested_by=trigger.requested_by, rerun_of=trigger.rerun_of, reused_outputs=trigger.reuse_outputs,
+            priority=trigger.priority,  # #16: the dispatcher's gate orders waiting jobs by it
         )
         admission = self.policy.engine.admit(
             tenant=tenant, workflow_id=workflow.id, workflow_version=workflow.version,

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -25,7 +25,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import InvalidKeyError
 from pydantic import BaseModel, ValidationError
 
-from interlock.client import _policy
+from interlock.client import _policy, _workload
 from interlock.client._errors import ClientError, NotFound, Refused, Unavailable
 from interlock.client._settings import ClientSettings
 from interlock.client._types import (
@@ -43,11 +43,15 @@ from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
 from interlock.contracts.authorship import approval_bytes
 from interlock.contracts.messages import (
+    PRIORITY_MAX,
+    PRIORITY_MIN,
     AgentRegistration,
     Alert,
     ApiKeyRecord,
     ApprovalDecision,
     ApprovalStatement,
+    BreakerChange,
+    BreakerState,
     CancelRequest,
     CommandReply,
     DeadLetter,
@@ -58,6 +62,7 @@ from interlock.contracts.messages import (
     FeedbackRequest,
     QueryReply,
     RetryStepRequest,
+    Rollout,
     RunControlRequest,
     RunQuery,
     RunsQuery,
@@ -128,6 +133,13 @@ KEEP_INPUT: Any = object()
 """Default of :meth:`Client.retry_step`'s ``input`` (and ``give_feedback``'s ``correction``): none given
 (``None`` is a JSON null, a value like any other)."""
 REQUEST_TIMEOUT = 5.0  # how long a service may take to answer, and how long we wait for one to appear
+
+
+def _priority(priority: int | None) -> int | None:
+    """A run priority as asked for, checked here so a bad one is a clear error, not a dead letter."""
+    if priority is not None and not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise ClientError(f"priority must be {PRIORITY_MIN} (lowest) to {PRIORITY_MAX} (highest), not {priority}")
+    return priority
 
 
 def _tls_overrides(ca: str | Path | None, cert: str | Path | None, key: str | Path | None,
@@ -306,16 +318,18 @@ class Client:
         return reply.result
 
     # -- workflows ---------------------------------------------------------------------------
-    async def apply_workflow(self, text: str, filename: str | None = None) -> tuple[Workflow, bool]:
-        """Register a workflow version from its YAML text: (workflow, created). Raises
-        ``WorkflowInvalid`` listing every problem, or :class:`Refused` when the version exists
-        with different content."""
+    async def apply_workflow(self, text: str, filename: str | None = None,
+                             files: Mapping[str, str] | None = None) -> tuple[Workflow, bool]:
+        """Register a workflow version from its YAML text: (workflow, created). ``files``: the
+        guard rule files it names (relative path -> text; ``workflow_files(path)`` reads them
+        beside a workflow file), registered with the version. Raises ``WorkflowInvalid`` listing
+        every problem, or :class:`Refused` when the version exists with different content."""
         await self._provision()
-        workflow = load_workflow(text, filename=filename)
+        workflow = load_workflow(text, filename=filename, files=files or {})
         await self._may_add_trigger_subjects(workflow)
         self._may_schedule(workflow)
         try:
-            return await self._registry.apply(text, filename=filename)
+            return await self._registry.apply(text, filename=filename, files=files)
         except VersionConflict as e:
             raise Refused(str(e)) from None
 
@@ -362,10 +376,12 @@ class Client:
     # -- runs --------------------------------------------------------------------------------
     async def start_run(self, workflow_id: str, input: Any = None, *, key: str | None = None,
                         version: str | None = None, requested_by: str = "", rerun_of: str | None = None,
-                        reuse: dict[str, Any] | None = None, check: bool = True, patience: float = 30.0) -> str:
+                        reuse: dict[str, Any] | None = None, check: bool = True, patience: float = 30.0,
+                        priority: int | None = None) -> str:
         """Publish a trigger and return the run id. The same ``key`` never starts two runs (the id
         is derived from tenant, workflow and key). ``check``: first make sure the workflow exists;
-        ``patience``: how long to keep publishing through a failover."""
+        ``patience``: how long to keep publishing through a failover; ``priority``: 1 (lowest) to 5
+        (highest), default the workflow's (else 3): a saturated topic hands out higher ones first."""
         paths: frozenset[str] = frozenset()
         if check:
             paths = (await self.workflow(workflow_id, version)).sensitive_paths("input")
@@ -374,7 +390,8 @@ class Client:
         # sensitive values leave this process sealed: the trigger stream never holds them in clear
         input = self._seal_input(run_id, input, paths)
         trigger = Trigger(workflow_id=workflow_id, workflow_version=version, input=input, idempotency_key=key,
-                          tenant=self.tenant, requested_by=requested_by, rerun_of=rerun_of, reuse_outputs=reuse or {})
+                          tenant=self.tenant, requested_by=requested_by, rerun_of=rerun_of, reuse_outputs=reuse or {},
+                          priority=_priority(priority))
         await publish(self.js, s.trigger(self.tenant, workflow_id), trigger.model_dump_json().encode(),
                       headers={h.MSG_ID: f"trigger:{self.tenant}:{workflow_id}:{key}"}, patience=patience)
         return run_id
@@ -403,9 +420,11 @@ class Client:
             raise ClientError(str(e)) from None
 
     async def submit_run(self, workflow_id: str, input: Any = None, *, key: str, version: str | None = None,
-                         requested_by: str = "", wait_started: float = 0.0) -> tuple[str, bool]:
+                         requested_by: str = "", wait_started: float = 0.0, priority: int | None = None
+                         ) -> tuple[str, bool]:
         """Start a run unless trigger ``key`` already started one: (run id, True if this call
-        started it). Raises :class:`NotFound` for an unknown workflow (or version).
+        started it). Raises :class:`NotFound` for an unknown workflow (or version). ``priority``:
+        as for :meth:`start_run`.
 
         ``wait_started``: wait up to this many seconds for the run's first commit, so that a read
         right after (an HTTP client following the Location) finds it; on timeout it returns anyway
@@ -416,7 +435,7 @@ class Client:
             self._known_workflows[(workflow_id, version)] = time.monotonic()
         run_id = str(run_id_for(self.tenant, workflow_id, key))
         trigger = Trigger(workflow_id=workflow_id, workflow_version=version, input=input, idempotency_key=key,
-                          tenant=self.tenant, requested_by=requested_by)
+                          tenant=self.tenant, requested_by=requested_by, priority=_priority(priority))
         with self._slots_busy():
             # both at once (one round trip): a trigger for a run that exists changes nothing (the
             # planner starts a run id once), so publishing it whatever the log holds is safe; the
@@ -768,13 +787,64 @@ class Client:
                 raise ClientError(f"the auditor did not project the end of run {run_id} within {timeout:g}s")
             await asyncio.sleep(0.1)
 
+    # -- workload control (issue 16) ---------------------------------------------------------
+    async def breakers(self, topic: str | None = None) -> list[BreakerState]:
+        """This tenant's circuit breakers (of one ``topic``), by topic: state, counts, last change."""
+        await self._provision()
+        return await _workload.breakers(self.js, self.tenant, s.topic_tokens(topic) if topic else None)
+
+    async def breaker_log(self, topic: str) -> list[BreakerChange]:
+        """The state changes of one topic's breaker, oldest first."""
+        await self._provision()
+        return await _workload.breaker_log(self.js, self.tenant, s.topic_tokens(topic))
+
+    async def rollouts(self, topic: str | None = None) -> list[Rollout]:
+        """This tenant's canary rollouts (of one ``topic``), active and finished."""
+        await self._provision()
+        return await _workload.rollouts(self.js, self.tenant, s.topic_tokens(topic) if topic else None)
+
+    async def rollout_start(self, topic: str, to: str, share: float, *, stable: str | None = None,
+                            window_s: float = 300.0, min_jobs: int = 20, max_failure_delta: float = 0.05,
+                            max_latency_ratio: float = 1.5) -> Rollout:
+        """Send ``share`` (0 to 1) of ``topic``'s jobs to agent version ``to`` and the rest to the stable
+        version (``stable``, default the one other live version); the dispatchers compare the two
+        and promote ``to`` or roll it back."""
+        topic = s.topic_tokens(topic)
+        self._may_publish(p.kv_key(s.ROLLOUTS_BUCKET, s.rollout_key(self.tenant, topic)), "start a rollout")
+        await self._provision()
+        now = datetime.now(UTC)
+        live = _workload.live_versions(await self.agents(), topic, now)
+        rollout = _workload.new_rollout(self.tenant, topic, to, share, live, stable=stable, now=now, by=self.principal,
+                                        window_s=window_s, min_jobs=min_jobs, max_failure_delta=max_failure_delta,
+                                        max_latency_ratio=max_latency_ratio)
+        return await _workload.start(self.js, rollout)
+
+    async def rollout_abort(self, topic: str, *, reason: str = "") -> Rollout:
+        """Stop an active rollout: every job of the topic goes to the stable version."""
+        topic = s.topic_tokens(topic)
+        self._may_publish(p.kv_key(s.ROLLOUTS_BUCKET, s.rollout_key(self.tenant, topic)), "abort a rollout")
+        return await _workload.abort(self.js, self.tenant, topic, by=self.principal, reason=reason)
+
+    async def rollout_clear(self, topic: str) -> Rollout:
+        """Remove a finished rollout (the topic's jobs go to any worker again); returns it."""
+        topic = s.topic_tokens(topic)
+        self._may_publish(p.kv_key(s.ROLLOUTS_BUCKET, s.rollout_key(self.tenant, topic)), "clear a rollout")
+        return await _workload.clear(self.js, self.tenant, topic)
+
     # -- operations --------------------------------------------------------------------------
     async def agents(self) -> list[AgentRegistration]:
         """This tenant's registered agent workers, by topic and worker id."""
-        try:
-            kv = await self.js.key_value(s.AGENTS_BUCKET)
-            keys = await kv.keys()
-        except Exception:  # no bucket, or no keys: nobody registered
+        keys: list[str] = []
+        for attempt in range(3):
+            try:
+                kv = await self.js.key_value(s.AGENTS_BUCKET)
+                keys = await kv.keys()
+                break
+            except nats.js.errors.NoKeysError:  # nobody registered
+                return []
+            except Exception:  # no bucket yet, or a listing a busy server let time out: ask again
+                await asyncio.sleep(0.1 * (attempt + 1))
+        else:
             return []
         regs = []
         for key in keys:
@@ -784,6 +854,20 @@ class Client:
                 entry = await kv.get(key)
                 regs.append(AgentRegistration.model_validate_json(entry.value or b"{}"))
         return sorted(regs, key=lambda r: (r.topic, r.worker_id))
+
+    async def queue_depth(self) -> dict[str, int]:
+        """Jobs queued per topic of this tenant: published by the dispatcher and not yet finished by a
+        worker (the jobs stream is a work queue). Jobs a workload limit holds back are not queued yet:
+        they wait in the dispatcher's gate (StepThrottled in their runs' logs)."""
+        try:
+            info = await self.js.stream_info(s.JOBS_STREAM, subjects_filter=s.tenant_jobs(self.tenant))
+        except Exception as e:
+            raise Unavailable(f"cannot read the jobs stream: {e!r}") from None
+        depth = {}
+        for subject, count in (info.state.subjects or {}).items():
+            with contextlib.suppress(ValueError):
+                depth[s.parse_job(subject)[1]] = int(count)
+        return dict(sorted(depth.items()))
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """The oldest ``limit`` dead letters: messages a service could not process. Anything else

@@ -93,6 +93,12 @@ class StepState:
     updated_at: datetime | None = None
     usage: list[LlmCall] = field(default_factory=list)  # every attempt's model calls
     cache_hit: ev.StepCacheHit | None = None  # result cache (issue 17): the output reused instead of a job
+    # guard (#17): the role that may release an output a guard held for approval (it is in
+    # ``output``); once granted the step is "released" and the dispatcher succeeds it with it
+    guard_hold: str | None = None
+    agent_version: str = ""  # the version the current attempt was routed to ('' = any worker)
+    held: ev.StepHeld | None = None  # the dispatcher's latest hold of the next attempt (issue 16)
+    throttled: int | None = None  # the attempt a workload limit holds back (StepThrottled), until dispatched
 
     @property
     def terminal(self) -> bool:
@@ -155,6 +161,11 @@ class Run(Aggregate):
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL_RUN
+
+    @property
+    def priority(self) -> int:
+        """The priority the run was started with (1-5), 0 when it named none (the workflow's applies)."""
+        return self.data.priority or 0
 
     # -- commands ----------------------------------------------------------------------------
     @classmethod
@@ -284,6 +295,23 @@ class Run(Aggregate):
                                data.step_id)
         self._trigger(data)
 
+    def hold_step(self, data: ev.StepHeld) -> None:
+        self._require_running("hold_step", compensating_ok=True)
+        step = self._step("hold_step", data.step_id, "released", "retry_wait")
+        if data.attempt != step.attempt + 1:
+            raise self._refuse("hold_step", f"attempt {data.attempt} is not next ({step.attempt + 1})", data.step_id)
+        self._trigger(data)
+
+    def throttle_step(self, data: ev.StepThrottled) -> None:
+        self._require_running("throttle_step", compensating_ok=True)
+        step = self._step("throttle_step", data.step_id, "released", "retry_wait")
+        if data.attempt != step.attempt + 1:
+            raise self._refuse("throttle_step", f"attempt {data.attempt} is not next ({step.attempt + 1})",
+                               data.step_id)
+        if step.throttled == data.attempt:
+            raise self._refuse("throttle_step", f"attempt {data.attempt} is throttled already", data.step_id)
+        self._trigger(data)
+
     def record_heartbeat(self, data: ev.StepHeartbeat) -> None:
         self._require_running("record_heartbeat", compensating_ok=True)
         step = self._step("record_heartbeat", data.step_id, "dispatched", "running")
@@ -297,11 +325,24 @@ class Run(Aggregate):
         reused = step.status == "ready" and data.step_id in self.reused_outputs
         # result cache (issue 17): a released job whose cache hit is recorded succeeds without a job
         reused = reused or (step.status == "released" and step.cache_hit is not None and data.attempt == 0)
-        if step.step_type == "job" and step.item_count is None and not reused:
+        released_hold = step.guard_hold is not None and step.status == "released"  # guard (#17)
+        if step.step_type == "job" and step.item_count is None and not reused and not released_hold:
             if step.status not in ACTIVE_ATTEMPT or data.attempt != step.attempt:
                 raise self._refuse("succeed_step", f"attempt {data.attempt} is not running", data.step_id)
         elif step.terminal:
             raise self._refuse("succeed_step", f"step is {step.status}", data.step_id)
+        self._trigger(data)
+
+    def check_guard(self, data: ev.GuardChecked) -> None:
+        """Record a guard check's verdict on the current attempt's output (a job step) or on the
+        value a released guardrail step checks (#17)."""
+        self._require_running("check_guard", compensating_ok=True)
+        step = self._step("check_guard", data.step_id)
+        if step.step_type == "guardrail":
+            if step.status != "released":
+                raise self._refuse("check_guard", f"step is {step.status}, expected released", data.step_id)
+        elif step.status not in ACTIVE_ATTEMPT or data.attempt != step.attempt:
+            raise self._refuse("check_guard", f"attempt {data.attempt} is not running", data.step_id)
         self._trigger(data)
 
     def fail_step(self, data: ev.StepFailed) -> None:
@@ -540,6 +581,16 @@ class Run(Aggregate):
         step.dispatched_at = at
         step.last_heartbeat_at = None
         step.retry_due_at = None
+        step.agent_version = d.agent_version
+        step.held = None
+        step.throttled = None
+
+    def _on_StepHeld(self, d: ev.StepHeld, at: datetime) -> None:
+        """The step keeps its status (released or retry_wait): only the hold is remembered."""
+        self._touch(d.step_id, at).held = d
+
+    def _on_StepThrottled(self, d: ev.StepThrottled, at: datetime) -> None:
+        self._touch(d.step_id, at).throttled = d.attempt
 
     def _on_StepHeartbeat(self, d: ev.StepHeartbeat, at: datetime) -> None:
         step = self._touch(d.step_id, at)
@@ -553,6 +604,7 @@ class Run(Aggregate):
         step.output = d.output
         step.output_ref = d.output_ref
         step.error = None
+        step.guard_hold = None
 
     def _on_StepFailed(self, d: ev.StepFailed, at: datetime) -> None:
         step = self._touch(d.step_id, at)
@@ -560,6 +612,7 @@ class Run(Aggregate):
         step.error = d.error
         if d.final:
             step.status = "failed"
+            step.guard_hold = None
 
     def _on_RetryScheduled(self, d: ev.RetryScheduled, at: datetime) -> None:
         step = self._touch(d.step_id, at)
@@ -583,6 +636,15 @@ class Run(Aggregate):
 
     def _on_ApprovalRefused(self, d: ev.ApprovalRefused, at: datetime) -> None:
         """Evidence only: a refused decision leaves the request pending."""
+
+    def _on_GuardChecked(self, d: ev.GuardChecked, at: datetime) -> None:
+        step = self._touch(d.step_id, at)
+        if d.held:  # the output waits for a person; the approval service asks for one
+            step.status = "awaiting_approval"
+            step.guard_hold = d.approver_role or "approver"
+            step.output = d.held_output
+            step.output_ref = d.held_output_ref
+            step.usage.extend(d.usage)
 
     def _on_CompensationStarted(self, d: ev.CompensationStarted, at: datetime) -> None:
         self.status = "compensating"
@@ -720,7 +782,9 @@ _STATE_CHANGES: dict[str, _StateChange] = ev.complete_table("Run state changes",
     ev.ApprovalInvalidated: Run._on_ApprovalInvalidated,
     ev.ApprovalEscalated: Run._on_ApprovalEscalated,
     ev.StepDispatched: Run._on_StepDispatched,
+    ev.StepThrottled: Run._on_StepThrottled,
     ev.StepHeartbeat: Run._on_StepHeartbeat,
+    ev.StepHeld: Run._on_StepHeld,
     ev.StepSucceeded: Run._on_StepSucceeded,
     ev.BudgetExceeded: Run._on_BudgetExceeded,
     ev.StepFailed: Run._on_StepFailed,
@@ -738,5 +802,6 @@ _STATE_CHANGES: dict[str, _StateChange] = ev.complete_table("Run state changes",
     ev.RunPaused: Run._on_RunPaused,
     ev.RunUnpaused: Run._on_RunUnpaused,
     ev.FeedbackGiven: Run._on_FeedbackGiven,
+    ev.GuardChecked: Run._on_GuardChecked,
 })
 Run.EVENT_CLASSES = _event_classes()

@@ -193,8 +193,27 @@ def _d_approval_escalated(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def _d_dispatched(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    return (f"dispatched attempt {int_field(d, 'attempt')} (job {str_field(d, 'job_id', '?')})",
-            {"job_id": d.get("job_id"), "topic": d.get("topic"), "deadline": d.get("deadline")})
+    text = f"dispatched attempt {int_field(d, 'attempt')} (job {str_field(d, 'job_id', '?')})"
+    details: dict[str, Any] = {"job_id": d.get("job_id"), "topic": d.get("topic"), "deadline": d.get("deadline")}
+    if d.get("agent_version"):
+        text += f" to agent version {str_field(d, 'agent_version')}"
+        if d.get("route"):
+            text += f" ({str_field(d, 'route')})"
+        details.update(agent_version=d.get("agent_version"), route=d.get("route"))
+    return text, details
+
+
+def _d_held(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    reason = str_field(d, "reason", "?")
+    text = f"attempt {int_field(d, 'attempt')} held: {reason.replace('_', ' ')}"
+    if d.get("message"):
+        text += f" ({str_field(d, 'message')})"
+    return text, {"topic": d.get("topic"), "reason": reason, "until": d.get("until")}
+
+
+def _d_throttled(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    text = f"throttled, attempt {int_field(d, 'attempt')} waits: {str_field(d, 'reason') or str_field(d, 'scope', '?')}"
+    return text, {"scope": d.get("scope"), "priority": d.get("priority")}
 
 
 def _d_heartbeat(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -339,6 +358,16 @@ def _d_feedback(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return text, {"by": d.get("by"), "score": d.get("score"), "output_hash": d.get("output_hash")}
 
 
+def _d_guard(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    findings = d.get("findings") if isinstance(d.get("findings"), list) else []
+    kinds = sorted({str(f.get("kind")) for f in findings or [] if isinstance(f, dict)})
+    check, verdict, action = str_field(d, "check", "?"), str_field(d, "verdict", "?"), str_field(d, "action", "none")
+    text = f"guard {check}: {verdict}" + (f" ({', '.join(kinds)})" if kinds else "")
+    if action != "none":
+        text += {"fail": ", the step fails", "approve": ", held for approval", "redact": ", redacted"}.get(action, "")
+    return text, {"check": check, "verdict": verdict, "action": action, "findings": findings}
+
+
 _DESCRIBE: dict[str, Describer] = ev.complete_table("timeline descriptions", {
     ev.RunStarted: _d_run_started,
     ev.RunSucceeded: _d_run_succeeded,
@@ -359,7 +388,9 @@ _DESCRIBE: dict[str, Describer] = ev.complete_table("timeline descriptions", {
     ev.ApprovalEscalated: _d_approval_escalated,
     ev.RunAdmitted: _d_run_admitted,
     ev.StepDispatched: _d_dispatched,
+    ev.StepThrottled: _d_throttled,
     ev.StepHeartbeat: _d_heartbeat,
+    ev.StepHeld: _d_held,
     ev.StepSucceeded: _d_succeeded,
     ev.StepFailed: _d_failed,
     ev.RetryScheduled: _d_retry,
@@ -375,6 +406,7 @@ _DESCRIBE: dict[str, Describer] = ev.complete_table("timeline descriptions", {
     ev.RunPaused: _d_paused,
     ev.RunUnpaused: _d_unpaused,
     ev.FeedbackGiven: _d_feedback,
+    ev.GuardChecked: _d_guard,
 })
 
 

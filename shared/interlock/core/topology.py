@@ -76,7 +76,7 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(s.SEALS_STREAM, [s.SEALS_ALL], "Seals: the auditor's signed heads of the event stream",
                audit=True),
     StreamSpec(s.TRIGGERS_STREAM, [s.TRIGGERS_ALL], "Trigger events that start runs", max_age=7 * DAY),
-    StreamSpec(s.JOBS_STREAM, [s.JOBS_ALL], "Jobs for agent workers (work queue)",
+    StreamSpec(s.JOBS_STREAM, [s.JOBS_ALL, s.VERSIONED_JOBS_ALL], "Jobs for agent workers (work queue)",
                retention=RetentionPolicy.WORK_QUEUE, max_age=7 * DAY),
     StreamSpec(s.RESULTS_STREAM, [s.RESULTS_ALL, s.HEARTBEATS_ALL], "Job results and worker heartbeats",
                max_age=2 * DAY),
@@ -107,6 +107,10 @@ BUCKETS: tuple[BucketSpec, ...] = (
     # entries also carry their own expiry (a step's ttl); the bucket drops anything past the longest
     BucketSpec(s.CACHE_BUCKET, "Result cache: successful job outputs by tenant, cache key and job hash",
                ttl=30 * DAY),
+    BucketSpec(s.BREAKERS_BUCKET, "Circuit breakers per tenant and topic (the log keys' history is each one's log)",
+               history=64),
+    BucketSpec(s.ROLLOUTS_BUCKET, "Canary rollouts of agent versions per tenant and topic", history=16),
+    BucketSpec(s.GATE_BUCKET, "Workload limits: slot holders, waiting jobs and rate tokens (compare-and-set)"),
 )
 
 

@@ -108,7 +108,8 @@ def _wild(pattern: c.Pattern) -> str:
 
 
 _BUCKET_STREAMS = tuple(p.kv_stream(b) for b in (s.WORKFLOWS_BUCKET, s.AGENTS_BUCKET, s.POLICIES_BUCKET,
-                                                  s.APPROVERS_BUCKET, s.KEYRING_BUCKET))
+                                                  s.APPROVERS_BUCKET, s.KEYRING_BUCKET, s.BREAKERS_BUCKET,
+                                                  s.ROLLOUTS_BUCKET))
 _API_KEYS = p.kv_stream(s.APIKEYS_BUCKET)  # not in _BUCKET_STREAMS: only the api service and admin read it
 _PAYLOADS = p.object_stream(s.PAYLOADS_OBJECT_STORE)  # shared by tenants today (keys are content digests)
 _NOT_ADMIN_DENY = p.js_stream_admin()
@@ -135,6 +136,11 @@ def _service(name: str) -> Callable[[Scope], Grant]:
         if name == c.DISPATCHER:  # the result cache (issue 17): no other principal but admin sees it
             pub.append(p.kv_keys(s.CACHE_BUCKET))
             reads.append(p.kv_stream(s.CACHE_BUCKET))
+        # buckets the catalog says this service writes (breakers, rollouts: the dispatcher)
+        pub += [p.kv_keys(entry.bucket) for entry in c.KEY_VALUE if name in entry.writers]
+        if name == c.DISPATCHER:  # the workload gate's slots and tokens (catalog.WORKLOAD_GATE)
+            pub.append(p.kv_keys(s.GATE_BUCKET))
+            reads.append(p.kv_stream(s.GATE_BUCKET))
         return Grant(publish=_unique(pub), subscribe=_unique(sub), reads=_unique([*reads, *_BUCKET_STREAMS, _PAYLOADS]),
                      deny=_NOT_ADMIN_DENY, responds=responds)
     return grant
@@ -148,9 +154,12 @@ def _api(scope: Scope) -> Grant:
     # what the API's keys may ask of it (it checks each key's role itself): API keys, checked on every
     # request and administered by admin keys; workflows (admin keys); policy bundles (policy-admin keys)
     pub += [p.kv_keys(s.APIKEYS_BUCKET), p.kv_keys(s.WORKFLOWS_BUCKET), p.kv_keys(s.POLICIES_BUCKET),
-            p.js_stream_info(s.TRIGGERS_STREAM)]  # a workflow's own trigger subjects: are they captured yet?
+            p.js_stream_info(s.TRIGGERS_STREAM),  # a workflow's own trigger subjects: are they captured yet?
+            p.js_stream_info(s.JOBS_STREAM)]  # queue depth per topic (`interlock agents`), as workers may read it
     # each API key's own signing key is put in the keyring when the key is created (and revoked with it)
     pub += [p.kv_keys(s.KEYRING_BUCKET)]
+    # canary rollouts started and aborted through the API (operator keys, checked per tenant by the API)
+    pub += [p.kv_keys(s.ROLLOUTS_BUCKET)]
     return Grant(publish=_unique(pub), subscribe=(p.inbox_all(scope.inbox_owner),),
                  reads=(s.EVENTS_STREAM, s.NOTIFY_STREAM, s.DLQ_STREAM, *_BUCKET_STREAMS, _API_KEYS, _PAYLOADS),
                  deny=_NOT_ADMIN_DENY)
@@ -164,6 +173,12 @@ def _worker(scope: Scope) -> Grant:
         pub += [p.js_filtered_consumer_create(s.JOBS_STREAM, s.job(t, topic), durable),
                 p.js_consumer_info(s.JOBS_STREAM, durable), s.js_consumer_next(s.JOBS_STREAM, durable),
                 p.js_ack(s.JOBS_STREAM, durable), p.kv_key(s.AGENTS_BUCKET, p.pattern(s.agent_key, t, topic, p.ANY))]
+        # the version slots: consumers held to this tenant's versioned jobs of this topic (any version)
+        for slot in range(s.VERSION_SLOTS):
+            durable = s.worker_version_consumer(t, topic, slot)
+            pub += [p.js_filtered_consumer_create(s.JOBS_STREAM, p.pattern(s.versioned_job, t, p.ANY, topic), durable),
+                    p.js_consumer_info(s.JOBS_STREAM, durable), s.js_consumer_next(s.JOBS_STREAM, durable),
+                    p.js_ack(s.JOBS_STREAM, durable)]
     pub += [p.pattern(s.result, t, p.ANY), p.pattern(s.heartbeat, t, p.ANY), s.dead_letter(c.WORKER),
             p.js_stream_info(p.kv_stream(s.AGENTS_BUCKET)), p.object_subjects(s.PAYLOADS_OBJECT_STORE)]
     sub = (p.inbox_all(scope.inbox_owner), s.tenant_control_cancel(t))
@@ -175,7 +190,9 @@ def _person(extra: Callable[[Scope], Sequence[str]], *, admin: bool = False) -> 
     (consumers held to the tenant's subjects) and reads the buckets; roles add to that."""
     def grant(scope: Scope) -> Grant:
         t = scope.tenant
-        pub = [s.JS_API_INFO, p.JS_STREAM_NAMES, p.pattern(s.query, t, p.ANY), *extra(scope)]
+        # the jobs stream's info: queue depth per topic (`interlock agents`), as every worker may read it
+        pub = [s.JS_API_INFO, p.JS_STREAM_NAMES, p.js_stream_info(s.JOBS_STREAM), p.pattern(s.query, t, p.ANY),
+               *extra(scope)]
         reads = list(_BUCKET_STREAMS)
         if admin:
             pub += [p.JS_API_ALL, p.kv_keys(s.APPROVERS_BUCKET), p.kv_keys(s.WORKFLOWS_BUCKET),
@@ -208,7 +225,9 @@ def _commands(scope: Scope, *names: str) -> list[str]:
 def _operator(scope: Scope) -> list[str]:
     # runs start with a trigger: there is no start command (nothing would answer it)
     # intervening in a run (issue 17): retry or skip a step, resume, pause and unpause; rate outputs
-    return [*_commands(scope, "cancel", *INTERVENTIONS, "feedback"), p.pattern(s.trigger, scope.tenant, p.ANY)]
+    return [*_commands(scope, "cancel", *INTERVENTIONS, "feedback"), p.pattern(s.trigger, scope.tenant, p.ANY),
+            # canary rollouts of the tenant's agents (interlock agents rollout)
+            p.kv_key(s.ROLLOUTS_BUCKET, p.pattern(s.rollout_key, scope.tenant, p.REST))]
 
 
 def _approver(scope: Scope) -> list[str]:

@@ -52,7 +52,8 @@ class PullConsumer:
     def __init__(self, nc: NATS, js: JetStreamContext, *, stream: str, durable: str, subject: str | Sequence[str],
                  handler: Callable[[Msg], Awaitable[None]], concurrency: int = 64,
                  ack_wait: float = timing.ACK_WAIT_S, progress_interval: float | None = timing.PROGRESS_INTERVAL_S,
-                 max_ack_pending: int = 20_000, max_deliver: int = -1) -> None:
+                 max_ack_pending: int = 20_000, max_deliver: int = -1,
+                 inactive_threshold: float | None = None) -> None:
         """``progress_interval``: how often a message still in its handler gets a progress ack
         (None: never; then ``ack_wait`` must outlast every handler). ``max_deliver``: deliveries of
         one message at most (-1: no limit). ``subject``: the filter, or several (non-overlapping)."""
@@ -67,6 +68,7 @@ class PullConsumer:
         self.ack_wait = ack_wait
         self.max_ack_pending = max_ack_pending
         self.max_deliver = max_deliver
+        self.inactive_threshold = inactive_threshold  # seconds unused before the server removes it (None: never)
         self.progress_interval = progress_interval
         self._held: dict[int, tuple[Msg, float]] = {}  # id(msg) -> (msg, monotonic time of its last mark)
         self._progress_task: asyncio.Task[None] | None = None
@@ -90,7 +92,7 @@ class PullConsumer:
             durable_name=self.durable, filter_subject=self.subject if single else None,
             filter_subjects=None if single else list(self.subjects), ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.ack_wait, max_ack_pending=self.max_ack_pending, deliver_policy=DeliverPolicy.ALL,
-            max_deliver=self.max_deliver,
+            max_deliver=self.max_deliver, inactive_threshold=self.inactive_threshold,
         )
         await retrying(functools.partial(self._create, config),
                        what=f"creating consumer {self.durable} on {self.stream}", backoff=CREATE_BACKOFF,

@@ -76,6 +76,7 @@ class Gauges:
     approvals_pending: dict[str, int] = field(default_factory=dict)
     oldest_approval_age: dict[str, float] = field(default_factory=dict)
     alerts_firing: dict[tuple[str, str], int] = field(default_factory=dict)  # (rule, tenant) -> firing
+    queue_depth: dict[tuple[str, str], int] = field(default_factory=dict)  # (tenant, topic) -> jobs queued
 
 
 gauges = Gauges()
@@ -97,6 +98,9 @@ _meter.create_observable_gauge("interlock.consumer.pending", [_observe(lambda: g
 _meter.create_observable_gauge("interlock.consumer.ack_pending",
                                [_observe(lambda: gauges.consumer_ack_pending, _consumer)],
                                unit="{message}", description="messages delivered and not yet acknowledged")
+_meter.create_observable_gauge("interlock.queue.depth",
+                               [_observe(lambda: gauges.queue_depth, lambda k: {"tenant": k[0], "topic": k[1]})],
+                               unit="{job}", description="jobs queued on a topic: published, not yet finished")
 _meter.create_observable_gauge("interlock.approvals.pending",
                                [_observe(lambda: gauges.approvals_pending, lambda t: {"tenant": t})],
                                unit="1", description="approval requests waiting for a decision")

@@ -7,6 +7,7 @@ run's recorded (version, definition hash) always names exactly one definition.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from nats.js import JetStreamContext
@@ -37,9 +38,12 @@ class WorkflowRegistry:
             self._kv = await self.js.key_value(s.WORKFLOWS_BUCKET)
         return self._kv
 
-    async def apply(self, source: str, *, filename: str | None = None) -> tuple[Workflow, bool]:
-        """Register a workflow version from YAML text; returns (workflow, newly_registered)."""
-        workflow = load_workflow(source, filename=filename)
+    async def apply(self, source: str, *, filename: str | None = None,
+                    files: Mapping[str, str] | None = None) -> tuple[Workflow, bool]:
+        """Register a workflow version from YAML text and the guard rule files it names
+        (relative path -> text, kept with the version; their hashes are in its content hash);
+        returns (workflow, newly_registered)."""
+        workflow = load_workflow(source, filename=filename, files=files or {})
         if workflow.version == "latest":
             raise VersionConflict("'latest' is reserved and cannot be used as a version")
         kv = await self.kv()
@@ -55,8 +59,10 @@ class WorkflowRegistry:
                 )
             created = False
         except KeyNotFoundError:
-            record = {"source": source, "hash": workflow.content_hash,
-                      "applied_at": datetime.now(UTC).isoformat()}
+            record: dict[str, object] = {"source": source, "hash": workflow.content_hash,
+                                         "applied_at": datetime.now(UTC).isoformat()}
+            if workflow.rule_files:  # only the files the version reads
+                record["files"] = {name: (files or {})[name] for name in workflow.rule_files}
             await kv.put(key, json.dumps(record).encode())
         await kv.put(f"{workflow.id}.latest", workflow.version.encode())
         subjects = [subj for subj in workflow.triggers if not s.is_trigger_subject(subj)]
@@ -86,7 +92,8 @@ class WorkflowRegistry:
         except KeyNotFoundError:
             raise WorkflowNotFound(f"workflow {workflow_id!r} has no version {version!r}") from None
         record = json.loads(entry.value or b"{}")
-        workflow = load_workflow(record["source"], filename=f"{workflow_id}@{version}")
+        workflow = load_workflow(record["source"], filename=f"{workflow_id}@{version}",
+                                 files=record.get("files") or {})
         self._cache[(workflow_id, version)] = workflow
         return workflow
 

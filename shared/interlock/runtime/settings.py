@@ -25,6 +25,8 @@ number``. Keyword arguments override the environment (tests and embedding code u
   port, unset = no endpoint); ``INTERLOCK_METRICS_HOST`` its address (127.0.0.1)
 - ``INTERLOCK_TENANT``: the tenant whose jobs a worker takes (default)
 - ``INTERLOCK_TENANT_BUDGETS``: per-tenant model budgets over a window, JSON (the planner enforces them)
+- ``INTERLOCK_GATE_LIMITS``: workload limits per topic and tenant, fair-share weights and the
+  backpressure bound, JSON (the dispatcher applies them; :mod:`interlock.core.workload`)
 - ``INTERLOCK_SIGNING``: ``on`` (default) or ``off``: sign the commits a service appends and refuse
   unsigned ones; ``off`` (benchmarks, logs from before signing) appends unsigned commits and accepts
   them, with a warning at start
@@ -54,6 +56,7 @@ from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from interlock.contracts.messages import DEFAULT_TENANT
+from interlock.core.workload import GateLimits
 from interlock.runtime.connect import resolve_url
 from interlock.runtime.datakeys import DataKeySettings
 from interlock.runtime.payloads import DEFAULT_INLINE_LIMIT
@@ -135,6 +138,10 @@ class ServiceSettings(_Settings, TlsSettings, DataKeySettings, TelemetrySettings
     tenant_budgets: dict[str, TenantBudget] = Field(
         default_factory=dict,
         description='per-tenant model budgets, JSON: {"acme": {"max_cost_usd": 50, "window_s": 86400}}')
+    gate_limits: GateLimits = Field(
+        default_factory=GateLimits,
+        description='workload limits the dispatcher applies, JSON: {"topics": {"llm": {"concurrency": 4}}, '
+                    '"tenants": {"acme": {"weight": 2}}, "max_in_flight": 1000} (see interlock.core.workload)')
 
 
 class WorkerSettings(_Settings, TlsSettings, DataKeySettings, TelemetrySettings):  # TLS, data keys, telemetry

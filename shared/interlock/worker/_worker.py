@@ -43,6 +43,7 @@ from interlock.runtime.payloads import PayloadStore
 from interlock.runtime.publish import publish
 from interlock.runtime.settings import WorkerSettings
 from interlock.worker._errors import FatalError
+from interlock.worker._versions import claim_slot
 
 log = logging.getLogger("interlock.worker")
 
@@ -168,8 +169,10 @@ class Worker:
         telemetry.setup("worker", settings, instance=self.name, logging_too=False)
         self._stop.clear()
         creds = self.creds or settings.creds
+        versioned = set(self.handlers)  # topics whose version's own jobs this worker takes too
         if creds is not None:
             self._check_creds(creds, tenant)
+            versioned = self._versioned_topics(creds, tenant)
         self._nc = nc = await connect(self.nats_url or settings.nats_url, creds=creds,
                                       name=f"interlock-worker-{self.name}", tls=settings)
         js = nc.jetstream()
@@ -187,6 +190,8 @@ class Worker:
             )
             await consumer.start()
             self._consumers.append(consumer)
+            if registration.topic in versioned:
+                await self._consume_version(nc, js, tenant, registration, concurrency)
         # registered before start() returns: an operator listing agents right after sees this one
         registry = await js.key_value(s.AGENTS_BUCKET)
         await self._register(registry)
@@ -206,6 +211,40 @@ class Worker:
                                        f"permission to publish to {subject!r} (issue one for this tenant and topic: "
                                        f"interlock creds issue --role worker --tenant {tenant} --topics {topic})",
                                        principal=str(creds), action=action, subject=subject)
+
+    def _versioned_topics(self, creds: Path, tenant: str) -> set[str]:
+        """Topics whose versioned jobs the credential lets this worker take (one issued before
+        versioned routing existed may not: those topics get unversioned jobs only)."""
+        permissions = creds_permissions(creds)
+        allowed = set()
+        for topic, reg in self.handlers.items():
+            durable = s.worker_version_consumer(tenant, topic, 0)
+            subject = p.js_filtered_consumer_create(s.JOBS_STREAM, s.versioned_job(tenant, reg.version, topic), durable)
+            if permissions.allows_publish(subject):
+                allowed.add(topic)
+            else:
+                log.warning("worker %s: its credential may not pull version %s's own jobs of topic %r (%s): it "
+                            "takes unversioned jobs only; reissue it to take part in rollouts", self.name,
+                            reg.version, topic, subject)
+        return allowed
+
+    async def _consume_version(self, nc: NATS, js: JetStreamContext, tenant: str, registration: _Registration,
+                               concurrency: int) -> None:
+        """Also take the jobs routed to this worker's version of the topic (canary rollouts, steps
+        with an agent_version range)."""
+        durable = await claim_slot(nc, js, tenant, registration.topic, registration.version)
+        if durable is None:
+            return
+        consumer = PullConsumer(
+            nc, js, stream=s.JOBS_STREAM, durable=durable,
+            subject=s.versioned_job(tenant, registration.version, registration.topic), concurrency=concurrency,
+            ack_wait=protocol.WORKER_CONSUMER.ack_wait_s, max_ack_pending=protocol.WORKER_CONSUMER.max_ack_pending,
+            progress_interval=timing.PROGRESS_INTERVAL_S, max_deliver=protocol.WORKER_CONSUMER.max_deliver,
+            inactive_threshold=protocol.VERSION_SLOT_IDLE_S,
+            handler=functools.partial(self._handle, js, registration=registration),
+        )
+        await consumer.start()
+        self._consumers.append(consumer)
 
     async def stop(self) -> None:
         self._stop.set()

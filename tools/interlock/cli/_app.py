@@ -25,6 +25,7 @@ from interlock.cli import (
     _seals,
     _tenant,
     _workflow,
+    _workload,
 )
 from interlock.cli._common import (
     CredsOption,
@@ -90,6 +91,8 @@ app.add_typer(_policy.app, name="policy")
 app.add_typer(_approval.approvers, name="approver")
 app.add_typer(_ops.agents, name="agent")
 app.add_typer(_ops.dlq, name="dlq")
+app.add_typer(_workload.breakers, name="breakers")
+_workload.register(_ops.agents)
 app.add_typer(_audit.app, name="audit")
 app.add_typer(_identity.app, name="creds")
 app.add_typer(_tenant.app, name="tenant")
@@ -124,12 +127,12 @@ ALIASES = {
     "approve": _approval.approve,
     "reject": _approval.reject,
     "validate": _workflow.validate,
-    "agents": _ops.list_agents,
 }
 for alias, command in ALIASES.items():
     app.command(alias, hidden=True)(command)
 app.add_typer(_workflow.app, name="workflows", hidden=True)
 app.add_typer(_approval.approvers, name="approvers", hidden=True)
+app.add_typer(_ops.agents, name="agents", hidden=True)  # `interlock agents` lists; `interlock agents rollout …`
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,20 +17,29 @@ import typer
 
 from interlock.cli._common import ListGroup, connected, fail, globals_of, with_globals
 from interlock.cli._output import Column, Format, OutputOption, columns, echo, emit_doc, emit_rows
-from interlock.client import ClientError, ClientSettings, DeadLetterEntry
+from interlock.client import Client, ClientError, ClientSettings, DeadLetterEntry
 from interlock.contracts.messages import DeadLetterStatus
 from interlock.core.natsserver import DEFAULT_STORE_DIR
 
-agents = typer.Typer(no_args_is_help=True, help="The agent registry: which workers serve which topics.")
+agents = typer.Typer(cls=ListGroup, help="The agent registry (which workers serve which topics) and canary rollouts.")
 dlq = typer.Typer(cls=ListGroup, help="Dead letters: messages a service could not process, with the reason.")
 
 
 @agents.command("list")
 @with_globals
 def list_agents(ctx: typer.Context, output: OutputOption = Format.table) -> None:
-    """Registered agent workers, by topic."""
-    emit_rows(connected(ctx, lambda client: client.agents()), output,
-              columns("topic", "version", "capabilities", "worker_id", "host", "last_heartbeat"))
+    """Registered agent workers by topic, with each topic's queue depth (QUEUED: jobs published and
+    not yet finished; a topic with queued jobs and no worker is listed too)."""
+    async def rows(client: Client) -> list[dict[str, Any]]:
+        agents, depth = await asyncio.gather(client.agents(), client.queue_depth())
+        out = [{**a.model_dump(mode="json"), "queued": depth.get(a.topic, 0)} for a in agents]
+        served = {a.topic for a in agents}
+        out += [{"topic": topic, "queued": n, "worker_id": "(none)"}
+                for topic, n in depth.items() if topic not in served]
+        return sorted(out, key=lambda r: (r["topic"], r.get("worker_id") or ""))
+
+    emit_rows(connected(ctx, rows), output,
+              columns("topic", "queued", "version", "capabilities", "worker_id", "host", "last_heartbeat"))
 
 
 DlqStatus = Literal["open", "resolved", "replayed"]

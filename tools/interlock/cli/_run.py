@@ -61,6 +61,9 @@ def start(
     version: Annotated[str | None, typer.Option("--version", help="workflow version (default: the latest)")] = None,
     idempotency_key: Annotated[str | None, typer.Option(
         "--idempotency-key", metavar="KEY", help="the same key never starts two runs (default: a new key)")] = None,
+    priority: Annotated[int | None, typer.Option(
+        "--priority", min=1, max=5, help="1 (lowest) to 5 (highest): a saturated topic hands out higher ones first "
+                                         "(default: the workflow's priority, else 3)")] = None,
     wait: WaitOption = False,
     timeout: TimeoutOption = None,
 ) -> None:
@@ -70,7 +73,8 @@ def start(
 
     async def work(client: Client) -> int:
         try:
-            run_id = await client.start_run(workflow, run_input, key=key, version=version, requested_by=user())
+            run_id = await client.start_run(workflow, run_input, key=key, version=version, requested_by=user(),
+                                            priority=priority)
         except NotFound as e:
             # `interlock run lst` reaches here as `run start lst`: point at the command meant
             verbs = [c.name for c in app.registered_commands if c.name and c.name != "start"]

@@ -11,7 +11,7 @@ from interlock.cli._common import connected, with_globals
 from interlock.cli._output import Column, Format, OutputOption, echo, emit_rows, short_hash
 from interlock.client import Client, WorkflowInvalid
 from interlock.contracts import subjects as s
-from interlock.core.workflow import load_workflow, read_workflow_file
+from interlock.core.workflow import load_workflow, workflow_files
 
 app = typer.Typer(no_args_is_help=True, help="Register, list and check workflow definitions.")
 
@@ -20,16 +20,17 @@ app = typer.Typer(no_args_is_help=True, help="Register, list and check workflow 
 @with_globals
 def apply(ctx: typer.Context,
           file: Annotated[str, typer.Argument(metavar="FILE", help="workflow YAML file")]) -> None:
-    """Register a workflow version from a YAML file (a version is immutable once registered)."""
+    """Register a workflow version from a YAML file (a version is immutable once registered),
+    with the guard rule files it names (read beside it)."""
     try:
-        text = read_workflow_file(file)  # size, UTF-8 and binary checks before anything is sent
+        text, files = workflow_files(file)  # size, UTF-8 and binary checks before anything is sent
     except WorkflowInvalid as e:
         echo(str(e))
         raise typer.Exit(1) from None
 
     async def work(client: Client) -> int:
         try:
-            wf, created = await client.apply_workflow(text, filename=file)
+            wf, created = await client.apply_workflow(text, filename=file, files=files)
         except WorkflowInvalid as e:
             echo(str(e))
             return 1

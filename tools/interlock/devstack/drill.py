@@ -19,6 +19,9 @@ Then it checks what the invariant promises:
   dispatched only after it succeeded, and no job was dispatched without a policy decision;
 - every run's log verifies (hash chain, gap-free seq, starts with RunStarted) and ends with
   exactly one terminal event (only late results of abandoned attempts may follow it).
+- with workload limits on (``INTERLOCK_GATE_LIMITS`` in the drill's environment, which its
+  services inherit), no topic with a concurrency limit, and not the drill's tenant, ever had more
+  jobs in flight than its limit, read from the runs' logs (StepDispatched to outcome).
 
 The report gives kills by kind, the runs' outcomes, the time to resume after each kill (from
 the kill to the next event appended to any of the drill's runs; p50 and max), the time until
@@ -77,9 +80,11 @@ from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import AgentRegistration
 from interlock.core import codec
+from interlock.core.inflight import peak_in_flight
 from interlock.core.natsserver import NatsServerError
 from interlock.core.verify import verify_envelopes
 from interlock.core.workflow import Workflow, load_workflow
+from interlock.core.workload import GateLimits
 from interlock.devstack import example_file
 from interlock.devstack.stack import Stack
 from interlock.identity import creds_inbox_prefix
@@ -773,10 +778,12 @@ async def _check(report: DrillReport, client: Client, run_ids: dict[str, str], d
     tenant = report.tenant
     succeeded_effect_keys: set[str] = set()
     violations = report.violations
+    logs: list[list[dict[str, Any]]] = []  # every run's events, for the limits
     report.approvals = len(monitor.granted)
     for run_id, wf_id in sorted(run_ids.items()):
         commits = await _retrying(f"reading run {run_id}", functools.partial(client.read_commits, run_id))
         events = [e for c in commits for e in c.envelopes]
+        logs.append(events)
         report.events += len(events)
         where = f"run {run_id} ({wf_id})"
         if not events:
@@ -818,6 +825,7 @@ async def _check(report: DrillReport, client: Client, run_ids: dict[str, str], d
             if e["type"] == ev.StepSucceeded.type_name and topics.get(e["step_id"]) == EFFECT_TOPIC:
                 succeeded_effect_keys.add(f"{run_id}:{e['step_id']}")
 
+    violations.extend(_limit_violations(report, logs))
     effects: Counter[str] = Counter()
     text = await asyncio.to_thread(lambda: effects_file.read_text() if effects_file.exists() else "")
     if text:
@@ -834,6 +842,32 @@ async def _check(report: DrillReport, client: Client, run_ids: dict[str, str], d
             violations.append(f"side effect {key} happened but its step did not succeed")
     missing = sorted(succeeded_effect_keys - set(effects))
     violations.extend(f"side effect {key} missing: its step succeeded without doing it" for key in missing)
+
+
+def _limit_violations(report: DrillReport, logs: list[list[dict[str, Any]]]) -> list[str]:
+    """With workload limits on (``INTERLOCK_GATE_LIMITS`` of the drill's stack): no topic and not
+    the drill's tenant had more jobs in flight at any instant than its concurrency limit allows,
+    read from the runs' logs (:mod:`interlock.core.inflight`)."""
+    try:
+        limits = GateLimits.model_validate_json(os.environ.get("INTERLOCK_GATE_LIMITS") or "{}")
+    except ValueError as e:
+        return [f"INTERLOCK_GATE_LIMITS is not valid: {e}"]
+    if not limits.topics and not limits.tenants:
+        return []
+    problems = []
+    for topic, peak in sorted(peak_in_flight(logs, lambda e: e["data"].get("topic")).items()):
+        cap = limits.topic(str(topic)).concurrency
+        if cap is not None:
+            report.notes.append(f"limit: topic {topic} had at most {peak} job(s) in flight (limit {cap})")
+            if peak > cap:
+                problems.append(f"topic {topic}: {peak} jobs in flight at once, over its limit of {cap}")
+    cap = limits.tenant(report.tenant).concurrency
+    if cap is not None:
+        peak = max(peak_in_flight(logs).values(), default=0)
+        report.notes.append(f"limit: tenant {report.tenant} had at most {peak} job(s) in flight (limit {cap})")
+        if peak > cap:
+            problems.append(f"tenant {report.tenant}: {peak} jobs in flight at once, over its limit of {cap}")
+    return problems
 
 
 def _timing(report: DrillReport, events: list[dict[str, Any]], where: str) -> None:

@@ -277,6 +277,13 @@ def _h_feedback(conn: sqlite3.Connection, e: RowEvent) -> None:
          str_field(d, "note"), e.at))
 
 
+def _h_guard(conn: sqlite3.Connection, e: RowEvent) -> None:
+    # the verdict itself is in the timeline; a held output makes the step wait for a person
+    if e.data.get("held"):
+        _set_step(conn, e, status="awaiting_approval")
+        _record_usage(conn, e, e.step_id or "?")  # the held attempt's model calls
+
+
 # the rows each event type changes; checked complete against the registry at import
 ROW_HANDLERS: dict[str, RowHandler] = ev.complete_table("auditor projection row handlers", {
     ev.RunStarted: _h_run_started,
@@ -296,7 +303,9 @@ ROW_HANDLERS: dict[str, RowHandler] = ev.complete_table("auditor projection row 
     ev.ApprovalEscalated: _h_approval_escalated,
     ev.RunAdmitted: _h_nothing,
     ev.StepDispatched: _h_dispatched,
+    ev.StepThrottled: _h_nothing,  # evidence: the step stays released until it is dispatched
     ev.StepHeartbeat: _h_heartbeat,
+    ev.StepHeld: _h_nothing,  # the step's status does not change; the timeline row is the record
     ev.StepSucceeded: _h_succeeded,
     ev.StepFailed: _h_failed,
     ev.RetryScheduled: _h_retry,
@@ -314,4 +323,5 @@ ROW_HANDLERS: dict[str, RowHandler] = ev.complete_table("auditor projection row 
     ev.RunPaused: _h_nothing,  # the timeline row is the record
     ev.RunUnpaused: _h_nothing,
     ev.FeedbackGiven: _h_feedback,
+    ev.GuardChecked: _h_guard,
 })

@@ -27,12 +27,12 @@ from ._templates import (
     single_expression,
 )
 
-STEP_TYPES = ("job", "approval", "notify")
+STEP_TYPES = ("job", "approval", "notify", "guardrail")
 
 # Fields that only mean something for one step type; elsewhere they would be silently ignored,
 # so they are reported instead.
 _ONLY_FOR: dict[str, tuple[str, ...]] = {
-    "job": ("topic", "require_approval", "heartbeat_timeout_ms", "compensate", "cache"),
+    "job": ("topic", "require_approval", "heartbeat_timeout_ms", "compensate", "cache", "breaker", "agent_version"),
     "approval": ("approvers", "prompt", "expires_ms"),
     "notify": ("channel", "message"),
 }
@@ -159,6 +159,10 @@ def _check_step(sid: str, step: Mapping[str, Any], issues: list[Issue]) -> None:
         if step_type == "approval" and step.get("approvers") is None:
             # No silent default role: whoever may approve must be written down.
             issues.append(Issue(base, "approval step needs 'approvers' (the role allowed to decide)"))
+        if "guard" in step and step_type not in ("job", "guardrail"):
+            issues.append(Issue((*base, "guard"), "'guard' only applies to job and guardrail steps"))
+        if step_type == "guardrail":
+            _check_guardrail(base, step, issues)
         if step_type == "notify" and step.get("channel") in RESERVED_CHANNELS:
             issues.append(Issue((*base, "channel"), f"channel {step.get('channel')!r} is reserved for alerts"))
     if "max_parallel" in step and step.get("for_each") is None:
@@ -166,6 +170,16 @@ def _check_step(sid: str, step: Mapping[str, Any], issues: list[Issue]) -> None:
     heartbeat, timeout = step.get("heartbeat_timeout_ms"), step.get("timeout_ms")
     if _is_int(heartbeat) and _is_int(timeout) and heartbeat > timeout:
         issues.append(Issue((*base, "heartbeat_timeout_ms"), f"must not exceed timeout_ms ({heartbeat} > {timeout})"))
+
+
+def _check_guardrail(base: Path, step: Mapping[str, Any], issues: list[Issue]) -> None:
+    if step.get("guard") is None:
+        issues.append(Issue(base, "guardrail step needs a 'guard' (the checks to run)"))
+    deps = step.get("depends_on")
+    count = 1 if isinstance(deps, str) else len(deps) if isinstance(deps, list) else 0
+    if step.get("input") is None and count != 1:
+        issues.append(Issue(base, "guardrail step checks the output of the one step it depends on: give it one "
+                                  "'depends_on' step, or an 'input' saying what to check"))
 
 
 def _is_int(value: Any) -> TypeGuard[int]:

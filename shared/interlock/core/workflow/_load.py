@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, SequenceNode
 
+from ._guard import guard_files
 from ._model import Workflow
 from ._problems import Path, Problem, WorkflowInvalid, format_path
 
@@ -180,11 +182,13 @@ def _read_yaml(text: str) -> tuple[Any, dict[Path, int], list[Problem]]:
 
 
 def load_workflow(source: str | pathlib.Path, *, filename: str | None = None,
-                  max_bytes: int | None = None) -> Workflow:
+                  max_bytes: int | None = None, files: Mapping[str, str] | None = None) -> Workflow:
     """Load and validate a workflow: a ``Path`` is read from disk, a ``str`` is YAML text.
 
     ``max_bytes`` (default: ``INTERLOCK_WORKFLOW_MAX_BYTES``, else 1 MiB) is checked before
-    parsing. Raises ``WorkflowInvalid`` listing every problem found.
+    parsing. ``files``: the guard rule files shipped with the workflow (relative path -> text);
+    for a ``Path`` left None, the files it names are read beside it. Raises ``WorkflowInvalid``
+    listing every problem found.
     """
     if isinstance(source, pathlib.Path):
         filename = filename or str(source)
@@ -202,8 +206,10 @@ def load_workflow(source: str | pathlib.Path, *, filename: str | None = None,
         data, lines, duplicate_problems = _read_yaml(text)
     except WorkflowInvalid as exc:
         raise WorkflowInvalid(exc.problems, filename) from None
+    if files is None and isinstance(source, pathlib.Path):
+        files = read_rule_files(source, guard_files(data), max_bytes=max_bytes)
     try:
-        workflow = Workflow.model_validate(data, context={"lines": lines})
+        workflow = Workflow.model_validate(data, context={"lines": lines, "files": dict(files or {})})
     except WorkflowInvalid as exc:
         problems = sorted(duplicate_problems + exc.problems, key=lambda p: (p.line is None, p.line or 0))
         raise WorkflowInvalid(problems, filename) from None
@@ -212,6 +218,32 @@ def load_workflow(source: str | pathlib.Path, *, filename: str | None = None,
     return workflow
 
 
-def parse_workflow(data: dict[str, Any]) -> Workflow:
+def parse_workflow(data: dict[str, Any], files: Mapping[str, str] | None = None) -> Workflow:
     """Validate an already-parsed definition (no line numbers). Raises ``WorkflowInvalid``."""
-    return Workflow.model_validate(data)
+    return Workflow.model_validate(data, context={"files": dict(files or {})})
+
+
+def read_rule_files(workflow_path: str | pathlib.Path, names: list[str], *,
+                    max_bytes: int | None = None) -> dict[str, str]:
+    """The guard rule files ``names`` (relative to the workflow file's folder) as text; a file
+    that cannot be read is left out (validation then reports it as not shipped, by its YAML path).
+    Each file is held to the same size limit as a workflow."""
+    base = pathlib.Path(workflow_path).parent
+    out: dict[str, str] = {}
+    for name in names:
+        try:
+            out[name] = read_workflow_file(base / name, max_bytes=max_bytes)
+        except WorkflowInvalid:
+            continue
+    return out
+
+
+def workflow_files(path: str | pathlib.Path, *, max_bytes: int | None = None) -> tuple[str, dict[str, str]]:
+    """A workflow file's text and the guard rule files it names (read beside it): what
+    ``interlock workflows apply`` sends, so the version is registered with its rule files."""
+    text = read_workflow_file(path, max_bytes=max_bytes)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text, {}  # the registry reports the YAML error with its line
+    return text, read_rule_files(path, guard_files(data), max_bytes=max_bytes)

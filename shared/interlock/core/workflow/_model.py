@@ -12,8 +12,7 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Annotated, Any
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -30,8 +29,10 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from ._checks import STEP_TYPES, did_you_mean, semantic_issues, transitive
+from ._guard import Guard, json_schema
 from ._problems import Issue, Path, WorkflowInvalid, to_problems
 from ._schedule import Schedule
+from ._templates import checked_template
 
 _WORKFLOW_ID = re.compile(r"^[a-z0-9_-]+$")
 _STEP_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
@@ -108,15 +109,6 @@ def _json_like(value: Any, path: str = "") -> Any:
     raise ValueError(f"{path or 'value'}: {type(value).__name__} is not JSON-like (quote it in YAML)")
 
 
-def _json_schema(value: dict[str, Any]) -> dict[str, Any]:
-    try:
-        Draft202012Validator.check_schema(value)
-    except SchemaError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path)
-        raise ValueError(f"invalid JSON Schema{f' at {where}' if where else ''}: {exc.message}") from None
-    return value
-
-
 def _json_like_schedule(value: Schedule | None) -> Schedule | None:
     if value is not None and value.input is not None:
         _json_like(value.input, "input")
@@ -133,18 +125,48 @@ def _one_or_many(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_DURATION_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
+
+
+def _duration_ms(value: Any) -> Any:
+    """``"60s"``, ``"500ms"``, ``"5m"``, ``"1h"`` (or a whole number of milliseconds) -> milliseconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration such as '30s', got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return int(float(match.group(1)) * _DURATION_UNITS_MS[match.group(2)])
+    raise ValueError(f"invalid duration {value!r}: write a number and a unit (ms, s, m, h), e.g. '30s'")
+
+
+def _version_range(value: str) -> str:
+    try:
+        SpecifierSet(value)
+    except InvalidSpecifier as e:
+        raise ValueError(f"invalid agent version range {value!r}: {e} (write e.g. '>=2,<3')") from None
+    if not value.strip():
+        raise ValueError("an empty agent version range matches every version: leave agent_version out instead")
+    return value
+
+
 StepId = Annotated[str, Strict(), AfterValidator(_step_id)]
+DurationMs = Annotated[int, BeforeValidator(_duration_ms), Field(gt=0)]
+VersionRange = Annotated[str, Strict(), AfterValidator(_version_range)]
 Topic = Annotated[str, Strict(), AfterValidator(_topic)]
 Subject = Annotated[str, Strict(), AfterValidator(_subject)]
 PositiveMs = Annotated[int, Strict(), Field(gt=0)]
 Text = Annotated[str, Strict()]
-JsonSchema = Annotated[dict[str, Any], AfterValidator(_json_schema)]
+JsonSchema = Annotated[dict[str, Any], AfterValidator(json_schema)]
 
 
 class StepType(StrEnum):
     JOB = "job"
     APPROVAL = "approval"
     NOTIFY = "notify"
+    GUARDRAIL = "guardrail"  # checks the output of the step it depends on (its input)
 
 
 class OnError(StrEnum):
@@ -202,6 +224,35 @@ class RetryPolicy(BaseModel):
         return int(min(jittered, self.max_backoff_ms))
 
 
+class WhenOpen(StrEnum):
+    WAIT = "wait"
+    FAIL = "fail"
+
+
+class BreakerSpec(BaseModel):
+    """A circuit breaker around a job step's topic (shared per tenant and topic by every step that
+    declares one): it opens after ``failures`` consecutive failures or timeouts, or when at least
+    ``min_calls`` outcomes inside ``window`` fail at ``rate`` or more; while open, jobs wait (or
+    fail, ``when_open: fail``); after ``cooldown`` one probe job goes, and its outcome closes the
+    breaker or opens it again."""
+
+    model_config = _FROZEN
+
+    failures: Annotated[int, Strict(), Field(ge=1)] | None = 5
+    rate: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    window: DurationMs = 60_000
+    min_calls: Annotated[int, Strict(), Field(ge=1)] = 10
+    cooldown: DurationMs = 30_000
+    when_open: WhenOpen = WhenOpen.WAIT
+    probe_timeout: DurationMs = 120_000
+
+    @model_validator(mode="after")
+    def _opens_somehow(self) -> BreakerSpec:
+        if self.failures is None and self.rate is None:
+            raise ValueError("a breaker needs 'failures' or 'rate' (else it never opens)")
+        return self
+
+
 class Budget(BaseModel):
     """What a whole run may spend on model calls; crossing a limit ends the run (BudgetExceeded)."""
 
@@ -253,6 +304,39 @@ class Cache(BaseModel):
     ttl_ms: Annotated[int, BeforeValidator(_cache_ttl)] = Field(alias="ttl")
 
 
+class Concurrency(BaseModel):
+    """At most ``limit`` jobs in flight at once. With ``key`` (a template such as
+    ``"customer-{{ input.customer }}"``) the limit is per rendered value, shared by every
+    workflow whose key renders the same; without, per workflow (or per step, on a step)."""
+
+    model_config = _FROZEN
+
+    limit: Annotated[int, Strict(), Field(ge=1)]
+    key: Annotated[str, Strict(), AfterValidator(checked_template)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_int(cls, data: Any) -> Any:
+        if isinstance(data, int) and not isinstance(data, bool):
+            return {"limit": data}
+        return data
+
+
+class Rate(BaseModel):
+    """At most ``per_s`` jobs a second on average, ``burst`` at once (a token bucket). With ``key``
+    (a template), per rendered value, shared across workflows; without, per step."""
+
+    model_config = _FROZEN
+
+    per_s: Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+    burst: Annotated[int, Strict(), Field(ge=1)] = 1
+    key: Annotated[str, Strict(), AfterValidator(checked_template)] | None = None
+
+
+Priority = Annotated[int, Strict(), Field(ge=1, le=5)]
+"""A run priority: 1 (lowest) to 5 (highest)."""
+
+
 class Step(BaseModel):
     """One step. Field types are checked here; rules across fields are checked by Workflow."""
 
@@ -275,6 +359,13 @@ class Step(BaseModel):
     output_schema: JsonSchema | None = None
     labels: dict[Text, Text] = Field(default_factory=dict)
     cache: Cache | None = None  # job steps: the result cache (added later: not hashed while unset)
+    # checks on a job's output, or what a guardrail step checks (left out of the hash while unset)
+    guard: Annotated[Guard | None, Field(exclude_if=lambda v: v is None)] = None
+    # workload control (issue 16): left out of the content hash while unset
+    breaker: BreakerSpec | None = None
+    agent_version: VersionRange | None = None
+    concurrency: Concurrency | None = None  # workload limits (see interlock.dispatcher.gate)
+    rate: Rate | None = None
     # approval steps
     approvers: Text = "approver"
     prompt: Text | None = None
@@ -282,6 +373,17 @@ class Step(BaseModel):
     # notify steps
     channel: Text = "default"
     message: Text | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _guardrail_input(cls, data: Any) -> Any:
+        # a guardrail step checks its one dependency's output unless it says what to check
+        if isinstance(data, Mapping) and data.get("type") == "guardrail" and data.get("input") is None:
+            deps = data.get("depends_on")
+            dep = deps if isinstance(deps, str) else deps[0] if isinstance(deps, list) and len(deps) == 1 else None
+            if isinstance(dep, str):
+                return {**data, "input": f"{{{{ steps.{dep}.output }}}}"}
+        return data
 
     @field_validator("when", mode="before")
     @classmethod
@@ -291,8 +393,8 @@ class Step(BaseModel):
 
 
 # not in the content hash while at their default
-_ADDED_LATER = ("sensitive", "budget", "record_prompts", "sla", "schedule")
-_STEP_ADDED_LATER = ("cache",)  # step fields likewise: a definition without them keeps its hash
+_ADDED_LATER = ("sensitive", "budget", "record_prompts", "sla", "schedule", "priority", "concurrency")
+_STEP_ADDED_LATER = ("cache", "breaker", "agent_version", "concurrency", "rate")  # step fields likewise
 
 
 class Workflow(BaseModel):
@@ -315,6 +417,8 @@ class Workflow(BaseModel):
     budget: Budget | None = None
     sla: Sla | None = None
     record_prompts: Annotated[bool, Strict()] = False  # let agents keep prompts in the log (LlmCall.prompt)
+    priority: Priority | None = None  # the default priority of its runs (3 when unset)
+    concurrency: Concurrency | None = None  # jobs of all its runs in flight at once
 
     @model_validator(mode="wrap")
     @classmethod
@@ -349,8 +453,17 @@ class Workflow(BaseModel):
             for name in _STEP_ADDED_LATER:
                 if getattr(step, name) is None:
                     dumped["steps"][sid].pop(name, None)
+        files = self.rule_files
+        if files:  # the rule files shipped with the version are part of it
+            dumped["rule_files"] = files
         canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @cached_property
+    def rule_files(self) -> dict[str, str]:
+        """The guard rule files this version ships (path -> sha256 of the text)."""
+        return {path: digest for step in self.steps.values() if step.guard is not None
+                for path, digest in step.guard.file_hashes.items()}
 
     @cached_property
     def _dependents(self) -> dict[str, tuple[str, ...]]:
@@ -409,6 +522,10 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "retries": tuple(RetryPolicy.model_fields),
     "cache": ("key", "ttl"),
     "schedule": tuple(Schedule.model_fields),
+    "guard": ("schema", *(f for f in Guard.model_fields if f != "schema_")),
+    "breaker": tuple(BreakerSpec.model_fields),
+    "concurrency": tuple(Concurrency.model_fields),
+    "rate": tuple(Rate.model_fields),
 }
 
 _YAML_BOOL_HINT = " (YAML reads yes/no/on/off/true/false as booleans; quote it)"
@@ -427,10 +544,11 @@ def _fields_at(parent: Path) -> tuple[str, ...]:
         return _FIELDS["workflow"]
     if len(parent) == 2 and parent[0] == "steps":
         return _FIELDS["step"]
-    if len(parent) == 3 and parent[0] == "steps" and parent[2] in ("retries", "cache"):
+    nested = ("retries", "cache", "guard", "breaker", "concurrency", "rate")
+    if len(parent) == 3 and parent[0] == "steps" and parent[2] in nested:
         return _FIELDS[str(parent[2])]
-    if parent == ("schedule",):
-        return _FIELDS["schedule"]
+    if parent in (("schedule",), ("concurrency",)):
+        return _FIELDS[str(parent[0])]
     return ()
 
 

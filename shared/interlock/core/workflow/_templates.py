@@ -118,6 +118,17 @@ def _compile_expression(source: str) -> TemplateExpression:
     return ENV.compile_expression(source, undefined_to_none=False)
 
 
+def checked_template(text: str) -> str:
+    """``text`` once it parses as a template (a workflow's limit key); a syntax error is a ValueError."""
+    if not text.strip():
+        raise ValueError("a key must not be empty")
+    try:
+        _compile_template(text)
+    except TemplateSyntaxError as exc:
+        raise ValueError(f"invalid template {text!r}: {exc.message}") from None
+    return text
+
+
 def _check_defined(value: Any) -> None:
     """Raise the StrictUndefined error if an Undefined hides anywhere in a native result."""
     if isinstance(value, Undefined):
