@@ -156,7 +156,7 @@ class DispatcherService(Service):
         notice = rules.cancel_notice(tenant, run_id, envelopes)
         if notice is not None:
             await self.carry_out([notice])
-            handle = await self.store.load(tenant, run_id)
+            handle = await self.store.load(tenant, run_id, fresh=True)
             await self.release_ended(handle.run)  # the run's slots and places in queues are free
             return
         run = await self.dispatch(tenant, run_id)
@@ -168,17 +168,20 @@ class DispatcherService(Service):
     async def reconcile(self, tenant: str, run_id: str) -> None:
         """Dispatch what is due, re-offer jobs whose message may be lost, and time out attempts
         whose timers never fired (a backstop: the durable timers normally do this)."""
-        run = await self.dispatch(tenant, run_id, woken=True)
+        run = await self.dispatch(tenant, run_id, woken=True, fresh=True)
         workflow = await self.registry.get(run.workflow_id, run.workflow_version)
         await self.carry_out(rules.lost_jobs(run, workflow, self._published))
         for timer in rules.overdue_timers(run, workflow, datetime.now(UTC), self._heartbeats):
             await self.on_timer_fired(timer)
 
     async def dispatch(self, tenant: str, run_id: str, retry: TimerFired | None = None, *,
-                       woken: bool = False) -> Run:
+                       woken: bool = False, fresh: bool = False) -> Run:
         """Dispatch every released job and every retry that is due; publish notifications.
         ``retry``: the retry timer that fired (the run must have reached its retry); ``woken``:
-        jobs that wait in the gate try again (a slot freed, a token is due, the sweep)."""
+        jobs that wait in the gate try again (a slot freed, a token is due, the sweep); ``fresh``:
+        read the run to the log's end first — for anything but a commit delivered to this copy
+        (a timer, a wake), since the copies share the commits and this one's cached run may lag
+        by what another copy saw, and a decision on that would find nothing to do."""
         effects: list[Effect] = []
 
         async def decide(run: Run) -> None:
@@ -199,7 +202,7 @@ class DispatcherService(Service):
                            else rules.dispatch(run, workflow, now, control, guarded, held))
             await self.send_notifications(effects)
 
-        handle, _ = await self.store.update(tenant, run_id, decide)
+        handle, _ = await self.store.update(tenant, run_id, decide, fresh=fresh)
         await self.carry_out(effects)
         return handle.run
 
@@ -311,7 +314,7 @@ class DispatcherService(Service):
 
     async def _wake(self, tenant: str, run_id: str) -> None:
         try:
-            run = await self.dispatch(tenant, run_id, woken=True)
+            run = await self.dispatch(tenant, run_id, woken=True, fresh=True)
             if run.terminal:
                 await self.release_ended(run)
         except Exception as e:  # the sweep dispatches it later
@@ -419,12 +422,13 @@ class DispatcherService(Service):
 
     async def on_timer_fired(self, timer: TimerFired) -> None:
         if timer.kind == "retry":
-            await self.dispatch(timer.tenant, timer.run_id, timer)
+            await self.dispatch(timer.tenant, timer.run_id, timer, fresh=True)
             return
         if timer.kind == "breaker":  # a held job looks again
-            await self.dispatch(timer.tenant, timer.run_id)
+            await self.dispatch(timer.tenant, timer.run_id, fresh=True)
+            return
         if timer.kind == "gate":  # a rate-limited job's token is due
-            await self.dispatch(timer.tenant, timer.run_id, woken=True)
+            await self.dispatch(timer.tenant, timer.run_id, woken=True, fresh=True)
             return
         job = job_id(timer.run_id, timer.step_id, timer.attempt) if timer.step_id and timer.attempt else None
         if job in self._finished_jobs:
@@ -440,7 +444,7 @@ class DispatcherService(Service):
             effects.extend(rules.timer_fired(run, workflow, timer, now, heartbeat_seen_at=seen_at,
                                              jitter=self._rng.random()))
 
-        handle, _ = await self.store.update(timer.tenant, timer.run_id, decide)
+        handle, _ = await self.store.update(timer.tenant, timer.run_id, decide, fresh=True)
         state = handle.run.steps.get(timer.step_id or "")
         if job is not None and state is not None and state.attempt == timer.attempt and state.error is not None \
                 and state.error.kind == "timeout":  # the attempt timed out (now or before): a failure

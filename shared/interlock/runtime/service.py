@@ -230,14 +230,14 @@ class Service:
         """Every run whose log does not end in a terminal event (from the stream's subject list)."""
         info = await self.js.stream_info(s.EVENTS_STREAM, subjects_filter=s.EVENTS_ALL)
         active = []
-        for subject in (info.state.subjects or {}):
-            key = s.parse_run_events(subject)
+        # a run's log spans several subjects (one per writer and route): each run once
+        for key in dict.fromkeys(s.parse_run_events(subject) for subject in (info.state.subjects or {})):
             if key in self._finished:
                 continue
             try:
                 handle = await self.store.load(*key, fresh=True)
             except EventStoreError as e:
-                log.warning("%s sweep: cannot load %s: %s", self.name, subject, e)
+                log.warning("%s sweep: cannot load run %s/%s: %s", self.name, *key, e)
                 continue
             if handle.run.terminal:
                 self._finished.add(key)
