@@ -286,7 +286,7 @@ class StackBench:
                                               "data": envelope.get("data")})
                     return
 
-        sub = await self.nc.subscribe(s.run_events(tenant, run_id), cb=on_commit)
+        sub = await self.nc.subscribe(s.run_log(tenant, run_id), cb=on_commit)
         try:
             wall = time.time()
             t0 = time.perf_counter()
@@ -342,7 +342,7 @@ class StackBench:
             now = time.perf_counter()
             if not any(m in msg.data for m in TERMINAL_MARKERS):
                 return
-            run_id = msg.subject.rsplit(".", 1)[-1]
+            run_id = s.parse_run_events(msg.subject)[1]
             if run_id in ends:
                 return
             for envelope in json.loads(msg.data)["events"]:

@@ -45,6 +45,10 @@ def test_quick_bench_runs_and_writes_json(tmp_path: Path) -> None:
     assert w1["runs"] == data["sizes"]["w1_runs"] and w1["failed_runs"] == 0
     assert {"p50_ms", "p99_ms", "hops_per_run"} <= set(w1["floor"])
     assert {"p50", "p99"} <= set(w1["ratio"])
+    # the one-hop floor (issue #15) is measured in the same run, and W1 is a ratio to it too
+    assert w1["floor_onehop"]["p50_ms"] > 0 and w1["ratio_onehop"]["p50"] > 0
+    [p50_row] = [row for row in data["table"] if row["metric"] == "5-step run latency p50"]
+    assert p50_row["floor_onehop"] == w1["floor_onehop"]["p50_ms"]
 
     w4 = data["workloads"]["W4"]
     assert {"events", "commits", "p50_ms", "floor_p50_ms"} <= set(w4["load"])

@@ -84,10 +84,10 @@ class Harness:
         keyring lets that service write."""
         nc = self.writer or self.nc
         if self.principals is None:
-            return EventStore(nc, nc.jetstream(), service="test")
+            return EventStore(nc, nc.jetstream(), service="test", writer=service)
         # it sees what the services see: commits the keyring does not vouch for are skipped
         authenticity = Authenticity(Signer.from_creds(self.principals.service(service)), self.principals.home.keyring())
-        return EventStore(nc, nc.jetstream(), service="test", authenticity=authenticity)
+        return EventStore(nc, nc.jetstream(), service="test", authenticity=authenticity, writer=service)
 
     def service_settings(self, service: str, settings: ServiceSettings | None = None, **values: Any
                          ) -> ServiceSettings:

@@ -106,7 +106,8 @@ async def test_a_foreign_message_is_listed_resolvable_and_never_replayed(harness
 @pytest.mark.parametrize("kind", ["truncated", "run event"])
 async def test_what_cannot_be_published_again_is_refused_with_the_reason(harness: Harness, client: Client,
                                                                          kind: str) -> None:
-    subject = s.run_events(client.tenant, unique("run")) if kind == "run event" else s.result(client.tenant, "r1")
+    run_commit = s.commit_subject(client.tenant, unique("run"), "planner", "flow")
+    subject = run_commit if kind == "run event" else s.result(client.tenant, "r1")
     letter = DeadLetter(service="dispatcher", subject=subject, reason=f"test {kind}",
                         data_b64=base64.b64encode(b"{}").decode(), at=datetime.now(UTC),
                         truncated=kind == "truncated", size=5_000_000, sha256="0" * 64)

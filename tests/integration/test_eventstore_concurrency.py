@@ -164,7 +164,7 @@ async def test_duplicate_msg_id_is_stored_once(nc: NATS) -> None:
     store = store_on(nc, "dup")
     js = nc.jetstream()
     tenant, rid, handle = await new_run(store)
-    subject = s.run_events(tenant, rid)
+    subject = s.commit_subject(tenant, rid, "dup", "flow")  # where the store appends its StepReady
     run = handle.run
     run.mark_step_ready(ev.StepReady(step_id="a", job_hash=JOB_HASH))
     envelopes = [codec.envelope_from_event(e, tenant=tenant, service="dup", prev_hash=handle.last_hash)
@@ -204,24 +204,25 @@ async def test_stale_retry_is_ours_or_a_conflict(nc: NATS, nc2: NATS) -> None:
     store, other = store_on(nc, "mine"), store_on(nc2, "other")
     js = nc.jetstream()
     tenant, rid, first = await new_run(store)
-    subject = s.run_events(tenant, rid)
+    subject = s.commit_subject(tenant, rid, "mine", "flow")
+    log = s.run_log(tenant, rid)  # appends are conditional on the run's whole log
     mine, envelopes = await store.update(tenant, rid, make_ready("a"))
     msg_id = f"{rid}@{envelopes[0]['seq']}:{envelopes[-1]['hash'][:16]}"  # as EventStore names it
     payload = codec.encode_commit(rid, tenant, envelopes)
 
     # the retry of a publish that landed: its expected sequence is now stale
     with pytest.raises(BadRequestError) as info:
-        await js.publish(subject, payload, headers={h.MSG_ID: msg_id,
+        await js.publish(subject, payload, headers={h.MSG_ID: msg_id, h.EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: log,
                                                     h.EXPECTED_LAST_SUBJECT_SEQ: str(first.stream_seq)})
     assert info.value.err_code == WRONG_LAST_SEQUENCE
-    assert await store.recorder._landed(subject, msg_id) == mine.stream_seq  # it was ours
-    assert await store.recorder.append(subject, payload, msg_id, first.stream_seq) == mine.stream_seq
+    assert await store.recorder._landed(log, msg_id) == mine.stream_seq  # it was ours
+    assert await store.recorder.append(subject, payload, msg_id, first.stream_seq, condition_on=log) == mine.stream_seq
 
     # another writer appends after it: the same stale retry is now a real conflict
     await other.update(tenant, rid, make_ready("b"))
-    assert await store.recorder._landed(subject, msg_id) is None
+    assert await store.recorder._landed(log, msg_id) is None
     with pytest.raises(Conflict):
-        await store.recorder.append(subject, payload, msg_id, first.stream_seq)
+        await store.recorder.append(subject, payload, msg_id, first.stream_seq, condition_on=log)
 
     # update() on the stale cached copy: one conflict, reload, decide again, append
     before = store.stats["conflicts"]
@@ -244,7 +245,8 @@ async def test_forged_commit_is_detected(nc: NATS, nc2: NATS) -> None:
         "prev_hash": "ab" * 32,  # not the hash of seq 3
     }
     forged["hash"] = codec.event_hash(forged)  # a self-consistent event, just not linked
-    ack = await nc.jetstream().publish(s.run_events(tenant, rid), codec.encode_commit(rid, tenant, [forged]))
+    where = s.commit_subject(tenant, rid, "mallory", "flow")
+    ack = await nc.jetstream().publish(where, codec.encode_commit(rid, tenant, [forged]))
     assert ack.seq > 0
 
     report = await verify_run(store, tenant, rid)

@@ -144,14 +144,15 @@ async def test_new_worker_works_at_once_and_is_held_to_its_tenant(stack: Stack, 
         assert stack.server.pid == pid, "the server was not restarted"
 
         # refused, core publish: reported through error_cb only
-        await worker.nc.publish(s.run_events("acme", "run-1"), b"{}")
+        await worker.nc.publish(s.commit_subject("acme", "run-1", "planner", "flow"), b"{}")
         await worker.nc.flush()
         violation = await wait_for_violation(worker)
-        assert permission_violation(violation) == ("publish", s.run_events("acme", "run-1").lower())
+        forged = s.commit_subject("acme", "run-1", "planner", "flow")
+        assert permission_violation(violation) == ("publish", forged.lower())
         message = describe_permission_error(violation, principal="worker-acme", action="append to a run log",
-                                            subject=s.run_events("acme", "run-1"))
+                                            subject=s.commit_subject("acme", "run-1", "planner", "flow"))
         assert message == (f"worker-acme may not append to a run log: the credential lacks permission to publish "
-                           f"to {s.run_events('acme', 'run-1')!r}")
+                           f"to {s.commit_subject('acme', 'run-1', 'planner', 'flow')!r}")
 
         # refused, JetStream publish: the server drops it, the client only times out
         with pytest.raises((TimeoutError, nats.errors.TimeoutError)) as timed_out:
@@ -162,7 +163,7 @@ async def test_new_worker_works_at_once_and_is_held_to_its_tenant(stack: Stack, 
 
         # nothing of the refused actions reached a stream
         admin_js = admin.nc.jetstream()
-        for stream, subject in ((s.EVENTS_STREAM, s.run_events("acme", "run-1")),
+        for stream, subject in ((s.EVENTS_STREAM, s.run_log("acme", "run-1")),
                                 (s.RESULTS_STREAM, s.heartbeat("globex", "run-2"))):
             with pytest.raises(NotFoundError):
                 await admin_js.get_last_msg(stream, subject)
@@ -214,8 +215,9 @@ async def test_viewer_reads_its_tenants_run_log_through_its_own_consumer_only(st
     mine = p.principal_consumer(stack.home.principal("log-viewer").public_key, 0)
     try:
         # allowed: a service appends; the viewer reads its tenant's run through a consumer of its own
-        await planner.nc.jetstream(timeout=2.0).publish(s.run_events("acme", "run-log"), b"commit-1")
-        await js.add_consumer(s.EVENTS_STREAM, ConsumerConfig(name=mine, filter_subject=s.run_events("acme", "run-log"),
+        await planner.nc.jetstream(timeout=2.0).publish(s.commit_subject("acme", "run-log", "planner", "flow"),
+                                                              b"commit-1")
+        await js.add_consumer(s.EVENTS_STREAM, ConsumerConfig(name=mine, filter_subject=s.run_log("acme", "run-log"),
                                                               inactive_threshold=30))
         sub = await js.pull_subscribe_bind(mine, s.EVENTS_STREAM)
         [msg] = await sub.fetch(1, timeout=2)
@@ -223,13 +225,13 @@ async def test_viewer_reads_its_tenants_run_log_through_its_own_consumer_only(st
         await msg.ack()
 
         # refused: another tenant's run, and a consumer name that is not its own
-        for name, filter_subject in ((mine, s.run_events("globex", "run-log")),
-                                     ("snoop", s.run_events("acme", "run-log"))):
+        for name, filter_subject in ((mine, s.run_log("globex", "run-log")),
+                                     ("snoop", s.run_log("acme", "run-log"))):
             with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
                 await js.add_consumer(s.EVENTS_STREAM, ConsumerConfig(name=name, filter_subject=filter_subject))
             assert permission_violation(await wait_for_violation(viewer)) is not None
         assert (await admin.nc.jetstream().consumer_info(s.EVENTS_STREAM, mine)).config.filter_subject == \
-            s.run_events("acme", "run-log")
+            s.run_log("acme", "run-log")
     finally:
         await viewer.nc.close()
         await planner.nc.close()

@@ -217,7 +217,7 @@ async def test_worker_appends_run_log(matrix: Matrix) -> None:
 
     name = unique("worker")
     session = await matrix.watched(matrix.creds("worker", h.tenant, name, (topic,)))
-    subject = s.run_events(h.tenant, run_id)
+    subject = s.commit_subject(h.tenant, run_id, "planner", "flow")
     forged = b'{"type": "RunSucceeded", "forged": true}'
     await session.nc.publish(subject, forged)  # core publish: refused through error_cb only
     await assert_violation(session, "publish", subject, principal=name, action="append to a run log")
@@ -478,7 +478,7 @@ async def test_read_other_tenant_events(matrix: Matrix, finished_in_b: tuple[Har
     assert matrix.harness.principals is not None
     mine = p.principal_consumer(matrix.harness.principals.home.principal(name).public_key, 0)
     js = session.nc.jetstream(timeout=DENIED_TIMEOUT)
-    config = ConsumerConfig(name=mine, filter_subject=s.run_events(in_b.tenant, run_b), inactive_threshold=30)
+    config = ConsumerConfig(name=mine, filter_subject=s.run_log(in_b.tenant, run_b), inactive_threshold=30)
     if other:
         with pytest.raises(TIMEOUTS):
             await js.add_consumer(s.EVENTS_STREAM, config)
@@ -486,14 +486,14 @@ async def test_read_other_tenant_events(matrix: Matrix, finished_in_b: tuple[Har
         verb, denied = permission_violation(violation) or ("", "")
         assert verb == "publish" and denied.startswith("$js.api.consumer.create.")
         with pytest.raises(TIMEOUTS):  # nor a direct get of the run's messages
-            await js.get_last_msg(s.EVENTS_STREAM, s.run_events(in_b.tenant, run_b), direct=True)
+            await js.get_last_msg(s.EVENTS_STREAM, s.run_log(in_b.tenant, run_b), direct=True)
         verb, denied = permission_violation(await session.violation()) or ("", "")
         assert verb == "publish" and denied.startswith(s.js_direct_get(s.EVENTS_STREAM).lower())
         return
     await js.add_consumer(s.EVENTS_STREAM, config)
     sub = await js.pull_subscribe_bind(mine, s.EVENTS_STREAM)
     msgs = await sub.fetch(1, timeout=2)
-    assert msgs and msgs[0].subject == s.run_events(in_b.tenant, run_b)
+    assert msgs and s.log_of(msgs[0].subject) == s.run_events(in_b.tenant, run_b)
     first = json.loads(msgs[0].data)
     assert run_b in json.dumps(first)
 

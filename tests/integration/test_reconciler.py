@@ -44,8 +44,10 @@ steps:
     # each event signed by the service that writes it: the others refuse any other writer
     await store.update(harness.tenant, str(run_id), lambda run: run.mark_step_ready(
         ev.StepReady(step_id="a", topic=topic, job_hash=jh)))
-    await harness.store_as("policy").update(harness.tenant, str(run_id), lambda run: run.decide_policy(
+    decided, _ = await harness.store_as("policy").update(harness.tenant, str(run_id), lambda run: run.decide_policy(
         ev.PolicyDecided(step_id="a", decision="allow", snapshot_id="test@0", job_hash=jh)))
+    as_dispatcher = harness.store_as("dispatcher")
+    as_dispatcher._remember(decided)  # appends right after, no read: before the running dispatcher can
 
     def lost(run: Run) -> None:
         run.dispatch_step(ev.StepDispatched(step_id="a", attempt=1, job_id=job_id(str(run_id), "a", 1), topic=topic,
@@ -53,7 +55,7 @@ steps:
 
     # the running dispatcher sees the commit and re-publishes the job, but nothing schedules the
     # deadline that already passed: only the sweep notices it
-    await harness.store_as("dispatcher").update(harness.tenant, str(run_id), lost)
+    await as_dispatcher.update(harness.tenant, str(run_id), lost)
     dispatcher = next(s for s in harness.services if isinstance(s, DispatcherService))
     await dispatcher.sweep()
     events = await harness.wait_for(str(run_id), lambda evs: "StepTimedOut" in types(evs), timeout=10)

@@ -51,8 +51,8 @@ async def scheduled_runs(harness: Harness, tenant: str) -> list[dict[str, Any]]:
     js = harness.nc.jetstream()
     info = await js.stream_info(s.EVENTS_STREAM, subjects_filter=s.tenant_events(tenant))
     runs = []
-    for subject in info.state.subjects or {}:
-        _, run_id = s.parse_run_events(subject)
+    # a run's log spans several subjects (one per writer and route): each run once
+    for run_id in sorted({s.parse_run_events(subject)[1] for subject in info.state.subjects or {}}):
         commits = await harness.store.read_commits(tenant, run_id)
         started = [e for c in commits for e in c.envelopes if e["type"] == ev.RunStarted.type_name]
         runs.append({"run_id": run_id, "started": started, "input": started[0]["data"]["input"] if started else None,

@@ -220,7 +220,8 @@ async def test_a_recreated_stream_with_a_run_purged_is_caught(sealed: Sealed) ->
     sealed_head = sealed.auditor.seal_writer.heads[victim_subject] if sealed.auditor.seal_writer else None
     assert sealed_head is not None
     await recreate_events(sealed)  # an identical copy, but without deny flags …
-    await sealed.admin.jetstream().purge_stream(s.EVENTS_STREAM, subject=victim_subject)  # … so a run can go
+    await sealed.admin.jetstream().purge_stream(s.EVENTS_STREAM,  # … so a run can go
+                                             subject=s.run_log("default", victim))
 
     report = await sealed.client.verify_seals()
     assert kinds(report.problems) == [sl.STREAM_RECREATED, sl.RUN_DELETED], report.problems
@@ -258,11 +259,11 @@ async def test_a_run_rolled_back_to_a_shorter_history_is_caught(sealed: Sealed) 
     subject = s.run_events("default", victim)
     before = await recreate_events(sealed)
     js = sealed.admin.jetstream()
-    await js.purge_stream(s.EVENTS_STREAM, subject=subject)
-    commits = [(seq, data, headers) for seq, subj, data, headers in before if subj == subject]
-    for _, data, headers in commits[:2]:  # re-appended: only the first two commits of its history
+    await js.purge_stream(s.EVENTS_STREAM, subject=s.run_log("default", victim))
+    commits = [(subj, data, headers) for seq, subj, data, headers in before if s.log_of(subj) == subject]
+    for subj, data, headers in commits[:2]:  # re-appended: only the first two commits of its history
         fresh = {k: v for k, v in headers.items() if k != h.MSG_ID}  # (the same ids would be dropped as repeats)
-        await sealed.writer().publish(subject, data, headers=fresh)
+        await sealed.writer().publish(subj, data, headers=fresh)
     report = await sealed.client.verify_seals(victim)
     assert kinds(report.problems) == [sl.STREAM_RECREATED, sl.RUN_ROLLED_BACK], report.problems
     rolled = report.problems[1]
@@ -285,7 +286,7 @@ async def test_wiping_the_seals_too_is_caught_by_an_exported_copy(sealed: Sealed
     subject = s.run_events("default", victim)
     js = sealed.admin.jetstream()
     await js.delete_stream(s.SEALS_STREAM)
-    await recreate_events(sealed, lambda seq, subj: subj != subject, protected=True)
+    await recreate_events(sealed, lambda seq, subj: s.log_of(subj) != subject, protected=True)
     await provision(js)  # IL_SEALS back, empty
 
     online = await sealed.client.verify_seals()
@@ -446,7 +447,7 @@ async def test_a_server_restart_is_not_a_recreation(tmp_path: Path) -> None:
         admin = await connect(server.url, admin_creds)
         await provision(admin.jetstream())
         writer = await connect(server.url, writer_creds)
-        await writer.jetstream().publish(s.run_events("default", "r1"), commit_bytes("r1"))
+        await writer.jetstream().publish(s.commit_subject("default", "r1", "planner", "flow"), commit_bytes("r1"))
         auditor = await connect(server.url, auditor_creds)
         [seal] = await Sealer(auditor, Signer.from_creds(auditor_creds), seal_verifier(None)).seal("test")
         assert seal.runs == 1

@@ -78,9 +78,11 @@ def forged_grant(run_id: str, tenant: str, last: dict[str, Any], job_hash: str) 
 
 
 async def publish_raw(harness: Harness, run_id: str, payload: bytes, headers: dict[str, str] | None = None) -> int:
-    """Append bytes to the run's subject with a service's connection (the server lets it)."""
+    """Append bytes to the run's log with a service's connection (the server lets it), routed as
+    the approval service's (so the planner, policy and dispatcher all get it)."""
     writer = await harness.as_service("dispatcher")
-    ack = await writer.jetstream().publish(s.run_events(harness.tenant, run_id), payload, headers=headers)
+    ack = await writer.jetstream().publish(s.commit_subject(harness.tenant, run_id, "approval", "flow"), payload,
+                                           headers=headers)
     return int(ack.seq)
 
 

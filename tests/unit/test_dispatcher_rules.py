@@ -164,9 +164,13 @@ def test_republish_and_lost_jobs_skip_what_this_process_published() -> None:
     assert rules.republish(run, wf, [envelope], {job}) == []
     assert [p.job.job_id for p in rules.lost_jobs(run, wf, set())] == [job]
     assert rules.lost_jobs(run, wf, {job}) == []
-    # a StepDispatched for an attempt that is no longer current is not re-offered
-    stale = {"type": ev.StepDispatched.type_name, "step_id": "a", "data": {"job_id": job + "-old"}}
-    assert rules.republish(run, wf, [stale], set()) == []
+    # the commit that released the job (redelivered after a crash) re-offers it too
+    decided = {"type": ev.PolicyDecided.type_name, "step_id": "a", "data": {}}
+    assert [p.job.job_id for p in rules.republish(run, wf, [decided], set())] == [job]
+    # a commit about other steps re-offers nothing; nor one once a worker started the job
+    assert rules.republish(run, wf, [{"type": ev.PolicyDecided.type_name, "step_id": "b", "data": {}}], set()) == []
+    run.steps["a"].status = "running"
+    assert rules.republish(run, wf, [envelope], set()) == []
 
 
 def test_a_retry_commit_brings_back_its_timer_while_the_retry_waits() -> None:

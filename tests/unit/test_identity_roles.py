@@ -69,7 +69,7 @@ def test_services_may_check_every_stream_but_change_none(name: str) -> None:
 
 
 def test_only_the_four_appending_services_append_to_run_logs() -> None:
-    subject = s.run_events("acme", "run-1")
+    subject = s.commit_subject("acme", "run-1", "planner", "flow")
     allowed = {n for n in ROLE_NAMES if perms(n).allows_publish(subject)}
     assert allowed == set(c.SERVICES_APPENDING_EVENTS)
 
@@ -97,7 +97,7 @@ def test_worker_is_held_to_its_tenant_and_topics() -> None:
     assert not w.allows_publish(s.js_consumer_next(s.JOBS_STREAM, s.worker_consumer("acme", "llm.other")))
     assert not w.allows_publish(s.result("globex", "run-1")) and not w.allows_publish(s.heartbeat("globex", "run-1"))
     assert not w.allows_subscribe(s.control_cancel("globex", "run-1"))
-    assert not w.allows_publish(s.run_events("acme", "run-1"))
+    assert not w.allows_publish(s.commit_subject("acme", "run-1", "planner", "flow"))
     assert not w.allows_publish(s.command("acme", "approve", "alice"))
     assert not w.allows_publish(s.js_consumer_next(s.JOBS_STREAM, s.worker_consumer("globex", "llm.summarize")))
     # the agent registry: its own tenant's keys of its topics only
@@ -139,20 +139,20 @@ def test_people_act_only_in_their_tenant_and_role() -> None:
 def test_people_read_run_logs_only_through_their_own_consumers_held_to_their_tenant() -> None:
     viewer = perms("viewer")
     mine = p.principal_consumer(USER, 0)
-    own = p.js_filtered_consumer_create(s.EVENTS_STREAM, s.run_events("acme", "run-1"), mine)
+    own = p.js_filtered_consumer_create(s.EVENTS_STREAM, s.run_log("acme", "run-1"), mine)
     assert viewer.allows_publish(own)
     assert viewer.allows_publish(s.js_consumer_next(s.EVENTS_STREAM, mine))
     assert viewer.allows_publish(p.js_ack(s.EVENTS_STREAM, mine).replace(">", "1.5.5.1.1"))
     # refused: another tenant's filter, an unfiltered or unnamed create, someone else's (a service's) consumer
-    assert not viewer.allows_publish(p.js_filtered_consumer_create(s.EVENTS_STREAM, s.run_events("globex", "r"), mine))
+    assert not viewer.allows_publish(p.js_filtered_consumer_create(s.EVENTS_STREAM, s.run_log("globex", "r"), mine))
     assert not viewer.allows_publish(f"{s.JS_API_PREFIX}.CONSUMER.CREATE.{s.EVENTS_STREAM}")
     assert not viewer.allows_publish(f"{s.JS_API_PREFIX}.CONSUMER.CREATE.{s.EVENTS_STREAM}.{mine}")
-    assert not viewer.allows_publish(p.js_filtered_consumer_create(s.EVENTS_STREAM, s.run_events("acme", "r"),
+    assert not viewer.allows_publish(p.js_filtered_consumer_create(s.EVENTS_STREAM, s.run_log("acme", "r"),
                                                                    "planner"))
     assert not viewer.allows_publish(s.js_consumer_next(s.EVENTS_STREAM, "planner"))
     assert not viewer.allows_publish(s.js_consumer_next(s.EVENTS_STREAM, p.principal_consumer("U" + "B" * 55, 0)))
     assert not viewer.allows_publish(s.js_direct_get(s.EVENTS_STREAM))  # a batch get names no subject
-    assert not viewer.allows_subscribe(s.run_events("acme", "run-1"))
+    assert not viewer.allows_subscribe(s.commit_subject("acme", "run-1", "planner", "flow"))
 
 
 def test_principal_consumer_slots_are_bounded() -> None:

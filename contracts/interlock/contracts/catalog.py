@@ -170,6 +170,10 @@ TIMER_KIND = Param("kind", "Timer kind: retry, deadline, lease, breaker (a held 
 TIMER_KEY = Param("key", "Timer key, unique within the run and kind (one subject token).")
 NOTIFY_CHANNEL = Param("channel", "Notification channel name from the workflow's notify step (one token).")
 SERVICE = Param("service", "Name of the service that gave up on the message (one token).")
+WRITER = Param("writer", "The service that appended the commit (planner, policy, approval or dispatcher): "
+                         "routing only, authorship is the commit's signature.")
+ROUTE = Param("route", "Who must act on the commit: 'approval' (a decision that waits for a person) or 'flow'. "
+                       "Each service's consumer is filtered by writer and route (interlock.contracts.routing).")
 
 # -- headers -------------------------------------------------------------------------------
 EVENT_MSG_ID = Header(
@@ -183,6 +187,12 @@ EXPECTED_LAST_SUBJECT_SEQ = Header(
     "Stream sequence of the run's last commit ('0' for a new run). The stream rejects the append with "
     "error 10071 when another writer appended first (optimistic concurrency): reload and retry.",
     example="0",
+)
+EXPECTED_LAST_SUBJECT_SEQ_SUBJECT = Header(
+    h.EXPECTED_LAST_SUBJECT_SEQ_SUBJECT,
+    "The subject filter the expected sequence is about: the run's whole log, il.evt.{tenant}.{run_id}.> "
+    "(a run's commits are on several subjects, one per writer and route).",
+    example="il.evt.default.0b6c7a52-5f0e-4a7e-9a53-2d1f6c1c8e0e.>",
 )
 COMMIT_SIGNER = Header(
     h.SIGNER,
@@ -325,16 +335,17 @@ HEARTBEATS = Channel(
 RUN_EVENTS = Channel(
     id="runEvents",
     title="Run events",
-    pattern=Pattern(s.run_events, (TENANT, RUN_ID)),
+    pattern=Pattern(s.commit_subject, (TENANT, RUN_ID, WRITER, ROUTE)),
     message=ev.Commit,
-    description="One run's event log, the source of truth and audit trail (append-only stream). Each message "
-                "is a Commit of one or more hash-chained EventEnvelopes; an envelope's data has the schema "
-                "named by its type.",
+    description="One run's event log, the source of truth and audit trail (append-only stream): every message "
+                "on il.evt.{tenant}.{run_id}.> in stream order. Each message is a Commit of one or more "
+                "hash-chained EventEnvelopes; an envelope's data has the schema named by its type.",
     transport="jetstream",
     stream=s.EVENTS_STREAM,
     publishers=SERVICES_APPENDING_EVENTS,
     subscribers=(*SERVICES_APPENDING_EVENTS, AUDITOR),
-    headers=(EVENT_MSG_ID, EXPECTED_LAST_SUBJECT_SEQ, COMMIT_SIGNER, COMMIT_SIGNATURE),
+    headers=(EVENT_MSG_ID, EXPECTED_LAST_SUBJECT_SEQ, EXPECTED_LAST_SUBJECT_SEQ_SUBJECT, COMMIT_SIGNER,
+             COMMIT_SIGNATURE),
     filters=(s.EVENTS_ALL, Pattern(s.tenant_events, (TENANT,))),
     event_data=MappingProxyType(dict(ev.EVENT_TYPES)),
 )

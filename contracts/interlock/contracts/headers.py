@@ -10,6 +10,9 @@ MSG_ID = "Nats-Msg-Id"
 """JetStream deduplication id: a re-published message with the same id is stored once."""
 
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+EXPECTED_LAST_SUBJECT_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
+"""The subject filter (wildcards allowed) whose last sequence ``EXPECTED_LAST_SUBJECT_SEQ`` names:
+a run's commits are on several subjects below its log."""
 """Optimistic concurrency: the stream sequence the subject's last message must have."""
 
 SCHEDULE = "Nats-Schedule"

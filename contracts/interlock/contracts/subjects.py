@@ -5,7 +5,10 @@ generated AsyncAPI document all read them from here.
 
 Subject layout (``{…}`` is one token; tokens never contain dots, except job topics which may):
 
-- ``il.evt.{tenant}.{run_id}``            one run's event log (stream ``IL_EVENTS``)
+- ``il.evt.{tenant}.{run_id}.{writer}.{route}``  one commit of a run's event log (stream
+  ``IL_EVENTS``): the run's log is ``il.evt.{tenant}.{run_id}.>``; ``writer`` is the service that
+  appended it and ``route`` who must act on it (:mod:`interlock.contracts.routing`), so each
+  service's consumer is filtered to the commits it acts on
 - ``il.trigger.{tenant}.{workflow_id}``   start a run (stream ``IL_TRIGGERS``)
 - ``il.job.{tenant}.{topic}``             jobs for agent workers (stream ``IL_JOBS``, work queue)
 - ``il.vjob.{tenant}.{version}.{topic}``  jobs for one agent version only (canary rollouts, version ranges)
@@ -97,11 +100,24 @@ def topic_tokens(topic: str) -> str:
 
 
 def run_events(tenant: str, run_id: str) -> str:
+    """The name of one run's log, ``il.evt.{tenant}.{run_id}``: what commit statements, seals,
+    exports and verdicts name. Its commits are stored on :func:`commit_subject` below it; read or
+    condition on them with :func:`run_log`."""
     return f"{PREFIX}.evt.{token(tenant, 'tenant')}.{token(run_id, 'run id')}"
 
 
+def run_log(tenant: str, run_id: str) -> str:
+    """Every commit of one run (the filter for reads and the expected-sequence check)."""
+    return f"{run_events(tenant, run_id)}.>"
+
+
+def commit_subject(tenant: str, run_id: str, writer: str, route: str) -> str:
+    """Where a commit is appended: below its run's log, with who wrote it and who must act on it."""
+    return f"{run_events(tenant, run_id)}.{token(writer, 'writer')}.{token(route, 'route')}"
+
+
 def tenant_events(tenant: str) -> str:
-    return f"{PREFIX}.evt.{token(tenant, 'tenant')}.*"
+    return f"{PREFIX}.evt.{token(tenant, 'tenant')}.>"
 
 
 def trigger(tenant: str, workflow_id: str) -> str:
@@ -324,9 +340,18 @@ def _parse(subject: str, kind: tuple[str, ...], count: int, what: str, layout: s
 
 
 def parse_run_events(subject: str) -> tuple[str, str]:
-    """``il.evt.{tenant}.{run_id}`` -> (tenant, run_id)."""
-    tenant, run_id = _parse(subject, ("evt",), 2, "run event", "il.evt.{tenant}.{run_id}")
+    """A commit's subject ``il.evt.{tenant}.{run_id}.{writer}.{route}`` (or a run log's name
+    ``il.evt.{tenant}.{run_id}``) -> (tenant, run_id)."""
+    if subject.count(".") == 3:
+        tenant, run_id = _parse(subject, ("evt",), 2, "run event", "il.evt.{tenant}.{run_id}")
+        return tenant, run_id
+    tenant, run_id, _, _ = _parse(subject, ("evt",), 4, "run event", "il.evt.{tenant}.{run_id}.{writer}.{route}")
     return tenant, run_id
+
+
+def log_of(subject: str) -> str:
+    """The run log a commit's subject belongs to (``il.evt.{tenant}.{run_id}``)."""
+    return run_events(*parse_run_events(subject))
 
 
 _PER_RUN = ("evt", "result", "hb")
@@ -335,7 +360,7 @@ _PER_RUN = ("evt", "result", "hb")
 def run_of(subject: str) -> tuple[str, str] | None:
     """(tenant, run_id) of a per-run subject (run events, results, heartbeats), else None."""
     parts = subject.split(".")
-    if len(parts) == 4 and parts[0] == PREFIX and parts[1] in _PER_RUN:
+    if (len(parts) == 4 or (len(parts) == 6 and parts[1] == "evt")) and parts[0] == PREFIX and parts[1] in _PER_RUN:
         return parts[2], parts[3]
     return None
 

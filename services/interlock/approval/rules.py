@@ -10,25 +10,17 @@ to policy, and a timer for a request that was since replaced does nothing.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
 
 from interlock.contracts import events as ev
+from interlock.contracts import routing
 from interlock.contracts.messages import ApprovalDecision, JobError, TimerFired
 from interlock.core.run import ApprovalState, Run, StepState
 from interlock.core.steps import base_step_id, template_context
 from interlock.core.workflow import TemplateError, Workflow, render_text
 
-
-def needs_a_person(envelope: dict[str, Any]) -> bool:
-    """Only decisions that wait for a person concern this service: it never loads other runs.
-    Those are policy's, and (#17) a guard's verdict that holds an output for approval."""
-    data = envelope.get("data") or {}
-    if envelope.get("type") == ev.GuardChecked.type_name:
-        return bool(data.get("held"))
-    if envelope.get("type") != ev.PolicyDecided.type_name:
-        return False
-    # decisions recorded before step_type existed carry none: look at those runs to be safe
-    return data.get("decision") == "require_approval" or data.get("step_type", "approval") == "approval"
+needs_a_person = routing.needs_a_person
+"""Only decisions that wait for a person concern this service: it never loads other runs (its
+consumer gets only the commits routed to it, and this picks the events among them)."""
 
 
 def request_approvals(run: Run, workflow: Workflow, now: datetime) -> list[TimerFired]:

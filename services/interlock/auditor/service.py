@@ -319,7 +319,7 @@ class AuditorService(Service):
         # alert and a dead letter); `audit verify` shows it
         commit = stored_commit(stream_seq, msg.data, dict(msg.headers or {}), msg.metadata.timestamp.timestamp())
         await self.store.prepare([commit])
-        if self.store.authenticity.check(msg.subject, commit, run_id, tenant) is not None:
+        if self.store.authenticity.check(s.run_events(tenant, run_id), commit, run_id, tenant) is not None:
             await self.projection.note_position(stream_seq)
             return
         await catch_up(self.projection, self.store, tenant, run_id, envelopes, stream_seq, self._measure)

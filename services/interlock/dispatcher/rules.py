@@ -243,15 +243,16 @@ def _notify(run: Run, workflow: Workflow, state: StepState) -> Notification:
 
 def republish(run: Run, workflow: Workflow, envelopes: Sequence[dict[str, Any]],
               published: Container[str]) -> list[PublishJob]:
-    """Jobs dispatched in this commit that this process did not publish (it crashed between the
-    append and the publish, or another copy appended): publish them again; JetStream's duplicate
-    window drops a true duplicate."""
+    """Jobs of the steps this commit names that wait for a worker yet were not published by this
+    process: it crashed between its StepDispatched append and the publish (the commit that
+    released the job comes back), or another copy dispatched them. Publish them again;
+    JetStream's duplicate window drops a true duplicate. A job a worker already started is left
+    alone (a copy after the window would run twice)."""
+    named = {str(e["step_id"]) for e in envelopes if e.get("step_id")}
     jobs = []
-    for envelope in envelopes:
-        if envelope["type"] != ev.StepDispatched.type_name or envelope["data"]["job_id"] in published:
-            continue
-        state = run.steps.get(envelope["step_id"])
-        if state is not None and state.status in ACTIVE_ATTEMPT and state.job_id == envelope["data"]["job_id"]:
+    for step_id in named:
+        state = run.steps.get(step_id)
+        if state is not None and state.status == "dispatched" and state.job_id and state.job_id not in published:
             jobs.append(publish_job(run, workflow, state))
     return jobs
 

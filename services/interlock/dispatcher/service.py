@@ -31,8 +31,7 @@ from typing import Any
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 
-from interlock.contracts import events as ev
-from interlock.contracts import headers
+from interlock.contracts import headers, routing
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import (
     CancelNotice,
@@ -109,11 +108,7 @@ class DispatcherService(Service):
             task.cancel()
 
     def register(self, broker: NatsBroker) -> None:
-        self.pull_commits(broker, self.on_commit, wants=ev.kinds(
-            ev.PolicyDecided, ev.ApprovalGranted, ev.StepDispatched, ev.RunCancelled, ev.RunTimedOut, ev.RunFailed,
-            ev.RunDenied, ev.RetryScheduled,
-            ev.RunUnpaused,  # issue 17: what waited while the run was paused is dispatched now
-        ))
+        self.pull_commits(broker, self.on_commit, wants=routing.ACTS_ON[self.name])
         self.pull(broker, s.RESULTS_ALL, s.RESULTS_STREAM, self.durable("results"), self.on_result)
         self.pull(broker, s.HEARTBEATS_ALL, s.RESULTS_STREAM, self.durable("heartbeats"), self.on_heartbeat)
         # "breaker": a held job's re-check (circuit breaker open, no live agent version); "gate": a
@@ -161,11 +156,11 @@ class DispatcherService(Service):
         notice = rules.cancel_notice(tenant, run_id, envelopes)
         if notice is not None:
             await self.carry_out([notice])
-            handle = await self.store.load(tenant, run_id)
+            handle = await self.store.load(tenant, run_id, fresh=True)
             await self.release_ended(handle.run)  # the run's slots and places in queues are free
             return
         run = await self.dispatch(tenant, run_id)
-        if any(e["type"] == ev.StepDispatched.type_name for e in envelopes):
+        if not run.terminal:
             workflow = await self.registry.get(run.workflow_id, run.workflow_version)
             await self.carry_out(rules.republish(run, workflow, envelopes, self._published))
         await self.carry_out(rules.retry_timers(run, envelopes))
@@ -173,17 +168,20 @@ class DispatcherService(Service):
     async def reconcile(self, tenant: str, run_id: str) -> None:
         """Dispatch what is due, re-offer jobs whose message may be lost, and time out attempts
         whose timers never fired (a backstop: the durable timers normally do this)."""
-        run = await self.dispatch(tenant, run_id, woken=True)
+        run = await self.dispatch(tenant, run_id, woken=True, fresh=True)
         workflow = await self.registry.get(run.workflow_id, run.workflow_version)
         await self.carry_out(rules.lost_jobs(run, workflow, self._published))
         for timer in rules.overdue_timers(run, workflow, datetime.now(UTC), self._heartbeats):
             await self.on_timer_fired(timer)
 
     async def dispatch(self, tenant: str, run_id: str, retry: TimerFired | None = None, *,
-                       woken: bool = False) -> Run:
+                       woken: bool = False, fresh: bool = False) -> Run:
         """Dispatch every released job and every retry that is due; publish notifications.
         ``retry``: the retry timer that fired (the run must have reached its retry); ``woken``:
-        jobs that wait in the gate try again (a slot freed, a token is due, the sweep)."""
+        jobs that wait in the gate try again (a slot freed, a token is due, the sweep); ``fresh``:
+        read the run to the log's end first — for anything but a commit delivered to this copy
+        (a timer, a wake), since the copies share the commits and this one's cached run may lag
+        by what another copy saw, and a decision on that would find nothing to do."""
         effects: list[Effect] = []
 
         async def decide(run: Run) -> None:
@@ -204,7 +202,7 @@ class DispatcherService(Service):
                            else rules.dispatch(run, workflow, now, control, guarded, held))
             await self.send_notifications(effects)
 
-        handle, _ = await self.store.update(tenant, run_id, decide)
+        handle, _ = await self.store.update(tenant, run_id, decide, fresh=fresh)
         await self.carry_out(effects)
         return handle.run
 
@@ -316,7 +314,7 @@ class DispatcherService(Service):
 
     async def _wake(self, tenant: str, run_id: str) -> None:
         try:
-            run = await self.dispatch(tenant, run_id, woken=True)
+            run = await self.dispatch(tenant, run_id, woken=True, fresh=True)
             if run.terminal:
                 await self.release_ended(run)
         except Exception as e:  # the sweep dispatches it later
@@ -424,12 +422,13 @@ class DispatcherService(Service):
 
     async def on_timer_fired(self, timer: TimerFired) -> None:
         if timer.kind == "retry":
-            await self.dispatch(timer.tenant, timer.run_id, timer)
+            await self.dispatch(timer.tenant, timer.run_id, timer, fresh=True)
             return
         if timer.kind == "breaker":  # a held job looks again
-            await self.dispatch(timer.tenant, timer.run_id)
+            await self.dispatch(timer.tenant, timer.run_id, fresh=True)
+            return
         if timer.kind == "gate":  # a rate-limited job's token is due
-            await self.dispatch(timer.tenant, timer.run_id, woken=True)
+            await self.dispatch(timer.tenant, timer.run_id, woken=True, fresh=True)
             return
         job = job_id(timer.run_id, timer.step_id, timer.attempt) if timer.step_id and timer.attempt else None
         if job in self._finished_jobs:
@@ -445,7 +444,7 @@ class DispatcherService(Service):
             effects.extend(rules.timer_fired(run, workflow, timer, now, heartbeat_seen_at=seen_at,
                                              jitter=self._rng.random()))
 
-        handle, _ = await self.store.update(timer.tenant, timer.run_id, decide)
+        handle, _ = await self.store.update(timer.tenant, timer.run_id, decide, fresh=True)
         state = handle.run.steps.get(timer.step_id or "")
         if job is not None and state is not None and state.attempt == timer.attempt and state.error is not None \
                 and state.error.kind == "timeout":  # the attempt timed out (now or before): a failure

@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from pydantic import ValidationError
 
 from interlock.contracts import events as ev
-from interlock.contracts import headers
+from interlock.contracts import headers, routing
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import (
     DEFAULT_TENANT,
@@ -45,10 +45,7 @@ log = logging.getLogger(__name__)
 
 SPEND_CACHE_S = 2.0  # how long a tenant's spend read from the auditor is reused
 
-PROGRESS_EVENTS = ev.kinds(
-    ev.RunStarted, ev.StepSucceeded, ev.StepFailed, ev.StepSkipped, ev.StepExpanded, ev.CompensationStarted,
-    ev.StepOutputSupplied,  # a person completed a step (issue 17): its dependants may be ready
-)
+PROGRESS_EVENTS = routing.ACTS_ON["planner"]
 
 class PlannerService(Service):
     name = "planner"

@@ -10,6 +10,7 @@ from typing import Any
 from faststream.nats import NatsBroker
 
 from interlock.contracts import events as ev
+from interlock.contracts import routing
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import AgentRegistration
 from interlock.core.policy import PolicyEngine, request_for
@@ -41,8 +42,7 @@ class PolicyService(Service):
         return self.fixed_engine or self.live.engine
 
     def register(self, broker: NatsBroker) -> None:
-        self.pull_commits(broker, self.on_commit, wants=ev.kinds(ev.StepReady, ev.ApprovalInvalidated,
-                                                                   ev.StepRetryRequested))  # issue 17: decide again
+        self.pull_commits(broker, self.on_commit, wants=routing.ACTS_ON[self.name])
 
     async def agents(self, tenant: str, topic: str | None) -> tuple[tuple[str, ...], str]:
         """Capabilities and version ``tenant``'s agents registered for ``topic`` offer (cached briefly)."""

@@ -484,7 +484,7 @@ class Client:
     async def _follow(self, run_id: str) -> AsyncGenerator[StoredCommit | None, None]:
         """The run's commits as they are appended; None after each idle second. An ordered
         consumer, or (a credential that may not direct-get) one of its own slot consumers."""
-        subject = s.run_events(self.tenant, run_id)
+        subject = s.run_log(self.tenant, run_id)
         if self._store.recorder.slots:
             with self._slots_busy():
                 async with contextlib.aclosing(self._store.recorder.follow(subject)) as commits:

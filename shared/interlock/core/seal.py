@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from interlock.contracts import subjects as s
 from interlock.core.codec import canonical_json
 
 SEAL_VERSION = 1
@@ -289,6 +290,15 @@ def verify_inclusion(head: Head, index: int, size: int, proof: Sequence[str], ro
 
 
 # -- building heads from the stream ------------------------------------------------------------
+def _log_name(subject: str) -> str:
+    """A run's head is per run log: a commit's subject (``il.evt.{tenant}.{run}.{writer}.{route}``)
+    names its log (``il.evt.{tenant}.{run}``); any other subject is its own."""
+    try:
+        return s.log_of(subject)
+    except s.SubjectError:
+        return subject
+
+
 class HeadScanner:
     """Folds a stream's commits (in stream order) into the run heads.
 
@@ -311,6 +321,7 @@ class HeadScanner:
         if last is None or not _is_int(last.get("seq")) or not isinstance(last.get("hash"), str):
             self.undecodable.append(stream_seq)
             return
+        subject = _log_name(subject)
         want = self.wanted.get(subject)
         held = self.heads.get(subject)
         if want is not None and held is not None and held.seq == want:

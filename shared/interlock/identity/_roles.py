@@ -199,7 +199,7 @@ def _person(extra: Callable[[Scope], Sequence[str]], *, admin: bool = False) -> 
                     p.kv_keys(s.KEYRING_BUCKET), *_dead_letter_admin(), p.kv_keys(s.APIKEYS_BUCKET)]
             reads += [s.DLQ_STREAM, p.kv_stream(s.DLQ_STATUS_BUCKET), _API_KEYS]
         return Grant(publish=_unique(pub), subscribe=(p.inbox_all(scope.inbox_owner),), reads=tuple(reads),
-                     filtered_reads=((s.EVENTS_STREAM, p.pattern(s.run_events, t, p.ANY)),
+                     filtered_reads=((s.EVENTS_STREAM, s.tenant_events(t)),
                                      (s.NOTIFY_STREAM, p.pattern(s.notify, t, p.ANY))),
                      own_consumers=tuple(p.principal_consumer(scope.inbox_owner, i)
                                          for i in range(p.PRINCIPAL_CONSUMER_SLOTS)),

@@ -19,7 +19,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -49,19 +49,20 @@ _STATUS = Header.STATUS.value  # set on the server's status messages (no data): 
 class PullConsumer:
     """One durable consumer of ``subject`` on ``stream``; ``handler`` gets each message (and acks it)."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext, *, stream: str, durable: str, subject: str,
+    def __init__(self, nc: NATS, js: JetStreamContext, *, stream: str, durable: str, subject: str | Sequence[str],
                  handler: Callable[[Msg], Awaitable[None]], concurrency: int = 64,
                  ack_wait: float = timing.ACK_WAIT_S, progress_interval: float | None = timing.PROGRESS_INTERVAL_S,
                  max_ack_pending: int = 20_000, max_deliver: int = -1,
                  inactive_threshold: float | None = None) -> None:
         """``progress_interval``: how often a message still in its handler gets a progress ack
         (None: never; then ``ack_wait`` must outlast every handler). ``max_deliver``: deliveries of
-        one message at most (-1: no limit)."""
+        one message at most (-1: no limit). ``subject``: the filter, or several (non-overlapping)."""
         self.nc = nc
         self.js = js
         self.stream = stream
         self.durable = durable
-        self.subject = subject
+        self.subjects = (subject,) if isinstance(subject, str) else tuple(subject)
+        self.subject = self.subjects[0]
         self.handler = handler
         self.concurrency = concurrency
         self.ack_wait = ack_wait
@@ -84,10 +85,12 @@ class PullConsumer:
     async def start(self) -> None:
         # a literal filter goes into the create request's subject (a consumer ``name``): a worker's
         # credential may create only consumers held to its own tenant's jobs of its topics
-        literal = not any(token in ("*", ">") for token in self.subject.split("."))
+        literal = len(self.subjects) == 1 and not any(token in ("*", ">") for token in self.subject.split("."))
+        single = len(self.subjects) == 1
         config = ConsumerConfig(
             name=self.durable if literal else None,
-            durable_name=self.durable, filter_subject=self.subject, ack_policy=AckPolicy.EXPLICIT,
+            durable_name=self.durable, filter_subject=self.subject if single else None,
+            filter_subjects=None if single else list(self.subjects), ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.ack_wait, max_ack_pending=self.max_ack_pending, deliver_policy=DeliverPolicy.ALL,
             max_deliver=self.max_deliver, inactive_threshold=self.inactive_threshold,
         )

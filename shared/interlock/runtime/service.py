@@ -15,7 +15,7 @@ import functools
 import logging
 import random
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from faststream.nats import NatsBroker, NatsCredentials, NatsMessage
@@ -26,8 +26,8 @@ from nats.js import JetStreamContext
 from pydantic import BaseModel, ValidationError
 
 from interlock.contracts import events as ev
+from interlock.contracts import routing, timing
 from interlock.contracts import subjects as s
-from interlock.contracts import timing
 from interlock.core.eventstore import EventStore, EventStoreError, RunNotFound, StaleState
 from interlock.core.eventstore.authenticity import Refusal
 from interlock.core.eventstore.recorder import StoredCommit, stored_commit
@@ -230,14 +230,14 @@ class Service:
         """Every run whose log does not end in a terminal event (from the stream's subject list)."""
         info = await self.js.stream_info(s.EVENTS_STREAM, subjects_filter=s.EVENTS_ALL)
         active = []
-        for subject in (info.state.subjects or {}):
-            key = s.parse_run_events(subject)
+        # a run's log spans several subjects (one per writer and route): each run once
+        for key in dict.fromkeys(s.parse_run_events(subject) for subject in (info.state.subjects or {})):
             if key in self._finished:
                 continue
             try:
                 handle = await self.store.load(*key, fresh=True)
             except EventStoreError as e:
-                log.warning("%s sweep: cannot load %s: %s", self.name, subject, e)
+                log.warning("%s sweep: cannot load run %s/%s: %s", self.name, *key, e)
                 continue
             if handle.run.terminal:
                 self._finished.add(key)
@@ -273,7 +273,7 @@ class Service:
     def durable(self, suffix: str = "") -> str:
         return f"{self.name}{'_' + suffix if suffix else ''}"
 
-    def pull(self, broker: NatsBroker, subject: str, stream: str, durable: str,
+    def pull(self, broker: NatsBroker, subject: str | Sequence[str], stream: str, durable: str,
              handler: Callable[[Msg], Awaitable[None]], *, ack_wait: float = timing.ACK_WAIT_S) -> None:
         """A durable pull consumer, shared by every copy of this service, with guarded handling.
 
@@ -283,7 +283,7 @@ class Service:
         queries stay FastStream subscribers.
         """
 
-        what = durable.removeprefix(self.name).strip("_") or subject
+        what = durable.removeprefix(self.name).strip("_") or str(subject)
         handled = metrics.bound_counter(metrics.messages_handled, {"service": self.name, "consumer": durable})
 
         async def consume(msg: Msg) -> None:
@@ -301,7 +301,8 @@ class Service:
     def pull_commits(self, broker: NatsBroker, handler: CommitHandler, *,
                      wants: frozenset[str] | Callable[[dict[str, Any]], bool] | None = None
                      ) -> None:
-        """Consume every run commit; keep the run cache current; call ``handler`` when relevant."""
+        """Consume the run commits routed to this service (:func:`routing.consumer_filters`: what
+        it acts on, or what keeps its cached runs whole); call ``handler`` when relevant."""
 
         async def on_commit(msg: Msg) -> None:
             try:
@@ -314,17 +315,19 @@ class Service:
             if (tenant, run_id) in self._finished and any(e.get("type") == RESUMED for e in envelopes):
                 self._finished.discard((tenant, run_id))  # a failed run resumed (issue 17): sweep it again
             wanted = wants is None or any(wants(e) if callable(wants) else e.get("type") in wants for e in envelopes)
-            if not wanted and not self.store.cached(tenant, run_id):
+            starts_run = bool(envelopes) and envelopes[0].get("seq") == 1
+            if not wanted and not starts_run and not self.store.cached(tenant, run_id):
                 # nothing here acts on it or keeps its run: no need to check it now (a load checks it)
                 self.store.observe(tenant, run_id, meta.sequence.stream, commit)
                 return
             # nothing acts on a commit the keyring does not vouch for (the refusal is reported,
             # dead-lettered, once per process: see _refused)
             await self.store.prepare([commit])
-            if self.store.authenticity.check(msg.subject, commit, run_id, tenant) is not None:
+            if self.store.authenticity.check(s.run_events(tenant, run_id), commit, run_id, tenant) is not None:
                 self.store.forget(tenant, run_id)
                 return
-            self.store.observe(tenant, run_id, meta.sequence.stream, commit)
+            # a run's first commit starts its cached copy: acting on the run later reads nothing
+            self.store.observe(tenant, run_id, meta.sequence.stream, commit, adopt=True)
             if wanted:
                 try:
                     await handler(tenant, run_id, envelopes)
@@ -333,7 +336,7 @@ class Service:
                     # (a node just restarted); a passing fault, retried, never dead-lettered
                     raise EventStoreError(f"run {run_id} not readable yet: {e}") from e
 
-        self.pull(broker, s.EVENTS_ALL, s.EVENTS_STREAM, self.durable("events"), on_commit)
+        self.pull(broker, routing.consumer_filters(self.name), s.EVENTS_STREAM, self.durable("events"), on_commit)
 
     def answer(self, broker: NatsBroker, subject: str, kind: type[M], handler: Callable[[str, M], Awaitable[R]],
                refuse: Callable[[str], R], *, keep_invalid: bool = False) -> None:

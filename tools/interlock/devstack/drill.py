@@ -385,7 +385,7 @@ class Monitor:
             self.seen_commits.add(meta.sequence.stream)
             stamp = meta.timestamp.timestamp()
             self.stamps.append(stamp)
-            self.run_stamps[msg.subject.rsplit(".", 1)[-1]].append(stamp)
+            self.run_stamps[s.parse_run_events(msg.subject)[1]].append(stamp)
             for envelope in codec.decode_commit_raw(msg.data)["events"]:
                 self.on_event(envelope)
         with contextlib.suppress(Exception):

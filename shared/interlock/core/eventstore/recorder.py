@@ -69,6 +69,7 @@ _trace_context = TraceContextTextMapPropagator()
 CONSUMER_EXISTS = 10148  # a create (action "create") of a name another reader holds
 SLOT_IDLE_SECONDS = 30.0  # a slot consumer its reader abandoned (crash) is removed after this
 _PULL_BATCH = 1000
+_MULTI_LAST_MAX = 1024  # subjects of one filter read at most (a run's log has a handful)
 
 # No ack: a stream-leader election, a reconnect, or the write landed and the ack was lost.
 _NO_ACK = (nats.errors.TimeoutError, NoStreamResponseError, ServiceUnavailableError,
@@ -160,6 +161,11 @@ class JetStreamRecorder:
         if self.slots:
             async with contextlib.aclosing(self._through_slot(subject, after_seq, follow=False)) as read:
                 return [commit async for commit in read if commit is not None]
+        if any(token in ("*", ">") for token in subject.split(".")):
+            return await self._read_filter(subject, after_seq)
+        return await self._read_literal(subject, after_seq)
+
+    async def _read_literal(self, subject: str, after_seq: int) -> list[StoredCommit]:
         commits: list[StoredCommit] = []
         start = after_seq + 1
         while True:
@@ -168,6 +174,40 @@ class JetStreamRecorder:
             if pending == 0 or not batch:
                 return commits
             start = max(last, batch[-1].stream_seq) + 1
+
+    async def _read_filter(self, subject: str, after_seq: int) -> list[StoredCommit]:
+        """The commits of a subject filter (a run's log: a few literal subjects, one per writer and
+        route). A wildcard ``next_by_subj`` read makes the server look through the whole stream
+        after the filter's last match, so the literal subjects are found first (their last messages,
+        one ``multi_last`` request, answered from the subject index) and each is read literally."""
+        lasts = await self._multi_last(subject)
+        behind = [literal for literal, seq in lasts.items() if seq > after_seq]
+        reads = await asyncio.gather(*(self._read_literal(literal, after_seq) for literal in behind))
+        return sorted((commit for read in reads for commit in read), key=lambda c: c.stream_seq)
+
+    async def _multi_last(self, subject: str) -> dict[str, int]:
+        """The stream sequence of the last message on every subject matching ``subject``."""
+        inbox = await self._reply_inbox()
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._replies[inbox] = queue
+        try:
+            request = json.dumps({"multi_last": [subject], "batch": _MULTI_LAST_MAX}).encode()
+            await self.nc.publish(s.js_direct_get(self.stream), request, reply=inbox)
+            lasts: dict[str, int] = {}
+            while True:
+                msg = await asyncio.wait_for(queue.get(), timeout=self.publish_timeout)
+                headers = msg.headers or {}
+                status = headers.get(_STATUS)
+                if status in ("404", "204"):  # nothing matches / end of the batch
+                    return lasts
+                if status:
+                    raise EventStoreError(f"direct get of the last messages of {subject} failed: {status} "
+                                          f"{headers.get(_DESCRIPTION, '')}")
+                lasts[headers[h.SUBJECT]] = int(headers[_SEQUENCE])
+                if headers.get(_NUM_PENDING) == "0":  # the last one (an end-of-batch status may follow)
+                    return lasts
+        finally:
+            del self._replies[inbox]
 
     async def _reply_inbox(self) -> str:
         """One wildcard inbox subscription for every direct get this recorder makes (no SUB/UNSUB
@@ -276,22 +316,26 @@ class JetStreamRecorder:
 
     # -- writing -----------------------------------------------------------------------------
     async def append(self, subject: str, payload: bytes, msg_id: str, expected_seq: int,
-                     extra_headers: dict[str, str] | None = None) -> int:
-        """Publish ``payload`` if the subject's last message is still at ``expected_seq``.
+                     extra_headers: dict[str, str] | None = None, *, condition_on: str | None = None) -> int:
+        """Publish ``payload`` if the subject's last message is still at ``expected_seq``
+        (``condition_on``: the last message of that subject filter instead, e.g. a run's log).
 
         Returns the stream sequence it was stored at (also when an earlier try of the same
         ``msg_id`` landed and only its ack was lost). Raises :class:`Conflict` when another
         writer appended first, :class:`EventStoreError` when no ack came for ``failover_patience``.
         """
         headers = {h.MSG_ID: msg_id, h.EXPECTED_LAST_SUBJECT_SEQ: str(expected_seq), **(extra_headers or {})}
+        if condition_on is not None:
+            headers[h.EXPECTED_LAST_SUBJECT_SEQ_SUBJECT] = condition_on
         span = trace.get_current_span()
         if span.get_span_context().is_valid:  # services that read the commit continue this span's trace
             _trace_context.inject(headers)
-        seq = await self._append(subject, payload, msg_id, headers)
+        seq = await self._append(subject, payload, msg_id, headers, condition_on or subject)
         span.add_event(APPENDED, {"subject": subject, "seq": seq})
         return seq
 
-    async def _append(self, subject: str, payload: bytes, msg_id: str, headers: dict[str, str]) -> int:
+    async def _append(self, subject: str, payload: bytes, msg_id: str, headers: dict[str, str],
+                      condition_on: str) -> int:
         retry = Retry(APPEND_BACKOFF, patience=self.failover_patience)
         while True:
             try:
@@ -301,7 +345,7 @@ class JetStreamRecorder:
             except BadRequestError as e:
                 if e.err_code in (WRONG_LAST_SEQUENCE, WRONG_LAST_SEQUENCE_CLUSTERED):
                     # maybe our own earlier try landed (ambiguous timeout, then a retry)
-                    landed = await self._landed(subject, msg_id)
+                    landed = await self._landed(condition_on, msg_id)
                     if landed is not None:
                         return landed
                     raise Conflict() from None
@@ -310,7 +354,7 @@ class JetStreamRecorder:
                 # our first copy is still being stored: ask again
             except _NO_ACK as e:
                 # find out whether it landed before trying again
-                landed = await self._landed(subject, msg_id)
+                landed = await self._landed(condition_on, msg_id)
                 if landed is not None:
                     return landed
                 if retry.exhausted:

@@ -1,6 +1,6 @@
 """The run repository: runs loaded by replay, cached, brought forward, and appended to.
 
-- A run's log is the subject ``subjects.run_events(tenant, run_id)``; each message is one commit
+- A run's log is every subject below ``subjects.run_events(tenant, run_id)``; each message is one commit
   of events, appended through the :class:`~interlock.core.eventstore.recorder.JetStreamRecorder`
   (conditional on the run's last stream sequence, deduplicated by a message id derived from the
   run, the position and the content).
@@ -26,6 +26,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from interlock.contracts import events as ev
+from interlock.contracts import routing
 from interlock.contracts import subjects as s
 from interlock.core import codec
 from interlock.core.eventstore.authenticity import BROKEN_LINK, Authenticity, Refusal
@@ -73,7 +74,10 @@ class EventStore:
 
     def __init__(self, nc: NATS, js: JetStreamContext, *, service: str, cache_size: int = 1024,
                  publish_timeout: float = 5.0, failover_patience: float = 30.0, slots: Sequence[str] = (),
-                 authenticity: Authenticity | None = None) -> None:
+                 authenticity: Authenticity | None = None, writer: str | None = None) -> None:
+        """``writer``: the routing token of what this store appends (default ``service``): whose
+        commits these are, for the consumers' filters (``contracts.routing``)."""
+        self.writer = writer or service
         self.recorder = JetStreamRecorder(nc, js, stream=s.EVENTS_STREAM, publish_timeout=publish_timeout,
                                           failover_patience=failover_patience, slots=slots)
         self.nc = nc
@@ -93,7 +97,7 @@ class EventStore:
     async def read_commits(self, tenant: str, run_id: str, after_seq: int = 0) -> list[StoredCommit]:
         """Every commit of a run after stream sequence ``after_seq``, in order (batched direct get,
         or the recorder's slot consumers)."""
-        return await self.recorder.read_commits(s.run_events(tenant, run_id), after_seq)
+        return await self.recorder.read_commits(s.run_log(tenant, run_id), after_seq)
 
     def _replay(self, commits: list[StoredCommit], tenant: str, run_id: str,
                 handle: RunHandle | None = None) -> RunHandle | None:
@@ -225,11 +229,14 @@ class EventStore:
         """Drop the cached copy of a run: the next load replays it."""
         self._cache.pop((tenant, run_id), None)
 
-    def observe(self, tenant: str, run_id: str, stream_seq: int, payload: bytes | StoredCommit) -> None:
+    def observe(self, tenant: str, run_id: str, stream_seq: int, payload: bytes | StoredCommit, *,
+                adopt: bool = False) -> None:
         """Bring a cached run forward with a commit a consumer delivered (no I/O).
 
         A commit that does not follow the cached state directly (another copy of the service
-        took the one in between) drops the cached run; the next load replays.
+        took the one in between) drops the cached run; the next load replays. ``adopt``: a run's
+        first commit (its signers looked up: :meth:`prepare`) starts a cached copy, so the run's
+        next load reads nothing.
         """
         key = (tenant, run_id)
         if stream_seq > self._seen.get(key, 0):
@@ -238,6 +245,15 @@ class EventStore:
             while len(self._seen) > 4 * self.cache_size:
                 self._seen.popitem(last=False)
         handle = self._cache.get(key)
+        if handle is None and adopt and isinstance(payload, StoredCommit) and payload.envelopes \
+                and payload.envelopes[0].get("seq") == 1:
+            try:
+                started = self._replay([payload], tenant, run_id)
+            except Exception:
+                return  # the next load replays from the log
+            if started is not None:
+                self._remember(started)
+            return
         if handle is None or stream_seq <= handle.stream_seq:
             return
         try:
@@ -394,7 +410,11 @@ class EventStore:
             payload = codec.encode_commit(run_id, tenant, chunk)
             msg_id = f"{run_id}@{chunk[0]['seq']}:{chunk[-1]['hash'][:16]}"
             signed = self.authenticity.headers(subject, chunk)
-            stream_seq = await self.recorder.append(subject, payload, msg_id, stream_seq, signed)
+            # below the run's log, named for who wrote it and who must act on it: each service's
+            # consumer gets only the commits it needs (contracts.routing)
+            where = s.commit_subject(tenant, run_id, self.writer, routing.route_of(chunk, self.writer))
+            stream_seq = await self.recorder.append(where, payload, msg_id, stream_seq, signed,
+                                                    condition_on=s.run_log(tenant, run_id))
             self.stats["appends"] += 1
         new_handle = RunHandle(run=handle.run, tenant=tenant, stream_seq=stream_seq, last_hash=prev)
         self._remember(new_handle)
