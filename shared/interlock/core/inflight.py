@@ -63,6 +63,13 @@ def _close(open_attempts: dict[Attempt, tuple[Hashable, datetime | None]], lost:
 
 def peak_in_flight(logs: Iterable[list[dict[str, Any]]], group: Group = lambda e: None) -> dict[Hashable, int]:
     """The most attempts in flight at any instant, per group of their StepDispatched."""
+    return {key: max((level for _, level in levels), default=0)
+            for key, levels in in_flight_levels(logs, group).items()}
+
+
+def in_flight_levels(logs: Iterable[list[dict[str, Any]]], group: Group = lambda e: None
+                     ) -> dict[Hashable, list[tuple[datetime, int]]]:
+    """Per group of their StepDispatched, the attempts in flight from each change on, in time order."""
     points: dict[Hashable, list[tuple[datetime, int]]] = defaultdict(list)
     for events in logs:
         open_attempts: dict[Attempt, tuple[Hashable, datetime | None]] = {}  # -> group, deadline
@@ -91,11 +98,11 @@ def peak_in_flight(logs: Iterable[list[dict[str, Any]]], group: Group = lambda e
             deadline = open_attempts[attempt][1]
             if deadline is not None:
                 close(attempt, deadline)
-    peaks = {}
+    levels: dict[Hashable, list[tuple[datetime, int]]] = {}
     for key, changes in points.items():
-        level = peak = 0
-        for _, delta in sorted(changes, key=lambda p: (p[0], -p[1])):
+        level, out = 0, []
+        for at, delta in sorted(changes, key=lambda p: (p[0], -p[1])):
             level += delta
-            peak = max(peak, level)
-        peaks[key] = peak
-    return peaks
+            out.append((at, level))
+        levels[key] = out
+    return levels
