@@ -100,6 +100,7 @@ class DispatcherService(Service):
     async def setup(self) -> None:
         self.cache = ResultCache(self.js)
         self.gatekeeper = Gatekeeper(self.js, self.settings.gate_limits)
+        self.gatekeeper.on_free = self.wake_waiters
         self.queue = QueueDepth(self.js, self.settings.gate_limits.max_in_flight, self.wake)
         self.queue.start()
 
@@ -265,9 +266,8 @@ class DispatcherService(Service):
                 limits = gate.limits_for(run, workflow, state, self.gatekeeper.config)
             except LimitError:
                 continue
-            for job in stopped:
-                woken = await self.gatekeeper.release(job, [lim for lim in limits if lim.kind == "concurrency"])
-                self.wake([(w.tenant, w.run_id) for _, w in woken])
+            for job in stopped:  # the jobs that may go now are woken (wake_waiters)
+                await self.gatekeeper.release(job, [lim for lim in limits if lim.kind == "concurrency"])
 
     async def sweep(self) -> int:
         try:
@@ -320,15 +320,30 @@ class DispatcherService(Service):
     def wake(self, runs: Sequence[tuple[str, str]]) -> None:
         """Dispatch what is due in these runs (their jobs may go now), in the background."""
         for tenant, run_id in dict.fromkeys(runs):
-            task = asyncio.create_task(self._wake(tenant, run_id), name=f"dispatcher-wake-{run_id}")
-            self._wakes.add(task)
-            task.add_done_callback(self._wakes.discard)
+            self._spawn_wake(tenant, run_id, None)
 
-    async def _wake(self, tenant: str, run_id: str) -> None:
+    def wake_waiters(self, limit: gate.Limit, woken: Sequence[tuple[str, GateWaiter]]) -> None:
+        """Dispatch the runs of waiting jobs that may pass ``limit`` now, in the background."""
+        for job, waiter in woken:
+            self._spawn_wake(waiter.tenant, waiter.run_id, (limit, job, waiter.since))
+
+    def _spawn_wake(self, tenant: str, run_id: str, entry: tuple[gate.Limit, str, float] | None) -> None:
+        task = asyncio.create_task(self._wake(tenant, run_id, entry), name=f"dispatcher-wake-{run_id}")
+        self._wakes.add(task)
+        task.add_done_callback(self._wakes.discard)
+
+    async def _wake(self, tenant: str, run_id: str, entry: tuple[gate.Limit, str, float] | None = None) -> None:
         try:
             run = await self.dispatch(tenant, run_id, woken=True)
             if run.terminal:
                 await self.release_ended(run)
+            if entry is not None and ledger.waiter_verdict(run, entry[1]) == "release":
+                # its place outlived a decide that did not land (the run no longer waits on it): at
+                # the head of the queue it would hold back every job behind it until the sweep
+                limit, job, since = entry
+                await self.gatekeeper.release(job, [limit], holding=False, stamp=since)
+        except RunNotFound:
+            pass
         except Exception as e:  # the sweep dispatches it later
             log.warning("dispatcher: waking run %s failed: %r", run_id, e)
 

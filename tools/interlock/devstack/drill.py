@@ -217,6 +217,7 @@ class Kill:
     resume_s: float | None = None  # kill -> next event appended to any drill run
     in_flight: int = 0  # runs started and not ended at the kill
     throttled: int = 0  # of them, runs that only waited for a workload limit's slot (see _gate_wait)
+    slowest: str = ""  # the run that moved last, and what it waited for
     all_moving_s: float | None = None  # kill -> every run in flight at the kill has a new event
 
 
@@ -294,6 +295,8 @@ class DrillReport:
                 resume += f", all {k.in_flight:3d} in-flight runs moving after {k.all_moving_s:5.1f}s"
                 if k.throttled:
                     resume += f" ({k.throttled} throttled)"
+                if k.slowest:
+                    resume += f"; slowest: {k.slowest}"
             extra = [k.note] if k.note else []
             if k.heal_s is not None:
                 extra.append(f"caught up {k.heal_s:.1f}s after restart")
@@ -852,23 +855,35 @@ def _moving_again(report: DrillReport, monitor: Monitor, logs: dict[str, list[di
     for k in report.kills:
         i = bisect.bisect_right(stamps, k.at)
         k.resume_s = (stamps[i] - k.at) if i < len(stamps) else None
-        waits = []
+        waits: list[tuple[float, str]] = []
         for run_id, run_stamps in monitor.run_stamps.items():
             ordered = sorted(run_stamps)
             j = bisect.bisect_right(ordered, k.at)
             if not 0 < j < len(ordered):  # started before the kill and not over: every run ends
                 continue
-            groups = _gate_wait(logs.get(run_id, []), k.at)
+            events = logs.get(run_id, [])
+            groups = _gate_wait(events, k.at)
             if groups and all(g in free for g in groups):
                 k.throttled += 1
-                waits.append(max(_longest_free(free[g], k.at, ordered[j]) for g in groups))
+                waits.append((max(_longest_free(free[g], k.at, ordered[j]) for g in groups),
+                              f"run {run_id}, throttled (a slot stood free)"))
             else:
-                waits.append(ordered[j] - k.at)
+                last = [e for e in events if _at(e) <= k.at][-1:]
+                waits.append((ordered[j] - k.at, f"run {run_id}, after {last[0]['type'] if last else '?'} "
+                                                 f"{(last[0].get('step_id') or '') if last else ''}".rstrip()))
         k.in_flight = len(waits)
-        k.all_moving_s = max(waits) if waits else None
+        if waits:
+            k.all_moving_s, k.slowest = max(waits)
 
 
 SCOPE_GROUPS = {"concurrency topic:": "topic", "concurrency tenant:": "tenant"}  # StepThrottled scope -> limit
+
+
+def _at(e: dict[str, Any]) -> float:
+    try:
+        return datetime.fromisoformat(e["at"]).timestamp()
+    except (KeyError, ValueError):
+        return 0.0
 
 
 def _gate_wait(events: list[dict[str, Any]], at: float) -> set[tuple[str, str]]:
@@ -878,9 +893,8 @@ def _gate_wait(events: list[dict[str, Any]], at: float) -> set[tuple[str, str]]:
     throttled: dict[str, tuple[str, str] | None] = {}
     busy: set[tuple[str, str]] = set()  # (what, step id) still pending
     for e in events:
-        with contextlib.suppress(KeyError, ValueError):
-            if datetime.fromisoformat(e["at"]).timestamp() > at:
-                break
+        if _at(e) > at:
+            break
         kind, step, data = e["type"], e.get("step_id") or "", e.get("data") or {}
         if kind == ev.StepThrottled.type_name:
             scope = str(data.get("scope") or "")
