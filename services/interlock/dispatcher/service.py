@@ -181,10 +181,12 @@ class DispatcherService(Service):
             await self.on_timer_fired(timer)
 
     async def dispatch(self, tenant: str, run_id: str, retry: TimerFired | None = None, *,
-                       woken: bool = False) -> Run:
+                       woken: bool = False, fresh: bool = False) -> Run:
         """Dispatch every released job and every retry that is due; publish notifications.
         ``retry``: the retry timer that fired (the run must have reached its retry); ``woken``:
-        jobs that wait in the gate try again (a slot freed, a token is due, the sweep)."""
+        jobs that wait in the gate try again (a slot freed, a token is due, the sweep); ``fresh``:
+        decide on the log's end, not on a cached copy that may lag (a woken job's StepThrottled
+        may have been appended by another copy a moment ago)."""
         effects: list[Effect] = []
 
         async def decide(run: Run) -> None:
@@ -205,7 +207,7 @@ class DispatcherService(Service):
                            else rules.dispatch(run, workflow, now, control, guarded, held))
             await self.send_notifications(effects)
 
-        handle, _ = await self.store.update(tenant, run_id, decide)
+        handle, _ = await self.store.update(tenant, run_id, decide, fresh=fresh)
         await self.carry_out(effects)
         return handle.run
 
@@ -293,7 +295,7 @@ class DispatcherService(Service):
                 verdict = await self._judge(tenant, run_id, job, holding)
                 if verdict == "dispatch":  # its slot goes to its dispatch (or the log shows why not)
                     try:
-                        await self.dispatch(tenant, run_id, woken=True)
+                        await self.dispatch(tenant, run_id, woken=True, fresh=True)
                     except Exception as e:  # the next pass judges it again
                         log.warning("dispatcher: gate sweep could not dispatch run %s: %r", run_id, e)
                         continue
@@ -334,7 +336,7 @@ class DispatcherService(Service):
 
     async def _wake(self, tenant: str, run_id: str, entry: tuple[gate.Limit, str, float] | None = None) -> None:
         try:
-            run = await self.dispatch(tenant, run_id, woken=True)
+            run = await self.dispatch(tenant, run_id, woken=True, fresh=entry is not None)
             if run.terminal:
                 await self.release_ended(run)
             if entry is not None and ledger.waiter_verdict(run, entry[1]) == "release":
