@@ -58,6 +58,11 @@ def test_a_run_waits_by_design_only_when_all_it_waits_for_is_a_slot() -> None:
     rated = [*THROTTLED[:2], _ev("StepThrottled", 2, scope="rate topic:llm")]
     assert drill._gate_wait(rated, at=3) == set()  # a rate: not judged, counted by its whole wait
     assert drill._gate_wait([*THROTTLED, _ev("StepDispatched", 2.9)], at=3) == set()
+    approved = [_ev("StepReady", 0, step="gate"), _ev("PolicyDecided", 0.1, step="gate", decision="allow"),
+                _ev("ApprovalRequested", 0.2, step="gate"), _ev("ApprovalGranted", 0.3, step="gate"),
+                _ev("StepSucceeded", 0.4, step="gate"), *THROTTLED]
+    assert drill._gate_wait(approved, at=3) == {("topic", "llm")}  # the approval step is done
+    assert drill._gate_wait(approved[:4], at=3) == set()  # granted: the step goes on
 
 
 def test_a_throttled_run_counts_by_the_longest_stretch_a_slot_stood_free() -> None:

@@ -906,7 +906,7 @@ def _gate_wait(events: list[dict[str, Any]], at: float) -> set[tuple[str, str]]:
             busy -= {("released", step), ("retry", step)}
             busy.add(("job", step))
         elif kind in (ev.StepSucceeded.type_name, ev.StepFailed.type_name, ev.StepTimedOut.type_name):
-            busy.discard(("job", step))
+            busy = {(what, s) for what, s in busy if s != step}  # a retry is scheduled anew
         elif kind == ev.RetryScheduled.type_name:
             busy.add(("retry", step))
         elif kind == ev.StepReady.type_name:
@@ -916,6 +916,7 @@ def _gate_wait(events: list[dict[str, Any]], at: float) -> set[tuple[str, str]]:
             if data.get("decision") == "allow":
                 busy.add(("released", step))
         elif kind == ev.ApprovalRequested.type_name:
+            busy.discard(("released", step))
             busy.add(("approval", step))
         elif kind == ev.ApprovalGranted.type_name:
             busy.discard(("approval", step))
