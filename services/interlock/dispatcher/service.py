@@ -300,6 +300,9 @@ class DispatcherService(Service):
                         log.warning("dispatcher: gate sweep could not dispatch run %s: %r", run_id, e)
                         continue
                     verdict = await self._judge(tenant, run_id, job, holding)
+                    # still not dispatched (a breaker holds it, say): the slot goes back unless
+                    # that dispatch took it again (a new `at`; drop_entry leaves it then)
+                    verdict = "release" if verdict == "dispatch" else verdict
                 if verdict != "release":
                     continue
                 if await self.gatekeeper.change(key, functools.partial(_dropped, job=job, holding=holding,
@@ -343,7 +346,7 @@ class DispatcherService(Service):
                 # its place outlived a decide that did not land (the run no longer waits on it): at
                 # the head of the queue it would hold back every job behind it until the sweep
                 limit, job, since = entry
-                await self.gatekeeper.release(job, [limit], holding=False, stamp=since)
+                await self.gatekeeper.release(job, [limit], entry=(False, since))
         except RunNotFound:
             pass
         except Exception as e:  # the sweep dispatches it later

@@ -37,6 +37,7 @@ CAS_ATTEMPTS = 40
 QUEUE_POLL_S = 1.0
 
 R = TypeVar("R")
+Decided = tuple[Hold | None, list[tuple[str, GateWaiter]]]  # an admission: why it waits, who may go instead
 
 
 class Gatekeeper:
@@ -139,7 +140,6 @@ class Gatekeeper:
         """Take a slot (or token) of every limit for ``job``, or return why it waits; a job held
         by a later limit gives back the slots it took at earlier ones, and waits at that one."""
         taken: list[Limit] = []
-        Decided = tuple[Hold | None, list[tuple[str, GateWaiter]]]
         for limit in limits:
             def decide(state: GateScope, limit: Limit = limit) -> tuple[GateScope, Decided]:
                 now = time.time()
@@ -163,20 +163,15 @@ class Gatekeeper:
             taken.append(limit)
         return None
 
-    async def release(self, job: str, limits: Sequence[Limit], *, holding: bool | None = None,
-                      stamp: float | None = None) -> list[tuple[str, GateWaiter]]:
-        """Give back ``job``'s slots (or its place in a queue; with ``holding`` only that entry,
-        and with ``stamp`` only if it is still the one taken then: the sweep's judgement); returns
-        the waiting jobs that may go now, in order, whose runs :attr:`on_free` wakes."""
+    async def release(self, job: str, limits: Sequence[Limit], *,
+                      entry: tuple[bool, float] | None = None) -> list[tuple[str, GateWaiter]]:
+        """Give back ``job``'s slots (or its place in a queue; with ``entry``, holding and when it
+        was taken, only that entry and only if it is unchanged: a judgement on an older read);
+        returns the waiting jobs that may go now, in order, whose runs :attr:`on_free` wakes."""
         woken: list[tuple[str, GateWaiter]] = []
         for limit in limits:
             def decide(state: GateScope, limit: Limit = limit) -> tuple[GateScope, list[tuple[str, GateWaiter]]]:
-                if holding is None:
-                    new = gate.release(state, job)
-                elif stamp is None:
-                    new = gate.drop(state, job, holding=holding)
-                else:
-                    new, _ = ledger.drop_entry(state, job, holding, stamp)
+                new = gate.release(state, job) if entry is None else ledger.drop_entry(state, job, *entry)[0]
                 return new, gate.next_up(new, limit, self.config.weight, time.time())
 
             up = await self.change(limit.key, decide)
