@@ -43,6 +43,14 @@ def test_drill_single_node(tmp_path: Path) -> None:
     assert {k.kind for k in report.kills} <= {"service", "worker"}
 
 
+def test_drill_with_a_concurrency_limit_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """#16: the drill's stack inherits the limit; its check counts a peak over it as a violation."""
+    monkeypatch.setenv("INTERLOCK_GATE_LIMITS", json.dumps({"topics": {"incident.apply": {"concurrency": 1}}}))
+    report = asyncio.run(run_drill(runs=20, kills=5, seed=7, home=tmp_path / "drill", timeout=240))
+    _assert_clean(report, 20, 5)
+    assert "limit: topic incident.apply had at most 1 job(s) in flight (limit 1)" in report.notes, report.render()
+
+
 def test_drill_cluster_kills_the_events_leader(tmp_path: Path) -> None:
     report = asyncio.run(run_drill(runs=10, kills=3, cluster=True, seed=7, home=tmp_path / "drill", timeout=240))
     _assert_clean(report, 10, 3)

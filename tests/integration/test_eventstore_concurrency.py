@@ -396,6 +396,47 @@ async def test_failed_append_does_not_leave_unstored_events_in_the_cache(nc: NAT
     assert sorted((await store_on(nc2, "reader").load(tenant, rid)).run.steps) == ["b"]
 
 
+@pytest.mark.parametrize("brought_forward_by", ["observe", "load"])
+async def test_a_decide_that_awaits_keeps_the_state_it_started_from(nc: NATS, nc2: NATS, brought_forward_by: str
+                                                                    ) -> None:
+    """A commit that lands while a decide awaits (a consumer delivers it, or another task loads the
+    run) must not change the run under the decide: its append then conflicts and it decides again.
+    Before, the cached copy was brought forward in place, the append followed the new commit, and
+    the decision rested on a state older than the one it was appended after (#16: the dispatcher's
+    gate admitted the jobs due when the decide began, then one more job, released by an approval
+    delivered meanwhile, was dispatched without a slot)."""
+    mine, other = store_on(nc, "copy-1"), store_on(nc2, "copy-2")
+    tenant, rid, _ = await new_run(mine)
+    await mine.load(tenant, rid)  # cached, as a service's copy is
+    waiting, go_on = asyncio.Event(), asyncio.Event()
+    seen: list[tuple[list[str], list[str]]] = []  # the steps at the start and at the end of each decide
+
+    async def decide(run: Run) -> None:
+        before = sorted(run.steps)
+        if not seen:
+            waiting.set()
+            await go_on.wait()  # a round trip (the gate bucket) while the log moves on
+        seen.append((before, sorted(run.steps)))
+        make_ready(f"decided-on-{len(before)}")(run)
+
+    update = asyncio.create_task(mine.update(tenant, rid, decide))
+    await waiting.wait()
+    meanwhile, _ = await other.update(tenant, rid, make_ready("meanwhile"))
+    if brought_forward_by == "observe":
+        [commit] = await mine.read_commits(tenant, rid, after_seq=meanwhile.stream_seq - 1)
+        mine.observe(tenant, rid, commit.stream_seq, commit)
+    else:
+        await mine.load(tenant, rid, fresh=True)
+    go_on.set()
+    handle, appended = await update
+    assert seen[0][0] == seen[0][1] == [], "the run changed under the decide"
+    assert seen[1] == (["meanwhile"], ["meanwhile"]) and len(seen) == 2, seen
+    assert [e["step_id"] for e in appended] == ["decided-on-1"]
+    assert sorted(handle.run.steps) == ["decided-on-1", "meanwhile"]
+    await assert_intact(mine, tenant, rid, 3)
+    assert (await mine.load(tenant, rid)).version == 3  # cached again, current
+
+
 async def test_read_commits_pages_through_interleaved_subjects(nc: NATS, monkeypatch: pytest.MonkeyPatch) -> None:
     """Runs longer than one direct-get batch are read page by page, with other runs in between."""
     store = store_on(nc, "writer")

@@ -22,6 +22,7 @@ from interlock.client import Client
 from interlock.core.inflight import peak_in_flight
 from interlock.core.workflow import Rate
 from interlock.core.workload import GateLimits, ScopeLimits
+from interlock.dispatcher.service import DispatcherService
 from interlock.runtime.settings import ServiceSettings
 from interlock.worker import JobContext, Worker
 from tests.integration.harness import Harness, connect, service_classes, types, unique
@@ -179,6 +180,63 @@ async def test_backpressure_bounds_the_queue_of_a_topic_without_workers(bare: Ha
     await bare.start_worker(blocking_worker("late", topic, opened))
     ends = [await bare.wait_end(run, timeout=30) for run in run_ids]  # the held ones go as the queue drains
     assert all(types(evs)[-1] == "RunSucceeded" for evs in ends)
+
+
+async def test_a_job_released_while_the_gate_decides_on_its_run_waits_for_a_slot(
+        bare: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The drill's violation, step by step: the dispatcher's decide admits the jobs due when it
+    begins (left: throttled), and while its gate round trip is out an approval releases another
+    job of the same run (right). That commit must not change the run under the decide: right
+    goes through the gate too, and waits, instead of being dispatched beside the job that holds
+    the only slot."""
+    wf, blocker_wf, topic = unique("mid"), unique("blk"), unique("t")
+    await bare.start_services(settings=settings_with(bare, GateLimits(topics={topic: ScopeLimits(concurrency=1)})))
+    await bare.apply(one_step(blocker_wf, topic))
+    await bare.apply(f"""
+id: {wf}
+version: 1
+steps:
+  left: {{topic: {topic}, input: {{n: 1}}}}
+  right: {{topic: {topic}, require_approval: true, input: {{n: 2}}}}
+""")
+    opened = asyncio.Event()
+    await bare.start_worker(blocking_worker("w", topic, opened))
+    blocker = await bare.trigger(blocker_wf, {"n": 0})
+    await bare.wait_for(blocker, lambda evs: "StepDispatched" in types(evs))  # it holds the slot
+
+    [dispatcher] = [svc for svc in bare.services if isinstance(svc, DispatcherService)]
+    admitting, go_on, delivered = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    real_admit, real_observe = dispatcher.gatekeeper.admit, dispatcher.store.observe
+
+    async def admit(job: str, waiter: Any, limits: Any) -> Any:
+        if job.endswith(":left@1") and not admitting.is_set():
+            admitting.set()
+            await go_on.wait()  # the gate's round trip, held open
+        return await real_admit(job, waiter, limits)
+
+    def observe(tenant: str, run_id: str, stream_seq: int, commit: Any) -> None:
+        real_observe(tenant, run_id, stream_seq, commit)
+        if any(e["type"] == "ApprovalGranted" for e in getattr(commit, "envelopes", [])):
+            delivered.set()
+
+    monkeypatch.setattr(dispatcher.gatekeeper, "admit", admit)
+    monkeypatch.setattr(dispatcher.store, "observe", observe)
+    run_id = await bare.trigger(wf, {})
+    await asyncio.wait_for(admitting.wait(), 30)
+    await bare.wait_for(run_id, lambda evs: any(e["type"] == "ApprovalRequested" for e in evs))
+    reply = await bare.decide(run_id, "right")
+    assert reply.ok, reply.error
+    await asyncio.wait_for(delivered.wait(), 30)  # the approval reached the dispatcher mid-decide
+    go_on.set()
+    gone_through = {"StepThrottled", "StepDispatched"}
+    events = await bare.wait_for(run_id, lambda evs: bool(gone_through & set(types(evs, "right"))), timeout=30)
+    assert types(events, "right")[-1] == "StepThrottled", (
+        f"right was dispatched beside the job holding the only slot: {types(events)}")
+
+    opened.set()
+    logs = [await bare.wait_end(run, timeout=30) for run in (blocker, run_id)]
+    assert all(types(evs)[-1] == "RunSucceeded" for evs in logs), [types(evs) for evs in logs]
+    assert max_in_flight(logs) == 1, "a job was dispatched beside the one holding the only slot"
 
 
 # -- a concurrency limit while a dispatcher copy is SIGKILLed ----------------------------------------

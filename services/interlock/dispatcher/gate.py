@@ -257,6 +257,16 @@ def release(state: GateScope, job: str) -> GateScope:
         "waiting": {k: v for k, v in state.waiting.items() if k != job}}))
 
 
+def drop(state: GateScope, job: str, *, holding: bool) -> GateScope:
+    """The state without ``job``'s slot (``holding``) or without its place in the queue: only that
+    entry (a job that was judged as waiting may hold a slot by now)."""
+    if holding:
+        holders = {k: v for k, v in state.holders.items() if k != job}
+        return _forget_idle(state.model_copy(update={"holders": holders}))
+    waiting = {k: v for k, v in state.waiting.items() if k != job}
+    return _forget_idle(state.model_copy(update={"waiting": waiting}))
+
+
 def next_up(state: GateScope, limit: Limit, weights: Weights, now: float) -> list[tuple[str, GateWaiter]]:
     """The waiting jobs that may go now, in order: the dispatcher wakes their runs."""
     free = capacity(state, limit, now)

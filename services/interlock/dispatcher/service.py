@@ -50,7 +50,7 @@ from interlock.core.run import ACTIVE_ATTEMPT, Run
 from interlock.core.sealed import SealedError
 from interlock.core.steps import base_step_id
 from interlock.core.workflow import Step, Workflow
-from interlock.dispatcher import gate, rules
+from interlock.dispatcher import gate, ledger, rules
 from interlock.dispatcher.cache import ResultCache
 from interlock.dispatcher.gate import LimitError
 from interlock.dispatcher.guard import Guarded, guardrails_due
@@ -70,8 +70,8 @@ GATE_SWEEP_GRACE_S = 10.0  # a gate entry younger than this may belong to a disp
 WAITING = gate.Hold("waiting", "waits in the gate already")  # a throttled job that nothing woke: it stays
 
 
-def _released(state: GateScope, job: str) -> tuple[GateScope, None]:
-    return gate.release(state, job), None
+def _dropped(state: GateScope, job: str, holding: bool, stamp: float) -> tuple[GateScope, bool]:
+    return ledger.drop_entry(state, job, holding, stamp)
 
 
 class DispatcherService(Service):
@@ -99,6 +99,7 @@ class DispatcherService(Service):
     async def setup(self) -> None:
         self.cache = ResultCache(self.js)
         self.gatekeeper = Gatekeeper(self.js, self.settings.gate_limits)
+        self.gatekeeper.on_free = self.wake_waiters
         self.queue = QueueDepth(self.js, self.settings.gate_limits.max_in_flight, self.wake)
         self.queue.start()
 
@@ -213,6 +214,8 @@ class DispatcherService(Service):
         slots (and tokens). Costs nothing for a workflow no limit can apply to. A job that waits
         already (its StepThrottled is in the log) tries again only when ``woken``."""
         held: dict[str, gate.Hold] = {}
+        if run.paused:  # nothing goes out while paused (rules.dispatch): no slot either
+            return held
         limited = gate.gated(workflow, self.gatekeeper.config)
         for state in rules.due_jobs(run, now):
             if state.step_id in skip:  # a breaker holds it, or it fails fast: no slot
@@ -242,30 +245,27 @@ class DispatcherService(Service):
                 held[state.step_id] = hold
         return held
 
-    async def release_ended(self, run: Run, step_ids: Sequence[str] | None = None) -> None:
-        """Give back the slots of jobs whose attempt has ended (and, for an ended run, the places
-        its jobs held in queues), after the outcome is durable; wake the runs whose jobs may go."""
+    async def release_ended(self, run: Run, step_ids: Sequence[str] | None = None, jobs: Sequence[str] = ()) -> None:
+        """Give back the slots of jobs whose attempt has stopped (:func:`ledger.releasable`; ``jobs``:
+        a late result's or a timer's attempt too) and, for an ended run, the places its jobs held in
+        queues, after the outcome is durable; wake the runs whose jobs may go."""
         if not gate.gated(workflow := await self.registry.get(run.workflow_id, run.workflow_version),
                           self.gatekeeper.config):
             return
+        now = datetime.now(UTC)
         for sid in step_ids if step_ids is not None else list(run.steps):
             state = run.steps.get(sid)
             if state is None or state.step_type != "job":
                 continue
-            jobs = []
-            if state.job_id and (run.terminal or state.status not in ACTIVE_ATTEMPT):
-                jobs.append(state.job_id)
-            if run.terminal and state.throttled:
-                jobs.append(job_id(run.run_id, sid, state.throttled))
-            if not jobs:
+            stopped = ledger.releasable(run, state, now, jobs)
+            if not stopped:
                 continue
             try:
                 limits = gate.limits_for(run, workflow, state, self.gatekeeper.config)
             except LimitError:
                 continue
-            for job in jobs:
-                woken = await self.gatekeeper.release(job, [lim for lim in limits if lim.kind == "concurrency"])
-                self.wake([(w.tenant, w.run_id) for _, w in woken])
+            for job in stopped:  # the jobs that may go now are woken (wake_waiters)
+                await self.gatekeeper.release(job, [lim for lim in limits if lim.kind == "concurrency"])
 
     async def sweep(self) -> int:
         try:
@@ -275,48 +275,76 @@ class DispatcherService(Service):
         return await super().sweep()
 
     async def sweep_gate(self, grace: float = GATE_SWEEP_GRACE_S) -> int:
-        """Give back slots held by jobs that are not in flight and places held by jobs that no
-        longer wait (a copy killed between taking a slot and recording the dispatch, or between
-        the outcome and the release); the run's log decides. Returns the entries removed."""
+        """Give back slots held by jobs that the log shows stopped or never to be dispatched, and
+        places held by jobs that no longer wait (a copy killed between taking a slot and recording
+        the dispatch, or between the outcome and the release); a slot of a job that may still be
+        dispatched is used by dispatching its run instead (:mod:`interlock.dispatcher.ledger`).
+        Returns the entries removed."""
         removed = 0
         now = time.time()
         for key in await self.gatekeeper.keys():
             state, _ = await self.gatekeeper.read(key)
-            entries = [(job, h.tenant, h.run_id, h.step_id, True) for job, h in state.holders.items()
-                       if now - h.at > grace]
-            entries += [(job, w.tenant, w.run_id, w.step_id, False) for job, w in state.waiting.items()
+            entries = [(job, h.tenant, h.run_id, True, h.at) for job, h in state.holders.items() if now - h.at > grace]
+            entries += [(job, w.tenant, w.run_id, False, w.since) for job, w in state.waiting.items()
                         if now - w.since > grace]
-            for job, tenant, run_id, step_id, holding in entries:
-                try:
-                    run = (await self.store.load(tenant, run_id, fresh=True)).run
-                except RunNotFound:
-                    run = None
-                step = run.steps.get(step_id) if run is not None else None
-                live = run is not None and not run.terminal and step is not None and (
-                    (step.job_id == job and step.status in ACTIVE_ATTEMPT) if holding
-                    else (rules.job_due(step, datetime.now(UTC)) or step.status == "retry_wait")
-                    and job == job_id(run_id, step_id, step.attempt + 1))
-                if live:
+            for job, tenant, run_id, holding, stamp in entries:
+                verdict = await self._judge(tenant, run_id, job, holding)
+                if verdict == "dispatch":  # its slot goes to its dispatch (or the log shows why not)
+                    try:
+                        await self.dispatch(tenant, run_id, woken=True, fresh=True)
+                    except Exception as e:  # the next pass judges it again
+                        log.warning("dispatcher: gate sweep could not dispatch run %s: %r", run_id, e)
+                        continue
+                    verdict = await self._judge(tenant, run_id, job, holding)
+                    # still not dispatched (a breaker holds it, say): the slot goes back unless
+                    # that dispatch took it again (a new `at`; drop_entry leaves it then)
+                    verdict = "release" if verdict == "dispatch" else verdict
+                if verdict != "release":
                     continue
-                await self.gatekeeper.change(key, functools.partial(_released, job=job))
-                removed += 1
-                log.info("dispatcher: gate %s: %s %s of run %s, which the log shows %s", key,
-                         "gave back the slot of" if holding else "dropped", job, run_id,
-                         "ended" if run is None or run.terminal else (step.status if step else "unknown"))
+                if await self.gatekeeper.change(key, functools.partial(_dropped, job=job, holding=holding,
+                                                                       stamp=stamp)):
+                    removed += 1
+                    log.info("dispatcher: gate %s: %s %s of run %s, which the log shows %s", key,
+                             "gave back the slot of" if holding else "dropped", job, run_id,
+                             "stopped or never to be dispatched" if holding else "not waiting")
         return removed
+
+    async def _judge(self, tenant: str, run_id: str, job: str, holding: bool) -> ledger.Verdict:
+        try:
+            run: Run | None = (await self.store.load(tenant, run_id, fresh=True)).run
+        except RunNotFound:
+            run = None
+        if holding:
+            return ledger.holder_verdict(run, job, datetime.now(UTC))
+        return ledger.waiter_verdict(run, job)
 
     def wake(self, runs: Sequence[tuple[str, str]]) -> None:
         """Dispatch what is due in these runs (their jobs may go now), in the background."""
         for tenant, run_id in dict.fromkeys(runs):
-            task = asyncio.create_task(self._wake(tenant, run_id), name=f"dispatcher-wake-{run_id}")
-            self._wakes.add(task)
-            task.add_done_callback(self._wakes.discard)
+            self._spawn_wake(tenant, run_id, None)
 
-    async def _wake(self, tenant: str, run_id: str) -> None:
+    def wake_waiters(self, limit: gate.Limit, woken: Sequence[tuple[str, GateWaiter]]) -> None:
+        """Dispatch the runs of waiting jobs that may pass ``limit`` now, in the background."""
+        for job, waiter in woken:
+            self._spawn_wake(waiter.tenant, waiter.run_id, (limit, job, waiter.since))
+
+    def _spawn_wake(self, tenant: str, run_id: str, entry: tuple[gate.Limit, str, float] | None) -> None:
+        task = asyncio.create_task(self._wake(tenant, run_id, entry), name=f"dispatcher-wake-{run_id}")
+        self._wakes.add(task)
+        task.add_done_callback(self._wakes.discard)
+
+    async def _wake(self, tenant: str, run_id: str, entry: tuple[gate.Limit, str, float] | None = None) -> None:
         try:
             run = await self.dispatch(tenant, run_id, woken=True, fresh=True)
             if run.terminal:
                 await self.release_ended(run)
+            if entry is not None and ledger.waiter_verdict(run, entry[1]) == "release":
+                # its place outlived a decide that did not land (the run no longer waits on it): at
+                # the head of the queue it would hold back every job behind it until the sweep
+                limit, job, since = entry
+                await self.gatekeeper.release(job, [limit], entry=(False, since))
+        except RunNotFound:
+            pass
         except Exception as e:  # the sweep dispatches it later
             log.warning("dispatcher: waking run %s failed: %r", run_id, e)
 
@@ -346,7 +374,7 @@ class DispatcherService(Service):
         while len(self._finished_jobs) > MEMORY_LIMIT:
             self._finished_jobs.popitem(last=False)
         await self.carry_out(effects)
-        await self.release_ended(handle.run, [result.step_id])
+        await self.release_ended(handle.run, [result.step_id], [result.job_id])
 
     async def seal_result(self, workflow: Workflow, result: JobResult, output: Any) -> tuple[JobResult, Any]:
         """The result with any sensitive output value that arrived in clear (a worker that does not
@@ -451,4 +479,4 @@ class DispatcherService(Service):
             await self.count_outcome(handle.run, state.step_id, job, False)
         await self.carry_out(effects)
         if timer.step_id:
-            await self.release_ended(handle.run, [timer.step_id])
+            await self.release_ended(handle.run, [timer.step_id], [job] if job else [])

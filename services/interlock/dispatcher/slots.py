@@ -27,7 +27,7 @@ from interlock.contracts import subjects as s
 from interlock.contracts.messages import GateScope, GateWaiter
 from interlock.core.eventstore import EventStoreError
 from interlock.core.workload import GateLimits
-from interlock.dispatcher import gate
+from interlock.dispatcher import gate, ledger
 from interlock.dispatcher.gate import Hold, Limit
 from interlock.runtime import metrics
 
@@ -37,6 +37,7 @@ CAS_ATTEMPTS = 40
 QUEUE_POLL_S = 1.0
 
 R = TypeVar("R")
+Decided = tuple[Hold | None, list[tuple[str, GateWaiter]]]  # an admission: why it waits, who may go instead
 
 
 class Gatekeeper:
@@ -54,6 +55,8 @@ class Gatekeeper:
         # against it at once (compare-and-set catches a stale one), saving a read on the hot path
         self._cache: dict[str, tuple[GateScope, int | None]] = {}
         self.stats: Counter[str] = Counter()  # changes asked for, writes, conflicts
+        # waiting jobs of a limit that may go now: the dispatcher wakes their runs (set by it)
+        self.on_free: Callable[[Limit, list[tuple[str, GateWaiter]]], None] = lambda limit, woken: None
 
     async def bucket(self) -> KeyValue:
         if self._kv is None:
@@ -138,33 +141,43 @@ class Gatekeeper:
         by a later limit gives back the slots it took at earlier ones, and waits at that one."""
         taken: list[Limit] = []
         for limit in limits:
-            def decide(state: GateScope, limit: Limit = limit) -> tuple[GateScope, Hold | None]:
+            def decide(state: GateScope, limit: Limit = limit) -> tuple[GateScope, Decided]:
                 now = time.time()
                 if gate.may_go(state, limit, job, waiter, self.config.weight, now):
-                    return gate.take(state, limit, job, waiter, now, self.config.weight), None
+                    return gate.take(state, limit, job, waiter, now, self.config.weight), (None, [])
                 new = gate.wait(state, job, waiter)
                 retry_in = None
                 if limit.kind == "rate":
                     retry_in = gate.next_token_in(new, limit, now, gate.place_of(new, job, self.config.weight))
-                return new, Hold(limit.name, limit.describe(), retry_in)
+                # held behind jobs that may go now (a slot is free): their wake may have been lost
+                # with a killed copy, so they are woken again rather than left to the sweep
+                ahead = gate.next_up(new, limit, self.config.weight, now) if limit.kind == "concurrency" else []
+                return new, (Hold(limit.name, limit.describe(), retry_in), ahead)
 
-            hold = await self.change(limit.key, decide)
+            hold, ahead = await self.change(limit.key, decide)
+            if ahead:
+                self.on_free(limit, ahead)
             if hold is not None:
                 await self.release(job, [t for t in taken if t.kind == "concurrency"])
                 return hold
             taken.append(limit)
         return None
 
-    async def release(self, job: str, limits: Sequence[Limit]) -> list[tuple[str, GateWaiter]]:
-        """Give back ``job``'s slots (or its place in a queue); returns the waiting jobs that may
-        go now, in order, whose runs the caller wakes."""
+    async def release(self, job: str, limits: Sequence[Limit], *,
+                      entry: tuple[bool, float] | None = None) -> list[tuple[str, GateWaiter]]:
+        """Give back ``job``'s slots (or its place in a queue; with ``entry``, holding and when it
+        was taken, only that entry and only if it is unchanged: a judgement on an older read);
+        returns the waiting jobs that may go now, in order, whose runs :attr:`on_free` wakes."""
         woken: list[tuple[str, GateWaiter]] = []
         for limit in limits:
             def decide(state: GateScope, limit: Limit = limit) -> tuple[GateScope, list[tuple[str, GateWaiter]]]:
-                new = gate.release(state, job)
+                new = gate.release(state, job) if entry is None else ledger.drop_entry(state, job, *entry)[0]
                 return new, gate.next_up(new, limit, self.config.weight, time.time())
 
-            woken += await self.change(limit.key, decide)
+            up = await self.change(limit.key, decide)
+            if up:
+                self.on_free(limit, up)
+            woken += up
         return list(dict(woken).items())
 
     async def keys(self) -> list[str]:

@@ -99,6 +99,9 @@ class StepState:
     agent_version: str = ""  # the version the current attempt was routed to ('' = any worker)
     held: ev.StepHeld | None = None  # the dispatcher's latest hold of the next attempt (issue 16)
     throttled: int | None = None  # the attempt a workload limit holds back (StepThrottled), until dispatched
+    # attempts timed out for a lost heartbeat with no result yet -> their deadline: the worker may
+    # still run them (it was slow, or the job went to another copy), so they keep their slots (#16)
+    lost_attempts: dict[int, datetime | None] = field(default_factory=dict)
 
     @property
     def terminal(self) -> bool:
@@ -620,7 +623,10 @@ class Run(Aggregate):
         step.retry_due_at = d.due_at
 
     def _on_StepTimedOut(self, d: ev.StepTimedOut, at: datetime) -> None:
-        self._touch(d.step_id, at).status = "timed_out"
+        step = self._touch(d.step_id, at)
+        step.status = "timed_out"
+        if d.reason == "heartbeat":
+            step.lost_attempts[d.attempt] = step.deadline
 
     def _on_StepSkipped(self, d: ev.StepSkipped, at: datetime) -> None:
         self.steps[d.step_id] = StepState(step_id=d.step_id, status="skipped", updated_at=at)
@@ -632,7 +638,10 @@ class Run(Aggregate):
         """Evidence: the RunFailed that follows ends the run."""
 
     def _on_LateResultRecorded(self, d: ev.LateResultRecorded, at: datetime) -> None:
-        """Evidence only: a stale attempt never changes the step."""
+        """Evidence: a stale attempt never changes the step; it has stopped running (#16)."""
+        step = self.steps.get(d.step_id)
+        if step is not None:
+            step.lost_attempts.pop(d.attempt, None)
 
     def _on_ApprovalRefused(self, d: ev.ApprovalRefused, at: datetime) -> None:
         """Evidence only: a refused decision leaves the request pending."""

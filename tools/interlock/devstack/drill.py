@@ -26,7 +26,9 @@ Then it checks what the invariant promises:
 The report gives kills by kind, the runs' outcomes, the time to resume after each kill (from
 the kill to the next event appended to any of the drill's runs; p50 and max), the time until
 every run in flight at the kill moved again (p50, p99 and max, separately for service and worker
-kills and for NATS node kills, judged against :data:`STALL_GOALS`) and every violation. The exit
+kills and for NATS node kills, judged against :data:`STALL_GOALS`; a run that only waited for a
+workload limit's slot counts by how long a slot stood free while it still waited, since waiting
+while the slot is taken is by design) and every violation. The exit
 code is non-zero on any violation (a missed stall goal is reported, not an exit code).
 
 Each run-path service (planner, policy, approval, dispatcher) runs ``copies`` processes (default
@@ -80,7 +82,7 @@ from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import AgentRegistration
 from interlock.core import codec
-from interlock.core.inflight import peak_in_flight
+from interlock.core.inflight import in_flight_levels, peak_in_flight
 from interlock.core.natsserver import NatsServerError
 from interlock.core.verify import verify_envelopes
 from interlock.core.workflow import Workflow, load_workflow
@@ -214,6 +216,8 @@ class Kill:
     ready_s: float | None = None  # a process: from its restart until it serves again
     resume_s: float | None = None  # kill -> next event appended to any drill run
     in_flight: int = 0  # runs started and not ended at the kill
+    throttled: int = 0  # of them, runs that only waited for a workload limit's slot (see _gate_wait)
+    slowest: str = ""  # the run that moved last, and what it waited for
     all_moving_s: float | None = None  # kill -> every run in flight at the kill has a new event
 
 
@@ -289,6 +293,10 @@ class DrillReport:
             resume = f"{k.resume_s * 1000:7.0f} ms" if k.resume_s is not None else "      n/a"
             if k.all_moving_s is not None:
                 resume += f", all {k.in_flight:3d} in-flight runs moving after {k.all_moving_s:5.1f}s"
+                if k.throttled:
+                    resume += f" ({k.throttled} throttled)"
+                if k.slowest:
+                    resume += f"; slowest: {k.slowest}"
             extra = [k.note] if k.note else []
             if k.heal_s is not None:
                 extra.append(f"caught up {k.heal_s:.1f}s after restart")
@@ -616,20 +624,8 @@ async def _drill(stack: Stack, report: DrillReport, rng: random.Random, *, runs:
                             f"last answer: {a.last_error or 'none'}" for a in ungranted)
         progress(f"drill: workload over after {report.workload_s:.1f}s; checking {len(run_ids)} runs …")
 
-        # resume time: from each kill to the next commit the drill's runs got (server time)
-        stamps = sorted(monitor.stamps)
-        for k in report.kills:
-            i = bisect.bisect_right(stamps, k.at)
-            k.resume_s = (stamps[i] - k.at) if i < len(stamps) else None
-            waits = []
-            for run_stamps in monitor.run_stamps.values():
-                ordered = sorted(run_stamps)
-                j = bisect.bisect_right(ordered, k.at)
-                if 0 < j < len(ordered):  # started before the kill and not over: every run ends
-                    waits.append(ordered[j] - k.at)
-            k.in_flight = len(waits)
-            k.all_moving_s = max(waits) if waits else None
-        await _check(report, client, run_ids, defs, monitor, effects_file)
+        logs = await _check(report, client, run_ids, defs, monitor, effects_file)
+        _moving_again(report, monitor, logs)
         dlq_after = await _stream_last_seq(js, s.DLQ_STREAM)
         if dlq_after > dlq_before:
             report.notes.append(f"{dlq_after - dlq_before} dead letter(s) written during the drill "
@@ -774,16 +770,19 @@ def _logged_since(path: Path, offset: int, marker: str) -> bool:
 
 # -- checks ----------------------------------------------------------------------------------
 async def _check(report: DrillReport, client: Client, run_ids: dict[str, str], defs: dict[str, Workflow],
-                 monitor: Monitor, effects_file: Path) -> None:
+                 monitor: Monitor, effects_file: Path) -> dict[str, list[dict[str, Any]]]:
+    """Check every run's log (the module docstring); returns the logs by run id."""
     tenant = report.tenant
     succeeded_effect_keys: set[str] = set()
     violations = report.violations
+    by_run: dict[str, list[dict[str, Any]]] = {}
     logs: list[list[dict[str, Any]]] = []  # every run's events, for the limits
     report.approvals = len(monitor.granted)
     for run_id, wf_id in sorted(run_ids.items()):
         commits = await _retrying(f"reading run {run_id}", functools.partial(client.read_commits, run_id))
         events = [e for c in commits for e in c.envelopes]
         logs.append(events)
+        by_run[run_id] = events
         report.events += len(events)
         where = f"run {run_id} ({wf_id})"
         if not events:
@@ -842,6 +841,131 @@ async def _check(report: DrillReport, client: Client, run_ids: dict[str, str], d
             violations.append(f"side effect {key} happened but its step did not succeed")
     missing = sorted(succeeded_effect_keys - set(effects))
     violations.extend(f"side effect {key} missing: its step succeeded without doing it" for key in missing)
+    return by_run
+
+
+def _moving_again(report: DrillReport, monitor: Monitor, logs: dict[str, list[dict[str, Any]]]) -> None:
+    """Per kill: the time to the next commit of any drill run, and until every run in flight at
+    the kill moved again (server times). A run that only waited for a workload limit's slot at the
+    kill (its steps throttled, nothing else pending) waits by design while the slot is taken: it
+    counts by the longest stretch after the kill during which a slot it needed was free and it
+    still did not move (a wake lost with a killed copy shows there), not by its whole wait."""
+    stamps = sorted(monitor.stamps)
+    free = _free_slots(report, list(logs.values()))
+    for k in report.kills:
+        i = bisect.bisect_right(stamps, k.at)
+        k.resume_s = (stamps[i] - k.at) if i < len(stamps) else None
+        waits: list[tuple[float, str]] = []
+        for run_id, run_stamps in monitor.run_stamps.items():
+            ordered = sorted(run_stamps)
+            j = bisect.bisect_right(ordered, k.at)
+            if not 0 < j < len(ordered):  # started before the kill and not over: every run ends
+                continue
+            events = logs.get(run_id, [])
+            groups = _gate_wait(events, k.at)
+            if groups and all(g in free for g in groups):
+                k.throttled += 1
+                waits.append((max(_longest_free(free[g], k.at, ordered[j]) for g in groups),
+                              f"run {run_id}, throttled (a slot stood free)"))
+            else:
+                last = [e for e in events if _at(e) <= k.at][-1:]
+                waits.append((ordered[j] - k.at, f"run {run_id}, after {last[0]['type'] if last else '?'} "
+                                                 f"{(last[0].get('step_id') or '') if last else ''}".rstrip()))
+        k.in_flight = len(waits)
+        if waits:
+            k.all_moving_s, k.slowest = max(waits)
+
+
+SCOPE_GROUPS = {"concurrency topic:": "topic", "concurrency tenant:": "tenant"}  # StepThrottled scope -> limit
+
+
+def _at(e: dict[str, Any]) -> float:
+    try:
+        return datetime.fromisoformat(e["at"]).timestamp()
+    except (KeyError, ValueError):
+        return 0.0
+
+
+def _gate_wait(events: list[dict[str, Any]], at: float) -> set[tuple[str, str]]:
+    """The concurrency limits (``("topic", name)``, ``("tenant", name)``) a run waited for at ``at``
+    when that is all it waited for: steps throttled, and no job in flight, released, retrying, or
+    waiting for a policy decision or an approval. Empty otherwise (or for a wait of another kind)."""
+    throttled: dict[str, tuple[str, str] | None] = {}
+    busy: set[tuple[str, str]] = set()  # (what, step id) still pending
+    for e in events:
+        if _at(e) > at:
+            break
+        kind, step, data = e["type"], e.get("step_id") or "", e.get("data") or {}
+        if kind == ev.StepThrottled.type_name:
+            scope = str(data.get("scope") or "")
+            prefix = next((p for p in SCOPE_GROUPS if scope.startswith(p)), None)
+            throttled[step] = (SCOPE_GROUPS[prefix], scope[len(prefix):]) if prefix else None
+            busy -= {("released", step), ("retry", step)}
+        elif kind == ev.StepDispatched.type_name:
+            throttled.pop(step, None)
+            busy -= {("released", step), ("retry", step)}
+            busy.add(("job", step))
+        elif kind in (ev.StepSucceeded.type_name, ev.StepFailed.type_name, ev.StepTimedOut.type_name):
+            busy = {(what, s) for what, s in busy if s != step}  # a retry is scheduled anew
+        elif kind == ev.RetryScheduled.type_name:
+            busy.add(("retry", step))
+        elif kind == ev.StepReady.type_name:
+            busy.add(("policy", step))
+        elif kind == ev.PolicyDecided.type_name:
+            busy.discard(("policy", step))
+            if data.get("decision") == "allow":
+                busy.add(("released", step))
+        elif kind == ev.ApprovalRequested.type_name:
+            busy.discard(("released", step))
+            busy.add(("approval", step))
+        elif kind == ev.ApprovalGranted.type_name:
+            busy.discard(("approval", step))
+            busy.add(("released", step))
+        elif kind in (ev.ApprovalRejected.type_name, ev.ApprovalExpired.type_name):
+            busy.discard(("approval", step))
+    if busy or not throttled or None in throttled.values():
+        return set()
+    return {g for g in throttled.values() if g is not None}
+
+
+FreeSlots = dict[tuple[str, str], list[tuple[float, bool]]]  # limit -> (from when, whether a slot was free)
+
+
+def _free_slots(report: DrillReport, logs: list[list[dict[str, Any]]]) -> FreeSlots:
+    """Per concurrency limit of the drill's stack: from each change on, whether a slot was free."""
+    try:
+        limits = GateLimits.model_validate_json(os.environ.get("INTERLOCK_GATE_LIMITS") or "{}")
+    except ValueError:
+        return {}
+    out: FreeSlots = {}
+    for topic, levels in in_flight_levels(logs, lambda e: e["data"].get("topic")).items():
+        cap = limits.topic(str(topic)).concurrency
+        if cap is not None:
+            out[("topic", str(topic))] = [(when.timestamp(), level < cap) for when, level in levels]
+    cap = limits.tenant(report.tenant).concurrency
+    if cap is not None:
+        levels = in_flight_levels(logs).get(None, [])
+        out[("tenant", report.tenant)] = [(when.timestamp(), level < cap) for when, level in levels]
+    return out
+
+
+def _longest_free(changes: list[tuple[float, bool]], start: float, end: float) -> float:
+    """The longest stretch within [start, end] during which a slot was free (``changes``: from each
+    time on, whether one was)."""
+    i = bisect.bisect_right([when for when, _ in changes], start)
+    free_now = changes[i - 1][1] if i else True
+    since, longest = start, 0.0
+    for when, free in changes[i:]:
+        if when >= end:
+            break
+        if free_now and not free:
+            longest = max(longest, when - since)
+        elif free and not free_now:
+            since = when
+        free_now = free
+    if free_now:
+        longest = max(longest, end - since)
+    return longest
 
 
 def _limit_violations(report: DrillReport, logs: list[list[dict[str, Any]]]) -> list[str]:

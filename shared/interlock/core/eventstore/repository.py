@@ -221,6 +221,11 @@ class EventStore:
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
 
+    def _restore(self, handle: RunHandle) -> None:
+        """Cache again a copy an update detached and left unchanged, unless a newer one is there."""
+        if (handle.tenant, handle.run_id) not in self._cache:
+            self._remember(handle)
+
     def cached(self, tenant: str, run_id: str) -> bool:
         """Whether a copy of the run is in the cache."""
         return (tenant, run_id) in self._cache
@@ -334,8 +339,16 @@ class EventStore:
     async def _apply_group(self, tenant: str, run_id: str, group: list[_Pending], attempts: int) -> None:
         fresh = any(p.fresh for p in group)
         stale_retried = False
+        key = (tenant, run_id)
         for attempt in range(attempts):
             handle = await self.load(tenant, run_id, fresh=fresh)
+            # the decide has the run to itself while it runs: a consumer's observe() or another
+            # task's load() brings the *cached* copy forward in place, and a decide that awaits
+            # (the dispatcher's gate round trip, #16) would then act on a state that changed under
+            # it, its append still succeeding (the handle's position moved too). Detached, such a
+            # commit makes the append conflict, and the decide runs again on the new state.
+            if self._cache.get(key) is handle:
+                del self._cache[key]
             try:
                 for p in group:
                     outcome = p.decide(handle.run)
@@ -357,6 +370,8 @@ class EventStore:
                 # command (an unknown workflow, a lost connection) leaves it as it was.
                 if handle.run.collect_events() or isinstance(e, IllegalTransition):
                     self.forget(tenant, run_id)
+                else:
+                    self._restore(handle)
                 if len(group) > 1:  # one decide failed: the others must not fail with it
                     return await self._apply_each(tenant, run_id, group, attempts)
                 group[0].future.set_exception(e)
@@ -366,6 +381,7 @@ class EventStore:
                 raise
             new_events = handle.run.collect_events()
             if not new_events:
+                self._restore(handle)
                 for p in group:
                     p.future.set_result((handle, []))
                 return
