@@ -214,8 +214,8 @@ steps:
             await go_on.wait()  # the gate's round trip, held open
         return await real_admit(job, waiter, limits)
 
-    def observe(tenant: str, run_id: str, stream_seq: int, commit: Any) -> None:
-        real_observe(tenant, run_id, stream_seq, commit)
+    def observe(tenant: str, run_id: str, stream_seq: int, commit: Any, **options: Any) -> None:
+        real_observe(tenant, run_id, stream_seq, commit, **options)
         if any(e["type"] == "ApprovalGranted" for e in getattr(commit, "envelopes", [])):
             delivered.set()
 
