@@ -174,6 +174,8 @@ WRITER = Param("writer", "The service that appended the commit (planner, policy,
                          "routing only, authorship is the commit's signature.")
 ROUTE = Param("route", "Who must act on the commit: 'approval' (a decision that waits for a person) or 'flow'. "
                        "Each service's consumer is filtered by writer and route (interlock.contracts.routing).")
+LANE = Param("lane", "The run's lane: 'fast' (priority 4 or more) or 'slow'. Planner, policy and dispatcher consume "
+                     "the fast lane first (interlock.contracts.routing.lane_of).")
 
 # -- headers -------------------------------------------------------------------------------
 EVENT_MSG_ID = Header(
@@ -335,7 +337,7 @@ HEARTBEATS = Channel(
 RUN_EVENTS = Channel(
     id="runEvents",
     title="Run events",
-    pattern=Pattern(s.commit_subject, (TENANT, RUN_ID, WRITER, ROUTE)),
+    pattern=Pattern(s.commit_subject, (TENANT, RUN_ID, WRITER, ROUTE, LANE)),
     message=ev.Commit,
     description="One run's event log, the source of truth and audit trail (append-only stream): every message "
                 "on il.evt.{tenant}.{run_id}.> in stream order. Each message is a Commit of one or more "

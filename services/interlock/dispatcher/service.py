@@ -110,12 +110,20 @@ class DispatcherService(Service):
 
     def register(self, broker: NatsBroker) -> None:
         self.pull_commits(broker, self.on_commit, wants=routing.ACTS_ON[self.name])
-        self.pull(broker, s.RESULTS_ALL, s.RESULTS_STREAM, self.durable("results"), self.on_result)
-        self.pull(broker, s.HEARTBEATS_ALL, s.RESULTS_STREAM, self.durable("heartbeats"), self.on_heartbeat)
+        # a high-priority run's results and heartbeats go first too (#16): by its cached run's lane
+        self.pull(broker, s.RESULTS_ALL, s.RESULTS_STREAM, self.durable("results"), self.on_result,
+                  lane=self.lane_of_message)
+        self.pull(broker, s.HEARTBEATS_ALL, s.RESULTS_STREAM, self.durable("heartbeats"), self.on_heartbeat,
+                  lane=self.lane_of_message)
         # "breaker": a held job's re-check (circuit breaker open, no live agent version); "gate": a
         # rate-limited job's token is due
         for kind in ("retry", "deadline", "lease", "breaker", "gate"):
             self.pull(broker, s.timer_fired(kind), s.TIMERS_STREAM, self.durable(f"timer_{kind}"), self.on_timer)
+
+    def lane_of_message(self, msg: Msg) -> str | None:
+        """The lane of the run a result or heartbeat is for, if that run is cached here (else slow)."""
+        run = s.run_of(msg.subject)
+        return self.store.cached_lane(*run) if run is not None else None
 
     # -- effects -----------------------------------------------------------------------------
     async def carry_out(self, effects: Sequence[Effect]) -> None:

@@ -94,6 +94,8 @@ class PlannerService(Service):
             input=run_input, input_ref=input_ref, idempotency_key=trigger.idempotency_key, tenant=tenant,
             requested_by=trigger.requested_by, rerun_of=trigger.rerun_of, reused_outputs=trigger.reuse_outputs,
             priority=trigger.priority,  # #16: the dispatcher's gate orders waiting jobs by it
+            # #16: the lane of every commit of the run (a high-priority run never queues behind a backlog)
+            lane=routing.lane_of(trigger.priority or workflow.priority),
         )
         admission = self.policy.engine.admit(
             tenant=tenant, workflow_id=workflow.id, workflow_version=workflow.version,
