@@ -117,19 +117,20 @@ async def measure(bench: StackBench, backlog: int, samples: int) -> dict[str, An
     loaded = [await _latency(bench, f"prio-high-{bench.nonce}-{i}", 5, loaded_runs) for i in range(samples)]
     remaining = [e for e in (await bench.events(TP, last))[0] if e["type"] == ev.RunSucceeded.type_name]
     ratio = (percentile(loaded, 50) or 0) / (percentile(idle, 50) or 1)
-    result = {
+    by_stage = {"idle": await stages(bench, idle_runs), "loaded": await stages(bench, loaded_runs)}
+    result: dict[str, Any] = {
         "backlog": backlog, "slots": SLOTS, "samples": samples, "backlog_queued_s": round(queued_s, 2),
         "idle_ms": summary(idle), "loaded_ms": summary(loaded),
         "idle_p50_ms": round(percentile(idle, 50) or 0, 2), "loaded_p50_ms": round(percentile(loaded, 50) or 0, 2),
         "ratio_p50": round(ratio, 2), "target_ratio": TARGET_RATIO, "target_ok": ratio <= TARGET_RATIO,
         "backlog_still_running": not remaining,  # the high runs went through a backlog, not after it
-        "stages_ms": {"idle": await stages(bench, idle_runs), "loaded": await stages(bench, loaded_runs)},
+        "stages_ms": by_stage,
         "stage_names": STAGES,
     }
     progress(f"PRIO: loaded p50 {result['loaded_p50_ms']} ms = {result['ratio_p50']}x idle "
              f"(target <= {TARGET_RATIO}x); backlog still running: {result['backlog_still_running']}")
     for name in STAGES:
-        progress(f"PRIO stage {name:>9}: idle p50 {result['stages_ms']['idle'][name]['p50']:7.1f} ms, "
-                 f"loaded p50 {result['stages_ms']['loaded'][name]['p50']:7.1f} ms "
-                 f"(max {result['stages_ms']['loaded'][name]['max']})")
+        idle_s, loaded_s = by_stage["idle"][name], by_stage["loaded"][name]
+        progress(f"PRIO stage {name:>9}: idle p50 {idle_s['p50'] or 0:7.1f} ms, "
+                 f"loaded p50 {loaded_s['p50'] or 0:7.1f} ms (max {loaded_s['max']})")
     return result

@@ -38,7 +38,7 @@ def test_lane_of_a_priority() -> None:
 
 def _run(priority: int | None = None, lane: str | None = None) -> Run:
     data = ev.RunStarted(workflow_id="wf", workflow_version="1", definition_hash="h", idempotency_key="k",
-                         tenant="acme", priority=priority, lane=lane)  # type: ignore[arg-type]
+                         tenant="acme", priority=priority, lane=lane)
     return Run.start(uuid4(), data, datetime.now(UTC))
 
 

@@ -679,6 +679,13 @@ class KeyValueEntry:
     description: str
     writers: tuple[str, ...]
     readers: tuple[str, ...]
+    part: str = ""
+    """For a bucket holding entries of several kinds, which kind this is (one entry per kind)."""
+
+    @property
+    def name(self) -> str:
+        """The bucket, with the kind of entry when it holds several (``il_gate waiting``)."""
+        return f"{self.bucket} {self.part}" if self.part else self.bucket
 
 
 AGENT_REGISTRY = KeyValueEntry(
@@ -730,9 +737,21 @@ WORKLOAD_GATE = KeyValueEntry(
     bucket=s.GATE_BUCKET,
     key="{kind}.{scope}.{digest} (subjects.gate_key: concurrency.topic.llm…, rate.tenant.acme…)",
     value=msg.GateScope,
-    description="Workload limits (concurrency, rate): the jobs holding a slot, the jobs waiting for one and a rate "
-                "limit's tokens, updated with compare-and-set by every dispatcher copy, so a limit holds across "
-                "copies, kills and restarts. Internal to the dispatcher.",
+    description="Workload limits (concurrency, rate): the jobs holding a slot and a rate limit's tokens, updated "
+                "with compare-and-set by every dispatcher copy, so a limit holds across copies, kills and restarts. "
+                "Internal to the dispatcher.",
+    writers=(DISPATCHER,),
+    readers=(DISPATCHER,),
+)
+
+WORKLOAD_GATE_QUEUE = KeyValueEntry(
+    bucket=s.GATE_BUCKET,
+    key="w.{limit key}.{digest of the job id} (subjects.gate_waiter_key)",
+    value=msg.GateQueued,
+    part="waiting",
+    description="A job waiting at a workload limit (its StepThrottled is in its run's log): put when it starts "
+                "waiting, deleted once it took the slot or stopped waiting; every dispatcher copy watches these "
+                "entries and ranks each limit's queue in memory. Internal to the dispatcher.",
     writers=(DISPATCHER,),
     readers=(DISPATCHER,),
 )
@@ -760,7 +779,7 @@ ROLLOUTS = KeyValueEntry(
 )
 
 KEY_VALUE: tuple[KeyValueEntry, ...] = (AGENT_REGISTRY, DEAD_LETTER_STATUS, API_KEYS, RESULT_CACHE, BREAKERS,
-                                       ROLLOUTS, WORKLOAD_GATE)
+                                       ROLLOUTS, WORKLOAD_GATE, WORKLOAD_GATE_QUEUE)
 
 REPLAYABLE: tuple[Channel, ...] = (TRIGGERS, JOBS, RESULTS, HEARTBEATS, TIMERS_FIRED)
 """Channels a dead letter's original may be published to again (``interlock dlq replay``): queues

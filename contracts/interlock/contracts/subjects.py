@@ -63,7 +63,7 @@ APIKEYS_BUCKET = "il_apikeys"  # key: the API key's id; value: its tenant, role,
 CACHE_BUCKET = "il_cache"  # key: cache_entry_key(tenant, digest); value: a CacheEntry (the result cache)
 BREAKERS_BUCKET = "il_breakers"  # key: breaker_key / breaker_log_key (the log key's history is the change log)
 ROLLOUTS_BUCKET = "il_rollouts"  # key: rollout_key(tenant, topic); value: the topic's canary rollout
-GATE_BUCKET = "il_gate"  # key: gate_key(kind, scope); value: a limit's slot holders, waiting jobs and tokens
+GATE_BUCKET = "il_gate"  # key: gate_key(kind, scope): a limit's slot holders and tokens; gate_waiter_key: a waiting job
 
 # -- wildcards a stream or consumer binds to ----------------------------------------------
 EVENTS_ALL = f"{PREFIX}.evt.>"
@@ -426,6 +426,21 @@ def gate_key(kind: str, scope: str) -> str:
     readable = re.sub(r"[^A-Za-z0-9_=-]", "_", scope)[:64]
     digest = hashlib.sha256(scope.encode()).hexdigest()[:12]
     return f"{token(kind, 'gate kind')}.{readable}.{digest}"
+
+
+GATE_WAITER_PREFIX = "w"
+
+
+def gate_waiter_key(limit_key: str, job: str) -> str:
+    """The entry of a job that waits at one limit in ``GATE_BUCKET`` (``w.{limit key}.{digest}``):
+    one per job and limit, so a job starting or ending its wait writes only its own entry."""
+    digest = hashlib.sha256(job.encode()).hexdigest()[:24]
+    return f"{GATE_WAITER_PREFIX}.{limit_key}.{digest}"
+
+
+def is_gate_waiter_key(key: str) -> bool:
+    """Whether a key of ``GATE_BUCKET`` is a waiting job's entry (else a limit's state)."""
+    return key.startswith(GATE_WAITER_PREFIX + ".")
 
 
 # -- the JetStream API (subjects of the server's own API that Interlock calls directly) -------

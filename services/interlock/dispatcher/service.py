@@ -100,11 +100,13 @@ class DispatcherService(Service):
         self.cache = ResultCache(self.js)
         self.gatekeeper = Gatekeeper(self.js, self.settings.gate_limits)
         self.gatekeeper.on_free = self.wake_waiters
+        await self.gatekeeper.start()
         self.queue = QueueDepth(self.js, self.settings.gate_limits.max_in_flight, self.wake)
         self.queue.start()
 
     async def teardown(self) -> None:
         await self.queue.stop()
+        await self.gatekeeper.stop()
         for task in list(self._wakes):
             task.cancel()
 
@@ -290,8 +292,9 @@ class DispatcherService(Service):
         Returns the entries removed."""
         removed = 0
         now = time.time()
-        for key in await self.gatekeeper.keys():
-            state, _ = await self.gatekeeper.read(key)
+        # every limit with a state or a waiting job (a waiter entry whose limit has no state is judged too)
+        for key in dict.fromkeys([*await self.gatekeeper.keys(), *self.gatekeeper.index.by_limit]):
+            state = await self.gatekeeper.view(key)
             entries = [(job, h.tenant, h.run_id, True, h.at) for job, h in state.holders.items() if now - h.at > grace]
             entries += [(job, w.tenant, w.run_id, False, w.since) for job, w in state.waiting.items()
                         if now - w.since > grace]
@@ -343,7 +346,8 @@ class DispatcherService(Service):
 
     async def _wake(self, tenant: str, run_id: str, entry: tuple[gate.Limit, str, float] | None = None) -> None:
         try:
-            run = await self.dispatch(tenant, run_id, woken=True, fresh=True)
+            async with self.lanes.lane(self.store.cached_lane(tenant, run_id)):  # a fast-lane run's wake first
+                run = await self.dispatch(tenant, run_id, woken=True, fresh=True)
             if run.terminal:
                 await self.release_ended(run)
             if entry is not None and ledger.waiter_verdict(run, entry[1]) == "release":
