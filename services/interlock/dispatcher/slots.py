@@ -239,21 +239,24 @@ class Gatekeeper:
         waiting in ``before`` only; jobs of a state entry written before waiters had entries of
         their own (``stored.waiting``) get theirs."""
         kv = await self.bucket()
-        if added:
-            jobs = [j for j in after.waiting if j not in before.waiting or j in stored.waiting]
-            for job in jobs:
-                queued = GateQueued(job=job, limit=key, waiter=after.waiting[job])
-                wkey = s.gate_waiter_key(key, job)
-                revision = await kv.put(wkey, queued.model_dump_json().encode())
-                self.index.wrote(wkey, revision, queued)
-            return
-        for job in [j for j in before.waiting if j not in after.waiting]:
+
+        async def put(job: str) -> None:
+            queued = GateQueued(job=job, limit=key, waiter=after.waiting[job])
             wkey = s.gate_waiter_key(key, job)
-            if not self.index.waiting(key).get(job) and job not in stored.waiting:
-                continue  # no entry of its own
+            self.index.wrote(wkey, await kv.put(wkey, queued.model_dump_json().encode()), queued)
+
+        async def delete(job: str) -> None:
+            wkey = s.gate_waiter_key(key, job)
             # a delete marker, published directly: its revision tells the index what it already knows
             ack = await self.js.publish(p.kv_key(s.GATE_BUCKET, wkey), headers={KV_OP: KV_DEL})
             self.index.wrote(wkey, ack.seq, None)
+
+        if added:
+            await asyncio.gather(*(put(j) for j in after.waiting if j not in before.waiting or j in stored.waiting))
+            return
+        mine = dict(self.index.waiting(key))  # jobs with an entry of their own
+        await asyncio.gather(*(delete(j) for j in before.waiting
+                               if j not in after.waiting and (j in mine or j in stored.waiting)))
 
     async def _apply(self, key: str, batch: list[tuple[Callable[[GateScope], tuple[GateScope, Any]],
                                                        asyncio.Future[Any]]]) -> None:
