@@ -53,7 +53,7 @@ def test_a_run_s_lane_is_the_one_its_start_names_else_its_priority_s() -> None:
 
 def test_the_lane_is_the_last_token_of_a_commit_and_the_run_log_still_covers_it() -> None:
     subject = s.commit_subject("acme", "run-1", "planner", routing.FLOW, s.FAST_LANE)
-    assert subject == "il.evt.acme.run-1.planner.flow.fast"
+    assert subject == "il.evt.acme.run-1.planner.flow.fast"  # literal: the layout itself is what is pinned
     assert s.parse_run_events(subject) == ("acme", "run-1")
     assert s.log_of(subject) == s.run_events("acme", "run-1")
     assert s.run_of(subject) == ("acme", "run-1")
@@ -61,13 +61,13 @@ def test_the_lane_is_the_last_token_of_a_commit_and_the_run_log_still_covers_it(
     assert _matches(s.run_log("acme", "run-1"), subject)
     assert _matches(s.EVENTS_ALL, subject)
     # a commit appended before lanes existed still parses, and counts as slow
-    legacy = "il.evt.acme.run-1.planner.flow"
+    legacy = "il.evt.acme.run-1.planner.flow"  # literal: a subject from before lanes
     assert s.parse_run_events(legacy) == ("acme", "run-1")
     assert s.lane_of_subject(legacy) == "slow"
     with pytest.raises(s.SubjectError):
         s.commit_subject("acme", "run-1", "planner", routing.FLOW, "fa.st")
     with pytest.raises(s.SubjectError):
-        s.parse_run_events("il.evt.acme.run-1.planner.flow.fast.extra")
+        s.parse_run_events("il.evt.acme.run-1.planner.flow.fast.extra")  # literal: one token too many
 
 
 def test_each_laned_service_gets_a_commit_in_exactly_the_consumer_of_its_lane() -> None:
@@ -87,7 +87,7 @@ def test_each_laned_service_gets_a_commit_in_exactly_the_consumer_of_its_lane() 
                     assert in_fast + in_slow == wanted <= 1, (svc, subject)  # no lane loses or doubles one
                     if wanted:
                         assert (in_fast, in_slow) == ((1, 0) if lane == s.FAST_LANE else (0, 1)), (svc, subject)
-                legacy = f"il.evt.t.r.{writer}.{route}"  # before lanes: the slow consumer takes it
+                legacy = f"il.evt.t.r.{writer}.{route}"  # literal: from before lanes (the slow consumer takes it)
                 assert sum(_matches(f, legacy) for f in fast) == 0
                 assert sum(_matches(f, legacy) for f in slow) == sum(_matches(f, legacy) for f in both)
     with pytest.raises(s.SubjectError):
