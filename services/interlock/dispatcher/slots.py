@@ -17,7 +17,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from nats.js import JetStreamContext
@@ -297,13 +297,27 @@ class Gatekeeper:
                 if now_revision != revision:
                     fresh = True
                     continue
-            await self._write_waiters(key, state, new, stored, added=False)
             self._cache[key] = (doc, revision)
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
+            # the entries of jobs that stopped waiting go after the decision is out, not holding up
+            # the key's next batch: meanwhile a job that took a slot is a holder, not ranked as
+            # waiting (_view); one whose delete is lost is dropped by its wake or the sweep
+            self._spawn(self._forget_waiters(key, state, new, stored))
             return
         raise EventStoreError(f"gate limit {key} changed by others {CAS_ATTEMPTS} times in a row")
+
+    async def _forget_waiters(self, key: str, before: GateScope, after: GateScope, stored: GateScope) -> None:
+        try:
+            await self._write_waiters(key, before, after, stored, added=False)
+        except Exception as e:  # a reconnect: the wake or the sweep drops what is left
+            log.warning("gate %s: could not delete the entries of jobs that stopped waiting: %r", key, e)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _up_to_date(self, limit: Limit, decided: list[tuple[str, GateWaiter]]) -> list[tuple[str, GateWaiter]]:
         """The waiting jobs that may go now after this copy freed a slot: as decided when every
