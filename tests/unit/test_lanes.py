@@ -177,3 +177,22 @@ async def test_fast_work_does_not_wait_for_slow_work() -> None:
     slow_may_end.set()
     await t
     assert order == ["fast", "slow"]
+
+
+def test_a_trigger_asking_for_a_high_priority_starts_in_the_fast_lane() -> None:
+    from nats.aio.msg import Msg
+
+    from interlock.contracts.messages import Trigger
+    from interlock.planner.service import trigger_lane
+
+    def msg(subject: str, data: bytes) -> Msg:
+        return Msg(None, subject=subject, data=data)  # type: ignore[arg-type]
+
+    high = Trigger(workflow_id="wf", idempotency_key="k", priority=5).model_dump_json().encode()
+    low = Trigger(workflow_id="wf", idempotency_key="k", priority=2).model_dump_json().encode()
+    plain = Trigger(workflow_id="wf", idempotency_key="k").model_dump_json().encode()
+    assert trigger_lane(msg(s.trigger("acme", "wf"), high)) == s.FAST_LANE
+    assert trigger_lane(msg(s.trigger("acme", "wf"), low)) == s.SLOW_LANE
+    assert trigger_lane(msg(s.trigger("acme", "wf"), plain)) is None
+    assert trigger_lane(msg(s.trigger("acme", "wf"), b'{"priority": ')) is None  # not JSON: the handler refuses it
+    assert trigger_lane(msg("orders.created", b'{"priority": 5}')) is None  # a workflow's own subject: its input
