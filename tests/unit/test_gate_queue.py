@@ -65,3 +65,24 @@ async def test_every_write_before_a_revision_is_known_only_once_delivered_or_own
     assert await waiting is True
     assert "r3:work@1" in index.waiting(LIMIT)
     assert await index.caught_up(9, patience=0.05) is False  # 7 and 8 never come: it gives up
+
+
+async def test_a_gate_that_cannot_follow_its_queues_yet_still_starts_and_stops() -> None:
+    from typing import Any
+
+    from interlock.core.workload import GateLimits
+    from interlock.dispatcher.slots import Gatekeeper
+
+    class NoBucket:
+        calls = 0
+
+        async def key_value(self, bucket: str) -> Any:
+            NoBucket.calls += 1
+            raise TimeoutError("no bucket yet")
+
+    keeper = Gatekeeper(NoBucket(), GateLimits())  # type: ignore[arg-type]
+    await keeper.start()  # a warning, a retry in the background: the dispatcher still starts
+    assert NoBucket.calls == 1 and keeper._retry is not None and not keeper._retry.done()
+    await keeper.stop()
+    await asyncio.sleep(0)
+    assert keeper._retry.cancelled()

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 CAS_ATTEMPTS = 40
 QUEUE_POLL_S = 1.0
 WATCH_START_S = 30.0  # loading the waiting jobs at start-up
+WATCH_RETRY_S = 2.0  # a watch that could not start is tried again this often
 CATCH_UP_S = 0.5  # a copy that freed a slot waits at most this long to know every waiter queued before
 
 R = TypeVar("R")
@@ -67,7 +68,10 @@ class WaitIndex:
     async def start(self, kv: KeyValue) -> None:
         self._watcher = await kv.watch(">")
         self._task = asyncio.create_task(self._follow(), name="gate-wait-index")
-        await asyncio.wait_for(self.ready.wait(), WATCH_START_S)
+        try:
+            await asyncio.wait_for(self.ready.wait(), WATCH_START_S)
+        except TimeoutError:  # it keeps following: the queues fill in as the entries arrive
+            log.warning("gate: the waiting jobs did not load within %ss; following them meanwhile", WATCH_START_S)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -166,6 +170,7 @@ class Gatekeeper:
         # against it at once (compare-and-set catches a stale one), saving a read on the hot path
         self._cache: dict[str, tuple[GateScope, int | None]] = {}
         self.index = WaitIndex()
+        self._retry: asyncio.Task[None] | None = None
         self.stats: Counter[str] = Counter()  # changes asked for, writes, conflicts
         # waiting jobs of a limit that may go now: the dispatcher wakes their runs (set by it)
         self.on_free: Callable[[Limit, list[tuple[str, GateWaiter]]], None] = lambda limit, woken: None
@@ -176,10 +181,30 @@ class Gatekeeper:
         return self._kv
 
     async def start(self) -> None:
-        """Load the waiting jobs and follow their entries (before the first decision)."""
-        await self.index.start(await self.bucket())
+        """Load the waiting jobs and follow their entries (before the first decision). A bucket not
+        reachable yet (a leader election, a bucket still being provisioned) is tried again in the
+        background; until then decisions see only this copy's own waiting jobs."""
+        try:
+            await self.index.start(await self.bucket())
+        except Exception as e:
+            log.warning("gate: cannot follow the waiting jobs yet (%r); trying again in the background", e)
+            self._kv = None
+            self._retry = asyncio.create_task(self._start_later(), name="gate-wait-index-start")
+
+    async def _start_later(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_RETRY_S)
+            try:
+                await self.index.start(await self.bucket())
+                log.info("gate: following the waiting jobs")
+                return
+            except Exception as e:
+                self._kv = None
+                log.warning("gate: still cannot follow the waiting jobs: %r", e)
 
     async def stop(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
         await self.index.stop()
 
     async def read(self, key: str) -> tuple[GateScope, int | None]:
