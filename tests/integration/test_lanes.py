@@ -93,7 +93,7 @@ async def test_a_fast_lane_run_overtakes_a_queued_slow_lane_backlog_in_every_ser
     # policy: the backlog's StepReady commits wait in its slow consumer, the high run's in the fast one
     await start(bare, "policy")
     decided = await all_reached(bare, runs, "PolicyDecided")
-    assert place(decided, high) < BACKLOG // 2, f"decided after {place(decided, high)} of {BACKLOG} backlog runs"
+    assert place(decided, high) < BACKLOG // 5, f"decided after {place(decided, high)} of {BACKLOG} backlog runs"
 
     # dispatcher: the same with the policy's decisions
     worker = Worker("lanes")
@@ -105,14 +105,14 @@ async def test_a_fast_lane_run_overtakes_a_queued_slow_lane_backlog_in_every_ser
     await bare.start_worker(worker)
     await start(bare, "dispatcher")
     dispatched = await all_reached(bare, runs, "StepDispatched")
-    assert place(dispatched, high) < BACKLOG // 2, \
+    assert place(dispatched, high) < BACKLOG // 5, \
         f"dispatched after {place(dispatched, high)} of {BACKLOG} backlog runs"
     await all_reached(bare, runs, "StepSucceeded")
 
     # planner again: the dispatcher's StepSucceeded commits; the run's end is planned first for the high run
     await start(bare, "planner")
     ended = await all_reached(bare, runs, "RunSucceeded")
-    assert place(ended, high) < BACKLOG // 2, f"ended after {place(ended, high)} of {BACKLOG} backlog runs"
+    assert place(ended, high) < BACKLOG // 5, f"ended after {place(ended, high)} of {BACKLOG} backlog runs"
     # every commit of the high run is in the fast lane, every commit of a backlog run in the slow one
     js = bare.nc.jetstream()
     info = await js.stream_info(s.EVENTS_STREAM, subjects_filter=s.run_log(bare.tenant, high))

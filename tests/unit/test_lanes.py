@@ -196,3 +196,35 @@ def test_a_trigger_asking_for_a_high_priority_starts_in_the_fast_lane() -> None:
     assert trigger_lane(msg(s.trigger("acme", "wf"), plain)) is None
     assert trigger_lane(msg(s.trigger("acme", "wf"), b'{"priority": ')) is None  # not JSON: the handler refuses it
     assert trigger_lane(msg("orders.created", b'{"priority": 5}')) is None  # a workflow's own subject: its input
+
+
+async def test_started_slow_work_gives_way_at_its_checkpoint_and_nothing_else_waits_there() -> None:
+    gate = LaneGate(max_wait=5.0)
+    order: list[str] = []
+    slow_in, fast_in, fast_may_end = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def slow() -> None:
+        async with gate.lane(s.SLOW_LANE):
+            slow_in.set()
+            await fast_in.wait()  # it started before the fast work arrived
+            await gate.checkpoint()  # its next run update
+            order.append("slow")
+
+    async def fast() -> None:
+        async with gate.lane(s.FAST_LANE):
+            fast_in.set()
+            await gate.checkpoint()  # a fast handler never waits at it
+            await fast_may_end.wait()
+            order.append("fast")
+
+    t_slow = asyncio.create_task(slow())
+    await slow_in.wait()
+    t_fast = asyncio.create_task(fast())
+    await fast_in.wait()
+    await gate.checkpoint()  # outside any handler (a timer, a command): no wait
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert order == []
+    fast_may_end.set()
+    await asyncio.gather(t_slow, t_fast)
+    assert order == ["fast", "slow"] and gate.stats["checkpoint_waited"] == 1

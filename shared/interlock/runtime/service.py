@@ -154,6 +154,7 @@ class Service:
         authenticity = authenticity_for(self.settings.creds, self.keyring, signing=self.settings.signing == "on",
                                         on_refused=self._refused, who=self.name)
         self.store = EventStore(self.nc, self.js, service=self.name, authenticity=authenticity)
+        self.store.checkpoint = self.lanes.checkpoint  # started slow-lane work gives way to fast (#16)
         self.registry = WorkflowRegistry(self.js)
         self.payloads = PayloadStore(self.js, self.settings.inline_limit)
         await self.setup()
@@ -351,11 +352,12 @@ class Service:
             self.pull(broker, routing.consumer_filters(self.name), s.EVENTS_STREAM, self.durable("events"), on_commit)
             return
         # one consumer per lane (#16): a high-priority run's commits never wait behind a backlog's
-        # on the server, and its handlers go first here (self.lanes)
-        self.pull(broker, routing.consumer_filters(self.name, s.SLOW_LANE), s.EVENTS_STREAM, self.durable("events"),
-                  on_commit, lane=s.SLOW_LANE)
+        # on the server, and its handlers go first here (self.lanes); the fast one starts first, so a
+        # backlog waiting at start-up does not get a head start
         self.pull(broker, routing.consumer_filters(self.name, s.FAST_LANE), s.EVENTS_STREAM,
                   self.durable("events_fast"), on_commit, lane=s.FAST_LANE)
+        self.pull(broker, routing.consumer_filters(self.name, s.SLOW_LANE), s.EVENTS_STREAM, self.durable("events"),
+                  on_commit, lane=s.SLOW_LANE)
 
     def answer(self, broker: NatsBroker, subject: str, kind: type[M], handler: Callable[[str, M], Awaitable[R]],
                refuse: Callable[[str], R], *, keep_invalid: bool = False) -> None:

@@ -92,6 +92,8 @@ class EventStore:
         self._seen: OrderedDict[tuple[str, str], int] = OrderedDict()
         self.stats = {"appends": 0, "conflicts": 0, "loads": 0, "cache_hits": 0, "grouped": 0}
         self._pending: dict[tuple[str, str], list[_Pending]] = {}
+        self.checkpoint: Callable[[], Awaitable[None]] | None = None
+        """Awaited before each update (the service's lanes: slow-lane work gives way to fast)."""
 
     # -- reading -----------------------------------------------------------------------------
     async def read_commits(self, tenant: str, run_id: str, after_seq: int = 0) -> list[StoredCommit]:
@@ -325,6 +327,8 @@ class EventStore:
         handful of appends, not 500 conflicting ones.
         Returns the new handle and the appended envelopes (empty when nothing was decided).
         """
+        if self.checkpoint is not None:
+            await self.checkpoint()
         key = (tenant, run_id)
         mine = _Pending(decide, fresh, asyncio.get_running_loop().create_future())
         self._pending.setdefault(key, []).append(mine)
