@@ -21,7 +21,7 @@ import json
 import time
 from typing import Any
 
-from bench.common import percentile, progress, summary
+from bench.common import parse_at, percentile, progress, summary
 from bench.stackrun import TP, StackBench
 from interlock.contracts import events as ev
 
@@ -39,11 +39,55 @@ GATE_LIMITS = json.dumps({"tenants": {TP: {"concurrency": SLOTS}}})
 TARGET_RATIO = 2.0
 
 
-async def _latency(bench: StackBench, key: str, priority: int) -> float:
-    run_id, _, secs, kind = await bench.one_run(WF_PRIO, {"n": 1}, TP, key, timeout=600, priority=priority)
+# where a high run's time goes: from its trigger's submission to each commit (the server's time of
+# the first commit holding the event), then to the bench seeing its end
+STAGE_POINTS = (
+    ("start", ev.RunStarted.type_name, "submit -> RunStarted: trigger publish, planner consumes, plans, appends"),
+    ("policy", ev.PolicyDecided.type_name, "RunStarted -> PolicyDecided: delivery to the policy, decision, append"),
+    ("dispatch", ev.StepDispatched.type_name, "PolicyDecided -> StepDispatched: delivery to the dispatcher, "
+                                              "the gate (a StepThrottled wait included), append"),
+    ("agent", ev.StepSucceeded.type_name, "StepDispatched -> StepSucceeded: job publish, worker (20 ms), result, "
+                                          "dispatcher records it"),
+    ("end", ev.RunSucceeded.type_name, "StepSucceeded -> RunSucceeded: delivery to the planner, append"),
+)
+STAGES = {name: why for name, _, why in STAGE_POINTS} | {
+    "seen": "RunSucceeded -> the bench's subscription delivers it",
+    "throttled": "StepThrottled -> StepDispatched (0 when not throttled; part of dispatch)",
+}
+Sample = tuple[str, float, float]  # run id, submit wall time, seconds to its end
+
+
+async def _latency(bench: StackBench, key: str, priority: int, samples: list[Sample] | None = None) -> float:
+    run_id, wall, secs, kind = await bench.one_run(WF_PRIO, {"n": 1}, TP, key, timeout=600, priority=priority)
     if kind != ev.RunSucceeded.type_name:
         raise RuntimeError(f"PRIO run {run_id} ended {kind}: {bench.failures[-1:]}")
+    if samples is not None:
+        samples.append((run_id, wall, secs))
     return secs * 1000
+
+
+async def stages(bench: StackBench, samples: list[Sample]) -> dict[str, dict[str, float | None]]:
+    """Per stage (:data:`STAGES`), the p50 and max over ``samples`` in ms, from the runs' commits."""
+    per: dict[str, list[float]] = {name: [] for name in STAGES}
+    for run_id, wall, secs in samples:
+        commits = await bench.tenant(TP).read_commits(run_id)
+        first: dict[str, float] = {}
+        for c in commits:
+            for e in c.envelopes:
+                first.setdefault(e["type"], c.at if c.at is not None else parse_at(e["at"]))
+        previous = wall
+        for name, kind, _ in STAGE_POINTS:
+            if kind not in first:
+                break
+            per[name].append((first[kind] - previous) * 1000)
+            previous = first[kind]
+        else:
+            per["seen"].append((wall + secs - previous) * 1000)
+        throttled = first.get(ev.StepThrottled.type_name)
+        dispatched = first.get(ev.StepDispatched.type_name)
+        per["throttled"].append((dispatched - throttled) * 1000 if throttled and dispatched else 0.0)
+    return {name: {"p50": round(percentile(v, 50) or 0, 2), "max": round(max(v), 2) if v else None}
+            for name, v in per.items()}
 
 
 async def measure(bench: StackBench, backlog: int, samples: int) -> dict[str, Any]:
@@ -52,7 +96,8 @@ async def measure(bench: StackBench, backlog: int, samples: int) -> dict[str, An
     client = bench.tenant(TP)
     for i in range(3):  # warm-up: the worker's consumer, the gate bucket, the code paths
         await _latency(bench, f"prio-warm-{bench.nonce}-{i}", 5)
-    idle = [await _latency(bench, f"prio-idle-{bench.nonce}-{i}", 5) for i in range(samples)]
+    idle_runs: list[Sample] = []
+    idle = [await _latency(bench, f"prio-idle-{bench.nonce}-{i}", 5, idle_runs) for i in range(samples)]
     progress(f"PRIO: idle p50 {percentile(idle, 50):.1f} ms; triggering a backlog of {backlog} low-priority runs")
     keys = [f"prio-low-{bench.nonce}-{i}" for i in range(backlog)]
     t0 = time.perf_counter()
@@ -68,16 +113,24 @@ async def measure(bench: StackBench, backlog: int, samples: int) -> dict[str, An
         await asyncio.sleep(0.1)
     queued_s = time.perf_counter() - t0
     progress(f"PRIO: backlog queued in {queued_s:.1f} s; measuring {samples} high-priority runs through it")
-    loaded = [await _latency(bench, f"prio-high-{bench.nonce}-{i}", 5) for i in range(samples)]
+    loaded_runs: list[Sample] = []
+    loaded = [await _latency(bench, f"prio-high-{bench.nonce}-{i}", 5, loaded_runs) for i in range(samples)]
     remaining = [e for e in (await bench.events(TP, last))[0] if e["type"] == ev.RunSucceeded.type_name]
     ratio = (percentile(loaded, 50) or 0) / (percentile(idle, 50) or 1)
-    result = {
+    by_stage = {"idle": await stages(bench, idle_runs), "loaded": await stages(bench, loaded_runs)}
+    result: dict[str, Any] = {
         "backlog": backlog, "slots": SLOTS, "samples": samples, "backlog_queued_s": round(queued_s, 2),
         "idle_ms": summary(idle), "loaded_ms": summary(loaded),
         "idle_p50_ms": round(percentile(idle, 50) or 0, 2), "loaded_p50_ms": round(percentile(loaded, 50) or 0, 2),
         "ratio_p50": round(ratio, 2), "target_ratio": TARGET_RATIO, "target_ok": ratio <= TARGET_RATIO,
         "backlog_still_running": not remaining,  # the high runs went through a backlog, not after it
+        "stages_ms": by_stage,
+        "stage_names": STAGES,
     }
     progress(f"PRIO: loaded p50 {result['loaded_p50_ms']} ms = {result['ratio_p50']}x idle "
              f"(target <= {TARGET_RATIO}x); backlog still running: {result['backlog_still_running']}")
+    for name in STAGES:
+        idle_s, loaded_s = by_stage["idle"][name], by_stage["loaded"][name]
+        progress(f"PRIO stage {name:>9}: idle p50 {idle_s['p50'] or 0:7.1f} ms, "
+                 f"loaded p50 {loaded_s['p50'] or 0:7.1f} ms (max {loaded_s['max']})")
     return result

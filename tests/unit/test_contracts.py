@@ -313,6 +313,7 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "GateHolder": {"tenant", "run_id", "step_id", "at"},
     "GateScope": set(),
     "GateWaiter": {"tenant", "run_id", "step_id", "since"},
+    "GateQueued": {"job", "limit", "waiter"},
     "ApiKeyRecord": {"key_id", "tenant", "role", "principal", "sha256", "created_at"},
     "ApprovalDecision": {"run_id", "step_id", "job_hash", "role"},  # approver: the command subject's principal
     # new types (signed approvals): what a signature covers is all required

@@ -174,6 +174,8 @@ WRITER = Param("writer", "The service that appended the commit (planner, policy,
                          "routing only, authorship is the commit's signature.")
 ROUTE = Param("route", "Who must act on the commit: 'approval' (a decision that waits for a person) or 'flow'. "
                        "Each service's consumer is filtered by writer and route (interlock.contracts.routing).")
+LANE = Param("lane", "The run's lane: 'fast' (priority 4 or more) or 'slow'. Planner, policy and dispatcher consume "
+                     "the fast lane first (interlock.contracts.routing.lane_of).")
 
 # -- headers -------------------------------------------------------------------------------
 EVENT_MSG_ID = Header(
@@ -335,7 +337,7 @@ HEARTBEATS = Channel(
 RUN_EVENTS = Channel(
     id="runEvents",
     title="Run events",
-    pattern=Pattern(s.commit_subject, (TENANT, RUN_ID, WRITER, ROUTE)),
+    pattern=Pattern(s.commit_subject, (TENANT, RUN_ID, WRITER, ROUTE, LANE)),
     message=ev.Commit,
     description="One run's event log, the source of truth and audit trail (append-only stream): every message "
                 "on il.evt.{tenant}.{run_id}.> in stream order. Each message is a Commit of one or more "
@@ -677,6 +679,13 @@ class KeyValueEntry:
     description: str
     writers: tuple[str, ...]
     readers: tuple[str, ...]
+    part: str = ""
+    """For a bucket holding entries of several kinds, which kind this is (one entry per kind)."""
+
+    @property
+    def name(self) -> str:
+        """The bucket, with the kind of entry when it holds several (``il_gate waiting``)."""
+        return f"{self.bucket} {self.part}" if self.part else self.bucket
 
 
 AGENT_REGISTRY = KeyValueEntry(
@@ -728,9 +737,21 @@ WORKLOAD_GATE = KeyValueEntry(
     bucket=s.GATE_BUCKET,
     key="{kind}.{scope}.{digest} (subjects.gate_key: concurrency.topic.llm…, rate.tenant.acme…)",
     value=msg.GateScope,
-    description="Workload limits (concurrency, rate): the jobs holding a slot, the jobs waiting for one and a rate "
-                "limit's tokens, updated with compare-and-set by every dispatcher copy, so a limit holds across "
-                "copies, kills and restarts. Internal to the dispatcher.",
+    description="Workload limits (concurrency, rate): the jobs holding a slot and a rate limit's tokens, updated "
+                "with compare-and-set by every dispatcher copy, so a limit holds across copies, kills and restarts. "
+                "Internal to the dispatcher.",
+    writers=(DISPATCHER,),
+    readers=(DISPATCHER,),
+)
+
+WORKLOAD_GATE_QUEUE = KeyValueEntry(
+    bucket=s.GATE_BUCKET,
+    key="w.{limit key}.{digest of the job id} (subjects.gate_waiter_key)",
+    value=msg.GateQueued,
+    part="waiting",
+    description="A job waiting at a workload limit (its StepThrottled is in its run's log): put when it starts "
+                "waiting, deleted once it took the slot or stopped waiting; every dispatcher copy watches these "
+                "entries and ranks each limit's queue in memory. Internal to the dispatcher.",
     writers=(DISPATCHER,),
     readers=(DISPATCHER,),
 )
@@ -758,7 +779,7 @@ ROLLOUTS = KeyValueEntry(
 )
 
 KEY_VALUE: tuple[KeyValueEntry, ...] = (AGENT_REGISTRY, DEAD_LETTER_STATUS, API_KEYS, RESULT_CACHE, BREAKERS,
-                                       ROLLOUTS, WORKLOAD_GATE)
+                                       ROLLOUTS, WORKLOAD_GATE, WORKLOAD_GATE_QUEUE)
 
 REPLAYABLE: tuple[Channel, ...] = (TRIGGERS, JOBS, RESULTS, HEARTBEATS, TIMERS_FIRED)
 """Channels a dead letter's original may be published to again (``interlock dlq replay``): queues

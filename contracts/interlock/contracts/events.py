@@ -71,7 +71,11 @@ class RunStarted(EventData):
     rerun_of: str | None = None
     reused_outputs: dict[str, Any] = Field(default_factory=dict)
     priority: int | None = Field(default=None, description="The priority the trigger asked for (1-5), if any")
-    omit_when_none: ClassVar[frozenset[str]] = frozenset({"priority"})
+    lane: Literal["fast", "slow"] | None = Field(default=None, description=(
+        "The lane of the run's commits (routing.lane_of of its priority, the trigger's or the workflow's "
+        "default): a fast-lane run's commits are consumed before slow-lane ones (#16). None (older runs): "
+        "from the priority alone"))
+    omit_when_none: ClassVar[frozenset[str]] = frozenset({"priority", "lane"})
 
 
 class RunAdmitted(EventData):

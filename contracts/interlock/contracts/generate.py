@@ -261,7 +261,7 @@ def asyncapi(schemas: dict[str, JsonObject] | None = None) -> JsonObject:
         "x-interlock-services": dict(cat.SERVICES),
         "x-interlock-protocol": protocol.table(),
         "x-interlock-key-value": {
-            entry.bucket: {
+            entry.name: {
                 "key": entry.key,
                 "value": _ref("components", "schemas", entry.value.__name__),
                 "description": entry.description,

@@ -234,15 +234,30 @@ class GateWaiter(Message):
 
 
 class GateScope(Message):
-    """One workload limit's state in bucket il_gate, changed only with compare-and-set."""
+    """One workload limit's state in bucket il_gate, changed only with compare-and-set: its slot
+    holders, fair-share counters and a rate's tokens. The jobs waiting for it are entries of their
+    own (:class:`GateQueued`), so a change costs the same however long its queue is."""
 
     holders: dict[str, GateHolder] = Field(default_factory=dict, description="job id -> the slot it holds")
-    waiting: dict[str, GateWaiter] = Field(default_factory=dict, description="job id -> the job that waits")
+    waiting: dict[str, GateWaiter] = Field(default_factory=dict, description=(
+        "job id -> the job that waits: written by dispatchers before waiting jobs had entries of their own "
+        "(GateQueued); read, and moved there, on the limit's next change"))
     tokens: float | None = Field(default=None, description="A rate limit's tokens at refilled_at")
     refilled_at: float | None = None
     shares: dict[str, float] = Field(default_factory=dict, description=(
         "tenant -> slots handed out per unit of weight (fair share's virtual time; a tenant that starts "
         "waiting starts at the least share of those already there)"))
+
+
+class GateQueued(Message):
+    """A job that waits at one workload limit: its own entry in bucket il_gate
+    (``subjects.gate_waiter_key``), put when it starts waiting and deleted once it took the slot
+    or stopped waiting. Every dispatcher copy keeps the limit's queue in memory from these entries
+    (a watch of the bucket) and ranks it with the limit's state."""
+
+    job: str = Field(description="The job id ({run_id}:{step_id}@{attempt})")
+    limit: str = Field(description="The limit's key in il_gate (subjects.gate_key)")
+    waiter: GateWaiter
 
 
 class AgentRegistration(Message):

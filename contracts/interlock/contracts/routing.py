@@ -1,6 +1,6 @@
-"""Which service is delivered which commit: the ``writer`` and ``route`` tokens of a commit's subject.
+"""Which service is delivered which commit: the ``writer``, ``route`` and ``lane`` tokens of a commit's subject.
 
-A commit is appended on ``subjects.commit_subject(tenant, run_id, writer, route)``. Each service's
+A commit is appended on ``subjects.commit_subject(tenant, run_id, writer, route, lane)``. Each service's
 events consumer is filtered (server side) to the commits it acts on or needs to keep its cached
 runs whole, so a commit is decoded, checked and applied only where it matters:
 
@@ -15,6 +15,13 @@ runs whole, so a commit is decoded, checked and applied only where it matters:
 :data:`ACTS_ON` says which event types each service acts on (its handler is called for a commit
 holding one); the rest of what it is delivered only keeps its cached runs current.
 
+Lanes (#16): a run of priority :data:`FAST_LANE_PRIORITY` or more appends every commit in the fast
+lane (:func:`lane_of`), every other run in the slow lane. Planner, policy and dispatcher have one
+consumer per lane (:func:`consumer_filters` with a lane), and handle slow-lane commits only while no
+fast-lane one is pending (``interlock.runtime.lanes``): a high-priority run's commits never queue
+behind a backlog's. A lane orders work, never what is allowed: every commit of a run is still on
+its log (``il.evt.{tenant}.{run_id}.>``), under the same expected-sequence condition.
+
 The tokens are routing, not trust: who wrote a commit is proven by its signature, and a commit
 with a misleading route only reaches the wrong consumers (each still checks it before acting).
 """
@@ -26,6 +33,7 @@ from typing import Any
 
 from interlock.contracts import events as ev
 from interlock.contracts import subjects as s
+from interlock.contracts.messages import PRIORITY_DEFAULT
 
 WRITERS = ("planner", "policy", "approval", "dispatcher")
 """The services that append to run logs (a commit's ``writer`` token)."""
@@ -79,19 +87,43 @@ def route_of(envelopes: Iterable[Mapping[str, Any]], writer: str = "") -> str:
     return AGAIN if any(e.get("type") in again for e in events) else FLOW
 
 
-def _commits(writer: str = _ANY, route: str = _ANY) -> str:
-    return f"{s.PREFIX}.evt.{_ANY}.{_ANY}.{writer}.{route}"
+FAST_LANE_PRIORITY = 4
+"""The least run priority (1-5) whose commits travel in the fast lane."""
+
+LANED = ("planner", "policy", "dispatcher")
+"""The services with one events consumer per lane (the others take both lanes in one)."""
 
 
-def consumer_filters(service: str) -> tuple[str, ...]:
-    """The filter subjects of ``service``'s consumer on ``IL_EVENTS`` (non-overlapping)."""
+def lane_of(priority: int | None) -> str:
+    """The lane of a run's commits from its priority (the trigger's, else the workflow's; none: the default)."""
+    return s.FAST_LANE if (priority or PRIORITY_DEFAULT) >= FAST_LANE_PRIORITY else s.SLOW_LANE
+
+
+def _commits(writer: str = _ANY, route: str = _ANY, lane: str | None = _ANY) -> str:
+    """A commit filter; ``lane`` None: commits appended before lanes existed (no lane token)."""
+    return f"{s.PREFIX}.evt.{_ANY}.{_ANY}.{writer}.{route}" + (f".{lane}" if lane is not None else "")
+
+
+def _lanes(lane: str | None) -> tuple[str | None, ...]:
+    # the slow lane also takes commits without a lane token (appended before lanes existed)
+    if lane is None:
+        return (_ANY, None)
+    if lane not in s.LANES:
+        raise s.SubjectError(f"lane {lane!r} is not one of {', '.join(s.LANES)}")
+    return (lane, None) if lane == s.SLOW_LANE else (lane,)
+
+
+def consumer_filters(service: str, lane: str | None = None) -> tuple[str, ...]:
+    """The filter subjects of ``service``'s consumer on ``IL_EVENTS`` (non-overlapping): of one
+    lane's commits, or of both (``lane`` None)."""
+    lanes = _lanes(lane)
     if service == "approval":
-        return (_commits(route=APPROVAL),)
+        return tuple(_commits(route=APPROVAL, lane=ln) for ln in lanes)
     if service in WRITERS:
-        own = (_commits(writer=service, route=AGAIN),) if service in ACTS_ON_OWN else ()
-        return (*(_commits(writer=w) for w in WRITERS if w != service), *own)
+        own = [_commits(writer=service, route=AGAIN, lane=ln) for ln in lanes] if service in ACTS_ON_OWN else []
+        return (*(_commits(writer=w, lane=ln) for w in WRITERS if w != service for ln in lanes), *own)
     return (s.EVENTS_ALL,)
 
 
-__all__ = ["ACTS_ON", "ACTS_ON_OWN", "AGAIN", "APPROVAL", "FLOW", "WRITERS", "consumer_filters", "needs_a_person",
-           "route_of"]
+__all__ = ["ACTS_ON", "ACTS_ON_OWN", "AGAIN", "APPROVAL", "FAST_LANE_PRIORITY", "FLOW", "LANED", "WRITERS",
+           "consumer_filters", "lane_of", "needs_a_person", "route_of"]

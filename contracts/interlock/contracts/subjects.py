@@ -5,10 +5,12 @@ generated AsyncAPI document all read them from here.
 
 Subject layout (``{…}`` is one token; tokens never contain dots, except job topics which may):
 
-- ``il.evt.{tenant}.{run_id}.{writer}.{route}``  one commit of a run's event log (stream
+- ``il.evt.{tenant}.{run_id}.{writer}.{route}.{lane}``  one commit of a run's event log (stream
   ``IL_EVENTS``): the run's log is ``il.evt.{tenant}.{run_id}.>``; ``writer`` is the service that
-  appended it and ``route`` who must act on it (:mod:`interlock.contracts.routing`), so each
-  service's consumer is filtered to the commits it acts on
+  appended it, ``route`` who must act on it and ``lane`` (``fast`` or ``slow``, from the run's
+  priority) which of the acting service's consumers gets it (:mod:`interlock.contracts.routing`),
+  so each service's consumer is filtered to the commits it acts on, and high-priority runs never
+  queue behind a backlog of low-priority ones
 - ``il.trigger.{tenant}.{workflow_id}``   start a run (stream ``IL_TRIGGERS``)
 - ``il.job.{tenant}.{topic}``             jobs for agent workers (stream ``IL_JOBS``, work queue)
 - ``il.vjob.{tenant}.{version}.{topic}``  jobs for one agent version only (canary rollouts, version ranges)
@@ -61,7 +63,7 @@ APIKEYS_BUCKET = "il_apikeys"  # key: the API key's id; value: its tenant, role,
 CACHE_BUCKET = "il_cache"  # key: cache_entry_key(tenant, digest); value: a CacheEntry (the result cache)
 BREAKERS_BUCKET = "il_breakers"  # key: breaker_key / breaker_log_key (the log key's history is the change log)
 ROLLOUTS_BUCKET = "il_rollouts"  # key: rollout_key(tenant, topic); value: the topic's canary rollout
-GATE_BUCKET = "il_gate"  # key: gate_key(kind, scope); value: a limit's slot holders, waiting jobs and tokens
+GATE_BUCKET = "il_gate"  # key: gate_key(kind, scope): a limit's slot holders and tokens; gate_waiter_key: a waiting job
 
 # -- wildcards a stream or consumer binds to ----------------------------------------------
 EVENTS_ALL = f"{PREFIX}.evt.>"
@@ -111,9 +113,23 @@ def run_log(tenant: str, run_id: str) -> str:
     return f"{run_events(tenant, run_id)}.>"
 
 
-def commit_subject(tenant: str, run_id: str, writer: str, route: str) -> str:
-    """Where a commit is appended: below its run's log, with who wrote it and who must act on it."""
-    return f"{run_events(tenant, run_id)}.{token(writer, 'writer')}.{token(route, 'route')}"
+FAST_LANE = "fast"
+"""Lane of the commits of a high-priority run (``routing.lane_of``): consumed before the slow lane."""
+SLOW_LANE = "slow"
+"""Lane of every other run's commits."""
+LANES = (FAST_LANE, SLOW_LANE)
+
+
+def lane_token(lane: str) -> str:
+    """Check a commit's lane token (one token; Interlock writes one of :data:`LANES`, and a commit
+    in any other lane reaches only consumers of every lane, as a misleading route would)."""
+    return token(lane, "lane")
+
+
+def commit_subject(tenant: str, run_id: str, writer: str, route: str, lane: str = SLOW_LANE) -> str:
+    """Where a commit is appended: below its run's log, with who wrote it, who must act on it and
+    in which lane (the run's, :func:`interlock.contracts.routing.lane_of`)."""
+    return f"{run_events(tenant, run_id)}.{token(writer, 'writer')}.{token(route, 'route')}.{lane_token(lane)}"
 
 
 def tenant_events(tenant: str) -> str:
@@ -340,13 +356,26 @@ def _parse(subject: str, kind: tuple[str, ...], count: int, what: str, layout: s
 
 
 def parse_run_events(subject: str) -> tuple[str, str]:
-    """A commit's subject ``il.evt.{tenant}.{run_id}.{writer}.{route}`` (or a run log's name
-    ``il.evt.{tenant}.{run_id}``) -> (tenant, run_id)."""
-    if subject.count(".") == 3:
+    """A commit's subject ``il.evt.{tenant}.{run_id}.{writer}.{route}.{lane}`` (or one appended
+    before lanes existed, without the lane, or a run log's name ``il.evt.{tenant}.{run_id}``)
+    -> (tenant, run_id)."""
+    dots = subject.count(".")
+    if dots == 3:
         tenant, run_id = _parse(subject, ("evt",), 2, "run event", "il.evt.{tenant}.{run_id}")
         return tenant, run_id
-    tenant, run_id, _, _ = _parse(subject, ("evt",), 4, "run event", "il.evt.{tenant}.{run_id}.{writer}.{route}")
+    if dots == 5:
+        tenant, run_id, _, _ = _parse(subject, ("evt",), 4, "run event", "il.evt.{tenant}.{run_id}.{writer}.{route}")
+        return tenant, run_id
+    tenant, run_id, _, _, _ = _parse(subject, ("evt",), 5, "run event",
+                                     "il.evt.{tenant}.{run_id}.{writer}.{route}.{lane}")
     return tenant, run_id
+
+
+def lane_of_subject(subject: str) -> str:
+    """The lane of a commit's subject (a commit appended before lanes existed is slow)."""
+    parse_run_events(subject)
+    parts = subject.split(".")
+    return parts[6] if len(parts) == 7 else SLOW_LANE
 
 
 def log_of(subject: str) -> str:
@@ -360,7 +389,8 @@ _PER_RUN = ("evt", "result", "hb")
 def run_of(subject: str) -> tuple[str, str] | None:
     """(tenant, run_id) of a per-run subject (run events, results, heartbeats), else None."""
     parts = subject.split(".")
-    if (len(parts) == 4 or (len(parts) == 6 and parts[1] == "evt")) and parts[0] == PREFIX and parts[1] in _PER_RUN:
+    if (len(parts) == 4 or (len(parts) in (6, 7) and parts[1] == "evt")) and parts[0] == PREFIX \
+            and parts[1] in _PER_RUN:
         return parts[2], parts[3]
     return None
 
@@ -396,6 +426,21 @@ def gate_key(kind: str, scope: str) -> str:
     readable = re.sub(r"[^A-Za-z0-9_=-]", "_", scope)[:64]
     digest = hashlib.sha256(scope.encode()).hexdigest()[:12]
     return f"{token(kind, 'gate kind')}.{readable}.{digest}"
+
+
+GATE_WAITER_PREFIX = "w"
+
+
+def gate_waiter_key(limit_key: str, job: str) -> str:
+    """The entry of a job that waits at one limit in ``GATE_BUCKET`` (``w.{limit key}.{digest}``):
+    one per job and limit, so a job starting or ending its wait writes only its own entry."""
+    digest = hashlib.sha256(job.encode()).hexdigest()[:24]
+    return f"{GATE_WAITER_PREFIX}.{limit_key}.{digest}"
+
+
+def is_gate_waiter_key(key: str) -> bool:
+    """Whether a key of ``GATE_BUCKET`` is a waiting job's entry (else a limit's state)."""
+    return key.startswith(GATE_WAITER_PREFIX + ".")
 
 
 # -- the JetStream API (subjects of the server's own API that Interlock calls directly) -------

@@ -162,16 +162,20 @@ def ranked(waiting: Mapping[str, GateWaiter], holders: Mapping[str, GateHolder],
                 since, tenant)
 
     for priority in sorted(levels, reverse=True):
-        queues = {tenant: sorted(jobs, reverse=True) for tenant, jobs in levels[priority].items()}
-        heap = [key(t, q[-1][0]) for t, q in queues.items()]
+        # each tenant's queue a heap, popped as far as the caller reads: linear set-up, not a sort
+        # of every waiting job (a limit with 1,000 waiting hands out one or two at a time)
+        queues = levels[priority]
+        for jobs in queues.values():
+            heapq.heapify(jobs)
+        heap = [key(t, q[0][0]) for t, q in queues.items()]
         heapq.heapify(heap)
         while heap:
             tenant = heapq.heappop(heap)[-1]
             queue = queues[tenant]
-            yield queue.pop()[1]
+            yield heapq.heappop(queue)[1]
             picked[tenant] += 1
             if queue:
-                heapq.heappush(heap, key(tenant, queue[-1][0]))
+                heapq.heappush(heap, key(tenant, queue[0][0]))
 
 
 def _ranked(state: GateScope, weights: Weights, waiting: Mapping[str, GateWaiter] | None = None) -> Iterator[str]:
@@ -271,6 +275,8 @@ def next_up(state: GateScope, limit: Limit, weights: Weights, now: float) -> lis
     """The waiting jobs that may go now, in order: the dispatcher wakes their runs."""
     free = capacity(state, limit, now)
     out: list[tuple[str, GateWaiter]] = []
+    if free <= 0 or not state.waiting:  # nobody may go: no ranking
+        return out
     for job in _ranked(state, weights):
         if len(out) >= free:
             break

@@ -100,22 +100,32 @@ class DispatcherService(Service):
         self.cache = ResultCache(self.js)
         self.gatekeeper = Gatekeeper(self.js, self.settings.gate_limits)
         self.gatekeeper.on_free = self.wake_waiters
+        await self.gatekeeper.start()
         self.queue = QueueDepth(self.js, self.settings.gate_limits.max_in_flight, self.wake)
         self.queue.start()
 
     async def teardown(self) -> None:
         await self.queue.stop()
+        await self.gatekeeper.stop()
         for task in list(self._wakes):
             task.cancel()
 
     def register(self, broker: NatsBroker) -> None:
         self.pull_commits(broker, self.on_commit, wants=routing.ACTS_ON[self.name])
-        self.pull(broker, s.RESULTS_ALL, s.RESULTS_STREAM, self.durable("results"), self.on_result)
-        self.pull(broker, s.HEARTBEATS_ALL, s.RESULTS_STREAM, self.durable("heartbeats"), self.on_heartbeat)
+        # a high-priority run's results and heartbeats go first too (#16): by its cached run's lane
+        self.pull(broker, s.RESULTS_ALL, s.RESULTS_STREAM, self.durable("results"), self.on_result,
+                  lane=self.lane_of_message)
+        self.pull(broker, s.HEARTBEATS_ALL, s.RESULTS_STREAM, self.durable("heartbeats"), self.on_heartbeat,
+                  lane=self.lane_of_message)
         # "breaker": a held job's re-check (circuit breaker open, no live agent version); "gate": a
         # rate-limited job's token is due
         for kind in ("retry", "deadline", "lease", "breaker", "gate"):
             self.pull(broker, s.timer_fired(kind), s.TIMERS_STREAM, self.durable(f"timer_{kind}"), self.on_timer)
+
+    def lane_of_message(self, msg: Msg) -> str | None:
+        """The lane of the run a result or heartbeat is for, if that run is cached here (else slow)."""
+        run = s.run_of(msg.subject)
+        return self.store.cached_lane(*run) if run is not None else None
 
     # -- effects -----------------------------------------------------------------------------
     async def carry_out(self, effects: Sequence[Effect]) -> None:
@@ -282,8 +292,9 @@ class DispatcherService(Service):
         Returns the entries removed."""
         removed = 0
         now = time.time()
-        for key in await self.gatekeeper.keys():
-            state, _ = await self.gatekeeper.read(key)
+        # every limit with a state or a waiting job (a waiter entry whose limit has no state is judged too)
+        for key in dict.fromkeys([*await self.gatekeeper.keys(), *self.gatekeeper.index.by_limit]):
+            state = await self.gatekeeper.view(key)
             entries = [(job, h.tenant, h.run_id, True, h.at) for job, h in state.holders.items() if now - h.at > grace]
             entries += [(job, w.tenant, w.run_id, False, w.since) for job, w in state.waiting.items()
                         if now - w.since > grace]
@@ -335,7 +346,8 @@ class DispatcherService(Service):
 
     async def _wake(self, tenant: str, run_id: str, entry: tuple[gate.Limit, str, float] | None = None) -> None:
         try:
-            run = await self.dispatch(tenant, run_id, woken=True, fresh=True)
+            async with self.lanes.lane(self.store.cached_lane(tenant, run_id)):  # a fast-lane run's wake first
+                run = await self.dispatch(tenant, run_id, woken=True, fresh=True)
             if run.terminal:
                 await self.release_ended(run)
             if entry is not None and ledger.waiter_verdict(run, entry[1]) == "release":

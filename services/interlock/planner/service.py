@@ -47,6 +47,18 @@ SPEND_CACHE_S = 2.0  # how long a tenant's spend read from the auditor is reused
 
 PROGRESS_EVENTS = routing.ACTS_ON["planner"]
 
+def trigger_lane(msg: Msg) -> str | None:
+    """A trigger that asks for a fast-lane priority is started before slow-lane work here (#16);
+    any other (a raw trigger subject's input, no priority: the workflow's default) counts as slow."""
+    if b'"priority"' not in msg.data or not s.is_trigger_subject(msg.subject):
+        return None
+    try:
+        priority = json.loads(msg.data).get("priority")
+    except (ValueError, AttributeError):
+        return None  # the handler refuses it
+    return routing.lane_of(priority) if isinstance(priority, int) else None
+
+
 class PlannerService(Service):
     name = "planner"
 
@@ -65,7 +77,7 @@ class PlannerService(Service):
     def register(self, broker: NatsBroker) -> None:
         # the whole triggers stream: subjects.TRIGGERS_ALL and the workflows' own trigger subjects, which
         # the registry adds to the stream when a workflow declares them
-        self.pull(broker, ">", s.TRIGGERS_STREAM, self.durable("triggers"), self.on_trigger)
+        self.pull(broker, ">", s.TRIGGERS_STREAM, self.durable("triggers"), self.on_trigger, lane=trigger_lane)
         self.pull_commits(broker, self.on_commit, wants=PROGRESS_EVENTS)
         self.pull(broker, s.timer_fired("run_timeout"), s.TIMERS_STREAM, self.durable("timers"), self.on_timer)
         self.pull(broker, s.schedule_fired(), s.TIMERS_STREAM, self.durable("schedules"), self.schedules.on_tick)
@@ -94,6 +106,8 @@ class PlannerService(Service):
             input=run_input, input_ref=input_ref, idempotency_key=trigger.idempotency_key, tenant=tenant,
             requested_by=trigger.requested_by, rerun_of=trigger.rerun_of, reused_outputs=trigger.reuse_outputs,
             priority=trigger.priority,  # #16: the dispatcher's gate orders waiting jobs by it
+            # #16: the lane of every commit of the run (a high-priority run never queues behind a backlog)
+            lane=routing.lane_of(trigger.priority or workflow.priority),
         )
         admission = self.policy.engine.admit(
             tenant=tenant, workflow_id=workflow.id, workflow_version=workflow.version,

@@ -20,6 +20,7 @@ from uuid import UUID
 from eventsourcing.domain import Aggregate
 
 from interlock.contracts import events as ev
+from interlock.contracts import routing
 from interlock.contracts.messages import JobError, LlmCall, PayloadRef
 
 RunStatus = Literal["running", "compensating", "succeeded", "failed", "denied", "cancelled", "timed_out"]
@@ -169,6 +170,11 @@ class Run(Aggregate):
     def priority(self) -> int:
         """The priority the run was started with (1-5), 0 when it named none (the workflow's applies)."""
         return self.data.priority or 0
+
+    @property
+    def lane(self) -> str:
+        """The lane its commits are appended in (#16): the one its RunStarted names, else its priority's."""
+        return self.data.lane or routing.lane_of(self.data.priority)
 
     # -- commands ----------------------------------------------------------------------------
     @classmethod

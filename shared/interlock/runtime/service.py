@@ -39,6 +39,7 @@ from interlock.runtime.connect import connect, creds_options
 from interlock.runtime.consumer import PullConsumer
 from interlock.runtime.datakeys import PayloadSealer
 from interlock.runtime.deadletter import dead_letter
+from interlock.runtime.lanes import LaneGate
 from interlock.runtime.payloads import PayloadStore
 from interlock.runtime.registry import WorkflowNotFound, WorkflowRegistry
 from interlock.runtime.settings import ServiceSettings
@@ -132,6 +133,7 @@ class Service:
                                  max_reconnect_attempts=-1, reconnect_time_wait=1, security=security, **auth)
         self._stopped = asyncio.Event()
         self._consumers: list[PullConsumer] = []
+        self.lanes = LaneGate()  # fast-lane work first (#16): the consumers of both lanes share it
         self._sweeper: asyncio.Task[None] | None = None
         self._lag_poller: asyncio.Task[None] | None = None
         self._finished: set[tuple[str, str]] = set()  # runs known terminal: the sweep skips them
@@ -152,6 +154,7 @@ class Service:
         authenticity = authenticity_for(self.settings.creds, self.keyring, signing=self.settings.signing == "on",
                                         on_refused=self._refused, who=self.name)
         self.store = EventStore(self.nc, self.js, service=self.name, authenticity=authenticity)
+        self.store.checkpoint = self.lanes.checkpoint  # started slow-lane work gives way to fast (#16)
         self.registry = WorkflowRegistry(self.js)
         self.payloads = PayloadStore(self.js, self.settings.inline_limit)
         await self.setup()
@@ -274,13 +277,17 @@ class Service:
         return f"{self.name}{'_' + suffix if suffix else ''}"
 
     def pull(self, broker: NatsBroker, subject: str | Sequence[str], stream: str, durable: str,
-             handler: Callable[[Msg], Awaitable[None]], *, ack_wait: float = timing.ACK_WAIT_S) -> None:
+             handler: Callable[[Msg], Awaitable[None]], *, ack_wait: float = timing.ACK_WAIT_S,
+             lane: str | Callable[[Msg], str | None] | None = None) -> None:
         """A durable pull consumer, shared by every copy of this service, with guarded handling.
 
         JetStream consumption uses :class:`PullConsumer` rather than a FastStream pull
         subscriber: FastStream's batch fetch holds every message until its batch fills or times
         out, which would add that wait to every hop of every run. Request-reply commands and
         queries stay FastStream subscribers.
+
+        ``lane``: the lane of every message (a consumer of one lane's commits), or how to tell a
+        message's lane; its handler then goes through :attr:`lanes` (fast-lane work first).
         """
 
         what = durable.removeprefix(self.name).strip("_") or str(subject)
@@ -290,7 +297,11 @@ class Service:
             tenant, run_id = s.run_of(msg.subject) or (None, None)
             with tracing.handling(self.name, what, msg.headers, run_id=run_id, tenant=tenant,
                                   instance=self.settings.instance), logs.bound(tenant=tenant, run_id=run_id):
-                await self.guarded(msg, handler)
+                if lane is None:
+                    await self.guarded(msg, handler)
+                else:
+                    async with self.lanes.lane(lane if isinstance(lane, str) else lane(msg)):
+                        await self.guarded(msg, handler)
             handled.add(1)
 
         self._consumers.append(PullConsumer(
@@ -302,7 +313,8 @@ class Service:
                      wants: frozenset[str] | Callable[[dict[str, Any]], bool] | None = None
                      ) -> None:
         """Consume the run commits routed to this service (:func:`routing.consumer_filters`: what
-        it acts on, or what keeps its cached runs whole); call ``handler`` when relevant."""
+        it acts on, or what keeps its cached runs whole); call ``handler`` when relevant. Planner,
+        policy and dispatcher consume each lane through its own consumer, the fast lane first."""
 
         async def on_commit(msg: Msg) -> None:
             try:
@@ -336,7 +348,16 @@ class Service:
                     # (a node just restarted); a passing fault, retried, never dead-lettered
                     raise EventStoreError(f"run {run_id} not readable yet: {e}") from e
 
-        self.pull(broker, routing.consumer_filters(self.name), s.EVENTS_STREAM, self.durable("events"), on_commit)
+        if self.name not in routing.LANED:
+            self.pull(broker, routing.consumer_filters(self.name), s.EVENTS_STREAM, self.durable("events"), on_commit)
+            return
+        # one consumer per lane (#16): a high-priority run's commits never wait behind a backlog's
+        # on the server, and its handlers go first here (self.lanes); the fast one starts first, so a
+        # backlog waiting at start-up does not get a head start
+        self.pull(broker, routing.consumer_filters(self.name, s.FAST_LANE), s.EVENTS_STREAM,
+                  self.durable("events_fast"), on_commit, lane=s.FAST_LANE)
+        self.pull(broker, routing.consumer_filters(self.name, s.SLOW_LANE), s.EVENTS_STREAM, self.durable("events"),
+                  on_commit, lane=s.SLOW_LANE)
 
     def answer(self, broker: NatsBroker, subject: str, kind: type[M], handler: Callable[[str, M], Awaitable[R]],
                refuse: Callable[[str], R], *, keep_invalid: bool = False) -> None:

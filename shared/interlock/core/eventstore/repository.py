@@ -92,6 +92,8 @@ class EventStore:
         self._seen: OrderedDict[tuple[str, str], int] = OrderedDict()
         self.stats = {"appends": 0, "conflicts": 0, "loads": 0, "cache_hits": 0, "grouped": 0}
         self._pending: dict[tuple[str, str], list[_Pending]] = {}
+        self.checkpoint: Callable[[], Awaitable[None]] | None = None
+        """Awaited before each update (the service's lanes: slow-lane work gives way to fast)."""
 
     # -- reading -----------------------------------------------------------------------------
     async def read_commits(self, tenant: str, run_id: str, after_seq: int = 0) -> list[StoredCommit]:
@@ -230,6 +232,11 @@ class EventStore:
         """Whether a copy of the run is in the cache."""
         return (tenant, run_id) in self._cache
 
+    def cached_lane(self, tenant: str, run_id: str) -> str | None:
+        """The lane of a cached run's commits (#16), None when it is not cached (no I/O)."""
+        handle = self._cache.get((tenant, run_id))
+        return handle.run.lane if handle is not None else None
+
     def forget(self, tenant: str, run_id: str) -> None:
         """Drop the cached copy of a run: the next load replays it."""
         self._cache.pop((tenant, run_id), None)
@@ -320,6 +327,8 @@ class EventStore:
         handful of appends, not 500 conflicting ones.
         Returns the new handle and the appended envelopes (empty when nothing was decided).
         """
+        if self.checkpoint is not None:
+            await self.checkpoint()
         key = (tenant, run_id)
         mine = _Pending(decide, fresh, asyncio.get_running_loop().create_future())
         self._pending.setdefault(key, []).append(mine)
@@ -426,9 +435,10 @@ class EventStore:
             payload = codec.encode_commit(run_id, tenant, chunk)
             msg_id = f"{run_id}@{chunk[0]['seq']}:{chunk[-1]['hash'][:16]}"
             signed = self.authenticity.headers(subject, chunk)
-            # below the run's log, named for who wrote it and who must act on it: each service's
-            # consumer gets only the commits it needs (contracts.routing)
-            where = s.commit_subject(tenant, run_id, self.writer, routing.route_of(chunk, self.writer))
+            # below the run's log, named for who wrote it, who must act on it and the run's lane:
+            # each service's consumer gets only the commits it needs (contracts.routing)
+            where = s.commit_subject(tenant, run_id, self.writer, routing.route_of(chunk, self.writer),
+                                     handle.run.lane)
             stream_seq = await self.recorder.append(where, payload, msg_id, stream_seq, signed,
                                                     condition_on=s.run_log(tenant, run_id))
             self.stats["appends"] += 1
