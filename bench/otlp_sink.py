@@ -19,7 +19,7 @@ from typing import Any
 @contextmanager
 def otlp_sink() -> Iterator[tuple[str, dict[str, Any]]]:
     """(endpoint URL, totals) for the block's duration; ``totals`` is filled in when it ends:
-    ``{"traces": {"requests", "bytes", "spans"}, "metrics": {"requests", "bytes"}}``."""
+    ``{"traces": {"requests", "bytes", "spans"}, "metrics": {"requests", "bytes"}, "spans_by_name": {...}}``."""
     proc = subprocess.Popen([sys.executable, "-m", "bench.otlp_sink"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdin is not None
@@ -48,6 +48,7 @@ def _serve() -> None:
 
     totals: dict[str, dict[str, int]] = {"traces": {"requests": 0, "bytes": 0, "spans": 0},
                                          "metrics": {"requests": 0, "bytes": 0}, "other": {"requests": 0, "bytes": 0}}
+    by_name: dict[str, int] = {}  # "service.name: span name" -> spans
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
@@ -63,7 +64,15 @@ def _serve() -> None:
             spans = 0
             if signal == "traces" and self.headers.get("Content-Encoding", "") != "gzip":
                 request = ExportTraceServiceRequest.FromString(body)
-                spans = sum(len(scope.spans) for rs in request.resource_spans for scope in rs.scope_spans)
+                for rs in request.resource_spans:
+                    service = next((a.value.string_value for a in rs.resource.attributes
+                                    if a.key == "service.name"), "")
+                    for scope in rs.scope_spans:
+                        spans += len(scope.spans)
+                        with lock:
+                            for span in scope.spans:
+                                key = f"{service}: {span.name}"
+                                by_name[key] = by_name.get(key, 0) + 1
             with lock:
                 totals[signal]["requests"] += 1
                 totals[signal]["bytes"] += len(body)
@@ -80,7 +89,7 @@ def _serve() -> None:
     sys.stdin.read()  # until the bench closes our stdin
     server.shutdown()
     with lock:
-        print(json.dumps(totals), flush=True)
+        print(json.dumps({**totals, "spans_by_name": dict(sorted(by_name.items()))}), flush=True)
 
 
 if __name__ == "__main__":

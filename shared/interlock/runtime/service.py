@@ -274,13 +274,17 @@ class Service:
         return f"{self.name}{'_' + suffix if suffix else ''}"
 
     def pull(self, broker: NatsBroker, subject: str | Sequence[str], stream: str, durable: str,
-             handler: Callable[[Msg], Awaitable[None]], *, ack_wait: float = timing.ACK_WAIT_S) -> None:
+             handler: Callable[[Msg], Awaitable[None]], *, ack_wait: float = timing.ACK_WAIT_S,
+             traced: bool = True) -> None:
         """A durable pull consumer, shared by every copy of this service, with guarded handling.
 
         JetStream consumption uses :class:`PullConsumer` rather than a FastStream pull
         subscriber: FastStream's batch fetch holds every message until its batch fills or times
         out, which would add that wait to every hop of every run. Request-reply commands and
         queries stay FastStream subscribers.
+
+        ``traced=False``: the handler opens its message's span itself (:meth:`handling`), e.g.
+        only for the commits it acts on.
         """
 
         what = durable.removeprefix(self.name).strip("_") or str(subject)
@@ -288,15 +292,23 @@ class Service:
 
         async def consume(msg: Msg) -> None:
             tenant, run_id = s.run_of(msg.subject) or (None, None)
-            with tracing.handling(self.name, what, msg.headers, run_id=run_id, tenant=tenant,
-                                  instance=self.settings.instance), logs.bound(tenant=tenant, run_id=run_id):
-                await self.guarded(msg, handler)
+            with logs.bound(tenant=tenant, run_id=run_id):
+                if traced:
+                    with self.handling(what, msg, tenant, run_id):
+                        await self.guarded(msg, handler)
+                else:
+                    await self.guarded(msg, handler)
             handled.add(1)
 
         self._consumers.append(PullConsumer(
             self.nc, self.js, stream=stream, durable=durable, subject=subject, handler=consume,
             concurrency=self.settings.concurrency, ack_wait=ack_wait,
         ))
+
+    def handling(self, what: str, msg: Msg, tenant: str | None, run_id: str | None
+                 ) -> contextlib.AbstractContextManager[Any]:
+        """The span of one message this service handles (see :func:`tracing.handling`)."""
+        return tracing.handling(self.name, what, msg.headers, run_id=run_id, tenant=tenant)
 
     def pull_commits(self, broker: NatsBroker, handler: CommitHandler, *,
                      wants: frozenset[str] | Callable[[dict[str, Any]], bool] | None = None
@@ -329,14 +341,18 @@ class Service:
             # a run's first commit starts its cached copy: acting on the run later reads nothing
             self.store.observe(tenant, run_id, meta.sequence.stream, commit, adopt=True)
             if wanted:
-                try:
-                    await handler(tenant, run_id, envelopes)
-                except RunNotFound as e:
-                    # the commit shows the run exists: the read came from a replica that lags
-                    # (a node just restarted); a passing fault, retried, never dead-lettered
-                    raise EventStoreError(f"run {run_id} not readable yet: {e}") from e
+                # the span covers only commits this service acts on: one it merely caches (most
+                # of what reaches it) would make a span that is never exported
+                with self.handling("events", msg, tenant, run_id):
+                    try:
+                        await handler(tenant, run_id, envelopes)
+                    except RunNotFound as e:
+                        # the commit shows the run exists: the read came from a replica that lags
+                        # (a node just restarted); a passing fault, retried, never dead-lettered
+                        raise EventStoreError(f"run {run_id} not readable yet: {e}") from e
 
-        self.pull(broker, routing.consumer_filters(self.name), s.EVENTS_STREAM, self.durable("events"), on_commit)
+        self.pull(broker, routing.consumer_filters(self.name), s.EVENTS_STREAM, self.durable("events"), on_commit,
+                  traced=False)
 
     def answer(self, broker: NatsBroker, subject: str, kind: type[M], handler: Callable[[str, M], Awaitable[R]],
                refuse: Callable[[str], R], *, keep_invalid: bool = False) -> None:
@@ -358,8 +374,7 @@ class Service:
                 return refuse(request)
             raw = msg.raw_message
             run_id = getattr(request, "run_id", None)
-            with tracing.handling(self.name, kind.__name__, raw.headers, run_id=str(run_id) if run_id else None,
-                                  instance=self.settings.instance):
+            with tracing.handling(self.name, kind.__name__, raw.headers, run_id=str(run_id) if run_id else None):
                 return await handler(raw.subject, request)
 
         handle.__name__ = "answer_" + subject.replace(".", "_").replace("*", "any")

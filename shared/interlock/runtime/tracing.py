@@ -34,8 +34,9 @@ _propagator = TraceContextTextMapPropagator()
 _configured = False
 _ours = False  # whether configure() installed the provider (and so the run-trace id generator)
 
-HANDLER = "interlock.handler"
-"""Attribute of a service's message-handling span; one that did nothing is not exported."""
+HANDLER_KIND = SpanKind.CONSUMER
+"""Kind of a service's message-handling span (from this module's tracer); one that did nothing is
+not exported. Worker job spans are INTERNAL, model-call spans CLIENT: always exported."""
 PUBLISHED = "published"
 PROJECTED = "projected"
 ACTED_EVENTS = frozenset({APPENDED, PUBLISHED, PROJECTED})
@@ -74,7 +75,7 @@ class _ActedOnly(SpanProcessor):
         self._inner.on_start(span, parent_context)
 
     def on_end(self, span: ReadableSpan) -> None:
-        if (span.attributes or {}).get(HANDLER) and not any(e.name in ACTED_EVENTS for e in span.events):
+        if span.kind is HANDLER_KIND and _is_ours(span) and not any(e.name in ACTED_EVENTS for e in span.events):
             return
         self._inner.on_end(span)
 
@@ -83,6 +84,11 @@ class _ActedOnly(SpanProcessor):
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return self._inner.force_flush(timeout_millis)
+
+
+def _is_ours(span: ReadableSpan) -> bool:
+    scope = span.instrumentation_scope
+    return scope is not None and scope.name == TRACER_NAME
 
 
 def _exporters(export: str) -> list[SpanExporter]:
@@ -121,12 +127,18 @@ def configure(export: str = "off", *, service: str = "worker", instance: str = "
         return False
     global _ours
     _ours = True
+    # the sampler is the SDK's, from OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG (default
+    # parentbased_always_on: every run is traced); a ratio keeps or drops whole runs, since a
+    # run's trace id is its run id in every process
     provider = TracerProvider(resource=resource(service, instance), id_generator=_RunTraceIds())
     for exporter in exporters:
-        # console output is for people watching: print as spans end; OTLP batches
+        # console output is for people watching: print as spans end; OTLP batches (its queue,
+        # batch size and delay from OTEL_BSP_*), encoding and sending on the processor's thread
         live = isinstance(exporter, ConsoleSpanExporter)
         provider.add_span_processor(_ActedOnly(SimpleSpanProcessor(exporter) if live else BatchSpanProcessor(exporter)))
     trace.set_tracer_provider(provider)
+    global tracer
+    tracer = provider.get_tracer(TRACER_NAME)  # the SDK's tracer itself, not the proxy in front of it
     return True
 
 
@@ -196,8 +208,9 @@ def _span(service: str, what: str, parent: Context | None, run_id: str | None, a
         # context work a no-op span would cost on every message
         yield trace.INVALID_SPAN
         return
-    fields = {HANDLER: True, "messaging.system": "nats", "interlock.service": service,
-              **{f"interlock.{k}": v for k, v in attributes.items() if v is not None}}
+    # the service and its instance are the resource's (service.name, service.instance.id): not
+    # repeated on every span
+    fields = {"messaging.system": "nats", **{f"interlock.{k}": v for k, v in attributes.items() if v is not None}}
     if run_id:
         fields["interlock.run_id"] = run_id
     run_trace = _run_trace_id(run_id)
@@ -212,7 +225,7 @@ def _span(service: str, what: str, parent: Context | None, run_id: str | None, a
     elif run_trace is not None and not trace.get_current_span(parent).get_span_context().is_valid:
         parent = _run_context(run_trace)  # e.g. a command from outside: under the run's root span
     try:
-        span = tracer.start_span(f"{service} {what}", context=parent, kind=SpanKind.CONSUMER, attributes=fields)
+        span = tracer.start_span(f"{service} {what}", context=parent, kind=HANDLER_KIND, attributes=fields)
     finally:
         if token is not None:
             _root_ids.reset(token)  # only the root itself takes the derived ids
@@ -245,7 +258,8 @@ def inject(carrier: dict[str, str]) -> dict[str, str]:
     return carrier
 
 
-tracer = trace.get_tracer("interlock")
+TRACER_NAME = "interlock"
+tracer = trace.get_tracer(TRACER_NAME)
 
 
 def llm_call_span(call: LlmCall) -> None:
