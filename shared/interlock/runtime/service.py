@@ -75,8 +75,8 @@ def decode(msg: Msg, model: type[M]) -> M:
         decoded = model.model_validate_json(msg.data)
     except ValidationError as e:
         raise Poison(f"invalid {model.__name__} on {msg.subject}: {e}") from e
-    tracing.annotate(**{k: getattr(decoded, k) for k in ("run_id", "step_id", "attempt")
-                        if getattr(decoded, k, None) is not None})
+    tracing.annotate(run_id=getattr(decoded, "run_id", None), step_id=getattr(decoded, "step_id", None),
+                     attempt=getattr(decoded, "attempt", None))
     return decoded
 
 

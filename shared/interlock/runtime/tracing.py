@@ -236,14 +236,16 @@ def _span(service: str, what: str, parent: Context | None, run_id: str | None, a
 def annotate(**attributes: Any) -> None:
     """Add ``interlock.*`` attributes (step_id, attempt, …) to the span being handled."""
     span = trace.get_current_span()
-    for key, value in attributes.items():
-        if value is not None:
-            span.set_attribute(f"interlock.{key}", value)
+    if not span.is_recording():
+        return
+    span.set_attributes({f"interlock.{key}": value for key, value in attributes.items() if value is not None})
 
 
 def acted(what: str, **attributes: Any) -> None:
     """Record on the current span that the handler had an effect (``what`` in ACTED_EVENTS)."""
-    trace.get_current_span().add_event(what, {k: v for k, v in attributes.items() if v is not None})
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.add_event(what, {k: v for k, v in attributes.items() if v is not None})
 
 
 def current_traceparent() -> str | None:
