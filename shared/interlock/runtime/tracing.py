@@ -22,6 +22,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -86,6 +87,30 @@ class _ActedOnly(SpanProcessor):
         return self._inner.force_flush(timeout_millis)
 
 
+class RunTraceIdRatio(TraceIdRatioBased):
+    """The SDK's ratio sampler over a trace id's low 56 bits. A run's trace id is its UUID4, whose
+    low 64 bits begin with the variant bits (always 0b10): compared over 64 bits, as the SDK does,
+    no run would be kept below a ratio of 0.5. The low 56 bits are random (as W3C's random trace
+    id flag promises of the rightmost 7 bytes)."""
+
+    TRACE_ID_LIMIT = (1 << 56) - 1
+
+
+def _sampler() -> Sampler | None:
+    """``OTEL_TRACES_SAMPLER`` (``OTEL_TRACES_SAMPLER_ARG``): the ratio samplers over run ids (see
+    :class:`RunTraceIdRatio`); None for any other, which the SDK reads itself (default:
+    ``parentbased_always_on``, every run traced)."""
+    name = os.environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if name not in ("traceidratio", "parentbased_traceidratio"):
+        return None
+    try:
+        rate = min(1.0, max(0.0, float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0"))))
+    except ValueError:
+        rate = 1.0
+    ratio = RunTraceIdRatio(rate)
+    return ParentBased(ratio) if name.startswith("parentbased") else ratio
+
+
 def _is_ours(span: ReadableSpan) -> bool:
     scope = span.instrumentation_scope
     return scope is not None and scope.name == TRACER_NAME
@@ -127,10 +152,10 @@ def configure(export: str = "off", *, service: str = "worker", instance: str = "
         return False
     global _ours
     _ours = True
-    # the sampler is the SDK's, from OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG (default
+    # the sampler follows OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG (default
     # parentbased_always_on: every run is traced); a ratio keeps or drops whole runs, since a
     # run's trace id is its run id in every process
-    provider = TracerProvider(resource=resource(service, instance), id_generator=_RunTraceIds())
+    provider = TracerProvider(resource=resource(service, instance), id_generator=_RunTraceIds(), sampler=_sampler())
     for exporter in exporters:
         # console output is for people watching: print as spans end; OTLP batches (its queue,
         # batch size and delay from OTEL_BSP_*), encoding and sending on the processor's thread
@@ -231,6 +256,20 @@ def _span(service: str, what: str, parent: Context | None, run_id: str | None, a
             _root_ids.reset(token)  # only the root itself takes the derived ids
     with trace.use_span(span, end_on_exit=True):
         yield span
+
+
+@contextlib.contextmanager
+def under_run_root(run_id: str) -> Iterator[None]:
+    """Publish what the block publishes as the run's, not the current message's: its messages carry
+    the run's root span as their parent, and they do not count as the handler's effect (e.g. the
+    lease a heartbeat renews: a heartbeat that only renews its job's lease exports no span, and a
+    lease that later times the job out is parented to the run's root)."""
+    run_trace = _run_trace_id(run_id)
+    if run_trace is None or not trace.get_current_span().is_recording():
+        yield
+        return
+    with trace.use_span(trace.get_current_span(_run_context(run_trace)), end_on_exit=False):
+        yield
 
 
 def annotate(**attributes: Any) -> None:
