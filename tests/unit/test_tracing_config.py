@@ -156,3 +156,27 @@ def test_a_ratio_over_run_ids_keeps_that_share_of_runs() -> None:
     assert kept(TraceIdRatioBased(0.25)) == 0
     assert 400 <= kept(tracing.RunTraceIdRatio(0.25)) <= 600  # 500 expected
     assert kept(tracing.RunTraceIdRatio(1.0)) == 2000 and kept(tracing.RunTraceIdRatio(0.0)) == 0
+
+
+@pytest.mark.parametrize("value", [
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+    "00-00000000000000000000000000000000-b7ad6b7169203331-01",  # invalid trace id
+    "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",  # invalid span id
+    "00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01",  # upper case: not W3C
+    " 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01 ",
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+    "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-future",
+    "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    "garbage", "",
+])
+def test_context_of_reads_a_traceparent_as_the_sdks_propagator_does(value: str) -> None:
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    def seen(context: object) -> tuple[int, int, int, bool]:
+        ctx = trace.get_current_span(context).get_span_context()  # type: ignore[arg-type]
+        return ctx.trace_id, ctx.span_id, int(ctx.trace_flags), ctx.is_remote
+
+    expected = TraceContextTextMapPropagator().extract({"traceparent": value} if value else {})
+    assert seen(tracing.context_of(value)) == seen(expected)

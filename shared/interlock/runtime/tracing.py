@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
 import os
+import re
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -181,12 +183,30 @@ def traceparent(run_id: str, job_id: str) -> str:
     return f"00-{trace_id}-{span_id}-01"
 
 
+_VERSION_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+"""A version-00 ``traceparent`` as this module writes it (W3C Trace Context, level 1)."""
+
+
 def context_of(traceparent_value: str | None) -> Any:
-    """The OpenTelemetry context a ``traceparent`` continues (empty context if absent)."""
-    return _propagator.extract({h.TRACEPARENT: traceparent_value} if traceparent_value else {})
+    """The OpenTelemetry context a ``traceparent`` continues (empty context if absent).
+
+    The version-00 form every Interlock process writes is read here with one precompiled match
+    (it is read on every message handled); anything else goes to the SDK's propagator."""
+    if not traceparent_value:
+        return Context()
+    match = _VERSION_00.fullmatch(traceparent_value)
+    if match is None:
+        return _propagator.extract({h.TRACEPARENT: traceparent_value})
+    trace_id, span_id = int(match.group(1), 16), int(match.group(2), 16)
+    if not trace_id or not span_id:
+        return Context()  # all zeros: invalid, as the propagator would say
+    return trace.set_span_in_context(trace.NonRecordingSpan(trace.SpanContext(
+        trace_id, span_id, is_remote=True, trace_flags=trace.TraceFlags(int(match.group(3), 16)))))
 
 
+@functools.lru_cache(maxsize=4096)
 def _run_trace_id(run_id: str | None) -> int | None:
+    """The trace id of a run (its UUID), for every message of the run a process handles."""
     try:
         return uuid.UUID(run_id).int if run_id else None
     except ValueError:
