@@ -446,7 +446,9 @@ class DispatcherService(Service):
             effects.extend(rules.record_heartbeat(run, workflow, beat, datetime.now(UTC), first=first))
 
         await self.store.update(beat.tenant, beat.run_id, decide)
-        await self.carry_out(effects)
+        # the lease timer is the run's bookkeeping: a heartbeat that only renews it exports no span
+        with tracing.under_run_root(beat.run_id):
+            await self.carry_out(effects)
 
     # -- timers ------------------------------------------------------------------------------
     async def on_timer(self, msg: Msg) -> None:

@@ -129,8 +129,8 @@ class PlannerService(Service):
                                       snapshot_id=admission.snapshot_id))
 
         # the run's trace starts here: its root span's trace id is the run id
-        with tracing.run_root(self.name, "start run", str(run_id), tenant=tenant, workflow=workflow.id,
-                              instance=self.settings.instance), logs.bound(tenant=tenant, run_id=str(run_id)):
+        with tracing.run_root(self.name, "start run", str(run_id), tenant=tenant, workflow=workflow.id), \
+                logs.bound(tenant=tenant, run_id=str(run_id)):
             try:
                 await self.store.start_run(run_id, started, admit)
                 log.info("run %s started: %s v%s (%s)", run_id, workflow.id, workflow.version, admission.decision)

@@ -76,8 +76,8 @@ def decode(msg: Msg, model: type[M]) -> M:
         decoded = model.model_validate_json(msg.data)
     except ValidationError as e:
         raise Poison(f"invalid {model.__name__} on {msg.subject}: {e}") from e
-    tracing.annotate(**{k: getattr(decoded, k) for k in ("run_id", "step_id", "attempt")
-                        if getattr(decoded, k, None) is not None})
+    tracing.annotate(run_id=getattr(decoded, "run_id", None), step_id=getattr(decoded, "step_id", None),
+                     attempt=getattr(decoded, "attempt", None))
     return decoded
 
 
@@ -278,7 +278,7 @@ class Service:
 
     def pull(self, broker: NatsBroker, subject: str | Sequence[str], stream: str, durable: str,
              handler: Callable[[Msg], Awaitable[None]], *, ack_wait: float = timing.ACK_WAIT_S,
-             lane: str | Callable[[Msg], str | None] | None = None) -> None:
+             lane: str | Callable[[Msg], str | None] | None = None, traced: bool = True) -> None:
         """A durable pull consumer, shared by every copy of this service, with guarded handling.
 
         JetStream consumption uses :class:`PullConsumer` rather than a FastStream pull
@@ -288,6 +288,8 @@ class Service:
 
         ``lane``: the lane of every message (a consumer of one lane's commits), or how to tell a
         message's lane; its handler then goes through :attr:`lanes` (fast-lane work first).
+        ``traced=False``: the handler opens its message's span itself (:meth:`handling`), e.g.
+        only for the commits it acts on.
         """
 
         what = durable.removeprefix(self.name).strip("_") or str(subject)
@@ -295,19 +297,32 @@ class Service:
 
         async def consume(msg: Msg) -> None:
             tenant, run_id = s.run_of(msg.subject) or (None, None)
-            with tracing.handling(self.name, what, msg.headers, run_id=run_id, tenant=tenant,
-                                  instance=self.settings.instance), logs.bound(tenant=tenant, run_id=run_id):
-                if lane is None:
-                    await self.guarded(msg, handler)
+            with logs.bound(tenant=tenant, run_id=run_id):
+                if traced:
+                    with self.handling(what, msg, tenant, run_id):
+                        await self._in_lane(lane, msg, handler)
                 else:
-                    async with self.lanes.lane(lane if isinstance(lane, str) else lane(msg)):
-                        await self.guarded(msg, handler)
+                    await self._in_lane(lane, msg, handler)
             handled.add(1)
 
         self._consumers.append(PullConsumer(
             self.nc, self.js, stream=stream, durable=durable, subject=subject, handler=consume,
             concurrency=self.settings.concurrency, ack_wait=ack_wait,
         ))
+
+    async def _in_lane(self, lane: str | Callable[[Msg], str | None] | None, msg: Msg,
+                       handler: Callable[[Msg], Awaitable[None]]) -> None:
+        """Handle ``msg`` guarded, through :attr:`lanes` when its consumer has a lane (fast first)."""
+        if lane is None:
+            await self.guarded(msg, handler)
+            return
+        async with self.lanes.lane(lane if isinstance(lane, str) else lane(msg)):
+            await self.guarded(msg, handler)
+
+    def handling(self, what: str, msg: Msg, tenant: str | None, run_id: str | None
+                 ) -> contextlib.AbstractContextManager[Any]:
+        """The span of one message this service handles (see :func:`tracing.handling`)."""
+        return tracing.handling(self.name, what, msg.headers, run_id=run_id, tenant=tenant)
 
     def pull_commits(self, broker: NatsBroker, handler: CommitHandler, *,
                      wants: frozenset[str] | Callable[[dict[str, Any]], bool] | None = None
@@ -341,23 +356,27 @@ class Service:
             # a run's first commit starts its cached copy: acting on the run later reads nothing
             self.store.observe(tenant, run_id, meta.sequence.stream, commit, adopt=True)
             if wanted:
-                try:
-                    await handler(tenant, run_id, envelopes)
-                except RunNotFound as e:
-                    # the commit shows the run exists: the read came from a replica that lags
-                    # (a node just restarted); a passing fault, retried, never dead-lettered
-                    raise EventStoreError(f"run {run_id} not readable yet: {e}") from e
+                # the span covers only commits this service acts on: one it merely caches (most
+                # of what reaches it) would make a span that is never exported
+                with self.handling("events", msg, tenant, run_id):
+                    try:
+                        await handler(tenant, run_id, envelopes)
+                    except RunNotFound as e:
+                        # the commit shows the run exists: the read came from a replica that lags
+                        # (a node just restarted); a passing fault, retried, never dead-lettered
+                        raise EventStoreError(f"run {run_id} not readable yet: {e}") from e
 
         if self.name not in routing.LANED:
-            self.pull(broker, routing.consumer_filters(self.name), s.EVENTS_STREAM, self.durable("events"), on_commit)
+            self.pull(broker, routing.consumer_filters(self.name), s.EVENTS_STREAM, self.durable("events"), on_commit,
+                      traced=False)
             return
         # one consumer per lane (#16): a high-priority run's commits never wait behind a backlog's
         # on the server, and its handlers go first here (self.lanes); the fast one starts first, so a
         # backlog waiting at start-up does not get a head start
         self.pull(broker, routing.consumer_filters(self.name, s.FAST_LANE), s.EVENTS_STREAM,
-                  self.durable("events_fast"), on_commit, lane=s.FAST_LANE)
+                  self.durable("events_fast"), on_commit, lane=s.FAST_LANE, traced=False)
         self.pull(broker, routing.consumer_filters(self.name, s.SLOW_LANE), s.EVENTS_STREAM, self.durable("events"),
-                  on_commit, lane=s.SLOW_LANE)
+                  on_commit, lane=s.SLOW_LANE, traced=False)
 
     def answer(self, broker: NatsBroker, subject: str, kind: type[M], handler: Callable[[str, M], Awaitable[R]],
                refuse: Callable[[str], R], *, keep_invalid: bool = False) -> None:
@@ -379,8 +398,7 @@ class Service:
                 return refuse(request)
             raw = msg.raw_message
             run_id = getattr(request, "run_id", None)
-            with tracing.handling(self.name, kind.__name__, raw.headers, run_id=str(run_id) if run_id else None,
-                                  instance=self.settings.instance):
+            with tracing.handling(self.name, kind.__name__, raw.headers, run_id=str(run_id) if run_id else None):
                 return await handler(raw.subject, request)
 
         handle.__name__ = "answer_" + subject.replace(".", "_").replace("*", "any")

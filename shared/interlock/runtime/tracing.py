@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
 import os
+import re
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -22,6 +24,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -34,8 +37,9 @@ _propagator = TraceContextTextMapPropagator()
 _configured = False
 _ours = False  # whether configure() installed the provider (and so the run-trace id generator)
 
-HANDLER = "interlock.handler"
-"""Attribute of a service's message-handling span; one that did nothing is not exported."""
+HANDLER_KIND = SpanKind.CONSUMER
+"""Kind of a service's message-handling span (from this module's tracer); one that did nothing is
+not exported. Worker job spans are INTERNAL, model-call spans CLIENT: always exported."""
 PUBLISHED = "published"
 PROJECTED = "projected"
 ACTED_EVENTS = frozenset({APPENDED, PUBLISHED, PROJECTED})
@@ -74,7 +78,7 @@ class _ActedOnly(SpanProcessor):
         self._inner.on_start(span, parent_context)
 
     def on_end(self, span: ReadableSpan) -> None:
-        if (span.attributes or {}).get(HANDLER) and not any(e.name in ACTED_EVENTS for e in span.events):
+        if span.kind is HANDLER_KIND and _is_ours(span) and not any(e.name in ACTED_EVENTS for e in span.events):
             return
         self._inner.on_end(span)
 
@@ -83,6 +87,35 @@ class _ActedOnly(SpanProcessor):
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return self._inner.force_flush(timeout_millis)
+
+
+class RunTraceIdRatio(TraceIdRatioBased):
+    """The SDK's ratio sampler over a trace id's low 56 bits. A run's trace id is its UUID4, whose
+    low 64 bits begin with the variant bits (always 0b10): compared over 64 bits, as the SDK does,
+    no run would be kept below a ratio of 0.5. The low 56 bits are random (as W3C's random trace
+    id flag promises of the rightmost 7 bytes)."""
+
+    TRACE_ID_LIMIT = (1 << 56) - 1
+
+
+def _sampler() -> Sampler | None:
+    """``OTEL_TRACES_SAMPLER`` (``OTEL_TRACES_SAMPLER_ARG``): the ratio samplers over run ids (see
+    :class:`RunTraceIdRatio`); None for any other, which the SDK reads itself (default:
+    ``parentbased_always_on``, every run traced)."""
+    name = os.environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if name not in ("traceidratio", "parentbased_traceidratio"):
+        return None
+    try:
+        rate = min(1.0, max(0.0, float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0"))))
+    except ValueError:
+        rate = 1.0
+    ratio = RunTraceIdRatio(rate)
+    return ParentBased(ratio) if name.startswith("parentbased") else ratio
+
+
+def _is_ours(span: ReadableSpan) -> bool:
+    scope = span.instrumentation_scope
+    return scope is not None and scope.name == TRACER_NAME
 
 
 def _exporters(export: str) -> list[SpanExporter]:
@@ -121,12 +154,18 @@ def configure(export: str = "off", *, service: str = "worker", instance: str = "
         return False
     global _ours
     _ours = True
-    provider = TracerProvider(resource=resource(service, instance), id_generator=_RunTraceIds())
+    # the sampler follows OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG (default
+    # parentbased_always_on: every run is traced); a ratio keeps or drops whole runs, since a
+    # run's trace id is its run id in every process
+    provider = TracerProvider(resource=resource(service, instance), id_generator=_RunTraceIds(), sampler=_sampler())
     for exporter in exporters:
-        # console output is for people watching: print as spans end; OTLP batches
+        # console output is for people watching: print as spans end; OTLP batches (its queue,
+        # batch size and delay from OTEL_BSP_*), encoding and sending on the processor's thread
         live = isinstance(exporter, ConsoleSpanExporter)
         provider.add_span_processor(_ActedOnly(SimpleSpanProcessor(exporter) if live else BatchSpanProcessor(exporter)))
     trace.set_tracer_provider(provider)
+    global tracer
+    tracer = provider.get_tracer(TRACER_NAME)  # the SDK's tracer itself, not the proxy in front of it
     return True
 
 
@@ -144,12 +183,30 @@ def traceparent(run_id: str, job_id: str) -> str:
     return f"00-{trace_id}-{span_id}-01"
 
 
+_VERSION_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+"""A version-00 ``traceparent`` as this module writes it (W3C Trace Context, level 1)."""
+
+
 def context_of(traceparent_value: str | None) -> Any:
-    """The OpenTelemetry context a ``traceparent`` continues (empty context if absent)."""
-    return _propagator.extract({h.TRACEPARENT: traceparent_value} if traceparent_value else {})
+    """The OpenTelemetry context a ``traceparent`` continues (empty context if absent).
+
+    The version-00 form every Interlock process writes is read here with one precompiled match
+    (it is read on every message handled); anything else goes to the SDK's propagator."""
+    if not traceparent_value:
+        return Context()
+    match = _VERSION_00.fullmatch(traceparent_value)
+    if match is None:
+        return _propagator.extract({h.TRACEPARENT: traceparent_value})
+    trace_id, span_id = int(match.group(1), 16), int(match.group(2), 16)
+    if not trace_id or not span_id:
+        return Context()  # all zeros: invalid, as the propagator would say
+    return trace.set_span_in_context(trace.NonRecordingSpan(trace.SpanContext(
+        trace_id, span_id, is_remote=True, trace_flags=trace.TraceFlags(int(match.group(3), 16)))))
 
 
+@functools.lru_cache(maxsize=4096)
 def _run_trace_id(run_id: str | None) -> int | None:
+    """The trace id of a run (its UUID), for every message of the run a process handles."""
     try:
         return uuid.UUID(run_id).int if run_id else None
     except ValueError:
@@ -196,8 +253,9 @@ def _span(service: str, what: str, parent: Context | None, run_id: str | None, a
         # context work a no-op span would cost on every message
         yield trace.INVALID_SPAN
         return
-    fields = {HANDLER: True, "messaging.system": "nats", "interlock.service": service,
-              **{f"interlock.{k}": v for k, v in attributes.items() if v is not None}}
+    # the service and its instance are the resource's (service.name, service.instance.id): not
+    # repeated on every span
+    fields = {"messaging.system": "nats", **{f"interlock.{k}": v for k, v in attributes.items() if v is not None}}
     if run_id:
         fields["interlock.run_id"] = run_id
     run_trace = _run_trace_id(run_id)
@@ -212,7 +270,7 @@ def _span(service: str, what: str, parent: Context | None, run_id: str | None, a
     elif run_trace is not None and not trace.get_current_span(parent).get_span_context().is_valid:
         parent = _run_context(run_trace)  # e.g. a command from outside: under the run's root span
     try:
-        span = tracer.start_span(f"{service} {what}", context=parent, kind=SpanKind.CONSUMER, attributes=fields)
+        span = tracer.start_span(f"{service} {what}", context=parent, kind=HANDLER_KIND, attributes=fields)
     finally:
         if token is not None:
             _root_ids.reset(token)  # only the root itself takes the derived ids
@@ -220,17 +278,33 @@ def _span(service: str, what: str, parent: Context | None, run_id: str | None, a
         yield span
 
 
+@contextlib.contextmanager
+def under_run_root(run_id: str) -> Iterator[None]:
+    """Publish what the block publishes as the run's, not the current message's: its messages carry
+    the run's root span as their parent, and they do not count as the handler's effect (e.g. the
+    lease a heartbeat renews: a heartbeat that only renews its job's lease exports no span, and a
+    lease that later times the job out is parented to the run's root)."""
+    run_trace = _run_trace_id(run_id)
+    if run_trace is None or not trace.get_current_span().is_recording():
+        yield
+        return
+    with trace.use_span(trace.get_current_span(_run_context(run_trace)), end_on_exit=False):
+        yield
+
+
 def annotate(**attributes: Any) -> None:
     """Add ``interlock.*`` attributes (step_id, attempt, …) to the span being handled."""
     span = trace.get_current_span()
-    for key, value in attributes.items():
-        if value is not None:
-            span.set_attribute(f"interlock.{key}", value)
+    if not span.is_recording():
+        return
+    span.set_attributes({f"interlock.{key}": value for key, value in attributes.items() if value is not None})
 
 
 def acted(what: str, **attributes: Any) -> None:
     """Record on the current span that the handler had an effect (``what`` in ACTED_EVENTS)."""
-    trace.get_current_span().add_event(what, {k: v for k, v in attributes.items() if v is not None})
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.add_event(what, {k: v for k, v in attributes.items() if v is not None})
 
 
 def current_traceparent() -> str | None:
@@ -245,7 +319,8 @@ def inject(carrier: dict[str, str]) -> dict[str, str]:
     return carrier
 
 
-tracer = trace.get_tracer("interlock")
+TRACER_NAME = "interlock"
+tracer = trace.get_tracer(TRACER_NAME)
 
 
 def llm_call_span(call: LlmCall) -> None:
