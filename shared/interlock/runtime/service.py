@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import random
 import signal
@@ -203,6 +204,7 @@ class Service:
     async def run_forever(self) -> None:
         """Start, then run until SIGINT/SIGTERM."""
         await self.start()
+        tune_gc()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -456,6 +458,21 @@ class Service:
             await msg.term()
             return
         await msg.ack()
+
+
+GC_THRESHOLDS = (20_000, 20, 20)
+"""The collector's thresholds in a service process. A service allocates many short-lived objects
+per message (decoded commits, events, spans) and keeps long-lived cached runs: with CPython's
+default (700, 10, 10) it collects young objects every few messages and rescans the cached runs
+often. Fewer, larger collections cost less in all; cycles are still collected, only later."""
+
+
+def tune_gc() -> None:
+    """Freeze what start-up allocated (modules, settings, the keyring: never garbage) out of the
+    collector's scans, and collect less often (:data:`GC_THRESHOLDS`)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def run_service(service: Service) -> None:
