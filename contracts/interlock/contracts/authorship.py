@@ -2,9 +2,11 @@
 
 - :data:`WRITERS`: for every event type, the roles whose keys may sign a commit holding it
   (derived from what each service appends; checked complete against the event registry).
-- :func:`commit_statement` / :func:`approval_statement`: the statements a commit's and an
-  approval's Ed25519 signatures cover, as plain dicts; :func:`canonical` turns one into the
-  signed bytes (RFC 8785 JSON Canonicalization Scheme).
+- :data:`VOUCHED`: event types a role may write only with another role's signed statement of
+  them (the planner appends the policy service's decisions: :func:`policy_mismatch`).
+- :func:`commit_statement` / :func:`approval_bytes` / :func:`policy_bytes`: what a commit's, an
+  approval's and a policy decision's Ed25519 signatures cover; :func:`canonical` turns a
+  statement into the signed bytes (RFC 8785 JSON Canonicalization Scheme).
 - :class:`KeyEntry` / :class:`KeyringDocument`: the trusted keys (KV bucket
   ``subjects.KEYRING_BUCKET``, and ``interlock audit keyring`` / ``verify --keys``).
 """
@@ -21,13 +23,22 @@ import rfc8785
 from pydantic import Field
 
 from interlock.contracts import events as ev
-from interlock.contracts.messages import ApprovalStatement, Message, SignedApproval
+from interlock.contracts.messages import (
+    ApprovalStatement,
+    Message,
+    PolicyStatement,
+    SignedApproval,
+    SignedPolicyDecision,
+)
 
 COMMIT_DOMAIN = "interlock.commit.v1"
 """``domain`` of a commit statement: a signature made for one purpose is never valid for another."""
 
 APPROVAL_DOMAIN: Literal["interlock.approval.v1"] = "interlock.approval.v1"
 """``domain`` of an approval statement."""
+
+POLICY_DOMAIN: Literal["interlock.policy.v1"] = "interlock.policy.v1"
+"""``domain`` of a policy statement."""
 
 KEYRING_VERSION = 1
 
@@ -83,16 +94,39 @@ _WRITERS: dict[type[ev.EventData], tuple[str, ...]] = {
 WRITERS: Mapping[str, frozenset[str]] = {
     name: frozenset(roles) for name, roles in ev.complete_table("authorship.WRITERS", _WRITERS).items()}
 
+#: Event type name -> {writer role: voucher role}: the writer may sign a commit holding the event
+#: only when the event's ``data.signed`` is a statement of it signed by a key of the voucher role
+#: (checked by the keyring: ``Keyring.commit_problem``). The planner appends the policy service's
+#: decisions in the same commit as the StepReady they decide (issue 15), each carrying the policy
+#: service's signed PolicyStatement. Kept apart from WRITERS, so a verifier that does not know
+#: this table refuses such a commit rather than trusting it unchecked.
+VOUCHED: Mapping[str, Mapping[str, str]] = {
+    ev.PolicyDecided.type_name: {_PLANNER: _POLICY},
+}
+
 #: Step outcomes that, for an attempt >= 1 (a dispatched job), only the dispatcher may write.
 DISPATCHED_OUTCOMES: frozenset[str] = ev.kinds(ev.StepSucceeded, ev.StepFailed, ev.StepTimedOut)
 DISPATCHER_ROLE = _DISPATCHER
 
 
-def may_write(role: str, envelope: Mapping[str, Any]) -> bool:
-    """Whether a key of ``role`` may sign a commit holding ``envelope``."""
+def vouched_by(role: str, envelope: Mapping[str, Any]) -> str | None:
+    """The role whose signed statement ``envelope`` must carry for ``role`` to write it, if any."""
     type_name = envelope.get("type")
-    if not isinstance(type_name, str) or role not in WRITERS.get(type_name, ()):
+    if not isinstance(type_name, str) or role in WRITERS.get(type_name, ()):
+        return None
+    return VOUCHED.get(type_name, {}).get(role)
+
+
+def may_write(role: str, envelope: Mapping[str, Any]) -> bool:
+    """Whether a key of ``role`` may sign a commit holding ``envelope`` (for a :data:`VOUCHED`
+    writer: only an event that carries a statement, which the keyring then checks)."""
+    type_name = envelope.get("type")
+    if not isinstance(type_name, str):
         return False
+    if role not in WRITERS.get(type_name, ()):
+        data = envelope.get("data")
+        return vouched_by(role, envelope) is not None and isinstance(data, Mapping) \
+            and isinstance(data.get("signed"), Mapping)
     attempt = envelope.get("attempt")
     if type_name in DISPATCHED_OUTCOMES and isinstance(attempt, int) and attempt >= 1:
         return role == _DISPATCHER
@@ -146,6 +180,48 @@ def approval_bytes(statement: ApprovalStatement) -> bytes:
     return canonical(statement.model_dump(mode="json"))
 
 
+POLICY_BOUND: tuple[str, ...] = tuple(name for name in PolicyStatement.model_fields
+                                     if name not in ("domain", "tenant", "run_id", "at"))
+"""The fields of a PolicyDecided its policy statement must state alike (every field but ``signed``)."""
+if set(POLICY_BOUND) != set(ev.PolicyDecided.model_fields) - {"signed"}:  # pragma: no cover - a contract edit
+    raise RuntimeError("authorship: PolicyStatement must bind every field of PolicyDecided but signed")
+
+
+def policy_bytes(statement: PolicyStatement | Mapping[str, Any]) -> bytes:
+    """The bytes a policy decision's signature covers: canonical JSON of its statement (as stored:
+    a verifier hashes the statement object it reads, not a re-encoding of it)."""
+    return canonical(statement.model_dump(mode="json") if isinstance(statement, PolicyStatement) else statement)
+
+
+def policy_statement(tenant: str, run_id: str, decided: ev.PolicyDecided, at: str) -> PolicyStatement:
+    """The statement the policy service signs for ``decided`` in run ``run_id``."""
+    return PolicyStatement(tenant=tenant, run_id=run_id, at=at,
+                           **decided.model_dump(mode="json", include=set(POLICY_BOUND)))
+
+
+def policy_decided(signed: SignedPolicyDecision) -> ev.PolicyDecided:
+    """The PolicyDecided a signed statement records (carrying it when it is signed)."""
+    fields = signed.statement.model_dump(mode="json", include=set(POLICY_BOUND))
+    return ev.PolicyDecided(**fields, signed=signed if signed.signature else None)
+
+
+def policy_mismatch(envelope: Mapping[str, Any], statement: PolicyStatement) -> str | None:
+    """How a PolicyDecided envelope differs from the policy statement it carries, or None."""
+    data = envelope.get("data")
+    if not isinstance(data, Mapping):
+        return "the event has no data"
+    try:
+        recorded = ev.PolicyDecided.model_validate(data).model_dump(mode="json", include=set(POLICY_BOUND))
+    except ValueError as e:
+        return f"the event's data is not a PolicyDecided: {str(e).splitlines()[0]}"
+    stated = statement.model_dump(mode="json")
+    wrong = [f"{k} {stated[k]!r} (the event says {recorded[k]!r})" for k in POLICY_BOUND if stated[k] != recorded[k]]
+    for name in ("tenant", "run_id"):
+        if stated[name] != envelope.get(name):
+            wrong.append(f"{name} {stated[name]!r} (the event's is {envelope.get(name)!r})")
+    return f"the signed statement says {', '.join(wrong)}" if wrong else None
+
+
 class KeyEntry(Message):
     """One trusted key: whose it is and when it may sign (unix seconds)."""
 
@@ -179,6 +255,10 @@ class KeyringDocument(Message):
     writers: dict[str, list[str]] = Field(
         default_factory=lambda: {name: sorted(roles) for name, roles in WRITERS.items()},
         description="Event type -> roles whose keys may write it")
+    vouched: dict[str, dict[str, str]] = Field(
+        default_factory=lambda: {name: dict(by) for name, by in VOUCHED.items()},
+        description="Event type -> {writer role: voucher role}: the writer may write it only carrying a statement "
+                    "of it signed by a key of the voucher role")
 
 
 __all__ = [
@@ -186,15 +266,25 @@ __all__ = [
     "COMMIT_DOMAIN",
     "DISPATCHED_OUTCOMES",
     "KEYRING_VERSION",
+    "POLICY_BOUND",
+    "POLICY_DOMAIN",
+    "VOUCHED",
     "WRITERS",
     "ApprovalStatement",
     "KeyEntry",
     "KeyringDocument",
+    "PolicyStatement",
     "SignedApproval",
+    "SignedPolicyDecision",
     "approval_bytes",
     "b64url",
     "b64url_decode",
     "canonical",
     "commit_statement",
     "may_write",
+    "policy_bytes",
+    "policy_decided",
+    "policy_mismatch",
+    "policy_statement",
+    "vouched_by",
 ]

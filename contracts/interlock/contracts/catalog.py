@@ -172,8 +172,11 @@ NOTIFY_CHANNEL = Param("channel", "Notification channel name from the workflow's
 SERVICE = Param("service", "Name of the service that gave up on the message (one token).")
 WRITER = Param("writer", "The service that appended the commit (planner, policy, approval or dispatcher): "
                          "routing only, authorship is the commit's signature.")
-ROUTE = Param("route", "Who must act on the commit: 'approval' (a decision that waits for a person) or 'flow'. "
-                       "Each service's consumer is filtered by writer and route (interlock.contracts.routing).")
+ROUTE = Param("route", "Who must act on the commit: 'flow', or the interests it holds joined with '_' in this "
+                       "order: 'approval' (a decision that waits for a person), 'again' (its writer acts on it in a "
+                       "later pass), 'policy' (a step ready without its decision, a retried step, an invalidated "
+                       "approval), e.g. 'approval_policy'. Each service's consumer is filtered by writer and route "
+                       "(interlock.contracts.routing).")
 
 # -- headers -------------------------------------------------------------------------------
 EVENT_MSG_ID = Header(
@@ -628,6 +631,25 @@ Q_FEEDBACK = _query("feedback", "qFeedback", "Feedback", msg.FeedbackQuery, msg.
                     "Feedback given on step outputs, of one run or one workflow, oldest first, up to limit."
                     + _TENANT_ONLY)
 
+POLICY_DECIDE = Channel(
+    id="policyDecide",
+    title="Policy decisions for ready steps",
+    pattern=Pattern(s.policy_decide, (TENANT,)),
+    message=msg.PolicyRequest,
+    reply=msg.PolicyReply,
+    description="The planner asks the policy service to decide the steps of a run that it is about to mark "
+                "ready, and appends each StepReady and its PolicyDecided in one commit. The policy service "
+                "decides with its live bundle (the job hash is recomputed from the input: a request whose hash "
+                "does not match is refused) and signs each decision as a PolicyStatement with its own key; the "
+                "PolicyDecided the planner appends carries it. No answer within a short timeout (the policy "
+                "service is down or restarting) or ok false: the planner appends the StepReady events alone and "
+                "the policy service decides them from its consumer.",
+    transport="request",
+    publishers=(PLANNER,),
+    subscribers=(POLICY,),
+    filters=(s.policy_decides(),),
+)
+
 CHANNELS: tuple[Channel, ...] = (
     TRIGGERS,
     JOBS,
@@ -664,6 +686,7 @@ CHANNELS: tuple[Channel, ...] = (
     Q_FAILURES,
     Q_SCHEDULES,
     Q_FEEDBACK,
+    POLICY_DECIDE,
 )
 
 # -- state kept outside subjects -----------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import Field, SerializationInfo, SerializerFunctionWrapHandler, model_serializer
 
-from interlock.contracts.messages import JobError, LlmCall, Message, PayloadRef, SignedApproval
+from interlock.contracts.messages import JobError, LlmCall, Message, PayloadRef, SignedApproval, SignedPolicyDecision
 
 GENESIS_HASH = "0" * 64
 
@@ -138,6 +138,11 @@ class PolicyDecided(StepEventData):
     escalate_after_ms: int | None = None
     escalate_to_role: str | None = None
     constraints: dict[str, Any] = Field(default_factory=dict)
+    signed: SignedPolicyDecision | None = Field(
+        default=None, description="The policy service's signed statement of this decision: present when the "
+                                  "planner appended it (the decision travelled as a request-reply); absent when "
+                                  "the policy service appended it itself")
+    omit_when_none: ClassVar[frozenset[str]] = frozenset({"signed"})
 
 
 class ApprovalRequested(StepEventData):

@@ -287,6 +287,76 @@ class SignedApproval(Message):
     signature: str = Field(description="base64url (no padding) Ed25519 signature of canonical(statement)")
 
 
+StepKind = Literal["job", "approval", "notify", "guardrail"]
+
+
+class PolicyStatement(Message):
+    """The policy service's decision on one ready step as it signed it (the ``statement`` of a
+    PolicyDecided the planner appends, :class:`SignedPolicyDecision`): every field of the
+    decision, bound to the run and tenant. A PolicyDecided written by the planner is trusted only
+    when its data equals this statement (``authorship.policy_mismatch``) and the signature is a
+    policy service key's (contracts/README.md, "Signed commits")."""
+
+    domain: Literal["interlock.policy.v1"] = "interlock.policy.v1"
+    tenant: str
+    run_id: str
+    step_id: str
+    job_hash: str
+    decision: Literal["allow", "deny", "require_approval"]
+    step_type: StepKind = "job"
+    snapshot_id: str
+    rule_ids: list[str] = Field(default_factory=list)
+    reason: str = ""
+    approver_role: str | None = None
+    approval_expires_ms: int | None = None
+    escalate_after_ms: int | None = None
+    escalate_to_role: str | None = None
+    constraints: dict[str, Any] = Field(default_factory=dict)
+    at: str = Field(description="When it was decided and signed, RFC 3339 UTC")
+
+
+class SignedPolicyDecision(Message):
+    """A policy statement with the deciding policy service's Ed25519 signature (base64url) and key id."""
+
+    statement: PolicyStatement
+    key_id: str = Field(default="", description="The policy service instance's nkey public key (U…); empty "
+                                                "only when signing is off (INTERLOCK_SIGNING=off)")
+    signature: str = Field(default="", description="base64url (no padding) Ed25519 signature of "
+                                                   "canonical(statement); empty only when signing is off")
+
+
+class PolicyStep(Message):
+    """One ready step to decide: what its StepReady records."""
+
+    step_id: str
+    step_type: StepKind = "job"
+    topic: str | None = None
+    input: Any = None
+    input_ref: PayloadRef | None = None
+    job_hash: str = Field(description="The StepReady's job hash; the policy service recomputes it from the "
+                                      "input and refuses a request whose hash does not match")
+
+
+class PolicyRequest(Message):
+    """The planner asks the policy service to decide steps of a run that are ready now (request
+    ``il.policy.decide.{tenant}``), so the decisions land in the same commit as the StepReady events."""
+
+    run_id: str
+    workflow_id: str
+    workflow_version: str
+    steps: list[PolicyStep] = Field(default_factory=list)
+
+
+class PolicyReply(Message):
+    """The decisions, one per requested step in order, each signed by the policy service; or why not
+    (``ok`` false: the planner appends the StepReady events alone, the policy service decides them
+    from its consumer)."""
+
+    ok: bool
+    error: str = ""
+    decisions: list[SignedPolicyDecision] = Field(default_factory=list)
+
+
 class ApprovalDecision(Message):
     """A person's decision on a pending approval (command ``il.cmd.{tenant}.approve.{principal}`` /
     ``…reject…``): the run's tenant and the approver are the subject's."""

@@ -20,6 +20,7 @@ Subject layout (``{…}`` is one token; tokens never contain dots, except job to
 - ``il.notify.{tenant}.{channel}``        notifications from notify steps (stream ``IL_NOTIFY``)
 - ``il.cmd.{tenant}.{name}.{principal}``  commands (approve, reject, cancel), request-reply
 - ``il.q.{tenant}.{name}``                auditor queries, request-reply
+- ``il.policy.decide.{tenant}``         the planner asks the policy service for decisions, request-reply
 - ``il.dlq.{service}``                    dead letters (stream ``IL_DLQ``)
 - ``il.control.cancel.{tenant}.{run_id}`` tells running workers their run was cancelled
 - ``il.seal.{stream}``                    the auditor's signed seals of a stream (stream ``IL_SEALS``)
@@ -290,6 +291,22 @@ def parse_query(subject: str) -> tuple[str, str]:
     """``il.q.{tenant}.{name}`` -> (tenant, name)."""
     tenant, name = _parse(subject, ("q",), 2, "query", "il.q.{tenant}.{name}")
     return tenant, name
+
+
+def policy_decide(tenant: str) -> str:
+    """Where the planner asks the policy service to decide a run's ready steps of ``tenant``."""
+    return f"{PREFIX}.policy.decide.{token(tenant, 'tenant')}"
+
+
+def policy_decides() -> str:
+    """What the policy service answers: decision requests of every tenant."""
+    return f"{PREFIX}.policy.decide.*"
+
+
+def parse_policy_decide(subject: str) -> str:
+    """``il.policy.decide.{tenant}`` -> tenant."""
+    (tenant,) = _parse(subject, ("policy", "decide"), 1, "policy decision request", "il.policy.decide.{tenant}")
+    return tenant
 
 
 def dead_letter(service: str) -> str:

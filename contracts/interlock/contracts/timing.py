@@ -22,3 +22,11 @@ JOB_MAX_DELIVER = 5
 """Deliveries of one job message at most (the job consumer's ``max_deliver``): a job that kills
 every worker that takes it stops coming back; its attempt then ends by its lease or deadline and
 the retry policy decides (a new attempt is a new message)."""
+
+POLICY_REQUEST_TIMEOUT_S = 0.5
+"""How long the planner waits for the policy service's answer to a decision request
+(``subjects.policy_decide``) before it appends the ready steps alone (the policy service then
+decides them from its consumer). A policy service that is down answers at once (no responders)."""
+
+POLICY_REQUEST_PAUSE_S = 1.0
+"""After a request timed out, the planner asks no more for this long (each would wait the whole timeout)."""

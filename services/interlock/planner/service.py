@@ -11,18 +11,25 @@ from typing import Any
 
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from pydantic import ValidationError
 
+from interlock.contracts import authorship as a
 from interlock.contracts import events as ev
-from interlock.contracts import headers, routing
+from interlock.contracts import headers, routing, timing
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import (
     DEFAULT_TENANT,
     CancelRequest,
     CommandReply,
+    PolicyReply,
+    PolicyRequest,
+    PolicyStep,
     QueryReply,
     SchedulesQuery,
     SchedulesReply,
+    SignedPolicyDecision,
     TimerFired,
     Trigger,
     UsageQuery,
@@ -30,8 +37,10 @@ from interlock.contracts.messages import (
 from interlock.core import usage
 from interlock.core.eventstore import RunExists, RunNotFound
 from interlock.core.ids import run_id_for
-from interlock.core.run import IllegalTransition, Run
+from interlock.core.policy import record_decision
+from interlock.core.run import IllegalTransition, Run, StepState
 from interlock.core.sealed import SealedError
+from interlock.core.workflow import Workflow
 from interlock.planner.intervene import Interventions
 from interlock.planner.logic import Spill, plan
 from interlock.planner.schedules import Schedules
@@ -52,6 +61,8 @@ class PlannerService(Service):
 
     async def setup(self) -> None:
         self._spend: dict[str, tuple[float, usage.Usage]] = {}  # tenant -> (read at, spend in its window)
+        self._policy_quiet_until = 0.0  # after a decision request timed out: ask again from then on
+        self.decisions = {"asked": 0, "decided": 0, "unanswered": 0, "refused": 0}
         self.policy = LivePolicy(BundleStore(self.js))
         await self.policy.start()
         # workflow schedules (issue 16): ticks on IL_TIMERS, each run started by start_from_trigger
@@ -110,6 +121,7 @@ class PlannerService(Service):
                 spill = Spill(self.settings.inline_limit)
                 plan(run, workflow, {}, trigger.input, datetime.now(UTC), spill, tenant_over)
                 await self.payloads.store_all(spill.uploads)
+                await self.with_decisions(run, workflow, set())
             else:
                 run.deny(ev.RunDenied(step_id=None, reason=admission.reason, rule_ids=admission.rule_ids,
                                       snapshot_id=admission.snapshot_id))
@@ -224,11 +236,90 @@ class PlannerService(Service):
                        for sid, st in run.steps.items() if st.output_ref is not None}
             run_input = await self.payloads.resolve(run.input, run.input_ref)
             spill = Spill(self.settings.inline_limit)
+            ready_before = {sid for sid, st in run.steps.items() if st.status == "ready"}
             plan(run, workflow, outputs, run_input, datetime.now(UTC), spill, tenant_over)
             await self.payloads.store_all(spill.uploads)  # before the events that refer to them
+            await self.with_decisions(run, workflow, ready_before)
 
         tenant_over = await self.tenant_overrun(tenant)
         await self.store.update(tenant, run_id, decide)
+
+    async def with_decisions(self, run: Run, workflow: Workflow, ready_before: set[str]) -> None:
+        """Record the policy service's decisions of the steps this pass made ready, so each lands
+        in the same commit as its StepReady (issue 15). The policy service decides them (its live
+        bundle) and signs each as a statement; one that does not answer in time, refuses, or answers
+        with a decision the keyring does not vouch for leaves the steps ready alone: the policy
+        service then decides them from its consumer, as it did before this request existed."""
+        if run.terminal:
+            return
+        ready = [st for sid, st in run.steps.items() if st.status == "ready" and sid not in ready_before]
+        if not ready:
+            return
+        for signed in await self.ask_policy(run, workflow, ready):
+            if run.terminal:
+                break
+            try:
+                record_decision(run, a.policy_decided(signed))
+            except IllegalTransition as e:  # the step moved on in this pass: the consumer path decides
+                log.info("run %s: decision of %s not recorded: %s", run.id, signed.statement.step_id, e)
+
+    async def ask_policy(self, run: Run, workflow: Workflow, ready: list[StepState]) -> list[SignedPolicyDecision]:
+        """The policy service's signed decisions of ``ready``, in order, or none at all."""
+        if time.monotonic() < self._policy_quiet_until:
+            return []
+        tenant, run_id = run.tenant, str(run.id)
+        request = PolicyRequest(run_id=run_id, workflow_id=workflow.id, workflow_version=workflow.version, steps=[
+            PolicyStep(step_id=st.step_id, step_type=st.step_type, topic=st.topic, input=st.input,
+                       input_ref=st.input_ref, job_hash=st.job_hash) for st in ready])
+        self.decisions["asked"] += 1
+        try:
+            msg = await self.nc.request(s.policy_decide(tenant), request.model_dump_json().encode(),
+                                        timeout=timing.POLICY_REQUEST_TIMEOUT_S)
+            reply = PolicyReply.model_validate_json(msg.data)
+        except NoRespondersError:  # no policy service runs (killed, restarting): its consumer decides later
+            self.decisions["unanswered"] += 1
+            return []
+        except (NatsTimeoutError, TimeoutError):
+            self.decisions["unanswered"] += 1
+            self._policy_quiet_until = time.monotonic() + timing.POLICY_REQUEST_PAUSE_S
+            log.warning("run %s: the policy service did not answer within %.2f s; the consumer path decides",
+                        run_id, timing.POLICY_REQUEST_TIMEOUT_S)
+            return []
+        except ValidationError as e:
+            self.decisions["refused"] += 1
+            log.warning("run %s: the policy service's answer is not a PolicyReply: %s", run_id, e)
+            return []
+        problem = reply.error if not reply.ok else await self._vouch_problem(run, ready, reply.decisions)
+        if problem is not None:
+            self.decisions["refused"] += 1
+            log.warning("run %s: no decisions from the policy service's answer (%s); the consumer path decides",
+                        run_id, problem)
+            return []
+        self.decisions["decided"] += len(reply.decisions)
+        return reply.decisions
+
+    async def _vouch_problem(self, run: Run, ready: list[StepState], decisions: list[SignedPolicyDecision]
+                             ) -> str | None:
+        """Why the answer's decisions must not be appended, or None: one per step, in order, each
+        for its step's job hash and, while signing is on, vouched for by the keyring as every
+        reader will check it (a commit it refuses would be lost, StepReady events and all)."""
+        if [d.statement.step_id for d in decisions] != [st.step_id for st in ready]:
+            return "the decisions are not for the steps asked about"
+        signing = self.store.authenticity.signer is not None
+        if signing:
+            await self.keyring.prepare(d.key_id for d in decisions)
+        for st, signed in zip(ready, decisions, strict=True):
+            envelope = {"run_id": str(run.id), "tenant": run.tenant, "type": ev.PolicyDecided.type_name,
+                        "data": a.policy_decided(signed).model_dump(mode="json")}
+            if signed.statement.job_hash != st.job_hash:
+                return f"the decision of {st.step_id} is for another job hash"
+            if signing:
+                problem = self.keyring.keyring.policy_problem(envelope)
+                if problem is not None:
+                    return f"{problem[0]}: {problem[1]}"
+            elif (mismatch := a.policy_mismatch(envelope, signed.statement)) is not None:
+                return mismatch
+        return None
 
     async def tenant_overrun(self, tenant: str) -> usage.Overrun | None:
         """The tenant's spend over its budget in its window (INTERLOCK_TENANT_BUDGETS), if it is.

@@ -46,6 +46,8 @@ BAD_SIGNATURE = "bad_signature"
 UNKNOWN_KEY = "unknown_key"
 REVOKED_KEY = "revoked_key"
 NOT_ENTITLED = "not_entitled"
+POLICY_UNSIGNED = "policy_unsigned"  # a PolicyDecided the planner wrote without the policy service's statement
+POLICY_MISMATCH = "policy_mismatch"  # the policy service signed another decision than the event records
 
 
 class Signer:
@@ -187,6 +189,43 @@ class Keyring:
         refused = sorted({str(e.get("type")) for e in envelopes if not a.may_write(found.role, e)})
         if refused:
             return NOT_ENTITLED, f"{found.principal} (role {found.role}) may not write {', '.join(refused)}"
+        for envelope in envelopes:
+            voucher = a.vouched_by(found.role, envelope)
+            if voucher is not None:
+                problem = self.policy_problem(envelope, voucher)
+                if problem is not None:
+                    return problem
+        return None
+
+    def policy_problem(self, envelope: Mapping[str, Any], voucher: str = "policy") -> tuple[str, str] | None:
+        """Why the policy statement a PolicyDecided carries does not vouch for it, or None: it
+        states the event's very decision (run, tenant, step, job hash, decision, snapshot, rules,
+        …), and it is signed by a service key of role ``voucher`` valid when it was signed."""
+        seq = envelope.get("seq")
+        data = envelope.get("data")
+        raw = data.get("signed") if isinstance(data, Mapping) else None
+        if not isinstance(raw, Mapping):
+            return POLICY_UNSIGNED, f"the decision at seq {seq} carries no policy statement"
+        try:
+            signed = a.SignedPolicyDecision.model_validate(raw)
+        except ValueError as e:
+            return POLICY_UNSIGNED, f"the policy statement at seq {seq} is malformed: {str(e).splitlines()[0]}"
+        mismatch = a.policy_mismatch(envelope, signed.statement)
+        if mismatch is not None:
+            return POLICY_MISMATCH, f"seq {seq}: {mismatch}"
+        try:
+            at = datetime.fromisoformat(signed.statement.at).timestamp()
+        except ValueError:
+            return f"policy_{BAD_SIGNATURE}", f"the policy statement's time {signed.statement.at!r} is not RFC 3339"
+        statement = raw.get("statement")
+        kind, found = self._signer_problem(signed.key_id, signed.signature,
+                                           a.policy_bytes(statement if isinstance(statement, Mapping) else {}), at)
+        if kind is not None:
+            return f"policy_{kind}", f"the policy statement at seq {seq}: {found}"
+        assert isinstance(found, a.KeyEntry)
+        if found.role != voucher or found.kind != "service":
+            return f"policy_{NOT_ENTITLED}", (f"the policy statement at seq {seq} is signed by {found.principal} "
+                                              f"({found.kind}, role {found.role}): only a {voucher} service decides")
         return None
 
     def approval_problem(self, signed: a.SignedApproval, *, principal: str | None = None,
@@ -285,6 +324,8 @@ async def read_keyring(js: JetStreamContext) -> Keyring:
 __all__ = [
     "BAD_SIGNATURE",
     "NOT_ENTITLED",
+    "POLICY_MISMATCH",
+    "POLICY_UNSIGNED",
     "REVOKED_KEY",
     "UNKNOWN_KEY",
     "UNSIGNED",

@@ -4,6 +4,7 @@ Loading, publishing and watching bundles (NATS KV) is :mod:`interlock.runtime.po
 """
 
 from interlock.core.policy.cedar import DEFAULT_BUNDLE, CedarPolicy, Explanation, PolicyBundle, PolicyError
+from interlock.core.policy.decisions import decide_step, hash_problem, record_decision
 from interlock.core.policy.engine import Decision, JobRequest, PolicyEngine, PolicyOutcome
 from interlock.core.policy.requests import request_for
 
@@ -17,5 +18,8 @@ __all__ = [
     "PolicyEngine",
     "PolicyError",
     "PolicyOutcome",
+    "decide_step",
+    "hash_problem",
+    "record_decision",
     "request_for",
 ]
