@@ -432,6 +432,12 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "RolloutStats": {"version"},
     "Rollout": {"tenant", "topic", "stable", "canary", "share", "started_at", "canary_stats", "stable_stats"},
     "StepHeld": {"step_id", "attempt", "topic", "reason"},
+    # issue 15: the planner asks the policy service for decisions; each comes back signed
+    "PolicyStatement": {"tenant", "run_id", "step_id", "job_hash", "decision", "snapshot_id", "at"},
+    "SignedPolicyDecision": {"statement"},
+    "PolicyStep": {"step_id", "job_hash"},
+    "PolicyRequest": {"run_id", "workflow_id", "workflow_version"},
+    "PolicyReply": {"ok"},
 }
 
 
@@ -507,10 +513,13 @@ def test_commands_and_queries_carry_the_tenant_and_the_principal() -> None:
     requests = [ch for ch in cat.CHANNELS if ch.transport == "request"]
     assert sorted(ch.address for ch in requests) == sorted(
         [f"{s.PREFIX}.cmd.{{tenant}}.{n}.{{principal}}" for n in COMMANDS]
-        + [f"{s.PREFIX}.q.{{tenant}}.{n}" for n in QUERIES])
+        + [f"{s.PREFIX}.q.{{tenant}}.{n}" for n in QUERIES]
+        + [f"{s.PREFIX}.policy.decide.{{tenant}}"])  # between services (issue 15): the tenant only
     # each service subscribes to every tenant's and principal's requests, one wildcard per name
     assert {f.address for ch in requests for f in ch.filters if isinstance(f, cat.Pattern)} == {
-        *(s.commands(n) for n in COMMANDS), *(s.queries(n) for n in QUERIES)}
+        *(s.commands(n) for n in COMMANDS), *(s.queries(n) for n in QUERIES), s.policy_decides()}
+    assert s.parse_policy_decide(s.policy_decide("acme")) == "acme"
+    assert cat.POLICY_DECIDE.publishers == (cat.PLANNER,) and cat.POLICY_DECIDE.subscribers == (cat.POLICY,)
     assert s.commands("approve") == s.PREFIX + ".cmd.*.approve.*" and s.queries("runs") == s.PREFIX + ".q.*.runs"
 
 

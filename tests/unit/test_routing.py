@@ -33,9 +33,38 @@ def decided(decision: str, step_type: str = "agent") -> dict[str, object]:
 
 
 def test_a_commit_reaches_the_other_writers_and_the_auditor_but_not_its_writer() -> None:
-    ready = [{"type": ev.StepReady.type_name, "data": {}}]
-    assert _receivers("planner", ready) == {"policy", "dispatcher", "auditor"}
-    assert _receivers("dispatcher", [{"type": ev.StepSucceeded.type_name}]) == {"planner", "policy", "auditor"}
+    succeeded = [{"type": ev.StepSucceeded.type_name}]
+    assert _receivers("dispatcher", succeeded) == {"planner", "auditor"}
+    assert _receivers("approval", succeeded) == {"planner", "dispatcher", "auditor"}
+
+
+def test_the_policy_service_gets_only_the_steps_left_undecided() -> None:
+    ready = {"type": ev.StepReady.type_name, "step_id": "a", "data": {}}
+    decided_a = {"type": ev.PolicyDecided.type_name, "step_id": "a", "data": {"decision": "allow", "step_type": "job"}}
+    # the planner's request went unanswered: the step is ready alone, the policy service decides it
+    assert routing.route_of([ready], "planner") == routing.POLICY
+    assert _receivers("planner", [ready]) == {"policy", "dispatcher", "auditor"}
+    # the decision came back and is in the same commit: nothing for the policy service
+    assert routing.route_of([ready, decided_a], "planner") == routing.FLOW
+    assert _receivers("planner", [ready, decided_a]) == {"dispatcher", "auditor"}
+    # one of two steps decided: the other is the policy service's
+    ready_b = {**ready, "step_id": "b"}
+    assert "policy" in _receivers("planner", [ready, decided_a, ready_b])
+    # a retried step and an invalidated approval are decided again
+    assert "policy" in _receivers("planner", [{"type": ev.StepRetryRequested.type_name}])
+    assert "policy" in _receivers("approval", [{"type": ev.ApprovalInvalidated.type_name}])
+
+
+def test_a_route_names_every_interest_its_commit_holds() -> None:
+    ready = {"type": ev.StepReady.type_name, "step_id": "b", "data": {}}
+    reused = {"type": ev.StepSucceeded.type_name, "step_id": "a", "attempt": 0}
+    approval = {"type": ev.PolicyDecided.type_name, "step_id": "c",
+                "data": {"decision": "require_approval", "step_type": "job"}}
+    route = routing.route_of([reused, approval, ready], "planner")
+    assert route == "approval_again_policy"
+    assert _receivers("planner", [reused, approval, ready]) == {"planner", "policy", "approval", "dispatcher",
+                                                                 "auditor"}
+    assert set(routing.ROUTES) >= {routing.FLOW, routing.APPROVAL, routing.AGAIN, routing.POLICY, route}
 
 
 def test_only_decisions_that_wait_for_a_person_reach_the_approval_service() -> None:
@@ -62,7 +91,7 @@ def test_every_filter_list_is_valid_for_one_consumer() -> None:
         ConsumerConfig(filter_subjects=list(filters))  # the shape nats-py sends
         # non-overlapping: no commit subject matches two filters of one consumer
         for writer in routing.WRITERS:
-            for route in (routing.APPROVAL, routing.AGAIN, routing.FLOW):
+            for route in routing.ROUTES:
                 subject = s.commit_subject("t", "r", writer, route)
                 assert sum(_matches(f, subject) for f in filters) <= 1
 

@@ -153,3 +153,77 @@ def test_keyring_round_trips_through_json() -> None:
     assert a.KeyringDocument.model_validate_json(ring.to_json()).writers[ev.RunStarted.type_name] == ["planner"]
     with pytest.raises(ValueError, match="not an Interlock keyring"):
         Keyring.load(__file__)
+
+
+def signed_decision(key: Signer | None, run_id: str, decided: ev.PolicyDecided, *, tenant: str = TENANT,
+                    **statement_changes: Any) -> ev.PolicyDecided:
+    """``decided`` carrying the policy statement ``key`` signed (with ``statement_changes`` made
+    to the statement before signing: a statement of another decision)."""
+    statement = a.policy_statement(tenant, run_id, decided, datetime.now(UTC).isoformat())
+    statement = statement.model_copy(update=statement_changes)
+    signed = a.SignedPolicyDecision(statement=statement, key_id=key.key_id if key else "",
+                                    signature=key.sign_b64(a.policy_bytes(statement)) if key else "")
+    return decided.model_copy(update={"signed": signed})
+
+
+def test_the_planner_writes_a_policy_decision_only_with_the_policy_services_statement() -> None:
+    planner, policy, approver, other_planner = signer(), signer(), signer(), signer()
+    ring = Keyring([entry(planner, "planner"), entry(policy, "policy"), entry(other_planner, "planner"),
+                    entry(approver, "approver", kind="person", tenant=TENANT, principal="alice")])
+    run_id = str(uuid.uuid4())
+    subject = s.run_events(TENANT, run_id)
+    one = envelopes(run_id, started())
+    decided = ev.PolicyDecided(step_id="a", decision="allow", snapshot_id="snap", rule_ids=["r1"], job_hash="0" * 64)
+
+    def verdict(decision: ev.PolicyDecided, writer: Signer = planner) -> str | None:
+        ready = (ev.StepReady(step_id="a", job_hash="0" * 64),) if writer is not policy else ()
+        events = envelopes(run_id, *ready, decision, prev=one[-1]["hash"], seq=2)
+        sig = writer.sign_b64(a.canonical(a.commit_statement(subject, events)))
+        found = ring.commit_problem(subject, events, writer.key_id, sig, time.time())
+        return found[0] if found else None
+
+    good = signed_decision(policy, run_id, decided)
+    assert verdict(good) is None  # StepReady and the decision in one commit, by the planner
+    assert verdict(decided) == "not_entitled"  # no statement: the planner may not decide policy
+    assert verdict(decided, writer=policy) is None  # the policy service's own append, as before
+    assert verdict(good, writer=other_planner) is None  # any planner copy may carry it in
+    # a statement of another decision, step, job hash, rule set, run or tenant
+    assert verdict(good.model_copy(update={"decision": "deny"})) == "policy_mismatch"
+    assert verdict(good.model_copy(update={"rule_ids": []})) == "policy_mismatch"
+    assert verdict(good.model_copy(update={"constraints": {"max_tokens": 1}})) == "policy_mismatch"
+    assert verdict(signed_decision(policy, run_id, decided, step_id="b")) == "policy_mismatch"
+    assert verdict(signed_decision(policy, run_id, decided, job_hash="1" * 64)) == "policy_mismatch"
+    assert verdict(signed_decision(policy, str(uuid.uuid4()), decided)) == "policy_mismatch"
+    assert verdict(signed_decision(policy, run_id, decided, tenant="acme")) == "policy_mismatch"
+    # signed by whom: only a policy service key, and only its signature over this statement
+    assert verdict(signed_decision(planner, run_id, decided)) == "policy_not_entitled"
+    assert verdict(signed_decision(other_planner, run_id, decided)) == "policy_not_entitled"
+    assert verdict(signed_decision(approver, run_id, decided)) == "policy_not_entitled"
+    assert verdict(signed_decision(signer(), run_id, decided)) == "policy_unknown_key"
+    assert verdict(signed_decision(None, run_id, decided)) == "policy_unsigned"
+    assert good.signed is not None
+    tampered = good.signed.model_copy(update={"signature": policy.sign_b64(b"another statement")})
+    assert verdict(good.model_copy(update={"signed": tampered})) == "policy_bad_signature"
+    # the approval service may not carry a policy statement in: the planner alone is vouched for
+    assert a.vouched_by("planner", {"type": ev.PolicyDecided.type_name}) == "policy"
+    assert a.vouched_by("approval", {"type": ev.PolicyDecided.type_name}) is None
+    assert a.vouched_by("policy", {"type": ev.PolicyDecided.type_name}) is None
+    # the exported keyring says so, for an independent verifier
+    assert a.KeyringDocument.model_validate_json(ring.to_json()).vouched == {"PolicyDecided": {"planner": "policy"}}
+
+
+def test_a_signed_decision_round_trips_to_the_event_it_records() -> None:
+    run_id = str(uuid.uuid4())
+    decided = ev.PolicyDecided(step_id="a", decision="require_approval", snapshot_id="snap", job_hash="0" * 64,
+                               approver_role="lead", approval_expires_ms=60_000, constraints={"max_cost": 1.5})
+    key = signer()
+    carried = signed_decision(key, run_id, decided)
+    assert carried.signed is not None
+    again = a.policy_decided(carried.signed)
+    assert again == carried  # the planner records exactly what was signed
+    envelope = envelopes(run_id, again)[0]
+    assert a.policy_mismatch(envelope, carried.signed.statement) is None
+    # stored without the statement when signing is off; the policy service's own decisions hash as before
+    unsigned = a.policy_decided(carried.signed.model_copy(update={"key_id": "", "signature": ""}))
+    assert unsigned.signed is None
+    assert "signed" in ev.PolicyDecided.omit_when_none  # left out of the stored data when absent

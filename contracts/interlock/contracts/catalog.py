@@ -647,7 +647,7 @@ POLICY_DECIDE = Channel(
     transport="request",
     publishers=(PLANNER,),
     subscribers=(POLICY,),
-    filters=(s.policy_decides(),),
+    filters=(Pattern(s.policy_decides),),
 )
 
 CHANNELS: tuple[Channel, ...] = (
