@@ -92,9 +92,19 @@ def check_signer(keys: dict[str, dict[str, Any]], key_id: str | None, signature:
     return None, entry
 
 
-def may_write(writers: dict[str, list[str]], role: str, envelope: dict[str, Any]) -> bool:
+POLICY_BOUND_DEFAULTS: dict[str, Any] = {
+    "step_type": "job", "rule_ids": [], "reason": "", "approver_role": None, "approval_expires_ms": None,
+    "escalate_after_ms": None, "escalate_to_role": None, "constraints": {}}
+POLICY_BOUND_REQUIRED = ("step_id", "job_hash", "decision", "snapshot_id")
+
+
+def may_write(writers: dict[str, list[str]], vouched: dict[str, dict[str, str]], role: str,
+              envelope: dict[str, Any]) -> bool:
     if role not in writers.get(str(envelope.get("type")), []):
-        return False
+        # a vouched writer: only carrying a statement (checked by policy_problem)
+        data = envelope.get("data")
+        return role in vouched.get(str(envelope.get("type")), {}) and isinstance(data, dict) \
+            and isinstance(data.get("signed"), dict)
     attempt = envelope.get("attempt")
     if envelope.get("type") in DISPATCHED_OUTCOMES and isinstance(attempt, int) and attempt >= 1:
         return role == "dispatcher"
@@ -141,6 +151,34 @@ def approval_problem(keys: dict[str, dict[str, Any]], e: dict[str, Any]) -> str 
     return None
 
 
+def policy_problem(keys: dict[str, dict[str, Any]], e: dict[str, Any], voucher: str) -> str | None:
+    """A PolicyDecided written by a vouched writer: the statement it carries states the very same
+    decision (every field of the data but ``signed``, the envelope's run and tenant) and is signed
+    by a service key of the voucher's role, valid at the statement's time."""
+    data = e.get("data") or {}
+    signed = data.get("signed")
+    if not isinstance(signed, dict) or not isinstance(signed.get("statement"), dict):
+        return "policy_unsigned"
+    st = signed["statement"]
+    bound = [*POLICY_BOUND_REQUIRED, *POLICY_BOUND_DEFAULTS]
+    recorded = {k: data.get(k, POLICY_BOUND_DEFAULTS.get(k)) for k in bound}
+    stated = {k: st.get(k, POLICY_BOUND_DEFAULTS.get(k)) for k in bound}
+    if recorded != stated or st.get("run_id") != e["run_id"] or st.get("tenant") != e["tenant"] \
+            or st.get("domain") != "interlock.policy.v1":
+        return "policy_mismatch"
+    try:
+        at = datetime.fromisoformat(st["at"]).timestamp()
+    except (KeyError, ValueError, TypeError):
+        return "policy_bad_signature"
+    kind, entry = check_signer(keys, signed.get("key_id"), signed.get("signature"), rfc8785.dumps(st), at)
+    if kind is not None:
+        return f"policy_{kind}"
+    assert entry is not None
+    if entry["role"] != voucher or entry["kind"] != "service":
+        return "policy_not_entitled"
+    return None
+
+
 def verify(export_lines: list[str], keyring: dict[str, Any]) -> list[tuple[int | None, int | None, str]]:
     """Every problem of an exported run log as (stream seq, event seq, kind)."""
     header = json.loads(export_lines[0])
@@ -148,6 +186,7 @@ def verify(export_lines: list[str], keyring: dict[str, Any]) -> list[tuple[int |
     run_id, tenant, subject = header["run_id"], header["tenant"], header["subject"]
     keys = {k["key_id"]: k for k in keyring["keys"]}
     writers = keyring["writers"]
+    vouched = keyring.get("vouched") or {}
     problems: list[tuple[int | None, int | None, str]] = []
     next_seq, last_hash = 1, GENESIS
     for line in export_lines[1:]:
@@ -169,8 +208,12 @@ def verify(export_lines: list[str], keyring: dict[str, Any]) -> list[tuple[int |
                          "prev_hash": events[0]["prev_hash"], "head_hash": events[-1]["hash"]}
             problem, entry = check_signer(keys, headers.get("Interlock-Signer"), headers.get("Interlock-Signature"),
                                           rfc8785.dumps(statement), at)
-            if problem is None and entry is not None and not all(may_write(writers, entry["role"], e) for e in events):
+            if problem is None and entry is not None and not all(may_write(writers, vouched, entry["role"], e)
+                                                                  for e in events):
                 problem = "not_entitled"
+            if problem is None and entry is not None:
+                problem = next((found for e in events if entry["role"] not in writers.get(e["type"], [])
+                                and (found := policy_problem(keys, e, vouched[e["type"]][entry["role"]]))), None)
         if problem is None and (first != next_seq or events[0].get("prev_hash") != last_hash):
             problem = "broken_link" if first == next_seq else ("seq_gap" if first > next_seq else "seq_order")
         if problem is not None:
