@@ -260,9 +260,9 @@ async def test_a_workflow_without_a_start_permit_is_denied_in_the_commit_that_st
     events = await harness.wait_end(admitted_id)
     assert types(events)[-1] == "RunSucceeded", failures(events)
     first = (await harness.store.read_commits(harness.tenant, admitted_id))[0]
-    # admitted, and its first steps planned, in the commit that starts it
+    # admitted, and its first steps planned and (issue 15) decided, in the commit that starts it
     assert [e["type"] for e in first.envelopes][:2] == ["RunStarted", "RunAdmitted"]
-    assert {e["type"] for e in first.envelopes[2:]} <= {"StepReady", "StepSkipped", "StepExpanded"}
+    assert {e["type"] for e in first.envelopes[2:]} <= {"StepReady", "StepSkipped", "StepExpanded", "PolicyDecided"}
     assert first.envelopes[1]["data"]["snapshot_id"] == snapshot
     assert first.envelopes[1]["data"]["rule_ids"] == ["allow-start"]
     assert "StepReady" not in types(await harness.events(run_id))
