@@ -274,7 +274,8 @@ class PlannerService(Service):
         self.decisions["asked"] += 1
         try:
             msg = await self.nc.request(s.policy_decide(tenant), request.model_dump_json().encode(),
-                                        timeout=timing.POLICY_REQUEST_TIMEOUT_S)
+                                        timeout=timing.POLICY_REQUEST_TIMEOUT_S,
+                                        headers=tracing.inject({}) or None)  # the decision's span joins the run's trace
             reply = PolicyReply.model_validate_json(msg.data)
         except NoRespondersError:  # no policy service runs (killed, restarting): its consumer decides later
             self.decisions["unanswered"] += 1
