@@ -79,8 +79,10 @@ TP = "bwp"  # the PRIO workload's tenant
 # stages of one step, named by who does the work between two instants (see README)
 STAGES = (
     ("plan", "last dependency's StepSucceeded (or RunStarted) -> StepReady: planner consumes and plans"),
-    ("policy", "StepReady -> PolicyDecided: planner append, delivery, policy decides"),
-    ("dispatch", "PolicyDecided -> StepDispatched: policy append, delivery, dispatcher decides"),
+    ("policy", "StepReady -> PolicyDecided: the planner's decision request to the policy service (one commit); "
+               "unanswered: planner append, delivery, policy decides"),
+    ("dispatch", "PolicyDecided -> StepDispatched: the commit's append (planner's, or policy's), delivery, "
+                 "dispatcher decides"),
     ("to_worker", "StepDispatched -> job at the worker: dispatcher append + job publish, worker pull"),
     ("sdk", "job at the worker -> handler called: SDK acks the job, sends the 'started' heartbeat"),
     ("outcome", "handler called -> StepSucceeded: result publish, delivery, dispatcher decides"),
