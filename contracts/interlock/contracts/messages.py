@@ -345,6 +345,10 @@ class PolicyRequest(Message):
     workflow_id: str
     workflow_version: str
     steps: list[PolicyStep] = Field(default_factory=list)
+    expires_at_ms: int | None = Field(
+        default=None, description="Unix milliseconds after which the planner no longer waits for the answer: "
+                                  "the policy service then refuses at once instead of deciding (the steps go "
+                                  "the consumer path, and deciding them here too would be wasted)")
 
 
 class PolicyReply(Message):

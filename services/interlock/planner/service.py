@@ -268,7 +268,9 @@ class PlannerService(Service):
         if time.monotonic() < self._policy_quiet_until:
             return []
         tenant, run_id = run.tenant, str(run.id)
-        request = PolicyRequest(run_id=run_id, workflow_id=workflow.id, workflow_version=workflow.version, steps=[
+        expires = int((time.time() + timing.POLICY_REQUEST_TIMEOUT_S) * 1000)
+        request = PolicyRequest(run_id=run_id, workflow_id=workflow.id, workflow_version=workflow.version,
+                                expires_at_ms=expires, steps=[
             PolicyStep(step_id=st.step_id, step_type=st.step_type, topic=st.topic, input=st.input,
                        input_ref=st.input_ref, job_hash=st.job_hash) for st in ready])
         self.decisions["asked"] += 1

@@ -80,6 +80,8 @@ class PolicyService(Service):
         """The planner's request on ``il.policy.decide.{tenant}``: the decisions of steps it is about
         to mark ready, each signed as a statement with this instance's key. Refused (ok false, the
         planner then appends the steps alone) when a step's job hash is not its input's."""
+        if request.expires_at_ms is not None and time.time() * 1000 > request.expires_at_ms:
+            return PolicyReply(ok=False, error="the request expired before it was handled")
         try:
             tenant = s.parse_policy_decide(subject)
             workflow = await self.registry.get(request.workflow_id, request.workflow_version)
