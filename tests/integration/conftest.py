@@ -47,3 +47,15 @@ async def two_copies(provisioned: str, admin_creds: Path, principals: Principals
     finally:
         await h.stop()
         await nc.close()
+
+
+@pytest.fixture
+async def bare(provisioned: str, admin_creds: Path, principals: Principals) -> AsyncIterator[Harness]:
+    """A harness whose test starts the services itself (with its own settings)."""
+    nc = await connect(provisioned, admin_creds)
+    h = Harness(url=provisioned, nc=nc, principals=principals)
+    try:
+        yield h
+    finally:
+        await h.stop()
+        await nc.close()

@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -64,18 +64,6 @@ def blocking_worker(name: str, topic: str, opened: asyncio.Event, tenant: str | 
         return {"n": ctx.input.get("n")}
 
     return worker
-
-
-@pytest.fixture
-async def bare(provisioned: str, admin_creds: Path, principals: Principals) -> AsyncIterator[Harness]:
-    """A harness whose test starts the services itself (with its own limits)."""
-    nc = await connect(provisioned, admin_creds)
-    h = Harness(url=provisioned, nc=nc, principals=principals)
-    try:
-        yield h
-    finally:
-        await h.stop()
-        await nc.close()
 
 
 async def throttled(h: Harness, run_id: str) -> None:

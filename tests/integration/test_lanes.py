@@ -6,7 +6,6 @@ commits), never from timings: each service is started only once its backlog is q
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,22 +14,10 @@ from interlock.contracts import subjects as s
 from interlock.runtime.service import Service
 from interlock.worker import JobContext, Worker
 from tests.integration.harness import Harness, connect, service_classes, unique
-from tests.principals import Principals
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 BACKLOG = 200
-
-
-@pytest.fixture
-async def bare(provisioned: str, admin_creds: Path, principals: Principals) -> Any:
-    nc = await connect(provisioned, admin_creds)
-    h = Harness(url=provisioned, nc=nc, principals=principals)
-    try:
-        yield h
-    finally:
-        await h.stop()
-        await nc.close()
 
 
 async def start(h: Harness, name: str) -> Service:
