@@ -22,6 +22,7 @@ from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import CacheEntry
 from interlock.identity import permission_violation
+from interlock.runtime.kvkeys import matching_keys
 from interlock.worker import FatalError, JobContext, Worker
 from tests.integration.api_fixtures import Api
 from tests.integration.harness import Harness, types, unique, watched
@@ -193,14 +194,8 @@ steps:
 
 async def cache_entries(harness: Harness, tenant: str, job_hash: str) -> list[CacheEntry]:
     kv = await harness.nc.jetstream().key_value(s.CACHE_BUCKET)
-    try:
-        keys = await kv.keys()
-    except Exception:  # nats-py raises NoKeysError on an empty bucket
-        return []
     found = []
-    for key in keys:
-        if not key.startswith(f"{tenant}."):
-            continue
+    for key in await matching_keys(kv, f"{tenant}.>"):
         try:
             entry = CacheEntry.model_validate_json((await kv.get(key)).value or b"")
         except KeyNotFoundError:

@@ -15,6 +15,7 @@ from interlock.contracts import subjects as s
 from interlock.contracts.messages import Job, Trigger
 from interlock.core.eventstore import RunNotFound
 from interlock.core.ids import run_id_for
+from interlock.runtime.kvkeys import matching_keys
 from interlock.worker import JobContext, Worker
 from tests.integration.harness import Harness, types, unique
 
@@ -65,7 +66,7 @@ async def test_a_job_reaches_only_its_own_tenants_workers(harness: Harness) -> N
     assert seen_a == [(tenant_a, run_a)] and seen_b == [(tenant_b, run_b)]
     # each registered under its own tenant's key
     kv = await harness.nc.jetstream().key_value(s.AGENTS_BUCKET)
-    keys = await kv.keys()
+    keys = await matching_keys(kv)
     for worker in harness.workers:
         assert s.agent_key(worker.tenant or "", topic, worker.worker_id) in keys
 

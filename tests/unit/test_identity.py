@@ -197,7 +197,7 @@ def test_public_surface_is_pinned() -> None:
         "permissions_for", "public_key_kind", "read_creds", "role", "subject_matches", "user_jwt", "write_creds",
         # signatures and the keyring
         "BAD_SIGNATURE", "NOT_ENTITLED", "REVOKED_KEY", "UNKNOWN_KEY", "UNSIGNED", "Keyring", "Signer",
-        "key_entry", "publish_keyring", "raw_public_key", "read_keyring", "verify_signature",
+        "key_entry", "publish_keyring", "raw_public_key", "verify_signature",
         "write_private",
     ])
     assert all(hasattr(identity, name) for name in identity.__all__)

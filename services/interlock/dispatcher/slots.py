@@ -32,6 +32,7 @@ from interlock.core.workload import GateLimits
 from interlock.dispatcher import gate, ledger
 from interlock.dispatcher.gate import Hold, Limit
 from interlock.runtime import metrics
+from interlock.runtime.kvkeys import matching_keys
 
 log = logging.getLogger(__name__)
 
@@ -403,11 +404,7 @@ class Gatekeeper:
 
     async def keys(self) -> list[str]:
         """The keys of the limits' states (not the waiting jobs' entries)."""
-        try:
-            kv = await self.bucket()
-            return [k for k in await kv.keys() if not s.is_gate_waiter_key(k)]
-        except Exception:  # nats-py raises NoKeysError (or a timeout on an empty bucket): none
-            return []
+        return [k for k in await matching_keys(await self.bucket()) if not s.is_gate_waiter_key(k)]
 
 
 class QueueDepth:

@@ -15,6 +15,7 @@ from interlock.contracts import subjects as s
 from interlock.contracts.messages import AgentRegistration
 from interlock.core.policy import PolicyEngine, request_for
 from interlock.core.run import Run
+from interlock.runtime.kvkeys import matching_keys
 from interlock.runtime.policy import BundleStore, LivePolicy
 from interlock.runtime.service import Service
 
@@ -50,7 +51,7 @@ class PolicyService(Service):
             found: dict[tuple[str, str], tuple[set[str], str]] = {}
             with contextlib.suppress(Exception):
                 kv = await self.js.key_value(s.AGENTS_BUCKET)
-                for key in await kv.keys():
+                for key in await matching_keys(kv):
                     entry = await kv.get(key)
                     reg = AgentRegistration.model_validate_json(entry.value or b"{}")
                     caps, version = found.get((reg.tenant, reg.topic), (set(), ""))

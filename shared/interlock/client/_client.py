@@ -91,18 +91,19 @@ from interlock.core.sealed import SealedError
 from interlock.core.topology import provision
 from interlock.core.verify import VerifyReport, verify_run
 from interlock.core.workflow import Workflow, load_workflow
-from interlock.identity import Keyring, Signer, creds_inbox_prefix, creds_permissions, read_keyring
+from interlock.identity import Keyring, Signer, creds_inbox_prefix, creds_permissions
 from interlock.runtime import seals as _seals
 from interlock.runtime import tls as _tls
 from interlock.runtime.apikeys import ApiKeyError, ApiKeyStore
 from interlock.runtime.connect import ConnectRefused, NoServerAnswered, connect, url_file
 from interlock.runtime.datakeys import DataKeyError, PayloadSealer
 from interlock.runtime.deadletter import CannotReplay, read_entry, replay_msg_id, replay_of, with_action
+from interlock.runtime.kvkeys import matching_keys
 from interlock.runtime.policy import ACTIVE as POLICY_KEY
 from interlock.runtime.publish import publish
 from interlock.runtime.registry import VersionConflict, WorkflowNotFound, WorkflowRegistry
 from interlock.runtime.seals import SealReport
-from interlock.runtime.signing import signing_enabled
+from interlock.runtime.signing import read_keyring, signing_enabled
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=BaseModel)
@@ -834,23 +835,13 @@ class Client:
     # -- operations --------------------------------------------------------------------------
     async def agents(self) -> list[AgentRegistration]:
         """This tenant's registered agent workers, by topic and worker id."""
-        keys: list[str] = []
-        for attempt in range(3):
-            try:
-                kv = await self.js.key_value(s.AGENTS_BUCKET)
-                keys = await kv.keys()
-                break
-            except nats.js.errors.NoKeysError:  # nobody registered
-                return []
-            except Exception:  # no bucket yet, or a listing a busy server let time out: ask again
-                await asyncio.sleep(0.1 * (attempt + 1))
-        else:
+        try:
+            kv = await self.js.key_value(s.AGENTS_BUCKET)
+        except nats.js.errors.BucketNotFoundError:  # nothing provisioned yet: nobody registered
             return []
         regs = []
-        for key in keys:
-            if not key.startswith(f"{self.tenant}."):  # keys are subjects.agent_key(tenant, topic, worker)
-                continue
-            with contextlib.suppress(Exception):  # deleted between keys() and get()
+        for key in await matching_keys(kv, f"{s.token(self.tenant, 'tenant')}.{p.REST}"):  # agent_key: tenant first
+            with contextlib.suppress(Exception):  # deleted between the listing and get()
                 entry = await kv.get(key)
                 regs.append(AgentRegistration.model_validate_json(entry.value or b"{}"))
         return sorted(regs, key=lambda r: (r.topic, r.worker_id))
@@ -905,11 +896,7 @@ class Client:
     async def _dead_letter_records(self) -> dict[int, DeadLetterStatus]:
         kv = await self._dead_letter_bucket()
         records: dict[int, DeadLetterStatus] = {}
-        try:
-            keys = await kv.keys()
-        except nats.js.errors.NoKeysError:
-            return records
-        for key in keys:
+        for key in await matching_keys(kv):
             with contextlib.suppress(Exception):  # a foreign value: the dead letter shows as open
                 entry = await kv.get(key)
                 record = DeadLetterStatus.model_validate_json(entry.value or b"")

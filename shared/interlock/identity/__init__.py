@@ -64,7 +64,6 @@ from interlock.identity._signing import (
     key_entry,
     publish_keyring,
     raw_public_key,
-    read_keyring,
     verify_signature,
 )
 
@@ -109,7 +108,6 @@ __all__ = [
     "publish_keyring",
     "raw_public_key",
     "read_creds",
-    "read_keyring",
     "role",
     "subject_matches",
     "user_jwt",

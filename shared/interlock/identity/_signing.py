@@ -14,7 +14,6 @@ bucket ``subjects.KEYRING_BUCKET``, services watch that bucket.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -27,7 +26,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from interlock.contracts import authorship as a
-from interlock.contracts import permissions as p
 from interlock.contracts import subjects as s
 from interlock.identity._creds import read_creds
 from interlock.identity._keys import NKey, NKeyError, _decode_public
@@ -246,42 +244,6 @@ async def publish_keyring(js: JetStreamContext, keyring: Keyring) -> int:
     return written
 
 
-async def _keyring_keys(js: JetStreamContext, kv: Any, tries: int = 3) -> list[str]:
-    """Every key of the keyring bucket. A key listing is a watch that can end early on a busy
-    server (no keys, or fewer than the bucket holds): checked against the stream's subject count
-    where the credential may read it, and listed again."""
-    keys: list[str] = []
-    for attempt in range(tries):
-        try:
-            keys = list(await kv.keys())
-        except NoKeysError:
-            keys = []
-        try:
-            info = await js.stream_info(p.kv_stream(s.KEYRING_BUCKET), subjects_filter=p.kv_keys(s.KEYRING_BUCKET))
-            held = len(info.state.subjects or {})
-        except Exception:  # a credential without stream info: the listing is all there is
-            return keys
-        if len(keys) >= held:
-            return keys
-        await asyncio.sleep(0.1 * (attempt + 1))
-    return keys
-
-
-async def read_keyring(js: JetStreamContext) -> Keyring:
-    """The keyring as the bucket holds it now."""
-    kv = await js.key_value(s.KEYRING_BUCKET)
-    keys = await _keyring_keys(js, kv)
-    values = []
-    for key in keys:
-        try:
-            entry = await kv.get(key)
-        except KeyNotFoundError:
-            continue
-        if entry.value:
-            values.append(entry.value)
-    return Keyring(read_keyring_entries(values))
-
-
 __all__ = [
     "BAD_SIGNATURE",
     "NOT_ENTITLED",
@@ -294,7 +256,6 @@ __all__ = [
     "key_entry",
     "publish_keyring",
     "raw_public_key",
-    "read_keyring",
     "read_keyring_entries",
     "verify_signature",
 ]

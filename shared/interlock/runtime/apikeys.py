@@ -30,12 +30,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import ApiKeyRecord
 from interlock.identity import Keyring, Signer, key_entry, publish_keyring
+from interlock.runtime.kvkeys import matching_keys
 
 KEY_PREFIX = "ilk"
 API_KEY_ROLES = ("viewer", "operator", "approver", "policy-admin", "admin")
@@ -174,10 +175,7 @@ class ApiKeyStore:
     async def list(self, tenant: str | None = None) -> list[ApiKeyRecord]:
         """Every key's record (of ``tenant``), oldest first."""
         kv = await self.kv()
-        try:
-            keys = await kv.keys()
-        except (NoKeysError, NotFoundError):  # the bucket has no keys
-            return []
+        keys = await matching_keys(kv)
         records = await asyncio.gather(*(self.get(k) for k in keys))
         found = [r for r in records if r is not None and (tenant is None or r.tenant == tenant)]
         return sorted(found, key=lambda r: (r.created_at, r.key_id))

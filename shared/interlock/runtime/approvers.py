@@ -17,6 +17,7 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from interlock.contracts import subjects as s
+from interlock.runtime.kvkeys import matching_keys
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,7 @@ class ApproverDirectory:
 
     async def enforcing(self) -> bool:
         kv = await self.kv()
-        try:
-            return bool(await kv.keys())
-        except Exception:  # nats-py raises when the bucket has no keys
-            return False
+        return bool(await matching_keys(kv))
 
     async def grant(self, approver: str, roles: list[str]) -> set[str]:
         kv = await self.kv()
@@ -79,12 +77,8 @@ class ApproverDirectory:
 
     async def list(self) -> dict[str, list[str]]:
         kv = await self.kv()
-        try:
-            keys = await kv.keys()
-        except Exception:
-            return {}
         out = {}
-        for key in keys:
+        for key in await matching_keys(kv):
             entry = await kv.get(key)
             out[key] = sorted(json.loads(entry.value or b"{}").get("roles", []))
         return out

@@ -1,24 +1,61 @@
-"""Keys of a KV bucket that match a subject pattern.
+"""Keys of a KV bucket: the one way Interlock lists them.
 
-``KeyValue.keys(filters=…)`` in nats-py matches filters as substrings of every key, after reading
-all of them; a watch on the pattern reads only the matching keys, and ``*``/``>`` mean what they
-mean in subjects (``acme.*`` is not ``acme.llm.summarize``).
+Not nats-py's ``KeyValue.keys()`` nor a watch: both end at the watcher's first "no more" marker,
+which nats-py emits too early when entries are already on the wire but not yet handled (nats.py
+issue #842), so a busy machine sees an empty or partial bucket. Here a pull consumer delivers
+only what is fetched, and the listing ends when the consumer reports nothing pending. A
+``pattern`` means what it means in subjects (``acme.*`` is not ``acme.llm.summarize``), and is
+applied by the server, so only the matching keys travel.
 """
 
 from __future__ import annotations
 
-from nats.js.kv import KeyValue
+import contextlib
+
+import nats.errors
+from nats.js import api
+from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
+
+_BATCH = 1024
+_FETCH_TIMEOUT_S = 5.0
+_LISTER_IDLE_S = 30.0  # the server drops a lister whose client vanished mid-listing
+_DELETED = {KV_DEL, KV_PURGE}
+_DELETED_MARKERS = {"MaxAge", "Purge", "Remove"}  # nats-server 2.11+ expiry markers
 
 
-async def matching_keys(kv: KeyValue, pattern: str) -> list[str]:
-    """The keys (not deleted) that match ``pattern``, sorted."""
-    watcher = await kv.watch(pattern, ignore_deletes=True, meta_only=True)
+async def matching_keys(kv: KeyValue, pattern: str = ">") -> list[str]:
+    """The keys (not deleted) that match ``pattern``, sorted; ``[]`` for none (never raises
+    NoKeysError)."""
+    js, stream, prefix = kv._js, kv._stream, kv._pre  # nats-py keeps a bucket's stream here
+    name = js._nc._nuid.next().decode()
+    info = await js.add_consumer(stream, api.ConsumerConfig(
+        name=name, filter_subject=prefix + pattern, deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+        ack_policy=api.AckPolicy.NONE, headers_only=True, mem_storage=True, num_replicas=1,
+        inactive_threshold=_LISTER_IDLE_S))
     keys: list[str] = []
     try:
-        async for entry in watcher:
-            if entry is None:  # the end of what is there now
-                break
-            keys.append(entry.key)
+        remaining = info.num_pending or 0
+        if remaining:
+            sub = await js.pull_subscribe_bind(name, stream=stream)
+            try:
+                while remaining > 0:
+                    try:
+                        msgs = await sub.fetch(min(remaining, _BATCH), timeout=_FETCH_TIMEOUT_S)
+                    except nats.errors.TimeoutError:  # entries expired under the listing
+                        break
+                    for msg in msgs:
+                        remaining = msg.metadata.num_pending
+                        if not _deleted(msg.headers):
+                            keys.append(msg.subject[len(prefix):])
+            finally:
+                await sub.unsubscribe()
     finally:
-        await watcher.stop()
+        with contextlib.suppress(nats.errors.Error):  # already gone (idle), or the connection closed
+            await js.delete_consumer(stream, name)
     return sorted(keys)
+
+
+def _deleted(headers: dict[str, str] | None) -> bool:
+    if not headers:
+        return False
+    return headers.get(KV_OP) in _DELETED or headers.get(KV_MARKER_REASON) in _DELETED_MARKERS

@@ -17,6 +17,7 @@ from nats.js.kv import KeyValue
 from interlock.contracts import subjects as s
 from interlock.core.topology import add_stream_subjects
 from interlock.core.workflow import Workflow, load_workflow
+from interlock.runtime.kvkeys import matching_keys
 
 
 class WorkflowNotFound(LookupError):
@@ -99,12 +100,8 @@ class WorkflowRegistry:
 
     async def list(self) -> list[tuple[str, str]]:
         kv = await self.kv()
-        try:
-            keys = await kv.keys()
-        except Exception:  # nats-py raises NoKeysError on an empty bucket
-            return []
         out = []
-        for key in keys:
+        for key in await matching_keys(kv):
             wf, _, version = key.partition(".")
             if version != "latest":
                 out.append((wf, version))

@@ -3,6 +3,7 @@
 - :class:`KeyringWatch` — the keyring as the KV bucket ``subjects.KEYRING_BUCKET`` holds it, kept
   current by a watch (a key issued or revoked while services run reaches them in milliseconds)
   and asked again for a key it does not know before a commit signed with it is refused.
+- :func:`read_keyring` — the keyring as the bucket holds it now (one read, for clients and tools).
 - :func:`signing_enabled` — ``INTERLOCK_SIGNING`` (``on`` unless explicitly ``off``).
 - :func:`authenticity_for` — the event store's :class:`Authenticity` for a process: signs with
   its credential's key, refuses what the keyring does not vouch for.
@@ -28,6 +29,7 @@ from interlock.core.eventstore.authenticity import Authenticity, Refusal
 from interlock.core.eventstore.recorder import StoredCommit
 from interlock.identity import Keyring, Signer
 from interlock.identity._signing import read_keyring_entries
+from interlock.runtime.kvkeys import matching_keys
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,20 @@ def signing_enabled(value: str | None = None) -> bool:
     if raw not in ("on", "off"):
         raise SigningError(f"{SIGNING_ENV}: {raw!r} is not on or off")
     return raw == "on"
+
+
+async def read_keyring(js: JetStreamContext) -> Keyring:
+    """The keyring as the bucket holds it now."""
+    kv = await js.key_value(s.KEYRING_BUCKET)
+    values = []
+    for key in await matching_keys(kv):
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError:
+            continue
+        if entry.value:
+            values.append(entry.value)
+    return Keyring(read_keyring_entries(values))
 
 
 class KeyringWatch:
@@ -142,4 +158,5 @@ def authenticity_for(creds: Path | None, trust: KeyringWatch | None, *, signing:
     return Authenticity(Signer.from_creds(creds), trust, require_signatures=True, on_refused=on_refused)
 
 
-__all__ = ["OFF_WARNING", "SIGNING_ENV", "KeyringWatch", "SigningError", "authenticity_for", "signing_enabled"]
+__all__ = ["OFF_WARNING", "SIGNING_ENV", "KeyringWatch", "SigningError", "authenticity_for", "read_keyring",
+           "signing_enabled"]
