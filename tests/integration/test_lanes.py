@@ -106,3 +106,30 @@ async def test_a_fast_lane_run_overtakes_a_queued_slow_lane_backlog_in_every_ser
     assert info.state.subjects and all(subj.endswith(".fast") for subj in info.state.subjects)
     info = await js.stream_info(s.EVENTS_STREAM, subjects_filter=s.run_log(bare.tenant, lows[0]))
     assert info.state.subjects and all(subj.endswith(".slow") for subj in info.state.subjects)
+
+
+async def test_every_service_sees_each_fast_lane_commit_and_no_slow_one(bare: Harness) -> None:
+    """The cross-process half of the lanes: each service's core subscription to the fast-lane
+    commits (its permissions allow it) counts exactly the high run's commits, not a low run's."""
+    wf, topic = unique("sig"), unique("t")
+    await bare.apply(f"id: {wf}\nversion: 1\npriority: 1\nsteps:\n  work: {{topic: {topic}}}\n")
+
+    worker = Worker("signal")
+
+    @worker.job(topic)
+    async def handle(ctx: JobContext) -> dict[str, Any]:
+        return {"ok": True}
+
+    await bare.start_worker(worker)
+    services = [await start(bare, cls.name) for cls in service_classes()]
+    low = await bare.trigger(wf, {"n": 1})
+    high = await bare.trigger(wf, {"n": 2}, priority=5)
+    await all_reached(bare, [low, high], "RunSucceeded")
+    fast_commits = len(await bare.store.read_commits(bare.tenant, high))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    seen = {svc.name: svc.lanes.stats["seen_fast"] for svc in services}
+    while any(n < fast_commits for n in seen.values()) and loop.time() < deadline:
+        await asyncio.sleep(0.05)  # core messages may trail the last commit's read by a moment
+        seen = {svc.name: svc.lanes.stats["seen_fast"] for svc in services}
+    assert seen == {svc.name: fast_commits for svc in services}

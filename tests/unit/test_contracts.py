@@ -159,7 +159,8 @@ def test_headers_contract(doc: dict[str, Any]) -> None:
                                                "Nats-Expected-Last-Subject-Sequence-Subject",  # literal: pinned
                                                "Interlock-Signer", "Interlock-Signature"}
     assert "Nats-Msg-Id" in header_names(cat.RESULTS.id)  # literal: pinned
-    commit = _resolve(doc, doc["channels"][cat.RUN_EVENTS.id]["messages"]["Commit"]["$ref"])
+    (commit_ref,) = doc["channels"][cat.RUN_EVENTS.id]["messages"].values()
+    commit = _resolve(doc, commit_ref["$ref"])
     assert set(commit["x-interlock-event-data"]) == set(ev.EVENT_TYPES)
 
 

@@ -228,3 +228,52 @@ async def test_started_slow_work_gives_way_at_its_checkpoint_and_nothing_else_wa
     fast_may_end.set()
     await asyncio.gather(t_slow, t_fast)
     assert order == ["fast", "slow"] and gate.stats["checkpoint_waited"] == 1
+
+
+async def test_a_fast_commit_seen_elsewhere_holds_slow_work_for_the_hold_and_a_newer_one_extends_it() -> None:
+    gate = LaneGate(max_wait=5.0, hold_s=0.1)
+    loop = asyncio.get_running_loop()
+    gate.saw_fast()
+    t0 = loop.time()
+
+    async def another_fast_commit() -> None:
+        await asyncio.sleep(0.05)
+        gate.saw_fast()  # the run moved again: the hold now ends 0.1 s after this one
+
+    extend = asyncio.create_task(another_fast_commit())
+    async with gate.lane(s.SLOW_LANE):
+        waited = loop.time() - t0
+    await extend
+    assert 0.14 <= waited < 1.0
+    assert gate.stats["slow_waited"] == 1 and gate.stats["seen_fast"] == 2
+    async with gate.lane(s.SLOW_LANE):  # the hold lapsed: at once
+        pass
+    assert gate.stats["slow_waited"] == 1
+
+
+async def test_unheld_slow_work_and_fast_work_pass_a_hold_and_the_hold_is_capped() -> None:
+    gate = LaneGate(max_wait=0.05, hold_s=10.0)
+    loop = asyncio.get_running_loop()
+    gate.saw_fast()
+    t0 = loop.time()
+    async with gate.lane(s.SLOW_LANE, held=False):  # e.g. a result that frees a slot a fast job wants
+        await gate.checkpoint()  # nor does it wait at its checkpoint
+    async with gate.lane(s.FAST_LANE):
+        pass
+    assert gate.stats["slow_waited"] == 0 and gate.stats["checkpoint_waited"] == 0
+    unheld = loop.time() - t0
+    async with gate.lane(s.SLOW_LANE):  # held, but never longer than max_wait
+        pass
+    assert gate.stats["slow_overdue"] == 1
+    assert unheld < 0.05 <= loop.time() - t0 < 1.0
+
+
+async def test_started_held_work_gives_way_at_its_checkpoint_to_a_fast_run_seen_meanwhile() -> None:
+    gate = LaneGate(max_wait=5.0, hold_s=0.05)
+    loop = asyncio.get_running_loop()
+    async with gate.lane(s.SLOW_LANE):
+        gate.saw_fast()  # a fast commit appended elsewhere while this handler runs
+        t0 = loop.time()
+        await gate.checkpoint()
+        waited = loop.time() - t0
+    assert waited >= 0.04 and gate.stats["checkpoint_waited"] == 1

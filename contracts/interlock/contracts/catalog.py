@@ -352,6 +352,22 @@ RUN_EVENTS = Channel(
     event_data=MappingProxyType(dict(ev.EVENT_TYPES)),
 )
 
+FAST_LANE_SIGNAL = Channel(
+    id="fastLaneSignal",
+    title="Fast-lane commits, as a signal",
+    pattern=Pattern(s.commit_subject, (TENANT, RUN_ID, WRITER, ROUTE, s.FAST_LANE)),
+    message=ev.Commit,
+    description="The run events channel's fast-lane commits, received as they are appended by a core NATS "
+                "subscription to il.evt.*.*.*.*.fast (no consumer, nothing acked). A service that sees one "
+                "holds its slow-lane handlers for a moment (runtime/lanes.py, HOLD_AFTER_FAST_S), so a "
+                "high-priority run does not share the cores with a backlog. Only a sign: nothing is "
+                "decided or recorded from it. Published as the run events channel's commits, never apart.",
+    transport="core",
+    publishers=SERVICES_APPENDING_EVENTS,
+    subscribers=(*SERVICES_APPENDING_EVENTS, AUDITOR),
+    filters=(s.FAST_LANE_COMMITS,),
+)
+
 ALERTS = Channel(
     id="alerts",
     title="Alerts",
@@ -637,6 +653,7 @@ CHANNELS: tuple[Channel, ...] = (
     RESULTS,
     HEARTBEATS,
     RUN_EVENTS,
+    FAST_LANE_SIGNAL,
     NOTIFICATIONS,
     ALERTS,
     CANCEL_NOTICES,

@@ -132,6 +132,11 @@ def commit_subject(tenant: str, run_id: str, writer: str, route: str, lane: str 
     return f"{run_events(tenant, run_id)}.{token(writer, 'writer')}.{token(route, 'route')}.{lane_token(lane)}"
 
 
+FAST_LANE_COMMITS = f"{PREFIX}.evt.*.*.*.*.{FAST_LANE}"
+"""Every fast-lane commit as it is appended (a core subscription, no consumer): the sign that a
+high-priority run is moving, on which every service holds its slow-lane work (runtime/lanes.py)."""
+
+
 def tenant_events(tenant: str) -> str:
     return f"{PREFIX}.evt.{token(tenant, 'tenant')}.>"
 

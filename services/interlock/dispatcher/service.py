@@ -112,11 +112,12 @@ class DispatcherService(Service):
 
     def register(self, broker: NatsBroker) -> None:
         self.pull_commits(broker, self.on_commit, wants=routing.ACTS_ON[self.name])
-        # a high-priority run's results and heartbeats go first too (#16): by its cached run's lane
+        # a high-priority run's results and heartbeats go first too (#16): by its cached run's lane;
+        # a backlog's are not held while a fast run moves: they free the slots its jobs may wait for
         self.pull(broker, s.RESULTS_ALL, s.RESULTS_STREAM, self.durable("results"), self.on_result,
-                  lane=self.lane_of_message)
+                  lane=self.lane_of_message, held=False)
         self.pull(broker, s.HEARTBEATS_ALL, s.RESULTS_STREAM, self.durable("heartbeats"), self.on_heartbeat,
-                  lane=self.lane_of_message)
+                  lane=self.lane_of_message, held=False)
         # "breaker": a held job's re-check (circuit breaker open, no live agent version); "gate": a
         # rate-limited job's token is due
         for kind in ("retry", "deadline", "lease", "breaker", "gate"):

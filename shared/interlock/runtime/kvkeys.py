@@ -11,10 +11,21 @@ applied by the server, so only the matching keys travel.
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 
 import nats.errors
+import nats.js.errors
 from nats.js import api
 from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
+
+from interlock.core.retry import Backoff, retrying
+
+log = logging.getLogger(__name__)
+
+LIST_BACKOFF = Backoff(first=0.1, cap=1.0)
+LIST_PATIENCE_S = 10.0
+_PASSING = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError)
 
 _BATCH = 1024
 _FETCH_TIMEOUT_S = 5.0
@@ -25,7 +36,13 @@ _DELETED_MARKERS = {"MaxAge", "Purge", "Remove"}  # nats-server 2.11+ expiry mar
 
 async def matching_keys(kv: KeyValue, pattern: str = ">") -> list[str]:
     """The keys (not deleted) that match ``pattern``, sorted; ``[]`` for none (never raises
-    NoKeysError)."""
+    NoKeysError). A passing fault (a busy server's timeout, a leader election) is tried again for
+    up to ``LIST_PATIENCE_S``."""
+    return await retrying(functools.partial(_list, kv, pattern), what=f"listing the keys of {kv._name}",
+                          backoff=LIST_BACKOFF, passing=_PASSING, patience=LIST_PATIENCE_S, logger=log)
+
+
+async def _list(kv: KeyValue, pattern: str) -> list[str]:
     js, stream, prefix = kv._js, kv._stream, kv._pre  # nats-py keeps a bucket's stream here
     name = js._nc._nuid.next().decode()
     info = await js.add_consumer(stream, api.ConsumerConfig(

@@ -26,6 +26,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from pydantic import BaseModel, ValidationError
 
+from interlock.contracts import catalog as c
 from interlock.contracts import events as ev
 from interlock.contracts import routing, timing
 from interlock.contracts import subjects as s
@@ -134,6 +135,7 @@ class Service:
                                  max_reconnect_attempts=-1, reconnect_time_wait=1, security=security, **auth)
         self._stopped = asyncio.Event()
         self._consumers: list[PullConsumer] = []
+        self._fast_signal: Any = None  # the core subscription to fast-lane commits (runtime/lanes.py)
         self.lanes = LaneGate()  # fast-lane work first (#16): the consumers of both lanes share it
         self._sweeper: asyncio.Task[None] | None = None
         self._lag_poller: asyncio.Task[None] | None = None
@@ -161,6 +163,8 @@ class Service:
         await self.setup()
         self.register(self.broker)
         await self.broker.start()
+        if self.name in c.FAST_LANE_SIGNAL.subscribers:  # hold slow work while a fast run moves (#16)
+            self._fast_signal = await self.nc.subscribe(s.FAST_LANE_COMMITS, cb=self._saw_fast)
         for consumer in self._consumers:
             await consumer.start()
         if self.settings.sweep_interval > 0 and type(self).reconcile is not Service.reconcile:
@@ -168,6 +172,9 @@ class Service:
         if metrics.enabled():
             self._lag_poller = asyncio.create_task(self._poll_lag(), name=f"{self.name}-lag")
         log.info("%s started (%s)", self.name, self.settings.instance)
+
+    async def _saw_fast(self, msg: Msg) -> None:
+        self.lanes.saw_fast()
 
     async def _provision(self, patience: float = 120.0) -> None:
         """Provision, riding through a leader election or a busy server at start-up."""
@@ -280,7 +287,8 @@ class Service:
 
     def pull(self, broker: NatsBroker, subject: str | Sequence[str], stream: str, durable: str,
              handler: Callable[[Msg], Awaitable[None]], *, ack_wait: float = timing.ACK_WAIT_S,
-             lane: str | Callable[[Msg], str | None] | None = None, traced: bool = True) -> None:
+             lane: str | Callable[[Msg], str | None] | None = None, held: bool = True,
+             traced: bool = True) -> None:
         """A durable pull consumer, shared by every copy of this service, with guarded handling.
 
         JetStream consumption uses :class:`PullConsumer` rather than a FastStream pull
@@ -290,6 +298,8 @@ class Service:
 
         ``lane``: the lane of every message (a consumer of one lane's commits), or how to tell a
         message's lane; its handler then goes through :attr:`lanes` (fast-lane work first).
+        ``held=False``: slow-lane work a fast run may be waiting for, which a fast run moving in
+        another process does not hold (:mod:`interlock.runtime.lanes`).
         ``traced=False``: the handler opens its message's span itself (:meth:`handling`), e.g.
         only for the commits it acts on.
         """
@@ -302,9 +312,9 @@ class Service:
             with logs.bound(tenant=tenant, run_id=run_id):
                 if traced:
                     with self.handling(what, msg, tenant, run_id):
-                        await self._in_lane(lane, msg, handler)
+                        await self._in_lane(lane, held, msg, handler)
                 else:
-                    await self._in_lane(lane, msg, handler)
+                    await self._in_lane(lane, held, msg, handler)
             handled.add(1)
 
         self._consumers.append(PullConsumer(
@@ -312,13 +322,13 @@ class Service:
             concurrency=self.settings.concurrency, ack_wait=ack_wait,
         ))
 
-    async def _in_lane(self, lane: str | Callable[[Msg], str | None] | None, msg: Msg,
+    async def _in_lane(self, lane: str | Callable[[Msg], str | None] | None, held: bool, msg: Msg,
                        handler: Callable[[Msg], Awaitable[None]]) -> None:
         """Handle ``msg`` guarded, through :attr:`lanes` when its consumer has a lane (fast first)."""
         if lane is None:
             await self.guarded(msg, handler)
             return
-        async with self.lanes.lane(lane if isinstance(lane, str) else lane(msg)):
+        async with self.lanes.lane(lane if isinstance(lane, str) else lane(msg), held=held):
             await self.guarded(msg, handler)
 
     def handling(self, what: str, msg: Msg, tenant: str | None, run_id: str | None
@@ -368,9 +378,9 @@ class Service:
                         # (a node just restarted); a passing fault, retried, never dead-lettered
                         raise EventStoreError(f"run {run_id} not readable yet: {e}") from e
 
-        if self.name not in routing.LANED:
+        if self.name not in routing.LANED:  # one consumer, its slow-lane commits held while a fast run moves
             self.pull(broker, routing.consumer_filters(self.name), s.EVENTS_STREAM, self.durable("events"), on_commit,
-                      traced=False)
+                      lane=lambda msg: s.lane_of_subject(msg.subject), traced=False)
             return
         # one consumer per lane (#16): a high-priority run's commits never wait behind a backlog's
         # on the server, and its handlers go first here (self.lanes); the fast one starts first, so a
