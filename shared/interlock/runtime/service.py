@@ -136,7 +136,8 @@ class Service:
         self._stopped = asyncio.Event()
         self._consumers: list[PullConsumer] = []
         self._fast_signal: Any = None  # the core subscription to fast-lane commits (runtime/lanes.py)
-        self.lanes = LaneGate()  # fast-lane work first (#16): the consumers of both lanes share it
+        # fast-lane work first (#16): both lanes' consumers share it, and a fast run elsewhere holds slow work
+        self.lanes = LaneGate(hold_s=self.settings.lane_hold_ms / 1000)
         self._sweeper: asyncio.Task[None] | None = None
         self._lag_poller: asyncio.Task[None] | None = None
         self._finished: set[tuple[str, str]] = set()  # runs known terminal: the sweep skips them
@@ -163,7 +164,7 @@ class Service:
         await self.setup()
         self.register(self.broker)
         await self.broker.start()
-        if self.name in c.FAST_LANE_SIGNAL.subscribers:  # hold slow work while a fast run moves (#16)
+        if self.name in c.FAST_LANE_SIGNAL.subscribers and self.lanes.hold_s:  # hold slow work while a fast run moves
             self._fast_signal = await self.nc.subscribe(s.FAST_LANE_COMMITS, cb=self._saw_fast)
         for consumer in self._consumers:
             await consumer.start()

@@ -135,6 +135,9 @@ class ServiceSettings(_Settings, TlsSettings, DataKeySettings, TelemetrySettings
     concurrency: int = Field(64, ge=1, description="messages handled at once per consumer")
     sweep_interval: float = Field(15.0, ge=0, validation_alias="INTERLOCK_SWEEP_S",
                                   description="seconds between reconciler passes, 0 = off")
+    lane_hold_ms: float = Field(50.0, ge=0, le=1000, validation_alias="INTERLOCK_LANE_HOLD_MS",
+                                description="how long a fast-lane commit seen anywhere holds this service's "
+                                            "slow-lane work, in ms (0 = only its own fast work holds it)")
     tenant_budgets: dict[str, TenantBudget] = Field(
         default_factory=dict,
         description='per-tenant model budgets, JSON: {"acme": {"max_cost_usd": 50, "window_s": 86400}}')
