@@ -67,6 +67,9 @@ log = logging.getLogger(__name__)
 
 MEMORY_LIMIT = 100_000  # job ids remembered per process (published, finished)
 GATE_SWEEP_GRACE_S = 10.0  # a gate entry younger than this may belong to a dispatch in progress
+WakeEntry = tuple[gate.Limit, str, float]
+"""What woke a run: the limit, the job that may pass it, and since when that job waits."""
+
 WAITING = gate.Hold("waiting", "waits in the gate already")  # a throttled job that nothing woke: it stays
 
 
@@ -88,6 +91,8 @@ class DispatcherService(Service):
         self.cache: ResultCache  # the result cache (issue 17), once connected
         self._workload: WorkloadControl | None = None
         self._wakes: set[asyncio.Task[None]] = set()
+        # runs being woken, and what woke them again meanwhile (coalesced: see _spawn_wake)
+        self._waking: dict[tuple[str, str], list[WakeEntry | None]] = {}
 
     @property
     def workload(self) -> WorkloadControl:
@@ -340,12 +345,34 @@ class DispatcherService(Service):
         for job, waiter in woken:
             self._spawn_wake(waiter.tenant, waiter.run_id, (limit, job, waiter.since))
 
-    def _spawn_wake(self, tenant: str, run_id: str, entry: tuple[gate.Limit, str, float] | None) -> None:
-        task = asyncio.create_task(self._wake(tenant, run_id, entry), name=f"dispatcher-wake-{run_id}")
+    def _spawn_wake(self, tenant: str, run_id: str, entry: WakeEntry | None) -> None:
+        """Wake a run in the background, at most one wake per run at a time: a run woken again while
+        its wake is out (every slot freed ranks the same head of the queue) is woken once more after
+        it, if it still waits then, so a wake that read the run before the slot was free is not lost
+        and a burst of freed slots does not wake the same runs a hundred times each."""
+        key = (tenant, run_id)
+        if key in self._waking:
+            self._waking[key].append(entry)
+            return
+        self._waking[key] = []
+        task = asyncio.create_task(self._wake_coalesced(tenant, run_id, entry), name=f"dispatcher-wake-{run_id}")
         self._wakes.add(task)
         task.add_done_callback(self._wakes.discard)
 
-    async def _wake(self, tenant: str, run_id: str, entry: tuple[gate.Limit, str, float] | None = None) -> None:
+    async def _wake_coalesced(self, tenant: str, run_id: str, entry: WakeEntry | None) -> None:
+        key = (tenant, run_id)
+        try:
+            await self._wake(tenant, run_id, entry)
+            while again := self._waking.get(key):
+                self._waking[key] = []
+                # a job that took its slot meanwhile has no place in its queue any more: no need
+                still = [e for e in again if e is None or e[1] in self.gatekeeper.index.waiting(e[0].key)]
+                if still:
+                    await self._wake(tenant, run_id, next((e for e in still if e is not None), None))
+        finally:
+            self._waking.pop(key, None)
+
+    async def _wake(self, tenant: str, run_id: str, entry: WakeEntry | None = None) -> None:
         try:
             async with self.lanes.lane(self.store.cached_lane(tenant, run_id)):  # a fast-lane run's wake first
                 run = await self.dispatch(tenant, run_id, woken=True, fresh=True)
