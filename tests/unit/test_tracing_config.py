@@ -96,8 +96,10 @@ def test_a_handler_span_carries_the_run_and_its_parent_but_not_the_resource_agai
     got = json.loads(out.strip().splitlines()[-1])
     assert got["trace"] == uuid.UUID(got["run_id"]).hex and got["parent"].split("-")[2] == got["parent_span"]
     assert got["kind"] == "CONSUMER" and (got["service"], got["instance"]) == ("interlock-policy", "p-1")
+    # what the handler did is an attribute (a span event would cost as much again to record and export)
     assert got["attributes"] == {"messaging.system": "nats", "interlock.tenant": "acme",
-                                 "interlock.run_id": got["run_id"], "interlock.step_id": "a", "interlock.attempt": 2}
+                                 "interlock.run_id": got["run_id"], "interlock.step_id": "a", "interlock.attempt": 2,
+                                 "interlock.acted": ["published"], "interlock.published_subject": "x"}
 
 
 def test_what_is_published_under_the_run_root_is_the_runs_not_the_handlers() -> None:

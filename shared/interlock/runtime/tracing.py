@@ -30,7 +30,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from interlock.contracts import headers as h
 from interlock.contracts.messages import LlmCall
-from interlock.core.eventstore.recorder import APPENDED
+from interlock.core.eventstore.recorder import ACTED_ATTRIBUTE, APPENDED, mark_acted
 from interlock.runtime.otel import otlp_protocol, resource
 
 _propagator = TraceContextTextMapPropagator()
@@ -78,7 +78,7 @@ class _ActedOnly(SpanProcessor):
         self._inner.on_start(span, parent_context)
 
     def on_end(self, span: ReadableSpan) -> None:
-        if span.kind is HANDLER_KIND and _is_ours(span) and not any(e.name in ACTED_EVENTS for e in span.events):
+        if span.kind is HANDLER_KIND and _is_ours(span) and not (span.attributes or {}).get(ACTED_ATTRIBUTE):
             return
         self._inner.on_end(span)
 
@@ -301,10 +301,10 @@ def annotate(**attributes: Any) -> None:
 
 
 def acted(what: str, **attributes: Any) -> None:
-    """Record on the current span that the handler had an effect (``what`` in ACTED_EVENTS)."""
-    span = trace.get_current_span()
-    if span.is_recording():
-        span.add_event(what, {k: v for k, v in attributes.items() if v is not None})
+    """Record on the current span that the handler had an effect (``what`` in ACTED_EVENTS): the
+    span's ``interlock.acted`` lists them; ``attributes`` become ``interlock.{what}_{key}``."""
+    mark_acted(trace.get_current_span(), what,
+               {f"interlock.{what}_{k}": v for k, v in attributes.items() if v is not None})
 
 
 def current_traceparent() -> str | None:

@@ -22,7 +22,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -63,8 +63,19 @@ _NUM_PENDING = h.NUM_PENDING
 _LAST_SEQUENCE = h.LAST_SEQUENCE
 
 APPENDED = "appended"
-"""Span event an append adds to the handler span it happened in (tracing exports such spans)."""
+"""What an append records on the handler span it happened in (tracing exports such spans)."""
+ACTED_ATTRIBUTE = "interlock.acted"
+"""The span attribute listing what a handler did (appended, published, projected), in order:
+attributes, not span events, since an event costs as much again to record and to export."""
 _trace_context = TraceContextTextMapPropagator()
+
+
+def mark_acted(span: trace.Span, what: str, attributes: Mapping[str, Any] | None = None) -> None:
+    """Record on ``span`` (if it records) that its handler did ``what``, with ``attributes``."""
+    if not span.is_recording():
+        return
+    done = getattr(span, "attributes", None) or {}  # the SDK's span reads its attributes back
+    span.set_attributes({**(attributes or {}), ACTED_ATTRIBUTE: (*done.get(ACTED_ATTRIBUTE, ()), what)})
 
 CONSUMER_EXISTS = 10148  # a create (action "create") of a name another reader holds
 SLOT_IDLE_SECONDS = 30.0  # a slot consumer its reader abandoned (crash) is removed after this
@@ -331,7 +342,7 @@ class JetStreamRecorder:
         if span.get_span_context().is_valid:  # services that read the commit continue this span's trace
             _trace_context.inject(headers)
         seq = await self._append(subject, payload, msg_id, headers, condition_on or subject)
-        span.add_event(APPENDED, {"subject": subject, "seq": seq})
+        mark_acted(span, APPENDED, {"interlock.appended_seq": seq})
         return seq
 
     async def _append(self, subject: str, payload: bytes, msg_id: str, headers: dict[str, str],
