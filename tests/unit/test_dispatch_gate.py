@@ -230,3 +230,49 @@ def test_jobs_in_flight_are_read_from_dispatches_and_outcomes() -> None:
     assert peak_in_flight([one, two]) == {None: 2}
     assert peak_in_flight([one, two, three], lambda e: e["data"]["topic"]) == {"t": 2, "u": 1}
     assert peak_in_flight([one[:1], [_e("StepDispatched", 5)]]) == {None: 2}  # never ended: still in flight
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_kept_wait_order_ranks_exactly_as_sorting_every_waiting_job(seed: int) -> None:
+    """The dispatcher keeps each limit's queue sorted (gate.WaitOrder, from the waiters' entries);
+    ranking with it must give the order a full sort gives, also when the order lags behind the
+    state it ranks: jobs waiting that it lacks (queued in this very batch) and jobs it still has
+    that no longer wait (they took a slot)."""
+    import random
+
+    rng = random.Random(seed)
+    tenants = ["acme", "globex", "initech"][: rng.randint(1, 3)]
+    waiting = {f"r{i}:s@1": GateWaiter(tenant=rng.choice(tenants), run_id=f"r{i}", step_id="s",
+                                       priority=rng.choice([1, 3, 3, 5]), since=float(rng.randint(0, 50)))
+               for i in range(rng.randint(0, 60))}
+    order = gate.WaitOrder()
+    for job, w in waiting.items():
+        if rng.random() < 0.8:  # the rest were queued in this batch: not in the order yet
+            order.add(job, w)
+    gone = [f"g{i}:s@1" for i in range(rng.randint(0, 5))]  # in the order, no longer waiting
+    for job in gone:
+        order.add(job, GateWaiter(tenant=rng.choice(tenants), run_id=job, step_id="s", priority=3, since=1.0))
+    for job in rng.sample(sorted(order.jobs), k=min(3, len(order))):  # some leave the order again
+        if job in waiting:
+            order.discard(job)
+    holders = {f"h{i}:s@1": GateHolder(tenant=rng.choice(tenants), run_id=f"h{i}", step_id="s", at=0.0)
+               for i in range(rng.randint(0, 4))}
+    shares = {t: float(rng.randint(0, 3)) for t in tenants if rng.random() < 0.5}
+    weights = {"acme": 2.0}.get
+    weight = lambda t: weights(t) or 1.0  # noqa: E731
+    assert list(gate.ranked(waiting, holders, weight, shares, order)) == list(gate.ranked(waiting, holders, weight,
+                                                                                          shares))
+
+
+def test_a_wait_order_follows_jobs_that_come_change_and_go() -> None:
+    order = gate.WaitOrder()
+    order.add("a", waiter(since=2.0))
+    order.add("b", waiter(since=1.0))
+    order.add("a", waiter(since=2.0))  # the same again: one place
+    assert order.groups == {3: {"a": [(1.0, "b"), (2.0, "a")]}} and len(order) == 2
+    order.add("a", waiter(since=2.0, priority=5))  # moved to another priority
+    assert order.groups == {3: {"a": [(1.0, "b")]}, 5: {"a": [(2.0, "a")]}}
+    order.discard("b")
+    order.discard("b")  # twice: nothing more
+    order.discard("a")
+    assert order.groups == {} and len(order) == 0

@@ -15,12 +15,13 @@ jobs ranked ahead of it, so a newcomer never jumps the queue.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import PRIORITY_DEFAULT, GateHolder, GateScope, GateWaiter
@@ -31,6 +32,7 @@ from interlock.core.workload import GateLimits
 
 Kind = Literal["concurrency", "rate"]
 Weights = Callable[[str], float]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,49 @@ def gated(workflow: Workflow, config: GateLimits) -> bool:
 
 
 # -- ordering --------------------------------------------------------------------------------
+class WaitOrder:
+    """A limit's waiting jobs kept in ranking order as they come and go (per priority and tenant,
+    sorted by arrival), so :func:`ranked` reads the first few without touching every waiting job:
+    a limit with 1,000 waiting hands out one slot at a time, on every change. Kept by each
+    dispatcher copy from the waiters' bucket entries (``slots.WaitIndex``); an order, never a
+    source of truth: :func:`ranked` goes only by the ``waiting`` it is given."""
+
+    def __init__(self) -> None:
+        self.groups: dict[int, dict[str, list[tuple[float, str]]]] = {}
+        self.jobs: dict[str, tuple[int, str, float]] = {}
+
+    def add(self, job: str, waiter: GateWaiter) -> None:
+        place = (waiter.priority, waiter.tenant, waiter.since)
+        if self.jobs.get(job) == place:
+            return
+        self.discard(job)
+        self.jobs[job] = place
+        bisect.insort(self.groups.setdefault(waiter.priority, {}).setdefault(waiter.tenant, []), (waiter.since, job))
+
+    def discard(self, job: str) -> None:
+        place = self.jobs.pop(job, None)
+        if place is None:
+            return
+        priority, tenant, since = place
+        queue = self.groups[priority][tenant]
+        i = bisect.bisect_left(queue, (since, job))
+        if i < len(queue) and queue[i] == (since, job):
+            del queue[i]
+        if not queue:
+            del self.groups[priority][tenant]
+            if not self.groups[priority]:
+                del self.groups[priority]
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+
+def _is_active(state: GateScope, tenant: str) -> bool:
+    """Whether ``tenant`` holds or waits for a slot here (stops at the first job found)."""
+    return (any(h.tenant == tenant for h in state.holders.values())
+            or any(w.tenant == tenant for w in state.waiting.values()))
+
+
 def _active(state: GateScope) -> set[str]:
     return {h.tenant for h in state.holders.values()} | {w.tenant for w in state.waiting.values()}
 
@@ -145,41 +190,66 @@ def _floor(state: GateScope) -> float:
 
 
 def ranked(waiting: Mapping[str, GateWaiter], holders: Mapping[str, GateHolder], weights: Weights,
-           shares: Mapping[str, float] | None = None) -> Iterator[str]:
+           shares: Mapping[str, float] | None = None, order: WaitOrder | None = None) -> Iterator[str]:
     """Waiting job ids in the order they may go: priority first; within a priority, weighted fair
     share between tenants (the least slots handed out per unit of weight, ``shares``, counting
-    those this ranking hands out; then the fewest held now); then arrival."""
+    those this ranking hands out; then the fewest held now); then arrival.
+
+    ``order``: the same jobs kept sorted (:class:`WaitOrder`); jobs of ``waiting`` it lacks are
+    sorted here, jobs it holds that ``waiting`` lacks are skipped. Without it every waiting job is
+    sorted on each call."""
     shares = shares or {}
     held: Counter[str] = Counter(h.tenant for h in holders.values())
     picked: Counter[str] = Counter()
-    levels: dict[int, dict[str, list[tuple[float, str]]]] = defaultdict(lambda: defaultdict(list))
-    for job, w in waiting.items():
-        levels[w.priority][w.tenant].append((w.since, job))
+    unordered = waiting if order is None else {job: waiting[job] for job in waiting.keys() - order.jobs.keys()}
+    extra: dict[int, dict[str, list[tuple[float, str]]]] = defaultdict(lambda: defaultdict(list))
+    for job, w in unordered.items():
+        extra[w.priority][w.tenant].append((w.since, job))
+    ordered = order.groups if order is not None else {}
 
     def key(tenant: str, since: float) -> tuple[float, float, float, str]:
         weight = weights(tenant)
         return (shares.get(tenant, 0.0) + picked[tenant] / weight, (held[tenant] + picked[tenant]) / weight,
                 since, tenant)
 
-    for priority in sorted(levels, reverse=True):
-        # each tenant's queue a heap, popped as far as the caller reads: linear set-up, not a sort
-        # of every waiting job (a limit with 1,000 waiting hands out one or two at a time)
-        queues = levels[priority]
-        for jobs in queues.values():
-            heapq.heapify(jobs)
-        heap = [key(t, q[0][0]) for t, q in queues.items()]
+    def queue_of(priority: int, tenant: str) -> Iterator[tuple[float, str]]:
+        mine = _popped(extra[priority].get(tenant) or [])
+        kept = ordered.get(priority, {}).get(tenant)
+        if not kept:
+            return mine
+        return heapq.merge(mine, (entry for entry in kept if entry[1] in waiting))
+
+    for priority in sorted(set(extra) | set(ordered), reverse=True):
+        # each tenant's queue read only as far as the caller reads (a limit with 1,000 waiting
+        # hands out one or two at a time)
+        queues: dict[str, Iterator[tuple[float, str]]] = {}
+        heads: dict[str, tuple[float, str]] = {}
+        for tenant in set(extra.get(priority, ())) | set(ordered.get(priority, ())):
+            queue = queue_of(priority, tenant)
+            head = next(queue, None)
+            if head is not None:
+                queues[tenant], heads[tenant] = queue, head
+        heap = [key(t, head[0]) for t, head in heads.items()]
         heapq.heapify(heap)
         while heap:
             tenant = heapq.heappop(heap)[-1]
-            queue = queues[tenant]
-            yield heapq.heappop(queue)[1]
+            yield heads[tenant][1]
             picked[tenant] += 1
-            if queue:
-                heapq.heappush(heap, key(tenant, queue[0][0]))
+            following = next(queues[tenant], None)
+            if following is not None:
+                heads[tenant] = following
+                heapq.heappush(heap, key(tenant, following[0]))
 
 
-def _ranked(state: GateScope, weights: Weights, waiting: Mapping[str, GateWaiter] | None = None) -> Iterator[str]:
-    return ranked(state.waiting if waiting is None else waiting, state.holders, weights, state.shares)
+def _popped(entries: list[tuple[float, str]]) -> Iterator[tuple[float, str]]:
+    """``entries`` in order, sorted only as far as they are read (a heap: linear set-up)."""
+    heapq.heapify(entries)
+    while entries:
+        yield heapq.heappop(entries)
+
+
+def _ranked(state: GateScope, weights: Weights, order: WaitOrder | None = None) -> Iterator[str]:
+    return ranked(state.waiting, state.holders, weights, state.shares, order)
 
 
 def tokens_at(state: GateScope, limit: Limit, now: float) -> float:
@@ -196,7 +266,8 @@ def capacity(state: GateScope, limit: Limit, now: float) -> int:
     return math.floor(tokens_at(state, limit, now) + 1e-9)
 
 
-def may_go(state: GateScope, limit: Limit, job: str, waiter: GateWaiter, weights: Weights, now: float) -> bool:
+def may_go(state: GateScope, limit: Limit, job: str, waiter: GateWaiter, weights: Weights, now: float,
+           order: WaitOrder | None = None) -> bool:
     """Whether ``job`` may pass the limit now: it holds a slot already, or it is among the first
     ``capacity`` of the waiting jobs (itself included) in :func:`ranked` order."""
     if job in state.holders:
@@ -205,7 +276,7 @@ def may_go(state: GateScope, limit: Limit, job: str, waiter: GateWaiter, weights
     if free <= 0:
         return False
     joined = wait(state, job, waiter)
-    for i, candidate in enumerate(_ranked(joined, weights)):
+    for i, candidate in enumerate(_ranked(joined, weights, order)):
         if candidate == job:
             return True
         if i + 1 >= free:
@@ -219,7 +290,8 @@ def take(state: GateScope, limit: Limit, job: str, waiter: GateWaiter, now: floa
     its tenant's share grew by one slot per unit of weight."""
     joined = wait(state, job, waiter)
     share = joined.shares.get(waiter.tenant, 0.0) + 1.0 / (weights or _even)(waiter.tenant)
-    waiting = {k: v for k, v in joined.waiting.items() if k != job}
+    waiting = dict(joined.waiting)
+    waiting.pop(job, None)
     update: dict[str, object] = {"waiting": waiting, "shares": {**joined.shares, waiter.tenant: share}}
     if limit.kind == "concurrency":
         holder = GateHolder(tenant=waiter.tenant, run_id=waiter.run_id, step_id=waiter.step_id, at=now)
@@ -239,45 +311,48 @@ def wait(state: GateScope, job: str, waiter: GateWaiter) -> GateScope:
     if job in state.waiting:
         return state
     shares = state.shares
-    if waiter.tenant not in _active(state):
+    if not _is_active(state, waiter.tenant):
         shares = {**shares, waiter.tenant: max(shares.get(waiter.tenant, 0.0), _floor(state))}
     return state.model_copy(update={"waiting": {**state.waiting, job: waiter}, "shares": shares})
 
 
 def _forget_idle(state: GateScope) -> GateScope:
     """Shares of tenants with no job here are dropped (they would start at the floor anyway)."""
-    active = _active(state)
-    if all(t in active for t in state.shares):
+    if all(_is_active(state, t) for t in state.shares):
         return state
-    return state.model_copy(update={"shares": {t: v for t, v in state.shares.items() if t in active}})
+    return state.model_copy(update={"shares": {t: v for t, v in state.shares.items() if _is_active(state, t)}})
 
 
 def release(state: GateScope, job: str) -> GateScope:
     """The state once ``job`` gave its slot back (or stopped waiting)."""
     if job not in state.holders and job not in state.waiting:
         return state
-    return _forget_idle(state.model_copy(update={
-        "holders": {k: v for k, v in state.holders.items() if k != job},
-        "waiting": {k: v for k, v in state.waiting.items() if k != job}}))
+    return _forget_idle(state.model_copy(update={"holders": _without(state.holders, job),
+                                                 "waiting": _without(state.waiting, job)}))
+
+
+def _without(entries: Mapping[str, T], job: str) -> dict[str, T]:
+    rest = dict(entries)
+    rest.pop(job, None)
+    return rest
 
 
 def drop(state: GateScope, job: str, *, holding: bool) -> GateScope:
     """The state without ``job``'s slot (``holding``) or without its place in the queue: only that
     entry (a job that was judged as waiting may hold a slot by now)."""
     if holding:
-        holders = {k: v for k, v in state.holders.items() if k != job}
-        return _forget_idle(state.model_copy(update={"holders": holders}))
-    waiting = {k: v for k, v in state.waiting.items() if k != job}
-    return _forget_idle(state.model_copy(update={"waiting": waiting}))
+        return _forget_idle(state.model_copy(update={"holders": _without(state.holders, job)}))
+    return _forget_idle(state.model_copy(update={"waiting": _without(state.waiting, job)}))
 
 
-def next_up(state: GateScope, limit: Limit, weights: Weights, now: float) -> list[tuple[str, GateWaiter]]:
+def next_up(state: GateScope, limit: Limit, weights: Weights, now: float,
+            order: WaitOrder | None = None) -> list[tuple[str, GateWaiter]]:
     """The waiting jobs that may go now, in order: the dispatcher wakes their runs."""
     free = capacity(state, limit, now)
     out: list[tuple[str, GateWaiter]] = []
     if free <= 0 or not state.waiting:  # nobody may go: no ranking
         return out
-    for job in _ranked(state, weights):
+    for job in _ranked(state, weights, order):
         if len(out) >= free:
             break
         out.append((job, state.waiting[job]))
@@ -290,9 +365,9 @@ def next_token_in(state: GateScope, limit: Limit, now: float, place: int = 0) ->
     return max(0.0, missing / limit.per_s) if limit.per_s > 0 else 0.0
 
 
-def place_of(state: GateScope, job: str, weights: Weights) -> int:
+def place_of(state: GateScope, job: str, weights: Weights, order: WaitOrder | None = None) -> int:
     """How many waiting jobs are ranked ahead of ``job`` (all of them when it does not wait)."""
-    for i, candidate in enumerate(_ranked(state, weights)):
+    for i, candidate in enumerate(_ranked(state, weights, order)):
         if candidate == job:
             return i
     return len(state.waiting)

@@ -57,6 +57,7 @@ class WaitIndex:
 
     def __init__(self) -> None:
         self.by_limit: dict[str, dict[str, GateWaiter]] = {}
+        self.orders: dict[str, gate.WaitOrder] = {}  # the same jobs per limit, in ranking order
         self._jobs: dict[str, tuple[str, str]] = {}  # waiter key -> (limit key, job id)
         self._applied: dict[str, int] = {}  # waiter key -> the revision its state here is from
         self._own: set[int] = set()  # revisions this copy wrote that the watch has not delivered yet
@@ -103,8 +104,10 @@ class WaitIndex:
             jobs = self.by_limit.get(limit)
             if jobs is not None:
                 jobs.pop(job, None)
+                self.orders[limit].discard(job)
                 if not jobs:
                     del self.by_limit[limit]
+                    del self.orders[limit]
             return
         try:
             queued = value if isinstance(value, GateQueued) else GateQueued.model_validate_json(value)
@@ -113,6 +116,7 @@ class WaitIndex:
             return
         self._jobs[key] = (queued.limit, queued.job)
         self.by_limit.setdefault(queued.limit, {})[queued.job] = queued.waiter
+        self.orders.setdefault(queued.limit, gate.WaitOrder()).add(queued.job, queued.waiter)
 
     def wrote(self, key: str, revision: int, queued: GateQueued | None) -> None:
         """This copy wrote ``key`` (a waiter entry, ``queued`` None for a delete) at ``revision``."""
@@ -127,6 +131,10 @@ class WaitIndex:
 
     def waiting(self, limit: str) -> dict[str, GateWaiter]:
         return self.by_limit.get(limit, {})
+
+    def order(self, limit: str) -> gate.WaitOrder | None:
+        """The limit's waiting jobs in ranking order (None: nobody waits there)."""
+        return self.orders.get(limit)
 
     def complete_below(self, revision: int) -> bool:
         return all(r in self._own for r in range(self.seen + 1, revision))
@@ -220,8 +228,8 @@ class Gatekeeper:
     def _view(self, key: str, state: GateScope) -> GateScope:
         """The state with the limit's waiting jobs (a job holding a slot already is not waiting)."""
         waiting = {**self.index.waiting(key), **state.waiting}
-        if state.holders:
-            waiting = {job: w for job, w in waiting.items() if job not in state.holders}
+        for job in state.holders.keys() & waiting.keys():
+            del waiting[job]
         return state.model_copy(update={"waiting": waiting})
 
     async def view(self, key: str) -> GateScope:
@@ -355,7 +363,7 @@ class Gatekeeper:
         await self.index.caught_up(revision)
         state, _ = self._cache.get(limit.key, (GateScope(), None))
         return list(dict([*decided, *gate.next_up(self._view(limit.key, state), limit, self.config.weight,
-                                                   time.time())]).items())
+                                                   time.time(), self.index.order(limit.key))]).items())
 
     # -- a job passing, waiting, finishing ------------------------------------------------------
     async def admit(self, job: str, waiter: GateWaiter, limits: Sequence[Limit]) -> Hold | None:
@@ -365,15 +373,16 @@ class Gatekeeper:
         for limit in limits:
             def decide(state: GateScope, limit: Limit = limit) -> tuple[GateScope, Decided]:
                 now = time.time()
-                if gate.may_go(state, limit, job, waiter, self.config.weight, now):
+                order = self.index.order(limit.key)
+                if gate.may_go(state, limit, job, waiter, self.config.weight, now, order):
                     return gate.take(state, limit, job, waiter, now, self.config.weight), (None, [])
                 new = gate.wait(state, job, waiter)
                 retry_in = None
                 if limit.kind == "rate":
-                    retry_in = gate.next_token_in(new, limit, now, gate.place_of(new, job, self.config.weight))
+                    retry_in = gate.next_token_in(new, limit, now, gate.place_of(new, job, self.config.weight, order))
                 # held behind jobs that may go now (a slot is free): their wake may have been lost
                 # with a killed copy, so they are woken again rather than left to the sweep
-                ahead = gate.next_up(new, limit, self.config.weight, now) if limit.kind == "concurrency" else []
+                ahead = gate.next_up(new, limit, self.config.weight, now, order) if limit.kind == "concurrency" else []
                 return new, (Hold(limit.name, limit.describe(), retry_in), ahead)
 
             hold, ahead = await self.change(limit.key, decide)
@@ -394,7 +403,7 @@ class Gatekeeper:
         for limit in limits:
             def decide(state: GateScope, limit: Limit = limit) -> tuple[GateScope, list[tuple[str, GateWaiter]]]:
                 new = gate.release(state, job) if entry is None else ledger.drop_entry(state, job, *entry)[0]
-                return new, gate.next_up(new, limit, self.config.weight, time.time())
+                return new, gate.next_up(new, limit, self.config.weight, time.time(), self.index.order(limit.key))
 
             up = await self._up_to_date(limit, await self.change(limit.key, decide))
             if up:
