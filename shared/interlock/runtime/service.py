@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 MAX_DELIVERIES_BEFORE_DLQ = 8
 LAG_POLL_SECONDS = 5.0
+STOP_DRAIN_S = 5.0
 PROVISION_BACKOFF = Backoff(first=0.2, cap=5.0)
 REDELIVERY_BACKOFF = Backoff(first=0.2, cap=10.0)  # a failed message comes back after 0.4 s, 0.8 s, …
 
@@ -195,15 +196,19 @@ class Service:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._sweeper
-        for consumer in self._consumers:
-            await consumer.stop()
+        # all consumers at once: each waits up to its handlers' grace, not one grace after another
+        await asyncio.gather(*(consumer.stop() for consumer in self._consumers))
         await self.broker.stop()
         await self.keyring.stop()
         if self._reports:
             await asyncio.wait(set(self._reports), timeout=5)
         await self.teardown()
         if not self.nc.is_closed:
-            await self.nc.drain()
+            try:  # a drain that cannot finish (a server gone away) must not hold the stop
+                await asyncio.wait_for(self.nc.drain(), STOP_DRAIN_S)
+            except Exception as e:
+                log.warning("%s: the connection did not drain within %ss (%r); closing it", self.name, STOP_DRAIN_S, e)
+                await self.nc.close()
         self._stopped.set()
 
     async def teardown(self) -> None:
