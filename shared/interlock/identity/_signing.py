@@ -34,9 +34,9 @@ if TYPE_CHECKING:
     from nats.js import JetStreamContext
 
 try:  # nats is there wherever the bucket is read; issuing keys needs no NATS client
-    from nats.js.errors import KeyNotFoundError, NoKeysError
+    from nats.js.errors import KeyNotFoundError
 except ImportError:  # pragma: no cover
-    KeyNotFoundError = NoKeysError = LookupError  # type: ignore[misc,assignment]
+    KeyNotFoundError = LookupError  # type: ignore[misc,assignment]
 
 # Problem kinds (shared with the verifier's report)
 UNSIGNED = "unsigned"

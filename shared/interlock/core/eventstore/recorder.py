@@ -69,6 +69,11 @@ ACTED_ATTRIBUTE = "interlock.acted"
 attributes, not span events, since an event costs as much again to record and to export."""
 _trace_context = TraceContextTextMapPropagator()
 
+CONSUMER_EXISTS = 10148  # a create (action "create") of a name another reader holds
+SLOT_IDLE_SECONDS = 30.0  # a slot consumer its reader abandoned (crash) is removed after this
+_PULL_BATCH = 1000
+_MULTI_LAST_MAX = 1024  # subjects of one filter read at most (a run's log has a handful)
+
 
 def mark_acted(span: trace.Span, what: str, attributes: Mapping[str, Any] | None = None) -> None:
     """Record on ``span`` (if it records) that its handler did ``what``, with ``attributes``."""
@@ -77,10 +82,6 @@ def mark_acted(span: trace.Span, what: str, attributes: Mapping[str, Any] | None
     done = getattr(span, "attributes", None) or {}  # the SDK's span reads its attributes back
     span.set_attributes({**(attributes or {}), ACTED_ATTRIBUTE: (*done.get(ACTED_ATTRIBUTE, ()), what)})
 
-CONSUMER_EXISTS = 10148  # a create (action "create") of a name another reader holds
-SLOT_IDLE_SECONDS = 30.0  # a slot consumer its reader abandoned (crash) is removed after this
-_PULL_BATCH = 1000
-_MULTI_LAST_MAX = 1024  # subjects of one filter read at most (a run's log has a handful)
 
 # No ack: a stream-leader election, a reconnect, or the write landed and the ack was lost.
 _NO_ACK = (nats.errors.TimeoutError, NoStreamResponseError, ServiceUnavailableError,
