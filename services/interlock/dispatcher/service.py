@@ -348,8 +348,8 @@ class DispatcherService(Service):
     def _spawn_wake(self, tenant: str, run_id: str, entry: WakeEntry | None) -> None:
         """Wake a run in the background, at most one wake per run at a time: a run woken again while
         its wake is out (every slot freed ranks the same head of the queue) is woken once more after
-        it, if it still waits then, so a wake that read the run before the slot was free is not lost
-        and a burst of freed slots does not wake the same runs a hundred times each."""
+        it, so a wake that read the run before the slot was free is not lost and a burst of freed
+        slots does not wake the same runs a hundred times each."""
         key = (tenant, run_id)
         if key in self._waking:
             self._waking[key].append(entry)
@@ -365,10 +365,8 @@ class DispatcherService(Service):
             await self._wake(tenant, run_id, entry)
             while again := self._waking.get(key):
                 self._waking[key] = []
-                # a job that took its slot meanwhile has no place in its queue any more: no need
-                still = [e for e in again if e is None or e[1] in self.gatekeeper.index.waiting(e[0].key)]
-                if still:
-                    await self._wake(tenant, run_id, next((e for e in still if e is not None), None))
+                # once more, whatever woke it meanwhile: never a lost wake, at most one wake behind
+                await self._wake(tenant, run_id, next((e for e in again if e is not None), None))
         finally:
             self._waking.pop(key, None)
 
