@@ -4,7 +4,10 @@ anonymous one is refused. Provisioned with the admin credential."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -20,6 +23,42 @@ from tests.principals import Principals
 # clients the tests connect to a running server: a loaded CI machine may take more than the
 # 1.2 s a person waits (tests of that default clear it)
 os.environ.setdefault("INTERLOCK_CONNECT_TIMEOUT", "10")
+
+TASK_DUMP_BEFORE_TIMEOUT_S = 15.0
+
+
+@pytest.fixture(autouse=True)
+def dump_tasks_before_a_timeout(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test about to hit pytest-timeout prints what every pending asyncio task awaits, so a hang
+    in CI names its cause (pytest-timeout shows threads, and all the tests share one loop)."""
+    limit = float(request.config.getini("timeout") or 0)
+    marker = request.node.get_closest_marker("timeout")
+    if marker and marker.args:
+        limit = float(marker.args[0])
+    if limit <= TASK_DUMP_BEFORE_TIMEOUT_S:
+        yield
+        return
+    timer = threading.Timer(limit - TASK_DUMP_BEFORE_TIMEOUT_S, _dump_tasks, args=(request.node.nodeid,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _dump_tasks(nodeid: str) -> None:
+    out = sys.__stderr__ or sys.stderr
+    # read from another thread while the loop runs: best effort, which is enough for a diagnosis
+    tasks = [task for task in list(asyncio.tasks._all_tasks) if not task.done()]  # type: ignore[attr-defined]
+    print(f"\n=== {nodeid} is near its timeout: {len(tasks)} pending asyncio tasks ===", file=out)
+    for task in tasks:
+        try:
+            print(f"--- {task.get_name()}: {task.get_coro()!r}", file=out)
+            task.print_stack(limit=8, file=out)
+        except Exception as e:  # the loop changed the task under us
+            print(f"    (stack unavailable: {e})", file=out)
+    out.flush()
 
 
 @pytest.fixture(scope="session", autouse=True)

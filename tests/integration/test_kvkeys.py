@@ -1,7 +1,8 @@
-"""Listing a KV bucket's keys (runtime/kvkeys.py) against a real nats-server with its credentials:
-exact, filtered by subject pattern, deleted keys left out, nothing matching an empty list, never
-short while the bucket is being written (nats-py's own ``keys()`` can end early: nats.py issue
-#842), and allowed to every principal that may read the bucket."""
+"""Listing a KV bucket's keys and a key's history (runtime/kvkeys.py) against a real nats-server
+with its credentials: exact, filtered by subject pattern, deleted keys left out, nothing matching
+an empty list, never short while the bucket is being written (nats-py's own ``keys()`` and
+``history()`` can end early: nats.py issue #842), and allowed to every principal that may read the
+bucket."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from nats.js.kv import KeyValue
 
 from interlock.contracts import subjects as s
 from interlock.runtime.connect import connect
-from interlock.runtime.kvkeys import matching_keys
+from interlock.runtime.kvkeys import key_history, matching_keys
 from tests.principals import Principals
 
 BUCKET = s.WORKFLOWS_BUCKET  # one the admin may write; keys under a test's own first token
@@ -81,3 +82,43 @@ async def test_a_listing_is_never_short_while_the_bucket_is_written(bucket: KeyV
         assert keys == existing
     # each listing deletes its consumer
     assert (await bucket._js.stream_info(bucket._stream)).state.consumer_count == consumers_before
+
+
+async def test_a_key_never_written_has_an_empty_history(bucket: KeyValue, scope: str) -> None:
+    assert await key_history(bucket, f"{scope}.never") == []
+
+
+async def test_a_history_holds_every_revision_in_order_with_deletes(
+        bucket: KeyValue, as_viewer: KeyValue, scope: str) -> None:
+    key = f"{scope}.h"
+    revisions = [await bucket.put(key, f"v{i}".encode()) for i in range(5)]
+    await bucket.put(f"{scope}.other", b"not this key")
+    await bucket.delete(key)
+    for reader in (bucket, as_viewer):
+        entries = await key_history(reader, key)
+        assert [e.value for e in entries] == [b"v0", b"v1", b"v2", b"v3", b"v4", None]
+        assert [e.revision for e in entries[:5]] == revisions
+        assert entries[-1].operation == "DEL" and entries[0].operation is None
+        assert {e.key for e in entries} == {key}
+
+
+async def test_a_history_is_never_short_while_the_bucket_is_written(bucket: KeyValue, scope: str) -> None:
+    key = f"{scope}.busy"
+    for i in range(60):
+        await bucket.put(key, f"{i}".encode())
+    stop = asyncio.Event()
+
+    async def writer() -> None:
+        n = 0
+        while not stop.is_set():
+            await bucket.put(f"{scope}.noise.{n}", b"y" * 256)
+            n += 1
+
+    writing = asyncio.create_task(writer())
+    try:
+        histories = await asyncio.gather(*(key_history(bucket, key) for _ in range(12)))
+    finally:
+        stop.set()
+        await writing
+    for entries in histories:
+        assert [e.value for e in entries] == [f"{i}".encode() for i in range(60)]

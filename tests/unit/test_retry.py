@@ -30,7 +30,7 @@ def slept(monkeypatch: pytest.MonkeyPatch) -> list[float]:
         delays.append(delay)
         await real_sleep(0)
 
-    monkeypatch.setattr(retry_module.asyncio, "sleep", sleep)
+    monkeypatch.setattr(retry_module, "sleep", sleep)  # this module's waits only, never the loop's
     return delays
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from interlock.client._errors import NotFound, Refused
@@ -20,7 +20,7 @@ from interlock.contracts import permissions as p
 from interlock.contracts import protocol
 from interlock.contracts import subjects as s
 from interlock.contracts.messages import AgentRegistration, BreakerChange, BreakerState, Rollout, RolloutStats
-from interlock.runtime.kvkeys import matching_keys
+from interlock.runtime.kvkeys import key_history, matching_keys
 
 
 async def breakers(js: JetStreamContext, tenant: str, topic: str | None) -> list[BreakerState]:
@@ -39,10 +39,7 @@ async def breakers(js: JetStreamContext, tenant: str, topic: str | None) -> list
 async def breaker_log(js: JetStreamContext, tenant: str, topic: str) -> list[BreakerChange]:
     """A breaker's state changes, oldest first (the last 64: the bucket's history)."""
     kv = await js.key_value(s.BREAKERS_BUCKET)
-    try:
-        entries = await kv.history(s.breaker_log_key(tenant, topic))
-    except (KeyNotFoundError, NoKeysError):
-        return []
+    entries = await key_history(kv, s.breaker_log_key(tenant, topic))
     return [BreakerChange.model_validate_json(e.value) for e in entries if e.value]
 
 

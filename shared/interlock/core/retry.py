@@ -18,9 +18,9 @@ or, when every failure of one kind is worth another try, :func:`retrying`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
+from asyncio import sleep  # this module's name for it: tests replace only the retry waits
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -91,7 +91,7 @@ class Retry:
 
     async def wait(self) -> None:
         """Count one more failure and sleep before the next try."""
-        await asyncio.sleep(self.next_delay())
+        await sleep(self.next_delay())
 
 
 async def retrying(call: Callable[[], Awaitable[T]], *, what: str, backoff: Backoff,

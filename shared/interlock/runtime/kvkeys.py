@@ -1,6 +1,6 @@
-"""Keys of a KV bucket: the one way Interlock lists them.
+"""Keys of a KV bucket and a key's history: the one way Interlock lists them.
 
-Not nats-py's ``KeyValue.keys()`` nor a watch: both end at the watcher's first "no more" marker,
+Not nats-py's ``KeyValue.keys()``, ``history()`` nor a watch: all end at the watcher's first "no more" marker,
 which nats-py emits too early when entries are already on the wire but not yet handled (nats.py
 issue #842), so a busy machine sees an empty or partial bucket. Here a pull consumer delivers
 only what is fetched, and the listing ends when the consumer reports nothing pending. A
@@ -16,6 +16,7 @@ import logging
 
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
 
@@ -42,14 +43,41 @@ async def matching_keys(kv: KeyValue, pattern: str = ">") -> list[str]:
                           backoff=LIST_BACKOFF, passing=_PASSING, patience=LIST_PATIENCE_S, logger=log)
 
 
+async def key_history(kv: KeyValue, key: str) -> list[KeyValue.Entry]:
+    """Every kept revision of ``key``, oldest first, deletes included (their ``operation`` says so);
+    ``[]`` for a key never written (never raises NoKeysError). Passing faults are tried again as
+    in :func:`matching_keys`."""
+    return await retrying(functools.partial(_history, kv, key), what=f"reading the history of {kv._name}/{key}",
+                          backoff=LIST_BACKOFF, passing=_PASSING, patience=LIST_PATIENCE_S, logger=log)
+
+
 async def _list(kv: KeyValue, pattern: str) -> list[str]:
-    js, stream, prefix = kv._js, kv._stream, kv._pre  # nats-py keeps a bucket's stream here
+    prefix = kv._pre  # nats-py keeps a bucket's subject prefix here
+    msgs = await _drain(kv, prefix + pattern, api.DeliverPolicy.LAST_PER_SUBJECT, headers_only=True)
+    return sorted(msg.subject[len(prefix):] for msg in msgs if not _deleted(msg.headers))
+
+
+async def _history(kv: KeyValue, key: str) -> list[KeyValue.Entry]:
+    msgs = await _drain(kv, kv._pre + key, api.DeliverPolicy.ALL, headers_only=False)
+    entries = []
+    for msg in msgs:
+        meta = msg.metadata
+        operation = (msg.headers or {}).get(KV_OP)
+        entries.append(KeyValue.Entry(bucket=kv._name, key=key, value=msg.data or None,
+                                      revision=meta.sequence.stream, delta=meta.num_pending,
+                                      created=None, operation=operation))
+    return entries
+
+
+async def _drain(kv: KeyValue, filter_subject: str, deliver: api.DeliverPolicy, *, headers_only: bool) -> list[Msg]:
+    """Everything an ephemeral consumer on ``filter_subject`` has pending, in stream order."""
+    js, stream = kv._js, kv._stream  # nats-py keeps a bucket's stream here
     name = js._nc._nuid.next().decode()
     info = await js.add_consumer(stream, api.ConsumerConfig(
-        name=name, filter_subject=prefix + pattern, deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
-        ack_policy=api.AckPolicy.NONE, headers_only=True, mem_storage=True, num_replicas=1,
+        name=name, filter_subject=filter_subject, deliver_policy=deliver,
+        ack_policy=api.AckPolicy.NONE, headers_only=headers_only, mem_storage=True, num_replicas=1,
         inactive_threshold=_LISTER_IDLE_S))
-    keys: list[str] = []
+    found: list[Msg] = []
     try:
         remaining = info.num_pending or 0
         if remaining:
@@ -62,14 +90,13 @@ async def _list(kv: KeyValue, pattern: str) -> list[str]:
                         break
                     for msg in msgs:
                         remaining = msg.metadata.num_pending
-                        if not _deleted(msg.headers):
-                            keys.append(msg.subject[len(prefix):])
+                        found.append(msg)
             finally:
                 await sub.unsubscribe()
     finally:
         with contextlib.suppress(nats.errors.Error):  # already gone (idle), or the connection closed
             await js.delete_consumer(stream, name)
-    return sorted(keys)
+    return found
 
 
 def _deleted(headers: dict[str, str] | None) -> bool:

@@ -29,6 +29,7 @@ from interlock.contracts import subjects as s
 from interlock.core.policy.cedar import DEFAULT_BUNDLE, CedarPolicy, PolicyBundle
 from interlock.core.policy.requests import request_for
 from interlock.core.workflow import Workflow
+from interlock.runtime.kvkeys import key_history
 
 log = logging.getLogger(__name__)
 ACTIVE = "active"
@@ -85,11 +86,7 @@ class BundleStore:
         return BundleRecord(bundle, record.published_at, by, revision)
 
     async def history(self) -> list[BundleRecord]:
-        kv = await self.kv()
-        try:
-            entries = await kv.history(ACTIVE)
-        except Exception:  # no history yet
-            return []
+        entries = await key_history(await self.kv(), ACTIVE)
         return [BundleRecord.from_json(e.value, e.revision or 0) for e in entries if e.value]
 
     async def rollback(self, *, to_version: str | None = None, by: str = "") -> BundleRecord:
