@@ -50,7 +50,13 @@ def dump_tasks_before_a_timeout(request: pytest.FixtureRequest) -> Iterator[None
 def _dump_tasks(nodeid: str) -> None:
     out = sys.__stderr__ or sys.stderr
     # read from another thread while the loop runs: best effort, which is enough for a diagnosis
-    tasks = [task for task in list(asyncio.tasks._all_tasks) if not task.done()]  # type: ignore[attr-defined]
+    tasks: list[asyncio.Task[object]] = []
+    for _ in range(3):
+        try:
+            tasks = [task for task in list(asyncio.tasks._all_tasks) if not task.done()]  # type: ignore[attr-defined]
+            break
+        except RuntimeError:  # the loop changed the set while it was copied
+            continue
     print(f"\n=== {nodeid} is near its timeout: {len(tasks)} pending asyncio tasks ===", file=out)
     for task in tasks:
         try:
